@@ -1,0 +1,29 @@
+//! Secure Chat protocol: everything both ends must agree on, with no I/O.
+//!
+//! - [`frame`]: length-prefixed framing (u32 big-endian length + postcard body) and the
+//!   pure decoder that never panics on any input.
+//! - [`message`]: the messages a client and the relay exchange, with request ids and
+//!   typed error codes.
+//! - [`username`]: the account-name rules (charset, length, case-insensitive identity).
+//! - [`auth`]: the login challenge transcript and RSA-PSS-SHA256 proof of key possession.
+//! - `codec` (feature `codec`): `tokio_util` adapters over [`frame`], for the async shells.
+//!
+//! Nothing here opens a socket, reads the clock or uses a global RNG: callers pass
+//! randomness and time in, so every path is a deterministic unit test.
+
+pub mod auth;
+#[cfg(feature = "codec")]
+pub mod codec;
+pub mod frame;
+pub mod message;
+pub mod username;
+
+pub use frame::{DEFAULT_MAX_FRAME, FrameError};
+pub use message::{ClientMessage, ErrorCode, ServerMessage};
+pub use username::{Username, UsernameError};
+
+/// Wire protocol version carried in every `Hello`. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Default TCP port of the relay.
+pub const DEFAULT_PORT: u16 = 65432;

@@ -1,0 +1,167 @@
+//! The messages of the client ↔ relay protocol (see docs/PROTOCOL.md).
+//!
+//! Requests carry a client-chosen `id` that the server echoes in the matching reply
+//! (`Ok`, `Error`, `Challenge`, `Welcome`, `Users`, `PublicKey`). Unsolicited server messages
+//! (`Presence`, `Deliver`, `Ping`, and `Error` with no id) carry none.
+
+use serde::{Deserialize, Serialize};
+
+/// Request id chosen by the client, echoed by the server.
+pub type RequestId = u32;
+
+/// Length of the login challenge nonce.
+pub const CHALLENGE_LEN: usize = 32;
+
+/// Client → server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// First message of every connection.
+    Hello { version: u16, software: String },
+    /// Bind `username` to `public_key` (SPKI DER) or, if already bound to this key, log in.
+    /// Answered by `Challenge`.
+    Register {
+        id: RequestId,
+        username: String,
+        public_key: Vec<u8>,
+    },
+    /// Log in to an existing account. Answered by `Challenge`.
+    Login { id: RequestId, username: String },
+    /// RSA-PSS-SHA256 signature over the login transcript (see `auth`). Answered by
+    /// `Welcome` or `Error`.
+    Prove { id: RequestId, signature: Vec<u8> },
+    /// Answered by `Users`.
+    ListUsers { id: RequestId },
+    /// Answered by `PublicKey`.
+    GetPublicKey { id: RequestId, username: String },
+    /// Relay an opaque payload to `to`. Answered by `Ok` once handed to the recipient.
+    Send {
+        id: RequestId,
+        to: String,
+        payload: Vec<u8>,
+    },
+    /// Liveness probe; answered by `Pong` with the same nonce.
+    Ping { nonce: u64 },
+    /// Answer to the server's `Ping`.
+    Pong { nonce: u64 },
+}
+
+/// Server → client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    /// Answer to the client's `Hello`: the server's version and limits.
+    Hello {
+        version: u16,
+        software: String,
+        /// Largest frame body the server accepts.
+        max_frame: u32,
+    },
+    /// Sign this nonce (with the transcript in `auth`) to prove the key.
+    Challenge {
+        id: RequestId,
+        nonce: [u8; CHALLENGE_LEN],
+    },
+    /// Logged in as `username` (canonical form). `registered` is true for a new account.
+    Welcome {
+        id: RequestId,
+        username: String,
+        registered: bool,
+    },
+    /// `username` came online or went offline.
+    Presence { username: String, online: bool },
+    /// Users online now, sorted, the caller included.
+    Users { id: RequestId, online: Vec<String> },
+    /// The public key (SPKI DER) bound to `username`.
+    PublicKey {
+        id: RequestId,
+        username: String,
+        public_key: Vec<u8>,
+    },
+    /// A payload relayed to you. `from` is stamped by the server from the sender's
+    /// authenticated session, never taken from the sender.
+    Deliver { from: String, payload: Vec<u8> },
+    /// The request `id` succeeded.
+    Ok { id: RequestId },
+    /// A request failed (`id` set) or the connection is being closed (`id` empty).
+    Error {
+        id: Option<RequestId>,
+        code: ErrorCode,
+        message: String,
+    },
+    /// Liveness probe; answer with `Pong`.
+    Ping { nonce: u64 },
+    /// Answer to the client's `Ping`.
+    Pong { nonce: u64 },
+}
+
+/// Typed failure reasons. The `as_str` names are stable and documented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The client's protocol version is not supported. Connection closed.
+    UnsupportedVersion,
+    /// A frame could not be decoded. Connection closed.
+    MalformedFrame,
+    /// A frame exceeded the size limit. Connection closed.
+    FrameTooLarge,
+    /// A message arrived in a state where it is not allowed (e.g. `Send` before login).
+    ProtocolViolation,
+    /// The username breaks the naming rules.
+    InvalidUsername,
+    /// The public key is not an acceptable RSA SPKI DER key.
+    InvalidPublicKey,
+    /// The username is bound to a different key.
+    UsernameTaken,
+    /// No such registered user.
+    UnknownUser,
+    /// The login signature did not verify. Connection closed.
+    BadSignature,
+    /// The recipient is registered but not online.
+    RecipientOffline,
+    /// Too many requests; slow down. The request was dropped.
+    RateLimited,
+    /// Login was not completed in time. Connection closed.
+    LoginTimeout,
+    /// Nothing was received for too long. Connection closed.
+    IdleTimeout,
+    /// The server is at its connection limit. Connection closed.
+    ServerBusy,
+    /// The same user logged in elsewhere. Connection closed.
+    SessionReplaced,
+    /// The connection did not read its messages fast enough. Connection closed.
+    SlowConsumer,
+    /// The server is shutting down. Connection closed.
+    ShuttingDown,
+    /// Something went wrong inside the server.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Stable snake_case name, as used in docs and the client's JSON events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::MalformedFrame => "malformed_frame",
+            Self::FrameTooLarge => "frame_too_large",
+            Self::ProtocolViolation => "protocol_violation",
+            Self::InvalidUsername => "invalid_username",
+            Self::InvalidPublicKey => "invalid_public_key",
+            Self::UsernameTaken => "username_taken",
+            Self::UnknownUser => "unknown_user",
+            Self::BadSignature => "bad_signature",
+            Self::RecipientOffline => "recipient_offline",
+            Self::RateLimited => "rate_limited",
+            Self::LoginTimeout => "login_timeout",
+            Self::IdleTimeout => "idle_timeout",
+            Self::ServerBusy => "server_busy",
+            Self::SessionReplaced => "session_replaced",
+            Self::SlowConsumer => "slow_consumer",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
