@@ -45,6 +45,36 @@ pub enum ClientMessage {
     Pong { nonce: u64 },
 }
 
+impl ClientMessage {
+    /// The request id, for messages that expect a reply.
+    pub fn request_id(&self) -> Option<RequestId> {
+        match self {
+            Self::Register { id, .. }
+            | Self::Login { id, .. }
+            | Self::Prove { id, .. }
+            | Self::ListUsers { id }
+            | Self::GetPublicKey { id, .. }
+            | Self::Send { id, .. } => Some(*id),
+            Self::Hello { .. } | Self::Ping { .. } | Self::Pong { .. } => None,
+        }
+    }
+
+    /// Short name of the message kind, for logs (never the contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "hello",
+            Self::Register { .. } => "register",
+            Self::Login { .. } => "login",
+            Self::Prove { .. } => "prove",
+            Self::ListUsers { .. } => "list_users",
+            Self::GetPublicKey { .. } => "get_public_key",
+            Self::Send { .. } => "send",
+            Self::Ping { .. } => "ping",
+            Self::Pong { .. } => "pong",
+        }
+    }
+}
+
 /// Server → client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerMessage {

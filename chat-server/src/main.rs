@@ -1,1 +1,86 @@
-fn main() {}
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use chat_server::Config;
+use clap::Parser;
+use tokio::net::TcpListener;
+
+/// Secure Chat relay: forwards end-to-end encrypted messages between users.
+///
+/// Settings come from defaults, then the RON file given by --config, then these flags.
+/// Log level is taken from RUST_LOG (default: info); logs go to stderr.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// Address to listen on [default: 0.0.0.0:65432]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Directory for the account database [default: ./chat-server-data]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// RON file with any server setting (see `--print-config` for all of them)
+    #[arg(long, value_name = "FILE.ron")]
+    config: Option<PathBuf>,
+    /// Print the effective settings as RON and exit
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = cli.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = cli.data_dir {
+        config.data_dir = dir;
+    }
+    if cli.print_config {
+        println!("{}", config.to_ron());
+        return Ok(());
+    }
+
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listener = TcpListener::bind(config.listen).await.with_context(|| {
+            format!(
+                "cannot listen on {}; is another server running there? Choose another with --listen",
+                config.listen
+            )
+        })?;
+        let data_dir = config.data_dir.clone();
+        chat_server::run(listener, config, shutdown_signal())
+            .await
+            .with_context(|| format!("cannot use data directory {}", data_dir.display()))
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail on unix");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,223 @@
+//! Server settings: defaults, overridden by a RON file, overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid RON for the server settings: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<ron::error::SpannedError>,
+    },
+    #[error("invalid setting `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// Every setting of the relay. All fields are optional in the RON file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory holding the account database.
+    pub data_dir: PathBuf,
+    /// Largest frame body accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// Connections served at once; further ones get `server_busy` and are closed.
+    pub max_connections: usize,
+    /// Seconds a new connection has to finish Hello and login.
+    pub login_timeout_secs: f64,
+    /// Seconds of silence from a client before the server sends it a Ping.
+    pub ping_interval_secs: f64,
+    /// Seconds of silence from a client before the connection is closed.
+    pub idle_timeout_secs: f64,
+    /// Seconds a write to a client may take before it counts as not reading.
+    pub write_timeout_secs: f64,
+    /// Messages queued for one client before it counts as not reading and is disconnected.
+    pub send_queue_len: usize,
+    /// Per-connection request rate limit.
+    pub rate_limit: RateLimit,
+    /// Seconds to let connections finish their writes at shutdown.
+    pub shutdown_grace_secs: f64,
+}
+
+/// Token bucket: `burst` requests at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            per_second: 100.0,
+            burst: 200.0,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], chat_protocol::DEFAULT_PORT)),
+            data_dir: PathBuf::from("chat-server-data"),
+            max_frame_bytes: chat_protocol::DEFAULT_MAX_FRAME,
+            max_connections: 10_000,
+            login_timeout_secs: 10.0,
+            ping_interval_secs: 30.0,
+            idle_timeout_secs: 90.0,
+            write_timeout_secs: 10.0,
+            send_queue_len: 256,
+            rate_limit: RateLimit::default(),
+            shutdown_grace_secs: 5.0,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a RON file; missing fields keep their defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Self = ron::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The settings as a RON document (for `--print-config`).
+    pub fn to_ron(&self) -> String {
+        ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::default())
+            .expect("server settings always serialise")
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        // A frame must at least hold a login: Register carries a 4096-bit SPKI key.
+        if self.max_frame_bytes < 1024 || self.max_frame_bytes > 16 * 1024 * 1024 {
+            return invalid("max_frame_bytes", "must be between 1024 and 16777216");
+        }
+        if self.max_connections == 0 {
+            return invalid("max_connections", "must be at least 1");
+        }
+        if self.send_queue_len == 0 {
+            return invalid("send_queue_len", "must be at least 1");
+        }
+        for (field, secs) in [
+            ("login_timeout_secs", self.login_timeout_secs),
+            ("ping_interval_secs", self.ping_interval_secs),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            ("write_timeout_secs", self.write_timeout_secs),
+            ("rate_limit.per_second", self.rate_limit.per_second),
+            ("rate_limit.burst", self.rate_limit.burst),
+        ] {
+            if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
+                return invalid(field, "must be a positive number");
+            }
+        }
+        if !(self.shutdown_grace_secs.is_finite() && (0.0..1e9).contains(&self.shutdown_grace_secs))
+        {
+            return invalid("shutdown_grace_secs", "must be zero or more");
+        }
+        if self.idle_timeout_secs <= self.ping_interval_secs {
+            return invalid(
+                "idle_timeout_secs",
+                "must be longer than ping_interval_secs",
+            );
+        }
+        Ok(())
+    }
+
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.login_timeout_secs)
+    }
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.ping_interval_secs)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.idle_timeout_secs)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.write_timeout_secs)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_grace_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_file_keeps_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.ron");
+        std::fs::write(
+            &path,
+            "(listen: \"127.0.0.1:4000\", rate_limit: (burst: 5.0))",
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(config.rate_limit.burst, 5.0);
+        assert_eq!(
+            config.rate_limit.per_second,
+            RateLimit::default().per_second
+        );
+        assert_eq!(config.max_frame_bytes, chat_protocol::DEFAULT_MAX_FRAME);
+    }
+
+    #[test]
+    fn printed_config_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.ron");
+        std::fs::write(&path, Config::default().to_ron()).unwrap();
+        assert_eq!(Config::load(&path).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_field_and_bad_values_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.ron");
+        std::fs::write(&path, "(lisen: \"127.0.0.1:1\")").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+
+        std::fs::write(&path, "(max_connections: 0)").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("max_connections"), "{err}");
+
+        std::fs::write(
+            &path,
+            "(ping_interval_secs: 100.0, idle_timeout_secs: 50.0)",
+        )
+        .unwrap();
+        assert!(Config::load(&path).is_err());
+
+        let err = Config::load(&dir.path().join("missing.ron"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot read"), "{err}");
+    }
+}

@@ -1,0 +1,607 @@
+//! One client connection: Hello, login by challenge-response, then requests and relaying.
+//!
+//! The handler owns both halves of the socket. It waits at once on the client's next
+//! frame, on messages routed to it, on shutdown or a kick, and on its timers; every write
+//! is bounded by the write timeout, so a client that stops reading cannot stall it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use chat_protocol::auth;
+use chat_protocol::codec::{CodecError, WireCodec};
+use chat_protocol::message::{CHALLENGE_LEN, RequestId};
+use chat_protocol::{
+    ClientMessage, ErrorCode, FrameError, PROTOCOL_VERSION, ServerMessage, Username,
+};
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::broadcast;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::{debug, info, warn};
+
+use crate::Shared;
+use crate::limits::TokenBucket;
+use crate::router::{Membership, RouteError};
+use crate::store::{Bind, Store, StoreError};
+
+type Codec = WireCodec<ClientMessage, ServerMessage>;
+
+/// Most routed messages written before one flush, so a busy receiver gets batched writes
+/// without starving its own reads.
+const WRITE_BATCH: usize = 64;
+
+/// Initial read buffer; it grows only while a large frame is arriving.
+const READ_BUFFER: usize = 1024;
+
+/// How a connection ends.
+enum Close {
+    /// The peer went away, or writing to it failed: nothing more can be said.
+    Silent,
+    /// Tell the client why, then close.
+    Tell(ErrorCode, String),
+}
+
+impl Close {
+    fn tell(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Tell(code, message.into())
+    }
+}
+
+enum State {
+    AwaitHello,
+    AwaitLogin,
+    AwaitProof(PendingLogin),
+    Ready(Username),
+}
+
+struct PendingLogin {
+    username: Username,
+    public_key: Vec<u8>,
+    nonce: [u8; CHALLENGE_LEN],
+}
+
+/// Something the router or the server wants this connection to act on.
+enum Inbound {
+    Routed(ServerMessage),
+    Kicked(ErrorCode),
+}
+
+pub(crate) struct Handler {
+    conn_id: u64,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    reader: FramedRead<OwnedReadHalf, Codec>,
+    writer: FramedWrite<OwnedWriteHalf, Codec>,
+    state: State,
+    /// Present once logged in: the queue the router fills, and the kick signal.
+    membership: Option<Membership>,
+    bucket: TokenBucket,
+    shutdown: broadcast::Receiver<()>,
+    /// Last time a frame arrived; drives ping and idle timeout.
+    last_heard: Instant,
+    /// A ping was sent since `last_heard`.
+    pinged: bool,
+}
+
+impl Handler {
+    pub(crate) fn new(
+        socket: TcpStream,
+        peer: SocketAddr,
+        conn_id: u64,
+        shared: Arc<Shared>,
+        shutdown: broadcast::Receiver<()>,
+    ) -> Self {
+        let max = shared.config.max_frame_bytes;
+        let (read, write) = socket.into_split();
+        let now = Instant::now();
+        Self {
+            conn_id,
+            peer,
+            reader: FramedRead::with_capacity(read, Codec::new(max), READ_BUFFER),
+            writer: FramedWrite::new(write, Codec::new(max)),
+            state: State::AwaitHello,
+            membership: None,
+            bucket: TokenBucket::new(shared.config.rate_limit, now.into_std()),
+            shared,
+            shutdown,
+            last_heard: now,
+            pinged: false,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        debug!(conn = self.conn_id, peer = %self.peer, "connected");
+        let close = self.serve().await;
+        if let Close::Tell(code, message) = close {
+            debug!(conn = self.conn_id, %code, "closing: {message}");
+            let _ = self
+                .write(ServerMessage::Error {
+                    id: None,
+                    code,
+                    message,
+                })
+                .await;
+        }
+        if let State::Ready(user) = &self.state {
+            self.shared.router.leave(user, self.conn_id);
+            info!(conn = self.conn_id, user = %user, "logged out");
+        }
+        debug!(conn = self.conn_id, "disconnected");
+    }
+
+    async fn serve(&mut self) -> Close {
+        let config = &self.shared.config;
+        let login_deadline = Instant::now() + config.login_timeout();
+        let (ping_interval, idle_timeout) = (config.ping_interval(), config.idle_timeout());
+        loop {
+            let logged_in = matches!(self.state, State::Ready(_));
+            let idle_at = self.last_heard + idle_timeout;
+            let mut wake = idle_at;
+            if !logged_in {
+                wake = wake.min(login_deadline);
+            }
+            if !self.pinged {
+                wake = wake.min(self.last_heard + ping_interval);
+            }
+
+            tokio::select! {
+                _ = self.shutdown.recv() => {
+                    self.drain_routed().await;
+                    return Close::tell(ErrorCode::ShuttingDown, "the server is shutting down; reconnect in a moment");
+                }
+                inbound = next_inbound(&mut self.membership) => match inbound {
+                    Inbound::Routed(msg) => {
+                        if let Err(close) = self.forward(msg).await {
+                            return close;
+                        }
+                    }
+                    Inbound::Kicked(code) => return Close::tell(code, kick_message(code)),
+                },
+                frame = self.reader.next() => match frame {
+                    None => return Close::Silent,
+                    Some(Err(CodecError::Io(e))) => {
+                        debug!(conn = self.conn_id, "read failed: {e}");
+                        return Close::Silent;
+                    }
+                    Some(Err(CodecError::Frame(e @ FrameError::TooLarge { .. }))) => {
+                        warn!(conn = self.conn_id, peer = %self.peer, "{e}");
+                        return Close::tell(ErrorCode::FrameTooLarge, e.to_string());
+                    }
+                    Some(Err(CodecError::Frame(e))) => {
+                        warn!(conn = self.conn_id, peer = %self.peer, "{e}");
+                        return Close::tell(ErrorCode::MalformedFrame, e.to_string());
+                    }
+                    Some(Ok(msg)) => {
+                        self.last_heard = Instant::now();
+                        self.pinged = false;
+                        if let Err(close) = self.handle(msg).await {
+                            return close;
+                        }
+                    }
+                },
+                _ = sleep_until(wake) => {
+                    let now = Instant::now();
+                    if !logged_in && now >= login_deadline {
+                        return Close::tell(ErrorCode::LoginTimeout, "login was not completed in time");
+                    }
+                    if now >= idle_at {
+                        return Close::tell(ErrorCode::IdleTimeout, "nothing received for too long");
+                    }
+                    if !self.pinged && now >= self.last_heard + ping_interval {
+                        self.pinged = true;
+                        let nonce = rand::rng().next_u64();
+                        if let Err(close) = self.write(ServerMessage::Ping { nonce }).await {
+                            return close;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: ClientMessage) -> Result<(), Close> {
+        let id = msg.request_id();
+        debug!(conn = self.conn_id, kind = msg.kind(), "request");
+        if !self.bucket.try_take(std::time::Instant::now()) {
+            if let Some(id) = id {
+                self.fail(id, ErrorCode::RateLimited, "too many requests; slow down")
+                    .await?;
+            }
+            return Ok(());
+        }
+        match msg {
+            ClientMessage::Hello { version, software } => self.hello(version, &software).await,
+            _ if matches!(self.state, State::AwaitHello) => Err(Close::tell(
+                ErrorCode::ProtocolViolation,
+                "the first message must be Hello",
+            )),
+            ClientMessage::Ping { nonce } => self.write(ServerMessage::Pong { nonce }).await,
+            ClientMessage::Pong { .. } => Ok(()),
+            ClientMessage::Register {
+                id,
+                username,
+                public_key,
+            } => self.begin_login(id, &username, Some(public_key)).await,
+            ClientMessage::Login { id, username } => self.begin_login(id, &username, None).await,
+            ClientMessage::Prove { id, signature } => self.prove(id, &signature).await,
+            msg => {
+                let State::Ready(user) = &self.state else {
+                    let id = id.unwrap_or_default();
+                    return self
+                        .fail(id, ErrorCode::ProtocolViolation, "log in first")
+                        .await;
+                };
+                let user = user.clone();
+                self.request(user, msg).await
+            }
+        }
+    }
+
+    async fn hello(&mut self, version: u16, software: &str) -> Result<(), Close> {
+        if !matches!(self.state, State::AwaitHello) {
+            return Err(Close::tell(
+                ErrorCode::ProtocolViolation,
+                "Hello may only be sent once",
+            ));
+        }
+        if version != PROTOCOL_VERSION {
+            return Err(Close::tell(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "this server speaks protocol version {PROTOCOL_VERSION}, the client sent {version}; update the client"
+                ),
+            ));
+        }
+        debug!(conn = self.conn_id, software = %truncate(software, 64), "hello");
+        self.state = State::AwaitLogin;
+        self.write(ServerMessage::Hello {
+            version: PROTOCOL_VERSION,
+            software: concat!("chat-server/", env!("CARGO_PKG_VERSION")).into(),
+            max_frame: self.shared.config.max_frame_bytes as u32,
+        })
+        .await
+    }
+
+    /// Register (with a key) or Login (without): check the name and key, send a challenge.
+    async fn begin_login(
+        &mut self,
+        id: RequestId,
+        username: &str,
+        offered_key: Option<Vec<u8>>,
+    ) -> Result<(), Close> {
+        if matches!(self.state, State::Ready(_)) {
+            return self
+                .fail(id, ErrorCode::ProtocolViolation, "already logged in")
+                .await;
+        }
+        let username = match Username::parse(username) {
+            Ok(u) => u,
+            Err(e) => {
+                return self
+                    .fail(id, ErrorCode::InvalidUsername, e.to_string())
+                    .await;
+            }
+        };
+        if let Some(key) = &offered_key
+            && let Err(e) = auth::parse_public_key(key)
+        {
+            return self
+                .fail(id, ErrorCode::InvalidPublicKey, e.to_string())
+                .await;
+        }
+        let lookup = username.clone();
+        let stored = match self.store(move |s| s.public_key(&lookup)).await {
+            Ok(stored) => stored,
+            Err(close) => return self.fail_internal(id, close).await,
+        };
+        let public_key = match (stored, offered_key) {
+            (Some(stored), Some(offered)) if stored != offered => {
+                return self
+                    .fail(
+                        id,
+                        ErrorCode::UsernameTaken,
+                        format!("the name {username} belongs to another key; choose another name"),
+                    )
+                    .await;
+            }
+            (_, Some(offered)) => offered,
+            (Some(stored), None) => stored,
+            (None, None) => {
+                return self
+                    .fail(
+                        id,
+                        ErrorCode::UnknownUser,
+                        format!("no account named {username}; register it first"),
+                    )
+                    .await;
+            }
+        };
+        let nonce = random_nonce();
+        self.state = State::AwaitProof(PendingLogin {
+            username,
+            public_key,
+            nonce,
+        });
+        self.write(ServerMessage::Challenge { id, nonce }).await
+    }
+
+    async fn prove(&mut self, id: RequestId, signature: &[u8]) -> Result<(), Close> {
+        let pending = match std::mem::replace(&mut self.state, State::AwaitLogin) {
+            State::AwaitProof(pending) => pending,
+            other => {
+                self.state = other;
+                return self
+                    .fail(
+                        id,
+                        ErrorCode::ProtocolViolation,
+                        "no login challenge is pending",
+                    )
+                    .await;
+            }
+        };
+        if auth::verify_login(
+            &pending.public_key,
+            &pending.username,
+            &pending.nonce,
+            signature,
+        )
+        .is_err()
+        {
+            warn!(conn = self.conn_id, peer = %self.peer, user = %pending.username, "bad login signature");
+            return Err(Close::tell(
+                ErrorCode::BadSignature,
+                "the login signature does not match the account key",
+            ));
+        }
+        let (user, key) = (pending.username.clone(), pending.public_key);
+        let bind = match self.store(move |s| s.bind(&user, &key)).await {
+            Ok(bind) => bind,
+            Err(close) => return self.fail_internal(id, close).await,
+        };
+        let username = pending.username;
+        if bind == Bind::Taken {
+            // Another key registered the name between our challenge and this proof.
+            return self
+                .fail(
+                    id,
+                    ErrorCode::UsernameTaken,
+                    format!("the name {username} belongs to another key; choose another name"),
+                )
+                .await;
+        }
+        let config = &self.shared.config;
+        self.membership = Some(self.shared.router.join(
+            &username,
+            self.conn_id,
+            config.send_queue_len,
+        ));
+        info!(conn = self.conn_id, user = %username, registered = bind == Bind::Created, "logged in");
+        self.state = State::Ready(username.clone());
+        self.write(ServerMessage::Welcome {
+            id,
+            username: username.to_string(),
+            registered: bind == Bind::Created,
+        })
+        .await
+    }
+
+    /// Requests of a logged-in user.
+    async fn request(&mut self, me: Username, msg: ClientMessage) -> Result<(), Close> {
+        match msg {
+            ClientMessage::ListUsers { id } => {
+                let online = self.shared.router.online();
+                self.write(ServerMessage::Users { id, online }).await
+            }
+            ClientMessage::GetPublicKey { id, username } => {
+                let Ok(user) = Username::parse(&username) else {
+                    return self.unknown_user(id, &username).await;
+                };
+                let lookup = user.clone();
+                match self.store(move |s| s.public_key(&lookup)).await {
+                    Ok(Some(public_key)) => {
+                        self.write(ServerMessage::PublicKey {
+                            id,
+                            username: user.to_string(),
+                            public_key,
+                        })
+                        .await
+                    }
+                    Ok(None) => self.unknown_user(id, &username).await,
+                    Err(close) => self.fail_internal(id, close).await,
+                }
+            }
+            ClientMessage::Send { id, to, payload } => {
+                let Ok(to_user) = Username::parse(&to) else {
+                    return self.unknown_user(id, &to).await;
+                };
+                let deliver = ServerMessage::Deliver {
+                    from: me.to_string(),
+                    payload,
+                };
+                match self.shared.router.route(&to_user, deliver) {
+                    Ok(()) => self.write(ServerMessage::Ok { id }).await,
+                    Err(RouteError::SlowConsumer) => {
+                        self.fail(
+                            id,
+                            ErrorCode::RecipientOffline,
+                            format!("{to_user} is not reading messages and was disconnected"),
+                        )
+                        .await
+                    }
+                    Err(RouteError::Offline) => {
+                        let lookup = to_user.clone();
+                        match self.store(move |s| s.public_key(&lookup)).await {
+                            Ok(Some(_)) => {
+                                self.fail(
+                                    id,
+                                    ErrorCode::RecipientOffline,
+                                    format!("{to_user} is offline"),
+                                )
+                                .await
+                            }
+                            Ok(None) => self.unknown_user(id, &to).await,
+                            Err(close) => self.fail_internal(id, close).await,
+                        }
+                    }
+                }
+            }
+            other => {
+                // Hello, login and ping are handled before; nothing else exists.
+                let id = other.request_id().unwrap_or_default();
+                self.fail(id, ErrorCode::ProtocolViolation, "unexpected message")
+                    .await
+            }
+        }
+    }
+
+    /// Writes one routed message, then whatever else is already queued, then flushes.
+    async fn forward(&mut self, first: ServerMessage) -> Result<(), Close> {
+        let write_timeout = self.shared.config.write_timeout();
+        let Self {
+            writer, membership, ..
+        } = self;
+        let batch = async {
+            writer.feed(first).await?;
+            if let Some(m) = membership.as_mut() {
+                for _ in 1..WRITE_BATCH {
+                    let Ok(msg) = m.outbox.try_recv() else { break };
+                    writer.feed(msg).await?;
+                }
+            }
+            writer.flush().await
+        };
+        let result = timeout(write_timeout, batch).await;
+        self.finish_write(result)
+    }
+
+    /// At shutdown: write what was already routed to this client, within the write timeout.
+    async fn drain_routed(&mut self) {
+        while let Some(msg) = self
+            .membership
+            .as_mut()
+            .and_then(|m| m.outbox.try_recv().ok())
+        {
+            if self.forward(msg).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn write(&mut self, msg: ServerMessage) -> Result<(), Close> {
+        let write_timeout = self.shared.config.write_timeout();
+        let result = timeout(write_timeout, self.writer.send(msg)).await;
+        self.finish_write(result)
+    }
+
+    fn finish_write(
+        &self,
+        result: Result<Result<(), CodecError>, tokio::time::error::Elapsed>,
+    ) -> Result<(), Close> {
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                debug!(conn = self.conn_id, "write failed: {e}");
+                Err(Close::Silent)
+            }
+            Err(_) => {
+                info!(conn = self.conn_id, peer = %self.peer, "client is not reading; disconnecting");
+                Err(Close::Silent)
+            }
+        }
+    }
+
+    async fn fail(
+        &mut self,
+        id: RequestId,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> Result<(), Close> {
+        self.write(ServerMessage::Error {
+            id: Some(id),
+            code,
+            message: message.into(),
+        })
+        .await
+    }
+
+    async fn unknown_user(&mut self, id: RequestId, name: &str) -> Result<(), Close> {
+        let shown = truncate(name, 40);
+        self.fail(
+            id,
+            ErrorCode::UnknownUser,
+            format!("no user named {shown:?}"),
+        )
+        .await
+    }
+
+    async fn fail_internal(&mut self, id: RequestId, error: StoreError) -> Result<(), Close> {
+        tracing::error!(conn = self.conn_id, "storage error: {error}");
+        self.fail(
+            id,
+            ErrorCode::Internal,
+            "the server could not reach its storage; try again later",
+        )
+        .await
+    }
+
+    /// Runs a store call on the blocking pool.
+    async fn store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.shared.store.clone();
+        match tokio::task::spawn_blocking(move || f(&store)).await {
+            Ok(result) => result,
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    }
+}
+
+/// The next routed message or kick; never resolves before login.
+async fn next_inbound(membership: &mut Option<Membership>) -> Inbound {
+    let Some(m) = membership else {
+        return std::future::pending().await;
+    };
+    loop {
+        if let Some(code) = *m.kicked.borrow_and_update() {
+            return Inbound::Kicked(code);
+        }
+        tokio::select! {
+            biased;
+            changed = m.kicked.changed() => {
+                if changed.is_err() {
+                    // The router dropped us without a reason: treat as replaced.
+                    return Inbound::Kicked(ErrorCode::SessionReplaced);
+                }
+            }
+            msg = m.outbox.recv() => match msg {
+                Some(msg) => return Inbound::Routed(msg),
+                None => return Inbound::Kicked(ErrorCode::SessionReplaced),
+            },
+        }
+    }
+}
+
+fn random_nonce() -> [u8; CHALLENGE_LEN] {
+    let mut nonce = [0u8; CHALLENGE_LEN];
+    rand::rng().fill_bytes(&mut nonce);
+    nonce
+}
+
+fn kick_message(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::SessionReplaced => "you logged in from another connection",
+        ErrorCode::SlowConsumer => "messages were not read fast enough",
+        _ => "disconnected by the server",
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => &s[..at],
+        None => s,
+    }
+}

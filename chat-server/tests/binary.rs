@@ -1,0 +1,178 @@
+//! The real `chat-server` binary: flags, config file, logs and SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_chat-server");
+
+/// The running binary; killed if a test fails before it exits.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Starts the binary and waits for its `listening on ADDR` log line.
+fn spawn(args: &[&str]) -> (Server, SocketAddr, mpsc::Receiver<String>) {
+    let mut child = Server(
+        Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("server never logged `listening on`");
+        if let Some((_, addr)) = line.split_once("listening on ") {
+            return (child, addr.trim().parse().unwrap(), rx);
+        }
+    }
+}
+
+fn sigterm(Server(child): &Server) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(Server(child): &mut Server) -> std::process::ExitStatus {
+    for _ in 0..200 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    panic!("server did not exit within 10 s of SIGTERM");
+}
+
+#[test]
+fn serves_then_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut child, addr, logs) = spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(addr.ip().is_loopback());
+    // A connection is accepted while running.
+    let stream = std::net::TcpStream::connect(addr).unwrap();
+    sigterm(&child);
+    assert!(wait_exit(&mut child).success());
+    drop(stream);
+    let all: Vec<String> = logs.try_iter().collect();
+    assert!(all.iter().any(|l| l.contains("stopped")), "{all:#?}");
+    assert!(data.join("chat-server.sqlite3").exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "data dir must be private, is {mode:o}");
+    }
+}
+
+#[test]
+fn config_file_sets_options_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.ron");
+    let from_file = dir.path().join("from-file");
+    let from_flag = dir.path().join("from-flag");
+    std::fs::write(
+        &config,
+        format!(
+            "(listen: \"127.0.0.1:0\", data_dir: {:?}, max_frame_bytes: 2048)",
+            from_file.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "--print-config"])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(printed.contains("max_frame_bytes: 2048"), "{printed}");
+
+    let (mut child, _, _) = spawn(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        from_flag.to_str().unwrap(),
+    ]);
+    sigterm(&child);
+    assert!(wait_exit(&mut child).success());
+    assert!(from_flag.exists() && !from_file.exists());
+}
+
+#[test]
+fn bad_config_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.ron");
+    std::fs::write(&config, "(listen: \"not an address\")").unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.ron"), "{err}");
+}
+
+#[test]
+fn help_documents_every_flag() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--listen",
+        "--data-dir",
+        "--config",
+        "0.0.0.0:65432",
+        "RUST_LOG",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+}
+
+#[test]
+fn port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "--listen",
+            &addr,
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot listen on") && err.contains("--listen"),
+        "{err}"
+    );
+}

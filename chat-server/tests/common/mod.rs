@@ -1,0 +1,234 @@
+//! Test harness: a real server on 127.0.0.1:0 and raw protocol clients over real TCP.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use chat_protocol::codec::WireCodec;
+use chat_protocol::message::CHALLENGE_LEN;
+use chat_protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage, Username, auth};
+use chat_server::Config;
+use futures_util::{SinkExt, StreamExt};
+use rsa::PrivateKey;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::codec::Framed;
+
+/// Long enough for a loaded CI machine, short enough to fail a hung test quickly.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Test keys are 2048-bit (the smallest the server accepts) to keep generation quick.
+pub fn key(n: usize) -> &'static PrivateKey {
+    static KEYS: OnceLock<Vec<PrivateKey>> = OnceLock::new();
+    &KEYS.get_or_init(|| {
+        (0..4)
+            .map(|_| PrivateKey::new(&mut rand::rng(), 2048).unwrap())
+            .collect()
+    })[n]
+}
+
+pub fn der(key: &PrivateKey) -> Vec<u8> {
+    auth::public_key_der(&key.to_public_key())
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), tweak).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        config.validate().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            chat_server::run(listener, config, rx).await.unwrap();
+        });
+        Self {
+            addr,
+            dir,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Triggers graceful shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.shutdown.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(PATIENCE, self.task.take().unwrap())
+            .await
+            .expect("server did not stop in time")
+            .unwrap();
+        self.dir
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr).await
+    }
+
+    /// A client that has said Hello and logged in as `name` with test key `k`.
+    pub async fn user(&self, name: &str, k: usize) -> Client {
+        let mut c = self.client().await;
+        c.hello().await;
+        match c.register(name, key(k)).await {
+            ServerMessage::Welcome { .. } => c,
+            other => panic!("login of {name} failed: {other:?}"),
+        }
+    }
+}
+
+pub struct Client {
+    pub framed: Framed<TcpStream, WireCodec<ServerMessage, ClientMessage>>,
+    next_id: u32,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        Self {
+            framed: Framed::new(stream, WireCodec::new(16 * 1024 * 1024)),
+            next_id: 1,
+        }
+    }
+
+    pub fn id(&mut self) -> u32 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub async fn send(&mut self, msg: ClientMessage) {
+        self.framed.send(msg).await.unwrap();
+    }
+
+    pub async fn raw(&mut self, bytes: &[u8]) {
+        self.framed.get_mut().write_all(bytes).await.unwrap();
+    }
+
+    /// The next message, failing the test if none comes or the connection closes.
+    pub async fn recv(&mut self) -> ServerMessage {
+        match tokio::time::timeout(PATIENCE, self.framed.next()).await {
+            Ok(Some(Ok(msg))) => msg,
+            Ok(other) => panic!("connection ended instead of a message: {other:?}"),
+            Err(_) => panic!("no message within {PATIENCE:?}"),
+        }
+    }
+
+    /// The next message that is not a presence notice or ping.
+    pub async fn recv_reply(&mut self) -> ServerMessage {
+        loop {
+            match self.recv().await {
+                ServerMessage::Presence { .. } | ServerMessage::Ping { .. } => continue,
+                msg => return msg,
+            }
+        }
+    }
+
+    /// Expects an `Error` with `code`, skipping presence notices.
+    pub async fn expect_error(&mut self, code: ErrorCode) -> Option<u32> {
+        match self.recv_reply().await {
+            ServerMessage::Error { code: got, id, .. } if got == code => id,
+            other => panic!("expected error {code}, got {other:?}"),
+        }
+    }
+
+    /// Expects the server to close the connection (after any messages, which are skipped).
+    pub async fn expect_closed(&mut self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.framed.next()).await {
+                Ok(None) | Ok(Some(Err(_))) => return,
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => panic!("connection still open after {PATIENCE:?}"),
+            }
+        }
+    }
+
+    pub async fn hello(&mut self) {
+        self.send(ClientMessage::Hello {
+            version: PROTOCOL_VERSION,
+            software: "test".into(),
+        })
+        .await;
+        match self.recv().await {
+            ServerMessage::Hello { version, .. } => assert_eq!(version, PROTOCOL_VERSION),
+            other => panic!("expected Hello, got {other:?}"),
+        }
+    }
+
+    /// Register-or-login with `key`; returns the server's final answer.
+    pub async fn register(&mut self, name: &str, key: &PrivateKey) -> ServerMessage {
+        let id = self.id();
+        self.send(ClientMessage::Register {
+            id,
+            username: name.into(),
+            public_key: der(key),
+        })
+        .await;
+        self.answer_challenge(name, key).await
+    }
+
+    pub async fn login(&mut self, name: &str, key: &PrivateKey) -> ServerMessage {
+        let id = self.id();
+        self.send(ClientMessage::Login {
+            id,
+            username: name.into(),
+        })
+        .await;
+        self.answer_challenge(name, key).await
+    }
+
+    async fn answer_challenge(&mut self, name: &str, key: &PrivateKey) -> ServerMessage {
+        let nonce: [u8; CHALLENGE_LEN] = match self.recv_reply().await {
+            ServerMessage::Challenge { nonce, .. } => nonce,
+            other => return other,
+        };
+        let user = Username::parse(name).unwrap();
+        let signature = auth::sign_login(key, &mut rand::rng(), &user, &nonce).unwrap();
+        let id = self.id();
+        self.send(ClientMessage::Prove { id, signature }).await;
+        self.recv_reply().await
+    }
+
+    pub async fn online(&mut self) -> Vec<String> {
+        let id = self.id();
+        self.send(ClientMessage::ListUsers { id }).await;
+        match self.recv_reply().await {
+            ServerMessage::Users { id: got, online } if got == id => online,
+            other => panic!("expected Users, got {other:?}"),
+        }
+    }
+
+    /// Sends `payload` to `to` and returns the server's answer.
+    pub async fn send_to(&mut self, to: &str, payload: &[u8]) -> ServerMessage {
+        let id = self.id();
+        self.send(ClientMessage::Send {
+            id,
+            to: to.into(),
+            payload: payload.to_vec(),
+        })
+        .await;
+        let reply = self.recv_reply().await;
+        match &reply {
+            ServerMessage::Ok { id: got } | ServerMessage::Error { id: Some(got), .. } => {
+                assert_eq!(*got, id, "reply to another request")
+            }
+            _ => {}
+        }
+        reply
+    }
+}

@@ -1,0 +1,488 @@
+//! The relay through real TCP on loopback: accounts, presence, relaying, and bad clients.
+
+mod common;
+
+use chat_protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
+use common::{PATIENCE, TestServer, der, key};
+
+#[tokio::test]
+async fn register_then_login_with_the_same_key() {
+    let server = TestServer::start(|_| {}).await;
+    let mut c = server.client().await;
+    c.hello().await;
+    assert!(matches!(
+        c.register("Alice", key(0)).await,
+        ServerMessage::Welcome { ref username, registered: true, .. } if username == "alice"
+    ));
+    drop(c);
+
+    let mut c = server.client().await;
+    c.hello().await;
+    assert!(matches!(
+        c.login("alice", key(0)).await,
+        ServerMessage::Welcome {
+            registered: false,
+            ..
+        }
+    ));
+
+    let mut c = server.client().await;
+    c.hello().await;
+    assert!(matches!(
+        c.register("ALICE", key(0)).await,
+        ServerMessage::Welcome {
+            registered: false,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn a_taken_name_refuses_another_key_even_after_restart() {
+    let server = TestServer::start(|_| {}).await;
+    server.user("alice", 0).await;
+    let dir = server.stop().await;
+
+    let server = TestServer::start_in(dir, |_| {}).await;
+    let mut c = server.client().await;
+    c.hello().await;
+    match c.register("alice", key(1)).await {
+        ServerMessage::Error { code, message, .. } => {
+            assert_eq!(code, ErrorCode::UsernameTaken);
+            assert!(message.contains("another name"), "{message}");
+        }
+        other => panic!("expected username_taken, got {other:?}"),
+    }
+    // The rightful owner still gets in.
+    assert!(matches!(
+        c.login("alice", key(0)).await,
+        ServerMessage::Welcome { .. }
+    ));
+}
+
+#[tokio::test]
+async fn login_with_the_wrong_key_is_refused_and_closed() {
+    let server = TestServer::start(|_| {}).await;
+    server.user("alice", 0).await;
+    let mut mallory = server.client().await;
+    mallory.hello().await;
+    // Mallory asks to log in as alice and signs with her own key.
+    match mallory.login("alice", key(3)).await {
+        ServerMessage::Error { code, .. } => assert_eq!(code, ErrorCode::BadSignature),
+        other => panic!("expected bad_signature, got {other:?}"),
+    }
+    mallory.expect_closed().await;
+}
+
+#[tokio::test]
+async fn bad_login_requests_get_typed_errors() {
+    let server = TestServer::start(|_| {}).await;
+    let mut c = server.client().await;
+    c.hello().await;
+
+    for name in ["", "a b", &"x".repeat(33), "_x"] {
+        let id = c.id();
+        c.send(ClientMessage::Register {
+            id,
+            username: name.into(),
+            public_key: der(key(0)),
+        })
+        .await;
+        assert_eq!(c.expect_error(ErrorCode::InvalidUsername).await, Some(id));
+    }
+    let id = c.id();
+    c.send(ClientMessage::Register {
+        id,
+        username: "alice".into(),
+        public_key: b"garbage".to_vec(),
+    })
+    .await;
+    c.expect_error(ErrorCode::InvalidPublicKey).await;
+
+    let id = c.id();
+    c.send(ClientMessage::Login {
+        id,
+        username: "nobody".into(),
+    })
+    .await;
+    c.expect_error(ErrorCode::UnknownUser).await;
+
+    let id = c.id();
+    c.send(ClientMessage::Prove {
+        id,
+        signature: vec![1, 2, 3],
+    })
+    .await;
+    c.expect_error(ErrorCode::ProtocolViolation).await;
+
+    // Requests that need a login are refused, and the connection stays usable.
+    let id = c.id();
+    c.send(ClientMessage::ListUsers { id }).await;
+    c.expect_error(ErrorCode::ProtocolViolation).await;
+    assert!(matches!(
+        c.register(&"y".repeat(32), key(0)).await,
+        ServerMessage::Welcome { .. }
+    ));
+}
+
+#[tokio::test]
+async fn unsupported_version_gets_a_clear_error() {
+    let server = TestServer::start(|_| {}).await;
+    let mut c = server.client().await;
+    c.send(ClientMessage::Hello {
+        version: PROTOCOL_VERSION + 1,
+        software: "future".into(),
+    })
+    .await;
+    match c.recv().await {
+        ServerMessage::Error { code, message, .. } => {
+            assert_eq!(code, ErrorCode::UnsupportedVersion);
+            assert!(message.contains("update"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn first_message_must_be_hello() {
+    let server = TestServer::start(|_| {}).await;
+    let mut c = server.client().await;
+    c.send(ClientMessage::ListUsers { id: 1 }).await;
+    c.expect_error(ErrorCode::ProtocolViolation).await;
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn presence_and_user_list() {
+    let server = TestServer::start(|_| {}).await;
+    let mut alice = server.user("alice", 0).await;
+    let bob = server.user("bob", 1).await;
+    assert_eq!(
+        alice.recv().await,
+        ServerMessage::Presence {
+            username: "bob".into(),
+            online: true
+        }
+    );
+    assert_eq!(alice.online().await, vec!["alice", "bob"]);
+    drop(bob);
+    assert_eq!(
+        alice.recv().await,
+        ServerMessage::Presence {
+            username: "bob".into(),
+            online: false
+        }
+    );
+    assert_eq!(alice.online().await, vec!["alice"]);
+}
+
+#[tokio::test]
+async fn relay_stamps_the_authenticated_sender() {
+    let server = TestServer::start(|_| {}).await;
+    let mut alice = server.user("alice", 0).await;
+    let mut bob = server.user("bob", 1).await;
+    let _ = alice.recv().await; // bob's presence
+
+    assert!(matches!(
+        alice.send_to("BOB", b"\x00opaque\xff").await,
+        ServerMessage::Ok { .. }
+    ));
+    assert_eq!(
+        bob.recv_reply().await,
+        ServerMessage::Deliver {
+            from: "alice".into(),
+            payload: b"\x00opaque\xff".to_vec()
+        }
+    );
+    // A note to self works too.
+    assert!(matches!(
+        bob.send_to("bob", b"memo").await,
+        ServerMessage::Ok { .. }
+    ));
+    assert!(matches!(
+        bob.recv_reply().await,
+        ServerMessage::Deliver { ref from, .. } if from == "bob"
+    ));
+}
+
+#[tokio::test]
+async fn a_forged_sender_never_reaches_anyone() {
+    let server = TestServer::start(|_| {}).await;
+    let mut alice = server.user("alice", 0).await;
+    let mut mallory = server.user("mallory", 2).await;
+    let mut bob = server.user("bob", 1).await;
+    // Send has no sender field, so Mallory tries the only thing left: writing a
+    // server-style Deliver that claims to be from bob. It is not a client message.
+    let forged = ServerMessage::Deliver {
+        from: "bob".into(),
+        payload: b"forged".to_vec(),
+    };
+    mallory
+        .raw(&chat_protocol::frame::encode(&forged, 1 << 20).unwrap())
+        .await;
+    mallory.expect_error(ErrorCode::MalformedFrame).await;
+    mallory.expect_closed().await;
+
+    assert!(matches!(
+        bob.send_to("alice", b"real").await,
+        ServerMessage::Ok { .. }
+    ));
+    // Alice's first delivery is bob's real message, stamped by the server.
+    assert_eq!(
+        alice.recv_reply().await,
+        ServerMessage::Deliver {
+            from: "bob".into(),
+            payload: b"real".to_vec()
+        }
+    );
+}
+
+#[tokio::test]
+async fn unknown_and_offline_recipients() {
+    let server = TestServer::start(|_| {}).await;
+    drop(server.user("carol", 2).await);
+    let mut alice = server.user("alice", 0).await;
+    for to in ["nobody", "not a name"] {
+        match alice.send_to(to, b"x").await {
+            ServerMessage::Error { code, .. } => assert_eq!(code, ErrorCode::UnknownUser),
+            other => panic!("{other:?}"),
+        }
+    }
+    match alice.send_to("carol", b"x").await {
+        ServerMessage::Error { code, .. } => assert_eq!(code, ErrorCode::RecipientOffline),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn public_key_lookup() {
+    let server = TestServer::start(|_| {}).await;
+    drop(server.user("bob", 1).await);
+    let mut alice = server.user("alice", 0).await;
+    let id = alice.id();
+    alice
+        .send(ClientMessage::GetPublicKey {
+            id,
+            username: "Bob".into(),
+        })
+        .await;
+    assert_eq!(
+        alice.recv_reply().await,
+        ServerMessage::PublicKey {
+            id,
+            username: "bob".into(),
+            public_key: der(key(1))
+        }
+    );
+    let id = alice.id();
+    alice
+        .send(ClientMessage::GetPublicKey {
+            id,
+            username: "nobody".into(),
+        })
+        .await;
+    assert_eq!(alice.expect_error(ErrorCode::UnknownUser).await, Some(id));
+}
+
+#[tokio::test]
+async fn second_login_replaces_the_first_without_an_offline_flap() {
+    let server = TestServer::start(|_| {}).await;
+    let mut bob = server.user("bob", 1).await;
+    let mut alice1 = server.user("alice", 0).await;
+    assert!(matches!(
+        bob.recv().await,
+        ServerMessage::Presence { online: true, .. }
+    ));
+    let mut alice2 = server.user("alice", 0).await;
+    alice1.expect_error(ErrorCode::SessionReplaced).await;
+    alice1.expect_closed().await;
+    assert!(matches!(
+        bob.send_to("alice", b"to the new one").await,
+        ServerMessage::Ok { .. }
+    ));
+    assert!(matches!(
+        alice2.recv_reply().await,
+        ServerMessage::Deliver { .. }
+    ));
+    // Bob saw no offline/online flap: his next message is the reply to his own request.
+    assert_eq!(bob.online().await, vec!["alice", "bob"]);
+}
+
+#[tokio::test]
+async fn ping_pong_both_ways_and_idle_timeout() {
+    let server = TestServer::start(|c| {
+        c.ping_interval_secs = 0.2;
+        c.idle_timeout_secs = 0.6;
+    })
+    .await;
+    let mut alice = server.user("alice", 0).await;
+    alice.send(ClientMessage::Ping { nonce: 42 }).await;
+    assert_eq!(alice.recv().await, ServerMessage::Pong { nonce: 42 });
+    // The server pings a quiet client; one that never answers is closed as idle.
+    assert!(matches!(alice.recv().await, ServerMessage::Ping { .. }));
+    alice.expect_error(ErrorCode::IdleTimeout).await;
+    alice.expect_closed().await;
+}
+
+#[tokio::test]
+async fn a_client_that_answers_pings_stays_connected() {
+    let server = TestServer::start(|c| {
+        c.ping_interval_secs = 0.1;
+        c.idle_timeout_secs = 0.3;
+    })
+    .await;
+    let mut alice = server.user("alice", 0).await;
+    // Answer five pings: that spans well over the idle timeout.
+    for _ in 0..5 {
+        match alice.recv().await {
+            ServerMessage::Ping { nonce } => alice.send(ClientMessage::Pong { nonce }).await,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(alice.online().await, vec!["alice"]);
+}
+
+#[tokio::test]
+async fn login_timeout_closes_lingering_connections() {
+    let server = TestServer::start(|c| c.login_timeout_secs = 0.3).await;
+    let mut lingering = server.client().await;
+    lingering.hello().await;
+    lingering.expect_error(ErrorCode::LoginTimeout).await;
+    lingering.expect_closed().await;
+    // A silent connection that never says Hello is closed too.
+    let mut silent = server.client().await;
+    silent.expect_error(ErrorCode::LoginTimeout).await;
+}
+
+#[tokio::test]
+async fn rate_limit_refuses_excess_requests() {
+    let server = TestServer::start(|c| {
+        c.rate_limit.burst = 8.0;
+        c.rate_limit.per_second = 0.01;
+    })
+    .await;
+    // Hello, Register and Prove used three tokens; five are left.
+    let mut alice = server.user("alice", 0).await;
+    for _ in 0..5 {
+        alice.online().await;
+    }
+    let id = alice.id();
+    alice.send(ClientMessage::ListUsers { id }).await;
+    assert_eq!(alice.expect_error(ErrorCode::RateLimited).await, Some(id));
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_told_busy() {
+    let server = TestServer::start(|c| c.max_connections = 2).await;
+    let _a = server.user("alice", 0).await;
+    let _b = server.user("bob", 1).await;
+    let mut third = server.client().await;
+    third.expect_error(ErrorCode::ServerBusy).await;
+    third.expect_closed().await;
+}
+
+#[tokio::test]
+async fn oversized_frame_closes_only_that_connection() {
+    let server = TestServer::start(|c| c.max_frame_bytes = 4096).await;
+    let mut alice = server.user("alice", 0).await;
+    let mut bob = server.user("bob", 1).await;
+    let mut bad = server.user("mallory", 2).await;
+    // One byte over the limit, announced in the prefix; the body never needs to arrive.
+    bad.raw(&4097u32.to_be_bytes()).await;
+    bad.expect_error(ErrorCode::FrameTooLarge).await;
+    bad.expect_closed().await;
+    // A declared 4 GiB frame is refused just the same.
+    let mut huge = server.client().await;
+    huge.raw(&u32::MAX.to_be_bytes()).await;
+    huge.expect_error(ErrorCode::FrameTooLarge).await;
+
+    assert!(matches!(
+        alice.send_to("bob", b"still here").await,
+        ServerMessage::Ok { .. }
+    ));
+    assert!(matches!(
+        bob.recv_reply().await,
+        ServerMessage::Deliver { .. }
+    ));
+}
+
+#[tokio::test]
+async fn garbage_closes_only_that_connection() {
+    let server = TestServer::start(|_| {}).await;
+    let mut alice = server.user("alice", 0).await;
+    let mut bob = server.user("bob", 1).await;
+    let mut bad = server.client().await;
+    bad.raw(&[0, 0, 0, 5, 0xff, 0xfe, 0xfd, 0xfc, 0xfb]).await;
+    bad.expect_error(ErrorCode::MalformedFrame).await;
+    bad.expect_closed().await;
+    // Abrupt disconnect mid-frame.
+    let mut cut = server.user("carol", 2).await;
+    cut.raw(&[0, 0, 1, 0, 1, 2]).await;
+    drop(cut);
+
+    assert!(matches!(
+        alice.send_to("bob", b"ok").await,
+        ServerMessage::Ok { .. }
+    ));
+    assert!(matches!(
+        bob.recv_reply().await,
+        ServerMessage::Deliver { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_disconnected() {
+    let server = TestServer::start(|c| {
+        c.send_queue_len = 4;
+        c.write_timeout_secs = 0.5;
+        c.rate_limit.burst = 100_000.0;
+        c.rate_limit.per_second = 100_000.0;
+    })
+    .await;
+    let mut alice = server.user("alice", 0).await;
+    let _sleepy = server.user("sleepy", 1).await; // never reads again
+    let payload = vec![0x5a; 60_000];
+    let started = tokio::time::Instant::now();
+    let mut refused = false;
+    for _ in 0..10_000 {
+        match alice.send_to("sleepy", &payload).await {
+            ServerMessage::Ok { .. } => {}
+            ServerMessage::Error { code, .. } => {
+                assert_eq!(code, ErrorCode::RecipientOffline);
+                refused = true;
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "sleepy was never disconnected"
+        );
+    }
+    assert!(
+        refused,
+        "the server kept queueing for a client that does not read"
+    );
+    // The server dropped sleepy; alice is served as before.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while alice.online().await != vec!["alice"] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sleepy still listed online"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn shutdown_tells_clients_and_returns() {
+    let server = TestServer::start(|_| {}).await;
+    let mut alice = server.user("alice", 0).await;
+    let mut fresh = server.client().await;
+    fresh.hello().await; // accepted, not yet logged in
+    server.stop().await;
+    alice.expect_error(ErrorCode::ShuttingDown).await;
+    alice.expect_closed().await;
+    fresh.expect_error(ErrorCode::ShuttingDown).await;
+}
