@@ -1,1 +1,1 @@
-
+//! Secure Chat client: the engine behind the desktop GUI and the headless mode.

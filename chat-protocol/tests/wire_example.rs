@@ -1,0 +1,77 @@
+//! The worked example of docs/PROTOCOL.md, byte for byte. If this test fails, the wire
+//! format changed: bump PROTOCOL_VERSION and update the document.
+
+use chat_protocol::frame::{self, DEFAULT_MAX_FRAME};
+use chat_protocol::{ClientMessage, ErrorCode, ServerMessage};
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn client(msg: ClientMessage) -> String {
+    hex(&frame::encode(&msg, DEFAULT_MAX_FRAME).unwrap())
+}
+
+fn server(msg: ServerMessage) -> String {
+    hex(&frame::encode(&msg, DEFAULT_MAX_FRAME).unwrap())
+}
+
+#[test]
+fn worked_example_matches_the_document() {
+    let doc = include_str!("../../docs/PROTOCOL.md");
+    let frames = [
+        client(ClientMessage::Hello {
+            version: 1,
+            software: "cli/1".into(),
+        }),
+        server(ServerMessage::Hello {
+            version: 1,
+            software: "srv/1".into(),
+            max_frame: 65536,
+        }),
+        client(ClientMessage::Login {
+            id: 1,
+            username: "alice".into(),
+        }),
+        server(ServerMessage::Challenge {
+            id: 1,
+            nonce: [0xab; 32],
+        }),
+        client(ClientMessage::Prove {
+            id: 2,
+            signature: vec![0x5e; 3],
+        }),
+        server(ServerMessage::Welcome {
+            id: 2,
+            username: "alice".into(),
+            registered: false,
+        }),
+        client(ClientMessage::Send {
+            id: 3,
+            to: "bob".into(),
+            payload: vec![0xc1, 0xc2, 0xc3, 0xc4],
+        }),
+        server(ServerMessage::Deliver {
+            from: "alice".into(),
+            payload: vec![0xc1, 0xc2, 0xc3, 0xc4],
+        }),
+        server(ServerMessage::Ok { id: 3 }),
+        client(ClientMessage::Send {
+            id: 4,
+            to: "carol".into(),
+            payload: vec![0xc5],
+        }),
+        server(ServerMessage::Error {
+            id: Some(4),
+            code: ErrorCode::RecipientOffline,
+            message: "carol is offline".into(),
+        }),
+    ];
+    for f in &frames {
+        assert!(doc.contains(f.as_str()), "docs/PROTOCOL.md lacks the frame\n{f}");
+    }
+}
