@@ -72,6 +72,9 @@ fn worked_example_matches_the_document() {
         }),
     ];
     for f in &frames {
-        assert!(doc.contains(f.as_str()), "docs/PROTOCOL.md lacks the frame\n{f}");
+        assert!(
+            doc.contains(f.as_str()),
+            "docs/PROTOCOL.md lacks the frame\n{f}"
+        );
     }
 }
