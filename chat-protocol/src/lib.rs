@@ -14,8 +14,12 @@
 pub mod auth;
 #[cfg(feature = "codec")]
 pub mod codec;
+pub mod e2e;
 pub mod frame;
+pub mod identity;
 pub mod message;
+pub mod safety;
+pub mod trust;
 pub mod username;
 
 pub use frame::{DEFAULT_MAX_FRAME, FrameError};

@@ -328,8 +328,8 @@ async fn ping_pong_both_ways_and_idle_timeout() {
 #[tokio::test]
 async fn a_client_that_answers_pings_stays_connected() {
     let server = TestServer::start(|c| {
-        c.ping_interval_secs = 0.1;
-        c.idle_timeout_secs = 0.3;
+        c.ping_interval_secs = 0.2;
+        c.idle_timeout_secs = 0.6;
     })
     .await;
     let mut alice = server.user("alice", 0).await;
