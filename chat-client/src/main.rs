@@ -1,7 +1,81 @@
-fn main() {
-    eprintln!(
-        "chat-client is not usable yet: the client core and GUI are being built.\n\
-         For now, run the relay with `cargo run -p chat-server`."
-    );
-    std::process::exit(2);
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use chat_client::home::Home;
+use chat_client::{ClientConfig, headless};
+use chat_protocol::Username;
+use clap::Parser;
+
+/// Secure Chat client: end-to-end encrypted messaging through a Secure Chat relay.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// Run without a window: commands on stdin, JSON events on stdout (see README)
+    #[arg(long)]
+    headless: bool,
+    /// Relay address HOST:PORT [default: the last one used, else 127.0.0.1:65432]
+    #[arg(long, value_name = "HOST:PORT")]
+    server: Option<String>,
+    /// Your username [default: the last one used]
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+    /// Home directory for identity, settings and history [default: platform data dir]
+    #[arg(long, env = "CHAT_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// File holding the identity key's passphrase (or set CHAT_PASSPHRASE)
+    #[arg(long, value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+
+    let home = Home::resolve(cli.home.clone())?;
+    let mut settings = home.load_settings()?;
+    let passphrase = match &cli.passphrase_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the passphrase file {}", path.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ),
+        None => std::env::var("CHAT_PASSPHRASE").ok(),
+    };
+
+    if !cli.headless {
+        anyhow::bail!(
+            "the desktop window is not available in this build yet; run with --headless \
+             (see the README for the command contract)"
+        );
+    }
+    let server = cli.server.unwrap_or_else(|| settings.server.clone());
+    let user = cli
+        .user
+        .or_else(|| settings.username.clone())
+        .context("no username: pass --user NAME")?;
+    let username = Username::parse(&user).with_context(|| format!("invalid username {user:?}"))?;
+    settings.server = server.clone();
+    settings.username = Some(username.to_string());
+    home.save_settings(&settings)?;
+
+    let mut config = ClientConfig::new(home, server, username);
+    config.passphrase = passphrase;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let code = runtime.block_on(async {
+        let handle = chat_client::spawn(config, || {});
+        let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+        headless::run(handle, stdin, tokio::io::stdout()).await
+    });
+    // stdin may still be blocked in a read; don't wait for it.
+    runtime.shutdown_background();
+    std::process::exit(code);
 }

@@ -150,6 +150,16 @@ impl Identity {
         &self.private
     }
 
+    /// Signs a server login challenge (see [`auth`]).
+    pub fn sign_login(
+        &self,
+        rng: &mut impl CryptoRng,
+        username: &crate::Username,
+        nonce: &[u8; crate::message::CHALLENGE_LEN],
+    ) -> Result<Vec<u8>, auth::AuthError> {
+        auth::sign_login(&self.private, rng, username, nonce)
+    }
+
     /// PKCS#8 PEM; encrypted under `passphrase` when one is given.
     pub fn to_pem(
         &self,

@@ -1,0 +1,131 @@
+//! Connecting to the relay: TCP, Hello, and challenge-response login.
+
+use std::time::Duration;
+
+use chat_protocol::codec::{CodecError, WireCodec};
+use chat_protocol::identity::Identity;
+use chat_protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage, Username};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+/// Largest frame we accept from the server.
+const MAX_INBOUND_FRAME: usize = 1024 * 1024;
+/// Connect plus login must finish within this.
+const LOGIN_DEADLINE: Duration = Duration::from_secs(15);
+
+pub type Conn = Framed<TcpStream, WireCodec<ServerMessage, ClientMessage>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Worth retrying: network trouble, server restarting or busy.
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying cannot help; the user must act.
+    #[error("{message}")]
+    Fatal { code: String, message: String },
+}
+
+impl From<CodecError> for ConnectError {
+    fn from(e: CodecError) -> Self {
+        Self::Transient(format!("connection error: {e}"))
+    }
+}
+
+/// Connects to `server` and logs in as `user`, registering the name on first use.
+/// Returns the connection and whether the account was newly registered.
+pub async fn connect(
+    server: &str,
+    user: &Username,
+    identity: &Identity,
+) -> Result<(Conn, bool), ConnectError> {
+    match tokio::time::timeout(LOGIN_DEADLINE, connect_inner(server, user, identity)).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectError::Transient(format!(
+            "{server} did not complete login within {LOGIN_DEADLINE:?}"
+        ))),
+    }
+}
+
+async fn connect_inner(
+    server: &str,
+    user: &Username,
+    identity: &Identity,
+) -> Result<(Conn, bool), ConnectError> {
+    let stream = TcpStream::connect(server).await.map_err(|e| {
+        ConnectError::Transient(format!("cannot reach the server at {server}: {e}"))
+    })?;
+    let _ = stream.set_nodelay(true);
+    let mut conn = Framed::new(stream, WireCodec::new(MAX_INBOUND_FRAME));
+
+    conn.send(ClientMessage::Hello {
+        version: PROTOCOL_VERSION,
+        software: concat!("chat-client/", env!("CARGO_PKG_VERSION")).into(),
+    })
+    .await?;
+    match next(&mut conn).await? {
+        ServerMessage::Hello { .. } => {}
+        other => return Err(unexpected(other)),
+    }
+    conn.send(ClientMessage::Register {
+        id: 1,
+        username: user.to_string(),
+        public_key: identity.public().der().to_vec(),
+    })
+    .await?;
+    let nonce = match next(&mut conn).await? {
+        ServerMessage::Challenge { nonce, .. } => nonce,
+        other => return Err(unexpected(other)),
+    };
+    let signature = identity
+        .sign_login(&mut rand::rng(), user, &nonce)
+        .map_err(|e| ConnectError::Fatal {
+            code: "internal".into(),
+            message: e.to_string(),
+        })?;
+    conn.send(ClientMessage::Prove { id: 2, signature }).await?;
+    match next(&mut conn).await? {
+        ServerMessage::Welcome { registered, .. } => Ok((conn, registered)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// The next login-relevant message; presence and pings during login are handled here.
+async fn next(conn: &mut Conn) -> Result<ServerMessage, ConnectError> {
+    loop {
+        match conn.next().await {
+            None => {
+                return Err(ConnectError::Transient(
+                    "the server closed the connection".into(),
+                ));
+            }
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(ServerMessage::Presence { .. })) => continue,
+            Some(Ok(ServerMessage::Ping { nonce })) => {
+                conn.send(ClientMessage::Pong { nonce }).await?
+            }
+            Some(Ok(msg)) => return Ok(msg),
+        }
+    }
+}
+
+fn unexpected(msg: ServerMessage) -> ConnectError {
+    let ServerMessage::Error { code, message, .. } = msg else {
+        return ConnectError::Transient(format!("unexpected reply during login: {msg:?}"));
+    };
+    let fatal = |hint: &str| ConnectError::Fatal {
+        code: code.as_str().into(),
+        message: format!("{message}. {hint}"),
+    };
+    match code {
+        ErrorCode::UsernameTaken => {
+            fatal("Pick another username, or use the home directory that holds this name's key.")
+        }
+        ErrorCode::InvalidUsername => fatal("Use 1-32 letters, digits, '_', '-' or '.'."),
+        ErrorCode::UnsupportedVersion => fatal("Update chat-client."),
+        ErrorCode::BadSignature | ErrorCode::InvalidPublicKey => {
+            fatal("The identity key was refused; check the home directory.")
+        }
+        _ => ConnectError::Transient(format!("the server refused the login ({code}): {message}")),
+    }
+}

@@ -1,0 +1,350 @@
+//! Harness: the real `chat-server` binary and real headless `chat-client` processes on
+//! loopback, plus a recording (and optionally corrupting) TCP proxy between them.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The `chat-server` binary, built once per test run so it is never stale.
+pub fn server_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "chat-server",
+                "--bin",
+                "chat-server",
+            ])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building chat-server failed");
+        let target = std::env::current_exe().unwrap();
+        let dir = target.parent().unwrap().parent().unwrap();
+        dir.join("chat-server")
+    })
+}
+
+/// A running relay process. Killed on drop.
+pub struct Relay {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Relay {
+    /// Starts on `addr` (use port 0 for a fresh one) with `data_dir`.
+    pub fn start(addr: &str, data_dir: &Path) -> Self {
+        let mut child = Command::new(server_bin())
+            .args(["--listen", addr, "--data-dir", data_dir.to_str().unwrap()])
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some((_, a)) = line.split_once("listening on ") {
+                    let _ = tx.send(a.trim().to_owned());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(PATIENCE)
+            .expect("relay never logged `listening on`")
+            .parse()
+            .unwrap();
+        Self {
+            child,
+            addr,
+            data_dir: data_dir.to_owned(),
+            log,
+        }
+    }
+
+    /// SIGKILL: no goodbye to anyone.
+    pub fn kill(mut self) -> (SocketAddr, PathBuf) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        (self.addr, self.data_dir.clone())
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A headless client process.
+pub struct Client {
+    pub name: String,
+    pub home: PathBuf,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    events: mpsc::Receiver<Value>,
+    /// Every event seen so far, in order.
+    pub seen: Vec<Value>,
+    /// Events received but not yet matched by `expect`, in order.
+    backlog: std::collections::VecDeque<Value>,
+}
+
+impl Client {
+    pub fn start(server: SocketAddr, name: &str, home: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chat-client"))
+            .args([
+                "--headless",
+                "--server",
+                &server.to_string(),
+                "--user",
+                name,
+            ])
+            .args(["--home", home.to_str().unwrap()])
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
+                assert!(value.get("event").is_some(), "no event field: {line}");
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Self {
+            name: name.into(),
+            home: home.to_owned(),
+            child,
+            stdin,
+            events,
+            seen: Vec::new(),
+            backlog: Default::default(),
+        }
+    }
+
+    /// Starts and waits until connected.
+    pub fn ready(server: SocketAddr, name: &str, home: &Path) -> Self {
+        let mut c = Self::start(server, name, home);
+        c.expect("ready", |e| e["event"] == "ready");
+        c.connected();
+        c
+    }
+
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// The first not-yet-matched event matching `pred`, waiting for it if needed. Events
+    /// it passes over stay available to later calls, in order.
+    pub fn expect(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(at) = self.backlog.iter().position(&pred) {
+            return self.backlog.remove(at).unwrap();
+        }
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(ev) => {
+                    self.seen.push(ev.clone());
+                    if pred(&ev) {
+                        return ev;
+                    }
+                    self.backlog.push_back(ev);
+                }
+                Err(_) => panic!(
+                    "{}: no {what} event within {PATIENCE:?}; saw {:#?}",
+                    self.name, self.seen
+                ),
+            }
+        }
+    }
+
+    pub fn connected(&mut self) {
+        self.expect("connected", |e| {
+            e["event"] == "connection" && e["state"] == "connected"
+        });
+    }
+
+    pub fn message_from(&mut self, from: &str) -> Value {
+        self.expect("message", |e| e["event"] == "message" && e["from"] == from)
+    }
+
+    /// The unmatched backlog plus all events that arrive until a gap of `quiet`.
+    pub fn drain(&mut self, quiet: Duration) -> Vec<Value> {
+        let mut got: Vec<Value> = self.backlog.drain(..).collect();
+        while let Ok(ev) = self.events.recv_timeout(quiet) {
+            self.seen.push(ev.clone());
+            got.push(ev);
+        }
+        got
+    }
+
+    /// Closes stdin and waits for the exit code.
+    pub fn quit(mut self) -> i32 {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "{} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wait_exit(mut self) -> i32 {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "{} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 that records every byte clients send to the relay and the
+/// relay sends back, and can flip one byte in the body of the N-th `Deliver` frame.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub upstream_bytes: Arc<Mutex<Vec<u8>>>,
+    pub downstream_bytes: Arc<Mutex<Vec<u8>>>,
+    corrupt_deliver: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    pub fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let proxy = Self {
+            addr,
+            upstream_bytes: Default::default(),
+            downstream_bytes: Default::default(),
+            corrupt_deliver: Arc::new(AtomicUsize::new(0)),
+        };
+        let (up, down, corrupt) = (
+            proxy.upstream_bytes.clone(),
+            proxy.downstream_bytes.clone(),
+            proxy.corrupt_deliver.clone(),
+        );
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let up = up.clone();
+                std::thread::spawn(move || pump(client, server, &up, None));
+                let (down, corrupt) = (down.clone(), corrupt.clone());
+                std::thread::spawn(move || pump(s2, c2, &down, Some(&corrupt)));
+            }
+        });
+        proxy
+    }
+
+    /// Flip a byte in the body of the next `count` server→client `Deliver` frames.
+    pub fn corrupt_next_deliveries(&self, count: usize) {
+        self.corrupt_deliver.store(count, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` → `to`, recording bytes; with `corrupt`, parses frames and flips the
+/// last byte of `Deliver` bodies (postcard tag 6) while the counter is positive.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    record: &Mutex<Vec<u8>>,
+    corrupt: Option<&AtomicUsize>,
+) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        record.lock().unwrap().extend_from_slice(&buf[..n]);
+        let Some(corrupt) = corrupt else {
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            continue;
+        };
+        pending.extend_from_slice(&buf[..n]);
+        // Forward whole frames only, so a body can be altered before it leaves.
+        while pending.len() >= 4 {
+            let len = u32::from_be_bytes(pending[..4].try_into().unwrap()) as usize;
+            if pending.len() < 4 + len {
+                break;
+            }
+            let mut frame: Vec<u8> = pending.drain(..4 + len).collect();
+            if len > 0 && frame[4] == 6 && corrupt.load(Ordering::SeqCst) > 0 {
+                corrupt.fetch_sub(1, Ordering::SeqCst);
+                let last = frame.len() - 1;
+                frame[last] ^= 0x01;
+            }
+            if to.write_all(&frame).is_err() {
+                return;
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// True if `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Every file under `dir`, concatenated.
+pub fn all_file_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(all_file_bytes(&path));
+        } else {
+            out.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    out
+}

@@ -1,0 +1,300 @@
+//! Headless clients against the real relay binary, over real sockets on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Proxy, Relay, all_file_bytes, contains};
+
+fn homes(n: usize) -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    let homes = (0..n)
+        .map(|i| dir.path().join(format!("home{i}")))
+        .collect();
+    (dir, homes)
+}
+
+#[test]
+fn three_clients_chat_with_receipts_presence_and_user_list() {
+    let (dir, h) = homes(3);
+    let relay = Relay::start("127.0.0.1:0", &dir.path().join("relay"));
+    let mut alice = Client::ready(relay.addr, "alice", &h[0]);
+    let mut bob = Client::ready(relay.addr, "bob", &h[1]);
+    alice.expect("bob online", |e| {
+        e["event"] == "presence" && e["user"] == "bob" && e["online"] == true
+    });
+
+    alice.send("/msg bob hello bob, how are you?");
+    let got = bob.message_from("alice");
+    assert_eq!(got["text"], "hello bob, how are you?");
+    assert_eq!(got["id"].as_str().unwrap().len(), 32);
+    assert!(got["sent_at"].as_u64().unwrap() > 1_600_000_000_000);
+    let id = got["id"].clone();
+    alice.expect("sent", |e| {
+        e["event"] == "sent" && e["to"] == "bob" && e["id"] == id
+    });
+    alice.expect("delivered", |e| {
+        e["event"] == "delivered" && e["to"] == "bob" && e["id"] == id
+    });
+
+    bob.send("/msg alice fine, thanks");
+    assert_eq!(alice.message_from("bob")["text"], "fine, thanks");
+    bob.expect("delivered", |e| {
+        e["event"] == "delivered" && e["to"] == "alice"
+    });
+
+    let mut carol = Client::ready(relay.addr, "carol", &h[2]);
+    alice.expect("carol online", |e| {
+        e["event"] == "presence" && e["user"] == "carol"
+    });
+    bob.expect("carol online", |e| {
+        e["event"] == "presence" && e["user"] == "carol"
+    });
+    carol.send("/users");
+    let users = carol.expect("users", |e| e["event"] == "users");
+    assert_eq!(
+        users["online"],
+        serde_json::json!(["alice", "bob", "carol"])
+    );
+    carol.send("/msg alice hi from carol");
+    carol.send("/msg bob hi from carol");
+    assert_eq!(alice.message_from("carol")["text"], "hi from carol");
+    assert_eq!(bob.message_from("carol")["text"], "hi from carol");
+
+    drop(carol);
+    alice.expect("carol offline", |e| {
+        e["event"] == "presence" && e["user"] == "carol" && e["online"] == false
+    });
+    assert_eq!(alice.quit(), 0);
+    assert_eq!(bob.quit(), 0);
+}
+
+#[test]
+fn the_server_never_sees_plaintext() {
+    let (dir, h) = homes(2);
+    let relay = Relay::start("127.0.0.1:0", &dir.path().join("relay"));
+    let proxy = Proxy::start(relay.addr);
+    let mut alice = Client::ready(proxy.addr, "alice", &h[0]);
+    let mut bob = Client::ready(proxy.addr, "bob", &h[1]);
+    let marker = "MARKER-7f3a9c-plaintext-must-not-leak";
+    alice.send(&format!("/msg bob {marker}"));
+    assert_eq!(bob.message_from("alice")["text"], marker);
+    bob.send(&format!("/msg alice re: {marker}"));
+    alice.message_from("bob");
+    alice.expect("delivered", |e| e["event"] == "delivered");
+
+    let up = proxy.upstream_bytes.lock().unwrap().clone();
+    let down = proxy.downstream_bytes.lock().unwrap().clone();
+    assert!(
+        up.len() > 1000 && down.len() > 1000,
+        "the proxy saw the traffic"
+    );
+    for (what, bytes) in [
+        ("bytes the server received", up),
+        ("bytes the server sent", down),
+        ("the server's data dir", all_file_bytes(&relay.data_dir)),
+        (
+            "the server's trace log",
+            relay.log.lock().unwrap().clone().into_bytes(),
+        ),
+    ] {
+        assert!(
+            !contains(&bytes, marker.as_bytes()),
+            "plaintext found in {what}"
+        );
+    }
+    // The marker really is stored on the clients, so the search above can find it.
+    assert!(contains(&all_file_bytes(&h[1]), marker.as_bytes()));
+}
+
+#[test]
+fn a_flipped_byte_never_shows_and_the_conversation_recovers() {
+    let (dir, h) = homes(2);
+    let relay = Relay::start("127.0.0.1:0", &dir.path().join("relay"));
+    let proxy = Proxy::start(relay.addr);
+    let mut alice = Client::ready(relay.addr, "alice", &h[0]);
+    let mut bob = Client::ready(proxy.addr, "bob", &h[1]);
+    alice.send("/msg bob first, before tampering");
+    assert_eq!(bob.message_from("alice")["text"], "first, before tampering");
+
+    proxy.corrupt_next_deliveries(1);
+    alice.send("/msg bob second, tampered");
+    let err = bob.expect("error", |e| e["event"] == "error");
+    assert_eq!(err["code"], "undecryptable");
+    alice.send("/msg bob third, clean");
+    assert_eq!(bob.message_from("alice")["text"], "third, clean");
+    let shown: Vec<_> = bob
+        .seen
+        .iter()
+        .filter(|e| e["event"] == "message")
+        .collect();
+    assert_eq!(
+        shown.len(),
+        2,
+        "only what was really sent is shown: {shown:#?}"
+    );
+}
+
+#[test]
+fn server_restart_loses_nothing_and_duplicates_nothing() {
+    let (dir, h) = homes(2);
+    let relay = Relay::start("127.0.0.1:0", &dir.path().join("relay"));
+    let mut alice = Client::ready(relay.addr, "alice", &h[0]);
+    let mut bob = Client::ready(relay.addr, "bob", &h[1]);
+    alice.send("/msg bob before the crash");
+    bob.message_from("alice");
+
+    let (addr, data) = relay.kill();
+    alice.expect("reconnecting", |e| {
+        e["event"] == "connection" && e["state"] == "reconnecting"
+    });
+    bob.expect("reconnecting", |e| {
+        e["event"] == "connection" && e["state"] == "reconnecting"
+    });
+    for n in 1..=5 {
+        alice.send(&format!("/msg bob while down {n}"));
+    }
+    alice.expect("queued", |e| {
+        e["event"] == "queued" && e["sent_at"].is_u64()
+    });
+
+    let _relay = Relay::start(&addr.to_string(), &data);
+    alice.connected();
+    bob.connected();
+    let texts: Vec<String> = (1..=5)
+        .map(|_| {
+            bob.message_from("alice")["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        (1..=5)
+            .map(|n| format!("while down {n}"))
+            .collect::<Vec<_>>()
+    );
+    // Exactly once: nothing more arrives.
+    let extra: Vec<_> = bob
+        .drain(Duration::from_millis(1500))
+        .into_iter()
+        .filter(|e| e["event"] == "message")
+        .collect();
+    assert!(extra.is_empty(), "duplicates: {extra:#?}");
+    for _ in 1..=5 {
+        alice.expect("delivered", |e| e["event"] == "delivered");
+    }
+}
+
+#[test]
+fn a_changed_key_blocks_traffic_until_accepted() {
+    let (dir, h) = homes(3);
+    let relay = Relay::start("127.0.0.1:0", &dir.path().join("relay"));
+    let mut alice = Client::ready(relay.addr, "alice", &h[0]);
+    let bob = Client::ready(relay.addr, "bob", &h[1]);
+    alice.send("/safety bob");
+    let before = alice.expect("safety", |e| e["event"] == "safety");
+    alice.send("/verify bob");
+    alice.expect("verified", |e| {
+        e["event"] == "safety" && e["verified"] == true
+    });
+    drop(bob);
+
+    // A fresh server; "bob" registers there with a brand-new key (new home).
+    let (addr, _) = relay.kill();
+    let _fresh = Relay::start(&addr.to_string(), &dir.path().join("relay2"));
+    alice.connected();
+    let mut new_bob = Client::ready(addr, "bob", &h[2]);
+
+    alice.send("/msg bob are you really bob?");
+    alice.expect("key_changed", |e| {
+        e["event"] == "key_changed" && e["user"] == "bob"
+    });
+    alice.send("/msg bob another");
+    let err = alice.expect("error", |e| e["event"] == "error");
+    assert_eq!(err["code"], "key_changed");
+    assert!(err["message"].as_str().unwrap().contains("accept"), "{err}");
+    new_bob.drain(Duration::from_millis(1000));
+    assert!(
+        new_bob.seen.iter().all(|e| e["event"] != "message"),
+        "nothing got through"
+    );
+
+    alice.send("/safety bob");
+    let after = alice.expect("safety", |e| e["event"] == "safety");
+    assert_ne!(before["number"], after["number"]);
+    assert_eq!(after["verified"], false);
+    alice.send("/accept-key bob");
+    assert_eq!(new_bob.message_from("alice")["text"], "are you really bob?");
+}
+
+#[test]
+fn client_restart_keeps_identity_history_and_outbox() {
+    let (dir, h) = homes(2);
+    let relay = Relay::start("127.0.0.1:0", &dir.path().join("relay"));
+    let mut alice = Client::ready(relay.addr, "alice", &h[0]);
+    let fingerprint =
+        alice.seen.iter().find(|e| e["event"] == "ready").unwrap()["fingerprint"].clone();
+    let mut bob = Client::ready(relay.addr, "bob", &h[1]);
+    alice.send("/msg bob remember me");
+    bob.message_from("alice");
+    alice.expect("delivered", |e| e["event"] == "delivered");
+    assert_eq!(alice.quit(), 0);
+
+    let mut alice = Client::start(relay.addr, "alice", &h[0]);
+    let ready = alice.expect("ready", |e| e["event"] == "ready");
+    assert_eq!(ready["fingerprint"], fingerprint);
+    alice.send("/history bob");
+    let history = alice.expect("history", |e| e["event"] == "history");
+    let items = history["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["text"], "remember me");
+    assert_eq!(items[0]["status"], "delivered");
+    // bob's history holds the incoming message too.
+    assert_eq!(bob.quit(), 0);
+    let mut bob = Client::ready(relay.addr, "bob", &h[1]);
+    bob.send("/history alice");
+    let history = bob.expect("history", |e| e["event"] == "history");
+    assert_eq!(history["items"][0]["outgoing"], false);
+}
+
+#[test]
+fn bad_input_is_an_error_event_and_the_client_keeps_going() {
+    let (dir, h) = homes(1);
+    let relay = Relay::start("127.0.0.1:0", &dir.path().join("relay"));
+    let mut alice = Client::ready(relay.addr, "alice", &h[0]);
+    for line in [
+        "hello there",
+        "/frobnicate",
+        "/msg",
+        "/msg nobody-here hi",
+        "/safety",
+    ] {
+        alice.send(line);
+        let err = alice.expect("error", |e| e["event"] == "error");
+        assert!(!err["message"].as_str().unwrap().is_empty());
+    }
+    alice.send("/msg x!y hi");
+    assert_eq!(
+        alice.expect("error", |e| e["event"] == "error")["code"],
+        "invalid_username"
+    );
+    alice.send("/users");
+    alice.expect("users", |e| e["event"] == "users");
+    assert_eq!(alice.quit(), 0);
+}
+
+#[test]
+fn a_taken_username_is_a_clear_fatal_error() {
+    let (dir, h) = homes(2);
+    let relay = Relay::start("127.0.0.1:0", &dir.path().join("relay"));
+    let _alice = Client::ready(relay.addr, "alice", &h[0]);
+    let mut imposter = Client::start(relay.addr, "alice", &h[1]);
+    let err = imposter.expect("error", |e| e["event"] == "error");
+    assert_eq!(err["code"], "username_taken");
+    imposter.expect("offline", |e| {
+        e["event"] == "connection" && e["state"] == "offline"
+    });
+    assert_eq!(imposter.wait_exit(), 1);
+}
