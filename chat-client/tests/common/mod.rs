@@ -212,16 +212,10 @@ impl Client {
     /// Closes stdin and waits for the exit code.
     pub fn quit(mut self) -> i32 {
         drop(self.stdin.take());
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code().unwrap_or(-1);
-            }
-            assert!(Instant::now() < deadline, "{} did not exit", self.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_exit()
     }
 
+    /// Waits for the process to exit by itself and returns its exit code.
     pub fn wait_exit(mut self) -> i32 {
         let deadline = Instant::now() + PATIENCE;
         loop {
