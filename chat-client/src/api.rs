@@ -16,6 +16,8 @@ pub enum Command {
     Safety { user: String },
     /// Mark `user`'s pinned key as verified (after comparing safety numbers).
     Verify { user: String },
+    /// Take back a verification.
+    Unverify { user: String },
     /// Accept `user`'s new key after a key change.
     AcceptKey { user: String },
     /// Load stored history with `user` (answered by `History`).
@@ -87,11 +89,16 @@ pub enum Event {
         text: String,
         sent_at: u64,
     },
-    /// Our message `id` is in the outbox (not in the headless contract's minimum; GUI).
+    /// Our message `id` is in the outbox.
     Queued {
         to: String,
         id: String,
+        text: String,
         sent_at: u64,
+    },
+    /// Everyone we have talked to or pinned a key for (sent after `ready`).
+    Contacts {
+        users: Vec<String>,
     },
     Sent {
         to: String,
@@ -105,6 +112,8 @@ pub enum Event {
         user: String,
         number: String,
         verified: bool,
+        /// A new key is waiting to be accepted; `number` is for that new key.
+        key_changed: bool,
     },
     /// `user` presented a new key; traffic with them is blocked until `/accept-key`.
     KeyChanged {
@@ -114,6 +123,9 @@ pub enum Event {
         state: ConnectionState,
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_in_ms: Option<u64>,
+        /// Why the connection was lost or refused, when reconnecting.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
         /// Messages waiting in the outbox.
         queued: usize,
     },

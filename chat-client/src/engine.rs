@@ -86,6 +86,7 @@ pub fn spawn(config: ClientConfig, notify: impl Fn() + Send + Sync + 'static) ->
                 sink.emit(Event::Connection {
                     state: ConnectionState::Offline,
                     retry_in_ms: None,
+                    reason: None,
                     queued: 0,
                 });
             }
@@ -253,7 +254,7 @@ impl Engine {
             let delay = backoff(attempt, self.config.backoff_min, self.config.backoff_max);
             attempt = attempt.saturating_add(1);
             warn!("disconnected: {failure}; retrying in {delay:?}");
-            self.connection_event(ConnectionState::Reconnecting, Some(delay));
+            self.emit_connection(ConnectionState::Reconnecting, Some(delay), Some(failure));
             if self.wait_offline(delay, &mut commands).await {
                 return self.stop();
             }
@@ -335,6 +336,10 @@ impl Engine {
                 user: self.me.to_string(),
                 fingerprint: self.identity.fingerprint().to_string(),
             });
+            match self.store.contacts() {
+                Ok(users) => self.sink.emit(Event::Contacts { users }),
+                Err(e) => self.store_error(e),
+            }
         }
         self.connection_event(ConnectionState::Connected, None);
 
@@ -431,6 +436,21 @@ impl Engine {
                     },
                 }
             }
+            Command::Unverify { user } => {
+                let Some(user) = self.contact_name(&user) else {
+                    return;
+                };
+                if let Some(pin) = self.pin(&user) {
+                    self.save_pin(
+                        &user,
+                        &Pin {
+                            verified: false,
+                            ..pin
+                        },
+                    );
+                    self.emit_safety(&user);
+                }
+            }
             Command::Verify { user } => {
                 let Some(user) = self.contact_name(&user) else {
                     return;
@@ -521,6 +541,7 @@ impl Engine {
         self.sink.emit(Event::Queued {
             to,
             id: id_hex(&id),
+            text: item.text,
             sent_at: item.sent_at,
         });
         true
@@ -990,6 +1011,7 @@ impl Engine {
             user: user.to_owned(),
             number: number.to_string(),
             verified: pin.verified && pin.pending.is_none(),
+            key_changed: pin.pending.is_some(),
         });
     }
 
@@ -1006,9 +1028,19 @@ impl Engine {
     }
 
     fn connection_event(&self, state: ConnectionState, retry: Option<Duration>) {
+        self.emit_connection(state, retry, None);
+    }
+
+    fn emit_connection(
+        &self,
+        state: ConnectionState,
+        retry: Option<Duration>,
+        reason: Option<String>,
+    ) {
         self.sink.emit(Event::Connection {
             state,
             retry_in_ms: retry.map(|d| d.as_millis() as u64),
+            reason,
             queued: self.store.outbox_len().unwrap_or(0),
         });
     }

@@ -6,9 +6,11 @@
 //! - [`store`]: SQLite: pinned keys, history, outbox.
 //! - [`home`]: the home directory: settings (RON) and the identity key file.
 //! - [`headless`]: the JSON-lines front end for scripts.
+//! - [`gui`]: the desktop window (eframe/egui).
 
 pub mod api;
 pub mod engine;
+pub mod gui;
 pub mod headless;
 pub mod home;
 pub mod net;

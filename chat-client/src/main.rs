@@ -8,6 +8,8 @@ use chat_protocol::Username;
 use clap::Parser;
 
 /// Secure Chat client: end-to-end encrypted messaging through a Secure Chat relay.
+///
+/// Opens the desktop window; with --headless, runs as a JSON-lines tool for scripts.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
@@ -17,12 +19,15 @@ struct Cli {
     /// Relay address HOST:PORT [default: the last one used, else 127.0.0.1:65432]
     #[arg(long, value_name = "HOST:PORT")]
     server: Option<String>,
-    /// Your username [default: the last one used]
+    /// Your username [default: the last one used]; in the window, signs in right away
     #[arg(long, value_name = "NAME")]
     user: Option<String>,
     /// Home directory for identity, settings and history [default: platform data dir]
     #[arg(long, env = "CHAT_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
+    /// Window only: open the conversation with USER after signing in
+    #[arg(long, value_name = "USER", conflicts_with = "headless")]
+    chat_with: Option<String>,
     /// File holding the identity key's passphrase (or set CHAT_PASSPHRASE)
     #[arg(long, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
@@ -52,10 +57,19 @@ fn main() -> anyhow::Result<()> {
     };
 
     if !cli.headless {
-        anyhow::bail!(
-            "the desktop window is not available in this build yet; run with --headless \
-             (see the README for the command contract)"
-        );
+        // With --user on the command line the window signs in right away.
+        let launch = chat_client::gui::Launch {
+            auto_sign_in: cli.user.is_some(),
+            chat_with: cli
+                .chat_with
+                .map(|u| Username::parse(&u).map(|u| u.to_string()))
+                .transpose()
+                .context("invalid --chat-with user")?,
+            server: cli.server,
+            user: cli.user,
+            passphrase,
+        };
+        return chat_client::gui::run(home, settings, launch);
     }
     let server = cli.server.unwrap_or_else(|| settings.server.clone());
     let user = cli

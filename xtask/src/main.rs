@@ -1,29 +1,34 @@
 //! Developer and operator tasks: `cargo xtask <task>`.
 //!
-//! Tasks are added by later work (deploy, logs, status, bench, demo); this crate is kept out
-//! of the workspace's default members so plain `cargo build` never compiles the AWS SDK.
+//! - `screenshot`: a live conversation in the real desktop window under Xvfb, saved as PNG.
+//!
+//! This crate is kept out of the workspace's default members so a plain `cargo build`
+//! never compiles what only these tasks need.
+
+mod screenshot;
 
 use std::path::PathBuf;
 
-fn main() -> anyhow::Result<()> {
-    let task = std::env::args().nth(1);
-    match task.as_deref() {
-        None | Some("help" | "--help" | "-h") => {
-            print_help();
-            Ok(())
-        }
-        Some(other) => {
-            print_help();
-            anyhow::bail!("unknown task `{other}`")
-        }
-    }
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Secure Chat developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
 }
 
-fn print_help() {
-    eprintln!(
-        "Usage: cargo xtask <task>\n\nTasks:\n  help    this message\n\nProject root: {}",
-        project_root().display()
-    );
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Run a relay, a headless bob and the desktop window as alice under Xvfb, chat, and
+    /// save a screenshot (needs Xvfb, xdotool and ImageMagick's `import`)
+    Screenshot(screenshot::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Screenshot(args) => screenshot::run(args),
+    }
 }
 
 /// The workspace root, from this crate's manifest directory.
@@ -32,4 +37,20 @@ fn project_root() -> PathBuf {
         .parent()
         .expect("xtask lives one level below the workspace root")
         .to_owned()
+}
+
+/// Builds the workspace binaries and returns the directory holding them.
+fn build_binaries(release: bool) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(project_root())
+        .args(["build", "-p", "chat-server", "-p", "chat-client"]);
+    if release {
+        cmd.arg("--release");
+    }
+    anyhow::ensure!(cmd.status()?.success(), "building the binaries failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project_root().join("target"));
+    Ok(target.join(if release { "release" } else { "debug" }))
 }

@@ -1,0 +1,367 @@
+//! The desktop window (eframe/egui). A thin front end over the client core: it sends
+//! [`Command`]s and draws what the [`Model`] built from [`Event`]s says. It never does
+//! network or crypto itself and never waits on the core: the core calls
+//! `ctx.request_repaint()` after each event, and each frame drains the event channel.
+
+pub mod model;
+mod view;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use chat_protocol::Username;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{Command, ConnectionState, Event};
+use crate::engine::{ClientConfig, ClientHandle};
+use crate::home::{Home, Settings, Theme};
+use model::Model;
+
+/// What eframe persists for us between runs (besides window size and position).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Persisted {
+    pub last_open: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Screen {
+    SignIn,
+    Main,
+}
+
+/// The sign-in form.
+#[derive(Debug, Clone, Default)]
+pub struct SignInForm {
+    pub username: String,
+    pub server: String,
+    pub passphrase: String,
+    /// A sign-in is under way (key generation, connecting).
+    pub busy: bool,
+    /// Why the last attempt failed, with what to do.
+    pub error: Option<String>,
+}
+
+/// Transient view state.
+#[derive(Debug, Default)]
+pub struct ViewState {
+    pub filter: String,
+    pub focus_filter: bool,
+    /// Draft per conversation.
+    pub drafts: std::collections::HashMap<String, String>,
+    pub safety_for: Option<String>,
+    pub settings_open: bool,
+    pub settings_draft: Option<Settings>,
+    /// Measured row heights per conversation, for laying out only the visible rows.
+    pub row_heights: std::collections::HashMap<String, Vec<f32>>,
+    pub copied: Option<std::time::Instant>,
+    pub applied_style: Option<(Theme, u32)>,
+}
+
+pub struct ChatApp {
+    runtime: tokio::runtime::Handle,
+    home: Home,
+    pub settings: Settings,
+    pub model: Model,
+    pub screen: Screen,
+    pub signin: SignInForm,
+    pub view: ViewState,
+    pub persisted: Persisted,
+    client: Option<ClientHandle>,
+    /// Identity key size for new identities (tests use a smaller one).
+    pub identity_bits: usize,
+}
+
+impl ChatApp {
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        home: Home,
+        settings: Settings,
+        persisted: Persisted,
+    ) -> Self {
+        let signin = SignInForm {
+            username: settings.username.clone().unwrap_or_default(),
+            server: settings.server.clone(),
+            ..SignInForm::default()
+        };
+        Self {
+            runtime,
+            home,
+            settings,
+            model: Model::default(),
+            screen: Screen::SignIn,
+            signin,
+            view: ViewState::default(),
+            persisted,
+            client: None,
+            identity_bits: chat_protocol::identity::IDENTITY_BITS,
+        }
+    }
+
+    /// Draws one frame.
+    pub fn ui(&mut self, ui: &mut egui::Ui) {
+        self.apply_style(ui.ctx());
+        self.poll();
+        // The user is looking if the window has focus or they are interacting with it
+        // (some X setups never report focus).
+        let (focused, active) = ui.ctx().input(|i| (i.focused, !i.events.is_empty()));
+        self.model.focused = focused;
+        if (focused || active)
+            && let Some(open) = self.model.open.clone()
+        {
+            self.model.contact(&open).unread = 0;
+        }
+        match self.screen {
+            Screen::SignIn => view::sign_in(self, ui),
+            Screen::Main => view::main(self, ui),
+        }
+    }
+
+    /// Starts the core with the sign-in form's values.
+    pub fn sign_in(&mut self, ctx: &egui::Context) {
+        let form = &mut self.signin;
+        form.error = None;
+        let username = match Username::parse(form.username.trim()) {
+            Ok(u) => u,
+            Err(e) => {
+                form.error = Some(format!("{e}. Use 1–32 letters, digits, '_', '-' or '.'."));
+                return;
+            }
+        };
+        let server = form.server.trim().to_owned();
+        if server.is_empty() {
+            form.error = Some("Enter the server address, e.g. 127.0.0.1:65432.".into());
+            return;
+        }
+        form.busy = true;
+        let mut config = ClientConfig::new(self.home.clone(), server, username);
+        config.identity_bits = self.identity_bits;
+        config.passphrase = Some(form.passphrase.clone()).filter(|p| !p.is_empty());
+        let ctx = ctx.clone();
+        let _guard = self.runtime.enter();
+        self.client = Some(crate::engine::spawn(config, move || ctx.request_repaint()));
+    }
+
+    pub fn send(&self, cmd: Command) {
+        if let Some(client) = &self.client {
+            let _ = client.commands.send(cmd);
+        }
+    }
+
+    /// Opens a conversation (loading its history the first time).
+    pub fn open(&mut self, user: &str) {
+        if self.model.open(user) {
+            self.send(Command::History {
+                user: user.to_owned(),
+            });
+        }
+        self.persisted.last_open = Some(user.to_owned());
+    }
+
+    /// Applies every event that has arrived.
+    pub fn poll(&mut self) {
+        let Some(client) = &mut self.client else {
+            return;
+        };
+        let mut events = Vec::new();
+        while let Ok(event) = client.events.try_recv() {
+            events.push(event);
+        }
+        for event in events {
+            self.on_event(event);
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match &event {
+            Event::Ready { user, .. } => {
+                self.screen = Screen::Main;
+                self.signin.busy = false;
+                self.signin.passphrase.clear();
+                self.settings.username = Some(user.clone());
+                self.settings.server = self.signin.server.trim().to_owned();
+                let _ = self.home.save_settings(&self.settings);
+                if let Some(last) = self.persisted.last_open.clone() {
+                    self.open(&last);
+                }
+            }
+            Event::Error { message, .. } if self.screen == Screen::SignIn => {
+                self.signin.error = Some(message.clone());
+            }
+            Event::Connection {
+                state: ConnectionState::Reconnecting,
+                reason,
+                retry_in_ms,
+                ..
+            } if self.screen == Screen::SignIn => {
+                let secs = retry_in_ms.unwrap_or(0).div_ceil(1000);
+                self.signin.error = Some(format!(
+                    "{}. Retrying in {secs} s — check the server address, or wait.",
+                    reason.as_deref().unwrap_or("Cannot reach the server")
+                ));
+            }
+            Event::Connection {
+                state: ConnectionState::Offline,
+                ..
+            } if self.screen == Screen::SignIn => {
+                // The core gave up (e.g. name taken): let the user change something.
+                self.signin.busy = false;
+                self.client = None;
+            }
+            _ => {}
+        }
+        self.model.apply(event);
+    }
+
+    /// Cancels a sign-in that is still trying.
+    pub fn cancel_sign_in(&mut self) {
+        if let Some(client) = self.client.take() {
+            let _ = client.commands.send(Command::Shutdown {
+                flush_for: std::time::Duration::ZERO,
+            });
+        }
+        self.signin.busy = false;
+    }
+
+    fn apply_style(&mut self, ctx: &egui::Context) {
+        let key = (self.settings.theme, (self.settings.font_size * 10.0) as u32);
+        if self.view.applied_style == Some(key) {
+            return;
+        }
+        self.view.applied_style = Some(key);
+        ctx.set_theme(match self.settings.theme {
+            Theme::System => egui::ThemePreference::System,
+            Theme::Light => egui::ThemePreference::Light,
+            Theme::Dark => egui::ThemePreference::Dark,
+        });
+        let scale = self.settings.font_size / 15.0;
+        ctx.all_styles_mut(|style| {
+            use egui::{FontFamily, FontId, TextStyle};
+            style.text_styles = [
+                (
+                    TextStyle::Small,
+                    FontId::new(11.0 * scale, FontFamily::Proportional),
+                ),
+                (
+                    TextStyle::Body,
+                    FontId::new(15.0 * scale, FontFamily::Proportional),
+                ),
+                (
+                    TextStyle::Button,
+                    FontId::new(15.0 * scale, FontFamily::Proportional),
+                ),
+                (
+                    TextStyle::Heading,
+                    FontId::new(21.0 * scale, FontFamily::Proportional),
+                ),
+                (
+                    TextStyle::Monospace,
+                    FontId::new(14.0 * scale, FontFamily::Monospace),
+                ),
+            ]
+            .into();
+        });
+    }
+
+    pub fn save_settings(&mut self, settings: Settings) {
+        self.settings = settings;
+        if let Err(e) = self.home.save_settings(&self.settings) {
+            self.model.error = Some(("settings".into(), e.to_string()));
+        }
+    }
+}
+
+impl Drop for ChatApp {
+    fn drop(&mut self) {
+        // Give the outbox a moment to reach the server; it is on disk regardless.
+        if let Some(client) = self.client.take() {
+            let _ = client.commands.send(Command::Shutdown {
+                flush_for: std::time::Duration::from_secs(2),
+            });
+            let _ = self.runtime.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(3), client.task).await
+            });
+        }
+    }
+}
+
+/// eframe glue: frame drawing and persistence.
+struct EframeApp(ChatApp);
+
+impl eframe::App for EframeApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.0.ui(ui);
+        // Keep the "reconnecting in Ns" countdown moving.
+        if self.0.model.link.state == ConnectionState::Reconnecting {
+            ui.ctx()
+                .request_repaint_after(std::time::Duration::from_millis(500));
+        }
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, eframe::APP_KEY, &self.0.persisted);
+    }
+}
+
+/// Options for opening the window, from the command line.
+#[derive(Debug, Default)]
+pub struct Launch {
+    pub server: Option<String>,
+    pub user: Option<String>,
+    pub passphrase: Option<String>,
+    /// Sign in right away with the given values (used by demos and screenshots).
+    pub auto_sign_in: bool,
+    /// Open the conversation with this user once signed in.
+    pub chat_with: Option<String>,
+}
+
+/// Opens the window and runs until it is closed.
+pub fn run(home: Home, mut settings: Settings, launch: Launch) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    if let Some(server) = launch.server {
+        settings.server = server;
+    }
+    if let Some(user) = launch.user {
+        settings.username = Some(user);
+    }
+    let title = match &settings.username {
+        Some(user) if launch.auto_sign_in => format!("Secure Chat — {user}"),
+        _ => "Secure Chat".to_owned(),
+    };
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title(title)
+            .with_inner_size([960.0, 680.0])
+            .with_min_inner_size([640.0, 420.0]),
+        persistence_path: Some(gui_state_path(&home)),
+        ..Default::default()
+    };
+    let handle = runtime.handle().clone();
+    eframe::run_native(
+        "Secure Chat",
+        options,
+        Box::new(move |cc| {
+            let persisted = cc
+                .storage
+                .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
+                .unwrap_or_default();
+            let mut app = ChatApp::new(handle, home, settings, persisted);
+            if let Some(passphrase) = launch.passphrase {
+                app.signin.passphrase = passphrase;
+            }
+            if let Some(user) = launch.chat_with {
+                app.persisted.last_open = Some(user);
+            }
+            if launch.auto_sign_in {
+                app.sign_in(&cc.egui_ctx);
+            }
+            Ok(Box::new(EframeApp(app)))
+        }),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))?;
+    drop(runtime);
+    Ok(())
+}
+
+fn gui_state_path(home: &Home) -> PathBuf {
+    home.dir().join("gui-state.ron")
+}

@@ -1,0 +1,338 @@
+//! What the window shows, built only from core [`Event`]s. No drawing, no I/O: the view
+//! reads it, and tests drive it directly.
+
+use std::collections::BTreeMap;
+
+use crate::api::{ConnectionState, Event, HistoryItem, Status};
+
+/// One message in a conversation view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub id: String,
+    pub outgoing: bool,
+    pub text: String,
+    /// Sender's clock, ms since the Unix epoch.
+    pub sent_at: u64,
+    pub status: Status,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Contact {
+    pub online: bool,
+    pub unread: usize,
+    pub lines: Vec<Line>,
+    /// History has been requested from the store.
+    pub history_requested: bool,
+    pub verified: bool,
+    /// A new key awaits acceptance; sending is disabled.
+    pub key_changed: bool,
+    /// Latest safety number received for this contact.
+    pub safety: Option<String>,
+}
+
+/// Connection as the status bar shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub state: ConnectionState,
+    pub retry_in_ms: Option<u64>,
+    pub reason: Option<String>,
+    pub queued: usize,
+    /// When the reconnect countdown started (for "reconnecting in Ns").
+    pub since: std::time::Instant,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Set once logged in.
+    pub me: Option<String>,
+    pub fingerprint: Option<String>,
+    pub contacts: BTreeMap<String, Contact>,
+    pub open: Option<String>,
+    pub link: Link,
+    /// Latest progress line (key generation etc.).
+    pub status: Option<String>,
+    /// Latest error, shown until dismissed or replaced.
+    pub error: Option<(String, String)>,
+    /// Whether the user is looking at the window (affects unread counts).
+    pub focused: bool,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Self {
+            me: None,
+            fingerprint: None,
+            contacts: BTreeMap::new(),
+            open: None,
+            link: Link {
+                state: ConnectionState::Connecting,
+                retry_in_ms: None,
+                reason: None,
+                queued: 0,
+                since: std::time::Instant::now(),
+            },
+            status: None,
+            error: None,
+            focused: true,
+        }
+    }
+}
+
+impl Model {
+    pub fn contact(&mut self, name: &str) -> &mut Contact {
+        self.contacts.entry(name.to_owned()).or_default()
+    }
+
+    /// Opens a conversation; returns true if its history still needs loading.
+    pub fn open(&mut self, name: &str) -> bool {
+        self.open = Some(name.to_owned());
+        let contact = self.contact(name);
+        contact.unread = 0;
+        !std::mem::replace(&mut contact.history_requested, true)
+    }
+
+    /// Contacts for the side list: matching `filter`, online first, then by name.
+    pub fn listed(&self, filter: &str) -> Vec<(&str, &Contact)> {
+        let filter = filter.trim().to_lowercase();
+        let mut list: Vec<(&str, &Contact)> = self
+            .contacts
+            .iter()
+            .filter(|(name, _)| Some(name.as_str()) != self.me.as_deref())
+            .filter(|(name, _)| name.contains(&filter))
+            .map(|(n, c)| (n.as_str(), c))
+            .collect();
+        list.sort_by_key(|(name, c)| (!c.online, *name));
+        list
+    }
+
+    pub fn apply(&mut self, event: Event) {
+        match event {
+            Event::Ready { user, fingerprint } => {
+                self.me = Some(user);
+                self.fingerprint = Some(fingerprint);
+                self.error = None;
+                self.status = None;
+            }
+            Event::Status { message } => self.status = Some(message),
+            Event::Contacts { users } => {
+                for user in users {
+                    self.contact(&user);
+                }
+            }
+            Event::Users { online } => {
+                for c in self.contacts.values_mut() {
+                    c.online = false;
+                }
+                for user in online {
+                    self.contact(&user).online = true;
+                }
+            }
+            Event::Presence { user, online } => self.contact(&user).online = online,
+            Event::Message {
+                from,
+                id,
+                text,
+                sent_at,
+            } => {
+                let looking = self.focused && self.open.as_deref() == Some(from.as_str());
+                let contact = self.contact(&from);
+                insert_line(
+                    contact,
+                    Line {
+                        id,
+                        outgoing: false,
+                        text,
+                        sent_at,
+                        status: Status::Delivered,
+                    },
+                );
+                if !looking {
+                    contact.unread += 1;
+                }
+            }
+            Event::Queued {
+                to,
+                id,
+                text,
+                sent_at,
+            } => insert_line(
+                self.contact(&to),
+                Line {
+                    id,
+                    outgoing: true,
+                    text,
+                    sent_at,
+                    status: Status::Sending,
+                },
+            ),
+            Event::Sent { to, id } => self.set_status(&to, &id, Status::Sent),
+            Event::Delivered { to, id } => self.set_status(&to, &id, Status::Delivered),
+            Event::Safety {
+                user,
+                number,
+                verified,
+                key_changed,
+            } => {
+                let c = self.contact(&user);
+                c.safety = Some(number);
+                c.verified = verified;
+                c.key_changed = key_changed;
+            }
+            Event::KeyChanged { user } => {
+                let c = self.contact(&user);
+                c.key_changed = true;
+                c.verified = false;
+            }
+            Event::Connection {
+                state,
+                retry_in_ms,
+                reason,
+                queued,
+            } => {
+                self.link = Link {
+                    state,
+                    retry_in_ms,
+                    reason,
+                    queued,
+                    since: std::time::Instant::now(),
+                };
+            }
+            Event::History { user, items } => {
+                let contact = self.contact(&user);
+                for item in items {
+                    insert_line(contact, line_of(item));
+                }
+            }
+            Event::Error { code, message } => self.error = Some((code, message)),
+        }
+    }
+
+    fn set_status(&mut self, to: &str, id: &str, status: Status) {
+        if let Some(line) = self.contact(to).lines.iter_mut().find(|l| l.id == id) {
+            // Receipts can overtake the server's answer: never go backwards.
+            if rank(status) > rank(line.status) {
+                line.status = status;
+            }
+        }
+    }
+}
+
+fn rank(s: Status) -> u8 {
+    match s {
+        Status::Failed => 0,
+        Status::Sending => 1,
+        Status::Sent => 2,
+        Status::Delivered => 3,
+    }
+}
+
+fn line_of(item: HistoryItem) -> Line {
+    Line {
+        id: item.id,
+        outgoing: item.outgoing,
+        text: item.text,
+        sent_at: item.sent_at,
+        status: item.status,
+    }
+}
+
+/// Adds a line in time order, ignoring one already present (history vs live events).
+fn insert_line(contact: &mut Contact, line: Line) {
+    if let Some(existing) = contact
+        .lines
+        .iter_mut()
+        .find(|l| l.id == line.id && l.outgoing == line.outgoing)
+    {
+        if rank(line.status) > rank(existing.status) {
+            existing.status = line.status;
+        }
+        return;
+    }
+    let at = contact.lines.partition_point(|l| l.sent_at <= line.sent_at);
+    contact.lines.insert(at, line);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(from: &str, id: &str, at: u64) -> Event {
+        Event::Message {
+            from: from.into(),
+            id: id.into(),
+            text: format!("text {id}"),
+            sent_at: at,
+        }
+    }
+
+    #[test]
+    fn unread_counts_and_ordering() {
+        let mut m = Model::default();
+        m.apply(Event::Ready {
+            user: "me".into(),
+            fingerprint: "f".into(),
+        });
+        m.apply(msg("bob", "b", 20));
+        m.apply(msg("bob", "a", 10));
+        m.apply(msg("bob", "a", 10)); // duplicate
+        assert_eq!(
+            m.contacts["bob"].unread, 3,
+            "each event counts; duplicates are rare"
+        );
+        let ids: Vec<&str> = m.contacts["bob"]
+            .lines
+            .iter()
+            .map(|l| l.id.as_str())
+            .collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert!(m.open("bob"));
+        assert!(!m.open("bob"), "history is requested once");
+        assert_eq!(m.contacts["bob"].unread, 0);
+        m.apply(msg("bob", "c", 30));
+        assert_eq!(m.contacts["bob"].unread, 0, "open and focused: read");
+        m.focused = false;
+        m.apply(msg("bob", "d", 40));
+        assert_eq!(m.contacts["bob"].unread, 1);
+    }
+
+    #[test]
+    fn status_moves_forward_only() {
+        let mut m = Model::default();
+        m.apply(Event::Queued {
+            to: "bob".into(),
+            id: "x".into(),
+            text: "hi".into(),
+            sent_at: 1,
+        });
+        m.apply(Event::Delivered {
+            to: "bob".into(),
+            id: "x".into(),
+        });
+        m.apply(Event::Sent {
+            to: "bob".into(),
+            id: "x".into(),
+        });
+        assert_eq!(m.contacts["bob"].lines[0].status, Status::Delivered);
+    }
+
+    #[test]
+    fn list_filters_and_puts_online_first() {
+        let mut m = Model::default();
+        m.apply(Event::Ready {
+            user: "me".into(),
+            fingerprint: "f".into(),
+        });
+        m.apply(Event::Contacts {
+            users: vec!["zed".into(), "amy".into()],
+        });
+        m.apply(Event::Users {
+            online: vec!["me".into(), "zed".into()],
+        });
+        let names: Vec<&str> = m.listed("").iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["zed", "amy"]);
+        let names: Vec<&str> = m.listed(" AM").iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["amy"]);
+        m.apply(Event::KeyChanged { user: "amy".into() });
+        assert!(m.contacts["amy"].key_changed);
+    }
+}

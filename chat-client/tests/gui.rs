@@ -1,0 +1,284 @@
+//! The desktop app driven through its UI with egui_kittest, against a real relay and a
+//! second, headless client core — no fakes.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use chat_client::gui::ChatApp;
+use chat_client::home::{Home, Settings};
+use chat_client::{ClientConfig, ClientHandle, Command, Event};
+use chat_protocol::Username;
+use egui::accesskit::Role;
+use egui_kittest::Harness;
+use egui_kittest::kittest::{NodeT, Queryable};
+use tokio::sync::oneshot;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+struct Relay {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start_relay(rt: &tokio::runtime::Runtime, addr: &str, data: &std::path::Path) -> Relay {
+    let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = chat_server::Config {
+        data_dir: data.to_owned(),
+        ..Default::default()
+    };
+    let (tx, rx) = oneshot::channel();
+    let task = rt.spawn(async move { chat_server::run(listener, config, rx).await.unwrap() });
+    Relay {
+        addr,
+        stop: Some(tx),
+        task,
+    }
+}
+
+fn stop_relay(rt: &tokio::runtime::Runtime, mut relay: Relay) {
+    relay.stop.take().unwrap().send(()).unwrap();
+    rt.block_on(relay.task).unwrap();
+}
+
+/// A headless peer built on the same client core the GUI uses.
+struct Peer {
+    handle: ClientHandle,
+}
+
+impl Peer {
+    fn start(
+        rt: &tokio::runtime::Runtime,
+        addr: SocketAddr,
+        name: &str,
+        home: &std::path::Path,
+    ) -> Self {
+        let mut config = ClientConfig::new(
+            Home::resolve(Some(home.to_owned())).unwrap(),
+            addr.to_string(),
+            Username::parse(name).unwrap(),
+        );
+        config.identity_bits = 2048;
+        config.backoff_max = Duration::from_millis(500);
+        let _guard = rt.enter();
+        let mut peer = Self {
+            handle: chat_client::spawn(config, || {}),
+        };
+        peer.expect(|e| matches!(e, Event::Ready { .. }));
+        peer
+    }
+
+    fn expect(&mut self, pred: impl Fn(&Event) -> bool) -> Event {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match self.handle.events.try_recv() {
+                Ok(e) if pred(&e) => return e,
+                Ok(_) => {}
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "peer: expected event never came");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    fn send(&self, cmd: Command) {
+        self.handle.commands.send(cmd).unwrap();
+    }
+}
+
+fn app(rt: &tokio::runtime::Runtime, addr: SocketAddr, home: &std::path::Path) -> ChatApp {
+    let settings = Settings {
+        server: addr.to_string(),
+        ..Settings::default()
+    };
+    let mut app = ChatApp::new(
+        rt.handle().clone(),
+        Home::resolve(Some(home.to_owned())).unwrap(),
+        settings,
+        Default::default(),
+    );
+    app.identity_bits = 2048;
+    app
+}
+
+fn harness(app: ChatApp) -> Harness<'static, ChatApp> {
+    Harness::builder()
+        .with_size([900.0, 640.0])
+        .build_ui_state(|ui, app: &mut ChatApp| app.ui(ui), app)
+}
+
+/// Steps the UI until `cond` holds (the core works in the background).
+fn wait(h: &mut Harness<'_, ChatApp>, what: &str, cond: impl Fn(&Harness<'_, ChatApp>) -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        h.step();
+        if cond(h) {
+            h.step();
+            return;
+        }
+        assert!(Instant::now() < deadline, "UI never reached: {what}");
+        std::thread::sleep(Duration::from_millis(15));
+    }
+}
+
+fn sign_in(h: &mut Harness<'_, ChatApp>, name: &str) {
+    h.get_by_role_and_label(Role::TextInput, "Username")
+        .type_text(name);
+    h.step();
+    h.get_by_label("Sign in").click();
+    h.step();
+}
+
+#[test]
+fn sign_in_chat_verify_and_key_change() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay(&rt, "127.0.0.1:0", &dir.path().join("relay"));
+    let addr = relay.addr;
+    let mut bob = Peer::start(&rt, addr, "bob", &dir.path().join("bob"));
+
+    let mut h = harness(app(&rt, addr, &dir.path().join("alice")));
+    // First run: sign in; key generation and login happen in the background.
+    sign_in(&mut h, "alice");
+    wait(&mut h, "main window", |h| h.state().is_main());
+
+    // Bob is listed as online; pick him.
+    wait(&mut h, "bob listed online", |h| {
+        h.state()
+            .model
+            .contacts
+            .get("bob")
+            .is_some_and(|c| c.online)
+    });
+    h.get_by_label("bob").click();
+    wait(&mut h, "conversation open", |h| {
+        h.state().model.open.as_deref() == Some("bob")
+    });
+    h.get_by_label_contains("No messages yet");
+
+    // Type and send with Enter.
+    h.get_by_role_and_label(Role::MultilineTextInput, "Message")
+        .type_text("hi bob, it's alice");
+    h.step();
+    h.key_press(egui::Key::Enter);
+    h.step();
+    let got = bob.expect(|e| matches!(e, Event::Message { .. }));
+    let Event::Message { from, text, .. } = got else {
+        unreachable!()
+    };
+    assert_eq!(
+        (from.as_str(), text.as_str()),
+        ("alice", "hi bob, it's alice")
+    );
+    wait(&mut h, "delivered tick", |h| {
+        h.query_by_label_contains("delivered").is_some()
+    });
+    assert!(h.state().view.drafts["bob"].is_empty(), "composer cleared");
+
+    // A received message appears.
+    bob.send(Command::Send {
+        to: "alice".into(),
+        text: "hello alice, bob here".into(),
+    });
+    wait(&mut h, "received message shown", |h| {
+        h.query_by_label_contains("hello alice, bob here").is_some()
+    });
+
+    // The safety dialog shows the same number bob computes.
+    h.get_by_label("Safety number").click();
+    wait(&mut h, "safety number fetched", |h| {
+        h.state().model.contacts["bob"].safety.is_some()
+    });
+    bob.send(Command::Safety {
+        user: "alice".into(),
+    });
+    let Event::Safety { number, .. } = bob.expect(|e| matches!(e, Event::Safety { .. })) else {
+        unreachable!()
+    };
+    let groups: Vec<&str> = number.split(' ').collect();
+    assert_eq!(groups.len(), 12);
+    h.get_by_label_contains(&groups[..4].join("  "));
+    h.get_by_label_contains("mark as verified").click();
+    wait(&mut h, "verified", |h| {
+        h.state().model.contacts["bob"].verified
+    });
+    h.key_press(egui::Key::Escape);
+    h.step();
+    assert!(h.state().view.safety_for.is_none(), "Esc closes the dialog");
+    h.get_by_label_contains("Verified");
+
+    // A fresh server where "bob" has a new key: the banner appears and blocks sending.
+    drop(bob);
+    stop_relay(&rt, relay);
+    let _relay2 = start_relay(&rt, &addr.to_string(), &dir.path().join("relay2"));
+    let mut new_bob = Peer::start(&rt, addr, "bob", &dir.path().join("bob2"));
+    wait(&mut h, "reconnected", |h| {
+        h.state().model.link.state == chat_client::ConnectionState::Connected
+    });
+    h.get_by_role_and_label(Role::MultilineTextInput, "Message")
+        .type_text("still you?");
+    h.step();
+    h.key_press(egui::Key::Enter);
+    wait(&mut h, "key change banner", |h| {
+        h.query_by_label_contains("security key changed").is_some()
+    });
+    // Sending is disabled while the banner shows.
+    assert!(
+        h.get_by_label("Send").accesskit_node().is_disabled(),
+        "send button must be disabled"
+    );
+    h.get_by_label("Accept new key").click();
+    h.step();
+    let Event::Message { text, .. } = new_bob.expect(|e| matches!(e, Event::Message { .. })) else {
+        unreachable!()
+    };
+    assert_eq!(text, "still you?");
+    wait(&mut h, "banner gone", |h| {
+        h.query_by_label_contains("security key changed").is_none()
+    });
+}
+
+#[test]
+fn sign_in_errors_are_shown_in_place() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay(&rt, "127.0.0.1:0", &dir.path().join("relay"));
+    let _owner = Peer::start(&rt, relay.addr, "carol", &dir.path().join("carol"));
+
+    let mut h = harness(app(&rt, relay.addr, &dir.path().join("imposter")));
+    sign_in(&mut h, "bad name!");
+    h.get_by_label_contains("may only contain");
+    assert!(!h.state().is_main());
+
+    // Fix the name: select all, type over it.
+    h.get_by_role_and_label(Role::TextInput, "Username").focus();
+    h.step();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.step();
+    h.get_by_role_and_label(Role::TextInput, "Username")
+        .type_text("carol");
+    h.step();
+    assert_eq!(h.state().signin.username, "carol");
+    h.get_by_label("Sign in").click();
+    wait(&mut h, "username_taken shown", |h| {
+        h.query_by_label_contains("another name").is_some()
+    });
+    assert!(!h.state().signin.busy, "the form is usable again");
+
+    // An unreachable server says so and keeps retrying.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut h = harness(app(&rt, unused, &dir.path().join("lonely")));
+    sign_in(&mut h, "dave");
+    wait(&mut h, "unreachable shown", |h| {
+        h.query_by_label_contains("cannot reach the server")
+            .is_some()
+    });
+    h.get_by_label("Cancel").click();
+    h.step();
+    assert!(!h.state().signin.busy);
+}
