@@ -1,10 +1,13 @@
 //! Developer and operator tasks: `cargo xtask <task>`.
 //!
+//! - `demo`: a local relay and two desktop windows, the quickest way to see it work.
 //! - `screenshot`: a live conversation in the real desktop window under Xvfb, saved as PNG.
 //!
 //! This crate is kept out of the workspace's default members so a plain `cargo build`
 //! never compiles what only these tasks need.
 
+mod demo;
+mod procs;
 mod screenshot;
 
 use std::path::PathBuf;
@@ -20,6 +23,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
+    /// Start a local relay and two desktop windows (alice and bob) to try it out
+    Demo(demo::Args),
     /// Run a relay, a headless bob and the desktop window as alice under Xvfb, chat, and
     /// save a screenshot (needs Xvfb, xdotool and ImageMagick's `import`)
     Screenshot(screenshot::Args),
@@ -27,6 +32,7 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
+        Task::Demo(args) => demo::run(args),
         Task::Screenshot(args) => screenshot::run(args),
     }
 }

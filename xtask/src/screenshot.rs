@@ -4,13 +4,14 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
 
+use crate::procs::{PATIENCE, Processes, lines, wait_line};
 use crate::{build_binaries, project_root};
 
 #[derive(Debug, clap::Args)]
@@ -23,32 +24,7 @@ pub struct Args {
     release: bool,
 }
 
-const PATIENCE: Duration = Duration::from_secs(60);
 const SCREEN: (u32, u32) = (1280, 960);
-
-/// Kills its processes on drop, whatever happened.
-#[derive(Default)]
-struct Processes(Vec<Child>);
-
-impl Processes {
-    fn spawn(&mut self, cmd: &mut Command) -> anyhow::Result<&mut Child> {
-        let program = format!("{:?}", cmd.get_program());
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {program}; is it installed?"))?;
-        self.0.push(child);
-        Ok(self.0.last_mut().expect("just pushed"))
-    }
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in self.0.iter_mut().rev() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let bin = build_binaries(args.release)?;
@@ -240,18 +216,6 @@ fn say(stdin: &mut ChildStdin, line: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
 fn events(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<Value> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -264,22 +228,6 @@ fn events(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<Value> 
         }
     });
     rx
-}
-
-fn wait_line<T>(
-    rx: &mpsc::Receiver<String>,
-    what: &str,
-    pick: impl Fn(&str) -> Option<T>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .with_context(|| format!("timed out waiting for {what}"))?;
-        if let Some(found) = pick(&line) {
-            return Ok(found);
-        }
-    }
 }
 
 fn wait_event(

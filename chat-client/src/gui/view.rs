@@ -310,6 +310,7 @@ fn conversation(app: &mut ChatApp, ui: &mut Ui, user: &str) {
     let composer_height = 78.0;
     let history_height = (ui.available_height() - composer_height).max(60.0);
     ui.allocate_ui(Vec2::new(ui.available_width(), history_height), |ui| {
+        ui.set_min_height(history_height);
         if contact.lines.is_empty() {
             empty_state(
                 ui,
