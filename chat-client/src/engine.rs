@@ -129,7 +129,7 @@ enum Pending {
 
 /// Work held until a contact's key arrives.
 enum Waiting {
-    Envelope(Vec<u8>),
+    Envelope { envelope_id: u64, payload: Vec<u8> },
     Safety,
 }
 
@@ -160,6 +160,8 @@ struct Engine {
     /// Shutdown was asked for: finish the outbox until this deadline.
     draining_until: Option<Instant>,
     ready_sent: bool,
+    /// Delivered envelopes processed since the last write; acknowledged in one frame.
+    acks: Vec<u64>,
 }
 
 impl Engine {
@@ -221,6 +223,7 @@ impl Engine {
             offline: HashSet::new(),
             draining_until: None,
             ready_sent: false,
+            acks: Vec::new(),
         })
     }
 
@@ -326,6 +329,7 @@ impl Engine {
         self.checked_keys.clear();
         self.in_flight.clear();
         self.offline.clear();
+        self.acks.clear();
         // A new connection starts new epochs towards everyone.
         for peer in self.peers.values_mut() {
             peer.outbound.rotate();
@@ -353,6 +357,11 @@ impl Engine {
         let mut last_heard = Instant::now();
         let mut pinged = false;
         loop {
+            if !self.acks.is_empty() {
+                out.push(ClientMessage::Ack {
+                    envelope_ids: std::mem::take(&mut self.acks),
+                });
+            }
             for msg in out.drain(..) {
                 if let Err(e) = conn.feed(msg).await {
                     return SessionEnd::Lost(format!("write failed: {e}"));
@@ -640,7 +649,11 @@ impl Engine {
         out: &mut Vec<ClientMessage>,
     ) -> Option<SessionEnd> {
         match msg {
-            ServerMessage::Deliver { from, payload } => self.deliver(from, payload, out),
+            ServerMessage::Deliver {
+                envelope_id,
+                from,
+                payload,
+            } => self.deliver(envelope_id, from, payload, out),
             ServerMessage::Ok { id } => {
                 if let Some(Pending::Send { id: msg_id, to }) = self.pending.remove(&id) {
                     self.in_flight.remove(&msg_id);
@@ -756,8 +769,11 @@ impl Engine {
                 } else {
                     self.sink.emit(Event::error(code.as_str(), message));
                 }
-                if !waiting.is_empty() {
-                    debug!(user, dropped = waiting.len(), "key lookup failed");
+                // Envelopes from a sender whose key can't be had are dropped for good.
+                for w in waiting {
+                    if let Waiting::Envelope { envelope_id, .. } = w {
+                        self.acks.push(envelope_id);
+                    }
                 }
                 let _ = out;
             }
@@ -831,26 +847,44 @@ impl Engine {
         for w in waiting {
             match w {
                 Waiting::Safety => self.emit_safety(user),
-                Waiting::Envelope(payload) => {
-                    self.deliver(user.to_owned(), payload, out);
-                }
+                Waiting::Envelope {
+                    envelope_id,
+                    payload,
+                } => self.deliver(envelope_id, user.to_owned(), payload, out),
             }
         }
         self.flush_outbox(out);
     }
 
-    fn deliver(&mut self, from: String, payload: Vec<u8>, out: &mut Vec<ClientMessage>) {
+    /// Handles one delivered envelope. It is acknowledged (so the server forgets it) once
+    /// it is dealt with for good; only a store failure leaves it for redelivery.
+    fn deliver(
+        &mut self,
+        envelope_id: u64,
+        from: String,
+        payload: Vec<u8>,
+        out: &mut Vec<ClientMessage>,
+    ) {
         let Ok(sender) = Username::parse(&from) else {
             warn!("delivery stamped with an invalid name; dropped");
+            self.acks.push(envelope_id);
             return;
         };
         let from = sender.to_string();
         match self.pin(&from) {
             None => {
-                self.fetch_key(&from, Some(Waiting::Envelope(payload)), out);
+                self.fetch_key(
+                    &from,
+                    Some(Waiting::Envelope {
+                        envelope_id,
+                        payload,
+                    }),
+                    out,
+                );
                 return;
             }
             Some(pin) if !pin.usable() => {
+                self.acks.push(envelope_id);
                 self.sink.emit(Event::error(
                     "key_changed",
                     format!("a message from {from} was refused: their key changed and is not accepted yet"),
@@ -860,6 +894,7 @@ impl Engine {
             Some(_) => {}
         }
         let Some((_, public)) = self.usable_key(&from) else {
+            self.acks.push(envelope_id);
             return;
         };
         let floors = self.store.floors(&from).unwrap_or_default();
@@ -872,7 +907,15 @@ impl Engine {
         };
         let opened = match peer.inbound.open(parties, &payload) {
             Ok(opened) => opened,
+            Err(OpenError::Replay | OpenError::StaleOffer) => {
+                // Delivery is at-least-once: after a crash the server re-sends what we
+                // processed but had not acknowledged. Already handled; drop it quietly.
+                debug!(from, "duplicate envelope dropped");
+                self.acks.push(envelope_id);
+                return;
+            }
             Err(e) => {
+                self.acks.push(envelope_id);
                 warn!(from, error = %e, "envelope refused");
                 if matches!(
                     e,
@@ -915,11 +958,12 @@ impl Engine {
                     }),
                     Ok(false) => debug!(from, "duplicate message ignored"),
                     Err(e) => {
-                        // Not stored: no receipt, so the sender does not think it arrived.
+                        // Not stored: no receipt and no ack, so it comes again later.
                         self.store_error(e);
                         return;
                     }
                 }
+                self.acks.push(envelope_id);
                 let receipt = Content {
                     id: random_id(),
                     sent_at_ms: now_ms(),
@@ -938,6 +982,7 @@ impl Engine {
                 }
             }
             Body::Receipt { epoch, ids } => {
+                self.acks.push(envelope_id);
                 if let Some(peer) = self.peers.get_mut(&from) {
                     peer.outbound.acknowledge(epoch);
                 }

@@ -33,7 +33,8 @@ pub enum ClientMessage {
     ListUsers { id: RequestId },
     /// Answered by `PublicKey`.
     GetPublicKey { id: RequestId, username: String },
-    /// Relay an opaque payload to `to`. Answered by `Ok` once handed to the recipient.
+    /// Relay an opaque payload to `to`. Answered by `Ok` once stored durably for the
+    /// recipient (delivered now if online, else at their next login).
     Send {
         id: RequestId,
         to: String,
@@ -43,6 +44,8 @@ pub enum ClientMessage {
     Ping { nonce: u64 },
     /// Answer to the server's `Ping`.
     Pong { nonce: u64 },
+    /// The client has processed these delivered envelopes; the server may forget them.
+    Ack { envelope_ids: Vec<u64> },
 }
 
 impl ClientMessage {
@@ -55,7 +58,7 @@ impl ClientMessage {
             | Self::ListUsers { id }
             | Self::GetPublicKey { id, .. }
             | Self::Send { id, .. } => Some(*id),
-            Self::Hello { .. } | Self::Ping { .. } | Self::Pong { .. } => None,
+            Self::Hello { .. } | Self::Ping { .. } | Self::Pong { .. } | Self::Ack { .. } => None,
         }
     }
 
@@ -71,6 +74,7 @@ impl ClientMessage {
             Self::Send { .. } => "send",
             Self::Ping { .. } => "ping",
             Self::Pong { .. } => "pong",
+            Self::Ack { .. } => "ack",
         }
     }
 }
@@ -106,9 +110,14 @@ pub enum ServerMessage {
         username: String,
         public_key: Vec<u8>,
     },
-    /// A payload relayed to you. `from` is stamped by the server from the sender's
-    /// authenticated session, never taken from the sender.
-    Deliver { from: String, payload: Vec<u8> },
+    /// A payload relayed to you, in the order it was accepted. `from` is stamped by the
+    /// server from the sender's authenticated session, never taken from the sender.
+    /// Answer with `Ack` once processed, or it is delivered again at the next login.
+    Deliver {
+        envelope_id: u64,
+        from: String,
+        payload: Vec<u8>,
+    },
     /// The request `id` succeeded.
     Ok { id: RequestId },
     /// A request failed (`id` set) or the connection is being closed (`id` empty).
@@ -162,6 +171,8 @@ pub enum ErrorCode {
     ShuttingDown,
     /// Something went wrong inside the server.
     Internal,
+    /// The recipient has too much undelivered mail queued; try again later.
+    RecipientQueueFull,
 }
 
 impl ErrorCode {
@@ -186,6 +197,7 @@ impl ErrorCode {
             Self::SlowConsumer => "slow_consumer",
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal",
+            Self::RecipientQueueFull => "recipient_queue_full",
         }
     }
 }

@@ -25,11 +25,11 @@ fn worked_example_matches_the_document() {
     let doc = include_str!("../../docs/PROTOCOL.md");
     let frames = [
         client(ClientMessage::Hello {
-            version: 1,
+            version: 2,
             software: "cli/1".into(),
         }),
         server(ServerMessage::Hello {
-            version: 1,
+            version: 2,
             software: "srv/1".into(),
             max_frame: 65536,
         }),
@@ -56,6 +56,7 @@ fn worked_example_matches_the_document() {
             payload: vec![0xc1, 0xc2, 0xc3, 0xc4],
         }),
         server(ServerMessage::Deliver {
+            envelope_id: 7,
             from: "alice".into(),
             payload: vec![0xc1, 0xc2, 0xc3, 0xc4],
         }),
@@ -65,12 +66,18 @@ fn worked_example_matches_the_document() {
             to: "carol".into(),
             payload: vec![0xc5],
         }),
+        client(ClientMessage::Ack {
+            envelope_ids: vec![7],
+        }),
         server(ServerMessage::Error {
             id: Some(4),
-            code: ErrorCode::RecipientOffline,
-            message: "carol is offline".into(),
+            code: ErrorCode::UnknownUser,
+            message: "no user named \"carol\"".into(),
         }),
     ];
+    for f in &frames {
+        println!("{f}");
+    }
     for f in &frames {
         assert!(
             doc.contains(f.as_str()),

@@ -48,6 +48,42 @@ pub struct Config {
     pub rate_limit: RateLimit,
     /// Seconds to let connections finish their writes at shutdown.
     pub shutdown_grace_secs: f64,
+    /// Store-and-forward queue for recipients who are offline (or not yet acknowledged).
+    pub queue: QueueConfig,
+}
+
+/// Bounds of the per-recipient queue of undelivered envelopes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Envelopes waiting for one recipient; more get `recipient_queue_full`.
+    pub max_envelopes_per_user: u64,
+    /// Bytes waiting for one recipient; more get `recipient_queue_full`.
+    pub max_bytes_per_user: u64,
+    /// Envelopes older than this are deleted undelivered (and counted).
+    pub max_age_secs: f64,
+    /// How often expired envelopes are purged.
+    pub purge_interval_secs: f64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_envelopes_per_user: 10_000,
+            max_bytes_per_user: 64 * 1024 * 1024,
+            max_age_secs: 30.0 * 24.0 * 3600.0,
+            purge_interval_secs: 3600.0,
+        }
+    }
+}
+
+impl QueueConfig {
+    pub fn limits(&self) -> crate::store::QueueLimits {
+        crate::store::QueueLimits {
+            max_envelopes: self.max_envelopes_per_user,
+            max_bytes: self.max_bytes_per_user,
+        }
+    }
 }
 
 /// Token bucket: `burst` requests at once, refilled at `per_second`.
@@ -81,6 +117,7 @@ impl Default for Config {
             send_queue_len: 256,
             rate_limit: RateLimit::default(),
             shutdown_grace_secs: 5.0,
+            queue: QueueConfig::default(),
         }
     }
 }
@@ -130,6 +167,8 @@ impl Config {
             ("write_timeout_secs", self.write_timeout_secs),
             ("rate_limit.per_second", self.rate_limit.per_second),
             ("rate_limit.burst", self.rate_limit.burst),
+            ("queue.max_age_secs", self.queue.max_age_secs),
+            ("queue.purge_interval_secs", self.queue.purge_interval_secs),
         ] {
             if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
                 return invalid(field, "must be a positive number");
@@ -138,6 +177,12 @@ impl Config {
         if !(self.shutdown_grace_secs.is_finite() && (0.0..1e9).contains(&self.shutdown_grace_secs))
         {
             return invalid("shutdown_grace_secs", "must be zero or more");
+        }
+        if self.queue.max_envelopes_per_user == 0 || self.queue.max_bytes_per_user == 0 {
+            return invalid(
+                "queue",
+                "max_envelopes_per_user and max_bytes_per_user must be at least 1",
+            );
         }
         if self.idle_timeout_secs <= self.ping_interval_secs {
             return invalid(

@@ -24,13 +24,13 @@ use tracing::{debug, info, warn};
 
 use crate::Shared;
 use crate::limits::TokenBucket;
-use crate::router::{Membership, RouteError};
-use crate::store::{Bind, Store, StoreError};
+use crate::router::Membership;
+use crate::store::{Bind, Enqueued, Store, StoreError};
 
 type Codec = WireCodec<ClientMessage, ServerMessage>;
 
 /// Most routed messages written before one flush, so a busy receiver gets batched writes
-/// without starving its own reads.
+/// without starving its own reads. Also the size of one backlog read.
 const WRITE_BATCH: usize = 64;
 
 /// Initial read buffer; it grows only while a large frame is arriving.
@@ -84,6 +84,10 @@ pub(crate) struct Handler {
     last_heard: Instant,
     /// A ping was sent since `last_heard`.
     pinged: bool,
+    /// Highest envelope id written to this client; queued ones above it are still due.
+    delivered_up_to: u64,
+    /// The stored backlog has been written; new envelopes may go straight out.
+    backlog_done: bool,
 }
 
 impl Handler {
@@ -109,6 +113,8 @@ impl Handler {
             shutdown,
             last_heard: now,
             pinged: false,
+            delivered_up_to: 0,
+            backlog_done: true,
         }
     }
 
@@ -160,6 +166,11 @@ impl Handler {
                     }
                     Inbound::Kicked(code) => return Close::tell(code, kick_message(code)),
                 },
+                () = std::future::ready(()), if !self.backlog_done => {
+                    if let Err(close) = self.send_backlog().await {
+                        return close;
+                    }
+                }
                 frame = self.reader.next() => match frame {
                     None => return Close::Silent,
                     Some(Err(CodecError::Io(e))) => {
@@ -220,6 +231,16 @@ impl Handler {
             )),
             ClientMessage::Ping { nonce } => self.write(ServerMessage::Pong { nonce }).await,
             ClientMessage::Pong { .. } => Ok(()),
+            ClientMessage::Ack { envelope_ids } => {
+                let State::Ready(user) = &self.state else {
+                    return Ok(());
+                };
+                let user = user.clone();
+                if let Err(e) = self.store(move |s| s.ack(&user, &envelope_ids)).await {
+                    tracing::error!(conn = self.conn_id, "storage error on ack: {e}");
+                }
+                Ok(())
+            }
             ClientMessage::Register {
                 id,
                 username,
@@ -380,6 +401,8 @@ impl Handler {
         ));
         info!(conn = self.conn_id, user = %username, registered = bind == Bind::Created, "logged in");
         self.state = State::Ready(username.clone());
+        // Stored envelopes go out first, in order, then live ones.
+        self.backlog_done = false;
         self.write(ServerMessage::Welcome {
             id,
             username: username.to_string(),
@@ -417,36 +440,41 @@ impl Handler {
                 let Ok(to_user) = Username::parse(&to) else {
                     return self.unknown_user(id, &to).await;
                 };
+                let lookup = to_user.clone();
+                match self.store(move |s| s.public_key(&lookup)).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return self.unknown_user(id, &to).await,
+                    Err(e) => return self.fail_internal(id, e).await,
+                }
+                // Durable first: the sender hears `Ok` only once the envelope is committed.
+                let limits = self.shared.config.queue.limits();
+                let (recipient, sender, stored) = (to_user.clone(), me.clone(), payload.clone());
+                let now = unix_secs();
+                let envelope_id = match self
+                    .store(move |s| s.enqueue(&recipient, &sender, &stored, now, &limits))
+                    .await
+                {
+                    Ok(Enqueued::Stored(envelope_id)) => envelope_id,
+                    Ok(Enqueued::Full) => {
+                        return self
+                            .fail(
+                                id,
+                                ErrorCode::RecipientQueueFull,
+                                format!("{to_user} has too many undelivered messages waiting; try again later"),
+                            )
+                            .await;
+                    }
+                    Err(e) => return self.fail_internal(id, e).await,
+                };
+                self.write(ServerMessage::Ok { id }).await?;
                 let deliver = ServerMessage::Deliver {
+                    envelope_id,
                     from: me.to_string(),
                     payload,
                 };
-                match self.shared.router.route(&to_user, deliver) {
-                    Ok(()) => self.write(ServerMessage::Ok { id }).await,
-                    Err(RouteError::SlowConsumer) => {
-                        self.fail(
-                            id,
-                            ErrorCode::RecipientOffline,
-                            format!("{to_user} is not reading messages and was disconnected"),
-                        )
-                        .await
-                    }
-                    Err(RouteError::Offline) => {
-                        let lookup = to_user.clone();
-                        match self.store(move |s| s.public_key(&lookup)).await {
-                            Ok(Some(_)) => {
-                                self.fail(
-                                    id,
-                                    ErrorCode::RecipientOffline,
-                                    format!("{to_user} is offline"),
-                                )
-                                .await
-                            }
-                            Ok(None) => self.unknown_user(id, &to).await,
-                            Err(close) => self.fail_internal(id, close).await,
-                        }
-                    }
-                }
+                // Offline or too slow: it waits in the queue for the next login.
+                let _ = self.shared.router.route(&to_user, deliver);
+                Ok(())
             }
             other => {
                 // Hello, login and ping are handled before; nothing else exists.
@@ -461,20 +489,81 @@ impl Handler {
     async fn forward(&mut self, first: ServerMessage) -> Result<(), Close> {
         let write_timeout = self.shared.config.write_timeout();
         let Self {
-            writer, membership, ..
+            writer,
+            membership,
+            delivered_up_to,
+            backlog_done,
+            ..
         } = self;
         let batch = async {
-            writer.feed(first).await?;
-            if let Some(m) = membership.as_mut() {
-                for _ in 1..WRITE_BATCH {
-                    let Ok(msg) = m.outbox.try_recv() else { break };
-                    writer.feed(msg).await?;
+            let mut next = Some(first);
+            let mut written = 0;
+            while let Some(msg) = next.take() {
+                if let ServerMessage::Deliver { envelope_id, .. } = msg {
+                    // While the backlog streams, or if already sent from it, the stored copy
+                    // is (or was) written in order instead.
+                    if !*backlog_done || envelope_id <= *delivered_up_to {
+                        next = membership.as_mut().and_then(|m| m.outbox.try_recv().ok());
+                        continue;
+                    }
+                    *delivered_up_to = envelope_id;
+                }
+                writer.feed(msg).await?;
+                written += 1;
+                if written < WRITE_BATCH {
+                    next = membership.as_mut().and_then(|m| m.outbox.try_recv().ok());
                 }
             }
             writer.flush().await
         };
         let result = timeout(write_timeout, batch).await;
         self.finish_write(result)
+    }
+
+    /// Writes the next batch of stored envelopes; marks the backlog done when it runs out.
+    async fn send_backlog(&mut self) -> Result<(), Close> {
+        let State::Ready(user) = &self.state else {
+            self.backlog_done = true;
+            return Ok(());
+        };
+        let (user, after) = (user.clone(), self.delivered_up_to);
+        let batch = match self
+            .store(move |s| s.pending(&user, after, WRITE_BATCH))
+            .await
+        {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(conn = self.conn_id, "storage error reading the queue: {e}");
+                return Err(Close::tell(
+                    ErrorCode::Internal,
+                    "the server could not read your queued messages; reconnect later",
+                ));
+            }
+        };
+        if batch.len() < WRITE_BATCH {
+            self.backlog_done = true;
+        }
+        let write_timeout = self.shared.config.write_timeout();
+        let Some(last) = batch.last().map(|q| q.id) else {
+            return Ok(());
+        };
+        let writer = &mut self.writer;
+        let write = async {
+            for q in batch {
+                writer
+                    .feed(ServerMessage::Deliver {
+                        envelope_id: q.id,
+                        from: q.sender,
+                        payload: q.payload,
+                    })
+                    .await?;
+            }
+            writer.flush().await
+        };
+        let result = timeout(write_timeout, write).await;
+        self.finish_write(result)?;
+        self.delivered_up_to = last;
+        Ok(())
     }
 
     /// At shutdown: write what was already routed to this client, within the write timeout.
@@ -583,6 +672,12 @@ async fn next_inbound(membership: &mut Option<Membership>) -> Inbound {
             },
         }
     }
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn random_nonce() -> [u8; CHALLENGE_LEN] {

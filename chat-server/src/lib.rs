@@ -4,7 +4,7 @@
 //! ciphertext between logged-in users. It never sees a message's contents.
 //!
 //! - [`config`]: settings (defaults, RON file, flags).
-//! - [`store`]: durable username → public key bindings (SQLite).
+//! - [`store`]: durable account bindings and the store-and-forward queue (SQLite).
 //! - [`router`]: online sessions, presence, bounded per-connection queues.
 //! - `connection`: one client's handshake, login and requests.
 //! - [`limits`]: per-connection rate limiting.
@@ -66,6 +66,7 @@ pub async fn run(
     }
     tokio::select! {
         () = accept_loop(&listener, &shared, &limit, &notify, &done) => {}
+        () = purge_loop(&shared) => {}
         _ = shutdown => info!("shutting down: closing {} connections", shared.config.max_connections - limit.available_permits()),
     }
     drop(listener);
@@ -120,6 +121,26 @@ async fn accept_loop(
             drop(permit);
             drop(done);
         });
+    }
+}
+
+/// Deletes expired queued envelopes now and every `purge_interval_secs`.
+async fn purge_loop(shared: &Arc<Shared>) {
+    let queue = shared.config.queue;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(queue.purge_interval_secs));
+    loop {
+        tick.tick().await;
+        let store = shared.store.clone();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let max_age = queue.max_age_secs as u64;
+        match tokio::task::spawn_blocking(move || store.purge_expired(now, max_age)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(expired = n, "purged expired queued envelopes"),
+            Ok(Err(e)) => error!("purging expired envelopes failed: {e}"),
+            Err(e) => error!("purge task failed: {e}"),
+        }
     }
 }
 

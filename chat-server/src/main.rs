@@ -3,7 +3,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use chat_protocol::Username;
 use chat_server::Config;
+use chat_server::store::Store;
 use clap::Parser;
 use tokio::net::TcpListener;
 
@@ -26,6 +28,26 @@ struct Cli {
     /// Print the effective settings as RON and exit
     #[arg(long)]
     print_config: bool,
+    #[command(subcommand)]
+    command: Option<Top>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Top {
+    /// Operator commands on the data directory (run them on the server host)
+    #[command(subcommand)]
+    Admin(Admin),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Admin {
+    /// Delete an account and its queued messages, freeing the name for anyone
+    RemoveUser {
+        /// The username to remove
+        name: String,
+    },
+    /// Print the number of users and queued envelopes
+    Stats,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,6 +65,9 @@ fn main() -> anyhow::Result<()> {
     if cli.print_config {
         println!("{}", config.to_ron());
         return Ok(());
+    }
+    if let Some(Top::Admin(admin)) = cli.command {
+        return run_admin(admin, &config);
     }
 
     tracing_subscriber::fmt()
@@ -67,6 +92,39 @@ fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot use data directory {}", data_dir.display()))
     })
+}
+
+fn run_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
+    let dir = &config.data_dir;
+    anyhow::ensure!(
+        dir.join(Store::FILE_NAME).exists(),
+        "no server database in {}; pass the server's --data-dir (or --config)",
+        dir.display()
+    );
+    let store = Store::open(dir)
+        .with_context(|| format!("cannot open the database in {}", dir.display()))?;
+    match admin {
+        Admin::RemoveUser { name } => {
+            let user = Username::parse(&name)
+                .with_context(|| format!("{name:?} is not a valid username"))?;
+            if store.remove_user(&user)? {
+                println!("removed {user}: the name is free and its queued messages are deleted");
+                println!(
+                    "(if the server is running and {user} is online, they stay connected until they disconnect)"
+                );
+            } else {
+                anyhow::bail!("there is no user named {user}");
+            }
+        }
+        Admin::Stats => {
+            let stats = store.stats()?;
+            println!("users:            {}", stats.users);
+            println!("queued envelopes: {}", stats.queued);
+            println!("queued bytes:     {}", stats.queued_bytes);
+            println!("expired (total):  {}", stats.expired_total);
+        }
+    }
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -147,6 +147,7 @@ mod tests {
         assert_eq!(router.online(), vec!["alice", "bob"]);
 
         let msg = ServerMessage::Deliver {
+            envelope_id: 1,
             from: "alice".into(),
             payload: vec![1],
         };
@@ -180,6 +181,7 @@ mod tests {
         let router = Router::default();
         let slow = router.join(&name("slow"), 1, 2);
         let msg = ServerMessage::Deliver {
+            envelope_id: 1,
             from: "x".into(),
             payload: vec![],
         };

@@ -1,4 +1,6 @@
-//! Durable account bindings (username → public key) in a SQLite file in the data dir.
+//! Durable state in a SQLite file in the data dir: account bindings (username → public
+//! key) and the store-and-forward queue of envelopes not yet acknowledged by their
+//! recipient. Only ciphertext is stored.
 //!
 //! Calls are blocking and short; the async shell runs them on the blocking pool.
 
@@ -8,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use chat_protocol::Username;
 use rusqlite::{Connection, OptionalExtension, params};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -66,6 +68,19 @@ impl Store {
                  username   TEXT PRIMARY KEY NOT NULL,
                  public_key BLOB NOT NULL,
                  created_at INTEGER NOT NULL
+             );
+             -- AUTOINCREMENT: ids are never reused, so a late Ack can't hit a newer envelope.
+             CREATE TABLE IF NOT EXISTS queue (
+                 id         INTEGER PRIMARY KEY AUTOINCREMENT,
+                 recipient  TEXT NOT NULL,
+                 sender     TEXT NOT NULL,
+                 payload    BLOB NOT NULL,
+                 created_at INTEGER NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS queue_by_recipient ON queue (recipient, id);
+             CREATE TABLE IF NOT EXISTS counters (
+                 name  TEXT PRIMARY KEY NOT NULL,
+                 value INTEGER NOT NULL
              );",
         )?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -115,13 +130,168 @@ impl Store {
         })
     }
 
-    /// Number of registered accounts.
-    pub fn account_count(&self) -> Result<u64, StoreError> {
-        let count: i64 = self
-            .conn()
-            .query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get(0))?;
-        Ok(count.unsigned_abs())
+    /// Queues `payload` for `recipient` unless that would pass `limits`. Returns the
+    /// envelope id once the insert is committed.
+    pub fn enqueue(
+        &self,
+        recipient: &Username,
+        sender: &Username,
+        payload: &[u8],
+        now_secs: u64,
+        limits: &QueueLimits,
+    ) -> Result<Enqueued, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let (count, bytes): (i64, i64) = tx.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM queue WHERE recipient = ?1",
+            params![recipient.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if count.unsigned_abs() >= limits.max_envelopes
+            || bytes.unsigned_abs() + payload.len() as u64 > limits.max_bytes
+        {
+            return Ok(Enqueued::Full);
+        }
+        tx.execute(
+            "INSERT INTO queue (recipient, sender, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                recipient.as_str(),
+                sender.as_str(),
+                payload,
+                now_secs as i64
+            ],
+        )?;
+        let id = tx.last_insert_rowid().unsigned_abs();
+        tx.commit()?;
+        Ok(Enqueued::Stored(id))
     }
+
+    /// Up to `limit` queued envelopes for `recipient` with ids above `after`, oldest first.
+    pub fn pending(
+        &self,
+        recipient: &Username,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, sender, payload FROM queue WHERE recipient = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![recipient.as_str(), after as i64, limit as i64],
+            |r| {
+                Ok(Queued {
+                    id: r.get::<_, i64>(0)?.unsigned_abs(),
+                    sender: r.get(1)?,
+                    payload: r.get(2)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets envelopes `recipient` has processed. Ids of other recipients are ignored.
+    pub fn ack(&self, recipient: &Username, ids: &[u64]) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut removed = 0;
+        {
+            let mut stmt =
+                tx.prepare_cached("DELETE FROM queue WHERE recipient = ?1 AND id = ?2")?;
+            for id in ids {
+                removed += stmt.execute(params![recipient.as_str(), *id as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// Deletes envelopes older than `max_age_secs` and counts them. Returns how many.
+    pub fn purge_expired(&self, now_secs: u64, max_age_secs: u64) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let cutoff = now_secs.saturating_sub(max_age_secs) as i64;
+        let removed = tx.execute("DELETE FROM queue WHERE created_at < ?1", params![cutoff])?;
+        if removed > 0 {
+            tx.execute(
+                "INSERT INTO counters (name, value) VALUES ('expired', ?1)
+                 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                params![removed as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// Removes an account and its queue, freeing the name. Returns whether it existed.
+    pub fn remove_user(&self, user: &Username) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let existed = tx.execute(
+            "DELETE FROM accounts WHERE username = ?1",
+            params![user.as_str()],
+        )? > 0;
+        tx.execute(
+            "DELETE FROM queue WHERE recipient = ?1",
+            params![user.as_str()],
+        )?;
+        tx.commit()?;
+        Ok(existed)
+    }
+
+    /// Totals for operators.
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        let conn = self.conn();
+        let users: i64 = conn.query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get(0))?;
+        let (queued, bytes): (i64, i64) = conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM queue",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let expired: Option<i64> = conn
+            .query_row(
+                "SELECT value FROM counters WHERE name = 'expired'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(Stats {
+            users: users.unsigned_abs(),
+            queued: queued.unsigned_abs(),
+            queued_bytes: bytes.unsigned_abs(),
+            expired_total: expired.unwrap_or(0).unsigned_abs(),
+        })
+    }
+}
+
+/// Per-recipient bounds of the offline queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    pub max_envelopes: u64,
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Stored(u64),
+    Full,
+}
+
+/// One queued envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub id: u64,
+    pub sender: String,
+    pub payload: Vec<u8>,
+}
+
+/// What `chat-server admin stats` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub users: u64,
+    pub queued: u64,
+    pub queued_bytes: u64,
+    pub expired_total: u64,
 }
 
 fn create_private_dir(path: &Path) -> std::io::Result<()> {
@@ -158,7 +328,68 @@ mod tests {
             store.public_key(&name("alice")).unwrap().as_deref(),
             Some(&b"key-a"[..])
         );
-        assert_eq!(store.account_count().unwrap(), 1);
+        assert_eq!(store.stats().unwrap().users, 1);
+    }
+
+    #[test]
+    fn queue_order_ack_limits_expiry_and_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (bob, alice) = (name("bob"), name("alice"));
+        let limits = QueueLimits {
+            max_envelopes: 3,
+            max_bytes: 100,
+        };
+        let ids: Vec<u64> = (0..3u8)
+            .map(|i| {
+                match store
+                    .enqueue(&bob, &alice, &[i; 10], 1000, &limits)
+                    .unwrap()
+                {
+                    Enqueued::Stored(id) => id,
+                    Enqueued::Full => panic!("not full yet"),
+                }
+            })
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(
+            store.enqueue(&bob, &alice, b"x", 1000, &limits).unwrap(),
+            Enqueued::Full
+        );
+        let big = QueueLimits {
+            max_envelopes: 100,
+            ..limits
+        };
+        assert_eq!(
+            store.enqueue(&bob, &alice, &[0; 71], 1000, &big).unwrap(),
+            Enqueued::Full,
+            "bytes bound"
+        );
+
+        let pending = store.pending(&bob, 0, 10).unwrap();
+        assert_eq!(
+            pending.iter().map(|q| q.payload[0]).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        assert_eq!(store.pending(&bob, ids[0], 1).unwrap()[0].id, ids[1]);
+        assert_eq!(
+            store.ack(&alice, &ids).unwrap(),
+            0,
+            "only the recipient can ack"
+        );
+        assert_eq!(store.ack(&bob, &ids[..1]).unwrap(), 1);
+        assert_eq!(store.stats().unwrap().queued, 2);
+
+        assert_eq!(store.purge_expired(1000 + 50, 100).unwrap(), 0);
+        assert_eq!(store.purge_expired(1000 + 101, 100).unwrap(), 2);
+        assert_eq!(store.stats().unwrap().expired_total, 2);
+
+        store.bind(&bob, b"k").unwrap();
+        store.enqueue(&bob, &alice, b"x", 2000, &limits).unwrap();
+        assert!(store.remove_user(&bob).unwrap());
+        assert_eq!(store.public_key(&bob).unwrap(), None);
+        assert_eq!(store.stats().unwrap().queued, 0);
+        assert!(!store.remove_user(&bob).unwrap());
     }
 
     #[test]

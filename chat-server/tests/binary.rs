@@ -176,3 +176,54 @@ fn port_in_use_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn admin_stats_and_remove_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let admin = |args: &[&str]| {
+        Command::new(BIN)
+            .args(["--data-dir", data.to_str().unwrap(), "admin"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = admin(&["stats"]);
+    assert!(!out.status.success(), "no database yet");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--data-dir"));
+
+    {
+        use chat_protocol::Username;
+        let store = chat_server::store::Store::open(&data).unwrap();
+        let (bob, alice) = (
+            Username::parse("bob").unwrap(),
+            Username::parse("alice").unwrap(),
+        );
+        store.bind(&bob, b"key").unwrap();
+        store.bind(&alice, b"key2").unwrap();
+        let limits = chat_server::Config::default().queue.limits();
+        store.enqueue(&bob, &alice, &[0; 100], 1, &limits).unwrap();
+    }
+    let out = admin(&["stats"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("users:            2"), "{text}");
+    assert!(text.contains("queued envelopes: 1"), "{text}");
+    assert!(text.contains("queued bytes:     100"), "{text}");
+
+    let out = admin(&["remove-user", "BOB"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(admin(&["stats"]).stdout).unwrap();
+    assert!(
+        text.contains("users:            1") && text.contains("queued envelopes: 0"),
+        "{text}"
+    );
+
+    let out = admin(&["remove-user", "bob"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no user named bob"));
+}

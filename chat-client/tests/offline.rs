@@ -1,0 +1,128 @@
+//! Store-and-forward through the real relay binary and its real SQLite file.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::{Client, Relay, all_file_bytes, contains};
+
+#[test]
+fn offline_delivery_across_a_recipient_restart_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start("127.0.0.1:0", &dir.path().join("relay"));
+    let bob_home = dir.path().join("bob");
+    // Bob registers once, then goes away.
+    assert_eq!(Client::ready(relay.addr, "bob", &bob_home).quit(), 0);
+
+    let mut alice = Client::ready(relay.addr, "alice", &dir.path().join("alice"));
+    let marker = "OFFLINE-MARKER-51c2e";
+    for n in 0..30 {
+        alice.send(&format!("/msg bob {marker} #{n}"));
+    }
+    for _ in 0..30 {
+        alice.expect("sent", |e| e["event"] == "sent");
+    }
+    // Stored on the server: ciphertext only.
+    assert!(
+        !contains(&all_file_bytes(&relay.data_dir), marker.as_bytes()),
+        "plaintext in the server's database"
+    );
+
+    let mut bob = Client::ready(relay.addr, "bob", &bob_home);
+    let texts: Vec<String> = (0..30)
+        .map(|_| {
+            bob.message_from("alice")["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        (0..30)
+            .map(|n| format!("{marker} #{n}"))
+            .collect::<Vec<_>>()
+    );
+    for _ in 0..30 {
+        alice.expect("delivered", |e| e["event"] == "delivered");
+    }
+    // Acknowledged: a restart of bob brings nothing again.
+    assert_eq!(bob.quit(), 0);
+    let mut bob = Client::ready(relay.addr, "bob", &bob_home);
+    let again: Vec<_> = bob
+        .drain(Duration::from_millis(1500))
+        .into_iter()
+        .filter(|e| e["event"] == "message")
+        .collect();
+    assert!(again.is_empty(), "redelivered after ack: {again:#?}");
+}
+
+#[test]
+fn killed_relay_delivers_every_accepted_message_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start("127.0.0.1:0", &dir.path().join("relay"));
+    let bob_home = dir.path().join("bob");
+    assert_eq!(Client::ready(relay.addr, "bob", &bob_home).quit(), 0);
+    let mut alice = Client::ready(relay.addr, "alice", &dir.path().join("alice"));
+    // Bob's key is pinned before the stream starts, so sends flow at full speed.
+    alice.send("/safety bob");
+    alice.expect("safety", |e| e["event"] == "safety");
+
+    // A stream of sends, and SIGKILL in the middle of it.
+    for n in 0..200 {
+        alice.send(&format!("/msg bob stream {n}"));
+    }
+    let first = alice.expect("some accepted", |e| e["event"] == "sent");
+    let (addr, data) = relay.kill();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut accepted: HashSet<String> = HashSet::from([first["id"].as_str().unwrap().to_owned()]);
+    while Instant::now() < deadline {
+        for e in alice.drain(Duration::from_millis(200)) {
+            if e["event"] == "sent" {
+                accepted.insert(e["id"].as_str().unwrap().to_owned());
+            }
+        }
+        if alice
+            .seen
+            .iter()
+            .any(|e| e["event"] == "connection" && e["state"] == "reconnecting")
+        {
+            break;
+        }
+    }
+    let _relay = Relay::start(&addr.to_string(), &data);
+    // Everything still in alice's outbox goes out after the restart.
+    let total_deadline = Instant::now() + Duration::from_secs(60);
+    while accepted.len() < 200 {
+        assert!(
+            Instant::now() < total_deadline,
+            "only {} of 200 accepted",
+            accepted.len()
+        );
+        let e = alice.expect("sent", |e| e["event"] == "sent");
+        accepted.insert(e["id"].as_str().unwrap().to_owned());
+    }
+
+    let mut bob = Client::ready(addr, "bob", &bob_home);
+    let mut texts = Vec::new();
+    for _ in 0..200 {
+        texts.push(
+            bob.message_from("alice")["text"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(
+        texts,
+        (0..200).map(|n| format!("stream {n}")).collect::<Vec<_>>(),
+        "all, in order"
+    );
+    let extra: Vec<_> = bob
+        .drain(Duration::from_millis(1500))
+        .into_iter()
+        .filter(|e| e["event"] == "message")
+        .collect();
+    assert!(extra.is_empty(), "duplicates: {extra:#?}");
+}
