@@ -161,14 +161,7 @@ fn server_restart_loses_nothing_and_duplicates_nothing() {
     let _relay = Relay::start(&addr.to_string(), &data);
     alice.connected();
     bob.connected();
-    let texts: Vec<String> = (1..=5)
-        .map(|_| {
-            bob.message_from("alice")["text"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let texts = bob.texts_from("alice", 5);
     assert_eq!(
         texts,
         (1..=5)
@@ -176,12 +169,7 @@ fn server_restart_loses_nothing_and_duplicates_nothing() {
             .collect::<Vec<_>>()
     );
     // Exactly once: nothing more arrives.
-    let extra: Vec<_> = bob
-        .drain(Duration::from_millis(1500))
-        .into_iter()
-        .filter(|e| e["event"] == "message")
-        .collect();
-    assert!(extra.is_empty(), "duplicates: {extra:#?}");
+    bob.assert_no_more_messages(Duration::from_millis(1500));
     for _ in 1..=5 {
         alice.expect("delivered", |e| e["event"] == "delivered");
     }

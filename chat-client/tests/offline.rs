@@ -30,14 +30,7 @@ fn offline_delivery_across_a_recipient_restart_in_order() {
     );
 
     let mut bob = Client::ready(relay.addr, "bob", &bob_home);
-    let texts: Vec<String> = (0..30)
-        .map(|_| {
-            bob.message_from("alice")["text"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let texts = bob.texts_from("alice", 30);
     assert_eq!(
         texts,
         (0..30)
@@ -50,12 +43,7 @@ fn offline_delivery_across_a_recipient_restart_in_order() {
     // Acknowledged: a restart of bob brings nothing again.
     assert_eq!(bob.quit(), 0);
     let mut bob = Client::ready(relay.addr, "bob", &bob_home);
-    let again: Vec<_> = bob
-        .drain(Duration::from_millis(1500))
-        .into_iter()
-        .filter(|e| e["event"] == "message")
-        .collect();
-    assert!(again.is_empty(), "redelivered after ack: {again:#?}");
+    bob.assert_no_more_messages(Duration::from_millis(1500));
 }
 
 #[test]
@@ -105,24 +93,11 @@ fn killed_relay_delivers_every_accepted_message_exactly_once() {
     }
 
     let mut bob = Client::ready(addr, "bob", &bob_home);
-    let mut texts = Vec::new();
-    for _ in 0..200 {
-        texts.push(
-            bob.message_from("alice")["text"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
-    }
+    let texts = bob.texts_from("alice", 200);
     assert_eq!(
         texts,
         (0..200).map(|n| format!("stream {n}")).collect::<Vec<_>>(),
         "all, in order"
     );
-    let extra: Vec<_> = bob
-        .drain(Duration::from_millis(1500))
-        .into_iter()
-        .filter(|e| e["event"] == "message")
-        .collect();
-    assert!(extra.is_empty(), "duplicates: {extra:#?}");
+    bob.assert_no_more_messages(Duration::from_millis(1500));
 }

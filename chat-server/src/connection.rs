@@ -320,13 +320,7 @@ impl Handler {
         };
         let public_key = match (stored, offered_key) {
             (Some(stored), Some(offered)) if stored != offered => {
-                return self
-                    .fail(
-                        id,
-                        ErrorCode::UsernameTaken,
-                        format!("the name {username} belongs to another key; choose another name"),
-                    )
-                    .await;
+                return self.username_taken(id, &username).await;
             }
             (_, Some(offered)) => offered,
             (Some(stored), None) => stored,
@@ -385,13 +379,7 @@ impl Handler {
         let username = pending.username;
         if bind == Bind::Taken {
             // Another key registered the name between our challenge and this proof.
-            return self
-                .fail(
-                    id,
-                    ErrorCode::UsernameTaken,
-                    format!("the name {username} belongs to another key; choose another name"),
-                )
-                .await;
+            return self.username_taken(id, &username).await;
         }
         let config = &self.shared.config;
         self.membership = Some(self.shared.router.join(
@@ -613,6 +601,15 @@ impl Handler {
             code,
             message: message.into(),
         })
+        .await
+    }
+
+    async fn username_taken(&mut self, id: RequestId, name: &Username) -> Result<(), Close> {
+        self.fail(
+            id,
+            ErrorCode::UsernameTaken,
+            format!("the name {name} belongs to another key; choose another name"),
+        )
         .await
     }
 

@@ -199,6 +199,27 @@ impl Client {
         self.expect("message", |e| e["event"] == "message" && e["from"] == from)
     }
 
+    /// The texts of the next `n` messages from `from`, in order.
+    pub fn texts_from(&mut self, from: &str, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| self.message_from(from)["text"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Asserts no further `message` event arrives (within a quiet spell of `quiet`).
+    pub fn assert_no_more_messages(&mut self, quiet: Duration) {
+        let extra: Vec<Value> = self
+            .drain(quiet)
+            .into_iter()
+            .filter(|e| e["event"] == "message")
+            .collect();
+        assert!(
+            extra.is_empty(),
+            "{}: unexpected (duplicate?) messages: {extra:#?}",
+            self.name
+        );
+    }
+
     /// The unmatched backlog plus all events that arrive until a gap of `quiet`.
     pub fn drain(&mut self, quiet: Duration) -> Vec<Value> {
         let mut got: Vec<Value> = self.backlog.drain(..).collect();
