@@ -39,6 +39,8 @@ pub struct SignInForm {
     pub busy: bool,
     /// Why the last attempt failed, with what to do.
     pub error: Option<String>,
+    /// The username field got its initial focus.
+    pub focus_requested: bool,
 }
 
 /// Transient view state.
@@ -54,6 +56,8 @@ pub struct ViewState {
     /// Measured row heights per conversation, for laying out only the visible rows.
     pub row_heights: std::collections::HashMap<String, Vec<f32>>,
     pub copied: Option<std::time::Instant>,
+    /// The conversation whose composer last got the initial focus.
+    pub composer_focused_for: Option<String>,
     pub applied_style: Option<(Theme, u32)>,
 }
 

@@ -22,9 +22,17 @@ pub fn sign_in(app: &mut ChatApp, ui: &mut Ui) {
             ui.label("End-to-end encrypted. The server only ever sees ciphertext.");
             ui.add_space(16.0);
         });
-        let width = ui.available_width().min(380.0);
-        ui.vertical_centered(|ui| {
-            ui.set_max_width(width);
+        // A centred column: status and error lines wrap inside it.
+        let width = ui.available_width().min(400.0);
+        let avail = ui.available_rect_before_wrap();
+        let column = egui::Rect::from_min_size(
+            egui::pos2(avail.center().x - width / 2.0, avail.top()),
+            Vec2::new(width, avail.height()),
+        );
+        let builder = UiBuilder::new()
+            .max_rect(column)
+            .layout(Layout::top_down(Align::Center));
+        ui.scope_builder(builder, |ui| {
             let busy = app.signin.busy;
             let form = &mut app.signin;
             let mut submit = false;
@@ -40,7 +48,10 @@ pub fn sign_in(app: &mut ChatApp, ui: &mut Ui) {
                             .desired_width(220.0),
                     );
                     let name = name.labelled_by(label.id);
-                    if form.username.is_empty() && !busy && !name.has_focus() {
+                    // Once, not every frame: a window without focus would repaint forever.
+                    if !std::mem::replace(&mut form.focus_requested, true)
+                        && form.username.is_empty()
+                    {
                         name.request_focus();
                     }
                     submit |= name.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter));
@@ -69,15 +80,10 @@ pub fn sign_in(app: &mut ChatApp, ui: &mut Ui) {
                 });
             ui.add_space(12.0);
             if busy {
-                ui.horizontal(|ui| {
-                    ui.spinner();
-                    let status = app
-                        .model
-                        .status
-                        .clone()
-                        .unwrap_or_else(|| "Connecting…".into());
-                    ui.label(status);
-                });
+                ui.spinner();
+                let status = app.model.status.clone();
+                let status = status.unwrap_or_else(|| "Connecting…".into());
+                ui.add(egui::Label::new(status).wrap());
                 if ui.button("Cancel").clicked() {
                     app.cancel_sign_in();
                 }
@@ -126,9 +132,10 @@ fn shortcuts(app: &mut ChatApp, ui: &Ui) {
     if find {
         app.view.focus_filter = true;
     }
-    if escape {
+    if escape && (app.view.safety_for.is_some() || app.view.settings_open) {
         app.view.safety_for = None;
         app.view.settings_open = false;
+        app.view.composer_focused_for = None;
     }
 }
 
@@ -470,16 +477,16 @@ fn composer(app: &mut ChatApp, ui: &mut Ui, user: &str, blocked: bool) {
             egui::Button::new("Send"),
         );
         send |= button.clicked();
-        if app.model.open.is_some()
-            && !focused
+        if !focused
             && !blocked
             && app.view.safety_for.is_none()
             && !app.view.settings_open
+            && app.view.composer_focused_for.as_deref() != Some(user)
         {
-            // Typing goes to the composer unless something else has focus.
-            if ui.memory(|m| m.focused().is_none()) {
-                ui.memory_mut(|m| m.request_focus(id));
-            }
+            // Opening a conversation puts the cursor in its composer, once per opening
+            // (every frame would keep an unfocused window repainting).
+            app.view.composer_focused_for = Some(user.to_owned());
+            ui.memory_mut(|m| m.request_focus(id));
         }
     });
     if send && !blocked {
@@ -565,6 +572,8 @@ fn safety_dialog(app: &mut ChatApp, ui: &mut Ui) {
     });
     if response.inner || response.should_close() {
         app.view.safety_for = None;
+        // Back to typing.
+        app.view.composer_focused_for = None;
     }
 }
 
