@@ -227,3 +227,14 @@ fn admin_stats_and_remove_user() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no user named bob"));
 }
+
+#[test]
+fn the_shipped_host_config_loads() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/server.ron");
+    let config = chat_server::Config::load(&path).unwrap();
+    assert_eq!(config.listen.port(), chat_protocol::DEFAULT_PORT);
+    assert_eq!(
+        config.data_dir,
+        std::path::Path::new("/var/lib/secure-chat")
+    );
+}
