@@ -282,3 +282,44 @@ fn sign_in_errors_are_shown_in_place() {
     h.step();
     assert!(!h.state().signin.busy);
 }
+
+#[test]
+fn keyboard_new_chat_and_settings() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay(&rt, "127.0.0.1:0", &dir.path().join("relay"));
+    let _bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));
+    let home = dir.path().join("alice");
+    let mut h = harness(app(&rt, relay.addr, &home));
+    sign_in(&mut h, "alice");
+    wait(&mut h, "main window", |h| h.state().is_main());
+
+    // Ctrl+K, type a name, Enter: the conversation opens.
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::K);
+    h.step();
+    h.event(egui::Event::Text("Bob".into()));
+    h.step();
+    h.key_press(egui::Key::Enter);
+    wait(&mut h, "conversation with bob", |h| {
+        h.state().model.open.as_deref() == Some("bob")
+    });
+    assert!(
+        h.state().view.filter.is_empty(),
+        "the search box is cleared"
+    );
+
+    // Settings: switch to the dark theme and a bigger font; saved to settings.ron.
+    h.get_by_label_contains("Settings").click();
+    wait(&mut h, "settings dialog", |h| {
+        h.query_by_label("Dark").is_some()
+    });
+    h.get_by_label("Dark").click();
+    h.step();
+    h.get_by_label("Save").click();
+    h.step();
+    assert_eq!(h.state().settings.theme, chat_client::home::Theme::Dark);
+    assert!(!h.state().view.settings_open);
+    let saved = Home::resolve(Some(home)).unwrap().load_settings().unwrap();
+    assert_eq!(saved.theme, chat_client::home::Theme::Dark);
+    assert_eq!(saved.username.as_deref(), Some("alice"));
+}

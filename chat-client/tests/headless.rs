@@ -286,3 +286,53 @@ fn a_taken_username_is_a_clear_fatal_error() {
     });
     assert_eq!(imposter.wait_exit(), 1);
 }
+
+#[test]
+fn a_passphrase_protects_the_key_file_and_a_wrong_one_is_a_clear_error() {
+    let (dir, h) = homes(1);
+    let relay = Relay::start("127.0.0.1:0", &dir.path().join("relay"));
+    let good = dir.path().join("good.txt");
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&good, "correct horse battery staple\n").unwrap();
+    std::fs::write(&bad, "wrong\n").unwrap();
+
+    let mut alice = Client::start_with(
+        relay.addr,
+        "alice",
+        &h[0],
+        &["--passphrase-file", good.to_str().unwrap()],
+    );
+    let ready = alice.expect("ready", |e| e["event"] == "ready");
+    assert_eq!(alice.quit(), 0);
+    let pem = std::fs::read_to_string(h[0].join("identity.pem")).unwrap();
+    assert!(pem.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+
+    let mut wrong = Client::start_with(
+        relay.addr,
+        "alice",
+        &h[0],
+        &["--passphrase-file", bad.to_str().unwrap()],
+    );
+    let err = wrong.expect("error", |e| e["event"] == "error");
+    assert_eq!(err["code"], "wrong_passphrase");
+    assert_eq!(wrong.wait_exit(), 1);
+    let mut none = Client::start(relay.addr, "alice", &h[0]);
+    assert_eq!(
+        none.expect("error", |e| e["event"] == "error")["code"],
+        "passphrase_required"
+    );
+    assert_eq!(none.wait_exit(), 1);
+    // The key file was left alone: the right passphrase still opens the same identity.
+    assert_eq!(
+        std::fs::read_to_string(h[0].join("identity.pem")).unwrap(),
+        pem
+    );
+    let mut again = Client::start_with(
+        relay.addr,
+        "alice",
+        &h[0],
+        &["--passphrase-file", good.to_str().unwrap()],
+    );
+    let again_ready = again.expect("ready", |e| e["event"] == "ready");
+    assert_eq!(again_ready["fingerprint"], ready["fingerprint"]);
+}

@@ -111,15 +111,16 @@ pub struct Client {
 
 impl Client {
     pub fn start(server: SocketAddr, name: &str, home: &Path) -> Self {
+        Self::start_with(server, name, home, &[])
+    }
+
+    /// Like `start`, with extra command-line arguments.
+    pub fn start_with(server: SocketAddr, name: &str, home: &Path, extra: &[&str]) -> Self {
+        let server = server.to_string();
         let mut child = Command::new(env!("CARGO_BIN_EXE_chat-client"))
-            .args([
-                "--headless",
-                "--server",
-                &server.to_string(),
-                "--user",
-                name,
-            ])
+            .args(["--headless", "--server", &server, "--user", name])
             .args(["--home", home.to_str().unwrap()])
+            .args(extra)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
