@@ -177,6 +177,22 @@ fn sign_in_chat_verify_and_key_change() {
     });
     assert!(h.state().view.drafts["bob"].is_empty(), "composer cleared");
 
+    // Shift+Enter adds a line; Enter then sends both lines as one message.
+    h.get_by_role_and_label(Role::MultilineTextInput, "Message")
+        .type_text("line one");
+    h.step();
+    h.key_press_modifiers(egui::Modifiers::SHIFT, egui::Key::Enter);
+    h.step();
+    h.get_by_role_and_label(Role::MultilineTextInput, "Message")
+        .type_text("line two");
+    h.step();
+    h.key_press(egui::Key::Enter);
+    h.step();
+    let Event::Message { text, .. } = bob.expect(|e| matches!(e, Event::Message { .. })) else {
+        unreachable!()
+    };
+    assert_eq!(text, "line one\nline two");
+
     // A received message appears.
     bob.send(Command::Send {
         to: "alice".into(),

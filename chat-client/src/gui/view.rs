@@ -448,12 +448,7 @@ fn composer(app: &mut ChatApp, ui: &mut Ui, user: &str, blocked: bool) {
     let id = ui.make_persistent_id(("composer", user));
     let focused = ui.memory(|m| m.has_focus(id));
     // Enter or Ctrl+Enter sends; Shift+Enter falls through to the editor as a new line.
-    let send_key = focused
-        && ui.input_mut(|i| {
-            !i.modifiers.shift
-                && (i.consume_key(Modifiers::NONE, Key::Enter)
-                    || i.consume_key(Modifiers::COMMAND, Key::Enter))
-        });
+    let send_key = focused && ui.input_mut(take_send_key);
     let connected_hint = if blocked {
         "Sending is paused: the key changed (see above)."
     } else {
@@ -501,6 +496,23 @@ fn composer(app: &mut ChatApp, ui: &mut Ui, user: &str, blocked: bool) {
             });
         }
     }
+}
+
+/// Consumes Enter / Ctrl+Enter presses; Shift+Enter (and Alt+Enter) stay for the editor
+/// as a new line. The modifiers are those of each key event, not of the frame: a fast
+/// Shift+Enter can be pressed and released within one frame.
+fn take_send_key(input: &mut egui::InputState) -> bool {
+    let mut hit = false;
+    input.events.retain(|event| {
+        let send = matches!(
+            event,
+            egui::Event::Key { key: Key::Enter, pressed: true, modifiers, .. }
+                if !modifiers.shift && !modifiers.alt
+        );
+        hit |= send;
+        !send
+    });
+    hit
 }
 
 fn safety_dialog(app: &mut ChatApp, ui: &mut Ui) {
