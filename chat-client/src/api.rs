@@ -108,6 +108,11 @@ pub enum Event {
         to: String,
         id: String,
     },
+    /// Our message `id` can never be sent (e.g. no such user); it left the outbox.
+    Failed {
+        to: String,
+        id: String,
+    },
     Safety {
         user: String,
         number: String,

@@ -26,6 +26,9 @@ use crate::home::{Home, HomeError};
 use crate::net::{self, Conn, ConnectError};
 use crate::store::{Floors, OutboxItem, Store, StoreError};
 
+/// Pause before resending after the server answered `rate_limited`.
+const RATE_LIMIT_RETRY: Duration = Duration::from_secs(1);
+
 /// How the core runs.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -162,6 +165,8 @@ struct Engine {
     ready_sent: bool,
     /// Delivered envelopes processed since the last write; acknowledged in one frame.
     acks: Vec<u64>,
+    /// When to try the outbox again after the server asked us to slow down.
+    retry_at: Option<Instant>,
 }
 
 impl Engine {
@@ -224,6 +229,7 @@ impl Engine {
             draining_until: None,
             ready_sent: false,
             acks: Vec::new(),
+            retry_at: None,
         })
     }
 
@@ -381,6 +387,7 @@ impl Engine {
                 last_heard + ping_interval
             };
             let wake = self.draining_until.map_or(wake, |d| wake.min(d));
+            let wake = self.retry_at.map_or(wake, |r| wake.min(r));
             tokio::select! {
                 frame = conn.next() => match frame {
                     None => return SessionEnd::Lost("the server closed the connection".into()),
@@ -401,6 +408,10 @@ impl Engine {
                     Some(cmd) => self.command_online(cmd, &mut out),
                 },
                 _ = sleep_until(wake) => {
+                    if self.retry_at.is_some_and(|r| Instant::now() >= r) {
+                        self.retry_at = None;
+                        self.flush_outbox(&mut out);
+                    }
                     if Instant::now() >= last_heard + ping_interval * 3 {
                         return SessionEnd::Lost("the server stopped answering".into());
                     }
@@ -743,13 +754,12 @@ impl Engine {
                         }
                     }
                     ErrorCode::RateLimited => {
-                        // Left in the outbox; the next flush (any reply or command) retries.
+                        // Left in the outbox; retried shortly.
+                        self.retry_at = Some(Instant::now() + RATE_LIMIT_RETRY);
                         self.sink.emit(Event::error(code.as_str(), message));
                     }
                     _ => {
-                        if let Err(e) = self.store.mark_failed(&msg_id) {
-                            self.store_error(e);
-                        }
+                        self.fail_message(&msg_id);
                         self.sink.emit(Event::error(
                             code.as_str(),
                             format!("message to {to} could not be sent: {message}"),
@@ -786,11 +796,18 @@ impl Engine {
     fn fail_outbox_for(&mut self, user: &str) {
         let items = self.store.outbox().unwrap_or_default();
         for item in items.into_iter().filter(|i| i.peer == user) {
-            if let Err(e) = self.store.mark_failed(&item.id) {
-                self.store_error(e);
-            }
+            self.fail_message(&item.id);
         }
         self.connection_event(ConnectionState::Connected, None);
+    }
+
+    /// Takes a message out of the outbox for good and says so.
+    fn fail_message(&mut self, id: &MessageId) {
+        match self.store.mark_failed(id) {
+            Ok(Some(to)) => self.sink.emit(Event::Failed { to, id: id_hex(id) }),
+            Ok(None) => {}
+            Err(e) => self.store_error(e),
+        }
     }
 
     /// Asks the server for `user`'s key (once per connection) and parks `then` until it comes.

@@ -263,6 +263,10 @@ fn bad_input_is_an_error_event_and_the_client_keeps_going() {
         let err = alice.expect("error", |e| e["event"] == "error");
         assert!(!err["message"].as_str().unwrap().is_empty());
     }
+    // The message to a name nobody has left the outbox as failed.
+    alice.expect("failed", |e| {
+        e["event"] == "failed" && e["to"] == "nobody-here"
+    });
     alice.send("/msg x!y hi");
     assert_eq!(
         alice.expect("error", |e| e["event"] == "error")["code"],

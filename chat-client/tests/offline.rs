@@ -101,3 +101,26 @@ fn killed_relay_delivers_every_accepted_message_exactly_once() {
     );
     bob.assert_no_more_messages(Duration::from_millis(1500));
 }
+
+#[test]
+fn a_burst_over_the_rate_limit_arrives_complete_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with_config(
+        "127.0.0.1:0",
+        &dir.path().join("relay"),
+        "(rate_limit: (per_second: 20.0, burst: 10.0))",
+    );
+    let mut bob = Client::ready(relay.addr, "bob", &dir.path().join("bob"));
+    let mut alice = Client::ready(relay.addr, "alice", &dir.path().join("alice"));
+    alice.send("/safety bob");
+    alice.expect("safety", |e| e["event"] == "safety");
+    for n in 0..40 {
+        alice.send(&format!("/msg bob burst {n}"));
+    }
+    let texts = bob.texts_from("alice", 40);
+    assert_eq!(
+        texts,
+        (0..40).map(|n| format!("burst {n}")).collect::<Vec<_>>()
+    );
+    bob.assert_no_more_messages(Duration::from_millis(1000));
+}

@@ -153,9 +153,10 @@ pub enum ErrorCode {
     UnknownUser,
     /// The login signature did not verify. Connection closed.
     BadSignature,
-    /// The recipient is registered but not online.
+    /// The recipient is registered but not online. Not sent by version 2 servers, which
+    /// store the message instead.
     RecipientOffline,
-    /// Too many requests; slow down. The request was dropped.
+    /// Too many requests. Version 2 servers pace the connection instead of sending this.
     RateLimited,
     /// Login was not completed in time. Connection closed.
     LoginTimeout,

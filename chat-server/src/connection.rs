@@ -216,12 +216,10 @@ impl Handler {
     async fn handle(&mut self, msg: ClientMessage) -> Result<(), Close> {
         let id = msg.request_id();
         debug!(conn = self.conn_id, kind = msg.kind(), "request");
-        if !self.bucket.try_take(std::time::Instant::now()) {
-            if let Some(id) = id {
-                self.fail(id, ErrorCode::RateLimited, "too many requests; slow down")
-                    .await?;
-            }
-            return Ok(());
+        let wait = self.bucket.take(std::time::Instant::now());
+        if !wait.is_zero() {
+            // Over the rate: pace this connection instead of dropping (keeps order).
+            tokio::time::sleep(wait).await;
         }
         match msg {
             ClientMessage::Hello { version, software } => self.hello(version, &software).await,

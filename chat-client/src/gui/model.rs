@@ -167,6 +167,7 @@ impl Model {
             ),
             Event::Sent { to, id } => self.set_status(&to, &id, Status::Sent),
             Event::Delivered { to, id } => self.set_status(&to, &id, Status::Delivered),
+            Event::Failed { to, id } => self.set_status(&to, &id, Status::Failed),
             Event::Safety {
                 user,
                 number,
@@ -217,12 +218,12 @@ impl Model {
     }
 }
 
+/// Status only moves forward: sending → sent → delivered, or sending → failed.
 fn rank(s: Status) -> u8 {
     match s {
-        Status::Failed => 0,
-        Status::Sending => 1,
-        Status::Sent => 2,
-        Status::Delivered => 3,
+        Status::Sending => 0,
+        Status::Failed | Status::Sent => 1,
+        Status::Delivered => 2,
     }
 }
 
@@ -313,6 +314,17 @@ mod tests {
             id: "x".into(),
         });
         assert_eq!(m.contacts["bob"].lines[0].status, Status::Delivered);
+        m.apply(Event::Queued {
+            to: "bob".into(),
+            id: "y".into(),
+            text: "to nobody".into(),
+            sent_at: 2,
+        });
+        m.apply(Event::Failed {
+            to: "bob".into(),
+            id: "y".into(),
+        });
+        assert_eq!(m.contacts["bob"].lines[1].status, Status::Failed);
     }
 
     #[test]

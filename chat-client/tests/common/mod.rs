@@ -47,8 +47,17 @@ pub struct Relay {
 impl Relay {
     /// Starts on `addr` (use port 0 for a fresh one) with `data_dir`.
     pub fn start(addr: &str, data_dir: &Path) -> Self {
+        Self::start_with_config(addr, data_dir, "()")
+    }
+
+    /// Starts with the given RON settings (flags still set address and data dir).
+    pub fn start_with_config(addr: &str, data_dir: &Path, ron: &str) -> Self {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let config = data_dir.with_extension("ron");
+        std::fs::write(&config, ron).unwrap();
         let mut child = Command::new(server_bin())
             .args(["--listen", addr, "--data-dir", data_dir.to_str().unwrap()])
+            .args(["--config", config.to_str().unwrap()])
             .env("RUST_LOG", "trace")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
