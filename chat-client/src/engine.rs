@@ -28,6 +28,8 @@ use crate::store::{Floors, OutboxItem, Store, StoreError};
 
 /// Pause before resending after the server answered `rate_limited`.
 const RATE_LIMIT_RETRY: Duration = Duration::from_secs(1);
+/// Pause before resending after a full recipient queue or a server-side failure.
+const LATER_RETRY: Duration = Duration::from_secs(30);
 
 /// How the core runs.
 #[derive(Debug, Clone)]
@@ -158,8 +160,6 @@ struct Engine {
     checked_keys: HashSet<String>,
     /// Outbox messages sent on this connection and not yet answered.
     in_flight: HashSet<MessageId>,
-    /// Contacts the server said are offline; their outbox waits for their presence.
-    offline: HashSet<String>,
     /// Shutdown was asked for: finish the outbox until this deadline.
     draining_until: Option<Instant>,
     ready_sent: bool,
@@ -225,7 +225,6 @@ impl Engine {
             awaiting_key: HashMap::new(),
             checked_keys: HashSet::new(),
             in_flight: HashSet::new(),
-            offline: HashSet::new(),
             draining_until: None,
             ready_sent: false,
             acks: Vec::new(),
@@ -334,7 +333,6 @@ impl Engine {
         self.awaiting_key.clear();
         self.checked_keys.clear();
         self.in_flight.clear();
-        self.offline.clear();
         self.acks.clear();
         // A new connection starts new epochs towards everyone.
         for peer in self.peers.values_mut() {
@@ -579,8 +577,7 @@ impl Engine {
             if self.in_flight.contains(&item.id) || held.contains(&item.peer) {
                 continue;
             }
-            let ready = !self.offline.contains(&item.peer)
-                && self.checked_keys.contains(&item.peer)
+            let ready = self.checked_keys.contains(&item.peer)
                 && self.pin(&item.peer).is_some_and(|p| p.usable());
             if !ready {
                 if !self.checked_keys.contains(&item.peer) {
@@ -704,9 +701,6 @@ impl Engine {
                 self.sink.emit(Event::Users { online });
             }
             ServerMessage::Presence { username, online } => {
-                if online && self.offline.remove(&username) {
-                    self.flush_outbox(out);
-                }
                 self.sink.emit(Event::Presence {
                     user: username,
                     online,
@@ -745,18 +739,22 @@ impl Engine {
             Some(Pending::Send { id: msg_id, to }) => {
                 self.in_flight.remove(&msg_id);
                 match code {
-                    ErrorCode::RecipientOffline => {
-                        if self.offline.insert(to.clone()) {
-                            self.sink.emit(Event::error(
-                                code.as_str(),
-                                format!("{to} is offline; your messages wait in the outbox and go out when {to} is back"),
-                            ));
-                        }
-                    }
-                    ErrorCode::RateLimited => {
-                        // Left in the outbox; retried shortly.
-                        self.retry_at = Some(Instant::now() + RATE_LIMIT_RETRY);
-                        self.sink.emit(Event::error(code.as_str(), message));
+                    // Worth another try later: the message stays in the outbox.
+                    ErrorCode::RateLimited
+                    | ErrorCode::RecipientQueueFull
+                    | ErrorCode::RecipientOffline
+                    | ErrorCode::Internal => {
+                        let delay = if code == ErrorCode::RateLimited {
+                            RATE_LIMIT_RETRY
+                        } else {
+                            LATER_RETRY
+                        };
+                        let at = Instant::now() + delay;
+                        self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
+                        self.sink.emit(Event::error(
+                            code.as_str(),
+                            format!("{message}; the message to {to} stays queued and is retried in {} s", delay.as_secs()),
+                        ));
                     }
                     _ => {
                         self.fail_message(&msg_id);
