@@ -28,8 +28,6 @@ use crate::store::{Floors, OutboxItem, Store, StoreError};
 
 /// Pause before resending after the server answered `rate_limited`.
 const RATE_LIMIT_RETRY: Duration = Duration::from_secs(1);
-/// Pause before resending after a full recipient queue or a server-side failure.
-const LATER_RETRY: Duration = Duration::from_secs(30);
 
 /// How the core runs.
 #[derive(Debug, Clone)]
@@ -48,6 +46,8 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// We ping a quiet server this often, and drop a connection silent for 3x as long.
     pub ping_interval: Duration,
+    /// Retry delay after a full recipient queue or a server-side failure.
+    pub retry_later: Duration,
 }
 
 impl ClientConfig {
@@ -62,6 +62,7 @@ impl ClientConfig {
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(15),
             ping_interval: Duration::from_secs(25),
+            retry_later: Duration::from_secs(30),
         }
     }
 }
@@ -747,13 +748,13 @@ impl Engine {
                         let delay = if code == ErrorCode::RateLimited {
                             RATE_LIMIT_RETRY
                         } else {
-                            LATER_RETRY
+                            self.config.retry_later
                         };
                         let at = Instant::now() + delay;
                         self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
                         self.sink.emit(Event::error(
                             code.as_str(),
-                            format!("{message}; the message to {to} stays queued and is retried in {} s", delay.as_secs()),
+                            format!("{message}; the message to {to} stays queued and is retried in {} s", delay.as_secs().max(1)),
                         ));
                     }
                     _ => {

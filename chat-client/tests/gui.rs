@@ -6,87 +6,15 @@ use std::time::{Duration, Instant};
 
 use chat_client::gui::ChatApp;
 use chat_client::home::{Home, Settings};
-use chat_client::{ClientConfig, ClientHandle, Command, Event};
-use chat_protocol::Username;
+use chat_client::{Command, Event};
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
-use tokio::sync::oneshot;
 
-const PATIENCE: Duration = Duration::from_secs(30);
+mod common;
 
-struct Relay {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-fn start_relay(rt: &tokio::runtime::Runtime, addr: &str, data: &std::path::Path) -> Relay {
-    let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = chat_server::Config {
-        data_dir: data.to_owned(),
-        ..Default::default()
-    };
-    let (tx, rx) = oneshot::channel();
-    let task = rt.spawn(async move { chat_server::run(listener, config, rx).await.unwrap() });
-    Relay {
-        addr,
-        stop: Some(tx),
-        task,
-    }
-}
-
-fn stop_relay(rt: &tokio::runtime::Runtime, mut relay: Relay) {
-    relay.stop.take().unwrap().send(()).unwrap();
-    rt.block_on(relay.task).unwrap();
-}
-
-/// A headless peer built on the same client core the GUI uses.
-struct Peer {
-    handle: ClientHandle,
-}
-
-impl Peer {
-    fn start(
-        rt: &tokio::runtime::Runtime,
-        addr: SocketAddr,
-        name: &str,
-        home: &std::path::Path,
-    ) -> Self {
-        let mut config = ClientConfig::new(
-            Home::resolve(Some(home.to_owned())).unwrap(),
-            addr.to_string(),
-            Username::parse(name).unwrap(),
-        );
-        config.identity_bits = 2048;
-        config.backoff_max = Duration::from_millis(500);
-        let _guard = rt.enter();
-        let mut peer = Self {
-            handle: chat_client::spawn(config, || {}),
-        };
-        peer.expect(|e| matches!(e, Event::Ready { .. }));
-        peer
-    }
-
-    fn expect(&mut self, pred: impl Fn(&Event) -> bool) -> Event {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            match self.handle.events.try_recv() {
-                Ok(e) if pred(&e) => return e,
-                Ok(_) => {}
-                Err(_) => {
-                    assert!(Instant::now() < deadline, "peer: expected event never came");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-    }
-
-    fn send(&self, cmd: Command) {
-        self.handle.commands.send(cmd).unwrap();
-    }
-}
+use common::PATIENCE;
+use common::inproc::{Peer, start_relay, stop_relay};
 
 fn app(rt: &tokio::runtime::Runtime, addr: SocketAddr, home: &std::path::Path) -> ChatApp {
     let settings = Settings {

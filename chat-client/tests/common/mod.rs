@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod inproc;
+
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
 /// The `chat-server` binary, built once per test run so it is never stale.
