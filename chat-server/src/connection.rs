@@ -426,12 +426,6 @@ impl Handler {
                 let Ok(to_user) = Username::parse(&to) else {
                     return self.unknown_user(id, &to).await;
                 };
-                let lookup = to_user.clone();
-                match self.store(move |s| s.public_key(&lookup)).await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return self.unknown_user(id, &to).await,
-                    Err(e) => return self.fail_internal(id, e).await,
-                }
                 // Durable first: the sender hears `Ok` only once the envelope is committed.
                 let limits = self.shared.config.queue.limits();
                 let (recipient, sender, stored) = (to_user.clone(), me.clone(), payload.clone());
@@ -441,6 +435,7 @@ impl Handler {
                     .await
                 {
                     Ok(Enqueued::Stored(envelope_id)) => envelope_id,
+                    Ok(Enqueued::UnknownRecipient) => return self.unknown_user(id, &to).await,
                     Ok(Enqueued::Full) => {
                         return self
                             .fail(

@@ -130,8 +130,8 @@ impl Store {
         })
     }
 
-    /// Queues `payload` for `recipient` unless that would pass `limits`. Returns the
-    /// envelope id once the insert is committed.
+    /// Queues `payload` for a registered `recipient` unless that would pass `limits`.
+    /// Returns the envelope id once the insert is committed.
     pub fn enqueue(
         &self,
         recipient: &Username,
@@ -142,6 +142,14 @@ impl Store {
     ) -> Result<Enqueued, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        let registered: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM accounts WHERE username = ?1)",
+            params![recipient.as_str()],
+            |r| r.get(0),
+        )?;
+        if !registered {
+            return Ok(Enqueued::UnknownRecipient);
+        }
         let (count, bytes): (i64, i64) = tx.query_row(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM queue WHERE recipient = ?1",
             params![recipient.as_str()],
@@ -275,6 +283,7 @@ pub struct QueueLimits {
 pub enum Enqueued {
     Stored(u64),
     Full,
+    UnknownRecipient,
 }
 
 /// One queued envelope.
@@ -340,6 +349,11 @@ mod tests {
             max_envelopes: 3,
             max_bytes: 100,
         };
+        assert_eq!(
+            store.enqueue(&bob, &alice, b"x", 1000, &limits).unwrap(),
+            Enqueued::UnknownRecipient
+        );
+        store.bind(&bob, b"k").unwrap();
         let ids: Vec<u64> = (0..3u8)
             .map(|i| {
                 match store
@@ -347,7 +361,7 @@ mod tests {
                     .unwrap()
                 {
                     Enqueued::Stored(id) => id,
-                    Enqueued::Full => panic!("not full yet"),
+                    other => panic!("not full yet: {other:?}"),
                 }
             })
             .collect();
@@ -384,7 +398,6 @@ mod tests {
         assert_eq!(store.purge_expired(1000 + 101, 100).unwrap(), 2);
         assert_eq!(store.stats().unwrap().expired_total, 2);
 
-        store.bind(&bob, b"k").unwrap();
         store.enqueue(&bob, &alice, b"x", 2000, &limits).unwrap();
         assert!(store.remove_user(&bob).unwrap());
         assert_eq!(store.public_key(&bob).unwrap(), None);
