@@ -1,0 +1,262 @@
+//! The open conversation: header, key-change banner, message list and composer.
+
+use chrono::{Local, TimeZone};
+use egui::{Align, Color32, Key, Layout, RichText, Sense, Ui, UiBuilder, Vec2};
+
+use super::{OFFLINE, ONLINE, WARN_BG, empty_state, presence_dot};
+use crate::api::{Command, Status};
+use crate::gui::ChatApp;
+use crate::gui::model::Line;
+
+/// Assumed height of a row not measured yet.
+const ROW_GUESS: f32 = 44.0;
+
+pub(super) fn conversation(app: &mut ChatApp, ui: &mut Ui, user: &str) {
+    let contact = app.model.contacts.get(user).cloned().unwrap_or_default();
+    // Header.
+    ui.horizontal(|ui| {
+        presence_dot(ui, if contact.online { ONLINE } else { OFFLINE });
+        ui.heading(user);
+        if contact.verified {
+            ui.label(RichText::new("✔ Verified").color(ONLINE))
+                .on_hover_text("You compared safety numbers.");
+        } else if !contact.key_changed {
+            ui.weak("not verified");
+        }
+        ui.with_layout(Layout::right_to_left(Align::Center), |ui| {
+            if ui.button("Safety number").clicked() {
+                app.view.safety_for = Some(user.to_owned());
+                app.send(Command::Safety {
+                    user: user.to_owned(),
+                });
+            }
+        });
+    });
+    if contact.key_changed {
+        egui::Frame::new()
+            .fill(WARN_BG)
+            .corner_radius(6.0)
+            .inner_margin(10.0)
+            .show(ui, |ui| {
+                ui.colored_label(
+                    Color32::WHITE,
+                    format!(
+                        "⚠ {user}'s security key changed. This happens when they reinstall or use a new device — \
+                         or when someone is trying to intercept your messages. Sending is paused until you \
+                         compare the new safety number with {user} and accept the key."
+                    ),
+                );
+                ui.horizontal(|ui| {
+                    if ui.button("Compare safety number").clicked() {
+                        app.view.safety_for = Some(user.to_owned());
+                        app.send(Command::Safety { user: user.to_owned() });
+                    }
+                    if ui.button("Accept new key").clicked() {
+                        app.send(Command::AcceptKey { user: user.to_owned() });
+                    }
+                });
+            });
+    }
+    ui.separator();
+
+    // Composer at the bottom, history above it.
+    let composer_height = 78.0;
+    let history_height = (ui.available_height() - composer_height).max(60.0);
+    ui.allocate_ui(Vec2::new(ui.available_width(), history_height), |ui| {
+        ui.set_min_height(history_height);
+        if contact.lines.is_empty() {
+            empty_state(
+                ui,
+                "No messages yet",
+                &format!("Say hi to {user}. Messages are end-to-end encrypted: only you and {user} can read them."),
+            );
+        } else {
+            history(app, ui, user, &contact.lines);
+        }
+    });
+    ui.separator();
+    composer(app, ui, user, contact.key_changed);
+}
+
+/// The message list. Only rows inside the viewport are laid out; the others take their
+/// last measured height.
+fn history(app: &mut ChatApp, ui: &mut Ui, user: &str, lines: &[Line]) {
+    let heights = app.view.row_heights.entry(user.to_owned()).or_default();
+    heights.resize(lines.len(), ROW_GUESS);
+    egui::ScrollArea::vertical()
+        .auto_shrink([false, false])
+        .stick_to_bottom(true)
+        .show_viewport(ui, |ui, viewport| {
+            let width = ui.available_width();
+            let origin = ui.min_rect().min;
+            let mut y = 0.0;
+            for (i, line) in lines.iter().enumerate() {
+                let h = heights[i];
+                if y + h >= viewport.min.y && y <= viewport.max.y {
+                    let rect = egui::Rect::from_min_size(
+                        origin + Vec2::new(0.0, y),
+                        Vec2::new(width, f32::INFINITY),
+                    );
+                    let mut child = ui.new_child(
+                        UiBuilder::new()
+                            .max_rect(rect)
+                            .layout(Layout::top_down(Align::Min)),
+                    );
+                    let previous = i.checked_sub(1).map(|p| &lines[p]);
+                    row(&mut child, line, previous);
+                    heights[i] = child.min_rect().height() + ui.spacing().item_spacing.y;
+                }
+                y += heights[i];
+            }
+            ui.allocate_rect(
+                egui::Rect::from_min_size(origin, Vec2::new(width, y)),
+                Sense::hover(),
+            );
+        });
+}
+
+fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
+    let when = Local.timestamp_millis_opt(line.sent_at as i64).single();
+    let day = when.map(|t| t.date_naive());
+    if previous
+        .and_then(|p| Local.timestamp_millis_opt(p.sent_at as i64).single())
+        .map(|t| t.date_naive())
+        != day
+    {
+        ui.add_space(6.0);
+        ui.vertical_centered(|ui| {
+            let label = match day {
+                Some(d) if d == Local::now().date_naive() => "Today".to_owned(),
+                Some(d) => d.format("%A, %-d %B %Y").to_string(),
+                None => "Unknown date".to_owned(),
+            };
+            ui.weak(label);
+        });
+        ui.add_space(4.0);
+    }
+    let time = when
+        .map(|t| t.format("%H:%M").to_string())
+        .unwrap_or_default();
+    let status = match (line.outgoing, line.status) {
+        (false, _) => String::new(),
+        (true, Status::Sending) => " · sending…".into(),
+        (true, Status::Sent) => " · sent ✔".into(),
+        (true, Status::Delivered) => " · delivered ✔✔".into(),
+        (true, Status::Failed) => " · not sent ⚠".into(),
+    };
+    let meta = format!("{time}{status}");
+    // Bubbles are as wide as their text (up to 3/4 of the view); outgoing ones sit right.
+    let margin = egui::Margin::symmetric(10, 6);
+    let max = (ui.available_width() * 0.75).max(120.0) - margin.sum().x;
+    let painter = ui.painter();
+    let text_width = painter
+        .layout(
+            line.text.clone(),
+            egui::TextStyle::Body.resolve(ui.style()),
+            Color32::WHITE,
+            max,
+        )
+        .size()
+        .x;
+    let meta_width = painter
+        .layout_no_wrap(
+            meta.clone(),
+            egui::TextStyle::Small.resolve(ui.style()),
+            Color32::WHITE,
+        )
+        .size()
+        .x;
+    let width = text_width.max(meta_width).min(max).ceil();
+    let fill = if line.outgoing {
+        ui.visuals().selection.bg_fill.gamma_multiply(0.55)
+    } else {
+        ui.visuals().faint_bg_color
+    };
+    ui.horizontal(|ui| {
+        if line.outgoing {
+            ui.add_space(ui.available_width() - width - margin.sum().x);
+        }
+        egui::Frame::new()
+            .fill(fill)
+            .corner_radius(8.0)
+            .inner_margin(margin)
+            .show(ui, |ui| {
+                ui.set_width(width);
+                ui.vertical(|ui| {
+                    ui.add(egui::Label::new(&line.text).wrap().selectable(true));
+                    ui.small(meta);
+                });
+            });
+    });
+}
+
+fn composer(app: &mut ChatApp, ui: &mut Ui, user: &str, blocked: bool) {
+    let id = ui.make_persistent_id(("composer", user));
+    let focused = ui.memory(|m| m.has_focus(id));
+    // Enter or Ctrl+Enter sends; Shift+Enter falls through to the editor as a new line.
+    let send_key = focused && ui.input_mut(take_send_key);
+    let connected_hint = if blocked {
+        "Sending is paused: the key changed (see above)."
+    } else {
+        "Message — Enter sends, Shift+Enter adds a line"
+    };
+    let mut send = send_key;
+    ui.horizontal(|ui| {
+        let draft = app.view.drafts.entry(user.to_owned()).or_default();
+        let label = ui.label("Message");
+        let edit = ui.add_enabled(
+            !blocked,
+            egui::TextEdit::multiline(draft)
+                .id(id)
+                .hint_text(connected_hint)
+                .desired_rows(2)
+                .desired_width(ui.available_width() - 70.0),
+        );
+        edit.labelled_by(label.id);
+        let button = ui.add_enabled(
+            !blocked && !draft.trim().is_empty(),
+            egui::Button::new("Send"),
+        );
+        send |= button.clicked();
+        if !focused
+            && !blocked
+            && app.view.safety_for.is_none()
+            && !app.view.settings_open
+            && app.view.composer_focused_for.as_deref() != Some(user)
+        {
+            // Opening a conversation puts the cursor in its composer, once per opening
+            // (every frame would keep an unfocused window repainting).
+            app.view.composer_focused_for = Some(user.to_owned());
+            ui.memory_mut(|m| m.request_focus(id));
+        }
+    });
+    if send && !blocked {
+        let draft = app.view.drafts.entry(user.to_owned()).or_default();
+        let text = draft.trim_end().to_owned();
+        if !text.trim().is_empty() {
+            draft.clear();
+            app.model.contact(user).unread = 0;
+            app.send(Command::Send {
+                to: user.to_owned(),
+                text,
+            });
+        }
+    }
+}
+
+/// Consumes Enter / Ctrl+Enter presses; Shift+Enter (and Alt+Enter) stay for the editor
+/// as a new line. The modifiers are those of each key event, not of the frame: a fast
+/// Shift+Enter can be pressed and released within one frame.
+fn take_send_key(input: &mut egui::InputState) -> bool {
+    let mut hit = false;
+    input.events.retain(|event| {
+        let send = matches!(
+            event,
+            egui::Event::Key { key: Key::Enter, pressed: true, modifiers, .. }
+                if !modifiers.shift && !modifiers.alt
+        );
+        hit |= send;
+        !send
+    });
+    hit
+}

@@ -1,0 +1,129 @@
+//! Modal dialogs: the safety number and the settings.
+
+use egui::{Align, Layout, RichText, Ui};
+
+use super::WARN_BG;
+use crate::api::Command;
+use crate::gui::ChatApp;
+use crate::home::Theme;
+
+pub(super) fn safety_dialog(app: &mut ChatApp, ui: &mut Ui) {
+    let Some(user) = app.view.safety_for.clone() else {
+        return;
+    };
+    let contact = app.model.contacts.get(&user).cloned().unwrap_or_default();
+    let me = app.model.me.clone().unwrap_or_default();
+    let response = egui::Modal::new(egui::Id::unique("safety")).show(ui.ctx(), |ui| {
+        ui.set_max_width(460.0);
+        ui.heading(format!("Safety number with {user}"));
+        ui.label(format!(
+            "Compare these digits with {user} in person or on a call you trust. If they match, \
+             nobody is intercepting your conversation."
+        ));
+        ui.add_space(8.0);
+        match &contact.safety {
+            Some(number) => {
+                let groups: Vec<&str> = number.split(' ').collect();
+                for chunk in groups.chunks(4) {
+                    ui.label(RichText::new(chunk.join("  ")).monospace().size(22.0));
+                }
+                ui.add_space(8.0);
+                ui.horizontal(|ui| {
+                    if ui.button("Copy").clicked() {
+                        ui.ctx().copy_text(number.clone());
+                        app.view.copied = Some(std::time::Instant::now());
+                    }
+                    if app.view.copied.is_some_and(|t| t.elapsed().as_secs() < 2) {
+                        ui.weak("Copied");
+                    }
+                });
+                ui.add_space(4.0);
+                if contact.key_changed {
+                    ui.colored_label(WARN_BG, format!("This is the number for {user}'s new key."));
+                    if ui.button("Numbers match — accept new key").clicked() {
+                        app.send(Command::AcceptKey { user: user.clone() });
+                    }
+                } else {
+                    let mut verified = contact.verified;
+                    if ui
+                        .checkbox(
+                            &mut verified,
+                            format!("I compared this number with {user}: mark as verified"),
+                        )
+                        .changed()
+                    {
+                        app.send(if verified {
+                            Command::Verify { user: user.clone() }
+                        } else {
+                            Command::Unverify { user: user.clone() }
+                        });
+                    }
+                }
+            }
+            None => {
+                ui.horizontal(|ui| {
+                    ui.spinner();
+                    ui.label(format!("Fetching {user}'s key…"));
+                });
+            }
+        }
+        ui.add_space(8.0);
+        ui.weak(format!("You are {me}."));
+        ui.with_layout(Layout::right_to_left(Align::Min), |ui| {
+            ui.button("Close").clicked()
+        })
+        .inner
+    });
+    if response.inner || response.should_close() {
+        app.view.safety_for = None;
+        // Back to typing.
+        app.view.composer_focused_for = None;
+    }
+}
+
+pub(super) fn settings_dialog(app: &mut ChatApp, ui: &mut Ui) {
+    if !app.view.settings_open {
+        app.view.settings_draft = None;
+        return;
+    }
+    let draft = app
+        .view
+        .settings_draft
+        .get_or_insert_with(|| app.settings.clone());
+    let mut save = false;
+    let response = egui::Modal::new(egui::Id::unique("settings")).show(ui.ctx(), |ui| {
+        ui.set_max_width(420.0);
+        ui.heading("Settings");
+        egui::Grid::new("settings-grid")
+            .num_columns(2)
+            .spacing([12.0, 10.0])
+            .show(ui, |ui| {
+                ui.label("Server");
+                ui.text_edit_singleline(&mut draft.server);
+                ui.end_row();
+                ui.label("Theme");
+                ui.horizontal(|ui| {
+                    ui.selectable_value(&mut draft.theme, Theme::System, "System");
+                    ui.selectable_value(&mut draft.theme, Theme::Light, "Light");
+                    ui.selectable_value(&mut draft.theme, Theme::Dark, "Dark");
+                });
+                ui.end_row();
+                ui.label("Font size");
+                ui.add(egui::Slider::new(&mut draft.font_size, 11.0..=28.0).suffix(" pt"));
+                ui.end_row();
+            });
+        ui.small("A new server address is used the next time you sign in.");
+        ui.horizontal(|ui| {
+            save = ui.button("Save").clicked();
+            ui.button("Cancel").clicked()
+        })
+        .inner
+    });
+    if save {
+        let settings = draft.clone();
+        app.save_settings(settings);
+    }
+    if save || response.inner || response.should_close() {
+        app.view.settings_open = false;
+    }
+}

@@ -1,0 +1,200 @@
+//! Drawing. Reads the model, turns clicks and keys into commands.
+//!
+//! This file holds the main window's frame (status bar, contact list); `signin`,
+//! `conversation` and `dialogs` the rest.
+
+mod conversation;
+mod dialogs;
+mod signin;
+
+use egui::{Align, Color32, Key, Layout, Modifiers, RichText, Sense, Ui, Vec2};
+
+use super::{ChatApp, Screen};
+use crate::api::ConnectionState;
+use crate::gui::model::Contact;
+use conversation::conversation;
+use dialogs::{safety_dialog, settings_dialog};
+pub use signin::sign_in;
+
+const ONLINE: Color32 = Color32::from_rgb(0x2e, 0xa0, 0x43);
+const OFFLINE: Color32 = Color32::from_gray(0x90);
+const WARN_BG: Color32 = Color32::from_rgb(0x8a, 0x5a, 0x00);
+
+pub fn main(app: &mut ChatApp, ui: &mut Ui) {
+    shortcuts(app, ui);
+    status_bar(app, ui);
+    contacts_panel(app, ui);
+    egui::CentralPanel::default_margins().show(ui, |ui| match app.model.open.clone() {
+        Some(user) => conversation(app, ui, &user),
+        None => empty_state(
+            ui,
+            "No conversation open",
+            "Pick a contact on the left, or type a name in the search box and start a new chat (Ctrl+K).",
+        ),
+    });
+    safety_dialog(app, ui);
+    settings_dialog(app, ui);
+}
+
+fn shortcuts(app: &mut ChatApp, ui: &Ui) {
+    let (find, escape) = ui.input_mut(|i| {
+        (
+            i.consume_key(Modifiers::COMMAND, Key::K) || i.consume_key(Modifiers::COMMAND, Key::F),
+            i.key_pressed(Key::Escape),
+        )
+    });
+    if find {
+        app.view.focus_filter = true;
+    }
+    if escape && (app.view.safety_for.is_some() || app.view.settings_open) {
+        app.view.safety_for = None;
+        app.view.settings_open = false;
+        app.view.composer_focused_for = None;
+    }
+}
+
+fn status_bar(app: &mut ChatApp, ui: &mut Ui) {
+    egui::Panel::bottom("status").show(ui, |ui| {
+        ui.horizontal(|ui| {
+            let link = &app.model.link;
+            let (dot, text) = match link.state {
+                ConnectionState::Connected => (ONLINE, "Connected".to_owned()),
+                ConnectionState::Connecting => (OFFLINE, "Connecting…".to_owned()),
+                ConnectionState::Reconnecting => {
+                    let left = link
+                        .retry_in_ms
+                        .map(|ms| {
+                            std::time::Duration::from_millis(ms)
+                                .saturating_sub(link.since.elapsed())
+                        })
+                        .unwrap_or_default();
+                    (WARN_BG, format!("Reconnecting in {} s", left.as_secs() + 1))
+                }
+                ConnectionState::Offline => (Color32::RED, "Offline".to_owned()),
+            };
+            presence_dot(ui, dot);
+            ui.label(text);
+            if link.queued > 0 {
+                ui.separator();
+                ui.label(format!("{} queued", link.queued));
+            }
+            if let (Some(me), Some(fp)) = (&app.model.me, &app.model.fingerprint) {
+                ui.with_layout(Layout::right_to_left(Align::Center), |ui| {
+                    if ui.small_button("⚙ Settings").clicked() {
+                        app.view.settings_open = true;
+                    }
+                    ui.label(RichText::new(me).strong())
+                        .on_hover_text(format!("Your key fingerprint:\n{fp}"));
+                });
+            }
+        });
+        if let Some((code, message)) = app.model.error.clone() {
+            ui.horizontal(|ui| {
+                ui.colored_label(ui.visuals().error_fg_color, format!("⚠ {message}"))
+                    .on_hover_text(code);
+                if ui.small_button("Dismiss").clicked() {
+                    app.model.error = None;
+                }
+            });
+        }
+    });
+}
+
+fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
+    egui::Panel::left("contacts")
+        .default_size(230.0)
+        .size_range(180.0..=400.0)
+        .show(ui, |ui| {
+            ui.add_space(6.0);
+            let filter = ui.add(
+                egui::TextEdit::singleline(&mut app.view.filter)
+                    .hint_text("Search or new chat (Ctrl+K)")
+                    .desired_width(f32::INFINITY),
+            );
+            if std::mem::take(&mut app.view.focus_filter) {
+                filter.request_focus();
+            }
+            let typed = app.view.filter.trim().to_lowercase();
+            let listed: Vec<(String, Contact)> = app
+                .model
+                .listed(&typed)
+                .into_iter()
+                .map(|(n, c)| (n.to_owned(), c.clone()))
+                .collect();
+            let exact = listed.iter().any(|(n, _)| *n == typed);
+            let valid = chat_protocol::Username::parse(&typed).is_ok();
+            let enter = filter.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter));
+            if !typed.is_empty() && valid && Some(typed.as_str()) != app.model.me.as_deref() {
+                let start = ui.button(format!("+ New chat with {typed}"));
+                if start.clicked() || (enter && !exact) {
+                    app.view.filter.clear();
+                    app.open(&typed);
+                }
+            }
+            if enter && exact {
+                app.view.filter.clear();
+                app.open(&typed);
+            }
+            ui.separator();
+            if listed.is_empty() {
+                ui.add_space(12.0);
+                ui.weak(if typed.is_empty() {
+                    "No contacts yet. Type a username above to start a conversation."
+                } else {
+                    "No matching contacts."
+                });
+            }
+            egui::ScrollArea::vertical()
+                .auto_shrink([false, false])
+                .show(ui, |ui| {
+                    for (name, contact) in &listed {
+                        let selected = app.model.open.as_deref() == Some(name.as_str());
+                        let row = ui
+                            .horizontal(|ui| {
+                                presence_dot(ui, if contact.online { ONLINE } else { OFFLINE });
+                                let label = ui.selectable_label(selected, name);
+                                if contact.key_changed {
+                                    ui.colored_label(WARN_BG, "⚠").on_hover_text("Key changed");
+                                } else if contact.verified {
+                                    ui.label("✔").on_hover_text("Verified");
+                                }
+                                if contact.unread > 0 {
+                                    ui.with_layout(Layout::right_to_left(Align::Center), |ui| {
+                                        ui.label(
+                                            RichText::new(format!(" {} ", contact.unread))
+                                                .background_color(ui.visuals().selection.bg_fill)
+                                                .strong(),
+                                        )
+                                        .on_hover_text("unread");
+                                    });
+                                }
+                                label
+                            })
+                            .inner;
+                        if row.clicked() {
+                            app.open(name);
+                        }
+                    }
+                });
+        });
+}
+
+pub(super) fn presence_dot(ui: &mut Ui, color: Color32) {
+    let (rect, _) = ui.allocate_exact_size(Vec2::splat(10.0), Sense::hover());
+    ui.painter().circle_filled(rect.center(), 4.5, color);
+}
+
+pub(super) fn empty_state(ui: &mut Ui, title: &str, hint: &str) {
+    ui.vertical_centered(|ui| {
+        ui.add_space((ui.available_height() * 0.3).max(20.0));
+        ui.heading(title);
+        ui.add_space(6.0);
+        ui.weak(hint);
+    });
+}
+
+impl ChatApp {
+    pub fn is_main(&self) -> bool {
+        self.screen == Screen::Main
+    }
+}
