@@ -2,10 +2,10 @@
 //! own home directory under `target/demo/` (kept between runs, so identities and history
 //! persist). Closing both windows, or Ctrl-C, stops everything.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use crate::procs::{Processes, lines, wait_line};
+use crate::procs::Processes;
 use crate::{build_binaries, project_root};
 
 #[derive(Debug, clap::Args)]
@@ -20,24 +20,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let demo = project_root().join("target/demo");
     std::fs::create_dir_all(&demo)?;
     let mut procs = Processes::default();
-    let relay = procs.spawn(
-        Command::new(bin.join("chat-server"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(demo.join("relay"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped()),
-    )?;
-    let log = lines(relay.stderr.take().expect("piped"));
-    let addr = wait_line(&log, "the relay to listen", |l| {
-        l.split_once("listening on ")
-            .map(|(_, a)| a.trim().to_owned())
-    })?;
+    let addr = procs.start_relay(&bin, &demo.join("relay"))?;
     println!(
         "relay listening on {addr} (data in {})",
         demo.join("relay").display()
     );
-    // Keep draining the relay's log so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in log {});
 
     let mut windows = Vec::new();
     for (me, peer) in [("alice", "bob"), ("bob", "alice")] {

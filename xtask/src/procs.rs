@@ -26,6 +26,29 @@ impl Processes {
 }
 
 impl Processes {
+    /// Starts `chat-server` from `bin` on a free loopback port with `data_dir`, and returns
+    /// the address it listens on. Its log is drained so the pipe never fills.
+    pub fn start_relay(
+        &mut self,
+        bin: &std::path::Path,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<String> {
+        let relay = self.spawn(
+            Command::new(bin.join("chat-server"))
+                .args(["--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(data_dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped()),
+        )?;
+        let log = lines(relay.stderr.take().expect("piped"));
+        let addr = wait_line(&log, "the relay to listen", |l| {
+            l.split_once("listening on ")
+                .map(|(_, a)| a.trim().to_owned())
+        })?;
+        std::thread::spawn(move || for _ in log {});
+        Ok(addr)
+    }
+
     /// How many of the processes with these ids are still running.
     pub fn running(&mut self, ids: &[u32]) -> usize {
         self.0
@@ -47,7 +70,7 @@ impl Drop for Processes {
 }
 
 /// The lines of `stream`, read on a thread.
-pub fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -60,7 +83,7 @@ pub fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<Stri
 }
 
 /// The first line for which `pick` finds something, within [`PATIENCE`].
-pub fn wait_line<T>(
+fn wait_line<T>(
     rx: &mpsc::Receiver<String>,
     what: &str,
     pick: impl Fn(&str) -> Option<T>,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
 
-use crate::procs::{PATIENCE, Processes, lines, wait_line};
+use crate::procs::{PATIENCE, Processes};
 use crate::{build_binaries, project_root};
 
 #[derive(Debug, clap::Args)]
@@ -66,19 +66,7 @@ fn scene(bin: &Path, work: &Path, out: &Path) -> anyhow::Result<()> {
             .success())
     })?;
 
-    // The relay, on a free loopback port.
-    let relay = procs.spawn(
-        Command::new(bin.join("chat-server"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(work.join("relay"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped()),
-    )?;
-    let relay_log = lines(relay.stderr.take().expect("piped"));
-    let addr = wait_line(&relay_log, "relay to listen", |l| {
-        l.split_once("listening on ")
-            .map(|(_, a)| a.trim().to_owned())
-    })?;
+    let addr = procs.start_relay(bin, &work.join("relay"))?;
 
     // Bob, headless, scripted through stdin.
     let bob = procs.spawn(
