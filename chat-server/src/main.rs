@@ -88,7 +88,9 @@ fn main() -> anyhow::Result<()> {
             )
         })?;
         let data_dir = config.data_dir.clone();
-        chat_server::run(listener, config, shutdown_signal())
+        // Handlers first, so a SIGTERM right after "listening on" is never missed.
+        let shutdown = shutdown_signal().context("cannot install signal handlers")?;
+        chat_server::run(listener, config, shutdown)
             .await
             .with_context(|| format!("cannot use data directory {}", data_dir.display()))
     })
@@ -127,18 +129,24 @@ fn run_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler cannot fail on unix");
+/// Installs the Ctrl-C and SIGTERM handlers now; the returned future resolves on either.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    })
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
