@@ -28,9 +28,18 @@ struct Cli {
     /// Window only: open the conversation with USER after signing in
     #[arg(long, value_name = "USER", conflicts_with = "headless")]
     chat_with: Option<String>,
+    /// Window only: where the window first appears, in screen pixels
+    #[arg(long, value_name = "X,Y", value_parser = parse_position, conflicts_with = "headless")]
+    window_position: Option<[f32; 2]>,
     /// File holding the identity key's passphrase (or set CHAT_PASSPHRASE)
     #[arg(long, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
+}
+
+fn parse_position(s: &str) -> Result<[f32; 2], String> {
+    let (x, y) = s.split_once(',').ok_or("expected X,Y, e.g. 40,40")?;
+    let parse = |v: &str| v.trim().parse::<f32>().map_err(|e| format!("{v:?}: {e}"));
+    Ok([parse(x)?, parse(y)?])
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         // With --user on the command line the window signs in right away.
         let launch = chat_client::gui::Launch {
             auto_sign_in: cli.user.is_some(),
+            position: cli.window_position,
             chat_with: cli
                 .chat_with
                 .map(|u| Username::parse(&u).map(|u| u.to_string()))

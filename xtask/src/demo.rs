@@ -27,18 +27,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let mut windows = Vec::new();
-    for (me, peer) in [("alice", "bob"), ("bob", "alice")] {
+    // Side by side, so both are visible at once.
+    for (me, peer, position) in [("alice", "bob", "40,40"), ("bob", "alice", "1020,40")] {
         let child = procs.spawn(
             Command::new(bin.join("chat-client"))
-                .args([
-                    "--server",
-                    &addr,
-                    "--user",
-                    me,
-                    "--chat-with",
-                    peer,
-                    "--home",
-                ])
+                .args(["--server", &addr, "--user", me, "--chat-with", peer])
+                .args(["--window-position", position, "--home"])
                 .arg(demo.join(me)),
         )?;
         windows.push(child.id());

@@ -316,6 +316,8 @@ pub struct Launch {
     pub auto_sign_in: bool,
     /// Open the conversation with this user once signed in.
     pub chat_with: Option<String>,
+    /// Where the window first appears (screen pixels), before any saved position.
+    pub position: Option<[f32; 2]>,
 }
 
 /// Opens the window and runs until it is closed.
@@ -331,11 +333,15 @@ pub fn run(home: Home, mut settings: Settings, launch: Launch) -> anyhow::Result
         Some(user) if launch.auto_sign_in => format!("Secure Chat — {user}"),
         _ => "Secure Chat".to_owned(),
     };
+    let mut viewport = egui::ViewportBuilder::default()
+        .with_title(title)
+        .with_inner_size([960.0, 680.0])
+        .with_min_inner_size([640.0, 420.0]);
+    if let Some(position) = launch.position {
+        viewport = viewport.with_position(position);
+    }
     let options = eframe::NativeOptions {
-        viewport: egui::ViewportBuilder::default()
-            .with_title(title)
-            .with_inner_size([960.0, 680.0])
-            .with_min_inner_size([640.0, 420.0]),
+        viewport,
         persistence_path: Some(gui_state_path(&home)),
         ..Default::default()
     };
