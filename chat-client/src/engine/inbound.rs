@@ -43,7 +43,7 @@ impl Engine {
                 id: Some(id),
                 code,
                 message,
-            } => self.request_failed(id, code, message, out),
+            } => self.request_failed(id, code, message),
             ServerMessage::Error {
                 id: None,
                 code,
@@ -90,13 +90,7 @@ impl Engine {
         }
         None
     }
-    pub(super) fn request_failed(
-        &mut self,
-        id: RequestId,
-        code: ErrorCode,
-        message: String,
-        out: &mut Vec<ClientMessage>,
-    ) {
+    pub(super) fn request_failed(&mut self, id: RequestId, code: ErrorCode, message: String) {
         match self.pending.remove(&id) {
             Some(Pending::Send { id: msg_id, to }) => {
                 self.in_flight.remove(&msg_id);
@@ -145,7 +139,6 @@ impl Engine {
                         self.acks.push(envelope_id);
                     }
                 }
-                let _ = out;
             }
             Some(Pending::Receipt | Pending::Users) | None => {
                 self.sink.emit(Event::error(code.as_str(), message));

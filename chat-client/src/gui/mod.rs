@@ -101,6 +101,11 @@ impl ChatApp {
         }
     }
 
+    /// Signed in and showing the main window.
+    pub fn is_main(&self) -> bool {
+        self.screen == Screen::Main
+    }
+
     /// Draws one frame.
     pub fn ui(&mut self, ui: &mut egui::Ui) {
         self.apply_style(ui.ctx());

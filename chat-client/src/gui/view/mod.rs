@@ -9,7 +9,7 @@ mod signin;
 
 use egui::{Align, Color32, Key, Layout, Modifiers, RichText, Sense, Ui, Vec2};
 
-use super::{ChatApp, Screen};
+use super::ChatApp;
 use crate::api::ConnectionState;
 use crate::gui::model::Contact;
 use conversation::conversation;
@@ -191,10 +191,4 @@ pub(super) fn empty_state(ui: &mut Ui, title: &str, hint: &str) {
         ui.add_space(6.0);
         ui.weak(hint);
     });
-}
-
-impl ChatApp {
-    pub fn is_main(&self) -> bool {
-        self.screen == Screen::Main
-    }
 }
