@@ -2,11 +2,13 @@
 //!
 //! - `demo`: a local relay and two desktop windows, the quickest way to see it work.
 //! - `screenshot`: a live conversation in the real desktop window under Xvfb, saved as PNG.
+//! - `deploy`, `logs`, `status`, `ssh`, `destroy`: the relay on AWS EC2.
 //!
 //! This crate is kept out of the workspace's default members so a plain `cargo build`
 //! never compiles what only these tasks need.
 
 mod demo;
+mod deploy;
 mod procs;
 mod screenshot;
 
@@ -28,12 +30,27 @@ enum Task {
     /// Run a relay, a headless bob and the desktop window as alice under Xvfb, chat, and
     /// save a screenshot (needs Xvfb, xdotool and ImageMagick's `import`)
     Screenshot(screenshot::Args),
+    /// Provision (or update) the relay on an AWS EC2 instance and print its address
+    Deploy(deploy::DeployArgs),
+    /// Show the deployed relay's logs (its systemd journal, over SSH)
+    Logs(deploy::LogsArgs),
+    /// Show the deployed instance and whether the relay answers
+    Status(deploy::StatusArgs),
+    /// Open a shell (or run a command) on the deployed instance
+    Ssh(deploy::SshArgs),
+    /// Terminate the instance and delete its security group, key pair and local key
+    Destroy(deploy::DestroyArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Demo(args) => demo::run(args),
         Task::Screenshot(args) => screenshot::run(args),
+        Task::Deploy(args) => deploy::deploy(args),
+        Task::Logs(args) => deploy::logs(args),
+        Task::Status(args) => deploy::status(args),
+        Task::Ssh(args) => deploy::ssh(args),
+        Task::Destroy(args) => deploy::destroy(args),
     }
 }
 
@@ -55,8 +72,12 @@ fn build_binaries(release: bool) -> anyhow::Result<PathBuf> {
         cmd.arg("--release");
     }
     anyhow::ensure!(cmd.status()?.success(), "building the binaries failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    Ok(target_dir().join(if release { "release" } else { "debug" }))
+}
+
+/// Cargo's target directory (CARGO_TARGET_DIR or `target/`).
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| project_root().join("target"));
-    Ok(target.join(if release { "release" } else { "debug" }))
+        .unwrap_or_else(|| project_root().join("target"))
 }

@@ -1,0 +1,181 @@
+//! The local side of a deployment: a RON cache of what was created (tags in EC2 are the
+//! truth; this file only saves lookups and remembers how to reach the host), the SSH
+//! private key, and the host key seen on first contact.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// What `deploy` created, as last seen.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Deployment {
+    pub name: String,
+    pub region: String,
+    pub instance_id: Option<String>,
+    pub public_ip: Option<String>,
+    pub security_group_id: Option<String>,
+    pub key_name: String,
+    pub ssh_user: String,
+    pub port: u16,
+}
+
+/// Where one named deployment keeps its files: `<state dir>/<name>/`.
+#[derive(Debug, Clone)]
+pub struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    pub fn new(state_dir: &Path, name: &str) -> Self {
+        Self {
+            dir: state_dir.join(name),
+        }
+    }
+
+    /// The default state directory: the user's data dir, so `cargo clean` never loses the
+    /// only copy of an instance's SSH key.
+    pub fn default_state_dir() -> anyhow::Result<PathBuf> {
+        let dirs = directories::ProjectDirs::from("", "", "secure-chat")
+            .context("cannot find a home directory for the deploy state; pass --state-dir DIR")?;
+        Ok(dirs.data_local_dir().join("deploy"))
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("deployment.ron")
+    }
+
+    pub fn key(&self) -> PathBuf {
+        self.dir.join("ssh-key.pem")
+    }
+
+    pub fn known_hosts(&self) -> PathBuf {
+        self.dir.join("known_hosts")
+    }
+
+    pub fn load(&self) -> anyhow::Result<Option<Deployment>> {
+        let path = self.state();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => ron::from_str(&text)
+                .map(Some)
+                .with_context(|| format!("{} is not a valid deployment file; delete it (the tags in EC2 are the truth) and run again", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    pub fn save(&self, deployment: &Deployment) -> anyhow::Result<()> {
+        self.create_dir()?;
+        let text = ron::ser::to_string_pretty(deployment, ron::ser::PrettyConfig::default())?;
+        let path = self.state();
+        std::fs::write(&path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Writes the private key readable by the owner only (ssh refuses it otherwise).
+    pub fn save_key(&self, pem: &str) -> anyhow::Result<PathBuf> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        self.create_dir()?;
+        let path = self.key();
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot write the SSH key to {}", path.display()))?;
+        file.write_all(pem.as_bytes())?;
+        if !pem.ends_with('\n') {
+            file.write_all(b"\n")?;
+        }
+        Ok(path)
+    }
+
+    /// Forgets the host key (a new instance has a new one; its IP may be an old one's).
+    pub fn forget_host(&self) -> anyhow::Result<()> {
+        remove_if_present(&self.known_hosts())
+    }
+
+    /// Removes everything of this deployment.
+    pub fn remove_all(&self) -> anyhow::Result<()> {
+        for path in [self.key(), self.known_hosts(), self.state()] {
+            remove_if_present(&path)?;
+        }
+        match std::fs::remove_dir(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            // Something else of the user's is in there: leave it.
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn create_dir(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .with_context(|| format!("cannot create {}", self.dir.display()))
+    }
+}
+
+fn remove_if_present(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_key_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::new(dir.path(), "relay");
+        assert_eq!(files.load().unwrap(), None);
+        let deployment = Deployment {
+            name: "relay".into(),
+            region: "eu-west-1".into(),
+            instance_id: Some("i-0123".into()),
+            public_ip: Some("203.0.113.9".into()),
+            security_group_id: Some("sg-1".into()),
+            key_name: "secure-chat-relay".into(),
+            ssh_user: "ec2-user".into(),
+            port: 65432,
+        };
+        files.save(&deployment).unwrap();
+        assert_eq!(files.load().unwrap(), Some(deployment));
+
+        let key = files
+            .save_key("-----BEGIN OPENSSH PRIVATE KEY-----")
+            .unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(key.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+
+        files.remove_all().unwrap();
+        assert!(!key.exists());
+        assert_eq!(files.load().unwrap(), None);
+    }
+
+    #[test]
+    fn a_corrupt_state_file_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::new(dir.path(), "relay");
+        files.save(&Deployment::default()).unwrap();
+        std::fs::write(files.state(), "(instance_id: ").unwrap();
+        let err = format!("{:#}", files.load().unwrap_err());
+        assert!(err.contains("delete it"), "{err}");
+    }
+}
