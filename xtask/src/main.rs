@@ -2,11 +2,13 @@
 //!
 //! - `demo`: a local relay and two desktop windows, the quickest way to see it work.
 //! - `screenshot`: a live conversation in the real desktop window under Xvfb, saved as PNG.
+//! - `bench`: the relay against Redis pub/sub, figures and a chart in target/bench.
 //! - `deploy`, `logs`, `status`, `ssh`, `destroy`: the relay on AWS EC2.
 //!
 //! This crate is kept out of the workspace's default members so a plain `cargo build`
 //! never compiles what only these tasks need.
 
+mod bench;
 mod demo;
 mod deploy;
 mod procs;
@@ -30,6 +32,9 @@ enum Task {
     /// Run a relay, a headless bob and the desktop window as alice under Xvfb, chat, and
     /// save a screenshot (needs Xvfb, xdotool and ImageMagick's `import`)
     Screenshot(screenshot::Args),
+    /// Measure the relay against Redis pub/sub on this machine (loopback): throughput,
+    /// latency, memory per connection, client crypto cost
+    Bench(bench::Args),
     /// Provision (or update) the relay on an AWS EC2 instance and print its address
     Deploy(deploy::DeployArgs),
     /// Show the deployed relay's logs (its systemd journal, over SSH)
@@ -46,6 +51,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Demo(args) => demo::run(args),
         Task::Screenshot(args) => screenshot::run(args),
+        Task::Bench(args) => bench::run(args),
         Task::Deploy(args) => deploy::deploy(args),
         Task::Logs(args) => deploy::logs(args),
         Task::Status(args) => deploy::status(args),

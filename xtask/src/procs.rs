@@ -33,8 +33,19 @@ impl Processes {
         bin: &std::path::Path,
         data_dir: &std::path::Path,
     ) -> anyhow::Result<String> {
+        self.start_relay_with(bin, data_dir, &[])
+    }
+
+    /// As [`Self::start_relay`], with extra arguments (e.g. `--config FILE`).
+    pub fn start_relay_with(
+        &mut self,
+        bin: &std::path::Path,
+        data_dir: &std::path::Path,
+        extra: &[&str],
+    ) -> anyhow::Result<String> {
         let relay = self.spawn(
             Command::new(bin.join("chat-server"))
+                .args(extra)
                 .args(["--listen", "127.0.0.1:0", "--data-dir"])
                 .arg(data_dir)
                 .stdout(std::process::Stdio::null())
@@ -47,6 +58,11 @@ impl Processes {
         })?;
         std::thread::spawn(move || for _ in log {});
         Ok(addr)
+    }
+
+    /// The process id of the last process started.
+    pub fn last_pid(&self) -> u32 {
+        self.0.last().map_or(0, Child::id)
     }
 
     /// How many of the processes with these ids are still running.

@@ -1,0 +1,388 @@
+//! Load generators speaking to the relay (our protocol, over the real codec) and to Redis
+//! (PUBLISH/SUBSCRIBE) in the same patterns, so the two are measured alike.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chat_protocol::codec::WireCodec;
+use chat_protocol::{ClientMessage, PROTOCOL_VERSION, ServerMessage, Username, auth};
+use futures_util::{SinkExt, StreamExt};
+use rsa::PrivateKey;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_util::codec::Framed;
+
+type Conn = Framed<TcpStream, WireCodec<ServerMessage, ClientMessage>>;
+
+/// Connects and logs in as a new account `name`, signing with `key`. `source` picks the
+/// local loopback address (several allow more connections than one address has ports).
+pub async fn relay_login(
+    addr: &str,
+    name: &str,
+    key: &PrivateKey,
+    source: Option<[u8; 4]>,
+) -> anyhow::Result<Conn> {
+    let stream = match source {
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind((std::net::Ipv4Addr::from(ip), 0).into())?;
+            socket.connect(addr.parse()?).await?
+        }
+        None => TcpStream::connect(addr).await?,
+    };
+    stream.set_nodelay(true)?;
+    let mut conn = Framed::new(stream, WireCodec::new(1 << 20));
+    conn.send(ClientMessage::Hello {
+        version: PROTOCOL_VERSION,
+        software: "bench".into(),
+    })
+    .await?;
+    conn.send(ClientMessage::Register {
+        id: 1,
+        username: name.into(),
+        public_key: auth::public_key_der(&key.to_public_key()),
+    })
+    .await?;
+    let user = Username::parse(name)?;
+    loop {
+        match conn.next().await.context("relay closed during login")?? {
+            ServerMessage::Challenge { nonce, .. } => {
+                let signature = auth::sign_login(key, &mut rand::rng(), &user, &nonce)?;
+                conn.send(ClientMessage::Prove { id: 2, signature }).await?;
+            }
+            ServerMessage::Welcome { .. } => return Ok(conn),
+            ServerMessage::Error { code, message, .. } => {
+                anyhow::bail!("login of {name}: {code}: {message}")
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A throughput pattern: `pairs` sender→receiver streams of `payload`-byte messages, each
+/// sender with at most `window` sends awaiting the server's answer (1: wait for each).
+/// `tag` keeps names and channels of one run apart from the others.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    pub tag: String,
+    pub pairs: usize,
+    pub payload: usize,
+    pub window: usize,
+}
+
+/// Counts what receivers got while `measuring` is set.
+#[derive(Default)]
+pub struct Counter {
+    pub measuring: AtomicBool,
+    pub messages: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+impl Counter {
+    fn record(&self, bytes: usize) {
+        if self.measuring.load(Ordering::Relaxed) {
+            self.messages.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs one sender→receiver stream per pair through the relay until `stop`; `window` is
+/// how many sends may await the server's `Ok` (1: wait for each).
+pub async fn relay_pairs(
+    addr: &str,
+    key: &PrivateKey,
+    p: Pattern,
+    counter: Arc<Counter>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let Pattern {
+        tag,
+        pairs,
+        payload,
+        window,
+    } = p;
+    let mut tasks = Vec::new();
+    for i in 0..pairs {
+        let to = format!("{tag}r{i}");
+        let receiver = relay_login(addr, &to, key, None).await?;
+        let sender = relay_login(addr, &format!("{tag}s{i}"), key, None).await?;
+        let counter = counter.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut sink, mut stream) = receiver.split();
+            let mut acks = Vec::with_capacity(64);
+            while let Some(Ok(msg)) = stream.next().await {
+                if let ServerMessage::Deliver {
+                    envelope_id,
+                    payload,
+                    ..
+                } = msg
+                {
+                    counter.record(payload.len());
+                    acks.push(envelope_id);
+                    if acks.len() == 64 {
+                        let envelope_ids = std::mem::take(&mut acks);
+                        if sink
+                            .send(ClientMessage::Ack { envelope_ids })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        }));
+        let (mut sink, mut stream) = sender.split();
+        let permits = Arc::new(Semaphore::new(window));
+        let oks = permits.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(Ok(msg)) = stream.next().await {
+                if let ServerMessage::Ok { .. } = msg {
+                    oks.add_permits(1);
+                }
+            }
+        }));
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = vec![0xa5u8; payload];
+            let mut id = 10u32;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(permit) = permits.acquire().await else {
+                    return;
+                };
+                permit.forget();
+                id = id.wrapping_add(1);
+                let msg = ClientMessage::Send {
+                    id,
+                    to: to.clone(),
+                    payload: body.clone(),
+                };
+                if sink.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
+/// The same pattern over Redis: a subscriber per pair on its own channel, a publisher
+/// that waits for PUBLISH replies with the same window.
+pub async fn redis_pairs(
+    url: &str,
+    p: Pattern,
+    counter: Arc<Counter>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let Pattern {
+        tag,
+        pairs,
+        payload,
+        window,
+    } = p;
+    let client = redis::Client::open(url)?;
+    let mut tasks = Vec::new();
+    for i in 0..pairs {
+        let channel = format!("{tag}c{i}");
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(&channel).await?;
+        let counter = counter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut messages = pubsub.on_message();
+            while let Some(msg) = messages.next().await {
+                counter.record(msg.get_payload_bytes().len());
+            }
+        }));
+        // One connection per publisher, as each relay sender has its own.
+        let conn = client.get_multiplexed_async_connection().await?;
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = vec![0xa5u8; payload];
+            let mut inflight = futures_util::stream::FuturesUnordered::new();
+            while !stop.load(Ordering::Relaxed) {
+                while inflight.len() < window {
+                    let mut c = conn.clone();
+                    let cmd = redis::cmd("PUBLISH")
+                        .arg(&channel)
+                        .arg(&body[..])
+                        .to_owned();
+                    inflight.push(async move { cmd.query_async::<i64>(&mut c).await });
+                }
+                if inflight.next().await.is_some_and(|r| r.is_err()) {
+                    return;
+                }
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
+/// Round-trip times, in microseconds.
+pub type Samples = Vec<u64>;
+
+/// Echo pairs through the relay: A sends at `rate` messages/s, B echoes each back; A
+/// records the round trip.
+pub async fn relay_echo(
+    addr: &str,
+    key: &PrivateKey,
+    tag: &str,
+    pairs: usize,
+    payload: usize,
+    rate: f64,
+    run: Duration,
+) -> anyhow::Result<Samples> {
+    let mut tasks = Vec::new();
+    for i in 0..pairs {
+        let (a_name, b_name) = (format!("{tag}a{i}"), format!("{tag}b{i}"));
+        let b = relay_login(addr, &b_name, key, None).await?;
+        let a = relay_login(addr, &a_name, key, None).await?;
+        tokio::spawn(async move {
+            let (mut sink, mut stream) = b.split();
+            while let Some(Ok(msg)) = stream.next().await {
+                if let ServerMessage::Deliver {
+                    envelope_id,
+                    payload,
+                    ..
+                } = msg
+                {
+                    let echo = ClientMessage::Send {
+                        id: 1,
+                        to: a_name.clone(),
+                        payload,
+                    };
+                    let ack = ClientMessage::Ack {
+                        envelope_ids: vec![envelope_id],
+                    };
+                    if sink.feed(echo).await.is_err() || sink.send(ack).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let (mut sink, mut stream) = a.split();
+        let start = Instant::now();
+        // A's reader hands envelope ids to A's writer, which acknowledges them.
+        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel();
+        let receiver = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let end = start + run;
+            loop {
+                let next = tokio::time::timeout_at(end.into(), stream.next()).await;
+                let Ok(Some(Ok(msg))) = next else {
+                    return samples;
+                };
+                if let ServerMessage::Deliver {
+                    envelope_id,
+                    payload,
+                    ..
+                } = msg
+                {
+                    let sent = u64::from_le_bytes(payload[..8].try_into().unwrap());
+                    samples.push((start.elapsed().as_micros() as u64).saturating_sub(sent));
+                    let _ = ack_tx.send(envelope_id);
+                }
+            }
+        });
+        tasks.push(receiver);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let mut body = vec![0x5au8; payload.max(8)];
+            while start.elapsed() < run {
+                tick.tick().await;
+                let mut envelope_ids = Vec::new();
+                while let Ok(id) = ack_rx.try_recv() {
+                    envelope_ids.push(id);
+                }
+                if !envelope_ids.is_empty()
+                    && sink
+                        .feed(ClientMessage::Ack { envelope_ids })
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+                body[..8].copy_from_slice(&(start.elapsed().as_micros() as u64).to_le_bytes());
+                let msg = ClientMessage::Send {
+                    id: 1,
+                    to: b_name.clone(),
+                    payload: body.clone(),
+                };
+                if sink.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let mut samples = Vec::new();
+    for t in tasks {
+        samples.extend(t.await?);
+    }
+    Ok(samples)
+}
+
+/// The same echo pattern over Redis channels.
+pub async fn redis_echo(
+    url: &str,
+    tag: &str,
+    pairs: usize,
+    payload: usize,
+    rate: f64,
+    run: Duration,
+) -> anyhow::Result<Samples> {
+    let client = redis::Client::open(url)?;
+    let mut tasks = Vec::new();
+    for i in 0..pairs {
+        let (to_b, to_a) = (format!("{tag}ab{i}"), format!("{tag}ba{i}"));
+        let mut b_sub = client.get_async_pubsub().await?;
+        b_sub.subscribe(&to_b).await?;
+        let mut b_pub = client.get_multiplexed_async_connection().await?;
+        let echo_channel = to_a.clone();
+        tokio::spawn(async move {
+            let mut messages = b_sub.on_message();
+            while let Some(msg) = messages.next().await {
+                let cmd = redis::cmd("PUBLISH")
+                    .arg(&echo_channel)
+                    .arg(msg.get_payload_bytes())
+                    .to_owned();
+                if cmd.query_async::<i64>(&mut b_pub).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut a_sub = client.get_async_pubsub().await?;
+        a_sub.subscribe(&to_a).await?;
+        let mut a_pub = client.get_multiplexed_async_connection().await?;
+        let start = Instant::now();
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut messages = a_sub.on_message();
+            let end = start + run;
+            while let Ok(Some(msg)) = tokio::time::timeout_at(end.into(), messages.next()).await {
+                let payload = msg.get_payload_bytes();
+                let sent = u64::from_le_bytes(payload[..8].try_into().unwrap());
+                samples.push((start.elapsed().as_micros() as u64).saturating_sub(sent));
+            }
+            samples
+        }));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let mut body = vec![0x5au8; payload.max(8)];
+            while start.elapsed() < run {
+                tick.tick().await;
+                body[..8].copy_from_slice(&(start.elapsed().as_micros() as u64).to_le_bytes());
+                let cmd = redis::cmd("PUBLISH").arg(&to_b).arg(&body[..]).to_owned();
+                if cmd.query_async::<i64>(&mut a_pub).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let mut samples = Vec::new();
+    for t in tasks {
+        samples.extend(t.await?);
+    }
+    Ok(samples)
+}
