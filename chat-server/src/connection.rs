@@ -234,7 +234,7 @@ impl Handler {
                     return Ok(());
                 };
                 let user = user.clone();
-                if let Err(e) = self.store(move |s| s.ack(&user, &envelope_ids)).await {
+                if let Err(e) = self.shared.writer.ack(user, envelope_ids).await {
                     tracing::error!(conn = self.conn_id, "storage error on ack: {e}");
                 }
                 Ok(())
@@ -428,10 +428,16 @@ impl Handler {
                 };
                 // Durable first: the sender hears `Ok` only once the envelope is committed.
                 let limits = self.shared.config.queue.limits();
-                let (recipient, sender, stored) = (to_user.clone(), me.clone(), payload.clone());
-                let now = unix_secs();
                 let envelope_id = match self
-                    .store(move |s| s.enqueue(&recipient, &sender, &stored, now, &limits))
+                    .shared
+                    .writer
+                    .enqueue(
+                        to_user.clone(),
+                        me.clone(),
+                        payload.clone(),
+                        unix_secs(),
+                        limits,
+                    )
                     .await
                 {
                     Ok(Enqueued::Stored(envelope_id)) => envelope_id,

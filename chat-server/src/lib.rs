@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) router: Router,
     pub(crate) store: Store,
+    /// Queue inserts and acks, group-committed.
+    pub(crate) writer: store::Writer,
 }
 
 /// Serves `listener` until `shutdown` resolves, then tells every client, lets in-flight
@@ -53,6 +55,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         config,
         router: Router::default(),
+        writer: store.start_writer(),
         store,
     });
     // Handlers hold a receiver of `notify` and a clone of `done`: dropping `notify` tells

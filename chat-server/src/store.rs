@@ -25,6 +25,157 @@ pub enum StoreError {
         "database schema version {found} is newer than this server understands ({SCHEMA_VERSION}); upgrade the server"
     )]
     SchemaTooNew { found: i64 },
+    #[error("the database writer has stopped")]
+    WriterGone,
+}
+
+/// Writes per group commit; bounds the latency one batch adds to its last member.
+const MAX_BATCH: usize = 512;
+
+/// The sending side of [`Store::start_writer`].
+#[derive(Clone, Debug)]
+pub struct Writer {
+    tx: tokio::sync::mpsc::UnboundedSender<Write>,
+}
+
+impl Writer {
+    /// [`Store::enqueue`], committed together with whatever else is waiting.
+    pub async fn enqueue(
+        &self,
+        recipient: Username,
+        sender: Username,
+        payload: Vec<u8>,
+        now_secs: u64,
+        limits: QueueLimits,
+    ) -> Result<Enqueued, StoreError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let op = Op::Enqueue {
+            recipient,
+            sender,
+            payload,
+            now_secs,
+            limits,
+        };
+        self.send(Write { op, reply }, rx).await.map(|r| match r {
+            Done::Enqueued(e) => e,
+            Done::Acked(_) => unreachable!("an enqueue answers Enqueued"),
+        })
+    }
+
+    /// [`Store::ack`], committed together with whatever else is waiting.
+    pub async fn ack(&self, recipient: Username, ids: Vec<u64>) -> Result<usize, StoreError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let op = Op::Ack { recipient, ids };
+        self.send(Write { op, reply }, rx).await.map(|r| match r {
+            Done::Acked(n) => n,
+            Done::Enqueued(_) => unreachable!("an ack answers Acked"),
+        })
+    }
+
+    async fn send(
+        &self,
+        write: Write,
+        rx: tokio::sync::oneshot::Receiver<Result<Done, StoreError>>,
+    ) -> Result<Done, StoreError> {
+        self.tx.send(write).map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+#[derive(Debug)]
+struct Write {
+    op: Op,
+    reply: tokio::sync::oneshot::Sender<Result<Done, StoreError>>,
+}
+
+#[derive(Debug)]
+enum Op {
+    Enqueue {
+        recipient: Username,
+        sender: Username,
+        payload: Vec<u8>,
+        now_secs: u64,
+        limits: QueueLimits,
+    },
+    Ack {
+        recipient: Username,
+        ids: Vec<u64>,
+    },
+}
+
+#[derive(Debug)]
+enum Done {
+    Enqueued(Enqueued),
+    Acked(usize),
+}
+
+impl Write {
+    fn apply(&self, tx: &rusqlite::Transaction<'_>) -> Result<Done, StoreError> {
+        match &self.op {
+            Op::Enqueue {
+                recipient,
+                sender,
+                payload,
+                now_secs,
+                limits,
+            } => enqueue_in(tx, recipient, sender, payload, *now_secs, limits).map(Done::Enqueued),
+            Op::Ack { recipient, ids } => ack_in(tx, recipient, ids).map(Done::Acked),
+        }
+    }
+
+    fn reply(self, result: Result<Done, StoreError>) {
+        // The connection may have gone meanwhile; the write stands either way.
+        let _ = self.reply.send(result);
+    }
+}
+
+fn enqueue_in(
+    tx: &rusqlite::Transaction<'_>,
+    recipient: &Username,
+    sender: &Username,
+    payload: &[u8],
+    now_secs: u64,
+    limits: &QueueLimits,
+) -> Result<Enqueued, StoreError> {
+    let registered: bool = tx
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM accounts WHERE username = ?1)")?
+        .query_row(params![recipient.as_str()], |r| r.get(0))?;
+    if !registered {
+        return Ok(Enqueued::UnknownRecipient);
+    }
+    let (count, bytes): (i64, i64) = tx
+        .prepare_cached(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM queue WHERE recipient = ?1",
+        )?
+        .query_row(params![recipient.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if count.unsigned_abs() >= limits.max_envelopes
+        || bytes.unsigned_abs() + payload.len() as u64 > limits.max_bytes
+    {
+        return Ok(Enqueued::Full);
+    }
+    tx.prepare_cached(
+        "INSERT INTO queue (recipient, sender, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        recipient.as_str(),
+        sender.as_str(),
+        payload,
+        now_secs as i64
+    ])?;
+    Ok(Enqueued::Stored(tx.last_insert_rowid().unsigned_abs()))
+}
+
+fn ack_in(
+    tx: &rusqlite::Transaction<'_>,
+    recipient: &Username,
+    ids: &[u64],
+) -> Result<usize, StoreError> {
+    let mut stmt = tx.prepare_cached("DELETE FROM queue WHERE recipient = ?1 AND id = ?2")?;
+    let mut removed = 0;
+    for id in ids {
+        removed += stmt.execute(params![recipient.as_str(), *id as i64])?;
+    }
+    Ok(removed)
 }
 
 /// What `bind` did.
@@ -142,36 +293,9 @@ impl Store {
     ) -> Result<Enqueued, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let registered: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM accounts WHERE username = ?1)",
-            params![recipient.as_str()],
-            |r| r.get(0),
-        )?;
-        if !registered {
-            return Ok(Enqueued::UnknownRecipient);
-        }
-        let (count, bytes): (i64, i64) = tx.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM queue WHERE recipient = ?1",
-            params![recipient.as_str()],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        if count.unsigned_abs() >= limits.max_envelopes
-            || bytes.unsigned_abs() + payload.len() as u64 > limits.max_bytes
-        {
-            return Ok(Enqueued::Full);
-        }
-        tx.execute(
-            "INSERT INTO queue (recipient, sender, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![
-                recipient.as_str(),
-                sender.as_str(),
-                payload,
-                now_secs as i64
-            ],
-        )?;
-        let id = tx.last_insert_rowid().unsigned_abs();
+        let result = enqueue_in(&tx, recipient, sender, payload, now_secs, limits)?;
         tx.commit()?;
-        Ok(Enqueued::Stored(id))
+        Ok(result)
     }
 
     /// Up to `limit` queued envelopes for `recipient` with ids above `after`, oldest first.
@@ -202,16 +326,66 @@ impl Store {
     pub fn ack(&self, recipient: &Username, ids: &[u64]) -> Result<usize, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let mut removed = 0;
-        {
-            let mut stmt =
-                tx.prepare_cached("DELETE FROM queue WHERE recipient = ?1 AND id = ?2")?;
-            for id in ids {
-                removed += stmt.execute(params![recipient.as_str(), *id as i64])?;
-            }
-        }
+        let removed = ack_in(&tx, recipient, ids)?;
         tx.commit()?;
         Ok(removed)
+    }
+
+    /// Runs queued writes in one transaction each time: every commit is an fsync, so under
+    /// load one commit serves a whole batch (group commit). Each caller still hears only
+    /// after its write is durable. A batch that fails is retried write by write, so one
+    /// bad write cannot fail the others.
+    pub fn start_writer(&self) -> Writer {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Write>();
+        let store = self.clone();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || {
+                let mut batch = Vec::new();
+                while let Some(first) = rx.blocking_recv() {
+                    batch.push(first);
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(w) => batch.push(w),
+                            Err(_) => break,
+                        }
+                    }
+                    store.write_batch(std::mem::take(&mut batch));
+                }
+            })
+            .expect("spawn the store writer thread");
+        Writer { tx }
+    }
+
+    fn write_batch(&self, batch: Vec<Write>) {
+        let mut conn = self.conn();
+        let together = (|| {
+            let tx = conn.transaction()?;
+            let results = batch
+                .iter()
+                .map(|w| w.apply(&tx))
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit()?;
+            Ok::<_, StoreError>(results)
+        })();
+        match together {
+            Ok(results) => {
+                for (w, r) in batch.into_iter().zip(results) {
+                    w.reply(Ok(r));
+                }
+            }
+            Err(_) => {
+                for w in batch {
+                    let one = (|| {
+                        let tx = conn.transaction()?;
+                        let r = w.apply(&tx)?;
+                        tx.commit()?;
+                        Ok(r)
+                    })();
+                    w.reply(one);
+                }
+            }
+        }
     }
 
     /// Deletes envelopes older than `max_age_secs` and counts them. Returns how many.
