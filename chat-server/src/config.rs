@@ -171,7 +171,7 @@ impl Config {
             ("queue.purge_interval_secs", self.queue.purge_interval_secs),
         ] {
             if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
-                return invalid(field, "must be a positive number");
+                return invalid(field, "must be a positive number below 1000000000");
             }
         }
         if !(self.shutdown_grace_secs.is_finite() && (0.0..1e9).contains(&self.shutdown_grace_secs))

@@ -35,6 +35,8 @@ const WRITE_BATCH: usize = 64;
 
 /// Initial read buffer; it grows only while a large frame is arriving.
 const READ_BUFFER: usize = 1024;
+/// Buffers larger than this are released once empty (after a burst or a big frame).
+const IDLE_BUFFER_MAX: usize = 4096;
 
 /// How a connection ends.
 enum Close {
@@ -105,7 +107,12 @@ impl Handler {
             conn_id,
             peer,
             reader: FramedRead::with_capacity(read, Codec::new(max), READ_BUFFER),
-            writer: FramedWrite::new(write, Codec::new(max)),
+            writer: {
+                // FramedWrite starts with 8 KiB; an idle connection should hold nothing.
+                let mut w = FramedWrite::new(write, Codec::new(max));
+                *w.write_buffer_mut() = Default::default();
+                w
+            },
             state: State::AwaitHello,
             membership: None,
             bucket: TokenBucket::new(shared.config.rate_limit, now.into_std()),
@@ -572,12 +579,27 @@ impl Handler {
         self.finish_write(result)
     }
 
+    /// Gives back buffer memory a burst left behind, so idle connections stay small.
+    fn trim_buffers(&mut self) {
+        let write = self.writer.write_buffer_mut();
+        if write.is_empty() && write.capacity() > IDLE_BUFFER_MAX {
+            *write = Default::default();
+        }
+        let read = self.reader.read_buffer_mut();
+        if read.is_empty() && read.capacity() > IDLE_BUFFER_MAX {
+            *read = tokio_util::bytes::BytesMut::with_capacity(READ_BUFFER);
+        }
+    }
+
     fn finish_write(
-        &self,
+        &mut self,
         result: Result<Result<(), CodecError>, tokio::time::error::Elapsed>,
     ) -> Result<(), Close> {
         match result {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                self.trim_buffers();
+                Ok(())
+            }
             Ok(Err(e)) => {
                 debug!(conn = self.conn_id, "write failed: {e}");
                 Err(Close::Silent)
