@@ -142,7 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Idle connections: a fresh relay and the same Redis, RSS before and after.
     let n = args
         .connections
-        .unwrap_or(if args.quick { 1000 } else { 10_000 });
+        .unwrap_or(if args.quick { 1000 } else { 2000 });
     let data2 = tempfile::tempdir()?;
     let relay2 = start_relay(&mut procs, &bin, data2.path())?;
     let relay_conn = rt.block_on(relay_connections(&relay2, &key, n))?;
