@@ -16,7 +16,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let bin = build_binaries(args.release)?;
+    let bin = build_binaries(&["chat-server", "chat-client"], args.release)?;
     let demo = project_root().join("target/demo");
     std::fs::create_dir_all(&demo)?;
     let mut procs = Processes::default();

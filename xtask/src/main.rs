@@ -68,16 +68,18 @@ fn project_root() -> PathBuf {
         .to_owned()
 }
 
-/// Builds the workspace binaries and returns the directory holding them.
-fn build_binaries(release: bool) -> anyhow::Result<PathBuf> {
+/// Builds the given workspace binaries and returns the directory holding them.
+fn build_binaries(packages: &[&str], release: bool) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
-    cmd.current_dir(project_root())
-        .args(["build", "-p", "chat-server", "-p", "chat-client"]);
+    cmd.current_dir(project_root()).arg("build");
+    for package in packages {
+        cmd.args(["-p", package]);
+    }
     if release {
         cmd.arg("--release");
     }
-    anyhow::ensure!(cmd.status()?.success(), "building the binaries failed");
+    anyhow::ensure!(cmd.status()?.success(), "building {packages:?} failed");
     Ok(target_dir().join(if release { "release" } else { "debug" }))
 }
 

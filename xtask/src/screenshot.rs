@@ -27,7 +27,7 @@ pub struct Args {
 const SCREEN: (u32, u32) = (1280, 960);
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let bin = build_binaries(args.release)?;
+    let bin = build_binaries(&["chat-server", "chat-client"], args.release)?;
     let out = args
         .out
         .unwrap_or_else(|| project_root().join("docs/screenshot.png"));

@@ -48,7 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let fds = rlimit::getrlimit(rlimit::Resource::NOFILE)?.0;
     eprintln!("fd limit {soft} -> {fds}");
 
-    let bin = build_release_server()?;
+    let bin = crate::build_binaries(&["chat-server"], true)?;
     let out = args
         .out
         .clone()
@@ -215,16 +215,6 @@ fn percentiles(mut samples: Vec<u64>) -> [u64; 3] {
     samples.sort_unstable();
     let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
     [at(0.50), at(0.99), at(0.999)]
-}
-
-fn build_release_server() -> anyhow::Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(crate::project_root())
-        .args(["build", "--release", "-p", "chat-server"])
-        .status()?;
-    anyhow::ensure!(status.success(), "building the release server failed");
-    Ok(crate::target_dir().join("release"))
 }
 
 struct Relay {

@@ -162,7 +162,8 @@ impl Common {
         Ok(Files::new(&dir, &self.name))
     }
 
-    fn key_name(&self) -> String {
+    /// The name of the deployment's key pair and of its security group.
+    fn resource_name(&self) -> String {
         format!("secure-chat-{}", self.name)
     }
 
@@ -298,8 +299,7 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
         Some(cidr) => cidr.clone(),
         None => caller_cidr()?,
     };
-    let key_name = common.key_name();
-    let group_name = key_name.clone();
+    let key_name = common.resource_name();
     let existing = current_instance(&aws, name).await?;
     let key_exists = ec2::key_pair_exists(&aws.ec2, &key_name).await?;
     let have_key_file = files.key().exists();
@@ -352,7 +352,7 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
     }
 
     let rules = ec2::wanted_rules(args.port, &ssh_cidr);
-    let group_id = ec2::ensure_security_group(&aws.ec2, &group_name, name, &rules).await?;
+    let group_id = ec2::ensure_security_group(&aws.ec2, &key_name, name, &rules).await?;
     eprintln!(
         "security group {group_id}: port {} open to all, SSH from {ssh_cidr}",
         args.port
@@ -458,7 +458,7 @@ async fn dry_run(
     key_exists: bool,
     ssh_cidr: &str,
 ) -> anyhow::Result<()> {
-    let key_name = args.common.key_name();
+    let key_name = args.common.resource_name();
     let group = ec2::find_security_group(&aws.ec2, &key_name).await?;
     println!("dry run: nothing is changed");
     println!(
@@ -579,7 +579,7 @@ async fn reach(common: &Common) -> anyhow::Result<(Aws, Files, Deployment, Optio
     let mut deployment = files.load()?.unwrap_or_else(|| Deployment {
         name: common.name.clone(),
         region: aws.region.clone(),
-        key_name: common.key_name(),
+        key_name: common.resource_name(),
         ssh_user: "ec2-user".into(),
         port: chat_protocol::DEFAULT_PORT,
         ..Deployment::default()
@@ -691,7 +691,7 @@ async fn destroy_async(args: DestroyArgs) -> anyhow::Result<()> {
     let files = common.files()?;
     let aws = common.aws().await?;
     let name = &common.name;
-    let key_name = common.key_name();
+    let key_name = common.resource_name();
     let instances = ec2::find_instances(&aws.ec2, name).await?;
     let group = ec2::find_security_group(&aws.ec2, &key_name).await?;
     let key_exists = ec2::key_pair_exists(&aws.ec2, &key_name).await?;
