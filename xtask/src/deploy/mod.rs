@@ -171,8 +171,11 @@ impl Common {
     /// with what to do, when there is no region or no usable credentials.
     async fn aws(&self) -> anyhow::Result<Aws> {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(region) = &self.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
+        // --region, else the region this deployment was made in (so `logs` after
+        // `deploy --region X` looks in X), else the standard chain.
+        let saved = self.files()?.load()?.map(|d| d.region).filter(|r| !r.is_empty());
+        if let Some(region) = self.region.clone().or(saved) {
+            loader = loader.region(aws_config::Region::new(region));
         }
         if let Some(profile) = &self.profile {
             loader = loader.profile_name(profile);
