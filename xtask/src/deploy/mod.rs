@@ -173,7 +173,11 @@ impl Common {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
         // --region, else the region this deployment was made in (so `logs` after
         // `deploy --region X` looks in X), else the standard chain.
-        let saved = self.files()?.load()?.map(|d| d.region).filter(|r| !r.is_empty());
+        let saved = self
+            .files()?
+            .load()?
+            .map(|d| d.region)
+            .filter(|r| !r.is_empty());
         if let Some(region) = self.region.clone().or(saved) {
             loader = loader.region(aws_config::Region::new(region));
         }
