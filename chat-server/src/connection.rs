@@ -4,6 +4,7 @@
 //! frame, on messages routed to it, on shutdown or a kick, and on its timers; every write
 //! is bounded by the write timeout, so a client that stops reading cannot stall it.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -25,13 +26,17 @@ use tracing::{debug, info, warn};
 use crate::Shared;
 use crate::limits::TokenBucket;
 use crate::router::Membership;
-use crate::store::{Bind, Enqueued, Store, StoreError};
+use crate::store::{Bind, Enqueued, Store, StoreError, Ticket};
 
 type Codec = WireCodec<ClientMessage, ServerMessage>;
 
 /// Most routed messages written before one flush, so a busy receiver gets batched writes
 /// without starving its own reads. Also the size of one backlog read.
 const WRITE_BATCH: usize = 64;
+
+/// Sends from one connection waiting for their commit at once. More are not read until
+/// the oldest is answered, which bounds what a fast sender can make the server hold.
+const MAX_PIPELINED: usize = 128;
 
 /// Initial read buffer; it grows only while a large frame is arriving.
 const READ_BUFFER: usize = 1024;
@@ -57,6 +62,14 @@ enum State {
     AwaitLogin,
     AwaitProof(PendingLogin),
     Ready(Username),
+}
+
+/// A `Send` handed to the store, answered (and routed) once its commit is durable.
+struct InFlight {
+    id: RequestId,
+    to: Username,
+    payload: Vec<u8>,
+    ticket: Ticket,
 }
 
 struct PendingLogin {
@@ -90,6 +103,8 @@ pub(crate) struct Handler {
     delivered_up_to: u64,
     /// The stored backlog has been written; new envelopes may go straight out.
     backlog_done: bool,
+    /// Sends awaiting their commit, in the order they arrived (and are answered).
+    sends: VecDeque<InFlight>,
 }
 
 impl Handler {
@@ -122,6 +137,7 @@ impl Handler {
             pinged: false,
             delivered_up_to: 0,
             backlog_done: true,
+            sends: VecDeque::new(),
         }
     }
 
@@ -129,6 +145,8 @@ impl Handler {
         debug!(conn = self.conn_id, peer = %self.peer, "connected");
         let close = self.serve().await;
         if let Close::Tell(code, message) = close {
+            // Answer sends already committed, so their senders need not resend.
+            let _ = self.finish_sends().await;
             debug!(conn = self.conn_id, %code, "closing: {message}");
             let _ = self
                 .write(ServerMessage::Error {
@@ -162,6 +180,7 @@ impl Handler {
 
             tokio::select! {
                 _ = self.shutdown.recv() => {
+                    let _ = self.finish_sends().await;
                     self.drain_routed().await;
                     return Close::tell(ErrorCode::ShuttingDown, "the server is shutting down; reconnect in a moment");
                 }
@@ -178,7 +197,12 @@ impl Handler {
                         return close;
                     }
                 }
-                frame = self.reader.next() => match frame {
+                done = next_commit(&mut self.sends), if !self.sends.is_empty() => {
+                    if let Err(close) = self.send_committed(done).await {
+                        return close;
+                    }
+                }
+                frame = self.reader.next(), if self.sends.len() < MAX_PIPELINED => match frame {
                     None => return Close::Silent,
                     Some(Err(CodecError::Io(e))) => {
                         debug!(conn = self.conn_id, "read failed: {e}");
@@ -237,12 +261,9 @@ impl Handler {
             ClientMessage::Ping { nonce } => self.write(ServerMessage::Pong { nonce }).await,
             ClientMessage::Pong { .. } => Ok(()),
             ClientMessage::Ack { envelope_ids } => {
-                let State::Ready(user) = &self.state else {
-                    return Ok(());
-                };
-                let user = user.clone();
-                if let Err(e) = self.shared.writer.ack(user, envelope_ids).await {
-                    tracing::error!(conn = self.conn_id, "storage error on ack: {e}");
+                if let State::Ready(user) = &self.state {
+                    // Nothing is answered, so nothing waits: the writer logs a failure.
+                    let _ = self.shared.writer.ack(user.clone(), envelope_ids);
                 }
                 Ok(())
             }
@@ -261,6 +282,10 @@ impl Handler {
                         .await;
                 };
                 let user = user.clone();
+                if !matches!(msg, ClientMessage::Send { .. }) {
+                    // Replies keep request order: earlier sends are answered first.
+                    self.finish_sends().await?;
+                }
                 self.request(user, msg).await
             }
         }
@@ -434,40 +459,21 @@ impl Handler {
                     return self.unknown_user(id, &to).await;
                 };
                 // Durable first: the sender hears `Ok` only once the envelope is committed.
+                // Later sends are read meanwhile, so they share the commit.
                 let limits = self.shared.config.queue.limits();
-                let envelope_id = match self
-                    .shared
-                    .writer
-                    .enqueue(
-                        to_user.clone(),
-                        me.clone(),
-                        payload.clone(),
-                        unix_secs(),
-                        limits,
-                    )
-                    .await
-                {
-                    Ok(Enqueued::Stored(envelope_id)) => envelope_id,
-                    Ok(Enqueued::UnknownRecipient) => return self.unknown_user(id, &to).await,
-                    Ok(Enqueued::Full) => {
-                        return self
-                            .fail(
-                                id,
-                                ErrorCode::RecipientQueueFull,
-                                format!("{to_user} has too many undelivered messages waiting; try again later"),
-                            )
-                            .await;
-                    }
-                    Err(e) => return self.fail_internal(id, e).await,
-                };
-                self.write(ServerMessage::Ok { id }).await?;
-                let deliver = ServerMessage::Deliver {
-                    envelope_id,
-                    from: me.to_string(),
+                let ticket = self.shared.writer.enqueue(
+                    to_user.clone(),
+                    me,
+                    payload.clone(),
+                    unix_secs(),
+                    limits,
+                );
+                self.sends.push_back(InFlight {
+                    id,
+                    to: to_user,
                     payload,
-                };
-                // Offline or too slow: it waits in the queue for the next login.
-                let _ = self.shared.router.route(&to_user, deliver);
+                    ticket,
+                });
                 Ok(())
             }
             other => {
@@ -477,6 +483,52 @@ impl Handler {
                     .await
             }
         }
+    }
+
+    /// Answers the oldest send now that its commit is done, and routes it on success.
+    async fn send_committed(&mut self, done: Result<Enqueued, StoreError>) -> Result<(), Close> {
+        let Some(InFlight {
+            id, to, payload, ..
+        }) = self.sends.pop_front()
+        else {
+            return Ok(());
+        };
+        let State::Ready(me) = &self.state else {
+            return Ok(());
+        };
+        let me = me.to_string();
+        let envelope_id = match done {
+            Ok(Enqueued::Stored(envelope_id)) => envelope_id,
+            Ok(Enqueued::UnknownRecipient) => return self.unknown_user(id, to.as_str()).await,
+            Ok(Enqueued::Full) => {
+                return self
+                    .fail(
+                        id,
+                        ErrorCode::RecipientQueueFull,
+                        format!("{to} has too many undelivered messages waiting; try again later"),
+                    )
+                    .await;
+            }
+            Err(e) => return self.fail_internal(id, e).await,
+        };
+        self.write(ServerMessage::Ok { id }).await?;
+        let deliver = ServerMessage::Deliver {
+            envelope_id,
+            from: me,
+            payload,
+        };
+        // Offline or too slow: it waits in the queue for the next login.
+        let _ = self.shared.router.route(&to, deliver);
+        Ok(())
+    }
+
+    /// Waits for every send in flight and answers each, oldest first.
+    async fn finish_sends(&mut self) -> Result<(), Close> {
+        while !self.sends.is_empty() {
+            let done = next_commit(&mut self.sends).await;
+            self.send_committed(done).await?;
+        }
+        Ok(())
     }
 
     /// Writes one routed message, then whatever else is already queued, then flushes.
@@ -585,6 +637,9 @@ impl Handler {
         if write.is_empty() && write.capacity() > IDLE_BUFFER_MAX {
             *write = Default::default();
         }
+        if self.sends.is_empty() && self.sends.capacity() > 8 {
+            self.sends = VecDeque::new();
+        }
         let read = self.reader.read_buffer_mut();
         if read.is_empty() && read.capacity() > IDLE_BUFFER_MAX {
             *read = tokio_util::bytes::BytesMut::with_capacity(READ_BUFFER);
@@ -664,6 +719,14 @@ impl Handler {
             Ok(result) => result,
             Err(join) => std::panic::resume_unwind(join.into_panic()),
         }
+    }
+}
+
+/// The outcome of the oldest send in flight; pending while there is none.
+async fn next_commit(sends: &mut VecDeque<InFlight>) -> Result<Enqueued, StoreError> {
+    match sends.front_mut() {
+        Some(oldest) => oldest.ticket.enqueued().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -38,47 +38,63 @@ pub struct Writer {
     tx: tokio::sync::mpsc::UnboundedSender<Write>,
 }
 
+type Reply = tokio::sync::oneshot::Receiver<Result<Done, StoreError>>;
+
+/// A write handed to the writer thread. It is committed whether or not anyone waits for
+/// the ticket; waiting tells the outcome once it is durable.
+#[derive(Debug)]
+pub struct Ticket(Reply);
+
+impl Ticket {
+    /// The outcome of an enqueue. Polls by reference, so it is safe in `select!`.
+    pub async fn enqueued(&mut self) -> Result<Enqueued, StoreError> {
+        match (&mut self.0).await.map_err(|_| StoreError::WriterGone)?? {
+            Done::Enqueued(e) => Ok(e),
+            Done::Acked(_) => unreachable!("an enqueue answers Enqueued"),
+        }
+    }
+
+    /// The outcome of an ack: how many envelopes were removed.
+    pub async fn acked(&mut self) -> Result<usize, StoreError> {
+        match (&mut self.0).await.map_err(|_| StoreError::WriterGone)?? {
+            Done::Acked(n) => Ok(n),
+            Done::Enqueued(_) => unreachable!("an ack answers Acked"),
+        }
+    }
+}
+
 impl Writer {
-    /// [`Store::enqueue`], committed together with whatever else is waiting.
-    pub async fn enqueue(
+    /// Submits [`Store::enqueue`] to be committed with whatever else is waiting. Submitting
+    /// is immediate, so one connection can have many sends in one group commit.
+    pub fn enqueue(
         &self,
         recipient: Username,
         sender: Username,
         payload: Vec<u8>,
         now_secs: u64,
         limits: QueueLimits,
-    ) -> Result<Enqueued, StoreError> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let op = Op::Enqueue {
+    ) -> Ticket {
+        self.submit(Op::Enqueue {
             recipient,
             sender,
             payload,
             now_secs,
             limits,
-        };
-        self.send(Write { op, reply }, rx).await.map(|r| match r {
-            Done::Enqueued(e) => e,
-            Done::Acked(_) => unreachable!("an enqueue answers Enqueued"),
         })
     }
 
-    /// [`Store::ack`], committed together with whatever else is waiting.
-    pub async fn ack(&self, recipient: Username, ids: Vec<u64>) -> Result<usize, StoreError> {
+    /// Submits [`Store::ack`] to be committed with whatever else is waiting. Nobody needs
+    /// to wait for it: a failure is logged by the writer.
+    pub fn ack(&self, recipient: Username, ids: Vec<u64>) -> Ticket {
+        self.submit(Op::Ack { recipient, ids })
+    }
+
+    fn submit(&self, op: Op) -> Ticket {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        let op = Op::Ack { recipient, ids };
-        self.send(Write { op, reply }, rx).await.map(|r| match r {
-            Done::Acked(n) => n,
-            Done::Enqueued(_) => unreachable!("an ack answers Acked"),
-        })
-    }
-
-    async fn send(
-        &self,
-        write: Write,
-        rx: tokio::sync::oneshot::Receiver<Result<Done, StoreError>>,
-    ) -> Result<Done, StoreError> {
-        self.tx.send(write).map_err(|_| StoreError::WriterGone)?;
-        rx.await.map_err(|_| StoreError::WriterGone)?
+        // If the writer is gone the write (and its reply sender) is dropped here, and the
+        // ticket answers WriterGone.
+        let _ = self.tx.send(Write { op, reply });
+        Ticket(rx)
     }
 }
 
@@ -124,8 +140,11 @@ impl Write {
     }
 
     fn reply(self, result: Result<Done, StoreError>) {
-        // The connection may have gone meanwhile; the write stands either way.
-        let _ = self.reply.send(result);
+        // The connection may have gone (or not be waiting, as for acks): the write stands
+        // either way, but a failure nobody hears about must still be seen.
+        if let Err(Err(e)) = self.reply.send(result) {
+            tracing::error!("storage error (no one waiting): {e}");
+        }
     }
 }
 

@@ -322,6 +322,52 @@ async fn offline_recipients_get_their_mail_in_order_until_acknowledged() {
 }
 
 #[tokio::test]
+async fn pipelined_sends_are_answered_in_order_and_all_delivered() {
+    let server = TestServer::start(|_| {}).await;
+    let mut alice = server.user("alice", 0).await;
+    let mut bob = server.user("bob", 1).await;
+    // More than one connection may have in flight, with a failing one in the middle and
+    // another kind of request at the end: replies must still come in request order.
+    let mut ids = Vec::new();
+    for i in 0..300u16 {
+        let id = alice.id();
+        let to = if i == 150 { "nobody" } else { "bob" };
+        alice
+            .send(ClientMessage::Send {
+                id,
+                to: to.into(),
+                payload: i.to_be_bytes().to_vec(),
+            })
+            .await;
+        ids.push(id);
+    }
+    let list = alice.id();
+    alice.send(ClientMessage::ListUsers { id: list }).await;
+    for (i, id) in ids.iter().enumerate() {
+        match alice.recv_reply().await {
+            ServerMessage::Ok { id: got } if i != 150 => assert_eq!(got, *id),
+            ServerMessage::Error {
+                id: got,
+                code: ErrorCode::UnknownUser,
+                ..
+            } if i == 150 => assert_eq!(got, Some(*id)),
+            other => panic!("reply {i}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        alice.recv_reply().await,
+        ServerMessage::Users { id, .. } if id == list
+    ));
+    let got: Vec<u16> = deliveries(&mut bob, 299)
+        .await
+        .iter()
+        .map(|(_, p)| u16::from_be_bytes([p[0], p[1]]))
+        .collect();
+    let expected: Vec<u16> = (0..300).filter(|&i| i != 150).collect();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test]
 async fn a_full_queue_refuses_with_a_typed_error() {
     let server = TestServer::start(|c| {
         c.queue.max_envelopes_per_user = 3;
