@@ -12,6 +12,9 @@ pub enum Command {
     Send { to: String, text: String },
     /// Ask for the list of online users.
     ListUsers,
+    /// Follow these users' presence (`Presence` events now and whenever they change).
+    /// Contacts and everyone messages are exchanged with are followed without asking.
+    Watch { users: Vec<String> },
     /// Show the safety number with `user` (fetching their key if needed).
     Safety { user: String },
     /// Mark `user`'s pinned key as verified (after comparing safety numbers).

@@ -47,6 +47,13 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
             }
         }
         "users" => Command::ListUsers,
+        "watch" => {
+            let users: Vec<String> = args.split_whitespace().map(str::to_owned).collect();
+            if users.is_empty() {
+                return Err("usage: /watch USER [USER...]".into());
+            }
+            Command::Watch { users }
+        }
         "safety" => Command::Safety {
             user: one_user("/safety USER")?,
         },
@@ -142,6 +149,13 @@ mod tests {
             })
         );
         assert_eq!(parse_command("/users").unwrap(), Some(Command::ListUsers));
+        assert_eq!(
+            parse_command("/watch bob  carol").unwrap(),
+            Some(Command::Watch {
+                users: vec!["bob".into(), "carol".into()]
+            })
+        );
+        assert!(parse_command("/watch").unwrap_err().contains("usage"));
         assert_eq!(
             parse_command("/safety bob").unwrap(),
             Some(Command::Safety { user: "bob".into() })

@@ -72,17 +72,23 @@ fn sign_in_chat_verify_and_key_change() {
     sign_in(&mut h, "alice");
     wait(&mut h, "main window", |h| h.state().is_main());
 
-    // Bob is listed as online; pick him.
-    wait(&mut h, "bob listed online", |h| {
+    // A first run has no contacts: start a chat with bob from the search box.
+    h.get_by_label_contains("No contacts yet");
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::K);
+    h.step();
+    h.event(egui::Event::Text("bob".into()));
+    h.step();
+    h.get_by_label("+ New chat with bob").click();
+    wait(&mut h, "conversation open", |h| {
+        h.state().model.open.as_deref() == Some("bob")
+    });
+    // Opening the chat follows bob's presence: he is shown online.
+    wait(&mut h, "bob shown online", |h| {
         h.state()
             .model
             .contacts
             .get("bob")
             .is_some_and(|c| c.online)
-    });
-    h.get_by_label("bob").click();
-    wait(&mut h, "conversation open", |h| {
-        h.state().model.open.as_deref() == Some("bob")
     });
     h.get_by_label_contains("No messages yet");
 
@@ -232,7 +238,7 @@ fn keyboard_new_chat_and_settings() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let relay = start_relay(&rt, "127.0.0.1:0", &dir.path().join("relay"));
-    let _bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));
+    let bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));
     let home = dir.path().join("alice");
     let mut h = harness(app(&rt, relay.addr, &home));
     sign_in(&mut h, "alice");
@@ -251,6 +257,22 @@ fn keyboard_new_chat_and_settings() {
         h.state().view.filter.is_empty(),
         "the search box is cleared"
     );
+    // Bob leaves: his dot goes grey.
+    wait(&mut h, "bob shown online", |h| {
+        h.state()
+            .model
+            .contacts
+            .get("bob")
+            .is_some_and(|c| c.online)
+    });
+    drop(bob);
+    wait(&mut h, "bob shown offline", |h| {
+        h.state()
+            .model
+            .contacts
+            .get("bob")
+            .is_some_and(|c| !c.online)
+    });
 
     // Settings: switch to the dark theme and a bigger font; saved to settings.ron.
     h.get_by_label_contains("Settings").click();

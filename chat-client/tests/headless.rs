@@ -19,6 +19,13 @@ fn three_clients_chat_with_receipts_presence_and_user_list() {
     let (dir, h) = homes(3);
     let relay = Relay::start("127.0.0.1:0", &dir.path().join("relay"));
     let mut alice = Client::ready(relay.addr, "alice", &h[0]);
+    // Presence comes only for users one follows: bob is not followed yet.
+    alice.send("/watch Bob carol");
+    for user in ["bob", "carol"] {
+        alice.expect("offline at first", |e| {
+            e["event"] == "presence" && e["user"] == user && e["online"] == false
+        });
+    }
     let mut bob = Client::ready(relay.addr, "bob", &h[1]);
     alice.expect("bob online", |e| {
         e["event"] == "presence" && e["user"] == "bob" && e["online"] == true
@@ -43,12 +50,17 @@ fn three_clients_chat_with_receipts_presence_and_user_list() {
         e["event"] == "delivered" && e["to"] == "alice"
     });
 
+    // Bob follows alice without asking: they exchanged messages.
+    bob.send("/watch carol");
+    bob.expect("carol offline", |e| {
+        e["event"] == "presence" && e["user"] == "carol" && e["online"] == false
+    });
     let mut carol = Client::ready(relay.addr, "carol", &h[2]);
     alice.expect("carol online", |e| {
-        e["event"] == "presence" && e["user"] == "carol"
+        e["event"] == "presence" && e["user"] == "carol" && e["online"] == true
     });
     bob.expect("carol online", |e| {
-        e["event"] == "presence" && e["user"] == "carol"
+        e["event"] == "presence" && e["user"] == "carol" && e["online"] == true
     });
     carol.send("/users");
     let users = carol.expect("users", |e| e["event"] == "users");
@@ -65,8 +77,14 @@ fn three_clients_chat_with_receipts_presence_and_user_list() {
     alice.expect("carol offline", |e| {
         e["event"] == "presence" && e["user"] == "carol" && e["online"] == false
     });
-    assert_eq!(alice.quit(), 0);
+    bob.expect("carol offline", |e| {
+        e["event"] == "presence" && e["user"] == "carol" && e["online"] == false
+    });
     assert_eq!(bob.quit(), 0);
+    alice.expect("bob offline", |e| {
+        e["event"] == "presence" && e["user"] == "bob" && e["online"] == false
+    });
+    assert_eq!(alice.quit(), 0);
 }
 
 #[test]

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 /// Request id chosen by the client, echoed by the server.
 pub type RequestId = u32;
 
+/// Most users one session may watch for presence (see `ClientMessage::Watch`).
+pub const MAX_WATCHED: usize = 1024;
+
 /// Length of the login challenge nonce.
 pub const CHALLENGE_LEN: usize = 32;
 
@@ -29,7 +32,7 @@ pub enum ClientMessage {
     /// RSA-PSS-SHA256 signature over the login transcript (see `auth`). Answered by
     /// `Welcome` or `Error`.
     Prove { id: RequestId, signature: Vec<u8> },
-    /// Answered by `Users`.
+    /// Everyone online now. Answered by `Users`.
     ListUsers { id: RequestId },
     /// Answered by `PublicKey`.
     GetPublicKey { id: RequestId, username: String },
@@ -46,6 +49,14 @@ pub enum ClientMessage {
     Pong { nonce: u64 },
     /// The client has processed these delivered envelopes; the server may forget them.
     Ack { envelope_ids: Vec<u64> },
+    /// Subscribe to the presence of `usernames` (added to those already watched, up to
+    /// `MAX_WATCHED` per session). Answered by `Users` listing which of them are online
+    /// now; afterwards `Presence` tells when one of them comes or goes. Presence is only
+    /// ever sent to watchers. Names that are not valid usernames are never online.
+    Watch {
+        id: RequestId,
+        usernames: Vec<String>,
+    },
 }
 
 impl ClientMessage {
@@ -57,7 +68,8 @@ impl ClientMessage {
             | Self::Prove { id, .. }
             | Self::ListUsers { id }
             | Self::GetPublicKey { id, .. }
-            | Self::Send { id, .. } => Some(*id),
+            | Self::Send { id, .. }
+            | Self::Watch { id, .. } => Some(*id),
             Self::Hello { .. } | Self::Ping { .. } | Self::Pong { .. } | Self::Ack { .. } => None,
         }
     }
@@ -75,6 +87,7 @@ impl ClientMessage {
             Self::Ping { .. } => "ping",
             Self::Pong { .. } => "pong",
             Self::Ack { .. } => "ack",
+            Self::Watch { .. } => "watch",
         }
     }
 }
@@ -100,9 +113,10 @@ pub enum ServerMessage {
         username: String,
         registered: bool,
     },
-    /// `username` came online or went offline.
+    /// A watched `username` came online or went offline.
     Presence { username: String, online: bool },
-    /// Users online now, sorted, the caller included.
+    /// Answer to `ListUsers` (everyone online now, the caller included) or to `Watch`
+    /// (those of the named users online now). Sorted.
     Users { id: RequestId, online: Vec<String> },
     /// The public key (SPKI DER) bound to `username`.
     PublicKey {
@@ -174,6 +188,8 @@ pub enum ErrorCode {
     Internal,
     /// The recipient has too much undelivered mail queued; try again later.
     RecipientQueueFull,
+    /// A `Watch` would pass `MAX_WATCHED` users for this session; nothing was added.
+    WatchLimit,
 }
 
 impl ErrorCode {
@@ -199,6 +215,7 @@ impl ErrorCode {
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal",
             Self::RecipientQueueFull => "recipient_queue_full",
+            Self::WatchLimit => "watch_limit",
         }
     }
 }

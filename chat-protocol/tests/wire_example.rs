@@ -25,11 +25,11 @@ fn worked_example_matches_the_document() {
     let doc = include_str!("../../docs/PROTOCOL.md");
     let frames = [
         client(ClientMessage::Hello {
-            version: 2,
+            version: 3,
             software: "cli/1".into(),
         }),
         server(ServerMessage::Hello {
-            version: 2,
+            version: 3,
             software: "srv/1".into(),
             max_frame: 65536,
         }),
@@ -49,6 +49,18 @@ fn worked_example_matches_the_document() {
             id: 2,
             username: "alice".into(),
             registered: false,
+        }),
+        client(ClientMessage::Watch {
+            id: 5,
+            usernames: vec!["bob".into(), "dave".into()],
+        }),
+        server(ServerMessage::Users {
+            id: 5,
+            online: vec!["bob".into()],
+        }),
+        server(ServerMessage::Presence {
+            username: "dave".into(),
+            online: true,
         }),
         client(ClientMessage::Send {
             id: 3,

@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::Shared;
 use crate::limits::TokenBucket;
-use crate::router::Membership;
+use crate::router::{Membership, WatchError};
 use crate::store::{Bind, Enqueued, Store, StoreError, Ticket};
 
 type Codec = WireCodec<ClientMessage, ServerMessage>;
@@ -80,7 +80,7 @@ struct PendingLogin {
 
 /// Something the router or the server wants this connection to act on.
 enum Inbound {
-    Routed(ServerMessage),
+    Routed(Box<ServerMessage>),
     Kicked(ErrorCode),
 }
 
@@ -146,7 +146,7 @@ impl Handler {
         let close = self.serve().await;
         if let Close::Tell(code, message) = close {
             // Answer sends already committed, so their senders need not resend.
-            let _ = self.finish_sends().await;
+            let _ = Box::pin(self.finish_sends()).await;
             debug!(conn = self.conn_id, %code, "closing: {message}");
             let _ = self
                 .write(ServerMessage::Error {
@@ -180,25 +180,25 @@ impl Handler {
 
             tokio::select! {
                 _ = self.shutdown.recv() => {
-                    let _ = self.finish_sends().await;
-                    self.drain_routed().await;
+                    let _ = Box::pin(self.finish_sends()).await;
+                    Box::pin(self.drain_routed()).await;
                     return Close::tell(ErrorCode::ShuttingDown, "the server is shutting down; reconnect in a moment");
                 }
                 inbound = next_inbound(&mut self.membership) => match inbound {
                     Inbound::Routed(msg) => {
-                        if let Err(close) = self.forward(msg).await {
+                        if let Err(close) = Box::pin(self.forward(*msg)).await {
                             return close;
                         }
                     }
                     Inbound::Kicked(code) => return Close::tell(code, kick_message(code)),
                 },
                 () = std::future::ready(()), if !self.backlog_done => {
-                    if let Err(close) = self.send_backlog().await {
+                    if let Err(close) = Box::pin(self.send_backlog()).await {
                         return close;
                     }
                 }
                 done = next_commit(&mut self.sends), if !self.sends.is_empty() => {
-                    if let Err(close) = self.send_committed(done).await {
+                    if let Err(close) = Box::pin(self.send_committed(done)).await {
                         return close;
                     }
                 }
@@ -219,7 +219,7 @@ impl Handler {
                     Some(Ok(msg)) => {
                         self.last_heard = Instant::now();
                         self.pinged = false;
-                        if let Err(close) = self.handle(msg).await {
+                        if let Err(close) = Box::pin(self.handle(msg)).await {
                             return close;
                         }
                     }
@@ -235,7 +235,7 @@ impl Handler {
                     if !self.pinged && now >= self.last_heard + ping_interval {
                         self.pinged = true;
                         let nonce = rand::rng().next_u64();
-                        if let Err(close) = self.write(ServerMessage::Ping { nonce }).await {
+                        if let Err(close) = Box::pin(self.write(ServerMessage::Ping { nonce })).await {
                             return close;
                         }
                     }
@@ -402,7 +402,7 @@ impl Handler {
             ));
         }
         let (user, key) = (pending.username.clone(), pending.public_key);
-        let bind = match self.store(move |s| s.bind(&user, &key)).await {
+        let bind = match self.shared.writer.bind(user, key).bound().await {
             Ok(bind) => bind,
             Err(close) => return self.fail_internal(id, close).await,
         };
@@ -435,6 +435,32 @@ impl Handler {
             ClientMessage::ListUsers { id } => {
                 let online = self.shared.router.online();
                 self.write(ServerMessage::Users { id, online }).await
+            }
+            ClientMessage::Watch { id, usernames } => {
+                let limit = chat_protocol::message::MAX_WATCHED;
+                let watched = if usernames.len() > limit {
+                    Err(WatchError::Limit(limit))
+                } else {
+                    // A name that is not valid can never come online: nothing to watch.
+                    let users = usernames
+                        .iter()
+                        .filter_map(|u| Username::parse(u).ok())
+                        .collect();
+                    self.shared.router.watch(&me, self.conn_id, users, limit)
+                };
+                match watched {
+                    Ok(online) => self.write(ServerMessage::Users { id, online }).await,
+                    Err(WatchError::Limit(n)) => {
+                        self.fail(
+                            id,
+                            ErrorCode::WatchLimit,
+                            format!("a session may watch at most {n} users; nothing was added"),
+                        )
+                        .await
+                    }
+                    // Replaced meanwhile: the kick closes this connection next.
+                    Err(WatchError::NotJoined) => Ok(()),
+                }
             }
             ClientMessage::GetPublicKey { id, username } => {
                 let Ok(user) = Username::parse(&username) else {
@@ -549,7 +575,10 @@ impl Handler {
                     // While the backlog streams, or if already sent from it, the stored copy
                     // is (or was) written in order instead.
                     if !*backlog_done || envelope_id <= *delivered_up_to {
-                        next = membership.as_mut().and_then(|m| m.outbox.try_recv().ok());
+                        next = membership
+                            .as_mut()
+                            .and_then(|m| m.outbox.try_recv().ok())
+                            .map(|m| *m);
                         continue;
                     }
                     *delivered_up_to = envelope_id;
@@ -557,7 +586,10 @@ impl Handler {
                 writer.feed(msg).await?;
                 written += 1;
                 if written < WRITE_BATCH {
-                    next = membership.as_mut().and_then(|m| m.outbox.try_recv().ok());
+                    next = membership
+                        .as_mut()
+                        .and_then(|m| m.outbox.try_recv().ok())
+                        .map(|m| *m);
                 }
             }
             writer.flush().await
@@ -618,6 +650,7 @@ impl Handler {
             .membership
             .as_mut()
             .and_then(|m| m.outbox.try_recv().ok())
+            .map(|m| *m)
         {
             if self.forward(msg).await.is_err() {
                 return;

@@ -50,7 +50,7 @@ impl Ticket {
     pub async fn enqueued(&mut self) -> Result<Enqueued, StoreError> {
         match (&mut self.0).await.map_err(|_| StoreError::WriterGone)?? {
             Done::Enqueued(e) => Ok(e),
-            Done::Acked(_) => unreachable!("an enqueue answers Enqueued"),
+            _ => unreachable!("an enqueue answers Enqueued"),
         }
     }
 
@@ -58,7 +58,15 @@ impl Ticket {
     pub async fn acked(&mut self) -> Result<usize, StoreError> {
         match (&mut self.0).await.map_err(|_| StoreError::WriterGone)?? {
             Done::Acked(n) => Ok(n),
-            Done::Enqueued(_) => unreachable!("an ack answers Acked"),
+            _ => unreachable!("an ack answers Acked"),
+        }
+    }
+
+    /// The outcome of a bind.
+    pub async fn bound(&mut self) -> Result<Bind, StoreError> {
+        match (&mut self.0).await.map_err(|_| StoreError::WriterGone)?? {
+            Done::Bound(b) => Ok(b),
+            _ => unreachable!("a bind answers Bound"),
         }
     }
 }
@@ -89,6 +97,11 @@ impl Writer {
         self.submit(Op::Ack { recipient, ids })
     }
 
+    /// Submits [`Store::bind`], so a storm of new accounts shares commits too.
+    pub fn bind(&self, user: Username, public_key: Vec<u8>) -> Ticket {
+        self.submit(Op::Bind { user, public_key })
+    }
+
     fn submit(&self, op: Op) -> Ticket {
         let (reply, rx) = tokio::sync::oneshot::channel();
         // If the writer is gone the write (and its reply sender) is dropped here, and the
@@ -117,12 +130,17 @@ enum Op {
         recipient: Username,
         ids: Vec<u64>,
     },
+    Bind {
+        user: Username,
+        public_key: Vec<u8>,
+    },
 }
 
 #[derive(Debug)]
 enum Done {
     Enqueued(Enqueued),
     Acked(usize),
+    Bound(Bind),
 }
 
 impl Write {
@@ -136,6 +154,7 @@ impl Write {
                 limits,
             } => enqueue_in(tx, recipient, sender, payload, *now_secs, limits).map(Done::Enqueued),
             Op::Ack { recipient, ids } => ack_in(tx, recipient, ids).map(Done::Acked),
+            Op::Bind { user, public_key } => bind_in(tx, user, public_key).map(Done::Bound),
         }
     }
 
@@ -182,6 +201,32 @@ fn enqueue_in(
         now_secs as i64
     ])?;
     Ok(Enqueued::Stored(tx.last_insert_rowid().unsigned_abs()))
+}
+
+/// Binds `user` to `public_key` unless already bound (to it: `Existing`; else `Taken`).
+fn bind_in(
+    tx: &rusqlite::Transaction<'_>,
+    user: &Username,
+    public_key: &[u8],
+) -> Result<Bind, StoreError> {
+    let inserted = tx.execute(
+        "INSERT INTO accounts (username, public_key, created_at)
+         VALUES (?1, ?2, unixepoch()) ON CONFLICT (username) DO NOTHING",
+        params![user.as_str(), public_key],
+    )?;
+    if inserted == 1 {
+        return Ok(Bind::Created);
+    }
+    let existing: Vec<u8> = tx.query_row(
+        "SELECT public_key FROM accounts WHERE username = ?1",
+        params![user.as_str()],
+        |r| r.get(0),
+    )?;
+    Ok(if existing == public_key {
+        Bind::Existing
+    } else {
+        Bind::Taken
+    })
 }
 
 fn ack_in(
@@ -279,25 +324,11 @@ impl Store {
 
     /// Binds `user` to `public_key` unless it is bound already.
     pub fn bind(&self, user: &Username, public_key: &[u8]) -> Result<Bind, StoreError> {
-        let conn = self.conn();
-        let inserted = conn.execute(
-            "INSERT INTO accounts (username, public_key, created_at)
-             VALUES (?1, ?2, unixepoch()) ON CONFLICT (username) DO NOTHING",
-            params![user.as_str(), public_key],
-        )?;
-        if inserted == 1 {
-            return Ok(Bind::Created);
-        }
-        let existing: Vec<u8> = conn.query_row(
-            "SELECT public_key FROM accounts WHERE username = ?1",
-            params![user.as_str()],
-            |r| r.get(0),
-        )?;
-        Ok(if existing == public_key {
-            Bind::Existing
-        } else {
-            Bind::Taken
-        })
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let bind = bind_in(&tx, user, public_key)?;
+        tx.commit()?;
+        Ok(bind)
     }
 
     /// Queues `payload` for a registered `recipient` unless that would pass `limits`.

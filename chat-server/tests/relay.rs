@@ -154,10 +154,12 @@ async fn first_message_must_be_hello() {
 }
 
 #[tokio::test]
-async fn presence_and_user_list() {
+async fn presence_goes_only_to_watchers() {
     let server = TestServer::start(|_| {}).await;
     let mut alice = server.user("alice", 0).await;
-    let bob = server.user("bob", 1).await;
+    // Invalid names are accepted and simply never online.
+    assert!(alice.watch(&["bob", "not a name"]).await.is_empty());
+    let mut bob = server.user("bob", 1).await;
     assert_eq!(
         alice.recv().await,
         ServerMessage::Presence {
@@ -165,16 +167,43 @@ async fn presence_and_user_list() {
             online: true
         }
     );
-    assert_eq!(alice.online().await, vec!["alice", "bob"]);
-    drop(bob);
+    // Carol watches nobody and is watched by nobody: her coming and going tells no one,
+    // and she hears of no one.
+    let mut carol = server.user("carol", 2).await;
+    for (n, c) in [&mut alice, &mut bob, &mut carol].into_iter().enumerate() {
+        // The next message each gets is the answer to its ping: no presence came before.
+        c.send(ClientMessage::Ping { nonce: n as u64 }).await;
+        assert_eq!(c.recv().await, ServerMessage::Pong { nonce: n as u64 });
+    }
+    assert_eq!(alice.online().await, vec!["alice", "bob", "carol"]);
     assert_eq!(
-        alice.recv().await,
-        ServerMessage::Presence {
-            username: "bob".into(),
-            online: false
-        }
+        carol.watch(&["alice", "bob", "dave"]).await,
+        vec!["alice", "bob"]
     );
-    assert_eq!(alice.online().await, vec!["alice"]);
+    drop(bob);
+    for watcher in [&mut alice, &mut carol] {
+        assert_eq!(
+            watcher.recv().await,
+            ServerMessage::Presence {
+                username: "bob".into(),
+                online: false
+            }
+        );
+    }
+    assert_eq!(alice.online().await, vec!["alice", "carol"]);
+
+    // Over the limit: a typed error, nothing added, and the session goes on.
+    let id = carol.id();
+    carol
+        .send(ClientMessage::Watch {
+            id,
+            usernames: (0..=chat_protocol::message::MAX_WATCHED)
+                .map(|i| format!("u{i}"))
+                .collect(),
+        })
+        .await;
+    assert_eq!(carol.expect_error(ErrorCode::WatchLimit).await, Some(id));
+    assert_eq!(carol.online().await, vec!["alice", "carol"]);
 }
 
 #[tokio::test]
@@ -182,7 +211,6 @@ async fn relay_stamps_the_authenticated_sender() {
     let server = TestServer::start(|_| {}).await;
     let mut alice = server.user("alice", 0).await;
     let mut bob = server.user("bob", 1).await;
-    let _ = alice.recv().await; // bob's presence
 
     assert!(matches!(
         alice.send_to("BOB", b"\x00opaque\xff").await,
@@ -424,6 +452,7 @@ async fn public_key_lookup() {
 async fn second_login_replaces_the_first_without_an_offline_flap() {
     let server = TestServer::start(|_| {}).await;
     let mut bob = server.user("bob", 1).await;
+    bob.watch(&["alice"]).await;
     let mut alice1 = server.user("alice", 0).await;
     assert!(matches!(
         bob.recv().await,

@@ -80,6 +80,8 @@ fn scene(bin: &Path, work: &Path, out: &Path) -> anyhow::Result<()> {
     let mut bob_in = bob.stdin.take().expect("piped");
     let bob_events = events(bob.stdout.take().expect("piped"));
     wait_event(&bob_events, "bob ready", |e| e["event"] == "ready")?;
+    // Presence is only sent to those who follow a user.
+    say(&mut bob_in, "/watch alice")?;
 
     // Alice, in the real window, straight into the conversation with bob.
     procs.spawn(
@@ -100,7 +102,7 @@ fn scene(bin: &Path, work: &Path, out: &Path) -> anyhow::Result<()> {
             .stderr(Stdio::null()),
     )?;
     wait_event(&bob_events, "alice online", |e| {
-        e["event"] == "presence" && e["user"] == "alice"
+        e["event"] == "presence" && e["user"] == "alice" && e["online"] == true
     })?;
 
     for text in [

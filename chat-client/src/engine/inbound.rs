@@ -59,10 +59,15 @@ impl Engine {
                     _ => SessionEnd::Lost(format!("{code}: {message}")),
                 });
             }
-            ServerMessage::Users { id, online } => {
-                self.pending.remove(&id);
-                self.sink.emit(Event::Users { online });
-            }
+            ServerMessage::Users { id, online } => match self.pending.remove(&id) {
+                Some(Pending::Watch { users }) => {
+                    for user in users {
+                        let online = online.contains(&user);
+                        self.sink.emit(Event::Presence { user, online });
+                    }
+                }
+                _ => self.sink.emit(Event::Users { online }),
+            },
             ServerMessage::Presence { username, online } => {
                 self.sink.emit(Event::Presence {
                     user: username,
@@ -140,7 +145,7 @@ impl Engine {
                     }
                 }
             }
-            Some(Pending::Receipt | Pending::Users) | None => {
+            Some(Pending::Receipt | Pending::Users | Pending::Watch { .. }) | None => {
                 self.sink.emit(Event::error(code.as_str(), message));
             }
         }
@@ -161,6 +166,8 @@ impl Engine {
             waiting.push(w);
         }
         if first {
+            // Someone we exchange messages with: follow their presence too.
+            self.watch(vec![user.to_owned()], Some(out));
             let username = user.to_owned();
             self.request(
                 out,

@@ -7,7 +7,7 @@
 //! This file holds the task's life cycle (connect, back off, session loop, commands);
 //! `inbound` handles what the server sends, `outbox` what we send.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chat_protocol::e2e::{Inbound, MessageId, Outbound, RotationPolicy};
@@ -131,10 +131,19 @@ struct Peer {
 
 /// What a request we sent was for.
 enum Pending {
-    Send { id: MessageId, to: String },
+    Send {
+        id: MessageId,
+        to: String,
+    },
     Receipt,
-    Key { user: String },
+    Key {
+        user: String,
+    },
     Users,
+    /// Presence subscription for these (canonical) names.
+    Watch {
+        users: Vec<String>,
+    },
 }
 
 /// Work held until a contact's key arrives.
@@ -172,6 +181,9 @@ struct Engine {
     acks: Vec<u64>,
     /// When to try the outbox again after the server asked us to slow down.
     retry_at: Option<Instant>,
+    /// Users whose presence we follow: contacts, everyone we exchange messages with, and
+    /// those asked for. Watched anew on every connection.
+    watch_list: BTreeSet<String>,
 }
 
 impl Engine {
@@ -234,6 +246,7 @@ impl Engine {
             ready_sent: false,
             acks: Vec::new(),
             retry_at: None,
+            watch_list: BTreeSet::new(),
         })
     }
 
@@ -357,9 +370,13 @@ impl Engine {
         self.connection_event(ConnectionState::Connected, None);
 
         let mut out: Vec<ClientMessage> = Vec::new();
-        self.request(&mut out, Pending::Users, |id| ClientMessage::ListUsers {
-            id,
-        });
+        // Presence is only sent to watchers: follow our contacts on every connection.
+        match self.store.contacts() {
+            Ok(users) => self.watch_list.extend(users),
+            Err(e) => self.store_error(e),
+        }
+        let all: Vec<String> = self.watch_list.iter().cloned().collect();
+        self.send_watch(all, &mut out);
         self.flush_outbox(&mut out);
 
         let ping_interval = self.config.ping_interval;
@@ -437,6 +454,7 @@ impl Engine {
             Command::ListUsers => {
                 self.request(out, Pending::Users, |id| ClientMessage::ListUsers { id })
             }
+            Command::Watch { users } => self.watch(users, Some(out)),
             other => self.local_command(other, Some(out)),
         }
     }
@@ -522,6 +540,7 @@ impl Engine {
                     Err(e) => self.store_error(e),
                 }
             }
+            Command::Watch { users } => self.watch(users, None),
             Command::Send { .. } | Command::ListUsers | Command::Shutdown { .. } => {}
         }
     }
@@ -583,6 +602,31 @@ impl Engine {
             number: number.to_string(),
             verified: pin.verified && pin.pending.is_none(),
             key_changed: pin.pending.is_some(),
+        });
+    }
+
+    /// Follows the presence of `users` (now if connected, else from the next connection).
+    pub(super) fn watch(&mut self, users: Vec<String>, out: Option<&mut Vec<ClientMessage>>) {
+        let me = self.me.to_string();
+        let names: Vec<String> = users.iter().filter_map(|u| self.contact_name(u)).collect();
+        let new: Vec<String> = names
+            .into_iter()
+            .filter(|u| *u != me && self.watch_list.insert(u.clone()))
+            .collect();
+        if let Some(out) = out {
+            self.send_watch(new, out);
+        }
+    }
+
+    fn send_watch(&mut self, mut users: Vec<String>, out: &mut Vec<ClientMessage>) {
+        if users.is_empty() {
+            return;
+        }
+        users.truncate(chat_protocol::message::MAX_WATCHED);
+        let usernames = users.clone();
+        self.request(out, Pending::Watch { users }, |id| ClientMessage::Watch {
+            id,
+            usernames,
         });
     }
 

@@ -162,6 +162,9 @@ impl ChatApp {
             self.send(Command::History {
                 user: user.to_owned(),
             });
+            self.send(Command::Watch {
+                users: vec![user.to_owned()],
+            });
         }
         self.persisted.last_open = Some(user.to_owned());
     }

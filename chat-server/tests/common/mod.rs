@@ -215,6 +215,20 @@ impl Client {
         }
     }
 
+    /// Watches `names` for presence; returns those online now.
+    pub async fn watch(&mut self, names: &[&str]) -> Vec<String> {
+        let id = self.id();
+        self.send(ClientMessage::Watch {
+            id,
+            usernames: names.iter().map(|n| n.to_string()).collect(),
+        })
+        .await;
+        match self.recv_reply().await {
+            ServerMessage::Users { id: got, online } if got == id => online,
+            other => panic!("expected Users, got {other:?}"),
+        }
+    }
+
     /// Sends `payload` to `to` and returns the server's answer.
     pub async fn send_to(&mut self, to: &str, payload: &[u8]) -> ServerMessage {
         let id = self.id();
