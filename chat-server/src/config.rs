@@ -64,6 +64,9 @@ pub struct QueueConfig {
     pub max_age_secs: f64,
     /// How often expired envelopes are purged.
     pub purge_interval_secs: f64,
+    /// Seconds an envelope delivered to an online recipient waits for its Ack before it is
+    /// written to the queue; one acknowledged in time is never written (0: always write).
+    pub live_grace_secs: f64,
 }
 
 impl Default for QueueConfig {
@@ -73,6 +76,7 @@ impl Default for QueueConfig {
             max_bytes_per_user: 64 * 1024 * 1024,
             max_age_secs: 30.0 * 24.0 * 3600.0,
             purge_interval_secs: 3600.0,
+            live_grace_secs: 0.005,
         }
     }
 }
@@ -178,6 +182,11 @@ impl Config {
         {
             return invalid("shutdown_grace_secs", "must be zero or more");
         }
+        if !(self.queue.live_grace_secs.is_finite()
+            && (0.0..=60.0).contains(&self.queue.live_grace_secs))
+        {
+            return invalid("queue.live_grace_secs", "must be between 0 and 60");
+        }
         if self.queue.max_envelopes_per_user == 0 || self.queue.max_bytes_per_user == 0 {
             return invalid(
                 "queue",
@@ -204,6 +213,9 @@ impl Config {
     }
     pub fn write_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.write_timeout_secs)
+    }
+    pub fn live_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.queue.live_grace_secs)
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_grace_secs)

@@ -26,7 +26,8 @@ use tracing::{debug, info, warn};
 use crate::Shared;
 use crate::limits::TokenBucket;
 use crate::router::{Membership, WatchError};
-use crate::store::{Bind, Enqueued, Store, StoreError, Ticket};
+use crate::store::{Bind, Enqueued, Store, StoreError};
+use crate::writer::{Envelope, Ticket};
 
 type Codec = WireCodec<ClientMessage, ServerMessage>;
 
@@ -64,11 +65,13 @@ enum State {
     Ready(Username),
 }
 
-/// A `Send` handed to the store, answered (and routed) once its commit is durable.
+/// A `Send` handed to the store, answered once durable (committed, or acknowledged by
+/// its recipient).
 struct InFlight {
     id: RequestId,
     to: Username,
-    payload: Vec<u8>,
+    /// Kept to route the envelope once committed; `None` if it was delivered at once.
+    payload: Option<Vec<u8>>,
     ticket: Ticket,
 }
 
@@ -99,10 +102,13 @@ pub(crate) struct Handler {
     last_heard: Instant,
     /// A ping was sent since `last_heard`.
     pinged: bool,
-    /// Highest envelope id written to this client; queued ones above it are still due.
-    delivered_up_to: u64,
+    /// Highest envelope id written from the stored backlog: where its next read starts.
+    backlog_cursor: u64,
     /// The stored backlog has been written; new envelopes may go straight out.
     backlog_done: bool,
+    /// Resolves once what was submitted before this login is durable; the backlog is
+    /// read only after. Polled in the main loop, so routed messages keep draining.
+    settling: Option<Ticket>,
     /// Sends awaiting their commit, in the order they arrived (and are answered).
     sends: VecDeque<InFlight>,
 }
@@ -135,8 +141,9 @@ impl Handler {
             shutdown,
             last_heard: now,
             pinged: false,
-            delivered_up_to: 0,
+            backlog_cursor: 0,
             backlog_done: true,
+            settling: None,
             sends: VecDeque::new(),
         }
     }
@@ -155,6 +162,11 @@ impl Handler {
                     message,
                 })
                 .await;
+        }
+        // Sends nobody can be answered for any more: their envelopes still go on.
+        while let Some(mut sent) = self.sends.pop_front() {
+            let done = sent.ticket.enqueued().await;
+            self.settle(sent, done);
         }
         if let State::Ready(user) = &self.state {
             self.shared.router.leave(user, self.conn_id);
@@ -192,7 +204,13 @@ impl Handler {
                     }
                     Inbound::Kicked(code) => return Close::tell(code, kick_message(code)),
                 },
-                () = std::future::ready(()), if !self.backlog_done => {
+                settled = settle_writes(&mut self.settling), if self.settling.is_some() => {
+                    self.settling = None;
+                    if let Err(e) = settled {
+                        return self.storage_lost(e);
+                    }
+                }
+                () = std::future::ready(()), if !self.backlog_done && self.settling.is_none() => {
                     if let Err(close) = Box::pin(self.send_backlog()).await {
                         return close;
                     }
@@ -263,7 +281,7 @@ impl Handler {
             ClientMessage::Ack { envelope_ids } => {
                 if let State::Ready(user) = &self.state {
                     // Nothing is answered, so nothing waits: the writer logs a failure.
-                    let _ = self.shared.writer.ack(user.clone(), envelope_ids);
+                    self.shared.writer.ack(user.clone(), envelope_ids);
                 }
                 Ok(())
             }
@@ -419,8 +437,11 @@ impl Handler {
         ));
         info!(conn = self.conn_id, user = %username, registered = bind == Bind::Created, "logged in");
         self.state = State::Ready(username.clone());
-        // Stored envelopes go out first, in order, then live ones.
+        // Stored envelopes go out first, in order, then live ones. Envelopes an earlier
+        // session of ours was given may still be held for its Ack or on their way to
+        // disk: let them land before the first read.
         self.backlog_done = false;
+        self.settling = Some(self.shared.writer.barrier());
         self.write(ServerMessage::Welcome {
             id,
             username: username.to_string(),
@@ -484,20 +505,36 @@ impl Handler {
                 let Ok(to_user) = Username::parse(&to) else {
                     return self.unknown_user(id, &to).await;
                 };
-                // Durable first: the sender hears `Ok` only once the envelope is committed.
-                // Later sends are read meanwhile, so they share the commit.
-                let limits = self.shared.config.queue.limits();
-                let ticket = self.shared.writer.enqueue(
-                    to_user.clone(),
-                    me,
-                    payload.clone(),
-                    unix_secs(),
-                    limits,
+                // The sender hears `Ok` only once the envelope cannot be lost: committed,
+                // or (delivered at once to an online recipient) acknowledged by it. Later
+                // sends are read meanwhile, so they share the commit.
+                let envelope = Envelope {
+                    recipient: to_user.clone(),
+                    sender: me.clone(),
+                    payload: payload.clone(),
+                    now_secs: unix_secs(),
+                    limits: self.shared.config.queue.limits(),
+                };
+                let writer = &self.shared.writer;
+                let (ticket, delivered) = self.shared.router.accept(
+                    &to_user,
+                    |envelope_id| ServerMessage::Deliver {
+                        envelope_id,
+                        from: me.to_string(),
+                        payload: payload.clone(),
+                    },
+                    |envelope_id, delivered| {
+                        if delivered {
+                            writer.enqueue_held(envelope_id, envelope)
+                        } else {
+                            writer.enqueue(envelope_id, envelope)
+                        }
+                    },
                 );
                 self.sends.push_back(InFlight {
                     id,
                     to: to_user,
-                    payload,
+                    payload: (!delivered).then_some(payload),
                     ticket,
                 });
                 Ok(())
@@ -513,39 +550,42 @@ impl Handler {
 
     /// Answers the oldest send now that its commit is done, and routes it on success.
     async fn send_committed(&mut self, done: Result<Enqueued, StoreError>) -> Result<(), Close> {
-        let Some(InFlight {
+        let Some(sent) = self.sends.pop_front() else {
+            return Ok(());
+        };
+        let reply = self.settle(sent, done);
+        self.write(reply).await
+    }
+
+    /// Routes a send's envelope if it was not delivered at once and is now committed (an
+    /// offline recipient gets it at the next login), and returns the answer for the sender.
+    fn settle(&self, sent: InFlight, done: Result<Enqueued, StoreError>) -> ServerMessage {
+        let InFlight {
             id, to, payload, ..
-        }) = self.sends.pop_front()
-        else {
-            return Ok(());
-        };
-        let State::Ready(me) = &self.state else {
-            return Ok(());
-        };
-        let me = me.to_string();
-        let envelope_id = match done {
-            Ok(Enqueued::Stored(envelope_id)) => envelope_id,
-            Ok(Enqueued::UnknownRecipient) => return self.unknown_user(id, to.as_str()).await,
-            Ok(Enqueued::Full) => {
-                return self
-                    .fail(
-                        id,
-                        ErrorCode::RecipientQueueFull,
-                        format!("{to} has too many undelivered messages waiting; try again later"),
-                    )
-                    .await;
-            }
-            Err(e) => return self.fail_internal(id, e).await,
-        };
-        self.write(ServerMessage::Ok { id }).await?;
-        let deliver = ServerMessage::Deliver {
-            envelope_id,
-            from: me,
-            payload,
-        };
-        // Offline or too slow: it waits in the queue for the next login.
-        let _ = self.shared.router.route(&to, deliver);
-        Ok(())
+        } = sent;
+        if let Some(payload) = payload {
+            let deliver = match (&done, &self.state) {
+                (Ok(Enqueued::Stored(envelope_id)), State::Ready(me)) => {
+                    Some(ServerMessage::Deliver {
+                        envelope_id: *envelope_id,
+                        from: me.to_string(),
+                        payload,
+                    })
+                }
+                _ => None,
+            };
+            self.shared.router.settle(&to, deliver);
+        }
+        match done {
+            Ok(Enqueued::Stored(_)) => ServerMessage::Ok { id },
+            Ok(Enqueued::UnknownRecipient) => unknown_user_reply(id, to.as_str()),
+            Ok(Enqueued::Full) => error_reply(
+                id,
+                ErrorCode::RecipientQueueFull,
+                format!("{to} has too many undelivered messages waiting; try again later"),
+            ),
+            Err(e) => self.internal_reply(id, e),
+        }
     }
 
     /// Waits for every send in flight and answers each, oldest first.
@@ -563,7 +603,7 @@ impl Handler {
         let Self {
             writer,
             membership,
-            delivered_up_to,
+            backlog_cursor,
             backlog_done,
             ..
         } = self;
@@ -574,14 +614,13 @@ impl Handler {
                 if let ServerMessage::Deliver { envelope_id, .. } = msg {
                     // While the backlog streams, or if already sent from it, the stored copy
                     // is (or was) written in order instead.
-                    if !*backlog_done || envelope_id <= *delivered_up_to {
+                    if !*backlog_done || envelope_id <= *backlog_cursor {
                         next = membership
                             .as_mut()
                             .and_then(|m| m.outbox.try_recv().ok())
                             .map(|m| *m);
                         continue;
                     }
-                    *delivered_up_to = envelope_id;
                 }
                 writer.feed(msg).await?;
                 written += 1;
@@ -604,22 +643,18 @@ impl Handler {
             self.backlog_done = true;
             return Ok(());
         };
-        let (user, after) = (user.clone(), self.delivered_up_to);
+        let user = user.clone();
+        let (lookup, after) = (user.clone(), self.backlog_cursor);
         let batch = match self
-            .store(move |s| s.pending(&user, after, WRITE_BATCH))
+            .store(move |s| s.pending(&lookup, after, WRITE_BATCH))
             .await
         {
             Ok(batch) => batch,
-            Err(e) => {
-                tracing::error!(conn = self.conn_id, "storage error reading the queue: {e}");
-                return Err(Close::tell(
-                    ErrorCode::Internal,
-                    "the server could not read your queued messages; reconnect later",
-                ));
-            }
+            Err(e) => return Err(self.storage_lost(e)),
         };
         if batch.len() < WRITE_BATCH {
             self.backlog_done = true;
+            self.shared.router.set_live(&user, self.conn_id);
         }
         let write_timeout = self.shared.config.write_timeout();
         let Some(last) = batch.last().map(|q| q.id) else {
@@ -640,8 +675,16 @@ impl Handler {
         };
         let result = timeout(write_timeout, write).await;
         self.finish_write(result)?;
-        self.delivered_up_to = last;
+        self.backlog_cursor = last;
         Ok(())
+    }
+
+    fn storage_lost(&self, e: StoreError) -> Close {
+        tracing::error!(conn = self.conn_id, "storage error reading the queue: {e}");
+        Close::tell(
+            ErrorCode::Internal,
+            "the server could not read your queued messages; reconnect later",
+        )
     }
 
     /// At shutdown: write what was already routed to this client, within the write timeout.
@@ -705,12 +748,7 @@ impl Handler {
         code: ErrorCode,
         message: impl Into<String>,
     ) -> Result<(), Close> {
-        self.write(ServerMessage::Error {
-            id: Some(id),
-            code,
-            message: message.into(),
-        })
-        .await
+        self.write(error_reply(id, code, message)).await
     }
 
     async fn username_taken(&mut self, id: RequestId, name: &Username) -> Result<(), Close> {
@@ -723,23 +761,21 @@ impl Handler {
     }
 
     async fn unknown_user(&mut self, id: RequestId, name: &str) -> Result<(), Close> {
-        let shown = truncate(name, 40);
-        self.fail(
-            id,
-            ErrorCode::UnknownUser,
-            format!("no user named {shown:?}"),
-        )
-        .await
+        self.write(unknown_user_reply(id, name)).await
     }
 
     async fn fail_internal(&mut self, id: RequestId, error: StoreError) -> Result<(), Close> {
+        let reply = self.internal_reply(id, error);
+        self.write(reply).await
+    }
+
+    fn internal_reply(&self, id: RequestId, error: StoreError) -> ServerMessage {
         tracing::error!(conn = self.conn_id, "storage error: {error}");
-        self.fail(
+        error_reply(
             id,
             ErrorCode::Internal,
             "the server could not reach its storage; try again later",
         )
-        .await
     }
 
     /// Runs a store call on the blocking pool.
@@ -752,6 +788,13 @@ impl Handler {
             Ok(result) => result,
             Err(join) => std::panic::resume_unwind(join.into_panic()),
         }
+    }
+}
+
+async fn settle_writes(settling: &mut Option<Ticket>) -> Result<(), StoreError> {
+    match settling {
+        Some(ticket) => ticket.passed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -786,6 +829,23 @@ async fn next_inbound(membership: &mut Option<Membership>) -> Inbound {
             },
         }
     }
+}
+
+fn error_reply(id: RequestId, code: ErrorCode, message: impl Into<String>) -> ServerMessage {
+    ServerMessage::Error {
+        id: Some(id),
+        code,
+        message: message.into(),
+    }
+}
+
+fn unknown_user_reply(id: RequestId, name: &str) -> ServerMessage {
+    let shown = truncate(name, 40);
+    error_reply(
+        id,
+        ErrorCode::UnknownUser,
+        format!("no user named {shown:?}"),
+    )
 }
 
 fn unix_secs() -> u64 {

@@ -16,6 +16,7 @@ mod connection;
 pub mod limits;
 pub mod router;
 pub mod store;
+pub mod writer;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,8 +39,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) router: Router,
     pub(crate) store: Store,
-    /// Queue inserts and acks, group-committed.
-    pub(crate) writer: store::Writer,
+    /// Queue inserts, acks and account binds, group-committed.
+    pub(crate) writer: writer::Writer,
 }
 
 /// Serves `listener` until `shutdown` resolves, then tells every client, lets in-flight
@@ -53,9 +54,9 @@ pub async fn run(
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let grace = config.shutdown_grace();
     let shared = Arc::new(Shared {
+        router: Router::new(store.next_envelope_id()?),
+        writer: writer::Writer::start(store.clone(), config.live_grace()),
         config,
-        router: Router::default(),
-        writer: store.start_writer(),
         store,
     });
     // Handlers hold a receiver of `notify` and a clone of `done`: dropping `notify` tells

@@ -25,6 +25,8 @@ struct Session {
     kick: watch::Sender<Option<ErrorCode>>,
     /// Users this session watches for presence.
     watching: HashSet<Username>,
+    /// Its stored backlog has been written: new envelopes may go to it directly.
+    live: bool,
 }
 
 impl Session {
@@ -53,12 +55,6 @@ pub struct Membership {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum RouteError {
-    Offline,
-    SlowConsumer,
-}
-
-#[derive(Debug, PartialEq, Eq)]
 pub enum WatchError {
     /// The session would watch more than this many users.
     Limit(usize),
@@ -66,11 +62,29 @@ pub enum WatchError {
     NotJoined,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     sessions: HashMap<Username, Session>,
     /// Watched user → the users whose sessions watch them.
     watchers: HashMap<Username, HashSet<Username>>,
+    /// The next envelope id. Handed out under the lock, in the order envelopes reach
+    /// recipients and the store.
+    next_id: u64,
+    /// Recipient → envelopes accepted for it, not delivered at once, and not yet routed
+    /// after their commit. While any are, new ones take the same path, so a recipient
+    /// never gets a sender's envelopes out of order.
+    unrouted: HashMap<Username, usize>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            sessions: HashMap::new(),
+            watchers: HashMap::new(),
+            next_id: 1,
+            unrouted: HashMap::new(),
+        }
+    }
 }
 
 impl State {
@@ -112,6 +126,13 @@ pub struct Router {
 }
 
 impl Router {
+    /// A router whose envelope ids start at `first_id` (above any the store has seen).
+    pub fn new(first_id: u64) -> Self {
+        let router = Self::default();
+        router.state().next_id = first_id.max(1);
+        router
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -126,6 +147,7 @@ impl Router {
             outbox: tx,
             kick,
             watching: HashSet::new(),
+            live: false,
         };
         let mut state = self.state();
         match state.sessions.insert(user.clone(), session) {
@@ -192,14 +214,56 @@ impl Router {
         Ok(online)
     }
 
-    /// Queues `msg` for `to`.
-    pub fn route(&self, to: &Username, msg: ServerMessage) -> Result<(), RouteError> {
-        let state = self.state();
-        let session = state.sessions.get(to).ok_or(RouteError::Offline)?;
-        if session.push(msg) {
-            Ok(())
-        } else {
-            Err(RouteError::SlowConsumer)
+    /// Marks `user`'s session `conn_id` as past its backlog: envelopes may go to it
+    /// directly from now on.
+    pub fn set_live(&self, user: &Username, conn_id: u64) {
+        if let Some(s) = self.state().sessions.get_mut(user)
+            && s.conn_id == conn_id
+        {
+            s.live = true;
+        }
+    }
+
+    /// Accepts a new envelope for `to`: gives it the next id and, if `to` is online and
+    /// past its backlog, queues `deliver(id)` to it at once. Then calls
+    /// `store(id, delivered)`, still under the lock, so the store sees envelopes in id
+    /// order. Returns what `store` returned and whether it was delivered.
+    pub fn accept<T>(
+        &self,
+        to: &Username,
+        deliver: impl FnOnce(u64) -> ServerMessage,
+        store: impl FnOnce(u64, bool) -> T,
+    ) -> (T, bool) {
+        let mut state = self.state();
+        let id = state.next_id;
+        state.next_id += 1;
+        let delivered = match state.sessions.get(to) {
+            Some(session) if session.live && !state.unrouted.contains_key(to) => {
+                session.push(deliver(id))
+            }
+            _ => false,
+        };
+        if !delivered {
+            *state.unrouted.entry(to.clone()).or_default() += 1;
+        }
+        (store(id, delivered), delivered)
+    }
+
+    /// Settles an envelope [`Router::accept`] did not deliver: queues `deliver` (if it was
+    /// committed) to `to` if online. Every such envelope must be settled exactly once.
+    pub fn settle(&self, to: &Username, deliver: Option<ServerMessage>) {
+        let mut state = self.state();
+        if let Some(msg) = deliver
+            && let Some(session) = state.sessions.get(to)
+        {
+            // Too slow: it waits in the store for the next login.
+            session.push(msg);
+        }
+        if let Some(n) = state.unrouted.get_mut(to) {
+            *n -= 1;
+            if *n == 0 {
+                state.unrouted.remove(to);
+            }
         }
     }
 
@@ -213,10 +277,6 @@ impl Router {
             .collect();
         names.sort_unstable();
         names
-    }
-
-    pub fn online_count(&self) -> usize {
-        self.state().sessions.len()
     }
 
     /// How many (watcher, watched) pairs are registered, for tests and stats.
@@ -250,18 +310,6 @@ mod tests {
             }
         );
         assert_eq!(router.online(), vec!["alice", "bob"]);
-
-        let msg = ServerMessage::Deliver {
-            envelope_id: 1,
-            from: "alice".into(),
-            payload: vec![1],
-        };
-        router.route(&name("bob"), msg.clone()).unwrap();
-        assert_eq!(*bob.outbox.try_recv().unwrap(), msg);
-        assert_eq!(
-            router.route(&name("carol"), msg.clone()),
-            Err(RouteError::Offline)
-        );
 
         // Bob logs in again: the old session is kicked, nobody sees him go offline.
         let _bob2 = router.join(&name("bob"), 3, 8);
@@ -329,21 +377,53 @@ mod tests {
         assert_eq!(router.watch_count(), 0);
     }
 
+    fn deliver(envelope_id: u64) -> ServerMessage {
+        ServerMessage::Deliver {
+            envelope_id,
+            from: "alice".into(),
+            payload: vec![1],
+        }
+    }
+
+    #[test]
+    fn envelopes_go_direct_only_when_nothing_earlier_is_still_on_its_way() {
+        let router = Router::new(10);
+        let mut bob = router.join(&name("bob"), 1, 8);
+        // Not live yet (reading its backlog): through the store, in id order.
+        let (stored, delivered) = router.accept(&name("bob"), deliver, |id, d| (id, d));
+        assert_eq!((stored, delivered), ((10, false), false));
+        router.set_live(&name("bob"), 1);
+        // Live, but envelope 10 is still on its way through the store: 11 must follow it.
+        let ((id, _), delivered) = router.accept(&name("bob"), deliver, |id, d| (id, d));
+        assert_eq!((id, delivered), (11, false));
+        assert!(bob.outbox.try_recv().is_err());
+        router.settle(&name("bob"), Some(deliver(10)));
+        router.settle(&name("bob"), Some(deliver(11)));
+        // Nothing left on its way: the next one goes straight to bob, after 10 and 11.
+        let ((id, _), delivered) = router.accept(&name("bob"), deliver, |id, d| (id, d));
+        assert_eq!((id, delivered), (12, true));
+        let got: Vec<ServerMessage> = std::iter::from_fn(|| bob.outbox.try_recv().ok())
+            .map(|m| *m)
+            .collect();
+        assert_eq!(got, vec![deliver(10), deliver(11), deliver(12)]);
+        // Offline recipients: through the store; settling without a session is harmless.
+        let (_, delivered) = router.accept(&name("carol"), deliver, |id, d| (id, d));
+        assert!(!delivered);
+        router.settle(&name("carol"), Some(deliver(13)));
+        // A stale connection id does not make the new session live.
+        let _bob2 = router.join(&name("bob"), 2, 8);
+        router.set_live(&name("bob"), 1);
+        assert!(!router.accept(&name("bob"), deliver, |_, _| ()).1);
+    }
+
     #[test]
     fn full_queue_kicks_the_slow_reader() {
         let router = Router::default();
         let slow = router.join(&name("slow"), 1, 2);
-        let msg = ServerMessage::Deliver {
-            envelope_id: 1,
-            from: "x".into(),
-            payload: vec![],
-        };
-        assert!(router.route(&name("slow"), msg.clone()).is_ok());
-        assert!(router.route(&name("slow"), msg.clone()).is_ok());
-        assert_eq!(
-            router.route(&name("slow"), msg),
-            Err(RouteError::SlowConsumer)
-        );
+        router.set_live(&name("slow"), 1);
+        assert!(router.accept(&name("slow"), deliver, |_, _| ()).1);
+        assert!(router.accept(&name("slow"), deliver, |_, _| ()).1);
+        assert!(!router.accept(&name("slow"), deliver, |_, _| ()).1);
         assert_eq!(*slow.kicked.borrow(), Some(ErrorCode::SlowConsumer));
     }
 }

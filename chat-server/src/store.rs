@@ -29,146 +29,9 @@ pub enum StoreError {
     WriterGone,
 }
 
-/// Writes per group commit; bounds the latency one batch adds to its last member.
-const MAX_BATCH: usize = 512;
-
-/// The sending side of [`Store::start_writer`].
-#[derive(Clone, Debug)]
-pub struct Writer {
-    tx: tokio::sync::mpsc::UnboundedSender<Write>,
-}
-
-type Reply = tokio::sync::oneshot::Receiver<Result<Done, StoreError>>;
-
-/// A write handed to the writer thread. It is committed whether or not anyone waits for
-/// the ticket; waiting tells the outcome once it is durable.
-#[derive(Debug)]
-pub struct Ticket(Reply);
-
-impl Ticket {
-    /// The outcome of an enqueue. Polls by reference, so it is safe in `select!`.
-    pub async fn enqueued(&mut self) -> Result<Enqueued, StoreError> {
-        match (&mut self.0).await.map_err(|_| StoreError::WriterGone)?? {
-            Done::Enqueued(e) => Ok(e),
-            _ => unreachable!("an enqueue answers Enqueued"),
-        }
-    }
-
-    /// The outcome of an ack: how many envelopes were removed.
-    pub async fn acked(&mut self) -> Result<usize, StoreError> {
-        match (&mut self.0).await.map_err(|_| StoreError::WriterGone)?? {
-            Done::Acked(n) => Ok(n),
-            _ => unreachable!("an ack answers Acked"),
-        }
-    }
-
-    /// The outcome of a bind.
-    pub async fn bound(&mut self) -> Result<Bind, StoreError> {
-        match (&mut self.0).await.map_err(|_| StoreError::WriterGone)?? {
-            Done::Bound(b) => Ok(b),
-            _ => unreachable!("a bind answers Bound"),
-        }
-    }
-}
-
-impl Writer {
-    /// Submits [`Store::enqueue`] to be committed with whatever else is waiting. Submitting
-    /// is immediate, so one connection can have many sends in one group commit.
-    pub fn enqueue(
-        &self,
-        recipient: Username,
-        sender: Username,
-        payload: Vec<u8>,
-        now_secs: u64,
-        limits: QueueLimits,
-    ) -> Ticket {
-        self.submit(Op::Enqueue {
-            recipient,
-            sender,
-            payload,
-            now_secs,
-            limits,
-        })
-    }
-
-    /// Submits [`Store::ack`] to be committed with whatever else is waiting. Nobody needs
-    /// to wait for it: a failure is logged by the writer.
-    pub fn ack(&self, recipient: Username, ids: Vec<u64>) -> Ticket {
-        self.submit(Op::Ack { recipient, ids })
-    }
-
-    /// Submits [`Store::bind`], so a storm of new accounts shares commits too.
-    pub fn bind(&self, user: Username, public_key: Vec<u8>) -> Ticket {
-        self.submit(Op::Bind { user, public_key })
-    }
-
-    fn submit(&self, op: Op) -> Ticket {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        // If the writer is gone the write (and its reply sender) is dropped here, and the
-        // ticket answers WriterGone.
-        let _ = self.tx.send(Write { op, reply });
-        Ticket(rx)
-    }
-}
-
-#[derive(Debug)]
-struct Write {
-    op: Op,
-    reply: tokio::sync::oneshot::Sender<Result<Done, StoreError>>,
-}
-
-#[derive(Debug)]
-enum Op {
-    Enqueue {
-        recipient: Username,
-        sender: Username,
-        payload: Vec<u8>,
-        now_secs: u64,
-        limits: QueueLimits,
-    },
-    Ack {
-        recipient: Username,
-        ids: Vec<u64>,
-    },
-    Bind {
-        user: Username,
-        public_key: Vec<u8>,
-    },
-}
-
-#[derive(Debug)]
-enum Done {
-    Enqueued(Enqueued),
-    Acked(usize),
-    Bound(Bind),
-}
-
-impl Write {
-    fn apply(&self, tx: &rusqlite::Transaction<'_>) -> Result<Done, StoreError> {
-        match &self.op {
-            Op::Enqueue {
-                recipient,
-                sender,
-                payload,
-                now_secs,
-                limits,
-            } => enqueue_in(tx, recipient, sender, payload, *now_secs, limits).map(Done::Enqueued),
-            Op::Ack { recipient, ids } => ack_in(tx, recipient, ids).map(Done::Acked),
-            Op::Bind { user, public_key } => bind_in(tx, user, public_key).map(Done::Bound),
-        }
-    }
-
-    fn reply(self, result: Result<Done, StoreError>) {
-        // The connection may have gone (or not be waiting, as for acks): the write stands
-        // either way, but a failure nobody hears about must still be seen.
-        if let Err(Err(e)) = self.reply.send(result) {
-            tracing::error!("storage error (no one waiting): {e}");
-        }
-    }
-}
-
-fn enqueue_in(
+pub(crate) fn enqueue_in(
     tx: &rusqlite::Transaction<'_>,
+    id: Option<u64>,
     recipient: &Username,
     sender: &Username,
     payload: &[u8],
@@ -191,10 +54,12 @@ fn enqueue_in(
     {
         return Ok(Enqueued::Full);
     }
+    // NULL lets SQLite pick the id; the relay passes its own so it can deliver first.
     tx.prepare_cached(
-        "INSERT INTO queue (recipient, sender, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO queue (id, recipient, sender, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![
+        id.map(|id| id as i64),
         recipient.as_str(),
         sender.as_str(),
         payload,
@@ -203,8 +68,21 @@ fn enqueue_in(
     Ok(Enqueued::Stored(tx.last_insert_rowid().unsigned_abs()))
 }
 
+/// Remembers that ids up to `id` were handed out, even those never written.
+pub(crate) fn record_last_id(tx: &rusqlite::Transaction<'_>, id: u64) -> Result<(), StoreError> {
+    let updated = tx
+        .prepare_cached("UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'queue'")?
+        .execute(params![id as i64])?;
+    if updated == 0 {
+        // No envelope was ever inserted, so SQLite has no row for the table yet.
+        tx.prepare_cached("INSERT INTO sqlite_sequence (name, seq) VALUES ('queue', ?1)")?
+            .execute(params![id as i64])?;
+    }
+    Ok(())
+}
+
 /// Binds `user` to `public_key` unless already bound (to it: `Existing`; else `Taken`).
-fn bind_in(
+pub(crate) fn bind_in(
     tx: &rusqlite::Transaction<'_>,
     user: &Username,
     public_key: &[u8],
@@ -229,7 +107,7 @@ fn bind_in(
     })
 }
 
-fn ack_in(
+pub(crate) fn ack_in(
     tx: &rusqlite::Transaction<'_>,
     recipient: &Username,
     ids: &[u64],
@@ -304,7 +182,7 @@ impl Store {
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written (it is
         // transactional), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
@@ -343,7 +221,7 @@ impl Store {
     ) -> Result<Enqueued, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let result = enqueue_in(&tx, recipient, sender, payload, now_secs, limits)?;
+        let result = enqueue_in(&tx, None, recipient, sender, payload, now_secs, limits)?;
         tx.commit()?;
         Ok(result)
     }
@@ -381,61 +259,16 @@ impl Store {
         Ok(removed)
     }
 
-    /// Runs queued writes in one transaction each time: every commit is an fsync, so under
-    /// load one commit serves a whole batch (group commit). Each caller still hears only
-    /// after its write is durable. A batch that fails is retried write by write, so one
-    /// bad write cannot fail the others.
-    pub fn start_writer(&self) -> Writer {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Write>();
-        let store = self.clone();
-        std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || {
-                let mut batch = Vec::new();
-                while let Some(first) = rx.blocking_recv() {
-                    batch.push(first);
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(w) => batch.push(w),
-                            Err(_) => break,
-                        }
-                    }
-                    store.write_batch(std::mem::take(&mut batch));
-                }
-            })
-            .expect("spawn the store writer thread");
-        Writer { tx }
-    }
-
-    fn write_batch(&self, batch: Vec<Write>) {
-        let mut conn = self.conn();
-        let together = (|| {
-            let tx = conn.transaction()?;
-            let results = batch
-                .iter()
-                .map(|w| w.apply(&tx))
-                .collect::<Result<Vec<_>, _>>()?;
-            tx.commit()?;
-            Ok::<_, StoreError>(results)
-        })();
-        match together {
-            Ok(results) => {
-                for (w, r) in batch.into_iter().zip(results) {
-                    w.reply(Ok(r));
-                }
-            }
-            Err(_) => {
-                for w in batch {
-                    let one = (|| {
-                        let tx = conn.transaction()?;
-                        let r = w.apply(&tx)?;
-                        tx.commit()?;
-                        Ok(r)
-                    })();
-                    w.reply(one);
-                }
-            }
-        }
+    /// The next envelope id never used: above every id queued or ever handed out.
+    pub fn next_envelope_id(&self) -> Result<u64, StoreError> {
+        let last: i64 = self.conn().query_row(
+            "SELECT MAX(
+                 COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'queue'), 0),
+                 COALESCE((SELECT MAX(id) FROM queue), 0))",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(last.unsigned_abs() + 1)
     }
 
     /// Deletes envelopes older than `max_age_secs` and counts them. Returns how many.

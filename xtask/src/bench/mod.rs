@@ -20,7 +20,7 @@ pub struct Args {
     /// A short run (under 30 s): fewer rows, 1,000 connections
     #[arg(long)]
     quick: bool,
-    /// Idle connections for the memory test (default 2,000; 1,000 with --quick)
+    /// Idle connections for the memory test (default 10,000; 1,000 with --quick)
     #[arg(long)]
     connections: Option<usize>,
     /// Where the JSON and the chart go (default target/bench)
@@ -142,7 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Idle connections: a fresh relay and the same Redis, RSS before and after.
     let n = args
         .connections
-        .unwrap_or(if args.quick { 1000 } else { 2000 });
+        .unwrap_or(if args.quick { 1000 } else { 10_000 });
     let data2 = tempfile::tempdir()?;
     let relay2 = start_relay(&mut procs, &bin, data2.path())?;
     let relay_conn = rt.block_on(relay_connections(&relay2, &key, n))?;
@@ -304,7 +304,7 @@ async fn relay_connections(relay: &Relay, key: &rsa::PrivateKey, n: usize) -> an
     while let Some(conn) = logins.join_next().await {
         conns.push(conn??);
     }
-    // Let the server finish what logins queued (presence notices) before reading RSS.
+    // Let the server settle (blocking-pool threads, allocator) before reading RSS.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = rss_bytes(relay.pid)?;
     drop(conns);
