@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chat_protocol::codec::WireCodec;
 use chat_protocol::{ClientMessage, PROTOCOL_VERSION, ServerMessage, Username, auth};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use rsa::PrivateKey;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -112,26 +112,29 @@ pub async fn relay_pairs(
         let counter = counter.clone();
         tasks.push(tokio::spawn(async move {
             let (mut sink, mut stream) = receiver.split();
-            let mut acks = Vec::with_capacity(64);
-            while let Some(Ok(msg)) = stream.next().await {
-                if let ServerMessage::Deliver {
-                    envelope_id,
-                    payload,
-                    ..
-                } = msg
-                {
-                    counter.record(payload.len());
-                    acks.push(envelope_id);
-                    if acks.len() == 64 {
-                        let envelope_ids = std::mem::take(&mut acks);
-                        if sink
-                            .send(ClientMessage::Ack { envelope_ids })
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
+            // Like the real client: one Ack for everything read, once the input drains.
+            while let Some(Ok(first)) = stream.next().await {
+                let mut envelope_ids = Vec::new();
+                let mut next = Some(first);
+                while let Some(msg) = next.take() {
+                    if let ServerMessage::Deliver {
+                        envelope_id,
+                        payload,
+                        ..
+                    } = msg
+                    {
+                        counter.record(payload.len());
+                        envelope_ids.push(envelope_id);
                     }
+                    next = stream.next().now_or_never().flatten().and_then(Result::ok);
+                }
+                if !envelope_ids.is_empty()
+                    && sink
+                        .send(ClientMessage::Ack { envelope_ids })
+                        .await
+                        .is_err()
+                {
+                    return;
                 }
             }
         }));
