@@ -10,14 +10,16 @@
 //!   the envelope cannot be lost: it is on the server's disk or on the recipient's.
 //!
 //! Writes are applied in the order they were submitted (the router submits envelopes in
-//! id order), so what is committed is always a prefix of what was submitted.
+//! id order), so what is committed is always a prefix of what was submitted. The thread
+//! is woken only for work that must not wait; held envelopes are found when it gets to
+//! them, so a stream of promptly acknowledged messages costs it no wake-ups.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chat_protocol::Username;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::store::{self, Bind, Enqueued, QueueLimits, Store, StoreError};
 
@@ -26,27 +28,65 @@ const MAX_BATCH: usize = 512;
 
 type Reply = oneshot::Sender<Result<Done, StoreError>>;
 
-/// Held envelopes not yet claimed by the writer, by envelope id; the condvar wakes the
-/// writer when one is acknowledged.
-#[derive(Debug, Default)]
-struct HeldMap {
-    map: Mutex<HashMap<u64, HeldEnvelope>>,
-    acked: Condvar,
-}
-
-type Held = Arc<HeldMap>;
-
 #[derive(Debug)]
 struct HeldEnvelope {
     recipient: Username,
     reply: Reply,
 }
 
+/// What the connections and the writer thread share.
+#[derive(Debug, Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Wakes the writer: work that must not wait, or the last handle gone.
+    work: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    /// Writes in submission order.
+    writes: VecDeque<Write>,
+    /// Held envelopes not yet claimed by the writer, by id. One acknowledged in time is
+    /// removed here and skipped when the writer reaches it.
+    held: HashMap<u64, HeldEnvelope>,
+    /// Writes in the queue that are not held envelopes: an Ack that clears the way to
+    /// one of them wakes the writer.
+    plain: usize,
+    /// Every `Writer` handle is gone: write what is left and stop.
+    stopping: bool,
+    /// The writer thread has ended: submissions fail at once.
+    stopped: bool,
+}
+
 /// The sending side of the writer thread.
 #[derive(Clone, Debug)]
 pub struct Writer {
-    tx: mpsc::UnboundedSender<Write>,
-    held: Held,
+    queue: Arc<Queue>,
+    _stop: Arc<StopOnDrop>,
+}
+
+/// Tells the writer thread to finish once the last [`Writer`] handle is dropped.
+#[derive(Debug)]
+struct StopOnDrop(Arc<Queue>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        lock(&self.0.state).stopping = true;
+        self.0.work.notify_one();
+    }
+}
+
+/// Marks the writer stopped however its thread ends (a panic included).
+struct Stopped<'a>(&'a Queue);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        let mut state = lock(&self.0.state);
+        state.stopped = true;
+        // Dropping the replies answers WriterGone.
+        state.writes.clear();
+        state.held.clear();
+    }
 }
 
 /// A submitted write. It is committed whether or not anyone waits for the ticket;
@@ -84,14 +124,19 @@ impl Ticket {
 impl Writer {
     /// Starts the writer thread. `grace` is how long a held envelope waits for its Ack.
     pub fn start(store: Store, grace: Duration) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel::<Write>();
-        let held = Held::default();
-        let thread_held = held.clone();
+        let queue = Arc::new(Queue::default());
+        let thread_queue = queue.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run(&store, rx, &thread_held, grace))
+            .spawn(move || {
+                let _stopped = Stopped(&thread_queue);
+                run(&store, &thread_queue, grace);
+            })
             .expect("spawn the store writer thread");
-        Self { tx, held }
+        Self {
+            _stop: Arc::new(StopOnDrop(queue.clone())),
+            queue,
+        }
     }
 
     /// Submits envelope `id` to be committed with whatever else is waiting. Submitting is
@@ -105,16 +150,21 @@ impl Writer {
     /// `Stored(id)` either way.
     pub fn enqueue_held(&self, id: u64, envelope: Envelope) -> Ticket {
         let (reply, rx) = oneshot::channel();
+        let mut state = lock(&self.queue.state);
+        if state.stopped {
+            return Ticket(rx);
+        }
         let recipient = envelope.recipient.clone();
-        lock(&self.held.map).insert(id, HeldEnvelope { recipient, reply });
-        let write = Write {
+        state.held.insert(id, HeldEnvelope { recipient, reply });
+        state.writes.push_back(Write {
             op: Op::Enqueue { id, envelope },
             reply: None,
             held_since: Some(Instant::now()),
-        };
-        if self.tx.send(write).is_err() {
-            // No writer: dropping the reply answers WriterGone.
-            lock(&self.held.map).remove(&id);
+        });
+        // Not woken for every one: an idle writer needs the first, a busy one will find
+        // the rest at the head when it gets there.
+        if state.writes.len() == 1 {
+            self.queue.work.notify_one();
         }
         Ticket(rx)
     }
@@ -123,7 +173,9 @@ impl Writer {
     /// the rest are deleted in the next commit. Nobody waits: a failure is logged.
     pub fn ack(&self, recipient: Username, mut ids: Vec<u64>) {
         {
-            let mut held = lock(&self.held.map);
+            let mut state = lock(&self.queue.state);
+            let before = ids.len();
+            let held = &mut state.held;
             ids.retain(|id| {
                 if held.get(id).is_none_or(|h| h.recipient != recipient) {
                     return true;
@@ -133,8 +185,10 @@ impl Writer {
                 }
                 false
             });
+            if ids.len() < before && state.plain > 0 {
+                self.queue.work.notify_one();
+            }
         }
-        self.held.acked.notify_all();
         if !ids.is_empty() {
             self.submit(Op::Ack { recipient, ids });
         }
@@ -153,18 +207,23 @@ impl Writer {
 
     fn submit(&self, op: Op) -> Ticket {
         let (reply, rx) = oneshot::channel();
-        // If the writer is gone the write (and its reply) is dropped: WriterGone.
-        let _ = self.tx.send(Write {
-            op,
-            reply: Some(reply),
-            held_since: None,
-        });
+        let mut state = lock(&self.queue.state);
+        // If the writer is gone the reply is dropped: WriterGone.
+        if !state.stopped {
+            state.writes.push_back(Write {
+                op,
+                reply: Some(reply),
+                held_since: None,
+            });
+            state.plain += 1;
+            self.queue.work.notify_one();
+        }
         Ticket(rx)
     }
 
     /// Envelopes held for an Ack right now (for tests and stats).
     pub fn held_count(&self) -> usize {
-        lock(&self.held.map).len()
+        lock(&self.queue.state).held.len()
     }
 }
 
@@ -232,66 +291,79 @@ impl Write {
             tracing::error!("storage error (no one waiting): {e}");
         }
     }
-
-    fn young(&self, grace: Duration) -> bool {
-        self.held_since.is_some_and(|t| t.elapsed() < grace)
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn run(store: &Store, mut rx: mpsc::UnboundedReceiver<Write>, held: &Held, grace: Duration) {
-    let mut next: Option<Write> = None;
-    let mut batch = Vec::new();
+fn run(store: &Store, queue: &Queue, grace: Duration) {
     // Highest envelope id seen, written or not: recorded so ids are not handed out twice.
     let mut last_id = 0;
     loop {
-        let Some(first) = next.take().or_else(|| rx.blocking_recv()) else {
-            return;
-        };
-        // Order is kept: a held envelope at the head makes the batch wait for its grace,
-        // or until it is acknowledged.
-        if let (Some(since), Op::Enqueue { id, .. }) = (first.held_since, &first.op) {
-            let wait = (since + grace).saturating_duration_since(Instant::now());
-            let map = lock(&held.map);
-            let _ = held
-                .acked
-                .wait_timeout_while(map, wait, |m| m.contains_key(id));
-        }
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(w) if w.young(grace) => {
-                    next = Some(w);
+        let mut batch = Vec::new();
+        {
+            let mut state = lock(&queue.state);
+            loop {
+                // Held envelopes acknowledged meanwhile leave the queue unwritten.
+                while let Some(w) = state.writes.front() {
+                    match (&w.op, w.held_since) {
+                        (Op::Enqueue { id, .. }, Some(_)) if !state.held.contains_key(id) => {
+                            last_id = last_id.max(*id);
+                            state.writes.pop_front();
+                        }
+                        _ => break,
+                    }
+                }
+                let Some(head) = state.writes.front() else {
+                    if state.stopping {
+                        return;
+                    }
+                    state = queue.work.wait(state).unwrap_or_else(|p| p.into_inner());
+                    continue;
+                };
+                // Order is kept: a young held envelope at the head holds back the rest
+                // until its grace is over (or it is acknowledged).
+                match head.held_since {
+                    Some(since) if !state.stopping && since.elapsed() < grace => {
+                        let wait = (since + grace).saturating_duration_since(Instant::now());
+                        state = queue
+                            .work
+                            .wait_timeout(state, wait)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    _ => break,
+                }
+            }
+            // Take what is due, claiming held envelopes not acknowledged in time.
+            while batch.len() < MAX_BATCH {
+                let Some(w) = state.writes.front() else {
+                    break;
+                };
+                if w.held_since.is_some_and(|t| t.elapsed() < grace) && !state.stopping {
                     break;
                 }
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
-        for w in &batch {
-            if let Op::Enqueue { id, .. } = w.op {
-                last_id = last_id.max(id);
-            }
-        }
-        // Claim the held envelopes; those acknowledged meanwhile are not written at all.
-        {
-            let mut held = lock(&held.map);
-            batch.retain_mut(|w| match (&w.op, w.held_since) {
-                (Op::Enqueue { id, .. }, Some(_)) => match held.remove(id) {
-                    Some(h) => {
-                        w.reply = Some(h.reply);
-                        true
+                let Some(mut w) = state.writes.pop_front() else {
+                    break;
+                };
+                if w.held_since.is_none() {
+                    state.plain -= 1;
+                }
+                if let Op::Enqueue { id, .. } = w.op {
+                    last_id = last_id.max(id);
+                    if w.held_since.is_some() {
+                        match state.held.remove(&id) {
+                            Some(h) => w.reply = Some(h.reply),
+                            None => continue,
+                        }
                     }
-                    None => false,
-                },
-                _ => true,
-            });
+                }
+                batch.push(w);
+            }
         }
         if !batch.is_empty() {
-            write_batch(store, std::mem::take(&mut batch), last_id);
+            write_batch(store, batch, last_id);
         }
     }
 }
