@@ -51,6 +51,18 @@ fn wait(h: &mut Harness<'_, ChatApp>, what: &str, cond: impl Fn(&Harness<'_, Cha
     }
 }
 
+/// Waits until `user`'s presence dot shows `online`.
+fn wait_presence(h: &mut Harness<'_, ChatApp>, user: &str, online: bool) {
+    let what = format!("{user} shown {}", if online { "online" } else { "offline" });
+    wait(h, &what, |h| {
+        h.state()
+            .model
+            .contacts
+            .get(user)
+            .is_some_and(|c| c.online == online)
+    });
+}
+
 fn sign_in(h: &mut Harness<'_, ChatApp>, name: &str) {
     h.get_by_role_and_label(Role::TextInput, "Username")
         .type_text(name);
@@ -83,13 +95,7 @@ fn sign_in_chat_verify_and_key_change() {
         h.state().model.open.as_deref() == Some("bob")
     });
     // Opening the chat follows bob's presence: he is shown online.
-    wait(&mut h, "bob shown online", |h| {
-        h.state()
-            .model
-            .contacts
-            .get("bob")
-            .is_some_and(|c| c.online)
-    });
+    wait_presence(&mut h, "bob", true);
     h.get_by_label_contains("No messages yet");
 
     // Type and send with Enter.
@@ -258,21 +264,9 @@ fn keyboard_new_chat_and_settings() {
         "the search box is cleared"
     );
     // Bob leaves: his dot goes grey.
-    wait(&mut h, "bob shown online", |h| {
-        h.state()
-            .model
-            .contacts
-            .get("bob")
-            .is_some_and(|c| c.online)
-    });
+    wait_presence(&mut h, "bob", true);
     drop(bob);
-    wait(&mut h, "bob shown offline", |h| {
-        h.state()
-            .model
-            .contacts
-            .get("bob")
-            .is_some_and(|c| !c.online)
-    });
+    wait_presence(&mut h, "bob", false);
 
     // Settings: switch to the dark theme and a bigger font; saved to settings.ron.
     h.get_by_label_contains("Settings").click();
