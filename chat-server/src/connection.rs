@@ -652,9 +652,9 @@ impl Handler {
             Ok(batch) => batch,
             Err(e) => return Err(self.storage_lost(e)),
         };
-        if batch.len() < WRITE_BATCH {
+        // Caught up, unless envelopes committed meanwhile were left to the store.
+        if batch.len() < WRITE_BATCH && self.shared.router.set_live(&user, self.conn_id) {
             self.backlog_done = true;
-            self.shared.router.set_live(&user, self.conn_id);
         }
         let write_timeout = self.shared.config.write_timeout();
         let Some(last) = batch.last().map(|q| q.id) else {

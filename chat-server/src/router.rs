@@ -27,6 +27,9 @@ struct Session {
     watching: HashSet<Username>,
     /// Its stored backlog has been written: new envelopes may go to it directly.
     live: bool,
+    /// Before it went live, a committed envelope was not queued to it (queue full): its
+    /// backlog must be read again before it can go live.
+    dropped: std::cell::Cell<bool>,
 }
 
 impl Session {
@@ -38,8 +41,14 @@ impl Session {
     fn push(&self, msg: ServerMessage) -> bool {
         match self.outbox.try_send(Box::new(msg)) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.kick(ErrorCode::SlowConsumer);
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                if !self.live && matches!(*msg, ServerMessage::Deliver { .. }) {
+                    // Still reading its backlog, which has this committed envelope too:
+                    // not a slow reader, just busy. It reads once more before going live.
+                    self.dropped.set(true);
+                } else {
+                    self.kick(ErrorCode::SlowConsumer);
+                }
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -148,6 +157,7 @@ impl Router {
             kick,
             watching: HashSet::new(),
             live: false,
+            dropped: std::cell::Cell::new(false),
         };
         let mut state = self.state();
         match state.sessions.insert(user.clone(), session) {
@@ -216,12 +226,23 @@ impl Router {
 
     /// Marks `user`'s session `conn_id` as past its backlog: envelopes may go to it
     /// directly from now on.
-    pub fn set_live(&self, user: &Username, conn_id: u64) {
-        if let Some(s) = self.state().sessions.get_mut(user)
-            && s.conn_id == conn_id
-        {
-            s.live = true;
+    /// Returns false (and stays not live) if a committed envelope could not be queued to
+    /// it meanwhile: the backlog must be read again first. A replaced session has
+    /// nothing to wait for.
+    pub fn set_live(&self, user: &Username, conn_id: u64) -> bool {
+        let mut state = self.state();
+        let Some(s) = state
+            .sessions
+            .get_mut(user)
+            .filter(|s| s.conn_id == conn_id)
+        else {
+            return true;
+        };
+        if s.dropped.replace(false) {
+            return false;
         }
+        s.live = true;
+        true
     }
 
     /// Accepts a new envelope for `to`: gives it the next id and, if `to` is online and
@@ -414,6 +435,21 @@ mod tests {
         let _bob2 = router.join(&name("bob"), 2, 8);
         router.set_live(&name("bob"), 1);
         assert!(!router.accept(&name("bob"), deliver, |_, _| ()).1);
+    }
+
+    #[test]
+    fn a_session_reading_its_backlog_is_not_kicked_for_envelopes_the_store_has() {
+        let router = Router::default();
+        let mut bob = router.join(&name("bob"), 1, 1);
+        for id in [1, 2] {
+            router.accept(&name("bob"), deliver, |_, _| ());
+            router.settle(&name("bob"), Some(deliver(id)));
+        }
+        assert_eq!(*bob.kicked.borrow(), None, "not kicked while not live");
+        // Envelope 2 was left to the store: one more backlog read before going live.
+        assert!(!router.set_live(&name("bob"), 1));
+        assert!(router.set_live(&name("bob"), 1));
+        assert_eq!(*bob.outbox.try_recv().unwrap(), deliver(1));
     }
 
     #[test]

@@ -9,10 +9,10 @@
 //!   at once. Otherwise it is written like any other. Either way the sender's `Ok` means
 //!   the envelope cannot be lost: it is on the server's disk or on the recipient's.
 //!
-//! Writes are applied in the order they were submitted (the router submits envelopes in
-//! id order), so what is committed is always a prefix of what was submitted. The thread
-//! is woken only for work that must not wait; held envelopes are found when it gets to
-//! them, so a stream of promptly acknowledged messages costs it no wake-ups.
+//! Other writes are applied in the order they were submitted (the router submits
+//! envelopes in id order) and never wait for held envelopes; a barrier waits for both.
+//! The thread is not woken for each held envelope, only by the deadline of the oldest,
+//! so a stream of promptly acknowledged messages costs it almost no wake-ups.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -44,14 +44,18 @@ struct Queue {
 
 #[derive(Debug, Default)]
 struct QueueState {
-    /// Writes in submission order.
-    writes: VecDeque<Write>,
+    /// Writes other than held envelopes, in submission order.
+    plain: VecDeque<Write>,
+    /// Held envelopes in submission order (so in deadline order), with a sequence number.
+    held_queue: VecDeque<(u64, Write)>,
     /// Held envelopes not yet claimed by the writer, by id. One acknowledged in time is
     /// removed here and skipped when the writer reaches it.
     held: HashMap<u64, HeldEnvelope>,
-    /// Writes in the queue that are not held envelopes: an Ack that clears the way to
-    /// one of them wakes the writer.
-    plain: usize,
+    /// Sequence number of the next held envelope.
+    held_seq: u64,
+    /// Barriers whose earlier plain writes are committed, waiting for the held envelopes
+    /// submitted before them (sequence numbers below the first field) to be done.
+    barriers: Vec<(u64, Reply)>,
     /// Every `Writer` handle is gone: write what is left and stop.
     stopping: bool,
     /// The writer thread has ended: submissions fail at once.
@@ -84,8 +88,10 @@ impl Drop for Stopped<'_> {
         let mut state = lock(&self.0.state);
         state.stopped = true;
         // Dropping the replies answers WriterGone.
-        state.writes.clear();
+        state.plain.clear();
+        state.held_queue.clear();
         state.held.clear();
+        state.barriers.clear();
     }
 }
 
@@ -156,14 +162,17 @@ impl Writer {
         }
         let recipient = envelope.recipient.clone();
         state.held.insert(id, HeldEnvelope { recipient, reply });
-        state.writes.push_back(Write {
+        let seq = state.held_seq;
+        state.held_seq += 1;
+        let write = Write {
             op: Op::Enqueue { id, envelope },
             reply: None,
             held_since: Some(Instant::now()),
-        });
-        // Not woken for every one: an idle writer needs the first, a busy one will find
-        // the rest at the head when it gets there.
-        if state.writes.len() == 1 {
+        };
+        state.held_queue.push_back((seq, write));
+        // Not woken for every one: the writer already waits for the deadline of the
+        // oldest, which comes before this one's.
+        if state.held_queue.len() == 1 {
             self.queue.work.notify_one();
         }
         Ticket(rx)
@@ -185,7 +194,8 @@ impl Writer {
                 }
                 false
             });
-            if ids.len() < before && state.plain > 0 {
+            // A barrier may have been waiting for one of them.
+            if ids.len() < before && !state.barriers.is_empty() {
                 self.queue.work.notify_one();
             }
         }
@@ -202,20 +212,22 @@ impl Writer {
     /// A ticket that resolves once everything submitted before it is durable (or, for held
     /// envelopes, acknowledged).
     pub fn barrier(&self) -> Ticket {
-        self.submit(Op::Barrier)
+        self.submit(Op::Barrier { held_before: 0 })
     }
 
-    fn submit(&self, op: Op) -> Ticket {
+    fn submit(&self, mut op: Op) -> Ticket {
         let (reply, rx) = oneshot::channel();
         let mut state = lock(&self.queue.state);
         // If the writer is gone the reply is dropped: WriterGone.
         if !state.stopped {
-            state.writes.push_back(Write {
+            if let Op::Barrier { held_before } = &mut op {
+                *held_before = state.held_seq;
+            }
+            state.plain.push_back(Write {
                 op,
                 reply: Some(reply),
                 held_since: None,
             });
-            state.plain += 1;
             self.queue.work.notify_one();
         }
         Ticket(rx)
@@ -247,10 +259,23 @@ struct Write {
 
 #[derive(Debug)]
 enum Op {
-    Enqueue { id: u64, envelope: Envelope },
-    Ack { recipient: Username, ids: Vec<u64> },
-    Bind { user: Username, public_key: Vec<u8> },
-    Barrier,
+    Enqueue {
+        id: u64,
+        envelope: Envelope,
+    },
+    Ack {
+        recipient: Username,
+        ids: Vec<u64>,
+    },
+    Bind {
+        user: Username,
+        public_key: Vec<u8>,
+    },
+    /// Passes once the plain writes before it are committed and the held envelopes
+    /// submitted before it (sequence numbers below `held_before`) are done.
+    Barrier {
+        held_before: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -276,7 +301,7 @@ impl Write {
             .map(Done::Enqueued),
             Op::Ack { recipient, ids } => store::ack_in(tx, recipient, ids).map(Done::Acked),
             Op::Bind { user, public_key } => store::bind_in(tx, user, public_key).map(Done::Bound),
-            Op::Barrier => Ok(Done::Passed),
+            Op::Barrier { .. } => Ok(Done::Passed),
         }
     }
 
@@ -297,6 +322,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Plain writes go in submission order as soon as the writer gets to them; held
+/// envelopes once their grace is over, unless acknowledged meanwhile. A plain write never
+/// waits behind a held one: held envelopes only ever reach live sessions, which do not
+/// read them back from the store, and a new session's barrier waits for them.
 fn run(store: &Store, queue: &Queue, grace: Duration) {
     // Highest envelope id seen, written or not: recorded so ids are not handed out twice.
     let mut last_id = 0;
@@ -305,66 +334,89 @@ fn run(store: &Store, queue: &Queue, grace: Duration) {
         {
             let mut state = lock(&queue.state);
             loop {
-                // Held envelopes acknowledged meanwhile leave the queue unwritten.
-                while let Some(w) = state.writes.front() {
-                    match (&w.op, w.held_since) {
-                        (Op::Enqueue { id, .. }, Some(_)) if !state.held.contains_key(id) => {
-                            last_id = last_id.max(*id);
-                            state.writes.pop_front();
+                while batch.len() < MAX_BATCH {
+                    let Some(w) = state.plain.pop_front() else {
+                        break;
+                    };
+                    match (w.op, w.reply) {
+                        // Passes after this batch's commit, once its held envelopes are done.
+                        (Op::Barrier { held_before }, Some(reply)) => {
+                            state.barriers.push((held_before, reply));
                         }
-                        _ => break,
+                        (op, reply) => batch.push(Write {
+                            op,
+                            reply,
+                            held_since: None,
+                        }),
                     }
                 }
-                let Some(head) = state.writes.front() else {
-                    if state.stopping {
-                        return;
+                let stopping = state.stopping;
+                while batch.len() < MAX_BATCH {
+                    let due = state.held_queue.front().is_some_and(|(_, w)| {
+                        stopping || w.held_since.is_some_and(|t| t.elapsed() >= grace)
+                    });
+                    let acked = state.held_queue.front().is_some_and(|(_, w)| {
+                        matches!(w.op, Op::Enqueue { id, .. } if !state.held.contains_key(&id))
+                    });
+                    if !due && !acked {
+                        break;
                     }
-                    state = queue.work.wait(state).unwrap_or_else(|p| p.into_inner());
-                    continue;
-                };
-                // Order is kept: a young held envelope at the head holds back the rest
-                // until its grace is over (or it is acknowledged).
-                match head.held_since {
-                    Some(since) if !state.stopping && since.elapsed() < grace => {
+                    let Some((_, mut w)) = state.held_queue.pop_front() else {
+                        break;
+                    };
+                    if let Op::Enqueue { id, .. } = w.op {
+                        last_id = last_id.max(id);
+                        // Claimed now, or acknowledged meanwhile and never written.
+                        if let Some(h) = state.held.remove(&id) {
+                            w.reply = Some(h.reply);
+                            batch.push(w);
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    break;
+                }
+                pass_barriers(&mut state);
+                if stopping && state.plain.is_empty() && state.held_queue.is_empty() {
+                    return;
+                }
+                let deadline = state.held_queue.front().and_then(|(_, w)| w.held_since);
+                state = match deadline {
+                    Some(since) => {
                         let wait = (since + grace).saturating_duration_since(Instant::now());
-                        state = queue
+                        queue
                             .work
                             .wait_timeout(state, wait)
                             .unwrap_or_else(|p| p.into_inner())
-                            .0;
+                            .0
                     }
-                    _ => break,
-                }
-            }
-            // Take what is due, claiming held envelopes not acknowledged in time.
-            while batch.len() < MAX_BATCH {
-                let Some(w) = state.writes.front() else {
-                    break;
+                    None => queue.work.wait(state).unwrap_or_else(|p| p.into_inner()),
                 };
-                if w.held_since.is_some_and(|t| t.elapsed() < grace) && !state.stopping {
-                    break;
-                }
-                let Some(mut w) = state.writes.pop_front() else {
-                    break;
-                };
-                if w.held_since.is_none() {
-                    state.plain -= 1;
-                }
-                if let Op::Enqueue { id, .. } = w.op {
-                    last_id = last_id.max(id);
-                    if w.held_since.is_some() {
-                        match state.held.remove(&id) {
-                            Some(h) => w.reply = Some(h.reply),
-                            None => continue,
-                        }
-                    }
-                }
-                batch.push(w);
             }
         }
-        if !batch.is_empty() {
-            write_batch(store, batch, last_id);
-        }
+        write_batch(store, batch, last_id);
+        pass_barriers(&mut lock(&queue.state));
+    }
+}
+
+/// Answers the barriers none of whose held envelopes is still waiting.
+fn pass_barriers(state: &mut QueueState) {
+    if state.barriers.is_empty() {
+        return;
+    }
+    // Acknowledged envelopes may still sit in the queue: they are done.
+    let held = &state.held;
+    let oldest = state
+        .held_queue
+        .iter()
+        .find(|(_, w)| matches!(w.op, Op::Enqueue { id, .. } if held.contains_key(&id)))
+        .map_or(u64::MAX, |(seq, _)| *seq);
+    let (passed, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut state.barriers)
+        .into_iter()
+        .partition(|(before, _)| *before <= oldest);
+    state.barriers = waiting;
+    for (_, reply) in passed {
+        let _ = reply.send(Ok(Done::Passed));
     }
 }
 
@@ -471,6 +523,30 @@ mod tests {
         writer.ack(name("bob"), vec![3]);
         writer.barrier().passed().await.unwrap();
         assert!(store.pending(&name("bob"), 0, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn other_writes_do_not_wait_behind_a_held_envelope() {
+        let (_dir, store, writer) = setup(Duration::from_secs(3600));
+        let _held = writer.enqueue_held(1, envelope("bob", b"held"));
+        let mut plain = writer.enqueue(2, envelope("bob", b"plain"));
+        let stored = tokio::time::timeout(Duration::from_secs(10), plain.enqueued()).await;
+        assert_eq!(stored.unwrap().unwrap(), Enqueued::Stored(2));
+        let ids: Vec<u64> = store
+            .pending(&name("bob"), 0, 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.id)
+            .collect();
+        assert_eq!(ids, vec![2]);
+        // A barrier still waits for the held one; its Ack lets it pass, unwritten.
+        let mut barrier = writer.barrier();
+        let early = tokio::time::timeout(Duration::from_millis(200), barrier.passed()).await;
+        assert!(early.is_err(), "the barrier passed a held envelope");
+        writer.ack(name("bob"), vec![1]);
+        let passed = tokio::time::timeout(Duration::from_secs(10), barrier.passed()).await;
+        passed.unwrap().unwrap();
+        assert_eq!(store.pending(&name("bob"), 0, 10).unwrap().len(), 1);
     }
 
     #[tokio::test]
