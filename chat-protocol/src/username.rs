@@ -1,6 +1,8 @@
 //! Account names: 1–32 characters of `a-z 0-9 _ - .`, starting with a letter or digit.
 //! Names are case-insensitive: they are folded to lowercase, so `Alice` *is* `alice`.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 pub const MAX_LEN: usize = 32;
@@ -17,10 +19,11 @@ pub enum UsernameError {
     BadStart,
 }
 
-/// A valid username in canonical (lowercase) form.
+/// A valid username in canonical (lowercase) form. Shared, not copied, when cloned: the
+/// relay clones the sender's and recipient's names for every message it routes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct Username(String);
+pub struct Username(Arc<str>);
 
 impl Username {
     pub fn parse(raw: &str) -> Result<Self, UsernameError> {
@@ -39,7 +42,7 @@ impl Username {
         if !raw.as_bytes()[0].is_ascii_alphanumeric() {
             return Err(UsernameError::BadStart);
         }
-        Ok(Self(raw.to_ascii_lowercase()))
+        Ok(Self(raw.to_ascii_lowercase().into()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -69,7 +72,7 @@ impl TryFrom<String> for Username {
 
 impl From<Username> for String {
     fn from(u: Username) -> String {
-        u.0
+        u.0.to_string()
     }
 }
 
