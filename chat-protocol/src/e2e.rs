@@ -46,6 +46,7 @@ pub struct Envelope {
     pub epoch: u32,
     pub counter: u64,
     pub offer: Option<KeyOffer>,
+    #[serde(with = "serde_bytes")]
     pub ciphertext: Vec<u8>,
 }
 
@@ -57,8 +58,10 @@ pub struct KeyOffer {
     pub sender_fp: [u8; 32],
     pub recipient_fp: [u8; 32],
     /// RSA-OAEP-SHA256 of the 32-byte AES key, to the recipient's key.
+    #[serde(with = "serde_bytes")]
     pub wrapped_key: Vec<u8>,
     /// RSA-PSS-SHA256 by the sender over [`offer_transcript`].
+    #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
 }
 

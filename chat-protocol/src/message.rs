@@ -25,13 +25,18 @@ pub enum ClientMessage {
     Register {
         id: RequestId,
         username: String,
+        #[serde(with = "serde_bytes")]
         public_key: Vec<u8>,
     },
     /// Log in to an existing account. Answered by `Challenge`.
     Login { id: RequestId, username: String },
     /// RSA-PSS-SHA256 signature over the login transcript (see `auth`). Answered by
     /// `Welcome` or `Error`.
-    Prove { id: RequestId, signature: Vec<u8> },
+    Prove {
+        id: RequestId,
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+    },
     /// Everyone online now. Answered by `Users`.
     ListUsers { id: RequestId },
     /// Answered by `PublicKey`.
@@ -41,6 +46,7 @@ pub enum ClientMessage {
     Send {
         id: RequestId,
         to: String,
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
     /// Liveness probe; answered by `Pong` with the same nonce.
@@ -122,6 +128,7 @@ pub enum ServerMessage {
     PublicKey {
         id: RequestId,
         username: String,
+        #[serde(with = "serde_bytes")]
         public_key: Vec<u8>,
     },
     /// A payload relayed to you, in the order it was accepted. `from` is stamped by the
@@ -130,6 +137,7 @@ pub enum ServerMessage {
     Deliver {
         envelope_id: u64,
         from: String,
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
     /// The request `id` succeeded.

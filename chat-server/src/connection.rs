@@ -179,6 +179,8 @@ impl Handler {
         let config = &self.shared.config;
         let login_deadline = Instant::now() + config.login_timeout();
         let (ping_interval, idle_timeout) = (config.ping_interval(), config.idle_timeout());
+        let timer = sleep_until(login_deadline);
+        tokio::pin!(timer);
         loop {
             let logged_in = matches!(self.state, State::Ready(_));
             let idle_at = self.last_heard + idle_timeout;
@@ -188,6 +190,11 @@ impl Handler {
             }
             if !self.pinged {
                 wake = wake.min(self.last_heard + ping_interval);
+            }
+            // Re-armed only when the deadline moves earlier (or it fired): every frame
+            // moves it later, and a timer that fires early just finds nothing due.
+            if wake < timer.deadline() || timer.is_elapsed() {
+                timer.as_mut().reset(wake);
             }
 
             tokio::select! {
@@ -242,7 +249,7 @@ impl Handler {
                         }
                     }
                 },
-                _ = sleep_until(wake) => {
+                () = &mut timer => {
                     let now = Instant::now();
                     if !logged_in && now >= login_deadline {
                         return Close::tell(ErrorCode::LoginTimeout, "login was not completed in time");
@@ -265,7 +272,8 @@ impl Handler {
     async fn handle(&mut self, msg: ClientMessage) -> Result<(), Close> {
         let id = msg.request_id();
         debug!(conn = self.conn_id, kind = msg.kind(), "request");
-        let wait = self.bucket.take(std::time::Instant::now());
+        // `last_heard` was set as this frame arrived.
+        let wait = self.bucket.take(self.last_heard.into_std());
         if !wait.is_zero() {
             // Over the rate: pace this connection instead of dropping (keeps order).
             tokio::time::sleep(wait).await;
