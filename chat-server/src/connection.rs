@@ -557,12 +557,27 @@ impl Handler {
     }
 
     /// Answers the oldest send now that its commit is done, and routes it on success.
+    /// Also answers every later send whose outcome is already known, in one write.
     async fn send_committed(&mut self, done: Result<Enqueued, StoreError>) -> Result<(), Close> {
-        let Some(sent) = self.sends.pop_front() else {
-            return Ok(());
+        let mut replies = Vec::new();
+        let mut done = Some(done);
+        while let Some(outcome) = done.take() {
+            let Some(sent) = self.sends.pop_front() else {
+                break;
+            };
+            replies.push(self.settle(sent, outcome));
+            done = self.sends.front_mut().and_then(|s| s.ticket.try_enqueued());
+        }
+        let write_timeout = self.shared.config.write_timeout();
+        let writer = &mut self.writer;
+        let write = async {
+            for reply in replies {
+                writer.feed(reply).await?;
+            }
+            writer.flush().await
         };
-        let reply = self.settle(sent, done);
-        self.write(reply).await
+        let result = timeout(write_timeout, write).await;
+        self.finish_write(result)
     }
 
     /// Routes a send's envelope if it was not delivered at once and is now committed (an

@@ -109,6 +109,19 @@ impl Ticket {
         }
     }
 
+    /// The outcome of an enqueue if it is known already.
+    pub fn try_enqueued(&mut self) -> Option<Result<Enqueued, StoreError>> {
+        let done = match self.0.try_recv() {
+            Ok(done) => done,
+            Err(oneshot::error::TryRecvError::Empty) => return None,
+            Err(oneshot::error::TryRecvError::Closed) => Err(StoreError::WriterGone),
+        };
+        Some(done.map(|d| match d {
+            Done::Enqueued(e) => e,
+            _ => unreachable!("an enqueue answers Enqueued"),
+        }))
+    }
+
     /// The outcome of a bind.
     pub async fn bound(&mut self) -> Result<Bind, StoreError> {
         match self.done().await? {
