@@ -516,33 +516,34 @@ impl Handler {
                 // The sender hears `Ok` only once the envelope cannot be lost: committed,
                 // or (delivered at once to an online recipient) acknowledged by it. Later
                 // sends are read meanwhile, so they share the commit.
-                let envelope = Envelope {
-                    recipient: to_user.clone(),
-                    sender: me.clone(),
-                    payload: payload.clone(),
-                    now_secs: unix_secs(),
-                    limits: self.shared.config.queue.limits(),
-                };
                 let writer = &self.shared.writer;
-                let (ticket, delivered) = self.shared.router.accept(
+                let (recipient, sender) = (to_user.clone(), me.clone());
+                let (now_secs, limits) = (unix_secs(), self.shared.config.queue.limits());
+                let envelope = |payload| Envelope {
+                    recipient,
+                    sender,
+                    payload,
+                    now_secs,
+                    limits,
+                };
+                let ((ticket, payload), _) = self.shared.router.accept(
                     &to_user,
-                    |envelope_id| ServerMessage::Deliver {
-                        envelope_id,
-                        from: me.to_string(),
-                        payload: payload.clone(),
-                    },
-                    |envelope_id, delivered| {
+                    &me,
+                    payload,
+                    |envelope_id, delivered, payload| {
                         if delivered {
-                            writer.enqueue_held(envelope_id, envelope)
+                            (writer.enqueue_held(envelope_id, envelope(payload)), None)
                         } else {
-                            writer.enqueue(envelope_id, envelope)
+                            // Kept to route once committed.
+                            let ticket = writer.enqueue(envelope_id, envelope(payload.clone()));
+                            (ticket, Some(payload))
                         }
                     },
                 );
                 self.sends.push_back(InFlight {
                     id,
                     to: to_user,
-                    payload: (!delivered).then_some(payload),
+                    payload,
                     ticket,
                 });
                 Ok(())

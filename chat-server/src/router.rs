@@ -245,29 +245,34 @@ impl Router {
         true
     }
 
-    /// Accepts a new envelope for `to`: gives it the next id and, if `to` is online and
-    /// past its backlog, queues `deliver(id)` to it at once. Then calls
-    /// `store(id, delivered)`, still under the lock, so the store sees envelopes in id
-    /// order. Returns what `store` returned and whether it was delivered.
+    /// Accepts a new envelope `payload` from `from` for `to`: gives it the next id and, if
+    /// `to` is online and past its backlog, queues a `Deliver` to it at once. Then calls
+    /// `store(id, delivered, payload)`, still under the lock, so the store sees envelopes
+    /// in id order. Returns what `store` returned and whether it was delivered.
     pub fn accept<T>(
         &self,
         to: &Username,
-        deliver: impl FnOnce(u64) -> ServerMessage,
-        store: impl FnOnce(u64, bool) -> T,
+        from: &Username,
+        payload: Vec<u8>,
+        store: impl FnOnce(u64, bool, Vec<u8>) -> T,
     ) -> (T, bool) {
         let mut state = self.state();
         let id = state.next_id;
         state.next_id += 1;
         let delivered = match state.sessions.get(to) {
             Some(session) if session.live && !state.unrouted.contains_key(to) => {
-                session.push(deliver(id))
+                session.push(ServerMessage::Deliver {
+                    envelope_id: id,
+                    from: from.to_string(),
+                    payload: payload.clone(),
+                })
             }
             _ => false,
         };
         if !delivered {
             *state.unrouted.entry(to.clone()).or_default() += 1;
         }
-        (store(id, delivered), delivered)
+        (store(id, delivered, payload), delivered)
     }
 
     /// Settles an envelope [`Router::accept`] did not deliver: queues `deliver` (if it was
@@ -406,35 +411,45 @@ mod tests {
         }
     }
 
+    /// Alice sends `[1]` to `to`: (id, the id the store was given, delivered at once).
+    fn accept(router: &Router, to: &str) -> (u64, (u64, bool), bool) {
+        let (stored, delivered) =
+            router.accept(&name(to), &name("alice"), vec![1], |id, d, payload| {
+                assert_eq!(payload, vec![1]);
+                (id, d)
+            });
+        (stored.0, stored, delivered)
+    }
+
     #[test]
     fn envelopes_go_direct_only_when_nothing_earlier_is_still_on_its_way() {
         let router = Router::new(10);
         let mut bob = router.join(&name("bob"), 1, 8);
         // Not live yet (reading its backlog): through the store, in id order.
-        let (stored, delivered) = router.accept(&name("bob"), deliver, |id, d| (id, d));
+        let (_, stored, delivered) = accept(&router, "bob");
         assert_eq!((stored, delivered), ((10, false), false));
         router.set_live(&name("bob"), 1);
         // Live, but envelope 10 is still on its way through the store: 11 must follow it.
-        let ((id, _), delivered) = router.accept(&name("bob"), deliver, |id, d| (id, d));
+        let (id, _, delivered) = accept(&router, "bob");
         assert_eq!((id, delivered), (11, false));
         assert!(bob.outbox.try_recv().is_err());
         router.settle(&name("bob"), Some(deliver(10)));
         router.settle(&name("bob"), Some(deliver(11)));
         // Nothing left on its way: the next one goes straight to bob, after 10 and 11.
-        let ((id, _), delivered) = router.accept(&name("bob"), deliver, |id, d| (id, d));
+        let (id, _, delivered) = accept(&router, "bob");
         assert_eq!((id, delivered), (12, true));
         let got: Vec<ServerMessage> = std::iter::from_fn(|| bob.outbox.try_recv().ok())
             .map(|m| *m)
             .collect();
         assert_eq!(got, vec![deliver(10), deliver(11), deliver(12)]);
         // Offline recipients: through the store; settling without a session is harmless.
-        let (_, delivered) = router.accept(&name("carol"), deliver, |id, d| (id, d));
+        let (_, _, delivered) = accept(&router, "carol");
         assert!(!delivered);
         router.settle(&name("carol"), Some(deliver(13)));
         // A stale connection id does not make the new session live.
         let _bob2 = router.join(&name("bob"), 2, 8);
         router.set_live(&name("bob"), 1);
-        assert!(!router.accept(&name("bob"), deliver, |_, _| ()).1);
+        assert!(!accept(&router, "bob").2);
     }
 
     #[test]
@@ -442,7 +457,7 @@ mod tests {
         let router = Router::default();
         let mut bob = router.join(&name("bob"), 1, 1);
         for id in [1, 2] {
-            router.accept(&name("bob"), deliver, |_, _| ());
+            accept(&router, "bob");
             router.settle(&name("bob"), Some(deliver(id)));
         }
         assert_eq!(*bob.kicked.borrow(), None, "not kicked while not live");
@@ -457,9 +472,9 @@ mod tests {
         let router = Router::default();
         let slow = router.join(&name("slow"), 1, 2);
         router.set_live(&name("slow"), 1);
-        assert!(router.accept(&name("slow"), deliver, |_, _| ()).1);
-        assert!(router.accept(&name("slow"), deliver, |_, _| ()).1);
-        assert!(!router.accept(&name("slow"), deliver, |_, _| ()).1);
+        assert!(accept(&router, "slow").2);
+        assert!(accept(&router, "slow").2);
+        assert!(!accept(&router, "slow").2);
         assert_eq!(*slow.kicked.borrow(), Some(ErrorCode::SlowConsumer));
     }
 }

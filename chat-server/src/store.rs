@@ -182,7 +182,7 @@ impl Store {
         })
     }
 
-    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written (it is
         // transactional), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
@@ -202,11 +202,19 @@ impl Store {
 
     /// Binds `user` to `public_key` unless it is bound already.
     pub fn bind(&self, user: &Username, public_key: &[u8]) -> Result<Bind, StoreError> {
+        self.transaction(|tx| bind_in(tx, user, public_key))
+    }
+
+    /// Runs `f` in one transaction, committed if it succeeds.
+    pub(crate) fn transaction<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let bind = bind_in(&tx, user, public_key)?;
+        let result = f(&tx)?;
         tx.commit()?;
-        Ok(bind)
+        Ok(result)
     }
 
     /// Queues `payload` for a registered `recipient` unless that would pass `limits`.
@@ -219,11 +227,7 @@ impl Store {
         now_secs: u64,
         limits: &QueueLimits,
     ) -> Result<Enqueued, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let result = enqueue_in(&tx, None, recipient, sender, payload, now_secs, limits)?;
-        tx.commit()?;
-        Ok(result)
+        self.transaction(|tx| enqueue_in(tx, None, recipient, sender, payload, now_secs, limits))
     }
 
     /// Up to `limit` queued envelopes for `recipient` with ids above `after`, oldest first.
@@ -252,11 +256,7 @@ impl Store {
 
     /// Forgets envelopes `recipient` has processed. Ids of other recipients are ignored.
     pub fn ack(&self, recipient: &Username, ids: &[u64]) -> Result<usize, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let removed = ack_in(&tx, recipient, ids)?;
-        tx.commit()?;
-        Ok(removed)
+        self.transaction(|tx| ack_in(tx, recipient, ids))
     }
 
     /// The next envelope id never used: above every id queued or ever handed out.
@@ -273,35 +273,33 @@ impl Store {
 
     /// Deletes envelopes older than `max_age_secs` and counts them. Returns how many.
     pub fn purge_expired(&self, now_secs: u64, max_age_secs: u64) -> Result<usize, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let cutoff = now_secs.saturating_sub(max_age_secs) as i64;
-        let removed = tx.execute("DELETE FROM queue WHERE created_at < ?1", params![cutoff])?;
-        if removed > 0 {
-            tx.execute(
-                "INSERT INTO counters (name, value) VALUES ('expired', ?1)
-                 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                params![removed as i64],
-            )?;
-        }
-        tx.commit()?;
-        Ok(removed)
+        self.transaction(|tx| {
+            let cutoff = now_secs.saturating_sub(max_age_secs) as i64;
+            let removed = tx.execute("DELETE FROM queue WHERE created_at < ?1", params![cutoff])?;
+            if removed > 0 {
+                tx.execute(
+                    "INSERT INTO counters (name, value) VALUES ('expired', ?1)
+                     ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                    params![removed as i64],
+                )?;
+            }
+            Ok(removed)
+        })
     }
 
     /// Removes an account and its queue, freeing the name. Returns whether it existed.
     pub fn remove_user(&self, user: &Username) -> Result<bool, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let existed = tx.execute(
-            "DELETE FROM accounts WHERE username = ?1",
-            params![user.as_str()],
-        )? > 0;
-        tx.execute(
-            "DELETE FROM queue WHERE recipient = ?1",
-            params![user.as_str()],
-        )?;
-        tx.commit()?;
-        Ok(existed)
+        self.transaction(|tx| {
+            let existed = tx.execute(
+                "DELETE FROM accounts WHERE username = ?1",
+                params![user.as_str()],
+            )? > 0;
+            tx.execute(
+                "DELETE FROM queue WHERE recipient = ?1",
+                params![user.as_str()],
+            )?;
+            Ok(existed)
+        })
     }
 
     /// Totals for operators.

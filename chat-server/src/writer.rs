@@ -103,10 +103,7 @@ pub struct Ticket(oneshot::Receiver<Result<Done, StoreError>>);
 impl Ticket {
     /// The outcome of an enqueue. Polls by reference, so it is safe in `select!`.
     pub async fn enqueued(&mut self) -> Result<Enqueued, StoreError> {
-        match self.done().await? {
-            Done::Enqueued(e) => Ok(e),
-            _ => unreachable!("an enqueue answers Enqueued"),
-        }
+        self.done().await.map(Done::into_enqueued)
     }
 
     /// The outcome of an enqueue if it is known already.
@@ -116,10 +113,7 @@ impl Ticket {
             Err(oneshot::error::TryRecvError::Empty) => return None,
             Err(oneshot::error::TryRecvError::Closed) => Err(StoreError::WriterGone),
         };
-        Some(done.map(|d| match d {
-            Done::Enqueued(e) => e,
-            _ => unreachable!("an enqueue answers Enqueued"),
-        }))
+        Some(done.map(Done::into_enqueued))
     }
 
     /// The outcome of a bind.
@@ -299,6 +293,15 @@ pub enum Done {
     Passed,
 }
 
+impl Done {
+    fn into_enqueued(self) -> Enqueued {
+        match self {
+            Done::Enqueued(e) => e,
+            _ => unreachable!("an enqueue answers Enqueued"),
+        }
+    }
+}
+
 impl Write {
     fn apply(&self, tx: &rusqlite::Transaction<'_>) -> Result<Done, StoreError> {
         match &self.op {
@@ -436,17 +439,14 @@ fn pass_barriers(state: &mut QueueState) {
 /// One transaction for the batch; if it fails, write by write, so one bad write cannot
 /// fail the others.
 fn write_batch(store: &Store, batch: Vec<Write>, last_id: u64) {
-    let mut conn = store.conn();
-    let together = (|| {
-        let tx = conn.transaction()?;
+    let together = store.transaction(|tx| {
         let results = batch
             .iter()
-            .map(|w| w.apply(&tx))
+            .map(|w| w.apply(tx))
             .collect::<Result<Vec<_>, _>>()?;
-        store::record_last_id(&tx, last_id)?;
-        tx.commit()?;
-        Ok::<_, StoreError>(results)
-    })();
+        store::record_last_id(tx, last_id)?;
+        Ok(results)
+    });
     match together {
         Ok(results) => {
             for (w, r) in batch.into_iter().zip(results) {
@@ -455,12 +455,7 @@ fn write_batch(store: &Store, batch: Vec<Write>, last_id: u64) {
         }
         Err(_) => {
             for w in batch {
-                let one = (|| {
-                    let tx = conn.transaction()?;
-                    let r = w.apply(&tx)?;
-                    tx.commit()?;
-                    Ok(r)
-                })();
+                let one = store.transaction(|tx| w.apply(tx));
                 w.reply(one);
             }
         }
