@@ -21,8 +21,16 @@ pub enum Command {
     Verify { user: String },
     /// Take back a verification.
     Unverify { user: String },
-    /// Accept `user`'s new key after a key change.
-    AcceptKey { user: String },
+    /// Accept `user`'s new key after a key change. `fingerprint` (hex, spaces and colons
+    /// ignored) is the key the user compared: if the pending key is another one (the relay
+    /// swapped it meanwhile) nothing is accepted.
+    AcceptKey {
+        user: String,
+        fingerprint: Option<String>,
+    },
+    /// Reject `user`'s new key: the pinned key stays, and what arrived under the new key
+    /// is discarded.
+    RejectKey { user: String },
     /// Load stored history with `user` (answered by `History`).
     History { user: String },
     /// Stop: try to hand the outbox to the server until the deadline, then end.
@@ -61,8 +69,18 @@ pub struct HistoryItem {
     pub id: String,
     pub outgoing: bool,
     pub text: String,
+    /// The sender's clock, ms since the Unix epoch: shown, never used for order.
     pub sent_at: u64,
+    /// When this client stored it (ours: written; theirs: arrived), ms since the Unix
+    /// epoch. History is in this order.
+    pub stored_at: u64,
     pub status: Status,
+    /// Sent long ago and still not delivered.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub undelivered: bool,
+    /// Why it failed (a code, e.g. `unknown_user`, `message_too_long`, `expired`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Something that happened. Serialised as `{"event": "<name>", ...fields}`.
@@ -111,21 +129,52 @@ pub enum Event {
         to: String,
         id: String,
     },
-    /// Our message `id` can never be sent (e.g. no such user); it left the outbox.
+    /// Our message `id` can never be delivered; it left the outbox. `reason` is a code:
+    /// `unknown_user`, `message_too_long`, `expired` (not delivered within the relay's
+    /// age limit), `key_rejected`, or the relay's refusal.
     Failed {
         to: String,
         id: String,
+        reason: String,
+        /// What happened, for people.
+        message: String,
+    },
+    /// Our message `id` was accepted by the relay at `since` (ms since the Unix epoch)
+    /// and is still not delivered; it stays in the outbox. Once per message.
+    Undelivered {
+        to: String,
+        id: String,
+        since: u64,
+    },
+    /// `to` could not open our message `id` (their client lost its keys): it is being
+    /// sent again under a new key. `sent` and `delivered` follow as usual.
+    Requeued {
+        to: String,
+        id: String,
+        reason: String,
+    },
+    /// Messages from `from` were thrown away unread: `reason` `key_rejected` (they came
+    /// under a key the user rejected).
+    Discarded {
+        from: String,
+        count: usize,
+        reason: String,
     },
     Safety {
         user: String,
         number: String,
+        /// Fingerprint of the key the number is for (pass it to `/accept-key`).
+        fingerprint: String,
         verified: bool,
         /// A new key is waiting to be accepted; `number` is for that new key.
         key_changed: bool,
     },
-    /// `user` presented a new key; traffic with them is blocked until `/accept-key`.
+    /// `user` presented a new key (`fingerprint`); traffic with them is held until
+    /// `/accept-key` or `/reject-key`. `was_verified`: the old key had been verified.
     KeyChanged {
         user: String,
+        fingerprint: String,
+        was_verified: bool,
     },
     Connection {
         state: ConnectionState,
@@ -145,6 +194,12 @@ pub enum Event {
         code: String,
         message: String,
     },
+    /// Something worth knowing that did not stop anything (e.g. a damaged settings file
+    /// was ignored, permissions were fixed).
+    Warning {
+        code: String,
+        message: String,
+    },
 }
 
 impl Event {
@@ -153,6 +208,74 @@ impl Event {
             code: code.into(),
             message: message.into(),
         }
+    }
+
+    pub fn warning(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Warning {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The event's name in the JSON contract (for logs: never the contents).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Ready { .. } => "ready",
+            Self::Status { .. } => "status",
+            Self::Users { .. } => "users",
+            Self::Presence { .. } => "presence",
+            Self::Message { .. } => "message",
+            Self::Queued { .. } => "queued",
+            Self::Contacts { .. } => "contacts",
+            Self::Sent { .. } => "sent",
+            Self::Delivered { .. } => "delivered",
+            Self::Failed { .. } => "failed",
+            Self::Undelivered { .. } => "undelivered",
+            Self::Requeued { .. } => "requeued",
+            Self::Discarded { .. } => "discarded",
+            Self::Safety { .. } => "safety",
+            Self::KeyChanged { .. } => "key_changed",
+            Self::Connection { .. } => "connection",
+            Self::History { .. } => "history",
+            Self::Error { .. } => "error",
+            Self::Warning { .. } => "warning",
+        }
+    }
+}
+
+/// Parses a fingerprint as users type it: hex digits, with any spaces or colons.
+pub fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
+    let hex: String = text
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != ':')
+        .collect();
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_parse_as_shown_or_typed() {
+        let fp = [0xab; 32];
+        let shown = chat_protocol::identity::Fingerprint(fp).to_string();
+        assert_eq!(parse_fingerprint(&shown), Some(fp));
+        assert_eq!(parse_fingerprint(&shown.replace(' ', "")), Some(fp));
+        assert_eq!(
+            parse_fingerprint(&shown.to_uppercase().replace(' ', ":")),
+            Some(fp)
+        );
+        assert_eq!(parse_fingerprint("abcd"), None);
+        assert_eq!(parse_fingerprint(&"zz".repeat(32)), None);
+        assert_eq!(parse_fingerprint(&"é".repeat(32)), None);
     }
 }
 

@@ -1,12 +1,17 @@
 //! Headless mode: commands on stdin, one JSON event per line on stdout.
 //!
-//! stdin: `/msg USER TEXT…`, `/users`, `/safety USER`, `/verify USER`, `/accept-key USER`,
-//! `/history USER`, `/quit`. Anything else is answered with an `error` event. On `/quit`
-//! or end of input the outbox is flushed (bounded wait) and the process exits.
+//! stdin: `/msg USER TEXT…`, `/users`, `/watch USER…`, `/safety USER`, `/verify USER`,
+//! `/accept-key USER [FINGERPRINT]`, `/reject-key USER`, `/history USER`, `/quit`. Anything
+//! else — including a line that is not UTF-8 — is answered with an `error` event and the
+//! client keeps running. On `/quit` or end of input the outbox is flushed (bounded wait)
+//! and the process exits.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Longest input line accepted; a longer one is refused (and skipped), not buffered.
+const MAX_LINE: usize = 256 * 1024;
 
 use crate::api::{Command, ConnectionState, Event};
 use crate::engine::ClientHandle;
@@ -21,7 +26,7 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
         return Ok(None);
     }
     let Some(rest) = line.strip_prefix('/') else {
-        return Err("commands start with '/': try /msg USER TEXT, /users, /safety USER, /verify USER, /accept-key USER, /quit".into());
+        return Err("commands start with '/': try /msg USER TEXT, /users, /watch USER, /safety USER, /verify USER, /accept-key USER [FINGERPRINT], /reject-key USER, /history USER, /quit".into());
     };
     let (name, args) = rest.split_once(' ').unwrap_or((rest, ""));
     let one_user = |usage: &str| {
@@ -60,8 +65,23 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
         "verify" => Command::Verify {
             user: one_user("/verify USER")?,
         },
-        "accept-key" => Command::AcceptKey {
-            user: one_user("/accept-key USER")?,
+        "accept-key" => {
+            let (user, fingerprint) = args
+                .trim()
+                .split_once(' ')
+                .map_or((args.trim(), None), |(u, fp)| {
+                    (u, Some(fp.trim().to_owned()))
+                });
+            if user.is_empty() {
+                return Err("usage: /accept-key USER [FINGERPRINT]".into());
+            }
+            Command::AcceptKey {
+                user: user.to_owned(),
+                fingerprint,
+            }
+        }
+        "reject-key" => Command::RejectKey {
+            user: one_user("/reject-key USER")?,
         },
         "history" => Command::History {
             user: one_user("/history USER")?,
@@ -73,22 +93,45 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
     }))
 }
 
+/// What the process wants done around the engine's start.
+pub struct Startup {
+    /// Shown as a `warning` event first (e.g. a damaged settings file was ignored).
+    pub warning: Option<String>,
+    /// Called once logged in (remember the server and name); a returned text is shown as
+    /// a `warning`.
+    pub on_ready: Box<dyn FnOnce() -> Option<String> + Send>,
+}
+
+impl Default for Startup {
+    fn default() -> Self {
+        Self {
+            warning: None,
+            on_ready: Box::new(|| None),
+        }
+    }
+}
+
 /// Runs until the engine stops. Returns the process exit code: 0 after `/quit` or end of
 /// input, 1 if the client went offline for good on its own (e.g. username taken).
 pub async fn run(
     mut handle: ClientHandle,
-    input: impl AsyncBufRead + Unpin,
+    mut input: impl AsyncBufRead + Unpin,
     mut output: impl AsyncWrite + Unpin,
+    startup: Startup,
 ) -> i32 {
-    let mut lines = input.lines();
+    if let Some(warning) = startup.warning {
+        write_event(&mut output, &Event::warning("settings_unreadable", warning)).await;
+    }
+    let mut on_ready = Some(startup.on_ready);
+    let mut buf = Vec::new();
     let mut input_open = true;
     let mut quitting = false;
     let mut code = 0;
     loop {
         tokio::select! {
-            line = lines.next_line(), if input_open => {
+            line = read_line(&mut input, &mut buf), if input_open => {
                 let cmd = match line {
-                    Ok(Some(line)) => match parse_command(&line) {
+                    Line::Text(line) => match parse_command(&line) {
                         Ok(Some(cmd)) => cmd,
                         Ok(None) => continue,
                         Err(message) => {
@@ -96,7 +139,11 @@ pub async fn run(
                             continue;
                         }
                     },
-                    Ok(None) | Err(_) => {
+                    Line::Invalid(message) => {
+                        write_event(&mut output, &Event::error("invalid_command", message)).await;
+                        continue;
+                    }
+                    Line::End => {
                         input_open = false;
                         Command::Shutdown { flush_for: FLUSH_ON_EXIT }
                     }
@@ -112,7 +159,13 @@ pub async fn run(
             event = handle.events.recv() => {
                 let Some(event) = event else { break };
                 let gave_up = matches!(event, Event::Connection { state: ConnectionState::Offline, .. }) && !quitting;
+                let ready = matches!(event, Event::Ready { .. });
                 write_event(&mut output, &event).await;
+                if ready
+                    && let Some(warning) = on_ready.take().and_then(|f| f())
+                {
+                    write_event(&mut output, &Event::warning("settings_not_saved", warning)).await;
+                }
                 if gave_up {
                     // Offline for good without being asked (e.g. username taken): stop.
                     code = 1;
@@ -127,6 +180,56 @@ pub async fn run(
     code
 }
 
+/// One line of input.
+enum Line {
+    Text(String),
+    /// Not a usable line (not UTF-8, too long): say why and go on.
+    Invalid(String),
+    /// End of input (or stdin failed).
+    End,
+}
+
+/// Reads one line. Cancel-safe for `select!`: a partly read line stays in `buf`.
+async fn read_line(input: &mut (impl AsyncBufRead + Unpin), buf: &mut Vec<u8>) -> Line {
+    loop {
+        let available = match input.fill_buf().await {
+            Ok(available) => available,
+            Err(_) => return Line::End,
+        };
+        if available.is_empty() {
+            if buf.is_empty() {
+                return Line::End;
+            }
+            // A last line without a newline.
+            break;
+        }
+        let (used, done) = match available.iter().position(|&b| b == b'\n') {
+            Some(at) => (at + 1, true),
+            None => (available.len(), false),
+        };
+        if buf.len() <= MAX_LINE {
+            buf.extend_from_slice(&available[..used]);
+        }
+        input.consume(used);
+        if done {
+            break;
+        }
+    }
+    let bytes = std::mem::take(buf);
+    if bytes.len() > MAX_LINE {
+        return Line::Invalid(format!(
+            "the line is longer than {MAX_LINE} bytes and was ignored"
+        ));
+    }
+    match String::from_utf8(bytes) {
+        Ok(text) => Line::Text(text),
+        Err(e) => Line::Invalid(format!(
+            "the line is not valid UTF-8 (byte {} is not) and was ignored",
+            e.utf8_error().valid_up_to()
+        )),
+    }
+}
+
 async fn write_event(output: &mut (impl AsyncWrite + Unpin), event: &Event) {
     let mut line = serde_json::to_string(event).expect("events always serialise");
     line.push('\n');
@@ -138,6 +241,26 @@ async fn write_event(output: &mut (impl AsyncWrite + Unpin), event: &Event) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn lines_that_are_not_utf8_or_too_long_are_refused_and_reading_goes_on() {
+        let mut input: Vec<u8> = b"/msg bob bad \xff\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        input.extend_from_slice(b"\n/msg bob after\n/quit");
+        let mut reader = tokio::io::BufReader::with_capacity(64, &input[..]);
+        let mut buf = Vec::new();
+        assert!(
+            matches!(read_line(&mut reader, &mut buf).await, Line::Invalid(m) if m.contains("UTF-8"))
+        );
+        assert!(
+            matches!(read_line(&mut reader, &mut buf).await, Line::Invalid(m) if m.contains("longer"))
+        );
+        assert!(
+            matches!(read_line(&mut reader, &mut buf).await, Line::Text(t) if t == "/msg bob after\n")
+        );
+        assert!(matches!(read_line(&mut reader, &mut buf).await, Line::Text(t) if t == "/quit"));
+        assert!(matches!(read_line(&mut reader, &mut buf).await, Line::End));
+    }
 
     #[test]
     fn parses_the_documented_commands() {
@@ -162,7 +285,21 @@ mod tests {
         );
         assert_eq!(
             parse_command("/accept-key bob\r\n").unwrap(),
-            Some(Command::AcceptKey { user: "bob".into() })
+            Some(Command::AcceptKey {
+                user: "bob".into(),
+                fingerprint: None
+            })
+        );
+        assert_eq!(
+            parse_command("/accept-key bob 0a1b 2c3d").unwrap(),
+            Some(Command::AcceptKey {
+                user: "bob".into(),
+                fingerprint: Some("0a1b 2c3d".into())
+            })
+        );
+        assert_eq!(
+            parse_command("/reject-key bob").unwrap(),
+            Some(Command::RejectKey { user: "bob".into() })
         );
         assert!(matches!(
             parse_command("/quit").unwrap(),
@@ -180,6 +317,8 @@ mod tests {
             "/msg bob   ",
             "/safety",
             "/verify a b",
+            "/accept-key",
+            "/reject-key",
             "/nope",
         ] {
             assert!(parse_command(bad).is_err(), "{bad:?}");

@@ -1,5 +1,7 @@
-//! The client's home directory: `settings.ron`, `identity.pem` (mode 0600) and the
-//! SQLite store. Default is the platform data dir; `--home DIR` or `CHAT_HOME` override it.
+//! The client's home directory (mode 0700): `settings.ron`, `identity.pem` and the SQLite
+//! store, every file mode 0600. Default is the platform data dir; `--home DIR` or
+//! `CHAT_HOME` override it. An existing home readable by others is tightened (and the
+//! caller is told, see [`Home::warnings`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -63,6 +65,8 @@ impl Default for Settings {
 #[derive(Debug, Clone)]
 pub struct Home {
     dir: PathBuf,
+    /// Things worth telling the user that did not stop us (e.g. permissions fixed).
+    warnings: Vec<String>,
 }
 
 impl Home {
@@ -76,19 +80,46 @@ impl Home {
                 .data_dir()
                 .to_owned(),
         };
+        let io = |source| HomeError::Io {
+            path: dir.clone(),
+            source,
+        };
         let mut builder = std::fs::DirBuilder::new();
         builder.recursive(true);
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder.create(&dir).map_err(|source| HomeError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        Ok(Self { dir })
+        builder.create(&dir).map_err(io)?;
+        let mut warnings = Vec::new();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&dir).map_err(io)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io)?;
+                warnings.push(format!(
+                    "{} was readable by other users (mode {:o}); it is now private (700)",
+                    dir.display(),
+                    mode & 0o777
+                ));
+            }
+            for entry in std::fs::read_dir(&dir).map_err(io)?.flatten() {
+                let path = entry.path();
+                if path.is_file() && make_private(&path).map_err(io)? {
+                    warnings.push(format!("{} is now private (600)", path.display()));
+                }
+            }
+        }
+        Ok(Self { dir, warnings })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// What was fixed while opening the home (shown to the user once).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     pub fn identity_path(&self) -> PathBuf {
@@ -99,15 +130,24 @@ impl Home {
         self.dir.join("settings.ron")
     }
 
-    pub fn load_settings(&self) -> Result<Settings, HomeError> {
+    /// The saved settings. A missing file gives the defaults; an unreadable or damaged
+    /// one gives the defaults *and* the error, to show as a warning: settings never stop
+    /// the client from starting.
+    pub fn load_settings(&self) -> (Settings, Option<HomeError>) {
         let path = self.settings_path();
         match std::fs::read_to_string(&path) {
-            Ok(text) => ron::from_str(&text).map_err(|source| HomeError::Settings {
-                path,
-                source: Box::new(source),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
-            Err(source) => Err(HomeError::Io { path, source }),
+            Ok(text) => match ron::from_str(&text) {
+                Ok(settings) => (settings, None),
+                Err(source) => (
+                    Settings::default(),
+                    Some(HomeError::Settings {
+                        path,
+                        source: Box::new(source),
+                    }),
+                ),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Settings::default(), None),
+            Err(source) => (Settings::default(), Some(HomeError::Io { path, source })),
         }
     }
 
@@ -117,16 +157,30 @@ impl Home {
         write_private(&self.settings_path(), text.as_bytes())
     }
 
-    /// The stored identity, or `None` if there is none yet.
-    pub fn load_identity(&self, passphrase: Option<&str>) -> Result<Option<Identity>, HomeError> {
+    /// Writes the settings if they differ from what is saved (a read-only home or a full
+    /// disk only matters when something changed).
+    pub fn save_settings_if_changed(&self, settings: &Settings) -> Result<(), HomeError> {
+        match self.load_settings() {
+            (saved, None) if saved == *settings => Ok(()),
+            _ => self.save_settings(settings),
+        }
+    }
+
+    /// The stored identity and whether its file is encrypted (has a passphrase), or `None`
+    /// if there is none yet.
+    pub fn load_identity(
+        &self,
+        passphrase: Option<&str>,
+    ) -> Result<Option<(Identity, bool)>, HomeError> {
         let path = self.identity_path();
         let pem = match std::fs::read_to_string(&path) {
-            Ok(pem) => pem,
+            Ok(pem) => zeroize::Zeroizing::new(pem),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(HomeError::Io { path, source }),
         };
+        let encrypted = pem.trim_start().starts_with("-----BEGIN ENCRYPTED");
         Identity::from_pem(&pem, passphrase)
-            .map(Some)
+            .map(|identity| Some((identity, encrypted)))
             .map_err(|source| HomeError::Identity { path, source })
     }
 
@@ -145,6 +199,36 @@ impl Home {
             })?;
         write_private(&path, pem.as_bytes())
     }
+}
+
+/// Creates `path` empty with mode 0600 if it does not exist (so a program that opens it
+/// next, such as SQLite, never creates it with the default mode).
+pub fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path).map(drop)
+}
+
+/// Makes an existing file readable by its owner only. Returns whether it changed; a
+/// missing file is not an error.
+pub fn make_private(path: &Path) -> std::io::Result<bool> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = match std::fs::metadata(path) {
+            Ok(meta) => meta.permissions().mode(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))?;
+            return Ok(true);
+        }
+    }
+    let _ = path;
+    Ok(false)
 }
 
 /// Writes `bytes` to `path` atomically (temp file + rename), readable by the owner only.
@@ -172,7 +256,7 @@ mod tests {
     fn settings_default_then_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::resolve(Some(dir.path().join("h"))).unwrap();
-        assert_eq!(home.load_settings().unwrap(), Settings::default());
+        assert_eq!(home.load_settings().0, Settings::default());
         let settings = Settings {
             server: "example.invalid:1".into(),
             username: Some("alice".into()),
@@ -180,14 +264,53 @@ mod tests {
             font_size: 20.0,
         };
         home.save_settings(&settings).unwrap();
-        assert_eq!(home.load_settings().unwrap(), settings);
-        std::fs::write(home.settings_path(), "(server: 5)").unwrap();
-        assert!(
-            home.load_settings()
-                .unwrap_err()
-                .to_string()
-                .contains("settings.ron")
-        );
+        let (loaded, problem) = home.load_settings();
+        assert_eq!(loaded, settings);
+        assert!(problem.is_none());
+        // Damaged, empty or truncated: defaults and the reason, never a failure to start.
+        for bad in ["(server: 5)", "", "(server: \"x:1\", theme: Da"] {
+            std::fs::write(home.settings_path(), bad).unwrap();
+            let (loaded, err) = home.load_settings();
+            assert_eq!(loaded, Settings::default(), "{bad:?}");
+            assert!(err.unwrap().to_string().contains("settings.ron"), "{bad:?}");
+        }
+        // Unchanged settings are not written (a read-only home is fine).
+        home.save_settings(&settings).unwrap();
+        let before = std::fs::metadata(home.settings_path())
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        home.save_settings_if_changed(&settings).unwrap();
+        let after = std::fs::metadata(home.settings_path())
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(before, after);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_home_readable_by_others_is_tightened_with_a_warning() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h");
+        let fresh = Home::resolve(Some(path.clone())).unwrap();
+        assert!(fresh.warnings().is_empty());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o700);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(path.join("client.sqlite3"), b"x").unwrap();
+        std::fs::set_permissions(
+            path.join("client.sqlite3"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let home = Home::resolve(Some(path.clone())).unwrap();
+        assert_eq!(home.warnings().len(), 2, "{:?}", home.warnings());
+        assert!(home.warnings()[0].contains("755"));
+        assert_eq!(mode(&path), 0o700);
+        assert_eq!(mode(&path.join("client.sqlite3")), 0o600);
     }
 
     #[test]
@@ -206,8 +329,9 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        let back = home.load_identity(Some("pw")).unwrap().unwrap();
+        let (back, encrypted) = home.load_identity(Some("pw")).unwrap().unwrap();
         assert_eq!(back.fingerprint(), id.fingerprint());
+        assert!(encrypted);
         let err = home.load_identity(Some("nope")).unwrap_err();
         assert!(matches!(
             err,

@@ -53,8 +53,16 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
 
+    // Everything the client writes (history, keys, window state) is for this user only.
+    #[cfg(unix)]
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let home = Home::resolve(cli.home.clone())?;
-    let mut settings = home.load_settings()?;
+    let (mut settings, settings_problem) = home.load_settings();
+    let settings_warning = settings_problem.map(|e| {
+        let message = format!("{e}; using the defaults and the command-line options");
+        tracing::warn!("{message}");
+        message
+    });
     let passphrase = match &cli.passphrase_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -78,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             server: cli.server,
             user: cli.user,
             passphrase,
+            warning: settings_warning,
         };
         return chat_client::gui::run(home, settings, launch);
     }
@@ -87,17 +96,25 @@ fn main() -> anyhow::Result<()> {
         .or_else(|| settings.username.clone())
         .context("no username: pass --user NAME")?;
     let username = Username::parse(&user).with_context(|| format!("invalid username {user:?}"))?;
-    settings.server = server.clone();
-    settings.username = Some(username.to_string());
-    home.save_settings(&settings)?;
-
-    let mut config = ClientConfig::new(home, server, username);
+    let mut config = ClientConfig::new(home.clone(), server.clone(), username.clone());
     config.passphrase = passphrase;
+    // Remembered as the defaults only once they worked (logged in).
+    let remember = move || {
+        settings.server = server;
+        settings.username = Some(username.to_string());
+        home.save_settings_if_changed(&settings)
+            .err()
+            .map(|e| format!("{e}; the server and name were not remembered"))
+    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let code = runtime.block_on(async {
         let handle = chat_client::spawn(config, || {});
         let stdin = tokio::io::BufReader::new(tokio::io::stdin());
-        headless::run(handle, stdin, tokio::io::stdout()).await
+        let startup = headless::Startup {
+            warning: settings_warning,
+            on_ready: Box::new(remember),
+        };
+        headless::run(handle, stdin, tokio::io::stdout(), startup).await
     });
     // stdin may still be blocked in a read; don't wait for it.
     runtime.shutdown_background();

@@ -16,6 +16,17 @@ const LOGIN_DEADLINE: Duration = Duration::from_secs(15);
 
 pub type Conn = Framed<TcpStream, WireCodec<ServerMessage, ClientMessage>>;
 
+/// A logged-in connection and what the relay said about itself.
+pub struct Session {
+    pub conn: Conn,
+    /// The account was created by this login.
+    pub registered: bool,
+    /// Largest frame body the relay accepts.
+    pub max_frame: usize,
+    /// Seconds the relay keeps an undelivered envelope.
+    pub queue_max_age_secs: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// Worth retrying: network trouble, server restarting or busy.
@@ -33,12 +44,11 @@ impl From<CodecError> for ConnectError {
 }
 
 /// Connects to `server` and logs in as `user`, registering the name on first use.
-/// Returns the connection and whether the account was newly registered.
 pub async fn connect(
     server: &str,
     user: &Username,
     identity: &Identity,
-) -> Result<(Conn, bool), ConnectError> {
+) -> Result<Session, ConnectError> {
     match tokio::time::timeout(LOGIN_DEADLINE, connect_inner(server, user, identity)).await {
         Ok(result) => result,
         Err(_) => Err(ConnectError::Transient(format!(
@@ -51,7 +61,7 @@ async fn connect_inner(
     server: &str,
     user: &Username,
     identity: &Identity,
-) -> Result<(Conn, bool), ConnectError> {
+) -> Result<Session, ConnectError> {
     let stream = TcpStream::connect(server).await.map_err(|e| {
         ConnectError::Transient(format!("cannot reach the server at {server}: {e}"))
     })?;
@@ -63,10 +73,14 @@ async fn connect_inner(
         software: concat!("chat-client/", env!("CARGO_PKG_VERSION")).into(),
     })
     .await?;
-    match next(&mut conn).await? {
-        ServerMessage::Hello { .. } => {}
+    let (max_frame, queue_max_age_secs) = match next(&mut conn).await? {
+        ServerMessage::Hello {
+            max_frame,
+            queue_max_age_secs,
+            ..
+        } => (max_frame as usize, queue_max_age_secs),
         other => return Err(unexpected(other)),
-    }
+    };
     conn.send(ClientMessage::Register {
         id: 1,
         username: user.to_string(),
@@ -85,7 +99,12 @@ async fn connect_inner(
         })?;
     conn.send(ClientMessage::Prove { id: 2, signature }).await?;
     match next(&mut conn).await? {
-        ServerMessage::Welcome { registered, .. } => Ok((conn, registered)),
+        ServerMessage::Welcome { registered, .. } => Ok(Session {
+            conn,
+            registered,
+            max_frame,
+            queue_max_age_secs,
+        }),
         other => Err(unexpected(other)),
     }
 }

@@ -177,14 +177,29 @@ fn sign_in_chat_verify_and_key_change() {
         .type_text("still you?");
     h.step();
     h.key_press(egui::Key::Enter);
+    // Bob was verified: the louder banner, which says so.
     wait(&mut h, "key change banner", |h| {
-        h.query_by_label_contains("security key changed").is_some()
+        h.query_by_label_contains("you had verified the old one")
+            .is_some()
     });
-    // Sending is disabled while the banner shows.
+    // Sending is disabled while the banner shows, and so is accepting until the new
+    // safety number has been shown.
     assert!(
         h.get_by_label("Send").accesskit_node().is_disabled(),
         "send button must be disabled"
     );
+    assert!(
+        h.get_by_label("Accept new key")
+            .accesskit_node()
+            .is_disabled()
+    );
+    h.get_by_label("Compare safety number").click();
+    wait(&mut h, "new safety number", |h| {
+        h.state().model.contacts["bob"].safety.is_some()
+    });
+    h.key_press(egui::Key::Escape);
+    h.step();
+    // Accepting passes the fingerprint whose number was shown.
     h.get_by_label("Accept new key").click();
     h.step();
     let Event::Message { text, .. } = new_bob.expect(|e| matches!(e, Event::Message { .. })) else {
@@ -192,7 +207,7 @@ fn sign_in_chat_verify_and_key_change() {
     };
     assert_eq!(text, "still you?");
     wait(&mut h, "banner gone", |h| {
-        h.query_by_label_contains("security key changed").is_none()
+        h.query_by_label_contains("key changed").is_none()
     });
 }
 
@@ -279,7 +294,7 @@ fn keyboard_new_chat_and_settings() {
     h.step();
     assert_eq!(h.state().settings.theme, chat_client::home::Theme::Dark);
     assert!(!h.state().view.settings_open);
-    let saved = Home::resolve(Some(home)).unwrap().load_settings().unwrap();
+    let saved = Home::resolve(Some(home)).unwrap().load_settings().0;
     assert_eq!(saved.theme, chat_client::home::Theme::Dark);
     assert_eq!(saved.username.as_deref(), Some("alice"));
 }
@@ -299,7 +314,10 @@ fn a_long_history_lays_out_only_the_visible_rows() {
             outgoing: n % 3 == 0,
             text: format!("history line {n}"),
             sent_at: 1_700_000_000_000 + n * 60_000,
+            stored_at: 1_700_000_000_000 + n * 60_000,
             status: chat_client::api::Status::Delivered,
+            undelivered: false,
+            reason: None,
         })
         .collect();
     h.state_mut().model.apply(Event::History {

@@ -1,8 +1,10 @@
 //! Long-term identities: an RSA key pair, its fingerprint, and its storage as PKCS#8 PEM
 //! (optionally encrypted with a passphrase: PBES2, scrypt + AES-256-CBC).
 
+use hkdf::Hkdf;
 use rand::CryptoRng;
 use rsa::pkcs8::der::pem::PemLabel;
+use rsa::pkcs8::pkcs5::{pbes2, scrypt};
 use rsa::pkcs8::{
     DecodePrivateKey, EncodePrivateKey, EncryptedPrivateKeyInfoRef, LineEnding, PrivateKeyInfoRef,
     SecretDocument,
@@ -15,6 +17,13 @@ use crate::auth;
 
 /// Size of a newly generated identity key.
 pub const IDENTITY_BITS: usize = 3072;
+
+/// scrypt cost of a newly encrypted key file: N = 2^17, r = 8, p = 1 (RFC 7914; the
+/// `scrypt` crate's and OWASP's current recommendation: ~128 MiB and a few hundred ms).
+/// Files written with other parameters still open: they are read from the file.
+pub const SCRYPT_LOG_N: u8 = 17;
+pub const SCRYPT_R: u32 = 8;
+pub const SCRYPT_P: u32 = 1;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
@@ -150,6 +159,22 @@ impl Identity {
         &self.private
     }
 
+    /// A 256-bit key for `context`, derived with HKDF-SHA256 (RFC 5869) from this
+    /// identity's private key (PKCS#8 DER as input keying material). The client encrypts
+    /// its local store at rest under it: whoever can read the identity can read the store,
+    /// and nobody else. Deterministic: the same identity and context give the same key.
+    pub fn derive_key(&self, context: &[u8]) -> Zeroizing<[u8; 32]> {
+        let der = self
+            .private
+            .to_pkcs8_der()
+            .expect("encoding an in-memory RSA private key cannot fail");
+        let hkdf = Hkdf::<Sha256>::new(Some(b"secure-chat/v2/derive-key"), der.as_bytes());
+        let mut key = Zeroizing::new([0u8; 32]);
+        hkdf.expand(context, key.as_mut())
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        key
+    }
+
     /// Signs a server login challenge (see [`auth`]).
     pub fn sign_login(
         &self,
@@ -177,7 +202,15 @@ impl Identity {
         };
         let info =
             PrivateKeyInfoRef::try_from(der.as_bytes()).map_err(|_| IdentityError::Encode)?;
-        info.encrypt_with_rng(rng, passphrase.as_bytes())
+        let mut salt = [0u8; 16];
+        let mut iv = [0u8; 16];
+        rng.fill_bytes(&mut salt);
+        rng.fill_bytes(&mut iv);
+        let cost = scrypt::Params::new(SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P)
+            .map_err(|_| IdentityError::Encode)?;
+        let params = pbes2::Parameters::generate_scrypt_aes256cbc(cost, &salt, iv)
+            .map_err(|_| IdentityError::Encode)?;
+        info.encrypt_with_params(params, passphrase.as_bytes())
             .map_err(|_| IdentityError::Encode)?
             .to_pem(EncryptedPrivateKeyInfoRef::PEM_LABEL, LineEnding::LF)
             .map_err(|_| IdentityError::Encode)
@@ -286,6 +319,31 @@ pub(crate) mod tests {
                 assert_eq!(id.fingerprint(), alice.fingerprint());
             }
         }
+    }
+
+    #[test]
+    fn new_key_files_use_the_current_scrypt_cost() {
+        let (alice, _) = pair();
+        let enc = alice.to_pem(Some("pw"), &mut rand::rng()).unwrap();
+        let (_, doc) = SecretDocument::from_pem(&enc).unwrap();
+        let info = EncryptedPrivateKeyInfoRef::try_from(doc.as_bytes()).unwrap();
+        let rsa::pkcs8::pkcs5::EncryptionScheme::Pbes2(params) = &info.encryption_algorithm else {
+            panic!("not PBES2")
+        };
+        let kdf = params.kdf.scrypt().expect("scrypt");
+        assert_eq!(kdf.cost_parameter, 1 << 17);
+        assert_eq!((kdf.block_size, kdf.parallelization), (8, 1));
+    }
+
+    #[test]
+    fn derived_keys_are_stable_per_identity_and_context() {
+        let (alice, bob) = pair();
+        let a1 = alice.derive_key(b"store");
+        assert_eq!(*a1, *alice.derive_key(b"store"));
+        assert_ne!(*a1, *alice.derive_key(b"other"));
+        assert_ne!(*a1, *bob.derive_key(b"store"));
+        let reloaded = Identity::from_pem(&alice.to_pem(None, &mut rand::rng()).unwrap(), None);
+        assert_eq!(*a1, *reloaded.unwrap().derive_key(b"store"));
     }
 
     #[test]

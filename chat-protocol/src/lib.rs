@@ -6,6 +6,10 @@
 //!   typed error codes.
 //! - [`username`]: the account-name rules (charset, length, case-insensitive identity).
 //! - [`auth`]: the login challenge transcript and RSA-PSS-SHA256 proof of key possession.
+//! - [`identity`]: long-term RSA identities, fingerprints, key files, derived keys.
+//! - [`e2e`]: envelopes, key offers, epochs and retry requests (end-to-end encryption).
+//! - [`safety`]: safety numbers to compare out of band.
+//! - [`trust`]: trust on first use: pins, key changes, verification.
 //! - `codec` (feature `codec`): `tokio_util` adapters over [`frame`], for the async shells.
 //!
 //! Nothing here opens a socket, reads the clock or uses a global RNG: callers pass
@@ -27,7 +31,7 @@ pub use message::{ClientMessage, ErrorCode, ServerMessage};
 pub use username::{Username, UsernameError};
 
 /// Wire protocol version carried in every `Hello`. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Default TCP port of the relay.
 pub const DEFAULT_PORT: u16 = 65432;

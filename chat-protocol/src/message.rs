@@ -15,6 +15,17 @@ pub const MAX_WATCHED: usize = 1024;
 /// Length of the login challenge nonce.
 pub const CHALLENGE_LEN: usize = 32;
 
+/// Bytes a varint (LEB128, as postcard writes integers) of `n` takes.
+fn varint_len(n: usize) -> usize {
+    (usize::BITS - (n | 1).leading_zeros()).div_ceil(7) as usize
+}
+
+/// Body length (without the 4-byte prefix) of a `Send` to `to` carrying `payload_len`
+/// bytes, at most (whatever its request id): what must fit the server's `max_frame`.
+pub fn send_frame_len(to: &str, payload_len: usize) -> usize {
+    1 + 5 + varint_len(to.len()) + to.len() + varint_len(payload_len) + payload_len
+}
+
 /// Client → server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientMessage {
@@ -65,6 +76,30 @@ pub enum ClientMessage {
     },
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_frame_len_bounds_the_encoding() {
+        for payload_len in [0, 1, 127, 128, 16383, 16384, 70_000] {
+            for id in [0, 127, 300, u32::MAX] {
+                let msg = ClientMessage::Send {
+                    id,
+                    to: "bob".into(),
+                    payload: vec![0; payload_len],
+                };
+                let body = postcard::to_allocvec(&msg).unwrap().len();
+                let bound = send_frame_len("bob", payload_len);
+                assert!(
+                    body <= bound && bound <= body + 4,
+                    "{payload_len} {id}: {body} vs {bound}"
+                );
+            }
+        }
+    }
+}
+
 impl ClientMessage {
     /// The request id, for messages that expect a reply.
     pub fn request_id(&self) -> Option<RequestId> {
@@ -105,8 +140,12 @@ pub enum ServerMessage {
     Hello {
         version: u16,
         software: String,
-        /// Largest frame body the server accepts.
+        /// Largest frame body the server accepts. A client never sends a larger frame:
+        /// a message that would not fit ends as too long instead.
         max_frame: u32,
+        /// Seconds an undelivered envelope is kept before it is deleted (`queue.max_age_secs`);
+        /// a sender whose message waits longer knows it can no longer arrive.
+        queue_max_age_secs: u64,
     },
     /// Sign this nonce (with the transcript in `auth`) to prove the key.
     Challenge {

@@ -2,8 +2,8 @@
 //! malicious relay that substitutes keys, forges stamps, tampers, replays and reorders.
 
 use chat_protocol::e2e::{
-    Body, Content, E2E_VERSION, Envelope, Inbound, MAX_TEXT_BYTES, OpenError, Outbound, Parties,
-    RotationPolicy, SealError,
+    ACTIVE_EPOCHS, Body, Content, E2E_VERSION, Envelope, Inbound, MAX_TEXT_BYTES, OpenError,
+    Outbound, Parties, RotationPolicy, SealError, StateError, unwrap_offer,
 };
 use chat_protocol::identity::Identity;
 use chat_protocol::safety::SafetyNumber;
@@ -179,10 +179,9 @@ fn rotation_by_count_time_and_reconnect() {
     assert_eq!(epochs[0], epochs[1]);
     let distinct: std::collections::HashSet<_> = epochs[1..].iter().collect();
     assert_eq!(distinct.len(), 4, "{epochs:?}");
-    assert!(
-        out.last_created_ms() > T0 + 5000,
-        "creation times stay strictly increasing"
-    );
+    // A clock that went back ends the epoch too (its age is unknowable).
+    epochs.push(send(&mut out, 5, T0));
+    assert_ne!(epochs[5], epochs[4]);
 }
 
 // ---- checked-in test vectors -------------------------------------------------------------
@@ -419,7 +418,7 @@ fn replays_and_duplicates_are_rejected() {
 }
 
 #[test]
-fn replayed_key_offer_from_an_old_epoch_is_rejected() {
+fn replayed_key_offers_are_refused_without_rsa_work_even_after_a_restart() {
     let [alice, bob, _] = users();
     let mut out = Outbound::default();
     let mut inb = Inbound::default();
@@ -428,39 +427,182 @@ fn replayed_key_offer_from_an_old_epoch_is_rejected() {
     out.rotate();
     let new = seal(&mut out, alice, bob, &text(1, "new epoch"), T0 + 10);
     inb.open(parties(bob, alice), &new).unwrap();
-    // The relay replays the first message of the old epoch, offer and all.
+    // The relay replays the first message of the old epoch, offer and all: its key is
+    // still held, so the replay window refuses it, before any RSA work.
     assert_eq!(
-        inb.open(parties(bob, alice), &old),
-        Err(OpenError::StaleOffer)
+        inb.inspect(parties(bob, alice), &old).unwrap_err(),
+        OpenError::Replay
     );
-    // ... also after bob's client restarted, when it kept only the newest offer time.
-    let mut restarted = Inbound::after(inb.newest_offer_ms());
+    // ... also after bob's client restarted from its persisted state.
+    let mut restarted = Inbound::from_bytes(&inb.to_bytes()).unwrap();
     assert_eq!(
         restarted.open(parties(bob, alice), &old),
-        Err(OpenError::StaleOffer)
+        Err(OpenError::Replay)
+    );
+    // Once the epoch is dropped (three newer ones used), its offer is remembered as retired.
+    for n in 2..5 {
+        out.rotate();
+        let m = seal(&mut out, alice, bob, &text(n, "newer"), T0 + 10);
+        restarted.open(parties(bob, alice), &m).unwrap();
+    }
+    assert_eq!(restarted.epochs().count(), ACTIVE_EPOCHS);
+    let restarted = Inbound::from_bytes(&restarted.to_bytes()).unwrap();
+    assert_eq!(
+        restarted.inspect(parties(bob, alice), &old).unwrap_err(),
+        OpenError::RetiredEpoch
+    );
+    // A message of that epoch without the offer: no key is held for it.
+    let mut env = decode(&old);
+    env.offer = None;
+    assert_eq!(
+        restarted
+            .inspect(parties(bob, alice), &encode(&env))
+            .unwrap_err(),
+        OpenError::UnknownEpoch
     );
 }
 
 #[test]
-fn reordered_epochs_reject_the_older_one() {
+fn a_restart_mid_epoch_keeps_opening_messages_without_the_offer() {
     let [alice, bob, _] = users();
     let mut out = Outbound::default();
-    let first = seal(&mut out, alice, bob, &text(0, "epoch 1"), T0);
-    out.rotate();
-    let second = seal(&mut out, alice, bob, &text(1, "epoch 2"), T0 + 1);
     let mut inb = Inbound::default();
-    inb.open(parties(bob, alice), &second).unwrap();
-    assert_eq!(
-        inb.open(parties(bob, alice), &first),
-        Err(OpenError::StaleOffer)
+    let first = seal(&mut out, alice, bob, &text(0, "one"), T0);
+    let opened = inb.open(parties(bob, alice), &first).unwrap();
+    // Bob's receipt makes alice stop attaching the offer.
+    out.acknowledge(opened.epoch);
+    let bytes = inb.to_bytes();
+    drop(inb);
+    let mut inb = Inbound::from_bytes(&bytes).unwrap();
+    for n in 1..4 {
+        let m = seal(&mut out, alice, bob, &text(n, "after restart"), T0);
+        assert!(decode(&m).offer.is_none());
+        assert_eq!(
+            inb.open(parties(bob, alice), &m).unwrap().content,
+            text(n, "after restart")
+        );
+    }
+    assert_eq!(inb.newest_epoch(), Some(opened.epoch));
+    // Damaged state is an error, never a panic.
+    assert_eq!(Inbound::from_bytes(b"junk").unwrap_err(), StateError);
+    let mut truncated = inb.to_bytes().to_vec();
+    truncated.pop();
+    assert!(Inbound::from_bytes(&truncated).is_err());
+}
+
+#[test]
+fn offers_are_judged_by_identity_not_by_the_senders_clock() {
+    let [alice, bob, _] = users();
+    let mut inb = Inbound::default();
+    // Alice's clock was two days ahead, then corrected (and her state reset).
+    let two_days = 2 * 86_400_000;
+    let ahead = seal(
+        &mut Outbound::default(),
+        alice,
+        bob,
+        &text(0, "from the future"),
+        T0 + two_days,
     );
-    // A later message of the first epoch without its offer: its key is unknown.
-    let mut env = decode(&first);
-    env.offer = None;
-    assert_eq!(
-        inb.open(parties(bob, alice), &encode(&env)),
-        Err(OpenError::UnknownEpoch)
+    inb.open(parties(bob, alice), &ahead).unwrap();
+    let now = seal(
+        &mut Outbound::default(),
+        alice,
+        bob,
+        &text(1, "back to normal"),
+        T0,
     );
+    assert_eq!(
+        inb.open(parties(bob, alice), &now).unwrap().content,
+        text(1, "back to normal")
+    );
+}
+
+#[test]
+fn an_old_offer_replayed_never_displaces_the_epoch_in_use() {
+    let [alice, bob, _] = users();
+    let mut out = Outbound::default();
+    let mut inb = Inbound::default();
+    let old = seal(&mut out, alice, bob, &text(0, "old"), T0);
+    out.rotate();
+    let current_first = seal(&mut out, alice, bob, &text(1, "current"), T0);
+    // The relay delivers the newer epoch first, then the older one (reordering).
+    inb.open(parties(bob, alice), &current_first).unwrap();
+    inb.open(parties(bob, alice), &old).unwrap();
+    // The current epoch still opens its later messages, offer or not.
+    let epoch = out.current_epoch().unwrap();
+    out.acknowledge(epoch);
+    let later = seal(&mut out, alice, bob, &text(2, "later"), T0);
+    assert!(decode(&later).offer.is_none());
+    assert_eq!(
+        inb.open(parties(bob, alice), &later).unwrap().content,
+        text(2, "later")
+    );
+}
+
+#[test]
+fn a_verified_offer_can_be_cached_so_its_replay_costs_no_rsa() {
+    let [alice, bob, _] = users();
+    let sealed = seal(&mut Outbound::default(), alice, bob, &text(0, "real"), T0);
+    // An attacker keeps the (validly signed) offer and attaches junk ciphertext.
+    let mut junk = decode(&sealed);
+    junk.ciphertext = vec![0; junk.ciphertext.len()];
+    let junk = encode(&junk);
+    let mut inb = Inbound::default();
+    let inspected = inb.inspect(parties(bob, alice), &junk).unwrap();
+    let offer = *inspected.needs_unwrap().expect("a new offer");
+    let key = unwrap_offer(parties(bob, alice), &inspected).unwrap();
+    assert_eq!(key.offer_id(), &offer);
+    let mut cache = std::collections::HashMap::from([(offer, key)]);
+    // Every replay: inspect (a hash), the cached key, AES fails; state never changes.
+    for _ in 0..3 {
+        let inspected = inb.inspect(parties(bob, alice), &junk).unwrap();
+        let cached = cache.get(inspected.needs_unwrap().unwrap());
+        assert_eq!(
+            inb.open_inspected(parties(bob, alice), inspected, cached)
+                .unwrap_err(),
+            OpenError::Decrypt
+        );
+        assert_eq!(inb.epochs().count(), 0);
+    }
+    // The real message still opens with the cached key.
+    let inspected = inb.inspect(parties(bob, alice), &sealed).unwrap();
+    let cached = cache.remove(inspected.needs_unwrap().unwrap());
+    let opened = inb
+        .open_inspected(parties(bob, alice), inspected, cached.as_ref())
+        .unwrap();
+    assert_eq!(opened.content, text(0, "real"));
+}
+
+#[test]
+fn retry_requests_and_retiring_an_epoch() {
+    let [alice, bob, _] = users();
+    let mut a_out = Outbound::default();
+    let mut b_out = Outbound::default();
+    let mut a_in = Inbound::default();
+    let m = seal(&mut a_out, alice, bob, &text(0, "lost"), T0);
+    let lost_epoch = decode(&m).epoch;
+    // Bob lost his state: he asks for the epoch again, on his own direction.
+    let request = Content {
+        id: [7; 16],
+        sent_at_ms: T0,
+        body: Body::RetryRequest {
+            epochs: vec![lost_epoch],
+        },
+    };
+    let sealed = seal(&mut b_out, bob, alice, &request, T0);
+    let opened = a_in.open(parties(alice, bob), &sealed).unwrap();
+    assert_eq!(opened.content, request);
+    // A replay of the request is refused like any replay.
+    assert_eq!(
+        a_in.open(parties(alice, bob), &sealed),
+        Err(OpenError::Replay)
+    );
+    assert!(a_out.retire(lost_epoch), "the current epoch ends");
+    assert!(!a_out.retire(lost_epoch), "only once");
+    let again = seal(&mut a_out, alice, bob, &text(0, "lost"), T0);
+    let env = decode(&again);
+    assert_ne!(env.epoch, lost_epoch);
+    assert!(env.offer.is_some(), "a new epoch carries its offer");
 }
 
 #[test]

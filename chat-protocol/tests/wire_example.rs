@@ -22,16 +22,22 @@ fn server(msg: ServerMessage) -> String {
 
 #[test]
 fn worked_example_matches_the_document() {
+    assert_eq!(
+        chat_protocol::PROTOCOL_VERSION,
+        4,
+        "update the worked example"
+    );
     let doc = include_str!("../../docs/PROTOCOL.md");
     let frames = [
         client(ClientMessage::Hello {
-            version: 3,
+            version: 4,
             software: "cli/1".into(),
         }),
         server(ServerMessage::Hello {
-            version: 3,
+            version: 4,
             software: "srv/1".into(),
             max_frame: 65536,
+            queue_max_age_secs: 2_592_000,
         }),
         client(ClientMessage::Login {
             id: 1,

@@ -1,44 +1,29 @@
-//! What the server sends: deliveries (opened, stored, acknowledged, receipted), replies
-//! to our requests, and contact keys going through the trust store.
+//! What the server sends: deliveries (opened, committed with their state, acknowledged),
+//! replies to our requests.
+//!
+//! An envelope is acknowledged (the relay forgets it) only once dealt with for good:
+//! stored; a duplicate; held locally for a pending key change; recorded as needing a
+//! retry request (we lack its key: the sender keeps the message and sends it again); or
+//! found forged and reported. A local store failure leaves it unacknowledged.
 
-use chat_protocol::e2e::{Body, Content, OpenError, Parties};
-use chat_protocol::identity::PublicIdentity;
+use chat_protocol::e2e::{Body, Envelope, Failure, Inbound, Opened, Parties};
 use chat_protocol::message::RequestId;
-use chat_protocol::trust::{self, Seen};
 use chat_protocol::{ClientMessage, ErrorCode, ServerMessage, Username};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Engine, Pending, RATE_LIMIT_RETRY, SessionEnd, Waiting, now_ms, random_id};
+use super::{Engine, MAX_STALLED, Pending, RATE_LIMIT_RETRY, SessionEnd, Source, Waiting, now_ms};
 use crate::api::{ConnectionState, Event, id_hex};
-use crate::store::Floors;
 
 impl Engine {
-    pub(super) fn server_message(
-        &mut self,
-        msg: ServerMessage,
-        out: &mut Vec<ClientMessage>,
-    ) -> Option<SessionEnd> {
+    pub(super) fn server_message(&mut self, msg: ServerMessage) -> Option<SessionEnd> {
         match msg {
             ServerMessage::Deliver {
                 envelope_id,
                 from,
                 payload,
-            } => self.deliver(envelope_id, from, payload, out),
-            ServerMessage::Ok { id } => {
-                if let Some(Pending::Send { id: msg_id, to }) = self.pending.remove(&id) {
-                    self.in_flight.remove(&msg_id);
-                    match self.store.mark_sent(&msg_id) {
-                        Ok(Some(_)) => self.sink.emit(Event::Sent {
-                            to,
-                            id: id_hex(&msg_id),
-                        }),
-                        Ok(None) => {}
-                        Err(e) => self.store_error(e),
-                    }
-                    self.connection_event(ConnectionState::Connected, None);
-                }
-            }
+            } => self.deliver(Source::Relay(envelope_id), from, payload, Instant::now()),
+            ServerMessage::Ok { id } => self.request_done(id),
             ServerMessage::Error {
                 id: Some(id),
                 code,
@@ -82,10 +67,10 @@ impl Engine {
                 if let Some(Pending::Key { user }) = self.pending.remove(&id)
                     && user == username
                 {
-                    self.key_arrived(&user, &public_key, out);
+                    self.key_arrived(&user, &public_key);
                 }
             }
-            ServerMessage::Ping { nonce } => out.push(ClientMessage::Pong { nonce }),
+            ServerMessage::Ping { nonce } => self.out.push(ClientMessage::Pong { nonce }),
             ServerMessage::Pong { .. } => {}
             ServerMessage::Hello { .. }
             | ServerMessage::Challenge { .. }
@@ -95,42 +80,126 @@ impl Engine {
         }
         None
     }
-    pub(super) fn request_failed(&mut self, id: RequestId, code: ErrorCode, message: String) {
+
+    /// The server accepted request `id`.
+    fn request_done(&mut self, id: RequestId) {
         match self.pending.remove(&id) {
-            Some(Pending::Send { id: msg_id, to }) => {
+            Some(Pending::Send {
+                id: msg_id,
+                to,
+                epoch,
+            }) => {
                 self.in_flight.remove(&msg_id);
-                match code {
-                    // Worth another try later: the message stays in the outbox.
-                    ErrorCode::RateLimited
-                    | ErrorCode::RecipientQueueFull
-                    | ErrorCode::RecipientOffline
-                    | ErrorCode::Internal => {
-                        let delay = if code == ErrorCode::RateLimited {
-                            RATE_LIMIT_RETRY
-                        } else {
-                            self.config.retry_later
-                        };
-                        let at = Instant::now() + delay;
-                        self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
-                        self.sink.emit(Event::error(
-                            code.as_str(),
-                            format!("{message}; the message to {to} stays queued and is retried in {} s", delay.as_secs().max(1)),
-                        ));
-                    }
-                    _ => {
-                        self.fail_message(&msg_id);
-                        self.sink.emit(Event::error(
-                            code.as_str(),
-                            format!("message to {to} could not be sent: {message}"),
-                        ));
-                    }
+                if self.requeue_on_ok.remove(&msg_id) {
+                    // Its recipient asked for this epoch again meanwhile: it stays queued.
+                    self.sink.emit(Event::Requeued {
+                        to,
+                        id: id_hex(&msg_id),
+                        reason: "recipient_lost_key".into(),
+                    });
+                    self.flush_due = true;
+                    return;
+                }
+                match self.store.mark_sent(&msg_id, epoch, now_ms()) {
+                    Ok(Some(_)) => self.sink.emit(Event::Sent {
+                        to,
+                        id: id_hex(&msg_id),
+                    }),
+                    Ok(None) => {}
+                    Err(e) => self.store_error(e),
                 }
                 self.connection_event(ConnectionState::Connected, None);
+            }
+            Some(Pending::Receipt { peer, ids }) => {
+                for id in &ids {
+                    self.receipts_in_flight.remove(&(peer.clone(), *id));
+                }
+                if let Err(e) = self.store.receipts_sent(&peer, &ids) {
+                    self.store_error(e);
+                }
+            }
+            Some(Pending::Retry { peer, epochs }) => {
+                for epoch in &epochs {
+                    self.retries_in_flight.remove(&(peer.clone(), *epoch));
+                }
+                if let Err(e) = self.store.retries_sent(&peer, &epochs) {
+                    self.store_error(e);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn request_failed(&mut self, id: RequestId, code: ErrorCode, message: String) {
+        let transient = matches!(
+            code,
+            ErrorCode::RateLimited
+                | ErrorCode::RecipientQueueFull
+                | ErrorCode::RecipientOffline
+                | ErrorCode::Internal
+        );
+        let retry_after = |engine: &mut Self| {
+            let delay = if code == ErrorCode::RateLimited {
+                RATE_LIMIT_RETRY
+            } else {
+                engine.config.retry_later
+            };
+            let at = Instant::now() + delay;
+            engine.retry_at = Some(engine.retry_at.map_or(at, |r| r.min(at)));
+            delay
+        };
+        match self.pending.remove(&id) {
+            Some(Pending::Send { id: msg_id, to, .. }) => {
+                self.in_flight.remove(&msg_id);
+                self.requeue_on_ok.remove(&msg_id);
+                if transient {
+                    // Worth another try later: the message stays in the outbox.
+                    let delay = retry_after(self);
+                    self.sink.emit(Event::error(
+                        code.as_str(),
+                        format!(
+                            "{message}; the message to {to} stays queued and is retried in {} s",
+                            delay.as_secs().max(1)
+                        ),
+                    ));
+                } else {
+                    self.sink.emit(Event::error(
+                        code.as_str(),
+                        format!("message to {to} could not be sent: {message}"),
+                    ));
+                    self.fail_message(&msg_id, code.as_str(), &message);
+                }
+                self.connection_event(ConnectionState::Connected, None);
+            }
+            Some(Pending::Receipt { peer, ids }) => {
+                for id in &ids {
+                    self.receipts_in_flight.remove(&(peer.clone(), *id));
+                }
+                if transient {
+                    retry_after(self);
+                } else if let Err(e) = self.store.receipts_sent(&peer, &ids) {
+                    // Refused for good (e.g. the sender's account is gone): owed no more.
+                    self.store_error(e);
+                }
+            }
+            Some(Pending::Retry { peer, epochs }) => {
+                for epoch in &epochs {
+                    self.retries_in_flight.remove(&(peer.clone(), *epoch));
+                }
+                if transient {
+                    retry_after(self);
+                } else if let Err(e) = self.store.retries_sent(&peer, &epochs) {
+                    self.store_error(e);
+                }
             }
             Some(Pending::Key { user }) => {
                 let waiting = self.awaiting_key.remove(&user).unwrap_or_default();
                 if code == ErrorCode::UnknownUser {
-                    self.fail_outbox_for(&user);
+                    self.fail_outbox_for(
+                        &user,
+                        code.as_str(),
+                        &format!("there is no user named {user}"),
+                    );
                     self.sink.emit(Event::error(
                         code.as_str(),
                         format!("there is no user named {user}"),
@@ -140,223 +209,239 @@ impl Engine {
                 }
                 // Envelopes from a sender whose key can't be had are dropped for good.
                 for w in waiting {
-                    if let Waiting::Envelope { envelope_id, .. } = w {
-                        self.acks.push(envelope_id);
+                    if let Waiting::Envelope { source, .. } = w {
+                        self.settle(source);
                     }
                 }
             }
-            Some(Pending::Receipt | Pending::Users | Pending::Watch { .. }) | None => {
+            Some(Pending::Users | Pending::Watch { .. }) | None => {
                 self.sink.emit(Event::error(code.as_str(), message));
             }
         }
     }
-    /// Asks the server for `user`'s key (once per connection) and parks `then` until it comes.
-    pub(super) fn fetch_key(
-        &mut self,
-        user: &str,
-        then: Option<Waiting>,
-        out: &mut Vec<ClientMessage>,
-    ) {
-        let first = !self.awaiting_key.contains_key(user);
-        let waiting = self.awaiting_key.entry(user.to_owned()).or_default();
-        // Bounded: a flood of undecryptable envelopes must not grow memory.
-        if let Some(w) = then
-            && waiting.len() < 1000
-        {
-            waiting.push(w);
-        }
-        if first {
-            // Someone we exchange messages with: follow their presence too.
-            self.watch(vec![user.to_owned()], Some(out));
-            let username = user.to_owned();
-            self.request(
-                out,
-                Pending::Key {
-                    user: user.to_owned(),
-                },
-                |id| ClientMessage::GetPublicKey { id, username },
-            );
-        }
-    }
-    pub(super) fn key_arrived(&mut self, user: &str, der: &[u8], out: &mut Vec<ClientMessage>) {
-        let waiting = self.awaiting_key.remove(user).unwrap_or_default();
-        if PublicIdentity::from_der(der).is_err() {
-            self.sink.emit(Event::error(
-                "invalid_key",
-                format!("the server sent an unusable key for {user}"),
-            ));
-            return;
-        }
-        self.checked_keys.insert(user.to_owned());
-        let pin = self.pin(user);
-        match trust::observe(pin.as_ref(), der) {
-            Seen::New(pin) => {
-                info!(user, "pinned first key");
-                self.save_pin(user, &pin);
-            }
-            Seen::Trusted => {}
-            Seen::Changed { was_verified, pin } => {
-                let first_report =
-                    pin.pending.as_deref() != self.pin(user).and_then(|p| p.pending).as_deref();
-                self.save_pin(user, &pin);
-                if first_report {
-                    warn!(user, was_verified, "contact key changed");
-                    self.sink.emit(Event::KeyChanged {
-                        user: user.to_owned(),
-                    });
-                }
-            }
-        }
-        for w in waiting {
-            match w {
-                Waiting::Safety => self.emit_safety(user),
-                Waiting::Envelope {
-                    envelope_id,
-                    payload,
-                } => self.deliver(envelope_id, user.to_owned(), payload, out),
-            }
-        }
-        self.flush_outbox(out);
-    }
-    /// Handles one delivered envelope. It is acknowledged (so the server forgets it) once
-    /// it is dealt with for good; only a store failure leaves it for redelivery.
+
+    /// Handles one envelope from `from` (stamped by the server) that reached us at
+    /// `arrived`.
     pub(super) fn deliver(
         &mut self,
-        envelope_id: u64,
+        source: Source,
         from: String,
         payload: Vec<u8>,
-        out: &mut Vec<ClientMessage>,
+        arrived: Instant,
     ) {
         let Ok(sender) = Username::parse(&from) else {
             warn!("delivery stamped with an invalid name; dropped");
-            self.acks.push(envelope_id);
-            return;
+            return self.settle(source);
         };
         let from = sender.to_string();
         match self.pin(&from) {
             None => {
-                self.fetch_key(
-                    &from,
-                    Some(Waiting::Envelope {
-                        envelope_id,
-                        payload,
-                    }),
-                    out,
-                );
+                let waiting = Waiting::Envelope {
+                    source,
+                    payload,
+                    arrived,
+                };
+                if !self.fetch_key(&from, Some(waiting)) {
+                    debug!("sender's key unknown while offline; kept for later");
+                }
                 return;
             }
-            Some(pin) if !pin.usable() => {
-                self.acks.push(envelope_id);
-                self.sink.emit(Event::error(
-                    "key_changed",
-                    format!("a message from {from} was refused: their key changed and is not accepted yet"),
-                ));
-                return;
-            }
+            Some(pin) if !pin.usable() => return self.hold(source, &from, &payload),
             Some(_) => {}
         }
         let Some((_, public)) = self.usable_key(&from) else {
-            self.acks.push(envelope_id);
-            return;
+            return self.settle(source);
         };
-        let floors = self.store.floors(&from).unwrap_or_default();
-        let peer = Self::peer(&mut self.peers, &from, floors);
+        let mut state = match self.inbound_state(&from) {
+            Ok(state) => state,
+            Err(e) => return self.store_error(e),
+        };
         let parties = Parties {
             me: &self.identity,
             my_name: &self.me,
             peer_name: &sender,
             peer: &public,
         };
-        let opened = match peer.inbound.open(parties, &payload) {
-            Ok(opened) => opened,
-            Err(OpenError::Replay | OpenError::StaleOffer) => {
-                // Delivery is at-least-once: after a crash the server re-sends what we
-                // processed but had not acknowledged. Already handled; drop it quietly.
-                debug!(from, "duplicate envelope dropped");
-                self.acks.push(envelope_id);
-                return;
-            }
-            Err(e) => {
-                self.acks.push(envelope_id);
-                warn!(from, error = %e, "envelope refused");
-                if matches!(
-                    e,
-                    OpenError::SenderKeyMismatch | OpenError::BadOfferSignature
-                ) && !self.checked_keys.contains(&from)
-                {
-                    // Perhaps they have a new key: ask the server, which reports any change.
-                    self.fetch_key(&from, None, out);
+        match state.open(parties, &payload) {
+            Ok(opened) => self.commit_opened(source, &from, opened, state, &payload),
+            Err(e) => match e.failure() {
+                Failure::Duplicate => {
+                    // Delivery is at least once: processed before, not yet acknowledged.
+                    debug!("duplicate envelope dropped");
+                    self.settle(source);
                 }
-                self.sink.emit(Event::error(
-                    "undecryptable",
-                    format!("a message from {from} failed verification and was discarded ({e})"),
-                ));
-                return;
+                Failure::MissingKey => {
+                    // We lack the key (lost state, or its offer never reached us): the
+                    // sender still holds the message; ask for it again, once per epoch.
+                    let epoch = chat_protocol::frame::decode::<Envelope>(&payload)
+                        .map(|e| e.epoch)
+                        .unwrap_or_default();
+                    match self.store.request_retry(&from, epoch, now_ms()) {
+                        Ok(new) => {
+                            if new {
+                                info!(error = %e, "asking the sender to send an epoch again");
+                                self.flush_due = true;
+                            }
+                            self.settle(source);
+                        }
+                        Err(e) => self.store_error(e),
+                    }
+                }
+                Failure::KeyMismatch
+                    if self.checked_keys.get(&from).is_none_or(|at| *at < arrived) =>
+                {
+                    // Perhaps they have a new key (since we last checked): ask the server,
+                    // which reports a change. Envelopes that arrived before the answer are
+                    // judged by it, so a flood costs one question per round trip.
+                    let waiting = Waiting::Envelope {
+                        source,
+                        payload,
+                        arrived,
+                    };
+                    self.fetch_key(&from, Some(waiting));
+                }
+                Failure::KeyMismatch | Failure::Forged => {
+                    warn!(error = %e, "envelope refused");
+                    self.settle(source);
+                    self.sink.emit(Event::error(
+                        "undecryptable",
+                        format!(
+                            "a message from {from} failed verification and was discarded ({e})"
+                        ),
+                    ));
+                }
+            },
+        }
+    }
+
+    /// Stores what an envelope carried together with the advanced state, then settles it.
+    fn commit_opened(
+        &mut self,
+        source: Source,
+        from: &str,
+        opened: Opened,
+        state: Inbound,
+        payload: &[u8],
+    ) {
+        let held = match source {
+            Source::Held(seq) => Some(seq),
+            Source::Relay(_) => None,
+        };
+        let content = opened.content;
+        let committed = match &content.body {
+            Body::Text(text) => self
+                .store
+                .commit_text(
+                    from,
+                    &content.id,
+                    text,
+                    content.sent_at_ms,
+                    now_ms(),
+                    &state,
+                    held,
+                )
+                .map(|new| {
+                    if new {
+                        self.sink.emit(Event::Message {
+                            from: from.to_owned(),
+                            id: id_hex(&content.id),
+                            text: text.clone(),
+                            sent_at: content.sent_at_ms,
+                        });
+                    } else {
+                        debug!("duplicate message ignored; receipted again");
+                    }
+                    self.flush_due = true;
+                    super::crash_point_after_store();
+                }),
+            Body::Receipt { epoch, ids } => {
+                self.store
+                    .commit_receipt(from, ids, &state, held)
+                    .map(|done| {
+                        self.peer(from).outbound.acknowledge(*epoch);
+                        for d in done {
+                            let id = id_hex(&d.id);
+                            // The receipt can overtake the server's answer: keep the
+                            // documented order, queued → sent → delivered.
+                            if d.was_sending {
+                                self.sink.emit(Event::Sent {
+                                    to: from.to_owned(),
+                                    id: id.clone(),
+                                });
+                            }
+                            self.sink.emit(Event::Delivered {
+                                to: from.to_owned(),
+                                id,
+                            });
+                        }
+                    })
+            }
+            Body::RetryRequest { epochs } => {
+                let epochs: Vec<u32> = epochs.iter().copied().take(256).collect();
+                self.store
+                    .commit_retry_request(from, &epochs, &state, held)
+                    .map(|ids| {
+                        info!(count = ids.len(), "recipient lost an epoch; sending again");
+                        let peer = self.peer(from);
+                        for epoch in &epochs {
+                            peer.outbound.retire(*epoch);
+                        }
+                        // Messages of those epochs still waiting for the server's answer.
+                        let in_flight: Vec<_> = self
+                            .in_flight
+                            .iter()
+                            .filter(|(_, e)| epochs.contains(e))
+                            .map(|(id, _)| *id)
+                            .collect();
+                        self.requeue_on_ok.extend(in_flight);
+                        // Their client may hold a new key: check before sending again.
+                        self.checked_keys.remove(from);
+                        for id in ids {
+                            self.sink.emit(Event::Requeued {
+                                to: from.to_owned(),
+                                id: id_hex(&id),
+                                reason: "recipient_lost_key".into(),
+                            });
+                        }
+                        self.flush_due = true;
+                    })
             }
         };
-        let newest = peer.inbound.newest_offer_ms();
-        if newest != floors.in_offer_ms {
-            let floors = Floors {
-                in_offer_ms: newest,
-                ..floors
-            };
-            if let Err(e) = self.store.save_floors(&from, floors) {
+        match committed {
+            Ok(()) => {
+                self.peer(from).inbound = Some(state);
+                if let Source::Relay(id) = source {
+                    self.acks.push(id);
+                }
+            }
+            Err(e) => {
+                // Nothing changed: not acknowledged, retried (and redelivered at the next
+                // login) from the same state.
+                if let Source::Relay(id) = source
+                    && self.stalled.len() < MAX_STALLED
+                {
+                    self.stalled
+                        .push_back((id, from.to_owned(), payload.to_vec()));
+                }
                 self.store_error(e);
             }
         }
-        match opened.content.body {
-            Body::Text(text) => {
-                match self.store.store_incoming(
-                    &from,
-                    &opened.content.id,
-                    &text,
-                    opened.content.sent_at_ms,
-                ) {
-                    Ok(true) => self.sink.emit(Event::Message {
-                        from: from.clone(),
-                        id: id_hex(&opened.content.id),
-                        text,
-                        sent_at: opened.content.sent_at_ms,
-                    }),
-                    Ok(false) => debug!(from, "duplicate message ignored"),
-                    Err(e) => {
-                        // Not stored: no receipt and no ack, so it comes again later.
-                        self.store_error(e);
-                        return;
-                    }
-                }
-                self.acks.push(envelope_id);
-                let receipt = Content {
-                    id: random_id(),
-                    sent_at_ms: now_ms(),
-                    body: Body::Receipt {
-                        epoch: opened.epoch,
-                        ids: vec![opened.content.id],
-                    },
-                };
-                if let Some(payload) = self.seal(&from, &receipt) {
-                    let to = from;
-                    self.request(out, Pending::Receipt, |id| ClientMessage::Send {
-                        id,
-                        to,
-                        payload,
-                    });
-                }
-            }
-            Body::Receipt { epoch, ids } => {
-                self.acks.push(envelope_id);
-                if let Some(peer) = self.peers.get_mut(&from) {
-                    peer.outbound.acknowledge(epoch);
-                }
-                for id in ids {
-                    match self.store.mark_delivered(&from, &id) {
-                        Ok(true) => self.sink.emit(Event::Delivered {
-                            to: from.clone(),
-                            id: id_hex(&id),
-                        }),
-                        Ok(false) => {}
-                        Err(e) => self.store_error(e),
-                    }
+    }
+
+    /// Tries again the deliveries a store failure stopped (e.g. the disk is free again).
+    pub(super) fn retry_stalled(&mut self) {
+        for (id, from, payload) in std::mem::take(&mut self.stalled) {
+            self.deliver(Source::Relay(id), from, payload, Instant::now());
+        }
+    }
+
+    /// An envelope is dealt with for good: acknowledge it, or release it from the held.
+    pub(super) fn settle(&mut self, source: Source) {
+        match source {
+            Source::Relay(id) => self.acks.push(id),
+            Source::Held(seq) => {
+                if let Err(e) = self.store.release_held(seq) {
+                    self.store_error(e);
                 }
             }
         }

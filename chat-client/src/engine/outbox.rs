@@ -1,14 +1,22 @@
-//! Outgoing messages: the outbox, sealing, and giving up on what can never be sent.
+//! What we send: the outbox (texts, until receipted), the receipts and retry requests we
+//! owe, sealing, and giving up — with a reason — on what can never arrive.
 
 use std::collections::HashSet;
 
 use chat_protocol::ClientMessage;
-use chat_protocol::e2e::{self, Body, Content, MessageId, Parties};
-use rand::Rng;
+use chat_protocol::e2e::{self, Body, Content, MessageId, Parties, Sealed};
+use chat_protocol::message::send_frame_len;
+use tracing::warn;
 
-use super::{Engine, Pending, now_ms};
+use super::{Engine, META_QUEUE_MAX_AGE, Pending, now_ms, random_id};
 use crate::api::{ConnectionState, Event, id_hex};
-use crate::store::{Floors, OutboxItem};
+use crate::store::OutboxItem;
+
+/// Ids per receipt: keeps one receipt well inside a frame.
+const RECEIPT_BATCH: usize = 512;
+/// Smallest envelope around a text: padding bucket, AES-GCM tag, names, counters. A text
+/// whose padded size alone passes the relay's frame limit can never be sent.
+const ENVELOPE_OVERHEAD: usize = 16 + 2 * 33 + 32;
 
 impl Engine {
     /// Writes a new message to the outbox. Returns whether it was queued.
@@ -16,61 +24,119 @@ impl Engine {
         let Some(to) = self.contact_name(to) else {
             return false;
         };
-        if text.len() > e2e::MAX_TEXT_BYTES {
-            self.sink.emit(Event::error(
-                "message_too_long",
-                format!(
-                    "the message is {} bytes; the limit is {}",
-                    text.len(),
-                    e2e::MAX_TEXT_BYTES
-                ),
-            ));
+        if let Some(limit) = self.text_limit(&text) {
+            self.sink.emit(Event::error("message_too_long", limit));
             return false;
         }
         if self.pin(&to).is_some_and(|p| !p.usable()) {
             self.sink.emit(Event::error(
                 "key_changed",
-                format!("{to}'s key changed; check the safety number and accept the new key before sending"),
+                format!("{to}'s key changed; check the safety number and accept or reject the new key before sending"),
             ));
             return false;
         }
-        let mut id = [0u8; 16];
-        rand::rng().fill_bytes(&mut id);
         let item = OutboxItem {
-            id,
+            id: random_id(),
             peer: to.clone(),
             text,
             sent_at: now_ms(),
         };
+        let id = id_hex(&item.id);
+        if to == self.me.as_str() {
+            // A note to oneself: stored, and so delivered, at once.
+            if let Err(e) = self.store.store_note(&item) {
+                self.store_error(e);
+                return false;
+            }
+            self.sink.emit(Event::Queued {
+                to: to.clone(),
+                id: id.clone(),
+                text: item.text,
+                sent_at: item.sent_at,
+            });
+            self.sink.emit(Event::Sent {
+                to: to.clone(),
+                id: id.clone(),
+            });
+            self.sink.emit(Event::Delivered { to, id });
+            return false;
+        }
         if let Err(e) = self.store.enqueue(&item) {
             self.store_error(e);
             return false;
         }
         self.sink.emit(Event::Queued {
             to,
-            id: id_hex(&id),
+            id,
             text: item.text,
             sent_at: item.sent_at,
         });
         true
     }
-    /// Seals and sends every outbox message that can go now, in order.
-    pub(super) fn flush_outbox(&mut self, out: &mut Vec<ClientMessage>) {
-        let items = match self.store.outbox() {
+
+    /// Why `text` can never be sent, if it can't: over the E2E limit, or (the relay's
+    /// frame limit being known) too big for any envelope the relay accepts.
+    fn text_limit(&self, text: &str) -> Option<String> {
+        if text.len() > e2e::MAX_TEXT_BYTES {
+            return Some(format!(
+                "the message is {} bytes; the limit is {} bytes",
+                text.len(),
+                e2e::MAX_TEXT_BYTES
+            ));
+        }
+        let smallest = e2e::padded_len(text.len() + 24) + ENVELOPE_OVERHEAD;
+        (self.max_frame > 0 && smallest > self.max_frame).then(|| {
+            format!(
+                "the message is {} bytes; the relay at {} accepts envelopes up to {} bytes, \
+                 so texts must stay under about {} bytes",
+                text.len(),
+                self.config.server,
+                self.max_frame,
+                self.largest_text()
+            )
+        })
+    }
+
+    /// About the largest text whose envelope (with a key offer) fits the relay's frames.
+    fn largest_text(&self) -> usize {
+        let mut size = [256, 1024, 4096, 16384]
+            .into_iter()
+            .chain((2..).map(|n| n * 16384))
+            .take_while(|bucket| bucket + ENVELOPE_OVERHEAD + 1600 <= self.max_frame)
+            .last()
+            .unwrap_or(0);
+        size = size.saturating_sub(24);
+        size.min(e2e::MAX_TEXT_BYTES)
+    }
+
+    /// Seals and sends what can go now: queued texts (in order per contact), receipts and
+    /// retry requests owed.
+    pub(super) fn flush(&mut self) {
+        if !self.online {
+            return;
+        }
+        self.flush_texts();
+        self.flush_receipts();
+        self.flush_retries();
+    }
+
+    fn flush_texts(&mut self) {
+        let items = match self.store.outbox_queued() {
             Ok(items) => items,
             Err(e) => return self.store_error(e),
         };
         // Keep per-contact order: once one message to a contact must wait, so do the rest.
         let mut held: HashSet<String> = HashSet::new();
+        let mut changed = false;
         for item in items {
-            if self.in_flight.contains(&item.id) || held.contains(&item.peer) {
+            if self.in_flight.contains_key(&item.id) || held.contains(&item.peer) {
                 continue;
             }
-            let ready = self.checked_keys.contains(&item.peer)
+            let ready = self.checked_keys.contains_key(&item.peer)
                 && self.pin(&item.peer).is_some_and(|p| p.usable());
             if !ready {
-                if !self.checked_keys.contains(&item.peer) {
-                    self.fetch_key(&item.peer, None, out);
+                if !self.checked_keys.contains_key(&item.peer) {
+                    self.fetch_key(&item.peer, None);
                 }
                 held.insert(item.peer);
                 continue;
@@ -80,35 +146,138 @@ impl Engine {
                 sent_at_ms: item.sent_at,
                 body: Body::Text(item.text),
             };
-            match self.seal(&item.peer, &content) {
-                Some(payload) => {
-                    self.in_flight.insert(item.id);
-                    let to = item.peer;
-                    self.request(
-                        out,
-                        Pending::Send {
-                            id: item.id,
-                            to: to.clone(),
-                        },
-                        |id| ClientMessage::Send { id, to, payload },
-                    );
+            let Some(sealed) = self.seal(&item.peer, &content) else {
+                held.insert(item.peer);
+                continue;
+            };
+            let len = send_frame_len(&item.peer, sealed.bytes.len());
+            if self.max_frame > 0 && len > self.max_frame {
+                // A permanent refusal: this message ends; the ones after it go on.
+                let message = format!(
+                    "the message is too long for the relay at {} (its envelope would be {len} \
+                     bytes, the relay's limit is {}); texts must stay under about {} bytes",
+                    self.config.server,
+                    self.max_frame,
+                    self.largest_text()
+                );
+                self.sink
+                    .emit(Event::error("message_too_long", message.clone()));
+                self.fail_message(&item.id, "message_too_long", &message);
+                changed = true;
+                continue;
+            }
+            self.in_flight.insert(item.id, sealed.epoch);
+            let to = item.peer;
+            let payload = sealed.bytes;
+            self.request(
+                Pending::Send {
+                    id: item.id,
+                    to: to.clone(),
+                    epoch: sealed.epoch,
+                },
+                |id| ClientMessage::Send { id, to, payload },
+            );
+        }
+        if changed {
+            self.connection_event(ConnectionState::Connected, None);
+        }
+    }
+
+    fn flush_receipts(&mut self) {
+        let due = match self.store.receipts_due() {
+            Ok(due) => due,
+            Err(e) => return self.store_error(e),
+        };
+        for (peer, ids) in due {
+            let ids: Vec<MessageId> = ids
+                .into_iter()
+                .filter(|id| !self.receipts_in_flight.contains(&(peer.clone(), *id)))
+                .collect();
+            let epoch = self
+                .peers
+                .get(&peer)
+                .and_then(|p| p.inbound.as_ref())
+                .and_then(|s| s.newest_epoch())
+                .unwrap_or_default();
+            for chunk in ids.chunks(RECEIPT_BATCH) {
+                let receipt = Content {
+                    id: random_id(),
+                    sent_at_ms: now_ms(),
+                    body: Body::Receipt {
+                        epoch,
+                        ids: chunk.to_vec(),
+                    },
+                };
+                let Some(sealed) = self.seal(&peer, &receipt) else {
+                    break;
+                };
+                for id in chunk {
+                    self.receipts_in_flight.insert((peer.clone(), *id));
                 }
-                None => {
-                    held.insert(item.peer);
-                }
+                let (to, payload) = (peer.clone(), sealed.bytes);
+                self.request(
+                    Pending::Receipt {
+                        peer: peer.clone(),
+                        ids: chunk.to_vec(),
+                    },
+                    |id| ClientMessage::Send { id, to, payload },
+                );
             }
         }
     }
-    /// Encrypts for `to` with its pinned key, persisting the new-epoch floor if any.
-    pub(super) fn seal(&mut self, to: &str, content: &Content) -> Option<Vec<u8>> {
+
+    fn flush_retries(&mut self) {
+        let due = match self.store.retries_due() {
+            Ok(due) => due,
+            Err(e) => return self.store_error(e),
+        };
+        for (peer, epochs) in due {
+            let epochs: Vec<u32> = epochs
+                .into_iter()
+                .filter(|e| !self.retries_in_flight.contains(&(peer.clone(), *e)))
+                .take(256)
+                .collect();
+            if epochs.is_empty() {
+                continue;
+            }
+            let request = Content {
+                id: random_id(),
+                sent_at_ms: now_ms(),
+                body: Body::RetryRequest {
+                    epochs: epochs.clone(),
+                },
+            };
+            let Some(sealed) = self.seal(&peer, &request) else {
+                continue;
+            };
+            for epoch in &epochs {
+                self.retries_in_flight.insert((peer.clone(), *epoch));
+            }
+            let (to, payload) = (peer.clone(), sealed.bytes);
+            self.request(
+                Pending::Retry {
+                    peer: peer.clone(),
+                    epochs,
+                },
+                |id| ClientMessage::Send { id, to, payload },
+            );
+        }
+    }
+
+    /// Encrypts for `to` with its pinned key.
+    pub(super) fn seal(&mut self, to: &str, content: &Content) -> Option<Sealed> {
         let (peer_name, public) = self.usable_key(to)?;
-        let floors = self.store.floors(to).unwrap_or_default();
         let rotation = self.config.rotation;
-        let peer = Self::peer(&mut self.peers, to, floors);
-        let before = peer.outbound.last_created_ms();
+        let Self {
+            peers,
+            identity,
+            me,
+            ..
+        } = self;
+        let peer = peers.entry(to.to_owned()).or_default();
         let parties = Parties {
-            me: &self.identity,
-            my_name: &self.me,
+            me: identity,
+            my_name: me,
             peer_name: &peer_name,
             peer: &public,
         };
@@ -116,19 +285,7 @@ impl Engine {
             .outbound
             .seal(&mut rand::rng(), parties, content, now_ms(), rotation)
         {
-            Ok(sealed) => {
-                let after = peer.outbound.last_created_ms();
-                if after != before {
-                    let floors = Floors {
-                        out_created_ms: after,
-                        ..floors
-                    };
-                    if let Err(e) = self.store.save_floors(to, floors) {
-                        self.store_error(e);
-                    }
-                }
-                Some(sealed.bytes)
-            }
+            Ok(sealed) => Some(sealed),
             Err(e) => {
                 self.sink.emit(Event::error(
                     "encrypt_failed",
@@ -138,18 +295,63 @@ impl Engine {
             }
         }
     }
-    pub(super) fn fail_outbox_for(&mut self, user: &str) {
-        let items = self.store.outbox().unwrap_or_default();
-        for item in items.into_iter().filter(|i| i.peer == user) {
-            self.fail_message(&item.id);
+
+    pub(super) fn fail_outbox_for(&mut self, user: &str, reason: &str, message: &str) {
+        let ids = self.store.outbox_ids_for(user).unwrap_or_default();
+        for id in ids {
+            self.fail_message(&id, reason, message);
         }
         self.connection_event(ConnectionState::Connected, None);
     }
-    /// Takes a message out of the outbox for good and says so.
-    pub(super) fn fail_message(&mut self, id: &MessageId) {
-        match self.store.mark_failed(id) {
-            Ok(Some(to)) => self.sink.emit(Event::Failed { to, id: id_hex(id) }),
+
+    /// Takes a message out of the outbox for good and says why.
+    pub(super) fn fail_message(&mut self, id: &MessageId, reason: &str, message: &str) {
+        match self.store.mark_failed(id, reason) {
+            Ok(Some(to)) => self.sink.emit(Event::Failed {
+                to,
+                id: id_hex(id),
+                reason: reason.to_owned(),
+                message: message.to_owned(),
+            }),
             Ok(None) => {}
+            Err(e) => self.store_error(e),
+        }
+    }
+
+    /// Reports messages that wait long for their receipt, and gives up on those the relay
+    /// has deleted by now (older than its queue age limit).
+    pub(super) fn housekeeping(&mut self) {
+        let now = now_ms();
+        let late_before = now.saturating_sub(self.config.undelivered_after.as_millis() as u64);
+        match self.store.flag_undelivered(late_before) {
+            Ok(late) => {
+                for m in late {
+                    self.sink.emit(Event::Undelivered {
+                        to: m.peer,
+                        id: id_hex(&m.id),
+                        since: m.accepted_at,
+                    });
+                }
+            }
+            Err(e) => self.store_error(e),
+        }
+        let Ok(Some(max_age_secs)) = self.store.meta(META_QUEUE_MAX_AGE) else {
+            return;
+        };
+        let expired_before = now.saturating_sub(max_age_secs.saturating_mul(1000));
+        match self.store.expired(expired_before) {
+            Ok(expired) => {
+                for m in expired {
+                    warn!("a message was not delivered within the relay's age limit");
+                    let message = format!(
+                        "{} did not receive this message within {} days, after which the relay \
+                         deletes undelivered messages; send it again if it still matters",
+                        m.peer,
+                        max_age_secs / 86_400
+                    );
+                    self.fail_message(&m.id, "expired", &message);
+                }
+            }
             Err(e) => self.store_error(e),
         }
     }

@@ -191,7 +191,12 @@ impl ChatApp {
                 self.signin.passphrase.clear();
                 self.settings.username = Some(user.clone());
                 self.settings.server = self.signin.server.trim().to_owned();
-                let _ = self.home.save_settings(&self.settings);
+                if let Err(e) = self.home.save_settings_if_changed(&self.settings) {
+                    self.model.error = Some((
+                        "settings_not_saved".into(),
+                        format!("{e}; the server and name were not remembered"),
+                    ));
+                }
                 if let Some(last) = self.persisted.last_open.clone() {
                     self.open(&last);
                 }
@@ -326,6 +331,8 @@ pub struct Launch {
     pub chat_with: Option<String>,
     /// Where the window first appears (screen pixels), before any saved position.
     pub position: Option<[f32; 2]>,
+    /// Shown once the window is up (e.g. a damaged settings file was ignored).
+    pub warning: Option<String>,
 }
 
 /// Opens the window and runs until it is closed.
@@ -363,6 +370,10 @@ pub fn run(home: Home, mut settings: Settings, launch: Launch) -> anyhow::Result
                 .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
                 .unwrap_or_default();
             let mut app = ChatApp::new(handle, home, settings, persisted);
+            if let Some(warning) = launch.warning {
+                app.model.error = Some(("settings_unreadable".into(), warning.clone()));
+                app.signin.error = Some(warning);
+            }
             if let Some(passphrase) = launch.passphrase {
                 app.signin.passphrase = passphrase;
             }

@@ -11,9 +11,15 @@ pub struct Line {
     pub id: String,
     pub outgoing: bool,
     pub text: String,
-    /// Sender's clock, ms since the Unix epoch.
+    /// Sender's clock, ms since the Unix epoch: shown, never used for order.
     pub sent_at: u64,
+    /// Our clock when stored (written or arrived), ms since the Unix epoch: the order.
+    pub stored_at: u64,
     pub status: Status,
+    /// Sent long ago and still not delivered.
+    pub undelivered: bool,
+    /// Why it failed, for people.
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -26,8 +32,14 @@ pub struct Contact {
     pub verified: bool,
     /// A new key awaits acceptance; sending is disabled.
     pub key_changed: bool,
-    /// Latest safety number received for this contact.
+    /// The key that changed had been verified (a louder warning).
+    pub key_changed_was_verified: bool,
+    /// Fingerprint of the new key awaiting acceptance, as the core reported it.
+    pub pending_fingerprint: Option<String>,
+    /// Latest safety number received for this contact, and the fingerprint of the key it
+    /// is for (what accepting it accepts).
     pub safety: Option<String>,
+    pub safety_fingerprint: Option<String>,
 }
 
 /// Connection as the status bar shows it.
@@ -143,7 +155,10 @@ impl Model {
                         outgoing: false,
                         text,
                         sent_at,
+                        stored_at: now_ms(),
                         status: Status::Delivered,
+                        undelivered: false,
+                        reason: None,
                     },
                 );
                 if !looking {
@@ -161,16 +176,53 @@ impl Model {
                     id,
                     outgoing: true,
                     text,
+                    // Our own clock: the time it was written is its place.
+                    stored_at: sent_at,
                     sent_at,
                     status: Status::Sending,
+                    undelivered: false,
+                    reason: None,
                 },
             ),
             Event::Sent { to, id } => self.set_status(&to, &id, Status::Sent),
             Event::Delivered { to, id } => self.set_status(&to, &id, Status::Delivered),
-            Event::Failed { to, id } => self.set_status(&to, &id, Status::Failed),
+            Event::Failed {
+                to, id, message, ..
+            } => {
+                self.set_status(&to, &id, Status::Failed);
+                if let Some(line) = self.line(&to, &id) {
+                    line.reason = Some(message);
+                    line.undelivered = false;
+                }
+            }
+            Event::Undelivered { to, id, .. } => {
+                if let Some(line) = self.line(&to, &id)
+                    && line.status == Status::Sent
+                {
+                    line.undelivered = true;
+                }
+            }
+            Event::Requeued { to, id, .. } => {
+                // Sent again under a new key: back to sending (the only step back).
+                if let Some(line) = self.line(&to, &id)
+                    && line.status == Status::Sent
+                {
+                    line.status = Status::Sending;
+                    line.undelivered = false;
+                }
+            }
+            Event::Discarded { from, count, .. } => {
+                self.error = Some((
+                    "discarded".into(),
+                    format!(
+                        "{count} message(s) from {from} under the rejected key were discarded unread"
+                    ),
+                ));
+            }
             Event::Safety {
                 user,
                 number,
+                fingerprint,
                 verified,
                 key_changed,
             } => {
@@ -178,12 +230,26 @@ impl Model {
                 c.safety = Some(number);
                 c.verified = verified;
                 c.key_changed = key_changed;
+                if key_changed {
+                    c.pending_fingerprint = Some(fingerprint.clone());
+                }
+                c.safety_fingerprint = Some(fingerprint);
             }
-            Event::KeyChanged { user } => {
+            Event::KeyChanged {
+                user,
+                fingerprint,
+                was_verified,
+            } => {
                 let c = self.contact(&user);
                 c.key_changed = true;
+                c.key_changed_was_verified = was_verified;
+                c.pending_fingerprint = Some(fingerprint);
                 c.verified = false;
+                // A number shown before the change is not for the new key.
+                c.safety = None;
+                c.safety_fingerprint = None;
             }
+            Event::Warning { code, message } => self.error = Some((code, message)),
             Event::Connection {
                 state,
                 retry_in_ms,
@@ -206,6 +272,13 @@ impl Model {
             }
             Event::Error { code, message } => self.error = Some((code, message)),
         }
+    }
+
+    fn line(&mut self, to: &str, id: &str) -> Option<&mut Line> {
+        self.contact(to)
+            .lines
+            .iter_mut()
+            .find(|l| l.id == id && l.outgoing)
     }
 
     fn set_status(&mut self, to: &str, id: &str, status: Status) {
@@ -233,29 +306,68 @@ fn line_of(item: HistoryItem) -> Line {
         outgoing: item.outgoing,
         text: item.text,
         sent_at: item.sent_at,
+        stored_at: item.stored_at,
         status: item.status,
+        undelivered: item.undelivered,
+        reason: item.reason,
     }
 }
 
-/// Adds a line in time order, ignoring one already present (history vs live events).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Adds a line in the order this client stored it, ignoring one already present
+/// (history vs live events; the stored copy's place wins).
 fn insert_line(contact: &mut Contact, line: Line) {
-    if let Some(existing) = contact
+    if let Some(at) = contact
         .lines
-        .iter_mut()
-        .find(|l| l.id == line.id && l.outgoing == line.outgoing)
+        .iter()
+        .position(|l| l.id == line.id && l.outgoing == line.outgoing)
     {
+        let existing = &mut contact.lines[at];
         if rank(line.status) > rank(existing.status) {
             existing.status = line.status;
         }
+        existing.undelivered |= line.undelivered;
+        if line.reason.is_some() {
+            existing.reason = line.reason;
+        }
+        if existing.stored_at != line.stored_at && line.stored_at != 0 {
+            // The store's time is the truth: move the line there.
+            let mut moved = contact.lines.remove(at);
+            moved.stored_at = line.stored_at;
+            let to = contact
+                .lines
+                .partition_point(|l| l.stored_at <= moved.stored_at);
+            contact.lines.insert(to, moved);
+        }
         return;
     }
-    let at = contact.lines.partition_point(|l| l.sent_at <= line.sent_at);
+    let at = contact
+        .lines
+        .partition_point(|l| l.stored_at <= line.stored_at);
     contact.lines.insert(at, line);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn history_item(id: &str, at: u64) -> HistoryItem {
+        HistoryItem {
+            id: id.into(),
+            outgoing: false,
+            text: format!("text {id}"),
+            sent_at: at,
+            stored_at: at,
+            status: Status::Delivered,
+            undelivered: false,
+            reason: None,
+        }
+    }
 
     fn msg(from: &str, id: &str, at: u64) -> Event {
         Event::Message {
@@ -285,7 +397,22 @@ mod tests {
             .iter()
             .map(|l| l.id.as_str())
             .collect();
-        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(
+            ids,
+            ["b", "a"],
+            "in arrival order, whatever the sender's clock said"
+        );
+        // History from the store puts lines where the store has them.
+        m.apply(Event::History {
+            user: "bob".into(),
+            items: vec![history_item("a", 1), history_item("old", 0)],
+        });
+        let ids: Vec<&str> = m.contacts["bob"]
+            .lines
+            .iter()
+            .map(|l| l.id.as_str())
+            .collect();
+        assert_eq!(ids, ["old", "a", "b"]);
         assert!(m.open("bob"));
         assert!(!m.open("bob"), "history is requested once");
         assert_eq!(m.contacts["bob"].unread, 0);
@@ -323,8 +450,14 @@ mod tests {
         m.apply(Event::Failed {
             to: "bob".into(),
             id: "y".into(),
+            reason: "unknown_user".into(),
+            message: "no such user".into(),
         });
         assert_eq!(m.contacts["bob"].lines[1].status, Status::Failed);
+        assert_eq!(
+            m.contacts["bob"].lines[1].reason.as_deref(),
+            Some("no such user")
+        );
     }
 
     #[test]
@@ -344,7 +477,15 @@ mod tests {
         assert_eq!(names, ["zed", "amy"]);
         let names: Vec<&str> = m.listed(" AM").iter().map(|(n, _)| *n).collect();
         assert_eq!(names, ["amy"]);
-        m.apply(Event::KeyChanged { user: "amy".into() });
-        assert!(m.contacts["amy"].key_changed);
+        m.apply(Event::KeyChanged {
+            user: "amy".into(),
+            fingerprint: "ab cd".into(),
+            was_verified: true,
+        });
+        assert!(m.contacts["amy"].key_changed && m.contacts["amy"].key_changed_was_verified);
+        assert_eq!(
+            m.contacts["amy"].pending_fingerprint.as_deref(),
+            Some("ab cd")
+        );
     }
 }

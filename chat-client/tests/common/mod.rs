@@ -118,6 +118,23 @@ pub struct Client {
     pub seen: Vec<Value>,
     /// Events received but not yet matched by `expect`, in order.
     backlog: std::collections::VecDeque<Value>,
+    /// Everything written to stderr, when captured (see [`Options::stderr`]).
+    pub stderr: Arc<Mutex<String>>,
+}
+
+/// How to start a client process.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Extra command-line arguments.
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// A command to run the client under (e.g. `faketime -f +2d`).
+    pub wrapper: Vec<String>,
+    /// Capture stderr into [`Client::stderr`] (else it is discarded).
+    pub stderr: bool,
+    /// `RUST_LOG` (default `debug`).
+    pub log: Option<String>,
 }
 
 impl Client {
@@ -127,17 +144,51 @@ impl Client {
 
     /// Like `start`, with extra command-line arguments.
     pub fn start_with(server: SocketAddr, name: &str, home: &Path, extra: &[&str]) -> Self {
+        let options = Options {
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            ..Options::default()
+        };
+        Self::start_opts(server, name, home, &options)
+    }
+
+    /// Starts a client with every option.
+    pub fn start_opts(server: SocketAddr, name: &str, home: &Path, options: &Options) -> Self {
         let server = server.to_string();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chat-client"))
+        let bin = env!("CARGO_BIN_EXE_chat-client");
+        let mut command = match options.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = command
             .args(["--headless", "--server", &server, "--user", name])
             .args(["--home", home.to_str().unwrap()])
-            .args(extra)
-            .env("RUST_LOG", "debug")
+            .args(&options.args)
+            .env("RUST_LOG", options.log.as_deref().unwrap_or("debug"))
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(if options.stderr {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        if let Some(pipe) = child.stderr.take() {
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut log = sink.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
         let stdout = child.stdout.take().unwrap();
         let (tx, events) = mpsc::channel();
         std::thread::spawn(move || {
@@ -159,7 +210,22 @@ impl Client {
             events,
             seen: Vec::new(),
             backlog: Default::default(),
+            stderr,
         }
+    }
+
+    /// SIGKILL: no goodbye, no flush. The events seen stay readable.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The process's exit code if it has exited.
+    pub fn exited(&mut self) -> Option<i32> {
+        self.child
+            .try_wait()
+            .unwrap()
+            .map(|s| s.code().unwrap_or(-1))
     }
 
     /// Starts and waits until connected.
@@ -168,6 +234,22 @@ impl Client {
         c.expect("ready", |e| e["event"] == "ready");
         c.connected();
         c
+    }
+
+    /// Writes raw bytes to stdin (e.g. a line that is not UTF-8).
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Every event of kind `event` seen so far (matched or not), in order.
+    pub fn seen_of(&self, event: &str) -> Vec<Value> {
+        self.seen
+            .iter()
+            .filter(|e| e["event"] == event)
+            .cloned()
+            .collect()
     }
 
     pub fn send(&mut self, line: &str) {
@@ -354,6 +436,153 @@ fn pump(
             }
         }
     }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// Whether a tool the test needs is installed. Outside CI a missing tool skips the test
+/// (with a note); under CI (`CI` set) it fails it.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is not installed (CI installs it: see .ci/run)"
+        );
+        eprintln!("SKIPPED: {tool} is not installed");
+    }
+    found
+}
+
+/// Runs `chat-server --data-dir DIR admin ARGS…` and returns its stdout; panics on failure.
+pub fn admin(data_dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(server_bin())
+        .args(["--data-dir", data_dir.to_str().unwrap(), "admin"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "admin {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A malicious relay in front of the real one, for one client's connections. On the first
+/// connection it drops the client's first `Send` and cuts the connection (the client must
+/// send it again); on later ones it sends each `Send` three times (replays) and holds the
+/// first one back until the next (or half a second later), so they arrive reordered.
+pub struct TamperProxy {
+    pub addr: SocketAddr,
+    replayed: Arc<AtomicUsize>,
+}
+
+impl TamperProxy {
+    pub fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let replayed = Arc::new(AtomicUsize::new(0));
+        let counter = replayed.clone();
+        std::thread::spawn(move || {
+            for (index, client) in listener.incoming().enumerate() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let counter = counter.clone();
+                std::thread::spawn(move || tamper_upstream(client, server, index, &counter));
+                let sink = Mutex::new(Vec::new());
+                std::thread::spawn(move || pump(s2, c2, &sink, None));
+            }
+        });
+        Self { addr, replayed }
+    }
+
+    /// Extra copies of client frames sent so far.
+    pub fn replayed(&self) -> usize {
+        self.replayed.load(Ordering::SeqCst)
+    }
+}
+
+fn tamper_upstream(mut from: TcpStream, to: TcpStream, connection: usize, replayed: &AtomicUsize) {
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    // The writer: forwards frames, holding the first Send back until the next (or 500 ms).
+    let writer_to = to.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut to = writer_to;
+        let mut held: Option<Vec<u8>> = None;
+        let mut sends = 0;
+        loop {
+            let frame = match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(frame) => Some(frame),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let Some(frame) = frame else {
+                if let Some(first) = held.take()
+                    && to.write_all(&first).is_err()
+                {
+                    break;
+                }
+                continue;
+            };
+            let is_send = frame.len() > 4 && frame[4] == 6;
+            if is_send && connection > 0 {
+                sends += 1;
+                if sends == 1 {
+                    held = Some(frame);
+                    continue;
+                }
+            }
+            if to.write_all(&frame).is_err() {
+                break;
+            }
+            if let Some(first) = held.take()
+                && to.write_all(&first).is_err()
+            {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    });
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    'read: loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        while pending.len() >= 4 {
+            let len = u32::from_be_bytes(pending[..4].try_into().unwrap()) as usize;
+            if pending.len() < 4 + len {
+                break;
+            }
+            let frame: Vec<u8> = pending.drain(..4 + len).collect();
+            let is_send = len > 0 && frame[4] == 6;
+            if is_send && connection == 0 {
+                // Dropped, and the connection cut.
+                let _ = from.shutdown(std::net::Shutdown::Both);
+                break 'read;
+            }
+            let copies = if is_send { 3 } else { 1 };
+            for _ in 0..copies {
+                if tx.send(frame.clone()).is_err() {
+                    break 'read;
+                }
+            }
+            if is_send {
+                replayed.fetch_add(copies - 1, Ordering::SeqCst);
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
 

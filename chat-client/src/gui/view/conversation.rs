@@ -3,10 +3,10 @@
 use chrono::{Local, TimeZone};
 use egui::{Align, Color32, Key, Layout, RichText, Sense, Ui, UiBuilder, Vec2};
 
-use super::{OFFLINE, ONLINE, WARN_BG, empty_state, presence_dot};
+use super::{DANGER_BG, OFFLINE, ONLINE, WARN_BG, empty_state, presence_dot};
 use crate::api::{Command, Status};
 use crate::gui::ChatApp;
-use crate::gui::model::Line;
+use crate::gui::model::{Contact, Line};
 
 /// Assumed height of a row not measured yet.
 const ROW_GUESS: f32 = 44.0;
@@ -33,29 +33,7 @@ pub(super) fn conversation(app: &mut ChatApp, ui: &mut Ui, user: &str) {
         });
     });
     if contact.key_changed {
-        egui::Frame::new()
-            .fill(WARN_BG)
-            .corner_radius(6.0)
-            .inner_margin(10.0)
-            .show(ui, |ui| {
-                ui.colored_label(
-                    Color32::WHITE,
-                    format!(
-                        "⚠ {user}'s security key changed. This happens when they reinstall or use a new device — \
-                         or when someone is trying to intercept your messages. Sending is paused until you \
-                         compare the new safety number with {user} and accept the key."
-                    ),
-                );
-                ui.horizontal(|ui| {
-                    if ui.button("Compare safety number").clicked() {
-                        app.view.safety_for = Some(user.to_owned());
-                        app.send(Command::Safety { user: user.to_owned() });
-                    }
-                    if ui.button("Accept new key").clicked() {
-                        app.send(Command::AcceptKey { user: user.to_owned() });
-                    }
-                });
-            });
+        key_change_banner(app, ui, user, &contact);
     }
     ui.separator();
 
@@ -76,6 +54,71 @@ pub(super) fn conversation(app: &mut ChatApp, ui: &mut Ui, user: &str) {
     });
     ui.separator();
     composer(app, ui, user, contact.key_changed);
+}
+
+/// A contact's key changed: say what it may mean, louder if the old key was verified, and
+/// offer to compare, accept (exactly the key shown) or reject.
+fn key_change_banner(app: &mut ChatApp, ui: &mut Ui, user: &str, contact: &Contact) {
+    let (fill, text) = if contact.key_changed_was_verified {
+        (
+            DANGER_BG,
+            format!(
+                "⛔ {user}'s key changed, and you had verified the old one. Unless {user} told you \
+                 they reinstalled or changed devices, someone may be trying to intercept your \
+                 messages. Nothing is sent to {user}, and their new messages are held unread, \
+                 until you compare the new safety number with {user} and decide."
+            ),
+        )
+    } else {
+        (
+            WARN_BG,
+            format!(
+                "⚠ {user}'s security key changed. This happens when they reinstall or use a new \
+                 device — or when someone is trying to intercept your messages. Sending is paused \
+                 and their new messages are held until you compare the new safety number with \
+                 {user} and accept or reject the key."
+            ),
+        )
+    };
+    egui::Frame::new()
+        .fill(fill)
+        .corner_radius(6.0)
+        .inner_margin(10.0)
+        .show(ui, |ui| {
+            ui.colored_label(Color32::WHITE, text);
+            ui.horizontal(|ui| {
+                if ui.button("Compare safety number").clicked() {
+                    app.view.safety_for = Some(user.to_owned());
+                    app.send(Command::Safety {
+                        user: user.to_owned(),
+                    });
+                }
+                // Accepting names the key whose number was shown: if the relay swapped it
+                // since, the core refuses.
+                let shown = contact
+                    .safety_fingerprint
+                    .clone()
+                    .filter(|_| contact.safety.is_some());
+                let accept = ui
+                    .add_enabled(shown.is_some(), egui::Button::new("Accept new key"))
+                    .on_disabled_hover_text("Compare the safety number first.");
+                if accept.clicked() {
+                    app.send(Command::AcceptKey {
+                        user: user.to_owned(),
+                        fingerprint: shown,
+                    });
+                }
+                if ui
+                    .button("Reject")
+                    .on_hover_text("Keep the old key; messages under the new key are discarded.")
+                    .clicked()
+                {
+                    app.send(Command::RejectKey {
+                        user: user.to_owned(),
+                    });
+                }
+            });
+        });
 }
 
 /// The message list. Only rows inside the viewport are laid out; the others take their
@@ -116,10 +159,12 @@ fn history(app: &mut ChatApp, ui: &mut Ui, user: &str, lines: &[Line]) {
 }
 
 fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
+    // Days follow our clock (when stored); the time shown is the sender's.
+    let stored = Local.timestamp_millis_opt(line.stored_at as i64).single();
     let when = Local.timestamp_millis_opt(line.sent_at as i64).single();
-    let day = when.map(|t| t.date_naive());
+    let day = stored.map(|t| t.date_naive());
     if previous
-        .and_then(|p| Local.timestamp_millis_opt(p.sent_at as i64).single())
+        .and_then(|p| Local.timestamp_millis_opt(p.stored_at as i64).single())
         .map(|t| t.date_naive())
         != day
     {
@@ -140,9 +185,21 @@ fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
     let status = match (line.outgoing, line.status) {
         (false, _) => String::new(),
         (true, Status::Sending) => " · sending…".into(),
+        (true, Status::Sent) if line.undelivered => " · not delivered yet 🕓".into(),
         (true, Status::Sent) => " · sent ✔".into(),
         (true, Status::Delivered) => " · delivered ✔✔".into(),
         (true, Status::Failed) => " · not sent ⚠".into(),
+    };
+    let tooltip = match (line.status, &line.reason) {
+        (Status::Failed, Some(reason)) => Some(reason.clone()),
+        (Status::Sent, _) if line.undelivered => Some(format!(
+            "Sent {}, but not delivered yet: the recipient has not been online since. It stays \
+             queued on the relay and arrives when they come back (the relay keeps it for a \
+             limited time).",
+            when.map(|t| t.format("%-d %B %H:%M").to_string())
+                .unwrap_or_default()
+        )),
+        _ => None,
     };
     let meta = format!("{time}{status}");
     // Bubbles are as wide as their text (up to 3/4 of the view); outgoing ones sit right.
@@ -184,7 +241,10 @@ fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
                 ui.set_width(width);
                 ui.vertical(|ui| {
                     ui.add(egui::Label::new(&line.text).wrap().selectable(true));
-                    ui.small(meta);
+                    let meta = ui.small(meta);
+                    if let Some(tooltip) = tooltip {
+                        meta.on_hover_text(tooltip);
+                    }
                 });
             });
     });

@@ -41,7 +41,11 @@ pub(super) fn safety_dialog(app: &mut ChatApp, ui: &mut Ui) {
                 if contact.key_changed {
                     ui.colored_label(WARN_BG, format!("This is the number for {user}'s new key."));
                     if ui.button("Numbers match — accept new key").clicked() {
-                        app.send(Command::AcceptKey { user: user.clone() });
+                        // Exactly the key this number was computed for.
+                        app.send(Command::AcceptKey {
+                            user: user.clone(),
+                            fingerprint: contact.safety_fingerprint.clone(),
+                        });
                     }
                 } else {
                     let mut verified = contact.verified;

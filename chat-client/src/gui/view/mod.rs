@@ -19,6 +19,8 @@ pub use signin::sign_in;
 const ONLINE: Color32 = Color32::from_rgb(0x2e, 0xa0, 0x43);
 const OFFLINE: Color32 = Color32::from_gray(0x90);
 const WARN_BG: Color32 = Color32::from_rgb(0x8a, 0x5a, 0x00);
+/// A verified contact's key changed: louder than an unverified one.
+const DANGER_BG: Color32 = Color32::from_rgb(0xa3, 0x1d, 0x1d);
 
 pub fn main(app: &mut ChatApp, ui: &mut Ui) {
     shortcuts(app, ui);

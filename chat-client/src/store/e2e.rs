@@ -1,0 +1,347 @@
+//! End-to-end state: each contact's receiving epochs, the receipts and retry requests we
+//! owe, and envelopes held while a contact's key change awaits the user's decision.
+//!
+//! Every delivery is one transaction: the message, the receipt it owes and the epoch
+//! state it advanced are committed together, or nothing is (a full disk, a crash), so
+//! a redelivered envelope is processed again from the same state.
+
+use chat_protocol::e2e::{Inbound, MessageId};
+use rusqlite::{OptionalExtension, params};
+
+use super::messages::{Delivered, insert_incoming, mark_delivered_in, requeue_in};
+use super::{RowCipher, Store, StoreError};
+
+/// Envelopes held per contact while its key change is pending; more stay on the relay.
+pub const MAX_HELD_PER_CONTACT: usize = 10_000;
+/// Retry requests remembered per contact (each epoch is asked for once).
+const RETRIES_REMEMBERED: i64 = 256;
+
+/// An envelope kept while its sender's key change is pending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub seq: i64,
+    pub payload: Vec<u8>,
+}
+
+fn state_place(peer: &str) -> Vec<u8> {
+    super::cipher::place("e2e_state", "inbound", &[peer.as_bytes()])
+}
+
+fn save_state(
+    tx: &rusqlite::Transaction<'_>,
+    cipher: &RowCipher,
+    peer: &str,
+    state: &Inbound,
+) -> Result<(), StoreError> {
+    let plain = state.to_bytes();
+    let stored = cipher
+        .seal(&state_place(peer), &plain)
+        .unwrap_or_else(|| plain.to_vec());
+    tx.prepare_cached(
+        "INSERT INTO e2e_state (peer, inbound) VALUES (?1, ?2)
+         ON CONFLICT (peer) DO UPDATE SET inbound = excluded.inbound",
+    )?
+    .execute(params![peer, stored])?;
+    Ok(())
+}
+
+fn unhold(tx: &rusqlite::Transaction<'_>, held: Option<i64>) -> Result<(), StoreError> {
+    if let Some(seq) = held {
+        tx.prepare_cached("DELETE FROM held WHERE seq = ?1")?
+            .execute(params![seq])?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// `peer`'s receiving state; a fresh one if none is stored. A damaged state is an
+    /// error (the caller may [`Store::reset_state`] it: retry requests then recover).
+    pub fn inbound_state(&self, peer: &str) -> Result<Inbound, StoreError> {
+        let stored: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT inbound FROM e2e_state WHERE peer = ?1")?
+            .query_row(params![peer], |r| r.get(0))
+            .optional()?;
+        let Some(stored) = stored else {
+            return Ok(Inbound::default());
+        };
+        let plain = if RowCipher::is_sealed(&stored) {
+            self.cipher.open(&state_place(peer), &stored)?
+        } else {
+            zeroize::Zeroizing::new(stored)
+        };
+        Inbound::from_bytes(&plain).map_err(|_| super::cipher::Undecryptable.into())
+    }
+
+    /// Forgets `peer`'s receiving state (a damaged state, or their key changed).
+    pub fn reset_state(&mut self, peer: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM e2e_state WHERE peer = ?1", params![peer])?;
+        Ok(())
+    }
+
+    /// Commits a received text: stored (unless its id is already), a receipt owed, the
+    /// epoch state advanced and the held envelope it came from (if any) released. Returns
+    /// whether the text is new.
+    pub fn commit_text(
+        &mut self,
+        peer: &str,
+        id: &MessageId,
+        text: &str,
+        sent_at: u64,
+        now: u64,
+        state: &Inbound,
+        held: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        self.transaction(|tx, cipher| {
+            let new = insert_incoming(tx, cipher, peer, id, text, sent_at, now)?;
+            tx.prepare_cached("INSERT OR IGNORE INTO receipts_due (peer, id) VALUES (?1, ?2)")?
+                .execute(params![peer, &id[..]])?;
+            save_state(tx, cipher, peer, state)?;
+            unhold(tx, held)?;
+            Ok(new)
+        })
+    }
+
+    /// Commits a receipt: our messages `ids` to `peer` are delivered and leave the outbox.
+    pub fn commit_receipt(
+        &mut self,
+        peer: &str,
+        ids: &[MessageId],
+        state: &Inbound,
+        held: Option<i64>,
+    ) -> Result<Vec<Delivered>, StoreError> {
+        self.transaction(|tx, cipher| {
+            let done = mark_delivered_in(tx, peer, ids)?;
+            save_state(tx, cipher, peer, state)?;
+            unhold(tx, held)?;
+            Ok(done)
+        })
+    }
+
+    /// Commits `peer`'s retry request: our messages accepted under `epochs` and not
+    /// receipted are queued again. Returns their ids, oldest first.
+    pub fn commit_retry_request(
+        &mut self,
+        peer: &str,
+        epochs: &[u32],
+        state: &Inbound,
+        held: Option<i64>,
+    ) -> Result<Vec<MessageId>, StoreError> {
+        self.transaction(|tx, cipher| {
+            let ids = requeue_in(tx, peer, epochs)?;
+            save_state(tx, cipher, peer, state)?;
+            unhold(tx, held)?;
+            Ok(ids)
+        })
+    }
+
+    /// Receipts owed, oldest first, grouped by peer.
+    pub fn receipts_due(&self) -> Result<Vec<(String, Vec<MessageId>)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT peer, id FROM receipts_due ORDER BY peer")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut grouped: Vec<(String, Vec<MessageId>)> = Vec::new();
+        for row in rows {
+            let (peer, id) = row?;
+            let id: MessageId = id.try_into().unwrap_or_default();
+            match grouped.last_mut() {
+                Some((p, ids)) if *p == peer => ids.push(id),
+                _ => grouped.push((peer, vec![id])),
+            }
+        }
+        Ok(grouped)
+    }
+
+    /// The server accepted (or refused for good) these receipts.
+    pub fn receipts_sent(&mut self, peer: &str, ids: &[MessageId]) -> Result<(), StoreError> {
+        self.transaction(|tx, _| {
+            for id in ids {
+                tx.prepare_cached("DELETE FROM receipts_due WHERE peer = ?1 AND id = ?2")?
+                    .execute(params![peer, &id[..]])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Asks `peer` (once per epoch, ever) to re-send what we could not open in `epoch`.
+    /// Returns false if it was asked before.
+    pub fn request_retry(&mut self, peer: &str, epoch: u32, now: u64) -> Result<bool, StoreError> {
+        self.transaction(|tx, _| {
+            let new = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO retries (peer, epoch, requested_at) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![peer, i64::from(epoch), now as i64])?
+                > 0;
+            // Remember a bounded number of epochs per contact.
+            tx.prepare_cached(
+                "DELETE FROM retries WHERE peer = ?1 AND sent = 1 AND epoch NOT IN (
+                     SELECT epoch FROM retries WHERE peer = ?1 ORDER BY requested_at DESC LIMIT ?2)",
+            )?
+            .execute(params![peer, RETRIES_REMEMBERED])?;
+            Ok(new)
+        })
+    }
+
+    /// Retry requests not yet accepted by the server, grouped by peer.
+    pub fn retries_due(&self) -> Result<Vec<(String, Vec<u32>)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT peer, epoch FROM retries WHERE sent = 0 ORDER BY peer, requested_at",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut grouped: Vec<(String, Vec<u32>)> = Vec::new();
+        for row in rows {
+            let (peer, epoch) = row?;
+            let epoch = epoch as u32;
+            match grouped.last_mut() {
+                Some((p, epochs)) if *p == peer => epochs.push(epoch),
+                _ => grouped.push((peer, vec![epoch])),
+            }
+        }
+        Ok(grouped)
+    }
+
+    /// The server accepted these retry requests.
+    pub fn retries_sent(&mut self, peer: &str, epochs: &[u32]) -> Result<(), StoreError> {
+        self.transaction(|tx, _| {
+            for epoch in epochs {
+                tx.prepare_cached("UPDATE retries SET sent = 1 WHERE peer = ?1 AND epoch = ?2")?
+                    .execute(params![peer, i64::from(*epoch)])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Keeps an envelope from `peer` until their pending key change is decided. Returns
+    /// false (nothing stored) when `peer` already has [`MAX_HELD_PER_CONTACT`] held.
+    pub fn hold(&mut self, peer: &str, payload: &[u8], now: u64) -> Result<bool, StoreError> {
+        self.transaction(|tx, _| {
+            let count: i64 = tx
+                .prepare_cached("SELECT COUNT(*) FROM held WHERE peer = ?1")?
+                .query_row(params![peer], |r| r.get(0))?;
+            if count.unsigned_abs() as usize >= MAX_HELD_PER_CONTACT {
+                return Ok(false);
+            }
+            tx.prepare_cached("INSERT INTO held (peer, payload, received_at) VALUES (?1, ?2, ?3)")?
+                .execute(params![peer, payload, now as i64])?;
+            Ok(true)
+        })
+    }
+
+    /// `peer`'s held envelopes, in the order they arrived.
+    pub fn held(&self, peer: &str) -> Result<Vec<Held>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, payload FROM held WHERE peer = ?1 ORDER BY seq")?;
+        let rows = stmt.query_map(params![peer], |r| {
+            Ok(Held {
+                seq: r.get(0)?,
+                payload: r.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Releases one held envelope that was dealt with (opened, or refused for good).
+    pub fn release_held(&mut self, seq: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM held WHERE seq = ?1", params![seq])?;
+        Ok(())
+    }
+
+    /// Discards every envelope held for `peer`. Returns how many there were.
+    pub fn discard_held(&mut self, peer: &str) -> Result<usize, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM held WHERE peer = ?1", params![peer])?)
+    }
+
+    /// Whether anything is held for `peer`.
+    pub fn held_count(&self, peer: &str) -> Result<usize, StoreError> {
+        let n: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM held WHERE peer = ?1")?
+            .query_row(params![peer], |r| r.get(0))?;
+        Ok(n.unsigned_abs() as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::open;
+
+    #[test]
+    fn receipts_and_retries_are_owed_until_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), true);
+        let state = chat_protocol::e2e::Inbound::default();
+        assert!(
+            store
+                .commit_text("bob", &[1; 16], "hi", 5, 10, &state, None)
+                .unwrap()
+        );
+        assert!(
+            !store
+                .commit_text("bob", &[1; 16], "hi", 5, 11, &state, None)
+                .unwrap()
+        );
+        store
+            .commit_text("amy", &[2; 16], "yo", 5, 12, &state, None)
+            .unwrap();
+        assert_eq!(
+            store.receipts_due().unwrap(),
+            vec![
+                ("amy".to_string(), vec![[2; 16]]),
+                ("bob".to_string(), vec![[1; 16]])
+            ]
+        );
+        store.receipts_sent("bob", &[[1; 16]]).unwrap();
+        assert_eq!(store.receipts_due().unwrap().len(), 1);
+
+        assert!(store.request_retry("bob", 7, 1).unwrap());
+        assert!(
+            !store.request_retry("bob", 7, 2).unwrap(),
+            "each epoch once"
+        );
+        assert!(store.request_retry("bob", 8, 3).unwrap());
+        assert_eq!(
+            store.retries_due().unwrap(),
+            vec![("bob".to_string(), vec![7, 8])]
+        );
+        store.retries_sent("bob", &[7, 8]).unwrap();
+        assert!(store.retries_due().unwrap().is_empty());
+        assert!(
+            !store.request_retry("bob", 7, 4).unwrap(),
+            "still remembered"
+        );
+
+        // The state survives a reopen (and is encrypted at rest).
+        drop(store);
+        let store = open(dir.path(), true);
+        assert_eq!(store.inbound_state("bob").unwrap().epochs().count(), 0);
+    }
+
+    #[test]
+    fn held_envelopes_in_order_then_released_or_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), false);
+        assert!(store.hold("bob", b"one", 1).unwrap());
+        assert!(store.hold("bob", b"two", 2).unwrap());
+        assert!(store.hold("amy", b"x", 3).unwrap());
+        let held = store.held("bob").unwrap();
+        assert_eq!(
+            held.iter()
+                .map(|h| h.payload.as_slice())
+                .collect::<Vec<_>>(),
+            [b"one", b"two"]
+        );
+        store.release_held(held[0].seq).unwrap();
+        assert_eq!(store.held_count("bob").unwrap(), 1);
+        assert_eq!(store.discard_held("bob").unwrap(), 1);
+        assert_eq!(store.held_count("amy").unwrap(), 1);
+    }
+}

@@ -1,0 +1,531 @@
+//! History and the outbox.
+//!
+//! An outgoing message is a history row (`messages`, outgoing) plus an outbox row until it
+//! is receipted. Outbox states: `queued` (to be sealed and sent, in `seq` order per
+//! contact) and `sent` (the server accepted it under `epoch`; waiting for the receipt).
+//! A retry request for that epoch puts it back to `queued`.
+
+use chat_protocol::e2e::MessageId;
+use rusqlite::{OptionalExtension, params};
+
+use super::{RowCipher, Store, StoreError, read_text, write_text};
+use crate::api::{HistoryItem, Status, id_hex};
+
+/// A message waiting in the outbox to be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    pub id: MessageId,
+    pub peer: String,
+    pub text: String,
+    /// Our clock when written, ms since the Unix epoch (travels as the message's time).
+    pub sent_at: u64,
+}
+
+/// One of our messages a receipt confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    pub id: MessageId,
+    /// The server's acceptance had not been recorded yet (the receipt overtook it): a
+    /// `sent` is due before the `delivered`.
+    pub was_sending: bool,
+}
+
+/// A message the server accepted long ago and the recipient has not receipted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undelivered {
+    pub id: MessageId,
+    pub peer: String,
+    /// Our clock when the server accepted it, ms since the Unix epoch.
+    pub accepted_at: u64,
+}
+
+pub(super) fn body_place(peer: &str, id: &[u8], outgoing: bool) -> Vec<u8> {
+    super::cipher::place(
+        "messages",
+        "body",
+        &[peer.as_bytes(), id, &[outgoing as u8]],
+    )
+}
+
+pub(super) fn outbox_place(id: &[u8]) -> Vec<u8> {
+    super::cipher::place("outbox", "body", &[id])
+}
+
+/// Stores a received text unless its id is already stored. Returns whether it is new.
+pub(super) fn insert_incoming(
+    tx: &rusqlite::Transaction<'_>,
+    cipher: &RowCipher,
+    peer: &str,
+    id: &MessageId,
+    text: &str,
+    sent_at: u64,
+    now: u64,
+) -> Result<bool, StoreError> {
+    let body = write_text(cipher, &body_place(peer, id, false), text);
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO messages (peer, id, outgoing, body, sent_at, status, stored_at)
+             VALUES (?1, ?2, 0, ?3, ?4, 'delivered', ?5)
+             ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![peer, &id[..], body, sent_at as i64, now as i64])?;
+    Ok(inserted > 0)
+}
+
+/// Marks our messages to `peer` delivered and takes them out of the outbox.
+pub(super) fn mark_delivered_in(
+    tx: &rusqlite::Transaction<'_>,
+    peer: &str,
+    ids: &[MessageId],
+) -> Result<Vec<Delivered>, StoreError> {
+    let mut done = Vec::new();
+    for id in ids {
+        let status: Option<String> = tx
+            .prepare_cached(
+                "SELECT status FROM messages WHERE peer = ?1 AND id = ?2 AND outgoing = 1",
+            )?
+            .query_row(params![peer, &id[..]], |r| r.get(0))
+            .optional()?;
+        tx.prepare_cached("DELETE FROM outbox WHERE id = ?1 AND peer = ?2")?
+            .execute(params![&id[..], peer])?;
+        if let Some(status) = status.filter(|s| s == "sending" || s == "sent") {
+            tx.prepare_cached(
+                "UPDATE messages SET status = 'delivered', undelivered = 0
+                 WHERE peer = ?1 AND id = ?2 AND outgoing = 1",
+            )?
+            .execute(params![peer, &id[..]])?;
+            done.push(Delivered {
+                id: *id,
+                was_sending: status == "sending",
+            });
+        }
+    }
+    Ok(done)
+}
+
+/// Puts `peer`'s messages accepted under one of `epochs` back to `queued`. Returns their
+/// ids, oldest first.
+pub(super) fn requeue_in(
+    tx: &rusqlite::Transaction<'_>,
+    peer: &str,
+    epochs: &[u32],
+) -> Result<Vec<MessageId>, StoreError> {
+    let mut ids = Vec::new();
+    for epoch in epochs {
+        let rows: Vec<(i64, Vec<u8>)> = tx
+            .prepare_cached(
+                "SELECT seq, id FROM outbox WHERE peer = ?1 AND state = 'sent' AND epoch = ?2",
+            )?
+            .query_map(params![peer, i64::from(*epoch)], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        for (seq, id) in rows {
+            tx.prepare_cached(
+                "UPDATE outbox SET state = 'queued', epoch = NULL, accepted_at = NULL WHERE seq = ?1",
+            )?
+            .execute(params![seq])?;
+            tx.prepare_cached(
+                "UPDATE messages SET status = 'sending', undelivered = 0
+                 WHERE peer = ?1 AND id = ?2 AND outgoing = 1 AND status = 'sent'",
+            )?
+            .execute(params![peer, &id])?;
+            ids.push((seq, id.try_into().unwrap_or_default()));
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids.into_iter().map(|(_, id)| id).collect())
+}
+
+impl Store {
+    /// Puts a new outgoing message in the outbox and history, atomically.
+    pub fn enqueue(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
+        self.transaction(|tx, cipher| {
+            tx.execute(
+                "INSERT INTO outbox (id, peer, body, sent_at) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    &item.id[..],
+                    item.peer,
+                    write_text(cipher, &outbox_place(&item.id), &item.text),
+                    item.sent_at as i64
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO messages (peer, id, outgoing, body, sent_at, status, stored_at)
+                 VALUES (?1, ?2, 1, ?3, ?4, 'sending', ?4)",
+                params![
+                    item.peer,
+                    &item.id[..],
+                    write_text(cipher, &body_place(&item.peer, &item.id, true), &item.text),
+                    item.sent_at as i64
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A note to oneself: stored as delivered at once, never sent.
+    pub fn store_note(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
+        self.transaction(|tx, cipher| {
+            tx.execute(
+                "INSERT INTO messages (peer, id, outgoing, body, sent_at, status, stored_at)
+                 VALUES (?1, ?2, 1, ?3, ?4, 'delivered', ?4)",
+                params![
+                    item.peer,
+                    &item.id[..],
+                    write_text(cipher, &body_place(&item.peer, &item.id, true), &item.text),
+                    item.sent_at as i64
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Queued messages (to be sent now), in the order they were written.
+    pub fn outbox_queued(&self) -> Result<Vec<OutboxItem>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, peer, body, sent_at FROM outbox WHERE state = 'queued' ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, rusqlite::types::Value>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut items = Vec::new();
+        for row in rows {
+            let (id, peer, body, sent_at) = row?;
+            items.push(OutboxItem {
+                text: read_text(&self.cipher, &outbox_place(&id), body)?,
+                id: id.try_into().unwrap_or_default(),
+                peer,
+                sent_at: sent_at.unsigned_abs(),
+            });
+        }
+        Ok(items)
+    }
+
+    /// Messages not yet accepted by the server (what "waiting in the outbox" counts).
+    pub fn outbox_len(&self) -> Result<usize, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM outbox WHERE state = 'queued'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n.unsigned_abs() as usize)
+    }
+
+    /// Messages sent and not yet receipted.
+    pub fn awaiting_receipt(&self) -> Result<usize, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM outbox WHERE state = 'sent'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n.unsigned_abs() as usize)
+    }
+
+    /// The server accepted `id`, sealed under `epoch`, at our time `now`. Returns the peer
+    /// if this is news (it was queued and not yet receipted).
+    pub fn mark_sent(
+        &mut self,
+        id: &MessageId,
+        epoch: u32,
+        now: u64,
+    ) -> Result<Option<String>, StoreError> {
+        self.transaction(|tx, _| {
+            let peer: Option<String> = tx
+                .query_row(
+                    "UPDATE outbox SET state = 'sent', epoch = ?2, accepted_at = ?3
+                     WHERE id = ?1 AND state = 'queued' RETURNING peer",
+                    params![&id[..], i64::from(epoch), now as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(peer) = &peer {
+                tx.execute(
+                    "UPDATE messages SET status = 'sent'
+                     WHERE peer = ?1 AND id = ?2 AND outgoing = 1 AND status = 'sending'",
+                    params![peer, &id[..]],
+                )?;
+            }
+            Ok(peer)
+        })
+    }
+
+    /// `id` can never be delivered: it leaves the outbox as failed with `reason` (a code
+    /// such as `unknown_user`). Returns the peer if it was there.
+    pub fn mark_failed(
+        &mut self,
+        id: &MessageId,
+        reason: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.transaction(|tx, _| {
+            let peer: Option<String> = tx
+                .query_row(
+                    "DELETE FROM outbox WHERE id = ?1 RETURNING peer",
+                    params![&id[..]],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(peer) = &peer {
+                tx.execute(
+                    "UPDATE messages SET status = 'failed', reason = ?3, undelivered = 0
+                     WHERE peer = ?1 AND id = ?2 AND outgoing = 1 AND status != 'delivered'",
+                    params![peer, &id[..], reason],
+                )?;
+            }
+            Ok(peer)
+        })
+    }
+
+    /// Outbox messages to `peer`, queued or sent (e.g. to fail them all).
+    pub fn outbox_ids_for(&self, peer: &str) -> Result<Vec<MessageId>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id FROM outbox WHERE peer = ?1 ORDER BY seq")?;
+        let rows = stmt.query_map(params![peer], |r| r.get::<_, Vec<u8>>(0))?;
+        Ok(rows
+            .map(|r| r.map(|id| id.try_into().unwrap_or_default()))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Sent messages accepted before `before` (our clock, ms) and not yet flagged as late.
+    /// They are flagged now; each is reported once.
+    pub fn flag_undelivered(&mut self, before: u64) -> Result<Vec<Undelivered>, StoreError> {
+        self.transaction(|tx, _| {
+            let late: Vec<(Vec<u8>, String, i64)> = tx
+                .prepare(
+                    "SELECT o.id, o.peer, o.accepted_at FROM outbox o
+                     JOIN messages m ON m.peer = o.peer AND m.id = o.id AND m.outgoing = 1
+                     WHERE o.state = 'sent' AND o.accepted_at < ?1 AND m.undelivered = 0
+                     ORDER BY o.seq",
+                )?
+                .query_map(params![before as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            for (id, peer, _) in &late {
+                tx.execute(
+                    "UPDATE messages SET undelivered = 1 WHERE peer = ?1 AND id = ?2 AND outgoing = 1",
+                    params![peer, id],
+                )?;
+            }
+            Ok(late
+                .into_iter()
+                .map(|(id, peer, at)| Undelivered {
+                    id: id.try_into().unwrap_or_default(),
+                    peer,
+                    accepted_at: at.unsigned_abs(),
+                })
+                .collect())
+        })
+    }
+
+    /// Sent messages accepted before `before` (our clock, ms): past the server's age limit,
+    /// they can no longer arrive.
+    pub fn expired(&self, before: u64) -> Result<Vec<Undelivered>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, peer, accepted_at FROM outbox
+             WHERE state = 'sent' AND accepted_at < ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![before as i64], |r| {
+            Ok(Undelivered {
+                id: r.get::<_, Vec<u8>>(0)?.try_into().unwrap_or_default(),
+                peer: r.get(1)?,
+                accepted_at: r.get::<_, i64>(2)?.unsigned_abs(),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The last `limit` messages with `peer`, in the order this client stored them.
+    pub fn history(&self, peer: &str, limit: usize) -> Result<Vec<HistoryItem>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, outgoing, body, sent_at, status, stored_at, undelivered, reason FROM (
+                 SELECT rowid, * FROM messages WHERE peer = ?1
+                 ORDER BY stored_at DESC, rowid DESC LIMIT ?2
+             ) ORDER BY stored_at, rowid",
+        )?;
+        let rows = stmt.query_map(params![peer, limit as i64], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, bool>(1)?,
+                r.get::<_, rusqlite::types::Value>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, bool>(6)?,
+                r.get::<_, Option<String>>(7)?,
+            ))
+        })?;
+        let mut items = Vec::new();
+        for row in rows {
+            let (id, outgoing, body, sent_at, status, stored_at, undelivered, reason) = row?;
+            items.push(HistoryItem {
+                text: read_text(&self.cipher, &body_place(peer, &id, outgoing), body)?,
+                id: id_hex(&id.try_into().unwrap_or_default()),
+                outgoing,
+                sent_at: sent_at.unsigned_abs(),
+                stored_at: stored_at.unsigned_abs(),
+                status: match status.as_str() {
+                    "sending" => Status::Sending,
+                    "sent" => Status::Sent,
+                    "delivered" => Status::Delivered,
+                    _ => Status::Failed,
+                },
+                undelivered,
+                reason,
+            });
+        }
+        Ok(items)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::open;
+    use super::*;
+
+    fn item(n: u8, peer: &str) -> OutboxItem {
+        OutboxItem {
+            id: [n; 16],
+            peer: peer.into(),
+            text: format!("m{n}"),
+            sent_at: 1000 + u64::from(n),
+        }
+    }
+
+    #[test]
+    fn outbox_keeps_a_message_until_its_receipt() {
+        for encrypt in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let mut store = open(dir.path(), encrypt);
+                for n in [3, 1, 2] {
+                    store.enqueue(&item(n, "bob")).unwrap();
+                }
+            }
+            let mut store = open(dir.path(), encrypt);
+            let ids: Vec<u8> = store
+                .outbox_queued()
+                .unwrap()
+                .iter()
+                .map(|i| i.id[0])
+                .collect();
+            assert_eq!(ids, vec![3, 1, 2]);
+            assert_eq!(
+                store.mark_sent(&[1; 16], 9, 5000).unwrap().as_deref(),
+                Some("bob")
+            );
+            assert_eq!(
+                store.mark_sent(&[1; 16], 9, 5000).unwrap(),
+                None,
+                "only once"
+            );
+            assert_eq!(store.outbox_len().unwrap(), 2);
+            assert_eq!(store.awaiting_receipt().unwrap(), 1);
+            let history = store.history("bob", 10).unwrap();
+            assert_eq!(history.len(), 3);
+            // In the order written (this item's clock says m1 was first).
+            assert_eq!(history[0].status, Status::Sent);
+            assert_eq!(history[0].text, "m1");
+
+            // The recipient lost epoch 9: the message is queued again, once.
+            let tx = store.conn.transaction().unwrap();
+            assert_eq!(requeue_in(&tx, "bob", &[9]).unwrap(), vec![[1; 16]]);
+            assert!(requeue_in(&tx, "bob", &[9]).unwrap().is_empty());
+            tx.commit().unwrap();
+            assert_eq!(store.outbox_len().unwrap(), 3);
+            assert_eq!(store.history("bob", 10).unwrap()[0].status, Status::Sending);
+
+            store.mark_sent(&[1; 16], 10, 6000).unwrap();
+            let tx = store.conn.transaction().unwrap();
+            let done = mark_delivered_in(&tx, "bob", &[[1; 16], [2; 16]]).unwrap();
+            tx.commit().unwrap();
+            assert_eq!(
+                done,
+                vec![
+                    Delivered {
+                        id: [1; 16],
+                        was_sending: false
+                    },
+                    Delivered {
+                        id: [2; 16],
+                        was_sending: true
+                    }
+                ]
+            );
+            assert_eq!(store.outbox_len().unwrap(), 1);
+            assert_eq!(store.awaiting_receipt().unwrap(), 0);
+            let tx = store.conn.transaction().unwrap();
+            assert!(
+                mark_delivered_in(&tx, "bob", &[[1; 16]])
+                    .unwrap()
+                    .is_empty(),
+                "once"
+            );
+            assert!(
+                mark_delivered_in(&tx, "carol", &[[3; 16]])
+                    .unwrap()
+                    .is_empty(),
+                "not carol's"
+            );
+            tx.commit().unwrap();
+        }
+    }
+
+    #[test]
+    fn late_messages_are_flagged_once_and_failures_keep_their_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), false);
+        store.enqueue(&item(1, "bob")).unwrap();
+        store.enqueue(&item(2, "bob")).unwrap();
+        store.mark_sent(&[1; 16], 1, 1_000).unwrap();
+        store.mark_sent(&[2; 16], 1, 50_000).unwrap();
+        let late = store.flag_undelivered(10_000).unwrap();
+        assert_eq!(late.len(), 1);
+        assert_eq!((late[0].id, late[0].accepted_at), ([1; 16], 1_000));
+        assert!(
+            store.flag_undelivered(10_000).unwrap().is_empty(),
+            "reported once"
+        );
+        assert!(store.history("bob", 10).unwrap()[0].undelivered);
+        assert_eq!(store.expired(2_000).unwrap().len(), 1);
+        store.mark_failed(&[1; 16], "expired").unwrap();
+        let failed = &store.history("bob", 10).unwrap()[0];
+        assert_eq!(failed.status, Status::Failed);
+        assert_eq!(failed.reason.as_deref(), Some("expired"));
+        assert!(!failed.undelivered);
+    }
+
+    #[test]
+    fn history_is_in_arrival_order_not_sender_clock_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), false);
+        let tx = store.conn.transaction().unwrap();
+        // A sender an hour ahead asks first; the answer has an earlier sender time.
+        let cipher = RowCipher::new(zeroize::Zeroizing::new([3; 32]), false);
+        insert_incoming(&tx, &cipher, "bob", &[1; 16], "question?", 5_000_000, 100).unwrap();
+        assert!(
+            !insert_incoming(&tx, &cipher, "bob", &[1; 16], "question?", 5_000_000, 150).unwrap()
+        );
+        tx.commit().unwrap();
+        store
+            .enqueue(&OutboxItem {
+                id: [2; 16],
+                peer: "bob".into(),
+                text: "answer".into(),
+                sent_at: 200,
+            })
+            .unwrap();
+        let texts: Vec<String> = store
+            .history("bob", 10)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.text)
+            .collect();
+        assert_eq!(texts, ["question?", "answer"]);
+        assert_eq!(store.contacts().unwrap(), ["bob"]);
+    }
+}

@@ -1,0 +1,421 @@
+//! The client's local store (SQLite in the home dir, `client.sqlite3`, mode 0600).
+//!
+//! - Pinned contact keys (trust on first use) — here.
+//! - History and the outbox — `messages`. A message enters the outbox (and history, as
+//!   *sending*) before it is sent and leaves it only when the recipient's receipt arrives
+//!   (or it is given up with a reason), so nothing typed is lost to a crash, a restart, a
+//!   dropped connection or a recipient that lost its keys.
+//! - End-to-end state — `e2e`: each contact's receiving epochs, receipts and retry requests
+//!   owed, envelopes held while a key change is pending. Every delivery is committed in
+//!   one transaction with the state it changed, so a crash or a full disk never leaves a
+//!   message half-processed.
+//!
+//! With a passphrase on the identity, message texts and epoch keys are encrypted at rest
+//! (`cipher`); names, times and delivery states are not.
+
+use std::path::Path;
+
+use chat_protocol::trust::Pin;
+use rusqlite::{Connection, OptionalExtension, params};
+
+pub mod cipher;
+mod e2e;
+mod messages;
+
+pub use cipher::RowCipher;
+pub use e2e::Held;
+pub use messages::{Delivered, OutboxItem, Undelivered};
+
+/// Schema version (`PRAGMA user_version`). 0: the first release (floors, outbox until the
+/// server's answer); 1: outbox until receipted, persisted epochs, held envelopes.
+const SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("local database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Undecryptable(#[from] cipher::Undecryptable),
+    #[error("{path}: {source}")]
+    File {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the local database was written by a newer version of chat-client (schema {found}); update chat-client"
+    )]
+    SchemaTooNew { found: i64 },
+}
+
+impl StoreError {
+    /// The disk (or the database's quota) is full: the same write can succeed later.
+    pub fn is_full(&self) -> bool {
+        matches!(self, Self::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    cipher: RowCipher,
+}
+
+impl Store {
+    pub const FILE_NAME: &'static str = "client.sqlite3";
+
+    /// Opens (creating, 0600) the store in `home`, upgrading an older schema in place. With
+    /// `cipher.encrypt` set, plain texts left from before are encrypted now.
+    pub fn open(home: &Path, cipher: RowCipher) -> Result<Self, StoreError> {
+        let path = home.join(Self::FILE_NAME);
+        crate::home::create_private_file(&path).map_err(|source| StoreError::File {
+            path: path.clone(),
+            source,
+        })?;
+        let conn = Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        // Deleted texts and keys are overwritten, not left in free pages.
+        conn.pragma_update(None, "secure_delete", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // SQLite gives the -wal and -shm files the main file's mode; older files may not
+        // have been private yet.
+        for suffix in ["", "-wal", "-shm"] {
+            let file = home.join(format!("{}{suffix}", Self::FILE_NAME));
+            crate::home::make_private(&file).map_err(|source| StoreError::File {
+                path: file.clone(),
+                source,
+            })?;
+        }
+        let mut store = Self { conn, cipher };
+        store.migrate()?;
+        if store.cipher.encrypt {
+            store.encrypt_plain_values()?;
+        }
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew { found: version });
+        }
+        let existing: bool = self.conn.query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'messages'",
+            [],
+            |r| r.get(0),
+        )?;
+        let tx = self.conn.transaction()?;
+        if existing && version == 0 {
+            // Schema 0 → 1. Outbox rows of schema 0 had not been accepted by the server.
+            tx.execute_batch(
+                "ALTER TABLE messages ADD COLUMN stored_at INTEGER NOT NULL DEFAULT 0;
+                 UPDATE messages SET stored_at = sent_at;
+                 ALTER TABLE messages ADD COLUMN undelivered INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE messages ADD COLUMN reason TEXT;
+                 ALTER TABLE outbox ADD COLUMN state TEXT NOT NULL DEFAULT 'queued';
+                 ALTER TABLE outbox ADD COLUMN epoch INTEGER;
+                 ALTER TABLE outbox ADD COLUMN accepted_at INTEGER;",
+            )?;
+        }
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS contacts (
+                 username       TEXT PRIMARY KEY NOT NULL,
+                 pinned_key     BLOB NOT NULL,
+                 verified       INTEGER NOT NULL DEFAULT 0,
+                 pending_key    BLOB,
+                 out_created_ms INTEGER NOT NULL DEFAULT 0, -- schema 0, unused
+                 in_offer_ms    INTEGER NOT NULL DEFAULT 0  -- schema 0, unused
+             );
+             CREATE TABLE IF NOT EXISTS messages (
+                 peer        TEXT NOT NULL,
+                 id          BLOB NOT NULL,
+                 outgoing    INTEGER NOT NULL,
+                 body        NOT NULL,      -- TEXT, or an encrypted BLOB
+                 sent_at     INTEGER NOT NULL, -- the sender's clock: shown, not ordered by
+                 status      TEXT NOT NULL,
+                 stored_at   INTEGER NOT NULL DEFAULT 0, -- our clock: the order
+                 undelivered INTEGER NOT NULL DEFAULT 0, -- sent long ago, no receipt yet
+                 reason      TEXT,          -- why it failed
+                 PRIMARY KEY (peer, id, outgoing)
+             );
+             CREATE INDEX IF NOT EXISTS messages_by_arrival ON messages (peer, stored_at);
+             CREATE TABLE IF NOT EXISTS outbox (
+                 seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+                 id          BLOB NOT NULL UNIQUE,
+                 peer        TEXT NOT NULL,
+                 body        NOT NULL,
+                 sent_at     INTEGER NOT NULL,
+                 state       TEXT NOT NULL DEFAULT 'queued', -- queued | sent
+                 epoch       INTEGER,       -- the epoch it was accepted under
+                 accepted_at INTEGER        -- our clock when the server accepted it
+             );
+             CREATE TABLE IF NOT EXISTS e2e_state (
+                 peer    TEXT PRIMARY KEY NOT NULL,
+                 inbound BLOB NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS receipts_due (
+                 peer TEXT NOT NULL,
+                 id   BLOB NOT NULL,
+                 PRIMARY KEY (peer, id)
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS retries (
+                 peer         TEXT NOT NULL,
+                 epoch        INTEGER NOT NULL,
+                 requested_at INTEGER NOT NULL,
+                 sent         INTEGER NOT NULL DEFAULT 0,
+                 PRIMARY KEY (peer, epoch)
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS held (
+                 seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+                 peer        TEXT NOT NULL,
+                 payload     BLOB NOT NULL,
+                 received_at INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS meta (
+                 name  TEXT PRIMARY KEY NOT NULL,
+                 value INTEGER NOT NULL
+             );",
+        )?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Encrypts texts stored in the clear (before a passphrase was set, or by schema 0).
+    fn encrypt_plain_values(&mut self) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let plain: Vec<(String, Vec<u8>, bool, String)> = tx
+            .prepare("SELECT peer, id, outgoing, body FROM messages WHERE typeof(body) = 'text'")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?;
+        for (peer, id, outgoing, body) in &plain {
+            let sealed = self
+                .cipher
+                .seal(&messages::body_place(peer, id, *outgoing), body.as_bytes());
+            tx.execute(
+                "UPDATE messages SET body = ?4 WHERE peer = ?1 AND id = ?2 AND outgoing = ?3",
+                params![peer, id, outgoing, sealed],
+            )?;
+        }
+        let plain: Vec<(Vec<u8>, String)> = tx
+            .prepare("SELECT id, body FROM outbox WHERE typeof(body) = 'text'")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (id, body) in &plain {
+            let sealed = self
+                .cipher
+                .seal(&messages::outbox_place(id), body.as_bytes());
+            tx.execute(
+                "UPDATE outbox SET body = ?2 WHERE id = ?1",
+                params![id, sealed],
+            )?;
+        }
+        tx.commit()?;
+        if !plain.is_empty() {
+            // Old pages with the plain texts leave the write-ahead log too.
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        }
+        Ok(())
+    }
+
+    pub fn pin(&self, user: &str) -> Result<Option<Pin>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT pinned_key, verified, pending_key FROM contacts WHERE username = ?1",
+            )?
+            .query_row(params![user], |r| {
+                Ok(Pin {
+                    key: r.get(0)?,
+                    verified: r.get(1)?,
+                    pending: r.get(2)?,
+                })
+            })
+            .optional()?)
+    }
+
+    pub fn save_pin(&self, user: &str, pin: &Pin) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO contacts (username, pinned_key, verified, pending_key)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (username) DO UPDATE SET
+                 pinned_key = excluded.pinned_key,
+                 verified = excluded.verified,
+                 pending_key = excluded.pending_key",
+            params![user, pin.key, pin.verified, pin.pending],
+        )?;
+        Ok(())
+    }
+
+    /// Everyone we have a pinned key for or received from, for contact lists: a name
+    /// that only ever failed (e.g. no such user) is not a contact. Alphabetical.
+    pub fn contacts(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT username FROM contacts
+             UNION SELECT DISTINCT peer FROM messages WHERE outgoing = 0
+             ORDER BY 1",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A small persisted number (`meta` table), e.g. the relay's queue age limit.
+    pub fn meta(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE name = ?1",
+                params![name],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(i64::unsigned_abs))
+    }
+
+    pub fn set_meta(&self, name: &str, value: u64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO meta (name, value) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            params![name, value as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Runs `f` in one transaction, committed if it succeeds.
+    fn transaction<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>, &RowCipher) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let tx = self.conn.transaction()?;
+        let result = f(&tx, &self.cipher)?;
+        tx.commit()?;
+        Ok(result)
+    }
+}
+
+/// Reads a text column that may be encrypted.
+fn read_text(
+    cipher: &RowCipher,
+    place: &[u8],
+    value: rusqlite::types::Value,
+) -> Result<String, StoreError> {
+    use rusqlite::types::Value;
+    match value {
+        Value::Text(text) => Ok(text),
+        Value::Blob(blob) if RowCipher::is_sealed(&blob) => {
+            let plain = cipher.open(place, &blob)?;
+            String::from_utf8(plain.to_vec()).map_err(|_| cipher::Undecryptable.into())
+        }
+        _ => Err(cipher::Undecryptable.into()),
+    }
+}
+
+/// What to store for a text: the sealed bytes, or the text itself.
+fn write_text(cipher: &RowCipher, place: &[u8], text: &str) -> rusqlite::types::Value {
+    match cipher.seal(place, text.as_bytes()) {
+        Some(sealed) => rusqlite::types::Value::Blob(sealed),
+        None => rusqlite::types::Value::Text(text.to_owned()),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use zeroize::Zeroizing;
+
+    pub(crate) fn open(dir: &Path, encrypt: bool) -> Store {
+        Store::open(dir, RowCipher::new(Zeroizing::new([3; 32]), encrypt)).unwrap()
+    }
+
+    #[test]
+    fn pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), false);
+        assert_eq!(store.pin("bob").unwrap(), None);
+        let pin = Pin {
+            key: vec![1, 2],
+            verified: false,
+            pending: Some(vec![3]),
+        };
+        store.save_pin("bob", &pin).unwrap();
+        assert_eq!(store.pin("bob").unwrap(), Some(pin));
+        store.set_meta("x", 5).unwrap();
+        assert_eq!(store.meta("x").unwrap(), Some(5));
+        assert_eq!(store.meta("y").unwrap(), None);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_database_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(Store::FILE_NAME);
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = open(dir.path(), false);
+        store.set_meta("x", 1).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let file = dir.path().join(format!("{}{suffix}", Store::FILE_NAME));
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+        }
+    }
+
+    #[test]
+    fn schema_zero_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(Store::FILE_NAME)).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE contacts (username TEXT PRIMARY KEY NOT NULL, pinned_key BLOB NOT NULL,
+                     verified INTEGER NOT NULL DEFAULT 0, pending_key BLOB,
+                     out_created_ms INTEGER NOT NULL DEFAULT 0, in_offer_ms INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE messages (peer TEXT NOT NULL, id BLOB NOT NULL, outgoing INTEGER NOT NULL,
+                     body TEXT NOT NULL, sent_at INTEGER NOT NULL, status TEXT NOT NULL,
+                     PRIMARY KEY (peer, id, outgoing));
+                 CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, id BLOB NOT NULL UNIQUE,
+                     peer TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL);
+                 INSERT INTO messages VALUES ('bob', x'01010101010101010101010101010101', 0, 'old hello', 5, 'delivered');
+                 INSERT INTO messages VALUES ('bob', x'02020202020202020202020202020202', 1, 'queued text', 6, 'sending');
+                 INSERT INTO outbox (id, peer, body, sent_at) VALUES (x'02020202020202020202020202020202', 'bob', 'queued text', 6);",
+            )
+            .unwrap();
+        }
+        // Upgraded with a passphrase: the old texts are encrypted in place.
+        let store = open(dir.path(), true);
+        let history = store.history("bob", 10).unwrap();
+        assert_eq!(
+            history.iter().map(|h| h.text.as_str()).collect::<Vec<_>>(),
+            ["old hello", "queued text"]
+        );
+        assert_eq!(store.outbox_queued().unwrap()[0].text, "queued text");
+        drop(store);
+        let bytes = std::fs::read(dir.path().join(Store::FILE_NAME)).unwrap();
+        for text in [&b"old hello"[..], b"queued text"] {
+            assert!(
+                !bytes.windows(text.len()).any(|w| w == text),
+                "{} left in the clear",
+                String::from_utf8_lossy(text)
+            );
+        }
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path(), false));
+        let conn = Connection::open(dir.path().join(Store::FILE_NAME)).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err =
+            Store::open(dir.path(), RowCipher::new(Zeroizing::new([3; 32]), false)).unwrap_err();
+        assert!(
+            matches!(err, StoreError::SchemaTooNew { found: 99 }),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,640 @@
+//! Nothing sent is ever lost: restarts and crashes of either client, a full disk, a clock
+//! that jumps, lost end-to-end state, a relay that plays with retry requests. Real relay
+//! binary, real headless client processes, real SQLite files, loopback only.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Client, Options, PATIENCE, Relay};
+use serde_json::Value;
+
+fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, alice, bob) = (
+        dir.path().join("relay"),
+        dir.path().join("alice"),
+        dir.path().join("bob"),
+    );
+    (dir, relay, alice, bob)
+}
+
+/// Texts of every `message` event from `from`, in order, across `runs`.
+fn texts(runs: &[&Client], from: &str) -> Vec<String> {
+    runs.iter()
+        .flat_map(|c| c.seen_of("message"))
+        .filter(|e| e["from"] == from)
+        .map(|e| e["text"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Waits until `client` has seen `n` events of kind `event` (in all), or panics.
+fn await_count(client: &mut Client, event: &str, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    while client.seen_of(event).len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{}: {} of {n} {event} events; last events {:#?}",
+            client.name,
+            client.seen_of(event).len(),
+            client.seen.iter().rev().take(10).collect::<Vec<_>>()
+        );
+        client.drain(Duration::from_millis(100));
+    }
+}
+
+fn history(client: &mut Client, with: &str) -> Vec<Value> {
+    client.send(&format!("/history {with}"));
+    let h = client.expect("history", |e| e["event"] == "history" && e["user"] == with);
+    h["items"].as_array().unwrap().clone()
+}
+
+#[test]
+fn bob_restarts_while_alice_stays_online_and_nothing_is_lost() {
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    alice.send("/msg bob one");
+    assert_eq!(bob.message_from("alice")["text"], "one");
+    alice.expect("delivered one", |e| e["event"] == "delivered");
+
+    assert_eq!(bob.quit(), 0);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    alice.send("/msg bob two");
+    alice.send("/msg bob three");
+    assert_eq!(bob.texts_from("alice", 2), ["two", "three"]);
+    await_count(&mut alice, "delivered", 3, PATIENCE);
+    bob.assert_no_more_messages(Duration::from_millis(1000));
+    assert!(
+        bob.seen_of("error").is_empty(),
+        "no error at bob: {:#?}",
+        bob.seen_of("error")
+    );
+    let items = history(&mut bob, "alice");
+    let shown: Vec<&str> = items.iter().map(|i| i["text"].as_str().unwrap()).collect();
+    assert_eq!(shown, ["one", "two", "three"]);
+    let items = history(&mut alice, "bob");
+    assert!(
+        items.iter().all(|i| i["status"] == "delivered"),
+        "{items:#?}"
+    );
+}
+
+#[test]
+fn bob_killed_again_and_again_while_alice_streams_loses_nothing() {
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    alice.send("/safety bob");
+    alice.expect("safety", |e| e["event"] == "safety");
+    const N: usize = 200;
+    const ROUNDS: usize = 12;
+    let mut next = 0;
+    let mut send_batch = |alice: &mut Client, upto: usize| {
+        while next < upto {
+            alice.send(&format!("/msg bob stream {next}"));
+            next += 1;
+        }
+    };
+    // Kill bob 12 times while alice streams: every other time right between storing a
+    // message and acknowledging it (the test hook), otherwise at a random moment.
+    let mut runs: Vec<Client> = Vec::new();
+    let mut rng_state = 0x9e37_79b9_u64;
+    for round in 0..ROUNDS {
+        let upto = N * (round + 1) / (ROUNDS + 1);
+        if round % 2 == 0 {
+            bob.kill();
+            runs.push(bob);
+            // Bob is down: this batch waits on the relay, and the next bob stores three
+            // of them, then dies before acknowledging the third.
+            send_batch(&mut alice, upto);
+            await_count(&mut alice, "sent", upto, PATIENCE);
+            bob = Client::start_opts(
+                relay.addr,
+                "bob",
+                &b,
+                &Options {
+                    env: vec![("CHAT_TEST_ABORT_AFTER_STORES".into(), "3".into())],
+                    ..Options::default()
+                },
+            );
+            let deadline = Instant::now() + PATIENCE;
+            while bob.exited().is_none() && Instant::now() < deadline {
+                bob.drain(Duration::from_millis(50));
+            }
+            assert!(bob.exited().is_some(), "the crash hook fired");
+            bob.drain(Duration::from_millis(50));
+        } else {
+            send_batch(&mut alice, upto);
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            bob.drain(Duration::from_millis(50 + rng_state % 400));
+            bob.kill();
+        }
+        runs.push(bob);
+        bob = Client::start(relay.addr, "bob", &b);
+    }
+    send_batch(&mut alice, N);
+    runs.push(bob);
+    let mut bob = runs.pop().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while history(&mut bob, "alice").len() < N && Instant::now() < deadline {
+        bob.drain(Duration::from_millis(500));
+    }
+    bob.assert_no_more_messages(Duration::from_millis(1500));
+    let expected: Vec<String> = (0..N).map(|n| format!("stream {n}")).collect();
+    // What bob has: all of them, once, in order.
+    let items = history(&mut bob, "alice");
+    let stored: Vec<&str> = items.iter().map(|i| i["text"].as_str().unwrap()).collect();
+    assert_eq!(stored, expected, "all {N}, exactly once, in order");
+    // What bob was shown, across all his runs: never anything twice, in order. (A run
+    // killed right after storing may die before printing that message's event; the
+    // message is in the history all the same.)
+    let all: Vec<&Client> = runs.iter().chain(std::iter::once(&bob)).collect();
+    let shown = texts(&all, "alice");
+    let distinct: HashSet<&String> = shown.iter().collect();
+    assert_eq!(distinct.len(), shown.len(), "something was shown twice");
+    let mut in_order = expected.iter();
+    assert!(
+        shown.iter().all(|t| in_order.any(|e| e == t)),
+        "shown out of order: {shown:?}"
+    );
+    assert!(shown.len() >= N - ROUNDS / 2, "only {} shown", shown.len());
+    await_count(&mut alice, "delivered", N, Duration::from_secs(60));
+    let delivered: HashSet<Value> = alice
+        .seen_of("delivered")
+        .into_iter()
+        .map(|e| e["id"].clone())
+        .collect();
+    assert_eq!(delivered.len(), N, "a receipt for each");
+    alice.send("/quit");
+    let last = alice.expect("offline", |e| {
+        e["event"] == "connection" && e["state"] == "offline"
+    });
+    assert_eq!(last["queued"], 0, "alice's outbox is empty");
+}
+
+#[test]
+fn alice_killed_mid_stream_loses_and_duplicates_nothing() {
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    alice.send("/safety bob");
+    alice.expect("safety", |e| e["event"] == "safety");
+    for n in 0..100 {
+        alice.send(&format!("/msg bob m{n}"));
+    }
+    alice.expect("some sent", |e| e["event"] == "sent");
+    alice.drain(Duration::from_millis(20));
+    // What alice's outbox holds is what she must deliver: every `queued` seen so far.
+    let queued: Vec<String> = alice
+        .seen_of("queued")
+        .iter()
+        .map(|e| e["text"].as_str().unwrap().to_owned())
+        .collect();
+    alice.kill();
+    drop(alice);
+    assert!(!queued.is_empty());
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while texts(&[&bob], "alice").len() < queued.len() && Instant::now() < deadline {
+        bob.drain(Duration::from_millis(200));
+    }
+    bob.assert_no_more_messages(Duration::from_millis(1500));
+    assert_eq!(
+        texts(&[&bob], "alice"),
+        queued,
+        "each queued message once, in order"
+    );
+    let items = history(&mut alice, "bob");
+    assert_eq!(items.len(), queued.len());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let items = history(&mut alice, "bob");
+        if items.iter().all(|i| i["status"] == "delivered") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all delivered: {items:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_clock_that_jumps_back_days_does_not_silence_the_next_message() {
+    if !common::have("faketime") {
+        return;
+    }
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    let ahead = Options {
+        wrapper: vec!["faketime".into(), "-f".into(), "+2d".into()],
+        env: vec![("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into())],
+        ..Options::default()
+    };
+    let mut alice = Client::start_opts(relay.addr, "alice", &a, &ahead);
+    alice.expect("ready", |e| e["event"] == "ready");
+    alice.send("/msg bob from two days ahead");
+    assert_eq!(bob.message_from("alice")["text"], "from two days ahead");
+    let sent_at = bob.seen_of("message")[0]["sent_at"].as_u64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(sent_at > now + 86_400_000, "the clock really was ahead");
+    assert_eq!(alice.quit(), 0);
+    // The right clock again, and a fresh database (same identity key).
+    for f in ["client.sqlite3", "client.sqlite3-wal", "client.sqlite3-shm"] {
+        let _ = std::fs::remove_file(a.join(f));
+    }
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    alice.send("/msg bob back to the right time");
+    assert_eq!(bob.message_from("alice")["text"], "back to the right time");
+    alice.expect("delivered", |e| e["event"] == "delivered");
+}
+
+/// Deletes bob's end-to-end state rows, as a lost device state would (same identity).
+fn forget_e2e_state(home: &Path) {
+    let conn = rusqlite::Connection::open(home.join("client.sqlite3")).unwrap();
+    let n = conn.execute("DELETE FROM e2e_state", []).unwrap();
+    assert!(n > 0, "there was state to lose");
+}
+
+#[test]
+fn lost_end_to_end_state_is_recovered_by_retry_requests() {
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    alice.send("/msg bob before");
+    bob.message_from("alice");
+    alice.expect("delivered", |e| e["event"] == "delivered");
+    assert_eq!(bob.quit(), 0);
+    // Alice's epoch is acknowledged: her next messages carry no key offer.
+    alice.send("/msg bob lost 1");
+    alice.send("/msg bob lost 2");
+    await_count(&mut alice, "sent", 3, PATIENCE);
+    forget_e2e_state(&b);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    assert_eq!(bob.texts_from("alice", 2), ["lost 1", "lost 2"]);
+    await_count(&mut alice, "delivered", 3, PATIENCE);
+    let requeued: Vec<Value> = alice.seen_of("requeued");
+    assert_eq!(
+        requeued.len(),
+        2,
+        "each lost message sent again once: {requeued:#?}"
+    );
+    bob.assert_no_more_messages(Duration::from_millis(1500));
+    assert!(
+        bob.seen_of("error").is_empty(),
+        "{:#?}",
+        bob.seen_of("error")
+    );
+}
+
+#[test]
+fn a_relay_replaying_dropping_or_reordering_retry_requests_causes_no_extra_resend() {
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    alice.send("/msg bob hello");
+    bob.message_from("alice");
+    alice.expect("delivered", |e| e["event"] == "delivered");
+    assert_eq!(bob.quit(), 0);
+    for n in 0..3 {
+        alice.send(&format!("/msg bob lost {n}"));
+    }
+    await_count(&mut alice, "sent", 4, PATIENCE);
+    forget_e2e_state(&b);
+
+    // Between bob and the relay: every envelope bob sends is sent 3 times (replays), the
+    // first one is held back and sent after the second (reordering), and bob's first
+    // connection is cut right after its first send (a drop: bob must send it again).
+    let tamper = common::TamperProxy::start(relay.addr);
+    let mut bob = Client::ready(tamper.addr, "bob", &b);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while texts(&[&bob], "alice").len() < 3 && Instant::now() < deadline {
+        bob.drain(Duration::from_millis(200));
+    }
+    assert_eq!(texts(&[&bob], "alice"), ["lost 0", "lost 1", "lost 2"]);
+    // Let the replays play out, then count.
+    bob.assert_no_more_messages(Duration::from_millis(3000));
+    alice.drain(Duration::from_millis(500));
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for e in alice.seen_of("requeued") {
+        *per_id
+            .entry(e["id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(per_id.len(), 3, "the three lost messages: {per_id:?}");
+    assert!(
+        per_id.values().all(|&n| n == 1),
+        "once per real loss: {per_id:?}"
+    );
+    assert!(
+        tamper.replayed() >= 2,
+        "the proxy really replayed ({})",
+        tamper.replayed()
+    );
+}
+
+#[test]
+fn a_reinstalled_contact_is_shown_after_the_key_is_accepted() {
+    let (dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    bob.send("/msg alice hi from the old install");
+    alice.message_from("bob");
+    assert_eq!(bob.quit(), 0);
+    // The operator frees bob's name; bob reinstalls (a new key).
+    common::admin(&relay_dir, &["remove-user", "bob"]);
+    let mut bob = Client::ready(relay.addr, "bob", &dir.path().join("bob-new"));
+    bob.send("/msg alice hi, I reinstalled");
+    bob.expect("sent", |e| e["event"] == "sent");
+    let changed = alice.expect("key_changed", |e| e["event"] == "key_changed");
+    assert_eq!(changed["was_verified"], false);
+    alice.send("/safety bob");
+    let safety = alice.expect("safety", |e| {
+        e["event"] == "safety" && e["key_changed"] == true
+    });
+    assert_eq!(safety["fingerprint"], changed["fingerprint"]);
+    assert_eq!(alice.seen_of("message").len(), 1, "held until accepted");
+    alice.send(&format!(
+        "/accept-key bob {}",
+        safety["fingerprint"].as_str().unwrap()
+    ));
+    assert_eq!(alice.message_from("bob")["text"], "hi, I reinstalled");
+    bob.expect("delivered", |e| e["event"] == "delivered");
+}
+
+#[test]
+fn held_messages_are_opened_on_accept_discarded_on_reject_and_a_wrong_fingerprint_is_refused() {
+    let (dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    bob.send("/msg alice hi");
+    alice.message_from("bob");
+    alice.send("/verify bob");
+    alice.expect("verified", |e| {
+        e["event"] == "safety" && e["verified"] == true
+    });
+    assert_eq!(bob.quit(), 0);
+
+    // Round 1: new key; messages held; a wrong fingerprint is refused; reject discards.
+    common::admin(&relay_dir, &["remove-user", "bob"]);
+    let mut bob2 = Client::ready(relay.addr, "bob", &dir.path().join("bob2"));
+    bob2.send("/msg alice one under the new key");
+    bob2.send("/msg alice two under the new key");
+    await_count(&mut bob2, "sent", 2, PATIENCE);
+    let changed = alice.expect("key_changed", |e| e["event"] == "key_changed");
+    assert_eq!(
+        changed["was_verified"], true,
+        "a verified contact's change is flagged"
+    );
+    alice.drain(Duration::from_millis(500));
+    alice.send(&format!("/accept-key bob {}", "00".repeat(32)));
+    let err = alice.expect("refused", |e| {
+        e["event"] == "error" && e["code"] == "fingerprint_mismatch"
+    });
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was accepted"),
+        "{err}"
+    );
+    alice.send("/reject-key bob");
+    let discarded = alice.expect("discarded", |e| e["event"] == "discarded");
+    assert_eq!(discarded["count"], 2);
+    assert_eq!(discarded["reason"], "key_rejected");
+    assert_eq!(
+        alice.seen_of("message").len(),
+        1,
+        "nothing under the rejected key shown"
+    );
+    assert_eq!(bob2.quit(), 0);
+
+    // Round 2: another new key; accepted with the right fingerprint: held ones open.
+    common::admin(&relay_dir, &["remove-user", "bob"]);
+    let mut bob3 = Client::ready(relay.addr, "bob", &dir.path().join("bob3"));
+    bob3.send("/msg alice three");
+    bob3.send("/msg alice four");
+    await_count(&mut bob3, "sent", 2, PATIENCE);
+    let changed = alice.expect("key_changed", |e| e["event"] == "key_changed");
+    alice.drain(Duration::from_millis(500));
+    alice.send(&format!(
+        "/accept-key bob {}",
+        changed["fingerprint"].as_str().unwrap()
+    ));
+    assert_eq!(alice.texts_from("bob", 2), ["three", "four"]);
+    await_count(&mut bob3, "delivered", 2, PATIENCE);
+}
+
+#[test]
+fn a_fresh_home_is_private_and_logs_never_hold_message_text() {
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let traced = Options {
+        log: Some("trace".into()),
+        stderr: true,
+        ..Options::default()
+    };
+    let mut alice = Client::start_opts(relay.addr, "alice", &a, &traced);
+    alice.expect("ready", |e| e["event"] == "ready");
+    let mut bob = Client::start_opts(relay.addr, "bob", &b, &traced);
+    bob.expect("ready", |e| e["event"] == "ready");
+    let marker = "LOGMARKER-4b1d-secret-text";
+    alice.send(&format!("/msg bob {marker}"));
+    bob.message_from("alice");
+    bob.send(&format!("/msg alice re {marker}"));
+    alice.message_from("bob");
+    alice.expect("delivered", |e| e["event"] == "delivered");
+    let logs = format!(
+        "{}{}",
+        alice.stderr.lock().unwrap(),
+        bob.stderr.lock().unwrap()
+    );
+    assert!(logs.len() > 1000, "trace logs were captured");
+    assert!(!logs.contains(marker), "message text in the logs");
+    assert_eq!(alice.quit(), 0);
+    assert_eq!(bob.quit(), 0);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for home in [&a, &b] {
+            let mode = std::fs::metadata(home).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", home.display());
+            for entry in std::fs::read_dir(home).unwrap() {
+                let path = entry.unwrap().path();
+                let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{}", path.display());
+            }
+        }
+    }
+}
+
+/// A small tmpfs mounted for one test (root only), unmounted on drop.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    /// `None` (test skipped) if mounting is not permitted here, unless under CI.
+    fn mount(path: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}")])
+            .arg("tmpfs")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "cannot mount a tmpfs (the disk-full test needs root)"
+            );
+            eprintln!("SKIPPED: cannot mount a tmpfs here");
+            return None;
+        }
+        Some(Self {
+            path: path.to_owned(),
+        })
+    }
+
+    /// Writes a filler file until the disk is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path.join("filler")).unwrap();
+        let chunk = vec![0x55u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.path.join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_at_the_recipient_loses_nothing_whichever_side_restarts() {
+    let (dir, relay_dir, a, _) = dirs();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("bobfs"), "3m") else {
+        return;
+    };
+    let b = disk.path.join("bob");
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    alice.send("/msg bob before the disk filled");
+    bob.message_from("alice");
+    alice.expect("delivered", |e| e["event"] == "delivered");
+
+    // 1. Full disk, then freed, then the relay restarts while bob keeps running.
+    disk.fill();
+    alice.send("/msg bob while full 1");
+    let err = bob.expect("store error", |e| {
+        e["event"] == "error" && e["code"] == "store_error"
+    });
+    assert!(
+        err["message"].as_str().unwrap().contains("disk is full"),
+        "{err}"
+    );
+    assert_eq!(
+        bob.seen_of("message").len(),
+        1,
+        "not shown while it cannot be stored"
+    );
+    disk.free();
+    let (addr, data) = relay.kill();
+    let relay = Relay::start(&addr.to_string(), &data);
+    assert_eq!(bob.message_from("alice")["text"], "while full 1");
+    await_count(&mut alice, "delivered", 2, PATIENCE);
+
+    // 2. Full again, freed, and this time bob restarts.
+    disk.fill();
+    alice.send("/msg bob while full 2");
+    bob.expect("store error", |e| {
+        e["event"] == "error" && e["code"] == "store_error"
+    });
+    bob.kill();
+    disk.free();
+    let mut bob2 = Client::ready(relay.addr, "bob", &b);
+    assert_eq!(bob2.message_from("alice")["text"], "while full 2");
+    await_count(&mut alice, "delivered", 3, PATIENCE);
+    bob2.assert_no_more_messages(Duration::from_millis(1500));
+    let stored: Vec<String> = history(&mut bob2, "alice")
+        .iter()
+        .map(|i| i["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        stored,
+        ["before the disk filled", "while full 1", "while full 2"]
+    );
+    assert_eq!(bob2.quit(), 0);
+    drop(bob);
+    drop(relay);
+}
+
+#[test]
+fn a_message_waiting_long_is_flagged_and_one_past_the_relays_age_limit_fails() {
+    if !common::have("faketime") {
+        return;
+    }
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    assert_eq!(Client::ready(relay.addr, "bob", &b).quit(), 0);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    alice.send("/msg bob are you there?");
+    let sent = alice.expect("sent", |e| e["event"] == "sent");
+    assert_eq!(alice.quit(), 0);
+    let later = |shift: &str| Options {
+        wrapper: vec!["faketime".into(), "-f".into(), shift.into()],
+        env: vec![("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into())],
+        ..Options::default()
+    };
+    // Two days on, still no receipt: flagged once, and shown as such in the history.
+    let mut alice = Client::start_opts(relay.addr, "alice", &a, &later("+2d"));
+    let late = alice.expect("undelivered", |e| e["event"] == "undelivered");
+    assert_eq!(late["id"], sent["id"]);
+    assert_eq!(late["to"], "bob");
+    assert!(late["since"].as_u64().unwrap() > 1_600_000_000_000);
+    let items = history(&mut alice, "bob");
+    assert_eq!(items[0]["status"], "sent");
+    assert_eq!(items[0]["undelivered"], true);
+    assert_eq!(alice.quit(), 0);
+    let mut alice = Client::start_opts(relay.addr, "alice", &a, &later("+3d"));
+    alice.expect("ready", |e| e["event"] == "ready");
+    alice.drain(Duration::from_millis(500));
+    assert!(alice.seen_of("undelivered").is_empty(), "reported once");
+    assert_eq!(alice.quit(), 0);
+    // Past the relay's 30 days the relay has deleted it: the user is told plainly.
+    let mut alice = Client::start_opts(relay.addr, "alice", &a, &later("+31d"));
+    let failed = alice.expect("failed", |e| e["event"] == "failed");
+    assert_eq!(failed["id"], sent["id"]);
+    assert_eq!(failed["reason"], "expired");
+    assert!(
+        failed["message"].as_str().unwrap().contains("30 days"),
+        "{failed}"
+    );
+    let items = history(&mut alice, "bob");
+    assert_eq!(items[0]["status"], "failed");
+    assert_eq!(items[0]["reason"], "expired");
+}
