@@ -259,6 +259,11 @@ pub fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// Message ids travel as 32 lowercase hex digits.
+pub fn id_hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,9 +282,4 @@ mod tests {
         assert_eq!(parse_fingerprint(&"zz".repeat(32)), None);
         assert_eq!(parse_fingerprint(&"é".repeat(32)), None);
     }
-}
-
-/// Message ids travel as 32 lowercase hex digits.
-pub fn id_hex(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
 }

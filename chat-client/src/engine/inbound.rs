@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::{Engine, MAX_STALLED, Pending, RATE_LIMIT_RETRY, SessionEnd, Source, Waiting, now_ms};
 use crate::api::{ConnectionState, Event, id_hex};
+use crate::store::ReceivedText;
 
 impl Engine {
     pub(super) fn server_message(&mut self, msg: ServerMessage) -> Option<SessionEnd> {
@@ -329,18 +330,15 @@ impl Engine {
         };
         let content = opened.content;
         let committed = match &content.body {
-            Body::Text(text) => self
-                .store
-                .commit_text(
-                    from,
-                    &content.id,
+            Body::Text(text) => {
+                let received = ReceivedText {
+                    peer: from,
+                    id: &content.id,
                     text,
-                    content.sent_at_ms,
-                    now_ms(),
-                    &state,
-                    held,
-                )
-                .map(|new| {
+                    sent_at: content.sent_at_ms,
+                    stored_at: now_ms(),
+                };
+                self.store.commit_text(received, &state, held).map(|new| {
                     if new {
                         self.sink.emit(Event::Message {
                             from: from.to_owned(),
@@ -353,7 +351,8 @@ impl Engine {
                     }
                     self.flush_due = true;
                     super::crash_point_after_store();
-                }),
+                })
+            }
             Body::Receipt { epoch, ids } => {
                 self.store
                     .commit_receipt(from, ids, &state, held)

@@ -16,6 +16,18 @@ pub const MAX_HELD_PER_CONTACT: usize = 10_000;
 /// Retry requests remembered per contact (each epoch is asked for once).
 const RETRIES_REMEMBERED: i64 = 256;
 
+/// A received text, as committed by [`Store::commit_text`].
+#[derive(Debug, Clone, Copy)]
+pub struct ReceivedText<'a> {
+    pub peer: &'a str,
+    pub id: &'a MessageId,
+    pub text: &'a str,
+    /// The sender's clock, ms since the Unix epoch.
+    pub sent_at: u64,
+    /// Our clock now, ms since the Unix epoch (the message's place in the history).
+    pub stored_at: u64,
+}
+
 /// An envelope kept while its sender's key change is pending.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {
@@ -85,19 +97,15 @@ impl Store {
     /// whether the text is new.
     pub fn commit_text(
         &mut self,
-        peer: &str,
-        id: &MessageId,
-        text: &str,
-        sent_at: u64,
-        now: u64,
+        msg: ReceivedText<'_>,
         state: &Inbound,
         held: Option<i64>,
     ) -> Result<bool, StoreError> {
         self.transaction(|tx, cipher| {
-            let new = insert_incoming(tx, cipher, peer, id, text, sent_at, now)?;
+            let new = insert_incoming(tx, cipher, &msg)?;
             tx.prepare_cached("INSERT OR IGNORE INTO receipts_due (peer, id) VALUES (?1, ?2)")?
-                .execute(params![peer, &id[..]])?;
-            save_state(tx, cipher, peer, state)?;
+                .execute(params![msg.peer, &msg.id[..]])?;
+            save_state(tx, cipher, msg.peer, state)?;
             unhold(tx, held)?;
             Ok(new)
         })
@@ -273,24 +281,32 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::super::tests::open;
+    use super::ReceivedText;
 
     #[test]
     fn receipts_and_retries_are_owed_until_sent() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = open(dir.path(), true);
         let state = chat_protocol::e2e::Inbound::default();
+        let text = |peer, id, stored_at| ReceivedText {
+            peer,
+            id,
+            text: "hi",
+            sent_at: 5,
+            stored_at,
+        };
         assert!(
             store
-                .commit_text("bob", &[1; 16], "hi", 5, 10, &state, None)
+                .commit_text(text("bob", &[1; 16], 10), &state, None)
                 .unwrap()
         );
         assert!(
             !store
-                .commit_text("bob", &[1; 16], "hi", 5, 11, &state, None)
+                .commit_text(text("bob", &[1; 16], 11), &state, None)
                 .unwrap()
         );
         store
-            .commit_text("amy", &[2; 16], "yo", 5, 12, &state, None)
+            .commit_text(text("amy", &[2; 16], 12), &state, None)
             .unwrap();
         assert_eq!(
             store.receipts_due().unwrap(),

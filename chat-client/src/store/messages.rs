@@ -55,20 +55,23 @@ pub(super) fn outbox_place(id: &[u8]) -> Vec<u8> {
 pub(super) fn insert_incoming(
     tx: &rusqlite::Transaction<'_>,
     cipher: &RowCipher,
-    peer: &str,
-    id: &MessageId,
-    text: &str,
-    sent_at: u64,
-    now: u64,
+    msg: &super::e2e::ReceivedText<'_>,
 ) -> Result<bool, StoreError> {
-    let body = write_text(cipher, &body_place(peer, id, false), text);
+    let (peer, id) = (msg.peer, msg.id);
+    let body = write_text(cipher, &body_place(peer, id, false), msg.text);
     let inserted = tx
         .prepare_cached(
             "INSERT INTO messages (peer, id, outgoing, body, sent_at, status, stored_at)
              VALUES (?1, ?2, 0, ?3, ?4, 'delivered', ?5)
              ON CONFLICT DO NOTHING",
         )?
-        .execute(params![peer, &id[..], body, sent_at as i64, now as i64])?;
+        .execute(params![
+            peer,
+            &id[..],
+            body,
+            msg.sent_at as i64,
+            msg.stored_at as i64
+        ])?;
     Ok(inserted > 0)
 }
 
@@ -506,10 +509,15 @@ mod tests {
         let tx = store.conn.transaction().unwrap();
         // A sender an hour ahead asks first; the answer has an earlier sender time.
         let cipher = RowCipher::new(zeroize::Zeroizing::new([3; 32]), false);
-        insert_incoming(&tx, &cipher, "bob", &[1; 16], "question?", 5_000_000, 100).unwrap();
-        assert!(
-            !insert_incoming(&tx, &cipher, "bob", &[1; 16], "question?", 5_000_000, 150).unwrap()
-        );
+        let question = |stored_at| super::super::e2e::ReceivedText {
+            peer: "bob",
+            id: &[1; 16],
+            text: "question?",
+            sent_at: 5_000_000,
+            stored_at,
+        };
+        insert_incoming(&tx, &cipher, &question(100)).unwrap();
+        assert!(!insert_incoming(&tx, &cipher, &question(150)).unwrap());
         tx.commit().unwrap();
         store
             .enqueue(&OutboxItem {

@@ -23,7 +23,7 @@ mod e2e;
 mod messages;
 
 pub use cipher::RowCipher;
-pub use e2e::Held;
+pub use e2e::{Held, ReceivedText};
 pub use messages::{Delivered, OutboxItem, Undelivered};
 
 /// Schema version (`PRAGMA user_version`). 0: the first release (floors, outbox until the
