@@ -461,6 +461,38 @@ mod tests {
     }
 
     #[test]
+    fn late_requeued_and_failed_messages_are_marked() {
+        let mut m = Model::default();
+        let (to, id) = ("bob".to_string(), "x".to_string());
+        m.apply(Event::Queued {
+            to: to.clone(),
+            id: id.clone(),
+            text: "hi".into(),
+            sent_at: 1,
+        });
+        m.apply(Event::Sent {
+            to: to.clone(),
+            id: id.clone(),
+        });
+        m.apply(Event::Undelivered {
+            to: to.clone(),
+            id: id.clone(),
+            since: 1,
+        });
+        assert!(m.contacts["bob"].lines[0].undelivered, "the clock mark shows");
+        // The recipient lost its key: sent again, so back to sending and unmarked.
+        m.apply(Event::Requeued {
+            to: to.clone(),
+            id: id.clone(),
+            reason: "recipient_lost_key".into(),
+        });
+        let line = &m.contacts["bob"].lines[0];
+        assert_eq!((line.status, line.undelivered), (Status::Sending, false));
+        m.apply(Event::Delivered { to, id });
+        assert_eq!(m.contacts["bob"].lines[0].status, Status::Delivered);
+    }
+
+    #[test]
     fn list_filters_and_puts_online_first() {
         let mut m = Model::default();
         m.apply(Event::Ready {
