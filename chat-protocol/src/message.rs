@@ -237,6 +237,8 @@ pub enum ErrorCode {
     RecipientQueueFull,
     /// A `Watch` would pass `MAX_WATCHED` users for this session; nothing was added.
     WatchLimit,
+    /// The server's storage for undelivered messages is full; try again later.
+    ServerFull,
 }
 
 impl ErrorCode {
@@ -263,6 +265,7 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::RecipientQueueFull => "recipient_queue_full",
             Self::WatchLimit => "watch_limit",
+            Self::ServerFull => "server_full",
         }
     }
 }

@@ -50,6 +50,60 @@ pub struct Config {
     pub shutdown_grace_secs: f64,
     /// Store-and-forward queue for recipients who are offline (or not yet acknowledged).
     pub queue: QueueConfig,
+    /// Connections that have not finished login: their own small budget, so silent or
+    /// slow sockets cannot take the slots of logged-in users.
+    pub pre_login: PreLogin,
+    /// New connections accepted per source address (IPv6: per /64); over it they are
+    /// refused with `server_busy`.
+    pub connect_rate: RateLimit,
+    /// New accounts per source address (IPv6: per /64); over it registration is refused
+    /// with `rate_limited`.
+    pub registrations: Registrations,
+    /// Bytes of writes (envelopes, acknowledgements, accounts) waiting for the store at
+    /// once. A connection whose write does not fit is paced: it is not read until there is
+    /// room.
+    pub writer_queue_bytes: u64,
+    /// Envelope ids taken from one `Ack` frame; the rest are ignored (and counted).
+    pub max_ack_ids: usize,
+}
+
+/// The budget of connections that have not logged in yet.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PreLogin {
+    /// Connections not yet logged in, in all; more are refused with `server_busy`.
+    pub max_connections: usize,
+    /// Of those, from one source address (IPv6: one /64).
+    pub max_per_address: usize,
+    /// Seconds a new connection has to send its first byte.
+    pub first_byte_timeout_secs: f64,
+}
+
+impl Default for PreLogin {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_per_address: 16,
+            first_byte_timeout_secs: 3.0,
+        }
+    }
+}
+
+/// Token bucket for account creation: `burst` at once, refilled at `per_hour`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Registrations {
+    pub per_hour: f64,
+    pub burst: f64,
+}
+
+impl Default for Registrations {
+    fn default() -> Self {
+        Self {
+            per_hour: 20.0,
+            burst: 10.0,
+        }
+    }
 }
 
 /// Bounds of the per-recipient queue of undelivered envelopes.
@@ -67,6 +121,11 @@ pub struct QueueConfig {
     /// Seconds an envelope delivered to an online recipient waits for its Ack before it is
     /// written to the queue; one acknowledged in time is never written (0: always write).
     pub live_grace_secs: f64,
+    /// Largest part of one recipient's queue (envelopes and bytes) that one sender may
+    /// hold, as a fraction; over it that sender gets `recipient_queue_full`.
+    pub max_sender_share: f64,
+    /// Bytes queued for everyone together; over it every sender gets `server_full`.
+    pub max_total_bytes: u64,
 }
 
 impl Default for QueueConfig {
@@ -77,15 +136,21 @@ impl Default for QueueConfig {
             max_age_secs: 30.0 * 24.0 * 3600.0,
             purge_interval_secs: 3600.0,
             live_grace_secs: 0.005,
+            max_sender_share: 0.25,
+            max_total_bytes: 1024 * 1024 * 1024,
         }
     }
 }
 
 impl QueueConfig {
     pub fn limits(&self) -> crate::store::QueueLimits {
+        let share = |n: u64| ((n as f64 * self.max_sender_share).ceil() as u64).max(1);
         crate::store::QueueLimits {
             max_envelopes: self.max_envelopes_per_user,
             max_bytes: self.max_bytes_per_user,
+            max_sender_envelopes: share(self.max_envelopes_per_user),
+            max_sender_bytes: share(self.max_bytes_per_user),
+            max_total_bytes: self.max_total_bytes,
         }
     }
 }
@@ -122,6 +187,14 @@ impl Default for Config {
             rate_limit: RateLimit::default(),
             shutdown_grace_secs: 5.0,
             queue: QueueConfig::default(),
+            pre_login: PreLogin::default(),
+            connect_rate: RateLimit {
+                per_second: 20.0,
+                burst: 100.0,
+            },
+            registrations: Registrations::default(),
+            writer_queue_bytes: 32 * 1024 * 1024,
+            max_ack_ids: 4096,
         }
     }
 }
@@ -164,6 +237,31 @@ impl Config {
         if self.send_queue_len == 0 {
             return invalid("send_queue_len", "must be at least 1");
         }
+        if self.pre_login.max_connections == 0 || self.pre_login.max_per_address == 0 {
+            return invalid(
+                "pre_login",
+                "max_connections and max_per_address must be at least 1",
+            );
+        }
+        if self.max_ack_ids == 0 {
+            return invalid("max_ack_ids", "must be at least 1");
+        }
+        // One largest envelope must fit, or a big message could never be accepted.
+        if self.writer_queue_bytes < 2 * self.max_frame_bytes as u64 + 4096 {
+            return invalid(
+                "writer_queue_bytes",
+                "must hold at least two of the largest frames (2 × max_frame_bytes + 4096)",
+            );
+        }
+        if !(self.queue.max_sender_share.is_finite()
+            && self.queue.max_sender_share > 0.0
+            && self.queue.max_sender_share <= 1.0)
+        {
+            return invalid("queue.max_sender_share", "must be above 0 and at most 1");
+        }
+        if self.queue.max_total_bytes == 0 {
+            return invalid("queue.max_total_bytes", "must be at least 1");
+        }
         for (field, secs) in [
             ("login_timeout_secs", self.login_timeout_secs),
             ("ping_interval_secs", self.ping_interval_secs),
@@ -173,6 +271,14 @@ impl Config {
             ("rate_limit.burst", self.rate_limit.burst),
             ("queue.max_age_secs", self.queue.max_age_secs),
             ("queue.purge_interval_secs", self.queue.purge_interval_secs),
+            (
+                "pre_login.first_byte_timeout_secs",
+                self.pre_login.first_byte_timeout_secs,
+            ),
+            ("connect_rate.per_second", self.connect_rate.per_second),
+            ("connect_rate.burst", self.connect_rate.burst),
+            ("registrations.per_hour", self.registrations.per_hour),
+            ("registrations.burst", self.registrations.burst),
         ] {
             if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
                 return invalid(field, "must be a positive number below 1000000000");
@@ -219,6 +325,9 @@ impl Config {
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_grace_secs)
+    }
+    pub fn first_byte_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.pre_login.first_byte_timeout_secs)
     }
 }
 

@@ -4,16 +4,20 @@
 //! ciphertext between logged-in users. It never sees a message's contents.
 //!
 //! - [`config`]: settings (defaults, RON file, flags).
-//! - [`store`]: durable account bindings and the store-and-forward queue (SQLite).
+//! - [`store`]: durable account bindings and the store-and-forward queue (SQLite), with
+//!   its quotas.
+//! - [`writer`]: the one thread that writes to the store, group-committed and bounded.
 //! - [`router`]: online sessions, presence, bounded per-connection queues.
-//! - `connection`: one client's handshake, login and requests.
-//! - [`limits`]: per-connection rate limiting.
+//! - `connection`: one client's requests and relaying; `login`: its handshake.
+//! - [`limits`]: rate limits by work, per-address limits, the pre-login budget.
+//! - [`metrics`]: what was refused or ignored, for `admin stats`.
 //!
 //! [`run`] drives a listener until the shutdown future resolves.
 
 pub mod config;
 mod connection;
 pub mod limits;
+pub mod metrics;
 pub mod router;
 pub mod store;
 pub mod writer;
@@ -27,10 +31,12 @@ use chat_protocol::{ErrorCode, ServerMessage};
 use futures_util::SinkExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, broadcast, mpsc};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use config::Config;
 use connection::Handler;
+use limits::{AddressLimiter, NoSlot, PreLoginSlots};
+use metrics::Metrics;
 use router::Router;
 use store::{Store, StoreError};
 
@@ -41,6 +47,11 @@ pub(crate) struct Shared {
     pub(crate) store: Store,
     /// Queue inserts, acks and account binds, group-committed.
     pub(crate) writer: writer::Writer,
+    /// Logged-in connections (`max_connections`): a slot is taken at login.
+    pub(crate) slots: Arc<Semaphore>,
+    /// New accounts per source address.
+    pub(crate) registrations: AddressLimiter,
+    pub(crate) metrics: Metrics,
 }
 
 /// Serves `listener` until `shutdown` resolves, then tells every client, lets in-flight
@@ -51,14 +62,28 @@ pub async fn run(
     shutdown: impl Future,
 ) -> Result<(), StoreError> {
     let store = Store::open(&config.data_dir)?;
-    let limit = Arc::new(Semaphore::new(config.max_connections));
     let grace = config.shutdown_grace();
+    let registrations = config.registrations;
     let shared = Arc::new(Shared {
         router: Router::new(store.next_envelope_id()?),
-        writer: writer::Writer::start(store.clone(), config.live_grace()),
+        writer: writer::Writer::start(
+            store.clone(),
+            config.live_grace(),
+            config.writer_queue_bytes as usize,
+        ),
+        slots: Arc::new(Semaphore::new(config.max_connections)),
+        registrations: AddressLimiter::new(config::RateLimit {
+            per_second: registrations.per_hour / 3600.0,
+            burst: registrations.burst,
+        }),
+        metrics: Metrics::default(),
         config,
         store,
     });
+    let pre_login = PreLoginSlots::new(
+        shared.config.pre_login.max_connections,
+        shared.config.pre_login.max_per_address,
+    );
     // Handlers hold a receiver of `notify` and a clone of `done`: dropping `notify` tells
     // them to stop; `done` closing tells us they all have.
     let (notify, _) = broadcast::channel::<()>(1);
@@ -69,9 +94,13 @@ pub async fn run(
         Err(e) => warn!("listening (address unknown: {e})"),
     }
     tokio::select! {
-        () = accept_loop(&listener, &shared, &limit, &notify, &done) => {}
+        () = accept_loop(&listener, &shared, &pre_login, &notify, &done) => {}
         () = purge_loop(&shared) => {}
-        _ = shutdown => info!("shutting down: closing {} connections", shared.config.max_connections - limit.available_permits()),
+        () = metrics_loop(&shared) => {}
+        _ = shutdown => info!(
+            "shutting down: closing {} connections",
+            shared.config.max_connections - shared.slots.available_permits()
+        ),
     }
     drop(listener);
     drop(notify);
@@ -79,6 +108,7 @@ pub async fn run(
     if tokio::time::timeout(grace, all_done.recv()).await.is_err() {
         warn!("some connections did not close within {grace:?}; exiting anyway");
     }
+    flush_metrics(&shared).await;
     info!("stopped");
     Ok(())
 }
@@ -86,11 +116,12 @@ pub async fn run(
 async fn accept_loop(
     listener: &TcpListener,
     shared: &Arc<Shared>,
-    limit: &Arc<Semaphore>,
+    pre_login: &PreLoginSlots,
     notify: &broadcast::Sender<()>,
     done: &mpsc::Sender<()>,
 ) {
     let next_id = AtomicU64::new(1);
+    let connect_rate = AddressLimiter::new(shared.config.connect_rate);
     let mut backoff = Duration::from_millis(10);
     loop {
         let (socket, peer) = match listener.accept().await {
@@ -107,10 +138,33 @@ async fn accept_loop(
             }
         };
         let _ = socket.set_nodelay(true);
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            warn!(%peer, "connection limit reached; refusing");
-            tokio::spawn(refuse(socket, shared.config.max_frame_bytes));
-            continue;
+        // Until it logs in, a connection holds only a pre-login slot: a small budget of
+        // its own, a few per address, and a short first-byte deadline.
+        let refused = match connect_rate.check(peer.ip(), std::time::Instant::now()) {
+            Err(wait) => Some(format!(
+                "too many new connections from your address; try again in {} s",
+                wait.as_secs().max(1)
+            )),
+            Ok(()) => None,
+        };
+        let slot = match refused {
+            Some(why) => Err(why),
+            None => pre_login.take(peer.ip()).map_err(|no| match no {
+                NoSlot::AddressFull => {
+                    "too many connections from your address are still logging in; try again later"
+                        .to_owned()
+                }
+                NoSlot::Full => "the server is busy; try again later".to_owned(),
+            }),
+        };
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(why) => {
+                Metrics::inc(&shared.metrics.connections_refused);
+                debug!(%peer, "refused before login: {why}");
+                tokio::spawn(refuse(socket, shared.config.max_frame_bytes, why));
+                continue;
+            }
         };
         let handler = Handler::new(
             socket,
@@ -118,13 +172,38 @@ async fn accept_loop(
             next_id.fetch_add(1, Ordering::Relaxed),
             shared.clone(),
             notify.subscribe(),
+            slot,
         );
         let done = done.clone();
         tokio::spawn(async move {
             handler.run().await;
-            drop(permit);
             drop(done);
         });
+    }
+}
+
+/// Adds what was refused and ignored since the last time to the database's counters.
+async fn flush_metrics(shared: &Arc<Shared>) {
+    let deltas = shared.metrics.take_deltas();
+    if deltas.is_empty() {
+        return;
+    }
+    let store = shared.store.clone();
+    let written = deltas.clone();
+    let result = tokio::task::spawn_blocking(move || store.add_counters(&written)).await;
+    if !matches!(result, Ok(Ok(()))) {
+        shared.metrics.unflush(&deltas);
+        warn!("could not record the operator counters; will try again");
+    }
+}
+
+/// Records the counters every minute.
+async fn metrics_loop(shared: &Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        flush_metrics(shared).await;
     }
 }
 
@@ -148,14 +227,14 @@ async fn purge_loop(shared: &Arc<Shared>) {
     }
 }
 
-/// Tells a connection over the limit why it is closed, without waiting long on it.
-async fn refuse(socket: TcpStream, max_frame: usize) {
+/// Tells a connection over a limit why it is closed, without waiting long on it.
+async fn refuse(socket: TcpStream, max_frame: usize, why: String) {
     let codec = chat_protocol::codec::WireCodec::<(), ServerMessage>::new(max_frame);
     let mut framed = tokio_util::codec::FramedWrite::new(socket, codec);
     let busy = ServerMessage::Error {
         id: None,
         code: ErrorCode::ServerBusy,
-        message: "the server is at its connection limit; try again later".into(),
+        message: why,
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), framed.send(busy)).await;
 }

@@ -1,15 +1,26 @@
-//! Per-connection request rate limit.
+//! Limits that keep one client (or one address) from wedging the relay:
 //!
-//! Over the rate, the server does not drop requests (that would reorder a client's
-//! pipelined sends): it waits before handling the next one, so a flooding connection is
-//! slowed to the configured rate and TCP pushes back on the client.
+//! - [`TokenBucket`]: the per-connection request rate, charged by *work* ([`work`]): a
+//!   frame's size and the ids it carries, not one token per frame. Over the rate the server
+//!   does not drop requests (that would reorder a client's pipelined sends): it waits
+//!   before handling the next one, so a flooding connection is slowed to the configured
+//!   rate and TCP pushes back on the client.
+//! - [`AddressLimiter`]: a token bucket per source address (IPv6: per /64), for new
+//!   connections and for new accounts. Bounded in memory.
+//! - [`PreLoginSlots`]: connections that have not logged in yet have their own small
+//!   budget and a cap per address, so silent sockets cannot take logged-in users' slots.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::RateLimit;
 
 /// Classic token bucket; time is passed in so it is testable without sleeping.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TokenBucket {
     rate: f64,
     burst: f64,
@@ -30,22 +41,187 @@ impl TokenBucket {
     /// Takes one token and returns how long to wait before using it (zero while within
     /// the burst). The balance may go negative: the wait repays it.
     pub fn take(&mut self, now: Instant) -> Duration {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.last = now;
-        self.tokens -= 1.0;
+        self.take_n(1.0, now)
+    }
+
+    /// Takes `n` tokens (see [`work`]) and returns how long to wait before using them.
+    pub fn take_n(&mut self, n: f64, now: Instant) -> Duration {
+        self.refill(now);
+        self.tokens -= n;
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
             Duration::from_secs_f64(-self.tokens / self.rate)
         }
     }
+
+    /// Takes one token if there is one now; never goes into debt.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Seconds until one token is there.
+    pub fn wait_for_one(&self) -> Duration {
+        Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.0))
+    }
+
+    /// Full again: nothing to remember about this bucket.
+    fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+    }
+}
+
+/// The work a request costs, in tokens of the connection's [`TokenBucket`]: one per
+/// frame, one more per KiB it carries, one more per 256 ids it names.
+pub mod work {
+    pub fn frame(bytes: usize, ids: usize) -> f64 {
+        1.0 + bytes as f64 / 1024.0 + ids as f64 / 256.0
+    }
+}
+
+/// Groups addresses the way one user's machine gets them: an IPv4 address, or the /64 an
+/// IPv6 address is in (one host usually holds a whole /64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AddressKey([u8; 9]);
+
+impl AddressKey {
+    pub fn of(ip: IpAddr) -> Self {
+        let mut key = [0u8; 9];
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => key[1..5].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => {
+                key[0] = 6;
+                key[1..].copy_from_slice(&v6.octets()[..8]);
+            }
+        }
+        Self(key)
+    }
+}
+
+/// A token bucket per source address, forgetting full buckets when it has too many.
+#[derive(Debug)]
+pub struct AddressLimiter {
+    limit: RateLimit,
+    buckets: Mutex<HashMap<AddressKey, TokenBucket>>,
+}
+
+/// Addresses remembered at most; full buckets are forgotten first.
+const MAX_ADDRESSES: usize = 65_536;
+
+impl AddressLimiter {
+    pub fn new(limit: RateLimit) -> Self {
+        Self {
+            limit,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a token for `ip` if it has one; otherwise says how long until it will.
+    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_ADDRESSES {
+            buckets.retain(|_, b| !b.is_full(now));
+            if buckets.len() >= MAX_ADDRESSES {
+                // Under a spread-out flood: start afresh rather than grow.
+                buckets.clear();
+            }
+        }
+        let bucket = buckets
+            .entry(AddressKey::of(ip))
+            .or_insert_with(|| TokenBucket::new(self.limit, now));
+        if bucket.try_take(now) {
+            Ok(())
+        } else {
+            Err(bucket.wait_for_one())
+        }
+    }
+}
+
+/// The budget of connections not logged in yet.
+#[derive(Debug)]
+pub struct PreLoginSlots {
+    total: Arc<Semaphore>,
+    per_address: Arc<Mutex<HashMap<AddressKey, usize>>>,
+    max_per_address: usize,
+}
+
+/// Why a new connection got no pre-login slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSlot {
+    Full,
+    AddressFull,
+}
+
+/// A connection's place in the pre-login budget, given back on drop (at login or close).
+#[derive(Debug)]
+pub struct PreLoginSlot {
+    _permit: OwnedSemaphorePermit,
+    key: AddressKey,
+    per_address: Arc<Mutex<HashMap<AddressKey, usize>>>,
+}
+
+impl Drop for PreLoginSlot {
+    fn drop(&mut self) {
+        let mut map = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl PreLoginSlots {
+    pub fn new(total: usize, max_per_address: usize) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(total)),
+            per_address: Arc::default(),
+            max_per_address,
+        }
+    }
+
+    pub fn take(&self, ip: IpAddr) -> Result<PreLoginSlot, NoSlot> {
+        let key = AddressKey::of(ip);
+        let mut map = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&key).copied().unwrap_or(0) >= self.max_per_address {
+            return Err(NoSlot::AddressFull);
+        }
+        let permit = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| NoSlot::Full)?;
+        *map.entry(key).or_default() += 1;
+        Ok(PreLoginSlot {
+            _permit: permit,
+            key,
+            per_address: self.per_address.clone(),
+        })
+    }
+
+    /// Connections not logged in now.
+    pub fn in_use(&self, total: usize) -> usize {
+        total - self.total.available_permits()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn burst_then_paced() {
@@ -66,5 +242,59 @@ mod tests {
         assert!(bucket.take(t1).is_zero());
         let t2 = t1 + Duration::from_secs(60);
         assert_eq!((0..10).filter(|_| bucket.take(t2).is_zero()).count(), 3);
+    }
+
+    #[test]
+    fn work_charges_size_and_ids_not_frames() {
+        let t0 = Instant::now();
+        let limit = RateLimit {
+            per_second: 100.0,
+            burst: 200.0,
+        };
+        // A 64 KiB Ack with 65,000 ids costs what 250+ small frames cost.
+        let flood = work::frame(65_536, 65_000);
+        assert!(flood > 250.0, "{flood}");
+        let mut bucket = TokenBucket::new(limit, t0);
+        assert!(bucket.take_n(flood, t0) >= Duration::from_millis(500));
+        // A small message costs little more than one token.
+        assert!(work::frame(300, 0) < 1.5);
+    }
+
+    #[test]
+    fn addresses_are_limited_apart_and_v6_by_slash_64() {
+        let t0 = Instant::now();
+        let limiter = AddressLimiter::new(RateLimit {
+            per_second: 1.0,
+            burst: 2.0,
+        });
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(limiter.check(a, t0).is_ok() && limiter.check(a, t0).is_ok());
+        assert!(limiter.check(a, t0).is_err());
+        assert!(limiter.check(b, t0).is_ok(), "another address has its own");
+        assert!(
+            limiter.check(a, t0 + Duration::from_secs(1)).is_ok(),
+            "refilled"
+        );
+        let v6a: IpAddr = "2001:db8::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8::ffff".parse().unwrap();
+        assert_eq!(AddressKey::of(v6a), AddressKey::of(v6b), "same /64");
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(AddressKey::of(mapped), AddressKey::of(a));
+    }
+
+    #[test]
+    fn pre_login_slots_per_address_and_in_all() {
+        let slots = PreLoginSlots::new(3, 2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let s1 = slots.take(a).unwrap();
+        let _s2 = slots.take(a).unwrap();
+        assert_eq!(slots.take(a).unwrap_err(), NoSlot::AddressFull);
+        let _s3 = slots.take(b).unwrap();
+        assert_eq!(slots.take(b).unwrap_err(), NoSlot::Full);
+        assert_eq!(slots.in_use(3), 3);
+        drop(s1);
+        assert!(slots.take(a).is_ok(), "given back");
     }
 }

@@ -20,14 +20,33 @@ struct Cli {
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
     /// Directory for the account database [default: ./chat-server-data]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// RON file with any server setting (see `--print-config` for all of them)
-    #[arg(long, value_name = "FILE.ron")]
+    #[arg(long, value_name = "FILE.ron", global = true)]
     config: Option<PathBuf>,
     /// Print the effective settings as RON and exit
     #[arg(long)]
     print_config: bool,
+    /// Logged-in connections served at once (`max_connections`)
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Connections not yet logged in, in all (`pre_login.max_connections`)
+    #[arg(long, value_name = "N")]
+    max_pending_logins: Option<usize>,
+    /// Of those, from one address (`pre_login.max_per_address`)
+    #[arg(long, value_name = "N")]
+    max_pending_per_address: Option<usize>,
+    /// New accounts per address and hour (`registrations.per_hour`)
+    #[arg(long, value_name = "N")]
+    registrations_per_hour: Option<f64>,
+    /// Bytes queued for everyone together (`queue.max_total_bytes`)
+    #[arg(long, value_name = "BYTES")]
+    max_queue_bytes: Option<u64>,
+    /// Largest fraction of one recipient's queue one sender may hold
+    /// (`queue.max_sender_share`)
+    #[arg(long, value_name = "FRACTION")]
+    max_sender_share: Option<f64>,
     #[command(subcommand)]
     command: Option<Top>,
 }
@@ -62,6 +81,25 @@ fn main() -> anyhow::Result<()> {
     if let Some(dir) = cli.data_dir {
         config.data_dir = dir;
     }
+    if let Some(n) = cli.max_connections {
+        config.max_connections = n;
+    }
+    if let Some(n) = cli.max_pending_logins {
+        config.pre_login.max_connections = n;
+    }
+    if let Some(n) = cli.max_pending_per_address {
+        config.pre_login.max_per_address = n;
+    }
+    if let Some(n) = cli.registrations_per_hour {
+        config.registrations.per_hour = n;
+    }
+    if let Some(n) = cli.max_queue_bytes {
+        config.queue.max_total_bytes = n;
+    }
+    if let Some(share) = cli.max_sender_share {
+        config.queue.max_sender_share = share;
+    }
+    config.validate()?;
     if cli.print_config {
         println!("{}", config.to_ron());
         return Ok(());
@@ -120,10 +158,29 @@ fn run_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
         }
         Admin::Stats => {
             let stats = store.stats()?;
-            println!("users:            {}", stats.users);
-            println!("queued envelopes: {}", stats.queued);
-            println!("queued bytes:     {}", stats.queued_bytes);
-            println!("expired (total):  {}", stats.expired_total);
+            let limit = config.queue.max_total_bytes;
+            let used = stats.queued_bytes as f64 * 100.0 / limit as f64;
+            println!("users:                  {}", stats.users);
+            println!("queued envelopes:       {}", stats.queued);
+            println!(
+                "queued bytes:           {} of {limit} ({used:.1}%)",
+                stats.queued_bytes
+            );
+            println!("users with mail queued: {}", stats.recipients_waiting);
+            println!("expired (total):        {}", stats.expired_total);
+            // What the running server refused or ignored (totals, recorded every minute).
+            for (name, label) in [
+                ("refused_server_full", "refused, server full"),
+                ("refused_queue_full", "refused, recipient queue full"),
+                ("refused_sender_share", "refused, sender's share full"),
+                ("registrations_refused", "registrations refused"),
+                ("connections_refused", "connections refused before login"),
+                ("acks_ignored", "ack ids ignored"),
+                ("paced", "times a connection was paced"),
+            ] {
+                let value = stats.counters.get(name).copied().unwrap_or(0);
+                println!("{:<24}{value}", format!("{label}:"));
+            }
         }
     }
     Ok(())

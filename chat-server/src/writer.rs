@@ -13,13 +13,17 @@
 //! envelopes in id order) and never wait for held envelopes; a barrier waits for both.
 //! The thread is not woken for each held envelope, only by the deadline of the oldest,
 //! so a stream of promptly acknowledged messages costs it almost no wake-ups.
+//!
+//! - **Bounded.** Every write needs [`Room`] first: bytes of a fixed budget, given back
+//!   once the write is done. A connection that cannot get room is not read until it can
+//!   (paced), so no client can make this queue, and the server's memory, grow.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chat_protocol::Username;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::store::{self, Bind, Enqueued, QueueLimits, Store, StoreError};
 
@@ -32,6 +36,9 @@ type Reply = oneshot::Sender<Result<Done, StoreError>>;
 struct HeldEnvelope {
     recipient: Username,
     reply: Reply,
+    /// Given back as soon as it is acknowledged (its payload lingers in the queue only
+    /// until the writer passes it, within the grace period).
+    room: Room,
 }
 
 /// What the connections and the writer thread share.
@@ -66,7 +73,35 @@ struct QueueState {
 #[derive(Clone, Debug)]
 pub struct Writer {
     queue: Arc<Queue>,
+    /// Bytes of the queue's budget not taken by a waiting write.
+    budget: Arc<Semaphore>,
+    /// The whole budget, in bytes.
+    budget_bytes: usize,
     _stop: Arc<StopOnDrop>,
+}
+
+/// Room in the writer's queue for one write: part of its byte budget, given back when
+/// the write is done (committed, refused, or acknowledged while held).
+#[derive(Debug)]
+pub struct Room {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What a write of each kind is charged, in bytes of the budget: its data plus the
+/// bookkeeping around it.
+pub mod cost {
+    /// An envelope of `payload_len` bytes.
+    pub fn envelope(payload_len: usize) -> usize {
+        payload_len + 256
+    }
+    /// An acknowledgement of `ids` envelopes.
+    pub fn ack(ids: usize) -> usize {
+        8 * ids + 64
+    }
+    /// An account bind with a key of `key_len` bytes.
+    pub fn bind(key_len: usize) -> usize {
+        key_len + 256
+    }
 }
 
 /// Tells the writer thread to finish once the last [`Writer`] handle is dropped.
@@ -135,8 +170,9 @@ impl Ticket {
 }
 
 impl Writer {
-    /// Starts the writer thread. `grace` is how long a held envelope waits for its Ack.
-    pub fn start(store: Store, grace: Duration) -> Self {
+    /// Starts the writer thread. `grace` is how long a held envelope waits for its Ack;
+    /// `budget` is how many bytes of writes may wait at once (see [`Room`]).
+    pub fn start(store: Store, grace: Duration, budget: usize) -> Self {
         let queue = Arc::new(Queue::default());
         let thread_queue = queue.clone();
         std::thread::Builder::new()
@@ -146,35 +182,77 @@ impl Writer {
                 run(&store, &thread_queue, grace);
             })
             .expect("spawn the store writer thread");
+        let budget_bytes = budget.clamp(1, Semaphore::MAX_PERMITS);
         Self {
             _stop: Arc::new(StopOnDrop(queue.clone())),
+            budget: Arc::new(Semaphore::new(budget_bytes)),
+            budget_bytes,
             queue,
         }
     }
 
+    /// Room for a write of `cost` bytes if there is some now.
+    pub fn try_reserve(&self, cost: usize) -> Option<Room> {
+        let n = self.clamp(cost);
+        self.budget
+            .clone()
+            .try_acquire_many_owned(n)
+            .ok()
+            .map(|permit| Room { _permit: permit })
+    }
+
+    /// Room for a write of `cost` bytes, waiting (first come, first served) until there
+    /// is some. Cancel-safe: dropping the future gives up the place in line.
+    pub async fn reserve(&self, cost: usize) -> Room {
+        let n = self.clamp(cost);
+        match self.budget.clone().acquire_many_owned(n).await {
+            Ok(permit) => Room { _permit: permit },
+            // The semaphore is never closed.
+            Err(_) => unreachable!("the writer's budget is never closed"),
+        }
+    }
+
+    /// A cost no larger than the whole budget (so it can always be met eventually).
+    fn clamp(&self, cost: usize) -> u32 {
+        cost.min(self.budget_bytes).min(u32::MAX as usize) as u32
+    }
+
+    /// Bytes of the budget free now (for stats).
+    pub fn room_left(&self) -> usize {
+        self.budget.available_permits()
+    }
+
     /// Submits envelope `id` to be committed with whatever else is waiting. Submitting is
     /// immediate, so one connection can have many sends in one group commit.
-    pub fn enqueue(&self, id: u64, envelope: Envelope) -> Ticket {
-        self.submit(Op::Enqueue { id, envelope })
+    pub fn enqueue(&self, room: Room, id: u64, envelope: Envelope) -> Ticket {
+        self.submit(Op::Enqueue { id, envelope }, Some(room))
     }
 
     /// Like [`Writer::enqueue`] for an envelope already delivered to its online recipient:
     /// written only if its Ack has not come within the grace period. The ticket answers
     /// `Stored(id)` either way.
-    pub fn enqueue_held(&self, id: u64, envelope: Envelope) -> Ticket {
+    pub fn enqueue_held(&self, room: Room, id: u64, envelope: Envelope) -> Ticket {
         let (reply, rx) = oneshot::channel();
         let mut state = lock(&self.queue.state);
         if state.stopped {
             return Ticket(rx);
         }
         let recipient = envelope.recipient.clone();
-        state.held.insert(id, HeldEnvelope { recipient, reply });
+        state.held.insert(
+            id,
+            HeldEnvelope {
+                recipient,
+                reply,
+                room,
+            },
+        );
         let seq = state.held_seq;
         state.held_seq += 1;
         let write = Write {
             op: Op::Enqueue { id, envelope },
             reply: None,
             held_since: Some(Instant::now()),
+            _room: None,
         };
         state.held_queue.push_back((seq, write));
         // Not woken for every one: the writer already waits for the deadline of the
@@ -187,7 +265,7 @@ impl Writer {
 
     /// `recipient` has stored these envelopes. Held ones are answered and never written;
     /// the rest are deleted in the next commit. Nobody waits: a failure is logged.
-    pub fn ack(&self, recipient: Username, mut ids: Vec<u64>) {
+    pub fn ack(&self, room: Room, recipient: Username, mut ids: Vec<u64>) {
         {
             let mut state = lock(&self.queue.state);
             let before = ids.len();
@@ -207,22 +285,22 @@ impl Writer {
             }
         }
         if !ids.is_empty() {
-            self.submit(Op::Ack { recipient, ids });
+            self.submit(Op::Ack { recipient, ids }, Some(room));
         }
     }
 
     /// Submits [`Store::bind`], so a storm of new accounts shares commits too.
-    pub fn bind(&self, user: Username, public_key: Vec<u8>) -> Ticket {
-        self.submit(Op::Bind { user, public_key })
+    pub fn bind(&self, room: Room, user: Username, public_key: Vec<u8>) -> Ticket {
+        self.submit(Op::Bind { user, public_key }, Some(room))
     }
 
     /// A ticket that resolves once everything submitted before it is durable (or, for held
     /// envelopes, acknowledged).
     pub fn barrier(&self) -> Ticket {
-        self.submit(Op::Barrier { held_before: 0 })
+        self.submit(Op::Barrier { held_before: 0 }, None)
     }
 
-    fn submit(&self, mut op: Op) -> Ticket {
+    fn submit(&self, mut op: Op, room: Option<Room>) -> Ticket {
         let (reply, rx) = oneshot::channel();
         let mut state = lock(&self.queue.state);
         // If the writer is gone the reply is dropped: WriterGone.
@@ -234,6 +312,7 @@ impl Writer {
                 op,
                 reply: Some(reply),
                 held_since: None,
+                _room: room,
             });
             self.queue.work.notify_one();
         }
@@ -262,6 +341,8 @@ struct Write {
     /// `None` for a held envelope until the writer claims it.
     reply: Option<Reply>,
     held_since: Option<Instant>,
+    /// The budget this write takes, given back when it is dropped (done).
+    _room: Option<Room>,
 }
 
 #[derive(Debug)]
@@ -354,16 +435,14 @@ fn run(store: &Store, queue: &Queue, grace: Duration) {
                     let Some(w) = state.plain.pop_front() else {
                         break;
                     };
-                    match (w.op, w.reply) {
+                    match w {
                         // Passes after this batch's commit, once its held envelopes are done.
-                        (Op::Barrier { held_before }, Some(reply)) => {
-                            state.barriers.push((held_before, reply));
-                        }
-                        (op, reply) => batch.push(Write {
-                            op,
-                            reply,
-                            held_since: None,
-                        }),
+                        Write {
+                            op: Op::Barrier { held_before },
+                            reply: Some(reply),
+                            ..
+                        } => state.barriers.push((held_before, reply)),
+                        w => batch.push(w),
                     }
                 }
                 let stopping = state.stopping;
@@ -385,6 +464,7 @@ fn run(store: &Store, queue: &Queue, grace: Duration) {
                         // Claimed now, or acknowledged meanwhile and never written.
                         if let Some(h) = state.held.remove(&id) {
                             w.reply = Some(h.reply);
+                            w._room = Some(h.room);
                             batch.push(w);
                         }
                     }
@@ -476,18 +556,21 @@ mod tests {
             sender: name("alice"),
             payload: payload.to_vec(),
             now_secs: 1000,
-            limits: QueueLimits {
-                max_envelopes: 100,
-                max_bytes: 1 << 20,
-            },
+            limits: QueueLimits::per_recipient(100, 1 << 20),
         }
+    }
+
+    fn room(writer: &Writer) -> Room {
+        writer
+            .try_reserve(1000)
+            .expect("room in the writer's queue")
     }
 
     fn setup(grace: Duration) -> (tempfile::TempDir, Store, Writer) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.bind(&name("bob"), b"k").unwrap();
-        let writer = Writer::start(store.clone(), grace);
+        let writer = Writer::start(store.clone(), grace, 1 << 20);
         (dir, store, writer)
     }
 
@@ -495,19 +578,19 @@ mod tests {
     async fn a_held_envelope_acknowledged_in_time_is_never_written() {
         // A grace far longer than the test: only the Ack can answer the ticket.
         let (_dir, store, writer) = setup(Duration::from_secs(3600));
-        let mut ticket = writer.enqueue_held(7, envelope("bob", b"hi"));
+        let mut ticket = writer.enqueue_held(room(&writer), 7, envelope("bob", b"hi"));
         assert_eq!(writer.held_count(), 1);
         // Someone else's ack for that id changes nothing.
-        writer.ack(name("carol"), vec![7]);
+        writer.ack(room(&writer), name("carol"), vec![7]);
         assert_eq!(writer.held_count(), 1);
-        writer.ack(name("bob"), vec![7]);
+        writer.ack(room(&writer), name("bob"), vec![7]);
         assert_eq!(ticket.enqueued().await.unwrap(), Enqueued::Stored(7));
         assert_eq!(writer.held_count(), 0);
         assert_eq!(store.stats().unwrap().queued, 0);
         assert!(store.pending(&name("bob"), 0, 10).unwrap().is_empty());
         // The id is still used up, written or not: the next commit records it.
         writer
-            .bind(name("carol"), b"k".to_vec())
+            .bind(room(&writer), name("carol"), b"k".to_vec())
             .bound()
             .await
             .unwrap();
@@ -518,7 +601,7 @@ mod tests {
     async fn a_held_envelope_not_acknowledged_is_written_after_the_grace() {
         let (_dir, store, writer) = setup(Duration::from_millis(50));
         let started = Instant::now();
-        let mut held = writer.enqueue_held(3, envelope("bob", b"held"));
+        let mut held = writer.enqueue_held(room(&writer), 3, envelope("bob", b"held"));
         // Writes behind it keep their order: the barrier passes only after it.
         let mut barrier = writer.barrier();
         barrier.passed().await.unwrap();
@@ -528,7 +611,7 @@ mod tests {
         assert_eq!(queued.len(), 1);
         assert_eq!((queued[0].id, &queued[0].payload[..]), (3, &b"held"[..]));
         // A late ack now deletes it like any other.
-        writer.ack(name("bob"), vec![3]);
+        writer.ack(room(&writer), name("bob"), vec![3]);
         writer.barrier().passed().await.unwrap();
         assert!(store.pending(&name("bob"), 0, 10).unwrap().is_empty());
     }
@@ -536,8 +619,8 @@ mod tests {
     #[tokio::test]
     async fn other_writes_do_not_wait_behind_a_held_envelope() {
         let (_dir, store, writer) = setup(Duration::from_secs(3600));
-        let _held = writer.enqueue_held(1, envelope("bob", b"held"));
-        let mut plain = writer.enqueue(2, envelope("bob", b"plain"));
+        let _held = writer.enqueue_held(room(&writer), 1, envelope("bob", b"held"));
+        let mut plain = writer.enqueue(room(&writer), 2, envelope("bob", b"plain"));
         let stored = tokio::time::timeout(Duration::from_secs(10), plain.enqueued()).await;
         assert_eq!(stored.unwrap().unwrap(), Enqueued::Stored(2));
         let ids: Vec<u64> = store
@@ -551,7 +634,7 @@ mod tests {
         let mut barrier = writer.barrier();
         let early = tokio::time::timeout(Duration::from_millis(200), barrier.passed()).await;
         assert!(early.is_err(), "the barrier passed a held envelope");
-        writer.ack(name("bob"), vec![1]);
+        writer.ack(room(&writer), name("bob"), vec![1]);
         let passed = tokio::time::timeout(Duration::from_secs(10), barrier.passed()).await;
         passed.unwrap().unwrap();
         assert_eq!(store.pending(&name("bob"), 0, 10).unwrap().len(), 1);
@@ -561,9 +644,9 @@ mod tests {
     async fn ordinary_writes_are_group_committed_in_order() {
         let (_dir, store, writer) = setup(Duration::ZERO);
         let mut tickets: Vec<Ticket> = (1..=50)
-            .map(|i| writer.enqueue(i, envelope("bob", &[i as u8])))
+            .map(|i| writer.enqueue(room(&writer), i, envelope("bob", &[i as u8])))
             .collect();
-        let mut unknown = writer.enqueue(51, envelope("nobody", b"?"));
+        let mut unknown = writer.enqueue(room(&writer), 51, envelope("nobody", b"?"));
         for (i, t) in tickets.iter_mut().enumerate() {
             assert_eq!(t.enqueued().await.unwrap(), Enqueued::Stored(i as u64 + 1));
         }
@@ -580,11 +663,50 @@ mod tests {
         assert_eq!(ids, (1..=50).collect::<Vec<_>>());
         assert_eq!(
             writer
-                .bind(name("bob"), b"other".to_vec())
+                .bind(room(&writer), name("bob"), b"other".to_vec())
                 .bound()
                 .await
                 .unwrap(),
             Bind::Taken
         );
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_has_no_room_until_writes_are_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.bind(&name("bob"), b"k").unwrap();
+        // Room for two envelopes of 100 bytes, and a grace far longer than the test.
+        let writer = Writer::start(
+            store.clone(),
+            Duration::from_secs(3600),
+            2 * cost::envelope(100),
+        );
+        let first = writer.try_reserve(cost::envelope(100)).unwrap();
+        let second = writer.try_reserve(cost::envelope(100)).unwrap();
+        assert!(writer.try_reserve(cost::envelope(100)).is_none(), "full");
+        assert!(writer.try_reserve(1).is_none());
+        // A held envelope keeps its room until acknowledged...
+        let mut held = writer.enqueue_held(first, 1, envelope("bob", &[0; 100]));
+        // ...a written one until committed.
+        let mut plain = writer.enqueue(second, 2, envelope("bob", &[0; 100]));
+        plain.enqueued().await.unwrap();
+        let room =
+            tokio::time::timeout(Duration::from_secs(10), writer.reserve(cost::envelope(100)))
+                .await
+                .expect("room came back after the commit");
+        assert!(writer.try_reserve(cost::envelope(100)).is_none());
+        writer.ack(room, name("bob"), vec![1]);
+        held.enqueued().await.unwrap();
+        // The ack's room, and (once the writer passes it) the held envelope's, come back.
+        let waited = tokio::time::timeout(
+            Duration::from_secs(10),
+            writer.reserve(2 * cost::envelope(100)),
+        )
+        .await;
+        assert!(waited.is_ok(), "all the room came back");
+        // A cost larger than the whole budget is clamped to it, so it can still be met.
+        drop(waited);
+        assert!(writer.try_reserve(usize::MAX).is_some());
     }
 }

@@ -207,9 +207,22 @@ fn admin_stats_and_remove_user() {
     let out = admin(&["stats"]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("users:            2"), "{text}");
-    assert!(text.contains("queued envelopes: 1"), "{text}");
-    assert!(text.contains("queued bytes:     100"), "{text}");
+    assert_eq!(stat(&text, "users"), 2, "{text}");
+    assert_eq!(stat(&text, "queued envelopes"), 1, "{text}");
+    assert_eq!(stat(&text, "queued bytes"), 100, "{text}");
+    assert!(text.contains("of 1073741824"), "the bound is shown: {text}");
+    assert_eq!(stat(&text, "refused, server full"), 0, "{text}");
+    // Flags work after the subcommand too.
+    let out = Command::new(BIN)
+        .args(["admin", "stats", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stat(&String::from_utf8(out.stdout).unwrap(), "users"), 2);
 
     let out = admin(&["remove-user", "BOB"]);
     assert!(
@@ -218,14 +231,21 @@ fn admin_stats_and_remove_user() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(admin(&["stats"]).stdout).unwrap();
-    assert!(
-        text.contains("users:            1") && text.contains("queued envelopes: 0"),
-        "{text}"
-    );
+    assert_eq!(stat(&text, "users"), 1, "{text}");
+    assert_eq!(stat(&text, "queued envelopes"), 0, "{text}");
 
     let out = admin(&["remove-user", "bob"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no user named bob"));
+}
+
+/// The number after `label:` in `admin stats` output.
+fn stat(text: &str, label: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{label}:")))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} in {text}"))
 }
 
 #[test]

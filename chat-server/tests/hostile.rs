@@ -1,15 +1,20 @@
-//! Hostile clients against the real `chat-server` binary while a legitimate pair keeps
-//! chatting: every attack gets its documented error or disconnect, the server's memory stays
-//! bounded, and the pair loses nothing (every message arrives, once, in order).
+//! Hostile users against the real `chat-server` binary. Every attack runs for a bounded
+//! time while a legitimate pair keeps chatting (alice → bob, one message every 20 ms, each
+//! waiting for its `Ok`) and a third user keeps logging in and out. For each attack the
+//! pair loses nothing and receives in order, every legitimate `Ok` arrives (p99 latency
+//! printed), new logins succeed, the relay's memory stays under a bound, and the attacker
+//! is paced, refused or closed with a clear error.
+//!
+//! One attack is one small function; a new kind is one more test.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chat_protocol::{ClientMessage, ErrorCode, ServerMessage, Username, auth};
 use common::{Client, PATIENCE, key};
@@ -18,13 +23,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chat-server");
-const MAX_CONNECTIONS: usize = 64;
 const MAX_FRAME: u32 = 65_536;
+/// How long each attack runs.
+const ATTACK: Duration = Duration::from_secs(10);
+/// The relay's resident memory must stay under this during any attack.
+const RSS_BOUND_KIB: u64 = 200 * 1024;
+/// Where attackers connect from; the legitimate users use 127.0.0.1.
+const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
 struct Server {
     child: Child,
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    log: Arc<Mutex<String>>,
 }
 
 impl Drop for Server {
@@ -35,15 +46,15 @@ impl Drop for Server {
 }
 
 impl Server {
-    fn start() -> Self {
+    /// Starts the relay with these RON settings added to the test defaults.
+    fn start(extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("server.ron");
         std::fs::write(
             &config,
             format!(
-                "(listen: \"127.0.0.1:0\", max_connections: {MAX_CONNECTIONS}, \
-                 max_frame_bytes: {MAX_FRAME}, login_timeout_secs: 2.0, \
-                 write_timeout_secs: 1.0, send_queue_len: 8)"
+                "(listen: \"127.0.0.1:0\", max_frame_bytes: {MAX_FRAME}, login_timeout_secs: 2.0, \
+                 write_timeout_secs: 1.0, send_queue_len: 8, {extra})"
             ),
         )
         .unwrap();
@@ -52,7 +63,7 @@ impl Server {
             .arg(&config)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
-            .env("RUST_LOG", "warn,chat_server=info")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -64,22 +75,31 @@ impl Server {
                 break addr.trim().parse().unwrap();
             }
         };
-        std::thread::spawn(move || for _ in lines {});
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
         Self {
             child,
             addr,
-            _dir: dir,
+            dir,
+            log,
         }
     }
 
     /// Resident memory of the server process, in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+    fn rss_kib(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+            .unwrap_or(0)
     }
 
     async fn user(&self, name: &str, k: usize) -> Client {
@@ -90,6 +110,44 @@ impl Server {
             other => panic!("login of {name} failed: {other:?}"),
         }
     }
+
+    /// A user logged in from the attacker's address.
+    async fn attacker(&self, name: &str, k: usize) -> Client {
+        let mut c = Client::connect_from(self.addr, ATTACKER).await;
+        c.hello().await;
+        match c.register(name, key(k)).await {
+            ServerMessage::Welcome { .. } => c,
+            other => panic!("login of {name} failed: {other:?}"),
+        }
+    }
+
+    /// Stops the relay (SIGTERM: it records its counters) and returns `admin stats`.
+    fn stop_and_stats(mut self) -> String {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let out = Command::new(BIN)
+            .args(["admin", "stats", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// The number after `label:` in `admin stats` output.
+fn stat(text: &str, label: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{label}:")))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} in {text}"))
 }
 
 /// Reads what the server says to a raw connection until it closes: the error codes seen.
@@ -110,20 +168,122 @@ async fn errors_until_closed(stream: &mut TcpStream) -> Vec<ErrorCode> {
     codes
 }
 
-/// Alice sends Bob numbered messages until told to stop; returns how many she sent. Every
-/// send must be accepted.
-async fn alice_chats(mut alice: Client, stop: Arc<AtomicBool>) -> usize {
-    let mut sent = 0usize;
+/// The legitimate users: alice → bob chatting, carol logging in and out, and a watch on
+/// the relay's memory. Started before an attack, checked after it.
+struct Legit {
+    stop: Arc<AtomicBool>,
+    chatting: tokio::task::JoinHandle<Vec<Duration>>,
+    reading: tokio::task::JoinHandle<Vec<String>>,
+    total: tokio::sync::oneshot::Sender<usize>,
+    churn: tokio::task::JoinHandle<Vec<Duration>>,
+    rss: tokio::task::JoinHandle<u64>,
+}
+
+/// What the legitimate users saw.
+struct Report {
+    sent: usize,
+    p50: Duration,
+    p99: Duration,
+    logins: usize,
+    slowest_login: Duration,
+    rss_max_kib: u64,
+}
+
+impl Legit {
+    async fn start(server: &Server) -> Self {
+        key(3);
+        let alice = server.user("alice", 0).await;
+        let bob = server.user("bob", 1).await;
+        server.user("carol", 2).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (total, total_rx) = tokio::sync::oneshot::channel();
+        let addr = server.addr;
+        let pid = server.child.id();
+        Self {
+            chatting: tokio::spawn(alice_chats(alice, stop.clone())),
+            reading: tokio::spawn(bob_reads(bob, total_rx)),
+            churn: tokio::spawn(carol_churns(addr, stop.clone())),
+            rss: tokio::spawn({
+                let stop = stop.clone();
+                async move {
+                    let mut max = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        max = max.max(Server::rss_kib(pid));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    max
+                }
+            }),
+            total,
+            stop,
+        }
+    }
+
+    /// Stops the legitimate traffic and checks it: everything arrived, in order; every
+    /// login worked; memory stayed bounded.
+    async fn finish(self, attack: &str) -> Report {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut latencies = self.chatting.await.unwrap();
+        let sent = latencies.len();
+        self.total.send(sent).unwrap();
+        let got = self.reading.await.unwrap();
+        let expected: Vec<String> = (0..sent).map(|i| format!("msg {i}")).collect();
+        assert!(sent > 20, "{attack}: the pair barely chatted ({sent})");
+        assert_eq!(
+            got, expected,
+            "{attack}: the pair lost or reordered messages"
+        );
+        let logins = self.churn.await.unwrap();
+        let rss_max_kib = self.rss.await.unwrap();
+        latencies.sort_unstable();
+        let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+        let report = Report {
+            sent,
+            p50: pct(0.50),
+            p99: pct(0.99),
+            logins: logins.len(),
+            slowest_login: logins.iter().max().copied().unwrap_or_default(),
+            rss_max_kib,
+        };
+        eprintln!(
+            "{attack}: {} messages, Ok latency p50 {:?} p99 {:?}; {} logins, slowest {:?}; relay RSS max {} KiB",
+            report.sent,
+            report.p50,
+            report.p99,
+            report.logins,
+            report.slowest_login,
+            report.rss_max_kib
+        );
+        assert!(
+            report.logins >= 5,
+            "{attack}: only {} logins",
+            report.logins
+        );
+        assert!(
+            report.rss_max_kib < RSS_BOUND_KIB,
+            "{attack}: relay RSS {} KiB",
+            report.rss_max_kib
+        );
+        report
+    }
+}
+
+/// Alice sends Bob numbered messages until told to stop; returns each send's latency.
+/// Every send must be accepted.
+async fn alice_chats(mut alice: Client, stop: Arc<AtomicBool>) -> Vec<Duration> {
+    let mut latencies = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let reply = alice.send_to("bob", format!("msg {sent}").as_bytes()).await;
+        let n = latencies.len();
+        let started = Instant::now();
+        let reply = alice.send_to("bob", format!("msg {n}").as_bytes()).await;
         assert!(
             matches!(reply, ServerMessage::Ok { .. }),
-            "send {sent}: {reply:?}"
+            "send {n}: {reply:?}"
         );
-        sent += 1;
+        latencies.push(started.elapsed());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    sent
+    latencies
 }
 
 /// Bob reads and acknowledges until he has `n` messages (n arrives when Alice stops).
@@ -132,9 +292,6 @@ async fn bob_reads(mut bob: Client, total: tokio::sync::oneshot::Receiver<usize>
     let mut total = total;
     let mut expected = None;
     loop {
-        if let Ok(n) = total.try_recv() {
-            expected = Some(n);
-        }
         if expected == Some(got.len()) {
             return got;
         }
@@ -161,26 +318,315 @@ async fn bob_reads(mut bob: Client, total: tokio::sync::oneshot::Receiver<usize>
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attacks_while_a_pair_chats() {
-    key(3);
-    let server = Server::start();
-    let addr = server.addr;
-    let alice = server.user("alice", 0).await;
-    let bob = server.user("bob", 1).await;
-    let baseline_rss = server.rss_kib();
+/// Carol logs in and out again and again; returns how long each login took. Every login
+/// must succeed.
+async fn carol_churns(addr: SocketAddr, stop: Arc<AtomicBool>) -> Vec<Duration> {
+    let mut times = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let mut carol = Client::connect(addr).await;
+        carol.hello().await;
+        match carol.login("carol", key(2)).await {
+            ServerMessage::Welcome { .. } => {}
+            other => panic!("carol's login {} failed: {other:?}", times.len()),
+        }
+        times.push(started.elapsed());
+        drop(carol);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    times
+}
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (total_tx, total_rx) = tokio::sync::oneshot::channel();
-    let chatting = tokio::spawn(alice_chats(alice, stop.clone()));
-    let reading = tokio::spawn(bob_reads(bob, total_rx));
+/// An `Ack` frame as big as a frame can be: ~65,000 one-byte ids.
+fn ack_flood_frame() -> Vec<u8> {
+    let ids: Vec<u64> = (0..65_000u64).map(|i| i % 128).collect();
+    chat_protocol::frame::encode(
+        &ClientMessage::Ack { envelope_ids: ids },
+        MAX_FRAME as usize,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_flood() {
+    let server = Server::start("");
+    let legit = Legit::start(&server).await;
+    // Three accounts send the largest Ack frames they can, as fast as they can.
+    let frame = ack_flood_frame();
+    let mut flooders = tokio::task::JoinSet::new();
+    for (i, name) in ["fl0", "fl1", "fl2"].into_iter().enumerate() {
+        let mut c = server.attacker(name, i % 4).await;
+        let frame = frame.clone();
+        flooders.spawn(async move {
+            let deadline = tokio::time::Instant::now() + ATTACK;
+            let mut frames = 0usize;
+            while tokio::time::timeout_at(deadline, c.raw(&frame))
+                .await
+                .is_ok()
+            {
+                frames += 1;
+            }
+            frames
+        });
+    }
+    let mut frames = Vec::new();
+    while let Some(n) = flooders.join_next().await {
+        frames.push(n.unwrap());
+    }
+    legit.finish("ack flood").await;
+    let stats = server.stop_and_stats();
+    eprintln!("ack flood: frames written per attacker {frames:?}");
+    // Paced: without pacing a loopback socket takes thousands of these in 10 s.
+    assert!(frames.iter().all(|&n| n < 400), "not paced: {frames:?}");
+    assert!(stat(&stats, "ack ids ignored") > 65_000, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_fill_a_recipients_queue() {
+    // A small queue, so filling it is quick; three new accounts per address.
+    let server = Server::start(
+        "queue: (max_envelopes_per_user: 400, max_sender_share: 0.25), \
+         registrations: (per_hour: 1.0, burst: 3.0)",
+    );
+    let legit = Legit::start(&server).await;
+    // Vic and a friend of hers, from an address of their own.
+    for name in ["vic", "friend"] {
+        let mut c = Client::connect_from(server.addr, Ipv4Addr::new(127, 0, 0, 4)).await;
+        c.hello().await;
+        assert!(matches!(
+            c.register(name, key(3)).await,
+            ServerMessage::Welcome { .. }
+        ));
+    }
+    let mut strangers = Vec::new();
+    for i in 0..3 {
+        strangers.push(server.attacker(&format!("stranger{i}"), i % 4).await);
+    }
+    // A fourth throwaway account from the same address is refused.
+    let mut fourth = Client::connect_from(server.addr, ATTACKER).await;
+    fourth.hello().await;
+    match fourth.register("stranger3", key(3)).await {
+        ServerMessage::Error {
+            code: ErrorCode::RateLimited,
+            message,
+            ..
+        } => assert!(message.contains("too many accounts"), "{message}"),
+        other => panic!("a fourth account was allowed: {other:?}"),
+    }
+    let deadline = Instant::now() + ATTACK;
+    for s in &mut strangers {
+        let mut queued = 0;
+        loop {
+            assert!(Instant::now() < deadline, "never refused");
+            match s.send_to("vic", &[7; 1024]).await {
+                ServerMessage::Ok { .. } => queued += 1,
+                ServerMessage::Error {
+                    code: ErrorCode::RecipientQueueFull,
+                    message,
+                    ..
+                } => {
+                    assert!(message.contains("one sender"), "{message}");
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(queued, 100, "a quarter of vic's queue each");
+    }
+    // Vic's friend still gets through.
+    let mut friend = Client::connect(server.addr).await;
+    friend.hello().await;
+    friend.login("friend", key(3)).await;
+    for _ in 0..10 {
+        assert!(matches!(
+            friend.send_to("vic", b"hi").await,
+            ServerMessage::Ok { .. }
+        ));
+    }
+    tokio::time::sleep(ATTACK.saturating_sub(deadline.elapsed())).await;
+    legit.finish("strangers fill a queue").await;
+    let stats = server.stop_and_stats();
+    assert_eq!(stat(&stats, "refused, sender's share full"), 3, "{stats}");
+    assert_eq!(stat(&stats, "registrations refused"), 1, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_queue_is_bounded() {
+    // 400 KiB for everyone; live deliveries acknowledged within a second never count.
+    let server = Server::start("queue: (max_total_bytes: 409600, live_grace_secs: 1.0)");
+    for i in 0..4 {
+        server.user(&format!("away{i}"), 3).await;
+    }
+    let legit = Legit::start(&server).await;
+    let mut filler = server.attacker("filler", 3).await;
+    let mut refused = 0;
+    let deadline = Instant::now() + ATTACK;
+    let mut stored = 0usize;
+    while Instant::now() < deadline {
+        let to = format!("away{}", stored % 4);
+        match filler.send_to(&to, &[1; 8192]).await {
+            ServerMessage::Ok { .. } => stored += 1,
+            ServerMessage::Error {
+                code: ErrorCode::ServerFull,
+                message,
+                ..
+            } => {
+                assert!(message.contains("full"), "{message}");
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(refused > 0, "the bound was never reached");
+    assert!(stored * 8192 <= 409_600, "{stored} envelopes stored");
+    legit.finish("the whole queue fills").await;
+    let stats = server.stop_and_stats();
+    assert!(stat(&stats, "queued bytes") <= 409_600, "{stats}");
+    assert!(stat(&stats, "refused, server full") >= refused, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_and_a_connection_storm_keep_nobody_out() {
+    let server = Server::start(
+        "pre_login: (max_connections: 64, max_per_address: 16, first_byte_timeout_secs: 1.0), \
+         connect_rate: (per_second: 50.0, burst: 100.0)",
+    );
+    let legit = Legit::start(&server).await;
+    let addr = server.addr;
+    // 200 sockets that never send a byte, all at once, from one address.
+    let mut silent = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
+        silent.spawn(async move {
+            let started = Instant::now();
+            (errors_until_closed(&mut s).await, started.elapsed())
+        });
+    }
+    // And a storm of new connections from another address, as fast as they go, for the
+    // rest of the attack: each waits a moment for the relay's answer, then hangs up.
+    let storm = tokio::spawn(async move {
+        let deadline = Instant::now() + ATTACK;
+        let mut tries = tokio::task::JoinSet::new();
+        let (mut refused, mut total) = (0, 0);
+        while Instant::now() < deadline {
+            if tries.len() >= 256
+                && let Some(r) = tries.join_next().await
+            {
+                total += 1;
+                refused += usize::from(r.unwrap_or(false));
+            }
+            tries.spawn(async move {
+                let Ok(mut s) = common::connect_from(addr, Ipv4Addr::new(127, 0, 0, 3)).await
+                else {
+                    return false;
+                };
+                let mut buf = [0u8; 256];
+                // Refused at once: the relay writes `server_busy`.
+                matches!(
+                    tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await,
+                    Ok(Ok(n)) if n > 0
+                )
+            });
+        }
+        while let Some(r) = tries.join_next().await {
+            total += 1;
+            refused += usize::from(r.unwrap_or(false));
+        }
+        (refused, total)
+    });
+    let (mut busy, mut timed_out) = (0, 0);
+    while let Some(result) = silent.join_next().await {
+        let (codes, after) = result.unwrap();
+        match codes[..] {
+            [ErrorCode::ServerBusy] => busy += 1,
+            [ErrorCode::LoginTimeout] => {
+                timed_out += 1;
+                assert!(
+                    after < Duration::from_secs(3),
+                    "first-byte deadline: {after:?}"
+                );
+            }
+            ref other => panic!("unexpected answer to a silent socket: {other:?}"),
+        }
+    }
+    eprintln!("silent sockets: {busy} refused busy, {timed_out} closed at the first-byte deadline");
+    assert!(
+        timed_out <= 16,
+        "{timed_out} got a pre-login slot from one address"
+    );
+    assert!(busy >= 184);
+    let (refused, total) = storm.await.unwrap();
+    eprintln!("connection storm: {refused} of {total} refused at once");
+    assert!(refused > total / 2, "{refused} of {total}");
+    legit.finish("silent sockets and a connection storm").await;
+    let stats = server.stop_and_stats();
+    assert!(
+        stat(&stats, "connections refused before login") >= 184,
+        "{stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_says_nothing_about_which_names_exist() {
+    let server = Server::start("");
+    let legit = Legit::start(&server).await;
+    // A known name with a wrong key, and an unknown name: the same answers, in order.
+    let mut outcomes = Vec::new();
+    for name in ["alice", "nobody-by-this-name"] {
+        let mut c = Client::connect_from(server.addr, ATTACKER).await;
+        c.hello().await;
+        let id = c.id();
+        c.send(ClientMessage::Login {
+            id,
+            username: name.into(),
+        })
+        .await;
+        let challenge = c.recv_reply().await;
+        assert!(
+            matches!(challenge, ServerMessage::Challenge { .. }),
+            "{name}: {challenge:?}"
+        );
+        let id = c.id();
+        c.send(ClientMessage::Prove {
+            id,
+            signature: vec![0x41; 384],
+        })
+        .await;
+        let answer = match c.recv_reply().await {
+            ServerMessage::Error { code, message, .. } => (code, message),
+            other => panic!("{other:?}"),
+        };
+        c.expect_closed().await;
+        outcomes.push(answer);
+    }
+    assert_eq!(outcomes[0], outcomes[1]);
+    assert_eq!(outcomes[0].0, ErrorCode::BadSignature);
+    tokio::time::sleep(ATTACK / 2).await;
+    legit.finish("login probing").await;
+    // And the relay's log says nothing about who logged in or out.
+    let log = server.log.lock().unwrap().clone();
+    for name in ["alice", "bob", "carol"] {
+        assert!(!log.contains(name), "{name} in the relay's log:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_slowloris_and_a_never_reading_user() {
+    // Loose rate limits here: the flood must fill the sleepy user's socket quickly.
+    // Loose rate limits and sender share here: the flood must fill the sleepy user's socket.
+    let server = Server::start(
+        "rate_limit: (per_second: 5000.0, burst: 10000.0), queue: (max_sender_share: 1.0)",
+    );
+    let addr = server.addr;
+    let legit = Legit::start(&server).await;
 
     // Random bytes: refused as malformed or (a random length prefix) too large.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
     for _ in 0..20 {
         let mut noise = vec![0u8; rng.random_range(1..4096)];
         rng.fill_bytes(&mut noise);
-        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
         let _ = s.write_all(&noise).await;
         let _ = s.shutdown().await;
         let codes = errors_until_closed(&mut s).await;
@@ -195,7 +641,7 @@ async fn attacks_while_a_pair_chats() {
 
     // A 4 GiB length prefix, and a frame one byte over the limit: refused before any body.
     for len in [u32::MAX, MAX_FRAME + 1] {
-        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
         s.write_all(&len.to_be_bytes()).await.unwrap();
         assert_eq!(
             errors_until_closed(&mut s).await,
@@ -203,7 +649,7 @@ async fn attacks_while_a_pair_chats() {
         );
     }
 
-    // Slowloris: a Hello trickled one byte per second never completes the login.
+    // Slowloris: a Hello trickled one byte at a time never completes the login.
     let slowloris = tokio::spawn(async move {
         let hello = chat_protocol::frame::encode(
             &ClientMessage::Hello {
@@ -213,55 +659,30 @@ async fn attacks_while_a_pair_chats() {
             MAX_FRAME as usize,
         )
         .unwrap();
-        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
         for byte in hello {
             if s.write_all(&[byte]).await.is_err() {
                 break;
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         errors_until_closed(&mut s).await
     });
 
     // Abrupt disconnects mid-frame, before and after login.
     for i in 0..10 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
         s.write_all(&[0, 0, 1, 0, 1, 2, 3][..3 + i % 4])
             .await
             .unwrap();
         drop(s);
     }
-    let mut cut = server.user("carol", 2).await;
+    let mut cut = server.attacker("cutter", 2).await;
     cut.raw(&[0, 0, 0, 200, 9, 9]).await;
     drop(cut);
 
-    // Logins: a bad signature is refused and closed.
-    let mut mallory = Client::connect(addr).await;
-    mallory.hello().await;
-    let id = mallory.id();
-    mallory
-        .send(ClientMessage::Register {
-            id,
-            username: "mallory".into(),
-            public_key: common::der(key(3)),
-        })
-        .await;
-    assert!(matches!(
-        mallory.recv_reply().await,
-        ServerMessage::Challenge { .. }
-    ));
-    let id = mallory.id();
-    mallory
-        .send(ClientMessage::Prove {
-            id,
-            signature: vec![0x41; 384],
-        })
-        .await;
-    mallory.expect_error(ErrorCode::BadSignature).await;
-    mallory.expect_closed().await;
-
     // Repeated challenges: each replaces the last, and a proof for an old one fails.
-    let mut mallory = Client::connect(addr).await;
+    let mut mallory = Client::connect_from(addr, ATTACKER).await;
     mallory.hello().await;
     let mut nonces = Vec::new();
     for _ in 0..5 {
@@ -294,14 +715,14 @@ async fn attacks_while_a_pair_chats() {
 
     // Names at and past the limits.
     let longest = "n".repeat(chat_protocol::username::MAX_LEN);
-    server.user(&longest, 2).await;
+    server.attacker(&longest, 2).await;
     for bad in [
         "n".repeat(chat_protocol::username::MAX_LEN + 1),
         String::new(),
         "bad name".into(),
         "x".repeat(60_000),
     ] {
-        let mut c = Client::connect(addr).await;
+        let mut c = Client::connect_from(addr, ATTACKER).await;
         c.hello().await;
         let id = c.id();
         c.send(ClientMessage::Register {
@@ -314,8 +735,8 @@ async fn attacks_while_a_pair_chats() {
     }
 
     // A client that never reads while another floods it: dropped, its mail kept.
-    let sleepy = server.user("sleepy", 3).await;
-    let mut flooder = server.user("flood", 2).await;
+    let sleepy = server.attacker("sleepy", 3).await;
+    let mut flooder = server.attacker("flood", 2).await;
     let payload = vec![0x5a; 60_000];
     let mut flooded = 0usize;
     let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
@@ -329,30 +750,6 @@ async fn attacks_while_a_pair_chats() {
         flooded += 1;
     }
     drop(sleepy);
-
-    // Twice the connection limit at once: the excess is told `server_busy` and closed at
-    // once; the rest are served, and (never logging in) closed at the login timeout.
-    let mut floods = tokio::task::JoinSet::new();
-    for _ in 0..2 * MAX_CONNECTIONS {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        floods.spawn(async move { errors_until_closed(&mut s).await });
-    }
-    let (mut busy, mut timed_out) = (0, 0);
-    while let Some(codes) = floods.join_next().await {
-        match codes.unwrap()[..] {
-            [ErrorCode::ServerBusy] => busy += 1,
-            [ErrorCode::LoginTimeout] => timed_out += 1,
-            ref other => panic!("unexpected answer to a flood connection: {other:?}"),
-        }
-    }
-    // The pair, the flooder and the longest-name user hold some of the slots.
-    assert!(
-        busy >= MAX_CONNECTIONS,
-        "only {busy} told busy, {timed_out} served"
-    );
-    assert!(timed_out <= MAX_CONNECTIONS - 3, "{timed_out} served");
-
-    let rss_under_attack = server.rss_kib();
     let slow_codes = slowloris.await.unwrap();
     assert!(
         slow_codes.contains(&ErrorCode::LoginTimeout),
@@ -360,7 +757,9 @@ async fn attacks_while_a_pair_chats() {
     );
 
     // The flooded user comes back and gets every message.
-    let mut sleepy = server.user("sleepy", 3).await;
+    let mut sleepy = Client::connect_from(addr, ATTACKER).await;
+    sleepy.hello().await;
+    sleepy.login("sleepy", key(3)).await;
     for i in 0..flooded {
         match sleepy.recv_reply().await {
             ServerMessage::Deliver {
@@ -378,20 +777,42 @@ async fn attacks_while_a_pair_chats() {
             other => panic!("message {i}: {other:?}"),
         }
     }
+    legit
+        .finish("malformed input, slowloris, a never-reading user")
+        .await;
+}
 
-    // The pair never noticed.
-    stop.store(true, Ordering::Relaxed);
-    let sent = chatting.await.unwrap();
-    total_tx.send(sent).unwrap();
-    let got = reading.await.unwrap();
-    let expected: Vec<String> = (0..sent).map(|i| format!("msg {i}")).collect();
-    assert!(sent > 10, "the pair barely chatted: {sent}");
-    assert_eq!(got, expected);
-
-    // Memory stayed bounded: no per-attack growth that a longer attack would multiply.
-    let growth = rss_under_attack.saturating_sub(baseline_rss);
-    eprintln!("server RSS: {baseline_rss} KiB before, {rss_under_attack} KiB under attack");
-    assert!(growth < 64 * 1024, "RSS grew by {growth} KiB");
-    // And it still serves newcomers.
-    server.user("dave", 2).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twice_the_connection_limit_of_logged_in_users() {
+    let server = Server::start("max_connections: 24");
+    // Real accounts from several addresses log in and stay: the 25th and later are told
+    // `server_busy` (after their proof), and the 24 keep being served.
+    let mut kept = Vec::new();
+    let mut busy = 0;
+    for i in 0..48 {
+        let source = Ipv4Addr::new(127, 0, 1, (i % 8) as u8 + 1);
+        let mut c = Client::connect_from(server.addr, source).await;
+        c.hello().await;
+        match c.register(&format!("many{i}"), key(i % 4)).await {
+            ServerMessage::Welcome { .. } => kept.push(c),
+            ServerMessage::Error {
+                code: ErrorCode::ServerBusy,
+                ..
+            } => busy += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((kept.len(), busy), (24, 24));
+    for c in &mut kept {
+        assert_eq!(c.online().await.len(), 24);
+    }
+    // One leaves: the next one gets in.
+    kept.pop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut late = Client::connect(server.addr).await;
+    late.hello().await;
+    assert!(matches!(
+        late.register("late", key(0)).await,
+        ServerMessage::Welcome { .. }
+    ));
 }

@@ -137,6 +137,7 @@ impl Engine {
             ErrorCode::RateLimited
                 | ErrorCode::RecipientQueueFull
                 | ErrorCode::RecipientOffline
+                | ErrorCode::ServerFull
                 | ErrorCode::Internal
         );
         let retry_after = |engine: &mut Self| {

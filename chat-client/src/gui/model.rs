@@ -479,7 +479,10 @@ mod tests {
             id: id.clone(),
             since: 1,
         });
-        assert!(m.contacts["bob"].lines[0].undelivered, "the clock mark shows");
+        assert!(
+            m.contacts["bob"].lines[0].undelivered,
+            "the clock mark shows"
+        );
         // The recipient lost its key: sent again, so back to sending and unmarked.
         m.apply(Event::Requeued {
             to: to.clone(),

@@ -94,6 +94,16 @@ impl TestServer {
     }
 }
 
+/// A TCP connection to `addr` from the loopback address `source`.
+pub async fn connect_from(
+    addr: SocketAddr,
+    source: std::net::Ipv4Addr,
+) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((source, 0).into())?;
+    socket.connect(addr).await
+}
+
 pub struct Client {
     pub framed: Framed<TcpStream, WireCodec<ServerMessage, ClientMessage>>,
     next_id: u32,
@@ -102,6 +112,15 @@ pub struct Client {
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.unwrap();
+        Self::over(stream)
+    }
+
+    /// Connects from a chosen loopback source address (127.0.0.x), as another host would.
+    pub async fn connect_from(addr: SocketAddr, source: std::net::Ipv4Addr) -> Self {
+        Self::over(connect_from(addr, source).await.unwrap())
+    }
+
+    fn over(stream: TcpStream) -> Self {
         Self {
             framed: Framed::new(stream, WireCodec::new(16 * 1024 * 1024)),
             next_id: 1,

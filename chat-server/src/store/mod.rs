@@ -1,8 +1,9 @@
 //! Durable state in a SQLite file in the data dir: account bindings (username → public
-//! key) and the store-and-forward queue of envelopes not yet acknowledged by their
-//! recipient. Only ciphertext is stored.
+//! key), the store-and-forward queue of envelopes not yet acknowledged by their recipient
+//! (`queue`), and operator counters. Only ciphertext is stored.
 //!
-//! Calls are blocking and short; the async shell runs them on the blocking pool.
+//! Calls are blocking and short; the async shell runs them on the blocking pool, and the
+//! writer thread (`crate::writer`) batches the writes.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,13 @@ use std::sync::{Arc, Mutex};
 use chat_protocol::Username;
 use rusqlite::{Connection, OptionalExtension, params};
 
-const SCHEMA_VERSION: i64 = 2;
+mod queue;
+
+pub use queue::{Enqueued, QueueLimits, Queued};
+pub(crate) use queue::{ack_in, add_counter, enqueue_in, record_last_id};
+
+/// 2: the queue; 3: per-(recipient, sender) usage and totals for the quotas.
+const SCHEMA_VERSION: i64 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -29,56 +36,12 @@ pub enum StoreError {
     WriterGone,
 }
 
-pub(crate) fn enqueue_in(
-    tx: &rusqlite::Transaction<'_>,
-    id: Option<u64>,
-    recipient: &Username,
-    sender: &Username,
-    payload: &[u8],
-    now_secs: u64,
-    limits: &QueueLimits,
-) -> Result<Enqueued, StoreError> {
-    let registered: bool = tx
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM accounts WHERE username = ?1)")?
-        .query_row(params![recipient.as_str()], |r| r.get(0))?;
-    if !registered {
-        return Ok(Enqueued::UnknownRecipient);
+impl StoreError {
+    /// The disk (or SQLite's size limit) is full: nothing more can be queued for now.
+    pub fn is_full(&self) -> bool {
+        matches!(self, Self::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::DiskFull)
     }
-    let (count, bytes): (i64, i64) = tx
-        .prepare_cached(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM queue WHERE recipient = ?1",
-        )?
-        .query_row(params![recipient.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    if count.unsigned_abs() >= limits.max_envelopes
-        || bytes.unsigned_abs() + payload.len() as u64 > limits.max_bytes
-    {
-        return Ok(Enqueued::Full);
-    }
-    // NULL lets SQLite pick the id; the relay passes its own so it can deliver first.
-    tx.prepare_cached(
-        "INSERT INTO queue (id, recipient, sender, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        id.map(|id| id as i64),
-        recipient.as_str(),
-        sender.as_str(),
-        payload,
-        now_secs as i64
-    ])?;
-    Ok(Enqueued::Stored(tx.last_insert_rowid().unsigned_abs()))
-}
-
-/// Remembers that ids up to `id` were handed out, even those never written.
-pub(crate) fn record_last_id(tx: &rusqlite::Transaction<'_>, id: u64) -> Result<(), StoreError> {
-    let updated = tx
-        .prepare_cached("UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'queue'")?
-        .execute(params![id as i64])?;
-    if updated == 0 {
-        // No envelope was ever inserted, so SQLite has no row for the table yet.
-        tx.prepare_cached("INSERT INTO sqlite_sequence (name, seq) VALUES ('queue', ?1)")?
-            .execute(params![id as i64])?;
-    }
-    Ok(())
 }
 
 /// Binds `user` to `public_key` unless already bound (to it: `Existing`; else `Taken`).
@@ -107,19 +70,6 @@ pub(crate) fn bind_in(
     })
 }
 
-pub(crate) fn ack_in(
-    tx: &rusqlite::Transaction<'_>,
-    recipient: &Username,
-    ids: &[u64],
-) -> Result<usize, StoreError> {
-    let mut stmt = tx.prepare_cached("DELETE FROM queue WHERE recipient = ?1 AND id = ?2")?;
-    let mut removed = 0;
-    for id in ids {
-        removed += stmt.execute(params![recipient.as_str(), *id as i64])?;
-    }
-    Ok(removed)
-}
-
 /// What `bind` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bind {
@@ -142,21 +92,23 @@ pub struct Store {
 impl Store {
     pub const FILE_NAME: &'static str = "chat-server.sqlite3";
 
-    /// Opens (creating if needed) the database in `data_dir`.
+    /// Opens (creating if needed, and upgrading an older schema) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         create_private_dir(data_dir).map_err(|source| StoreError::CreateDir {
             path: data_dir.to_owned(),
             source,
         })?;
-        let conn = Connection::open(data_dir.join(Self::FILE_NAME))?;
+        let mut conn = Connection::open(data_dir.join(Self::FILE_NAME))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        rusqlite::vtab::array::load_module(&conn)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew { found: version });
         }
-        conn.execute_batch(
+        let tx = conn.transaction()?;
+        tx.execute_batch(
             "CREATE TABLE IF NOT EXISTS accounts (
                  username   TEXT PRIMARY KEY NOT NULL,
                  public_key BLOB NOT NULL,
@@ -171,12 +123,24 @@ impl Store {
                  created_at INTEGER NOT NULL
              );
              CREATE INDEX IF NOT EXISTS queue_by_recipient ON queue (recipient, id);
+             CREATE INDEX IF NOT EXISTS queue_by_age ON queue (created_at);
+             CREATE TABLE IF NOT EXISTS usage (
+                 recipient TEXT NOT NULL,
+                 sender    TEXT NOT NULL,
+                 envelopes INTEGER NOT NULL,
+                 bytes     INTEGER NOT NULL,
+                 PRIMARY KEY (recipient, sender)
+             ) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS counters (
                  name  TEXT PRIMARY KEY NOT NULL,
                  value INTEGER NOT NULL
              );",
         )?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        if version < 3 {
+            queue::rebuild_usage_in(&tx)?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -192,11 +156,8 @@ impl Store {
     pub fn public_key(&self, user: &Username) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT public_key FROM accounts WHERE username = ?1",
-                params![user.as_str()],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT public_key FROM accounts WHERE username = ?1")?
+            .query_row(params![user.as_str()], |r| r.get(0))
             .optional()?)
     }
 
@@ -273,18 +234,7 @@ impl Store {
 
     /// Deletes envelopes older than `max_age_secs` and counts them. Returns how many.
     pub fn purge_expired(&self, now_secs: u64, max_age_secs: u64) -> Result<usize, StoreError> {
-        self.transaction(|tx| {
-            let cutoff = now_secs.saturating_sub(max_age_secs) as i64;
-            let removed = tx.execute("DELETE FROM queue WHERE created_at < ?1", params![cutoff])?;
-            if removed > 0 {
-                tx.execute(
-                    "INSERT INTO counters (name, value) VALUES ('expired', ?1)
-                     ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                    params![removed as i64],
-                )?;
-            }
-            Ok(removed)
-        })
+        self.transaction(|tx| queue::purge_in(tx, now_secs, max_age_secs))
     }
 
     /// Removes an account and its queue, freeing the name. Returns whether it existed.
@@ -294,11 +244,18 @@ impl Store {
                 "DELETE FROM accounts WHERE username = ?1",
                 params![user.as_str()],
             )? > 0;
-            tx.execute(
-                "DELETE FROM queue WHERE recipient = ?1",
-                params![user.as_str()],
-            )?;
+            queue::drop_queue_in(tx, user)?;
             Ok(existed)
+        })
+    }
+
+    /// Adds to operator counters (kept across restarts; see [`Stats::counters`]).
+    pub fn add_counters(&self, deltas: &[(&str, u64)]) -> Result<(), StoreError> {
+        self.transaction(|tx| {
+            for (name, delta) in deltas {
+                add_counter(tx, name, *delta as i64)?;
+            }
+            Ok(())
         })
     }
 
@@ -306,56 +263,39 @@ impl Store {
     pub fn stats(&self) -> Result<Stats, StoreError> {
         let conn = self.conn();
         let users: i64 = conn.query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get(0))?;
-        let (queued, bytes): (i64, i64) = conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM queue",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        let expired: Option<i64> = conn
-            .query_row(
-                "SELECT value FROM counters WHERE name = 'expired'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let recipients: i64 =
+            conn.query_row("SELECT COUNT(DISTINCT recipient) FROM usage", [], |r| {
+                r.get(0)
+            })?;
+        let mut counters = std::collections::BTreeMap::new();
+        let mut stmt = conn.prepare("SELECT name, value FROM counters ORDER BY name")?;
+        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (name, value) = row?;
+            counters.insert(name, value.unsigned_abs());
+        }
         Ok(Stats {
             users: users.unsigned_abs(),
-            queued: queued.unsigned_abs(),
-            queued_bytes: bytes.unsigned_abs(),
-            expired_total: expired.unwrap_or(0).unsigned_abs(),
+            queued: counters.get("queued_envelopes").copied().unwrap_or(0),
+            queued_bytes: counters.get("queued_bytes").copied().unwrap_or(0),
+            recipients_waiting: recipients.unsigned_abs(),
+            expired_total: counters.get("expired").copied().unwrap_or(0),
+            counters,
         })
     }
 }
 
-/// Per-recipient bounds of the offline queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueLimits {
-    pub max_envelopes: u64,
-    pub max_bytes: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Enqueued {
-    Stored(u64),
-    Full,
-    UnknownRecipient,
-}
-
-/// One queued envelope.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Queued {
-    pub id: u64,
-    pub sender: String,
-    pub payload: Vec<u8>,
-}
-
 /// What `chat-server admin stats` prints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stats {
     pub users: u64,
     pub queued: u64,
     pub queued_bytes: u64,
+    /// Users with something queued.
+    pub recipients_waiting: u64,
     pub expired_total: u64,
+    /// Every counter by name: the above, and what the running server refused or ignored
+    /// (`acks_ignored`, `refused_server_full`, `refused_sender_share`, …).
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 fn create_private_dir(path: &Path) -> std::io::Result<()> {
@@ -400,10 +340,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (bob, alice) = (name("bob"), name("alice"));
-        let limits = QueueLimits {
-            max_envelopes: 3,
-            max_bytes: 100,
-        };
+        let limits = QueueLimits::per_recipient(3, 100);
         assert_eq!(
             store.enqueue(&bob, &alice, b"x", 1000, &limits).unwrap(),
             Enqueued::UnknownRecipient
@@ -425,10 +362,7 @@ mod tests {
             store.enqueue(&bob, &alice, b"x", 1000, &limits).unwrap(),
             Enqueued::Full
         );
-        let big = QueueLimits {
-            max_envelopes: 100,
-            ..limits
-        };
+        let big = QueueLimits::per_recipient(100, 100);
         assert_eq!(
             store.enqueue(&bob, &alice, &[0; 71], 1000, &big).unwrap(),
             Enqueued::Full,
@@ -446,18 +380,72 @@ mod tests {
             0,
             "only the recipient can ack"
         );
-        assert_eq!(store.ack(&bob, &ids[..1]).unwrap(), 1);
-        assert_eq!(store.stats().unwrap().queued, 2);
+        assert_eq!(store.ack(&bob, &[ids[0], ids[0], 999_999]).unwrap(), 1);
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.queued, stats.queued_bytes), (2, 20));
 
         assert_eq!(store.purge_expired(1000 + 50, 100).unwrap(), 0);
         assert_eq!(store.purge_expired(1000 + 101, 100).unwrap(), 2);
-        assert_eq!(store.stats().unwrap().expired_total, 2);
+        let stats = store.stats().unwrap();
+        assert_eq!(
+            (stats.expired_total, stats.queued, stats.queued_bytes),
+            (2, 0, 0)
+        );
 
         store.enqueue(&bob, &alice, b"x", 2000, &limits).unwrap();
         assert!(store.remove_user(&bob).unwrap());
         assert_eq!(store.public_key(&bob).unwrap(), None);
         assert_eq!(store.stats().unwrap().queued, 0);
         assert!(!store.remove_user(&bob).unwrap());
+    }
+
+    #[test]
+    fn one_sender_gets_a_share_and_the_server_a_total() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (bob, carol) = (name("bob"), name("carol"));
+        store.bind(&bob, b"k").unwrap();
+        store.bind(&carol, b"k").unwrap();
+        let limits = QueueLimits {
+            max_envelopes: 10,
+            max_bytes: 1000,
+            max_sender_envelopes: 3,
+            max_sender_bytes: 250,
+            max_total_bytes: 400,
+        };
+        let send = |to: &Username, from: &str, len: usize| {
+            store
+                .enqueue(to, &name(from), &vec![1; len], 1, &limits)
+                .unwrap()
+        };
+        for _ in 0..3 {
+            assert!(matches!(send(&bob, "mallory", 10), Enqueued::Stored(_)));
+        }
+        assert_eq!(send(&bob, "mallory", 10), Enqueued::SenderShareFull);
+        assert_eq!(
+            send(&bob, "mallory2", 251),
+            Enqueued::SenderShareFull,
+            "bytes share"
+        );
+        // Others still have room in bob's queue.
+        assert!(matches!(send(&bob, "alice", 200), Enqueued::Stored(_)));
+        // The server's total: 230 queued, 171 more would pass 400.
+        assert_eq!(send(&carol, "alice", 171), Enqueued::ServerFull);
+        assert!(matches!(send(&carol, "alice", 170), Enqueued::Stored(_)));
+        // The accounting survives a reopen and a rebuild.
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let before = store.stats().unwrap();
+        store.transaction(queue::rebuild_usage_in).unwrap();
+        assert_eq!(store.stats().unwrap(), before);
+        assert_eq!(
+            (
+                before.queued,
+                before.queued_bytes,
+                before.recipients_waiting
+            ),
+            (5, 400, 2)
+        );
     }
 
     #[test]

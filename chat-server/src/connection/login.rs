@@ -1,0 +1,210 @@
+//! The handshake of one connection: `Hello`, then `Register`/`Login`, a challenge, and the
+//! `Prove` that answers it (see `chat_protocol::auth` and docs/PROTOCOL.md).
+//!
+//! Before the proof the server says nothing about whether a name exists: `Login` for an
+//! unknown name gets a challenge like any other, and its proof is checked (and fails)
+//! against a decoy key, so the answer and its timing are the same as for a wrong key.
+//! Only `Register` for a name bound to another key says `username_taken` — registering
+//! must say the name is taken. New accounts are limited per source address.
+
+use chat_protocol::auth;
+use chat_protocol::message::{CHALLENGE_LEN, RequestId};
+use chat_protocol::{ErrorCode, PROTOCOL_VERSION, ServerMessage, Username};
+use rand::Rng;
+use tracing::{debug, warn};
+
+use super::{Close, Handler, State, truncate};
+use crate::metrics::Metrics;
+use crate::store::Bind;
+use crate::writer::cost;
+
+/// An RSA-3072 public key nobody holds the private half of: `Login` proofs for names that
+/// do not exist are checked against it (and fail), costing what a real check costs.
+const DECOY_KEY: &[u8] = include_bytes!("decoy_key.der");
+
+/// A challenge sent, waiting for its proof.
+pub(super) struct PendingLogin {
+    username: Username,
+    public_key: Vec<u8>,
+    nonce: [u8; CHALLENGE_LEN],
+    /// The name is not registered and this is a `Register`: proving creates the account.
+    creates: bool,
+    /// The name does not exist and this is a `Login`: the proof is checked against the
+    /// decoy key and can only fail.
+    decoy: bool,
+}
+
+impl Handler {
+    pub(super) async fn hello(&mut self, version: u16, software: &str) -> Result<(), Close> {
+        if !matches!(self.state, State::AwaitHello) {
+            return Err(Close::tell(
+                ErrorCode::ProtocolViolation,
+                "Hello may only be sent once",
+            ));
+        }
+        if version != PROTOCOL_VERSION {
+            return Err(Close::tell(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "this server speaks protocol version {PROTOCOL_VERSION}, the client sent {version}; update the client"
+                ),
+            ));
+        }
+        debug!(conn = self.conn_id, software = %truncate(software, 64), "hello");
+        self.state = State::AwaitLogin;
+        self.write(ServerMessage::Hello {
+            version: PROTOCOL_VERSION,
+            software: concat!("chat-server/", env!("CARGO_PKG_VERSION")).into(),
+            max_frame: self.shared.config.max_frame_bytes as u32,
+            queue_max_age_secs: self.shared.config.queue.max_age_secs as u64,
+        })
+        .await
+    }
+
+    /// Register (with a key) or Login (without): check the name and key, send a challenge.
+    pub(super) async fn begin_login(
+        &mut self,
+        id: RequestId,
+        username: &str,
+        offered_key: Option<Vec<u8>>,
+    ) -> Result<(), Close> {
+        if matches!(self.state, State::Ready(_)) {
+            return self
+                .fail(id, ErrorCode::ProtocolViolation, "already logged in")
+                .await;
+        }
+        let username = match Username::parse(username) {
+            Ok(u) => u,
+            Err(e) => {
+                return self
+                    .fail(id, ErrorCode::InvalidUsername, e.to_string())
+                    .await;
+            }
+        };
+        if let Some(key) = &offered_key
+            && let Err(e) = auth::parse_public_key(key)
+        {
+            return self
+                .fail(id, ErrorCode::InvalidPublicKey, e.to_string())
+                .await;
+        }
+        let lookup = username.clone();
+        let stored = match self.store(move |s| s.public_key(&lookup)).await {
+            Ok(stored) => stored,
+            Err(close) => return self.fail_internal(id, close).await,
+        };
+        let (public_key, creates, decoy) = match (stored, offered_key) {
+            (Some(stored), Some(offered)) if stored != offered => {
+                return self.username_taken(id, &username).await;
+            }
+            (None, Some(offered)) => (offered, true, false),
+            (Some(_), Some(offered)) => (offered, false, false),
+            (Some(stored), None) => (stored, false, false),
+            // Said no differently from a wrong key: after the proof.
+            (None, None) => (DECOY_KEY.to_vec(), false, true),
+        };
+        let nonce = random_nonce();
+        self.state = State::AwaitProof(PendingLogin {
+            username,
+            public_key,
+            nonce,
+            creates,
+            decoy,
+        });
+        self.write(ServerMessage::Challenge { id, nonce }).await
+    }
+
+    pub(super) async fn prove(&mut self, id: RequestId, signature: &[u8]) -> Result<(), Close> {
+        let pending = match std::mem::replace(&mut self.state, State::AwaitLogin) {
+            State::AwaitProof(pending) => pending,
+            other => {
+                self.state = other;
+                return self
+                    .fail(
+                        id,
+                        ErrorCode::ProtocolViolation,
+                        "no login challenge is pending",
+                    )
+                    .await;
+            }
+        };
+        let verified = auth::verify_login(
+            &pending.public_key,
+            &pending.username,
+            &pending.nonce,
+            signature,
+        );
+        if verified.is_err() || pending.decoy {
+            debug!(conn = self.conn_id, peer = %self.peer, "bad login signature");
+            return Err(Close::tell(
+                ErrorCode::BadSignature,
+                "the login signature does not match the account key (or there is no such account)",
+            ));
+        }
+        if pending.creates
+            && let Err(wait) = self
+                .shared
+                .registrations
+                .check(self.peer.ip(), std::time::Instant::now())
+        {
+            Metrics::inc(&self.shared.metrics.registrations_refused);
+            warn!(peer = %self.peer, "registration refused: too many new accounts from this address");
+            let minutes = wait.as_secs().div_ceil(60).max(1);
+            return self
+                .fail(
+                    id,
+                    ErrorCode::RateLimited,
+                    format!(
+                        "too many accounts were created from your address recently; try again in {minutes} min"
+                    ),
+                )
+                .await;
+        }
+        let (user, key) = (pending.username.clone(), pending.public_key);
+        let room = self.shared.writer.reserve(cost::bind(key.len())).await;
+        let bind = match self.shared.writer.bind(room, user, key).bound().await {
+            Ok(bind) => bind,
+            Err(close) => return self.fail_internal(id, close).await,
+        };
+        let username = pending.username;
+        if bind == Bind::Taken {
+            // Another key registered the name between our challenge and this proof.
+            return self.username_taken(id, &username).await;
+        }
+        // A logged-in user takes one of `max_connections` slots; the pre-login slot goes.
+        let Ok(slot) = self.shared.slots.clone().try_acquire_owned() else {
+            return Err(Close::tell(
+                ErrorCode::ServerBusy,
+                "the server is at its connection limit; try again later",
+            ));
+        };
+        self.slot = Some(slot);
+        self.pre_login = None;
+        self.join(username, bind == Bind::Created, id).await
+    }
+
+    async fn username_taken(&mut self, id: RequestId, name: &Username) -> Result<(), Close> {
+        self.fail(
+            id,
+            ErrorCode::UsernameTaken,
+            format!("the name {name} belongs to another key; choose another name"),
+        )
+        .await
+    }
+}
+
+fn random_nonce() -> [u8; CHALLENGE_LEN] {
+    let mut nonce = [0u8; CHALLENGE_LEN];
+    rand::rng().fill_bytes(&mut nonce);
+    nonce
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_decoy_key_is_a_usable_rsa_3072_key() {
+        let key = chat_protocol::auth::parse_public_key(super::DECOY_KEY).unwrap();
+        use rsa::traits::PublicKeyParts;
+        assert_eq!(key.n().bit_width(), 3072);
+    }
+}

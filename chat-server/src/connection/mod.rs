@@ -1,0 +1,630 @@
+//! One client connection: Hello, login by challenge-response (`login`), then requests and
+//! relaying (`relay`).
+//!
+//! The handler owns both halves of the socket. It waits at once on the client's next
+//! frame, on messages routed to it, on shutdown or a kick, on room in the store writer,
+//! and on its timers; every write is bounded by the write timeout, so a client that stops
+//! reading cannot stall it. What a client may make the server do is bounded: its requests
+//! are charged by work against a rate limit, a write that does not fit the writer's budget
+//! stops the connection being read until it does, and until it logs in it holds only a
+//! pre-login slot with a short first-byte deadline.
+
+mod login;
+mod relay;
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use chat_protocol::codec::{CodecError, WireCodec};
+use chat_protocol::message::RequestId;
+use chat_protocol::{ClientMessage, ErrorCode, FrameError, ServerMessage, Username};
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{OwnedSemaphorePermit, broadcast};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::{debug, info, warn};
+
+use crate::Shared;
+use crate::limits::{PreLoginSlot, TokenBucket, work};
+use crate::metrics::Metrics;
+use crate::router::Membership;
+use crate::store::{Enqueued, Store, StoreError};
+use crate::writer::{Room, Ticket, cost};
+use login::PendingLogin;
+
+type Codec = WireCodec<ClientMessage, ServerMessage>;
+
+/// Most routed messages written before one flush, so a busy receiver gets batched writes
+/// without starving its own reads. Also the size of one backlog read.
+const WRITE_BATCH: usize = 64;
+
+/// Sends from one connection waiting for their commit at once. More are not read until
+/// the oldest is answered, which bounds what a fast sender can make the server hold.
+const MAX_PIPELINED: usize = 128;
+
+/// Initial read buffer; it grows only while a large frame is arriving.
+const READ_BUFFER: usize = 1024;
+/// Buffers larger than this are released once empty (after a burst or a big frame).
+const IDLE_BUFFER_MAX: usize = 4096;
+
+/// How a connection ends.
+enum Close {
+    /// The peer went away, or writing to it failed: nothing more can be said.
+    Silent,
+    /// Tell the client why, then close.
+    Tell(ErrorCode, String),
+}
+
+impl Close {
+    fn tell(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Tell(code, message.into())
+    }
+}
+
+enum State {
+    AwaitHello,
+    AwaitLogin,
+    AwaitProof(PendingLogin),
+    Ready(Username),
+}
+
+/// A `Send` handed to the store, answered once durable (committed, or acknowledged by
+/// its recipient).
+struct InFlight {
+    id: RequestId,
+    to: Username,
+    /// Kept to route the envelope once committed; `None` if it was delivered at once.
+    payload: Option<Vec<u8>>,
+    ticket: Ticket,
+}
+
+/// Something the router or the server wants this connection to act on.
+enum Inbound {
+    Routed(Box<ServerMessage>),
+    Kicked(ErrorCode),
+}
+
+/// A request read but waiting for room in the store writer: while it waits the connection
+/// is not read (paced), but what is routed to it is still written.
+struct Parked {
+    msg: ClientMessage,
+    room: Pin<Box<dyn Future<Output = Room> + Send>>,
+}
+
+pub(crate) struct Handler {
+    conn_id: u64,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    reader: FramedRead<OwnedReadHalf, Codec>,
+    writer: FramedWrite<OwnedWriteHalf, Codec>,
+    state: State,
+    /// Present once logged in: the queue the router fills, and the kick signal.
+    membership: Option<Membership>,
+    bucket: TokenBucket,
+    shutdown: broadcast::Receiver<()>,
+    /// Last time a frame arrived; drives ping and idle timeout.
+    last_heard: Instant,
+    /// A ping was sent since `last_heard`.
+    pinged: bool,
+    /// Highest envelope id written from the stored backlog: where its next read starts.
+    backlog_cursor: u64,
+    /// The stored backlog has been written; new envelopes may go straight out.
+    backlog_done: bool,
+    /// Resolves once what was submitted before this login is durable; the backlog is
+    /// read only after. Polled in the main loop, so routed messages keep draining.
+    settling: Option<Ticket>,
+    /// Sends awaiting their commit, in the order they arrived (and are answered).
+    sends: VecDeque<InFlight>,
+    /// Envelope ids written to this session and not yet acknowledged: the only ids its
+    /// `Ack`s may name.
+    unacked: HashSet<u64>,
+    /// A request waiting for room in the store writer.
+    parked: Option<Parked>,
+    /// Held until login: a place in the pre-login budget.
+    pre_login: Option<PreLoginSlot>,
+    /// Held once logged in: one of `max_connections`.
+    slot: Option<OwnedSemaphorePermit>,
+    /// A frame has arrived (the first-byte deadline no longer applies).
+    heard_any: bool,
+}
+
+impl Handler {
+    pub(crate) fn new(
+        socket: TcpStream,
+        peer: SocketAddr,
+        conn_id: u64,
+        shared: Arc<Shared>,
+        shutdown: broadcast::Receiver<()>,
+        pre_login: PreLoginSlot,
+    ) -> Self {
+        let max = shared.config.max_frame_bytes;
+        let (read, write) = socket.into_split();
+        let now = Instant::now();
+        Self {
+            conn_id,
+            peer,
+            reader: FramedRead::with_capacity(read, Codec::new(max), READ_BUFFER),
+            writer: {
+                // FramedWrite starts with 8 KiB; an idle connection should hold nothing.
+                let mut w = FramedWrite::new(write, Codec::new(max));
+                *w.write_buffer_mut() = Default::default();
+                w
+            },
+            state: State::AwaitHello,
+            membership: None,
+            bucket: TokenBucket::new(shared.config.rate_limit, now.into_std()),
+            shared,
+            shutdown,
+            last_heard: now,
+            pinged: false,
+            backlog_cursor: 0,
+            backlog_done: true,
+            settling: None,
+            sends: VecDeque::new(),
+            unacked: HashSet::new(),
+            parked: None,
+            pre_login: Some(pre_login),
+            slot: None,
+            heard_any: false,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        debug!(conn = self.conn_id, peer = %self.peer, "connected");
+        let close = self.serve().await;
+        if let Close::Tell(code, message) = close {
+            // Answer sends already committed, so their senders need not resend.
+            let _ = Box::pin(self.finish_sends()).await;
+            debug!(conn = self.conn_id, %code, "closing: {message}");
+            let _ = self
+                .write(ServerMessage::Error {
+                    id: None,
+                    code,
+                    message,
+                })
+                .await;
+        }
+        // Sends nobody can be answered for any more: their envelopes still go on.
+        while let Some(mut sent) = self.sends.pop_front() {
+            let done = sent.ticket.enqueued().await;
+            self.settle(sent, done);
+        }
+        if let State::Ready(user) = &self.state {
+            self.shared.router.leave(user, self.conn_id);
+            debug!(conn = self.conn_id, user = %user, "logged out");
+        }
+        debug!(conn = self.conn_id, "disconnected");
+    }
+
+    async fn serve(&mut self) -> Close {
+        let config = &self.shared.config;
+        let started = Instant::now();
+        let login_deadline = started + config.login_timeout();
+        let first_byte_deadline = started + config.first_byte_timeout();
+        let (ping_interval, idle_timeout) = (config.ping_interval(), config.idle_timeout());
+        let timer = sleep_until(first_byte_deadline.min(login_deadline));
+        tokio::pin!(timer);
+        loop {
+            let logged_in = matches!(self.state, State::Ready(_));
+            let idle_at = self.last_heard + idle_timeout;
+            let mut wake = idle_at;
+            if !logged_in {
+                wake = wake.min(login_deadline);
+            }
+            if !self.heard_any {
+                wake = wake.min(first_byte_deadline);
+            }
+            if !self.pinged {
+                wake = wake.min(self.last_heard + ping_interval);
+            }
+            // Re-armed only when the deadline moves earlier (or it fired): every frame
+            // moves it later, and a timer that fires early just finds nothing due.
+            if wake < timer.deadline() || timer.is_elapsed() {
+                timer.as_mut().reset(wake);
+            }
+
+            tokio::select! {
+                _ = self.shutdown.recv() => {
+                    let _ = Box::pin(self.finish_sends()).await;
+                    Box::pin(self.drain_routed()).await;
+                    return Close::tell(ErrorCode::ShuttingDown, "the server is shutting down; reconnect in a moment");
+                }
+                inbound = next_inbound(&mut self.membership) => match inbound {
+                    Inbound::Routed(msg) => {
+                        if let Err(close) = Box::pin(self.forward(*msg)).await {
+                            return close;
+                        }
+                    }
+                    Inbound::Kicked(code) => return Close::tell(code, kick_message(code)),
+                },
+                settled = settle_writes(&mut self.settling), if self.settling.is_some() => {
+                    self.settling = None;
+                    if let Err(e) = settled {
+                        return self.storage_lost(e);
+                    }
+                }
+                () = std::future::ready(()), if !self.backlog_done && self.settling.is_none() => {
+                    if let Err(close) = Box::pin(self.send_backlog()).await {
+                        return close;
+                    }
+                }
+                done = next_commit(&mut self.sends), if !self.sends.is_empty() => {
+                    if let Err(close) = Box::pin(self.send_committed(done)).await {
+                        return close;
+                    }
+                }
+                room = parked_room(&mut self.parked), if self.parked.is_some() => {
+                    let Some(Parked { msg, .. }) = self.parked.take() else { continue };
+                    if let Err(close) = Box::pin(self.with_room(msg, room)).await {
+                        return close;
+                    }
+                }
+                frame = self.reader.next(), if self.parked.is_none() && self.sends.len() < MAX_PIPELINED => match frame {
+                    None => return Close::Silent,
+                    Some(Err(CodecError::Io(e))) => {
+                        debug!(conn = self.conn_id, "read failed: {e}");
+                        return Close::Silent;
+                    }
+                    Some(Err(CodecError::Frame(e @ FrameError::TooLarge { .. }))) => {
+                        warn!(conn = self.conn_id, peer = %self.peer, "{e}");
+                        return Close::tell(ErrorCode::FrameTooLarge, e.to_string());
+                    }
+                    Some(Err(CodecError::Frame(e))) => {
+                        warn!(conn = self.conn_id, peer = %self.peer, "{e}");
+                        return Close::tell(ErrorCode::MalformedFrame, e.to_string());
+                    }
+                    Some(Ok(msg)) => {
+                        self.last_heard = Instant::now();
+                        self.pinged = false;
+                        self.heard_any = true;
+                        if let Err(close) = Box::pin(self.handle(msg)).await {
+                            return close;
+                        }
+                    }
+                },
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if !logged_in && now >= login_deadline {
+                        return Close::tell(ErrorCode::LoginTimeout, "login was not completed in time");
+                    }
+                    if !self.heard_any && now >= first_byte_deadline && self.reader.read_buffer().is_empty() {
+                        return Close::tell(ErrorCode::LoginTimeout, "nothing was sent; a client must start with Hello at once");
+                    }
+                    if !self.heard_any && now >= first_byte_deadline {
+                        // Bytes are arriving: the login timeout still bounds them.
+                        self.heard_any = true;
+                    }
+                    if now >= idle_at {
+                        return Close::tell(ErrorCode::IdleTimeout, "nothing received for too long");
+                    }
+                    if !self.pinged && now >= self.last_heard + ping_interval {
+                        self.pinged = true;
+                        let nonce = rand::rng().next_u64();
+                        if let Err(close) = Box::pin(self.write(ServerMessage::Ping { nonce })).await {
+                            return close;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: ClientMessage) -> Result<(), Close> {
+        debug!(conn = self.conn_id, kind = msg.kind(), "request");
+        // Charged by the work it asks for; `last_heard` was set as this frame arrived.
+        let wait = self
+            .bucket
+            .take_n(request_work(&msg), self.last_heard.into_std());
+        if !wait.is_zero() {
+            // Over the rate: pace this connection instead of dropping (keeps order).
+            tokio::time::sleep(wait).await;
+        }
+        // Writes to the store need room in the writer first; without room now the
+        // request waits (and the connection is not read) until there is some.
+        let needs = match (&msg, &self.state) {
+            (ClientMessage::Send { payload, .. }, State::Ready(_)) => {
+                Some(cost::envelope(payload.len()))
+            }
+            (ClientMessage::Ack { envelope_ids }, State::Ready(_)) => Some(cost::ack(
+                envelope_ids.len().min(self.shared.config.max_ack_ids),
+            )),
+            _ => None,
+        };
+        let room = match needs {
+            None => None,
+            Some(cost) => match self.shared.writer.try_reserve(cost) {
+                Some(room) => Some(room),
+                None => {
+                    Metrics::inc(&self.shared.metrics.paced);
+                    let writer = self.shared.writer.clone();
+                    self.parked = Some(Parked {
+                        msg,
+                        room: Box::pin(async move { writer.reserve(cost).await }),
+                    });
+                    return Ok(());
+                }
+            },
+        };
+        self.dispatch(msg, room).await
+    }
+
+    /// A parked request got its room.
+    async fn with_room(&mut self, msg: ClientMessage, room: Room) -> Result<(), Close> {
+        self.dispatch(msg, Some(room)).await
+    }
+
+    async fn dispatch(&mut self, msg: ClientMessage, room: Option<Room>) -> Result<(), Close> {
+        let id = msg.request_id();
+        match msg {
+            ClientMessage::Hello { version, software } => self.hello(version, &software).await,
+            _ if matches!(self.state, State::AwaitHello) => Err(Close::tell(
+                ErrorCode::ProtocolViolation,
+                "the first message must be Hello",
+            )),
+            ClientMessage::Ping { nonce } => self.write(ServerMessage::Pong { nonce }).await,
+            ClientMessage::Pong { .. } => Ok(()),
+            ClientMessage::Ack { envelope_ids } => {
+                if let (State::Ready(user), Some(room)) = (&self.state, room) {
+                    let user = user.clone();
+                    self.ack(&user, envelope_ids, room);
+                    let cap = self.max_unacked();
+                    if self.unacked.len() > cap {
+                        return Err(self.not_acknowledging());
+                    }
+                }
+                Ok(())
+            }
+            ClientMessage::Register {
+                id,
+                username,
+                public_key,
+            } => self.begin_login(id, &username, Some(public_key)).await,
+            ClientMessage::Login { id, username } => self.begin_login(id, &username, None).await,
+            ClientMessage::Prove { id, signature } => self.prove(id, &signature).await,
+            msg => {
+                let State::Ready(user) = &self.state else {
+                    let id = id.unwrap_or_default();
+                    return self
+                        .fail(id, ErrorCode::ProtocolViolation, "log in first")
+                        .await;
+                };
+                let user = user.clone();
+                if !matches!(msg, ClientMessage::Send { .. }) {
+                    // Replies keep request order: earlier sends are answered first.
+                    self.finish_sends().await?;
+                }
+                self.request(user, msg, room).await
+            }
+        }
+    }
+
+    /// Logs `username` in (the proof passed): joins the router, reads the backlog once
+    /// what an earlier session left is durable, and says `Welcome`.
+    async fn join(
+        &mut self,
+        username: Username,
+        registered: bool,
+        id: RequestId,
+    ) -> Result<(), Close> {
+        let config = &self.shared.config;
+        self.membership = Some(self.shared.router.join(
+            &username,
+            self.conn_id,
+            config.send_queue_len,
+        ));
+        debug!(conn = self.conn_id, user = %username, registered, "logged in");
+        self.state = State::Ready(username.clone());
+        // Stored envelopes go out first, in order, then live ones. Envelopes an earlier
+        // session of ours was given may still be held for its Ack or on their way to
+        // disk: let them land before the first read.
+        self.backlog_done = false;
+        self.settling = Some(self.shared.writer.barrier());
+        self.write(ServerMessage::Welcome {
+            id,
+            username: username.to_string(),
+            registered,
+        })
+        .await
+    }
+
+    /// Envelopes a session may have been given and not acknowledged: its whole queue, what
+    /// its router queue holds, and one backlog batch. More means it does not acknowledge.
+    fn max_unacked(&self) -> usize {
+        let config = &self.shared.config;
+        config.queue.max_envelopes_per_user as usize + config.send_queue_len + 2 * WRITE_BATCH
+    }
+
+    fn not_acknowledging(&self) -> Close {
+        warn!(conn = self.conn_id, peer = %self.peer, "client does not acknowledge what it receives; disconnecting");
+        Close::tell(
+            ErrorCode::SlowConsumer,
+            "messages were not acknowledged; acknowledge what you receive",
+        )
+    }
+
+    async fn write(&mut self, msg: ServerMessage) -> Result<(), Close> {
+        let write_timeout = self.shared.config.write_timeout();
+        let result = timeout(write_timeout, self.writer.send(msg)).await;
+        self.finish_write(result)
+    }
+
+    /// Gives back buffer memory a burst left behind, so idle connections stay small.
+    fn trim_buffers(&mut self) {
+        let write = self.writer.write_buffer_mut();
+        if write.is_empty() && write.capacity() > IDLE_BUFFER_MAX {
+            *write = Default::default();
+        }
+        if self.sends.is_empty() && self.sends.capacity() > 8 {
+            self.sends = VecDeque::new();
+        }
+        let read = self.reader.read_buffer_mut();
+        if read.is_empty() && read.capacity() > IDLE_BUFFER_MAX {
+            *read = tokio_util::bytes::BytesMut::with_capacity(READ_BUFFER);
+        }
+    }
+
+    fn finish_write(
+        &mut self,
+        result: Result<Result<(), CodecError>, tokio::time::error::Elapsed>,
+    ) -> Result<(), Close> {
+        match result {
+            Ok(Ok(())) => {
+                self.trim_buffers();
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                debug!(conn = self.conn_id, "write failed: {e}");
+                Err(Close::Silent)
+            }
+            Err(_) => {
+                info!(conn = self.conn_id, peer = %self.peer, "client is not reading; disconnecting");
+                Err(Close::Silent)
+            }
+        }
+    }
+
+    async fn fail(
+        &mut self,
+        id: RequestId,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> Result<(), Close> {
+        self.write(error_reply(id, code, message)).await
+    }
+
+    async fn unknown_user(&mut self, id: RequestId, name: &str) -> Result<(), Close> {
+        self.write(unknown_user_reply(id, name)).await
+    }
+
+    async fn fail_internal(&mut self, id: RequestId, error: StoreError) -> Result<(), Close> {
+        let reply = self.internal_reply(id, error);
+        self.write(reply).await
+    }
+
+    fn internal_reply(&self, id: RequestId, error: StoreError) -> ServerMessage {
+        tracing::error!(conn = self.conn_id, "storage error: {error}");
+        error_reply(
+            id,
+            ErrorCode::Internal,
+            "the server could not reach its storage; try again later",
+        )
+    }
+
+    /// Runs a store call on the blocking pool. (Not an `async fn`: the future holds no
+    /// reference to the handler, which is `Send` but not `Sync`.)
+    fn store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
+        let store = self.shared.store.clone();
+        async move {
+            match tokio::task::spawn_blocking(move || f(&store)).await {
+                Ok(result) => result,
+                Err(join) => std::panic::resume_unwind(join.into_panic()),
+            }
+        }
+    }
+}
+
+/// The work a request asks for, in rate-limit tokens (see `limits::work`).
+fn request_work(msg: &ClientMessage) -> f64 {
+    match msg {
+        ClientMessage::Send { payload, to, .. } => work::frame(payload.len() + to.len(), 0),
+        ClientMessage::Ack { envelope_ids } => work::frame(0, envelope_ids.len()),
+        ClientMessage::Watch { usernames, .. } => work::frame(0, usernames.len()),
+        ClientMessage::Register { public_key, .. } => work::frame(public_key.len(), 0),
+        _ => work::frame(0, 0),
+    }
+}
+
+/// Room for the parked request; pending while nothing is parked.
+async fn parked_room(parked: &mut Option<Parked>) -> Room {
+    match parked {
+        Some(p) => p.room.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn settle_writes(settling: &mut Option<Ticket>) -> Result<(), StoreError> {
+    match settling {
+        Some(ticket) => ticket.passed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The outcome of the oldest send in flight; pending while there is none.
+async fn next_commit(sends: &mut VecDeque<InFlight>) -> Result<Enqueued, StoreError> {
+    match sends.front_mut() {
+        Some(oldest) => oldest.ticket.enqueued().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next routed message or kick; never resolves before login.
+async fn next_inbound(membership: &mut Option<Membership>) -> Inbound {
+    let Some(m) = membership else {
+        return std::future::pending().await;
+    };
+    loop {
+        if let Some(code) = *m.kicked.borrow_and_update() {
+            return Inbound::Kicked(code);
+        }
+        tokio::select! {
+            biased;
+            changed = m.kicked.changed() => {
+                if changed.is_err() {
+                    // The router dropped us without a reason: treat as replaced.
+                    return Inbound::Kicked(ErrorCode::SessionReplaced);
+                }
+            }
+            msg = m.outbox.recv() => match msg {
+                Some(msg) => return Inbound::Routed(msg),
+                None => return Inbound::Kicked(ErrorCode::SessionReplaced),
+            },
+        }
+    }
+}
+
+fn error_reply(id: RequestId, code: ErrorCode, message: impl Into<String>) -> ServerMessage {
+    ServerMessage::Error {
+        id: Some(id),
+        code,
+        message: message.into(),
+    }
+}
+
+fn unknown_user_reply(id: RequestId, name: &str) -> ServerMessage {
+    let shown = truncate(name, 40);
+    error_reply(
+        id,
+        ErrorCode::UnknownUser,
+        format!("no user named {shown:?}"),
+    )
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn kick_message(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::SessionReplaced => "you logged in from another connection",
+        ErrorCode::SlowConsumer => "messages were not read fast enough",
+        _ => "disconnected by the server",
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => &s[..at],
+        None => s,
+    }
+}

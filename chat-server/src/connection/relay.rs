@@ -1,0 +1,373 @@
+//! A logged-in user's requests and what is relayed to them: sends (pipelined into the
+//! group commit, answered in order), acknowledgements (only of what this session was
+//! given), routed deliveries and the stored backlog.
+
+use chat_protocol::message::RequestId;
+use chat_protocol::{ClientMessage, ErrorCode, ServerMessage, Username};
+use futures_util::SinkExt;
+use tokio::time::timeout;
+
+use super::{
+    Close, Handler, InFlight, State, WRITE_BATCH, error_reply, next_commit, unix_secs,
+    unknown_user_reply,
+};
+use crate::metrics::Metrics;
+use crate::router::WatchError;
+use crate::store::{Enqueued, StoreError};
+use crate::writer::{Envelope, Room};
+
+impl Handler {
+    /// Requests of a logged-in user.
+    pub(super) async fn request(
+        &mut self,
+        me: Username,
+        msg: ClientMessage,
+        room: Option<Room>,
+    ) -> Result<(), Close> {
+        match msg {
+            ClientMessage::ListUsers { id } => {
+                let online = self.shared.router.online();
+                self.write(ServerMessage::Users { id, online }).await
+            }
+            ClientMessage::Watch { id, usernames } => {
+                let limit = chat_protocol::message::MAX_WATCHED;
+                let watched = if usernames.len() > limit {
+                    Err(WatchError::Limit(limit))
+                } else {
+                    // A name that is not valid can never come online: nothing to watch.
+                    let users = usernames
+                        .iter()
+                        .filter_map(|u| Username::parse(u).ok())
+                        .collect();
+                    self.shared.router.watch(&me, self.conn_id, users, limit)
+                };
+                match watched {
+                    Ok(online) => self.write(ServerMessage::Users { id, online }).await,
+                    Err(WatchError::Limit(n)) => {
+                        self.fail(
+                            id,
+                            ErrorCode::WatchLimit,
+                            format!("a session may watch at most {n} users; nothing was added"),
+                        )
+                        .await
+                    }
+                    // Replaced meanwhile: the kick closes this connection next.
+                    Err(WatchError::NotJoined) => Ok(()),
+                }
+            }
+            ClientMessage::GetPublicKey { id, username } => {
+                let Ok(user) = Username::parse(&username) else {
+                    return self.unknown_user(id, &username).await;
+                };
+                let lookup = user.clone();
+                match self.store(move |s| s.public_key(&lookup)).await {
+                    Ok(Some(public_key)) => {
+                        self.write(ServerMessage::PublicKey {
+                            id,
+                            username: user.to_string(),
+                            public_key,
+                        })
+                        .await
+                    }
+                    Ok(None) => self.unknown_user(id, &username).await,
+                    Err(close) => self.fail_internal(id, close).await,
+                }
+            }
+            ClientMessage::Send { id, to, payload } => {
+                let Ok(to_user) = Username::parse(&to) else {
+                    return self.unknown_user(id, &to).await;
+                };
+                let room = room.expect("a send comes with room in the writer");
+                // The sender hears `Ok` only once the envelope cannot be lost: committed,
+                // or (delivered at once to an online recipient) acknowledged by it. Later
+                // sends are read meanwhile, so they share the commit.
+                let writer = &self.shared.writer;
+                let (recipient, sender) = (to_user.clone(), me.clone());
+                let (now_secs, limits) = (unix_secs(), self.shared.config.queue.limits());
+                let envelope = |payload| Envelope {
+                    recipient,
+                    sender,
+                    payload,
+                    now_secs,
+                    limits,
+                };
+                let ((ticket, payload), _) = self.shared.router.accept(
+                    &to_user,
+                    &me,
+                    payload,
+                    |envelope_id, delivered, payload| {
+                        if delivered {
+                            (
+                                writer.enqueue_held(room, envelope_id, envelope(payload)),
+                                None,
+                            )
+                        } else {
+                            // Kept to route once committed.
+                            let ticket =
+                                writer.enqueue(room, envelope_id, envelope(payload.clone()));
+                            (ticket, Some(payload))
+                        }
+                    },
+                );
+                self.sends.push_back(InFlight {
+                    id,
+                    to: to_user,
+                    payload,
+                    ticket,
+                });
+                Ok(())
+            }
+            other => {
+                // Hello, login and ping are handled before; nothing else exists.
+                let id = other.request_id().unwrap_or_default();
+                self.fail(id, ErrorCode::ProtocolViolation, "unexpected message")
+                    .await
+            }
+        }
+    }
+
+    /// Answers the oldest send now that its commit is done, and routes it on success.
+    /// Also answers every later send whose outcome is already known, in one write.
+    pub(super) async fn send_committed(
+        &mut self,
+        done: Result<Enqueued, StoreError>,
+    ) -> Result<(), Close> {
+        let mut replies = Vec::new();
+        let mut done = Some(done);
+        while let Some(outcome) = done.take() {
+            let Some(sent) = self.sends.pop_front() else {
+                break;
+            };
+            replies.push(self.settle(sent, outcome));
+            done = self.sends.front_mut().and_then(|s| s.ticket.try_enqueued());
+        }
+        let write_timeout = self.shared.config.write_timeout();
+        let writer = &mut self.writer;
+        let write = async {
+            for reply in replies {
+                writer.feed(reply).await?;
+            }
+            writer.flush().await
+        };
+        let result = timeout(write_timeout, write).await;
+        self.finish_write(result)
+    }
+
+    /// Routes a send's envelope if it was not delivered at once and is now committed (an
+    /// offline recipient gets it at the next login), and returns the answer for the sender.
+    pub(super) fn settle(
+        &self,
+        sent: InFlight,
+        done: Result<Enqueued, StoreError>,
+    ) -> ServerMessage {
+        let InFlight {
+            id, to, payload, ..
+        } = sent;
+        if let Some(payload) = payload {
+            let deliver = match (&done, &self.state) {
+                (Ok(Enqueued::Stored(envelope_id)), State::Ready(me)) => {
+                    Some(ServerMessage::Deliver {
+                        envelope_id: *envelope_id,
+                        from: me.to_string(),
+                        payload,
+                    })
+                }
+                _ => None,
+            };
+            self.shared.router.settle(&to, deliver);
+        }
+        let metrics = &self.shared.metrics;
+        match done {
+            Ok(Enqueued::Stored(_)) => ServerMessage::Ok { id },
+            Ok(Enqueued::UnknownRecipient) => unknown_user_reply(id, to.as_str()),
+            Ok(Enqueued::Full) => {
+                Metrics::inc(&metrics.refused_queue_full);
+                error_reply(
+                    id,
+                    ErrorCode::RecipientQueueFull,
+                    format!("{to} has too many undelivered messages waiting; try again later"),
+                )
+            }
+            Ok(Enqueued::SenderShareFull) => {
+                Metrics::inc(&metrics.refused_sender_share);
+                error_reply(
+                    id,
+                    ErrorCode::RecipientQueueFull,
+                    format!(
+                        "you already have as many undelivered messages waiting for {to} as one \
+                         sender may; try again once they have read some"
+                    ),
+                )
+            }
+            Ok(Enqueued::ServerFull) => {
+                Metrics::inc(&metrics.refused_server_full);
+                server_full(id)
+            }
+            Err(e) if e.is_full() => {
+                Metrics::inc(&metrics.refused_server_full);
+                tracing::error!("the disk is full: {e}");
+                server_full(id)
+            }
+            Err(e) => self.internal_reply(id, e),
+        }
+    }
+
+    /// Waits for every send in flight and answers each, oldest first.
+    pub(super) async fn finish_sends(&mut self) -> Result<(), Close> {
+        while !self.sends.is_empty() {
+            let done = next_commit(&mut self.sends).await;
+            self.send_committed(done).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes one routed message, then whatever else is already queued, then flushes.
+    pub(super) async fn forward(&mut self, first: ServerMessage) -> Result<(), Close> {
+        let write_timeout = self.shared.config.write_timeout();
+        let Self {
+            writer,
+            membership,
+            backlog_cursor,
+            backlog_done,
+            unacked,
+            ..
+        } = self;
+        let batch = async {
+            let mut next = Some(first);
+            let mut written = 0;
+            while let Some(msg) = next.take() {
+                if let ServerMessage::Deliver { envelope_id, .. } = msg {
+                    // While the backlog streams, or if already sent from it, the stored copy
+                    // is (or was) written in order instead.
+                    if !*backlog_done || envelope_id <= *backlog_cursor {
+                        next = membership
+                            .as_mut()
+                            .and_then(|m| m.outbox.try_recv().ok())
+                            .map(|m| *m);
+                        continue;
+                    }
+                }
+                if let ServerMessage::Deliver { envelope_id, .. } = msg {
+                    unacked.insert(envelope_id);
+                }
+                writer.feed(msg).await?;
+                written += 1;
+                if written < WRITE_BATCH {
+                    next = membership
+                        .as_mut()
+                        .and_then(|m| m.outbox.try_recv().ok())
+                        .map(|m| *m);
+                }
+            }
+            writer.flush().await
+        };
+        let result = timeout(write_timeout, batch).await;
+        self.finish_write(result)?;
+        self.check_acknowledging()
+    }
+
+    /// Writes the next batch of stored envelopes; marks the backlog done when it runs out.
+    pub(super) async fn send_backlog(&mut self) -> Result<(), Close> {
+        let State::Ready(user) = &self.state else {
+            self.backlog_done = true;
+            return Ok(());
+        };
+        let user = user.clone();
+        let (lookup, after) = (user.clone(), self.backlog_cursor);
+        let batch = match self
+            .store(move |s| s.pending(&lookup, after, WRITE_BATCH))
+            .await
+        {
+            Ok(batch) => batch,
+            Err(e) => return Err(self.storage_lost(e)),
+        };
+        // Caught up, unless envelopes committed meanwhile were left to the store.
+        if batch.len() < WRITE_BATCH && self.shared.router.set_live(&user, self.conn_id) {
+            self.backlog_done = true;
+        }
+        let write_timeout = self.shared.config.write_timeout();
+        let Some(last) = batch.last().map(|q| q.id) else {
+            return Ok(());
+        };
+        let writer = &mut self.writer;
+        self.unacked.extend(batch.iter().map(|q| q.id));
+        let write = async {
+            for q in batch {
+                writer
+                    .feed(ServerMessage::Deliver {
+                        envelope_id: q.id,
+                        from: q.sender,
+                        payload: q.payload,
+                    })
+                    .await?;
+            }
+            writer.flush().await
+        };
+        let result = timeout(write_timeout, write).await;
+        self.finish_write(result)?;
+        self.backlog_cursor = last;
+        self.check_acknowledging()
+    }
+
+    pub(super) fn storage_lost(&self, e: StoreError) -> Close {
+        tracing::error!(conn = self.conn_id, "storage error reading the queue: {e}");
+        Close::tell(
+            ErrorCode::Internal,
+            "the server could not read your queued messages; reconnect later",
+        )
+    }
+
+    /// At shutdown: write what was already routed to this client, within the write timeout.
+    pub(super) async fn drain_routed(&mut self) {
+        while let Some(msg) = self
+            .membership
+            .as_mut()
+            .and_then(|m| m.outbox.try_recv().ok())
+            .map(|m| *m)
+        {
+            if self.forward(msg).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A session given far more than it acknowledged is not acknowledging: it goes.
+    fn check_acknowledging(&self) -> Result<(), Close> {
+        if self.unacked.len() > self.max_unacked() {
+            return Err(self.not_acknowledging());
+        }
+        Ok(())
+    }
+
+    /// An `Ack`: only ids this session was given and has not acknowledged count (the
+    /// rest are ignored and counted), at most `max_ack_ids` of them. Held envelopes among
+    /// them are answered at once; the rest are deleted in the next commit, for which
+    /// `room` was reserved.
+    pub(super) fn ack(&mut self, me: &Username, ids: Vec<u64>, room: Room) {
+        let offered = ids.len();
+        let max = self.shared.config.max_ack_ids;
+        let mut mine: Vec<u64> = ids
+            .into_iter()
+            .take(max)
+            .filter(|id| self.unacked.remove(id))
+            .collect();
+        let ignored = offered - mine.len();
+        if ignored > 0 {
+            Metrics::add(&self.shared.metrics.acks_ignored, ignored as u64);
+        }
+        if mine.is_empty() {
+            return;
+        }
+        mine.sort_unstable();
+        // Nothing is answered, so nothing waits: the writer logs a failure.
+        self.shared.writer.ack(room, me.clone(), mine);
+    }
+}
+
+fn server_full(id: RequestId) -> ServerMessage {
+    error_reply(
+        id,
+        ErrorCode::ServerFull,
+        "the server's storage for undelivered messages is full; try again later",
+    )
+}

@@ -1,0 +1,276 @@
+//! The store-and-forward queue: envelopes not yet acknowledged by their recipient, with
+//! the accounting its quotas need.
+//!
+//! `usage` holds, per (recipient, sender), the envelopes and bytes queued, and the
+//! `counters` rows `queued_envelopes` / `queued_bytes` the totals; both change in the
+//! same transaction as the queue, so a quota check costs a few index lookups, not a scan.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use chat_protocol::Username;
+use rusqlite::types::Value;
+use rusqlite::{OptionalExtension, params};
+
+use super::StoreError;
+
+/// Bounds of the queue, per recipient, per (recipient, sender) and in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    pub max_envelopes: u64,
+    pub max_bytes: u64,
+    /// What one sender may hold of one recipient's queue.
+    pub max_sender_envelopes: u64,
+    pub max_sender_bytes: u64,
+    /// Bytes queued for everyone together.
+    pub max_total_bytes: u64,
+}
+
+impl QueueLimits {
+    /// No bound but the per-recipient ones (for tests and tools).
+    pub fn per_recipient(max_envelopes: u64, max_bytes: u64) -> Self {
+        Self {
+            max_envelopes,
+            max_bytes,
+            max_sender_envelopes: max_envelopes,
+            max_sender_bytes: max_bytes,
+            max_total_bytes: u64::MAX,
+        }
+    }
+}
+
+/// What an enqueue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Stored(u64),
+    /// The recipient's queue is at its bound.
+    Full,
+    /// This sender holds its whole share of the recipient's queue.
+    SenderShareFull,
+    /// The queue of the whole server is at its bound (or the disk is full).
+    ServerFull,
+    UnknownRecipient,
+}
+
+/// One queued envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub id: u64,
+    pub sender: String,
+    pub payload: Vec<u8>,
+}
+
+fn counter(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<u64, StoreError> {
+    Ok(tx
+        .prepare_cached("SELECT value FROM counters WHERE name = ?1")?
+        .query_row(params![name], |r| r.get::<_, i64>(0))
+        .optional()?
+        .unwrap_or(0)
+        .unsigned_abs())
+}
+
+pub(crate) fn add_counter(
+    tx: &rusqlite::Transaction<'_>,
+    name: &str,
+    delta: i64,
+) -> Result<(), StoreError> {
+    if delta != 0 {
+        tx.prepare_cached(
+            "INSERT INTO counters (name, value) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET value = MAX(0, value + excluded.value)",
+        )?
+        .execute(params![name, delta])?;
+    }
+    Ok(())
+}
+
+/// Adds `envelopes` and `bytes` (negative: removes) to what `sender` holds for
+/// `recipient` and to the totals.
+fn account(
+    tx: &rusqlite::Transaction<'_>,
+    recipient: &str,
+    sender: &str,
+    envelopes: i64,
+    bytes: i64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO usage (recipient, sender, envelopes, bytes) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (recipient, sender) DO UPDATE SET
+             envelopes = MAX(0, envelopes + excluded.envelopes),
+             bytes = MAX(0, bytes + excluded.bytes)",
+    )?
+    .execute(params![recipient, sender, envelopes, bytes])?;
+    tx.prepare_cached("DELETE FROM usage WHERE recipient = ?1 AND sender = ?2 AND envelopes = 0")?
+        .execute(params![recipient, sender])?;
+    add_counter(tx, "queued_envelopes", envelopes)?;
+    add_counter(tx, "queued_bytes", bytes)
+}
+
+/// Accounts for deleted rows given as (recipient, sender, bytes).
+fn unaccount(
+    tx: &rusqlite::Transaction<'_>,
+    rows: impl IntoIterator<Item = (String, String, i64)>,
+) -> Result<usize, StoreError> {
+    let mut per: HashMap<(String, String), (i64, i64)> = HashMap::new();
+    let mut n = 0;
+    for (recipient, sender, bytes) in rows {
+        let e = per.entry((recipient, sender)).or_default();
+        e.0 += 1;
+        e.1 += bytes;
+        n += 1;
+    }
+    for ((recipient, sender), (envelopes, bytes)) in per {
+        account(tx, &recipient, &sender, -envelopes, -bytes)?;
+    }
+    Ok(n)
+}
+
+/// Queues `payload` for a registered `recipient` unless that would pass `limits`.
+pub(crate) fn enqueue_in(
+    tx: &rusqlite::Transaction<'_>,
+    id: Option<u64>,
+    recipient: &Username,
+    sender: &Username,
+    payload: &[u8],
+    now_secs: u64,
+    limits: &QueueLimits,
+) -> Result<Enqueued, StoreError> {
+    let registered: bool = tx
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM accounts WHERE username = ?1)")?
+        .query_row(params![recipient.as_str()], |r| r.get(0))?;
+    if !registered {
+        return Ok(Enqueued::UnknownRecipient);
+    }
+    let len = payload.len() as u64;
+    if counter(tx, "queued_bytes")? + len > limits.max_total_bytes {
+        return Ok(Enqueued::ServerFull);
+    }
+    let (count, bytes): (i64, i64) = tx
+        .prepare_cached(
+            "SELECT COALESCE(SUM(envelopes), 0), COALESCE(SUM(bytes), 0)
+             FROM usage WHERE recipient = ?1",
+        )?
+        .query_row(params![recipient.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if count.unsigned_abs() >= limits.max_envelopes || bytes.unsigned_abs() + len > limits.max_bytes
+    {
+        return Ok(Enqueued::Full);
+    }
+    let (mine, my_bytes): (i64, i64) = tx
+        .prepare_cached("SELECT envelopes, bytes FROM usage WHERE recipient = ?1 AND sender = ?2")?
+        .query_row(params![recipient.as_str(), sender.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?
+        .unwrap_or((0, 0));
+    if mine.unsigned_abs() >= limits.max_sender_envelopes
+        || my_bytes.unsigned_abs() + len > limits.max_sender_bytes
+    {
+        return Ok(Enqueued::SenderShareFull);
+    }
+    // NULL lets SQLite pick the id; the relay passes its own so it can deliver first.
+    tx.prepare_cached(
+        "INSERT INTO queue (id, recipient, sender, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        id.map(|id| id as i64),
+        recipient.as_str(),
+        sender.as_str(),
+        payload,
+        now_secs as i64
+    ])?;
+    let stored = tx.last_insert_rowid().unsigned_abs();
+    account(tx, recipient.as_str(), sender.as_str(), 1, len as i64)?;
+    Ok(Enqueued::Stored(stored))
+}
+
+/// Deletes `recipient`'s envelopes `ids` (others' ids are ignored) in one statement.
+/// Returns how many were deleted.
+pub(crate) fn ack_in(
+    tx: &rusqlite::Transaction<'_>,
+    recipient: &Username,
+    ids: &[u64],
+) -> Result<usize, StoreError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let ids = Rc::new(
+        ids.iter()
+            .map(|&id| Value::from(id as i64))
+            .collect::<Vec<_>>(),
+    );
+    let deleted: Vec<(String, String, i64)> = tx
+        .prepare_cached(
+            "DELETE FROM queue WHERE recipient = ?1 AND id IN rarray(?2)
+             RETURNING recipient, sender, LENGTH(payload)",
+        )?
+        .query_map(params![recipient.as_str(), ids], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    unaccount(tx, deleted)
+}
+
+/// Deletes envelopes older than `max_age_secs`; returns how many.
+pub(crate) fn purge_in(
+    tx: &rusqlite::Transaction<'_>,
+    now_secs: u64,
+    max_age_secs: u64,
+) -> Result<usize, StoreError> {
+    let cutoff = now_secs.saturating_sub(max_age_secs) as i64;
+    let deleted: Vec<(String, String, i64)> = tx
+        .prepare(
+            "DELETE FROM queue WHERE created_at < ?1
+             RETURNING recipient, sender, LENGTH(payload)",
+        )?
+        .query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let removed = unaccount(tx, deleted)?;
+    add_counter(tx, "expired", removed as i64)?;
+    Ok(removed)
+}
+
+/// Deletes everything queued for `recipient`.
+pub(crate) fn drop_queue_in(
+    tx: &rusqlite::Transaction<'_>,
+    recipient: &Username,
+) -> Result<usize, StoreError> {
+    let deleted: Vec<(String, String, i64)> = tx
+        .prepare(
+            "DELETE FROM queue WHERE recipient = ?1 RETURNING recipient, sender, LENGTH(payload)",
+        )?
+        .query_map(params![recipient.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    unaccount(tx, deleted)
+}
+
+/// Rebuilds the accounting from the queue itself (after an upgrade).
+pub(crate) fn rebuild_usage_in(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "DELETE FROM usage;
+         INSERT INTO usage (recipient, sender, envelopes, bytes)
+             SELECT recipient, sender, COUNT(*), SUM(LENGTH(payload)) FROM queue
+             GROUP BY recipient, sender;
+         INSERT INTO counters (name, value)
+             SELECT 'queued_envelopes', COUNT(*) FROM queue WHERE true
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value;
+         INSERT INTO counters (name, value)
+             SELECT 'queued_bytes', COALESCE(SUM(LENGTH(payload)), 0) FROM queue WHERE true
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value;",
+    )?;
+    Ok(())
+}
+
+/// Remembers that ids up to `id` were handed out, even those never written.
+pub(crate) fn record_last_id(tx: &rusqlite::Transaction<'_>, id: u64) -> Result<(), StoreError> {
+    let updated = tx
+        .prepare_cached("UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'queue'")?
+        .execute(params![id as i64])?;
+    if updated == 0 {
+        // No envelope was ever inserted, so SQLite has no row for the table yet.
+        tx.prepare_cached("INSERT INTO sqlite_sequence (name, seq) VALUES ('queue', ?1)")?
+            .execute(params![id as i64])?;
+    }
+    Ok(())
+}
