@@ -100,14 +100,6 @@ async fn bad_login_requests_get_typed_errors() {
     c.expect_error(ErrorCode::InvalidPublicKey).await;
 
     let id = c.id();
-    c.send(ClientMessage::Login {
-        id,
-        username: "nobody".into(),
-    })
-    .await;
-    c.expect_error(ErrorCode::UnknownUser).await;
-
-    let id = c.id();
     c.send(ClientMessage::Prove {
         id,
         signature: vec![1, 2, 3],
@@ -123,6 +115,20 @@ async fn bad_login_requests_get_typed_errors() {
         c.register(&"y".repeat(32), key(0)).await,
         ServerMessage::Welcome { .. }
     ));
+
+    // A name nobody has: challenged like any other, refused only after the proof, in the
+    // same words as a wrong key (no enumeration of accounts).
+    let mut c = server.client().await;
+    c.hello().await;
+    match c.login("nobody", key(1)).await {
+        ServerMessage::Error {
+            code: ErrorCode::BadSignature,
+            message,
+            ..
+        } => assert!(message.contains("no such account"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    c.expect_closed().await;
 }
 
 #[tokio::test]
@@ -405,6 +411,7 @@ async fn pipelined_sends_are_answered_in_order_and_all_delivered() {
 async fn a_full_queue_refuses_with_a_typed_error() {
     let server = TestServer::start(|c| {
         c.queue.max_envelopes_per_user = 3;
+        c.queue.max_sender_share = 1.0;
     })
     .await;
     drop(server.user("carol", 2).await);
@@ -558,8 +565,17 @@ async fn connections_over_the_limit_are_told_busy() {
     let server = TestServer::start(|c| c.max_connections = 2).await;
     let _a = server.user("alice", 0).await;
     let _b = server.user("bob", 1).await;
+    // Not logged in yet, a third connection holds only a pre-login slot; its login is
+    // refused (after the proof) and closed.
     let mut third = server.client().await;
-    third.expect_error(ErrorCode::ServerBusy).await;
+    third.hello().await;
+    match third.register("carol", key(2)).await {
+        ServerMessage::Error {
+            code: ErrorCode::ServerBusy,
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
     third.expect_closed().await;
 }
 

@@ -6,13 +6,17 @@
 //! retry request (we lack its key: the sender keeps the message and sends it again); or
 //! found forged and reported. A local store failure leaves it unacknowledged.
 
-use chat_protocol::e2e::{Body, Envelope, Failure, Inbound, Opened, Parties};
+use chat_protocol::e2e::{Body, Envelope, Failure, Inbound, OpenError, Opened, Parties};
 use chat_protocol::message::RequestId;
 use chat_protocol::{ClientMessage, ErrorCode, ServerMessage, Username};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Engine, MAX_STALLED, Pending, RATE_LIMIT_RETRY, SessionEnd, Source, Waiting, now_ms};
+use super::offers::Parked;
+use super::{
+    Engine, MAX_STALLED, Pending, RATE_LIMIT_RETRY, SessionEnd, Source, UNDECRYPTABLE_EVERY,
+    Waiting, now_ms,
+};
 use crate::api::{ConnectionState, Event, id_hex};
 use crate::store::ReceivedText;
 
@@ -254,6 +258,18 @@ impl Engine {
         let Some((_, public)) = self.usable_key(&from) else {
             return self.settle(source);
         };
+        if self.offers.is_blocked(&from) {
+            // Behind an offer being unwrapped (or a throttled sender): keep the order.
+            let parked = Parked {
+                source,
+                payload,
+                arrived,
+            };
+            if !self.offers.park(&from, parked) {
+                debug!("too many envelopes waiting for one sender; left to the relay");
+            }
+            return;
+        }
         let mut state = match self.inbound_state(&from) {
             Ok(state) => state,
             Err(e) => return self.store_error(e),
@@ -264,56 +280,110 @@ impl Engine {
             peer_name: &sender,
             peer: &public,
         };
-        match state.open(parties, &payload) {
-            Ok(opened) => self.commit_opened(source, &from, opened, state, &payload),
-            Err(e) => match e.failure() {
-                Failure::Duplicate => {
-                    // Delivery is at least once: processed before, not yet acknowledged.
-                    debug!("duplicate envelope dropped");
-                    self.settle(source);
+        let inspected = match state.inspect(parties, &payload) {
+            Ok(inspected) => inspected,
+            Err(e) => return self.open_failed(source, &from, payload, arrived, e),
+        };
+        // A new offer: RSA, unless it is known (good or bad) already.
+        let fresh = match inspected.needs_unwrap() {
+            None => None,
+            Some(offer_id) => match self.offers.cached(offer_id) {
+                Some(Ok(key)) => Some(key.clone()),
+                Some(Err(e)) => {
+                    let e = *e;
+                    return self.open_failed(source, &from, payload, arrived, e);
                 }
-                Failure::MissingKey => {
-                    // We lack the key (lost state, or its offer never reached us): the
-                    // sender still holds the message; ask for it again, once per epoch.
-                    let epoch = chat_protocol::frame::decode::<Envelope>(&payload)
-                        .map(|e| e.epoch)
-                        .unwrap_or_default();
-                    match self.store.request_retry(&from, epoch, now_ms()) {
-                        Ok(new) => {
-                            if new {
-                                info!(error = %e, "asking the sender to send an epoch again");
-                                self.flush_due = true;
-                            }
-                            self.settle(source);
-                        }
-                        Err(e) => self.store_error(e),
-                    }
-                }
-                Failure::KeyMismatch
-                    if self.checked_keys.get(&from).is_none_or(|at| *at < arrived) =>
-                {
-                    // Perhaps they have a new key (since we last checked): ask the server,
-                    // which reports a change. Envelopes that arrived before the answer are
-                    // judged by it, so a flood costs one question per round trip.
-                    let waiting = Waiting::Envelope {
+                None => {
+                    let parked = Parked {
                         source,
                         payload,
                         arrived,
                     };
-                    self.fetch_key(&from, Some(waiting));
-                }
-                Failure::KeyMismatch | Failure::Forged => {
-                    warn!(error = %e, "envelope refused");
-                    self.settle(source);
-                    self.sink.emit(Event::error(
-                        "undecryptable",
-                        format!(
-                            "a message from {from} failed verification and was discarded ({e})"
-                        ),
-                    ));
+                    return self.await_offer(&from, inspected, public, parked);
                 }
             },
+        };
+        match state.open_inspected(parties, inspected, fresh.as_ref()) {
+            Ok(opened) => self.commit_opened(source, &from, opened, state, &payload),
+            Err(e) => self.open_failed(source, &from, payload, arrived, e),
         }
+    }
+
+    /// An envelope did not open: drop it, ask for it again, or check the sender's key.
+    fn open_failed(
+        &mut self,
+        source: Source,
+        from: &str,
+        payload: Vec<u8>,
+        arrived: Instant,
+        e: OpenError,
+    ) {
+        match e.failure() {
+            Failure::Duplicate => {
+                // Delivery is at least once: processed before, not yet acknowledged.
+                debug!("duplicate envelope dropped");
+                self.settle(source);
+            }
+            Failure::MissingKey => {
+                // We lack the key (lost state, or its offer never reached us): the
+                // sender still holds the message; ask for it again, once per epoch.
+                let epoch = chat_protocol::frame::decode::<Envelope>(&payload)
+                    .map(|e| e.epoch)
+                    .unwrap_or_default();
+                match self.store.request_retry(from, epoch, now_ms()) {
+                    Ok(new) => {
+                        if new {
+                            info!(error = %e, "asking the sender to send an epoch again");
+                            self.flush_due = true;
+                        }
+                        self.settle(source);
+                    }
+                    Err(e) => self.store_error(e),
+                }
+            }
+            Failure::KeyMismatch if self.checked_keys.get(from).is_none_or(|at| *at < arrived) => {
+                // Perhaps they have a new key (since we last checked): ask the server,
+                // which reports a change. Envelopes that arrived before the answer are
+                // judged by it, so a flood costs one question per round trip.
+                let waiting = Waiting::Envelope {
+                    source,
+                    payload,
+                    arrived,
+                };
+                self.fetch_key(from, Some(waiting));
+            }
+            Failure::KeyMismatch | Failure::Forged => {
+                self.settle(source);
+                self.report_undecryptable(from, e);
+            }
+        }
+    }
+
+    /// Tells the user a message from `from` was forged or damaged — at once the first
+    /// time, then at most once a minute per sender with a count (a flood of forgeries
+    /// must not become a flood of alarms).
+    fn report_undecryptable(&mut self, from: &str, e: OpenError) {
+        let now = Instant::now();
+        let (last, suppressed) = self
+            .undecryptable
+            .entry(from.to_owned())
+            .or_insert((None, 0));
+        if last.is_some_and(|at| now.duration_since(at) < UNDECRYPTABLE_EVERY) {
+            *suppressed += 1;
+            return;
+        }
+        let more = std::mem::take(suppressed);
+        *last = Some(now);
+        warn!(error = %e, more, "envelope refused");
+        let message = if more == 0 {
+            format!("a message from {from} failed verification and was discarded ({e})")
+        } else {
+            format!(
+                "{} messages from {from} failed verification and were discarded ({e})",
+                more + 1
+            )
+        };
+        self.sink.emit(Event::error("undecryptable", message));
     }
 
     /// Stores what an envelope carried together with the advanced state, then settles it.
@@ -424,6 +494,26 @@ impl Engine {
                         .push_back((id, from.to_owned(), payload.to_vec()));
                 }
                 self.store_error(e);
+            }
+        }
+    }
+
+    /// Reports forgeries held back by [`Engine::report_undecryptable`] once their minute
+    /// is over.
+    pub(super) fn flush_undecryptable(&mut self) {
+        let now = Instant::now();
+        for (from, (last, suppressed)) in &mut self.undecryptable {
+            if *suppressed > 0
+                && last.is_none_or(|at| now.duration_since(at) >= UNDECRYPTABLE_EVERY)
+            {
+                let n = std::mem::take(suppressed);
+                *last = Some(now);
+                self.sink.emit(Event::error(
+                    "undecryptable",
+                    format!(
+                        "{n} more message(s) from {from} failed verification and were discarded"
+                    ),
+                ));
             }
         }
     }

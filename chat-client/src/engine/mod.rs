@@ -31,6 +31,7 @@ use crate::store::{RowCipher, Store, StoreError, cipher::STORE_KEY_CONTEXT};
 mod commands;
 mod inbound;
 mod keys;
+mod offers;
 mod outbox;
 
 /// Pause before resending after the server answered `rate_limited`.
@@ -41,6 +42,8 @@ const HOUSEKEEPING: Duration = Duration::from_secs(10);
 const READ_BATCH: usize = 64;
 /// Deliveries kept in memory to retry after a local store failure (e.g. a full disk).
 const MAX_STALLED: usize = 1000;
+/// Forged envelopes from one sender are reported at most this often (with a count).
+const UNDECRYPTABLE_EVERY: Duration = Duration::from_secs(60);
 /// The relay's queue age limit is remembered under this `meta` name.
 const META_QUEUE_MAX_AGE: &str = "relay_queue_max_age_secs";
 
@@ -203,7 +206,8 @@ struct Engine {
     config: ClientConfig,
     sink: EventSink,
     store: Store,
-    identity: Identity,
+    /// Shared with the RSA worker.
+    identity: std::sync::Arc<Identity>,
     me: Username,
     peers: HashMap<String, Peer>,
     /// Frames to write on the current connection (empty and unused while offline).
@@ -238,6 +242,10 @@ struct Engine {
     max_frame: usize,
     /// Deliveries that failed to be stored (full disk): retried, not acknowledged.
     stalled: VecDeque<(u64, String, Vec<u8>)>,
+    /// Key offers: cache, per-sender throttle, the RSA worker.
+    offers: offers::Offers,
+    /// Per sender: when a forged envelope was last reported, and how many since.
+    undecryptable: HashMap<String, (Option<Instant>, usize)>,
 }
 
 impl Engine {
@@ -311,7 +319,7 @@ impl Engine {
             config,
             sink: sink.clone(),
             store,
-            identity,
+            identity: std::sync::Arc::new(identity),
             peers: HashMap::new(),
             out: Vec::new(),
             online: false,
@@ -331,6 +339,8 @@ impl Engine {
             watch_list: BTreeSet::new(),
             max_frame: 0,
             stalled: VecDeque::new(),
+            offers: offers::Offers::new(),
+            undecryptable: HashMap::new(),
         })
     }
 
@@ -434,6 +444,7 @@ impl Engine {
         self.online = false;
         self.out.clear();
         self.stalled.clear();
+        self.offers.forget_waiting();
         end
     }
 
@@ -510,6 +521,7 @@ impl Engine {
                 last_heard + ping_interval
             };
             let wake = wake.min(housekeeping_at);
+            let wake = self.offers.next_wake().map_or(wake, |t| wake.min(t));
             let wake = self.draining_until.map_or(wake, |d| wake.min(d));
             let wake = self.retry_at.map_or(wake, |r| wake.min(r));
             tokio::select! {
@@ -546,16 +558,21 @@ impl Engine {
                     }
                     Some(cmd) => self.command_online(cmd),
                 },
+                Some(done) = self.offers.done_rx.recv() => self.offer_unwrapped(done),
                 _ = sleep_until(wake) => {
                     let now = Instant::now();
                     if self.retry_at.is_some_and(|r| now >= r) {
                         self.retry_at = None;
                         self.flush_due = true;
                     }
+                    if self.offers.next_wake().is_some_and(|t| now >= t) {
+                        self.offers_unthrottled();
+                    }
                     if now >= housekeeping_at {
                         housekeeping_at = now + HOUSEKEEPING;
                         self.housekeeping();
                         self.retry_stalled();
+                        self.flush_undecryptable();
                     }
                     if now >= last_heard + ping_interval * 3 {
                         return SessionEnd::Lost("the server stopped answering".into());

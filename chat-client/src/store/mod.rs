@@ -263,6 +263,14 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Whether we have exchanged any message with `peer` (a contact, not a stranger).
+    pub fn has_conversation(&self, peer: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM messages WHERE peer = ?1)")?
+            .query_row(params![peer], |r| r.get(0))?)
+    }
+
     /// A small persisted number (`meta` table), e.g. the relay's queue age limit.
     pub fn meta(&self, name: &str) -> Result<Option<u64>, StoreError> {
         Ok(self
