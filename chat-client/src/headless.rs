@@ -51,7 +51,7 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
                 text: text.to_owned(),
             }
         }
-        "users" => Command::ListUsers,
+        "users" if args.trim().is_empty() => Command::ListUsers,
         "watch" => {
             let users: Vec<String> = args.split_whitespace().map(str::to_owned).collect();
             if users.is_empty() {
@@ -86,9 +86,10 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
         "history" => Command::History {
             user: one_user("/history USER")?,
         },
-        "quit" => Command::Shutdown {
+        "quit" if args.trim().is_empty() => Command::Shutdown {
             flush_for: FLUSH_ON_EXIT,
         },
+        "users" | "quit" => return Err(format!("usage: /{name} (it takes no arguments)")),
         other => return Err(format!("unknown command /{other}")),
     }))
 }
@@ -176,7 +177,12 @@ pub async fn run(
             }
         }
     }
-    let _ = handle.task.await;
+    if let Err(e) = handle.task.await {
+        // The engine died (a bug): say so, and exit non-zero.
+        let message = format!("the client stopped unexpectedly ({e}); please report this");
+        write_event(&mut output, &Event::error("internal", message)).await;
+        return 1;
+    }
     code
 }
 
@@ -319,6 +325,8 @@ mod tests {
             "/verify a b",
             "/accept-key",
             "/reject-key",
+            "/quit now",
+            "/users all",
             "/nope",
         ] {
             assert!(parse_command(bad).is_err(), "{bad:?}");

@@ -25,6 +25,8 @@ pub struct Session {
     pub max_frame: usize,
     /// Seconds the relay keeps an undelivered envelope.
     pub queue_max_age_secs: u64,
+    /// The relay's clock minus ours, in ms, when it said `Hello`.
+    pub clock_offset_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,12 +75,19 @@ async fn connect_inner(
         software: concat!("chat-client/", env!("CARGO_PKG_VERSION")).into(),
     })
     .await?;
-    let (max_frame, queue_max_age_secs) = match next(&mut conn).await? {
+    let (max_frame, queue_max_age_secs, clock_offset_ms) = match next(&mut conn).await? {
         ServerMessage::Hello {
             max_frame,
             queue_max_age_secs,
+            server_time_secs,
             ..
-        } => (max_frame as usize, queue_max_age_secs),
+        } => {
+            let ours = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let offset = (server_time_secs as i64).saturating_mul(1000) - ours;
+            (max_frame as usize, queue_max_age_secs, offset)
+        }
         other => return Err(unexpected(other)),
     };
     conn.send(ClientMessage::Register {
@@ -104,6 +113,7 @@ async fn connect_inner(
             registered,
             max_frame,
             queue_max_age_secs,
+            clock_offset_ms,
         }),
         other => Err(unexpected(other)),
     }

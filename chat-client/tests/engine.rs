@@ -13,6 +13,7 @@ fn a_full_recipient_queue_keeps_messages_queued_and_retries() {
     let dir = tempfile::tempdir().unwrap();
     let relay = start_relay_with(&rt, "127.0.0.1:0", &dir.path().join("relay"), |c| {
         c.queue.max_envelopes_per_user = 2;
+        c.queue.max_sender_share = 1.0;
     });
     // Bob registers, then goes offline.
     let bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));
@@ -32,7 +33,7 @@ fn a_full_recipient_queue_keeps_messages_queued_and_retries() {
         unreachable!()
     };
     assert_eq!(code, "recipient_queue_full");
-    assert!(message.contains("stays queued"), "{message}");
+    assert!(message.contains("stay queued"), "{message}");
 
     // Bob comes back and reads; alice's retries get the rest through, in order.
     let mut bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));

@@ -227,15 +227,14 @@ fn alice_killed_mid_stream_loses_and_duplicates_nothing() {
 
 #[test]
 fn a_clock_that_jumps_back_days_does_not_silence_the_next_message() {
-    if !common::have("faketime") {
+    let Some(two_days_ahead) = common::clock_shifted("+2d") else {
         return;
-    }
+    };
     let (_dir, relay_dir, a, b) = dirs();
     let relay = Relay::start("127.0.0.1:0", &relay_dir);
     let mut bob = Client::ready(relay.addr, "bob", &b);
     let ahead = Options {
-        wrapper: vec!["faketime".into(), "-f".into(), "+2d".into()],
-        env: vec![("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into())],
+        env: two_days_ahead,
         ..Options::default()
     };
     let mut alice = Client::start_opts(relay.addr, "alice", &a, &ahead);
@@ -595,9 +594,9 @@ fn a_full_disk_at_the_recipient_loses_nothing_whichever_side_restarts() {
 
 #[test]
 fn a_message_waiting_long_is_flagged_and_one_past_the_relays_age_limit_fails() {
-    if !common::have("faketime") {
+    let Some(alice_ahead) = common::clock_shifted("+31d") else {
         return;
-    }
+    };
     let (_dir, relay_dir, a, b) = dirs();
     let relay = Relay::start("127.0.0.1:0", &relay_dir);
     assert_eq!(Client::ready(relay.addr, "bob", &b).quit(), 0);
@@ -605,13 +604,26 @@ fn a_message_waiting_long_is_flagged_and_one_past_the_relays_age_limit_fails() {
     alice.send("/msg bob are you there?");
     let sent = alice.expect("sent", |e| e["event"] == "sent");
     assert_eq!(alice.quit(), 0);
-    let later = |shift: &str| Options {
-        wrapper: vec!["faketime".into(), "-f".into(), shift.into()],
-        env: vec![("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into())],
+    // Alice's own clock running ahead changes nothing: ages are the relay's.
+    let ahead = Options {
+        env: alice_ahead,
         ..Options::default()
     };
-    // Two days on, still no receipt: flagged once, and shown as such in the history.
-    let mut alice = Client::start_opts(relay.addr, "alice", &a, &later("+2d"));
+    let mut alice = Client::start_opts(relay.addr, "alice", &a, &ahead);
+    alice.expect("ready", |e| e["event"] == "ready");
+    alice.connected();
+    alice.drain(Duration::from_millis(500));
+    assert!(alice.seen_of("undelivered").is_empty() && alice.seen_of("failed").is_empty());
+    assert_eq!(alice.quit(), 0);
+    let (addr, data) = relay.kill();
+    let relay_at = |shift: &str| {
+        let env = common::clock_shifted(shift).unwrap();
+        Relay::start_under(&addr.to_string(), &data, "()", &env)
+    };
+    // Two days on (by the relay's clock), still no receipt: flagged once, and shown as
+    // such in the history.
+    let relay = relay_at("+2d");
+    let mut alice = Client::ready(relay.addr, "alice", &a);
     let late = alice.expect("undelivered", |e| e["event"] == "undelivered");
     assert_eq!(late["id"], sent["id"]);
     assert_eq!(late["to"], "bob");
@@ -620,13 +632,16 @@ fn a_message_waiting_long_is_flagged_and_one_past_the_relays_age_limit_fails() {
     assert_eq!(items[0]["status"], "sent");
     assert_eq!(items[0]["undelivered"], true);
     assert_eq!(alice.quit(), 0);
-    let mut alice = Client::start_opts(relay.addr, "alice", &a, &later("+3d"));
-    alice.expect("ready", |e| e["event"] == "ready");
+    drop(relay);
+    let relay = relay_at("+3d");
+    let mut alice = Client::ready(relay.addr, "alice", &a);
     alice.drain(Duration::from_millis(500));
     assert!(alice.seen_of("undelivered").is_empty(), "reported once");
     assert_eq!(alice.quit(), 0);
+    drop(relay);
     // Past the relay's 30 days the relay has deleted it: the user is told plainly.
-    let mut alice = Client::start_opts(relay.addr, "alice", &a, &later("+31d"));
+    let relay = relay_at("+31d");
+    let mut alice = Client::ready(relay.addr, "alice", &a);
     let failed = alice.expect("failed", |e| e["event"] == "failed");
     assert_eq!(failed["id"], sent["id"]);
     assert_eq!(failed["reason"], "expired");
@@ -637,4 +652,229 @@ fn a_message_waiting_long_is_flagged_and_one_past_the_relays_age_limit_fails() {
     let items = history(&mut alice, "bob");
     assert_eq!(items[0]["status"], "failed");
     assert_eq!(items[0]["reason"], "expired");
+}
+
+#[test]
+fn a_brief_full_disk_neither_loses_nor_reorders_what_comes_after() {
+    let (dir, relay_dir, a, _) = dirs();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("bobfs"), "3m") else {
+        return;
+    };
+    let b = disk.path.join("bob");
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    alice.send("/msg bob warm up");
+    bob.message_from("alice");
+    // Five cannot be stored; then, space freed, eighty more (more than the replay window)
+    // in the same epoch. Each must arrive once, in order.
+    disk.fill();
+    for n in 0..5 {
+        alice.send(&format!("/msg bob stalled {n}"));
+    }
+    bob.expect("store error", |e| {
+        e["event"] == "error" && e["code"] == "store_error"
+    });
+    disk.free();
+    for n in 0..80 {
+        alice.send(&format!("/msg bob after {n}"));
+    }
+    let expected: Vec<String> = (0..5)
+        .map(|n| format!("stalled {n}"))
+        .chain((0..80).map(|n| format!("after {n}")))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while texts(&[&bob], "alice").len() < 86 && Instant::now() < deadline {
+        bob.drain(Duration::from_millis(200));
+    }
+    let shown = texts(&[&bob], "alice");
+    assert_eq!(shown[1..], expected[..], "lost or reordered");
+    await_count(&mut alice, "delivered", 86, PATIENCE);
+    assert_eq!(bob.quit(), 0);
+}
+
+#[test]
+fn a_sender_that_lost_its_state_still_gets_its_receipts() {
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    // A conversation both ways: each side's epoch is acknowledged by the other.
+    alice.send("/msg bob hi");
+    bob.message_from("alice");
+    bob.send("/msg alice hello");
+    alice.message_from("bob");
+    alice.expect("delivered", |e| e["event"] == "delivered");
+    bob.expect("delivered", |e| e["event"] == "delivered");
+    assert_eq!(alice.quit(), 0);
+    forget_e2e_state(&a);
+    // Bob's receipts come in his acknowledged epoch, which alice no longer holds.
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    for n in 0..3 {
+        alice.send(&format!("/msg bob after the loss {n}"));
+    }
+    assert_eq!(bob.texts_from("alice", 3).len(), 3);
+    await_count(&mut alice, "delivered", 3, PATIENCE);
+    let items = history(&mut alice, "bob");
+    assert!(
+        items.iter().all(|i| i["status"] == "delivered"),
+        "{items:#?}"
+    );
+}
+
+#[test]
+fn messages_the_old_key_never_got_go_to_the_accepted_new_key() {
+    let (dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    assert_eq!(Client::ready(relay.addr, "bob", &b).quit(), 0);
+    alice.send("/safety bob");
+    alice.expect("safety", |e| e["event"] == "safety");
+    alice.send("/msg bob before the reinstall 1");
+    alice.send("/msg bob before the reinstall 2");
+    await_count(&mut alice, "sent", 2, PATIENCE);
+    // The operator frees the name (the relay's copies go); bob reinstalls.
+    common::admin(&relay_dir, &["remove-user", "bob"]);
+    let mut bob = Client::ready(relay.addr, "bob", &dir.path().join("bob-new"));
+    bob.send("/msg alice new install here");
+    let changed = alice.expect("key_changed", |e| e["event"] == "key_changed");
+    alice.send(&format!(
+        "/accept-key bob {}",
+        changed["fingerprint"].as_str().unwrap()
+    ));
+    assert_eq!(alice.seen_of("requeued").len(), 0);
+    await_count(&mut alice, "requeued", 2, PATIENCE);
+    assert_eq!(
+        bob.texts_from("alice", 2),
+        ["before the reinstall 1", "before the reinstall 2"]
+    );
+    await_count(&mut alice, "delivered", 2, PATIENCE);
+}
+
+#[test]
+fn a_relay_with_small_frames_gets_receipts_that_fit() {
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start_with_config(
+        "127.0.0.1:0",
+        &relay_dir,
+        "(max_frame_bytes: 16384, queue: (max_sender_share: 1.0))",
+    );
+    assert_eq!(Client::ready(relay.addr, "bob", &b).quit(), 0);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    for n in 0..600 {
+        alice.send(&format!("/msg bob n{n}"));
+    }
+    await_count(&mut alice, "sent", 600, Duration::from_secs(60));
+    assert_eq!(alice.quit(), 0);
+    // Bob reads 600 at once and owes 600 receipts: they go in envelopes that fit.
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while texts(&[&bob], "alice").len() < 600 && Instant::now() < deadline {
+        bob.drain(Duration::from_millis(200));
+    }
+    assert_eq!(texts(&[&bob], "alice").len(), 600);
+    bob.drain(Duration::from_millis(1000));
+    assert!(
+        bob.seen_of("connection")
+            .iter()
+            .all(|e| e["state"] != "reconnecting"),
+        "bob's connection was dropped: {:#?}",
+        bob.seen_of("connection")
+    );
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    await_count(&mut alice, "delivered", 600, Duration::from_secs(60));
+}
+
+#[test]
+fn history_keeps_its_order_when_the_clock_goes_back() {
+    let Some(two_days_ahead) = common::clock_shifted("+2d") else {
+        return;
+    };
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    let ahead = Options {
+        env: two_days_ahead,
+        ..Options::default()
+    };
+    let mut alice = Client::start_opts(relay.addr, "alice", &a, &ahead);
+    alice.expect("ready", |e| e["event"] == "ready");
+    alice.send("/msg bob written while my clock was ahead");
+    bob.message_from("alice");
+    assert_eq!(alice.quit(), 0);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    alice.send("/msg bob written after it was set right");
+    bob.message_from("alice");
+    let texts: Vec<String> = history(&mut alice, "bob")
+        .iter()
+        .map(|i| i["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "written while my clock was ahead",
+            "written after it was set right"
+        ]
+    );
+}
+
+#[test]
+fn a_client_whose_stderr_cannot_be_written_keeps_working() {
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    let full = Options {
+        stderr_to: Some("/dev/full".into()),
+        log: Some("debug".into()),
+        ..Options::default()
+    };
+    let mut alice = Client::start_opts(relay.addr, "alice", &a, &full);
+    alice.expect("ready", |e| e["event"] == "ready");
+    alice.send("/msg bob logs or no logs");
+    assert_eq!(bob.message_from("alice")["text"], "logs or no logs");
+    alice.expect("delivered", |e| e["event"] == "delivered");
+    assert_eq!(alice.quit(), 0);
+}
+
+#[test]
+fn a_passphrase_given_later_protects_the_key_file_and_the_history() {
+    let (dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let marker = "PASSMARKER-before-the-passphrase";
+    alice.send(&format!("/msg bob {marker}"));
+    bob.message_from("alice");
+    alice.expect("delivered", |e| e["event"] == "delivered");
+    assert_eq!(alice.quit(), 0);
+    let pass = dir.path().join("pass.txt");
+    std::fs::write(&pass, "a good passphrase\n").unwrap();
+    let mut alice = Client::start_with(
+        relay.addr,
+        "alice",
+        &a,
+        &["--passphrase-file", pass.to_str().unwrap()],
+    );
+    let warning = alice.expect("warning", |e| e["event"] == "warning");
+    assert_eq!(warning["code"], "passphrase_added");
+    alice.expect("ready", |e| e["event"] == "ready");
+    let items = history(&mut alice, "bob");
+    assert_eq!(items[0]["text"], marker);
+    assert_eq!(alice.quit(), 0);
+    let pem = std::fs::read_to_string(a.join("identity.pem")).unwrap();
+    assert!(pem.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+    let db: Vec<u8> = ["client.sqlite3", "client.sqlite3-wal"]
+        .iter()
+        .flat_map(|f| std::fs::read(a.join(f)).unwrap_or_default())
+        .collect();
+    assert!(
+        !common::contains(&db, marker.as_bytes()),
+        "the history is still in the clear"
+    );
+    // And without the passphrase now: a clear error, nothing opened.
+    let mut none = Client::start(relay.addr, "alice", &a);
+    assert_eq!(
+        none.expect("error", |e| e["event"] == "error")["code"],
+        "passphrase_required"
+    );
 }

@@ -146,6 +146,9 @@ pub enum ServerMessage {
         /// Seconds an undelivered envelope is kept before it is deleted (`queue.max_age_secs`);
         /// a sender whose message waits longer knows it can no longer arrive.
         queue_max_age_secs: u64,
+        /// The server's clock, seconds since the Unix epoch. Ages of queued messages are
+        /// judged by it, not by the client's clock (which may be off by days).
+        server_time_secs: u64,
     },
     /// Sign this nonce (with the transcript in `auth`) to prove the key.
     Challenge {

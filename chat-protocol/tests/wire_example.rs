@@ -38,6 +38,7 @@ fn worked_example_matches_the_document() {
             software: "srv/1".into(),
             max_frame: 65536,
             queue_max_age_secs: 2_592_000,
+            server_time_secs: 1_764_201_234,
         }),
         client(ClientMessage::Login {
             id: 1,

@@ -158,6 +158,19 @@ impl Engine {
         }
         self.checked_keys
             .insert(user.to_owned(), tokio::time::Instant::now());
+        // What the old key never receipted goes out again, to the new key.
+        match self.store.requeue_unreceipted(user) {
+            Ok(ids) => {
+                for id in ids {
+                    self.sink.emit(Event::Requeued {
+                        to: user.to_owned(),
+                        id: crate::api::id_hex(&id),
+                        reason: "key_changed".into(),
+                    });
+                }
+            }
+            Err(e) => self.store_error(e),
+        }
         self.emit_safety(user);
         self.release_held(user);
         self.flush_due = true;

@@ -27,7 +27,14 @@ impl Engine {
                 envelope_id,
                 from,
                 payload,
-            } => self.deliver(Source::Relay(envelope_id), from, payload, Instant::now()),
+            } => {
+                if self.stalled.is_empty() {
+                    self.deliver(Source::Relay(envelope_id), from, payload, Instant::now());
+                } else {
+                    // Behind deliveries waiting for the store: keep the order.
+                    self.stall(Source::Relay(envelope_id), &from, &payload);
+                }
+            }
             ServerMessage::Ok { id } => self.request_done(id),
             ServerMessage::Error {
                 id: Some(id),
@@ -95,7 +102,7 @@ impl Engine {
                 epoch,
             }) => {
                 self.in_flight.remove(&msg_id);
-                if self.requeue_on_ok.remove(&msg_id) {
+                if self.retired_out.contains(&(to.clone(), epoch)) {
                     // Its recipient asked for this epoch again meanwhile: it stays queued.
                     self.sink.emit(Event::Requeued {
                         to,
@@ -105,7 +112,8 @@ impl Engine {
                     self.flush_due = true;
                     return;
                 }
-                match self.store.mark_sent(&msg_id, epoch, now_ms()) {
+                let accepted_at = self.relay_now_ms().unwrap_or_else(now_ms);
+                match self.store.mark_sent(&msg_id, epoch, accepted_at) {
                     Ok(Some(_)) => self.sink.emit(Event::Sent {
                         to,
                         id: id_hex(&msg_id),
@@ -115,19 +123,28 @@ impl Engine {
                 }
                 self.connection_event(ConnectionState::Connected, None);
             }
-            Some(Pending::Receipt { peer, ids }) => {
+            Some(Pending::Receipt { peer, ids, epoch }) => {
                 for id in &ids {
                     self.receipts_in_flight.remove(&(peer.clone(), *id));
                 }
-                if let Err(e) = self.store.receipts_sent(&peer, &ids) {
+                if self.retired_out.contains(&(peer.clone(), epoch)) {
+                    // The peer cannot open that epoch: still owed, sent again.
+                    self.flush_due = true;
+                } else if let Err(e) = self.store.receipts_sent(&peer, &ids, Some(epoch)) {
                     self.store_error(e);
                 }
             }
-            Some(Pending::Retry { peer, epochs }) => {
-                for epoch in &epochs {
-                    self.retries_in_flight.remove(&(peer.clone(), *epoch));
+            Some(Pending::Retry {
+                peer,
+                epochs,
+                epoch,
+            }) => {
+                for e in &epochs {
+                    self.retries_in_flight.remove(&(peer.clone(), *e));
                 }
-                if let Err(e) = self.store.retries_sent(&peer, &epochs) {
+                if self.retired_out.contains(&(peer.clone(), epoch)) {
+                    self.flush_due = true;
+                } else if let Err(e) = self.store.retries_sent(&peer, &epochs, Some(epoch)) {
                     self.store_error(e);
                 }
             }
@@ -157,17 +174,19 @@ impl Engine {
         match self.pending.remove(&id) {
             Some(Pending::Send { id: msg_id, to, .. }) => {
                 self.in_flight.remove(&msg_id);
-                self.requeue_on_ok.remove(&msg_id);
                 if transient {
-                    // Worth another try later: the message stays in the outbox.
+                    // Worth another try later: the message (and the rest to `to`) stays
+                    // in the outbox; said once per pause, not once per message.
                     let delay = retry_after(self);
-                    self.sink.emit(Event::error(
-                        code.as_str(),
-                        format!(
-                            "{message}; the message to {to} stays queued and is retried in {} s",
-                            delay.as_secs().max(1)
-                        ),
-                    ));
+                    if self.hold_peer(&to, delay) {
+                        self.sink.emit(Event::error(
+                            code.as_str(),
+                            format!(
+                                "{message}; messages to {to} stay queued and are retried in {} s",
+                                delay.as_secs().max(1)
+                            ),
+                        ));
+                    }
                 } else {
                     self.sink.emit(Event::error(
                         code.as_str(),
@@ -177,24 +196,26 @@ impl Engine {
                 }
                 self.connection_event(ConnectionState::Connected, None);
             }
-            Some(Pending::Receipt { peer, ids }) => {
+            Some(Pending::Receipt { peer, ids, .. }) => {
                 for id in &ids {
                     self.receipts_in_flight.remove(&(peer.clone(), *id));
                 }
                 if transient {
-                    retry_after(self);
-                } else if let Err(e) = self.store.receipts_sent(&peer, &ids) {
+                    let delay = retry_after(self);
+                    self.hold_peer(&peer, delay);
+                } else if let Err(e) = self.store.receipts_sent(&peer, &ids, None) {
                     // Refused for good (e.g. the sender's account is gone): owed no more.
                     self.store_error(e);
                 }
             }
-            Some(Pending::Retry { peer, epochs }) => {
+            Some(Pending::Retry { peer, epochs, .. }) => {
                 for epoch in &epochs {
                     self.retries_in_flight.remove(&(peer.clone(), *epoch));
                 }
                 if transient {
-                    retry_after(self);
-                } else if let Err(e) = self.store.retries_sent(&peer, &epochs) {
+                    let delay = retry_after(self);
+                    self.hold_peer(&peer, delay);
+                } else if let Err(e) = self.store.retries_sent(&peer, &epochs, None) {
                     self.store_error(e);
                 }
             }
@@ -456,14 +477,10 @@ impl Engine {
                         for epoch in &epochs {
                             peer.outbound.retire(*epoch);
                         }
-                        // Messages of those epochs still waiting for the server's answer.
-                        let in_flight: Vec<_> = self
-                            .in_flight
-                            .iter()
-                            .filter(|(_, e)| epochs.contains(e))
-                            .map(|(id, _)| *id)
-                            .collect();
-                        self.requeue_on_ok.extend(in_flight);
+                        // What went under those epochs and still waits for the server's
+                        // answer is sent again once answered.
+                        self.retired_out
+                            .extend(epochs.iter().map(|e| (from.to_owned(), *e)));
                         // Their client may hold a new key: check before sending again.
                         self.checked_keys.remove(from);
                         for id in ids {
@@ -485,16 +502,28 @@ impl Engine {
                 }
             }
             Err(e) => {
-                // Nothing changed: not acknowledged, retried (and redelivered at the next
-                // login) from the same state.
-                if let Source::Relay(id) = source
-                    && self.stalled.len() < MAX_STALLED
-                {
-                    self.stalled
-                        .push_back((id, from.to_owned(), payload.to_vec()));
-                }
+                // Nothing changed: not acknowledged; retried from the same state.
+                self.stall(source, from, payload);
                 self.store_error(e);
             }
+        }
+    }
+
+    /// The store failed (a full disk): this delivery, and every one after it, waits —
+    /// in order — until a retry succeeds, so nothing overtakes it (a later message of its
+    /// epoch would move the replay window past it).
+    pub(super) fn stall(&mut self, source: Source, from: &str, payload: &[u8]) {
+        self.stall_failed = true;
+        match source {
+            Source::Relay(id) if self.stalled.len() < MAX_STALLED => {
+                self.stalled
+                    .push_back((id, from.to_owned(), payload.to_vec()));
+            }
+            // Too many waiting: dropped from memory, unacknowledged. Once the rest is
+            // through, the connection is renewed so the relay delivers them again, in order.
+            Source::Relay(_) => self.resync = true,
+            // Still held in the store: opened again with the held ones.
+            Source::Held(_) => {}
         }
     }
 
@@ -518,10 +547,17 @@ impl Engine {
         }
     }
 
-    /// Tries again the deliveries a store failure stopped (e.g. the disk is free again).
+    /// Tries again the deliveries a store failure stopped (e.g. the disk is free again),
+    /// in order, stopping at the first that still fails.
     pub(super) fn retry_stalled(&mut self) {
-        for (id, from, payload) in std::mem::take(&mut self.stalled) {
+        let mut waiting = std::mem::take(&mut self.stalled).into_iter();
+        self.stall_failed = false;
+        while let Some((id, from, payload)) = waiting.next() {
             self.deliver(Source::Relay(id), from, payload, Instant::now());
+            if self.stall_failed {
+                self.stalled.extend(waiting);
+                return;
+            }
         }
     }
 

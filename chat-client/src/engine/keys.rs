@@ -60,8 +60,20 @@ impl Engine {
         let pin = self.pin(user);
         match trust::observe(pin.as_ref(), der) {
             Seen::New(pin) => {
+                if !self.save_pin(user, &pin) {
+                    // The store cannot write (a full disk): what waited for the key waits
+                    // with the other stalled deliveries and is retried with them.
+                    for w in waiting {
+                        if let Waiting::Envelope {
+                            source, payload, ..
+                        } = w
+                        {
+                            self.stall(source, user, &payload);
+                        }
+                    }
+                    return;
+                }
                 info!("pinned a contact's first key");
-                self.save_pin(user, &pin);
             }
             Seen::Trusted => {}
             Seen::Changed { was_verified, pin } => {

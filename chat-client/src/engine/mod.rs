@@ -160,10 +160,14 @@ enum Pending {
     Receipt {
         peer: String,
         ids: Vec<MessageId>,
+        /// Our epoch it went under.
+        epoch: u32,
     },
     Retry {
         peer: String,
         epochs: Vec<u32>,
+        /// Our epoch it went under.
+        epoch: u32,
     },
     Key {
         user: String,
@@ -221,8 +225,9 @@ struct Engine {
     checked_keys: HashMap<String, Instant>,
     /// Outbox messages sent on this connection and not yet answered, with their epoch.
     in_flight: HashMap<MessageId, u32>,
-    /// In flight when their recipient asked for their epoch again: queued again on `Ok`.
-    requeue_on_ok: HashSet<MessageId>,
+    /// (peer, our epoch) the peer asked for again on this connection: whatever went under
+    /// it and is answered `Ok` after that is sent again rather than taken as done.
+    retired_out: HashSet<(String, u32)>,
     /// Receipts and retry requests sent on this connection and not yet answered.
     receipts_in_flight: HashSet<(String, MessageId)>,
     retries_in_flight: HashSet<(String, u32)>,
@@ -235,13 +240,24 @@ struct Engine {
     acks: Vec<u64>,
     /// When to try the outbox again after the server asked us to slow down.
     retry_at: Option<Instant>,
+    /// Contacts nothing is sent to until then (their queue at the relay is full, …).
+    hold: HashMap<String, Instant>,
     /// Users whose presence we follow: contacts, everyone we exchange messages with, and
     /// those asked for. Watched anew on every connection.
     watch_list: BTreeSet<String>,
     /// Largest frame the relay accepts (its `Hello`); 0 before the first connection.
     max_frame: usize,
-    /// Deliveries that failed to be stored (full disk): retried, not acknowledged.
+    /// While connected: the relay's clock minus ours (ms). Ages of sent messages are
+    /// judged by the relay's clock, so ours being off by days changes nothing.
+    relay_clock: Option<i64>,
+    /// Deliveries that failed to be stored (full disk), and all that came after them:
+    /// retried in order, not acknowledged.
     stalled: VecDeque<(u64, String, Vec<u8>)>,
+    /// A store failure happened during the current retry of `stalled`.
+    stall_failed: bool,
+    /// Deliveries were dropped from memory while stalled: renew the connection once the
+    /// stalled ones are through, so the relay delivers the rest again in order.
+    resync: bool,
     /// Key offers: cache, per-sender throttle, the RSA worker.
     offers: offers::Offers,
     /// Per sender: when a forged envelope was last reported, and how many since.
@@ -303,6 +319,25 @@ impl Engine {
                 (identity, encrypted)
             }
         };
+        // A passphrase given for a key file that has none: protect the file (and the
+        // store) with it now, rather than ignore it.
+        let encrypted = match (&passphrase, encrypted) {
+            (Some(pass), false) => {
+                home.save_identity(&identity, Some(pass))
+                    .map_err(home_err)?;
+                sink.emit(Event::warning(
+                    "passphrase_added",
+                    format!(
+                        "{} was not protected by a passphrase; it is encrypted with the one given \
+                         now, and so are your stored messages. Keep the passphrase: it is needed \
+                         from now on",
+                        home.identity_path().display()
+                    ),
+                ));
+                true
+            }
+            _ => encrypted,
+        };
         let cipher = RowCipher::new(identity.derive_key(STORE_KEY_CONTEXT), encrypted);
         let store = Store::open(home.dir(), cipher).map_err(|e| {
             Event::error(
@@ -328,7 +363,7 @@ impl Engine {
             awaiting_key: HashMap::new(),
             checked_keys: HashMap::new(),
             in_flight: HashMap::new(),
-            requeue_on_ok: HashSet::new(),
+            retired_out: HashSet::new(),
             receipts_in_flight: HashSet::new(),
             retries_in_flight: HashSet::new(),
             flush_due: false,
@@ -336,16 +371,19 @@ impl Engine {
             ready_sent: false,
             acks: Vec::new(),
             retry_at: None,
+            hold: HashMap::new(),
             watch_list: BTreeSet::new(),
             max_frame: 0,
+            relay_clock: None,
             stalled: VecDeque::new(),
+            stall_failed: false,
+            resync: false,
             offers: offers::Offers::new(),
             undecryptable: HashMap::new(),
         })
     }
 
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
-        self.housekeeping();
         let mut attempt: u32 = 0;
         loop {
             self.connection_event(ConnectionState::Connecting, None);
@@ -433,17 +471,21 @@ impl Engine {
             mut conn,
             max_frame,
             queue_max_age_secs,
+            clock_offset_ms,
             ..
         } = session;
         self.max_frame = max_frame;
+        self.relay_clock = Some(clock_offset_ms);
         if let Err(e) = self.store.set_meta(META_QUEUE_MAX_AGE, queue_max_age_secs) {
             self.store_error(e);
         }
         self.online = true;
         let end = self.session_loop(&mut conn, commands).await;
         self.online = false;
+        self.relay_clock = None;
         self.out.clear();
         self.stalled.clear();
+        self.resync = false;
         self.offers.forget_waiting();
         end
     }
@@ -457,7 +499,8 @@ impl Engine {
         self.awaiting_key.clear();
         self.checked_keys.clear();
         self.in_flight.clear();
-        self.requeue_on_ok.clear();
+        self.retired_out.clear();
+        self.hold.clear();
         self.receipts_in_flight.clear();
         self.retries_in_flight.clear();
         self.acks.clear();
@@ -487,6 +530,7 @@ impl Engine {
         let all: Vec<String> = self.watch_list.iter().cloned().collect();
         self.send_watch(all);
         self.release_held_for_usable_keys();
+        self.housekeeping();
         self.flush_due = true;
 
         let ping_interval = self.config.ping_interval;
@@ -573,6 +617,9 @@ impl Engine {
                         self.housekeeping();
                         self.retry_stalled();
                         self.flush_undecryptable();
+                        if self.resync && self.stalled.is_empty() {
+                            return SessionEnd::Lost("catching up after the local store could not write".into());
+                        }
                     }
                     if now >= last_heard + ping_interval * 3 {
                         return SessionEnd::Lost("the server stopped answering".into());
@@ -583,6 +630,30 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends nothing to `peer` for `delay`. Returns whether it was not held already.
+    fn hold_peer(&mut self, peer: &str, delay: Duration) -> bool {
+        let until = Instant::now() + delay;
+        match self.hold.insert(peer.to_owned(), until) {
+            Some(before) if before > Instant::now() => {
+                self.hold.insert(peer.to_owned(), before.max(until));
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Whether nothing may be sent to `peer` now.
+    fn held(&mut self, peer: &str) -> bool {
+        match self.hold.get(peer) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                self.hold.remove(peer);
+                false
+            }
+            None => false,
         }
     }
 
@@ -629,9 +700,14 @@ impl Engine {
         }
     }
 
-    fn save_pin(&mut self, user: &str, pin: &Pin) {
-        if let Err(e) = self.store.save_pin(user, pin) {
-            self.store_error(e);
+    /// Saves a pin; false (and the user told) if the store could not write it.
+    fn save_pin(&mut self, user: &str, pin: &Pin) -> bool {
+        match self.store.save_pin(user, pin) {
+            Ok(()) => true,
+            Err(e) => {
+                self.store_error(e);
+                false
+            }
         }
     }
 
@@ -714,6 +790,14 @@ fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
     // Full jitter in [exp/2, exp] so many clients don't reconnect in lockstep.
     let half = exp / 2;
     half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+impl Engine {
+    /// The relay's clock now (ms since the Unix epoch), while connected.
+    fn relay_now_ms(&self) -> Option<u64> {
+        self.relay_clock
+            .map(|offset| (now_ms() as i64).saturating_add(offset).max(0) as u64)
+    }
 }
 
 fn now_ms() -> u64 {

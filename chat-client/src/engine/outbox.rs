@@ -45,7 +45,11 @@ impl Engine {
         if to == self.me.as_str() {
             // A note to oneself: stored, and so delivered, at once.
             if let Err(e) = self.store.store_note(&item) {
-                self.store_error(e);
+                warn!("store error: {e}");
+                self.sink.emit(Event::error(
+                    "store_error",
+                    format!("your note was NOT saved: {e}; free some disk space and try again"),
+                ));
                 return false;
             }
             self.sink.emit(Event::Queued {
@@ -62,7 +66,15 @@ impl Engine {
             return false;
         }
         if let Err(e) = self.store.enqueue(&item) {
-            self.store_error(e);
+            // Not queued: say so plainly (nothing will retry it).
+            warn!("store error: {e}");
+            self.sink.emit(Event::error(
+                "store_error",
+                format!(
+                    "your message to {to} was NOT queued: {e}; free some disk space (or check the \
+                     home directory) and send it again"
+                ),
+            ));
             return false;
         }
         self.sink.emit(Event::Queued {
@@ -132,6 +144,10 @@ impl Engine {
             if self.in_flight.contains_key(&item.id) || held.contains(&item.peer) {
                 continue;
             }
+            if self.held(&item.peer) {
+                held.insert(item.peer);
+                continue;
+            }
             let ready = self.checked_keys.contains_key(&item.peer)
                 && self.pin(&item.peer).is_some_and(|p| p.usable());
             if !ready {
@@ -189,7 +205,10 @@ impl Engine {
             Err(e) => return self.store_error(e),
         };
         for (peer, ids) in due {
-            let ids: Vec<MessageId> = ids
+            if self.held(&peer) {
+                continue;
+            }
+            let mut ids: Vec<MessageId> = ids
                 .into_iter()
                 .filter(|id| !self.receipts_in_flight.contains(&(peer.clone(), *id)))
                 .collect();
@@ -199,26 +218,38 @@ impl Engine {
                 .and_then(|p| p.inbound.as_ref())
                 .and_then(|s| s.newest_epoch())
                 .unwrap_or_default();
-            for chunk in ids.chunks(RECEIPT_BATCH) {
+            // As many ids per receipt as fit the relay's frames; halved while one does not.
+            let mut batch = RECEIPT_BATCH;
+            while !ids.is_empty() {
+                let chunk: Vec<MessageId> = ids.iter().take(batch).copied().collect();
                 let receipt = Content {
                     id: random_id(),
                     sent_at_ms: now_ms(),
                     body: Body::Receipt {
                         epoch,
-                        ids: chunk.to_vec(),
+                        ids: chunk.clone(),
                     },
                 };
                 let Some(sealed) = self.seal(&peer, &receipt) else {
                     break;
                 };
-                for id in chunk {
+                if !self.fits(&peer, &sealed) {
+                    if batch == 1 {
+                        break;
+                    }
+                    batch /= 2;
+                    continue;
+                }
+                ids.drain(..chunk.len());
+                for id in &chunk {
                     self.receipts_in_flight.insert((peer.clone(), *id));
                 }
                 let (to, payload) = (peer.clone(), sealed.bytes);
                 self.request(
                     Pending::Receipt {
                         peer: peer.clone(),
-                        ids: chunk.to_vec(),
+                        ids: chunk,
+                        epoch: sealed.epoch,
                     },
                     |id| ClientMessage::Send { id, to, payload },
                 );
@@ -232,6 +263,9 @@ impl Engine {
             Err(e) => return self.store_error(e),
         };
         for (peer, epochs) in due {
+            if self.held(&peer) {
+                continue;
+            }
             let epochs: Vec<u32> = epochs
                 .into_iter()
                 .filter(|e| !self.retries_in_flight.contains(&(peer.clone(), *e)))
@@ -250,6 +284,9 @@ impl Engine {
             let Some(sealed) = self.seal(&peer, &request) else {
                 continue;
             };
+            if !self.fits(&peer, &sealed) {
+                continue;
+            }
             for epoch in &epochs {
                 self.retries_in_flight.insert((peer.clone(), *epoch));
             }
@@ -258,10 +295,17 @@ impl Engine {
                 Pending::Retry {
                     peer: peer.clone(),
                     epochs,
+                    epoch: sealed.epoch,
                 },
                 |id| ClientMessage::Send { id, to, payload },
             );
         }
+    }
+
+    /// Whether a `Send` of `sealed` to `to` fits the relay's frame limit (never send one
+    /// that does not: the relay would close the connection).
+    fn fits(&self, to: &str, sealed: &Sealed) -> bool {
+        self.max_frame == 0 || send_frame_len(to, sealed.bytes.len()) <= self.max_frame
     }
 
     /// Encrypts for `to` with its pinned key.
@@ -319,9 +363,12 @@ impl Engine {
     }
 
     /// Reports messages that wait long for their receipt, and gives up on those the relay
-    /// has deleted by now (older than its queue age limit).
+    /// has deleted by now (older than its queue age limit). Judged by the relay's clock,
+    /// so only while connected.
     pub(super) fn housekeeping(&mut self) {
-        let now = now_ms();
+        let Some(now) = self.relay_now_ms() else {
+            return;
+        };
         let late_before = now.saturating_sub(self.config.undelivered_after.as_millis() as u64);
         match self.store.flag_undelivered(late_before) {
             Ok(late) => {

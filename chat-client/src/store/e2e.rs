@@ -15,6 +15,9 @@ use super::{RowCipher, Store, StoreError};
 pub const MAX_HELD_PER_CONTACT: usize = 10_000;
 /// Retry requests remembered per contact (each epoch is asked for once).
 const RETRIES_REMEMBERED: i64 = 256;
+/// Receipts remembered per contact after the relay accepted them, to send again if the
+/// contact cannot open the epoch they went under.
+const RECEIPTS_REMEMBERED: i64 = 10_000;
 
 /// A received text, as committed by [`Store::commit_text`].
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +104,10 @@ impl Store {
         state: &Inbound,
         held: Option<i64>,
     ) -> Result<bool, StoreError> {
+        let msg = ReceivedText {
+            stored_at: self.stamp(msg.stored_at),
+            ..msg
+        };
         self.transaction(|tx, cipher| {
             let new = insert_incoming(tx, cipher, &msg)?;
             tx.prepare_cached("INSERT OR IGNORE INTO receipts_due (peer, id) VALUES (?1, ?2)")?
@@ -127,8 +134,9 @@ impl Store {
         })
     }
 
-    /// Commits `peer`'s retry request: our messages accepted under `epochs` and not
-    /// receipted are queued again. Returns their ids, oldest first.
+    /// Commits `peer`'s retry request: what we sent under `epochs` goes out again —
+    /// messages not receipted (queued again; their ids returned, oldest first), receipts
+    /// and our own retry requests (owed again).
     pub fn commit_retry_request(
         &mut self,
         peer: &str,
@@ -138,6 +146,21 @@ impl Store {
     ) -> Result<Vec<MessageId>, StoreError> {
         self.transaction(|tx, cipher| {
             let ids = requeue_in(tx, peer, epochs)?;
+            for epoch in epochs {
+                let epoch = i64::from(*epoch);
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO receipts_due (peer, id)
+                     SELECT peer, id FROM receipts_log WHERE peer = ?1 AND epoch = ?2",
+                )?
+                .execute(params![peer, epoch])?;
+                tx.prepare_cached("DELETE FROM receipts_log WHERE peer = ?1 AND epoch = ?2")?
+                    .execute(params![peer, epoch])?;
+                tx.prepare_cached(
+                    "UPDATE retries SET sent = 0, sent_epoch = NULL
+                     WHERE peer = ?1 AND sent = 1 AND sent_epoch = ?2",
+                )?
+                .execute(params![peer, epoch])?;
+            }
             save_state(tx, cipher, peer, state)?;
             unhold(tx, held)?;
             Ok(ids)
@@ -164,13 +187,31 @@ impl Store {
         Ok(grouped)
     }
 
-    /// The server accepted (or refused for good) these receipts.
-    pub fn receipts_sent(&mut self, peer: &str, ids: &[MessageId]) -> Result<(), StoreError> {
+    /// The server accepted these receipts, sent under our `epoch` (or refused them for
+    /// good: `None`). They are owed no more; accepted ones are remembered for a while.
+    pub fn receipts_sent(
+        &mut self,
+        peer: &str,
+        ids: &[MessageId],
+        epoch: Option<u32>,
+    ) -> Result<(), StoreError> {
         self.transaction(|tx, _| {
             for id in ids {
                 tx.prepare_cached("DELETE FROM receipts_due WHERE peer = ?1 AND id = ?2")?
                     .execute(params![peer, &id[..]])?;
+                if let Some(epoch) = epoch {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO receipts_log (peer, id, epoch) VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![peer, &id[..], i64::from(epoch)])?;
+                }
             }
+            tx.prepare_cached(
+                "DELETE FROM receipts_log WHERE peer = ?1 AND seq <= (
+                     SELECT seq FROM receipts_log WHERE peer = ?1
+                     ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+            )?
+            .execute(params![peer, RECEIPTS_REMEMBERED])?;
             Ok(())
         })
     }
@@ -213,14 +254,39 @@ impl Store {
         Ok(grouped)
     }
 
-    /// The server accepted these retry requests.
-    pub fn retries_sent(&mut self, peer: &str, epochs: &[u32]) -> Result<(), StoreError> {
+    /// The server accepted these retry requests, sent under our `sent_epoch` (or refused
+    /// them for good: `None`).
+    pub fn retries_sent(
+        &mut self,
+        peer: &str,
+        epochs: &[u32],
+        sent_epoch: Option<u32>,
+    ) -> Result<(), StoreError> {
         self.transaction(|tx, _| {
             for epoch in epochs {
-                tx.prepare_cached("UPDATE retries SET sent = 1 WHERE peer = ?1 AND epoch = ?2")?
-                    .execute(params![peer, i64::from(*epoch)])?;
+                tx.prepare_cached(
+                    "UPDATE retries SET sent = 1, sent_epoch = ?3 WHERE peer = ?1 AND epoch = ?2",
+                )?
+                .execute(params![
+                    peer,
+                    i64::from(*epoch),
+                    sent_epoch.map(i64::from)
+                ])?;
             }
             Ok(())
+        })
+    }
+
+    /// `peer`'s key changed and the new one was accepted: every message sent to them and
+    /// not receipted goes out again, to the new key. Returns their ids, oldest first.
+    pub fn requeue_unreceipted(&mut self, peer: &str) -> Result<Vec<MessageId>, StoreError> {
+        self.transaction(|tx, _| {
+            let epochs: Vec<i64> = tx
+                .prepare("SELECT DISTINCT epoch FROM outbox WHERE peer = ?1 AND state = 'sent'")?
+                .query_map(params![peer], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let epochs: Vec<u32> = epochs.into_iter().map(|e| e as u32).collect();
+            requeue_in(tx, peer, &epochs)
         })
     }
 
@@ -315,8 +381,14 @@ mod tests {
                 ("bob".to_string(), vec![[1; 16]])
             ]
         );
-        store.receipts_sent("bob", &[[1; 16]]).unwrap();
+        store.receipts_sent("bob", &[[1; 16]], Some(40)).unwrap();
         assert_eq!(store.receipts_due().unwrap().len(), 1);
+        // Bob cannot open our epoch 40: the receipt is owed again.
+        store
+            .commit_retry_request("bob", &[40], &state, None)
+            .unwrap();
+        assert_eq!(store.receipts_due().unwrap().len(), 2);
+        store.receipts_sent("bob", &[[1; 16]], Some(41)).unwrap();
 
         assert!(store.request_retry("bob", 7, 1).unwrap());
         assert!(
@@ -328,11 +400,19 @@ mod tests {
             store.retries_due().unwrap(),
             vec![("bob".to_string(), vec![7, 8])]
         );
-        store.retries_sent("bob", &[7, 8]).unwrap();
+        store.retries_sent("bob", &[7, 8], Some(50)).unwrap();
         assert!(store.retries_due().unwrap().is_empty());
         assert!(
             !store.request_retry("bob", 7, 4).unwrap(),
             "still remembered"
+        );
+        // Bob cannot open our epoch 50, which carried the request: it is owed again.
+        store
+            .commit_retry_request("bob", &[50], &state, None)
+            .unwrap();
+        assert_eq!(
+            store.retries_due().unwrap(),
+            vec![("bob".to_string(), vec![7, 8])]
         );
 
         // The state survives a reopen (and is encrypted at rest).

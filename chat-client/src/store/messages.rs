@@ -143,6 +143,7 @@ pub(super) fn requeue_in(
 impl Store {
     /// Puts a new outgoing message in the outbox and history, atomically.
     pub fn enqueue(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
+        let stored_at = self.stamp(item.sent_at);
         self.transaction(|tx, cipher| {
             tx.execute(
                 "INSERT INTO outbox (id, peer, body, sent_at) VALUES (?1, ?2, ?3, ?4)",
@@ -155,12 +156,13 @@ impl Store {
             )?;
             tx.execute(
                 "INSERT INTO messages (peer, id, outgoing, body, sent_at, status, stored_at)
-                 VALUES (?1, ?2, 1, ?3, ?4, 'sending', ?4)",
+                 VALUES (?1, ?2, 1, ?3, ?4, 'sending', ?5)",
                 params![
                     item.peer,
                     &item.id[..],
                     write_text(cipher, &body_place(&item.peer, &item.id, true), &item.text),
-                    item.sent_at as i64
+                    item.sent_at as i64,
+                    stored_at as i64
                 ],
             )?;
             Ok(())
@@ -169,15 +171,17 @@ impl Store {
 
     /// A note to oneself: stored as delivered at once, never sent.
     pub fn store_note(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
+        let stored_at = self.stamp(item.sent_at);
         self.transaction(|tx, cipher| {
             tx.execute(
                 "INSERT INTO messages (peer, id, outgoing, body, sent_at, status, stored_at)
-                 VALUES (?1, ?2, 1, ?3, ?4, 'delivered', ?4)",
+                 VALUES (?1, ?2, 1, ?3, ?4, 'delivered', ?5)",
                 params![
                     item.peer,
                     &item.id[..],
                     write_text(cipher, &body_place(&item.peer, &item.id, true), &item.text),
-                    item.sent_at as i64
+                    item.sent_at as i64,
+                    stored_at as i64
                 ],
             )?;
             Ok(())
@@ -429,10 +433,10 @@ mod tests {
             assert_eq!(store.outbox_len().unwrap(), 2);
             assert_eq!(store.awaiting_receipt().unwrap(), 1);
             let history = store.history("bob", 10).unwrap();
-            assert_eq!(history.len(), 3);
-            // In the order written (this item's clock says m1 was first).
-            assert_eq!(history[0].status, Status::Sent);
-            assert_eq!(history[0].text, "m1");
+            // In the order written, whatever the clock said.
+            let texts: Vec<&str> = history.iter().map(|h| h.text.as_str()).collect();
+            assert_eq!(texts, ["m3", "m1", "m2"]);
+            assert_eq!(history[1].status, Status::Sent);
 
             // The recipient lost epoch 9: the message is queued again, once.
             let tx = store.conn.transaction().unwrap();
@@ -440,7 +444,7 @@ mod tests {
             assert!(requeue_in(&tx, "bob", &[9]).unwrap().is_empty());
             tx.commit().unwrap();
             assert_eq!(store.outbox_len().unwrap(), 3);
-            assert_eq!(store.history("bob", 10).unwrap()[0].status, Status::Sending);
+            assert_eq!(store.history("bob", 10).unwrap()[1].status, Status::Sending);
 
             store.mark_sent(&[1; 16], 10, 6000).unwrap();
             let tx = store.conn.transaction().unwrap();

@@ -27,8 +27,9 @@ pub use e2e::{Held, ReceivedText};
 pub use messages::{Delivered, OutboxItem, Undelivered};
 
 /// Schema version (`PRAGMA user_version`). 0: the first release (floors, outbox until the
-/// server's answer); 1: outbox until receipted, persisted epochs, held envelopes.
-const SCHEMA_VERSION: i64 = 1;
+/// server's answer); 1: outbox until receipted, persisted epochs, held envelopes; 2:
+/// receipts and retry requests remember the epoch they were sent under.
+const SCHEMA_VERSION: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -59,6 +60,9 @@ impl StoreError {
 pub struct Store {
     conn: Connection,
     cipher: RowCipher,
+    /// The newest `stored_at` given out: they only ever increase, so the history keeps
+    /// its order even if the clock goes back.
+    last_stored_at: u64,
 }
 
 impl Store {
@@ -87,8 +91,20 @@ impl Store {
                 source,
             })?;
         }
-        let mut store = Self { conn, cipher };
+        let mut store = Self {
+            conn,
+            cipher,
+            last_stored_at: 0,
+        };
         store.migrate()?;
+        store.last_stored_at = store
+            .conn
+            .query_row(
+                "SELECT COALESCE(MAX(stored_at), 0) FROM messages",
+                [],
+                |r| r.get::<_, i64>(0),
+            )?
+            .unsigned_abs();
         if store.cipher.encrypt {
             store.encrypt_plain_values()?;
         }
@@ -163,11 +179,21 @@ impl Store {
              ) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS retries (
                  peer         TEXT NOT NULL,
-                 epoch        INTEGER NOT NULL,
+                 epoch        INTEGER NOT NULL, -- theirs, that we cannot open
                  requested_at INTEGER NOT NULL,
                  sent         INTEGER NOT NULL DEFAULT 0,
+                 sent_epoch   INTEGER,          -- ours, that the request went under
                  PRIMARY KEY (peer, epoch)
              ) WITHOUT ROWID;
+             -- Receipts the relay accepted, by the epoch they went under: sent again if the
+             -- peer cannot open that epoch.
+             CREATE TABLE IF NOT EXISTS receipts_log (
+                 seq   INTEGER PRIMARY KEY AUTOINCREMENT,
+                 peer  TEXT NOT NULL,
+                 id    BLOB NOT NULL,
+                 epoch INTEGER NOT NULL,
+                 UNIQUE (peer, id)
+             );
              CREATE TABLE IF NOT EXISTS held (
                  seq         INTEGER PRIMARY KEY AUTOINCREMENT,
                  peer        TEXT NOT NULL,
@@ -179,6 +205,9 @@ impl Store {
                  value INTEGER NOT NULL
              );",
         )?;
+        if existing && version == 1 {
+            tx.execute_batch("ALTER TABLE retries ADD COLUMN sent_epoch INTEGER;")?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
         Ok(())
@@ -269,6 +298,13 @@ impl Store {
             .conn
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM messages WHERE peer = ?1)")?
             .query_row(params![peer], |r| r.get(0))?)
+    }
+
+    /// A `stored_at` for something stored now (our clock, `now` ms): never before the last
+    /// one, so history order never depends on the clock.
+    fn stamp(&mut self, now: u64) -> u64 {
+        self.last_stored_at = now.max(self.last_stored_at + 1);
+        self.last_stored_at
     }
 
     /// A small persisted number (`meta` table), e.g. the relay's queue age limit.

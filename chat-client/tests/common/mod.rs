@@ -54,10 +54,16 @@ impl Relay {
 
     /// Starts with the given RON settings (flags still set address and data dir).
     pub fn start_with_config(addr: &str, data_dir: &Path, ron: &str) -> Self {
+        Self::start_under(addr, data_dir, ron, &[])
+    }
+
+    /// Starts with extra environment variables (e.g. [`clock_shifted`]).
+    pub fn start_under(addr: &str, data_dir: &Path, ron: &str, env: &[(String, String)]) -> Self {
         std::fs::create_dir_all(data_dir).unwrap();
         let config = data_dir.with_extension("ron");
         std::fs::write(&config, ron).unwrap();
         let mut child = Command::new(server_bin())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(["--listen", addr, "--data-dir", data_dir.to_str().unwrap()])
             .args(["--config", config.to_str().unwrap()])
             .env("RUST_LOG", "trace")
@@ -79,11 +85,16 @@ impl Relay {
                 log.push('\n');
             }
         });
-        let addr = rx
-            .recv_timeout(PATIENCE)
-            .expect("relay never logged `listening on`")
-            .parse()
-            .unwrap();
+        let addr = match rx.recv_timeout(PATIENCE) {
+            Ok(addr) => addr.parse().unwrap(),
+            Err(e) => {
+                std::thread::sleep(Duration::from_millis(200));
+                panic!(
+                    "relay never logged `listening on` ({e}):\n{}",
+                    log.lock().unwrap()
+                )
+            }
+        };
         Self {
             child,
             addr,
@@ -133,6 +144,8 @@ pub struct Options {
     pub wrapper: Vec<String>,
     /// Capture stderr into [`Client::stderr`] (else it is discarded).
     pub stderr: bool,
+    /// Write stderr to this file instead (e.g. `/dev/full`).
+    pub stderr_to: Option<PathBuf>,
     /// `RUST_LOG` (default `debug`).
     pub log: Option<String>,
 }
@@ -171,10 +184,12 @@ impl Client {
             .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(if options.stderr {
-                Stdio::piped()
-            } else {
-                Stdio::null()
+            .stderr(match (&options.stderr_to, options.stderr) {
+                (Some(path), _) => {
+                    Stdio::from(std::fs::OpenOptions::new().write(true).open(path).unwrap())
+                }
+                (None, true) => Stdio::piped(),
+                (None, false) => Stdio::null(),
             })
             .spawn()
             .unwrap();
@@ -437,6 +452,32 @@ fn pump(
         }
     }
     let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// Environment that runs a process with its wall clock moved by `shift` (libfaketime's
+/// syntax, e.g. `+2d`; the monotonic clock is left alone). Preloaded directly rather than
+/// through the `faketime` wrapper, so killing the process kills it, not a wrapper. `None`
+/// (the test skips) where libfaketime is not installed, unless under CI.
+pub fn clock_shifted(shift: &str) -> Option<Vec<(String, String)>> {
+    let lib = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists());
+    let Some(lib) = lib else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "libfaketime is not installed (CI installs the faketime package: see .ci/run)"
+        );
+        eprintln!("SKIPPED: libfaketime is not installed");
+        return None;
+    };
+    Some(vec![
+        ("LD_PRELOAD".into(), lib.display().to_string()),
+        ("FAKETIME".into(), shift.into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ])
 }
 
 /// Whether a tool the test needs is installed. Outside CI a missing tool skips the test

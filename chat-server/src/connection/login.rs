@@ -57,6 +57,7 @@ impl Handler {
             software: concat!("chat-server/", env!("CARGO_PKG_VERSION")).into(),
             max_frame: self.shared.config.max_frame_bytes as u32,
             queue_max_age_secs: self.shared.config.queue.max_age_secs as u64,
+            server_time_secs: super::unix_secs(),
         })
         .await
     }

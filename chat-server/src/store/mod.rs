@@ -107,7 +107,15 @@ impl Store {
         if version > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew { found: version });
         }
-        let tx = conn.transaction()?;
+        if version == SCHEMA_VERSION {
+            // Up to date: open without writing (an admin command beside a running relay).
+            return Ok(Self {
+                conn: Arc::new(Mutex::new(conn)),
+            });
+        }
+        // IMMEDIATE: take the write lock first (waiting for a running relay's writer),
+        // rather than fail when a read turns into a write.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute_batch(
             "CREATE TABLE IF NOT EXISTS accounts (
                  username   TEXT PRIMARY KEY NOT NULL,
