@@ -15,6 +15,7 @@ use rsa::{PrivateKey, PublicKey};
 use sha2::{Digest, Sha256};
 
 use crate::message::CHALLENGE_LEN;
+use crate::primitives;
 use crate::username::Username;
 
 /// Domain-separation context of the login signature.
@@ -79,7 +80,7 @@ pub fn sign_login(
     nonce: &[u8; CHALLENGE_LEN],
 ) -> Result<Vec<u8>, AuthError> {
     let der = public_key_der(&key.to_public_key());
-    key.pss_sign_with_rng::<Sha256, _>(rng, &login_transcript(username, &der, nonce))
+    primitives::pss_sign(rng, key, &login_transcript(username, &der, nonce))
         .map_err(|_| AuthError::Signing)
 }
 
@@ -91,7 +92,8 @@ pub fn verify_login(
     signature: &[u8],
 ) -> Result<(), AuthError> {
     let key = parse_public_key(public_key_der)?;
-    key.pss_verify::<Sha256>(
+    primitives::pss_verify(
+        &key,
         &login_transcript(username, public_key_der, nonce),
         signature,
     )

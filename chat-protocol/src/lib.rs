@@ -9,6 +9,7 @@
 //! - [`identity`]: long-term RSA identities, fingerprints, key files, derived keys.
 //! - [`e2e`]: envelopes, key offers, epochs and retry requests (end-to-end encryption).
 //! - [`safety`]: safety numbers to compare out of band.
+//! - [`primitives`]: the RSA and AES-GCM calls all of the above go through.
 //! - [`trust`]: trust on first use: pins, key changes, verification.
 //! - `codec` (feature `codec`): `tokio_util` adapters over [`frame`], for the async shells.
 //!
@@ -22,6 +23,7 @@ pub mod e2e;
 pub mod frame;
 pub mod identity;
 pub mod message;
+pub mod primitives;
 pub mod safety;
 pub mod trust;
 pub mod username;

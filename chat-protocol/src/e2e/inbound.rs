@@ -13,10 +13,7 @@
 
 use std::collections::VecDeque;
 
-use aes_gcm::Aes256Gcm;
-use aes_gcm::aead::{Aead, KeyInit, Payload};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::window::ReplayWindow;
@@ -24,6 +21,7 @@ use super::{
     Content, E2E_VERSION, Envelope, OfferId, OpenError, Opened, Parties, message_aad, nonce,
     offer_id, offer_transcript, unpad,
 };
+use crate::primitives;
 
 /// Epoch keys kept per sender. More than one, so a replayed or delayed old offer can never
 /// push out the epoch in use; few, so little key material lingers (see SECURITY.md).
@@ -196,17 +194,13 @@ impl Inbound {
             envelope.epoch,
             envelope.counter,
         );
-        let padded = Zeroizing::new(
-            Aes256Gcm::new(&(*key).into())
-                .decrypt(
-                    &nonce(envelope.epoch, envelope.counter),
-                    Payload {
-                        msg: &envelope.ciphertext,
-                        aad: &aad,
-                    },
-                )
-                .map_err(|_| OpenError::Decrypt)?,
-        );
+        let padded = primitives::aead_open(
+            &key,
+            &nonce(envelope.epoch, envelope.counter),
+            &aad,
+            &envelope.ciphertext,
+        )
+        .map_err(|_| OpenError::Decrypt)?;
         let content = unpad::<Content>(&padded).ok_or(OpenError::Malformed)?;
 
         // Success: commit.
@@ -329,21 +323,13 @@ pub fn unwrap_offer(parties: Parties<'_>, inspected: &Inspected) -> Result<Epoch
         return Err(OpenError::SenderKeyMismatch);
     }
     let transcript = offer_transcript(parties.peer_name, parties.my_name, envelope.epoch, offer);
-    parties
-        .peer
-        .key()
-        .pss_verify::<Sha256>(&transcript, &offer.signature)
+    primitives::pss_verify(parties.peer.key(), &transcript, &offer.signature)
         .map_err(|_| OpenError::BadOfferSignature)?;
     if offer.recipient_fp != parties.me.fingerprint().0 {
         return Err(OpenError::OfferNotForUs);
     }
-    let unwrapped = Zeroizing::new(
-        parties
-            .me
-            .private_key()
-            .oaep_decrypt::<Sha256>(&offer.wrapped_key)
-            .map_err(|_| OpenError::Decrypt)?,
-    );
+    let unwrapped = primitives::oaep_decrypt(parties.me.private_key(), &offer.wrapped_key)
+        .map_err(|_| OpenError::Decrypt)?;
     let key: [u8; 32] = unwrapped
         .as_slice()
         .try_into()

@@ -268,11 +268,11 @@ fn put_name(out: &mut Vec<u8>, name: &Username) {
     out.extend_from_slice(name.as_str().as_bytes());
 }
 
-fn nonce(epoch: u32, counter: u64) -> aes_gcm::Nonce<aes_gcm::aead::consts::U12> {
+fn nonce(epoch: u32, counter: u64) -> [u8; 12] {
     let mut n = [0u8; 12];
     n[..4].copy_from_slice(&epoch.to_be_bytes());
     n[4..].copy_from_slice(&counter.to_be_bytes());
-    n.into()
+    n
 }
 
 /// Pads an encoded content with zero bytes to a size bucket, hiding the exact length:

@@ -1,10 +1,7 @@
 //! The sending side: one epoch at a time towards a contact, rotated by count, age,
 //! reconnection, a key change or the recipient's retry request.
 
-use aes_gcm::Aes256Gcm;
-use aes_gcm::aead::{Aead, KeyInit, Payload};
 use rand::CryptoRng;
-use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use super::{
@@ -12,6 +9,7 @@ use super::{
     SealError, Sealed, message_aad, nonce, offer_transcript, pad,
 };
 use crate::identity::Fingerprint;
+use crate::primitives;
 
 /// Sending state towards one contact. Lives in memory only: a restarted client simply
 /// starts a new epoch.
@@ -101,16 +99,8 @@ impl Outbound {
             &postcard::to_allocvec(content).map_err(|_| SealError::Crypto)?
         ));
         let aad = message_aad(parties.my_name, parties.peer_name, epoch.epoch, counter);
-        let cipher = Aes256Gcm::new(&(*epoch.key).into());
-        let ciphertext = cipher
-            .encrypt(
-                &nonce(epoch.epoch, counter),
-                Payload {
-                    msg: &plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| SealError::Crypto)?;
+        let ciphertext =
+            primitives::aead_seal(&epoch.key, &nonce(epoch.epoch, counter), &aad, &plaintext);
         let envelope = Envelope {
             version: E2E_VERSION,
             sender: parties.my_name.to_string(),
@@ -136,10 +126,7 @@ fn new_epoch(
     let mut key = Zeroizing::new([0u8; 32]);
     rng.fill_bytes(key.as_mut());
     let epoch = rng.next_u32();
-    let wrapped_key = parties
-        .peer
-        .key()
-        .oaep_encrypt_with_rng::<Sha256, _>(rng, key.as_ref())
+    let wrapped_key = primitives::oaep_encrypt(rng, parties.peer.key(), key.as_ref())
         .map_err(|_| SealError::Crypto)?;
     let mut offer = KeyOffer {
         created_ms: now_ms,
@@ -149,10 +136,7 @@ fn new_epoch(
         signature: Vec::new(),
     };
     let transcript = offer_transcript(parties.my_name, parties.peer_name, epoch, &offer);
-    offer.signature = parties
-        .me
-        .private_key()
-        .pss_sign_with_rng::<Sha256, _>(rng, &transcript)
+    offer.signature = primitives::pss_sign(rng, parties.me.private_key(), &transcript)
         .map_err(|_| SealError::Crypto)?;
     Ok(SendEpoch {
         epoch,
