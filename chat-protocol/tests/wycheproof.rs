@@ -39,7 +39,11 @@ const KNOWN_WRONG: &[(&str, usize, &str)] = &[
 ];
 
 /// Whether `got` is the right answer for a vector expecting `result` (and `expected`).
-fn right<T: PartialEq>(result: &TestResult, got: Result<T, primitives::Refused>, expected: T) -> bool {
+fn right<T: PartialEq>(
+    result: &TestResult,
+    got: Result<T, primitives::Refused>,
+    expected: T,
+) -> bool {
     match result {
         TestResult::Valid => got.is_ok_and(|g| g == expected),
         TestResult::Invalid => got.is_err(),
@@ -74,7 +78,10 @@ fn check_known(family: &str, total: usize, wrong: Vec<(String, usize)>) {
     known.sort();
     let mut wrong = wrong;
     wrong.sort();
-    eprintln!("{family}: {total} vectors, {} wrong (all known)", wrong.len());
+    eprintln!(
+        "{family}: {total} vectors, {} wrong (all known)",
+        wrong.len()
+    );
     assert!(total > 0, "no vectors ran for {family}");
     assert_eq!(
         wrong, known,

@@ -227,9 +227,13 @@ impl Config {
                 reason: reason.to_owned(),
             })
         };
-        // A frame must at least hold a login: Register carries a 4096-bit SPKI key.
-        if self.max_frame_bytes < 1024 || self.max_frame_bytes > 16 * 1024 * 1024 {
-            return invalid("max_frame_bytes", "must be between 1024 and 16777216");
+        // A frame must at least hold one envelope with a key offer for a 4096-bit key
+        // (about 1.5 KB), and a login.
+        if self.max_frame_bytes < 4096 || self.max_frame_bytes > 16 * 1024 * 1024 {
+            return invalid(
+                "max_frame_bytes",
+                "must be between 4096 (one message with its key offer) and 16777216",
+            );
         }
         if self.max_connections == 0 {
             return invalid("max_connections", "must be at least 1");

@@ -103,7 +103,7 @@ fn config_file_sets_options_and_flags_override_it() {
     std::fs::write(
         &config,
         format!(
-            "(listen: \"127.0.0.1:0\", data_dir: {:?}, max_frame_bytes: 2048)",
+            "(listen: \"127.0.0.1:0\", data_dir: {:?}, max_frame_bytes: 8192)",
             from_file.to_str().unwrap()
         ),
     )
@@ -113,7 +113,7 @@ fn config_file_sets_options_and_flags_override_it() {
         .output()
         .unwrap();
     let printed = String::from_utf8(out.stdout).unwrap();
-    assert!(printed.contains("max_frame_bytes: 2048"), "{printed}");
+    assert!(printed.contains("max_frame_bytes: 8192"), "{printed}");
 
     let (mut child, _, _) = spawn(&[
         "--config",

@@ -4,6 +4,7 @@ mod common;
 
 use chat_protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
 use common::{PATIENCE, TestServer, der, key};
+use futures_util::StreamExt;
 
 #[tokio::test]
 async fn register_then_login_with_the_same_key() {
@@ -797,4 +798,39 @@ async fn a_recipient_changing_sessions_under_load_loses_nothing_and_keeps_order(
     while let Some(done) = senders.join_next().await {
         done.unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_session_that_never_acknowledges_is_closed() {
+    let server = TestServer::start(|c| {
+        c.queue.max_envelopes_per_user = 20;
+        c.queue.max_sender_share = 1.0;
+        c.send_queue_len = 8;
+    })
+    .await;
+    let mut bob = server.user("bob", 1).await;
+    let mut alice = server.user("alice", 0).await;
+    // Alice keeps sending, whatever the answers (bob's queue fills); bob reads and never
+    // acknowledges: once he holds far more than his queue allows, he is closed.
+    let sending = tokio::spawn(async move {
+        for i in 0..400u16 {
+            alice.send_to("bob", &i.to_be_bytes()).await;
+        }
+    });
+    let mut delivered = 0;
+    let closed_with = loop {
+        match bob.framed.next().await {
+            Some(Ok(ServerMessage::Deliver { .. })) => delivered += 1,
+            Some(Ok(ServerMessage::Error { id: None, code, .. })) => break Some(code),
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => break None,
+        }
+    };
+    assert_eq!(
+        closed_with,
+        Some(ErrorCode::SlowConsumer),
+        "after {delivered}"
+    );
+    assert!(delivered > 20, "{delivered}");
+    sending.abort();
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the release relay against Redis pub/sub on this machine, loopback
 //! only. Prints a table and writes `target/bench/bench.json` and `target/bench/throughput.svg`.
 
+mod attack;
 mod load;
 
 use std::path::{Path, PathBuf};
@@ -148,6 +149,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ))?);
     eprintln!("latency at {load_rate:.0} msg/s: relay {relay_lat:?} µs, redis {redis_lat:?} µs");
 
+    // The same load on a relay with per-connection limits on, quiet and then with an Ack
+    // flood and an offer replay running (see `attack`).
+    let data3 = tempfile::tempdir()?;
+    let guarded = start_relay_guarded(&mut procs, &bin, data3.path())?;
+    let echo = |tag: &'static str| {
+        load::relay_echo(
+            &guarded.addr,
+            &key,
+            tag,
+            pairs,
+            payload,
+            per_pair,
+            latency_run,
+        )
+    };
+    let quiet_lat = percentiles(rt.block_on(echo("q"))?);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attack = rt.block_on(attack::start(&guarded.addr, &key, stop.clone()))?;
+    let attacked_lat = percentiles(rt.block_on(echo("u"))?);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    rt.block_on(async {
+        for t in attack {
+            t.abort();
+        }
+    });
+    let attacked_rss = rss_bytes(guarded.pid)?;
+    eprintln!(
+        "latency at {load_rate:.0} msg/s with limits on: quiet {quiet_lat:?} µs, under attack {attacked_lat:?} µs"
+    );
+
     // Idle connections: a fresh relay and the same Redis, RSS before and after.
     let n = args
         .connections
@@ -166,6 +197,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (load_rate, load_basis),
         &relay_lat,
         &redis_lat,
+        (&quiet_lat, &attacked_lat, attacked_rss),
         n,
         relay_conn,
         redis_conn,
@@ -186,6 +218,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "offered_msgs_per_s": load_rate, "pairs": pairs, "payload": payload,
             "relay_us": {"p50": relay_lat[0], "p99": relay_lat[1], "p999": relay_lat[2]},
             "redis_us": {"p50": redis_lat[0], "p99": redis_lat[1], "p999": redis_lat[2]},
+            "relay_limits_on_quiet_us": {"p50": quiet_lat[0], "p99": quiet_lat[1], "p999": quiet_lat[2]},
+            "relay_under_attack_us": {"p50": attacked_lat[0], "p99": attacked_lat[1], "p999": attacked_lat[2]},
+            "relay_under_attack_rss_bytes": attacked_rss,
         },
         "connections": {"count": n, "relay_bytes_each": relay_conn, "redis_bytes_each": redis_conn},
         "crypto_us": crypto.iter().map(|(len, seal, open)| json!({"payload": len, "seal": seal, "open": open})).collect::<Vec<_>>(),
@@ -240,13 +275,39 @@ struct Relay {
 }
 
 fn start_relay(procs: &mut Processes, bin: &Path, data: &Path) -> anyhow::Result<Relay> {
-    // Bench settings: no rate limit and room for every connection; otherwise as shipped.
-    let config = data.join("bench.ron");
-    std::fs::write(
-        &config,
+    // Bench settings: no rate limit and room for every connection and account (the load
+    // comes from a few addresses); otherwise as shipped.
+    start_relay_config(
+        procs,
+        bin,
+        data,
         "(max_connections: 120000, rate_limit: (per_second: 100000000.0, burst: 100000000.0), \
-         login_timeout_secs: 120.0)",
-    )?;
+         login_timeout_secs: 120.0, pre_login: (max_connections: 120000, max_per_address: 120000), \
+         connect_rate: (per_second: 1000000.0, burst: 1000000.0), \
+         registrations: (per_hour: 100000000.0, burst: 100000000.0))",
+    )
+}
+
+/// A relay with per-connection rate limits on (high enough for the echo pairs' load,
+/// 5000 tokens/s each), for the quiet and under-attack latency rows.
+fn start_relay_guarded(procs: &mut Processes, bin: &Path, data: &Path) -> anyhow::Result<Relay> {
+    start_relay_config(
+        procs,
+        bin,
+        data,
+        "(rate_limit: (per_second: 5000.0, burst: 10000.0), \
+         registrations: (per_hour: 100000.0, burst: 100000.0))",
+    )
+}
+
+fn start_relay_config(
+    procs: &mut Processes,
+    bin: &Path,
+    data: &Path,
+    ron: &str,
+) -> anyhow::Result<Relay> {
+    let config = data.join("bench.ron");
+    std::fs::write(&config, ron)?;
     let addr = procs.start_relay_with(bin, data, &["--config", config.to_str().unwrap()])?;
     let pid = procs.last_pid();
     Ok(Relay { addr, pid })
@@ -444,6 +505,7 @@ fn report(
     (load_rate, load_basis): (f64, &str),
     relay_lat: &[u64; 3],
     redis_lat: &[u64; 3],
+    (quiet, attacked, attacked_rss): (&[u64; 3], &[u64; 3], f64),
     n: usize,
     relay_conn: f64,
     redis_conn: f64,
@@ -490,6 +552,19 @@ fn report(
         ratio(1),
         ratio(2)
     );
+    println!();
+    println!("the same load, relay with per-connection limits on (5000 tokens/s):");
+    println!("| relay | p50 µs | p99 µs | p99.9 µs |");
+    println!("|-------|-------:|-------:|---------:|");
+    println!(
+        "| quiet | {:>6} | {:>6} | {:>8} |",
+        quiet[0], quiet[1], quiet[2]
+    );
+    println!(
+        "| under attack (Ack flood ×3, offer replay) | {:>6} | {:>6} | {:>8} |",
+        attacked[0], attacked[1], attacked[2]
+    );
+    println!("relay RSS after the attack: {:.1} MB", attacked_rss / 1e6);
     println!();
     println!(
         "idle authenticated connections: {n}; server memory per connection: relay {:.0} B, Redis {:.0} B",
