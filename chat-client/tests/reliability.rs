@@ -153,8 +153,9 @@ fn bob_killed_again_and_again_while_alice_streams_loses_nothing() {
     let stored: Vec<&str> = items.iter().map(|i| i["text"].as_str().unwrap()).collect();
     assert_eq!(stored, expected, "all {N}, exactly once, in order");
     // What bob was shown, across all his runs: never anything twice, in order. (A run
-    // killed right after storing may die before printing that message's event; the
-    // message is in the history all the same.)
+    // killed right after storing may die before its events reach stdout — on a loaded
+    // machine several of them; the messages are in the history all the same, which is what
+    // the headless contract tells scripts to reconcile with after a crash.)
     let all: Vec<&Client> = runs.iter().chain(std::iter::once(&bob)).collect();
     let shown = texts(&all, "alice");
     let distinct: HashSet<&String> = shown.iter().collect();
@@ -164,7 +165,7 @@ fn bob_killed_again_and_again_while_alice_streams_loses_nothing() {
         shown.iter().all(|t| in_order.any(|e| e == t)),
         "shown out of order: {shown:?}"
     );
-    assert!(shown.len() >= N - ROUNDS / 2, "only {} shown", shown.len());
+    assert!(shown.len() >= N / 2, "only {} shown", shown.len());
     await_count(&mut alice, "delivered", N, Duration::from_secs(60));
     let delivered: HashSet<Value> = alice
         .seen_of("delivered")
@@ -172,6 +173,29 @@ fn bob_killed_again_and_again_while_alice_streams_loses_nothing() {
         .map(|e| e["id"].clone())
         .collect();
     assert_eq!(delivered.len(), N, "a receipt for each");
+    // A run that is not killed shows every message it stores.
+    for n in 0..10 {
+        alice.send(&format!("/msg bob tail {n}"));
+    }
+    let tail: Vec<String> = (0..10).map(|n| format!("tail {n}")).collect();
+    let deadline = Instant::now() + PATIENCE;
+    while texts(&[&bob], "alice")
+        .iter()
+        .filter(|t| t.starts_with("tail"))
+        .count()
+        < 10
+        && Instant::now() < deadline
+    {
+        bob.drain(Duration::from_millis(100));
+    }
+    let shown_tail: Vec<String> = texts(&[&bob], "alice")
+        .into_iter()
+        .filter(|t| t.starts_with("tail"))
+        .collect();
+    assert_eq!(
+        shown_tail, tail,
+        "a live client shows each message once, in order"
+    );
     alice.send("/quit");
     let last = alice.expect("offline", |e| {
         e["event"] == "connection" && e["state"] == "offline"
@@ -192,7 +216,8 @@ fn alice_killed_mid_stream_loses_and_duplicates_nothing() {
     }
     alice.expect("some sent", |e| e["event"] == "sent");
     alice.drain(Duration::from_millis(20));
-    // What alice's outbox holds is what she must deliver: every `queued` seen so far.
+    // Every `queued` seen so far is in alice's outbox; more may be queued between the last
+    // event read and the kill, so the outbox found after the restart is the full truth.
     let queued: Vec<String> = alice
         .seen_of("queued")
         .iter()
@@ -202,18 +227,28 @@ fn alice_killed_mid_stream_loses_and_duplicates_nothing() {
     drop(alice);
     assert!(!queued.is_empty());
     let mut alice = Client::ready(relay.addr, "alice", &a);
+    let outbox: Vec<String> = history(&mut alice, "bob")
+        .iter()
+        .map(|i| i["text"].as_str().unwrap().to_owned())
+        .collect();
+    let prefix: Vec<String> = (0..outbox.len()).map(|n| format!("m{n}")).collect();
+    assert_eq!(outbox, prefix, "alice kept what she queued, in order");
+    assert!(
+        outbox.len() >= queued.len(),
+        "every message reported queued survived the kill: {} < {}",
+        outbox.len(),
+        queued.len()
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
-    while texts(&[&bob], "alice").len() < queued.len() && Instant::now() < deadline {
+    while texts(&[&bob], "alice").len() < outbox.len() && Instant::now() < deadline {
         bob.drain(Duration::from_millis(200));
     }
     bob.assert_no_more_messages(Duration::from_millis(1500));
     assert_eq!(
         texts(&[&bob], "alice"),
-        queued,
+        outbox,
         "each queued message once, in order"
     );
-    let items = history(&mut alice, "bob");
-    assert_eq!(items.len(), queued.len());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let items = history(&mut alice, "bob");
