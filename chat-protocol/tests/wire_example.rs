@@ -104,3 +104,40 @@ fn worked_example_matches_the_document() {
         );
     }
 }
+
+/// The fuzz seeds are the document's frames (and the E2E test vector's envelope), so a
+/// change of the wire format that forgets them fails here rather than fuzzing stale input.
+#[test]
+fn fuzz_seeds_are_the_current_worked_example() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/frame_decoder");
+    let mut seeds = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let client = frame::parse::<ClientMessage>(&bytes, DEFAULT_MAX_FRAME)
+            .ok()
+            .flatten()
+            .map(|(_, used)| used);
+        let server = frame::parse::<ServerMessage>(&bytes, DEFAULT_MAX_FRAME)
+            .ok()
+            .flatten()
+            .map(|(_, used)| used);
+        assert!(
+            client == Some(bytes.len()) || server == Some(bytes.len()),
+            "seed {} is not a current frame",
+            hex(&bytes)
+        );
+        seeds += 1;
+    }
+    assert_eq!(seeds, 15, "one seed per frame of the worked example");
+    let vectors = include_str!("vectors/e2e.txt");
+    let envelope = vectors
+        .lines()
+        .find_map(|l| l.strip_prefix("envelope_alice_to_bob = "))
+        .unwrap();
+    let seed = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fuzz/seeds/open_envelope/vector.bin"
+    ))
+    .unwrap();
+    assert_eq!(hex(&seed).replace(' ', ""), envelope.trim());
+}
