@@ -236,11 +236,38 @@ impl Engine {
         }
     }
 
-    pub(super) fn send_watch(&mut self, mut users: Vec<String>) {
+    /// Asks the relay to follow `users` (in this order of priority) as far as the
+    /// session's `MAX_WATCHED` allows; who is left out is named in a `watch_limit` warning.
+    pub(super) fn send_watch(&mut self, users: Vec<String>) {
+        let me = self.me.to_string();
+        let mut users: Vec<String> = users
+            .into_iter()
+            .filter(|u| *u != me && !self.watching.contains(u))
+            .collect();
+        let room = chat_protocol::message::MAX_WATCHED.saturating_sub(self.watching.len());
+        if users.len() > room {
+            let left: Vec<String> = users.split_off(room);
+            let named: Vec<&str> = left.iter().take(10).map(String::as_str).collect();
+            self.sink.emit(Event::warning(
+                "watch_limit",
+                format!(
+                    "presence is followed for at most {} people at a time (the most recent \
+                     conversations first); not followed: {}{} ({} in all)",
+                    chat_protocol::message::MAX_WATCHED,
+                    named.join(", "),
+                    if left.len() > named.len() {
+                        ", …"
+                    } else {
+                        ""
+                    },
+                    left.len()
+                ),
+            ));
+        }
         if users.is_empty() {
             return;
         }
-        users.truncate(chat_protocol::message::MAX_WATCHED);
+        self.watching.extend(users.iter().cloned());
         let usernames = users.clone();
         self.request(Pending::Watch { users }, |id| ClientMessage::Watch {
             id,

@@ -245,6 +245,8 @@ struct Engine {
     /// Users whose presence we follow: contacts, everyone we exchange messages with, and
     /// those asked for. Watched anew on every connection.
     watch_list: BTreeSet<String>,
+    /// Who this session asked the relay to follow (at most `MAX_WATCHED`).
+    watching: HashSet<String>,
     /// Largest frame the relay accepts (its `Hello`); 0 before the first connection.
     max_frame: usize,
     /// While connected: the relay's clock minus ours (ms). Ages of sent messages are
@@ -373,6 +375,7 @@ impl Engine {
             retry_at: None,
             hold: HashMap::new(),
             watch_list: BTreeSet::new(),
+            watching: HashSet::new(),
             max_frame: 0,
             relay_clock: None,
             stalled: VecDeque::new(),
@@ -522,12 +525,25 @@ impl Engine {
         }
         self.connection_event(ConnectionState::Connected, None);
 
-        // Presence is only sent to watchers: follow our contacts on every connection.
-        match self.store.contacts() {
-            Ok(users) => self.watch_list.extend(users),
-            Err(e) => self.store_error(e),
-        }
-        let all: Vec<String> = self.watch_list.iter().cloned().collect();
+        // Presence is only sent to watchers: follow our contacts on every connection, the
+        // most recent conversations first (a session may follow only so many).
+        self.watching.clear();
+        let mut all = match self.store.contacts_by_recency() {
+            Ok(users) => users,
+            Err(e) => {
+                self.store_error(e);
+                Vec::new()
+            }
+        };
+        let known: HashSet<&String> = all.iter().collect();
+        let asked: Vec<String> = self
+            .watch_list
+            .iter()
+            .filter(|u| !known.contains(u))
+            .cloned()
+            .collect();
+        all.extend(asked);
+        self.watch_list.extend(all.iter().cloned());
         self.send_watch(all);
         self.release_held_for_usable_keys();
         self.housekeeping();

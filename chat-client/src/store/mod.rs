@@ -292,6 +292,21 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The same people as [`Store::contacts`], most recent conversation first (then by
+    /// name): the order in which presence is followed when there are more contacts than
+    /// a session may watch.
+    pub fn contacts_by_recency(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT name FROM (
+                 SELECT username AS name FROM contacts
+                 UNION SELECT DISTINCT peer FROM messages WHERE outgoing = 0)
+             ORDER BY (SELECT MAX(stored_at) FROM messages WHERE peer = name) DESC NULLS LAST,
+                      name",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Whether we have exchanged any message with `peer` (a contact, not a stranger).
     pub fn has_conversation(&self, peer: &str) -> Result<bool, StoreError> {
         Ok(self
@@ -390,6 +405,36 @@ pub(crate) mod tests {
         store.set_meta("x", 5).unwrap();
         assert_eq!(store.meta("x").unwrap(), Some(5));
         assert_eq!(store.meta("y").unwrap(), None);
+    }
+
+    /// Presence is followed most-recent-conversation first: with more contacts than a
+    /// session may watch, the people you talk to now are never the ones left out.
+    #[test]
+    fn contacts_by_recency_puts_the_latest_conversation_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), false);
+        let pin = Pin {
+            key: vec![1],
+            verified: false,
+            pending: None,
+        };
+        for name in ["aaron", "bob", "zed", "quiet"] {
+            store.save_pin(name, &pin).unwrap();
+        }
+        for (n, peer) in [(1u8, "bob"), (2, "aaron"), (3, "zed")] {
+            let item = messages::OutboxItem {
+                id: [n; 16],
+                peer: peer.into(),
+                text: "hi".into(),
+                sent_at: 0,
+            };
+            store.enqueue(&item).unwrap();
+        }
+        assert_eq!(
+            store.contacts_by_recency().unwrap(),
+            ["zed", "aaron", "bob", "quiet"]
+        );
+        assert_eq!(store.contacts().unwrap(), ["aaron", "bob", "quiet", "zed"]);
     }
 
     #[cfg(unix)]
