@@ -5,27 +5,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Client, PATIENCE, Relay};
-use serde_json::Value;
-
-fn homes() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let (relay, alice, bob) = (
-        dir.path().join("relay"),
-        dir.path().join("alice"),
-        dir.path().join("bob"),
-    );
-    (dir, relay, alice, bob)
-}
-
-fn history(client: &mut Client, with: &str) -> Vec<Value> {
-    client.send(&format!("/history {with}"));
-    let h = client.expect("history", |e| e["event"] == "history" && e["user"] == with);
-    h["items"].as_array().unwrap().clone()
-}
+use common::{Client, PATIENCE, Relay, dirs, history};
 
 fn reconnects(client: &Client) -> usize {
     client
@@ -41,7 +23,7 @@ fn reconnects(client: &Client) -> usize {
 /// 256 B / 1 KiB / 4 KiB / 16 KiB buckets, so under a 16 KiB frame the largest is ~4 KB.)
 #[test]
 fn a_message_over_the_relays_frame_limit_fails_alone_and_blocks_nothing() {
-    let (_dir, relay_dir, a, b) = homes();
+    let (_dir, relay_dir, a, b) = dirs();
     let relay = Relay::start_with_config("127.0.0.1:0", &relay_dir, "(max_frame_bytes: 16384)");
     let mut bob = Client::ready(relay.addr, "bob", &b);
     let mut alice = Client::ready(relay.addr, "alice", &a);
@@ -82,7 +64,7 @@ fn a_message_over_the_relays_frame_limit_fails_alone_and_blocks_nothing() {
 /// running and the next line is sent.
 #[test]
 fn a_line_that_is_not_utf8_is_an_error_and_the_client_keeps_going() {
-    let (_dir, relay_dir, a, b) = homes();
+    let (_dir, relay_dir, a, b) = dirs();
     let relay = Relay::start("127.0.0.1:0", &relay_dir);
     let mut bob = Client::ready(relay.addr, "bob", &b);
     let mut alice = Client::ready(relay.addr, "alice", &a);
@@ -99,7 +81,7 @@ fn a_line_that_is_not_utf8_is_an_error_and_the_client_keeps_going() {
 /// Item 4: a note to oneself is one history item, `delivered`, shown once.
 #[test]
 fn a_note_to_self_is_one_delivered_history_item() {
-    let (_dir, relay_dir, a, _b) = homes();
+    let (_dir, relay_dir, a, _b) = dirs();
     let relay = Relay::start("127.0.0.1:0", &relay_dir);
     let mut alice = Client::ready(relay.addr, "alice", &a);
     alice.send("/msg alice remember the milk");
@@ -121,7 +103,7 @@ fn a_note_to_self_is_one_delivered_history_item() {
 /// a restart; the real conversation is followed (its presence arrives).
 #[test]
 fn failed_sends_never_become_contacts() {
-    let (_dir, relay_dir, a, b) = homes();
+    let (_dir, relay_dir, a, b) = dirs();
     let relay = Relay::start("127.0.0.1:0", &relay_dir);
     let mut alice = Client::ready(relay.addr, "alice", &a);
     let zed_home = a.parent().unwrap().join("zed");
@@ -164,7 +146,7 @@ fn failed_sends_never_become_contacts() {
 /// even with a recipient fast enough to receipt before the relay's `Ok` is read.
 #[test]
 fn every_message_is_queued_then_sent_then_delivered() {
-    let (_dir, relay_dir, a, b) = homes();
+    let (_dir, relay_dir, a, b) = dirs();
     let relay = Relay::start("127.0.0.1:0", &relay_dir);
     let mut bob = Client::ready(relay.addr, "bob", &b);
     let mut alice = Client::ready(relay.addr, "alice", &a);
@@ -197,7 +179,7 @@ fn every_message_is_queued_then_sent_then_delivered() {
 /// is followed first and the user is told who is not followed (by name and count).
 #[test]
 fn past_the_watch_limit_real_conversations_are_followed_and_the_rest_named() {
-    let (_dir, relay_dir, a, _b) = homes();
+    let (_dir, relay_dir, a, _b) = dirs();
     let relay = Relay::start("127.0.0.1:0", &relay_dir);
     let zed_home = a.parent().unwrap().join("zed");
     let mut zed = Client::ready(relay.addr, "zed", &zed_home);
@@ -241,7 +223,7 @@ fn past_the_watch_limit_real_conversations_are_followed_and_the_rest_named() {
 /// something changes.
 #[test]
 fn a_damaged_settings_file_is_a_warning_and_the_client_starts() {
-    let (_dir, relay_dir, a, b) = homes();
+    let (_dir, relay_dir, a, b) = dirs();
     let relay = Relay::start("127.0.0.1:0", &relay_dir);
     let mut bob = Client::ready(relay.addr, "bob", &b);
     let alice = Client::ready(relay.addr, "alice", &a);

@@ -8,18 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Client, Options, PATIENCE, Relay};
+use common::{Client, Options, PATIENCE, Relay, dirs, history};
 use serde_json::Value;
-
-fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let (relay, alice, bob) = (
-        dir.path().join("relay"),
-        dir.path().join("alice"),
-        dir.path().join("bob"),
-    );
-    (dir, relay, alice, bob)
-}
 
 /// Texts of every `message` event from `from`, in order, across `runs`.
 fn texts(runs: &[&Client], from: &str) -> Vec<String> {
@@ -43,12 +33,6 @@ fn await_count(client: &mut Client, event: &str, n: usize, within: Duration) {
         );
         client.drain(Duration::from_millis(100));
     }
-}
-
-fn history(client: &mut Client, with: &str) -> Vec<Value> {
-    client.send(&format!("/history {with}"));
-    let h = client.expect("history", |e| e["event"] == "history" && e["user"] == with);
-    h["items"].as_array().unwrap().clone()
 }
 
 #[test]

@@ -645,3 +645,22 @@ pub fn all_file_bytes(dir: &Path) -> Vec<u8> {
     }
     out
 }
+
+/// A temporary directory with the paths of a relay's data dir and two homes (alice, bob),
+/// none created yet.
+pub fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, alice, bob) = (
+        dir.path().join("relay"),
+        dir.path().join("alice"),
+        dir.path().join("bob"),
+    );
+    (dir, relay, alice, bob)
+}
+
+/// The `items` of `/history WITH`.
+pub fn history(client: &mut Client, with: &str) -> Vec<serde_json::Value> {
+    client.send(&format!("/history {with}"));
+    let h = client.expect("history", |e| e["event"] == "history" && e["user"] == with);
+    h["items"].as_array().unwrap().clone()
+}
