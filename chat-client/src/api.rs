@@ -117,9 +117,11 @@ pub enum Event {
         text: String,
         sent_at: u64,
     },
-    /// Everyone we have talked to or pinned a key for (sent after `ready`).
+    /// Everyone we have talked to or pinned a key for (sent after `ready`), and which of
+    /// them have a key marked verified.
     Contacts {
         users: Vec<String>,
+        verified: Vec<String>,
     },
     Sent {
         to: String,

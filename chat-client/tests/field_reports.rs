@@ -245,3 +245,26 @@ fn a_damaged_settings_file_is_a_warning_and_the_client_starts() {
         assert_eq!(alice.quit(), 0);
     }
 }
+
+/// Item 14: a key marked verified is known as verified from the start of the next run
+/// (the `contacts` event says so), not only once the safety number is asked for again.
+#[test]
+fn the_verified_mark_survives_a_restart() {
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let _bob = Client::ready(relay.addr, "bob", &b);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    alice.send("/safety bob");
+    alice.expect("safety", |e| e["event"] == "safety");
+    alice.send("/verify bob");
+    alice.send("/safety bob");
+    let safety = alice.expect("verified", |e| {
+        e["event"] == "safety" && e["verified"] == true
+    });
+    assert_eq!(safety["user"], "bob");
+    assert_eq!(alice.quit(), 0);
+    let mut alice = Client::start(relay.addr, "alice", &a);
+    let contacts = alice.expect("contacts", |e| e["event"] == "contacts");
+    assert_eq!(contacts["users"], serde_json::json!(["bob"]));
+    assert_eq!(contacts["verified"], serde_json::json!(["bob"]));
+}

@@ -59,7 +59,7 @@ fn wait_presence(h: &mut Harness<'_, ChatApp>, user: &str, online: bool) {
             .model
             .contacts
             .get(user)
-            .is_some_and(|c| c.online == online)
+            .is_some_and(|c| c.online == Some(online))
     });
 }
 

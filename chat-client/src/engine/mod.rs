@@ -518,8 +518,11 @@ impl Engine {
                 user: self.me.to_string(),
                 fingerprint: self.identity.fingerprint().to_string(),
             });
-            match self.store.contacts() {
-                Ok(users) => self.sink.emit(Event::Contacts { users }),
+            match self.store.contacts().and_then(|users| {
+                let verified = self.store.verified_contacts()?;
+                Ok((users, verified))
+            }) {
+                Ok((users, verified)) => self.sink.emit(Event::Contacts { users, verified }),
                 Err(e) => self.store_error(e),
             }
         }

@@ -4,6 +4,7 @@
 //! `ctx.request_repaint()` after each event, and each frame drains the event channel.
 
 pub mod model;
+pub mod theme;
 mod view;
 
 use std::path::PathBuf;
@@ -249,6 +250,12 @@ impl ChatApp {
             Theme::System => egui::ThemePreference::System,
             Theme::Light => egui::ThemePreference::Light,
             Theme::Dark => egui::ThemePreference::Dark,
+        });
+        ctx.style_mut_of(egui::Theme::Dark, |s| {
+            theme::apply(&mut s.visuals, &theme::DARK)
+        });
+        ctx.style_mut_of(egui::Theme::Light, |s| {
+            theme::apply(&mut s.visuals, &theme::LIGHT)
         });
         let scale = self.settings.font_size / 15.0;
         ctx.all_styles_mut(|style| {

@@ -24,7 +24,9 @@ pub struct Line {
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Contact {
-    pub online: bool,
+    /// `Some(online)` as the relay last said on this connection; `None` while not
+    /// connected (shown as unknown, never as a stale green).
+    pub online: Option<bool>,
     pub unread: usize,
     pub lines: Vec<Line>,
     /// History has been requested from the store.
@@ -113,7 +115,7 @@ impl Model {
             .filter(|(name, _)| name.contains(&filter))
             .map(|(n, c)| (n.as_str(), c))
             .collect();
-        list.sort_by_key(|(name, c)| (!c.online, *name));
+        list.sort_by_key(|(name, c)| (c.online != Some(true), *name));
         list
     }
 
@@ -126,20 +128,23 @@ impl Model {
                 self.status = None;
             }
             Event::Status { message } => self.status = Some(message),
-            Event::Contacts { users } => {
+            Event::Contacts { users, verified } => {
                 for user in users {
                     self.contact(&user);
+                }
+                for user in verified {
+                    self.contact(&user).verified = true;
                 }
             }
             Event::Users { online } => {
                 for c in self.contacts.values_mut() {
-                    c.online = false;
+                    c.online = Some(false);
                 }
                 for user in online {
-                    self.contact(&user).online = true;
+                    self.contact(&user).online = Some(true);
                 }
             }
-            Event::Presence { user, online } => self.contact(&user).online = online,
+            Event::Presence { user, online } => self.contact(&user).online = Some(online),
             Event::Message {
                 from,
                 id,
@@ -256,6 +261,11 @@ impl Model {
                 reason,
                 queued,
             } => {
+                if state != ConnectionState::Connected {
+                    for c in self.contacts.values_mut() {
+                        c.online = None;
+                    }
+                }
                 self.link = Link {
                     state,
                     retry_in_ms,
@@ -504,7 +514,13 @@ mod tests {
         });
         m.apply(Event::Contacts {
             users: vec!["zed".into(), "amy".into()],
+            verified: vec!["amy".into()],
         });
+        assert!(
+            m.contacts["amy"].verified,
+            "the badge is known from the start"
+        );
+        assert!(!m.contacts["zed"].verified);
         m.apply(Event::Users {
             online: vec!["me".into(), "zed".into()],
         });
@@ -518,6 +534,27 @@ mod tests {
             was_verified: true,
         });
         assert!(m.contacts["amy"].key_changed && m.contacts["amy"].key_changed_was_verified);
+        assert!(!m.contacts["amy"].verified);
+        // The relay is gone: nobody's presence is known, none stays green.
+        m.apply(Event::Connection {
+            state: ConnectionState::Reconnecting,
+            retry_in_ms: Some(2000),
+            reason: Some("connection lost".into()),
+            queued: 0,
+        });
+        assert_eq!(m.contacts["zed"].online, None);
+        assert_eq!(m.contacts["amy"].online, None);
+        m.apply(Event::Connection {
+            state: ConnectionState::Connected,
+            retry_in_ms: None,
+            reason: None,
+            queued: 0,
+        });
+        m.apply(Event::Presence {
+            user: "zed".into(),
+            online: false,
+        });
+        assert_eq!(m.contacts["zed"].online, Some(false));
         assert_eq!(
             m.contacts["amy"].pending_fingerprint.as_deref(),
             Some("ab cd")

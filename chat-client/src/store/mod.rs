@@ -292,6 +292,15 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Contacts whose pinned key is marked verified, by name.
+    pub fn verified_contacts(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT username FROM contacts WHERE verified != 0 ORDER BY 1")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The same people as [`Store::contacts`], most recent conversation first (then by
     /// name): the order in which presence is followed when there are more contacts than
     /// a session may watch.
@@ -435,6 +444,17 @@ pub(crate) mod tests {
             ["zed", "aaron", "bob", "quiet"]
         );
         assert_eq!(store.contacts().unwrap(), ["aaron", "bob", "quiet", "zed"]);
+        assert!(store.verified_contacts().unwrap().is_empty());
+        store
+            .save_pin(
+                "zed",
+                &Pin {
+                    verified: true,
+                    ..pin
+                },
+            )
+            .unwrap();
+        assert_eq!(store.verified_contacts().unwrap(), ["zed"]);
     }
 
     #[cfg(unix)]

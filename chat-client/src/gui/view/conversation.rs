@@ -3,10 +3,11 @@
 use chrono::{Local, TimeZone};
 use egui::{Align, Color32, Key, Layout, RichText, Sense, Ui, UiBuilder, Vec2};
 
-use super::{DANGER_BG, OFFLINE, ONLINE, WARN_BG, empty_state, presence_dot};
+use super::{DANGER_BG, WARN_BG, empty_state, presence_dot};
 use crate::api::{Command, Status};
 use crate::gui::ChatApp;
 use crate::gui::model::{Contact, Line};
+use crate::gui::theme;
 
 /// Assumed height of a row not measured yet.
 const ROW_GUESS: f32 = 44.0;
@@ -15,10 +16,10 @@ pub(super) fn conversation(app: &mut ChatApp, ui: &mut Ui, user: &str) {
     let contact = app.model.contacts.get(user).cloned().unwrap_or_default();
     // Header.
     ui.horizontal(|ui| {
-        presence_dot(ui, if contact.online { ONLINE } else { OFFLINE });
+        presence_dot(ui, contact.online);
         ui.heading(user);
         if contact.verified {
-            ui.label(RichText::new("✔ Verified").color(ONLINE))
+            ui.label(RichText::new("✔ Verified").color(theme::palette(ui.visuals()).online))
                 .on_hover_text("You compared safety numbers.");
         } else if !contact.key_changed {
             ui.weak("not verified");
@@ -224,24 +225,27 @@ fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
         .size()
         .x;
     let width = text_width.max(meta_width).min(max).ceil();
+    let p = theme::palette(ui.visuals());
     let fill = if line.outgoing {
-        ui.visuals().selection.bg_fill.gamma_multiply(0.55)
+        p.bubble_out
     } else {
-        ui.visuals().faint_bg_color
+        p.bubble_in
     };
+    let edge = egui::Stroke::new(1.0, p.bubble_edge);
     ui.horizontal(|ui| {
         if line.outgoing {
             ui.add_space(ui.available_width() - width - margin.sum().x);
         }
         egui::Frame::new()
             .fill(fill)
+            .stroke(edge)
             .corner_radius(8.0)
             .inner_margin(margin)
             .show(ui, |ui| {
                 ui.set_width(width);
                 ui.vertical(|ui| {
                     ui.add(egui::Label::new(&line.text).wrap().selectable(true));
-                    let meta = ui.small(meta);
+                    let meta = ui.label(RichText::new(meta).small().weak());
                     if let Some(tooltip) = tooltip {
                         meta.on_hover_text(tooltip);
                     }

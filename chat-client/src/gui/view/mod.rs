@@ -10,17 +10,17 @@ mod signin;
 use egui::{Align, Color32, Key, Layout, Modifiers, RichText, Sense, Ui, Vec2};
 
 use super::ChatApp;
+use super::theme;
 use crate::api::ConnectionState;
 use crate::gui::model::Contact;
 use conversation::conversation;
 use dialogs::{safety_dialog, settings_dialog};
 pub use signin::sign_in;
 
-const ONLINE: Color32 = Color32::from_rgb(0x2e, 0xa0, 0x43);
-const OFFLINE: Color32 = Color32::from_gray(0x90);
-const WARN_BG: Color32 = Color32::from_rgb(0x8a, 0x5a, 0x00);
+/// A key changed (white text on it).
+const WARN_BG: Color32 = theme::DARK.warn_banner;
 /// A verified contact's key changed: louder than an unverified one.
-const DANGER_BG: Color32 = Color32::from_rgb(0xa3, 0x1d, 0x1d);
+const DANGER_BG: Color32 = theme::DARK.danger_banner;
 
 pub fn main(app: &mut ChatApp, ui: &mut Ui) {
     shortcuts(app, ui);
@@ -60,8 +60,13 @@ fn status_bar(app: &mut ChatApp, ui: &mut Ui) {
         ui.horizontal(|ui| {
             let link = &app.model.link;
             let (dot, text) = match link.state {
-                ConnectionState::Connected => (ONLINE, "Connected".to_owned()),
-                ConnectionState::Connecting => (OFFLINE, "Connecting…".to_owned()),
+                ConnectionState::Connected => {
+                    (theme::palette(ui.visuals()).online, "Connected".to_owned())
+                }
+                ConnectionState::Connecting => (
+                    theme::palette(ui.visuals()).offline,
+                    "Connecting…".to_owned(),
+                ),
                 ConnectionState::Reconnecting => {
                     let left = link
                         .retry_in_ms
@@ -74,7 +79,8 @@ fn status_bar(app: &mut ChatApp, ui: &mut Ui) {
                 }
                 ConnectionState::Offline => (Color32::RED, "Offline".to_owned()),
             };
-            presence_dot(ui, dot);
+            let (rect, _) = ui.allocate_exact_size(Vec2::splat(10.0), Sense::hover());
+            ui.painter().circle_filled(rect.center(), 4.5, dot);
             ui.label(text);
             if link.queued > 0 {
                 ui.separator();
@@ -153,7 +159,7 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                         let selected = app.model.open.as_deref() == Some(name.as_str());
                         let row = ui
                             .horizontal(|ui| {
-                                presence_dot(ui, if contact.online { ONLINE } else { OFFLINE });
+                                presence_dot(ui, contact.online);
                                 let label = ui.selectable_label(selected, name);
                                 if contact.key_changed {
                                     ui.colored_label(WARN_BG, "⚠").on_hover_text("Key changed");
@@ -181,9 +187,22 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
         });
 }
 
-pub(super) fn presence_dot(ui: &mut Ui, color: Color32) {
-    let (rect, _) = ui.allocate_exact_size(Vec2::splat(10.0), Sense::hover());
-    ui.painter().circle_filled(rect.center(), 4.5, color);
+/// A contact's presence: a green dot (online), a grey dot (offline) or a grey ring
+/// (unknown: we are not connected, so nobody's presence is current).
+pub(super) fn presence_dot(ui: &mut Ui, online: Option<bool>) {
+    let (rect, response) = ui.allocate_exact_size(Vec2::splat(10.0), Sense::hover());
+    let p = theme::palette(ui.visuals());
+    let painter = ui.painter();
+    match online {
+        Some(true) => painter.circle_filled(rect.center(), 4.5, p.online),
+        Some(false) => painter.circle_filled(rect.center(), 4.5, p.offline),
+        None => painter.circle_stroke(rect.center(), 4.0, egui::Stroke::new(1.5, p.offline)),
+    };
+    response.on_hover_text(match online {
+        Some(true) => "online",
+        Some(false) => "offline",
+        None => "presence unknown until reconnected",
+    });
 }
 
 pub(super) fn empty_state(ui: &mut Ui, title: &str, hint: &str) {
