@@ -5,8 +5,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::procs::Processes;
-use crate::{build_binaries, project_root};
+use xtask::procs::Processes;
+use xtask::{build_binaries, project_root};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

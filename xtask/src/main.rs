@@ -5,24 +5,34 @@
 //! - `bench`: the relay against Redis pub/sub, figures and a chart in target/bench.
 //! - `deploy`, `logs`, `status`, `ssh`, `destroy`: the relay on AWS EC2.
 //!
-//! This crate is kept out of the workspace's default members so a plain `cargo build`
-//! never compiles what only these tasks need.
+//! This binary builds only what the demo and the screenshot need. `bench` and the AWS
+//! tasks live in the `xtask-ops` package (the AWS SDK, redis and plotters take many
+//! minutes to compile on a small machine): they are passed to it unchanged, and it is
+//! built the first time one of them is used. The crate is kept out of the workspace's
+//! default members so a plain `cargo build` never compiles what only these tasks need.
 
-mod bench;
 mod demo;
-mod deploy;
-mod procs;
 mod screenshot;
-
-use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "Secure Chat developer tasks")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Secure Chat developer tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,
+}
+
+/// The arguments of a task run by `xtask-ops`, passed on unchanged (`--help` included).
+#[derive(Debug, clap::Args)]
+#[command(disable_help_flag = true)]
+struct Passed {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -34,58 +44,43 @@ enum Task {
     Screenshot(screenshot::Args),
     /// Measure the relay against Redis pub/sub on this machine (loopback): throughput,
     /// latency, memory per connection, client crypto cost
-    Bench(bench::Args),
+    Bench(Passed),
     /// Provision (or update) the relay on an AWS EC2 instance and print its address
-    Deploy(deploy::DeployArgs),
+    Deploy(Passed),
     /// Show the deployed relay's logs (its systemd journal, over SSH)
-    Logs(deploy::LogsArgs),
+    Logs(Passed),
     /// Show the deployed instance and whether the relay answers
-    Status(deploy::StatusArgs),
+    Status(Passed),
     /// Open a shell (or run a command) on the deployed instance
-    Ssh(deploy::SshArgs),
+    Ssh(Passed),
     /// Terminate the instance and delete its security group, key pair and local key
-    Destroy(deploy::DestroyArgs),
+    Destroy(Passed),
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().task {
-        Task::Demo(args) => demo::run(args),
-        Task::Screenshot(args) => screenshot::run(args),
-        Task::Bench(args) => bench::run(args),
-        Task::Deploy(args) => deploy::deploy(args),
-        Task::Logs(args) => deploy::logs(args),
-        Task::Status(args) => deploy::status(args),
-        Task::Ssh(args) => deploy::ssh(args),
-        Task::Destroy(args) => deploy::destroy(args),
-    }
+    let (task, passed) = match Cli::parse().task {
+        Task::Demo(args) => return demo::run(args),
+        Task::Screenshot(args) => return screenshot::run(args),
+        Task::Bench(p) => ("bench", p),
+        Task::Deploy(p) => ("deploy", p),
+        Task::Logs(p) => ("logs", p),
+        Task::Status(p) => ("status", p),
+        Task::Ssh(p) => ("ssh", p),
+        Task::Destroy(p) => ("destroy", p),
+    };
+    ops(task, &passed.args)
 }
 
-/// The workspace root, from this crate's manifest directory.
-fn project_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives one level below the workspace root")
-        .to_owned()
-}
-
-/// Builds the given workspace binaries and returns the directory holding them.
-fn build_binaries(packages: &[&str], release: bool) -> anyhow::Result<PathBuf> {
+/// Runs `xtask-ops TASK ARGS…` through cargo (building it if needed) and exits with its
+/// status.
+fn ops(task: &str, args: &[String]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.current_dir(project_root()).arg("build");
-    for package in packages {
-        cmd.args(["-p", package]);
-    }
-    if release {
-        cmd.arg("--release");
-    }
-    anyhow::ensure!(cmd.status()?.success(), "building {packages:?} failed");
-    Ok(target_dir().join(if release { "release" } else { "debug" }))
-}
-
-/// Cargo's target directory (CARGO_TARGET_DIR or `target/`).
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| project_root().join("target"))
+    let status = std::process::Command::new(cargo)
+        .current_dir(xtask::project_root())
+        .args(["run", "--quiet", "--package", "xtask-ops", "--"])
+        .arg(task)
+        .args(args)
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run cargo to start xtask-ops: {e}"))?;
+    std::process::exit(status.code().unwrap_or(1));
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
 
-use crate::procs::{PATIENCE, Processes};
-use crate::{build_binaries, project_root};
+use xtask::procs::{PATIENCE, Processes};
+use xtask::{build_binaries, project_root};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

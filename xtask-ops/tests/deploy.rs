@@ -171,7 +171,7 @@ impl Xtask {
 
     /// `xtask <args>` with fake static credentials and nothing that could reach AWS.
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask-ops"));
         for var in [
             "AWS_PROFILE",
             "AWS_DEFAULT_PROFILE",

@@ -529,7 +529,7 @@ async fn wait_stopped(aws: &Aws, instance_id: &str) -> anyhow::Result<()> {
 
 /// The host's copy of infra/server.ron, listening on `port` on all addresses (v4 and v6).
 fn host_config(port: u16) -> anyhow::Result<String> {
-    let path = crate::project_root().join("infra/server.ron");
+    let path = xtask::project_root().join("infra/server.ron");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
     listen_on(&text, port).with_context(|| format!("{} has no `listen:` line", path.display()))
@@ -554,7 +554,7 @@ fn listen_on(config: &str, port: u16) -> Option<String> {
 /// Uploads the binary, unit, config and install script and runs the install.
 fn install(ssh: &Ssh, binary: &Path, port: u16) -> anyhow::Result<()> {
     let stage = tempfile::tempdir()?;
-    let infra = crate::project_root().join("infra");
+    let infra = xtask::project_root().join("infra");
     let server = stage.path().join("chat-server");
     std::fs::copy(binary, &server).with_context(|| format!("cannot read {}", binary.display()))?;
     let config = stage.path().join("server.ron");

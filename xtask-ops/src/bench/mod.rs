@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 
-use crate::procs::Processes;
 use load::Counter;
+use xtask::procs::Processes;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -53,11 +53,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let fds = rlimit::getrlimit(rlimit::Resource::NOFILE)?.0;
     eprintln!("fd limit {soft} -> {fds}");
 
-    let bin = crate::build_binaries(&["chat-server"], true)?;
+    let bin = xtask::build_binaries(&["chat-server"], true)?;
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| crate::target_dir().join("bench"));
+        .unwrap_or_else(|| xtask::target_dir().join("bench"));
     std::fs::create_dir_all(&out)?;
     let data = tempfile::tempdir()?;
     let mut procs = Processes::default();

@@ -16,7 +16,7 @@ pub const HOST_GLIBC: (u32, u32) = (2, 34);
 /// Builds `chat-server` for the instance and returns its path.
 pub fn build_server() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let root = crate::project_root();
+    let root = xtask::project_root();
     let status = Command::new(&cargo)
         .current_dir(&root)
         .args([
@@ -38,7 +38,7 @@ pub fn build_server() -> anyhow::Result<PathBuf> {
         HOST_GLIBC.0,
         HOST_GLIBC.1
     );
-    Ok(crate::target_dir()
+    Ok(xtask::target_dir()
         .join(TARGET)
         .join("release")
         .join("chat-server"))
