@@ -10,12 +10,12 @@
 //! - [`PreLoginSlots`]: connections that have not logged in yet have their own small
 //!   budget and a cap per address, so silent sockets cannot take logged-in users' slots.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 
 use crate::config::RateLimit;
 
@@ -150,12 +150,24 @@ impl AddressLimiter {
     }
 }
 
-/// The budget of connections not logged in yet.
+/// The budget of connections not logged in yet, shared fairly between addresses: when it
+/// is full, a connection from an address holding fewer slots than the busiest address takes
+/// the oldest slot of that address (whose connection is closed with `server_busy`). Filling
+/// the budget so that nobody new gets in therefore takes as many addresses (IPv6: /64s) as
+/// the budget has slots, not `budget / max_per_address` of them.
 #[derive(Debug)]
 pub struct PreLoginSlots {
-    total: Arc<Semaphore>,
-    per_address: Arc<Mutex<HashMap<AddressKey, usize>>>,
+    inner: Arc<Mutex<SlotTable>>,
+    total: usize,
     max_per_address: usize,
+}
+
+#[derive(Debug, Default)]
+struct SlotTable {
+    /// Per address, its slots oldest first: (slot id, how to tell it it was evicted).
+    by_address: HashMap<AddressKey, VecDeque<(u64, Arc<Notify>)>>,
+    in_use: usize,
+    next_id: u64,
 }
 
 /// Why a new connection got no pre-login slot.
@@ -168,19 +180,39 @@ pub enum NoSlot {
 /// A connection's place in the pre-login budget, given back on drop (at login or close).
 #[derive(Debug)]
 pub struct PreLoginSlot {
-    _permit: OwnedSemaphorePermit,
+    id: u64,
     key: AddressKey,
-    per_address: Arc<Mutex<HashMap<AddressKey, usize>>>,
+    evicted: Arc<Notify>,
+    table: Arc<Mutex<SlotTable>>,
+}
+
+impl PreLoginSlot {
+    /// Completes when this slot was given to a connection from a less busy address.
+    pub async fn evicted(&self) {
+        self.evicted.notified().await;
+    }
+
+    /// The notification [`PreLoginSlot::evicted`] waits for (to wait without borrowing).
+    pub(crate) fn eviction(&self) -> Arc<Notify> {
+        self.evicted.clone()
+    }
 }
 
 impl Drop for PreLoginSlot {
     fn drop(&mut self) {
-        let mut map = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.key);
-            }
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slots) = table.by_address.get_mut(&self.key) else {
+            return;
+        };
+        let before = slots.len();
+        slots.retain(|(id, _)| *id != self.id);
+        let removed = before != slots.len();
+        if slots.is_empty() {
+            table.by_address.remove(&self.key);
+        }
+        // An evicted slot was handed over already.
+        if removed {
+            table.in_use -= 1;
         }
     }
 }
@@ -188,34 +220,58 @@ impl Drop for PreLoginSlot {
 impl PreLoginSlots {
     pub fn new(total: usize, max_per_address: usize) -> Self {
         Self {
-            total: Arc::new(Semaphore::new(total)),
-            per_address: Arc::default(),
+            inner: Arc::default(),
+            total,
             max_per_address,
         }
     }
 
     pub fn take(&self, ip: IpAddr) -> Result<PreLoginSlot, NoSlot> {
         let key = AddressKey::of(ip);
-        let mut map = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(&key).copied().unwrap_or(0) >= self.max_per_address {
+        let mut table = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = table.by_address.get(&key).map_or(0, VecDeque::len);
+        if mine >= self.max_per_address {
             return Err(NoSlot::AddressFull);
         }
-        let permit = self
-            .total
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| NoSlot::Full)?;
-        *map.entry(key).or_default() += 1;
+        if table.in_use >= self.total {
+            // Full: take the oldest slot of the busiest address, if it is busier than this
+            // one would be with the slot.
+            let busiest = table
+                .by_address
+                .iter()
+                .max_by_key(|(_, slots)| slots.len())
+                .map(|(k, slots)| (*k, slots.len()));
+            let Some((victim, held)) = busiest.filter(|(_, held)| *held > mine + 1) else {
+                return Err(NoSlot::Full);
+            };
+            let slots = table.by_address.get_mut(&victim).expect("just found");
+            let (_, notify) = slots.pop_front().expect("busiest holds slots");
+            if held == 1 {
+                table.by_address.remove(&victim);
+            }
+            notify.notify_one();
+        } else {
+            table.in_use += 1;
+        }
+        table.next_id += 1;
+        let id = table.next_id;
+        let evicted = Arc::new(Notify::new());
+        table
+            .by_address
+            .entry(key)
+            .or_default()
+            .push_back((id, evicted.clone()));
         Ok(PreLoginSlot {
-            _permit: permit,
+            id,
             key,
-            per_address: self.per_address.clone(),
+            evicted,
+            table: self.inner.clone(),
         })
     }
 
     /// Connections not logged in now.
-    pub fn in_use(&self, total: usize) -> usize {
-        total - self.total.available_permits()
+    pub fn in_use(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).in_use
     }
 }
 
@@ -293,8 +349,50 @@ mod tests {
         assert_eq!(slots.take(a).unwrap_err(), NoSlot::AddressFull);
         let _s3 = slots.take(b).unwrap();
         assert_eq!(slots.take(b).unwrap_err(), NoSlot::Full);
-        assert_eq!(slots.in_use(3), 3);
+        assert_eq!(slots.in_use(), 3);
         drop(s1);
         assert!(slots.take(a).is_ok(), "given back");
+    }
+
+    /// The field case: every slot held by a few busy addresses, and a newcomer still gets
+    /// in, by taking the oldest slot of the busiest address (which is told).
+    #[test]
+    fn a_full_budget_makes_room_for_a_less_busy_address() {
+        let slots = PreLoginSlots::new(4, 2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let c: IpAddr = "192.0.2.3".parse().unwrap();
+        let a1 = slots.take(a).unwrap();
+        let a2 = slots.take(a).unwrap();
+        let d: IpAddr = "192.0.2.4".parse().unwrap();
+        let _b1 = slots.take(b).unwrap();
+        let _d1 = slots.take(d).unwrap();
+        let c1 = slots.take(c).expect("a newcomer gets in");
+        assert_eq!(slots.in_use(), 4, "still within the budget");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), a1.evicted())
+                .await
+                .expect("a's oldest was told");
+            assert!(
+                tokio::time::timeout(Duration::from_millis(20), a2.evicted())
+                    .await
+                    .is_err(),
+                "only one was evicted"
+            );
+        });
+        // Everyone holds 1 now: evicting would not be fairer.
+        assert_eq!(slots.take(c).unwrap_err(), NoSlot::Full);
+        assert_eq!(slots.take(b).unwrap_err(), NoSlot::Full);
+        // The evicted one's drop gives nothing back twice.
+        drop(a1);
+        assert_eq!(slots.in_use(), 4);
+        drop(c1);
+        assert_eq!(slots.in_use(), 3);
+        assert!(slots.take(c).is_ok());
+        drop(a2);
     }
 }

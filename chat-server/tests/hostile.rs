@@ -567,6 +567,97 @@ async fn silent_sockets_and_a_connection_storm_keep_nobody_out() {
     );
 }
 
+/// Slow logins from many addresses, each holding all the slots it may, reopened as soon as
+/// they are closed: the budget is full the whole time, and still every fresh login (carol,
+/// from an address holding none) gets in, by taking the busiest address's oldest slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_logins_from_many_addresses_keep_nobody_out() {
+    let server = Server::start(
+        "pre_login: (max_connections: 64, max_per_address: 16, first_byte_timeout_secs: 1.0), \
+         connect_rate: (per_second: 1000.0, burst: 1000.0)",
+    );
+    let legit = Legit::start(&server).await;
+    let addr = server.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut attackers = tokio::task::JoinSet::new();
+    // 8 addresses × 16 = twice the budget, each socket trickling a Hello byte by byte.
+    for a in 1..=8u8 {
+        for _ in 0..16 {
+            let stop = stop.clone();
+            attackers.spawn(async move {
+                let hello = chat_protocol::frame::encode(
+                    &ClientMessage::Hello {
+                        version: chat_protocol::PROTOCOL_VERSION,
+                        software: "slow".into(),
+                    },
+                    MAX_FRAME as usize,
+                )
+                .unwrap();
+                let mut evicted = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut s) = common::connect_from(addr, Ipv4Addr::new(127, 0, 1, a)).await
+                    else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    // One byte every 300 ms, never the last: held until the relay closes it.
+                    let mut bytes = hello[..hello.len() - 1].iter();
+                    let mut sent = 0;
+                    loop {
+                        if let Some(byte) = bytes.next() {
+                            if s.write_all(&[*byte]).await.is_err() {
+                                break;
+                            }
+                            sent += 1;
+                        }
+                        let mut buf = [0u8; 512];
+                        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf))
+                            .await
+                        {
+                            Err(_) if !stop.load(Ordering::Relaxed) => continue,
+                            Err(_) => break,
+                            // Answered after holding a slot a while: evicted. At once:
+                            // refused (no slot); back off a little before trying again.
+                            Ok(Ok(n)) if n > 0 && sent > 1 => {
+                                evicted += 1;
+                                break;
+                            }
+                            Ok(_) => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                break;
+                            }
+                        }
+                    }
+                }
+                evicted
+            });
+        }
+    }
+    // Let the attackers fill the budget, then let carol churn through it.
+    tokio::time::sleep(ATTACK).await;
+    let report = legit.finish("slow logins from many addresses").await;
+    stop.store(true, Ordering::Relaxed);
+    let mut told = 0;
+    while let Some(n) = attackers.join_next().await {
+        told += n.unwrap();
+    }
+    eprintln!("slow logins: {told} attacker sockets were evicted for a fresh login");
+    assert!(
+        report.logins >= 20,
+        "carol logged in only {} times",
+        report.logins
+    );
+    assert!(
+        report.slowest_login < Duration::from_secs(2),
+        "a fresh login waited {:?}",
+        report.slowest_login
+    );
+    assert!(
+        told >= report.logins,
+        "each login took an attacker's slot: {told}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_says_nothing_about_which_names_exist() {
     let server = Server::start("");

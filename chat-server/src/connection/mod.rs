@@ -229,6 +229,7 @@ impl Handler {
                 timer.as_mut().reset(wake);
             }
 
+            let evicted = self.pre_login.as_ref().map(PreLoginSlot::eviction);
             tokio::select! {
                 _ = self.shutdown.recv() => {
                     let _ = Box::pin(self.finish_sends()).await;
@@ -288,6 +289,12 @@ impl Handler {
                         }
                     }
                 },
+                () = async { evicted.expect("checked").notified().await }, if evicted.is_some() => {
+                    return Close::tell(
+                        ErrorCode::ServerBusy,
+                        "the server is busy with other logins; try again in a moment",
+                    );
+                }
                 () = &mut timer => {
                     let now = Instant::now();
                     if !logged_in && now >= login_deadline {
