@@ -126,6 +126,10 @@ pub struct QueueConfig {
     pub max_sender_share: f64,
     /// Bytes queued for everyone together; over it every sender gets `server_full`.
     pub max_total_bytes: u64,
+    /// Largest part of `max_total_bytes` that senders from one address (IPv6: one /64)
+    /// may have queued, as a fraction; over it they get `server_full`. Also, all senders
+    /// from one address together hold at most `max_sender_share` of one recipient's queue.
+    pub max_source_share: f64,
 }
 
 impl Default for QueueConfig {
@@ -138,6 +142,7 @@ impl Default for QueueConfig {
             live_grace_secs: 0.005,
             max_sender_share: 0.25,
             max_total_bytes: 1024 * 1024 * 1024,
+            max_source_share: 0.05,
         }
     }
 }
@@ -151,6 +156,8 @@ impl QueueConfig {
             max_sender_envelopes: share(self.max_envelopes_per_user),
             max_sender_bytes: share(self.max_bytes_per_user),
             max_total_bytes: self.max_total_bytes,
+            max_source_bytes: ((self.max_total_bytes as f64 * self.max_source_share).ceil() as u64)
+                .max(1),
         }
     }
 }
@@ -262,6 +269,12 @@ impl Config {
             && self.queue.max_sender_share <= 1.0)
         {
             return invalid("queue.max_sender_share", "must be above 0 and at most 1");
+        }
+        if !(self.queue.max_source_share.is_finite()
+            && self.queue.max_source_share > 0.0
+            && self.queue.max_source_share <= 1.0)
+        {
+            return invalid("queue.max_source_share", "must be above 0 and at most 1");
         }
         if self.queue.max_total_bytes == 0 {
             return invalid("queue.max_total_bytes", "must be at least 1");

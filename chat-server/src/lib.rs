@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     pub(crate) slots: Arc<Semaphore>,
     /// New accounts per source address.
     pub(crate) registrations: AddressLimiter,
+    /// Names senders' address groups in the queue (their shares).
+    pub(crate) sources: limits::Sources,
     pub(crate) metrics: Metrics,
 }
 
@@ -76,6 +78,7 @@ pub async fn run(
             per_second: registrations.per_hour / 3600.0,
             burst: registrations.burst,
         }),
+        sources: limits::Sources::default(),
         metrics: Metrics::default(),
         config,
         store,

@@ -111,6 +111,22 @@ impl AddressKey {
     }
 }
 
+/// Names a sender's address group ([`AddressKey`]) in the queue without storing the
+/// address: a keyed hash (SipHash with a random key drawn at start, never written), so
+/// the database does not say where anyone connected from. A new key after a restart
+/// means an address's queue share starts afresh; what it queued before still counts
+/// against the recipients' and the server's bounds.
+#[derive(Debug, Default)]
+pub struct Sources(std::hash::RandomState);
+
+impl Sources {
+    /// The source of `ip`: never 0 (0 marks envelopes from before sources were kept).
+    pub fn of(&self, ip: IpAddr) -> i64 {
+        use std::hash::BuildHasher;
+        (self.0.hash_one(AddressKey::of(ip)) | 1) as i64
+    }
+}
+
 /// A token bucket per source address, forgetting full buckets when it has too many.
 #[derive(Debug)]
 pub struct AddressLimiter {
@@ -337,6 +353,24 @@ mod tests {
         assert_eq!(AddressKey::of(v6a), AddressKey::of(v6b), "same /64");
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         assert_eq!(AddressKey::of(mapped), AddressKey::of(a));
+    }
+
+    #[test]
+    fn sources_group_addresses_like_address_keys_and_are_never_zero() {
+        let sources = Sources::default();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let v6a: IpAddr = "2001:db8::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8::2".parse().unwrap();
+        assert_eq!(sources.of(a), sources.of(a));
+        assert_ne!(sources.of(a), sources.of(b));
+        assert_eq!(sources.of(v6a), sources.of(v6b), "one /64, one source");
+        assert!([a, b, v6a].iter().all(|ip| sources.of(*ip) != 0));
+        assert_ne!(
+            Sources::default().of(a),
+            sources.of(a),
+            "each start draws a new key"
+        );
     }
 
     #[test]

@@ -47,6 +47,10 @@ struct Cli {
     /// (`queue.max_sender_share`)
     #[arg(long, value_name = "FRACTION")]
     max_sender_share: Option<f64>,
+    /// Largest fraction of the whole queue senders from one address may hold
+    /// (`queue.max_source_share`)
+    #[arg(long, value_name = "FRACTION")]
+    max_source_share: Option<f64>,
     #[command(subcommand)]
     command: Option<Top>,
 }
@@ -98,6 +102,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(share) = cli.max_sender_share {
         config.queue.max_sender_share = share;
+    }
+    if let Some(share) = cli.max_source_share {
+        config.queue.max_source_share = share;
     }
     config.validate()?;
     if cli.print_config {
@@ -176,6 +183,7 @@ fn run_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
                 ("refused_server_full", "refused, server full"),
                 ("refused_queue_full", "refused, recipient queue full"),
                 ("refused_sender_share", "refused, sender's share full"),
+                ("refused_source_share", "refused, address's share full"),
                 ("registrations_refused", "registrations refused"),
                 ("connections_refused", "connections refused before login"),
                 ("acks_ignored", "ack ids ignored"),

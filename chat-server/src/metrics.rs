@@ -5,6 +5,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Counters of refusals and pacing. Each is a total since the process started.
+/// How many counters [`Metrics`] keeps.
+const COUNTERS: usize = 8;
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Ack ids that named no envelope delivered to that session (or were over the cap).
@@ -14,6 +17,9 @@ pub struct Metrics {
     pub refused_server_full: AtomicU64,
     /// Sends refused because the sender holds its share of the recipient's queue.
     pub refused_sender_share: AtomicU64,
+    /// Sends refused because senders from that address hold their share of the whole
+    /// queue (`queue.max_source_share`).
+    pub refused_source_share: AtomicU64,
     /// Sends refused because the recipient's queue is full.
     pub refused_queue_full: AtomicU64,
     /// New accounts refused by the per-address registration limit.
@@ -23,7 +29,7 @@ pub struct Metrics {
     /// Times a connection was paced because the store writer had no room.
     pub paced: AtomicU64,
     /// What was last added to the database, per counter.
-    flushed: [AtomicU64; 7],
+    flushed: [AtomicU64; COUNTERS],
 }
 
 impl Metrics {
@@ -35,11 +41,12 @@ impl Metrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    fn all(&self) -> [(&'static str, &AtomicU64); 7] {
+    fn all(&self) -> [(&'static str, &AtomicU64); COUNTERS] {
         [
             ("acks_ignored", &self.acks_ignored),
             ("refused_server_full", &self.refused_server_full),
             ("refused_sender_share", &self.refused_sender_share),
+            ("refused_source_share", &self.refused_source_share),
             ("refused_queue_full", &self.refused_queue_full),
             ("registrations_refused", &self.registrations_refused),
             ("connections_refused", &self.connections_refused),

@@ -330,6 +330,8 @@ impl Writer {
 pub struct Envelope {
     pub recipient: Username,
     pub sender: Username,
+    /// The sender's address group as a keyed hash (`limits::Sources`).
+    pub source: i64,
     pub payload: Vec<u8>,
     pub now_secs: u64,
     pub limits: QueueLimits,
@@ -391,6 +393,7 @@ impl Write {
                 Some(*id),
                 &e.recipient,
                 &e.sender,
+                e.source,
                 &e.payload,
                 e.now_secs,
                 &e.limits,
@@ -554,6 +557,7 @@ mod tests {
         Envelope {
             recipient: name(to),
             sender: name("alice"),
+            source: 1,
             payload: payload.to_vec(),
             now_secs: 1000,
             limits: QueueLimits::per_recipient(100, 1 << 20),

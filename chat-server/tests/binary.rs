@@ -202,7 +202,9 @@ fn admin_stats_and_remove_user() {
         store.bind(&bob, b"key").unwrap();
         store.bind(&alice, b"key2").unwrap();
         let limits = chat_server::Config::default().queue.limits();
-        store.enqueue(&bob, &alice, &[0; 100], 1, &limits).unwrap();
+        store
+            .enqueue(&bob, (&alice, 1), &[0; 100], 1, &limits)
+            .unwrap();
     }
     let out = admin(&["stats"]);
     assert!(out.status.success());

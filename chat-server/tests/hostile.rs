@@ -113,7 +113,12 @@ impl Server {
 
     /// A user logged in from the attacker's address.
     async fn attacker(&self, name: &str, k: usize) -> Client {
-        let mut c = Client::connect_from(self.addr, ATTACKER).await;
+        self.user_from(name, k, ATTACKER).await
+    }
+
+    /// A user registered from `address`.
+    async fn user_from(&self, name: &str, k: usize, address: Ipv4Addr) -> Client {
+        let mut c = Client::connect_from(self.addr, address).await;
         c.hello().await;
         match c.register(name, key(k)).await {
             ServerMessage::Welcome { .. } => c,
@@ -398,10 +403,13 @@ async fn strangers_cannot_fill_a_recipients_queue() {
             ServerMessage::Welcome { .. }
         ));
     }
+    // Three throwaway accounts from one address, and one more from a second address.
     let mut strangers = Vec::new();
     for i in 0..3 {
         strangers.push(server.attacker(&format!("stranger{i}"), i % 4).await);
     }
+    let other_address = Ipv4Addr::new(127, 0, 0, 5);
+    strangers.push(server.user_from("elsewhere", 3, other_address).await);
     // A fourth throwaway account from the same address is refused.
     let mut fourth = Client::connect_from(server.addr, ATTACKER).await;
     fourth.hello().await;
@@ -414,6 +422,7 @@ async fn strangers_cannot_fill_a_recipients_queue() {
         other => panic!("a fourth account was allowed: {other:?}"),
     }
     let deadline = Instant::now() + ATTACK;
+    let mut queued_by = Vec::new();
     for s in &mut strangers {
         let mut queued = 0;
         loop {
@@ -431,8 +440,10 @@ async fn strangers_cannot_fill_a_recipients_queue() {
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(queued, 100, "a quarter of vic's queue each");
+        queued_by.push(queued);
     }
+    // A quarter of vic's queue per address, however many accounts it has.
+    assert_eq!(queued_by, [100, 0, 0, 100]);
     // Vic's friend still gets through.
     let mut friend = Client::connect(server.addr).await;
     friend.hello().await;
@@ -446,44 +457,68 @@ async fn strangers_cannot_fill_a_recipients_queue() {
     tokio::time::sleep(ATTACK.saturating_sub(deadline.elapsed())).await;
     legit.finish("strangers fill a queue").await;
     let stats = server.stop_and_stats();
-    assert_eq!(stat(&stats, "refused, sender's share full"), 3, "{stats}");
+    assert_eq!(stat(&stats, "refused, sender's share full"), 4, "{stats}");
     assert_eq!(stat(&stats, "registrations refused"), 1, "{stats}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_queue_is_bounded() {
-    // 400 KiB for everyone; live deliveries acknowledged within a second never count.
-    let server = Server::start("queue: (max_total_bytes: 409600, live_grace_secs: 1.0)");
+    // 400 KiB for everyone, half of it per address; live deliveries acknowledged within
+    // a second never count.
+    let server = Server::start(
+        "queue: (max_total_bytes: 409600, max_source_share: 0.5, live_grace_secs: 1.0)",
+    );
     for i in 0..4 {
         server.user(&format!("away{i}"), 3).await;
     }
     let legit = Legit::start(&server).await;
-    let mut filler = server.attacker("filler", 3).await;
-    let mut refused = 0;
-    let deadline = Instant::now() + ATTACK;
-    let mut stored = 0usize;
-    while Instant::now() < deadline {
-        let to = format!("away{}", stored % 4);
-        match filler.send_to(&to, &[1; 8192]).await {
-            ServerMessage::Ok { .. } => stored += 1,
-            ServerMessage::Error {
-                code: ErrorCode::ServerFull,
-                message,
-                ..
-            } => {
-                assert!(message.contains("full"), "{message}");
-                refused += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    // Two accounts from one address, then one from a second address, each sending until
+    // refused: the first address stops at its half, the second at the server's bound.
+    let fill = |mut filler: Client, what: &'static str| async move {
+        let deadline = Instant::now() + ATTACK / 2;
+        let (mut stored, mut refused) = (0usize, 0usize);
+        while Instant::now() < deadline && refused < 3 {
+            let to = format!("away{}", stored % 4);
+            match filler.send_to(&to, &[1; 8192]).await {
+                ServerMessage::Ok { .. } => stored += 1,
+                ServerMessage::Error {
+                    code: ErrorCode::ServerFull,
+                    message,
+                    ..
+                } => {
+                    assert!(message.contains(what), "{message}");
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
         }
-    }
-    assert!(refused > 0, "the bound was never reached");
-    assert!(stored * 8192 <= 409_600, "{stored} envelopes stored");
+        assert!(refused > 0, "the bound was never reached");
+        stored
+    };
+    let first = fill(server.attacker("filler", 3).await, "your address").await
+        + fill(server.attacker("filler2", 3).await, "your address").await;
+    assert_eq!(
+        first,
+        204_800 / 8192,
+        "one address: half the queue, however many accounts"
+    );
+    let second = fill(
+        server
+            .user_from("filler3", 3, Ipv4Addr::new(127, 0, 0, 5))
+            .await,
+        "storage for undelivered messages is full",
+    )
+    .await;
+    assert_eq!(first + second, 409_600 / 8192, "then the server's bound");
     legit.finish("the whole queue fills").await;
     let stats = server.stop_and_stats();
     assert!(stat(&stats, "queued bytes") <= 409_600, "{stats}");
-    assert!(stat(&stats, "refused, server full") >= refused, "{stats}");
+    assert!(stat(&stats, "refused, server full") >= 1, "{stats}");
+    assert!(
+        stat(&stats, "refused, address's share full") >= 2,
+        "{stats}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -132,6 +132,8 @@ pub(crate) struct Handler {
     slot: Option<OwnedSemaphorePermit>,
     /// A frame has arrived (the first-byte deadline no longer applies).
     heard_any: bool,
+    /// This connection's address group in the queue's accounting.
+    source: i64,
 }
 
 impl Handler {
@@ -146,6 +148,7 @@ impl Handler {
         let max = shared.config.max_frame_bytes;
         let (read, write) = socket.into_split();
         let now = Instant::now();
+        let source = shared.sources.of(peer.ip());
         Self {
             conn_id,
             peer,
@@ -172,6 +175,7 @@ impl Handler {
             pre_login: Some(pre_login),
             slot: None,
             heard_any: false,
+            source,
         }
     }
 

@@ -84,9 +84,11 @@ impl Handler {
                 let writer = &self.shared.writer;
                 let (recipient, sender) = (to_user.clone(), me.clone());
                 let (now_secs, limits) = (unix_secs(), self.shared.config.queue.limits());
+                let source = self.source;
                 let envelope = |payload| Envelope {
                     recipient,
                     sender,
+                    source,
                     payload,
                     now_secs,
                     limits,
@@ -194,14 +196,24 @@ impl Handler {
                     id,
                     ErrorCode::RecipientQueueFull,
                     format!(
-                        "you already have as many undelivered messages waiting for {to} as one \
-                         sender may; try again once they have read some"
+                        "you (or others from your address) already have as many undelivered \
+                         messages waiting for {to} as one sender may; try again once they have \
+                         read some"
                     ),
                 )
             }
             Ok(Enqueued::ServerFull) => {
                 Metrics::inc(&metrics.refused_server_full);
                 server_full(id)
+            }
+            Ok(Enqueued::SourceFull) => {
+                Metrics::inc(&metrics.refused_source_share);
+                error_reply(
+                    id,
+                    ErrorCode::ServerFull,
+                    "senders from your address hold as many undelivered messages as one \
+                     address may; try again once some have been delivered",
+                )
             }
             Err(e) if e.is_full() => {
                 Metrics::inc(&metrics.refused_server_full);

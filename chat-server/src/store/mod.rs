@@ -17,7 +17,7 @@ pub use queue::{Enqueued, QueueLimits, Queued};
 pub(crate) use queue::{ack_in, add_counter, enqueue_in, record_last_id};
 
 /// 2: the queue; 3: per-(recipient, sender) usage and totals for the quotas.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -128,7 +128,9 @@ impl Store {
                  recipient  TEXT NOT NULL,
                  sender     TEXT NOT NULL,
                  payload    BLOB NOT NULL,
-                 created_at INTEGER NOT NULL
+                 created_at INTEGER NOT NULL,
+                 -- The sender's address group, as a keyed hash (0: from before version 4).
+                 source     INTEGER NOT NULL DEFAULT 0
              );
              CREATE INDEX IF NOT EXISTS queue_by_recipient ON queue (recipient, id);
              CREATE INDEX IF NOT EXISTS queue_by_age ON queue (created_at);
@@ -139,12 +141,28 @@ impl Store {
                  bytes     INTEGER NOT NULL,
                  PRIMARY KEY (recipient, sender)
              ) WITHOUT ROWID;
+             -- recipient '' holds a source's usage over all recipients.
+             CREATE TABLE IF NOT EXISTS source_usage (
+                 recipient TEXT NOT NULL,
+                 source    INTEGER NOT NULL,
+                 envelopes INTEGER NOT NULL,
+                 bytes     INTEGER NOT NULL,
+                 PRIMARY KEY (recipient, source)
+             ) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS counters (
                  name  TEXT PRIMARY KEY NOT NULL,
                  value INTEGER NOT NULL
              );",
         )?;
-        if version < 3 {
+        let has_source: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('queue') WHERE name = 'source')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_source {
+            tx.execute_batch("ALTER TABLE queue ADD COLUMN source INTEGER NOT NULL DEFAULT 0")?;
+        }
+        if version < 4 {
             queue::rebuild_usage_in(&tx)?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -186,17 +204,22 @@ impl Store {
         Ok(result)
     }
 
-    /// Queues `payload` for a registered `recipient` unless that would pass `limits`.
+    /// Queues `payload` for a registered `recipient` from `sender` at `source` (a keyed
+    /// hash of its address group, `limits::Sources`) unless that would pass `limits`.
     /// Returns the envelope id once the insert is committed.
     pub fn enqueue(
         &self,
         recipient: &Username,
-        sender: &Username,
+        (sender, source): (&Username, i64),
         payload: &[u8],
         now_secs: u64,
         limits: &QueueLimits,
     ) -> Result<Enqueued, StoreError> {
-        self.transaction(|tx| enqueue_in(tx, None, recipient, sender, payload, now_secs, limits))
+        self.transaction(|tx| {
+            enqueue_in(
+                tx, None, recipient, sender, source, payload, now_secs, limits,
+            )
+        })
     }
 
     /// Up to `limit` queued envelopes for `recipient` with ids above `after`, oldest first.
@@ -350,14 +373,16 @@ mod tests {
         let (bob, alice) = (name("bob"), name("alice"));
         let limits = QueueLimits::per_recipient(3, 100);
         assert_eq!(
-            store.enqueue(&bob, &alice, b"x", 1000, &limits).unwrap(),
+            store
+                .enqueue(&bob, (&alice, 1), b"x", 1000, &limits)
+                .unwrap(),
             Enqueued::UnknownRecipient
         );
         store.bind(&bob, b"k").unwrap();
         let ids: Vec<u64> = (0..3u8)
             .map(|i| {
                 match store
-                    .enqueue(&bob, &alice, &[i; 10], 1000, &limits)
+                    .enqueue(&bob, (&alice, 1), &[i; 10], 1000, &limits)
                     .unwrap()
                 {
                     Enqueued::Stored(id) => id,
@@ -367,12 +392,16 @@ mod tests {
             .collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(
-            store.enqueue(&bob, &alice, b"x", 1000, &limits).unwrap(),
+            store
+                .enqueue(&bob, (&alice, 1), b"x", 1000, &limits)
+                .unwrap(),
             Enqueued::Full
         );
         let big = QueueLimits::per_recipient(100, 100);
         assert_eq!(
-            store.enqueue(&bob, &alice, &[0; 71], 1000, &big).unwrap(),
+            store
+                .enqueue(&bob, (&alice, 1), &[0; 71], 1000, &big)
+                .unwrap(),
             Enqueued::Full,
             "bytes bound"
         );
@@ -400,7 +429,9 @@ mod tests {
             (2, 0, 0)
         );
 
-        store.enqueue(&bob, &alice, b"x", 2000, &limits).unwrap();
+        store
+            .enqueue(&bob, (&alice, 1), b"x", 2000, &limits)
+            .unwrap();
         assert!(store.remove_user(&bob).unwrap());
         assert_eq!(store.public_key(&bob).unwrap(), None);
         assert_eq!(store.stats().unwrap().queued, 0);
@@ -419,13 +450,18 @@ mod tests {
             max_bytes: 1000,
             max_sender_envelopes: 3,
             max_sender_bytes: 250,
-            max_total_bytes: 400,
+            max_total_bytes: 600,
+            max_source_bytes: 260,
         };
-        let send = |to: &Username, from: &str, len: usize| {
+        // Each sender from its own source address unless said otherwise.
+        let source =
+            |from: &str| i64::from(from.as_bytes().iter().map(|&b| u32::from(b)).sum::<u32>());
+        let send_from = |to: &Username, from: &str, source: i64, len: usize| {
             store
-                .enqueue(to, &name(from), &vec![1; len], 1, &limits)
+                .enqueue(to, (&name(from), source), &vec![1; len], 1, &limits)
                 .unwrap()
         };
+        let send = |to: &Username, from: &str, len: usize| send_from(to, from, source(from), len);
         for _ in 0..3 {
             assert!(matches!(send(&bob, "mallory", 10), Enqueued::Stored(_)));
         }
@@ -435,11 +471,23 @@ mod tests {
             Enqueued::SenderShareFull,
             "bytes share"
         );
+        // A second account from mallory's address shares that address's share.
+        assert_eq!(
+            send_from(&bob, "mallory3", source("mallory"), 10),
+            Enqueued::SenderShareFull,
+            "one address, many accounts: one share"
+        );
         // Others still have room in bob's queue.
         assert!(matches!(send(&bob, "alice", 200), Enqueued::Stored(_)));
-        // The server's total: 230 queued, 171 more would pass 400.
-        assert_eq!(send(&carol, "alice", 171), Enqueued::ServerFull);
-        assert!(matches!(send(&carol, "alice", 170), Enqueued::Stored(_)));
+        // One address's share of the whole server: mallory's address holds 30 bytes, so
+        // 231 more (to someone else) would pass 260.
+        assert_eq!(
+            send_from(&carol, "mallory4", source("mallory"), 231),
+            Enqueued::SourceFull
+        );
+        // The server's total: 230 queued, 371 more would pass 600.
+        assert_eq!(send(&carol, "dave", 371), Enqueued::ServerFull);
+        assert!(matches!(send(&carol, "dave", 170), Enqueued::Stored(_)));
         // The accounting survives a reopen and a rebuild.
         drop(store);
         let store = Store::open(dir.path()).unwrap();
@@ -454,6 +502,58 @@ mod tests {
             ),
             (5, 400, 2)
         );
+    }
+
+    /// A version 3 database (no `source` column, no `source_usage`) with mail waiting is
+    /// upgraded in place: its envelopes are kept, delivered and accounted.
+    #[test]
+    fn a_version_3_database_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(Store::FILE_NAME)).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE accounts (username TEXT PRIMARY KEY NOT NULL,
+                     public_key BLOB NOT NULL, created_at INTEGER NOT NULL);
+                 CREATE TABLE queue (id INTEGER PRIMARY KEY AUTOINCREMENT,
+                     recipient TEXT NOT NULL, sender TEXT NOT NULL, payload BLOB NOT NULL,
+                     created_at INTEGER NOT NULL);
+                 CREATE TABLE usage (recipient TEXT NOT NULL, sender TEXT NOT NULL,
+                     envelopes INTEGER NOT NULL, bytes INTEGER NOT NULL,
+                     PRIMARY KEY (recipient, sender)) WITHOUT ROWID;
+                 CREATE TABLE counters (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+                 INSERT INTO accounts VALUES ('bob', x'00', 1);
+                 INSERT INTO queue (recipient, sender, payload, created_at)
+                     VALUES ('bob', 'alice', x'010203', 5), ('bob', 'alice', x'0405', 6);
+                 PRAGMA user_version = 3;",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.queued, stats.queued_bytes), (2, 5));
+        let bob = name("bob");
+        let waiting = store.pending(&bob, 0, 10).unwrap();
+        assert_eq!(waiting.len(), 2);
+        assert_eq!(waiting[0].payload, [1, 2, 3]);
+        let limits = QueueLimits::per_recipient(10, 100);
+        assert!(matches!(
+            store
+                .enqueue(&bob, (&name("carol"), 7), b"new", 10, &limits)
+                .unwrap(),
+            Enqueued::Stored(_)
+        ));
+        let ids: Vec<u64> = store
+            .pending(&bob, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.id)
+            .collect();
+        assert_eq!(store.ack(&bob, &ids).unwrap(), 3);
+        let conn = Connection::open(dir.path().join(Store::FILE_NAME)).unwrap();
+        let left: i64 = conn
+            .query_row("SELECT COUNT(*) FROM source_usage", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0, "every source's usage went back to nothing");
     }
 
     #[test]

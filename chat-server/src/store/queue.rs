@@ -1,9 +1,12 @@
 //! The store-and-forward queue: envelopes not yet acknowledged by their recipient, with
 //! the accounting its quotas need.
 //!
-//! `usage` holds, per (recipient, sender), the envelopes and bytes queued, and the
-//! `counters` rows `queued_envelopes` / `queued_bytes` the totals; both change in the
-//! same transaction as the queue, so a quota check costs a few index lookups, not a scan.
+//! `usage` holds, per (recipient, sender), the envelopes and bytes queued;
+//! `source_usage` the same per (recipient, source) — a source being the sender's address
+//! group as a keyed hash, see `limits::Sources` — and, with recipient `''`, per source over
+//! all recipients; the `counters` rows `queued_envelopes` / `queued_bytes` hold the totals.
+//! All change in the same transaction as the queue, so a quota check costs a few index
+//! lookups, not a scan.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -19,11 +22,14 @@ use super::StoreError;
 pub struct QueueLimits {
     pub max_envelopes: u64,
     pub max_bytes: u64,
-    /// What one sender may hold of one recipient's queue.
+    /// What one sender — and, separately, one source address — may hold of one
+    /// recipient's queue.
     pub max_sender_envelopes: u64,
     pub max_sender_bytes: u64,
     /// Bytes queued for everyone together.
     pub max_total_bytes: u64,
+    /// Bytes one source address may have queued, for all recipients together.
+    pub max_source_bytes: u64,
 }
 
 impl QueueLimits {
@@ -35,6 +41,7 @@ impl QueueLimits {
             max_sender_envelopes: max_envelopes,
             max_sender_bytes: max_bytes,
             max_total_bytes: u64::MAX,
+            max_source_bytes: u64::MAX,
         }
     }
 }
@@ -45,8 +52,10 @@ pub enum Enqueued {
     Stored(u64),
     /// The recipient's queue is at its bound.
     Full,
-    /// This sender holds its whole share of the recipient's queue.
+    /// This sender (or its source address) holds its whole share of the recipient's queue.
     SenderShareFull,
+    /// This source address holds its whole share of the server's queue.
+    SourceFull,
     /// The queue of the whole server is at its bound (or the disk is full).
     ServerFull,
     UnknownRecipient,
@@ -84,15 +93,57 @@ pub(crate) fn add_counter(
     Ok(())
 }
 
-/// Adds `envelopes` and `bytes` (negative: removes) to what `sender` holds for
-/// `recipient` and to the totals.
+/// Adds `envelopes` and `bytes` (negative: removes) to what `source` holds for
+/// `recipient` (`''`: for everyone).
+fn account_source(
+    tx: &rusqlite::Transaction<'_>,
+    recipient: &str,
+    source: i64,
+    envelopes: i64,
+    bytes: i64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO source_usage (recipient, source, envelopes, bytes) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (recipient, source) DO UPDATE SET
+             envelopes = MAX(0, envelopes + excluded.envelopes),
+             bytes = MAX(0, bytes + excluded.bytes)",
+    )?
+    .execute(params![recipient, source, envelopes, bytes])?;
+    tx.prepare_cached(
+        "DELETE FROM source_usage WHERE recipient = ?1 AND source = ?2 AND envelopes = 0",
+    )?
+    .execute(params![recipient, source])?;
+    Ok(())
+}
+
+/// What `source` holds of `recipient`'s queue (`''`: of everyone's): (envelopes, bytes).
+fn source_held(
+    tx: &rusqlite::Transaction<'_>,
+    recipient: &str,
+    source: i64,
+) -> Result<(u64, u64), StoreError> {
+    let (envelopes, bytes): (i64, i64) = tx
+        .prepare_cached(
+            "SELECT envelopes, bytes FROM source_usage WHERE recipient = ?1 AND source = ?2",
+        )?
+        .query_row(params![recipient, source], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+        .unwrap_or((0, 0));
+    Ok((envelopes.unsigned_abs(), bytes.unsigned_abs()))
+}
+
+/// Adds `envelopes` and `bytes` (negative: removes) to what `sender` (from `source`)
+/// holds for `recipient` and to the totals.
 fn account(
     tx: &rusqlite::Transaction<'_>,
     recipient: &str,
     sender: &str,
+    source: i64,
     envelopes: i64,
     bytes: i64,
 ) -> Result<(), StoreError> {
+    account_source(tx, recipient, source, envelopes, bytes)?;
+    account_source(tx, "", source, envelopes, bytes)?;
     tx.prepare_cached(
         "INSERT INTO usage (recipient, sender, envelopes, bytes) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (recipient, sender) DO UPDATE SET
@@ -106,31 +157,44 @@ fn account(
     add_counter(tx, "queued_bytes", bytes)
 }
 
-/// Accounts for deleted rows given as (recipient, sender, bytes).
+/// A deleted envelope, as accounted: (recipient, sender, source, bytes).
+type Deleted = (String, String, i64, i64);
+
+/// What the `DELETE … RETURNING` statements below return, in [`Deleted`]'s order.
+const RETURNING: &str = "RETURNING recipient, sender, source, LENGTH(payload)";
+
+fn deleted_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Deleted> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+}
+
+/// Accounts for deleted rows.
 fn unaccount(
     tx: &rusqlite::Transaction<'_>,
-    rows: impl IntoIterator<Item = (String, String, i64)>,
+    rows: impl IntoIterator<Item = Deleted>,
 ) -> Result<usize, StoreError> {
-    let mut per: HashMap<(String, String), (i64, i64)> = HashMap::new();
+    let mut per: HashMap<(String, String, i64), (i64, i64)> = HashMap::new();
     let mut n = 0;
-    for (recipient, sender, bytes) in rows {
-        let e = per.entry((recipient, sender)).or_default();
+    for (recipient, sender, source, bytes) in rows {
+        let e = per.entry((recipient, sender, source)).or_default();
         e.0 += 1;
         e.1 += bytes;
         n += 1;
     }
-    for ((recipient, sender), (envelopes, bytes)) in per {
-        account(tx, &recipient, &sender, -envelopes, -bytes)?;
+    for ((recipient, sender, source), (envelopes, bytes)) in per {
+        account(tx, &recipient, &sender, source, -envelopes, -bytes)?;
     }
     Ok(n)
 }
 
-/// Queues `payload` for a registered `recipient` unless that would pass `limits`.
+/// Queues `payload` for a registered `recipient` from `sender` at `source` (its address
+/// group's keyed hash) unless that would pass `limits`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn enqueue_in(
     tx: &rusqlite::Transaction<'_>,
     id: Option<u64>,
     recipient: &Username,
     sender: &Username,
+    source: i64,
     payload: &[u8],
     now_secs: u64,
     limits: &QueueLimits,
@@ -144,6 +208,9 @@ pub(crate) fn enqueue_in(
     let len = payload.len() as u64;
     if counter(tx, "queued_bytes")? + len > limits.max_total_bytes {
         return Ok(Enqueued::ServerFull);
+    }
+    if source_held(tx, "", source)?.1 + len > limits.max_source_bytes {
+        return Ok(Enqueued::SourceFull);
     }
     let (count, bytes): (i64, i64) = tx
         .prepare_cached(
@@ -162,24 +229,35 @@ pub(crate) fn enqueue_in(
         })
         .optional()?
         .unwrap_or((0, 0));
-    if mine.unsigned_abs() >= limits.max_sender_envelopes
-        || my_bytes.unsigned_abs() + len > limits.max_sender_bytes
-    {
+    let (from_source, source_bytes) = source_held(tx, recipient.as_str(), source)?;
+    let over = |envelopes: u64, bytes: u64| {
+        envelopes >= limits.max_sender_envelopes || bytes + len > limits.max_sender_bytes
+    };
+    if over(mine.unsigned_abs(), my_bytes.unsigned_abs()) || over(from_source, source_bytes) {
         return Ok(Enqueued::SenderShareFull);
     }
     // NULL lets SQLite pick the id; the relay passes its own so it can deliver first.
     tx.prepare_cached(
-        "INSERT INTO queue (id, recipient, sender, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO queue (id, recipient, sender, source, payload, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![
         id.map(|id| id as i64),
         recipient.as_str(),
         sender.as_str(),
+        source,
         payload,
         now_secs as i64
     ])?;
     let stored = tx.last_insert_rowid().unsigned_abs();
-    account(tx, recipient.as_str(), sender.as_str(), 1, len as i64)?;
+    account(
+        tx,
+        recipient.as_str(),
+        sender.as_str(),
+        source,
+        1,
+        len as i64,
+    )?;
     Ok(Enqueued::Stored(stored))
 }
 
@@ -198,14 +276,11 @@ pub(crate) fn ack_in(
             .map(|&id| Value::from(id as i64))
             .collect::<Vec<_>>(),
     );
-    let deleted: Vec<(String, String, i64)> = tx
-        .prepare_cached(
-            "DELETE FROM queue WHERE recipient = ?1 AND id IN rarray(?2)
-             RETURNING recipient, sender, LENGTH(payload)",
-        )?
-        .query_map(params![recipient.as_str(), ids], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?
+    let deleted: Vec<Deleted> = tx
+        .prepare_cached(&format!(
+            "DELETE FROM queue WHERE recipient = ?1 AND id IN rarray(?2) {RETURNING}"
+        ))?
+        .query_map(params![recipient.as_str(), ids], deleted_row)?
         .collect::<Result<_, _>>()?;
     unaccount(tx, deleted)
 }
@@ -217,12 +292,11 @@ pub(crate) fn purge_in(
     max_age_secs: u64,
 ) -> Result<usize, StoreError> {
     let cutoff = now_secs.saturating_sub(max_age_secs) as i64;
-    let deleted: Vec<(String, String, i64)> = tx
-        .prepare(
-            "DELETE FROM queue WHERE created_at < ?1
-             RETURNING recipient, sender, LENGTH(payload)",
-        )?
-        .query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+    let deleted: Vec<Deleted> = tx
+        .prepare(&format!(
+            "DELETE FROM queue WHERE created_at < ?1 {RETURNING}"
+        ))?
+        .query_map(params![cutoff], deleted_row)?
         .collect::<Result<_, _>>()?;
     let removed = unaccount(tx, deleted)?;
     add_counter(tx, "expired", removed as i64)?;
@@ -234,13 +308,11 @@ pub(crate) fn drop_queue_in(
     tx: &rusqlite::Transaction<'_>,
     recipient: &Username,
 ) -> Result<usize, StoreError> {
-    let deleted: Vec<(String, String, i64)> = tx
-        .prepare(
-            "DELETE FROM queue WHERE recipient = ?1 RETURNING recipient, sender, LENGTH(payload)",
-        )?
-        .query_map(params![recipient.as_str()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?
+    let deleted: Vec<Deleted> = tx
+        .prepare(&format!(
+            "DELETE FROM queue WHERE recipient = ?1 {RETURNING}"
+        ))?
+        .query_map(params![recipient.as_str()], deleted_row)?
         .collect::<Result<_, _>>()?;
     unaccount(tx, deleted)
 }
@@ -252,6 +324,12 @@ pub(crate) fn rebuild_usage_in(tx: &rusqlite::Transaction<'_>) -> Result<(), Sto
          INSERT INTO usage (recipient, sender, envelopes, bytes)
              SELECT recipient, sender, COUNT(*), SUM(LENGTH(payload)) FROM queue
              GROUP BY recipient, sender;
+         DELETE FROM source_usage;
+         INSERT INTO source_usage (recipient, source, envelopes, bytes)
+             SELECT recipient, source, COUNT(*), SUM(LENGTH(payload)) FROM queue
+             GROUP BY recipient, source;
+         INSERT INTO source_usage (recipient, source, envelopes, bytes)
+             SELECT '', source, COUNT(*), SUM(LENGTH(payload)) FROM queue GROUP BY source;
          INSERT INTO counters (name, value)
              SELECT 'queued_envelopes', COUNT(*) FROM queue WHERE true
              ON CONFLICT (name) DO UPDATE SET value = excluded.value;
