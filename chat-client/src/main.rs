@@ -31,6 +31,9 @@ struct Cli {
     /// Window only: where the window first appears, in screen pixels
     #[arg(long, value_name = "X,Y", value_parser = parse_position, conflicts_with = "headless")]
     window_position: Option<[f32; 2]>,
+    /// Window only: take the left or right half of the screen (e.g. two side by side)
+    #[arg(long, value_name = "SIDE", conflicts_with = "headless")]
+    window_half: Option<chat_client::gui::placement::Half>,
     /// File holding the identity key's passphrase (or set CHAT_PASSPHRASE)
     #[arg(long, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
@@ -81,6 +84,7 @@ fn main() -> anyhow::Result<()> {
         let launch = chat_client::gui::Launch {
             auto_sign_in: cli.user.is_some(),
             position: cli.window_position,
+            half: cli.window_half,
             chat_with: cli
                 .chat_with
                 .map(|u| Username::parse(&u).map(|u| u.to_string()))

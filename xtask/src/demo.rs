@@ -27,12 +27,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let mut windows = Vec::new();
-    // Side by side, so both are visible at once.
-    for (me, peer, position) in [("alice", "bob", "40,40"), ("bob", "alice", "1020,40")] {
+    // Side by side, each on its half of the screen, so both are visible at once.
+    for (me, peer, half) in [("alice", "bob", "left"), ("bob", "alice", "right")] {
         let child = procs.spawn(
             Command::new(bin.join("chat-client"))
                 .args(["--server", &addr, "--user", me, "--chat-with", peer])
-                .args(["--window-position", position, "--home"])
+                .args(["--window-half", half, "--home"])
                 .arg(demo.join(me)),
         )?;
         windows.push(child.id());

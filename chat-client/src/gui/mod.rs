@@ -4,6 +4,7 @@
 //! `ctx.request_repaint()` after each event, and each frame drains the event channel.
 
 pub mod model;
+pub mod placement;
 pub mod theme;
 mod view;
 
@@ -308,21 +309,35 @@ impl Drop for ChatApp {
     }
 }
 
-/// eframe glue: frame drawing and persistence.
-struct EframeApp(ChatApp);
+/// eframe glue: frame drawing, placement and persistence.
+struct EframeApp {
+    app: ChatApp,
+    /// A half of the monitor still to move to (once its size is known).
+    half: Option<placement::Half>,
+}
 
 impl eframe::App for EframeApp {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
-        self.0.ui(ui);
+        if let Some(half) = self.half
+            && let Some(monitor) = ui.ctx().input(|i| i.viewport().monitor_size)
+        {
+            let (position, size) = placement::place(monitor, half);
+            ui.ctx()
+                .send_viewport_cmd(egui::ViewportCommand::InnerSize(size));
+            ui.ctx()
+                .send_viewport_cmd(egui::ViewportCommand::OuterPosition(position));
+            self.half = None;
+        }
+        self.app.ui(ui);
         // Keep the "reconnecting in Ns" countdown moving.
-        if self.0.model.link.state == ConnectionState::Reconnecting {
+        if self.app.model.link.state == ConnectionState::Reconnecting {
             ui.ctx()
                 .request_repaint_after(std::time::Duration::from_millis(500));
         }
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
-        eframe::set_value(storage, eframe::APP_KEY, &self.0.persisted);
+        eframe::set_value(storage, eframe::APP_KEY, &self.app.persisted);
     }
 }
 
@@ -338,6 +353,8 @@ pub struct Launch {
     pub chat_with: Option<String>,
     /// Where the window first appears (screen pixels), before any saved position.
     pub position: Option<[f32; 2]>,
+    /// Take this half of the monitor once its size is known (overrides `position`).
+    pub half: Option<placement::Half>,
     /// Shown once the window is up (e.g. a damaged settings file was ignored).
     pub warning: Option<String>,
 }
@@ -358,7 +375,7 @@ pub fn run(home: Home, mut settings: Settings, launch: Launch) -> anyhow::Result
     let mut viewport = egui::ViewportBuilder::default()
         .with_title(title)
         .with_inner_size([960.0, 680.0])
-        .with_min_inner_size([640.0, 420.0]);
+        .with_min_inner_size(placement::MIN_SIZE);
     if let Some(position) = launch.position {
         viewport = viewport.with_position(position);
     }
@@ -390,7 +407,10 @@ pub fn run(home: Home, mut settings: Settings, launch: Launch) -> anyhow::Result
             if launch.auto_sign_in {
                 app.sign_in(&cc.egui_ctx);
             }
-            Ok(Box::new(EframeApp(app)))
+            Ok(Box::new(EframeApp {
+                app,
+                half: launch.half,
+            }))
         }),
     )
     .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))?;
