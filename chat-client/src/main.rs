@@ -98,6 +98,8 @@ fn main() -> anyhow::Result<()> {
         return chat_client::gui::run(home, settings, launch);
     }
     let server = cli.server.unwrap_or_else(|| settings.server.clone());
+    chat_client::net::check_server_address(&server)
+        .map_err(|e| anyhow::anyhow!("--server: {e}"))?;
     let user = cli
         .user
         .or_else(|| settings.username.clone())

@@ -39,9 +39,44 @@ pub enum ConnectError {
     Fatal { code: String, message: String },
 }
 
+/// How a [`ConnectError::Transient`] made from bytes that are not our frames begins.
+const NOT_OURS: &str = "not our protocol: ";
+
 impl From<CodecError> for ConnectError {
     fn from(e: CodecError) -> Self {
-        Self::Transient(format!("connection error: {e}"))
+        match e {
+            CodecError::Io(e) => Self::Transient(format!("connection error: {e}")),
+            CodecError::Frame(e) => Self::Transient(format!("{NOT_OURS}{e}")),
+        }
+    }
+}
+
+/// Checks a relay address given by the user: `HOST:PORT` (IPv6 as `[ADDR]:PORT`), port
+/// 1–65535. The error says what was expected, with an example.
+pub fn check_server_address(server: &str) -> Result<(), String> {
+    let example = "e.g. 127.0.0.1:65432 or chat.example.org:65432";
+    let Some((host, port)) = server.rsplit_once(':') else {
+        return Err(format!(
+            "{server:?} is not a relay address: expected HOST:PORT ({example})"
+        ));
+    };
+    let host_ok = if let Some(inner) = host.strip_prefix('[') {
+        inner
+            .strip_suffix(']')
+            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
+    } else {
+        !host.is_empty() && !host.contains(':') && !host.contains(char::is_whitespace)
+    };
+    if !host_ok {
+        return Err(format!(
+            "{server:?} has no valid host before the port: expected HOST:PORT ({example})"
+        ));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!(
+            "{server:?} has no valid port (1-65535) after the host: expected HOST:PORT ({example})"
+        )),
     }
 }
 
@@ -75,7 +110,24 @@ async fn connect_inner(
         software: concat!("chat-client/", env!("CARGO_PKG_VERSION")).into(),
     })
     .await?;
-    let (max_frame, queue_max_age_secs, clock_offset_ms) = match next(&mut conn).await? {
+    // What answers first tells whether this is a chat relay at all: anything that is not
+    // one of our frames (an HTTP or SSH server, a different program) will not become one
+    // by retrying.
+    let first = match next(&mut conn).await {
+        Ok(msg) => msg,
+        Err(ConnectError::Transient(why)) if why.starts_with(NOT_OURS) => {
+            return Err(ConnectError::Fatal {
+                code: "not_a_relay".into(),
+                message: format!(
+                    "{server} answered, but not as a Secure Chat relay ({}). Check the address \
+                     and port (the relay's default port is 65432)",
+                    &why[NOT_OURS.len()..]
+                ),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let (max_frame, queue_max_age_secs, clock_offset_ms) = match first {
         ServerMessage::Hello {
             max_frame,
             queue_max_age_secs,
@@ -147,14 +199,44 @@ fn unexpected(msg: ServerMessage) -> ConnectError {
         message: format!("{message}. {hint}"),
     };
     match code {
-        ErrorCode::UsernameTaken => {
-            fatal("Pick another username, or use the home directory that holds this name's key.")
-        }
+        ErrorCode::UsernameTaken => fatal(
+            "If the name is yours, start the client with the --home folder you created it with.",
+        ),
         ErrorCode::InvalidUsername => fatal("Use 1-32 letters, digits, '_', '-' or '.'."),
         ErrorCode::UnsupportedVersion => fatal("Update chat-client."),
         ErrorCode::BadSignature | ErrorCode::InvalidPublicKey => {
             fatal("The identity key was refused; check the home directory.")
         }
         _ => ConnectError::Transient(format!("the server refused the login ({code}): {message}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_server_address;
+
+    #[test]
+    fn relay_addresses_are_host_and_port() {
+        for good in [
+            "127.0.0.1:65432",
+            "chat.example.org:1",
+            "[::1]:65432",
+            "localhost:80",
+        ] {
+            assert_eq!(check_server_address(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "65432",
+            ":65432",
+            "host:",
+            "host:0",
+            "host:70000",
+            "::1:65432",
+            "a b:1",
+            "[::1:5",
+        ] {
+            let err = check_server_address(bad).unwrap_err();
+            assert!(err.contains("HOST:PORT"), "{bad}: {err}");
+        }
     }
 }

@@ -268,3 +268,70 @@ fn the_verified_mark_survives_a_restart() {
     assert_eq!(contacts["users"], serde_json::json!(["bob"]));
     assert_eq!(contacts["verified"], serde_json::json!(["bob"]));
 }
+
+/// Item 19: a relay address without a host, and a port where something else answers,
+/// fail at once with what to do, instead of being retried forever.
+#[test]
+fn a_wrong_server_address_or_port_fails_clearly() {
+    let (_dir, _relay_dir, a, _b) = dirs();
+    let exe = env!("CARGO_BIN_EXE_chat-client");
+    let out = std::process::Command::new(exe)
+        .args([
+            "--headless",
+            "--server",
+            "65432",
+            "--user",
+            "alice",
+            "--home",
+        ])
+        .arg(&a)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("HOST:PORT") && err.contains("127.0.0.1:65432"),
+        "{err}"
+    );
+    // Something that is not a relay: it answers with text, like an HTTP server.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            use std::io::Write;
+            let mut stream = stream;
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    let mut alice = Client::start(addr, "alice", &a);
+    let err = alice.expect("error", |e| e["event"] == "error");
+    assert_eq!(err["code"], "not_a_relay");
+    assert!(err["message"].as_str().unwrap().contains("65432"), "{err}");
+    alice.drain(Duration::from_millis(200));
+    assert_eq!(reconnects(&alice), 0);
+    assert_eq!(
+        alice.wait_exit(),
+        1,
+        "no retrying a port that is not a relay"
+    );
+}
+
+/// Item 19: the window without a display says to use --headless.
+#[test]
+fn no_display_says_to_use_headless() {
+    let (_dir, _relay_dir, a, _b) = dirs();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chat-client"))
+        .args(["--user", "alice", "--home"])
+        .arg(&a)
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no display") && err.contains("--headless"),
+        "{err}"
+    );
+}

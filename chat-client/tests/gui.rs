@@ -63,6 +63,17 @@ fn wait_presence(h: &mut Harness<'_, ChatApp>, user: &str, online: bool) {
     });
 }
 
+/// Selects all of the text field labelled `label` and types `text` over it.
+fn retype(h: &mut Harness<'_, ChatApp>, label: &str, text: &str) {
+    h.get_by_role_and_label(Role::TextInput, label).focus();
+    h.step();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.step();
+    h.get_by_role_and_label(Role::TextInput, label)
+        .type_text(text);
+    h.step();
+}
+
 fn sign_in(h: &mut Harness<'_, ChatApp>, name: &str) {
     h.get_by_role_and_label(Role::TextInput, "Username")
         .type_text(name);
@@ -224,13 +235,7 @@ fn sign_in_errors_are_shown_in_place() {
     assert!(!h.state().is_main());
 
     // Fix the name: select all, type over it.
-    h.get_by_role_and_label(Role::TextInput, "Username").focus();
-    h.step();
-    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
-    h.step();
-    h.get_by_role_and_label(Role::TextInput, "Username")
-        .type_text("carol");
-    h.step();
+    retype(&mut h, "Username", "carol");
     assert_eq!(h.state().signin.username, "carol");
     h.get_by_label("Sign in").click();
     wait(&mut h, "username_taken shown", |h| {
@@ -246,6 +251,21 @@ fn sign_in_errors_are_shown_in_place() {
     let mut h = harness(app(&rt, unused, &dir.path().join("lonely")));
     sign_in(&mut h, "dave");
     wait(&mut h, "unreachable shown", |h| {
+        h.query_by_label_contains("cannot reach the server")
+            .is_some()
+    });
+    h.get_by_label_contains("Retrying in");
+    // The fields stay editable: fixing the port stops the attempt (no Cancel needed).
+    retype(&mut h, "Server", "65432");
+    assert!(!h.state().signin.busy, "editing a field stops the attempt");
+    h.step();
+    h.get_by_label("Sign in").click();
+    h.step();
+    h.get_by_label_contains("HOST:PORT");
+    assert!(!h.state().signin.busy, "a port alone is refused in place");
+    retype(&mut h, "Server", &unused.to_string());
+    h.get_by_label("Sign in").click();
+    wait(&mut h, "unreachable again", |h| {
         h.query_by_label_contains("cannot reach the server")
             .is_some()
     });
@@ -278,6 +298,17 @@ fn keyboard_new_chat_and_settings() {
         h.state().view.filter.is_empty(),
         "the search box is cleared"
     );
+    // Ctrl+K, part of a name, Enter: the highlighted match opens, not a chat with "bo".
+    h.state_mut().model.open = None;
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::K);
+    h.step();
+    h.event(egui::Event::Text("bo".into()));
+    h.step();
+    h.key_press(egui::Key::Enter);
+    wait(&mut h, "bob opened from a partial name", |h| {
+        h.state().model.open.as_deref() == Some("bob")
+    });
+    assert!(!h.state().model.contacts.contains_key("bo"));
     // Bob leaves: his dot goes grey.
     wait_presence(&mut h, "bob", true);
     drop(bob);

@@ -8,15 +8,22 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    /// The cause is the I/O error (shown once, by whoever prints the chain).
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid RON for the server settings: {source}")]
+    /// `line` is 1-based; `excerpt` is that line of the file, trimmed.
+    #[error(
+        "config file {path}, line {line}: `{excerpt}`: {reason} (`chat-server --print-config` \
+         shows every setting with its default)"
+    )]
     Parse {
         path: PathBuf,
-        source: Box<ron::error::SpannedError>,
+        line: usize,
+        excerpt: String,
+        reason: String,
     },
     #[error("invalid setting `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
@@ -213,9 +220,15 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let config: Self = ron::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
+        let config: Self = ron::from_str(&text).map_err(|e| {
+            let line = e.span.start.line.max(1);
+            let excerpt = text.lines().nth(line - 1).unwrap_or("").trim();
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                excerpt: excerpt.chars().take(120).collect(),
+                reason: e.code.to_string(),
+            }
         })?;
         config.validate()?;
         Ok(config)

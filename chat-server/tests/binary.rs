@@ -138,6 +138,27 @@ fn bad_config_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("server.ron"), "{err}");
+    // A wrong type deep in the file: the line (so the field) is named, the cause once.
+    std::fs::write(
+        &config,
+        "(\n    queue: (\n        max_envelopes_per_user: \"ten\",\n    ),\n)\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 3") && err.contains("max_envelopes_per_user: \"ten\""),
+        "{err}"
+    );
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        !err[first.len()..].contains(first.rsplit(": ").next().unwrap()),
+        "the cause is said once: {err}"
+    );
 }
 
 #[test]

@@ -431,10 +431,16 @@ impl Engine {
     async fn stay_offline(&mut self, commands: &mut mpsc::UnboundedReceiver<Command>) {
         self.connection_event(ConnectionState::Offline, None);
         while let Some(cmd) = commands.recv().await {
-            if matches!(cmd, Command::Shutdown { .. }) {
-                return;
+            match cmd {
+                Command::Shutdown { .. } => return,
+                // Not "once reconnected": this client will not reconnect.
+                Command::ListUsers => self.sink.emit(Event::error(
+                    "not_connected",
+                    "not connected: the relay refused this client (see the error above), so it \
+                     will not reconnect",
+                )),
+                cmd => self.command_offline(cmd),
             }
-            self.command_offline(cmd);
         }
     }
 

@@ -43,12 +43,16 @@ pub struct SignInForm {
     pub error: Option<String>,
     /// The username field got its initial focus.
     pub focus_requested: bool,
+    /// While the sign-in waits to try again: why, and when the next try is.
+    pub retry: Option<(String, std::time::Instant)>,
 }
 
 /// Transient view state.
 #[derive(Debug, Default)]
 pub struct ViewState {
     pub filter: String,
+    /// Which match of the search box Enter opens (index into the filtered list).
+    pub highlight: usize,
     pub focus_filter: bool,
     /// Draft per conversation.
     pub drafts: std::collections::HashMap<String, String>,
@@ -143,6 +147,10 @@ impl ChatApp {
             form.error = Some("Enter the server address, e.g. 127.0.0.1:65432.".into());
             return;
         }
+        if let Err(e) = crate::net::check_server_address(&server) {
+            form.error = Some(e);
+            return;
+        }
         form.busy = true;
         let mut config = ClientConfig::new(self.home.clone(), server, username);
         config.identity_bits = self.identity_bits;
@@ -190,6 +198,7 @@ impl ChatApp {
             Event::Ready { user, .. } => {
                 self.screen = Screen::Main;
                 self.signin.busy = false;
+                self.signin.retry = None;
                 self.signin.passphrase.clear();
                 self.settings.username = Some(user.clone());
                 self.settings.server = self.signin.server.trim().to_owned();
@@ -212,10 +221,13 @@ impl ChatApp {
                 retry_in_ms,
                 ..
             } if self.screen == Screen::SignIn => {
-                let secs = retry_in_ms.unwrap_or(0).div_ceil(1000);
-                self.signin.error = Some(format!(
-                    "{}. Retrying in {secs} s — check the server address, or wait.",
-                    reason.as_deref().unwrap_or("Cannot reach the server")
+                let wait = std::time::Duration::from_millis(retry_in_ms.unwrap_or(0));
+                self.signin.error = None;
+                self.signin.retry = Some((
+                    reason
+                        .clone()
+                        .unwrap_or_else(|| "Cannot reach the server".into()),
+                    std::time::Instant::now() + wait,
                 ));
             }
             Event::Connection {
@@ -224,6 +236,7 @@ impl ChatApp {
             } if self.screen == Screen::SignIn => {
                 // The core gave up (e.g. name taken): let the user change something.
                 self.signin.busy = false;
+                self.signin.retry = None;
                 self.client = None;
             }
             _ => {}
@@ -239,6 +252,7 @@ impl ChatApp {
             });
         }
         self.signin.busy = false;
+        self.signin.retry = None;
     }
 
     fn apply_style(&mut self, ctx: &egui::Context) {
@@ -361,6 +375,13 @@ pub struct Launch {
 
 /// Opens the window and runs until it is closed.
 pub fn run(home: Home, mut settings: Settings, launch: Launch) -> anyhow::Result<()> {
+    #[cfg(all(unix, not(target_os = "macos")))]
+    if std::env::var_os("DISPLAY").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none() {
+        anyhow::bail!(
+            "no display: the window needs a desktop session (neither DISPLAY nor \
+             WAYLAND_DISPLAY is set). Without a window, run `chat-client --headless --user NAME`"
+        );
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     if let Some(server) = launch.server {
         settings.server = server;

@@ -199,12 +199,14 @@ impl Common {
             .credentials_provider()
             .context("no AWS credentials provider is configured")?;
         provider.provide_credentials().await.map_err(|e| {
-            anyhow::anyhow!(
-                "no usable AWS credentials ({}). Run `aws configure` or `aws sso login`, pick \
-                 a profile with --profile / AWS_PROFILE, or set AWS_ACCESS_KEY_ID and \
-                 AWS_SECRET_ACCESS_KEY",
-                DisplayErrorContext(&e)
-            )
+            let profile = self
+                .profile
+                .clone()
+                .or_else(|| std::env::var("AWS_PROFILE").ok());
+            anyhow::anyhow!(credentials_advice(
+                &DisplayErrorContext(&e).to_string(),
+                profile.as_deref()
+            ))
         })?;
         Ok(Aws {
             ec2: aws_sdk_ec2::Client::new(&config),
@@ -222,6 +224,27 @@ impl Common {
             config: self.ssh_config.clone(),
         }
     }
+}
+
+/// What to tell someone whose AWS credentials could not be loaded: the advice first, in
+/// one line, then only the root cause of the SDK's error chain (which lists every
+/// provider it tried and runs to thousands of characters).
+fn credentials_advice(detail: &str, profile: Option<&str>) -> String {
+    let cause = detail.rsplit(": ").next().unwrap_or(detail).trim();
+    let cause: String = cause.chars().take(200).collect();
+    if let Some(profile) = profile
+        && (detail.contains("was not defined") || detail.contains("No profiles were defined"))
+    {
+        return format!(
+            "AWS profile {profile:?} not found in ~/.aws/config or ~/.aws/credentials. List \
+             yours with `aws configure list-profiles`, or pass another with --profile."
+        );
+    }
+    format!(
+        "no usable AWS credentials. Run `aws configure` (or `aws sso login`), pick a profile \
+         with --profile or AWS_PROFILE, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY. \
+         (cause: {cause})"
+    )
 }
 
 /// The deployment's instance (the newest if somehow there are several).
@@ -762,6 +785,29 @@ mod tests {
     use aws_sdk_ec2::types::{InstanceState, StateReason};
 
     use super::*;
+
+    /// The field report: ~2,000 characters of the SDK's chain with the advice at the end;
+    /// an unknown profile did not say so.
+    #[test]
+    fn credential_errors_are_short_and_say_what_to_do() {
+        let chain = format!(
+            "an error occurred while loading credentials: {}: the credentials provider was \
+             not enabled",
+            "provider chain tried env, profile, web identity, ecs, imds; ".repeat(30)
+        );
+        let advice = credentials_advice(&chain, None);
+        assert!(advice.starts_with("no usable AWS credentials. Run `aws configure`"));
+        assert!(advice.len() < 400, "{} characters", advice.len());
+        assert!(advice.ends_with("(cause: the credentials provider was not enabled)"));
+        let unknown = credentials_advice(
+            "failed to load: profile `work` was not defined: not in ~/.aws/config",
+            Some("work"),
+        );
+        assert!(
+            unknown.starts_with("AWS profile \"work\" not found"),
+            "{unknown}"
+        );
+    }
 
     fn instance(state: InstanceStateName, ip: Option<&str>) -> Instance {
         Instance::builder()

@@ -129,19 +129,42 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                 .into_iter()
                 .map(|(n, c)| (n.to_owned(), c.clone()))
                 .collect();
-            let exact = listed.iter().any(|(n, _)| *n == typed);
+            let exact = listed.iter().position(|(n, _)| *n == typed);
             let valid = chat_protocol::Username::parse(&typed).is_ok();
             let enter = filter.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter));
-            if !typed.is_empty() && valid && Some(typed.as_str()) != app.model.me.as_deref() {
+            // Up/Down in the search box move the highlighted match; Enter opens it. The
+            // highlight starts on an exact match, else on the first match.
+            if filter.changed() {
+                app.view.highlight = exact.unwrap_or(0);
+            }
+            if filter.has_focus() && !listed.is_empty() {
+                let (up, down) =
+                    ui.input(|i| (i.key_pressed(Key::ArrowUp), i.key_pressed(Key::ArrowDown)));
+                if down {
+                    app.view.highlight = (app.view.highlight + 1).min(listed.len() - 1);
+                }
+                if up {
+                    app.view.highlight = app.view.highlight.saturating_sub(1);
+                }
+            }
+            let highlighted = (!typed.is_empty())
+                .then(|| listed.get(app.view.highlight.min(listed.len().saturating_sub(1))))
+                .flatten()
+                .map(|(n, _)| n.clone());
+            if !typed.is_empty()
+                && valid
+                && Some(typed.as_str()) != app.model.me.as_deref()
+                && exact.is_none()
+            {
                 let start = ui.button(format!("+ New chat with {typed}"));
-                if start.clicked() || (enter && !exact) {
+                if start.clicked() || (enter && highlighted.is_none()) {
                     app.view.filter.clear();
                     app.open(&typed);
                 }
             }
-            if enter && exact {
+            if enter && let Some(name) = &highlighted {
                 app.view.filter.clear();
-                app.open(&typed);
+                app.open(name);
             }
             ui.separator();
             if listed.is_empty() {
@@ -156,7 +179,8 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                 .auto_shrink([false, false])
                 .show(ui, |ui| {
                     for (name, contact) in &listed {
-                        let selected = app.model.open.as_deref() == Some(name.as_str());
+                        let selected = app.model.open.as_deref() == Some(name.as_str())
+                            || highlighted.as_deref() == Some(name.as_str());
                         let row = ui
                             .horizontal(|ui| {
                                 presence_dot(ui, contact.online);

@@ -26,17 +26,20 @@ pub fn sign_in(app: &mut ChatApp, ui: &mut Ui) {
             let busy = app.signin.busy;
             let form = &mut app.signin;
             let mut submit = false;
+            let mut edited = false;
             egui::Grid::new("signin")
                 .num_columns(2)
                 .spacing([12.0, 10.0])
                 .show(ui, |ui| {
                     let label = ui.label("Username");
-                    let name = ui.add_enabled(
-                        !busy,
+                    // Fields stay editable while it tries: changing one stops the attempt
+                    // (fixing a wrong port should not need Cancel first).
+                    let name = ui.add(
                         egui::TextEdit::singleline(&mut form.username)
                             .hint_text("e.g. alice")
                             .desired_width(220.0),
                     );
+                    edited |= name.changed();
                     let name = name.labelled_by(label.id);
                     // Once, not every frame: a window without focus would repaint forever.
                     if !std::mem::replace(&mut form.focus_requested, true)
@@ -48,31 +51,45 @@ pub fn sign_in(app: &mut ChatApp, ui: &mut Ui) {
                     ui.end_row();
                     let label = ui.label("Server");
                     let server = ui
-                        .add_enabled(
-                            !busy,
-                            egui::TextEdit::singleline(&mut form.server).desired_width(220.0),
-                        )
+                        .add(egui::TextEdit::singleline(&mut form.server).desired_width(220.0))
                         .labelled_by(label.id);
+                    edited |= server.changed();
                     submit |= server.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter));
                     ui.end_row();
                     let label = ui.label("Passphrase");
                     let pass = ui
-                        .add_enabled(
-                            !busy,
+                        .add(
                             egui::TextEdit::singleline(&mut form.passphrase)
                                 .password(true)
                                 .hint_text("optional: protects your key file")
                                 .desired_width(220.0),
                         )
                         .labelled_by(label.id);
+                    edited |= pass.changed();
                     submit |= pass.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter));
                     ui.end_row();
                 });
             ui.add_space(12.0);
-            if busy {
+            if busy && edited {
+                app.cancel_sign_in();
+            } else if busy {
                 ui.spinner();
-                let status = app.model.status.clone();
-                let status = status.unwrap_or_else(|| "Connecting…".into());
+                let status = match &app.signin.retry {
+                    Some((reason, at)) => {
+                        let left = at.saturating_duration_since(std::time::Instant::now());
+                        ui.ctx()
+                            .request_repaint_after(std::time::Duration::from_millis(250));
+                        format!(
+                            "{reason}. Retrying in {} s — check the server address, or wait.",
+                            left.as_secs() + u64::from(left.subsec_millis() > 0)
+                        )
+                    }
+                    None => app
+                        .model
+                        .status
+                        .clone()
+                        .unwrap_or_else(|| "Connecting…".into()),
+                };
                 ui.add(egui::Label::new(status).wrap());
                 if ui.button("Cancel").clicked() {
                     app.cancel_sign_in();
