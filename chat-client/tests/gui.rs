@@ -309,6 +309,31 @@ fn keyboard_new_chat_and_settings() {
         h.state().model.open.as_deref() == Some("bob")
     });
     assert!(!h.state().model.contacts.contains_key("bo"));
+    // A paste far over the limit: the composer keeps it (bounded in height, with a
+    // counter), and neither Enter nor Send erases it or sends it.
+    let huge = "x".repeat(40_000);
+    let draft_len =
+        |h: &Harness<'_, ChatApp>| h.state().view.drafts.get("bob").map_or(0, String::len);
+    h.get_by_role_and_label(Role::MultilineTextInput, "Message")
+        .focus();
+    h.step();
+    h.event(egui::Event::Paste(huge));
+    h.step();
+    assert_eq!(draft_len(&h), 40_000, "pasted into the composer");
+    h.get_by_label_contains("too long to send");
+    h.key_press(egui::Key::Enter);
+    h.step();
+    h.get_by_label("Send").click();
+    h.step();
+    assert_eq!(draft_len(&h), 40_000, "the text stays");
+    assert!(
+        h.state().model.contacts["bob"]
+            .lines
+            .iter()
+            .all(|l| l.text.len() < 40_000)
+    );
+    h.state_mut().view.drafts.clear();
+    h.step();
     // Bob leaves: his dot goes grey.
     wait_presence(&mut h, "bob", true);
     drop(bob);

@@ -56,6 +56,9 @@ pub struct ViewState {
     pub focus_filter: bool,
     /// Draft per conversation.
     pub drafts: std::collections::HashMap<String, String>,
+    /// The text last sent from a composer (to whom), until the core says it is queued:
+    /// if it refuses it instead (e.g. too long for the relay), the text goes back.
+    pub last_sent: Option<(String, String)>,
     pub safety_for: Option<String>,
     pub settings_open: bool,
     pub settings_draft: Option<Settings>,
@@ -195,6 +198,23 @@ impl ChatApp {
 
     fn on_event(&mut self, event: Event) {
         match &event {
+            Event::Queued { to, text, .. }
+                if self
+                    .view
+                    .last_sent
+                    .as_ref()
+                    .is_some_and(|(u, t)| u == to && t == text) =>
+            {
+                self.view.last_sent = None;
+            }
+            Event::Error { code, .. } if code == "message_too_long" => {
+                if let Some((to, text)) = self.view.last_sent.take() {
+                    let draft = self.view.drafts.entry(to).or_default();
+                    if draft.is_empty() {
+                        *draft = text;
+                    }
+                }
+            }
             Event::Ready { user, .. } => {
                 self.screen = Screen::Main;
                 self.signin.busy = false;

@@ -38,9 +38,14 @@ pub(super) fn conversation(app: &mut ChatApp, ui: &mut Ui, user: &str) {
     }
     ui.separator();
 
-    // Composer at the bottom, history above it.
-    let composer_height = 78.0;
-    let history_height = (ui.available_height() - composer_height).max(60.0);
+    // Composer at the bottom (as tall as its text, up to its bound), history above it.
+    egui::Panel::bottom(("composer-panel", user))
+        .resizable(false)
+        .show(ui, |ui| {
+            ui.add_space(4.0);
+            composer(app, ui, user, contact.key_changed);
+        });
+    let history_height = ui.available_height().max(60.0);
     ui.allocate_ui(Vec2::new(ui.available_width(), history_height), |ui| {
         ui.set_min_height(history_height);
         if contact.lines.is_empty() {
@@ -53,8 +58,6 @@ pub(super) fn conversation(app: &mut ChatApp, ui: &mut Ui, user: &str) {
             history(app, ui, user, &contact.lines);
         }
     });
-    ui.separator();
-    composer(app, ui, user, contact.key_changed);
 }
 
 /// A contact's key changed: say what it may mean, louder if the old key was verified, and
@@ -265,21 +268,37 @@ fn composer(app: &mut ChatApp, ui: &mut Ui, user: &str, blocked: bool) {
         "Message — Enter sends, Shift+Enter adds a line"
     };
     let mut send = send_key;
+    let limit = chat_protocol::e2e::MAX_TEXT_BYTES;
+    let over = app
+        .view
+        .drafts
+        .get(user)
+        .is_some_and(|d| d.trim_end().len() > limit);
     ui.horizontal(|ui| {
         let draft = app.view.drafts.entry(user.to_owned()).or_default();
         let label = ui.label("Message");
-        let edit = ui.add_enabled(
-            !blocked,
-            egui::TextEdit::multiline(draft)
-                .id(id)
-                .hint_text(connected_hint)
-                .desired_rows(2)
-                .desired_width(ui.available_width() - 70.0),
-        );
+        // The editor scrolls inside a bounded height (about 8 lines), so a long paste
+        // never pushes the Send button away.
+        let line = ui.text_style_height(&egui::TextStyle::Body);
+        let button_width = ui.spacing().interact_size.x.max(line * 4.0);
+        let edit = egui::ScrollArea::vertical()
+            .id_salt(("composer-scroll", user))
+            .max_height(line * 8.0 + 12.0)
+            .show(ui, |ui| {
+                ui.add_enabled(
+                    !blocked,
+                    egui::TextEdit::multiline(draft)
+                        .id(id)
+                        .hint_text(connected_hint)
+                        .desired_rows(2)
+                        .desired_width(ui.available_width() - button_width - 16.0),
+                )
+            })
+            .inner;
         edit.labelled_by(label.id);
         let button = ui.add_enabled(
-            !blocked && !draft.trim().is_empty(),
-            egui::Button::new("Send"),
+            !blocked && !over && !draft.trim().is_empty(),
+            egui::Button::new("Send").min_size(egui::vec2(button_width, 0.0)),
         );
         send |= button.clicked();
         if !focused
@@ -294,10 +313,26 @@ fn composer(app: &mut ChatApp, ui: &mut Ui, user: &str, blocked: bool) {
             ui.memory_mut(|m| m.request_focus(id));
         }
     });
-    if send && !blocked {
+    // Near and over the limit: a counter; over it nothing is sent and the text stays.
+    let used = app.view.drafts.get(user).map_or(0, |d| d.trim_end().len());
+    let over = used > limit;
+    if used * 10 >= limit * 9 {
+        let counter = format!("{used} / {limit} bytes");
+        if over {
+            ui.colored_label(
+                ui.visuals().error_fg_color,
+                format!("{counter}: too long to send; shorten it or split it in two"),
+            );
+        } else {
+            ui.weak(counter);
+        }
+    }
+    if send && !blocked && !over {
         let draft = app.view.drafts.entry(user.to_owned()).or_default();
         let text = draft.trim_end().to_owned();
         if !text.trim().is_empty() {
+            app.view.last_sent = Some((user.to_owned(), text.clone()));
+            let draft = app.view.drafts.entry(user.to_owned()).or_default();
             draft.clear();
             app.model.contact(user).unread = 0;
             app.send(Command::Send {
