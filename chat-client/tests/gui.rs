@@ -388,3 +388,43 @@ fn a_long_history_lays_out_only_the_visible_rows() {
     let shown = h.query_all_by_label_contains("history line").count();
     assert!((1..100).contains(&shown), "{shown} rows laid out");
 }
+
+/// Item 0 of the field reports: a newcomer finds people to talk to. Ctrl+P lists everyone
+/// online (kept fresh while open), typing filters, Enter starts a chat with the highlighted
+/// one; people merely online do not become contacts.
+#[test]
+fn people_online_can_be_found_filtered_and_chatted_with() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay(&rt, "127.0.0.1:0", &dir.path().join("relay"));
+    let _bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));
+    let mut h = harness(app(&rt, relay.addr, &dir.path().join("alice")));
+    sign_in(&mut h, "alice");
+    wait(&mut h, "main window", |h| h.state().is_main());
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::P);
+    h.step();
+    assert!(h.state().view.people.open);
+    wait(&mut h, "bob listed", |h| {
+        h.state().model.online_users.iter().any(|u| u == "bob")
+    });
+    // Carol comes online while the dialog is open: the list follows.
+    let _carol = Peer::start(&rt, relay.addr, "carol", &dir.path().join("carol"));
+    wait(&mut h, "carol listed while open", |h| {
+        h.state().model.online_users.iter().any(|u| u == "carol")
+    });
+    h.query_by_label("carol").expect("carol shown");
+    h.event(egui::Event::Text("ca".into()));
+    h.step();
+    h.step();
+    assert_eq!(h.state().view.people.filter, "ca", "typed into the filter");
+    assert!(h.query_by_label("bob").is_none(), "filtered out");
+    h.key_press(egui::Key::Enter);
+    wait(&mut h, "chat with carol", |h| {
+        h.state().model.open.as_deref() == Some("carol")
+    });
+    assert!(!h.state().view.people.open, "the dialog closed");
+    assert!(
+        !h.state().model.contacts.contains_key("bob"),
+        "being online does not make bob a contact"
+    );
+}

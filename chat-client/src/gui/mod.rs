@@ -47,6 +47,19 @@ pub struct SignInForm {
     pub retry: Option<(String, std::time::Instant)>,
 }
 
+/// State of the "People online" dialog.
+#[derive(Debug, Default)]
+pub struct PeopleView {
+    pub open: bool,
+    pub filter: String,
+    /// Index into the filtered list: what Enter opens.
+    pub highlight: usize,
+    /// When the list was last asked for (`None`: not yet since opening).
+    pub asked: Option<std::time::Instant>,
+    /// Put the cursor in the filter once.
+    pub focus: bool,
+}
+
 /// Transient view state.
 #[derive(Debug, Default)]
 pub struct ViewState {
@@ -61,6 +74,8 @@ pub struct ViewState {
     pub last_sent: Option<(String, String)>,
     pub safety_for: Option<String>,
     pub settings_open: bool,
+    /// The "People online" dialog.
+    pub people: PeopleView,
     pub settings_draft: Option<Settings>,
     /// Measured row heights per conversation, for laying out only the visible rows.
     pub row_heights: std::collections::HashMap<String, Vec<f32>>,

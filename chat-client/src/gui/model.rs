@@ -69,6 +69,8 @@ pub struct Model {
     pub error: Option<(String, String)>,
     /// Whether the user is looking at the window (affects unread counts).
     pub focused: bool,
+    /// Everyone online, as the relay last listed them (`/users`, the people view).
+    pub online_users: Vec<String>,
 }
 
 impl Default for Model {
@@ -88,6 +90,7 @@ impl Default for Model {
             status: None,
             error: None,
             focused: true,
+            online_users: Vec::new(),
         }
     }
 }
@@ -137,12 +140,11 @@ impl Model {
                 }
             }
             Event::Users { online } => {
-                for c in self.contacts.values_mut() {
-                    c.online = Some(false);
+                // Contacts' dots follow the list; strangers do not become contacts.
+                for (name, c) in self.contacts.iter_mut() {
+                    c.online = Some(online.contains(name));
                 }
-                for user in online {
-                    self.contact(&user).online = Some(true);
-                }
+                self.online_users = online;
             }
             Event::Presence { user, online } => self.contact(&user).online = Some(online),
             Event::Message {

@@ -5,6 +5,7 @@
 
 mod conversation;
 mod dialogs;
+mod people;
 mod signin;
 
 use egui::{Align, Color32, Key, Layout, Modifiers, RichText, Sense, Ui, Vec2};
@@ -35,18 +36,26 @@ pub fn main(app: &mut ChatApp, ui: &mut Ui) {
         ),
     });
     safety_dialog(app, ui);
+    people::people_dialog(app, ui);
     settings_dialog(app, ui);
 }
 
 fn shortcuts(app: &mut ChatApp, ui: &Ui) {
-    let (find, escape) = ui.input_mut(|i| {
+    let (find, people, escape) = ui.input_mut(|i| {
         (
             i.consume_key(Modifiers::COMMAND, Key::K) || i.consume_key(Modifiers::COMMAND, Key::F),
+            i.consume_key(Modifiers::COMMAND, Key::P),
             i.key_pressed(Key::Escape),
         )
     });
     if find {
         app.view.focus_filter = true;
+    }
+    if people {
+        people::open(app);
+    }
+    if escape && app.view.people.open {
+        app.view.people.open = false;
     }
     if escape && (app.view.safety_for.is_some() || app.view.settings_open) {
         app.view.safety_for = None;
@@ -114,6 +123,7 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
         .size_range(180.0..=400.0)
         .show(ui, |ui| {
             ui.add_space(6.0);
+            people::people_button(app, ui);
             let filter = ui.add(
                 egui::TextEdit::singleline(&mut app.view.filter)
                     .hint_text("Search or new chat (Ctrl+K)")
