@@ -369,7 +369,8 @@ fn a_long_history_lays_out_only_the_visible_rows() {
             id: format!("{n:032x}"),
             outgoing: n % 3 == 0,
             text: format!("history line {n}"),
-            sent_at: 1_700_000_000_000 + n * 60_000,
+            // The last one comes from a clock an hour ahead (item 3 of the field reports).
+            sent_at: 1_700_000_000_000 + n * 60_000 + if n == 4999 { 3_600_000 } else { 0 },
             stored_at: 1_700_000_000_000 + n * 60_000,
             status: chat_client::api::Status::Delivered,
             undelivered: false,
@@ -387,6 +388,10 @@ fn a_long_history_lays_out_only_the_visible_rows() {
     // … and only a screenful of rows exists in the UI tree.
     let shown = h.query_all_by_label_contains("history line").count();
     assert!((1..100).contains(&shown), "{shown} rows laid out");
+    // The clock an hour ahead is flagged, on that message only; it stays where it arrived.
+    assert_eq!(h.query_all_by_label_contains("sender's clock").count(), 1);
+    let lines = &h.state().model.contacts["bob"].lines;
+    assert_eq!(lines.last().unwrap().text, "history line 4999");
 }
 
 /// Item 0 of the field reports: a newcomer finds people to talk to. Ctrl+P lists everyone
@@ -427,4 +432,39 @@ fn people_online_can_be_found_filtered_and_chatted_with() {
         !h.state().model.contacts.contains_key("bob"),
         "being online does not make bob a contact"
     );
+}
+
+/// Item 4 of the field reports: a note to yourself is a conversation of its own, listed
+/// as "Note to self", with each note once and delivered.
+#[test]
+fn a_note_to_self_opens_from_the_search_and_is_kept_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay(&rt, "127.0.0.1:0", &dir.path().join("relay"));
+    let mut h = harness(app(&rt, relay.addr, &dir.path().join("alice")));
+    sign_in(&mut h, "alice");
+    wait(&mut h, "main window", |h| h.state().is_main());
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::K);
+    h.step();
+    h.event(egui::Event::Text("alice".into()));
+    h.step();
+    h.get_by_label_contains("Note to self").click();
+    wait(&mut h, "notes open", |h| {
+        h.state().model.open.as_deref() == Some("alice")
+    });
+    h.get_by_role_and_label(Role::MultilineTextInput, "Message")
+        .type_text("buy milk");
+    h.step();
+    h.key_press(egui::Key::Enter);
+    wait(&mut h, "note delivered", |h| {
+        h.state().model.contacts["alice"]
+            .lines
+            .iter()
+            .any(|l| l.text == "buy milk" && l.status == chat_client::api::Status::Delivered)
+    });
+    h.run_steps(3);
+    let notes = &h.state().model.contacts["alice"].lines;
+    assert_eq!(notes.len(), 1, "one line per note");
+    // In the side list and as the conversation's title.
+    assert_eq!(h.query_all_by_label_contains("📝 Note to self").count(), 2);
 }

@@ -22,6 +22,9 @@ pub struct Line {
     pub reason: Option<String>,
 }
 
+/// How the conversation with yourself is labelled.
+pub const NOTE_TO_SELF: &str = "Note to self";
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Contact {
     /// `Some(online)` as the relay last said on this connection; `None` while not
@@ -108,17 +111,21 @@ impl Model {
         !std::mem::replace(&mut contact.history_requested, true)
     }
 
-    /// Contacts for the side list: matching `filter`, online first, then by name.
+    /// Contacts for the side list: matching `filter`, your notes to yourself first (once
+    /// there are any; "note" finds them too), then online contacts, then by name.
     pub fn listed(&self, filter: &str) -> Vec<(&str, &Contact)> {
         let filter = filter.trim().to_lowercase();
+        let me = self.me.as_deref();
         let mut list: Vec<(&str, &Contact)> = self
             .contacts
             .iter()
-            .filter(|(name, _)| Some(name.as_str()) != self.me.as_deref())
-            .filter(|(name, _)| name.contains(&filter))
+            .filter(|(name, _)| {
+                name.contains(&filter)
+                    || (Some(name.as_str()) == me && NOTE_TO_SELF.to_lowercase().contains(&filter))
+            })
             .map(|(n, c)| (n.as_str(), c))
             .collect();
-        list.sort_by_key(|(name, c)| (c.online != Some(true), *name));
+        list.sort_by_key(|(name, c)| (Some(*name) != me, c.online != Some(true), *name));
         list
     }
 
@@ -528,6 +535,13 @@ mod tests {
         });
         let names: Vec<&str> = m.listed("").iter().map(|(n, _)| *n).collect();
         assert_eq!(names, ["zed", "amy"]);
+        // A note to yourself: listed first, found by "note" too.
+        m.contact("me");
+        let names: Vec<&str> = m.listed("").iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["me", "zed", "amy"]);
+        let names: Vec<&str> = m.listed("note").iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["me"]);
+        m.contacts.remove("me");
         let names: Vec<&str> = m.listed(" AM").iter().map(|(n, _)| *n).collect();
         assert_eq!(names, ["amy"]);
         m.apply(Event::KeyChanged {

@@ -15,6 +15,19 @@ const ROW_GUESS: f32 = 44.0;
 pub(super) fn conversation(app: &mut ChatApp, ui: &mut Ui, user: &str) {
     let contact = app.model.contacts.get(user).cloned().unwrap_or_default();
     // Header.
+    if app.model.me.as_deref() == Some(user) {
+        ui.horizontal(|ui| {
+            ui.heading(format!("📝 {}", crate::gui::model::NOTE_TO_SELF));
+            ui.weak("only you can read these; kept on this computer");
+        });
+        ui.separator();
+    } else {
+        conversation_header(app, ui, user, &contact);
+    }
+    conversation_body(app, ui, user, &contact);
+}
+
+fn conversation_header(app: &mut ChatApp, ui: &mut Ui, user: &str, contact: &Contact) {
     ui.horizontal(|ui| {
         presence_dot(ui, contact.online);
         ui.heading(user);
@@ -34,10 +47,12 @@ pub(super) fn conversation(app: &mut ChatApp, ui: &mut Ui, user: &str) {
         });
     });
     if contact.key_changed {
-        key_change_banner(app, ui, user, &contact);
+        key_change_banner(app, ui, user, contact);
     }
     ui.separator();
+}
 
+fn conversation_body(app: &mut ChatApp, ui: &mut Ui, user: &str, contact: &Contact) {
     // Composer at the bottom (as tall as its text, up to its bound), history above it.
     egui::Panel::bottom(("composer-panel", user))
         .resizable(false)
@@ -162,6 +177,11 @@ fn history(app: &mut ChatApp, ui: &mut Ui, user: &str, lines: &[Line]) {
         });
 }
 
+/// How far after its arrival a received message's time (the sender's clock) may be before
+/// the bubble flags the sender's clock: 10 minutes. (A time long *before* arrival is not
+/// flagged: the relay may have held the message while we were offline.)
+const CLOCK_OFF_MS: u64 = 10 * 60 * 1000;
+
 fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
     // Days follow our clock (when stored); the time shown is the sender's.
     let stored = Local.timestamp_millis_opt(line.stored_at as i64).single();
@@ -186,7 +206,12 @@ fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
     let time = when
         .map(|t| t.format("%H:%M").to_string())
         .unwrap_or_default();
+    // The sender's clock is shown, never trusted: far from when it arrived, say so.
+    let clock_off = !line.outgoing
+        && line.stored_at != 0
+        && line.sent_at > line.stored_at.saturating_add(CLOCK_OFF_MS);
     let status = match (line.outgoing, line.status) {
+        (false, _) if clock_off => " · ⏱ sender's clock".into(),
         (false, _) => String::new(),
         (true, Status::Sending) => " · sending…".into(),
         (true, Status::Sent) if line.undelivered => " · not delivered yet 🕓".into(),
@@ -201,6 +226,15 @@ fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
              queued on the relay and arrives when they come back (the relay keeps it for a \
              limited time).",
             when.map(|t| t.format("%-d %B %H:%M").to_string())
+                .unwrap_or_default()
+        )),
+        _ if clock_off => Some(format!(
+            "The sender's clock said {}, but it arrived {} (by this computer's clock). It is \
+             listed when it arrived.",
+            when.map(|t| t.format("%-d %B %H:%M").to_string())
+                .unwrap_or_default(),
+            stored
+                .map(|t| t.format("%-d %B %H:%M").to_string())
                 .unwrap_or_default()
         )),
         _ => None,

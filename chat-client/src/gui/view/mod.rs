@@ -13,7 +13,7 @@ use egui::{Align, Color32, Key, Layout, Modifiers, RichText, Sense, Ui, Vec2};
 use super::ChatApp;
 use super::theme;
 use crate::api::ConnectionState;
-use crate::gui::model::Contact;
+use crate::gui::model::{Contact, NOTE_TO_SELF};
 use conversation::conversation;
 use dialogs::{safety_dialog, settings_dialog};
 pub use signin::sign_in;
@@ -161,12 +161,13 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                 .then(|| listed.get(app.view.highlight.min(listed.len().saturating_sub(1))))
                 .flatten()
                 .map(|(n, _)| n.clone());
-            if !typed.is_empty()
-                && valid
-                && Some(typed.as_str()) != app.model.me.as_deref()
-                && exact.is_none()
-            {
-                let start = ui.button(format!("+ New chat with {typed}"));
+            if !typed.is_empty() && valid && exact.is_none() {
+                let to_self = Some(typed.as_str()) == app.model.me.as_deref();
+                let start = ui.button(if to_self {
+                    format!("+ {NOTE_TO_SELF}")
+                } else {
+                    format!("+ New chat with {typed}")
+                });
                 if start.clicked() || (enter && highlighted.is_none()) {
                     app.view.filter.clear();
                     app.open(&typed);
@@ -193,8 +194,12 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                             || highlighted.as_deref() == Some(name.as_str());
                         let row = ui
                             .horizontal(|ui| {
-                                presence_dot(ui, contact.online);
-                                let label = ui.selectable_label(selected, name);
+                                let label = if app.model.me.as_deref() == Some(name.as_str()) {
+                                    ui.selectable_label(selected, format!("📝 {NOTE_TO_SELF}"))
+                                } else {
+                                    presence_dot(ui, contact.online);
+                                    ui.selectable_label(selected, name)
+                                };
                                 if contact.key_changed {
                                     ui.colored_label(WARN_BG, "⚠").on_hover_text("Key changed");
                                 } else if contact.verified {
