@@ -63,6 +63,23 @@ fn wait_presence(h: &mut Harness<'_, ChatApp>, user: &str, online: bool) {
     });
 }
 
+/// A runtime, a temporary directory, an in-process relay in it and alice's window, signed
+/// in and showing the main screen.
+fn alice_signed_in() -> (
+    tokio::runtime::Runtime,
+    tempfile::TempDir,
+    common::inproc::Relay,
+    Harness<'static, ChatApp>,
+) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay(&rt, "127.0.0.1:0", &dir.path().join("relay"));
+    let mut h = harness(app(&rt, relay.addr, &dir.path().join("alice")));
+    sign_in(&mut h, "alice");
+    wait(&mut h, "main window", |h| h.state().is_main());
+    (rt, dir, relay, h)
+}
+
 /// Selects all of the text field labelled `label` and types `text` over it.
 fn retype(h: &mut Harness<'_, ChatApp>, label: &str, text: &str) {
     h.get_by_role_and_label(Role::TextInput, label).focus();
@@ -357,12 +374,7 @@ fn keyboard_new_chat_and_settings() {
 
 #[test]
 fn a_long_history_lays_out_only_the_visible_rows() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let relay = start_relay(&rt, "127.0.0.1:0", &dir.path().join("relay"));
-    let mut h = harness(app(&rt, relay.addr, &dir.path().join("alice")));
-    sign_in(&mut h, "alice");
-    wait(&mut h, "main window", |h| h.state().is_main());
+    let (_rt, _dir, _relay, mut h) = alice_signed_in();
     // 5000 stored messages arrive as one history event, as from the store.
     let items = (0..5000u64)
         .map(|n| chat_client::api::HistoryItem {
@@ -438,12 +450,7 @@ fn people_online_can_be_found_filtered_and_chatted_with() {
 /// as "Note to self", with each note once and delivered.
 #[test]
 fn a_note_to_self_opens_from_the_search_and_is_kept_once() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let relay = start_relay(&rt, "127.0.0.1:0", &dir.path().join("relay"));
-    let mut h = harness(app(&rt, relay.addr, &dir.path().join("alice")));
-    sign_in(&mut h, "alice");
-    wait(&mut h, "main window", |h| h.state().is_main());
+    let (_rt, _dir, _relay, mut h) = alice_signed_in();
     h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::K);
     h.step();
     h.event(egui::Event::Text("alice".into()));
