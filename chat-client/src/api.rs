@@ -63,6 +63,16 @@ pub enum Status {
     Failed,
 }
 
+/// The newest message of a conversation, for the contact list: `text` is its first line,
+/// at most 80 characters; `stored_at` is when this client stored it (ms).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LastMessage {
+    pub user: String,
+    pub text: String,
+    pub outgoing: bool,
+    pub stored_at: u64,
+}
+
 /// A stored message, for history views.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HistoryItem {
@@ -122,6 +132,8 @@ pub enum Event {
     Contacts {
         users: Vec<String>,
         verified: Vec<String>,
+        /// The newest message with each contact that has one.
+        last: Vec<LastMessage>,
     },
     Sent {
         to: String,

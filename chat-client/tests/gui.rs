@@ -473,5 +473,41 @@ fn a_note_to_self_opens_from_the_search_and_is_kept_once() {
     let notes = &h.state().model.contacts["alice"].lines;
     assert_eq!(notes.len(), 1, "one line per note");
     // In the side list and as the conversation's title.
-    assert_eq!(h.query_all_by_label_contains("📝 Note to self").count(), 2);
+    assert_eq!(h.query_all_by_label_contains("Note to self").count(), 2);
+}
+
+/// Item 11 of the field reports: the side list with 1,000 contacts lays out only the rows
+/// in view; each row knows its newest message (from the store at sign-in) and unread count.
+#[test]
+fn a_thousand_contacts_lay_out_only_the_visible_rows() {
+    let (_rt, _dir, _relay, mut h) = alice_signed_in();
+    let users: Vec<String> = (0..1000).map(|n| format!("user{n:04}")).collect();
+    let last = users
+        .iter()
+        .map(|u| chat_client::api::LastMessage {
+            user: u.clone(),
+            text: format!("hello from {u}"),
+            outgoing: false,
+            stored_at: 1_700_000_000_000,
+        })
+        .collect();
+    h.state_mut().model.apply(Event::Contacts {
+        users: users.clone(),
+        verified: vec![],
+        last,
+    });
+    h.state_mut().model.contact("user0001").unread = 3;
+    h.run_steps(3);
+    let rows = h.query_all_by_label_contains("user0").count();
+    assert!((1..60).contains(&rows), "{rows} rows laid out");
+    h.get_by_label("user0000");
+    assert_eq!(
+        h.state().model.contacts["user0001"].preview(),
+        Some(("hello from user0001", 1_700_000_000_000, false))
+    );
+    h.get_by_label("user0001").click();
+    wait(&mut h, "opened from the list", |h| {
+        h.state().model.open.as_deref() == Some("user0001")
+    });
+    assert_eq!(h.state().model.contacts["user0001"].unread, 0);
 }

@@ -526,9 +526,31 @@ impl Engine {
             });
             match self.store.contacts().and_then(|users| {
                 let verified = self.store.verified_contacts()?;
-                Ok((users, verified))
+                let mut last = Vec::new();
+                for user in &users {
+                    if let Some(item) = self.store.history(user, 1)?.pop() {
+                        last.push(crate::api::LastMessage {
+                            user: user.clone(),
+                            text: item
+                                .text
+                                .lines()
+                                .next()
+                                .unwrap_or("")
+                                .chars()
+                                .take(80)
+                                .collect(),
+                            outgoing: item.outgoing,
+                            stored_at: item.stored_at,
+                        });
+                    }
+                }
+                Ok((users, verified, last))
             }) {
-                Ok((users, verified)) => self.sink.emit(Event::Contacts { users, verified }),
+                Ok((users, verified, last)) => self.sink.emit(Event::Contacts {
+                    users,
+                    verified,
+                    last,
+                }),
                 Err(e) => self.store_error(e),
             }
         }

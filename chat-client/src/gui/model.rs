@@ -45,6 +45,26 @@ pub struct Contact {
     /// is for (what accepting it accepts).
     pub safety: Option<String>,
     pub safety_fingerprint: Option<String>,
+    /// The newest message as the store had it at sign-in (before any history is loaded).
+    pub last: Option<crate::api::LastMessage>,
+}
+
+impl Contact {
+    /// The newest message for the contact list: (first line, when stored, ours).
+    pub fn preview(&self) -> Option<(&str, u64, bool)> {
+        match (self.lines.last(), &self.last) {
+            (Some(line), Some(last)) if last.stored_at > line.stored_at => {
+                Some((last.text.as_str(), last.stored_at, last.outgoing))
+            }
+            (Some(line), _) => Some((
+                line.text.lines().next().unwrap_or(""),
+                line.stored_at,
+                line.outgoing,
+            )),
+            (None, Some(last)) => Some((last.text.as_str(), last.stored_at, last.outgoing)),
+            (None, None) => None,
+        }
+    }
 }
 
 /// Connection as the status bar shows it.
@@ -138,12 +158,20 @@ impl Model {
                 self.status = None;
             }
             Event::Status { message } => self.status = Some(message),
-            Event::Contacts { users, verified } => {
+            Event::Contacts {
+                users,
+                verified,
+                last,
+            } => {
                 for user in users {
                     self.contact(&user);
                 }
                 for user in verified {
                     self.contact(&user).verified = true;
+                }
+                for message in last {
+                    let user = message.user.clone();
+                    self.contact(&user).last = Some(message);
                 }
             }
             Event::Users { online } => {
@@ -524,7 +552,15 @@ mod tests {
         m.apply(Event::Contacts {
             users: vec!["zed".into(), "amy".into()],
             verified: vec!["amy".into()],
+            last: vec![crate::api::LastMessage {
+                user: "zed".into(),
+                text: "see you".into(),
+                outgoing: false,
+                stored_at: 5,
+            }],
         });
+        assert_eq!(m.contacts["zed"].preview(), Some(("see you", 5, false)));
+        assert_eq!(m.contacts["amy"].preview(), None);
         assert!(
             m.contacts["amy"].verified,
             "the badge is known from the start"

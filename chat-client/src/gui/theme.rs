@@ -63,6 +63,27 @@ pub const LIGHT: Palette = Palette {
     danger_banner: Color32::from_rgb(0xa3, 0x1d, 0x1d),
 };
 
+/// Avatar backgrounds (white initials on them), chosen so each has at least 4.5:1
+/// contrast with white (tested).
+pub const AVATAR_COLOURS: [Color32; 8] = [
+    Color32::from_rgb(0x1f, 0x5f, 0xa8),
+    Color32::from_rgb(0x8a, 0x3f, 0xa0),
+    Color32::from_rgb(0xa3, 0x3b, 0x1d),
+    Color32::from_rgb(0x1b, 0x6e, 0x4b),
+    Color32::from_rgb(0x6b, 0x5a, 0x00),
+    Color32::from_rgb(0x9c, 0x27, 0x5a),
+    Color32::from_rgb(0x2f, 0x5d, 0x6e),
+    Color32::from_rgb(0x5b, 0x4b, 0xa6),
+];
+
+/// A name's avatar colour: the same name always gets the same one (FNV-1a of its bytes).
+pub fn avatar_colour(name: &str) -> Color32 {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    AVATAR_COLOURS[(hash % AVATAR_COLOURS.len() as u64) as usize]
+}
+
 /// The palette for the visuals in use.
 pub fn palette(visuals: &Visuals) -> &'static Palette {
     if visuals.dark_mode { &DARK } else { &LIGHT }
@@ -136,6 +157,10 @@ mod tests {
             for (what, fg, bg) in text_pairs {
                 let ratio = contrast(fg, bg);
                 assert!(ratio >= 4.5, "{name}: {what} is {ratio:.2}:1, under 4.5:1");
+            }
+            for colour in AVATAR_COLOURS {
+                let ratio = contrast(Color32::WHITE, colour);
+                assert!(ratio >= 4.5, "initials on {colour:?}: {ratio:.2}:1");
             }
             let edge_pairs = [
                 ("bubble edge on panel", p.bubble_edge, p.panel),

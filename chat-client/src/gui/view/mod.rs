@@ -6,6 +6,7 @@
 mod conversation;
 mod dialogs;
 mod people;
+mod side_list;
 mod signin;
 
 use egui::{Align, Color32, Key, Layout, Modifiers, RichText, Sense, Ui, Vec2};
@@ -186,43 +187,7 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                     "No matching contacts."
                 });
             }
-            egui::ScrollArea::vertical()
-                .auto_shrink([false, false])
-                .show(ui, |ui| {
-                    for (name, contact) in &listed {
-                        let selected = app.model.open.as_deref() == Some(name.as_str())
-                            || highlighted.as_deref() == Some(name.as_str());
-                        let row = ui
-                            .horizontal(|ui| {
-                                let label = if app.model.me.as_deref() == Some(name.as_str()) {
-                                    ui.selectable_label(selected, format!("📝 {NOTE_TO_SELF}"))
-                                } else {
-                                    presence_dot(ui, contact.online);
-                                    ui.selectable_label(selected, name)
-                                };
-                                if contact.key_changed {
-                                    ui.colored_label(WARN_BG, "⚠").on_hover_text("Key changed");
-                                } else if contact.verified {
-                                    ui.label("✔").on_hover_text("Verified");
-                                }
-                                if contact.unread > 0 {
-                                    ui.with_layout(Layout::right_to_left(Align::Center), |ui| {
-                                        ui.label(
-                                            RichText::new(format!(" {} ", contact.unread))
-                                                .background_color(ui.visuals().selection.bg_fill)
-                                                .strong(),
-                                        )
-                                        .on_hover_text("unread");
-                                    });
-                                }
-                                label
-                            })
-                            .inner;
-                        if row.clicked() {
-                            app.open(name);
-                        }
-                    }
-                });
+            side_list::contact_rows(app, ui, &listed, highlighted.as_deref());
         });
 }
 
