@@ -510,4 +510,32 @@ fn a_thousand_contacts_lay_out_only_the_visible_rows() {
         h.state().model.open.as_deref() == Some("user0001")
     });
     assert_eq!(h.state().model.contacts["user0001"].unread, 0);
+    // Alt+Down / Alt+Up walk the list (item 20).
+    h.key_press_modifiers(egui::Modifiers::ALT, egui::Key::ArrowDown);
+    h.step();
+    assert_eq!(h.state().model.open.as_deref(), Some("user0002"));
+    h.key_press_modifiers(egui::Modifiers::ALT, egui::Key::ArrowUp);
+    h.step();
+    assert_eq!(h.state().model.open.as_deref(), Some("user0001"));
+    // The title names who is signed in and counts what is unread (items 9 and 20).
+    h.state_mut().model.contact("user0500").unread = 2;
+    h.step();
+    assert_eq!(h.state().view.title, "(2) Secure Chat — alice");
+    // A passing error leaves the status bar by itself; one about keys stays.
+    h.state_mut().model.error = Some(("rate_limited".into(), "slow down".into()));
+    h.step();
+    h.get_by_label_contains("slow down");
+    let long_ago = std::time::Instant::now() - Duration::from_secs(16);
+    h.state_mut().view.error_since = Some((("rate_limited".into(), "slow down".into()), long_ago));
+    h.step();
+    assert!(h.state().model.error.is_none(), "gone after 15 s");
+    h.state_mut().model.error = Some(("key_changed".into(), "bob's key changed".into()));
+    h.step();
+    h.state_mut().view.error_since =
+        Some((("key_changed".into(), "bob's key changed".into()), long_ago));
+    h.step();
+    assert!(
+        h.state().model.error.is_some(),
+        "key errors stay until dismissed"
+    );
 }

@@ -76,6 +76,10 @@ pub struct ViewState {
     pub settings_open: bool,
     /// The "People online" dialog.
     pub people: PeopleView,
+    /// The window title last set.
+    pub title: String,
+    /// The status bar's error (code, message) and since when it is shown.
+    pub error_since: Option<((String, String), std::time::Instant)>,
     pub settings_draft: Option<Settings>,
     /// Measured row heights per conversation, for laying out only the visible rows.
     pub row_heights: std::collections::HashMap<String, Vec<f32>>,
@@ -146,6 +150,27 @@ impl ChatApp {
         match self.screen {
             Screen::SignIn => view::sign_in(self, ui),
             Screen::Main => view::main(self, ui),
+        }
+        let title = self.title();
+        if self.view.title != title {
+            ui.ctx()
+                .send_viewport_cmd(egui::ViewportCommand::Title(title.clone()));
+            self.view.title = title;
+        }
+    }
+
+    /// The window title: who is signed in, and how many messages are unread, e.g.
+    /// "(3) Secure Chat — alice".
+    pub fn title(&self) -> String {
+        let unread: usize = self.model.contacts.values().map(|c| c.unread).sum();
+        let name = match &self.model.me {
+            Some(me) => format!("Secure Chat — {me}"),
+            None => "Secure Chat".to_owned(),
+        };
+        if unread > 0 {
+            format!("({unread}) {name}")
+        } else {
+            name
         }
     }
 

@@ -3,7 +3,7 @@
 use chrono::{Local, TimeZone};
 use egui::{Align, Color32, Key, Layout, RichText, Sense, Ui, UiBuilder, Vec2};
 
-use super::{DANGER_BG, WARN_BG, empty_state, presence_dot};
+use super::{DANGER_BG, WARN_BG, empty_state, presence_dot_in};
 use crate::api::{Command, Status};
 use crate::gui::ChatApp;
 use crate::gui::model::{Contact, Line};
@@ -29,7 +29,8 @@ pub(super) fn conversation(app: &mut ChatApp, ui: &mut Ui, user: &str) {
 
 fn conversation_header(app: &mut ChatApp, ui: &mut Ui, user: &str, contact: &Contact) {
     ui.horizontal(|ui| {
-        presence_dot(ui, contact.online);
+        let height = ui.text_style_height(&egui::TextStyle::Heading);
+        presence_dot_in(ui, contact.online, height);
         ui.heading(user);
         if contact.verified {
             ui.label(RichText::new("✔ Verified").color(theme::palette(ui.visuals()).online))

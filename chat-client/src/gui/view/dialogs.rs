@@ -113,11 +113,23 @@ pub(super) fn settings_dialog(app: &mut ChatApp, ui: &mut Ui) {
                 });
                 ui.end_row();
                 ui.label("Font size");
-                ui.add(egui::Slider::new(&mut draft.font_size, 11.0..=28.0).suffix(" pt"));
+                // Whole points, arrow keys and clicks on the rail move it.
+                ui.add(
+                    egui::Slider::new(&mut draft.font_size, 11.0..=28.0)
+                        .step_by(1.0)
+                        .fixed_decimals(0)
+                        .suffix(" pt")
+                        .clamping(egui::SliderClamping::Always),
+                );
+                ui.end_row();
+                ui.label("");
+                ui.label(egui::RichText::new("The quick brown fox, 0123").size(draft.font_size))
+                    .on_hover_text("How messages will look at this size");
                 ui.end_row();
             });
         ui.small("A new server address is used the next time you sign in.");
-        ui.horizontal(|ui| {
+        // Buttons on the right, the main one outermost, as in the safety dialog.
+        ui.with_layout(Layout::right_to_left(Align::Min), |ui| {
             save = ui.button("Save").clicked();
             ui.button("Cancel").clicked()
         })

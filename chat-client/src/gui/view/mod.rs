@@ -19,6 +19,10 @@ use conversation::conversation;
 use dialogs::{safety_dialog, settings_dialog};
 pub use signin::sign_in;
 
+/// How long an error stays in the status bar unless dismissed (key and storage errors
+/// stay until dismissed).
+const ERROR_SHOWN_FOR: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// A key changed (white text on it).
 const WARN_BG: Color32 = theme::DARK.warn_banner;
 /// A verified contact's key changed: louder than an unverified one.
@@ -54,6 +58,34 @@ fn shortcuts(app: &mut ChatApp, ui: &Ui) {
     }
     if people {
         people::open(app);
+    }
+    // Alt+Up / Alt+Down walk the contact list, opening each conversation.
+    let (previous, next) = ui.input_mut(|i| {
+        (
+            i.consume_key(Modifiers::ALT, Key::ArrowUp),
+            i.consume_key(Modifiers::ALT, Key::ArrowDown),
+        )
+    });
+    if previous || next {
+        let names: Vec<String> = app
+            .model
+            .listed("")
+            .iter()
+            .map(|(n, _)| (*n).to_owned())
+            .collect();
+        let at = app
+            .model
+            .open
+            .as_ref()
+            .and_then(|o| names.iter().position(|n| n == o));
+        let to = match (at, next) {
+            (None, _) => names.first(),
+            (Some(i), true) => names.get((i + 1).min(names.len() - 1)),
+            (Some(i), false) => names.get(i.saturating_sub(1)),
+        };
+        if let Some(name) = to.cloned() {
+            app.open(&name);
+        }
     }
     if escape && app.view.people.open {
         app.view.people.open = false;
@@ -92,9 +124,23 @@ fn status_bar(app: &mut ChatApp, ui: &mut Ui) {
             let (rect, _) = ui.allocate_exact_size(Vec2::splat(10.0), Sense::hover());
             ui.painter().circle_filled(rect.center(), 4.5, dot);
             ui.label(text);
-            if link.queued > 0 {
+            // Messages not yet accepted by the relay: those written this session count at
+            // once (the core's figure comes with its next connection event).
+            let sending = app
+                .model
+                .contacts
+                .values()
+                .flat_map(|c| &c.lines)
+                .filter(|l| l.outgoing && l.status == crate::api::Status::Sending)
+                .count();
+            let queued = if link.state == ConnectionState::Connected {
+                sending
+            } else {
+                link.queued.max(sending)
+            };
+            if queued > 0 {
                 ui.separator();
-                ui.label(format!("{} queued", link.queued));
+                ui.label(format!("{queued} queued"));
             }
             if let (Some(me), Some(fp)) = (&app.model.me, &app.model.fingerprint) {
                 ui.with_layout(Layout::right_to_left(Align::Center), |ui| {
@@ -107,13 +153,39 @@ fn status_bar(app: &mut ChatApp, ui: &mut Ui) {
             }
         });
         if let Some((code, message)) = app.model.error.clone() {
-            ui.horizontal(|ui| {
-                ui.colored_label(ui.visuals().error_fg_color, format!("⚠ {message}"))
-                    .on_hover_text(code);
-                if ui.small_button("Dismiss").clicked() {
-                    app.model.error = None;
+            // Shown in full (wrapped), and gone by itself after a while unless it is about
+            // keys or storage, which need the user.
+            let now = std::time::Instant::now();
+            let since = match &app.view.error_since {
+                Some((shown, at)) if *shown == (code.clone(), message.clone()) => *at,
+                _ => {
+                    app.view.error_since = Some(((code.clone(), message.clone()), now));
+                    now
                 }
-            });
+            };
+            let sticky =
+                code.contains("key") || code.contains("store") || code.contains("fingerprint");
+            if !sticky && now.duration_since(since) >= ERROR_SHOWN_FOR {
+                app.model.error = None;
+                app.view.error_since = None;
+            } else {
+                if !sticky {
+                    ui.ctx().request_repaint_after(ERROR_SHOWN_FOR);
+                }
+                ui.horizontal(|ui| {
+                    if ui.small_button("Dismiss").clicked() {
+                        app.model.error = None;
+                    }
+                    ui.add(
+                        egui::Label::new(
+                            RichText::new(format!("⚠ {message}"))
+                                .color(ui.visuals().error_fg_color),
+                        )
+                        .wrap(),
+                    )
+                    .on_hover_text(code);
+                });
+            }
         }
     });
 }
@@ -194,7 +266,12 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
 /// A contact's presence: a green dot (online), a grey dot (offline) or a grey ring
 /// (unknown: we are not connected, so nobody's presence is current).
 pub(super) fn presence_dot(ui: &mut Ui, online: Option<bool>) {
-    let (rect, response) = ui.allocate_exact_size(Vec2::splat(10.0), Sense::hover());
+    presence_dot_in(ui, online, 10.0);
+}
+
+/// [`presence_dot`] centred in a row `height` points tall (beside a heading, say).
+pub(super) fn presence_dot_in(ui: &mut Ui, online: Option<bool>, height: f32) {
+    let (rect, response) = ui.allocate_exact_size(Vec2::new(10.0, height), Sense::hover());
     let p = theme::palette(ui.visuals());
     let painter = ui.painter();
     match online {
