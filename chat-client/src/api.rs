@@ -214,6 +214,11 @@ pub enum Event {
         code: String,
         message: String,
     },
+    /// The relay has no user by this name (a key lookup or a send found out); follows the
+    /// `error` event `unknown_user`.
+    NoSuchUser {
+        user: String,
+    },
 }
 
 impl Event {
@@ -253,6 +258,7 @@ impl Event {
             Self::History { .. } => "history",
             Self::Error { .. } => "error",
             Self::Warning { .. } => "warning",
+            Self::NoSuchUser { .. } => "no_such_user",
         }
     }
 }

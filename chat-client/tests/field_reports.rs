@@ -117,6 +117,10 @@ fn failed_sends_never_become_contacts() {
         alice.drain(Duration::from_millis(100));
     }
     assert_eq!(alice.seen_of("failed").len(), GHOSTS);
+    // Each name is also reported as not existing, by name.
+    let missing = alice.seen_of("no_such_user");
+    assert_eq!(missing.len(), GHOSTS, "{missing:?}");
+    assert_eq!(missing[0]["user"], "ghost0000");
     assert!(
         alice
             .seen_of("failed")

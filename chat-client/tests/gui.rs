@@ -539,3 +539,22 @@ fn a_thousand_contacts_lay_out_only_the_visible_rows() {
         "key errors stay until dismissed"
     );
 }
+
+/// Item 12 of the field reports: a new name is looked up at once; one that does not exist
+/// is refused in place and never stays in the list.
+#[test]
+fn a_new_chat_with_an_unknown_name_is_refused_in_place() {
+    let (_rt, _dir, _relay, mut h) = alice_signed_in();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::K);
+    h.step();
+    h.event(egui::Event::Text("nobody".into()));
+    h.step();
+    h.key_press(egui::Key::Enter);
+    wait(&mut h, "refused", |h| {
+        h.state().model.unknown.contains("nobody")
+    });
+    h.run_steps(2);
+    assert!(!h.state().model.contacts.contains_key("nobody"));
+    assert_eq!(h.state().model.open, None);
+    h.get_by_label_contains("There is no user named nobody");
+}

@@ -231,6 +231,7 @@ impl Engine {
                         code.as_str(),
                         format!("there is no user named {user}"),
                     ));
+                    self.sink.emit(Event::NoSuchUser { user: user.clone() });
                 } else {
                     self.sink.emit(Event::error(code.as_str(), message));
                 }

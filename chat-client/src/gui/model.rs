@@ -94,6 +94,8 @@ pub struct Model {
     pub focused: bool,
     /// Everyone online, as the relay last listed them (`/users`, the people view).
     pub online_users: Vec<String>,
+    /// Names the relay said do not exist (this session).
+    pub unknown: std::collections::BTreeSet<String>,
 }
 
 impl Default for Model {
@@ -114,6 +116,7 @@ impl Default for Model {
             error: None,
             focused: true,
             online_users: Vec::new(),
+            unknown: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -292,6 +295,24 @@ impl Model {
                 c.safety_fingerprint = None;
             }
             Event::Warning { code, message } => self.error = Some((code, message)),
+            Event::NoSuchUser { user } => {
+                // A name that was only tried (nothing received from it, no key) is not a
+                // contact: it leaves the list, and its conversation closes.
+                let tried_only = self.contacts.get(&user).is_some_and(|c| {
+                    c.safety.is_none() && c.last.is_none() && c.lines.iter().all(|l| l.outgoing)
+                });
+                if tried_only {
+                    self.contacts.remove(&user);
+                    if self.open.as_deref() == Some(user.as_str()) {
+                        self.open = None;
+                    }
+                }
+                self.error = Some((
+                    "unknown_user".into(),
+                    format!("There is no user named {user}; check the spelling."),
+                ));
+                self.unknown.insert(user);
+            }
             Event::Connection {
                 state,
                 retry_in_ms,

@@ -64,6 +64,12 @@ pub(super) fn safety_dialog(app: &mut ChatApp, ui: &mut Ui) {
                     }
                 }
             }
+            None if app.model.unknown.contains(&user) => {
+                ui.colored_label(
+                    ui.visuals().error_fg_color,
+                    format!("There is no user named {user}."),
+                );
+            }
             None => {
                 ui.horizontal(|ui| {
                     ui.spinner();

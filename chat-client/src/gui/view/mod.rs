@@ -244,6 +244,13 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                 if start.clicked() || (enter && highlighted.is_none()) {
                     app.view.filter.clear();
                     app.open(&typed);
+                    if !to_self {
+                        // Look the name up now: an unknown one is refused in place rather
+                        // than failing at the first send.
+                        app.send(crate::api::Command::Safety {
+                            user: typed.clone(),
+                        });
+                    }
                 }
             }
             if enter && let Some(name) = &highlighted {
