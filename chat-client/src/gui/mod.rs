@@ -3,6 +3,7 @@
 //! network or crypto itself and never waits on the core: the core calls
 //! `ctx.request_repaint()` after each event, and each frame drains the event channel.
 
+pub mod fonts;
 pub mod model;
 pub mod placement;
 pub mod theme;
@@ -474,6 +475,11 @@ pub fn run(home: Home, mut settings: Settings, launch: Launch) -> anyhow::Result
                 .storage
                 .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
                 .unwrap_or_default();
+            let (fonts, missing) = fonts::with_system_fallbacks();
+            if !missing.is_empty() {
+                tracing::warn!("no installed font for {missing:?}; such text shows as boxes");
+            }
+            cc.egui_ctx.set_fonts(fonts);
             let mut app = ChatApp::new(handle, home, settings, persisted);
             if let Some(warning) = launch.warning {
                 app.model.error = Some(("settings_unreadable".into(), warning.clone()));
