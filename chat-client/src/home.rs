@@ -49,6 +49,10 @@ pub struct Settings {
     pub theme: Theme,
     /// Base font size in points.
     pub font_size: f32,
+    /// Desktop notifications for messages that arrive while the window is not looked at.
+    pub notifications: bool,
+    /// Whether those notifications show the message's first line (else only the sender).
+    pub notification_previews: bool,
 }
 
 impl Default for Settings {
@@ -58,6 +62,8 @@ impl Default for Settings {
             username: None,
             theme: Theme::System,
             font_size: 15.0,
+            notifications: true,
+            notification_previews: true,
         }
     }
 }
@@ -262,6 +268,8 @@ mod tests {
             username: Some("alice".into()),
             theme: Theme::Dark,
             font_size: 20.0,
+            notifications: true,
+            notification_previews: false,
         };
         home.save_settings(&settings).unwrap();
         let (loaded, problem) = home.load_settings();

@@ -5,6 +5,7 @@
 
 pub mod fonts;
 pub mod model;
+pub mod notify;
 pub mod placement;
 pub mod theme;
 mod view;
@@ -239,6 +240,16 @@ impl ChatApp {
 
     fn on_event(&mut self, event: Event) {
         match &event {
+            Event::Message { from, text, .. }
+                if self.settings.notifications
+                    && !(self.model.focused
+                        && self.model.open.as_deref() == Some(from.as_str())) =>
+            {
+                notify::show(
+                    &self.runtime,
+                    notify::Notice::message(from, text, self.settings.notification_previews),
+                );
+            }
             Event::Queued { to, text, .. }
                 if self
                     .view

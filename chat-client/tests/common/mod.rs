@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod inproc;
+pub mod window;
 
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
