@@ -37,7 +37,15 @@ pub enum ConnectError {
     /// Retrying cannot help; the user must act.
     #[error("{message}")]
     Fatal { code: String, message: String },
+    /// The connection opened, but nothing at all came back within [`FIRST_ANSWER`]: a
+    /// relay answers `Hello` at once, so this is probably another kind of server (one
+    /// that waits for its client to speak first), or a relay that hangs.
+    #[error("{0}")]
+    Silent(String),
 }
+
+/// How long the first bytes of the relay's `Hello` may take after connecting.
+pub const FIRST_ANSWER: Duration = Duration::from_secs(10);
 
 /// How a [`ConnectError::Transient`] made from bytes that are not our frames begins.
 const NOT_OURS: &str = "not our protocol: ";
@@ -113,9 +121,20 @@ async fn connect_inner(
     // What answers first tells whether this is a chat relay at all: anything that is not
     // one of our frames (an HTTP or SSH server, a different program) will not become one
     // by retrying.
-    let first = match next(&mut conn).await {
-        Ok(msg) => msg,
-        Err(ConnectError::Transient(why)) if why.starts_with(NOT_OURS) => {
+    let first = match tokio::time::timeout(FIRST_ANSWER, next(&mut conn)).await {
+        Err(_) if conn.read_buffer().is_empty() => {
+            return Err(ConnectError::Silent(format!(
+                "{server} accepted the connection but sent nothing for {} s",
+                FIRST_ANSWER.as_secs()
+            )));
+        }
+        Err(_) => {
+            return Err(ConnectError::Transient(format!(
+                "{server} began but did not finish its greeting"
+            )));
+        }
+        Ok(Ok(msg)) => msg,
+        Ok(Err(ConnectError::Transient(why))) if why.starts_with(NOT_OURS) => {
             return Err(ConnectError::Fatal {
                 code: "not_a_relay".into(),
                 message: format!(
@@ -125,7 +144,7 @@ async fn connect_inner(
                 ),
             });
         }
-        Err(e) => return Err(e),
+        Ok(Err(e)) => return Err(e),
     };
     let (max_frame, queue_max_age_secs, clock_offset_ms) = match first {
         ServerMessage::Hello {

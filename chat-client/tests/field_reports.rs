@@ -321,6 +321,32 @@ fn a_wrong_server_address_or_port_fails_clearly() {
     );
 }
 
+/// Item 19 (found by a helper): a server that waits for its client to speak first (an
+/// HTTP server, say) never answers the Hello; after two silent connections the client
+/// says it is not a relay and stops, instead of retrying forever.
+#[test]
+fn a_port_that_stays_silent_is_not_a_relay() {
+    let (_dir, _relay_dir, a, _b) = dirs();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream); // open, silent
+        }
+    });
+    let mut alice = Client::start(addr, "alice", &a);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while alice.seen_of("error").is_empty() && Instant::now() < deadline {
+        alice.drain(Duration::from_millis(500));
+    }
+    let errors = alice.seen_of("error");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["code"], "not_a_relay");
+    assert_eq!(reconnects(&alice), 1, "one retry, then it stops");
+    assert_eq!(alice.wait_exit(), 1);
+}
+
 /// Item 19: the window without a display says to use --headless.
 #[test]
 fn no_display_says_to_use_headless() {

@@ -388,12 +388,17 @@ impl Engine {
 
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut attempt: u32 = 0;
+        // Connections in a row that opened but got no answer at all, before any login.
+        let mut silent: u32 = 0;
+        let mut ever_connected = false;
         loop {
             self.connection_event(ConnectionState::Connecting, None);
             let connected = net::connect(&self.config.server, &self.me, &self.identity).await;
             let failure = match connected {
                 Ok(session) => {
                     attempt = 0;
+                    silent = 0;
+                    ever_connected = true;
                     info!(registered = session.registered, "connected");
                     match self.session(session, &mut commands).await {
                         SessionEnd::Shutdown => return self.stop(),
@@ -408,7 +413,26 @@ impl Engine {
                     self.sink.emit(Event::error(code, message));
                     return self.stay_offline(&mut commands).await;
                 }
-                Err(ConnectError::Transient(reason)) => reason,
+                Err(ConnectError::Silent(reason)) if !ever_connected && silent >= 1 => {
+                    // Twice in a row and never a relay here: most likely the wrong port.
+                    self.sink.emit(Event::error(
+                        "not_a_relay",
+                        format!(
+                            "{reason}, twice: it does not answer like a Secure Chat relay (a \
+                             relay greets at once). Check the address and port (the relay's \
+                             default port is 65432)"
+                        ),
+                    ));
+                    return self.stay_offline(&mut commands).await;
+                }
+                Err(ConnectError::Silent(reason)) => {
+                    silent += 1;
+                    reason
+                }
+                Err(ConnectError::Transient(reason)) => {
+                    silent = 0;
+                    reason
+                }
             };
             if self.draining_until.is_some_and(|d| Instant::now() >= d) {
                 return self.stop();

@@ -80,6 +80,8 @@ pub struct ViewState {
     pub people: PeopleView,
     /// The window title last set.
     pub title: String,
+    /// Height of the composer (with its counter) as last laid out, in points.
+    pub composer_height: f32,
     /// The status bar's error (code, message) and since when it is shown.
     pub error_since: Option<((String, String), std::time::Instant)>,
     pub settings_draft: Option<Settings>,

@@ -29,6 +29,8 @@ pub struct Palette {
     /// Banners (white text on them): a changed key, a changed *verified* key.
     pub warn_banner: Color32,
     pub danger_banner: Color32,
+    /// Error text (status bar, sign-in, the composer's counter over the limit).
+    pub error: Color32,
 }
 
 /// The dark theme.
@@ -45,6 +47,7 @@ pub const DARK: Palette = Palette {
     offline: Color32::from_gray(0x8a),
     warn_banner: Color32::from_rgb(0x8a, 0x5a, 0x00),
     danger_banner: Color32::from_rgb(0xa3, 0x1d, 0x1d),
+    error: Color32::from_rgb(0xff, 0x7b, 0x72),
 };
 
 /// The light theme.
@@ -61,6 +64,7 @@ pub const LIGHT: Palette = Palette {
     offline: Color32::from_gray(0x80),
     warn_banner: Color32::from_rgb(0x8a, 0x5a, 0x00),
     danger_banner: Color32::from_rgb(0xa3, 0x1d, 0x1d),
+    error: Color32::from_rgb(0xb3, 0x26, 0x1e),
 };
 
 /// Avatar backgrounds (white initials on them), chosen so each has at least 4.5:1
@@ -99,6 +103,7 @@ pub fn apply(visuals: &mut Visuals, p: &Palette) {
     visuals.text_edit_bg_color = Some(p.input);
     visuals.widgets.inactive.bg_stroke = Stroke::new(1.0, p.input_edge);
     visuals.widgets.noninteractive.fg_stroke.color = p.text;
+    visuals.error_fg_color = p.error;
 }
 
 /// WCAG 2.1 relative luminance of an sRGB colour (alpha ignored), 0.0–1.0.
@@ -153,6 +158,8 @@ mod tests {
                     p.danger_banner,
                 ),
                 ("\"✔ Verified\" on panel", p.online, p.panel),
+                ("error text on panel", p.error, p.panel),
+                ("error text in an input", p.error, p.input),
             ];
             for (what, fg, bg) in text_pairs {
                 let ratio = contrast(fg, bg);

@@ -54,14 +54,10 @@ fn conversation_header(app: &mut ChatApp, ui: &mut Ui, user: &str, contact: &Con
 }
 
 fn conversation_body(app: &mut ChatApp, ui: &mut Ui, user: &str, contact: &Contact) {
-    // Composer at the bottom (as tall as its text, up to its bound), history above it.
-    egui::Panel::bottom(("composer-panel", user))
-        .resizable(false)
-        .show(ui, |ui| {
-            ui.add_space(4.0);
-            composer(app, ui, user, contact.key_changed);
-        });
-    let history_height = ui.available_height().max(60.0);
+    // Composer at the bottom (as tall as its text, up to its bound, as measured last
+    // frame), history above it.
+    let composer_height = app.view.composer_height.max(60.0);
+    let history_height = (ui.available_height() - composer_height).max(60.0);
     ui.allocate_ui(Vec2::new(ui.available_width(), history_height), |ui| {
         ui.set_min_height(history_height);
         if contact.lines.is_empty() {
@@ -74,6 +70,14 @@ fn conversation_body(app: &mut ChatApp, ui: &mut Ui, user: &str, contact: &Conta
             history(app, ui, user, &contact.lines);
         }
     });
+    let top = ui.cursor().top();
+    ui.separator();
+    composer(app, ui, user, contact.key_changed);
+    let used = ui.cursor().top() - top;
+    if (used - app.view.composer_height).abs() > 0.5 {
+        app.view.composer_height = used;
+        ui.ctx().request_repaint();
+    }
 }
 
 /// A contact's key changed: say what it may mean, louder if the old key was verified, and

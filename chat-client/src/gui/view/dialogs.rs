@@ -133,16 +133,16 @@ pub(super) fn settings_dialog(app: &mut ChatApp, ui: &mut Ui) {
                     .on_hover_text("How messages will look at this size");
                 ui.end_row();
                 ui.label("Notifications");
-                ui.vertical(|ui| {
-                    ui.checkbox(&mut draft.notifications, "Notify me of new messages");
-                    ui.add_enabled(
-                        draft.notifications,
-                        egui::Checkbox::new(
-                            &mut draft.notification_previews,
-                            "Show the text in notifications",
-                        ),
-                    );
-                });
+                ui.checkbox(&mut draft.notifications, "Notify me of new messages");
+                ui.end_row();
+                ui.label("");
+                ui.add_enabled(
+                    draft.notifications,
+                    egui::Checkbox::new(
+                        &mut draft.notification_previews,
+                        "Show the text in notifications",
+                    ),
+                );
                 ui.end_row();
             });
         ui.small("A new server address is used the next time you sign in.");
