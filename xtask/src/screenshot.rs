@@ -117,8 +117,9 @@ fn scene(bin: &Path, work: &Path, out: &Path) -> anyhow::Result<()> {
 
     let mut window = String::new();
     wait_for("alice's window", || {
-        // Not `search --sync`: it can block forever. The title is "Secure Chat — alice".
-        let found = xdotool(&display, &["search", "--name", "^Secure Chat"]).unwrap_or_default();
+        // Not `search --sync`: it can block forever. The title is "Secure Chat — alice",
+        // with the unread count before it while anything is unread ("(2) Secure Chat …").
+        let found = xdotool(&display, &["search", "--name", "Secure Chat"]).unwrap_or_default();
         window = found.lines().next().unwrap_or_default().to_owned();
         Ok(!window.is_empty())
     })?;
