@@ -199,6 +199,9 @@ pub enum Event {
         reason: Option<String>,
         /// Messages waiting in the outbox.
         queued: usize,
+        /// When connected: the longest text (bytes) this relay's frames can carry.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        max_text_bytes: Option<usize>,
     },
     History {
         user: String,

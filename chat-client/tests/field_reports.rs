@@ -38,6 +38,13 @@ fn a_message_over_the_relays_frame_limit_fails_alone_and_blocks_nothing() {
     let why = refused["message"].as_str().unwrap();
     assert!(why.contains("16384"), "names the relay's limit: {why}");
     assert!(why.contains("4072"), "says how long a text may be: {why}");
+    // The window's composer learns the same limit from the connection event.
+    let connected = alice
+        .seen_of("connection")
+        .into_iter()
+        .find(|e| e["state"] == "connected")
+        .unwrap();
+    assert_eq!(connected["max_text_bytes"], 4072);
     assert_eq!(
         bob.texts_from("alice", 2),
         vec![fits.clone(), "short".to_owned()]

@@ -116,6 +116,7 @@ pub fn spawn(config: ClientConfig, notify: impl Fn() + Send + Sync + 'static) ->
                     retry_in_ms: None,
                     reason: None,
                     queued: 0,
+                    max_text_bytes: None,
                 });
             }
         }
@@ -817,6 +818,8 @@ impl Engine {
             retry_in_ms: retry.map(|d| d.as_millis() as u64),
             reason,
             queued: self.store.outbox_len().unwrap_or(0),
+            max_text_bytes: (state == ConnectionState::Connected && self.max_frame > 0)
+                .then(|| self.largest_text()),
         });
     }
 

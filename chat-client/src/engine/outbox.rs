@@ -110,7 +110,7 @@ impl Engine {
     }
 
     /// About the largest text whose envelope (with a key offer) fits the relay's frames.
-    fn largest_text(&self) -> usize {
+    pub(super) fn largest_text(&self) -> usize {
         let mut size = [256, 1024, 4096, 16384]
             .into_iter()
             .chain((2..).map(|n| n * 16384))

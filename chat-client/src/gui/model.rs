@@ -96,6 +96,8 @@ pub struct Model {
     pub online_users: Vec<String>,
     /// Names the relay said do not exist (this session).
     pub unknown: std::collections::BTreeSet<String>,
+    /// The longest text the relay last connected to can carry, if known.
+    pub max_text: Option<usize>,
 }
 
 impl Default for Model {
@@ -117,6 +119,7 @@ impl Default for Model {
             focused: true,
             online_users: Vec::new(),
             unknown: std::collections::BTreeSet::new(),
+            max_text: None,
         }
     }
 }
@@ -318,7 +321,11 @@ impl Model {
                 retry_in_ms,
                 reason,
                 queued,
+                max_text_bytes,
             } => {
+                if max_text_bytes.is_some() {
+                    self.max_text = max_text_bytes;
+                }
                 if state != ConnectionState::Connected {
                     for c in self.contacts.values_mut() {
                         c.online = None;
@@ -614,6 +621,7 @@ mod tests {
             retry_in_ms: Some(2000),
             reason: Some("connection lost".into()),
             queued: 0,
+            max_text_bytes: None,
         });
         assert_eq!(m.contacts["zed"].online, None);
         assert_eq!(m.contacts["amy"].online, None);
@@ -622,7 +630,9 @@ mod tests {
             retry_in_ms: None,
             reason: None,
             queued: 0,
+            max_text_bytes: Some(4072),
         });
+        assert_eq!(m.max_text, Some(4072));
         m.apply(Event::Presence {
             user: "zed".into(),
             online: false,

@@ -307,7 +307,13 @@ fn composer(app: &mut ChatApp, ui: &mut Ui, user: &str, blocked: bool) {
         "Message — Enter sends, Shift+Enter adds a line"
     };
     let mut send = send_key;
-    let limit = chat_protocol::e2e::MAX_TEXT_BYTES;
+    // The end-to-end limit, or the relay's if its frames carry less.
+    let limit = app
+        .model
+        .max_text
+        .map_or(chat_protocol::e2e::MAX_TEXT_BYTES, |relay| {
+            relay.min(chat_protocol::e2e::MAX_TEXT_BYTES)
+        });
     let over = app
         .view
         .drafts
