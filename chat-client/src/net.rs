@@ -47,15 +47,9 @@ pub enum ConnectError {
 /// How long the first bytes of the relay's `Hello` may take after connecting.
 pub const FIRST_ANSWER: Duration = Duration::from_secs(10);
 
-/// How a [`ConnectError::Transient`] made from bytes that are not our frames begins.
-const NOT_OURS: &str = "not our protocol: ";
-
 impl From<CodecError> for ConnectError {
     fn from(e: CodecError) -> Self {
-        match e {
-            CodecError::Io(e) => Self::Transient(format!("connection error: {e}")),
-            CodecError::Frame(e) => Self::Transient(format!("{NOT_OURS}{e}")),
-        }
+        Self::Transient(format!("connection error: {e}"))
     }
 }
 
@@ -118,10 +112,10 @@ async fn connect_inner(
         software: concat!("chat-client/", env!("CARGO_PKG_VERSION")).into(),
     })
     .await?;
-    // What answers first tells whether this is a chat relay at all: anything that is not
-    // one of our frames (an HTTP or SSH server, a different program) will not become one
-    // by retrying.
-    let first = match tokio::time::timeout(FIRST_ANSWER, next(&mut conn)).await {
+    // What answers first tells whether this is a chat relay at all (a relay's first frame
+    // is its Hello): anything that is not one of our frames (an HTTP or SSH server, a
+    // different program) will not become one by retrying.
+    let first = match tokio::time::timeout(FIRST_ANSWER, conn.next()).await {
         Err(_) if conn.read_buffer().is_empty() => {
             return Err(ConnectError::Silent(format!(
                 "{server} accepted the connection but sent nothing for {} s",
@@ -133,18 +127,22 @@ async fn connect_inner(
                 "{server} began but did not finish its greeting"
             )));
         }
-        Ok(Ok(msg)) => msg,
-        Ok(Err(ConnectError::Transient(why))) if why.starts_with(NOT_OURS) => {
+        Ok(Some(Ok(msg))) => msg,
+        Ok(Some(Err(CodecError::Frame(e)))) => {
             return Err(ConnectError::Fatal {
                 code: "not_a_relay".into(),
                 message: format!(
-                    "{server} answered, but not as a Secure Chat relay ({}). Check the address \
-                     and port (the relay's default port is 65432)",
-                    &why[NOT_OURS.len()..]
+                    "{server} answered, but not as a Secure Chat relay ({e}). Check the address \
+                     and port (the relay's default port is 65432)"
                 ),
             });
         }
-        Ok(Err(e)) => return Err(e),
+        Ok(Some(Err(e))) => return Err(e.into()),
+        Ok(None) => {
+            return Err(ConnectError::Transient(
+                "the server closed the connection".into(),
+            ));
+        }
     };
     let (max_frame, queue_max_age_secs, clock_offset_ms) = match first {
         ServerMessage::Hello {

@@ -551,24 +551,8 @@ impl Engine {
             });
             match self.store.contacts().and_then(|users| {
                 let verified = self.store.verified_contacts()?;
-                let mut last = Vec::new();
-                for user in &users {
-                    if let Some(item) = self.store.history(user, 1)?.pop() {
-                        last.push(crate::api::LastMessage {
-                            user: user.clone(),
-                            text: item
-                                .text
-                                .lines()
-                                .next()
-                                .unwrap_or("")
-                                .chars()
-                                .take(80)
-                                .collect(),
-                            outgoing: item.outgoing,
-                            stored_at: item.stored_at,
-                        });
-                    }
-                }
+                let mut last = self.store.last_messages()?;
+                last.retain(|m| users.binary_search(&m.user).is_ok());
                 Ok((users, verified, last))
             }) {
                 Ok((users, verified, last)) => self.sink.emit(Event::Contacts {

@@ -48,11 +48,11 @@ pub fn with_system_fallbacks() -> (FontDefinitions, Vec<&'static str>) {
             continue;
         }
         let found = db.faces().find_map(|face| {
-            let covers = db.with_face_data(face.id, |data, index| covered_by(data, index, c))?;
-            if !covers {
-                return None;
-            }
-            let bytes = db.with_face_data(face.id, |data, _| data.to_vec())?;
+            let bytes = db
+                .with_face_data(face.id, |data, index| {
+                    covered_by(data, index, c).then(|| data.to_vec())
+                })
+                .flatten()?;
             Some((face.post_script_name.clone(), face.index, bytes))
         });
         match found {

@@ -9,7 +9,7 @@ use chat_protocol::e2e::MessageId;
 use rusqlite::{OptionalExtension, params};
 
 use super::{RowCipher, Store, StoreError, read_text, write_text};
-use crate::api::{HistoryItem, Status, id_hex};
+use crate::api::{HistoryItem, LastMessage, Status, id_hex};
 
 /// A message waiting in the outbox to be sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -347,6 +347,39 @@ impl Store {
     }
 
     /// The last `limit` messages with `peer`, in the order this client stored them.
+    /// The newest message of every conversation (first line, at most 80 characters), in
+    /// one query: for the contact list at sign-in.
+    pub fn last_messages(&self) -> Result<Vec<LastMessage>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT peer, id, outgoing, body, stored_at FROM (
+                 SELECT peer, id, outgoing, body, stored_at, ROW_NUMBER() OVER (
+                     PARTITION BY peer ORDER BY stored_at DESC, rowid DESC) AS newest
+                 FROM messages)
+             WHERE newest = 1",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, rusqlite::types::Value>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?;
+        let mut last = Vec::new();
+        for row in rows {
+            let (peer, id, outgoing, body, stored_at) = row?;
+            let text = read_text(&self.cipher, &body_place(&peer, &id, outgoing), body)?;
+            last.push(LastMessage {
+                user: peer,
+                text: text.lines().next().unwrap_or("").chars().take(80).collect(),
+                outgoing,
+                stored_at: stored_at.unsigned_abs(),
+            });
+        }
+        Ok(last)
+    }
+
     pub fn history(&self, peer: &str, limit: usize) -> Result<Vec<HistoryItem>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, outgoing, body, sent_at, status, stored_at, undelivered, reason FROM (

@@ -93,40 +93,48 @@ pub(crate) fn add_counter(
     Ok(())
 }
 
-/// Adds `envelopes` and `bytes` (negative: removes) to what `source` holds for
-/// `recipient` (`''`: for everyone).
-fn account_source(
+/// A usage table: (table, key column) — `usage` per (recipient, sender), `source_usage`
+/// per (recipient, source), where recipient `''` stands for everyone.
+type Usage = (&'static str, &'static str);
+const BY_SENDER: Usage = ("usage", "sender");
+const BY_SOURCE: Usage = ("source_usage", "source");
+
+/// Adds `envelopes` and `bytes` (negative: removes) to what `key` holds of `recipient`'s
+/// queue in `usage`; a row that reaches zero envelopes goes.
+fn add_usage(
     tx: &rusqlite::Transaction<'_>,
+    (table, column): Usage,
     recipient: &str,
-    source: i64,
+    key: &dyn rusqlite::ToSql,
     envelopes: i64,
     bytes: i64,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "INSERT INTO source_usage (recipient, source, envelopes, bytes) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (recipient, source) DO UPDATE SET
+    tx.prepare_cached(&format!(
+        "INSERT INTO {table} (recipient, {column}, envelopes, bytes) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (recipient, {column}) DO UPDATE SET
              envelopes = MAX(0, envelopes + excluded.envelopes),
-             bytes = MAX(0, bytes + excluded.bytes)",
-    )?
-    .execute(params![recipient, source, envelopes, bytes])?;
-    tx.prepare_cached(
-        "DELETE FROM source_usage WHERE recipient = ?1 AND source = ?2 AND envelopes = 0",
-    )?
-    .execute(params![recipient, source])?;
+             bytes = MAX(0, bytes + excluded.bytes)"
+    ))?
+    .execute(params![recipient, key, envelopes, bytes])?;
+    tx.prepare_cached(&format!(
+        "DELETE FROM {table} WHERE recipient = ?1 AND {column} = ?2 AND envelopes = 0"
+    ))?
+    .execute(params![recipient, key])?;
     Ok(())
 }
 
-/// What `source` holds of `recipient`'s queue (`''`: of everyone's): (envelopes, bytes).
-fn source_held(
+/// What `key` holds of `recipient`'s queue in `usage`: (envelopes, bytes).
+fn held(
     tx: &rusqlite::Transaction<'_>,
+    (table, column): Usage,
     recipient: &str,
-    source: i64,
+    key: &dyn rusqlite::ToSql,
 ) -> Result<(u64, u64), StoreError> {
     let (envelopes, bytes): (i64, i64) = tx
-        .prepare_cached(
-            "SELECT envelopes, bytes FROM source_usage WHERE recipient = ?1 AND source = ?2",
-        )?
-        .query_row(params![recipient, source], |r| Ok((r.get(0)?, r.get(1)?)))
+        .prepare_cached(&format!(
+            "SELECT envelopes, bytes FROM {table} WHERE recipient = ?1 AND {column} = ?2"
+        ))?
+        .query_row(params![recipient, key], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?
         .unwrap_or((0, 0));
     Ok((envelopes.unsigned_abs(), bytes.unsigned_abs()))
@@ -142,17 +150,9 @@ fn account(
     envelopes: i64,
     bytes: i64,
 ) -> Result<(), StoreError> {
-    account_source(tx, recipient, source, envelopes, bytes)?;
-    account_source(tx, "", source, envelopes, bytes)?;
-    tx.prepare_cached(
-        "INSERT INTO usage (recipient, sender, envelopes, bytes) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (recipient, sender) DO UPDATE SET
-             envelopes = MAX(0, envelopes + excluded.envelopes),
-             bytes = MAX(0, bytes + excluded.bytes)",
-    )?
-    .execute(params![recipient, sender, envelopes, bytes])?;
-    tx.prepare_cached("DELETE FROM usage WHERE recipient = ?1 AND sender = ?2 AND envelopes = 0")?
-        .execute(params![recipient, sender])?;
+    add_usage(tx, BY_SOURCE, recipient, &source, envelopes, bytes)?;
+    add_usage(tx, BY_SOURCE, "", &source, envelopes, bytes)?;
+    add_usage(tx, BY_SENDER, recipient, &sender, envelopes, bytes)?;
     add_counter(tx, "queued_envelopes", envelopes)?;
     add_counter(tx, "queued_bytes", bytes)
 }
@@ -209,7 +209,7 @@ pub(crate) fn enqueue_in(
     if counter(tx, "queued_bytes")? + len > limits.max_total_bytes {
         return Ok(Enqueued::ServerFull);
     }
-    if source_held(tx, "", source)?.1 + len > limits.max_source_bytes {
+    if held(tx, BY_SOURCE, "", &source)?.1 + len > limits.max_source_bytes {
         return Ok(Enqueued::SourceFull);
     }
     let (count, bytes): (i64, i64) = tx
@@ -222,18 +222,12 @@ pub(crate) fn enqueue_in(
     {
         return Ok(Enqueued::Full);
     }
-    let (mine, my_bytes): (i64, i64) = tx
-        .prepare_cached("SELECT envelopes, bytes FROM usage WHERE recipient = ?1 AND sender = ?2")?
-        .query_row(params![recipient.as_str(), sender.as_str()], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?
-        .unwrap_or((0, 0));
-    let (from_source, source_bytes) = source_held(tx, recipient.as_str(), source)?;
-    let over = |envelopes: u64, bytes: u64| {
+    let over = |(envelopes, bytes): (u64, u64)| {
         envelopes >= limits.max_sender_envelopes || bytes + len > limits.max_sender_bytes
     };
-    if over(mine.unsigned_abs(), my_bytes.unsigned_abs()) || over(from_source, source_bytes) {
+    if over(held(tx, BY_SENDER, recipient.as_str(), &sender.as_str())?)
+        || over(held(tx, BY_SOURCE, recipient.as_str(), &source)?)
+    {
         return Ok(Enqueued::SenderShareFull);
     }
     // NULL lets SQLite pick the id; the relay passes its own so it can deliver first.
