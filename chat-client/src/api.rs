@@ -31,6 +31,15 @@ pub enum Command {
     /// Reject `user`'s new key: the pinned key stays, and what arrived under the new key
     /// is discarded.
     RejectKey { user: String },
+    /// Hide `user` from the contact list until a new message in either direction
+    /// (answered by `ContactListing`).
+    Archive { user: String },
+    /// Show an archived contact in the list again.
+    Unarchive { user: String },
+    /// Delete the conversation with `user` from this device (history and undelivered
+    /// messages) and take them off the list; their key stays pinned. A new message lists
+    /// them again.
+    Remove { user: String },
     /// Load stored history with `user` (answered by `History`).
     History { user: String },
     /// Stop: try to hand the outbox to the server until the deadline, then end.
@@ -47,6 +56,16 @@ pub enum ConnectionState {
     Reconnecting,
     /// Stopped for good (fatal login error or shutdown).
     Offline,
+}
+
+/// Where a contact appears in the contact list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Listing {
+    Shown,
+    Archived,
+    /// Off the list, conversation deleted (the key stays pinned).
+    Removed,
 }
 
 /// Delivery state of one of our messages.
@@ -134,6 +153,13 @@ pub enum Event {
         verified: Vec<String>,
         /// The newest message with each contact that has one.
         last: Vec<LastMessage>,
+        /// Those of `users` the user archived (a list hides them until a new message).
+        archived: Vec<String>,
+    },
+    /// `user`'s place in the contact list changed at the user's request.
+    ContactListing {
+        user: String,
+        listing: Listing,
     },
     Sent {
         to: String,
@@ -249,6 +275,7 @@ impl Event {
             Self::Message { .. } => "message",
             Self::Queued { .. } => "queued",
             Self::Contacts { .. } => "contacts",
+            Self::ContactListing { .. } => "contact_listing",
             Self::Sent { .. } => "sent",
             Self::Delivered { .. } => "delivered",
             Self::Failed { .. } => "failed",

@@ -26,7 +26,7 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
         return Ok(None);
     }
     let Some(rest) = line.strip_prefix('/') else {
-        return Err("commands start with '/': try /msg USER TEXT, /users, /watch USER, /safety USER, /verify USER, /accept-key USER [FINGERPRINT], /reject-key USER, /history USER, /quit".into());
+        return Err("commands start with '/': try /msg USER TEXT, /users, /watch USER, /safety USER, /verify USER, /accept-key USER [FINGERPRINT], /reject-key USER, /history USER, /archive USER, /unarchive USER, /remove USER, /quit".into());
     };
     let (name, args) = rest.split_once(' ').unwrap_or((rest, ""));
     let one_user = |usage: &str| {
@@ -82,6 +82,15 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
         }
         "reject-key" => Command::RejectKey {
             user: one_user("/reject-key USER")?,
+        },
+        "archive" => Command::Archive {
+            user: one_user("/archive USER")?,
+        },
+        "unarchive" => Command::Unarchive {
+            user: one_user("/unarchive USER")?,
+        },
+        "remove" => Command::Remove {
+            user: one_user("/remove USER")?,
         },
         "history" => Command::History {
             user: one_user("/history USER")?,
@@ -325,6 +334,8 @@ mod tests {
             "/verify a b",
             "/accept-key",
             "/reject-key",
+            "/archive",
+            "/remove a b",
             "/quit now",
             "/users all",
             "/nope",

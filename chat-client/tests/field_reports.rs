@@ -280,6 +280,80 @@ fn the_verified_mark_survives_a_restart() {
     assert_eq!(contacts["verified"], serde_json::json!(["bob"]));
 }
 
+/// Item 12: contacts can be archived (kept, listed apart, back with a new message) and
+/// removed (conversation deleted, off the list across restarts, key still pinned, back
+/// when they write again); a name that is not a contact is refused.
+#[test]
+fn contacts_can_be_archived_and_removed() {
+    let (_dir, relay_dir, a, b) = dirs();
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    alice.send("/msg bob one");
+    assert_eq!(bob.message_from("alice")["text"], "one");
+    alice.expect("delivered", |e| e["event"] == "delivered");
+
+    alice.send("/archive bob");
+    let done = alice.expect("archived", |e| e["event"] == "contact_listing");
+    assert_eq!(
+        (&done["user"], &done["listing"]),
+        (&"bob".into(), &"archived".into())
+    );
+    alice.send("/archive nobody");
+    let refused = alice.expect("refused", |e| e["event"] == "error");
+    assert_eq!(refused["code"], "not_a_contact");
+    assert_eq!(alice.quit(), 0);
+    let mut alice = Client::start(relay.addr, "alice", &a);
+    let contacts = alice.expect("contacts", |e| e["event"] == "contacts");
+    assert_eq!(
+        contacts["users"],
+        serde_json::json!(["bob"]),
+        "still a contact"
+    );
+    assert_eq!(contacts["archived"], serde_json::json!(["bob"]));
+    alice.connected();
+    // A new message brings bob back to the list.
+    bob.send("/msg alice two");
+    assert_eq!(alice.message_from("bob")["text"], "two");
+    assert_eq!(alice.quit(), 0);
+    let mut alice = Client::start(relay.addr, "alice", &a);
+    let contacts = alice.expect("contacts", |e| e["event"] == "contacts");
+    assert_eq!(contacts["archived"], serde_json::json!([]));
+    alice.connected();
+
+    alice.send("/remove bob");
+    let done = alice.expect("removed", |e| e["event"] == "contact_listing");
+    assert_eq!(done["listing"], "removed");
+    assert!(
+        history(&mut alice, "bob").is_empty(),
+        "the conversation is deleted"
+    );
+    assert_eq!(alice.quit(), 0);
+    let mut alice = Client::start(relay.addr, "alice", &a);
+    let contacts = alice.expect("contacts", |e| e["event"] == "contacts");
+    assert_eq!(
+        contacts["users"],
+        serde_json::json!([]),
+        "off the list after a restart"
+    );
+    alice.connected();
+    // bob writes again: the message arrives under the key still pinned (no key change
+    // to accept), and bob is a contact again.
+    bob.send("/msg alice three");
+    assert_eq!(alice.message_from("bob")["text"], "three");
+    assert!(alice.seen_of("key_changed").is_empty());
+    let items = history(&mut alice, "bob");
+    assert_eq!(
+        items.len(),
+        1,
+        "only what came after the removal: {items:?}"
+    );
+    assert_eq!(alice.quit(), 0);
+    let mut alice = Client::start(relay.addr, "alice", &a);
+    let contacts = alice.expect("contacts", |e| e["event"] == "contacts");
+    assert_eq!(contacts["users"], serde_json::json!(["bob"]));
+}
+
 /// Item 19: a relay address without a host, and a port where something else answers,
 /// fail at once with what to do, instead of being retried forever.
 #[test]

@@ -411,6 +411,7 @@ fn a_thousand_contacts_lay_out_only_the_visible_rows() {
         users: users.clone(),
         verified: vec![],
         last,
+        archived: vec![],
     });
     h.state_mut().model.contact("user0001").unread = 3;
     h.run_steps(3);
@@ -473,4 +474,73 @@ fn a_new_chat_with_an_unknown_name_is_refused_in_place() {
     assert!(!h.state().model.contacts.contains_key("nobody"));
     assert_eq!(h.state().model.open, None);
     h.get_by_label_contains("There is no user named nobody");
+}
+
+/// Item 12 of the field reports: a contact is archived from its row's context menu (it
+/// moves under "Archived (1)" and comes back with a new message) and removed from the
+/// conversation's … menu after a confirmation (the conversation closes and leaves the list).
+#[test]
+fn contacts_are_archived_and_removed_from_their_menus() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay(&rt, "127.0.0.1:0", &dir.path().join("relay"));
+    let bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));
+    let mut h = harness(app(&rt, relay.addr, &dir.path().join("alice")));
+    sign_in(&mut h, "alice");
+    wait(&mut h, "main window", |h| h.state().is_main());
+    let say = |text: &str| {
+        bob.send(Command::Send {
+            to: "alice".into(),
+            text: text.into(),
+        })
+    };
+    say("hi");
+    wait(&mut h, "bob's message", |h| {
+        h.state().model.contacts.contains_key("bob")
+    });
+    h.run_steps(2);
+    h.get_by_label("bob").click_secondary();
+    h.run_steps(2);
+    h.get_by_label("Archive").click();
+    wait(&mut h, "bob archived", |h| {
+        h.state().model.contacts["bob"].archived
+    });
+    h.run_steps(2);
+    assert!(
+        h.query_by_label("bob").is_none(),
+        "an archived contact leaves the list"
+    );
+    h.get_by_label("Archived (1)").click();
+    h.run_steps(2);
+    h.get_by_label("bob");
+    h.get_by_label("Back to chats").click();
+    h.run_steps(2);
+    say("back again");
+    wait(&mut h, "bob unarchived by his message", |h| {
+        !h.state().model.contacts["bob"].archived
+    });
+    h.run_steps(2);
+    h.get_by_label("bob").click();
+    wait(&mut h, "chat open", |h| {
+        h.state().model.open.as_deref() == Some("bob")
+    });
+    h.run_steps(2);
+    h.get_by_label("…").click();
+    h.run_steps(2);
+    h.get_by_label("Remove…").click();
+    h.run_steps(2);
+    assert_eq!(
+        h.state().view.confirm_remove.as_deref(),
+        Some("bob"),
+        "asks first"
+    );
+    h.get_by_label("Remove").click();
+    wait(&mut h, "bob removed", |h| {
+        !h.state().model.contacts.contains_key("bob")
+    });
+    assert_eq!(
+        h.state().model.open,
+        None,
+        "the removed conversation closed"
+    );
 }

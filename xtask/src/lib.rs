@@ -2,6 +2,8 @@
 //! the workspace's binaries, and child processes killed when a task ends. Used by the
 //! `xtask` binary (demo, screenshot) and by `xtask-ops` (bench, deploy and the rest).
 
+pub mod cross;
+pub mod headless;
 pub mod procs;
 
 use std::path::PathBuf;

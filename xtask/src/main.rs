@@ -2,6 +2,7 @@
 //!
 //! - `demo`: a local relay and two desktop windows, the quickest way to see it work.
 //! - `screenshot`: a live conversation in the real desktop window under Xvfb, saved as PNG.
+//! - `dist`: release artifacts (.tar.gz, .deb, Windows .zip) for people without Rust.
 //! - `bench`: the relay against Redis pub/sub, figures and a chart in target/bench.
 //! - `deploy`, `logs`, `status`, `ssh`, `destroy`: the relay on AWS EC2.
 //!
@@ -12,6 +13,7 @@
 //! default members so a plain `cargo build` never compiles what only these tasks need.
 
 mod demo;
+mod dist;
 mod screenshot;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +44,9 @@ enum Task {
     /// Run a relay, a headless bob and the desktop window as alice under Xvfb, chat, and
     /// save a screenshot (needs Xvfb, xdotool and ImageMagick's `import`)
     Screenshot(screenshot::Args),
+    /// Build release artifacts of the client and relay into target/dist: a .tar.gz and a
+    /// .deb for Linux x86_64 (glibc 2.28), and a Windows x86_64 .zip
+    Dist(dist::Args),
     /// Measure the relay against Redis pub/sub on this machine (loopback): throughput,
     /// latency, memory per connection, client crypto cost
     Bench(Passed),
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
     let (task, passed) = match Cli::parse().task {
         Task::Demo(args) => return demo::run(args),
         Task::Screenshot(args) => return screenshot::run(args),
+        Task::Dist(args) => return dist::run(args),
         Task::Bench(p) => ("bench", p),
         Task::Deploy(p) => ("deploy", p),
         Task::Logs(p) => ("logs", p),

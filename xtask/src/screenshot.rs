@@ -2,16 +2,15 @@
 //! (xdotool) and a real screenshot (ImageMagick `import`). It also checks the window
 //! worked: bob must receive what was typed into alice's window.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
-use serde_json::Value;
+use anyhow::{Context, ensure};
 
-use xtask::procs::{PATIENCE, Processes};
+use xtask::headless::{events, say, wait_event, wait_for};
+use xtask::procs::Processes;
 use xtask::{build_binaries, project_root};
 
 #[derive(Debug, clap::Args)]
@@ -22,12 +21,19 @@ pub struct Args {
     /// Use release builds
     #[arg(long)]
     release: bool,
+    /// Use the chat-server and chat-client in DIR (e.g. unpacked from `cargo xtask dist`)
+    /// instead of building them
+    #[arg(long, value_name = "DIR", conflicts_with = "release")]
+    bin_dir: Option<PathBuf>,
 }
 
 const SCREEN: (u32, u32) = (1280, 960);
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let bin = build_binaries(&["chat-server", "chat-client"], args.release)?;
+    let bin = match args.bin_dir {
+        Some(dir) => dir,
+        None => build_binaries(&["chat-server", "chat-client"], args.release)?,
+    };
     let out = args
         .out
         .unwrap_or_else(|| project_root().join("docs/screenshot.png"));
@@ -199,52 +205,4 @@ fn xdotool(display: &str, args: &[&str]) -> anyhow::Result<String> {
 
 fn type_text(display: &str, text: &str) -> anyhow::Result<()> {
     xdotool(display, &["type", "--delay", "15", text]).map(drop)
-}
-
-fn say(stdin: &mut ChildStdin, line: &str) -> anyhow::Result<()> {
-    writeln!(stdin, "{line}")?;
-    stdin.flush()?;
-    Ok(())
-}
-
-fn events(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<Value> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if let Ok(value) = serde_json::from_str(&line)
-                && tx.send(value).is_err()
-            {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_event(
-    rx: &mpsc::Receiver<Value>,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Value> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let event = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .with_context(|| format!("timed out waiting for {what}"))?;
-        if event["event"] == "error" {
-            bail!("bob reported an error while waiting for {what}: {event}");
-        }
-        if pred(&event) {
-            return Ok(event);
-        }
-    }
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + PATIENCE;
-    while !ready()? {
-        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }

@@ -8,7 +8,7 @@ use chat_protocol::safety::SafetyNumber;
 use chat_protocol::trust::{self, Pin};
 
 use super::{Engine, Pending, Waiting};
-use crate::api::{Command, Event, parse_fingerprint};
+use crate::api::{Command, Event, Listing, parse_fingerprint};
 
 impl Engine {
     pub(super) fn command_offline(&mut self, cmd: Command) {
@@ -111,8 +111,32 @@ impl Engine {
                     Err(e) => self.store_error(e),
                 }
             }
+            Command::Archive { user } => self.set_listing(&user, Listing::Archived),
+            Command::Unarchive { user } => self.set_listing(&user, Listing::Shown),
+            Command::Remove { user } => self.set_listing(&user, Listing::Removed),
             Command::Watch { users } => self.watch(users),
             Command::Send { .. } | Command::ListUsers | Command::Shutdown { .. } => {}
+        }
+    }
+
+    /// Archives, un-archives or removes a contact; answers `ContactListing`, or
+    /// `not_a_contact` if `user` is not on the list.
+    fn set_listing(&mut self, user: &str, listing: Listing) {
+        let Some(user) = self.contact_name(user) else {
+            return;
+        };
+        let done = match listing {
+            Listing::Archived => self.store.set_archived(&user, true),
+            Listing::Shown => self.store.set_archived(&user, false),
+            Listing::Removed => self.store.remove_contact(&user),
+        };
+        match done {
+            Ok(true) => self.sink.emit(Event::ContactListing { user, listing }),
+            Ok(false) => self.sink.emit(Event::error(
+                "not_a_contact",
+                format!("{user} is not in your contact list; nothing changed"),
+            )),
+            Err(e) => self.store_error(e),
         }
     }
 

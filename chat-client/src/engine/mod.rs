@@ -551,14 +551,16 @@ impl Engine {
             });
             match self.store.contacts().and_then(|users| {
                 let verified = self.store.verified_contacts()?;
+                let archived = self.store.archived_contacts()?;
                 let mut last = self.store.last_messages()?;
                 last.retain(|m| users.binary_search(&m.user).is_ok());
-                Ok((users, verified, last))
+                Ok((users, verified, last, archived))
             }) {
-                Ok((users, verified, last)) => self.sink.emit(Event::Contacts {
+                Ok((users, verified, last, archived)) => self.sink.emit(Event::Contacts {
                     users,
                     verified,
                     last,
+                    archived,
                 }),
                 Err(e) => self.store_error(e),
             }

@@ -91,6 +91,10 @@ pub struct ViewState {
     /// The conversation whose composer last got the initial focus.
     pub composer_focused_for: Option<String>,
     pub applied_style: Option<(Theme, u32)>,
+    /// The side list shows archived contacts instead of the others.
+    pub show_archived: bool,
+    /// Asking whether to remove this contact (and delete the conversation).
+    pub confirm_remove: Option<String>,
 }
 
 pub struct ChatApp {
@@ -469,10 +473,16 @@ pub fn run(home: Home, mut settings: Settings, launch: Launch) -> anyhow::Result
     };
     let mut viewport = egui::ViewportBuilder::default()
         .with_title(title)
+        // The desktop entry's StartupWMClass and icon name (target/dist's .deb installs both).
+        .with_app_id("secure-chat")
         .with_inner_size([960.0, 680.0])
         .with_min_inner_size(placement::MIN_SIZE);
     if let Some(position) = launch.position {
         viewport = viewport.with_position(position);
+    }
+    match eframe::icon_data::from_png_bytes(include_bytes!("../../../assets/secure-chat.png")) {
+        Ok(icon) => viewport = viewport.with_icon(std::sync::Arc::new(icon)),
+        Err(e) => tracing::warn!("the window icon cannot be read: {e}"),
     }
     let options = eframe::NativeOptions {
         viewport,

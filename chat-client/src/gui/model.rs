@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::{ConnectionState, Event, HistoryItem, Status};
+use crate::api::{ConnectionState, Event, HistoryItem, Listing, Status};
 
 /// One message in a conversation view.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +47,8 @@ pub struct Contact {
     pub safety_fingerprint: Option<String>,
     /// The newest message as the store had it at sign-in (before any history is loaded).
     pub last: Option<crate::api::LastMessage>,
+    /// Archived: left out of the list (not out of search) until a new message.
+    pub archived: bool,
 }
 
 impl Contact {
@@ -139,12 +141,14 @@ impl Model {
 
     /// Contacts for the side list: matching `filter`, your notes to yourself first (once
     /// there are any; "note" finds them too), then online contacts, then by name.
+    /// Archived contacts are listed only when searched for (a non-empty `filter`).
     pub fn listed(&self, filter: &str) -> Vec<(&str, &Contact)> {
         let filter = filter.trim().to_lowercase();
         let me = self.me.as_deref();
         let mut list: Vec<(&str, &Contact)> = self
             .contacts
             .iter()
+            .filter(|(_, c)| !c.archived || !filter.is_empty())
             .filter(|(name, _)| {
                 name.contains(&filter)
                     || (Some(name.as_str()) == me && NOTE_TO_SELF.to_lowercase().contains(&filter))
@@ -153,6 +157,15 @@ impl Model {
             .collect();
         list.sort_by_key(|(name, c)| (Some(*name) != me, c.online != Some(true), *name));
         list
+    }
+
+    /// Archived contacts, by name.
+    pub fn archived(&self) -> Vec<(&str, &Contact)> {
+        self.contacts
+            .iter()
+            .filter(|(_, c)| c.archived)
+            .map(|(n, c)| (n.as_str(), c))
+            .collect()
     }
 
     pub fn apply(&mut self, event: Event) {
@@ -168,9 +181,13 @@ impl Model {
                 users,
                 verified,
                 last,
+                archived,
             } => {
                 for user in users {
                     self.contact(&user);
+                }
+                for user in archived {
+                    self.contact(&user).archived = true;
                 }
                 for user in verified {
                     self.contact(&user).verified = true;
@@ -196,6 +213,7 @@ impl Model {
             } => {
                 let looking = self.focused && self.open.as_deref() == Some(from.as_str());
                 let contact = self.contact(&from);
+                contact.archived = false;
                 insert_line(
                     contact,
                     Line {
@@ -218,20 +236,37 @@ impl Model {
                 id,
                 text,
                 sent_at,
-            } => insert_line(
-                self.contact(&to),
-                Line {
-                    id,
-                    outgoing: true,
-                    text,
-                    // Our own clock: the time it was written is its place.
-                    stored_at: sent_at,
-                    sent_at,
-                    status: Status::Sending,
-                    undelivered: false,
-                    reason: None,
-                },
-            ),
+            } => {
+                let contact = self.contact(&to);
+                contact.archived = false;
+                insert_line(
+                    contact,
+                    Line {
+                        id,
+                        outgoing: true,
+                        text,
+                        // Our own clock: the time it was written is its place.
+                        stored_at: sent_at,
+                        sent_at,
+                        status: Status::Sending,
+                        undelivered: false,
+                        reason: None,
+                    },
+                )
+            }
+            Event::ContactListing { user, listing } => match listing {
+                Listing::Removed => {
+                    self.contacts.remove(&user);
+                    if self.open.as_deref() == Some(user.as_str()) {
+                        self.open = None;
+                    }
+                }
+                Listing::Archived | Listing::Shown => {
+                    if let Some(c) = self.contacts.get_mut(&user) {
+                        c.archived = listing == Listing::Archived;
+                    }
+                }
+            },
             Event::Sent { to, id } => self.set_status(&to, &id, Status::Sent),
             Event::Delivered { to, id } => self.set_status(&to, &id, Status::Delivered),
             Event::Failed {
@@ -586,6 +621,7 @@ mod tests {
                 outgoing: false,
                 stored_at: 5,
             }],
+            archived: vec![],
         });
         assert_eq!(m.contacts["zed"].preview(), Some(("see you", 5, false)));
         assert_eq!(m.contacts["amy"].preview(), None);
@@ -642,5 +678,44 @@ mod tests {
             m.contacts["amy"].pending_fingerprint.as_deref(),
             Some("ab cd")
         );
+    }
+
+    /// Archived contacts leave the list but not search, and come back with a new message;
+    /// a removed one leaves the model (and closes if open).
+    #[test]
+    fn archived_and_removed_contacts() {
+        let mut m = Model::default();
+        m.apply(Event::Contacts {
+            users: vec!["amy".into(), "bob".into(), "cy".into()],
+            verified: vec![],
+            last: vec![],
+            archived: vec!["cy".into()],
+        });
+        let names = |m: &Model, f: &str| -> Vec<String> {
+            m.listed(f).iter().map(|(n, _)| n.to_string()).collect()
+        };
+        assert_eq!(names(&m, ""), ["amy", "bob"]);
+        assert_eq!(names(&m, "c"), ["cy"], "search finds archived contacts");
+        m.apply(Event::ContactListing {
+            user: "amy".into(),
+            listing: Listing::Archived,
+        });
+        assert_eq!(names(&m, ""), ["bob"]);
+        let archived: Vec<&str> = m.archived().iter().map(|(n, _)| *n).collect();
+        assert_eq!(archived, ["amy", "cy"]);
+        m.apply(Event::Message {
+            from: "cy".into(),
+            id: "01".into(),
+            text: "back".into(),
+            sent_at: 1,
+        });
+        assert_eq!(names(&m, ""), ["bob", "cy"]);
+        m.open("bob");
+        m.apply(Event::ContactListing {
+            user: "bob".into(),
+            listing: Listing::Removed,
+        });
+        assert_eq!(names(&m, ""), ["cy"]);
+        assert_eq!(m.open, None);
     }
 }

@@ -15,10 +15,10 @@
 
 use std::path::Path;
 
-use chat_protocol::trust::Pin;
 use rusqlite::{Connection, OptionalExtension, params};
 
 pub mod cipher;
+mod contacts;
 mod e2e;
 mod messages;
 
@@ -28,8 +28,9 @@ pub use messages::{Delivered, OutboxItem, Undelivered};
 
 /// Schema version (`PRAGMA user_version`). 0: the first release (floors, outbox until the
 /// server's answer); 1: outbox until receipted, persisted epochs, held envelopes; 2:
-/// receipts and retry requests remember the epoch they were sent under.
-const SCHEMA_VERSION: i64 = 2;
+/// receipts and retry requests remember the epoch they were sent under; 3: contacts can be
+/// archived or removed from the list (`contacts.listing`).
+const SCHEMA_VERSION: i64 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -143,7 +144,8 @@ impl Store {
                  verified       INTEGER NOT NULL DEFAULT 0,
                  pending_key    BLOB,
                  out_created_ms INTEGER NOT NULL DEFAULT 0, -- schema 0, unused
-                 in_offer_ms    INTEGER NOT NULL DEFAULT 0  -- schema 0, unused
+                 in_offer_ms    INTEGER NOT NULL DEFAULT 0, -- schema 0, unused
+                 listing        TEXT NOT NULL DEFAULT 'shown' -- shown | archived | removed
              );
              CREATE TABLE IF NOT EXISTS messages (
                  peer        TEXT NOT NULL,
@@ -208,6 +210,20 @@ impl Store {
         if existing && version == 1 {
             tx.execute_batch("ALTER TABLE retries ADD COLUMN sent_epoch INTEGER;")?;
         }
+        if existing && version < 3 {
+            tx.execute_batch(
+                "ALTER TABLE contacts ADD COLUMN listing TEXT NOT NULL DEFAULT 'shown';",
+            )?;
+        }
+        // A new message in either direction brings an archived or removed contact back
+        // to the list (as Signal does), whichever code path stored it.
+        tx.execute_batch(
+            "CREATE TRIGGER IF NOT EXISTS relist_on_message AFTER INSERT ON messages
+             BEGIN
+                 UPDATE contacts SET listing = 'shown'
+                 WHERE username = NEW.peer AND listing != 'shown';
+             END;",
+        )?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
         Ok(())
@@ -249,79 +265,6 @@ impl Store {
                 .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         }
         Ok(())
-    }
-
-    pub fn pin(&self, user: &str) -> Result<Option<Pin>, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT pinned_key, verified, pending_key FROM contacts WHERE username = ?1",
-            )?
-            .query_row(params![user], |r| {
-                Ok(Pin {
-                    key: r.get(0)?,
-                    verified: r.get(1)?,
-                    pending: r.get(2)?,
-                })
-            })
-            .optional()?)
-    }
-
-    pub fn save_pin(&self, user: &str, pin: &Pin) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO contacts (username, pinned_key, verified, pending_key)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (username) DO UPDATE SET
-                 pinned_key = excluded.pinned_key,
-                 verified = excluded.verified,
-                 pending_key = excluded.pending_key",
-            params![user, pin.key, pin.verified, pin.pending],
-        )?;
-        Ok(())
-    }
-
-    /// Everyone we have a pinned key for or received from, for contact lists: a name
-    /// that only ever failed (e.g. no such user) is not a contact. Alphabetical.
-    pub fn contacts(&self) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT username FROM contacts
-             UNION SELECT DISTINCT peer FROM messages WHERE outgoing = 0
-             ORDER BY 1",
-        )?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Contacts whose pinned key is marked verified, by name.
-    pub fn verified_contacts(&self) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT username FROM contacts WHERE verified != 0 ORDER BY 1")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// The same people as [`Store::contacts`], most recent conversation first (then by
-    /// name): the order in which presence is followed when there are more contacts than
-    /// a session may watch.
-    pub fn contacts_by_recency(&self) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT name FROM (
-                 SELECT username AS name FROM contacts
-                 UNION SELECT DISTINCT peer FROM messages WHERE outgoing = 0)
-             ORDER BY (SELECT MAX(stored_at) FROM messages WHERE peer = name) DESC NULLS LAST,
-                      name",
-        )?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Whether we have exchanged any message with `peer` (a contact, not a stranger).
-    pub fn has_conversation(&self, peer: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM messages WHERE peer = ?1)")?
-            .query_row(params![peer], |r| r.get(0))?)
     }
 
     /// A `stored_at` for something stored now (our clock, `now` ms): never before the last
@@ -393,6 +336,7 @@ fn write_text(cipher: &RowCipher, place: &[u8], text: &str) -> rusqlite::types::
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use chat_protocol::trust::Pin;
     use zeroize::Zeroizing;
 
     pub(crate) fn open(dir: &Path, encrypt: bool) -> Store {
@@ -414,47 +358,6 @@ pub(crate) mod tests {
         store.set_meta("x", 5).unwrap();
         assert_eq!(store.meta("x").unwrap(), Some(5));
         assert_eq!(store.meta("y").unwrap(), None);
-    }
-
-    /// Presence is followed most-recent-conversation first: with more contacts than a
-    /// session may watch, the people you talk to now are never the ones left out.
-    #[test]
-    fn contacts_by_recency_puts_the_latest_conversation_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = open(dir.path(), false);
-        let pin = Pin {
-            key: vec![1],
-            verified: false,
-            pending: None,
-        };
-        for name in ["aaron", "bob", "zed", "quiet"] {
-            store.save_pin(name, &pin).unwrap();
-        }
-        for (n, peer) in [(1u8, "bob"), (2, "aaron"), (3, "zed")] {
-            let item = messages::OutboxItem {
-                id: [n; 16],
-                peer: peer.into(),
-                text: "hi".into(),
-                sent_at: 0,
-            };
-            store.enqueue(&item).unwrap();
-        }
-        assert_eq!(
-            store.contacts_by_recency().unwrap(),
-            ["zed", "aaron", "bob", "quiet"]
-        );
-        assert_eq!(store.contacts().unwrap(), ["aaron", "bob", "quiet", "zed"]);
-        assert!(store.verified_contacts().unwrap().is_empty());
-        store
-            .save_pin(
-                "zed",
-                &Pin {
-                    verified: true,
-                    ..pin
-                },
-            )
-            .unwrap();
-        assert_eq!(store.verified_contacts().unwrap(), ["zed"]);
     }
 
     #[cfg(unix)]

@@ -3,6 +3,7 @@
 use chrono::{Local, TimeZone};
 use egui::{Align, Color32, Key, Layout, RichText, Sense, Ui, UiBuilder, Vec2};
 
+use super::side_list::contact_menu;
 use super::{DANGER_BG, WARN_BG, empty_state, presence_dot_in};
 use crate::api::{Command, Status};
 use crate::gui::ChatApp;
@@ -39,6 +40,13 @@ fn conversation_header(app: &mut ChatApp, ui: &mut Ui, user: &str, contact: &Con
             ui.weak("not verified");
         }
         ui.with_layout(Layout::right_to_left(Align::Center), |ui| {
+            let mut action = None;
+            ui.menu_button("…", |ui| action = contact_menu(ui, contact.archived))
+                .response
+                .on_hover_text("Archive or remove this chat");
+            if let Some(action) = action {
+                app.contact_action(action, user);
+            }
             if ui.button("Safety number").clicked() {
                 app.view.safety_for = Some(user.to_owned());
                 app.send(Command::Safety {

@@ -7,6 +7,44 @@ use crate::api::Command;
 use crate::gui::ChatApp;
 use crate::home::Theme;
 
+/// Asks before removing a contact: it deletes the conversation from this device.
+pub(super) fn remove_dialog(app: &mut ChatApp, ui: &mut Ui) {
+    let Some(user) = app.view.confirm_remove.clone() else {
+        return;
+    };
+    let mut decided = None;
+    let response = egui::Modal::new(egui::Id::unique("remove contact")).show(ui.ctx(), |ui| {
+        ui.set_max_width(420.0);
+        ui.heading(format!("Remove {user}?"));
+        ui.label(format!(
+            "This deletes your conversation with {user} from this computer, including \
+             messages not delivered yet. {user}'s key stays remembered, so a changed key is \
+             still flagged. If {user} writes again, the chat comes back."
+        ));
+        ui.add_space(8.0);
+        ui.horizontal(|ui| {
+            if ui
+                .button(RichText::new("Remove").color(egui::Color32::WHITE))
+                .clicked()
+            {
+                decided = Some(true);
+            }
+            if ui.button("Cancel").clicked() {
+                decided = Some(false);
+            }
+        });
+    });
+    if response.should_close() {
+        decided.get_or_insert(false);
+    }
+    if let Some(remove) = decided {
+        app.view.confirm_remove = None;
+        if remove {
+            app.send(Command::Remove { user });
+        }
+    }
+}
+
 pub(super) fn safety_dialog(app: &mut ChatApp, ui: &mut Ui) {
     let Some(user) = app.view.safety_for.clone() else {
         return;

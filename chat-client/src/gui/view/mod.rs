@@ -16,7 +16,7 @@ use super::theme;
 use crate::api::ConnectionState;
 use crate::gui::model::{Contact, NOTE_TO_SELF};
 use conversation::conversation;
-use dialogs::{safety_dialog, settings_dialog};
+use dialogs::{remove_dialog, safety_dialog, settings_dialog};
 pub use signin::sign_in;
 
 /// How long an error stays in the status bar unless dismissed (key and storage errors
@@ -41,6 +41,7 @@ pub fn main(app: &mut ChatApp, ui: &mut Ui) {
         ),
     });
     safety_dialog(app, ui);
+    remove_dialog(app, ui);
     people::people_dialog(app, ui);
     settings_dialog(app, ui);
 }
@@ -206,12 +207,18 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                 filter.request_focus();
             }
             let typed = app.view.filter.trim().to_lowercase();
-            let listed: Vec<(String, Contact)> = app
-                .model
-                .listed(&typed)
-                .into_iter()
-                .map(|(n, c)| (n.to_owned(), c.clone()))
-                .collect();
+            let archived = app.model.archived().len();
+            if archived == 0 {
+                app.view.show_archived = false;
+            }
+            let listed: Vec<(String, Contact)> = if app.view.show_archived && typed.is_empty() {
+                app.model.archived()
+            } else {
+                app.model.listed(&typed)
+            }
+            .into_iter()
+            .map(|(n, c)| (n.to_owned(), c.clone()))
+            .collect();
             let exact = listed.iter().position(|(n, _)| *n == typed);
             let valid = chat_protocol::Username::parse(&typed).is_ok();
             let enter = filter.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter));
@@ -258,6 +265,16 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                 app.open(name);
             }
             ui.separator();
+            if typed.is_empty() && archived > 0 {
+                let label = if app.view.show_archived {
+                    "Back to chats".to_owned()
+                } else {
+                    format!("Archived ({archived})")
+                };
+                if ui.button(label).clicked() {
+                    app.view.show_archived = !app.view.show_archived;
+                }
+            }
             if listed.is_empty() {
                 ui.add_space(12.0);
                 ui.weak(if typed.is_empty() {

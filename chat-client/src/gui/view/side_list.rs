@@ -26,6 +26,7 @@ pub(super) fn contact_rows(
     let row_height = ROW_HEIGHT * scale.max(0.8);
     let me = app.model.me.clone();
     let mut clicked = None;
+    let mut action = None;
     egui::ScrollArea::vertical()
         .auto_shrink([false, false])
         .show_rows(ui, row_height, listed.len(), |ui, range| {
@@ -33,13 +34,66 @@ pub(super) fn contact_rows(
                 let selected = app.model.open.as_deref() == Some(name.as_str())
                     || highlighted == Some(name.as_str());
                 let is_me = me.as_deref() == Some(name.as_str());
-                if row(ui, name, contact, selected, is_me, row_height, scale).clicked() {
+                let response = row(ui, name, contact, selected, is_me, row_height, scale);
+                if response.clicked() {
                     clicked = Some(name.clone());
                 }
+                response.context_menu(|ui| {
+                    if let Some(chosen) = contact_menu(ui, contact.archived) {
+                        action = Some((chosen, name.clone()));
+                    }
+                });
             }
         });
     if let Some(name) = clicked {
         app.open(&name);
+    }
+    if let Some((chosen, name)) = action {
+        app.contact_action(chosen, &name);
+    }
+}
+
+/// What can be done to a contact from its menu.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ContactAction {
+    Archive,
+    Unarchive,
+    /// Asks first (it deletes the conversation).
+    Remove,
+}
+
+/// The menu items for a contact (its row's context menu, the conversation's … menu).
+pub(super) fn contact_menu(ui: &mut Ui, archived: bool) -> Option<ContactAction> {
+    let mut chosen = None;
+    if archived {
+        if ui.button("Unarchive").clicked() {
+            chosen = Some(ContactAction::Unarchive);
+        }
+    } else if ui
+        .button("Archive")
+        .on_hover_text("Hide from the list until a new message")
+        .clicked()
+    {
+        chosen = Some(ContactAction::Archive);
+    }
+    if ui.button("Remove…").clicked() {
+        chosen = Some(ContactAction::Remove);
+    }
+    if chosen.is_some() {
+        ui.close();
+    }
+    chosen
+}
+
+impl ChatApp {
+    /// Carries out a contact menu choice (removal asks first).
+    pub(super) fn contact_action(&mut self, action: ContactAction, user: &str) {
+        let user = user.to_owned();
+        match action {
+            ContactAction::Archive => self.send(crate::api::Command::Archive { user }),
+            ContactAction::Unarchive => self.send(crate::api::Command::Unarchive { user }),
+            ContactAction::Remove => self.view.confirm_remove = Some(user),
+        }
     }
 }
 
