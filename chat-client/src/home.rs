@@ -95,6 +95,7 @@ impl Home {
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
         builder.create(&dir).map_err(io)?;
+        #[cfg_attr(not(unix), allow(unused_mut))]
         let mut warnings = Vec::new();
         #[cfg(unix)]
         {
