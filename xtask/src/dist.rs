@@ -173,7 +173,8 @@ fn build_all(target: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// `bin/`, `share/applications`, `share/icons/hicolor/{256x256,scalable}/apps`,
-/// `share/secure-chat/fonts` (where the client looks for its fallback font) and
+/// `share/secure-chat-client/fonts` (where the client looks for its fallback font; not
+/// `share/secure-chat`, which under `~/.local` is the client's home) and
 /// `share/doc/secure-chat` under `root` (the tarball's top directory, or the .deb's `/usr`).
 fn stage_unix_tree(bin_dir: &Path, root: &Path, fallback: &Fallback) -> anyhow::Result<()> {
     let assets = project_root().join("assets");
@@ -207,7 +208,7 @@ fn stage_unix_tree(bin_dir: &Path, root: &Path, fallback: &Fallback) -> anyhow::
             ),
             (
                 fallback.font.clone(),
-                root.join("share/secure-chat/fonts").join(font_name),
+                root.join("share/secure-chat-client/fonts").join(font_name),
                 0o644,
             ),
         ])
@@ -230,7 +231,13 @@ fn stage_unix_tree(bin_dir: &Path, root: &Path, fallback: &Fallback) -> anyhow::
     set_mode(&desktop, 0o644)?;
     std::fs::write(
         root.join("share/doc/secure-chat/copyright"),
-        "Secure Chat\nLicense: MIT OR Apache-2.0 (at your option)\n",
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
+         Upstream-Name: secure-chat\n\n\
+         Files: *\n\
+         Copyright: Secure Chat developers\n\
+         License: MIT or Apache-2.0\n \
+         At your option. The fallback font (GNU Unifont) has its own terms: see\n \
+         fallback-font-copyright in this directory.\n",
     )?;
     Ok(())
 }
@@ -246,7 +253,9 @@ fn write_tar_gz(tree: &Path, top: &str, out: &Path) -> anyhow::Result<()> {
     let file = std::fs::File::create(out)?;
     let gz = flate2::write::GzEncoder::new(file, flate2::Compression::best());
     let mut tar = tar::Builder::new(gz);
-    tar.mode(tar::HeaderMode::Deterministic);
+    // The staged files' own times (now): a fixed old date would backdate the folders the
+    // archive is unpacked into (~/.local/share and the like).
+    tar.mode(tar::HeaderMode::Complete);
     tar.follow_symlinks(false);
     tar.append_dir_all(top, tree.join(top))?;
     tar.into_inner()?.finish()?.flush()?;
@@ -361,10 +370,10 @@ fn check_deb(deb: &Path, dir: &Path) -> anyhow::Result<()> {
     ] {
         ensure!(root.join(file).is_file(), "the .deb has no {file}");
     }
-    let fonts = root.join("usr/share/secure-chat/fonts");
+    let fonts = root.join("usr/share/secure-chat-client/fonts");
     ensure!(
         fonts.read_dir().is_ok_and(|mut d| d.next().is_some()),
-        "the .deb has no fallback font in /usr/share/secure-chat/fonts"
+        "the .deb has no fallback font in /usr/share/secure-chat-client/fonts"
     );
     let mut procs = Processes::default();
     let addr = procs.start_relay(&bin, &dir.join("relay"))?;

@@ -2,7 +2,7 @@
 //! monochrome emoji; for the rest (CJK, Hebrew, Arabic, Thai, Devanagari, …) the window
 //! falls back to fonts installed on the system, found with `fontdb` and checked glyph by
 //! glyph, then to the fallback font shipped with the release artifacts (GNU Unifont, in
-//! `share/secure-chat/fonts` beside `bin/`, or `fonts/` beside the `.exe`). A colour emoji
+//! `share/secure-chat-client/fonts` beside `bin/`, or `fonts/` beside the `.exe`). A colour emoji
 //! font (COLR, CBDT or sbix tables, e.g. Noto Color Emoji, Segoe UI Emoji, Apple Color
 //! Emoji) is put before egui's monochrome one, so flags and ZWJ sequences show as one
 //! colour glyph. Text is shaped by egui (HarfRust), so Arabic letters join and a
@@ -47,7 +47,8 @@ impl FontSources {
 }
 
 /// Directories holding the release artifacts' fallback font, relative to the running
-/// executable: `../share/secure-chat/fonts` (.deb, .tar.gz) and `fonts` (Windows .zip).
+/// executable: `../share/secure-chat-client/fonts` (.deb, .tar.gz) and `fonts` (Windows
+/// .zip).
 pub fn bundled_font_dirs() -> Vec<PathBuf> {
     let Some(exe_dir) = std::env::current_exe()
         .ok()
@@ -56,7 +57,7 @@ pub fn bundled_font_dirs() -> Vec<PathBuf> {
         return Vec::new();
     };
     [
-        exe_dir.join("../share/secure-chat/fonts"),
+        exe_dir.join("../share/secure-chat-client/fonts"),
         exe_dir.join("fonts"),
     ]
     .into_iter()

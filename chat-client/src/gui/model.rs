@@ -190,7 +190,9 @@ impl Model {
                     self.contact(&user).archived = true;
                 }
                 for user in verified {
-                    self.contact(&user).verified = true;
+                    if let Some(c) = self.contacts.get_mut(&user) {
+                        c.verified = true;
+                    }
                 }
                 for message in last {
                     let user = message.user.clone();
@@ -204,7 +206,13 @@ impl Model {
                 }
                 self.online_users = online;
             }
-            Event::Presence { user, online } => self.contact(&user).online = Some(online),
+            // Presence never makes a contact (a removed one is still followed until the
+            // next connection).
+            Event::Presence { user, online } => {
+                if let Some(c) = self.contacts.get_mut(&user) {
+                    c.online = Some(online);
+                }
+            }
             Event::Message {
                 from,
                 id,
@@ -717,5 +725,17 @@ mod tests {
         });
         assert_eq!(names(&m, ""), ["cy"]);
         assert_eq!(m.open, None);
+        // Presence (still followed this session) and a stale verified mark bring no row back.
+        m.apply(Event::Presence {
+            user: "bob".into(),
+            online: false,
+        });
+        m.apply(Event::Contacts {
+            users: vec![],
+            verified: vec!["bob".into()],
+            last: vec![],
+            archived: vec![],
+        });
+        assert_eq!(names(&m, ""), ["cy"]);
     }
 }

@@ -68,13 +68,20 @@ impl Store {
     }
 
     /// Removes `user` from the contact list and deletes the conversation with them from this
-    /// device: history and messages not yet delivered (the outbox). Their key stays pinned,
-    /// so a key change is still flagged if they write again (which lists them again).
-    /// Returns false if there was nothing to remove.
+    /// device: history, and messages not yet handed to the relay (those it accepted are
+    /// still delivered: they cannot be recalled). The ids of deleted messages are kept, so
+    /// a message sent again is not shown a second time. Their key stays pinned, so a key
+    /// change is still flagged if they write again (which lists them again). Returns false
+    /// if there was nothing to remove.
     pub fn remove_contact(&mut self, user: &str) -> Result<bool, StoreError> {
         self.transaction(|tx, _| {
             let listed = tx.execute(
                 "UPDATE contacts SET listing = 'removed' WHERE username = ?1 AND listing != 'removed'",
+                params![user],
+            )?;
+            tx.execute(
+                "INSERT OR IGNORE INTO removed_ids (peer, id)
+                 SELECT peer, id FROM messages WHERE peer = ?1 AND outgoing = 0",
                 params![user],
             )?;
             let messages = tx.execute("DELETE FROM messages WHERE peer = ?1", params![user])?;
@@ -85,9 +92,10 @@ impl Store {
 
     /// Contacts whose pinned key is marked verified, by name.
     pub fn verified_contacts(&self) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT username FROM contacts WHERE verified != 0 ORDER BY 1")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT username FROM contacts WHERE verified != 0 AND listing != 'removed'
+                 ORDER BY 1",
+        )?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -213,5 +221,45 @@ mod tests {
         assert!(store.set_archived("amy", true).unwrap());
         assert!(store.set_archived("amy", false).unwrap());
         assert!(store.archived_contacts().unwrap().is_empty());
+    }
+
+    /// A removed conversation's received messages are not shown again if re-sent, and a
+    /// removed verified contact is not listed as verified.
+    #[test]
+    fn a_removed_conversation_stays_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), false);
+        store
+            .save_pin(
+                "bob",
+                &Pin {
+                    verified: true,
+                    ..plain_pin()
+                },
+            )
+            .unwrap();
+        let state = chat_protocol::e2e::Inbound::default();
+        let text = |id| crate::store::ReceivedText {
+            peer: "bob",
+            id,
+            text: "hi",
+            sent_at: 5,
+            stored_at: 10,
+        };
+        assert!(store.commit_text(text(&[1; 16]), &state, None).unwrap());
+        assert_eq!(store.verified_contacts().unwrap(), ["bob"]);
+        assert!(store.remove_contact("bob").unwrap());
+        assert!(store.verified_contacts().unwrap().is_empty());
+        assert!(
+            !store.commit_text(text(&[1; 16]), &state, None).unwrap(),
+            "the same message again is a duplicate"
+        );
+        assert!(store.history("bob", 10).unwrap().is_empty());
+        assert!(
+            store.contacts().unwrap().is_empty(),
+            "and does not relist bob"
+        );
+        assert!(store.commit_text(text(&[2; 16]), &state, None).unwrap());
+        assert_eq!(store.contacts().unwrap(), ["bob"]);
     }
 }

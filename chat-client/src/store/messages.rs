@@ -58,6 +58,12 @@ pub(super) fn insert_incoming(
     msg: &super::e2e::ReceivedText<'_>,
 ) -> Result<bool, StoreError> {
     let (peer, id) = (msg.peer, msg.id);
+    let removed: bool = tx
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM removed_ids WHERE peer = ?1 AND id = ?2)")?
+        .query_row(params![peer, &id[..]], |r| r.get(0))?;
+    if removed {
+        return Ok(false);
+    }
     let body = write_text(cipher, &body_place(peer, id, false), msg.text);
     let inserted = tx
         .prepare_cached(

@@ -215,6 +215,15 @@ impl Store {
                 "ALTER TABLE contacts ADD COLUMN listing TEXT NOT NULL DEFAULT 'shown';",
             )?;
         }
+        // Ids of received messages whose conversation the user deleted: a copy sent again
+        // is a duplicate, not a new message.
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS removed_ids (
+                 peer TEXT NOT NULL,
+                 id   BLOB NOT NULL,
+                 PRIMARY KEY (peer, id)
+             ) WITHOUT ROWID;",
+        )?;
         // A new message in either direction brings an archived or removed contact back
         // to the list (as Signal does), whichever code path stored it.
         tx.execute_batch(

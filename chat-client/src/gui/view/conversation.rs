@@ -41,9 +41,11 @@ fn conversation_header(app: &mut ChatApp, ui: &mut Ui, user: &str, contact: &Con
         }
         ui.with_layout(Layout::right_to_left(Align::Center), |ui| {
             let mut action = None;
-            ui.menu_button("…", |ui| action = contact_menu(ui, contact.archived))
-                .response
-                .on_hover_text("Archive or remove this chat");
+            ui.menu_button("…", |ui| {
+                action = contact_menu(ui, contact.archived, true)
+            })
+            .response
+            .on_hover_text("Archive or remove this chat");
             if let Some(action) = action {
                 app.contact_action(action, user);
             }

@@ -17,9 +17,10 @@ pub(super) fn remove_dialog(app: &mut ChatApp, ui: &mut Ui) {
         ui.set_max_width(420.0);
         ui.heading(format!("Remove {user}?"));
         ui.label(format!(
-            "This deletes your conversation with {user} from this computer, including \
-             messages not delivered yet. {user}'s key stays remembered, so a changed key is \
-             still flagged. If {user} writes again, the chat comes back."
+            "This deletes your conversation with {user} from this computer. Messages not \
+             sent yet are dropped; those the relay already accepted still reach {user} (they \
+             cannot be recalled). {user}'s key stays remembered, so a changed key is still \
+             flagged. If {user} writes again, the chat comes back."
         ));
         ui.add_space(8.0);
         ui.horizontal(|ui| {

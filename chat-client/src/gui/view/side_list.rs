@@ -39,7 +39,8 @@ pub(super) fn contact_rows(
                     clicked = Some(name.clone());
                 }
                 response.context_menu(|ui| {
-                    if let Some(chosen) = contact_menu(ui, contact.archived) {
+                    // Notes to yourself can be deleted, not archived.
+                    if let Some(chosen) = contact_menu(ui, contact.archived, !is_me) {
                         action = Some((chosen, name.clone()));
                     }
                 });
@@ -63,16 +64,17 @@ pub(super) enum ContactAction {
 }
 
 /// The menu items for a contact (its row's context menu, the conversation's … menu).
-pub(super) fn contact_menu(ui: &mut Ui, archived: bool) -> Option<ContactAction> {
+pub(super) fn contact_menu(ui: &mut Ui, archived: bool, archivable: bool) -> Option<ContactAction> {
     let mut chosen = None;
-    if archived {
-        if ui.button("Unarchive").clicked() {
-            chosen = Some(ContactAction::Unarchive);
-        }
-    } else if ui
-        .button("Archive")
-        .on_hover_text("Hide from the list until a new message")
-        .clicked()
+    if archivable && archived && ui.button("Unarchive").clicked() {
+        chosen = Some(ContactAction::Unarchive);
+    }
+    if archivable
+        && !archived
+        && ui
+            .button("Archive")
+            .on_hover_text("Hide from the list until a new message")
+            .clicked()
     {
         chosen = Some(ContactAction::Archive);
     }
