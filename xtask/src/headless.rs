@@ -6,7 +6,7 @@ use std::process::ChildStdin;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{bail, ensure};
 use serde_json::Value;
 
 use crate::procs::PATIENCE;
@@ -39,18 +39,12 @@ pub fn wait_event(
     what: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> anyhow::Result<Value> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let event = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .with_context(|| format!("timed out waiting for {what}"))?;
+    crate::procs::recv_until(rx, what, |event| {
         if event["event"] == "error" {
             bail!("a client reported an error while waiting for {what}: {event}");
         }
-        if pred(&event) {
-            return Ok(event);
-        }
-    }
+        Ok(pred(&event).then_some(event))
+    })
 }
 
 /// Polls `ready` every 50 ms until it says true, for at most [`PATIENCE`].

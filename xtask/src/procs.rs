@@ -104,12 +104,21 @@ fn wait_line<T>(
     what: &str,
     pick: impl Fn(&str) -> Option<T>,
 ) -> anyhow::Result<T> {
+    recv_until(rx, what, |line| Ok(pick(&line)))
+}
+
+/// Receives from `rx` until `pick` finds something (or fails), within [`PATIENCE`].
+pub fn recv_until<I, T>(
+    rx: &mpsc::Receiver<I>,
+    what: &str,
+    mut pick: impl FnMut(I) -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let line = rx
+        let item = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .with_context(|| format!("timed out waiting for {what}"))?;
-        if let Some(found) = pick(&line) {
+        if let Some(found) = pick(item)? {
             return Ok(found);
         }
     }
