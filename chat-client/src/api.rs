@@ -42,6 +42,9 @@ pub enum Command {
     Remove { user: String },
     /// Load stored history with `user` (answered by `History`).
     History { user: String },
+    /// Pin `fingerprint` as the relay's key (after a `server_key` that needs confirmation,
+    /// or after `server_key_mismatch` when the user compared the new key) and connect.
+    TrustServerKey { fingerprint: String },
     /// Stop: try to hand the outbox to the server until the deadline, then end.
     Shutdown { flush_for: std::time::Duration },
 }
@@ -248,6 +251,17 @@ pub enum Event {
     NoSuchUser {
         user: String,
     },
+    /// The relay's TLS key was pinned for `server` (`HOST:PORT`): on the first connection
+    /// to an address (`first_use`: trust on first use, compare `fingerprint` with the one
+    /// the operator gave you), or from an address given with `#FINGERPRINT`. With
+    /// `needs_confirmation` nothing was pinned or sent yet: the client waits for
+    /// `TrustServerKey` (the window's dialog).
+    ServerKey {
+        server: String,
+        fingerprint: String,
+        first_use: bool,
+        needs_confirmation: bool,
+    },
 }
 
 impl Event {
@@ -289,6 +303,7 @@ impl Event {
             Self::Error { .. } => "error",
             Self::Warning { .. } => "warning",
             Self::NoSuchUser { .. } => "no_such_user",
+            Self::ServerKey { .. } => "server_key",
         }
     }
 }

@@ -239,7 +239,7 @@ pub fn make_private(path: &Path) -> std::io::Result<bool> {
 }
 
 /// Writes `bytes` to `path` atomically (temp file + rename), readable by the owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), HomeError> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), HomeError> {
     let io = |source| HomeError::Io {
         path: path.to_owned(),
         source,

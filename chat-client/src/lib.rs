@@ -13,6 +13,7 @@ pub mod engine;
 pub mod gui;
 pub mod headless;
 pub mod home;
+pub mod known_relays;
 pub mod net;
 pub mod store;
 

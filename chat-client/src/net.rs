@@ -1,12 +1,16 @@
-//! Connecting to the relay: TCP, Hello, and challenge-response login.
+//! Connecting to the relay: TCP, TLS 1.3 with the relay's key pinned, Hello, and
+//! challenge-response login bound to the TLS session.
 
 use std::time::Duration;
 
 use chat_protocol::codec::{CodecError, WireCodec};
 use chat_protocol::identity::Identity;
+use chat_protocol::relay_id::{RelayAddress, RelayFingerprint};
+use chat_protocol::tls::PinVerifier;
 use chat_protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage, Username};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_util::codec::Framed;
 
 /// Largest frame we accept from the server.
@@ -14,7 +18,8 @@ const MAX_INBOUND_FRAME: usize = 1024 * 1024;
 /// Connect plus login must finish within this.
 const LOGIN_DEADLINE: Duration = Duration::from_secs(15);
 
-pub type Conn = Framed<TcpStream, WireCodec<ServerMessage, ClientMessage>>;
+pub type Conn =
+    Framed<tokio_rustls::client::TlsStream<TcpStream>, WireCodec<ServerMessage, ClientMessage>>;
 
 /// A logged-in connection and what the relay said about itself.
 pub struct Session {
@@ -27,6 +32,8 @@ pub struct Session {
     pub queue_max_age_secs: u64,
     /// The relay's clock minus ours, in ms, when it said `Hello`.
     pub clock_offset_ms: i64,
+    /// The relay's key fingerprint (checked against the pin, if there was one).
+    pub fingerprint: RelayFingerprint,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +49,28 @@ pub enum ConnectError {
     /// that waits for its client to speak first), or a relay that hangs.
     #[error("{0}")]
     Silent(String),
+    /// The relay presented another key than the one pinned: a hard stop, never retried.
+    #[error("the relay's key is {presented}, not the pinned {expected}")]
+    KeyMismatch {
+        expected: RelayFingerprint,
+        presented: RelayFingerprint,
+    },
+    /// No key was pinned and the caller asked to confirm a new one first: nothing was
+    /// sent over the connection.
+    #[error("the relay's key {presented} is not pinned yet")]
+    Unpinned { presented: RelayFingerprint },
+}
+
+/// What the client expects of the relay's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Only this key.
+    Pinned(RelayFingerprint),
+    /// None pinned yet: go ahead with whatever key (trust on first use).
+    FirstUse,
+    /// None pinned yet: stop after the handshake with [`ConnectError::Unpinned`] so the
+    /// user can compare the fingerprint first.
+    AskFirst,
 }
 
 /// How long the first bytes of the relay's `Hello` may take after connecting.
@@ -53,58 +82,109 @@ impl From<CodecError> for ConnectError {
     }
 }
 
-/// Checks a relay address given by the user: `HOST:PORT` (IPv6 as `[ADDR]:PORT`), port
-/// 1–65535. The error says what was expected, with an example.
-pub fn check_server_address(server: &str) -> Result<(), String> {
-    let example = "e.g. 127.0.0.1:65432 or chat.example.org:65432";
-    let Some((host, port)) = server.rsplit_once(':') else {
-        return Err(format!(
-            "{server:?} is not a relay address: expected HOST:PORT ({example})"
-        ));
-    };
-    let host_ok = if let Some(inner) = host.strip_prefix('[') {
-        inner
-            .strip_suffix(']')
-            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
-    } else {
-        !host.is_empty() && !host.contains(':') && !host.contains(char::is_whitespace)
-    };
-    if !host_ok {
-        return Err(format!(
-            "{server:?} has no valid host before the port: expected HOST:PORT ({example})"
-        ));
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(()),
-        _ => Err(format!(
-            "{server:?} has no valid port (1-65535) after the host: expected HOST:PORT ({example})"
-        )),
-    }
+/// Checks a relay address given by the user: `HOST:PORT` or `HOST:PORT#FINGERPRINT`
+/// (IPv6 as `[ADDR]:PORT`), port 1–65535. The error says what was expected, with an
+/// example.
+pub fn check_server_address(server: &str) -> Result<RelayAddress, String> {
+    server.parse::<RelayAddress>().map_err(|e| e.to_string())
 }
 
-/// Connects to `server` and logs in as `user`, registering the name on first use.
+/// Connects to `server` over TLS (its key as `expect` says) and logs in as `user`,
+/// registering the name on first use.
 pub async fn connect(
-    server: &str,
+    server: &RelayAddress,
+    expect: Expect,
     user: &Username,
     identity: &Identity,
 ) -> Result<Session, ConnectError> {
-    match tokio::time::timeout(LOGIN_DEADLINE, connect_inner(server, user, identity)).await {
+    match tokio::time::timeout(LOGIN_DEADLINE, connect_inner(server, expect, user, identity))
+        .await
+    {
         Ok(result) => result,
         Err(_) => Err(ConnectError::Transient(format!(
-            "{server} did not complete login within {LOGIN_DEADLINE:?}"
+            "{} did not complete login within {LOGIN_DEADLINE:?}",
+            server.host_port
         ))),
     }
 }
 
+/// TCP, then the TLS handshake with the relay's key checked; returns the stream and the
+/// key the relay presented.
+async fn tls_connect(
+    server: &RelayAddress,
+    expect: Expect,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, RelayFingerprint), ConnectError> {
+    let addr = &server.host_port;
+    let stream = TcpStream::connect(addr).await.map_err(|e| {
+        ConnectError::Transient(format!("cannot reach the server at {addr}: {e}"))
+    })?;
+    let _ = stream.set_nodelay(true);
+    let expected = match expect {
+        Expect::Pinned(fp) => Some(fp),
+        Expect::FirstUse | Expect::AskFirst => None,
+    };
+    let verifier = PinVerifier::new(expected);
+    let config = verifier
+        .client_config()
+        .map_err(|e| ConnectError::Fatal {
+            code: "internal".into(),
+            message: e.to_string(),
+        })?;
+    // The name is sent as SNI only; the key, not the name, is what is checked.
+    let name = ServerName::try_from(server.host().to_owned())
+        .unwrap_or_else(|_| ServerName::try_from("secure-chat-relay").expect("a valid name"));
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(name, stream);
+    let tls = match tokio::time::timeout(FIRST_ANSWER, handshake).await {
+        Err(_) => {
+            return Err(ConnectError::Silent(format!(
+                "{addr} accepted the connection but did not complete a TLS handshake in {} s",
+                FIRST_ANSWER.as_secs()
+            )));
+        }
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            if let (Some(expected), Some(presented)) = (expected, verifier.presented())
+                && expected != presented
+            {
+                return Err(ConnectError::KeyMismatch {
+                    expected,
+                    presented,
+                });
+            }
+            return Err(match e.kind() {
+                // rustls reports a peer that does not speak TLS 1.3 (a plaintext relay of
+                // an older version, an HTTP or SSH server) as invalid data.
+                std::io::ErrorKind::InvalidData => ConnectError::Fatal {
+                    code: "not_a_relay".into(),
+                    message: format!(
+                        "{addr} answered, but not with TLS 1.3 as a Secure Chat relay does                          ({e}). Check the address and port (the relay's default port is                          65432); a relay older than protocol {PROTOCOL_VERSION} must be updated"
+                    ),
+                },
+                _ => ConnectError::Transient(format!("TLS with {addr} failed: {e}")),
+            });
+        }
+    };
+    let presented = verifier
+        .presented()
+        .expect("a completed handshake checked a certificate");
+    if expect == Expect::AskFirst {
+        return Err(ConnectError::Unpinned { presented });
+    }
+    Ok((tls, presented))
+}
+
 async fn connect_inner(
-    server: &str,
+    server: &RelayAddress,
+    expect: Expect,
     user: &Username,
     identity: &Identity,
 ) -> Result<Session, ConnectError> {
-    let stream = TcpStream::connect(server).await.map_err(|e| {
-        ConnectError::Transient(format!("cannot reach the server at {server}: {e}"))
+    let server_name = &server.host_port;
+    let (stream, fingerprint) = tls_connect(server, expect).await?;
+    let channel = chat_protocol::tls::channel_binding(stream.get_ref().1).map_err(|e| {
+        ConnectError::Transient(format!("the TLS session has no channel binding: {e}"))
     })?;
-    let _ = stream.set_nodelay(true);
+    let server = server_name;
     let mut conn = Framed::new(stream, WireCodec::new(MAX_INBOUND_FRAME));
 
     conn.send(ClientMessage::Hello {
@@ -170,7 +250,7 @@ async fn connect_inner(
         other => return Err(unexpected(other)),
     };
     let signature = identity
-        .sign_login(&mut rand::rng(), user, &nonce)
+        .sign_login(&mut rand::rng(), user, &nonce, &channel)
         .map_err(|e| ConnectError::Fatal {
             code: "internal".into(),
             message: e.to_string(),
@@ -183,6 +263,7 @@ async fn connect_inner(
             max_frame,
             queue_max_age_secs,
             clock_offset_ms,
+            fingerprint,
         }),
         other => Err(unexpected(other)),
     }
@@ -240,7 +321,7 @@ mod tests {
             "[::1]:65432",
             "localhost:80",
         ] {
-            assert_eq!(check_server_address(good), Ok(()), "{good}");
+            assert!(check_server_address(good).is_ok(), "{good}");
         }
         for bad in [
             "65432",

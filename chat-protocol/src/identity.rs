@@ -181,8 +181,9 @@ impl Identity {
         rng: &mut impl CryptoRng,
         username: &crate::Username,
         nonce: &[u8; crate::message::CHALLENGE_LEN],
+        channel: &auth::ChannelBinding,
     ) -> Result<Vec<u8>, auth::AuthError> {
-        auth::sign_login(&self.private, rng, username, nonce)
+        auth::sign_login(&self.private, rng, username, nonce, channel)
     }
 
     /// PKCS#8 PEM; encrypted under `passphrase` when one is given.

@@ -11,7 +11,10 @@
 //! - [`safety`]: safety numbers to compare out of band.
 //! - [`primitives`]: the RSA and AES-GCM calls all of the above go through.
 //! - [`trust`]: trust on first use: pins, key changes, verification.
+//! - [`relay_id`]: relay addresses `HOST:PORT#FINGERPRINT` and relay key fingerprints.
 //! - `codec` (feature `codec`): `tokio_util` adapters over [`frame`], for the async shells.
+//! - `tls` (feature `tls`): the TLS 1.3 configurations: relay identity, key-pinning
+//!   verifier, channel binding.
 //!
 //! Nothing here opens a socket, reads the clock or uses a global RNG: callers pass
 //! randomness and time in, so every path is a deterministic unit test.
@@ -24,7 +27,10 @@ pub mod frame;
 pub mod identity;
 pub mod message;
 pub mod primitives;
+pub mod relay_id;
 pub mod safety;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod trust;
 pub mod username;
 
@@ -33,7 +39,7 @@ pub use message::{ClientMessage, ErrorCode, ServerMessage};
 pub use username::{Username, UsernameError};
 
 /// Wire protocol version carried in every `Hello`. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Default TCP port of the relay.
 pub const DEFAULT_PORT: u16 = 65432;

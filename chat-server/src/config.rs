@@ -72,6 +72,18 @@ pub struct Config {
     pub writer_queue_bytes: u64,
     /// Envelope ids taken from one `Ack` frame; the rest are ignored (and counted).
     pub max_ack_ids: usize,
+    /// The relay's TLS certificate chain and key as PEM files (e.g. Let's Encrypt's
+    /// `fullchain.pem` and `privkey.pem`). `None`: the relay's own key and a self-signed
+    /// certificate in the data directory, created on first start.
+    pub tls: Option<TlsFiles>,
+}
+
+/// An operator's TLS certificate chain (leaf first) and private key, PEM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert_chain: PathBuf,
+    pub key: PathBuf,
 }
 
 /// The budget of connections that have not logged in yet.
@@ -209,6 +221,7 @@ impl Default for Config {
             registrations: Registrations::default(),
             writer_queue_bytes: 32 * 1024 * 1024,
             max_ack_ids: 4096,
+            tls: None,
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - `connection`: one client's requests and relaying; `login`: its handshake.
 //! - [`limits`]: rate limits by work, per-address limits, the pre-login budget.
 //! - [`metrics`]: what was refused or ignored, for `admin stats`.
+//! - [`tls`]: the relay's TLS identity (key and certificate) in the data directory.
 //!
 //! [`run`] drives a listener until the shutdown future resolves.
 
@@ -20,6 +21,7 @@ pub mod limits;
 pub mod metrics;
 pub mod router;
 pub mod store;
+pub mod tls;
 pub mod writer;
 
 use std::future::Future;
@@ -56,13 +58,27 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
 }
 
-/// Serves `listener` until `shutdown` resolves, then tells every client, lets in-flight
-/// writes finish (up to the configured grace period) and returns.
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the relay's TLS identity: {0}")]
+    Identity(#[from] tls::IdentityError),
+    #[error("the relay's TLS configuration: {0}")]
+    Tls(#[from] chat_protocol::tls::TlsError),
+}
+
+/// Serves `listener` over TLS 1.3 until `shutdown` resolves, then tells every client, lets
+/// in-flight writes finish (up to the configured grace period) and returns. The TLS
+/// identity comes from [`tls::load_or_create`].
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future,
-) -> Result<(), StoreError> {
+) -> Result<(), RunError> {
+    let identity = tls::load_or_create(&config)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
     let store = Store::open(&config.data_dir)?;
     let grace = config.shutdown_grace();
     let registrations = config.registrations;
@@ -92,12 +108,13 @@ pub async fn run(
     let (notify, _) = broadcast::channel::<()>(1);
     let (done, mut all_done) = mpsc::channel::<()>(1);
 
+    let fingerprint = identity.fingerprint;
     match listener.local_addr() {
-        Ok(addr) => info!("listening on {addr}"),
-        Err(e) => warn!("listening (address unknown: {e})"),
+        Ok(addr) => info!("listening on {addr} (fingerprint {fingerprint})"),
+        Err(e) => warn!("listening (address unknown: {e}) (fingerprint {fingerprint})"),
     }
     tokio::select! {
-        () = accept_loop(&listener, &shared, &pre_login, &notify, &done) => {}
+        () = accept_loop(&listener, &acceptor, &shared, &pre_login, &notify, &done) => {}
         () = purge_loop(&shared) => {}
         () = metrics_loop(&shared) => {}
         _ = shutdown => info!(
@@ -118,6 +135,7 @@ pub async fn run(
 
 async fn accept_loop(
     listener: &TcpListener,
+    acceptor: &tokio_rustls::TlsAcceptor,
     shared: &Arc<Shared>,
     pre_login: &PreLoginSlots,
     notify: &broadcast::Sender<()>,
@@ -165,23 +183,64 @@ async fn accept_loop(
             Err(why) => {
                 Metrics::inc(&shared.metrics.connections_refused);
                 debug!(%peer, "refused before login: {why}");
-                tokio::spawn(refuse(socket, shared.config.max_frame_bytes, why));
+                tokio::spawn(refuse(
+                    acceptor.clone(),
+                    socket,
+                    shared.config.max_frame_bytes,
+                    why,
+                ));
                 continue;
             }
         };
-        let handler = Handler::new(
-            socket,
-            peer,
-            next_id.fetch_add(1, Ordering::Relaxed),
+        let accepted = tokio::time::Instant::now();
+        let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
+        let (acceptor, shared, shutdown, done) = (
+            acceptor.clone(),
             shared.clone(),
             notify.subscribe(),
-            slot,
+            done.clone(),
         );
-        let done = done.clone();
         tokio::spawn(async move {
-            handler.run().await;
+            let evicted = slot.eviction();
+            let handshake = tls_handshake(&acceptor, socket, &shared.config, accepted);
+            let tls = tokio::select! {
+                tls = handshake => tls,
+                () = evicted.notified() => Err("evicted by other logins".to_owned()),
+            };
+            match tls.and_then(|tls| {
+                Handler::new(tls, peer, conn_id, shared, shutdown, slot, accepted)
+                    .map_err(|e| e.to_string())
+            }) {
+                Ok(handler) => handler.run().await,
+                Err(why) => debug!(conn = conn_id, %peer, "TLS handshake failed: {why}"),
+            }
             drop(done);
         });
+    }
+}
+
+/// The TLS handshake of a new connection: its first byte within the first-byte timeout,
+/// all of it within the login timeout (counted from `accepted`). A client that is not
+/// speaking TLS (the old plaintext `Hello`, noise) is closed without any answer.
+async fn tls_handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    socket: TcpStream,
+    config: &Config,
+    accepted: tokio::time::Instant,
+) -> Result<connection::Stream, String> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(accepted + config.first_byte_timeout(), socket.peek(&mut first))
+        .await
+    {
+        Err(_) => return Err("nothing sent".into()),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Ok(0)) => return Err("closed".into()),
+        Ok(Ok(_)) => {}
+    }
+    match tokio::time::timeout_at(accepted + config.login_timeout(), acceptor.accept(socket)).await
+    {
+        Err(_) => Err("the handshake was not completed in time".into()),
+        Ok(result) => result.map_err(|e| e.to_string()),
     }
 }
 
@@ -230,14 +289,19 @@ async fn purge_loop(shared: &Arc<Shared>) {
     }
 }
 
-/// Tells a connection over a limit why it is closed, without waiting long on it.
-async fn refuse(socket: TcpStream, max_frame: usize, why: String) {
-    let codec = chat_protocol::codec::WireCodec::<(), ServerMessage>::new(max_frame);
-    let mut framed = tokio_util::codec::FramedWrite::new(socket, codec);
-    let busy = ServerMessage::Error {
-        id: None,
-        code: ErrorCode::ServerBusy,
-        message: why,
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), framed.send(busy)).await;
+/// Tells a connection over a limit why it is closed (over TLS), without waiting long on
+/// it: a second for the handshake and the answer together.
+async fn refuse(acceptor: tokio_rustls::TlsAcceptor, socket: TcpStream, max_frame: usize, why: String) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async move {
+        let tls = acceptor.accept(socket).await.ok()?;
+        let codec = chat_protocol::codec::WireCodec::<(), ServerMessage>::new(max_frame);
+        let mut framed = tokio_util::codec::FramedWrite::new(tls, codec);
+        let busy = ServerMessage::Error {
+            id: None,
+            code: ErrorCode::ServerBusy,
+            message: why,
+        };
+        framed.send(busy).await.ok()
+    })
+    .await;
 }

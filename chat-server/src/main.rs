@@ -57,6 +57,9 @@ struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Top {
+    /// Print the relay's key fingerprint (creating its TLS identity if missing): one line,
+    /// for clients' addresses HOST:PORT#FINGERPRINT
+    Fingerprint,
     /// Operator commands on the data directory (run them on the server host)
     #[command(subcommand)]
     Admin(Admin),
@@ -111,8 +114,15 @@ fn main() -> anyhow::Result<()> {
         println!("{}", config.to_ron());
         return Ok(());
     }
-    if let Some(Top::Admin(admin)) = cli.command {
-        return run_admin(admin, &config);
+    match cli.command {
+        Some(Top::Admin(admin)) => return run_admin(admin, &config),
+        Some(Top::Fingerprint) => {
+            let identity = chat_server::tls::load_or_create(&config)
+                .context("cannot load or create the relay's TLS identity")?;
+            println!("{}", identity.fingerprint);
+            return Ok(());
+        }
+        None => {}
     }
 
     tracing_subscriber::fmt()

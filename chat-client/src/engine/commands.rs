@@ -115,7 +115,10 @@ impl Engine {
             Command::Unarchive { user } => self.set_listing(&user, Listing::Shown),
             Command::Remove { user } => self.set_listing(&user, Listing::Removed),
             Command::Watch { users } => self.watch(users),
-            Command::Send { .. } | Command::ListUsers | Command::Shutdown { .. } => {}
+            Command::Send { .. }
+            | Command::ListUsers
+            | Command::Shutdown { .. }
+            | Command::TrustServerKey { .. } => {}
         }
     }
 

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chat_protocol::e2e::{Inbound, MessageId, Outbound, RotationPolicy};
 use chat_protocol::identity::{Identity, PublicIdentity};
 use chat_protocol::message::RequestId;
+use chat_protocol::relay_id::RelayFingerprint;
 use chat_protocol::trust::Pin;
 use chat_protocol::{ClientMessage, Username};
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -69,6 +70,9 @@ pub struct ClientConfig {
     pub retry_later: Duration,
     /// A message sent this long ago without a receipt is reported `undelivered`.
     pub undelivered_after: Duration,
+    /// A relay key seen for the first time waits for `TrustServerKey` (the window asks);
+    /// otherwise it is pinned at once and reported (headless).
+    pub confirm_new_relay_keys: bool,
 }
 
 impl ClientConfig {
@@ -85,6 +89,7 @@ impl ClientConfig {
             ping_interval: Duration::from_secs(25),
             retry_later: Duration::from_secs(30),
             undelivered_after: Duration::from_secs(24 * 3600),
+            confirm_new_relay_keys: false,
         }
     }
 }
@@ -392,15 +397,31 @@ impl Engine {
         // Connections in a row that opened but got no answer at all, before any login.
         let mut silent: u32 = 0;
         let mut ever_connected = false;
+        let address = match net::check_server_address(&self.config.server) {
+            Ok(address) => address,
+            Err(message) => {
+                self.sink.emit(Event::error("invalid_server", message));
+                return self.stay_offline(&mut commands).await;
+            }
+        };
         loop {
             self.connection_event(ConnectionState::Connecting, None);
-            let connected = net::connect(&self.config.server, &self.me, &self.identity).await;
+            let pinned = crate::known_relays::pinned(&self.config.home, &address.host_port);
+            let expect = match (address.fingerprint, pinned) {
+                (Some(fp), _) | (None, Some(fp)) => net::Expect::Pinned(fp),
+                (None, None) if self.config.confirm_new_relay_keys => net::Expect::AskFirst,
+                (None, None) => net::Expect::FirstUse,
+            };
+            let connected = net::connect(&address, expect, &self.me, &self.identity).await;
             let failure = match connected {
                 Ok(session) => {
                     attempt = 0;
                     silent = 0;
                     ever_connected = true;
                     info!(registered = session.registered, "connected");
+                    if pinned != Some(session.fingerprint) {
+                        self.pin_relay(&address.host_port, session.fingerprint, pinned.is_none() && address.fingerprint.is_none(), false);
+                    }
                     match self.session(session, &mut commands).await {
                         SessionEnd::Shutdown => return self.stop(),
                         SessionEnd::Fatal { code, message } => {
@@ -413,6 +434,43 @@ impl Engine {
                 Err(ConnectError::Fatal { code, message }) => {
                     self.sink.emit(Event::error(code, message));
                     return self.stay_offline(&mut commands).await;
+                }
+                Err(ConnectError::KeyMismatch { expected, presented }) => {
+                    self.sink.emit(Event::error(
+                        "server_key_mismatch",
+                        format!(
+                            "the relay at {} presented the key {presented}, but {expected} is \
+                             pinned for it. Nothing was sent; your messages stay in the outbox. \
+                             Someone may be impersonating the relay. If its operator tells you \
+                             the key really changed, compare the new fingerprint with them and \
+                             start with --server {}#{presented} (or remove its line from {})",
+                            address.host_port,
+                            address.host_port,
+                            self.config.home.dir().join(crate::known_relays::FILE).display()
+                        ),
+                    ));
+                    self.sink.emit(Event::ServerKey {
+                        server: address.host_port.clone(),
+                        fingerprint: presented.to_string(),
+                        first_use: false,
+                        needs_confirmation: true,
+                    });
+                    if !self.await_trust(&address.host_port, &mut commands).await {
+                        return self.stop();
+                    }
+                    continue;
+                }
+                Err(ConnectError::Unpinned { presented }) => {
+                    self.sink.emit(Event::ServerKey {
+                        server: address.host_port.clone(),
+                        fingerprint: presented.to_string(),
+                        first_use: true,
+                        needs_confirmation: true,
+                    });
+                    if !self.await_trust(&address.host_port, &mut commands).await {
+                        return self.stop();
+                    }
+                    continue;
                 }
                 Err(ConnectError::Silent(reason)) if !ever_connected && silent >= 1 => {
                     // Twice in a row and never a relay here: most likely the wrong port.
@@ -450,6 +508,48 @@ impl Engine {
 
     fn stop(&mut self) {
         self.connection_event(ConnectionState::Offline, None);
+    }
+
+    /// Records `fingerprint` as the key of the relay at `host_port` and says so.
+    fn pin_relay(&mut self, host_port: &str, fingerprint: RelayFingerprint, first_use: bool, confirmed: bool) {
+        if let Err(e) = crate::known_relays::pin(&self.config.home, host_port, fingerprint) {
+            self.sink.emit(Event::warning(
+                "relay_key_not_saved",
+                format!("the relay's key could not be saved ({e}); it will be checked again next time"),
+            ));
+        }
+        if !confirmed {
+            self.sink.emit(Event::ServerKey {
+                server: host_port.to_owned(),
+                fingerprint: fingerprint.to_string(),
+                first_use,
+                needs_confirmation: false,
+            });
+        }
+    }
+
+    /// Offline until the user pins a relay key (`TrustServerKey`: returns true, to connect
+    /// again) or quits (false). Other commands are served offline meanwhile.
+    async fn await_trust(
+        &mut self,
+        host_port: &str,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) -> bool {
+        self.connection_event(ConnectionState::Offline, None);
+        while let Some(cmd) = commands.recv().await {
+            match cmd {
+                Command::Shutdown { .. } => return false,
+                Command::TrustServerKey { fingerprint } => match fingerprint.parse() {
+                    Ok(fp) => {
+                        self.pin_relay(host_port, fp, false, true);
+                        return true;
+                    }
+                    Err(e) => self.sink.emit(Event::error("invalid_fingerprint", format!("{e}"))),
+                },
+                cmd => self.command_offline(cmd),
+            }
+        }
+        false
     }
 
     /// After a fatal error: serve local commands until shutdown.

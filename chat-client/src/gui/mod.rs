@@ -159,6 +159,7 @@ impl ChatApp {
             Screen::SignIn => view::sign_in(self, ui),
             Screen::Main => view::main(self, ui),
         }
+        view::relay_key_dialog(self, ui);
         let title = self.title();
         if self.view.title != title {
             ui.ctx()
@@ -205,6 +206,8 @@ impl ChatApp {
         form.busy = true;
         let mut config = ClientConfig::new(self.home.clone(), server, username);
         config.identity_bits = self.identity_bits;
+        // A relay key seen for the first time is shown to the user before it is trusted.
+        config.confirm_new_relay_keys = true;
         config.passphrase = Some(form.passphrase.clone()).filter(|p| !p.is_empty());
         let ctx = ctx.clone();
         let _guard = self.runtime.enter();
@@ -311,7 +314,7 @@ impl ChatApp {
             Event::Connection {
                 state: ConnectionState::Offline,
                 ..
-            } if self.screen == Screen::SignIn => {
+            } if self.screen == Screen::SignIn && self.model.relay_key.is_none() => {
                 // The core gave up (e.g. name taken): let the user change something.
                 self.signin.busy = false;
                 self.signin.retry = None;

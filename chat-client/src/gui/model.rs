@@ -100,6 +100,18 @@ pub struct Model {
     pub unknown: std::collections::BTreeSet<String>,
     /// The longest text the relay last connected to can carry, if known.
     pub max_text: Option<usize>,
+    /// A relay key waiting for the user's decision (first use, or a changed key).
+    pub relay_key: Option<RelayKeyPrompt>,
+}
+
+/// A relay key the user must compare before the client connects with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayKeyPrompt {
+    /// `HOST:PORT`.
+    pub server: String,
+    pub fingerprint: String,
+    /// Another key was pinned for this relay: why the connection stopped, as the core said.
+    pub mismatch: Option<String>,
 }
 
 impl Default for Model {
@@ -122,6 +134,7 @@ impl Default for Model {
             online_users: Vec::new(),
             unknown: std::collections::BTreeSet::new(),
             max_text: None,
+            relay_key: None,
         }
     }
 }
@@ -387,6 +400,23 @@ impl Model {
                 for item in items {
                     insert_line(contact, line_of(item));
                 }
+            }
+            Event::ServerKey {
+                server,
+                fingerprint,
+                needs_confirmation: true,
+                ..
+            } => {
+                let mismatch = self
+                    .error
+                    .as_ref()
+                    .filter(|(code, _)| code == "server_key_mismatch")
+                    .map(|(_, message)| message.clone());
+                self.relay_key = Some(RelayKeyPrompt {
+                    server,
+                    fingerprint,
+                    mismatch,
+                });
             }
             Event::Error { code, message } => self.error = Some((code, message)),
         }

@@ -133,6 +133,7 @@ impl Handler {
             &pending.public_key,
             &pending.username,
             &pending.nonce,
+            &self.channel,
             signature,
         );
         if verified.is_err() || pending.decoy {

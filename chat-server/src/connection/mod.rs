@@ -21,10 +21,11 @@ use std::sync::Arc;
 use chat_protocol::codec::{CodecError, WireCodec};
 use chat_protocol::message::RequestId;
 use chat_protocol::{ClientMessage, ErrorCode, FrameError, ServerMessage, Username};
+use chat_protocol::auth::ChannelBinding;
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{OwnedSemaphorePermit, broadcast};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -39,6 +40,9 @@ use crate::writer::{Room, Ticket, cost};
 use login::PendingLogin;
 
 type Codec = WireCodec<ClientMessage, ServerMessage>;
+
+/// A client's connection once its TLS handshake is done.
+pub(crate) type Stream = tokio_rustls::server::TlsStream<TcpStream>;
 
 /// Most routed messages written before one flush, so a busy receiver gets batched writes
 /// without starving its own reads. Also the size of one backlog read.
@@ -101,8 +105,13 @@ pub(crate) struct Handler {
     conn_id: u64,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    reader: FramedRead<OwnedReadHalf, Codec>,
-    writer: FramedWrite<OwnedWriteHalf, Codec>,
+    reader: FramedRead<ReadHalf<Stream>, Codec>,
+    writer: FramedWrite<WriteHalf<Stream>, Codec>,
+    /// The TLS session's channel binding, which the login proof must cover.
+    channel: ChannelBinding,
+    /// When the connection was accepted (the login deadline counts from here, the TLS
+    /// handshake included).
+    accepted: Instant,
     state: State,
     /// Present once logged in: the queue the router fills, and the kick signal.
     membership: Option<Membership>,
@@ -137,21 +146,28 @@ pub(crate) struct Handler {
 }
 
 impl Handler {
+    /// A handler for a connection whose TLS handshake is done (`accepted`: when the TCP
+    /// connection was accepted). Fails only if the session cannot export its channel
+    /// binding (the handshake did not finish).
     pub(crate) fn new(
-        socket: TcpStream,
+        socket: Stream,
         peer: SocketAddr,
         conn_id: u64,
         shared: Arc<Shared>,
         shutdown: broadcast::Receiver<()>,
         pre_login: PreLoginSlot,
-    ) -> Self {
+        accepted: Instant,
+    ) -> Result<Self, rustls::Error> {
+        let channel = chat_protocol::tls::channel_binding(socket.get_ref().1)?;
         let max = shared.config.max_frame_bytes;
-        let (read, write) = socket.into_split();
+        let (read, write) = tokio::io::split(socket);
         let now = Instant::now();
         let source = shared.sources.of(peer.ip());
-        Self {
+        Ok(Self {
             conn_id,
             peer,
+            channel,
+            accepted,
             reader: FramedRead::with_capacity(read, Codec::new(max), READ_BUFFER),
             writer: {
                 // FramedWrite starts with 8 KiB; an idle connection should hold nothing.
@@ -176,7 +192,7 @@ impl Handler {
             slot: None,
             heard_any: false,
             source,
-        }
+        })
     }
 
     pub(crate) async fn run(mut self) {
@@ -208,7 +224,7 @@ impl Handler {
 
     async fn serve(&mut self) -> Close {
         let config = &self.shared.config;
-        let started = Instant::now();
+        let started = self.accepted;
         let login_deadline = started + config.login_timeout();
         let first_byte_deadline = started + config.first_byte_timeout();
         let (ping_interval, idle_timeout) = (config.ping_interval(), config.idle_timeout());

@@ -329,7 +329,7 @@ pub struct Stats {
     pub counters: std::collections::BTreeMap<String, u64>,
 }
 
-fn create_private_dir(path: &Path) -> std::io::Result<()> {
+pub(crate) fn create_private_dir(path: &Path) -> std::io::Result<()> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]

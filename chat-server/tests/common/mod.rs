@@ -1,4 +1,6 @@
-//! Test harness: a real server on 127.0.0.1:0 and raw protocol clients over real TCP.
+//! Test harness: a real server on 127.0.0.1:0 and raw protocol clients over real TCP and
+//! TLS 1.3. The clients accept any relay key (pinning is the client's, tested there); the
+//! login proof is bound to each connection's TLS session as the protocol requires.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -104,27 +106,50 @@ pub async fn connect_from(
     socket.connect(addr).await
 }
 
+/// A TLS session to the relay.
+pub type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// The TLS handshake over `stream`, accepting whatever key the relay presents.
+pub async fn tls(stream: TcpStream) -> std::io::Result<Tls> {
+    let config = chat_protocol::tls::PinVerifier::new(None)
+        .client_config()
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+}
+
 pub struct Client {
-    pub framed: Framed<TcpStream, WireCodec<ServerMessage, ClientMessage>>,
+    pub framed: Framed<Tls, WireCodec<ServerMessage, ClientMessage>>,
     next_id: u32,
 }
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.unwrap();
-        Self::over(stream)
+        Self::over(stream).await
     }
 
     /// Connects from a chosen loopback source address (127.0.0.x), as another host would.
     pub async fn connect_from(addr: SocketAddr, source: std::net::Ipv4Addr) -> Self {
-        Self::over(connect_from(addr, source).await.unwrap())
+        Self::over(connect_from(addr, source).await.unwrap()).await
     }
 
-    fn over(stream: TcpStream) -> Self {
+    async fn over(stream: TcpStream) -> Self {
+        let tls = tokio::time::timeout(PATIENCE, tls(stream))
+            .await
+            .expect("TLS handshake timed out")
+            .expect("TLS handshake failed");
         Self {
-            framed: Framed::new(stream, WireCodec::new(16 * 1024 * 1024)),
+            framed: Framed::new(tls, WireCodec::new(16 * 1024 * 1024)),
             next_id: 1,
         }
+    }
+
+    /// The TLS session's channel binding (what a login proof must cover).
+    pub fn channel(&self) -> auth::ChannelBinding {
+        chat_protocol::tls::channel_binding(self.framed.get_ref().get_ref().1).unwrap()
     }
 
     pub fn id(&mut self) -> u32 {
@@ -219,7 +244,8 @@ impl Client {
             other => return other,
         };
         let user = Username::parse(name).unwrap();
-        let signature = auth::sign_login(key, &mut rand::rng(), &user, &nonce).unwrap();
+        let signature =
+            auth::sign_login(key, &mut rand::rng(), &user, &nonce, &self.channel()).unwrap();
         let id = self.id();
         self.send(ClientMessage::Prove { id, signature }).await;
         self.recv_reply().await

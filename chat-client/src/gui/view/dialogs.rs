@@ -7,6 +7,78 @@ use crate::api::Command;
 use crate::gui::ChatApp;
 use crate::home::Theme;
 
+/// A relay key to decide on: on the first connection to a relay, compare its fingerprint
+/// with the operator's before trusting it; after a key change (red), nothing is sent until
+/// the user deliberately trusts the new key.
+pub fn relay_key_dialog(app: &mut ChatApp, ui: &mut Ui) {
+    let Some(prompt) = app.model.relay_key.clone() else {
+        return;
+    };
+    let mut decided = None;
+    egui::Modal::new(egui::Id::unique("relay key")).show(ui.ctx(), |ui| {
+        ui.set_max_width(520.0);
+        match &prompt.mismatch {
+            None => {
+                ui.heading("Check the relay's key");
+                ui.label(format!(
+                    "This is the first connection to {}. Its key fingerprint is:",
+                    prompt.server
+                ));
+            }
+            Some(why) => {
+                egui::Frame::new()
+                    .fill(super::DANGER_BG)
+                    .inner_margin(8.0)
+                    .corner_radius(4.0)
+                    .show(ui, |ui| {
+                        ui.label(
+                            RichText::new("The relay's key has changed")
+                                .strong()
+                                .color(egui::Color32::WHITE),
+                        );
+                        ui.label(RichText::new(why).color(egui::Color32::WHITE));
+                    });
+                ui.label("The key it presents now:");
+            }
+        }
+        ui.add_space(4.0);
+        ui.label(RichText::new(&prompt.fingerprint).monospace().size(15.0));
+        ui.add_space(4.0);
+        ui.label(
+            "Compare it with the one your operator gave you (the relay prints it with \
+             `chat-server fingerprint`). Trust it only if they match: anyone else could read \
+             who you talk to.",
+        );
+        ui.add_space(8.0);
+        ui.horizontal(|ui| {
+            let accept = if prompt.mismatch.is_some() {
+                "Trust the new key"
+            } else {
+                "Accept and connect"
+            };
+            if ui.button(accept).clicked() {
+                decided = Some(true);
+            }
+            if ui.button("Cancel").clicked() {
+                decided = Some(false);
+            }
+        });
+    });
+    if let Some(trust) = decided {
+        app.model.relay_key = None;
+        if trust {
+            app.model.error = None;
+            app.send(Command::TrustServerKey {
+                fingerprint: prompt.fingerprint,
+            });
+        } else if app.screen == crate::gui::Screen::SignIn {
+            app.cancel_sign_in();
+        }
+        // Otherwise the client stays offline, the error in the status bar, until the
+        // window is closed.
+    }
+}
+
 /// Asks before removing a contact: it deletes the conversation from this device.
 pub(super) fn remove_dialog(app: &mut ChatApp, ui: &mut Ui) {
     let Some(user) = app.view.confirm_remove.clone() else {
