@@ -43,6 +43,8 @@ fn spawn(args: &[&str]) -> (Server, SocketAddr, mpsc::Receiver<String>) {
             .recv_timeout(Duration::from_secs(20))
             .expect("server never logged `listening on`");
         if let Some((_, addr)) = line.split_once("listening on ") {
+            // "listening on ADDR (fingerprint FP)"
+            let addr = addr.split(" (").next().unwrap();
             return (child, addr.trim().parse().unwrap(), rx);
         }
     }

@@ -72,7 +72,7 @@ impl Server {
         let addr = loop {
             let line = lines.next().expect("server exited").unwrap();
             if let Some((_, addr)) = line.split_once("listening on ") {
-                break addr.trim().parse().unwrap();
+                break addr.split(" (").next().unwrap().trim().parse().unwrap();
             }
         };
         let log = Arc::new(Mutex::new(String::new()));

@@ -27,7 +27,8 @@ impl Processes {
 
 impl Processes {
     /// Starts `chat-server` from `bin` on a free loopback port with `data_dir`, and returns
-    /// the address it listens on. Its log is drained so the pipe never fills.
+    /// the address clients use, `ADDR#FINGERPRINT` (so they pin its key from the start).
+    /// Its log is drained so the pipe never fills.
     pub fn start_relay(
         &mut self,
         bin: &std::path::Path,
@@ -52,9 +53,11 @@ impl Processes {
                 .stderr(std::process::Stdio::piped()),
         )?;
         let log = lines(relay.stderr.take().expect("piped"));
+        // "listening on ADDR (fingerprint FP)"
         let addr = wait_line(&log, "the relay to listen", |l| {
-            l.split_once("listening on ")
-                .map(|(_, a)| a.trim().to_owned())
+            let (_, rest) = l.split_once("listening on ")?;
+            let (addr, fp) = rest.split_once(" (fingerprint ")?;
+            Some(format!("{}#{}", addr.trim(), fp.trim().trim_end_matches(')')))
         })?;
         std::thread::spawn(move || for _ in log {});
         Ok(addr)

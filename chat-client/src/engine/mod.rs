@@ -456,7 +456,7 @@ impl Engine {
                         needs_confirmation: true,
                     });
                     if !self.await_trust(&address.host_port, &mut commands).await {
-                        return self.stop();
+                        return; // already offline
                     }
                     continue;
                 }
@@ -468,7 +468,7 @@ impl Engine {
                         needs_confirmation: true,
                     });
                     if !self.await_trust(&address.host_port, &mut commands).await {
-                        return self.stop();
+                        return; // already offline
                     }
                     continue;
                 }

@@ -418,6 +418,8 @@ impl Model {
                     mismatch,
                 });
             }
+            // Pinned without asking (an address with #FINGERPRINT): nothing to decide.
+            Event::ServerKey { .. } => {}
             Event::Error { code, message } => self.error = Some((code, message)),
         }
     }

@@ -79,7 +79,7 @@ impl Relay {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some((_, a)) = line.split_once("listening on ") {
-                    let _ = tx.send(a.trim().to_owned());
+                    let _ = tx.send(a.split(" (").next().unwrap_or(a).trim().to_owned());
                 }
                 let mut log = sink.lock().unwrap();
                 log.push_str(&line);
