@@ -17,7 +17,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-type Conn = Framed<TcpStream, WireCodec<ServerMessage, ClientMessage>>;
+type Conn =
+    Framed<tokio_rustls::client::TlsStream<TcpStream>, WireCodec<ServerMessage, ClientMessage>>;
 
 /// Mallory: a registered account speaking the protocol directly.
 struct Mallory {
@@ -31,10 +32,16 @@ impl Mallory {
     async fn login(addr: SocketAddr) -> Self {
         let id = Identity::generate_with_bits(&mut rand::rng(), 2048).unwrap();
         let name = Username::parse("mallory").unwrap();
-        let mut conn = Framed::new(
-            TcpStream::connect(addr).await.unwrap(),
-            WireCodec::new(1 << 20),
-        );
+        let config = chat_protocol::tls::PinVerifier::new(None)
+            .client_config()
+            .unwrap();
+        let sni = tokio_rustls::rustls::pki_types::ServerName::try_from("relay.test").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(sni, TcpStream::connect(addr).await.unwrap())
+            .await
+            .unwrap();
+        let channel = chat_protocol::tls::channel_binding(tls.get_ref().1).unwrap();
+        let mut conn = Framed::new(tls, WireCodec::new(1 << 20));
         conn.send(ClientMessage::Hello {
             version: PROTOCOL_VERSION,
             software: "mallory".into(),
@@ -60,7 +67,10 @@ impl Mallory {
         let ServerMessage::Challenge { nonce, .. } = m.reply().await else {
             panic!("no challenge")
         };
-        let signature = m.id.sign_login(&mut rand::rng(), &m.name, &nonce).unwrap();
+        let signature = m
+            .id
+            .sign_login(&mut rand::rng(), &m.name, &nonce, &channel)
+            .unwrap();
         m.conn
             .send(ClientMessage::Prove { id: 2, signature })
             .await

@@ -335,7 +335,7 @@ fn a_relay_replaying_dropping_or_reordering_retry_requests_causes_no_extra_resen
     // Between bob and the relay: every envelope bob sends is sent 3 times (replays), the
     // first one is held back and sent after the second (reordering), and bob's first
     // connection is cut right after its first send (a drop: bob must send it again).
-    let tamper = common::TamperProxy::start(relay.addr);
+    let tamper = common::TamperProxy::start(relay.addr, &b);
     let mut bob = Client::ready(tamper.addr, "bob", &b);
     let deadline = Instant::now() + Duration::from_secs(60);
     while texts(&[&bob], "alice").len() < 3 && Instant::now() < deadline {

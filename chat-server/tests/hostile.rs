@@ -20,7 +20,6 @@ use chat_protocol::{ClientMessage, ErrorCode, ServerMessage, Username, auth};
 use common::{Client, PATIENCE, key};
 use rand::{Rng, RngExt, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chat-server");
 const MAX_FRAME: u32 = 65_536;
@@ -156,7 +155,7 @@ fn stat(text: &str, label: &str) -> u64 {
 }
 
 /// Reads what the server says to a raw connection until it closes: the error codes seen.
-async fn errors_until_closed(stream: &mut TcpStream) -> Vec<ErrorCode> {
+async fn errors_until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<ErrorCode> {
     let mut buf = Vec::new();
     let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "the server kept the connection open");
@@ -529,10 +528,21 @@ async fn silent_sockets_and_a_connection_storm_keep_nobody_out() {
     );
     let legit = Legit::start(&server).await;
     let addr = server.addr;
-    // 200 sockets that never send a byte, all at once, from one address.
+    // Raw sockets that never start TLS are closed at the first-byte deadline, without a
+    // byte of answer (there is no plaintext to answer in).
+    for _ in 0..4 {
+        let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0))), "{read:?}: {buf:?}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    }
+    // 200 sockets that finish the TLS handshake and then never send a byte, all at once,
+    // from one address.
     let mut silent = tokio::task::JoinSet::new();
     for _ in 0..200 {
-        let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
+        let mut s = common::tls_from(addr, ATTACKER).await.unwrap();
         silent.spawn(async move {
             let started = Instant::now();
             (errors_until_closed(&mut s).await, started.elapsed())
@@ -552,12 +562,12 @@ async fn silent_sockets_and_a_connection_storm_keep_nobody_out() {
                 refused += usize::from(r.unwrap_or(false));
             }
             tries.spawn(async move {
-                let Ok(mut s) = common::connect_from(addr, Ipv4Addr::new(127, 0, 0, 3)).await
+                let Ok(mut s) = common::tls_from(addr, Ipv4Addr::new(127, 0, 0, 3)).await
                 else {
                     return false;
                 };
                 let mut buf = [0u8; 256];
-                // Refused at once: the relay writes `server_busy`.
+                // Refused at once: the relay writes `server_busy` right after the handshake.
                 matches!(
                     tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await,
                     Ok(Ok(n)) if n > 0
@@ -630,7 +640,7 @@ async fn slow_logins_from_many_addresses_keep_nobody_out() {
                 .unwrap();
                 let mut evicted = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let Ok(mut s) = common::connect_from(addr, Ipv4Addr::new(127, 0, 1, a)).await
+                    let Ok(mut s) = common::tls_from(addr, Ipv4Addr::new(127, 0, 1, a)).await
                     else {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -747,14 +757,35 @@ async fn malformed_input_slowloris_and_a_never_reading_user() {
     let addr = server.addr;
     let legit = Legit::start(&server).await;
 
-    // Random bytes: refused as malformed or (a random length prefix) too large.
+    // Random bytes instead of TLS, and the old plaintext Hello: closed without any
+    // protocol answer (at most a TLS alert).
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+    let old_hello = chat_protocol::frame::encode(
+        &ClientMessage::Hello {
+            version: 4,
+            software: "chat-client/0.1.0".into(),
+        },
+        MAX_FRAME as usize,
+    )
+    .unwrap();
+    for attempt in 0..10 {
+        let mut bytes = vec![0u8; rng.random_range(1..4096)];
+        rng.fill_bytes(&mut bytes);
+        if attempt == 0 {
+            bytes = old_hello.clone();
+        }
+        let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
+        let _ = s.write_all(&bytes).await;
+        let codes = errors_until_closed(&mut s).await;
+        assert!(codes.is_empty(), "a protocol answer without TLS: {codes:?}");
+    }
+    // Random bytes inside TLS: refused as malformed or (a random length prefix) too large.
     for _ in 0..20 {
         let mut noise = vec![0u8; rng.random_range(1..4096)];
         rng.fill_bytes(&mut noise);
-        let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
+        let mut s = common::tls_from(addr, ATTACKER).await.unwrap();
         let _ = s.write_all(&noise).await;
-        let _ = s.shutdown().await;
+        let _ = s.flush().await;
         let codes = errors_until_closed(&mut s).await;
         assert!(
             codes.iter().all(|c| matches!(
@@ -767,8 +798,9 @@ async fn malformed_input_slowloris_and_a_never_reading_user() {
 
     // A 4 GiB length prefix, and a frame one byte over the limit: refused before any body.
     for len in [u32::MAX, MAX_FRAME + 1] {
-        let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
+        let mut s = common::tls_from(addr, ATTACKER).await.unwrap();
         s.write_all(&len.to_be_bytes()).await.unwrap();
+        s.flush().await.unwrap();
         assert_eq!(
             errors_until_closed(&mut s).await,
             [ErrorCode::FrameTooLarge]
@@ -785,23 +817,45 @@ async fn malformed_input_slowloris_and_a_never_reading_user() {
             MAX_FRAME as usize,
         )
         .unwrap();
-        let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
+        let mut s = common::tls_from(addr, ATTACKER).await.unwrap();
         for byte in hello {
-            if s.write_all(&[byte]).await.is_err() {
+            if s.write_all(&[byte]).await.is_err() || s.flush().await.is_err() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         errors_until_closed(&mut s).await
     });
+    // Slowloris on the handshake: a TLS record header trickled one byte at a time is cut
+    // at the login timeout, with no answer.
+    let handshake_slowloris = tokio::spawn(async move {
+        let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
+        let started = Instant::now();
+        for byte in [0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]
+            .into_iter()
+            .cycle()
+            .take(200)
+        {
+            if s.write_all(&[byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        started.elapsed()
+    });
 
     // Abrupt disconnects mid-frame, before and after login.
     for i in 0..10 {
-        let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
+        let mut s = common::tls_from(addr, ATTACKER).await.unwrap();
         s.write_all(&[0, 0, 1, 0, 1, 2, 3][..3 + i % 4])
             .await
             .unwrap();
+        s.flush().await.unwrap();
         drop(s);
+        // And mid-handshake.
+        let mut raw = common::connect_from(addr, ATTACKER).await.unwrap();
+        raw.write_all(&[0x16, 0x03, 0x01][..1 + i % 3]).await.unwrap();
+        drop(raw);
     }
     let mut cut = server.attacker("cutter", 2).await;
     cut.raw(&[0, 0, 0, 200, 9, 9]).await;
@@ -828,7 +882,14 @@ async fn malformed_input_slowloris_and_a_never_reading_user() {
     assert_eq!(nonces.len(), 5, "challenges must be fresh");
     // Even with alice's real key, a signature over a stale nonce is refused.
     let alice_name = Username::parse("alice").unwrap();
-    let stale = auth::sign_login(key(0), &mut rand::rng(), &alice_name, &nonces[0]).unwrap();
+    let stale = auth::sign_login(
+        key(0),
+        &mut rand::rng(),
+        &alice_name,
+        &nonces[0],
+        &mallory.channel(),
+    )
+    .unwrap();
     let id = mallory.id();
     mallory
         .send(ClientMessage::Prove {
@@ -880,6 +941,11 @@ async fn malformed_input_slowloris_and_a_never_reading_user() {
     assert!(
         slow_codes.contains(&ErrorCode::LoginTimeout),
         "{slow_codes:?}"
+    );
+    let cut_after = handshake_slowloris.await.unwrap();
+    assert!(
+        cut_after < Duration::from_secs(20),
+        "a trickled handshake was held for {cut_after:?}"
     );
 
     // The flooded user comes back and gets every message.

@@ -132,6 +132,54 @@ async fn bad_login_requests_get_typed_errors() {
     c.expect_closed().await;
 }
 
+/// A relay impostor relays the real relay's challenge to its victim: the victim's proof is
+/// bound to the victim's TLS session (with the impostor), so it fails in the impostor's
+/// own session with the relay. The same signature bound to the right session works.
+#[tokio::test]
+async fn a_login_proof_from_another_tls_session_fails() {
+    let server = TestServer::start(|_| {}).await;
+    drop(server.user("alice", 0).await);
+    let victim_session = server.client().await; // the victim's TLS session
+    let mut impostor = server.client().await;
+    impostor.hello().await;
+    let id = impostor.id();
+    impostor
+        .send(ClientMessage::Login {
+            id,
+            username: "alice".into(),
+        })
+        .await;
+    let ServerMessage::Challenge { nonce, .. } = impostor.recv_reply().await else {
+        panic!("no challenge")
+    };
+    let alice = chat_protocol::Username::parse("alice").unwrap();
+    let relayed = chat_protocol::auth::sign_login(
+        key(0),
+        &mut rand::rng(),
+        &alice,
+        &nonce,
+        &victim_session.channel(),
+    )
+    .unwrap();
+    let id = impostor.id();
+    impostor
+        .send(ClientMessage::Prove {
+            id,
+            signature: relayed,
+        })
+        .await;
+    impostor.expect_error(ErrorCode::BadSignature).await;
+    impostor.expect_closed().await;
+
+    // Control: a proof bound to its own session logs in.
+    let mut honest = server.client().await;
+    honest.hello().await;
+    assert!(matches!(
+        honest.login("alice", key(0)).await,
+        ServerMessage::Welcome { .. }
+    ));
+}
+
 #[tokio::test]
 async fn unsupported_version_gets_a_clear_error() {
     let server = TestServer::start(|_| {}).await;

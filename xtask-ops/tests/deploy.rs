@@ -548,10 +548,20 @@ fn deploy_update_inspect_and_destroy() {
         .to_owned();
     let public_ip = address.rsplit_once(':').unwrap().0.to_owned();
     assert!(address.ends_with(&format!(":{port}")), "{address}");
+    let fingerprint = stdout
+        .split_once("key fingerprint ")
+        .map(|(_, rest)| rest.split(['.', ' ', '\n']).next().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no fingerprint in: {stdout}"));
     assert!(
-        stdout.contains(&format!("chat-client -- --server {address}")),
+        stdout.contains(&format!("chat-client -- --server {address}#{fingerprint}")),
         "{stdout}"
     );
+    // The printed pin is the key the relay (on loopback here) presents, and another pin
+    // is refused.
+    assert_eq!(tls_key(port, Some(&fingerprint)).unwrap(), fingerprint);
+    let wrong = "b-7MjBbFVR2f6z61934tp3O_aL2e-cUpJ86yyG5WiSs";
+    let refused = tls_key(port, Some(wrong)).unwrap_err();
+    assert!(refused.contains("mismatch"), "{refused}");
     assert!(
         log.contains("SSH on") && log.contains("Connection refused"),
         "{log}"
@@ -785,4 +795,23 @@ fn the_unit_file_passes_systemd_analyze_verify() {
         .filter(|l| l.contains("chat-server.service"))
         .collect();
     assert!(out.status.success() && complaints.is_empty(), "{stderr}");
+}
+
+/// The TLS handshake with the relay on 127.0.0.1:`port`, pinned to `pin` if given; returns
+/// the key it presented, or the handshake's error.
+fn tls_key(port: u16, pin: Option<&str>) -> Result<String, String> {
+    let expected = pin.map(|p| p.parse().unwrap());
+    let verifier = chat_protocol::tls::PinVerifier::new(expected);
+    let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
+    let conn = rustls::ClientConnection::new(verifier.client_config().unwrap(), name).unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(verifier.presented().unwrap().to_string())
 }

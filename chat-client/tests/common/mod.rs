@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod impostor;
 pub mod inproc;
+
+#[allow(unused_imports)]
+pub use impostor::TamperProxy;
 pub mod window;
 
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -367,7 +371,8 @@ impl Drop for Client {
 }
 
 /// A TCP proxy on 127.0.0.1 that records every byte clients send to the relay and the
-/// relay sends back, and can flip one byte in the body of the N-th `Deliver` frame.
+/// relay sends back (TLS records: what anyone on the path sees), and can flip a byte in
+/// what the relay sends next.
 pub struct Proxy {
     pub addr: SocketAddr,
     pub upstream_bytes: Arc<Mutex<Vec<u8>>>,
@@ -406,21 +411,21 @@ impl Proxy {
         proxy
     }
 
-    /// Flip a byte in the body of the next `count` server→client `Deliver` frames.
+    /// Flip the last byte of the next `count` server→client reads of more than 64 bytes
+    /// (inside a TLS record: TLS must notice).
     pub fn corrupt_next_deliveries(&self, count: usize) {
         self.corrupt_deliver.store(count, Ordering::SeqCst);
     }
 }
 
-/// Copies `from` → `to`, recording bytes; with `corrupt`, parses frames and flips the
-/// last byte of `Deliver` bodies (postcard tag 6) while the counter is positive.
+/// Copies `from` → `to`, recording bytes; with `corrupt`, flips the last byte of a read of
+/// more than 64 bytes while the counter is positive.
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
     record: &Mutex<Vec<u8>>,
     corrupt: Option<&AtomicUsize>,
 ) {
-    let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -428,28 +433,16 @@ fn pump(
             Ok(n) => n,
         };
         record.lock().unwrap().extend_from_slice(&buf[..n]);
-        let Some(corrupt) = corrupt else {
-            if to.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            continue;
-        };
-        pending.extend_from_slice(&buf[..n]);
-        // Forward whole frames only, so a body can be altered before it leaves.
-        while pending.len() >= 4 {
-            let len = u32::from_be_bytes(pending[..4].try_into().unwrap()) as usize;
-            if pending.len() < 4 + len {
-                break;
-            }
-            let mut frame: Vec<u8> = pending.drain(..4 + len).collect();
-            if len > 0 && frame[4] == 6 && corrupt.load(Ordering::SeqCst) > 0 {
-                corrupt.fetch_sub(1, Ordering::SeqCst);
-                let last = frame.len() - 1;
-                frame[last] ^= 0x01;
-            }
-            if to.write_all(&frame).is_err() {
-                return;
-            }
+        if let Some(corrupt) = corrupt
+            && n > 64
+            && corrupt
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+                .is_ok()
+        {
+            buf[n - 1] ^= 0x01;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
         }
     }
     let _ = to.shutdown(std::net::Shutdown::Both);
@@ -512,120 +505,6 @@ pub fn admin(data_dir: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A malicious relay in front of the real one, for one client's connections. On the first
-/// connection it drops the client's first `Send` and cuts the connection (the client must
-/// send it again); on later ones it sends each `Send` three times (replays) and holds the
-/// first one back until the next (or half a second later), so they arrive reordered.
-pub struct TamperProxy {
-    pub addr: SocketAddr,
-    replayed: Arc<AtomicUsize>,
-}
-
-impl TamperProxy {
-    pub fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let replayed = Arc::new(AtomicUsize::new(0));
-        let counter = replayed.clone();
-        std::thread::spawn(move || {
-            for (index, client) in listener.incoming().enumerate() {
-                let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(target) else {
-                    continue;
-                };
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let counter = counter.clone();
-                std::thread::spawn(move || tamper_upstream(client, server, index, &counter));
-                let sink = Mutex::new(Vec::new());
-                std::thread::spawn(move || pump(s2, c2, &sink, None));
-            }
-        });
-        Self { addr, replayed }
-    }
-
-    /// Extra copies of client frames sent so far.
-    pub fn replayed(&self) -> usize {
-        self.replayed.load(Ordering::SeqCst)
-    }
-}
-
-fn tamper_upstream(mut from: TcpStream, to: TcpStream, connection: usize, replayed: &AtomicUsize) {
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
-    // The writer: forwards frames, holding the first Send back until the next (or 500 ms).
-    let writer_to = to.try_clone().unwrap();
-    let writer = std::thread::spawn(move || {
-        let mut to = writer_to;
-        let mut held: Option<Vec<u8>> = None;
-        let mut sends = 0;
-        loop {
-            let frame = match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(frame) => Some(frame),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            };
-            let Some(frame) = frame else {
-                if let Some(first) = held.take()
-                    && to.write_all(&first).is_err()
-                {
-                    break;
-                }
-                continue;
-            };
-            let is_send = frame.len() > 4 && frame[4] == 6;
-            if is_send && connection > 0 {
-                sends += 1;
-                if sends == 1 {
-                    held = Some(frame);
-                    continue;
-                }
-            }
-            if to.write_all(&frame).is_err() {
-                break;
-            }
-            if let Some(first) = held.take()
-                && to.write_all(&first).is_err()
-            {
-                break;
-            }
-        }
-        let _ = to.shutdown(std::net::Shutdown::Both);
-    });
-    let mut pending: Vec<u8> = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    'read: loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        pending.extend_from_slice(&buf[..n]);
-        while pending.len() >= 4 {
-            let len = u32::from_be_bytes(pending[..4].try_into().unwrap()) as usize;
-            if pending.len() < 4 + len {
-                break;
-            }
-            let frame: Vec<u8> = pending.drain(..4 + len).collect();
-            let is_send = len > 0 && frame[4] == 6;
-            if is_send && connection == 0 {
-                // Dropped, and the connection cut.
-                let _ = from.shutdown(std::net::Shutdown::Both);
-                break 'read;
-            }
-            let copies = if is_send { 3 } else { 1 };
-            for _ in 0..copies {
-                if tx.send(frame.clone()).is_err() {
-                    break 'read;
-                }
-            }
-            if is_send {
-                replayed.fetch_add(copies - 1, Ordering::SeqCst);
-            }
-        }
-    }
-    drop(tx);
-    let _ = writer.join();
-    let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
 /// True if `needle` occurs in `haystack`.

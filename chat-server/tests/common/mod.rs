@@ -106,6 +106,11 @@ pub async fn connect_from(
     socket.connect(addr).await
 }
 
+/// A TCP connection from `source` and its TLS handshake (any relay key accepted).
+pub async fn tls_from(addr: SocketAddr, source: std::net::Ipv4Addr) -> std::io::Result<Tls> {
+    tls(connect_from(addr, source).await?).await
+}
+
 /// A TLS session to the relay.
 pub type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 

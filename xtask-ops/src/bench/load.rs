@@ -14,26 +14,36 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
 
-type Conn = Framed<TcpStream, WireCodec<ServerMessage, ClientMessage>>;
+type Conn =
+    Framed<tokio_rustls::client::TlsStream<TcpStream>, WireCodec<ServerMessage, ClientMessage>>;
 
-/// Connects and logs in as a new account `name`, signing with `key`. `source` picks the
-/// local loopback address (several allow more connections than one address has ports).
+/// Connects over TLS (to `addr`, `HOST:PORT#FINGERPRINT`: the key is checked as the
+/// client checks it) and logs in as a new account `name`, signing with `key`. `source`
+/// picks the local loopback address (several allow more connections than one address has
+/// ports).
 pub async fn relay_login(
     addr: &str,
     name: &str,
     key: &PrivateKey,
     source: Option<[u8; 4]>,
 ) -> anyhow::Result<Conn> {
+    let address: chat_protocol::relay_id::RelayAddress = addr.parse()?;
     let stream = match source {
         Some(ip) => {
             let socket = tokio::net::TcpSocket::new_v4()?;
             socket.bind((std::net::Ipv4Addr::from(ip), 0).into())?;
-            socket.connect(addr.parse()?).await?
+            socket.connect(address.host_port.parse()?).await?
         }
-        None => TcpStream::connect(addr).await?,
+        None => TcpStream::connect(&address.host_port).await?,
     };
     stream.set_nodelay(true)?;
-    let mut conn = Framed::new(stream, WireCodec::new(1 << 20));
+    let config = chat_protocol::tls::PinVerifier::new(address.fingerprint).client_config()?;
+    let sni = rustls::pki_types::ServerName::try_from("relay.bench")?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(sni, stream)
+        .await?;
+    let channel = chat_protocol::tls::channel_binding(tls.get_ref().1)?;
+    let mut conn = Framed::new(tls, WireCodec::new(1 << 20));
     conn.send(ClientMessage::Hello {
         version: PROTOCOL_VERSION,
         software: "bench".into(),
@@ -49,7 +59,7 @@ pub async fn relay_login(
     loop {
         match conn.next().await.context("relay closed during login")?? {
             ServerMessage::Challenge { nonce, .. } => {
-                let signature = auth::sign_login(key, &mut rand::rng(), &user, &nonce)?;
+                let signature = auth::sign_login(key, &mut rand::rng(), &user, &nonce, &channel)?;
                 conn.send(ClientMessage::Prove { id: 2, signature }).await?;
             }
             ServerMessage::Welcome { .. } => return Ok(conn),

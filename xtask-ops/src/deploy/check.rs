@@ -1,5 +1,6 @@
-//! "Is it really serving?": open a TCP connection to the relay and complete the protocol's
-//! opening exchange (our `Hello`, its `Hello` with version and limits).
+//! "Is it really serving?": open a TLS connection to the relay (checking its key against
+//! the fingerprint, when one is given) and complete the protocol's opening exchange (our
+//! `Hello`, its `Hello` with version and limits).
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -7,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chat_protocol::frame::{self, HEADER_LEN};
+use chat_protocol::relay_id::{RelayAddress, RelayFingerprint};
+use chat_protocol::tls::PinVerifier;
 use chat_protocol::{ClientMessage, DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ServerMessage};
 
 /// What the relay said about itself.
@@ -14,19 +17,47 @@ use chat_protocol::{ClientMessage, DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ServerMe
 pub struct Answer {
     pub version: u16,
     pub software: String,
+    /// The key the relay presented (equal to the address's fingerprint, if it had one).
+    pub fingerprint: RelayFingerprint,
 }
 
-/// Connects to `addr` and exchanges `Hello`s.
+/// Connects to `addr` (`HOST:PORT` or `HOST:PORT#FINGERPRINT`) over TLS and exchanges
+/// `Hello`s. With a fingerprint, another key is an error naming both.
 pub fn handshake(addr: &str, timeout: Duration) -> anyhow::Result<Answer> {
+    let address: RelayAddress = addr.parse()?;
+    let addr = address.host_port.as_str();
     let target = addr
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve {addr}"))?
         .next()
         .with_context(|| format!("{addr} resolves to no address"))?;
-    let mut stream = TcpStream::connect_timeout(&target, timeout)
+    let tcp = TcpStream::connect_timeout(&target, timeout)
         .with_context(|| format!("cannot connect to {addr}"))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
+    let verifier = PinVerifier::new(address.fingerprint);
+    let name = rustls::pki_types::ServerName::try_from(address.host().to_owned())
+        .unwrap_or_else(|_| rustls::pki_types::ServerName::try_from("relay").expect("valid"));
+    let conn = rustls::ClientConnection::new(verifier.client_config()?, name)?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        if let Err(e) = stream.conn.complete_io(&mut stream.sock) {
+            if let (Some(expected), Some(presented)) = (address.fingerprint, verifier.presented())
+                && expected != presented
+            {
+                anyhow::bail!(
+                    "{addr} presented the key {presented}, not the expected {expected}: \
+                     another server, or the relay's identity changed"
+                );
+            }
+            return Err(e).with_context(|| {
+                format!("{addr} does not speak TLS 1.3 as a Secure Chat relay does")
+            });
+        }
+    }
+    let fingerprint = verifier
+        .presented()
+        .context("the handshake checked no certificate")?;
     let hello = ClientMessage::Hello {
         version: PROTOCOL_VERSION,
         software: format!("xtask-deploy-check/{}", env!("CARGO_PKG_VERSION")),
@@ -49,7 +80,11 @@ pub fn handshake(addr: &str, timeout: Duration) -> anyhow::Result<Answer> {
     {
         ServerMessage::Hello {
             version, software, ..
-        } => Ok(Answer { version, software }),
+        } => Ok(Answer {
+            version,
+            software,
+            fingerprint,
+        }),
         ServerMessage::Error { code, message, .. } => {
             anyhow::bail!("{addr} refused the handshake: {code:?}: {message}")
         }
@@ -75,10 +110,7 @@ mod tests {
             "{:#}",
             handshake(&addr, Duration::from_secs(5)).unwrap_err()
         );
-        assert!(
-            err.contains("does not speak the Secure Chat protocol"),
-            "{err}"
-        );
+        assert!(err.contains("does not speak TLS 1.3"), "{err}");
         server.join().unwrap();
     }
 

@@ -397,6 +397,7 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
         key_name: key_name.clone(),
         ssh_user: args.ssh_user.clone(),
         port: args.port,
+        fingerprint: None,
     };
     let instance_id = match &existing {
         Some(instance) => {
@@ -468,12 +469,31 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
         ))
     })?;
 
-    let address = format!("{ip}:{}", args.port);
-    println!(
-        "Relay is up at {address} ({}, protocol v{}).",
-        answer.software, answer.version
+    // The relay's own fingerprint, read on the host, must be the key it presents over TLS.
+    let fingerprint = ssh
+        .run(FINGERPRINT_COMMAND)
+        .context("cannot read the relay's fingerprint on the host (chat-server fingerprint)")?
+        .trim()
+        .to_owned();
+    let pinned = check::handshake(&format!("{relay}#{fingerprint}"), Duration::from_secs(5))
+        .with_context(|| {
+            format!(
+                "the relay's TLS key is not the one the host reports ({fingerprint}); \
+                 something between you and the host answers instead"
+            )
+        })?;
+    anyhow::ensure!(
+        pinned.fingerprint == answer.fingerprint,
+        "the relay's key changed during the deploy"
     );
-    println!("Connect with:");
+    deployment.fingerprint = Some(fingerprint.clone());
+    files.save(&deployment)?;
+    let address = format!("{ip}:{}#{fingerprint}", args.port);
+    println!(
+        "Relay is up at {ip}:{} ({}, protocol v{}), key fingerprint {fingerprint}.",
+        args.port, answer.software, answer.version
+    );
+    println!("Connect with (the fingerprint pins the relay's key):");
     println!("  cargo run --release -p chat-client -- --server {address}");
     println!("Logs: cargo xtask logs -f    Shell: cargo xtask ssh    Remove: cargo xtask destroy");
     Ok(())
@@ -549,6 +569,12 @@ async fn wait_stopped(aws: &Aws, instance_id: &str) -> anyhow::Result<()> {
     )
     .await
 }
+
+/// Prints the relay's fingerprint on the host (root, or sudo; under `$DESTDIR` when the
+/// deploy test's stand-in host sets it), from the identity the service created.
+const FINGERPRINT_COMMAND: &str = "r=\"${DESTDIR:-}\"; if [ \"$(id -u)\" -eq 0 ]; then s=; else s=\"sudo -n\"; fi; \
+     $s \"$r/usr/local/bin/chat-server\" fingerprint --config \"$r/etc/secure-chat/server.ron\" \
+     --data-dir \"$r/var/lib/secure-chat\"";
 
 /// The host's copy of infra/server.ron, listening on `port` on all addresses (v4 and v6).
 fn host_config(port: u16) -> anyhow::Result<String> {
@@ -683,13 +709,25 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     println!("address     {ip}:{}", deployment.port);
     let ssh = args.common.ssh(&deployment, &files, &ip);
     let host = ssh.resolved_host().unwrap_or(ip);
+    let pin = deployment
+        .fingerprint
+        .as_ref()
+        .map(|fp| format!("#{fp}"))
+        .unwrap_or_default();
     match check::handshake(
-        &format!("{host}:{}", deployment.port),
+        &format!("{host}:{}{pin}", deployment.port),
         Duration::from_secs(5),
     ) {
         Ok(answer) => println!(
-            "relay       answers ({}, protocol v{})",
-            answer.software, answer.version
+            "relay       answers ({}, protocol v{}), key {}{}",
+            answer.software,
+            answer.version,
+            answer.fingerprint,
+            if pin.is_empty() {
+                " (not pinned: deploy again to record it)"
+            } else {
+                " as pinned"
+            }
         ),
         Err(e) => println!("relay       not answering: {e:#}"),
     }

@@ -19,6 +19,9 @@ pub struct Deployment {
     pub key_name: String,
     pub ssh_user: String,
     pub port: u16,
+    /// The relay's key fingerprint, as read on the host after the last deploy: clients
+    /// connect to `IP:PORT#FINGERPRINT`, and `status` checks the relay still has it.
+    pub fingerprint: Option<String>,
 }
 
 /// Where one named deployment keeps its files: `<state dir>/<name>/`.
@@ -149,6 +152,7 @@ mod tests {
             key_name: "secure-chat-relay".into(),
             ssh_user: "ec2-user".into(),
             port: 65432,
+            fingerprint: Some("b-7MjBbFVR2f6z61934tp3O_aL2e-cUpJ86yyG5WiSs".into()),
         };
         files.save(&deployment).unwrap();
         assert_eq!(files.load().unwrap(), Some(deployment));
