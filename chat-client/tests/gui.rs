@@ -13,7 +13,9 @@ use egui_kittest::kittest::{NodeT, Queryable};
 mod common;
 
 use common::inproc::{Peer, start_relay, stop_relay};
-use common::window::{alice_signed_in, app, harness, retype, sign_in, wait, wait_presence};
+use common::window::{
+    alice_signed_in, app, app_unpinned, harness, retype, sign_in, wait, wait_presence,
+};
 
 #[test]
 fn sign_in_chat_verify_and_key_change() {
@@ -544,3 +546,59 @@ fn contacts_are_archived_and_removed_from_their_menus() {
         "the removed conversation closed"
     );
 }
+
+/// TLS (#15): the first connection to a relay given without a fingerprint shows the relay's
+/// key and connects only once accepted (and pins it); a relay that then presents another
+/// key stops the sign-in in red until the user deliberately trusts the new key.
+#[test]
+fn a_new_relay_key_is_shown_before_it_is_trusted_and_a_changed_one_blocks() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay(&rt, "127.0.0.1:0", &dir.path().join("relay"));
+    let pinned = common::inproc::pinned_address(relay.addr);
+    let fingerprint = pinned.split_once('#').unwrap().1.to_owned();
+
+    let home = dir.path().join("alice");
+    let mut h = harness(app_unpinned(&rt, relay.addr, &home));
+    sign_in(&mut h, "alice");
+    wait(&mut h, "the key dialog", |h| h.state().model.relay_key.is_some());
+    let prompt = h.state().model.relay_key.clone().unwrap();
+    assert_eq!(prompt.fingerprint, fingerprint, "the relay's real key is shown");
+    assert!(prompt.mismatch.is_none());
+    h.run_steps(2);
+    h.get_by_label_contains("first connection");
+    assert!(!h.state().is_main(), "nothing happens before the user decides");
+    h.get_by_label("Accept and connect").click();
+    wait(&mut h, "signed in", |h| h.state().is_main());
+    let known = std::fs::read_to_string(home.join("known-relays")).unwrap();
+    assert_eq!(known.trim(), format!("{} {fingerprint}", relay.addr));
+
+    // Another home that pinned a different key for this address: a hard stop.
+    let home = dir.path().join("bob");
+    std::fs::create_dir_all(&home).unwrap();
+    let wrong = "b-7MjBbFVR2f6z61934tp3O_aL2e-cUpJ86yyG5WiSs";
+    std::fs::write(home.join("known-relays"), format!("{} {wrong}\n", relay.addr)).unwrap();
+    let mut h = harness(app_unpinned(&rt, relay.addr, &home));
+    sign_in(&mut h, "bob");
+    wait(&mut h, "the changed-key warning", |h| {
+        h.state()
+            .model
+            .relay_key
+            .as_ref()
+            .is_some_and(|p| p.mismatch.is_some())
+    });
+    let prompt = h.state().model.relay_key.clone().unwrap();
+    assert_eq!(prompt.fingerprint, fingerprint, "the key presented now");
+    assert!(prompt.mismatch.unwrap().contains(wrong), "names the pinned key");
+    h.run_steps(2);
+    h.get_by_label("The relay's key has changed");
+    for _ in 0..20 {
+        h.step();
+    }
+    assert!(!h.state().is_main(), "no login with a changed key");
+    h.get_by_label("Trust the new key").click();
+    wait(&mut h, "signed in after trusting the new key", |h| h.state().is_main());
+    let known = std::fs::read_to_string(home.join("known-relays")).unwrap();
+    assert_eq!(known.trim(), format!("{} {fingerprint}", relay.addr));
+}
+

@@ -96,6 +96,49 @@ fn serves_then_exits_cleanly_on_sigterm() {
     }
 }
 
+/// `chat-server fingerprint` (flags after the subcommand) creates the identity once,
+/// private, and prints exactly the fingerprint the running relay logs, every time.
+#[test]
+fn the_fingerprint_command_prints_the_relays_key_once_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let print = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_chat-server"))
+            .args(["fingerprint", "--data-dir", data.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = print();
+    assert_eq!(first.lines().count(), 1, "{first:?}");
+    let fingerprint = first.trim().to_owned();
+    assert!(fingerprint.parse::<chat_protocol::relay_id::RelayFingerprint>().is_ok());
+    assert_eq!(print().trim(), fingerprint, "the same key on every run");
+    #[cfg(unix)]
+    for file in ["relay-key.pem", "relay-cert.pem"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.join(file)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let listening = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("listening on"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let listening = listening.expect("the relay never logged `listening on`");
+    assert!(
+        listening.ends_with(&format!("(fingerprint {fingerprint})")),
+        "{listening}"
+    );
+}
+
 #[test]
 fn config_file_sets_options_and_flags_override_it() {
     let dir = tempfile::tempdir().unwrap();

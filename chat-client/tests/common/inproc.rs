@@ -18,6 +18,19 @@ pub struct Relay {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The key fingerprint of each relay started here, by address (what an operator would
+/// hand out with the address).
+static FINGERPRINTS: std::sync::Mutex<std::collections::BTreeMap<SocketAddr, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// `ADDR#FINGERPRINT` of a relay started here (just `ADDR` for another one).
+pub fn pinned_address(addr: SocketAddr) -> String {
+    match FINGERPRINTS.lock().unwrap().get(&addr) {
+        Some(fp) => format!("{addr}#{fp}"),
+        None => addr.to_string(),
+    }
+}
+
 pub fn start_relay(rt: &tokio::runtime::Runtime, addr: &str, data: &std::path::Path) -> Relay {
     start_relay_with(rt, addr, data, |_| {})
 }
@@ -35,6 +48,9 @@ pub fn start_relay_with(
         ..Default::default()
     };
     tweak(&mut config);
+    // The relay's TLS identity, made now so its fingerprint is known to the test.
+    let fingerprint = chat_server::tls::load_or_create(&config).unwrap().fingerprint;
+    FINGERPRINTS.lock().unwrap().insert(addr, fingerprint.to_string());
     let (tx, rx) = oneshot::channel();
     let task = rt.spawn(async move { chat_server::run(listener, config, rx).await.unwrap() });
     Relay {

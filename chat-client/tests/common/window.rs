@@ -13,9 +13,24 @@ use egui_kittest::kittest::Queryable;
 use super::PATIENCE;
 use super::inproc::start_relay;
 
+/// The window for `home`, set to the relay at `addr` with its fingerprint (as an operator
+/// hands it out), so no first-use dialog comes up; see [`app_unpinned`].
 pub fn app(rt: &tokio::runtime::Runtime, addr: SocketAddr, home: &std::path::Path) -> ChatApp {
+    app_for(rt, super::inproc::pinned_address(addr), home)
+}
+
+/// The window set to the bare `HOST:PORT` (trust on first use: the dialog asks).
+pub fn app_unpinned(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    home: &std::path::Path,
+) -> ChatApp {
+    app_for(rt, addr.to_string(), home)
+}
+
+fn app_for(rt: &tokio::runtime::Runtime, server: String, home: &std::path::Path) -> ChatApp {
     let settings = Settings {
-        server: addr.to_string(),
+        server,
         ..Settings::default()
     };
     let mut app = ChatApp::new(
