@@ -17,7 +17,9 @@ pub fn pinned(home: &Home, host_port: &str) -> Option<RelayFingerprint> {
     let text = std::fs::read_to_string(home.dir().join(FILE)).ok()?;
     text.lines().find_map(|line| {
         let (addr, fp) = line.trim().split_once(' ')?;
-        (addr == host_port).then(|| fp.trim().parse().ok()).flatten()
+        (addr == host_port)
+            .then(|| fp.trim().parse().ok())
+            .flatten()
     })
 }
 
@@ -27,7 +29,10 @@ pub fn pin(home: &Home, host_port: &str, fingerprint: RelayFingerprint) -> Resul
     let old = std::fs::read_to_string(&path).unwrap_or_default();
     let mut text: String = old
         .lines()
-        .filter(|line| line.split_once(' ').is_none_or(|(addr, _)| addr != host_port))
+        .filter(|line| {
+            line.split_once(' ')
+                .is_none_or(|(addr, _)| addr != host_port)
+        })
         .map(|line| format!("{line}\n"))
         .collect();
     text.push_str(&format!("{host_port} {fingerprint}\n"));
@@ -58,7 +63,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(home.dir().join(FILE)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(home.dir().join(FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

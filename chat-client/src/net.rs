@@ -97,8 +97,11 @@ pub async fn connect(
     user: &Username,
     identity: &Identity,
 ) -> Result<Session, ConnectError> {
-    match tokio::time::timeout(LOGIN_DEADLINE, connect_inner(server, expect, user, identity))
-        .await
+    match tokio::time::timeout(
+        LOGIN_DEADLINE,
+        connect_inner(server, expect, user, identity),
+    )
+    .await
     {
         Ok(result) => result,
         Err(_) => Err(ConnectError::Transient(format!(
@@ -115,21 +118,19 @@ async fn tls_connect(
     expect: Expect,
 ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, RelayFingerprint), ConnectError> {
     let addr = &server.host_port;
-    let stream = TcpStream::connect(addr).await.map_err(|e| {
-        ConnectError::Transient(format!("cannot reach the server at {addr}: {e}"))
-    })?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| ConnectError::Transient(format!("cannot reach the server at {addr}: {e}")))?;
     let _ = stream.set_nodelay(true);
     let expected = match expect {
         Expect::Pinned(fp) => Some(fp),
         Expect::FirstUse | Expect::AskFirst => None,
     };
     let verifier = PinVerifier::new(expected);
-    let config = verifier
-        .client_config()
-        .map_err(|e| ConnectError::Fatal {
-            code: "internal".into(),
-            message: e.to_string(),
-        })?;
+    let config = verifier.client_config().map_err(|e| ConnectError::Fatal {
+        code: "internal".into(),
+        message: e.to_string(),
+    })?;
     // The name is sent as SNI only; the key, not the name, is what is checked.
     let name = ServerName::try_from(server.host().to_owned())
         .unwrap_or_else(|_| ServerName::try_from("secure-chat-relay").expect("a valid name"));

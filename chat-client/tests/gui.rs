@@ -561,13 +561,21 @@ fn a_new_relay_key_is_shown_before_it_is_trusted_and_a_changed_one_blocks() {
     let home = dir.path().join("alice");
     let mut h = harness(app_unpinned(&rt, relay.addr, &home));
     sign_in(&mut h, "alice");
-    wait(&mut h, "the key dialog", |h| h.state().model.relay_key.is_some());
+    wait(&mut h, "the key dialog", |h| {
+        h.state().model.relay_key.is_some()
+    });
     let prompt = h.state().model.relay_key.clone().unwrap();
-    assert_eq!(prompt.fingerprint, fingerprint, "the relay's real key is shown");
+    assert_eq!(
+        prompt.fingerprint, fingerprint,
+        "the relay's real key is shown"
+    );
     assert!(prompt.mismatch.is_none());
     h.run_steps(2);
     h.get_by_label_contains("first connection");
-    assert!(!h.state().is_main(), "nothing happens before the user decides");
+    assert!(
+        !h.state().is_main(),
+        "nothing happens before the user decides"
+    );
     h.get_by_label("Accept and connect").click();
     wait(&mut h, "signed in", |h| h.state().is_main());
     let known = std::fs::read_to_string(home.join("known-relays")).unwrap();
@@ -577,7 +585,11 @@ fn a_new_relay_key_is_shown_before_it_is_trusted_and_a_changed_one_blocks() {
     let home = dir.path().join("bob");
     std::fs::create_dir_all(&home).unwrap();
     let wrong = "b-7MjBbFVR2f6z61934tp3O_aL2e-cUpJ86yyG5WiSs";
-    std::fs::write(home.join("known-relays"), format!("{} {wrong}\n", relay.addr)).unwrap();
+    std::fs::write(
+        home.join("known-relays"),
+        format!("{} {wrong}\n", relay.addr),
+    )
+    .unwrap();
     let mut h = harness(app_unpinned(&rt, relay.addr, &home));
     sign_in(&mut h, "bob");
     wait(&mut h, "the changed-key warning", |h| {
@@ -589,7 +601,10 @@ fn a_new_relay_key_is_shown_before_it_is_trusted_and_a_changed_one_blocks() {
     });
     let prompt = h.state().model.relay_key.clone().unwrap();
     assert_eq!(prompt.fingerprint, fingerprint, "the key presented now");
-    assert!(prompt.mismatch.unwrap().contains(wrong), "names the pinned key");
+    assert!(
+        prompt.mismatch.unwrap().contains(wrong),
+        "names the pinned key"
+    );
     h.run_steps(2);
     h.get_by_label("The relay's key has changed");
     for _ in 0..20 {
@@ -597,8 +612,9 @@ fn a_new_relay_key_is_shown_before_it_is_trusted_and_a_changed_one_blocks() {
     }
     assert!(!h.state().is_main(), "no login with a changed key");
     h.get_by_label("Trust the new key").click();
-    wait(&mut h, "signed in after trusting the new key", |h| h.state().is_main());
+    wait(&mut h, "signed in after trusting the new key", |h| {
+        h.state().is_main()
+    });
     let known = std::fs::read_to_string(home.join("known-relays")).unwrap();
     assert_eq!(known.trim(), format!("{} {fingerprint}", relay.addr));
 }
-

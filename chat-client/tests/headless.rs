@@ -114,7 +114,10 @@ fn the_server_never_sees_plaintext() {
         let key = identity.public().der();
         for (what, bytes) in [("up", &up), ("down", &down)] {
             assert!(!contains(bytes, key), "a public key in the {what} stream");
-            assert!(!contains(bytes, &key[key.len() - 64..]), "part of a public key {what}");
+            assert!(
+                !contains(bytes, &key[key.len() - 64..]),
+                "part of a public key {what}"
+            );
         }
     }
     // (Only the five-byte name: three random bytes match "bob" by chance too often.)
@@ -169,7 +172,11 @@ fn a_flipped_byte_on_the_path_is_caught_and_nothing_is_lost() {
         .filter(|e| e["event"] == "message")
         .collect();
     assert_eq!(shown.len(), 3, "each message once: {shown:#?}");
-    assert!(bob.seen_of("error").is_empty(), "{:?}", bob.seen_of("error"));
+    assert!(
+        bob.seen_of("error").is_empty(),
+        "{:?}",
+        bob.seen_of("error")
+    );
 }
 
 #[test]

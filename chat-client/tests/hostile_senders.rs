@@ -67,10 +67,9 @@ impl Mallory {
         let ServerMessage::Challenge { nonce, .. } = m.reply().await else {
             panic!("no challenge")
         };
-        let signature = m
-            .id
-            .sign_login(&mut rand::rng(), &m.name, &nonce, &channel)
-            .unwrap();
+        let signature =
+            m.id.sign_login(&mut rand::rng(), &m.name, &nonce, &channel)
+                .unwrap();
         m.conn
             .send(ClientMessage::Prove { id: 2, signature })
             .await

@@ -44,7 +44,9 @@ pub enum AddressError {
          (what `chat-server fingerprint` prints)"
     )]
     Fingerprint(String),
-    #[error("{0:?} is not a relay address: expected HOST:PORT or HOST:PORT#FINGERPRINT ({EXAMPLE})")]
+    #[error(
+        "{0:?} is not a relay address: expected HOST:PORT or HOST:PORT#FINGERPRINT ({EXAMPLE})"
+    )]
     NoPort(String),
     #[error("{0:?} has no valid host before the port: expected HOST:PORT ({EXAMPLE})")]
     Host(String),
@@ -145,7 +147,13 @@ mod tests {
         assert_eq!(text.parse::<RelayFingerprint>().unwrap(), fp);
         // SHA-256("spki"), base64url without padding.
         assert_eq!(text, "b-7MjBbFVR2f6z61934tp3O_aL2e-cUpJ86yyG5WiSs");
-        for bad in ["", "abc", &format!("{text}="), &format!("{text}A"), &format!("+{}", &text[1..])] {
+        for bad in [
+            "",
+            "abc",
+            &format!("{text}="),
+            &format!("{text}A"),
+            &format!("+{}", &text[1..]),
+        ] {
             assert!(bad.parse::<RelayFingerprint>().is_err(), "{bad:?}");
         }
     }

@@ -161,8 +161,9 @@ impl ServerCertVerifier for PinVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let presented = fingerprint_of(end_entity)
-            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        let presented = fingerprint_of(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
         *self.presented.lock().unwrap_or_else(|e| e.into_inner()) = Some(presented);
         match self.expected {
             Some(expected) if expected != presented => Err(rustls::Error::General(MISMATCH.into())),

@@ -229,8 +229,11 @@ async fn tls_handshake(
     accepted: tokio::time::Instant,
 ) -> Result<connection::Stream, String> {
     let mut first = [0u8; 1];
-    match tokio::time::timeout_at(accepted + config.first_byte_timeout(), socket.peek(&mut first))
-        .await
+    match tokio::time::timeout_at(
+        accepted + config.first_byte_timeout(),
+        socket.peek(&mut first),
+    )
+    .await
     {
         Err(_) => return Err("nothing sent".into()),
         Ok(Err(e)) => return Err(e.to_string()),
@@ -291,7 +294,12 @@ async fn purge_loop(shared: &Arc<Shared>) {
 
 /// Tells a connection over a limit why it is closed (over TLS), without waiting long on
 /// it: a second for the handshake and the answer together.
-async fn refuse(acceptor: tokio_rustls::TlsAcceptor, socket: TcpStream, max_frame: usize, why: String) {
+async fn refuse(
+    acceptor: tokio_rustls::TlsAcceptor,
+    socket: TcpStream,
+    max_frame: usize,
+    why: String,
+) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async move {
         let tls = acceptor.accept(socket).await.ok()?;
         let codec = chat_protocol::codec::WireCodec::<(), ServerMessage>::new(max_frame);

@@ -130,18 +130,30 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{file}");
         }
-        assert_eq!(load_or_create(&config).unwrap().fingerprint, first.fingerprint);
+        assert_eq!(
+            load_or_create(&config).unwrap().fingerprint,
+            first.fingerprint
+        );
         // A lost certificate is made again under the same key: same fingerprint.
         std::fs::remove_file(config.data_dir.join(CERT_FILE)).unwrap();
-        assert_eq!(load_or_create(&config).unwrap().fingerprint, first.fingerprint);
+        assert_eq!(
+            load_or_create(&config).unwrap().fingerprint,
+            first.fingerprint
+        );
         std::fs::write(config.data_dir.join(CERT_FILE), "garbage").unwrap();
-        assert_eq!(load_or_create(&config).unwrap().fingerprint, first.fingerprint);
+        assert_eq!(
+            load_or_create(&config).unwrap().fingerprint,
+            first.fingerprint
+        );
         // Another data directory, another key.
         let other = Config {
             data_dir: dir.path().join("other"),
             ..Config::default()
         };
-        assert_ne!(load_or_create(&other).unwrap().fingerprint, first.fingerprint);
+        assert_ne!(
+            load_or_create(&other).unwrap().fingerprint,
+            first.fingerprint
+        );
         // An operator's files: the same key copied gives the same fingerprint.
         let files = Config {
             tls: Some(crate::config::TlsFiles {
@@ -150,6 +162,9 @@ mod tests {
             }),
             ..other
         };
-        assert_eq!(load_or_create(&files).unwrap().fingerprint, first.fingerprint);
+        assert_eq!(
+            load_or_create(&files).unwrap().fingerprint,
+            first.fingerprint
+        );
     }
 }

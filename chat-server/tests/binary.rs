@@ -113,16 +113,28 @@ fn the_fingerprint_command_prints_the_relays_key_once_created() {
     let first = print();
     assert_eq!(first.lines().count(), 1, "{first:?}");
     let fingerprint = first.trim().to_owned();
-    assert!(fingerprint.parse::<chat_protocol::relay_id::RelayFingerprint>().is_ok());
+    assert!(
+        fingerprint
+            .parse::<chat_protocol::relay_id::RelayFingerprint>()
+            .is_ok()
+    );
     assert_eq!(print().trim(), fingerprint, "the same key on every run");
     #[cfg(unix)]
     for file in ["relay-key.pem", "relay-cert.pem"] {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(data.join(file)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(data.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{file}");
     }
     let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

@@ -536,7 +536,11 @@ async fn silent_sockets_and_a_connection_storm_keep_nobody_out() {
         let mut buf = Vec::new();
         let read = tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf)).await;
         assert!(matches!(read, Ok(Ok(0))), "{read:?}: {buf:?}");
-        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
     }
     // 200 sockets that finish the TLS handshake and then never send a byte, all at once,
     // from one address.
@@ -562,8 +566,7 @@ async fn silent_sockets_and_a_connection_storm_keep_nobody_out() {
                 refused += usize::from(r.unwrap_or(false));
             }
             tries.spawn(async move {
-                let Ok(mut s) = common::tls_from(addr, Ipv4Addr::new(127, 0, 0, 3)).await
-                else {
+                let Ok(mut s) = common::tls_from(addr, Ipv4Addr::new(127, 0, 0, 3)).await else {
                     return false;
                 };
                 let mut buf = [0u8; 256];
@@ -831,10 +834,12 @@ async fn malformed_input_slowloris_and_a_never_reading_user() {
     let handshake_slowloris = tokio::spawn(async move {
         let mut s = common::connect_from(addr, ATTACKER).await.unwrap();
         let started = Instant::now();
-        for byte in [0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]
-            .into_iter()
-            .cycle()
-            .take(200)
+        for byte in [
+            0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ]
+        .into_iter()
+        .cycle()
+        .take(200)
         {
             if s.write_all(&[byte]).await.is_err() {
                 break;
@@ -854,7 +859,9 @@ async fn malformed_input_slowloris_and_a_never_reading_user() {
         drop(s);
         // And mid-handshake.
         let mut raw = common::connect_from(addr, ATTACKER).await.unwrap();
-        raw.write_all(&[0x16, 0x03, 0x01][..1 + i % 3]).await.unwrap();
+        raw.write_all(&[0x16, 0x03, 0x01][..1 + i % 3])
+            .await
+            .unwrap();
         drop(raw);
     }
     let mut cut = server.attacker("cutter", 2).await;

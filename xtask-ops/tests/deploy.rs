@@ -805,7 +805,8 @@ fn tls_key(port: u16, pin: Option<&str>) -> Result<String, String> {
     let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
     let conn = rustls::ClientConnection::new(verifier.client_config().unwrap(), name).unwrap();
     let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
     let mut stream = rustls::StreamOwned::new(conn, tcp);
     while stream.conn.is_handshaking() {
         stream

@@ -57,7 +57,11 @@ impl Processes {
         let addr = wait_line(&log, "the relay to listen", |l| {
             let (_, rest) = l.split_once("listening on ")?;
             let (addr, fp) = rest.split_once(" (fingerprint ")?;
-            Some(format!("{}#{}", addr.trim(), fp.trim().trim_end_matches(')')))
+            Some(format!(
+                "{}#{}",
+                addr.trim(),
+                fp.trim().trim_end_matches(')')
+            ))
         })?;
         std::thread::spawn(move || for _ in log {});
         Ok(addr)

@@ -420,7 +420,12 @@ impl Engine {
                     ever_connected = true;
                     info!(registered = session.registered, "connected");
                     if pinned != Some(session.fingerprint) {
-                        self.pin_relay(&address.host_port, session.fingerprint, pinned.is_none() && address.fingerprint.is_none(), false);
+                        self.pin_relay(
+                            &address.host_port,
+                            session.fingerprint,
+                            pinned.is_none() && address.fingerprint.is_none(),
+                            false,
+                        );
                     }
                     match self.session(session, &mut commands).await {
                         SessionEnd::Shutdown => return self.stop(),
@@ -435,7 +440,10 @@ impl Engine {
                     self.sink.emit(Event::error(code, message));
                     return self.stay_offline(&mut commands).await;
                 }
-                Err(ConnectError::KeyMismatch { expected, presented }) => {
+                Err(ConnectError::KeyMismatch {
+                    expected,
+                    presented,
+                }) => {
                     self.sink.emit(Event::error(
                         "server_key_mismatch",
                         format!(
@@ -446,7 +454,11 @@ impl Engine {
                              start with --server {}#{presented} (or remove its line from {})",
                             address.host_port,
                             address.host_port,
-                            self.config.home.dir().join(crate::known_relays::FILE).display()
+                            self.config
+                                .home
+                                .dir()
+                                .join(crate::known_relays::FILE)
+                                .display()
                         ),
                     ));
                     self.sink.emit(Event::ServerKey {
@@ -511,11 +523,19 @@ impl Engine {
     }
 
     /// Records `fingerprint` as the key of the relay at `host_port` and says so.
-    fn pin_relay(&mut self, host_port: &str, fingerprint: RelayFingerprint, first_use: bool, confirmed: bool) {
+    fn pin_relay(
+        &mut self,
+        host_port: &str,
+        fingerprint: RelayFingerprint,
+        first_use: bool,
+        confirmed: bool,
+    ) {
         if let Err(e) = crate::known_relays::pin(&self.config.home, host_port, fingerprint) {
             self.sink.emit(Event::warning(
                 "relay_key_not_saved",
-                format!("the relay's key could not be saved ({e}); it will be checked again next time"),
+                format!(
+                    "the relay's key could not be saved ({e}); it will be checked again next time"
+                ),
             ));
         }
         if !confirmed {
@@ -544,7 +564,9 @@ impl Engine {
                         self.pin_relay(host_port, fp, false, true);
                         return true;
                     }
-                    Err(e) => self.sink.emit(Event::error("invalid_fingerprint", format!("{e}"))),
+                    Err(e) => self
+                        .sink
+                        .emit(Event::error("invalid_fingerprint", format!("{e}"))),
                 },
                 cmd => self.command_offline(cmd),
             }

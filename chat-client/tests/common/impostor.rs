@@ -24,7 +24,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 
-type Up = Framed<tokio_rustls::client::TlsStream<TcpStream>, WireCodec<ServerMessage, ClientMessage>>;
+type Up =
+    Framed<tokio_rustls::client::TlsStream<TcpStream>, WireCodec<ServerMessage, ClientMessage>>;
 type Down =
     Framed<tokio_rustls::server::TlsStream<TcpStream>, WireCodec<ClientMessage, ServerMessage>>;
 
@@ -117,7 +118,9 @@ async fn relay(
     let signature = user
         .sign_login(&mut rand::rng(), &username, &nonce, &channel)
         .ok()?;
-    up.send(ClientMessage::Prove { id: 9, signature }).await.ok()?;
+    up.send(ClientMessage::Prove { id: 9, signature })
+        .await
+        .ok()?;
     down.send(ServerMessage::Challenge {
         id: challenge_id,
         nonce: [7; chat_protocol::message::CHALLENGE_LEN],

@@ -49,8 +49,13 @@ pub fn start_relay_with(
     };
     tweak(&mut config);
     // The relay's TLS identity, made now so its fingerprint is known to the test.
-    let fingerprint = chat_server::tls::load_or_create(&config).unwrap().fingerprint;
-    FINGERPRINTS.lock().unwrap().insert(addr, fingerprint.to_string());
+    let fingerprint = chat_server::tls::load_or_create(&config)
+        .unwrap()
+        .fingerprint;
+    FINGERPRINTS
+        .lock()
+        .unwrap()
+        .insert(addr, fingerprint.to_string());
     let (tx, rx) = oneshot::channel();
     let task = rt.spawn(async move { chat_server::run(listener, config, rx).await.unwrap() });
     Relay {

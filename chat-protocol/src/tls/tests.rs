@@ -78,8 +78,8 @@ fn first_use_accepts_and_records_the_key() {
 #[test]
 fn a_renewed_certificate_keeps_the_fingerprint() {
     let key = RelayIdentity::generate_key_pem().unwrap();
-    let first = RelayIdentity::from_pem(&RelayIdentity::self_signed_pem(&key).unwrap(), &key)
-        .unwrap();
+    let first =
+        RelayIdentity::from_pem(&RelayIdentity::self_signed_pem(&key).unwrap(), &key).unwrap();
     let renewed =
         RelayIdentity::from_pem(&RelayIdentity::self_signed_pem(&key).unwrap(), &key).unwrap();
     assert_ne!(first.cert_chain[0], renewed.cert_chain[0]);

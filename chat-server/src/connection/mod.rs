@@ -18,10 +18,10 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use chat_protocol::auth::ChannelBinding;
 use chat_protocol::codec::{CodecError, WireCodec};
 use chat_protocol::message::RequestId;
 use chat_protocol::{ClientMessage, ErrorCode, FrameError, ServerMessage, Username};
-use chat_protocol::auth::ChannelBinding;
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use tokio::io::{ReadHalf, WriteHalf};

@@ -16,8 +16,8 @@ use super::theme;
 use crate::api::ConnectionState;
 use crate::gui::model::{Contact, NOTE_TO_SELF};
 use conversation::conversation;
-use dialogs::{remove_dialog, safety_dialog, settings_dialog};
 pub use dialogs::relay_key_dialog;
+use dialogs::{remove_dialog, safety_dialog, settings_dialog};
 pub use signin::sign_in;
 
 /// How long an error stays in the status bar unless dismissed (key and storage errors
