@@ -112,8 +112,18 @@ fn sign_in_chat_verify_and_key_change() {
     h.get_by_label_contains("Verified");
 
     // A fresh server where "bob" has a new key: the banner appears and blocks sending.
+    // It is the same relay (same TLS identity, so the pinned address still holds) with its
+    // accounts wiped, as if the operator had freed the name.
     drop(bob);
     stop_relay(&rt, relay);
+    std::fs::create_dir_all(dir.path().join("relay2")).unwrap();
+    for file in [chat_server::tls::KEY_FILE, chat_server::tls::CERT_FILE] {
+        std::fs::copy(
+            dir.path().join("relay").join(file),
+            dir.path().join("relay2").join(file),
+        )
+        .unwrap();
+    }
     let _relay2 = start_relay(&rt, &addr.to_string(), &dir.path().join("relay2"));
     let mut new_bob = Peer::start(&rt, addr, "bob", &dir.path().join("bob2"));
     wait(&mut h, "reconnected", |h| {
