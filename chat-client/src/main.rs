@@ -16,8 +16,10 @@ struct Cli {
     /// Run without a window: commands on stdin, JSON events on stdout (see README)
     #[arg(long)]
     headless: bool,
-    /// Relay address HOST:PORT [default: the last one used, else 127.0.0.1:65432]
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Relay address HOST:PORT#FINGERPRINT (the relay's key, as its operator gives it), or
+    /// HOST:PORT to trust the key on first use [default: the last one used, else
+    /// 127.0.0.1:65432]
+    #[arg(long, value_name = "HOST:PORT[#FINGERPRINT]")]
     server: Option<String>,
     /// Your username [default: the last one used]; in the window, signs in right away
     #[arg(long, value_name = "NAME")]
@@ -37,6 +39,10 @@ struct Cli {
     /// File holding the identity key's passphrase (or set CHAT_PASSPHRASE)
     #[arg(long, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
+    /// Also trust this certificate authority (PEM), besides the system's, to vouch for a
+    /// relay given as HOST:PORT without a fingerprint (its certificate must name HOST)
+    #[arg(long, value_name = "FILE.pem")]
+    ca_file: Option<PathBuf>,
 }
 
 fn parse_position(s: &str) -> Result<[f32; 2], String> {
@@ -94,6 +100,7 @@ fn main() -> anyhow::Result<()> {
             user: cli.user,
             passphrase,
             warning: settings_warning,
+            ca_file: cli.ca_file,
         };
         return chat_client::gui::run(home, settings, launch);
     }
@@ -107,6 +114,7 @@ fn main() -> anyhow::Result<()> {
     let username = Username::parse(&user).with_context(|| format!("invalid username {user:?}"))?;
     let mut config = ClientConfig::new(home.clone(), server.clone(), username.clone());
     config.passphrase = passphrase;
+    config.ca_file = cli.ca_file;
     // Remembered as the defaults only once they worked (logged in).
     let remember = move || {
         settings.server = server;

@@ -1,6 +1,7 @@
 //! Connecting to the relay: TCP, TLS 1.3 with the relay's key pinned, Hello, and
 //! challenge-response login bound to the TLS session.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chat_protocol::codec::{CodecError, WireCodec};
@@ -34,6 +35,9 @@ pub struct Session {
     pub clock_offset_ms: i64,
     /// The relay's key fingerprint (checked against the pin, if there was one).
     pub fingerprint: RelayFingerprint,
+    /// With nothing pinned: the relay's certificate chain verified against a trusted
+    /// certificate authority for its host name (see [`authorities`]).
+    pub certified: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,17 +93,55 @@ pub fn check_server_address(server: &str) -> Result<RelayAddress, String> {
     server.parse::<RelayAddress>().map_err(|e| e.to_string())
 }
 
-/// Connects to `server` over TLS (its key as `expect` says) and logs in as `user`,
-/// registering the name on first use.
+/// The certificate authorities that may vouch for a relay named without a fingerprint
+/// and not pinned yet: the system's trust store (`rustls-native-certs`) and the PEM
+/// certificates in `extra` (a private CA). `Ok(None)` when there are none. Errors name
+/// the file that could not be used.
+pub fn authorities(
+    extra: Option<&std::path::Path>,
+) -> Result<Option<Arc<tokio_rustls::rustls::RootCertStore>>, String> {
+    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    let system = rustls_native_certs::load_native_certs();
+    if !system.errors.is_empty() {
+        tracing::debug!(
+            "some system certificates could not be read: {:?}",
+            system.errors
+        );
+    }
+    roots.add_parsable_certificates(system.certs);
+    if let Some(path) = extra {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("cannot read certificates from {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("a certificate in {} is not usable: {e}", path.display()))?;
+        }
+    }
+    Ok((!roots.is_empty()).then(|| Arc::new(roots)))
+}
+
+/// Connects to `server` over TLS (its key as `expect` says; with nothing pinned, a chain
+/// from one of `authorities` for the host name makes the session `certified`) and logs in
+/// as `user`, registering the name on first use.
 pub async fn connect(
     server: &RelayAddress,
     expect: Expect,
+    authorities: Option<&Arc<tokio_rustls::rustls::RootCertStore>>,
     user: &Username,
     identity: &Identity,
 ) -> Result<Session, ConnectError> {
     match tokio::time::timeout(
         LOGIN_DEADLINE,
-        connect_inner(server, expect, user, identity),
+        connect_inner(server, expect, authorities, user, identity),
     )
     .await
     {
@@ -111,12 +153,21 @@ pub async fn connect(
     }
 }
 
-/// TCP, then the TLS handshake with the relay's key checked; returns the stream and the
-/// key the relay presented.
+/// What a TLS handshake with the relay gave.
+struct Handshake {
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    /// The key the relay presented.
+    fingerprint: RelayFingerprint,
+    /// Its chain verified against one of the authorities (nothing pinned).
+    certified: bool,
+}
+
+/// TCP, then the TLS handshake with the relay's key checked.
 async fn tls_connect(
     server: &RelayAddress,
     expect: Expect,
-) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, RelayFingerprint), ConnectError> {
+    authorities: Option<&Arc<tokio_rustls::rustls::RootCertStore>>,
+) -> Result<Handshake, ConnectError> {
     let addr = &server.host_port;
     let stream = TcpStream::connect(addr)
         .await
@@ -126,12 +177,19 @@ async fn tls_connect(
         Expect::Pinned(fp) => Some(fp),
         Expect::FirstUse | Expect::AskFirst => None,
     };
-    let verifier = PinVerifier::new(expected);
-    let config = verifier.client_config().map_err(|e| ConnectError::Fatal {
+    let internal = |e: chat_protocol::tls::TlsError| ConnectError::Fatal {
         code: "internal".into(),
         message: e.to_string(),
-    })?;
-    // The name is sent as SNI only; the key, not the name, is what is checked.
+    };
+    let verifier = match (expected, authorities) {
+        (None, Some(roots)) => {
+            PinVerifier::with_authorities(None, roots.clone()).map_err(internal)?
+        }
+        _ => PinVerifier::new(expected),
+    };
+    let config = verifier.client_config().map_err(internal)?;
+    // The name is sent as SNI; with a pinned key the key, not the name, is what is
+    // checked, else an authority's certificate must name it.
     let name = ServerName::try_from(server.host().to_owned())
         .unwrap_or_else(|_| ServerName::try_from("secure-chat-relay").expect("a valid name"));
     let handshake = tokio_rustls::TlsConnector::from(config).connect(name, stream);
@@ -158,7 +216,9 @@ async fn tls_connect(
                 std::io::ErrorKind::InvalidData => ConnectError::Fatal {
                     code: "not_a_relay".into(),
                     message: format!(
-                        "{addr} answered, but not with TLS 1.3 as a Secure Chat relay does                          ({e}). Check the address and port (the relay's default port is                          65432); a relay older than protocol {PROTOCOL_VERSION} must be updated"
+                        "{addr} answered, but not with TLS 1.3 as a Secure Chat relay does \
+                         ({e}). Check the address and port (the relay's default port is \
+                         65432); a relay older than protocol {PROTOCOL_VERSION} must be updated"
                     ),
                 },
                 _ => ConnectError::Transient(format!("TLS with {addr} failed: {e}")),
@@ -168,20 +228,30 @@ async fn tls_connect(
     let presented = verifier
         .presented()
         .expect("a completed handshake checked a certificate");
-    if expect == Expect::AskFirst {
+    let certified = verifier.certified();
+    if expect == Expect::AskFirst && !certified {
         return Err(ConnectError::Unpinned { presented });
     }
-    Ok((tls, presented))
+    Ok(Handshake {
+        stream: tls,
+        fingerprint: presented,
+        certified,
+    })
 }
 
 async fn connect_inner(
     server: &RelayAddress,
     expect: Expect,
+    authorities: Option<&Arc<tokio_rustls::rustls::RootCertStore>>,
     user: &Username,
     identity: &Identity,
 ) -> Result<Session, ConnectError> {
     let server_name = &server.host_port;
-    let (stream, fingerprint) = tls_connect(server, expect).await?;
+    let Handshake {
+        stream,
+        fingerprint,
+        certified,
+    } = tls_connect(server, expect, authorities).await?;
     let channel = chat_protocol::tls::channel_binding(stream.get_ref().1).map_err(|e| {
         ConnectError::Transient(format!("the TLS session has no channel binding: {e}"))
     })?;
@@ -265,6 +335,7 @@ async fn connect_inner(
             queue_max_age_secs,
             clock_offset_ms,
             fingerprint,
+            certified,
         }),
         other => Err(unexpected(other)),
     }

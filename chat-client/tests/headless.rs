@@ -233,8 +233,10 @@ fn a_changed_key_blocks_traffic_until_accepted() {
     });
     drop(bob);
 
-    // A fresh server; "bob" registers there with a brand-new key (new home).
-    let (addr, _) = relay.kill();
+    // A fresh server (the same relay key, its accounts wiped); "bob" registers there
+    // with a brand-new key (new home).
+    let (addr, data) = relay.kill();
+    common::copy_relay_identity(&data, &dir.path().join("relay2"));
     let _fresh = Relay::start(&addr.to_string(), &dir.path().join("relay2"));
     alice.connected();
     let mut new_bob = Client::ready(addr, "bob", &h[2]);

@@ -8,7 +8,9 @@
 //! - [`PinVerifier`]: the client's certificate check: the leaf's SubjectPublicKeyInfo must
 //!   hash to the expected fingerprint (or, on first use, is recorded), and the TLS 1.3
 //!   handshake signature must verify under that key. Names, dates and issuers are not
-//!   checked: the key is the identity.
+//!   checked: the key is the identity. With nothing pinned it can also check the chain
+//!   against certificate authorities (WebPKI, RFC 5280 path validation and RFC 6125 name
+//!   checks), for operators whose relay has a certificate for its domain name.
 //! - [`channel_binding`]: the RFC 9266 `tls-exporter` value a login proof is bound to.
 //!
 //! Why `ring`: it cross-builds with `cargo zigbuild` for glibc 2.28 (the deploy target)
@@ -38,6 +40,8 @@ pub enum TlsError {
     Certificate(webpki::Error),
     #[error("TLS configuration refused: {0}")]
     Config(#[from] rustls::Error),
+    #[error("the trusted certificate authorities cannot be used: {0}")]
+    Authorities(#[from] rustls::client::VerifierBuilderError),
 }
 
 /// The crypto provider every TLS configuration here uses (`ring`).
@@ -119,6 +123,9 @@ impl RelayIdentity {
 pub struct PinVerifier {
     expected: Option<RelayFingerprint>,
     presented: Mutex<Option<RelayFingerprint>>,
+    /// With nothing pinned: the CA check, and whether the last chain passed it.
+    authorities: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    certified: std::sync::atomic::AtomicBool,
     provider: Arc<CryptoProvider>,
 }
 
@@ -129,8 +136,38 @@ impl PinVerifier {
         Arc::new(Self {
             expected,
             presented: Mutex::new(None),
+            authorities: None,
+            certified: false.into(),
             provider: provider(),
         })
+    }
+
+    /// As [`Self::new`]; with `expected` `None`, the chain is also checked against `roots`
+    /// for the server name the handshake was started with (WebPKI path validation, dates
+    /// and name included), and [`Self::certified`] says whether it passed. The handshake
+    /// goes ahead either way: the caller decides what an uncertified key means (trust on
+    /// first use). A pinned fingerprint is never overruled by a CA. Fails if `roots` is
+    /// empty.
+    pub fn with_authorities(
+        expected: Option<RelayFingerprint>,
+        roots: Arc<rustls::RootCertStore>,
+    ) -> Result<Arc<Self>, TlsError> {
+        let authorities =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+                .build()?;
+        Ok(Arc::new(Self {
+            expected,
+            presented: Mutex::new(None),
+            authorities: Some(authorities),
+            certified: false.into(),
+            provider: provider(),
+        }))
+    }
+
+    /// Whether the last certificate chain, with nothing pinned, verified against the
+    /// certificate authorities of [`Self::with_authorities`] for the server's name.
+    pub fn certified(&self) -> bool {
+        self.certified.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The fingerprint the relay presented in the last handshake (also when refused).
@@ -156,15 +193,22 @@ impl ServerCertVerifier for PinVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let presented = fingerprint_of(end_entity).map_err(|_| {
             rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
         })?;
         *self.presented.lock().unwrap_or_else(|e| e.into_inner()) = Some(presented);
+        if let (None, Some(authorities)) = (self.expected, &self.authorities) {
+            let certified = authorities
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+                .is_ok();
+            self.certified
+                .store(certified, std::sync::atomic::Ordering::Relaxed);
+        }
         match self.expected {
             Some(expected) if expected != presented => Err(rustls::Error::General(MISMATCH.into())),
             _ => Ok(ServerCertVerified::assertion()),

@@ -79,6 +79,37 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let identity = tls::load_or_create(&config)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
+    let label = format!("fingerprint {}", identity.fingerprint);
+    serve(listener, config, shutdown, Transport::Tls(acceptor), &label).await
+}
+
+/// [`run`] without TLS, for `cargo xtask bench`'s measure of what TLS costs: clients sign
+/// an all-zero channel binding. Only in the `chat-server-plaintext-bench` binary.
+#[cfg(feature = "bench-plaintext")]
+pub async fn run_plaintext_bench(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future,
+) -> Result<(), RunError> {
+    serve(listener, config, shutdown, Transport::Plain, "plaintext").await
+}
+
+/// How accepted connections are wrapped.
+#[derive(Clone)]
+enum Transport {
+    Tls(tokio_rustls::TlsAcceptor),
+    #[cfg(feature = "bench-plaintext")]
+    Plain,
+}
+
+/// Serves `listener` with `transport`; `label` ends the "listening on" log line.
+async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future,
+    acceptor: Transport,
+    label: &str,
+) -> Result<(), RunError> {
     let store = Store::open(&config.data_dir)?;
     let grace = config.shutdown_grace();
     let registrations = config.registrations;
@@ -108,10 +139,9 @@ pub async fn run(
     let (notify, _) = broadcast::channel::<()>(1);
     let (done, mut all_done) = mpsc::channel::<()>(1);
 
-    let fingerprint = identity.fingerprint;
     match listener.local_addr() {
-        Ok(addr) => info!("listening on {addr} (fingerprint {fingerprint})"),
-        Err(e) => warn!("listening (address unknown: {e}) (fingerprint {fingerprint})"),
+        Ok(addr) => info!("listening on {addr} ({label})"),
+        Err(e) => warn!("listening (address unknown: {e}) ({label})"),
     }
     tokio::select! {
         () = accept_loop(&listener, &acceptor, &shared, &pre_login, &notify, &done) => {}
@@ -135,7 +165,7 @@ pub async fn run(
 
 async fn accept_loop(
     listener: &TcpListener,
-    acceptor: &tokio_rustls::TlsAcceptor,
+    acceptor: &Transport,
     shared: &Arc<Shared>,
     pre_login: &PreLoginSlots,
     notify: &broadcast::Sender<()>,
@@ -223,7 +253,7 @@ async fn accept_loop(
 /// all of it within the login timeout (counted from `accepted`). A client that is not
 /// speaking TLS (the old plaintext `Hello`, noise) is closed without any answer.
 async fn tls_handshake(
-    acceptor: &tokio_rustls::TlsAcceptor,
+    acceptor: &Transport,
     socket: TcpStream,
     config: &Config,
     accepted: tokio::time::Instant,
@@ -240,10 +270,25 @@ async fn tls_handshake(
         Ok(Ok(0)) => return Err("closed".into()),
         Ok(Ok(_)) => {}
     }
+    // Only the benchmark build has a second transport.
+    #[cfg_attr(
+        not(feature = "bench-plaintext"),
+        allow(clippy::infallible_destructuring_match)
+    )]
+    let acceptor = match acceptor {
+        Transport::Tls(acceptor) => acceptor,
+        #[cfg(feature = "bench-plaintext")]
+        Transport::Plain => return Ok(tokio_util::either::Either::Right(socket)),
+    };
     match tokio::time::timeout_at(accepted + config.login_timeout(), acceptor.accept(socket)).await
     {
         Err(_) => Err("the handshake was not completed in time".into()),
+        #[cfg(not(feature = "bench-plaintext"))]
         Ok(result) => result.map_err(|e| e.to_string()),
+        #[cfg(feature = "bench-plaintext")]
+        Ok(result) => result
+            .map(tokio_util::either::Either::Left)
+            .map_err(|e| e.to_string()),
     }
 }
 
@@ -294,12 +339,17 @@ async fn purge_loop(shared: &Arc<Shared>) {
 
 /// Tells a connection over a limit why it is closed (over TLS), without waiting long on
 /// it: a second for the handshake and the answer together.
-async fn refuse(
-    acceptor: tokio_rustls::TlsAcceptor,
-    socket: TcpStream,
-    max_frame: usize,
-    why: String,
-) {
+async fn refuse(acceptor: Transport, socket: TcpStream, max_frame: usize, why: String) {
+    // Only the benchmark build has a second transport.
+    #[cfg_attr(
+        not(feature = "bench-plaintext"),
+        allow(clippy::infallible_destructuring_match)
+    )]
+    let acceptor = match acceptor {
+        Transport::Tls(acceptor) => acceptor,
+        #[cfg(feature = "bench-plaintext")]
+        Transport::Plain => return,
+    };
     let _ = tokio::time::timeout(Duration::from_secs(1), async move {
         let tls = acceptor.accept(socket).await.ok()?;
         let codec = chat_protocol::codec::WireCodec::<(), ServerMessage>::new(max_frame);

@@ -44,8 +44,20 @@ impl Processes {
         data_dir: &std::path::Path,
         extra: &[&str],
     ) -> anyhow::Result<String> {
+        self.start_relay_exe(&bin.join("chat-server"), data_dir, extra)
+    }
+
+    /// [`Self::start_relay_with`] for any relay executable: `HOST:PORT#FINGERPRINT`, or
+    /// `HOST:PORT` alone from the benchmark-only plaintext relay (which logs
+    /// `listening on ADDR (plaintext)`).
+    pub fn start_relay_exe(
+        &mut self,
+        exe: &std::path::Path,
+        data_dir: &std::path::Path,
+        extra: &[&str],
+    ) -> anyhow::Result<String> {
         let relay = self.spawn(
-            Command::new(bin.join("chat-server"))
+            Command::new(exe)
                 .args(extra)
                 .args(["--listen", "127.0.0.1:0", "--data-dir"])
                 .arg(data_dir)
@@ -53,9 +65,12 @@ impl Processes {
                 .stderr(std::process::Stdio::piped()),
         )?;
         let log = lines(relay.stderr.take().expect("piped"));
-        // "listening on ADDR (fingerprint FP)"
+        // "listening on ADDR (fingerprint FP)" or "listening on ADDR (plaintext)"
         let addr = wait_line(&log, "the relay to listen", |l| {
             let (_, rest) = l.split_once("listening on ")?;
+            if let Some(addr) = rest.trim_end().strip_suffix(" (plaintext)") {
+                return Some(addr.trim().to_owned());
+            }
             let (addr, fp) = rest.split_once(" (fingerprint ")?;
             Some(format!(
                 "{}#{}",

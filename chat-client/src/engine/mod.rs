@@ -52,7 +52,7 @@ const META_QUEUE_MAX_AGE: &str = "relay_queue_max_age_secs";
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     pub home: Home,
-    /// Relay address, `HOST:PORT`.
+    /// Relay address, `HOST:PORT` or `HOST:PORT#FINGERPRINT`.
     pub server: String,
     pub username: Username,
     /// Passphrase of the identity key file (also used to encrypt a new one). With one,
@@ -73,6 +73,9 @@ pub struct ClientConfig {
     /// A relay key seen for the first time waits for `TrustServerKey` (the window asks);
     /// otherwise it is pinned at once and reported (headless).
     pub confirm_new_relay_keys: bool,
+    /// Certificate authorities (PEM) trusted, besides the system's, to vouch for a relay
+    /// named without a fingerprint and not pinned yet (`--ca-file`).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl ClientConfig {
@@ -90,6 +93,7 @@ impl ClientConfig {
             retry_later: Duration::from_secs(30),
             undelivered_after: Duration::from_secs(24 * 3600),
             confirm_new_relay_keys: false,
+            ca_file: None,
         }
     }
 }
@@ -404,6 +408,8 @@ impl Engine {
                 return self.stay_offline(&mut commands).await;
             }
         };
+        // Read once, when first needed: only for a relay whose key is not pinned.
+        let mut authorities = None;
         loop {
             self.connection_event(ConnectionState::Connecting, None);
             let pinned = crate::known_relays::pinned(&self.config.home, &address.host_port);
@@ -412,14 +418,37 @@ impl Engine {
                 (None, None) if self.config.confirm_new_relay_keys => net::Expect::AskFirst,
                 (None, None) => net::Expect::FirstUse,
             };
-            let connected = net::connect(&address, expect, &self.me, &self.identity).await;
+            if !matches!(expect, net::Expect::Pinned(_)) && authorities.is_none() {
+                match net::authorities(self.config.ca_file.as_deref()) {
+                    Ok(roots) => authorities = Some(roots),
+                    Err(message) => {
+                        self.sink.emit(Event::error("invalid_ca_file", message));
+                        return self.stay_offline(&mut commands).await;
+                    }
+                }
+            }
+            let roots = authorities.as_ref().and_then(Option::as_ref);
+            let connected = net::connect(&address, expect, roots, &self.me, &self.identity).await;
             let failure = match connected {
                 Ok(session) => {
                     attempt = 0;
                     silent = 0;
+                    let first_connection = !ever_connected;
                     ever_connected = true;
                     info!(registered = session.registered, "connected");
-                    if pinned != Some(session.fingerprint) {
+                    if session.certified {
+                        // A certificate authority vouches for the name: nothing to pin
+                        // (the operator may renew the key with the certificate).
+                        if first_connection {
+                            self.sink.emit(Event::ServerKey {
+                                server: address.host_port.clone(),
+                                fingerprint: session.fingerprint.to_string(),
+                                first_use: false,
+                                needs_confirmation: false,
+                                certified: true,
+                            });
+                        }
+                    } else if pinned != Some(session.fingerprint) {
                         self.pin_relay(
                             &address.host_port,
                             session.fingerprint,
@@ -466,6 +495,7 @@ impl Engine {
                         fingerprint: presented.to_string(),
                         first_use: false,
                         needs_confirmation: true,
+                        certified: false,
                     });
                     if !self.await_trust(&address.host_port, &mut commands).await {
                         return; // already offline
@@ -478,6 +508,7 @@ impl Engine {
                         fingerprint: presented.to_string(),
                         first_use: true,
                         needs_confirmation: true,
+                        certified: false,
                     });
                     if !self.await_trust(&address.host_port, &mut commands).await {
                         return; // already offline
@@ -544,6 +575,7 @@ impl Engine {
                 fingerprint: fingerprint.to_string(),
                 first_use,
                 needs_confirmation: false,
+                certified: false,
             });
         }
     }

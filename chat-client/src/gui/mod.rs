@@ -109,6 +109,8 @@ pub struct ChatApp {
     client: Option<ClientHandle>,
     /// Identity key size for new identities (tests use a smaller one).
     pub identity_bits: usize,
+    /// Extra certificate authorities for relays without a pinned key (`--ca-file`).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl ChatApp {
@@ -134,6 +136,7 @@ impl ChatApp {
             persisted,
             client: None,
             identity_bits: chat_protocol::identity::IDENTITY_BITS,
+            ca_file: None,
         }
     }
 
@@ -206,6 +209,7 @@ impl ChatApp {
         form.busy = true;
         let mut config = ClientConfig::new(self.home.clone(), server, username);
         config.identity_bits = self.identity_bits;
+        config.ca_file = self.ca_file.clone();
         // A relay key seen for the first time is shown to the user before it is trusted.
         config.confirm_new_relay_keys = true;
         config.passphrase = Some(form.passphrase.clone()).filter(|p| !p.is_empty());
@@ -452,6 +456,8 @@ pub struct Launch {
     pub half: Option<placement::Half>,
     /// Shown once the window is up (e.g. a damaged settings file was ignored).
     pub warning: Option<String>,
+    /// Extra certificate authorities (PEM) for relays without a pinned key.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Opens the window and runs until it is closed.
@@ -514,6 +520,7 @@ pub fn run(home: Home, mut settings: Settings, launch: Launch) -> anyhow::Result
             if let Some(passphrase) = launch.passphrase {
                 app.signin.passphrase = passphrase;
             }
+            app.ca_file = launch.ca_file;
             if let Some(user) = launch.chat_with {
                 app.persisted.last_open = Some(user);
             }

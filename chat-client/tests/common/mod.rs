@@ -47,6 +47,8 @@ pub fn server_bin() -> &'static Path {
 pub struct Relay {
     child: Child,
     pub addr: SocketAddr,
+    /// Its key fingerprint, from `listening on ADDR (fingerprint FP)`.
+    pub fingerprint: String,
     pub data_dir: PathBuf,
     pub log: Arc<Mutex<String>>,
 }
@@ -83,15 +85,20 @@ impl Relay {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some((_, a)) = line.split_once("listening on ") {
-                    let _ = tx.send(a.split(" (").next().unwrap_or(a).trim().to_owned());
+                    let _ = tx.send(a.trim().to_owned());
                 }
                 let mut log = sink.lock().unwrap();
                 log.push_str(&line);
                 log.push('\n');
             }
         });
-        let addr = match rx.recv_timeout(PATIENCE) {
-            Ok(addr) => addr.parse().unwrap(),
+        let (addr, fingerprint) = match rx.recv_timeout(PATIENCE) {
+            Ok(line) => {
+                let (addr, fp) = line
+                    .split_once(" (fingerprint ")
+                    .unwrap_or_else(|| panic!("no fingerprint in `listening on {line}`"));
+                (addr.parse().unwrap(), fp.trim_end_matches(')').to_owned())
+            }
             Err(e) => {
                 std::thread::sleep(Duration::from_millis(200));
                 panic!(
@@ -103,6 +110,7 @@ impl Relay {
         Self {
             child,
             addr,
+            fingerprint,
             data_dir: data_dir.to_owned(),
             log,
         }
@@ -153,6 +161,8 @@ pub struct Options {
     pub stderr_to: Option<PathBuf>,
     /// `RUST_LOG` (default `debug`).
     pub log: Option<String>,
+    /// The `--server` value, instead of the address given (e.g. `HOST:PORT#FINGERPRINT`).
+    pub server: Option<String>,
 }
 
 impl Client {
@@ -171,7 +181,7 @@ impl Client {
 
     /// Starts a client with every option.
     pub fn start_opts(server: SocketAddr, name: &str, home: &Path, options: &Options) -> Self {
-        let server = server.to_string();
+        let server = options.server.clone().unwrap_or_else(|| server.to_string());
         let bin = env!("CARGO_BIN_EXE_chat-client");
         let mut command = match options.wrapper.split_first() {
             Some((program, args)) => {
@@ -543,4 +553,13 @@ pub fn history(client: &mut Client, with: &str) -> Vec<serde_json::Value> {
     client.send(&format!("/history {with}"));
     let h = client.expect("history", |e| e["event"] == "history" && e["user"] == with);
     h["items"].as_array().unwrap().clone()
+}
+
+/// Gives the relay data directory `to` the TLS identity of `from`: the same relay (and
+/// address pin) with a fresh database, as after an operator wiped its accounts.
+pub fn copy_relay_identity(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for file in [chat_server::tls::KEY_FILE, chat_server::tls::CERT_FILE] {
+        std::fs::copy(from.join(file), to.join(file)).unwrap();
+    }
 }

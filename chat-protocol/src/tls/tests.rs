@@ -97,3 +97,71 @@ fn bad_pem_is_a_clear_error() {
     let err = RelayIdentity::from_pem(&cert, "junk").unwrap_err();
     assert!(err.to_string().contains("key file"), "{err}");
 }
+
+/// A private certificate authority and a relay identity it issued for `name` (the chain
+/// leaf first, then the CA), as an operator's PEM files would hold them.
+fn ca_and_relay(name: &str) -> (Arc<rustls::RootCertStore>, RelayIdentity) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca =
+        rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf = leaf.signed_by(&leaf_key, &ca).unwrap();
+    let chain = format!("{}{}", leaf.pem(), ca.pem());
+    let identity = RelayIdentity::from_pem(&chain, &leaf_key.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    (Arc::new(roots), identity)
+}
+
+#[test]
+fn a_chain_from_a_trusted_authority_for_the_name_is_certified() {
+    let (roots, relay) = ca_and_relay("relay.test");
+    let verifier = PinVerifier::with_authorities(None, roots).unwrap();
+    handshake(&relay, &verifier).unwrap();
+    assert!(verifier.certified());
+    assert_eq!(verifier.presented(), Some(relay.fingerprint));
+}
+
+#[test]
+fn another_name_an_unknown_authority_or_a_self_signed_key_is_not_certified() {
+    // Issued by a trusted CA, but for another name than the one connected to.
+    let (roots, other_name) = ca_and_relay("other.test");
+    let verifier = PinVerifier::with_authorities(None, roots.clone()).unwrap();
+    handshake(&other_name, &verifier).expect("the handshake itself completes");
+    assert!(!verifier.certified());
+    // The right name, but a CA the client does not trust.
+    let (_, untrusted) = ca_and_relay("relay.test");
+    let verifier = PinVerifier::with_authorities(None, roots.clone()).unwrap();
+    handshake(&untrusted, &verifier).unwrap();
+    assert!(!verifier.certified());
+    // The relay's own self-signed identity.
+    let verifier = PinVerifier::with_authorities(None, roots).unwrap();
+    handshake(&identity(), &verifier).unwrap();
+    assert!(!verifier.certified());
+    assert!(
+        PinVerifier::with_authorities(None, Arc::new(rustls::RootCertStore::empty())).is_err(),
+        "no authorities at all is a configuration error"
+    );
+}
+
+#[test]
+fn a_pin_is_never_overruled_by_an_authority() {
+    let (roots, relay) = ca_and_relay("relay.test");
+    // The CA vouches for the relay, but another key is pinned: refused.
+    let pinned_elsewhere = identity().fingerprint;
+    let verifier = PinVerifier::with_authorities(Some(pinned_elsewhere), roots.clone()).unwrap();
+    let err = handshake(&relay, &verifier).unwrap_err();
+    assert!(err.to_string().contains(MISMATCH), "{err}");
+    assert!(!verifier.certified());
+    // Pinned to the right key: accepted by the pin, the CA not consulted.
+    let verifier = PinVerifier::with_authorities(Some(relay.fingerprint), roots).unwrap();
+    handshake(&relay, &verifier).unwrap();
+    assert!(!verifier.certified());
+}

@@ -42,7 +42,23 @@ use login::PendingLogin;
 type Codec = WireCodec<ClientMessage, ServerMessage>;
 
 /// A client's connection once its TLS handshake is done.
+#[cfg(not(feature = "bench-plaintext"))]
 pub(crate) type Stream = tokio_rustls::server::TlsStream<TcpStream>;
+/// A client's connection: TLS, or plain TCP in the benchmark-only binary.
+#[cfg(feature = "bench-plaintext")]
+pub(crate) type Stream =
+    tokio_util::either::Either<tokio_rustls::server::TlsStream<TcpStream>, TcpStream>;
+
+/// The channel binding a login proof must cover: the TLS exporter value (all zeros on the
+/// benchmark-only plaintext transport, whose client signs the same zeros).
+fn channel_of(socket: &Stream) -> Result<chat_protocol::auth::ChannelBinding, rustls::Error> {
+    #[cfg(feature = "bench-plaintext")]
+    let socket = match socket {
+        tokio_util::either::Either::Left(tls) => tls,
+        tokio_util::either::Either::Right(_) => return Ok(Default::default()),
+    };
+    chat_protocol::tls::channel_binding(socket.get_ref().1)
+}
 
 /// Most routed messages written before one flush, so a busy receiver gets batched writes
 /// without starving its own reads. Also the size of one backlog read.
@@ -158,7 +174,7 @@ impl Handler {
         pre_login: PreLoginSlot,
         accepted: Instant,
     ) -> Result<Self, rustls::Error> {
-        let channel = chat_protocol::tls::channel_binding(socket.get_ref().1)?;
+        let channel = channel_of(&socket)?;
         let max = shared.config.max_frame_bytes;
         let (read, write) = tokio::io::split(socket);
         let now = Instant::now();

@@ -14,11 +14,13 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
 
-type Conn =
-    Framed<tokio_rustls::client::TlsStream<TcpStream>, WireCodec<ServerMessage, ClientMessage>>;
+/// TLS to the relay, or plain TCP to the benchmark-only plaintext relay.
+type Stream = tokio_util::either::Either<tokio_rustls::client::TlsStream<TcpStream>, TcpStream>;
+type Conn = Framed<Stream, WireCodec<ServerMessage, ClientMessage>>;
 
 /// Connects over TLS (to `addr`, `HOST:PORT#FINGERPRINT`: the key is checked as the
-/// client checks it) and logs in as a new account `name`, signing with `key`. `source`
+/// client checks it; plain `HOST:PORT` is the benchmark-only plaintext relay, reached
+/// over TCP with an all-zero channel binding) and logs in as a new account `name`, signing with `key`. `source`
 /// picks the local loopback address (several allow more connections than one address has
 /// ports).
 pub async fn relay_login(
@@ -37,13 +39,22 @@ pub async fn relay_login(
         None => TcpStream::connect(&address.host_port).await?,
     };
     stream.set_nodelay(true)?;
-    let config = chat_protocol::tls::PinVerifier::new(address.fingerprint).client_config()?;
-    let sni = rustls::pki_types::ServerName::try_from("relay.bench")?;
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(sni, stream)
-        .await?;
-    let channel = chat_protocol::tls::channel_binding(tls.get_ref().1)?;
-    let mut conn = Framed::new(tls, WireCodec::new(1 << 20));
+    let (stream, channel) = match address.fingerprint {
+        Some(fingerprint) => {
+            let config = chat_protocol::tls::PinVerifier::new(Some(fingerprint)).client_config()?;
+            let sni = rustls::pki_types::ServerName::try_from("relay.bench")?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(sni, stream)
+                .await?;
+            let channel = chat_protocol::tls::channel_binding(tls.get_ref().1)?;
+            (tokio_util::either::Either::Left(tls), channel)
+        }
+        None => (
+            tokio_util::either::Either::Right(stream),
+            Default::default(),
+        ),
+    };
+    let mut conn = Framed::new(stream, WireCodec::new(1 << 20));
     conn.send(ClientMessage::Hello {
         version: PROTOCOL_VERSION,
         software: "bench".into(),

@@ -3,6 +3,7 @@
 
 mod attack;
 mod load;
+mod report;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -38,7 +39,11 @@ struct Row {
     pairs: usize,
     payload: usize,
     mode: &'static str,
+    /// The relay over TLS.
     relay: (f64, f64),
+    /// The same relay code without TLS (the benchmark-only binary).
+    relay_plain: (f64, f64),
+    /// Redis over TLS.
     redis: (f64, f64),
 }
 
@@ -53,7 +58,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let fds = rlimit::getrlimit(rlimit::Resource::NOFILE)?.0;
     eprintln!("fd limit {soft} -> {fds}");
 
+    // The redis client's rustls takes the process-wide provider: the relay's (ring).
+    let _ =
+        rustls::crypto::CryptoProvider::install_default((*chat_protocol::tls::provider()).clone());
     let bin = xtask::build_binaries(&["chat-server"], true)?;
+    let plain_exe = build_plaintext_relay()?;
     let out = args
         .out
         .clone()
@@ -62,6 +71,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let mut procs = Processes::default();
     let relay = start_relay(&mut procs, &bin, data.path())?;
+    let data_plain = tempfile::tempdir()?;
+    let relay_plain = start_relay_exe(&mut procs, &plain_exe, data_plain.path())?;
     let redis = start_redis(&mut procs)?;
     let rt = tokio::runtime::Runtime::new()?;
     // One 2048-bit key signs every bench login (accounts are per name, not per key).
@@ -88,6 +99,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     let (addr, key, p) = (relay.addr.clone(), key.clone(), pattern.clone());
                     async move { load::relay_pairs(&addr, &key, p, c, s).await }
                 }))?;
+                let plain_rate = rt.block_on(measure(run_for, |c, s| {
+                    let (addr, key, p) = (relay_plain.addr.clone(), key.clone(), pattern.clone());
+                    async move { load::relay_pairs(&addr, &key, p, c, s).await }
+                }))?;
                 let redis_rate = rt.block_on(measure(run_for, |c, s| {
                     let (url, p) = (redis.url.clone(), pattern.clone());
                     async move { load::redis_pairs(&url, p, c, s).await }
@@ -97,11 +112,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     payload,
                     mode,
                     relay: relay_rate,
+                    relay_plain: plain_rate,
                     redis: redis_rate,
                 };
                 eprintln!(
-                    "throughput {pairs:>3} pairs {payload:>4} B {mode:<9}: relay {:>9.0} msg/s, redis {:>9.0} msg/s",
-                    row.relay.0, row.redis.0
+                    "throughput {pairs:>3} pairs {payload:>4} B {mode:<9}: relay {:>9.0} msg/s (no TLS {:>9.0}), redis {:>9.0} msg/s",
+                    row.relay.0, row.relay_plain.0, row.redis.0
                 );
                 rows.push(row);
             }
@@ -139,6 +155,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         per_pair,
         latency_run,
     ))?);
+    let plain_lat = percentiles(rt.block_on(load::relay_echo(
+        &relay_plain.addr,
+        &key,
+        "lat",
+        pairs,
+        payload,
+        per_pair,
+        latency_run,
+    ))?);
     let redis_lat = percentiles(rt.block_on(load::redis_echo(
         &redis.url,
         "lat",
@@ -147,7 +172,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         per_pair,
         latency_run,
     ))?);
-    eprintln!("latency at {load_rate:.0} msg/s: relay {relay_lat:?} µs, redis {redis_lat:?} µs");
+    eprintln!(
+        "latency at {load_rate:.0} msg/s: relay {relay_lat:?} µs (no TLS {plain_lat:?}), redis {redis_lat:?} µs"
+    );
 
     // The same load on a relay with per-connection limits on, quiet and then with an Ack
     // flood and an offer replay running (see `attack`).
@@ -186,24 +213,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let data2 = tempfile::tempdir()?;
     let relay2 = start_relay(&mut procs, &bin, data2.path())?;
     let relay_conn = rt.block_on(relay_connections(&relay2, &key, n))?;
+    let data_plain2 = tempfile::tempdir()?;
+    let relay_plain2 = start_relay_exe(&mut procs, &plain_exe, data_plain2.path())?;
+    let plain_conn = rt.block_on(relay_connections(&relay_plain2, &key, n))?;
     let redis_conn = rt.block_on(redis_connections(&redis, n))?;
-    eprintln!("idle connections: relay {relay_conn:.0} B each, redis {redis_conn:.0} B each");
+    eprintln!(
+        "idle connections: relay {relay_conn:.0} B each (no TLS {plain_conn:.0}), redis {redis_conn:.0} B each"
+    );
 
     let crypto = crypto_cost(payloads)?;
 
     let machine = machine();
-    report(
-        &rows,
-        (load_rate, load_basis),
-        &relay_lat,
-        &redis_lat,
-        (&quiet_lat, &attacked_lat, attacked_rss),
-        n,
+    report::print(&report::Report {
+        rows: &rows,
+        load: (load_rate, load_basis),
+        relay_lat,
+        plain_lat,
+        redis_lat,
+        quiet_lat,
+        attacked_lat,
+        attacked_rss,
+        connections: n,
         relay_conn,
+        plain_conn,
         redis_conn,
-        &crypto,
-        &machine,
-    );
+        crypto: &crypto,
+        machine: &machine,
+    });
     let json = json!({
         "machine": machine,
         "quick": args.quick,
@@ -211,22 +247,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "throughput": rows.iter().map(|r| json!({
             "pairs": r.pairs, "payload": r.payload, "mode": r.mode,
             "relay_msgs_per_s": r.relay.0, "relay_mb_per_s": r.relay.1,
+            "relay_plaintext_msgs_per_s": r.relay_plain.0,
             "redis_msgs_per_s": r.redis.0, "redis_mb_per_s": r.redis.1,
             "ratio": r.relay.0 / r.redis.0,
         })).collect::<Vec<_>>(),
         "latency": {
             "offered_msgs_per_s": load_rate, "pairs": pairs, "payload": payload,
             "relay_us": {"p50": relay_lat[0], "p99": relay_lat[1], "p999": relay_lat[2]},
+            "relay_plaintext_us": {"p50": plain_lat[0], "p99": plain_lat[1], "p999": plain_lat[2]},
             "redis_us": {"p50": redis_lat[0], "p99": redis_lat[1], "p999": redis_lat[2]},
             "relay_limits_on_quiet_us": {"p50": quiet_lat[0], "p99": quiet_lat[1], "p999": quiet_lat[2]},
             "relay_under_attack_us": {"p50": attacked_lat[0], "p99": attacked_lat[1], "p999": attacked_lat[2]},
             "relay_under_attack_rss_bytes": attacked_rss,
         },
-        "connections": {"count": n, "relay_bytes_each": relay_conn, "redis_bytes_each": redis_conn},
+        "tls": "relay and Redis over TLS 1.3; relay_plaintext: the same relay code without TLS",
+        "connections": {"count": n, "relay_bytes_each": relay_conn, "relay_plaintext_bytes_each": plain_conn, "redis_bytes_each": redis_conn},
         "crypto_us": crypto.iter().map(|(len, seal, open)| json!({"payload": len, "seal": seal, "open": open})).collect::<Vec<_>>(),
     });
     std::fs::write(out.join("bench.json"), serde_json::to_string_pretty(&json)?)?;
-    chart(&rows, &out.join("throughput.svg"))?;
+    report::chart(&rows, &out.join("throughput.svg"))?;
     println!(
         "wrote {} and {}",
         out.join("bench.json").display(),
@@ -277,16 +316,15 @@ struct Relay {
 fn start_relay(procs: &mut Processes, bin: &Path, data: &Path) -> anyhow::Result<Relay> {
     // Bench settings: no rate limit and room for every connection and account (the load
     // comes from a few addresses); otherwise as shipped.
-    start_relay_config(
-        procs,
-        bin,
-        data,
-        "(max_connections: 120000, rate_limit: (per_second: 100000000.0, burst: 100000000.0), \
-         login_timeout_secs: 120.0, pre_login: (max_connections: 120000, max_per_address: 120000), \
-         connect_rate: (per_second: 1000000.0, burst: 1000000.0), \
-         registrations: (per_hour: 100000000.0, burst: 100000000.0))",
-    )
+    start_relay_config(procs, bin, data, BENCH_CONFIG)
 }
+
+/// No rate limit and room for every connection and account.
+const BENCH_CONFIG: &str = "(max_connections: 120000, \
+    rate_limit: (per_second: 100000000.0, burst: 100000000.0), \
+    login_timeout_secs: 120.0, pre_login: (max_connections: 120000, max_per_address: 120000), \
+    connect_rate: (per_second: 1000000.0, burst: 1000000.0), \
+    registrations: (per_hour: 100000000.0, burst: 100000000.0))";
 
 /// A relay with per-connection rate limits on (high enough for the echo pairs' load,
 /// 5000 tokens/s each), for the quiet and under-attack latency rows.
@@ -298,6 +336,34 @@ fn start_relay_guarded(procs: &mut Processes, bin: &Path, data: &Path) -> anyhow
         "(rate_limit: (per_second: 5000.0, burst: 10000.0), \
          registrations: (per_hour: 100000.0, burst: 100000.0))",
     )
+}
+
+/// Builds the benchmark-only plaintext relay (`chat-server`'s `bench-plaintext` feature,
+/// a binary of its own so the shipped one is untouched) and returns its path.
+fn build_plaintext_relay() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(xtask::project_root())
+        .args(["build", "--release", "-p", "chat-server"])
+        .args(["--features", "bench-plaintext"])
+        .args(["--bin", "chat-server-plaintext-bench"])
+        .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "building the plaintext bench relay failed"
+    );
+    Ok(xtask::target_dir()
+        .join("release")
+        .join("chat-server-plaintext-bench"))
+}
+
+/// The plaintext relay with the bench settings of [`start_relay`].
+fn start_relay_exe(procs: &mut Processes, exe: &Path, data: &Path) -> anyhow::Result<Relay> {
+    let config = data.join("bench.ron");
+    std::fs::write(&config, BENCH_CONFIG)?;
+    let addr = procs.start_relay_exe(exe, data, &["--config", config.to_str().unwrap()])?;
+    let pid = procs.last_pid();
+    Ok(Relay { addr, pid })
 }
 
 fn start_relay_config(
@@ -315,40 +381,59 @@ fn start_relay_config(
 
 struct Redis {
     url: String,
+    port: u16,
     pid: u32,
+    /// Its certificate and key (self-signed ECDSA P-256, as the relay's).
+    _tls: tempfile::TempDir,
 }
 
+/// Redis serving TLS 1.3 only (its `--tls-port`; the plaintext port is off), with a
+/// self-signed certificate the load generators accept without checking (`#insecure`):
+/// the comparison is of the work per message, the relay's clients check its key.
 fn start_redis(procs: &mut Processes) -> anyhow::Result<Redis> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
+    let tls = tempfile::tempdir()?;
+    let key_pem = chat_protocol::tls::RelayIdentity::generate_key_pem()?;
+    let cert_pem = chat_protocol::tls::RelayIdentity::self_signed_pem(&key_pem)?;
+    let (key, cert) = (tls.path().join("redis.key"), tls.path().join("redis.crt"));
+    std::fs::write(&key, key_pem)?;
+    std::fs::write(&cert, cert_pem)?;
     procs
         .spawn(
             Command::new("redis-server")
-                .args([
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
+                .args(["--bind", "127.0.0.1", "--port", "0"])
+                .arg("--tls-port")
+                .arg(port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&cert)
+                .arg("--tls-key-file")
+                .arg(&key)
+                .args(["--tls-auth-clients", "no", "--tls-protocols", "TLSv1.3"])
+                .args(["--save", "", "--appendonly", "no"])
                 .args(["--maxclients", "120000", "--protected-mode", "yes"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         )
-        .context("redis-server is needed for the baseline (apt install redis-server)")?;
+        .context(
+            "redis-server with TLS is needed for the baseline (apt install redis-server; \
+             Debian's build serves TLS)",
+        )?;
     let pid = procs.last_pid();
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "redis-server did not start");
+        anyhow::ensure!(
+            Instant::now() < deadline && procs.running(&[pid]) == 1,
+            "redis-server did not start with TLS (was it built without TLS support?)"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(Redis {
-        url: format!("redis://127.0.0.1:{port}/"),
+        url: format!("rediss://127.0.0.1:{port}/#insecure"),
+        port,
         pid,
+        _tls: tls,
     })
 }
 
@@ -391,18 +476,15 @@ async fn relay_connections(relay: &Relay, key: &rsa::PrivateKey, n: usize) -> an
 
 async fn redis_connections(redis: &Redis, n: usize) -> anyhow::Result<f64> {
     let before = rss_bytes(redis.pid)?;
-    let port: u16 = redis
-        .url
-        .trim_end_matches('/')
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()?;
+    let config = chat_protocol::tls::PinVerifier::new(None).client_config()?;
+    let connector = tokio_rustls::TlsConnector::from(config);
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         let socket = tokio::net::TcpSocket::new_v4()?;
         socket.bind((std::net::Ipv4Addr::from(source(i)), 0).into())?;
-        let mut s = socket.connect(([127, 0, 0, 1], port).into()).await?;
+        let tcp = socket.connect(([127, 0, 0, 1], redis.port).into()).await?;
+        let sni = rustls::pki_types::ServerName::try_from("redis.bench")?;
+        let mut s = connector.connect(sni, tcp).await?;
         // One command so the server has set the client up, as a logged-in relay client.
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         s.write_all(b"PING\r\n").await?;
@@ -497,126 +579,4 @@ fn machine() -> String {
         "{cpu}, {cores} cores, {:.0} GiB RAM",
         mem as f64 / 1024.0 / 1024.0
     )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn report(
-    rows: &[Row],
-    (load_rate, load_basis): (f64, &str),
-    relay_lat: &[u64; 3],
-    redis_lat: &[u64; 3],
-    (quiet, attacked, attacked_rss): (&[u64; 3], &[u64; 3], f64),
-    n: usize,
-    relay_conn: f64,
-    redis_conn: f64,
-    crypto: &[(usize, f64, f64)],
-    machine: &str,
-) {
-    println!("machine: {machine}");
-    println!();
-    println!(
-        "| pairs | payload | mode      | relay msg/s | relay MB/s | Redis msg/s | Redis MB/s | relay/Redis |"
-    );
-    println!(
-        "|------:|--------:|-----------|------------:|-----------:|------------:|-----------:|------------:|"
-    );
-    for r in rows {
-        println!(
-            "| {:>5} | {:>5} B | {:<9} | {:>11.0} | {:>10.2} | {:>11.0} | {:>10.2} | {:>11.2} |",
-            r.pairs,
-            r.payload,
-            r.mode,
-            r.relay.0,
-            r.relay.1,
-            r.redis.0,
-            r.redis.1,
-            r.relay.0 / r.redis.0
-        );
-    }
-    println!();
-    println!("latency, round trip A→B→A, 10 pairs, {load_rate:.0} msg/s offered ({load_basis}):");
-    println!("| system | p50 µs | p99 µs | p99.9 µs |");
-    println!("|--------|-------:|-------:|---------:|");
-    println!(
-        "| relay  | {:>6} | {:>6} | {:>8} |",
-        relay_lat[0], relay_lat[1], relay_lat[2]
-    );
-    println!(
-        "| Redis  | {:>6} | {:>6} | {:>8} |",
-        redis_lat[0], redis_lat[1], redis_lat[2]
-    );
-    let ratio = |i: usize| redis_lat[i] as f64 / relay_lat[i].max(1) as f64;
-    println!(
-        "| Redis/relay (≥ 1: relay faster) | {:.2} | {:.2} | {:.2} |",
-        ratio(0),
-        ratio(1),
-        ratio(2)
-    );
-    println!();
-    println!("the same load, relay with per-connection limits on (5000 tokens/s):");
-    println!("| relay | p50 µs | p99 µs | p99.9 µs |");
-    println!("|-------|-------:|-------:|---------:|");
-    println!(
-        "| quiet | {:>6} | {:>6} | {:>8} |",
-        quiet[0], quiet[1], quiet[2]
-    );
-    println!(
-        "| under attack (Ack flood ×3, offer replay) | {:>6} | {:>6} | {:>8} |",
-        attacked[0], attacked[1], attacked[2]
-    );
-    println!("relay RSS after the attack: {:.1} MB", attacked_rss / 1e6);
-    println!();
-    println!(
-        "idle authenticated connections: {n}; server memory per connection: relay {:.0} B, Redis {:.0} B",
-        relay_conn, redis_conn
-    );
-    println!();
-    println!("client crypto per message (RSA-3072 identities, AES-256-GCM):");
-    for (len, seal, open) in crypto {
-        println!("  {len:>5} B: seal {seal:.1} µs, open {open:.1} µs");
-    }
-}
-
-fn chart(rows: &[Row], path: &Path) -> anyhow::Result<()> {
-    use plotters::prelude::*;
-    let root = SVGBackend::new(path, (960, 480)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let max = rows
-        .iter()
-        .map(|r| r.relay.0.max(r.redis.0))
-        .fold(1.0, f64::max)
-        * 1.1;
-    let labels: Vec<String> = rows
-        .iter()
-        .map(|r| format!("{}p {}B {}", r.pairs, r.payload, &r.mode[..3]))
-        .collect();
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Messages/s delivered: relay (blue) vs Redis pub/sub (red)",
-            ("sans-serif", 18),
-        )
-        .margin(10)
-        .x_label_area_size(60)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..rows.len() as f64, 0.0..max)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(rows.len())
-        .x_label_formatter(&|x| labels.get(x.floor() as usize).cloned().unwrap_or_default())
-        .y_desc("messages/s")
-        .draw()?;
-    for (i, r) in rows.iter().enumerate() {
-        let x = i as f64;
-        chart.draw_series(std::iter::once(Rectangle::new(
-            [(x + 0.1, 0.0), (x + 0.48, r.relay.0)],
-            BLUE.filled(),
-        )))?;
-        chart.draw_series(std::iter::once(Rectangle::new(
-            [(x + 0.52, 0.0), (x + 0.9, r.redis.0)],
-            RED.filled(),
-        )))?;
-    }
-    root.present()?;
-    Ok(())
 }

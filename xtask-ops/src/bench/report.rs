@@ -1,0 +1,139 @@
+//! The bench's printed tables and its chart.
+
+use std::path::Path;
+
+use super::Row;
+
+/// Everything one `cargo xtask bench` run measured. Latencies are [p50, p99, p99.9] in
+/// µs; memory in bytes per idle authenticated connection.
+pub struct Report<'a> {
+    pub rows: &'a [Row],
+    /// Offered msgs/s in the latency rows, and how it was chosen.
+    pub load: (f64, &'a str),
+    pub relay_lat: [u64; 3],
+    pub plain_lat: [u64; 3],
+    pub redis_lat: [u64; 3],
+    pub quiet_lat: [u64; 3],
+    pub attacked_lat: [u64; 3],
+    pub attacked_rss: f64,
+    pub connections: usize,
+    pub relay_conn: f64,
+    pub plain_conn: f64,
+    pub redis_conn: f64,
+    /// (payload bytes, seal µs, open µs)
+    pub crypto: &'a [(usize, f64, f64)],
+    pub machine: &'a str,
+}
+
+/// Prints the run as Markdown tables (the form PERFORMANCE.md records).
+pub fn print(r: &Report<'_>) {
+    let (load_rate, load_basis) = r.load;
+    println!("machine: {}", r.machine);
+    println!("relay and Redis over TLS 1.3; \"no TLS\": the same relay code over plain TCP");
+    println!();
+    println!(
+        "| pairs | payload | mode      | relay msg/s | relay MB/s | no TLS msg/s | TLS cost | Redis msg/s | Redis MB/s | relay/Redis |"
+    );
+    println!(
+        "|------:|--------:|-----------|------------:|-----------:|-------------:|---------:|------------:|-----------:|------------:|"
+    );
+    for row in r.rows {
+        println!(
+            "| {:>5} | {:>5} B | {:<9} | {:>11.0} | {:>10.2} | {:>12.0} | {:>7.0} % | {:>11.0} | {:>10.2} | {:>11.2} |",
+            row.pairs,
+            row.payload,
+            row.mode,
+            row.relay.0,
+            row.relay.1,
+            row.relay_plain.0,
+            (1.0 - row.relay.0 / row.relay_plain.0) * 100.0,
+            row.redis.0,
+            row.redis.1,
+            row.relay.0 / row.redis.0
+        );
+    }
+    println!();
+    println!("latency, round trip A→B→A, 10 pairs, {load_rate:.0} msg/s offered ({load_basis}):");
+    println!("| system | p50 µs | p99 µs | p99.9 µs |");
+    println!("|--------|-------:|-------:|---------:|");
+    let line = |name: &str, l: &[u64; 3]| {
+        println!("| {name} | {:>6} | {:>6} | {:>8} |", l[0], l[1], l[2]);
+    };
+    line("relay (TLS)", &r.relay_lat);
+    line("relay (no TLS)", &r.plain_lat);
+    line("Redis (TLS)", &r.redis_lat);
+    let ratio = |i: usize| r.redis_lat[i] as f64 / r.relay_lat[i].max(1) as f64;
+    println!(
+        "| Redis/relay (≥ 1: relay faster) | {:.2} | {:.2} | {:.2} |",
+        ratio(0),
+        ratio(1),
+        ratio(2)
+    );
+    println!();
+    println!("the same load, relay with per-connection limits on (5000 tokens/s):");
+    println!("| relay | p50 µs | p99 µs | p99.9 µs |");
+    println!("|-------|-------:|-------:|---------:|");
+    line("quiet", &r.quiet_lat);
+    line("under attack (Ack flood ×3, offer replay)", &r.attacked_lat);
+    println!("relay RSS after the attack: {:.1} MB", r.attacked_rss / 1e6);
+    println!();
+    println!(
+        "idle authenticated connections: {}; server memory per connection: relay (TLS) {:.0} B, \
+         relay (no TLS) {:.0} B, Redis (TLS) {:.0} B",
+        r.connections, r.relay_conn, r.plain_conn, r.redis_conn
+    );
+    println!();
+    println!("client crypto per message (RSA-3072 identities, AES-256-GCM):");
+    for (len, seal, open) in r.crypto {
+        println!("  {len:>5} B: seal {seal:.1} µs, open {open:.1} µs");
+    }
+}
+
+/// Writes the throughput chart (SVG): relay over TLS, relay without TLS, Redis over TLS.
+pub fn chart(rows: &[Row], path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (960, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max = rows
+        .iter()
+        .map(|r| r.relay.0.max(r.redis.0).max(r.relay_plain.0))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{}p {}B {}", r.pairs, r.payload, &r.mode[..3]))
+        .collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Messages/s delivered: relay TLS (blue), relay no TLS (grey), Redis pub/sub TLS (red)",
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(60)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..rows.len() as f64, 0.0..max)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(rows.len())
+        .x_label_formatter(&|x| labels.get(x.floor() as usize).cloned().unwrap_or_default())
+        .y_desc("messages/s")
+        .draw()?;
+    for (i, r) in rows.iter().enumerate() {
+        let x = i as f64;
+        let bars = [
+            (r.relay.0, BLUE),
+            (r.relay_plain.0, RGBColor(160, 160, 160)),
+            (r.redis.0, RED),
+        ];
+        for (k, (value, colour)) in bars.into_iter().enumerate() {
+            let left = x + 0.08 + k as f64 * 0.28;
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(left, 0.0), (left + 0.26, value)],
+                colour.filled(),
+            )))?;
+        }
+    }
+    root.present()?;
+    Ok(())
+}
