@@ -255,9 +255,9 @@ pub enum Event {
     /// to an address (`first_use`: trust on first use, compare `fingerprint` with the one
     /// the operator gave you), or from an address given with `#FINGERPRINT`. With
     /// `needs_confirmation` nothing was pinned or sent yet: the client waits for
-    /// `TrustServerKey` (the window's dialog). With `certified` nothing was pinned: the
-    /// relay's certificate chains to a trusted certificate authority for its host name
-    /// (the system's, or `--ca-file`), checked at every connection.
+    /// `TrustServerKey` (the window's dialog). With `certified` the key was pinned
+    /// without asking: the relay's certificate chains to a trusted certificate authority
+    /// for its host name (the system's, or `--ca-file`).
     ServerKey {
         server: String,
         fingerprint: String,

@@ -191,13 +191,14 @@ fn private_ca(dir: &std::path::Path) -> (std::path::PathBuf, String) {
 }
 
 #[test]
-fn a_relay_with_a_certificate_from_a_trusted_authority_needs_no_pin() {
+fn a_relay_with_a_certificate_from_a_trusted_authority_is_trusted_without_asking() {
     let dir = tempfile::tempdir().unwrap();
     let (ca_file, ron) = private_ca(&dir.path().join("pki"));
     let relay = Relay::start_with_config("127.0.0.1:0", &dir.path().join("relay"), &ron);
     let by_name = format!("localhost:{}", relay.addr.port());
 
-    // With the CA trusted: certified, nothing pinned, checked again at every connection.
+    // With the CA trusted: certified, and its key pinned so no later impostor is taken
+    // for a first use.
     let alice_home = dir.path().join("alice");
     let options = Options {
         server: Some(by_name.clone()),
@@ -211,8 +212,8 @@ fn a_relay_with_a_certificate_from_a_trusted_authority_needs_no_pin() {
     assert_eq!(key["fingerprint"], relay.fingerprint.as_str());
     alice.connected();
     assert!(
-        !known_relays(&alice_home).contains(&by_name),
-        "a certified relay is not pinned: {}",
+        known_relays(&alice_home).contains(&relay.fingerprint),
+        "a certified relay's key is pinned: {}",
         known_relays(&alice_home)
     );
 

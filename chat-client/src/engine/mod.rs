@@ -437,8 +437,20 @@ impl Engine {
                     ever_connected = true;
                     info!(registered = session.registered, "connected");
                     if session.certified {
-                        // A certificate authority vouches for the name: nothing to pin
-                        // (the operator may renew the key with the certificate).
+                        // A certificate authority vouched for the name: its key is pinned
+                        // as a first use's would be, so a later impostor with any other
+                        // certificate (or none a CA signed) is a mismatch, not a new
+                        // first use.
+                        if let Err(e) = crate::known_relays::pin(
+                            &self.config.home,
+                            &address.host_port,
+                            session.fingerprint,
+                        ) {
+                            self.sink.emit(Event::warning(
+                                "relay_key_not_saved",
+                                format!("the relay's key could not be saved ({e})"),
+                            ));
+                        }
                         if first_connection {
                             self.sink.emit(Event::ServerKey {
                                 server: address.host_port.clone(),
