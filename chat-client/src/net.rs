@@ -53,6 +53,11 @@ pub enum ConnectError {
     /// that waits for its client to speak first), or a relay that hangs.
     #[error("{0}")]
     Silent(String),
+    /// The TLS handshake failed on bad data: something that does not speak TLS 1.3 (an
+    /// old plaintext relay, an HTTP or SSH server), or a handshake damaged on the path.
+    /// Retried once; twice in a row before any login, it is `not_a_relay`.
+    #[error("{0}")]
+    NotTls(String),
     /// The relay presented another key than the one pinned: a hard stop, never retried.
     #[error("the relay's key is {presented}, not the pinned {expected}")]
     KeyMismatch {
@@ -213,14 +218,13 @@ async fn tls_connect(
             return Err(match e.kind() {
                 // rustls reports a peer that does not speak TLS 1.3 (a plaintext relay of
                 // an older version, an HTTP or SSH server) as invalid data.
-                std::io::ErrorKind::InvalidData => ConnectError::Fatal {
-                    code: "not_a_relay".into(),
-                    message: format!(
-                        "{addr} answered, but not with TLS 1.3 as a Secure Chat relay does \
-                         ({e}). Check the address and port (the relay's default port is \
-                         65432); a relay older than protocol {PROTOCOL_VERSION} must be updated"
-                    ),
-                },
+                // So does a handshake damaged on the path: the caller decides after a
+                // second try.
+                std::io::ErrorKind::InvalidData => ConnectError::NotTls(format!(
+                    "{addr} answered, but not with TLS 1.3 as a Secure Chat relay does \
+                     ({e}). Check the address and port (the relay's default port is \
+                     65432); a relay older than protocol {PROTOCOL_VERSION} must be updated"
+                )),
                 _ => ConnectError::Transient(format!("TLS with {addr} failed: {e}")),
             });
         }

@@ -16,6 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 const FORWARD: u8 = 0;
 const DROP: u8 = 1;
 const INTERCEPT: u8 = 2;
+/// Forwards, but flips one bit of the relay's handshake (then back to FORWARD).
+const FLIP_ONCE: u8 = 3;
 
 /// The network path to the relay, controlled by an attacker: forwards bytes untouched,
 /// drops connections, or terminates TLS with its own key (a man in the middle).
@@ -47,6 +49,34 @@ impl Path {
                         });
                     }
                     DROP => drop(socket),
+                    FLIP_ONCE => {
+                        current.store(FORWARD, Ordering::SeqCst);
+                        tokio::spawn(async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let upstream = TcpStream::connect(relay).await.unwrap();
+                            let (mut up_read, mut up_write) = upstream.into_split();
+                            let (mut down_read, mut down_write) = socket.into_split();
+                            tokio::spawn(async move {
+                                let _ = tokio::io::copy(&mut down_read, &mut up_write).await;
+                            });
+                            // The relay's ServerHello and encrypted handshake: byte 300 is
+                            // inside its encrypted extensions or certificate.
+                            let mut seen = 0usize;
+                            let mut buf = vec![0u8; 16384];
+                            while let Ok(n) = up_read.read(&mut buf).await {
+                                if n == 0 {
+                                    break;
+                                }
+                                if (seen..seen + n).contains(&300) {
+                                    buf[300 - seen] ^= 1;
+                                }
+                                seen += n;
+                                if down_write.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
                     _ => {
                         // Completes the handshake only if the client accepts our key; a
                         // client that does would then be talking to us.
@@ -243,4 +273,28 @@ fn a_relay_with_a_certificate_from_a_trusted_authority_is_trusted_without_asking
     let error = carol.expect("invalid_ca_file", |e| e["event"] == "error");
     assert_eq!(error["code"], "invalid_ca_file", "{error}");
     assert!(error["message"].as_str().unwrap().contains("junk.pem"));
+}
+
+#[test]
+fn a_handshake_damaged_on_the_path_is_retried_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start("127.0.0.1:0", &dir.path().join("relay"));
+    let path = Path::start(relay.addr);
+    let mut alice = Client::ready(relay.addr, "alice", &dir.path().join("alice"));
+    path.set(FLIP_ONCE);
+    let server = Some(format!("{}#{}", path.addr, relay.fingerprint));
+    let mut bob = client(path.addr, "bob", &dir.path().join("bob"), server);
+    bob.send("/msg alice through a damaged handshake");
+    bob.connected();
+    assert_eq!(
+        alice.message_from("bob")["text"],
+        "through a damaged handshake"
+    );
+    assert!(
+        bob.seen_of("error")
+            .iter()
+            .all(|e| e["code"] != "not_a_relay"),
+        "{:?}",
+        bob.seen
+    );
 }
