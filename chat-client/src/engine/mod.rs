@@ -436,39 +436,18 @@ impl Engine {
                     attempt = 0;
                     silent = 0;
                     not_tls = 0;
-                    let first_connection = !ever_connected;
                     ever_connected = true;
                     info!(registered = session.registered, "connected");
-                    if session.certified {
-                        // A certificate authority vouched for the name: its key is pinned
-                        // as a first use's would be, so a later impostor with any other
-                        // certificate (or none a CA signed) is a mismatch, not a new
-                        // first use.
-                        if let Err(e) = crate::known_relays::pin(
-                            &self.config.home,
-                            &address.host_port,
-                            session.fingerprint,
-                        ) {
-                            self.sink.emit(Event::warning(
-                                "relay_key_not_saved",
-                                format!("the relay's key could not be saved ({e})"),
-                            ));
-                        }
-                        if first_connection {
-                            self.sink.emit(Event::ServerKey {
-                                server: address.host_port.clone(),
-                                fingerprint: session.fingerprint.to_string(),
-                                first_use: false,
-                                needs_confirmation: false,
-                                certified: true,
-                            });
-                        }
-                    } else if pinned != Some(session.fingerprint) {
+                    // A key a certificate authority vouched for is pinned as a first use's
+                    // would be, so a later impostor with any other certificate is a
+                    // mismatch, not a new first use.
+                    if pinned != Some(session.fingerprint) {
                         self.pin_relay(
                             &address.host_port,
                             session.fingerprint,
                             pinned.is_none() && address.fingerprint.is_none(),
                             false,
+                            session.certified,
                         );
                     }
                     match self.session(session, &mut commands).await {
@@ -584,6 +563,7 @@ impl Engine {
         fingerprint: RelayFingerprint,
         first_use: bool,
         confirmed: bool,
+        certified: bool,
     ) {
         if let Err(e) = crate::known_relays::pin(&self.config.home, host_port, fingerprint) {
             self.sink.emit(Event::warning(
@@ -597,9 +577,9 @@ impl Engine {
             self.sink.emit(Event::ServerKey {
                 server: host_port.to_owned(),
                 fingerprint: fingerprint.to_string(),
-                first_use,
+                first_use: first_use && !certified,
                 needs_confirmation: false,
-                certified: false,
+                certified,
             });
         }
     }
@@ -617,7 +597,7 @@ impl Engine {
                 Command::Shutdown { .. } => return false,
                 Command::TrustServerKey { fingerprint } => match fingerprint.parse() {
                     Ok(fp) => {
-                        self.pin_relay(host_port, fp, false, true);
+                        self.pin_relay(host_port, fp, false, true, false);
                         return true;
                     }
                     Err(e) => self
