@@ -53,11 +53,6 @@ pub enum ConnectError {
     /// that waits for its client to speak first), or a relay that hangs.
     #[error("{0}")]
     Silent(String),
-    /// The TLS handshake failed on bad data: something that does not speak TLS 1.3 (an
-    /// old plaintext relay, an HTTP or SSH server), or a handshake damaged on the path.
-    /// Retried once; twice in a row before any login, it is `not_a_relay`.
-    #[error("{0}")]
-    NotTls(String),
     /// The relay presented another key than the one pinned: a hard stop, never retried.
     #[error("the relay's key is {presented}, not the pinned {expected}")]
     KeyMismatch {
@@ -168,6 +163,24 @@ struct Handshake {
 }
 
 /// TCP, then the TLS handshake with the relay's key checked.
+/// Whether a failed handshake shows a peer that does not speak TLS 1.3 at all (a plaintext
+/// relay of an older version, an HTTP or SSH server): its first bytes are no TLS record, or
+/// it offered only versions or suites we refuse. A TLS peer whose handshake was damaged on
+/// the path fails later, to decrypt or verify, and is not this.
+fn speaks_no_tls(e: &std::io::Error) -> bool {
+    use tokio_rustls::rustls::{Error, InvalidMessage};
+    matches!(
+        e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()),
+        Some(
+            Error::InvalidMessage(
+                InvalidMessage::InvalidContentType
+                    | InvalidMessage::UnknownProtocolVersion
+                    | InvalidMessage::MessageTooLarge,
+            ) | Error::PeerIncompatible(_)
+        )
+    )
+}
+
 async fn tls_connect(
     server: &RelayAddress,
     expect: Expect,
@@ -215,17 +228,19 @@ async fn tls_connect(
                     presented,
                 });
             }
-            return Err(match e.kind() {
-                // rustls reports a peer that does not speak TLS 1.3 (a plaintext relay of
-                // an older version, an HTTP or SSH server) as invalid data.
-                // So does a handshake damaged on the path: the caller decides after a
-                // second try.
-                std::io::ErrorKind::InvalidData => ConnectError::NotTls(format!(
-                    "{addr} answered, but not with TLS 1.3 as a Secure Chat relay does \
-                     ({e}). Check the address and port (the relay's default port is \
-                     65432); a relay older than protocol {PROTOCOL_VERSION} must be updated"
-                )),
-                _ => ConnectError::Transient(format!("TLS with {addr} failed: {e}")),
+            return Err(if speaks_no_tls(&e) {
+                ConnectError::Fatal {
+                    code: "not_a_relay".into(),
+                    message: format!(
+                        "{addr} answered, but not with TLS 1.3 as a Secure Chat relay does \
+                         ({e}). Check the address and port (the relay's default port is \
+                         65432); a relay older than protocol {PROTOCOL_VERSION} must be updated"
+                    ),
+                }
+            } else {
+                // Anything else, a handshake damaged on the path included (it fails to
+                // decrypt), is retried like a dropped connection.
+                ConnectError::Transient(format!("TLS with {addr} failed: {e}"))
             });
         }
     };

@@ -400,8 +400,6 @@ impl Engine {
         let mut attempt: u32 = 0;
         // Connections in a row that opened but got no answer at all, before any login.
         let mut silent: u32 = 0;
-        // Handshakes in a row that failed on data that is not TLS 1.3, before any login.
-        let mut not_tls: u32 = 0;
         let mut ever_connected = false;
         let address = match net::check_server_address(&self.config.server) {
             Ok(address) => address,
@@ -435,7 +433,6 @@ impl Engine {
                 Ok(session) => {
                     attempt = 0;
                     silent = 0;
-                    not_tls = 0;
                     ever_connected = true;
                     info!(registered = session.registered, "connected");
                     // A key a certificate authority vouched for is pinned as a first use's
@@ -525,17 +522,8 @@ impl Engine {
                     silent += 1;
                     reason
                 }
-                Err(ConnectError::NotTls(reason)) if !ever_connected && not_tls >= 1 => {
-                    self.sink.emit(Event::error("not_a_relay", reason));
-                    return self.stay_offline(&mut commands).await;
-                }
-                Err(ConnectError::NotTls(reason)) => {
-                    not_tls += 1;
-                    reason
-                }
                 Err(ConnectError::Transient(reason)) => {
                     silent = 0;
-                    not_tls = 0;
                     reason
                 }
             };
