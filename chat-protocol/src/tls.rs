@@ -36,6 +36,12 @@ pub enum TlsError {
     Pem { what: &'static str, detail: String },
     #[error("the certificate file holds no certificate")]
     NoCertificate,
+    #[error(
+        "the private key does not belong to the first certificate of the chain: check that \
+         the key and certificate files go together and that the chain lists the relay's own \
+         certificate first"
+    )]
+    KeyMismatch,
     #[error("the relay certificate cannot be parsed: {0}")]
     Certificate(webpki::Error),
     #[error("TLS configuration refused: {0}")]
@@ -86,6 +92,10 @@ impl RelayIdentity {
     }
 
     /// Reads a PEM certificate chain (leaf first) and its PEM private key.
+    ///
+    /// Errors: [`TlsError::Pem`] or [`TlsError::NoCertificate`] for unreadable files, and
+    /// [`TlsError::KeyMismatch`] unless the key is the leaf's (a chain out of order, or a
+    /// certificate of another relay), so the fingerprint is always the key's.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let cert_chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
@@ -99,6 +109,13 @@ impl RelayIdentity {
             what: "the key file",
             detail: e.to_string(),
         })?;
+        let signing_key = provider().key_provider.load_private_key(key.clone_key())?;
+        match signing_key.public_key() {
+            Some(spki) if RelayFingerprint::of_spki(spki.as_ref()) != fingerprint => {
+                return Err(TlsError::KeyMismatch);
+            }
+            _ => {}
+        }
         Ok(Self {
             cert_chain,
             key,

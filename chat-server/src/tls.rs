@@ -145,6 +145,15 @@ mod tests {
             load_or_create(&config).unwrap().fingerprint,
             first.fingerprint
         );
+        // Another relay's certificate copied in by mistake: the key's fingerprint, a new
+        // certificate for it.
+        let stranger =
+            RelayIdentity::self_signed_pem(&RelayIdentity::generate_key_pem().unwrap()).unwrap();
+        std::fs::write(config.data_dir.join(CERT_FILE), stranger).unwrap();
+        assert_eq!(
+            load_or_create(&config).unwrap().fingerprint,
+            first.fingerprint
+        );
         // Another data directory, another key.
         let other = Config {
             data_dir: dir.path().join("other"),
@@ -154,6 +163,7 @@ mod tests {
             load_or_create(&other).unwrap().fingerprint,
             first.fingerprint
         );
+        let other_key = other.data_dir.join(KEY_FILE);
         // An operator's files: the same key copied gives the same fingerprint.
         let files = Config {
             tls: Some(crate::config::TlsFiles {
@@ -165,6 +175,19 @@ mod tests {
         assert_eq!(
             load_or_create(&files).unwrap().fingerprint,
             first.fingerprint
+        );
+        // An operator's key that is not the certificate's: refused, naming the file.
+        let mismatched = Config {
+            tls: Some(crate::config::TlsFiles {
+                cert_chain: config.data_dir.join(CERT_FILE),
+                key: other_key,
+            }),
+            ..files
+        };
+        let err = load_or_create(&mismatched).unwrap_err().to_string();
+        assert!(
+            err.contains(CERT_FILE) && err.contains("does not belong"),
+            "{err}"
         );
     }
 }

@@ -165,3 +165,31 @@ fn a_pin_is_never_overruled_by_an_authority() {
     handshake(&relay, &verifier).unwrap();
     assert!(!verifier.certified());
 }
+
+#[test]
+fn a_key_that_is_not_the_leafs_is_refused() {
+    let key = RelayIdentity::generate_key_pem().unwrap();
+    let other_key = RelayIdentity::generate_key_pem().unwrap();
+    let other_cert = RelayIdentity::self_signed_pem(&other_key).unwrap();
+    // Another relay's certificate with our key.
+    assert!(matches!(
+        RelayIdentity::from_pem(&other_cert, &key),
+        Err(TlsError::KeyMismatch)
+    ));
+    // A chain in the wrong order: the authority first.
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca =
+        rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["relay.test".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let reversed = format!("{}{}", ca.pem(), leaf.pem());
+    let err = RelayIdentity::from_pem(&reversed, &leaf_key.serialize_pem()).unwrap_err();
+    assert!(matches!(err, TlsError::KeyMismatch), "{err}");
+    assert!(err.to_string().contains("first"), "{err}");
+    let ordered = format!("{}{}", leaf.pem(), ca.pem());
+    RelayIdentity::from_pem(&ordered, &leaf_key.serialize_pem()).unwrap();
+}
