@@ -115,8 +115,9 @@ fn known_relays(home: &std::path::Path) -> String {
 }
 
 /// The client refuses the impostor: `server_key_mismatch` naming both keys, `offline`,
-/// exit 1, and what was queued is still queued (delivered once the path is honest).
-fn refuses_the_impostor(mut victim: Client, relay_fp: &str) {
+/// exit 1, and what was queued is still queued (delivered once the path is honest). The
+/// message says what to do where the pin came from (`remedy`).
+fn refuses_the_impostor(mut victim: Client, relay_fp: &str, remedy: &str) {
     let mismatch = victim.expect("server_key_mismatch", |e| {
         e["event"] == "error" && e["code"] == "server_key_mismatch"
     });
@@ -125,6 +126,7 @@ fn refuses_the_impostor(mut victim: Client, relay_fp: &str) {
         message.contains(relay_fp),
         "names the pinned key: {message}"
     );
+    assert!(message.contains(remedy), "says {remedy:?}: {message}");
     victim.expect("offline", |e| {
         e["event"] == "connection" && e["state"] == "offline"
     });
@@ -170,7 +172,13 @@ fn a_man_in_the_middle_is_refused_by_pinned_and_by_first_use_clients_and_nothing
         user.send(&format!("/msg alice held by {name}"));
         user.expect("queued", |e| e["event"] == "queued");
         path.set(INTERCEPT);
-        refuses_the_impostor(user, &relay.fingerprint);
+        // A pin given with the address may be a typo; one from a first use is in a file.
+        let remedy = if server.is_some() {
+            "typo"
+        } else {
+            "known-relays"
+        };
+        refuses_the_impostor(user, &relay.fingerprint, remedy);
         let known = known_relays(&home);
         assert!(
             known.lines().count() == 1 && known.contains(&relay.fingerprint),
@@ -273,6 +281,14 @@ fn a_relay_with_a_certificate_from_a_trusted_authority_is_trusted_without_asking
     let error = carol.expect("invalid_ca_file", |e| e["event"] == "error");
     assert_eq!(error["code"], "invalid_ca_file", "{error}");
     assert!(error["message"].as_str().unwrap().contains("junk.pem"));
+    // Also while a pin makes the authorities unneeded: found when given, not later.
+    let options = Options {
+        server: Some(format!("{}#{}", relay.addr, relay.fingerprint)),
+        ..options
+    };
+    let mut dave = Client::start_opts(relay.addr, "dave", &dir.path().join("dave"), &options);
+    let error = dave.expect("invalid_ca_file", |e| e["event"] == "error");
+    assert_eq!(error["code"], "invalid_ca_file", "{error}");
 }
 
 #[test]

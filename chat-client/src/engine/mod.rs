@@ -418,7 +418,11 @@ impl Engine {
                 (None, None) if self.config.confirm_new_relay_keys => net::Expect::AskFirst,
                 (None, None) => net::Expect::FirstUse,
             };
-            if !matches!(expect, net::Expect::Pinned(_)) && authorities.is_none() {
+            // A --ca-file is checked even while a pin makes it unneeded, so a bad one is
+            // found when it is given, not on the day the pin is removed.
+            if (self.config.ca_file.is_some() || !matches!(expect, net::Expect::Pinned(_)))
+                && authorities.is_none()
+            {
                 match net::authorities(self.config.ca_file.as_deref()) {
                     Ok(roots) => authorities = Some(roots),
                     Err(message) => {
@@ -464,21 +468,37 @@ impl Engine {
                     expected,
                     presented,
                 }) => {
-                    self.sink.emit(Event::error(
-                        "server_key_mismatch",
+                    // Where the expected key came from decides what the user can do.
+                    let source = if address.fingerprint.is_some() {
                         format!(
-                            "the relay at {} presented the key {presented}, but {expected} is \
-                             pinned for it. Nothing was sent; your messages stay in the outbox. \
-                             Someone may be impersonating the relay. If its operator tells you \
-                             the key really changed, compare the new fingerprint with them and \
-                             start with --server {}#{presented} (or remove its line from {})",
-                            address.host_port,
+                            "{expected} was given with the address (#fingerprint after the \
+                             port, on the command line or in the saved server setting). If \
+                             you typed or pasted it, check it against the relay operator's for \
+                             a typo first. Otherwise someone may be impersonating the relay. \
+                             If its operator tells you the key really changed, compare the new \
+                             fingerprint with them and give the address as {}#{presented}",
+                            address.host_port
+                        )
+                    } else {
+                        format!(
+                            "{expected} is pinned for it since an earlier connection. Someone \
+                             may be impersonating the relay. If its operator tells you the key \
+                             really changed, compare the new fingerprint with them and start \
+                             with --server {}#{presented} (or remove its line from {})",
                             address.host_port,
                             self.config
                                 .home
                                 .dir()
                                 .join(crate::known_relays::FILE)
                                 .display()
+                        )
+                    };
+                    self.sink.emit(Event::error(
+                        "server_key_mismatch",
+                        format!(
+                            "the relay at {} presented the key {presented}, but {source}. \
+                             Nothing was sent; your messages stay in the outbox.",
+                            address.host_port,
                         ),
                     ));
                     self.sink.emit(Event::ServerKey {
