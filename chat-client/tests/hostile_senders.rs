@@ -157,6 +157,12 @@ impl Mallory {
     }
 }
 
+/// What a real message may wait behind a hostile queue. The fault this guards against is
+/// an RSA-3072 unwrap per hostile offer: at least 30 ms each in a debug build, so 200 take
+/// 6 s or more and 5,000 minutes. Without it the wait is a few hundred milliseconds; the
+/// bound leaves a loaded 2-core machine room (measured figures belong to the bench).
+const HOSTILE_QUEUE_BOUND: Duration = Duration::from_secs(3);
+
 /// Bob registers and goes away; mallory queues `payloads` for him, then alice her real
 /// message. Returns how long after bob comes back alice's message is shown.
 fn delay_behind(payloads: impl FnOnce(&Mallory, &PublicIdentity) -> Vec<Vec<u8>>) -> Duration {
@@ -198,14 +204,14 @@ fn delay_behind(payloads: impl FnOnce(&Mallory, &PublicIdentity) -> Vec<Vec<u8>>
 }
 
 #[test]
-fn five_thousand_replayed_offers_delay_a_real_message_by_under_a_second() {
+fn five_thousand_replayed_offers_barely_delay_a_real_message() {
     let delay = delay_behind(|m, bob_key| {
         let bob = Username::parse("bob").unwrap();
         let one = m.forged(&mut Outbound::default(), &bob, bob_key);
         vec![one; 5000]
     });
     eprintln!("behind 5,000 replays of one offer: shown {delay:?} after bob came back");
-    assert!(delay < Duration::from_secs(1), "{delay:?}");
+    assert!(delay < HOSTILE_QUEUE_BOUND, "{delay:?}");
 }
 
 #[test]
@@ -217,5 +223,5 @@ fn many_new_offers_from_one_stranger_do_not_hold_up_a_contact() {
             .collect()
     });
     eprintln!("behind 200 new offers from a stranger: shown {delay:?} after bob came back");
-    assert!(delay < Duration::from_secs(1), "{delay:?}");
+    assert!(delay < HOSTILE_QUEUE_BOUND, "{delay:?}");
 }
