@@ -76,6 +76,44 @@ pub struct Config {
     /// `fullchain.pem` and `privkey.pem`). `None`: the relay's own key and a self-signed
     /// certificate in the data directory, created on first start.
     pub tls: Option<TlsFiles>,
+    /// Where accounts, sessions, presence and the offline queue live: `Sqlite` (one relay,
+    /// a file in `data_dir`; the default) or `Nats(...)` (many relays sharing a NATS
+    /// JetStream cluster; see docs/CLUSTER.md).
+    pub backend: Backend,
+}
+
+/// The relay's backend for shared state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub enum Backend {
+    /// An SQLite file in the data directory: one relay.
+    #[default]
+    Sqlite,
+    /// A NATS JetStream cluster shared by every relay of the deployment.
+    Nats(NatsBackend),
+}
+
+/// Settings of the `Nats` backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsBackend {
+    /// NATS server URLs (`nats://host:port`); the client connects to one and fails over
+    /// to the others.
+    pub urls: Vec<String>,
+    /// Copies of every stream and bucket (JetStream replicas, Raft): 3 survives the loss
+    /// of one node; 1 for a single NATS node. An acknowledged write is on a quorum.
+    pub stream_replicas: usize,
+    /// Names of the streams and buckets start with this, so clusters can share NATS.
+    pub prefix: String,
+}
+
+impl Default for NatsBackend {
+    fn default() -> Self {
+        Self {
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            stream_replicas: 3,
+            prefix: "chat".into(),
+        }
+    }
 }
 
 /// An operator's TLS certificate chain (leaf first) and private key, PEM.
@@ -222,6 +260,7 @@ impl Default for Config {
             writer_queue_bytes: 32 * 1024 * 1024,
             max_ack_ids: 4096,
             tls: None,
+            backend: Backend::Sqlite,
         }
     }
 }
@@ -282,6 +321,28 @@ impl Config {
         }
         if self.max_ack_ids == 0 {
             return invalid("max_ack_ids", "must be at least 1");
+        }
+        if let Backend::Nats(nats) = &self.backend {
+            if nats.urls.is_empty() {
+                return invalid("backend.urls", "must name at least one NATS server");
+            }
+            if !(1..=5).contains(&nats.stream_replicas) {
+                return invalid(
+                    "backend.stream_replicas",
+                    "must be 1 to 5 (JetStream's limit); 3 survives one node's loss",
+                );
+            }
+            if nats.prefix.is_empty()
+                || !nats
+                    .prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return invalid(
+                    "backend.prefix",
+                    "must be letters, digits, '_' or '-' (it begins stream and bucket names)",
+                );
+            }
         }
         // One largest envelope must fit, or a big message could never be accepted.
         if self.writer_queue_bytes < 2 * self.max_frame_bytes as u64 + 4096 {

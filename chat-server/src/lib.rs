@@ -12,9 +12,11 @@
 //! - [`limits`]: rate limits by work, per-address limits, the pre-login budget.
 //! - [`metrics`]: what was refused or ignored, for `admin stats`.
 //! - [`tls`]: the relay's TLS identity (key and certificate) in the data directory.
+//! - [`cluster`]: the `Nats` backend, for many relays sharing one NATS JetStream cluster.
 //!
 //! [`run`] drives a listener until the shutdown future resolves.
 
+pub mod cluster;
 pub mod config;
 mod connection;
 pub mod limits;
@@ -56,6 +58,9 @@ pub(crate) struct Shared {
     /// Names senders' address groups in the queue (their shares).
     pub(crate) sources: limits::Sources,
     pub(crate) metrics: Metrics,
+    /// The `Nats` backend: accounts, sessions, presence and the queue live in the
+    /// cluster, and `store` only counts what was refused.
+    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// Why the relay could not start.
@@ -67,6 +72,8 @@ pub enum RunError {
     Identity(#[from] tls::IdentityError),
     #[error("the relay's TLS configuration: {0}")]
     Tls(#[from] chat_protocol::tls::TlsError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// Serves `listener` over TLS 1.3 until `shutdown` resolves, then tells every client, lets
@@ -113,8 +120,19 @@ async fn serve(
     let store = Store::open(&config.data_dir)?;
     let grace = config.shutdown_grace();
     let registrations = config.registrations;
+    let cluster = match &config.backend {
+        config::Backend::Sqlite => None,
+        config::Backend::Nats(nats) => {
+            Some(Arc::new(cluster::Cluster::connect(&config, nats).await?))
+        }
+    };
+    let router = match cluster {
+        Some(_) => Router::clustered(),
+        None => Router::new(store.next_envelope_id()?),
+    };
     let shared = Arc::new(Shared {
-        router: Router::new(store.next_envelope_id()?),
+        router,
+        cluster,
         writer: writer::Writer::start(
             store.clone(),
             config.live_grace(),
@@ -147,6 +165,7 @@ async fn serve(
         () = accept_loop(&listener, &acceptor, &shared, &pre_login, &notify, &done) => {}
         () = purge_loop(&shared) => {}
         () = metrics_loop(&shared) => {}
+        () = cluster_loop(&shared) => {}
         _ = shutdown => info!(
             "shutting down: closing {} connections",
             shared.config.max_connections - shared.slots.available_permits()
@@ -161,6 +180,45 @@ async fn serve(
     flush_metrics(&shared).await;
     info!("stopped");
     Ok(())
+}
+
+/// With the cluster backend: follows the session bucket, and while NATS is unreachable
+/// closes every session (clients reconnect, to another relay if they know one) and
+/// refuses new connections. Pending forever with the SQLite backend.
+async fn cluster_loop(shared: &Arc<Shared>) {
+    let Some(cluster) = &shared.cluster else {
+        return std::future::pending().await;
+    };
+    let mut connection = cluster.connection();
+    let watch_connection = async {
+        loop {
+            if connection.changed().await.is_err() {
+                return std::future::pending::<()>().await;
+            }
+            if *connection.borrow_and_update() {
+                info!("serving: the cluster backend (NATS) is reachable again");
+            } else {
+                error!(
+                    "not serving: lost the cluster backend (NATS); closing every session \
+                     until it is back"
+                );
+                shared.router.kick_all(ErrorCode::ShuttingDown);
+            }
+        }
+    };
+    tokio::select! {
+        never = cluster.follow_sessions(&shared.router) => never,
+        () = watch_connection => {}
+    }
+}
+
+/// Whether the relay can serve: always with SQLite, while NATS is reachable with the
+/// cluster backend.
+fn serving(shared: &Shared) -> bool {
+    shared
+        .cluster
+        .as_ref()
+        .is_none_or(|c| *c.connection().borrow())
 }
 
 async fn accept_loop(
@@ -192,6 +250,11 @@ async fn accept_loop(
         // Until it logs in, a connection holds only a pre-login slot: a small budget of
         // its own, a few per address, and a short first-byte deadline.
         let refused = match connect_rate.check(peer.ip(), std::time::Instant::now()) {
+            _ if !serving(shared) => Some(
+                "this relay has lost its cluster backend; connect to another relay of the \
+                 cluster, or try again in a moment"
+                    .to_owned(),
+            ),
             Err(wait) => Some(format!(
                 "too many new connections from your address; try again in {} s",
                 wait.as_secs().max(1)

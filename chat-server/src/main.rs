@@ -51,6 +51,14 @@ struct Cli {
     /// (`queue.max_source_share`)
     #[arg(long, value_name = "FRACTION")]
     max_source_share: Option<f64>,
+    /// Use a NATS JetStream cluster as the backend, shared with other relays: its server
+    /// URLs, comma-separated (`backend: Nats(urls: [...])`; see docs/CLUSTER.md)
+    #[arg(long, value_name = "URL[,URL…]", value_delimiter = ',')]
+    nats: Option<Vec<String>>,
+    /// Copies of each stream and bucket in the NATS cluster (`backend: Nats(stream_replicas)`):
+    /// 3 survives the loss of a node, 1 for a single NATS server [default: 3]
+    #[arg(long, value_name = "N")]
+    nats_replicas: Option<usize>,
     #[command(subcommand)]
     command: Option<Top>,
 }
@@ -108,6 +116,22 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(share) = cli.max_source_share {
         config.queue.max_source_share = share;
+    }
+    if let Some(urls) = cli.nats {
+        let mut nats = match config.backend {
+            chat_server::config::Backend::Nats(nats) => nats,
+            chat_server::config::Backend::Sqlite => Default::default(),
+        };
+        nats.urls = urls;
+        config.backend = chat_server::config::Backend::Nats(nats);
+    }
+    if let Some(n) = cli.nats_replicas {
+        match &mut config.backend {
+            chat_server::config::Backend::Nats(nats) => nats.stream_replicas = n,
+            chat_server::config::Backend::Sqlite => {
+                anyhow::bail!("--nats-replicas needs the NATS backend: add --nats URL")
+            }
+        }
     }
     config.validate()?;
     if cli.print_config {

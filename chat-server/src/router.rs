@@ -83,6 +83,9 @@ struct State {
     /// after their commit. While any are, new ones take the same path, so a recipient
     /// never gets a sender's envelopes out of order.
     unrouted: HashMap<Username, usize>,
+    /// With a cluster backend: who is online on any relay (this one included), as the
+    /// cluster's session bucket says. Presence follows it instead of local logins.
+    cluster_online: Option<HashSet<Username>>,
 }
 
 impl Default for State {
@@ -92,6 +95,7 @@ impl Default for State {
             watchers: HashMap::new(),
             next_id: 1,
             unrouted: HashMap::new(),
+            cluster_online: None,
         }
     }
 }
@@ -111,6 +115,13 @@ impl State {
                     online,
                 });
             }
+        }
+    }
+
+    fn is_online(&self, user: &Username) -> bool {
+        match &self.cluster_online {
+            Some(set) => set.contains(user),
+            None => self.sessions.contains_key(user),
         }
     }
 
@@ -142,6 +153,14 @@ impl Router {
         router
     }
 
+    /// A router for a relay of a cluster: who is online comes from
+    /// [`Router::cluster_presence`], not from this relay's logins.
+    pub fn clustered() -> Self {
+        let router = Self::default();
+        router.state().cluster_online = Some(HashSet::new());
+        router
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -165,7 +184,8 @@ impl Router {
                 old.kick(ErrorCode::SessionReplaced);
                 state.unwatch_all(user, &old);
             }
-            None => state.announce(user, true),
+            None if state.cluster_online.is_none() => state.announce(user, true),
+            None => {}
         }
         Membership { outbox, kicked }
     }
@@ -180,7 +200,41 @@ impl Router {
             && let Some(old) = state.sessions.remove(user)
         {
             state.unwatch_all(user, &old);
-            state.announce(user, false);
+            if state.cluster_online.is_none() {
+                state.announce(user, false);
+            }
+        }
+    }
+
+    /// With a cluster backend: `user` is now online (or not) somewhere in the cluster.
+    /// Watchers here hear of it if that changes what they knew.
+    pub fn cluster_presence(&self, user: &Username, online: bool) {
+        let mut state = self.state();
+        let Some(set) = state.cluster_online.as_mut() else {
+            return;
+        };
+        let changed = if online {
+            set.insert(user.clone())
+        } else {
+            set.remove(user)
+        };
+        if changed {
+            state.announce(user, online);
+        }
+    }
+
+    /// Closes `user`'s session `conn_id` with `code`, if it is still registered.
+    pub fn kick(&self, user: &Username, conn_id: u64, code: ErrorCode) {
+        let state = self.state();
+        if let Some(session) = state.sessions.get(user).filter(|s| s.conn_id == conn_id) {
+            session.kick(code);
+        }
+    }
+
+    /// Closes every session with `code` (the relay can no longer serve them).
+    pub fn kick_all(&self, code: ErrorCode) {
+        for session in self.state().sessions.values() {
+            session.kick(code);
         }
     }
 
@@ -216,7 +270,7 @@ impl Router {
         }
         let mut online: Vec<String> = users
             .iter()
-            .filter(|u| state.sessions.contains_key(*u))
+            .filter(|u| state.is_online(u))
             .map(|u| u.to_string())
             .collect();
         online.sort_unstable();
@@ -293,14 +347,13 @@ impl Router {
         }
     }
 
-    /// Names of everyone online, sorted.
+    /// Names of everyone online (in the cluster, with a cluster backend), sorted.
     pub fn online(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .state()
-            .sessions
-            .keys()
-            .map(|u| u.to_string())
-            .collect();
+        let state = self.state();
+        let mut names: Vec<String> = match &state.cluster_online {
+            Some(set) => set.iter().map(|u| u.to_string()).collect(),
+            None => state.sessions.keys().map(|u| u.to_string()).collect(),
+        };
         names.sort_unstable();
         names
     }

@@ -136,6 +136,13 @@ impl Drop for Stopped<'_> {
 pub struct Ticket(oneshot::Receiver<Result<Done, StoreError>>);
 
 impl Ticket {
+    /// A ticket answered through the returned sender, for writes done elsewhere than the
+    /// writer thread (the cluster backend's publishes).
+    pub(crate) fn pending() -> (oneshot::Sender<Result<Done, StoreError>>, Self) {
+        let (reply, rx) = oneshot::channel();
+        (reply, Self(rx))
+    }
+
     /// The outcome of an enqueue. Polls by reference, so it is safe in `select!`.
     pub async fn enqueued(&mut self) -> Result<Enqueued, StoreError> {
         self.done().await.map(Done::into_enqueued)

@@ -89,8 +89,7 @@ impl Handler {
                 .fail(id, ErrorCode::InvalidPublicKey, e.to_string())
                 .await;
         }
-        let lookup = username.clone();
-        let stored = match self.store(move |s| s.public_key(&lookup)).await {
+        let stored = match self.public_key(username.clone()).await {
             Ok(stored) => stored,
             Err(close) => return self.fail_internal(id, close).await,
         };
@@ -163,8 +162,14 @@ impl Handler {
                 .await;
         }
         let (user, key) = (pending.username.clone(), pending.public_key);
-        let room = self.shared.writer.reserve(cost::bind(key.len())).await;
-        let bind = match self.shared.writer.bind(room, user, key).bound().await {
+        let bound = match self.shared.cluster.clone() {
+            Some(cluster) => cluster.bind(&user, &key).await,
+            None => {
+                let room = self.shared.writer.reserve(cost::bind(key.len())).await;
+                self.shared.writer.bind(room, user, key).bound().await
+            }
+        };
+        let bind = match bound {
             Ok(bind) => bind,
             Err(close) => return self.fail_internal(id, close).await,
         };

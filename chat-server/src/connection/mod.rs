@@ -26,7 +26,7 @@ use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, broadcast};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info, warn};
@@ -159,6 +159,10 @@ pub(crate) struct Handler {
     heard_any: bool,
     /// This connection's address group in the queue's accounting.
     source: i64,
+    /// With the cluster backend, once logged in: the mailbox read (backlog, then live).
+    cluster_inbox: Option<mpsc::Receiver<Result<ServerMessage, String>>>,
+    /// Stops that read when the connection ends.
+    _mailbox_reader: Option<crate::cluster::AbortOnDrop>,
 }
 
 impl Handler {
@@ -208,6 +212,8 @@ impl Handler {
             slot: None,
             heard_any: false,
             source,
+            cluster_inbox: None,
+            _mailbox_reader: None,
         })
     }
 
@@ -231,8 +237,12 @@ impl Handler {
             let done = sent.ticket.enqueued().await;
             self.settle(sent, done);
         }
+        self._mailbox_reader = None;
         if let State::Ready(user) = &self.state {
             self.shared.router.leave(user, self.conn_id);
+            if let Some(cluster) = &self.shared.cluster {
+                cluster.logout(user, self.conn_id);
+            }
             debug!(conn = self.conn_id, user = %user, "logged out");
         }
         debug!(conn = self.conn_id, "disconnected");
@@ -279,6 +289,14 @@ impl Handler {
                         }
                     }
                     Inbound::Kicked(code) => return Close::tell(code, kick_message(code)),
+                },
+                delivery = next_delivery(&mut self.cluster_inbox), if self.cluster_inbox.is_some() => match delivery {
+                    Ok(msg) => {
+                        if let Err(close) = Box::pin(self.forward(msg)).await {
+                            return close;
+                        }
+                    }
+                    Err(e) => return self.storage_lost(StoreError::Cluster(e)),
                 },
                 settled = settle_writes(&mut self.settling), if self.settling.is_some() => {
                     self.settling = None;
@@ -415,7 +433,13 @@ impl Handler {
             ClientMessage::Ack { envelope_ids } => {
                 if let (State::Ready(user), Some(room)) = (&self.state, room) {
                     let user = user.clone();
-                    self.ack(&user, envelope_ids, room);
+                    let deletes = self.ack(&user, envelope_ids, room);
+                    if let Some(cluster) = &self.shared.cluster
+                        && !deletes.is_empty()
+                    {
+                        // Deleted before the next request is read, as a commit would be.
+                        cluster.delete(deletes).await;
+                    }
                     let cap = self.max_unacked();
                     if self.unacked.len() > cap {
                         return Err(self.not_acknowledging());
@@ -463,6 +487,28 @@ impl Handler {
         ));
         debug!(conn = self.conn_id, user = %username, registered, "logged in");
         self.state = State::Ready(username.clone());
+        if let Some(cluster) = self.shared.cluster.clone() {
+            // The newest login of the user anywhere in the cluster wins.
+            match cluster.login(&username, self.conn_id).await {
+                Ok(login) if login.replaced => {
+                    let code = ErrorCode::SessionReplaced;
+                    self.shared.router.kick(&username, self.conn_id, code);
+                }
+                Ok(_) => {}
+                Err(e) => return Err(self.storage_lost(e)),
+            }
+            // The mailbox is read from its oldest envelope on: backlog, then live.
+            let (inbox, reader) = cluster.deliveries(&username, WRITE_BATCH);
+            self.cluster_inbox = Some(inbox);
+            self._mailbox_reader = Some(reader);
+            return self
+                .write(ServerMessage::Welcome {
+                    id,
+                    username: username.to_string(),
+                    registered,
+                })
+                .await;
+        }
         // Stored envelopes go out first, in order, then live ones. Envelopes an earlier
         // session of ours was given may still be held for its Ack or on their way to
         // disk: let them land before the first read.
@@ -559,6 +605,18 @@ impl Handler {
         )
     }
 
+    /// `user`'s public key from the backend, if registered. (Not an `async fn`, like
+    /// [`Handler::store`].)
+    fn public_key(
+        &self,
+        user: Username,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send>> {
+        match self.shared.cluster.clone() {
+            Some(cluster) => Box::pin(async move { cluster.public_key(&user).await }),
+            None => Box::pin(self.store(move |s| s.public_key(&user))),
+        }
+    }
+
     /// Runs a store call on the blocking pool. (Not an `async fn`: the future holds no
     /// reference to the handler, which is `Send` but not `Sync`.)
     fn store<T: Send + 'static>(
@@ -597,6 +655,20 @@ async fn parked_room(parked: &mut Option<Parked>) -> Room {
 async fn settle_writes(settling: &mut Option<Ticket>) -> Result<(), StoreError> {
     match settling {
         Some(ticket) => ticket.passed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next envelope from the cluster's mailbox, or why it cannot be read; pending while
+/// there is no mailbox read.
+async fn next_delivery(
+    inbox: &mut Option<mpsc::Receiver<Result<ServerMessage, String>>>,
+) -> Result<ServerMessage, String> {
+    match inbox {
+        Some(rx) => match rx.recv().await {
+            Some(delivery) => delivery,
+            None => Err("the mailbox read ended".into()),
+        },
         None => std::future::pending().await,
     }
 }

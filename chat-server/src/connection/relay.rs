@@ -59,8 +59,7 @@ impl Handler {
                 let Ok(user) = Username::parse(&username) else {
                     return self.unknown_user(id, &username).await;
                 };
-                let lookup = user.clone();
-                match self.store(move |s| s.public_key(&lookup)).await {
+                match self.public_key(user.clone()).await {
                     Ok(Some(public_key)) => {
                         self.write(ServerMessage::PublicKey {
                             id,
@@ -78,6 +77,20 @@ impl Handler {
                     return self.unknown_user(id, &to).await;
                 };
                 let room = room.expect("a send comes with room in the writer");
+                if let Some(cluster) = self.shared.cluster.clone() {
+                    // Published in request order on the one NATS connection; answered
+                    // once JetStream has it on a quorum. The room is only the pacing.
+                    drop(room);
+                    let msg_id = format!("{:032x}", rand::random::<u128>());
+                    let ticket = cluster.publish(&to_user, &me, payload, msg_id).await;
+                    self.sends.push_back(InFlight {
+                        id,
+                        to: to_user,
+                        payload: None,
+                        ticket,
+                    });
+                    return Ok(());
+                }
                 // The sender hears `Ok` only once the envelope cannot be lost: committed,
                 // or (delivered at once to an online recipient) acknowledged by it. Later
                 // sends are read meanwhile, so they share the commit.
@@ -355,7 +368,8 @@ impl Handler {
     /// rest are ignored and counted), at most `max_ack_ids` of them. Held envelopes among
     /// them are answered at once; the rest are deleted in the next commit, for which
     /// `room` was reserved.
-    pub(super) fn ack(&mut self, me: &Username, ids: Vec<u64>, room: Room) {
+    /// With the cluster backend nothing is submitted: the ids to delete are returned.
+    pub(super) fn ack(&mut self, me: &Username, ids: Vec<u64>, room: Room) -> Vec<u64> {
         let offered = ids.len();
         let max = self.shared.config.max_ack_ids;
         let mut mine: Vec<u64> = ids
@@ -368,11 +382,15 @@ impl Handler {
             Metrics::add(&self.shared.metrics.acks_ignored, ignored as u64);
         }
         if mine.is_empty() {
-            return;
+            return mine;
         }
         mine.sort_unstable();
+        if self.shared.cluster.is_some() {
+            return mine;
+        }
         // Nothing is answered, so nothing waits: the writer logs a failure.
         self.shared.writer.ack(room, me.clone(), mine);
+        Vec::new()
     }
 }
 

@@ -34,6 +34,9 @@ pub enum StoreError {
     SchemaTooNew { found: i64 },
     #[error("the database writer has stopped")]
     WriterGone,
+    /// The cluster backend (NATS JetStream) failed or is unreachable.
+    #[error("cluster backend: {0}")]
+    Cluster(String),
 }
 
 impl StoreError {

@@ -19,6 +19,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::codec::Framed;
 
+pub mod nats;
+
 /// Long enough for a loaded CI machine, short enough to fail a hung test quickly.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 

@@ -1,0 +1,500 @@
+//! The `Nats` backend: relays of one deployment share accounts, sessions, presence and
+//! the offline queue through a NATS JetStream cluster (layout and guarantees in
+//! docs/CLUSTER.md).
+//!
+//! - Mailbox: the stream `<prefix>_mailbox`, subjects `<prefix>.inbox.<user>`, one per
+//!   recipient. A send is `Ok` once JetStream acknowledged the publish, i.e. stored it on
+//!   a quorum of replicas (each fsyncs first when nats-server runs with
+//!   `sync_interval: always`). The stream sequence is the envelope id. Per-subject limit
+//!   with discard-new is the per-recipient queue limit (`recipient_queue_full`); the
+//!   stream's byte limit is the queue's total (`server_full`); max age expires envelopes.
+//! - Delivery: each logged-in session reads its subject through an ordered consumer from
+//!   the first envelope still stored: the backlog, then live envelopes, in stream order,
+//!   with no gap and no duplicate. An `Ack` deletes the envelopes (by sequence).
+//! - Accounts: the bucket `<prefix>_accounts`, user → public key, written create-only, so
+//!   the first key to claim a name keeps it, cluster-wide.
+//! - Sessions ([`sessions`]): the bucket `<prefix>_sessions`, user → owning relay and
+//!   connection; its revision orders logins, the newest wins.
+//!
+//! Usernames may hold `.`, which NATS reserves as the token separator; in subjects and
+//! keys it is written `=`, which usernames never hold ([`token`]).
+
+mod sessions;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use chat_protocol::{ServerMessage, Username};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, NatsBackend};
+use crate::store::{Bind, Enqueued, StoreError};
+use crate::writer::{Done, Ticket};
+
+pub use sessions::Login;
+
+/// The header naming an envelope's sender.
+pub const FROM_HEADER: &str = "Chat-From";
+
+/// Accounts remembered as existing (they are never removed in the cluster backend), so a
+/// send needs no lookup after the first. Past this many the memory is cleared.
+const KNOWN_ACCOUNTS_MAX: usize = 100_000;
+
+/// Why the relay could not set up its cluster backend.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(
+        "cannot reach NATS at {urls}: {detail}. Start nats-server with JetStream (see \
+         docs/CLUSTER.md) or correct --nats"
+    )]
+    Connect { urls: String, detail: String },
+    #[error(
+        "cannot set up the JetStream {what} {name}: {detail}. Is JetStream enabled \
+         (nats-server -js), are there at least stream_replicas ({replicas}) nodes \
+         (--nats-replicas), and may JetStream store queue.max_total_bytes on each \
+         (max_file_store)?"
+    )]
+    Setup {
+        what: &'static str,
+        name: String,
+        replicas: usize,
+        detail: String,
+    },
+}
+
+/// A username as one NATS subject token or key: `.` becomes `=`.
+pub fn token(user: &Username) -> String {
+    user.as_str().replace('.', "=")
+}
+
+/// The username a [`token`] was made from, if it is one.
+pub fn user_of(token: &str) -> Option<Username> {
+    Username::parse(&token.replace('=', ".")).ok()
+}
+
+/// A relay's handle on the cluster.
+pub struct Cluster {
+    js: jetstream::Context,
+    mailbox: stream::Stream,
+    /// `<prefix>.inbox.`
+    inbox_prefix: String,
+    accounts: kv::Store,
+    sessions: sessions::Sessions,
+    known: Mutex<HashSet<Username>>,
+    /// Whether the NATS connection is up (false while it reconnects).
+    connected: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("inbox_prefix", &self.inbox_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn cluster_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Cluster(e.to_string())
+}
+
+impl Cluster {
+    /// Connects to NATS and creates (or updates to `config`'s limits) the mailbox stream
+    /// and the two buckets. Fails if no server answers or JetStream refuses the layout.
+    pub async fn connect(config: &Config, nats: &NatsBackend) -> Result<Self, ClusterError> {
+        let (up, connected) = watch::channel(true);
+        let options = async_nats::ConnectOptions::new()
+            .name("secure-chat relay")
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let up = up.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            up.send_replace(true);
+                        }
+                        async_nats::Event::Disconnected => {
+                            up.send_replace(false);
+                        }
+                        other => info!("NATS: {other}"),
+                    }
+                }
+            });
+        let urls = nats.urls.join(",");
+        let connect = options.connect(urls.as_str());
+        let client = match tokio::time::timeout(Duration::from_secs(10), connect).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => {
+                return Err(ClusterError::Connect {
+                    urls,
+                    detail: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(ClusterError::Connect {
+                    urls,
+                    detail: "no answer in 10 s".into(),
+                });
+            }
+        };
+        let js = jetstream::new(client);
+        // A cluster that just started elects its JetStream leader first: keep trying.
+        let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
+        let (mailbox, accounts, sessions) = loop {
+            match layout(&js, config, nats).await {
+                Ok(done) => break done,
+                // Not a matter of time: the nodes lack the storage the limits reserve.
+                Err(e) if e.to_string().contains("insufficient") => return Err(e),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    debug!("JetStream not ready: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let (replicas, name) = (
+            nats.stream_replicas,
+            mailbox.cached_info().config.name.clone(),
+        );
+        info!("cluster backend: NATS at {urls}, stream {name}, {replicas} replica(s)");
+        Ok(Self {
+            js,
+            mailbox,
+            inbox_prefix: format!("{}.inbox.", nats.prefix),
+            accounts,
+            sessions: sessions::Sessions::new(sessions),
+            known: Mutex::new(HashSet::new()),
+            connected,
+        })
+    }
+
+    /// Changes of the NATS connection: `true` when (re)connected.
+    pub fn connection(&self) -> watch::Receiver<bool> {
+        self.connected.clone()
+    }
+
+    fn subject(&self, user: &Username) -> String {
+        format!("{}{}", self.inbox_prefix, token(user))
+    }
+
+    /// `user`'s public key, if the name is registered.
+    pub async fn public_key(&self, user: &Username) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.accounts.get(token(user)).await.map_err(cluster_err)?;
+        if key.is_some() {
+            self.remember(user);
+        }
+        Ok(key.map(|k| k.to_vec()))
+    }
+
+    fn remember(&self, user: &Username) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= KNOWN_ACCOUNTS_MAX {
+            known.clear();
+        }
+        known.insert(user.clone());
+    }
+
+    /// Whether `user` is registered (from memory after the first lookup).
+    pub async fn exists(&self, user: &Username) -> Result<bool, StoreError> {
+        if self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(user)
+        {
+            return Ok(true);
+        }
+        Ok(self.public_key(user).await?.is_some())
+    }
+
+    /// Binds `user` to `public_key` unless the name is already bound, cluster-wide (a
+    /// create-only write: of two relays racing, one wins).
+    pub async fn bind(&self, user: &Username, public_key: &[u8]) -> Result<Bind, StoreError> {
+        let created = self
+            .accounts
+            .create(token(user), Bytes::copy_from_slice(public_key))
+            .await;
+        match created {
+            Ok(_) => {
+                self.remember(user);
+                Ok(Bind::Created)
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                match self.public_key(user).await? {
+                    Some(stored) if stored == public_key => Ok(Bind::Existing),
+                    _ => Ok(Bind::Taken),
+                }
+            }
+            Err(e) => Err(cluster_err(e)),
+        }
+    }
+
+    /// Publishes an envelope to `to`'s mailbox. Returns once it is written to the NATS
+    /// connection (so envelopes published one after another keep their order); the
+    /// ticket answers once JetStream acknowledged it (`Stored(sequence)`) or refused it.
+    /// `msg_id` deduplicates a publish retried within the stream's duplicate window.
+    pub async fn publish(
+        &self,
+        to: &Username,
+        from: &Username,
+        payload: Vec<u8>,
+        msg_id: String,
+    ) -> Ticket {
+        let (reply, ticket) = Ticket::pending();
+        if !self.exists(to).await.unwrap_or(true) {
+            let _ = reply.send(Ok(Done::Enqueued(Enqueued::UnknownRecipient)));
+            return ticket;
+        }
+        let message = jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .header(FROM_HEADER, from.as_str())
+            .message_id(msg_id);
+        let sent = self.js.send_publish(self.subject(to), message).await;
+        let ack = match sent {
+            Ok(ack) => ack,
+            Err(e) => {
+                let _ = reply.send(Err(cluster_err(e)));
+                return ticket;
+            }
+        };
+        tokio::spawn(async move {
+            let outcome = match ack.await {
+                Ok(ack) => Ok(Done::Enqueued(Enqueued::Stored(ack.sequence))),
+                Err(e) => refusal(&e.to_string())
+                    .map(|refused| Done::Enqueued(refused))
+                    .ok_or_else(|| cluster_err(e)),
+            };
+            let _ = reply.send(outcome);
+        });
+        ticket
+    }
+
+    /// Streams `user`'s mailbox from its oldest envelope, then live ones, as `Deliver`s
+    /// into the returned channel (of `capacity`; the reader's pace holds the consumer
+    /// back). An error ends the stream with a description. Dropping the guard stops it.
+    pub fn deliveries(
+        self: &Arc<Self>,
+        user: &Username,
+        capacity: usize,
+    ) -> (mpsc::Receiver<Result<ServerMessage, String>>, AbortOnDrop) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let (cluster, subject) = (self.clone(), self.subject(user));
+        let task = tokio::spawn(async move {
+            if let Err(e) = cluster.read_mailbox(subject, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        (rx, AbortOnDrop(task))
+    }
+
+    async fn read_mailbox(
+        &self,
+        subject: String,
+        tx: &mpsc::Sender<Result<ServerMessage, String>>,
+    ) -> Result<(), String> {
+        let consumer = self
+            .mailbox
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| e.to_string())?;
+            let sequence = message.info().map_err(|e| e.to_string())?.stream_sequence;
+            let from = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(FROM_HEADER))
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            let deliver = ServerMessage::Deliver {
+                envelope_id: sequence,
+                from,
+                payload: message.payload.to_vec(),
+            };
+            if tx.send(Ok(deliver)).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes acknowledged envelopes (by sequence), all requests in flight at once.
+    /// Failures are logged: an envelope not deleted is delivered again at the next login
+    /// (the client drops what it already has).
+    pub async fn delete(&self, ids: Vec<u64>) {
+        let deletes = ids.into_iter().map(|id| async move {
+            match self.mailbox.delete_message(id).await {
+                Ok(_) => {}
+                // Already gone (expired, or acknowledged twice).
+                Err(e) if e.to_string().contains("no message found") => {}
+                Err(e) => warn!("cannot delete acknowledged envelope {id}: {e}"),
+            }
+        });
+        futures_util::future::join_all(deletes).await;
+    }
+
+    /// Records that `user` logged in on this relay's connection `conn_id` (see
+    /// [`sessions`]).
+    pub async fn login(&self, user: &Username, conn_id: u64) -> Result<Login, StoreError> {
+        self.sessions.login(user, conn_id).await
+    }
+
+    /// Records that `user`'s connection `conn_id` ended.
+    pub fn logout(&self, user: &Username, conn_id: u64) {
+        self.sessions.logout(user, conn_id);
+    }
+
+    /// Follows the session bucket into `router` (presence, replaced sessions) until the
+    /// relay stops.
+    pub async fn follow_sessions(&self, router: &crate::router::Router) -> ! {
+        self.sessions.follow(router).await
+    }
+}
+
+/// How long a relay keeps trying to set up the stream and buckets at start.
+const SETUP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Creates (or updates to `config`'s limits) the mailbox stream and opens the buckets.
+async fn layout(
+    js: &jetstream::Context,
+    config: &Config,
+    nats: &NatsBackend,
+) -> Result<(stream::Stream, kv::Store, kv::Store), ClusterError> {
+    let replicas = nats.stream_replicas;
+    let setup = |what, name: &str| {
+        let name = name.to_owned();
+        move |detail: String| ClusterError::Setup {
+            what,
+            name,
+            replicas,
+            detail,
+        }
+    };
+    let queue = &config.queue;
+    let name = format!("{}_mailbox", nats.prefix);
+    let mailbox_config = stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("{}.inbox.>", nats.prefix)],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_messages_per_subject: queue.max_envelopes_per_user as i64,
+        discard: stream::DiscardPolicy::New,
+        discard_new_per_subject: true,
+        max_age: Duration::from_secs_f64(queue.max_age_secs),
+        max_bytes: queue.max_total_bytes.min(i64::MAX as u64) as i64,
+        max_message_size: (config.max_frame_bytes + 4096).min(i32::MAX as usize) as i32,
+        duplicate_window: Duration::from_secs(120),
+        allow_direct: true,
+        ..Default::default()
+    };
+    js.get_or_create_stream(mailbox_config.clone())
+        .await
+        .map_err(|e| setup("stream", &name)(e.to_string()))?;
+    js.update_stream(&mailbox_config)
+        .await
+        .map_err(|e| setup("stream", &name)(e.to_string()))?;
+    let mailbox = js
+        .get_stream(&name)
+        .await
+        .map_err(|e| setup("stream", &name)(e.to_string()))?;
+    let accounts = bucket(
+        js,
+        kv::Config {
+            bucket: format!("{}_accounts", nats.prefix),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            max_value_size: 16 * 1024,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(setup("bucket", &format!("{}_accounts", nats.prefix)))?;
+    let sessions = bucket(
+        js,
+        kv::Config {
+            bucket: format!("{}_sessions", nats.prefix),
+            history: 1,
+            storage: stream::StorageType::Memory,
+            num_replicas: replicas,
+            max_value_size: 256,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(setup("bucket", &format!("{}_sessions", nats.prefix)))?;
+    Ok((mailbox, accounts, sessions))
+}
+
+/// A publish JetStream refused because a limit was reached: which one.
+fn refusal(error: &str) -> Option<Enqueued> {
+    if error.contains("maximum messages per subject") {
+        Some(Enqueued::Full)
+    } else if error.contains("maximum bytes")
+        || error.contains("maximum messages exceeded")
+        || error.contains("insufficient resources")
+    {
+        Some(Enqueued::ServerFull)
+    } else {
+        None
+    }
+}
+
+/// Aborts a task when dropped.
+#[derive(Debug)]
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Creates a bucket, or opens it if it exists.
+async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, String> {
+    let name = config.bucket.clone();
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        Err(create) => js
+            .get_key_value(&name)
+            .await
+            .map_err(|_| create.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_escape_the_dot_and_come_back() {
+        let user = Username::parse("a.b-c_d").unwrap();
+        assert_eq!(token(&user), "a=b-c_d");
+        assert_eq!(user_of(&token(&user)), Some(user));
+        assert_eq!(user_of("not*valid"), None);
+    }
+
+    #[test]
+    fn limits_are_told_apart() {
+        assert_eq!(
+            refusal("nats: maximum messages per subject exceeded"),
+            Some(Enqueued::Full)
+        );
+        assert_eq!(
+            refusal("maximum bytes exceeded"),
+            Some(Enqueued::ServerFull)
+        );
+        assert_eq!(refusal("timed out"), None);
+    }
+}

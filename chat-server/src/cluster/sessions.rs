@@ -1,0 +1,148 @@
+//! One session per user, cluster-wide, the newest winning; and presence across relays.
+//!
+//! A login puts `user → "<relay id> <connection id>"` in the sessions bucket; the
+//! revision JetStream gives that write orders it against every other login of the user.
+//! Every relay follows the bucket (last value per key, then each change): a relay whose
+//! session of a user is older than a newer write by someone else closes it with
+//! `session_replaced`. A user is online while the key holds a value; a logout deletes it
+//! only if the value is still that session's (compare-and-delete on its revision).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use chat_protocol::{ErrorCode, Username};
+use futures_util::StreamExt;
+use rand::Rng;
+use tracing::{debug, warn};
+
+use super::{cluster_err, token, user_of};
+use crate::router::Router;
+use crate::store::StoreError;
+
+/// What a login found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Login {
+    /// The session's epoch: the bucket revision of its write.
+    pub revision: u64,
+    /// A newer login elsewhere already took over: close this one.
+    pub replaced: bool,
+}
+
+/// This relay's sessions, and the last value of every key seen.
+#[derive(Debug, Default)]
+struct Known {
+    /// user → (connection, revision) of this relay's session.
+    mine: HashMap<Username, (u64, u64)>,
+    /// user → (owner, revision) of the newest write seen while following the bucket.
+    latest: HashMap<Username, (String, u64)>,
+}
+
+pub(super) struct Sessions {
+    bucket: kv::Store,
+    /// Random per relay process: owners of sessions are told apart by it.
+    relay_id: String,
+    known: Mutex<Known>,
+}
+
+impl Sessions {
+    pub(super) fn new(bucket: kv::Store) -> Self {
+        Self {
+            bucket,
+            relay_id: format!("{:016x}", rand::rng().next_u64()),
+            known: Mutex::new(Known::default()),
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn owner(&self, conn_id: u64) -> String {
+        format!("{} {conn_id}", self.relay_id)
+    }
+
+    pub(super) async fn login(&self, user: &Username, conn_id: u64) -> Result<Login, StoreError> {
+        let owner = self.owner(conn_id);
+        let revision = self
+            .bucket
+            .put(token(user), Bytes::from(owner.clone()))
+            .await
+            .map_err(cluster_err)?;
+        let mut known = self.known();
+        known.mine.insert(user.clone(), (conn_id, revision));
+        // A newer login elsewhere may have been seen before our write returned.
+        let replaced = known
+            .latest
+            .get(user)
+            .is_some_and(|(by, rev)| *rev > revision && *by != owner);
+        Ok(Login { revision, replaced })
+    }
+
+    pub(super) fn logout(&self, user: &Username, conn_id: u64) {
+        let revision = {
+            let mut known = self.known();
+            match known.mine.get(user) {
+                Some((conn, revision)) if *conn == conn_id => {
+                    let revision = *revision;
+                    known.mine.remove(user);
+                    revision
+                }
+                _ => return,
+            }
+        };
+        let (bucket, key) = (self.bucket.clone(), token(user));
+        tokio::spawn(async move {
+            // Fails if a newer login replaced the value: then it is not ours to delete.
+            if let Err(e) = bucket.delete_expect_revision(&key, Some(revision)).await {
+                debug!("session {key} not deleted: {e}");
+            }
+        });
+    }
+
+    /// Applies one change of the bucket.
+    fn apply(&self, entry: kv::Entry, router: &Router) {
+        let Some(user) = user_of(&entry.key) else {
+            return;
+        };
+        let online = entry.operation == kv::Operation::Put;
+        let mut known = self.known();
+        if online {
+            let owner = String::from_utf8_lossy(&entry.value).into_owned();
+            if let Some((conn, revision)) = known.mine.get(&user)
+                && *revision < entry.revision
+                && owner != self.owner(*conn)
+            {
+                router.kick(&user, *conn, ErrorCode::SessionReplaced);
+            }
+            known.latest.insert(user.clone(), (owner, entry.revision));
+        } else {
+            known.latest.remove(&user);
+        }
+        drop(known);
+        router.cluster_presence(&user, online);
+    }
+
+    /// Follows the bucket for as long as the relay runs, re-subscribing after errors.
+    pub(super) async fn follow(&self, router: &Router) -> ! {
+        loop {
+            match self.bucket.watch_with_history(">").await {
+                Ok(mut changes) => {
+                    while let Some(change) = changes.next().await {
+                        match change {
+                            Ok(entry) => self.apply(entry, router),
+                            Err(e) => {
+                                warn!("following the session bucket: {e}");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => warn!("cannot follow the session bucket: {e}; retrying"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}

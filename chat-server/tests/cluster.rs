@@ -1,0 +1,178 @@
+//! The cluster backend: relays sharing one NATS JetStream (real nats-server processes on
+//! 127.0.0.1, real relays, raw protocol clients over TLS).
+
+mod common;
+
+use chat_protocol::{ClientMessage, ErrorCode, ServerMessage};
+use common::nats::Nats;
+use common::{Client, PATIENCE, TestServer};
+
+/// The next `Deliver`, skipping presence notices and pings.
+async fn delivery(c: &mut Client) -> (u64, String, Vec<u8>) {
+    match c.recv_reply().await {
+        ServerMessage::Deliver {
+            envelope_id,
+            from,
+            payload,
+        } => (envelope_id, from, payload),
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+/// Asks until `name` is listed online (presence crosses relays through the session
+/// bucket, a moment after the login).
+async fn until_online(c: &mut Client, name: &str, online: bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while c.online().await.iter().any(|n| n == name) != online {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never became {}",
+            if online { "online" } else { "offline" }
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_one_nats_node_are_one_service() {
+    let nats = Nats::single();
+    let a = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    let b = TestServer::start(|c| c.backend = nats.backend(1)).await;
+
+    // Alice on A, bob on B: each sees the other online, and they chat both ways.
+    let mut alice = a.user("alice", 0).await;
+    let mut bob = b.user("bob", 1).await;
+    until_online(&mut alice, "bob", true).await;
+    until_online(&mut bob, "alice", true).await;
+    assert!(matches!(
+        alice.send_to("bob", b"hi bob").await,
+        ServerMessage::Ok { .. }
+    ));
+    let (id, from, payload) = delivery(&mut bob).await;
+    assert_eq!(
+        (from.as_str(), payload.as_slice()),
+        ("alice", &b"hi bob"[..])
+    );
+    bob.send(ClientMessage::Ack {
+        envelope_ids: vec![id],
+    })
+    .await;
+    assert!(matches!(
+        bob.send_to("alice", b"hi alice").await,
+        ServerMessage::Ok { .. }
+    ));
+    let (_, from, payload) = delivery(&mut alice).await;
+    assert_eq!(
+        (from.as_str(), payload.as_slice()),
+        ("bob", &b"hi alice"[..])
+    );
+
+    // Presence crosses relays: alice (on A) watches carol, who comes and goes on B.
+    assert_eq!(alice.watch(&["carol"]).await, Vec::<String>::new());
+    let carol = b.user("carol", 2).await;
+    assert_eq!(
+        alice.recv().await,
+        ServerMessage::Presence {
+            username: "carol".into(),
+            online: true
+        }
+    );
+    drop(carol);
+    loop {
+        match alice.recv().await {
+            ServerMessage::Presence { username, online } => {
+                assert_eq!((username.as_str(), online), ("carol", false));
+                break;
+            }
+            ServerMessage::Deliver { .. } => panic!("nothing more was sent to alice"),
+            _ => continue,
+        }
+    }
+
+    // Offline delivery through the stream: sent on A while carol is away, read on B.
+    for i in 0..5u8 {
+        assert!(matches!(
+            alice.send_to("carol", &[i]).await,
+            ServerMessage::Ok { .. }
+        ));
+    }
+    let mut carol = b.user("carol", 2).await;
+    let mut ids = Vec::new();
+    for i in 0..5u8 {
+        let (id, from, payload) = delivery(&mut carol).await;
+        assert_eq!((from.as_str(), payload), ("alice", vec![i]), "in order");
+        ids.push(id);
+    }
+    carol.send(ClientMessage::Ack { envelope_ids: ids }).await;
+    carol.online().await; // the Ack was processed before this reply
+    drop(carol);
+    // Acknowledged: not delivered again, on either relay.
+    let mut carol = a.user("carol", 2).await;
+    carol.send(ClientMessage::Ping { nonce: 7 }).await;
+    assert_eq!(carol.recv_reply().await, ServerMessage::Pong { nonce: 7 });
+
+    // An account registered on A is taken on B for another key.
+    let mut mallory = b.client().await;
+    mallory.hello().await;
+    match mallory.register("alice", common::key(3)).await {
+        ServerMessage::Error { code, .. } => assert_eq!(code, ErrorCode::UsernameTaken),
+        other => panic!("expected username_taken, got {other:?}"),
+    }
+    // ...and unknown recipients are refused by either relay.
+    match bob.send_to("nobody", b"?").await {
+        ServerMessage::Error { code, .. } => assert_eq!(code, ErrorCode::UnknownUser),
+        other => panic!("expected unknown_user, got {other:?}"),
+    }
+
+    // Bob logging in on A while on B closes the session on B; the new one gets his mail.
+    let mut bob_on_a = a.user("bob", 1).await;
+    bob.expect_error(ErrorCode::SessionReplaced).await;
+    bob.expect_closed().await;
+    assert!(matches!(
+        alice.send_to("bob", b"to the new one").await,
+        ServerMessage::Ok { .. }
+    ));
+    let (_, _, payload) = delivery(&mut bob_on_a).await;
+    assert_eq!(payload, b"to the new one");
+    // Without an offline flap for those who watch him.
+    until_online(&mut alice, "bob", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_refuses_cluster_wide_and_nothing_is_lost() {
+    let nats = Nats::single();
+    let tweak = |c: &mut chat_server::Config| {
+        c.backend = nats.backend(1);
+        c.queue.max_envelopes_per_user = 3;
+    };
+    let a = TestServer::start(tweak).await;
+    let b = TestServer::start(tweak).await;
+    drop(b.user("carol", 2).await);
+    let mut alice = a.user("alice", 0).await;
+    let mut bob = b.user("bob", 1).await;
+    for i in 0..2u8 {
+        assert!(matches!(
+            alice.send_to("carol", &[i]).await,
+            ServerMessage::Ok { .. }
+        ));
+    }
+    assert!(matches!(
+        bob.send_to("carol", &[2]).await,
+        ServerMessage::Ok { .. }
+    ));
+    // The limit is per recipient across relays: the fourth is refused on either.
+    for sender in [&mut alice, &mut bob] {
+        match sender.send_to("carol", &[9]).await {
+            ServerMessage::Error { code, .. } => {
+                assert_eq!(code, ErrorCode::RecipientQueueFull)
+            }
+            other => panic!("expected recipient_queue_full, got {other:?}"),
+        }
+    }
+    let mut carol = a.user("carol", 2).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(delivery(&mut carol).await.2[0]);
+    }
+    assert_eq!(got, vec![0, 1, 2]);
+}
