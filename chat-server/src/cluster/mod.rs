@@ -266,7 +266,7 @@ impl Cluster {
             let outcome = match ack.await {
                 Ok(ack) => Ok(Done::Enqueued(Enqueued::Stored(ack.sequence))),
                 Err(e) => refusal(&e.to_string())
-                    .map(|refused| Done::Enqueued(refused))
+                    .map(Done::Enqueued)
                     .ok_or_else(|| cluster_err(e)),
             };
             let _ = reply.send(outcome);

@@ -73,6 +73,9 @@ const READ_BUFFER: usize = 1024;
 /// Buffers larger than this are released once empty (after a burst or a big frame).
 const IDLE_BUFFER_MAX: usize = 4096;
 
+/// A public key lookup's outcome: the key, if the name is registered.
+type KeyLookup = Result<Option<Vec<u8>>, StoreError>;
+
 /// How a connection ends.
 enum Close {
     /// The peer went away, or writing to it failed: nothing more can be said.
@@ -607,10 +610,7 @@ impl Handler {
 
     /// `user`'s public key from the backend, if registered. (Not an `async fn`, like
     /// [`Handler::store`].)
-    fn public_key(
-        &self,
-        user: Username,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send>> {
+    fn public_key(&self, user: Username) -> Pin<Box<dyn Future<Output = KeyLookup> + Send>> {
         match self.shared.cluster.clone() {
             Some(cluster) => Box::pin(async move { cluster.public_key(&user).await }),
             None => Box::pin(self.store(move |s| s.public_key(&user))),
