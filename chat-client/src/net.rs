@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chat_protocol::codec::{CodecError, WireCodec};
 use chat_protocol::identity::Identity;
-use chat_protocol::relay_id::{RelayAddress, RelayFingerprint};
+use chat_protocol::relay_id::{RelayAddress, RelayFingerprint, RelayList};
 use chat_protocol::tls::PinVerifier;
 use chat_protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage, Username};
 use futures_util::{SinkExt, StreamExt};
@@ -86,11 +86,11 @@ impl From<CodecError> for ConnectError {
     }
 }
 
-/// Checks a relay address given by the user: `HOST:PORT` or `HOST:PORT#FINGERPRINT`
-/// (IPv6 as `[ADDR]:PORT`), port 1–65535. The error says what was expected, with an
-/// example.
-pub fn check_server_address(server: &str) -> Result<RelayAddress, String> {
-    server.parse::<RelayAddress>().map_err(|e| e.to_string())
+/// Checks the relay addresses given by the user: `HOST:PORT` or `HOST:PORT#FINGERPRINT`
+/// (IPv6 as `[ADDR]:PORT`), port 1–65535, or several of one cluster separated by commas
+/// (one fingerprint for all). The error says what was expected, with an example.
+pub fn check_server_address(server: &str) -> Result<RelayList, String> {
+    server.parse::<RelayList>().map_err(|e| e.to_string())
 }
 
 /// The certificate authorities that may vouch for a relay named without a fingerprint
@@ -411,6 +411,7 @@ mod tests {
             "chat.example.org:1",
             "[::1]:65432",
             "localhost:80",
+            "a.example:1,b.example:2",
         ] {
             assert!(check_server_address(good).is_ok(), "{good}");
         }

@@ -52,6 +52,13 @@ pub enum AddressError {
     Host(String),
     #[error("{0:?} has no valid port (1-65535) after the host: expected HOST:PORT ({EXAMPLE})")]
     Port(String),
+    #[error("no relay address given: expected HOST:PORT, or several as HOST:PORT,HOST:PORT")]
+    Empty,
+    #[error(
+        "the relays of one list are one cluster and share one key, but two fingerprints were \
+         given ({0} and {1}); give it once, e.g. a.example:65432#<fingerprint>,b.example:65432"
+    )]
+    TwoFingerprints(RelayFingerprint, RelayFingerprint),
 }
 
 const EXAMPLE: &str = "e.g. 127.0.0.1:65432 or chat.example.org:65432#<fingerprint>";
@@ -121,6 +128,60 @@ impl FromStr for RelayAddress {
     }
 }
 
+/// The relays of one cluster, tried in turn: `HOST:PORT[#FINGERPRINT][,HOST:PORT…]`. They
+/// share one TLS key, so a fingerprint given with any address is every address's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayList {
+    /// At least one address; each carries the list's fingerprint, if one was given.
+    pub relays: Vec<RelayAddress>,
+}
+
+impl FromStr for RelayList {
+    type Err = AddressError;
+
+    /// Parses comma-separated [`RelayAddress`]es (spaces around commas are ignored). Errors:
+    /// an empty list or entry ([`AddressError::Empty`]), a bad address, or two different
+    /// fingerprints ([`AddressError::TwoFingerprints`]).
+    fn from_str(s: &str) -> Result<Self, AddressError> {
+        if s.trim().is_empty() {
+            return Err(AddressError::Empty);
+        }
+        let mut relays = s
+            .split(',')
+            .map(|one| match one.trim() {
+                "" => Err(AddressError::Empty),
+                one => one.parse::<RelayAddress>(),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut fingerprint = None;
+        for relay in &relays {
+            match (fingerprint, relay.fingerprint) {
+                (Some(a), Some(b)) if a != b => return Err(AddressError::TwoFingerprints(a, b)),
+                (None, Some(b)) => fingerprint = Some(b),
+                _ => {}
+            }
+        }
+        for relay in &mut relays {
+            relay.fingerprint = fingerprint;
+        }
+        Ok(Self { relays })
+    }
+}
+
+impl fmt::Display for RelayList {
+    /// The addresses joined by commas, the fingerprint (if any) after the first only.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, relay) in self.relays.iter().enumerate() {
+            if i == 0 {
+                write!(f, "{relay}")?;
+            } else {
+                write!(f, ",{}", relay.host_port)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for RelayAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.host_port)?;
@@ -134,6 +195,29 @@ impl fmt::Display for RelayAddress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_is_one_cluster_with_one_fingerprint() {
+        let fp = RelayFingerprint::of_spki(b"spki");
+        let list: RelayList = format!("a.test:1, b.test:2#{fp} ,[::1]:3").parse().unwrap();
+        let hosts: Vec<&str> = list.relays.iter().map(|r| r.host_port.as_str()).collect();
+        assert_eq!(hosts, ["a.test:1", "b.test:2", "[::1]:3"]);
+        // The fingerprint given with one address is every address's.
+        assert!(list.relays.iter().all(|r| r.fingerprint == Some(fp)));
+        assert_eq!(list.to_string(), format!("a.test:1#{fp},b.test:2,[::1]:3"));
+        let one: RelayList = "a.test:1".parse().unwrap();
+        assert_eq!(one.relays.len(), 1);
+        assert_eq!(one.relays[0].fingerprint, None);
+        let other = RelayFingerprint::of_spki(b"other");
+        assert!(matches!(
+            format!("a:1#{fp},b:2#{other}").parse::<RelayList>(),
+            Err(AddressError::TwoFingerprints(..))
+        ));
+        assert!(format!("a:1#{fp},b:2#{fp}").parse::<RelayList>().is_ok());
+        for bad in ["", " , ", "a:1,,b:2", "a:1,b"] {
+            assert!(bad.parse::<RelayList>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn fingerprints_are_43_base64url_characters_and_round_trip() {

@@ -272,7 +272,10 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let config: Self = ron::from_str(&text).map_err(|e| {
+        // `backend: Nats(urls: [...])` without a second pair of parentheses.
+        let options = ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::UNWRAP_VARIANT_NEWTYPES);
+        let config: Self = options.from_str(&text).map_err(|e| {
             let line = e.span.start.line.max(1);
             let excerpt = text.lines().nth(line - 1).unwrap_or("").trim();
             ConfigError::Parse {
@@ -288,8 +291,9 @@ impl Config {
 
     /// The settings as a RON document (for `--print-config`).
     pub fn to_ron(&self) -> String {
-        ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::default())
-            .expect("server settings always serialise")
+        let pretty = ron::ser::PrettyConfig::default()
+            .extensions(ron::extensions::Extensions::UNWRAP_VARIANT_NEWTYPES);
+        ron::ser::to_string_pretty(self, pretty).expect("server settings always serialise")
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -464,6 +468,31 @@ mod tests {
         let path = dir.path().join("server.ron");
         std::fs::write(&path, Config::default().to_ron()).unwrap();
         assert_eq!(Config::load(&path).unwrap(), Config::default());
+        let clustered = Config {
+            backend: Backend::Nats(NatsBackend {
+                urls: vec!["nats://a:4222".into(), "nats://b:4222".into()],
+                stream_replicas: 3,
+                prefix: "chat".into(),
+            }),
+            ..Config::default()
+        };
+        std::fs::write(&path, clustered.to_ron()).unwrap();
+        assert_eq!(Config::load(&path).unwrap(), clustered);
+        // As written in the docs: one pair of parentheses, defaults for the rest.
+        std::fs::write(
+            &path,
+            "(backend: Nats(urls: [\"nats://a:4222\"], stream_replicas: 1))",
+        )
+        .unwrap();
+        let loaded = Config::load(&path).unwrap();
+        assert_eq!(
+            loaded.backend,
+            Backend::Nats(NatsBackend {
+                urls: vec!["nats://a:4222".into()],
+                stream_replicas: 1,
+                ..NatsBackend::default()
+            })
+        );
     }
 
     #[test]

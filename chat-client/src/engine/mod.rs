@@ -401,18 +401,29 @@ impl Engine {
         // Connections in a row that opened but got no answer at all, before any login.
         let mut silent: u32 = 0;
         let mut ever_connected = false;
-        let address = match net::check_server_address(&self.config.server) {
-            Ok(address) => address,
+        let relays = match net::check_server_address(&self.config.server) {
+            Ok(list) => list.relays,
             Err(message) => {
                 self.sink.emit(Event::error("invalid_server", message));
                 return self.stay_offline(&mut commands).await;
             }
         };
+        // The relay of the list tried next: after a failure, the next one, at once; after
+        // a whole round of failures, the first again, after the backoff.
+        let mut current = 0;
         // Read once, when first needed: only for a relay whose key is not pinned.
         let mut authorities = None;
         loop {
+            let address = relays[current].clone();
             self.connection_event(ConnectionState::Connecting, None);
-            let pinned = crate::known_relays::pinned(&self.config.home, &address.host_port);
+            // The relays of a list share one key: one pinned for any of them is expected
+            // of all.
+            let home = &self.config.home;
+            let pinned = crate::known_relays::pinned(home, &address.host_port).or_else(|| {
+                relays
+                    .iter()
+                    .find_map(|r| crate::known_relays::pinned(home, &r.host_port))
+            });
             let expect = match (address.fingerprint, pinned) {
                 (Some(fp), _) | (None, Some(fp)) => net::Expect::Pinned(fp),
                 (None, None) if self.config.confirm_new_relay_keys => net::Expect::AskFirst,
@@ -450,6 +461,18 @@ impl Engine {
                             false,
                             session.certified,
                         );
+                    }
+                    // The key is the cluster's: pinned for the other relays of the list too.
+                    for other in &relays {
+                        if crate::known_relays::pinned(&self.config.home, &other.host_port)
+                            .is_none()
+                        {
+                            let _ = crate::known_relays::pin(
+                                &self.config.home,
+                                &other.host_port,
+                                session.fingerprint,
+                            );
+                        }
                     }
                     match self.session(session, &mut commands).await {
                         SessionEnd::Shutdown => return self.stop(),
@@ -526,7 +549,9 @@ impl Engine {
                     }
                     continue;
                 }
-                Err(ConnectError::Silent(reason)) if !ever_connected && silent >= 1 => {
+                Err(ConnectError::Silent(reason))
+                    if !ever_connected && silent as usize >= relays.len() =>
+                {
                     // Twice in a row and never a relay here: most likely the wrong port.
                     self.sink.emit(Event::error(
                         "not_a_relay",
@@ -549,6 +574,20 @@ impl Engine {
             };
             if self.draining_until.is_some_and(|d| Instant::now() >= d) {
                 return self.stop();
+            }
+            current = (current + 1) % relays.len();
+            if current != 0 {
+                // Another relay of the cluster may be up: try it at once.
+                warn!(
+                    "{} failed: {failure}; trying {}",
+                    address.host_port, relays[current].host_port
+                );
+                self.emit_connection(
+                    ConnectionState::Reconnecting,
+                    Some(Duration::ZERO),
+                    Some(failure),
+                );
+                continue;
             }
             let delay = backoff(attempt, self.config.backoff_min, self.config.backoff_max);
             attempt = attempt.saturating_add(1);

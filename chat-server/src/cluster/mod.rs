@@ -14,7 +14,9 @@
 //! - Accounts: the bucket `<prefix>_accounts`, user → public key, written create-only, so
 //!   the first key to claim a name keeps it, cluster-wide.
 //! - Sessions ([`sessions`]): the bucket `<prefix>_sessions`, user → owning relay and
-//!   connection; its revision orders logins, the newest wins.
+//!   connection; its revision orders logins, the newest wins. The bucket
+//!   `<prefix>_relays` holds each relay's heartbeat: the sessions of a relay whose
+//!   heartbeat expired (it crashed) are removed by the others.
 //!
 //! Usernames may hold `.`, which NATS reserves as the token separator; in subjects and
 //! keys it is written `=`, which usernames never hold ([`token`]).
@@ -126,7 +128,17 @@ impl Cluster {
                 }
             });
         let urls = nats.urls.join(",");
-        let connect = options.connect(urls.as_str());
+        let mut addrs = Vec::with_capacity(nats.urls.len());
+        for url in &nats.urls {
+            let addr =
+                url.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| ClusterError::Connect {
+                        urls: url.clone(),
+                        detail: format!("not a NATS URL ({e}); write nats://HOST:PORT"),
+                    })?;
+            addrs.push(addr);
+        }
+        let connect = options.connect(addrs.as_slice());
         let client = match tokio::time::timeout(Duration::from_secs(10), connect).await {
             Ok(Ok(client)) => client,
             Ok(Err(e)) => {
@@ -145,7 +157,7 @@ impl Cluster {
         let js = jetstream::new(client);
         // A cluster that just started elects its JetStream leader first: keep trying.
         let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
-        let (mailbox, accounts, sessions) = loop {
+        let (mailbox, accounts, sessions, relays) = loop {
             match layout(&js, config, nats).await {
                 Ok(done) => break done,
                 // Not a matter of time: the nodes lack the storage the limits reserve.
@@ -167,7 +179,7 @@ impl Cluster {
             mailbox,
             inbox_prefix: format!("{}.inbox.", nats.prefix),
             accounts,
-            sessions: sessions::Sessions::new(sessions),
+            sessions: sessions::Sessions::new(sessions, relays),
             known: Mutex::new(HashSet::new()),
             connected,
         })
@@ -369,7 +381,7 @@ async fn layout(
     js: &jetstream::Context,
     config: &Config,
     nats: &NatsBackend,
-) -> Result<(stream::Stream, kv::Store, kv::Store), ClusterError> {
+) -> Result<(stream::Stream, kv::Store, kv::Store, kv::Store), ClusterError> {
     let replicas = nats.stream_replicas;
     let setup = |what, name: &str| {
         let name = name.to_owned();
@@ -408,33 +420,32 @@ async fn layout(
         .get_stream(&name)
         .await
         .map_err(|e| setup("stream", &name)(e.to_string()))?;
+    let kv_config = |suffix: &str, storage, max_value_size| kv::Config {
+        bucket: format!("{}_{suffix}", nats.prefix),
+        history: 1,
+        storage,
+        num_replicas: replicas,
+        max_value_size,
+        ..Default::default()
+    };
     let accounts = bucket(
         js,
-        kv::Config {
-            bucket: format!("{}_accounts", nats.prefix),
-            history: 1,
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            max_value_size: 16 * 1024,
-            ..Default::default()
-        },
+        kv_config("accounts", stream::StorageType::File, 16 * 1024),
     )
-    .await
-    .map_err(setup("bucket", &format!("{}_accounts", nats.prefix)))?;
-    let sessions = bucket(
+    .await?;
+    let sessions = bucket(js, kv_config("sessions", stream::StorageType::Memory, 256)).await?;
+    // Relay id → heartbeat; a key not refreshed within the TTL expires with a marker that
+    // every relay's watch sees.
+    let relays = bucket(
         js,
         kv::Config {
-            bucket: format!("{}_sessions", nats.prefix),
-            history: 1,
-            storage: stream::StorageType::Memory,
-            num_replicas: replicas,
-            max_value_size: 256,
-            ..Default::default()
+            max_age: sessions::RELAY_TTL,
+            limit_markers: Some(sessions::RELAY_TTL),
+            ..kv_config("relays", stream::StorageType::Memory, 256)
         },
     )
-    .await
-    .map_err(setup("bucket", &format!("{}_sessions", nats.prefix)))?;
-    Ok((mailbox, accounts, sessions))
+    .await?;
+    Ok((mailbox, accounts, sessions, relays))
 }
 
 /// A publish JetStream refused because a limit was reached: which one.
@@ -462,14 +473,19 @@ impl Drop for AbortOnDrop {
 }
 
 /// Creates a bucket, or opens it if it exists.
-async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, String> {
-    let name = config.bucket.clone();
+async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
+    let (name, replicas) = (config.bucket.clone(), config.num_replicas);
     match js.create_key_value(config).await {
         Ok(store) => Ok(store),
         Err(create) => js
             .get_key_value(&name)
             .await
-            .map_err(|_| create.to_string()),
+            .map_err(|_| ClusterError::Setup {
+                what: "bucket",
+                name,
+                replicas,
+                detail: create.to_string(),
+            }),
     }
 }
 

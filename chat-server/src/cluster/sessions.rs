@@ -6,8 +6,14 @@
 //! session of a user is older than a newer write by someone else closes it with
 //! `session_replaced`. A user is online while the key holds a value; a logout deletes it
 //! only if the value is still that session's (compare-and-delete on its revision).
+//!
+//! A relay that crashes cannot log its users out. Each relay therefore refreshes its key
+//! in the relays bucket every [`HEARTBEAT`]; the bucket's max age ([`RELAY_TTL`]) expires
+//! a key that stops being refreshed, with a marker every relay sees. Every relay sweeps
+//! the sessions whose owner has no live heartbeat (compare-and-delete, so racing sweeps
+//! and a newer login are safe), and the users of a crashed relay go offline.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -21,6 +27,11 @@ use tracing::{debug, warn};
 use super::{cluster_err, token, user_of};
 use crate::router::Router;
 use crate::store::StoreError;
+
+/// How often a relay refreshes its heartbeat and sweeps dead relays' sessions.
+pub const HEARTBEAT: Duration = Duration::from_secs(3);
+/// How long a heartbeat lasts: a relay silent this long is taken for dead.
+pub const RELAY_TTL: Duration = Duration::from_secs(15);
 
 /// What a login found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,19 +49,23 @@ struct Known {
     mine: HashMap<Username, (u64, u64)>,
     /// user → (owner, revision) of the newest write seen while following the bucket.
     latest: HashMap<Username, (String, u64)>,
+    /// Relays with a live heartbeat.
+    alive: HashSet<String>,
 }
 
 pub(super) struct Sessions {
     bucket: kv::Store,
+    relays: kv::Store,
     /// Random per relay process: owners of sessions are told apart by it.
     relay_id: String,
     known: Mutex<Known>,
 }
 
 impl Sessions {
-    pub(super) fn new(bucket: kv::Store) -> Self {
+    pub(super) fn new(bucket: kv::Store, relays: kv::Store) -> Self {
         Self {
             bucket,
+            relays,
             relay_id: format!("{:016x}", rand::rng().next_u64()),
             known: Mutex::new(Known::default()),
         }
@@ -125,8 +140,81 @@ impl Sessions {
         router.cluster_presence(&user, online);
     }
 
-    /// Follows the bucket for as long as the relay runs, re-subscribing after errors.
+    /// Follows the buckets and beats the heart for as long as the relay runs.
     pub(super) async fn follow(&self, router: &Router) -> ! {
+        tokio::select! {
+            never = self.follow_sessions(router) => never,
+            never = self.follow_relays() => never,
+            never = self.beat() => never,
+        }
+    }
+
+    /// Refreshes this relay's heartbeat and sweeps the sessions of relays without one
+    /// (only once this relay has followed the heartbeats for a whole TTL).
+    async fn beat(&self) -> ! {
+        let started = tokio::time::Instant::now();
+        loop {
+            if let Err(e) = self
+                .relays
+                .put(&self.relay_id, Bytes::from_static(b"alive"))
+                .await
+            {
+                warn!("cannot refresh this relay's heartbeat: {e}");
+            }
+            if started.elapsed() > RELAY_TTL {
+                self.sweep().await;
+            }
+            tokio::time::sleep(HEARTBEAT).await;
+        }
+    }
+
+    /// Deletes sessions owned by relays with no live heartbeat.
+    async fn sweep(&self) {
+        let orphans: Vec<(Username, u64)> = {
+            let known = self.known();
+            known
+                .latest
+                .iter()
+                .filter(|(_, (owner, _))| {
+                    let relay = owner.split(' ').next().unwrap_or_default();
+                    relay != self.relay_id && !known.alive.contains(relay)
+                })
+                .map(|(user, (_, revision))| (user.clone(), *revision))
+                .collect()
+        };
+        for (user, revision) in orphans {
+            debug!(%user, "removing the session of a relay that stopped");
+            // Fails harmlessly if another relay swept it first or the user logged in again.
+            let _ = self
+                .bucket
+                .delete_expect_revision(token(&user), Some(revision))
+                .await;
+        }
+    }
+
+    /// Follows the heartbeats into the set of live relays.
+    async fn follow_relays(&self) -> ! {
+        loop {
+            match self.relays.watch_with_history(">").await {
+                Ok(mut changes) => {
+                    while let Some(change) = changes.next().await {
+                        let Ok(entry) = change else { break };
+                        let mut known = self.known();
+                        if entry.operation == kv::Operation::Put {
+                            known.alive.insert(entry.key);
+                        } else {
+                            known.alive.remove(&entry.key);
+                        }
+                    }
+                }
+                Err(e) => warn!("cannot follow the relays' heartbeats: {e}; retrying"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Follows the sessions bucket, re-subscribing after errors.
+    async fn follow_sessions(&self, router: &Router) -> ! {
         loop {
             match self.bucket.watch_with_history(">").await {
                 Ok(mut changes) => {
