@@ -82,14 +82,78 @@ pub struct Config {
     pub backend: Backend,
 }
 
-/// The relay's backend for shared state.
+/// The relay's backend for shared state. In RON: `Sqlite`, or
+/// `Nats(urls: [...], stream_replicas: 3, prefix: "chat")` (any field may be left out).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "BackendRon", into = "BackendRon")]
 pub enum Backend {
     /// An SQLite file in the data directory: one relay.
     #[default]
     Sqlite,
     /// A NATS JetStream cluster shared by every relay of the deployment.
     Nats(NatsBackend),
+}
+
+/// [`Backend`] as written in RON: `Nats` is a struct variant, so its fields go directly
+/// in its parentheses.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+enum BackendRon {
+    Sqlite,
+    Nats {
+        #[serde(default = "default_urls")]
+        urls: Vec<String>,
+        #[serde(default = "default_replicas")]
+        stream_replicas: usize,
+        #[serde(default = "default_prefix")]
+        prefix: String,
+    },
+}
+
+fn default_urls() -> Vec<String> {
+    NatsBackend::default().urls
+}
+
+fn default_replicas() -> usize {
+    NatsBackend::default().stream_replicas
+}
+
+fn default_prefix() -> String {
+    NatsBackend::default().prefix
+}
+
+impl From<BackendRon> for Backend {
+    fn from(ron: BackendRon) -> Self {
+        match ron {
+            BackendRon::Sqlite => Self::Sqlite,
+            BackendRon::Nats {
+                urls,
+                stream_replicas,
+                prefix,
+            } => Self::Nats(NatsBackend {
+                urls,
+                stream_replicas,
+                prefix,
+            }),
+        }
+    }
+}
+
+impl From<Backend> for BackendRon {
+    fn from(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => Self::Sqlite,
+            Backend::Nats(NatsBackend {
+                urls,
+                stream_replicas,
+                prefix,
+            }) => Self::Nats {
+                urls,
+                stream_replicas,
+                prefix,
+            },
+        }
+    }
 }
 
 /// Settings of the `Nats` backend.
@@ -272,10 +336,7 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        // `backend: Nats(urls: [...])` without a second pair of parentheses.
-        let options = ron::Options::default()
-            .with_default_extension(ron::extensions::Extensions::UNWRAP_VARIANT_NEWTYPES);
-        let config: Self = options.from_str(&text).map_err(|e| {
+        let config: Self = ron::Options::default().from_str(&text).map_err(|e| {
             let line = e.span.start.line.max(1);
             let excerpt = text.lines().nth(line - 1).unwrap_or("").trim();
             ConfigError::Parse {
@@ -291,9 +352,8 @@ impl Config {
 
     /// The settings as a RON document (for `--print-config`).
     pub fn to_ron(&self) -> String {
-        let pretty = ron::ser::PrettyConfig::default()
-            .extensions(ron::extensions::Extensions::UNWRAP_VARIANT_NEWTYPES);
-        ron::ser::to_string_pretty(self, pretty).expect("server settings always serialise")
+        ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::default())
+            .expect("server settings always serialise")
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -491,6 +551,20 @@ mod tests {
                 urls: vec!["nats://a:4222".into()],
                 stream_replicas: 1,
                 ..NatsBackend::default()
+            })
+        );
+        // Options keep their usual form beside it (a config of the TLS issue's time).
+        std::fs::write(
+            &path,
+            "(tls: Some((cert_chain: \"/etc/c.pem\", key: \"/etc/k.pem\")), backend: Sqlite)",
+        )
+        .unwrap();
+        let loaded = Config::load(&path).unwrap();
+        assert_eq!(
+            loaded.tls,
+            Some(TlsFiles {
+                cert_chain: "/etc/c.pem".into(),
+                key: "/etc/k.pem".into(),
             })
         );
     }

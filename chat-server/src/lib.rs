@@ -19,6 +19,7 @@
 pub mod cluster;
 pub mod config;
 mod connection;
+pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod router;

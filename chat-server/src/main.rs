@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use chat_protocol::Username;
 use chat_server::Config;
+use chat_server::cluster::Cluster;
+use chat_server::config::{Backend, NatsBackend};
+use chat_server::health::Health;
 use chat_server::store::Store;
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -53,11 +56,11 @@ struct Cli {
     max_source_share: Option<f64>,
     /// Use a NATS JetStream cluster as the backend, shared with other relays: its server
     /// URLs, comma-separated (`backend: Nats(urls: [...])`; see docs/CLUSTER.md)
-    #[arg(long, value_name = "URL[,URL…]", value_delimiter = ',')]
+    #[arg(long, value_name = "URL[,URL…]", value_delimiter = ',', global = true)]
     nats: Option<Vec<String>>,
     /// Copies of each stream and bucket in the NATS cluster (`backend: Nats(stream_replicas)`):
     /// 3 survives the loss of a node, 1 for a single NATS server [default: 3]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", global = true)]
     nats_replicas: Option<usize>,
     #[command(subcommand)]
     command: Option<Top>,
@@ -75,13 +78,41 @@ enum Top {
 
 #[derive(Debug, clap::Subcommand)]
 enum Admin {
-    /// Delete an account and its queued messages, freeing the name for anyone
+    /// Delete an account and its queued messages, freeing the name for anyone (in the
+    /// SQLite file, or in the NATS cluster with the NATS backend)
     RemoveUser {
         /// The username to remove
         name: String,
     },
-    /// Print the number of users and queued envelopes
+    /// Print the number of users and queued envelopes (of the SQLite file, or of the NATS
+    /// cluster with the NATS backend)
     Stats,
+    /// Ask the running relay whether it is serving, as a client would (TCP, TLS, Hello);
+    /// exits 0 if it is, 1 with the reason if not
+    Health {
+        /// The relay's address [default: the listen address, on loopback]
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
+        /// Seconds to wait for each step
+        #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+        timeout: f64,
+    },
+    /// Copy the accounts and queued envelopes of the SQLite data directory (--data-dir)
+    /// into a NATS cluster; run it again to copy what is new or was left (idempotent)
+    Migrate {
+        /// The cluster's NATS URLs, comma-separated
+        #[arg(
+            long,
+            value_name = "URL[,URL…]",
+            value_delimiter = ',',
+            required = true
+        )]
+        to_nats: Vec<String>,
+        /// Copies of each stream and bucket, if the cluster has none yet [default: 3, or
+        /// the config's]
+        #[arg(long, value_name = "N")]
+        replicas: Option<usize>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -119,16 +150,16 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(urls) = cli.nats {
         let mut nats = match config.backend {
-            chat_server::config::Backend::Nats(nats) => nats,
-            chat_server::config::Backend::Sqlite => Default::default(),
+            Backend::Nats(nats) => nats,
+            Backend::Sqlite => Default::default(),
         };
         nats.urls = urls;
-        config.backend = chat_server::config::Backend::Nats(nats);
+        config.backend = Backend::Nats(nats);
     }
     if let Some(n) = cli.nats_replicas {
         match &mut config.backend {
-            chat_server::config::Backend::Nats(nats) => nats.stream_replicas = n,
-            chat_server::config::Backend::Sqlite => {
+            Backend::Nats(nats) => nats.stream_replicas = n,
+            Backend::Sqlite => {
                 anyhow::bail!("--nats-replicas needs the NATS backend: add --nats URL")
             }
         }
@@ -179,6 +210,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
+    match (admin, &config.backend) {
+        (Admin::Health { address, timeout }, _) => health(config, address, timeout),
+        (Admin::Migrate { to_nats, replicas }, _) => migrate(config, to_nats, replicas),
+        (admin, Backend::Nats(nats)) => cluster_admin(admin, config, nats),
+        (admin, Backend::Sqlite) => sqlite_admin(admin, config),
+    }
+}
+
+fn sqlite_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
     let dir = &config.data_dir;
     anyhow::ensure!(
         dir.join(Store::FILE_NAME).exists(),
@@ -227,8 +267,142 @@ fn run_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
                 println!("{:<24}{value}", format!("{label}:"));
             }
         }
+        Admin::Health { .. } | Admin::Migrate { .. } => unreachable!("handled in run_admin"),
     }
     Ok(())
+}
+
+/// `admin stats` and `admin remove-user` on the cluster.
+fn cluster_admin(admin: Admin, config: &Config, nats: &NatsBackend) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let cluster = Cluster::connect_admin(config, nats).await?;
+        match admin {
+            Admin::Stats => {
+                let stats = cluster.stats().await?;
+                let limit = config.queue.max_total_bytes;
+                let used = stats.queued_bytes as f64 * 100.0 / limit as f64;
+                println!("backend:                NATS at {}", nats.urls.join(","));
+                println!("relays:                 {}", stats.relays);
+                println!("users:                  {}", stats.users);
+                println!("users online:           {}", stats.online);
+                println!("queued envelopes:       {}", stats.queued);
+                println!(
+                    "queued bytes:           {} of {limit} ({used:.1}%)",
+                    stats.queued_bytes
+                );
+                println!("users with mail queued: {}", stats.recipients_waiting);
+                println!("mailbox stream:         {}", stats.replication);
+            }
+            Admin::RemoveUser { name } => {
+                let user = Username::parse(&name)
+                    .with_context(|| format!("{name:?} is not a valid username"))?;
+                if cluster.remove_user(&user).await? {
+                    println!(
+                        "removed {user}: the name is free and its queued messages are deleted"
+                    );
+                } else {
+                    anyhow::bail!("there is no user named {user}");
+                }
+            }
+            Admin::Health { .. } | Admin::Migrate { .. } => unreachable!("handled in run_admin"),
+        }
+        Ok(())
+    })
+}
+
+/// `admin health`: exits 0 if the relay answers as a client expects.
+fn health(config: &Config, address: Option<String>, timeout: f64) -> anyhow::Result<()> {
+    let addr = match address {
+        Some(text) => std::net::ToSocketAddrs::to_socket_addrs(&text)
+            .with_context(|| format!("{text:?} is not an address; write HOST:PORT"))?
+            .next()
+            .with_context(|| format!("{text:?} resolves to no address"))?,
+        None => {
+            let mut addr = config.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            addr
+        }
+    };
+    anyhow::ensure!(
+        timeout.is_finite() && timeout > 0.0,
+        "--timeout must be a positive number of seconds"
+    );
+    let patience = std::time::Duration::from_secs_f64(timeout);
+    match runtime()?.block_on(chat_server::health::probe(addr, patience)) {
+        Health::Serving {
+            software,
+            fingerprint,
+        } => {
+            println!("serving: {addr} answered as {software}, key {fingerprint}");
+            Ok(())
+        }
+        Health::NotServing(reason) => anyhow::bail!("not serving: {reason}"),
+    }
+}
+
+/// `admin migrate --to-nats`: the SQLite data directory into a cluster.
+fn migrate(config: &Config, urls: Vec<String>, replicas: Option<usize>) -> anyhow::Result<()> {
+    let dir = &config.data_dir;
+    anyhow::ensure!(
+        dir.join(Store::FILE_NAME).exists(),
+        "no server database in {} to migrate; pass the SQLite relay's --data-dir (or --config)",
+        dir.display()
+    );
+    let store = Store::open(dir)
+        .with_context(|| format!("cannot open the database in {}", dir.display()))?;
+    let mut nats = match &config.backend {
+        Backend::Nats(nats) => nats.clone(),
+        Backend::Sqlite => NatsBackend::default(),
+    };
+    nats.urls = urls;
+    if let Some(n) = replicas {
+        nats.stream_replicas = n;
+    }
+    let mut target = config.clone();
+    target.backend = Backend::Nats(nats.clone());
+    target.validate()?;
+    runtime()?.block_on(async {
+        let cluster = Cluster::connect_admin(&target, &nats).await?;
+        let done = cluster
+            .migrate_from(&store, &nats, |user, copied| {
+                if copied > 0 {
+                    println!("{user}: {copied} envelope(s) copied");
+                }
+            })
+            .await?;
+        println!(
+            "accounts: {} created, {} already there; envelopes: {} copied, {} copied before",
+            done.accounts_created,
+            done.accounts_present,
+            done.envelopes_copied,
+            done.envelopes_skipped
+        );
+        for user in &done.conflicts {
+            println!(
+                "conflict: {user} is bound to another key in the cluster; not copied (nor its mail)"
+            );
+        }
+        for (user, left) in &done.refused {
+            println!(
+                "refused: {left} envelope(s) for {user}: the cluster's queue for them is full; \
+                 they stay in SQLite, run again once {user} has read their mail"
+            );
+        }
+        anyhow::ensure!(
+            done.complete(),
+            "the migration is incomplete: see the conflicts and refusals above"
+        );
+        Ok(())
+    })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("cannot start the async runtime")
 }
 
 /// Installs the Ctrl-C and SIGTERM handlers now; the returned future resolves on either.

@@ -1,14 +1,17 @@
 //! The relay through real TCP on loopback: accounts, presence, relaying, and bad clients.
+//! Every test runs against both backends: SQLite, and NATS JetStream (a real nats-server).
 
 mod common;
 
 use chat_protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
-use common::{PATIENCE, TestServer, der, key};
+use common::{Backend, Nats, PATIENCE, Sqlite, TestServer, der, key};
 use futures_util::StreamExt;
+use rstest::rstest;
 
+#[rstest]
 #[tokio::test]
-async fn register_then_login_with_the_same_key() {
-    let server = TestServer::start(|_| {}).await;
+async fn register_then_login_with_the_same_key(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
     let mut c = server.client().await;
     c.hello().await;
     assert!(matches!(
@@ -38,9 +41,12 @@ async fn register_then_login_with_the_same_key() {
     ));
 }
 
+#[rstest]
 #[tokio::test]
-async fn a_taken_name_refuses_another_key_even_after_restart() {
-    let server = TestServer::start(|_| {}).await;
+async fn a_taken_name_refuses_another_key_even_after_restart(
+    #[values(Sqlite, Nats)] backend: Backend,
+) {
+    let server = TestServer::on(backend, |_| {}).await;
     server.user("alice", 0).await;
     let dir = server.stop().await;
 
@@ -61,9 +67,10 @@ async fn a_taken_name_refuses_another_key_even_after_restart() {
     ));
 }
 
+#[rstest]
 #[tokio::test]
-async fn login_with_the_wrong_key_is_refused_and_closed() {
-    let server = TestServer::start(|_| {}).await;
+async fn login_with_the_wrong_key_is_refused_and_closed(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
     server.user("alice", 0).await;
     let mut mallory = server.client().await;
     mallory.hello().await;
@@ -75,9 +82,10 @@ async fn login_with_the_wrong_key_is_refused_and_closed() {
     mallory.expect_closed().await;
 }
 
+#[rstest]
 #[tokio::test]
-async fn bad_login_requests_get_typed_errors() {
-    let server = TestServer::start(|_| {}).await;
+async fn bad_login_requests_get_typed_errors(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
     let mut c = server.client().await;
     c.hello().await;
 
@@ -135,9 +143,10 @@ async fn bad_login_requests_get_typed_errors() {
 /// A relay impostor relays the real relay's challenge to its victim: the victim's proof is
 /// bound to the victim's TLS session (with the impostor), so it fails in the impostor's
 /// own session with the relay. The same signature bound to the right session works.
+#[rstest]
 #[tokio::test]
-async fn a_login_proof_from_another_tls_session_fails() {
-    let server = TestServer::start(|_| {}).await;
+async fn a_login_proof_from_another_tls_session_fails(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
     drop(server.user("alice", 0).await);
     let victim_session = server.client().await; // the victim's TLS session
     let mut impostor = server.client().await;
@@ -180,9 +189,10 @@ async fn a_login_proof_from_another_tls_session_fails() {
     ));
 }
 
+#[rstest]
 #[tokio::test]
-async fn unsupported_version_gets_a_clear_error() {
-    let server = TestServer::start(|_| {}).await;
+async fn unsupported_version_gets_a_clear_error(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
     let mut c = server.client().await;
     c.send(ClientMessage::Hello {
         version: PROTOCOL_VERSION + 1,
@@ -199,18 +209,20 @@ async fn unsupported_version_gets_a_clear_error() {
     c.expect_closed().await;
 }
 
+#[rstest]
 #[tokio::test]
-async fn first_message_must_be_hello() {
-    let server = TestServer::start(|_| {}).await;
+async fn first_message_must_be_hello(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
     let mut c = server.client().await;
     c.send(ClientMessage::ListUsers { id: 1 }).await;
     c.expect_error(ErrorCode::ProtocolViolation).await;
     c.expect_closed().await;
 }
 
+#[rstest]
 #[tokio::test]
-async fn presence_goes_only_to_watchers() {
-    let server = TestServer::start(|_| {}).await;
+async fn presence_goes_only_to_watchers(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
     let mut alice = server.user("alice", 0).await;
     // Invalid names are accepted and simply never online.
     assert!(alice.watch(&["bob", "not a name"]).await.is_empty());
@@ -261,9 +273,10 @@ async fn presence_goes_only_to_watchers() {
     assert_eq!(carol.online().await, vec!["alice", "carol"]);
 }
 
+#[rstest]
 #[tokio::test]
-async fn relay_stamps_the_authenticated_sender() {
-    let server = TestServer::start(|_| {}).await;
+async fn relay_stamps_the_authenticated_sender(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
     let mut alice = server.user("alice", 0).await;
     let mut bob = server.user("bob", 1).await;
 
@@ -293,9 +306,10 @@ async fn relay_stamps_the_authenticated_sender() {
     assert_eq!(got[1], ServerMessage::Ok { id });
 }
 
+#[rstest]
 #[tokio::test]
-async fn a_forged_sender_never_reaches_anyone() {
-    let server = TestServer::start(|_| {}).await;
+async fn a_forged_sender_never_reaches_anyone(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
     let mut alice = server.user("alice", 0).await;
     let mut mallory = server.user("mallory", 2).await;
     let mut bob = server.user("bob", 1).await;
@@ -327,9 +341,10 @@ async fn a_forged_sender_never_reaches_anyone() {
     ));
 }
 
+#[rstest]
 #[tokio::test]
-async fn unknown_recipients_are_refused() {
-    let server = TestServer::start(|_| {}).await;
+async fn unknown_recipients_are_refused(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
     let mut alice = server.user("alice", 0).await;
     for to in ["nobody", "not a name"] {
         match alice.send_to(to, b"x").await {
@@ -355,9 +370,12 @@ async fn deliveries(c: &mut common::Client, n: usize) -> Vec<(u64, Vec<u8>)> {
     got
 }
 
+#[rstest]
 #[tokio::test]
-async fn offline_recipients_get_their_mail_in_order_until_acknowledged() {
-    let server = TestServer::start(|_| {}).await;
+async fn offline_recipients_get_their_mail_in_order_until_acknowledged(
+    #[values(Sqlite, Nats)] backend: Backend,
+) {
+    let server = TestServer::on(backend, |_| {}).await;
     drop(server.user("carol", 2).await);
     let mut alice = server.user("alice", 0).await;
     for i in 0..20u8 {
@@ -410,9 +428,12 @@ async fn offline_recipients_get_their_mail_in_order_until_acknowledged() {
     );
 }
 
+#[rstest]
 #[tokio::test]
-async fn pipelined_sends_are_answered_in_order_and_all_delivered() {
-    let server = TestServer::start(|_| {}).await;
+async fn pipelined_sends_are_answered_in_order_and_all_delivered(
+    #[values(Sqlite, Nats)] backend: Backend,
+) {
+    let server = TestServer::on(backend, |_| {}).await;
     let mut alice = server.user("alice", 0).await;
     let mut bob = server.user("bob", 1).await;
     // More than one connection may have in flight, with a failing one in the middle and
@@ -456,9 +477,10 @@ async fn pipelined_sends_are_answered_in_order_and_all_delivered() {
     assert_eq!(got, expected);
 }
 
+#[rstest]
 #[tokio::test]
-async fn a_full_queue_refuses_with_a_typed_error() {
-    let server = TestServer::start(|c| {
+async fn a_full_queue_refuses_with_a_typed_error(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |c| {
         c.queue.max_envelopes_per_user = 3;
         c.queue.max_sender_share = 1.0;
     })
@@ -480,9 +502,10 @@ async fn a_full_queue_refuses_with_a_typed_error() {
     }
 }
 
+#[rstest]
 #[tokio::test]
-async fn public_key_lookup() {
-    let server = TestServer::start(|_| {}).await;
+async fn public_key_lookup(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
     drop(server.user("bob", 1).await);
     let mut alice = server.user("alice", 0).await;
     let id = alice.id();
@@ -510,9 +533,12 @@ async fn public_key_lookup() {
     assert_eq!(alice.expect_error(ErrorCode::UnknownUser).await, Some(id));
 }
 
+#[rstest]
 #[tokio::test]
-async fn second_login_replaces_the_first_without_an_offline_flap() {
-    let server = TestServer::start(|_| {}).await;
+async fn second_login_replaces_the_first_without_an_offline_flap(
+    #[values(Sqlite, Nats)] backend: Backend,
+) {
+    let server = TestServer::on(backend, |_| {}).await;
     let mut bob = server.user("bob", 1).await;
     bob.watch(&["alice"]).await;
     let mut alice1 = server.user("alice", 0).await;
@@ -535,9 +561,10 @@ async fn second_login_replaces_the_first_without_an_offline_flap() {
     assert_eq!(bob.online().await, vec!["alice", "bob"]);
 }
 
+#[rstest]
 #[tokio::test]
-async fn ping_pong_both_ways_and_idle_timeout() {
-    let server = TestServer::start(|c| {
+async fn ping_pong_both_ways_and_idle_timeout(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |c| {
         c.ping_interval_secs = 0.2;
         c.idle_timeout_secs = 0.6;
     })
@@ -551,9 +578,10 @@ async fn ping_pong_both_ways_and_idle_timeout() {
     alice.expect_closed().await;
 }
 
+#[rstest]
 #[tokio::test]
-async fn a_client_that_answers_pings_stays_connected() {
-    let server = TestServer::start(|c| {
+async fn a_client_that_answers_pings_stays_connected(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |c| {
         c.ping_interval_secs = 0.3;
         c.idle_timeout_secs = 1.5;
     })
@@ -569,9 +597,10 @@ async fn a_client_that_answers_pings_stays_connected() {
     assert_eq!(alice.online().await, vec!["alice"]);
 }
 
+#[rstest]
 #[tokio::test]
-async fn login_timeout_closes_lingering_connections() {
-    let server = TestServer::start(|c| c.login_timeout_secs = 0.3).await;
+async fn login_timeout_closes_lingering_connections(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |c| c.login_timeout_secs = 0.3).await;
     let mut lingering = server.client().await;
     lingering.hello().await;
     lingering.expect_error(ErrorCode::LoginTimeout).await;
@@ -581,9 +610,12 @@ async fn login_timeout_closes_lingering_connections() {
     silent.expect_error(ErrorCode::LoginTimeout).await;
 }
 
+#[rstest]
 #[tokio::test]
-async fn rate_limit_paces_a_flooding_client_without_dropping() {
-    let server = TestServer::start(|c| {
+async fn rate_limit_paces_a_flooding_client_without_dropping(
+    #[values(Sqlite, Nats)] backend: Backend,
+) {
+    let server = TestServer::on(backend, |c| {
         c.rate_limit.burst = 8.0;
         c.rate_limit.per_second = 10.0;
     })
@@ -609,9 +641,10 @@ async fn rate_limit_paces_a_flooding_client_without_dropping() {
     );
 }
 
+#[rstest]
 #[tokio::test]
-async fn connections_over_the_limit_are_told_busy() {
-    let server = TestServer::start(|c| c.max_connections = 2).await;
+async fn connections_over_the_limit_are_told_busy(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |c| c.max_connections = 2).await;
     let _a = server.user("alice", 0).await;
     let _b = server.user("bob", 1).await;
     // Not logged in yet, a third connection holds only a pre-login slot; its login is
@@ -628,9 +661,10 @@ async fn connections_over_the_limit_are_told_busy() {
     third.expect_closed().await;
 }
 
+#[rstest]
 #[tokio::test]
-async fn oversized_frame_closes_only_that_connection() {
-    let server = TestServer::start(|c| c.max_frame_bytes = 4096).await;
+async fn oversized_frame_closes_only_that_connection(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |c| c.max_frame_bytes = 4096).await;
     let mut alice = server.user("alice", 0).await;
     let mut bob = server.user("bob", 1).await;
     let mut bad = server.user("mallory", 2).await;
@@ -653,9 +687,10 @@ async fn oversized_frame_closes_only_that_connection() {
     ));
 }
 
+#[rstest]
 #[tokio::test]
-async fn garbage_closes_only_that_connection() {
-    let server = TestServer::start(|_| {}).await;
+async fn garbage_closes_only_that_connection(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
     let mut alice = server.user("alice", 0).await;
     let mut bob = server.user("bob", 1).await;
     let mut bad = server.client().await;
@@ -677,9 +712,12 @@ async fn garbage_closes_only_that_connection() {
     ));
 }
 
+#[rstest]
 #[tokio::test]
-async fn a_client_that_never_reads_is_disconnected_and_loses_nothing() {
-    let server = TestServer::start(|c| {
+async fn a_client_that_never_reads_is_disconnected_and_loses_nothing(
+    #[values(Sqlite, Nats)] backend: Backend,
+) {
+    let server = TestServer::on(backend, |c| {
         c.send_queue_len = 4;
         c.write_timeout_secs = 0.5;
         c.rate_limit.burst = 100_000.0;
@@ -717,9 +755,10 @@ async fn a_client_that_never_reads_is_disconnected_and_loses_nothing() {
     assert!(got.iter().all(|(_, p)| *p == payload));
 }
 
+#[rstest]
 #[tokio::test]
-async fn shutdown_tells_clients_and_returns() {
-    let server = TestServer::start(|_| {}).await;
+async fn shutdown_tells_clients_and_returns(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
     let mut alice = server.user("alice", 0).await;
     let mut fresh = server.client().await;
     fresh.hello().await; // accepted, not yet logged in
@@ -729,9 +768,10 @@ async fn shutdown_tells_clients_and_returns() {
     fresh.expect_error(ErrorCode::ShuttingDown).await;
 }
 
+#[rstest]
 #[tokio::test]
-async fn expired_envelopes_are_purged_and_counted() {
-    let server = TestServer::start(|c| {
+async fn expired_envelopes_are_purged_and_counted(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |c| {
         c.queue.max_age_secs = 1.0;
         c.queue.purge_interval_secs = 0.2;
     })
@@ -742,13 +782,16 @@ async fn expired_envelopes_are_purged_and_counted() {
         alice.send_to("carol", b"too late").await,
         ServerMessage::Ok { .. }
     ));
-    let store = chat_server::store::Store::open(&server.dir.path().join("data")).unwrap();
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while store.stats().unwrap().expired_total < 1 {
+    while server.queued().await > 0 {
         assert!(tokio::time::Instant::now() < deadline, "never purged");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(store.stats().unwrap().queued, 0);
+    if backend == Sqlite {
+        // The SQLite backend purges by itself, and counts what it purged.
+        let store = chat_server::store::Store::open(&server.dir.path().join("data")).unwrap();
+        assert_eq!(store.stats().unwrap().expired_total, 1);
+    }
     let mut carol = server.user("carol", 2).await;
     carol.send(ClientMessage::Ping { nonce: 1 }).await;
     assert_eq!(
@@ -758,14 +801,17 @@ async fn expired_envelopes_are_purged_and_counted() {
     );
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_recipient_changing_sessions_under_load_loses_nothing_and_keeps_order() {
+async fn a_recipient_changing_sessions_under_load_loses_nothing_and_keeps_order(
+    #[values(Sqlite, Nats)] backend: Backend,
+) {
     // Envelopes go to carol live (held for her Ack), through the store while she is
     // offline or reading her backlog, and across sessions replaced mid-stream. Whatever
     // the path, each session sees every sender's envelopes in order and never twice, and
     // together the sessions see everything.
     const N: u16 = 300;
-    let server = TestServer::start(|c| {
+    let server = TestServer::on(backend, |c| {
         c.queue.live_grace_secs = 0.05;
         c.rate_limit.per_second = 1e6;
         c.rate_limit.burst = 1e6;
@@ -854,12 +900,18 @@ async fn a_recipient_changing_sessions_under_load_loses_nothing_and_keeps_order(
     }
 }
 
+#[rstest]
 #[tokio::test]
-async fn a_session_that_never_acknowledges_is_closed() {
-    let server = TestServer::start(|c| {
+async fn a_session_that_never_acknowledges_is_closed(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |c| {
         c.queue.max_envelopes_per_user = 20;
         c.queue.max_sender_share = 1.0;
         c.send_queue_len = 8;
+        if backend == Nats {
+            // Closed for its silence: soon.
+            c.ping_interval_secs = 0.5;
+            c.idle_timeout_secs = 2.0;
+        }
     })
     .await;
     let mut bob = server.user("bob", 1).await;
@@ -880,11 +932,23 @@ async fn a_session_that_never_acknowledges_is_closed() {
             None | Some(Err(_)) => break None,
         }
     };
-    assert_eq!(
-        closed_with,
-        Some(ErrorCode::SlowConsumer),
-        "after {delivered}"
-    );
-    assert!(delivered > 20, "{delivered}");
+    match backend {
+        // Live delivery goes ahead of the queue: unacknowledged envelopes pile up until
+        // the relay closes the session.
+        Sqlite => {
+            assert_eq!(
+                closed_with,
+                Some(ErrorCode::SlowConsumer),
+                "after {delivered}"
+            );
+            assert!(delivered > 20, "{delivered}");
+        }
+        // Every envelope is stored in the mailbox first, which holds 20: the session never
+        // holds more (alice is refused), and only its silence (no Pong) closes it.
+        Nats => {
+            assert_eq!(closed_with, Some(ErrorCode::IdleTimeout));
+            assert_eq!(delivered, 20);
+        }
+    }
     sending.abort();
 }

@@ -21,6 +21,7 @@
 //! Usernames may hold `.`, which NATS reserves as the token separator; in subjects and
 //! keys it is written `=`, which usernames never hold ([`token`]).
 
+mod admin;
 mod sessions;
 
 use std::collections::HashSet;
@@ -38,6 +39,7 @@ use crate::config::{Config, NatsBackend};
 use crate::store::{Bind, Enqueued, StoreError};
 use crate::writer::{Done, Ticket};
 
+pub use admin::{ClusterStats, Migration};
 pub use sessions::Login;
 
 /// The header naming an envelope's sender.
@@ -67,6 +69,11 @@ pub enum ClusterError {
         replicas: usize,
         detail: String,
     },
+    #[error(
+        "migration into NATS at {urls} stopped: {detail}. What was copied stays; run the \
+         same command again to continue"
+    )]
+    Migrate { urls: String, detail: String },
 }
 
 /// A username as one NATS subject token or key: `.` becomes `=`.
@@ -106,8 +113,22 @@ fn cluster_err(e: impl std::fmt::Display) -> StoreError {
 
 impl Cluster {
     /// Connects to NATS and creates (or updates to `config`'s limits) the mailbox stream
-    /// and the two buckets. Fails if no server answers or JetStream refuses the layout.
+    /// and the buckets. Fails if no server answers or JetStream refuses the layout.
     pub async fn connect(config: &Config, nats: &NatsBackend) -> Result<Self, ClusterError> {
+        Self::connect_with(config, nats, true).await
+    }
+
+    /// As [`Self::connect`], for an operator command: creates what is missing but leaves
+    /// an existing stream's limits as the relays set them.
+    pub async fn connect_admin(config: &Config, nats: &NatsBackend) -> Result<Self, ClusterError> {
+        Self::connect_with(config, nats, false).await
+    }
+
+    async fn connect_with(
+        config: &Config,
+        nats: &NatsBackend,
+        adopt_limits: bool,
+    ) -> Result<Self, ClusterError> {
         let (up, connected) = watch::channel(true);
         let options = async_nats::ConnectOptions::new()
             .name("secure-chat relay")
@@ -158,7 +179,7 @@ impl Cluster {
         // A cluster that just started elects its JetStream leader first: keep trying.
         let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
         let (mailbox, accounts, sessions, relays) = loop {
-            match layout(&js, config, nats).await {
+            match layout(&js, config, nats, adopt_limits).await {
                 Ok(done) => break done,
                 // Not a matter of time: the nodes lack the storage the limits reserve.
                 Err(e) if e.to_string().contains("insufficient") => return Err(e),
@@ -201,6 +222,13 @@ impl Cluster {
             self.remember(user);
         }
         Ok(key.map(|k| k.to_vec()))
+    }
+
+    fn forget(&self, user: &Username) {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(user);
     }
 
     fn remember(&self, user: &Username) {
@@ -369,18 +397,32 @@ impl Cluster {
     /// Follows the session bucket into `router` (presence, replaced sessions) until the
     /// relay stops.
     pub async fn follow_sessions(&self, router: &crate::router::Router) -> ! {
-        self.sessions.follow(router).await
+        let forget = async {
+            loop {
+                self.forget_removed().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        tokio::select! {
+            never = self.sessions.follow(router) => never,
+            never = forget => never,
+        }
     }
 }
+
+/// How long JetStream remembers a publish's message id to drop a retried duplicate.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// How long a relay keeps trying to set up the stream and buckets at start.
 const SETUP_PATIENCE: Duration = Duration::from_secs(30);
 
-/// Creates (or updates to `config`'s limits) the mailbox stream and opens the buckets.
+/// Creates (or, if `adopt_limits`, updates to `config`'s limits) the mailbox stream and
+/// opens the buckets.
 async fn layout(
     js: &jetstream::Context,
     config: &Config,
     nats: &NatsBackend,
+    adopt_limits: bool,
 ) -> Result<(stream::Stream, kv::Store, kv::Store, kv::Store), ClusterError> {
     let replicas = nats.stream_replicas;
     let setup = |what, name: &str| {
@@ -406,16 +448,19 @@ async fn layout(
         max_age: Duration::from_secs_f64(queue.max_age_secs),
         max_bytes: queue.max_total_bytes.min(i64::MAX as u64) as i64,
         max_message_size: (config.max_frame_bytes + 4096).min(i32::MAX as usize) as i32,
-        duplicate_window: Duration::from_secs(120),
+        // At most the max age (JetStream refuses a longer one).
+        duplicate_window: DUPLICATE_WINDOW.min(Duration::from_secs_f64(queue.max_age_secs)),
         allow_direct: true,
         ..Default::default()
     };
     js.get_or_create_stream(mailbox_config.clone())
         .await
         .map_err(|e| setup("stream", &name)(e.to_string()))?;
-    js.update_stream(&mailbox_config)
-        .await
-        .map_err(|e| setup("stream", &name)(e.to_string()))?;
+    if adopt_limits {
+        js.update_stream(&mailbox_config)
+            .await
+            .map_err(|e| setup("stream", &name)(e.to_string()))?;
+    }
     let mailbox = js
         .get_stream(&name)
         .await

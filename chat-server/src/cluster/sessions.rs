@@ -117,6 +117,19 @@ impl Sessions {
         });
     }
 
+    /// (users with a session, relays with a current heartbeat), by scanning the keys.
+    pub(super) async fn counts(&self) -> Result<(u64, u64), StoreError> {
+        let mut counts = [0u64; 2];
+        for (count, bucket) in counts.iter_mut().zip([&self.bucket, &self.relays]) {
+            let mut keys = bucket.keys().await.map_err(cluster_err)?;
+            while let Some(key) = keys.next().await {
+                key.map_err(cluster_err)?;
+                *count += 1;
+            }
+        }
+        Ok((counts[0], counts[1]))
+    }
+
     /// Applies one change of the bucket.
     fn apply(&self, entry: kv::Entry, router: &Router) {
         let Some(user) = user_of(&entry.key) else {

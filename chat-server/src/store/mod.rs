@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use chat_protocol::Username;
 use rusqlite::{Connection, OptionalExtension, params};
 
+mod export;
 mod queue;
 
 pub use queue::{Enqueued, QueueLimits, Queued};

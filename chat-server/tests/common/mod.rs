@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chat_protocol::codec::WireCodec;
@@ -38,19 +38,57 @@ pub fn der(key: &PrivateKey) -> Vec<u8> {
     auth::public_key_der(&key.to_public_key())
 }
 
+/// Where a test relay keeps accounts, sessions and the offline queue: one test body runs
+/// against each (`#[values(Sqlite, Nats)] backend: Backend` with rstest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The SQLite file in the relay's data directory (the default backend).
+    Sqlite,
+    /// A one-node NATS JetStream (a real nats-server) started for the test.
+    Nats,
+}
+
+pub use Backend::{Nats, Sqlite};
+
+/// What outlives a relay between [`TestServer::stop`] and [`TestServer::start_in`]: its
+/// data directory and, with the NATS backend, its nats-server.
+pub struct Persisted {
+    pub dir: tempfile::TempDir,
+    nats: Option<Arc<nats::Nats>>,
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    pub backend: Backend,
+    nats: Option<Arc<nats::Nats>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
 
 impl TestServer {
+    /// A relay with the SQLite backend (unless `tweak` changes it).
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> Self {
-        Self::start_in(tempfile::tempdir().unwrap(), tweak).await
+        Self::on(Sqlite, tweak).await
     }
 
-    pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
+    /// A relay with `backend` (a fresh nats-server for `Nats`), then `tweak`.
+    pub async fn on(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Self {
+        let nats = match backend {
+            Sqlite => None,
+            Nats => Some(Arc::new(
+                tokio::task::spawn_blocking(nats::Nats::single)
+                    .await
+                    .unwrap(),
+            )),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(Persisted { dir, nats }, tweak).await
+    }
+
+    /// A relay on what an earlier one left: the same data directory and nats-server.
+    pub async fn start_in(persisted: Persisted, tweak: impl FnOnce(&mut Config)) -> Self {
+        let Persisted { dir, nats } = persisted;
         // Generate the test keys before any timeout starts ticking.
         key(0);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -59,6 +97,9 @@ impl TestServer {
             data_dir: dir.path().join("data"),
             ..Config::default()
         };
+        if let Some(nats) = &nats {
+            config.backend = nats.backend(1);
+        }
         tweak(&mut config);
         config.validate().unwrap();
         let (tx, rx) = oneshot::channel();
@@ -68,19 +109,41 @@ impl TestServer {
         Self {
             addr,
             dir,
+            backend: if nats.is_some() { Nats } else { Sqlite },
+            nats,
             shutdown: Some(tx),
             task: Some(task),
         }
     }
 
     /// Triggers graceful shutdown and waits for `run` to return.
-    pub async fn stop(mut self) -> tempfile::TempDir {
+    pub async fn stop(mut self) -> Persisted {
         self.shutdown.take().unwrap().send(()).unwrap();
         tokio::time::timeout(PATIENCE, self.task.take().unwrap())
             .await
             .expect("server did not stop in time")
             .unwrap();
-        self.dir
+        Persisted {
+            dir: self.dir,
+            nats: self.nats,
+        }
+    }
+
+    /// How many envelopes the backend holds, as its own store counts them (the SQLite
+    /// file, or the JetStream mailbox stream).
+    pub async fn queued(&self) -> u64 {
+        match &self.nats {
+            None => {
+                let store = chat_server::store::Store::open(&self.dir.path().join("data")).unwrap();
+                store.stats().unwrap().queued
+            }
+            Some(nats) => {
+                let client = async_nats::connect(nats.urls()[0].as_str()).await.unwrap();
+                let js = async_nats::jetstream::new(client);
+                let mut stream = js.get_stream("chat_mailbox").await.unwrap();
+                stream.info().await.unwrap().state.messages
+            }
+        }
     }
 
     pub async fn client(&self) -> Client {

@@ -119,6 +119,18 @@ pub async fn relay_pairs(
     counter: Arc<Counter>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    relay_pairs_between((addr, addr), key, p, counter, stop).await
+}
+
+/// As [`relay_pairs`], with the senders on one relay and the receivers on another (two
+/// relays of a cluster): `(senders' relay, receivers' relay)`.
+pub async fn relay_pairs_between(
+    (send_addr, recv_addr): (&str, &str),
+    key: &PrivateKey,
+    p: Pattern,
+    counter: Arc<Counter>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let Pattern {
         tag,
         pairs,
@@ -128,8 +140,8 @@ pub async fn relay_pairs(
     let mut tasks = Vec::new();
     for i in 0..pairs {
         let to = format!("{tag}r{i}");
-        let receiver = relay_login(addr, &to, key, None).await?;
-        let sender = relay_login(addr, &format!("{tag}s{i}"), key, None).await?;
+        let receiver = relay_login(recv_addr, &to, key, None).await?;
+        let sender = relay_login(send_addr, &format!("{tag}s{i}"), key, None).await?;
         let counter = counter.clone();
         tasks.push(tokio::spawn(async move {
             let (mut sink, mut stream) = receiver.split();

@@ -2,6 +2,7 @@
 //! only. Prints a table and writes `target/bench/bench.json` and `target/bench/throughput.svg`.
 
 mod attack;
+mod cluster;
 mod load;
 mod report;
 
@@ -32,6 +33,18 @@ pub struct Args {
     /// Where the JSON and the chart go (default target/bench)
     #[arg(long)]
     out: Option<PathBuf>,
+    /// `sqlite`: the relay against Redis (the default). `nats`: the cluster backend (1
+    /// relay on 1 NATS node, 2 relays on 3 nodes) beside SQLite and Redis, with CPU time
+    /// per message; writes bench-cluster.json
+    #[arg(long, value_enum, default_value_t = BenchBackend::Sqlite)]
+    backend: BenchBackend,
+}
+
+/// Which backend `cargo xtask bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchBackend {
+    Sqlite,
+    Nats,
 }
 
 /// One throughput row, for both systems.
@@ -57,6 +70,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let fds = rlimit::getrlimit(rlimit::Resource::NOFILE)?.0;
     eprintln!("fd limit {soft} -> {fds}");
+    if args.backend == BenchBackend::Nats {
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| xtask::target_dir().join("bench"));
+        std::fs::create_dir_all(&out)?;
+        return cluster::run(args.quick, &out);
+    }
 
     // The redis client's rustls takes the process-wide provider: the relay's (ring).
     let _ =

@@ -1,0 +1,240 @@
+//! Operator commands with the cluster backend, through the real binary: `admin migrate
+//! --to-nats` (an SQLite relay's accounts and queue into a cluster), `admin stats` and
+//! `admin remove-user` on the cluster, and `admin health` on both backends.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use chat_protocol::{ClientMessage, ErrorCode, ServerMessage};
+use common::nats::Nats;
+use common::{Client, TestServer, key};
+
+const BIN: &str = env!("CARGO_BIN_EXE_chat-server");
+
+/// Runs the binary with `args` (off the async runtime: it starts its own).
+async fn admin(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || Command::new(BIN).args(&args).output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The number after `label` in `admin stats` output.
+fn stat(text: &str, label: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no {label} in:\n{text}"));
+    line[label.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The next `Deliver` as (id, from, payload).
+async fn delivery(c: &mut Client) -> (u64, String, Vec<u8>) {
+    match c.recv_reply().await {
+        ServerMessage::Deliver {
+            envelope_id,
+            from,
+            payload,
+        } => (envelope_id, from, payload),
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrating_an_sqlite_relay_copies_everything_once() {
+    // An SQLite relay with three accounts and mail waiting for carol (offline).
+    let sqlite = TestServer::start(|_| {}).await;
+    drop(sqlite.user("carol", 2).await);
+    let mut alice = sqlite.user("alice", 0).await;
+    let mut bob = sqlite.user("bob", 1).await;
+    for i in 0..150u8 {
+        let sender = if i % 3 == 0 { &mut bob } else { &mut alice };
+        assert!(matches!(
+            sender.send_to("carol", &[i]).await,
+            ServerMessage::Ok { .. }
+        ));
+    }
+    // Dave's name is taken in the cluster by another key before the migration.
+    drop(sqlite.user("dave", 3).await);
+    drop((alice, bob));
+    let persisted = sqlite.stop().await;
+    let data = persisted.dir.path().join("data");
+    let data = data.to_str().unwrap();
+
+    let nats = Nats::single();
+    let url = nats.urls()[0].clone();
+    let relay = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    drop(relay.user("dave", 0).await);
+
+    let first = admin(&[
+        "admin",
+        "migrate",
+        "--to-nats",
+        &url,
+        "--replicas",
+        "1",
+        "--data-dir",
+        data,
+    ])
+    .await;
+    let said = text(&first);
+    assert_eq!(first.status.code(), Some(1), "dave's conflict: {said}");
+    assert!(said.contains("3 created"), "{said}");
+    assert!(said.contains("150 copied"), "{said}");
+    assert!(
+        said.contains("conflict: dave is bound to another key"),
+        "{said}"
+    );
+
+    // Again: nothing new is copied, nothing twice.
+    let second = admin(&[
+        "admin",
+        "migrate",
+        "--to-nats",
+        &url,
+        "--replicas",
+        "1",
+        "--data-dir",
+        data,
+    ])
+    .await;
+    let said = text(&second);
+    assert!(said.contains("0 created, 3 already there"), "{said}");
+    assert!(said.contains("0 copied, 150 copied before"), "{said}");
+
+    let stats = admin(&["admin", "stats", "--nats", &url]).await;
+    let said = text(&stats);
+    assert!(stats.status.success(), "{said}");
+    assert_eq!(stat(&said, "users:"), 4, "alice, bob, carol and dave");
+    assert_eq!(stat(&said, "queued envelopes:"), 150);
+    assert_eq!(stat(&said, "users with mail queued:"), 1);
+    assert_eq!(stat(&said, "relays:"), 1);
+
+    // Carol logs in on the cluster with her key: all 150, in order, from the right
+    // senders; alice and bob keep their names (another key is refused).
+    let mut carol = relay.user("carol", 2).await;
+    for i in 0..150u8 {
+        let (_, from, payload) = delivery(&mut carol).await;
+        assert_eq!(payload, vec![i]);
+        assert_eq!(from, if i % 3 == 0 { "bob" } else { "alice" });
+    }
+    let mut mallory = relay.client().await;
+    mallory.hello().await;
+    assert!(matches!(
+        mallory.register("alice", key(3)).await,
+        ServerMessage::Error {
+            code: ErrorCode::UsernameTaken,
+            ..
+        }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_user_frees_the_name_cluster_wide_and_drops_their_mail() {
+    let nats = Nats::single();
+    let url = nats.urls()[0].clone();
+    let a = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    let b = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    drop(a.user("carol", 2).await);
+    let mut alice = b.user("alice", 0).await;
+    // Relay B now remembers that carol exists.
+    for _ in 0..3 {
+        assert!(matches!(
+            alice.send_to("carol", b"old").await,
+            ServerMessage::Ok { .. }
+        ));
+    }
+
+    let removed = admin(&["admin", "remove-user", "carol", "--nats", &url]).await;
+    assert!(removed.status.success(), "{}", text(&removed));
+    let again = admin(&["admin", "remove-user", "carol", "--nats", &url]).await;
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        text(&again).contains("no user named carol"),
+        "{}",
+        text(&again)
+    );
+
+    // Relay B forgets the name (it saw the removal): mail to carol is refused.
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    loop {
+        match alice.send_to("carol", b"after").await {
+            ServerMessage::Error {
+                code: ErrorCode::UnknownUser,
+                ..
+            } => break,
+            ServerMessage::Ok { .. } => {
+                assert!(tokio::time::Instant::now() < deadline, "still accepted");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // A new carol (another key) gets the name, and none of the old carol's mail.
+    let mut new_carol = a.user("carol", 3).await;
+    new_carol.send(ClientMessage::Ping { nonce: 7 }).await;
+    assert_eq!(
+        new_carol.recv_reply().await,
+        ServerMessage::Pong { nonce: 7 },
+        "nothing of the old account's mail"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_whether_a_relay_serves() {
+    let mut nats = Nats::single();
+    let relay = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    let address = relay.addr.to_string();
+    let serving = admin(&["admin", "health", "--address", &address]).await;
+    assert!(serving.status.success(), "{}", text(&serving));
+    assert!(text(&serving).starts_with("serving:"), "{}", text(&serving));
+
+    // NATS gone: the relay refuses clients, and health says why.
+    nats.nodes[0].kill();
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    let said = loop {
+        let probe = admin(&["admin", "health", "--address", &address, "--timeout", "2"]).await;
+        if !probe.status.success() {
+            break text(&probe);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still serving");
+    };
+    assert!(said.contains("not serving"), "{said}");
+    assert!(said.contains("server_busy"), "{said}");
+
+    // NATS back: serving again.
+    nats.nodes[0].restart();
+    let deadline = tokio::time::Instant::now() + 3 * common::PATIENCE;
+    while !admin(&["admin", "health", "--address", &address])
+        .await
+        .status
+        .success()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never served again");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // Nothing listening: a clear reason, exit 1.
+    let port = common::nats::free_port();
+    let nobody = admin(&["admin", "health", "--address", &format!("127.0.0.1:{port}")]).await;
+    assert_eq!(nobody.status.code(), Some(1));
+    assert!(
+        text(&nobody).contains("is the relay running"),
+        "{}",
+        text(&nobody)
+    );
+}
