@@ -368,19 +368,80 @@ impl Cluster {
         Ok(())
     }
 
-    /// Deletes acknowledged envelopes (by sequence), all requests in flight at once.
-    /// Failures are logged: an envelope not deleted is delivered again at the next login
-    /// (the client drops what it already has).
-    pub async fn delete(&self, ids: Vec<u64>) {
-        let deletes = ids.into_iter().map(|id| async move {
-            match self.mailbox.delete_message(id).await {
-                Ok(_) => {}
-                // Already gone (expired, or acknowledged twice).
-                Err(e) if e.to_string().contains("no message found") => {}
-                Err(e) => warn!("cannot delete acknowledged envelope {id}: {e}"),
+    /// Removes envelopes `user`'s session acknowledged: `ids`, each given to this session
+    /// (in stream order, from the first in the mailbox), and `floor`, the lowest id it was
+    /// given and has not acknowledged (`u64::MAX` if none).
+    ///
+    /// Everything in the mailbox below `min(floor, max(ids) + 1)` was given to this session
+    /// and acknowledged, so one purge of the subject up to there removes it all (the usual
+    /// case: a client acknowledges in order). Ids above an unacknowledged one are deleted
+    /// one by one. Failures are logged: an envelope not removed is delivered again at the
+    /// next login (the client drops what it already has).
+    pub async fn delete(&self, user: &Username, ids: Vec<u64>, floor: u64) {
+        let Some(&highest) = ids.iter().max() else {
+            return;
+        };
+        let below = floor.min(highest.saturating_add(1));
+        if ids.iter().any(|&id| id < below) {
+            let purged = self
+                .mailbox
+                .purge()
+                .filter(self.subject(user))
+                .sequence(below)
+                .await;
+            if let Err(e) = purged {
+                warn!("cannot remove acknowledged envelopes of {user} below {below}: {e}");
             }
-        });
+        }
+        let deletes = ids
+            .into_iter()
+            .filter(|&id| id >= below)
+            .map(|id| self.delete_one(id));
         futures_util::future::join_all(deletes).await;
+    }
+
+    /// Deletes one envelope, without overwriting its bytes on disk (`no_erase`: it is
+    /// ciphertext, and erasing costs JetStream a second write).
+    async fn delete_one(&self, id: u64) {
+        #[derive(serde::Serialize)]
+        struct Delete {
+            seq: u64,
+            no_erase: bool,
+        }
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            error: Option<ApiError>,
+        }
+        #[derive(serde::Deserialize)]
+        struct ApiError {
+            description: String,
+        }
+        let subject = format!(
+            "STREAM.MSG.DELETE.{}",
+            self.mailbox.cached_info().config.name
+        );
+        let reply = self
+            .js
+            .request::<_, _, Reply>(
+                subject,
+                &Delete {
+                    seq: id,
+                    no_erase: true,
+                },
+            )
+            .await;
+        match reply {
+            Ok(Reply { error: None }) => {}
+            // Already gone (expired, purged, or acknowledged twice).
+            Ok(Reply { error: Some(e) }) if e.description.contains("no message found") => {}
+            Ok(Reply { error: Some(e) }) => {
+                warn!(
+                    "cannot delete acknowledged envelope {id}: {}",
+                    e.description
+                )
+            }
+            Err(e) => warn!("cannot delete acknowledged envelope {id}: {e}"),
+        }
     }
 
     /// Records that `user` logged in on this relay's connection `conn_id` (see

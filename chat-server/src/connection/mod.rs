@@ -440,8 +440,9 @@ impl Handler {
                     if let Some(cluster) = &self.shared.cluster
                         && !deletes.is_empty()
                     {
+                        let floor = self.unacked.iter().min().copied().unwrap_or(u64::MAX);
                         // Deleted before the next request is read, as a commit would be.
-                        cluster.delete(deletes).await;
+                        cluster.delete(&user, deletes, floor).await;
                     }
                     let cap = self.max_unacked();
                     if self.unacked.len() > cap {

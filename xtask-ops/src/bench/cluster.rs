@@ -149,6 +149,13 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
         }
     }
 
+    // Idle logged-in sessions on the R1 relay: each holds an ordered consumer in NATS.
+    let n = if quick { 1000 } else { 5000 };
+    let (relay_each, nats_each) = rt.block_on(idle_sessions(&r1.0, r1.1, &one.pids, &key, n))?;
+    eprintln!(
+        "idle sessions ({n}): relay {relay_each:.0} B each, nats-server {nats_each:.0} B each"
+    );
+
     let machine = super::machine();
     println!();
     println!("Cluster backend against single-host SQLite and Redis ({machine})");
@@ -181,10 +188,15 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
             }));
         }
     }
+    println!(
+        "\nIdle logged-in sessions ({n}) on the R1 relay: relay {relay_each:.0} B each, \
+         nats-server {nats_each:.0} B each (its ordered consumer)"
+    );
     let json = json!({
         "machine": machine,
         "quick": quick,
         "seconds_per_row": run_for.as_secs_f64(),
+        "idle_sessions": {"count": n, "relay_bytes_each": relay_each, "nats_bytes_each": nats_each},
         "nats": "nats-server with JetStream, sync_interval: always; R1 = 1 node, R3 = 3 nodes",
         "rows": json_rows,
     });
@@ -228,6 +240,37 @@ where
         msgs_per_s: messages / secs,
         cpu_us_per_msg: cpu * 1e6 / messages,
     })
+}
+
+/// Logs in `n` sessions on the relay at `addr` and holds them: (relay RSS, NATS RSS)
+/// growth per session, in bytes.
+async fn idle_sessions(
+    addr: &str,
+    relay_pid: u32,
+    nats_pids: &[u32],
+    key: &rsa::PrivateKey,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let nats_rss =
+        || -> anyhow::Result<f64> { nats_pids.iter().map(|&pid| super::rss_bytes(pid)).sum() };
+    let (relay0, nats0) = (super::rss_bytes(relay_pid)?, nats_rss()?);
+    let mut logins = tokio::task::JoinSet::new();
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    for i in 0..n {
+        let (addr, key, sem) = (addr.to_owned(), key.clone(), sem.clone());
+        logins.spawn(async move {
+            let _permit = sem.acquire().await;
+            load::relay_login(&addr, &format!("idle{i}"), &key, Some(super::source(i))).await
+        });
+    }
+    let mut sessions = Vec::with_capacity(n);
+    while let Some(conn) = logins.join_next().await {
+        sessions.push(conn??);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (relay1, nats1) = (super::rss_bytes(relay_pid)?, nats_rss()?);
+    drop(sessions);
+    Ok(((relay1 - relay0) / n as f64, (nats1 - nats0) / n as f64))
 }
 
 /// User + system CPU seconds of `pids` so far (/proc/PID/stat, fields 14 and 15).
