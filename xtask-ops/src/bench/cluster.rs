@@ -27,8 +27,10 @@ struct System {
     name: &'static str,
     /// (senders' relay, receivers' relay); a Redis URL for Redis.
     addrs: (String, String),
-    /// Every server-side process: relays and nats-servers (or redis-server).
+    /// Every server-side process: the relays first, then nats-servers (or redis-server).
     pids: Vec<u32>,
+    /// How many of `pids` are relays.
+    relays: usize,
 }
 
 /// One measured row of one system.
@@ -37,6 +39,8 @@ struct Figure {
     msgs_per_s: f64,
     /// Server-side CPU microseconds per delivered message.
     cpu_us_per_msg: f64,
+    /// Of which in the relays.
+    relay_cpu_us_per_msg: f64,
 }
 
 pub fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
@@ -86,21 +90,25 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
             name: "sqlite (1 relay)",
             addrs: (sqlite.0.clone(), sqlite.0.clone()),
             pids: vec![sqlite.1],
+            relays: 1,
         },
         System {
             name: "nats R1 (1 relay, 1 node)",
             addrs: (r1.0.clone(), r1.0.clone()),
             pids: [vec![r1.1], one.pids.clone()].concat(),
+            relays: 1,
         },
         System {
             name: "nats R3 (2 relays, 3 nodes)",
             addrs: (r3[0].0.clone(), r3[1].0.clone()),
             pids: [vec![r3[0].1, r3[1].1], three.pids.clone()].concat(),
+            relays: 2,
         },
         System {
             name: "redis pub/sub (not durable)",
             addrs: (redis.url.clone(), redis.url.clone()),
             pids: vec![redis.pid],
+            relays: 0,
         },
     ];
 
@@ -128,20 +136,24 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
                     payload,
                     window,
                 };
-                let figure = rt.block_on(measure(run_for, &system.pids, |c, s| {
-                    let (addrs, key, p) = (system.addrs.clone(), key.clone(), pattern.clone());
-                    let redis = system.pids == [redis.pid];
-                    async move {
-                        if redis {
-                            load::redis_pairs(&addrs.0, p, c, s).await
-                        } else {
-                            load::relay_pairs_between((&addrs.0, &addrs.1), &key, p, c, s).await
+                let figure =
+                    rt.block_on(measure(run_for, &system.pids, system.relays, |c, s| {
+                        let (addrs, key, p) = (system.addrs.clone(), key.clone(), pattern.clone());
+                        let redis = system.pids == [redis.pid];
+                        async move {
+                            if redis {
+                                load::redis_pairs(&addrs.0, p, c, s).await
+                            } else {
+                                load::relay_pairs_between((&addrs.0, &addrs.1), &key, p, c, s).await
+                            }
                         }
-                    }
-                }))?;
+                    }))?;
                 eprintln!(
-                    "{pairs:>3} pairs {payload} B {mode:<9} {:<28}: {:>8.0} msg/s, {:>7.1} µs CPU/msg",
-                    system.name, figure.msgs_per_s, figure.cpu_us_per_msg
+                    "{pairs:>3} pairs {payload} B {mode:<9} {:<28}: {:>8.0} msg/s, {:>7.1} µs CPU/msg ({:.1} in relays)",
+                    system.name,
+                    figure.msgs_per_s,
+                    figure.cpu_us_per_msg,
+                    figure.relay_cpu_us_per_msg
                 );
                 figures.push(figure);
             }
@@ -166,9 +178,9 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "| pairs | payload | mode | system | msg/s | CPU µs/msg | CPU vs sqlite | msg/s vs sqlite | msg/s vs redis |"
+        "| pairs | payload | mode | system | msg/s | CPU µs/msg | of which relays | CPU vs sqlite | msg/s vs sqlite | msg/s vs redis |"
     );
-    println!("|---:|---:|---|---|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|");
     let mut json_rows = Vec::new();
     for (pairs, payload, mode, figures) in &rows {
         let (sqlite, redis) = (figures[0], figures[3]);
@@ -177,12 +189,13 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
             let rate_ratio = f.msgs_per_s / sqlite.msgs_per_s;
             let redis_ratio = f.msgs_per_s / redis.msgs_per_s;
             println!(
-                "| {pairs} | {payload} | {mode} | {} | {:.0} | {:.1} | {cpu_ratio:.2}× | {rate_ratio:.2}× | {redis_ratio:.2}× |",
-                system.name, f.msgs_per_s, f.cpu_us_per_msg
+                "| {pairs} | {payload} | {mode} | {} | {:.0} | {:.1} | {:.1} | {cpu_ratio:.2}× | {rate_ratio:.2}× | {redis_ratio:.2}× |",
+                system.name, f.msgs_per_s, f.cpu_us_per_msg, f.relay_cpu_us_per_msg
             );
             json_rows.push(json!({
                 "pairs": pairs, "mode": mode, "payload": payload, "system": system.name,
                 "msgs_per_s": f.msgs_per_s, "cpu_us_per_msg": f.cpu_us_per_msg,
+                "relay_cpu_us_per_msg": f.relay_cpu_us_per_msg,
                 "cpu_vs_sqlite": cpu_ratio, "msgs_per_s_vs_sqlite": rate_ratio,
                 "msgs_per_s_vs_redis": redis_ratio,
             }));
@@ -209,7 +222,12 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
 
 /// Starts the load, then over `run_for` (after a warm-up) counts deliveries and the CPU
 /// time of `pids`.
-async fn measure<F, Fut>(run_for: Duration, pids: &[u32], start: F) -> anyhow::Result<Figure>
+async fn measure<F, Fut>(
+    run_for: Duration,
+    pids: &[u32],
+    relays: usize,
+    start: F,
+) -> anyhow::Result<Figure>
 where
     F: FnOnce(Arc<Counter>, Arc<AtomicBool>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Vec<tokio::task::JoinHandle<()>>>>,
@@ -218,13 +236,14 @@ where
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = start(counter.clone(), stop.clone()).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cpu0 = cpu_seconds(pids)?;
+    let (cpu0, relay0) = (cpu_seconds(pids)?, cpu_seconds(&pids[..relays])?);
     counter.measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep(run_for).await;
     counter.measuring.store(false, Ordering::Relaxed);
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pids)? - cpu0;
+    let relay_cpu = cpu_seconds(&pids[..relays])? - relay0;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.abort();
@@ -239,6 +258,7 @@ where
     Ok(Figure {
         msgs_per_s: messages / secs,
         cpu_us_per_msg: cpu * 1e6 / messages,
+        relay_cpu_us_per_msg: relay_cpu * 1e6 / messages,
     })
 }
 
