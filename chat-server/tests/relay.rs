@@ -505,6 +505,77 @@ async fn a_full_queue_refuses_with_a_typed_error(#[values(Sqlite, Nats)] backend
 
 #[rstest]
 #[tokio::test]
+async fn pipelined_sends_to_a_full_and_a_free_recipient_are_each_answered_for_itself(
+    #[values(Sqlite, Nats)] backend: Backend,
+) {
+    // The cluster backend stores envelopes in batches that are all or nothing; a batch
+    // holding one envelope for a full mailbox must still store the others, in order.
+    let server = TestServer::on(backend, |c| {
+        c.queue.max_envelopes_per_user = 30;
+        c.queue.max_sender_share = 1.0;
+    })
+    .await;
+    drop(server.user("carol", 2).await);
+    let mut bob = server.user("bob", 1).await;
+    let mut alice = server.user("alice", 0).await;
+    // Carol's mailbox has room for three more.
+    for _ in 0..27 {
+        assert!(matches!(
+            alice.send_to("carol", &[200]).await,
+            ServerMessage::Ok { .. }
+        ));
+    }
+    let mut ids = Vec::new();
+    for i in 0..40u8 {
+        let id = alice.id();
+        let to = if i % 2 == 0 { "carol" } else { "bob" };
+        alice
+            .send(ClientMessage::Send {
+                id,
+                to: to.into(),
+                payload: vec![i],
+            })
+            .await;
+        ids.push((id, to));
+    }
+    let mut carol_stored = 0;
+    for (id, to) in ids {
+        match alice.recv_reply().await {
+            ServerMessage::Ok { id: got } => {
+                assert_eq!(got, id);
+                if to == "carol" {
+                    carol_stored += 1;
+                }
+            }
+            ServerMessage::Error {
+                id: got,
+                code: ErrorCode::RecipientQueueFull,
+                ..
+            } => {
+                assert_eq!(got, Some(id));
+                assert_eq!(to, "carol", "bob's mailbox is never full");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(carol_stored, 3, "carol's mailbox had room for three");
+    let got: Vec<u8> = deliveries(&mut bob, 20)
+        .await
+        .iter()
+        .map(|(_, p)| p[0])
+        .collect();
+    assert_eq!(got, (0..40).filter(|i| i % 2 == 1).collect::<Vec<u8>>());
+    let mut carol = server.user("carol", 2).await;
+    let got: Vec<u8> = deliveries(&mut carol, 30)
+        .await
+        .iter()
+        .map(|(_, p)| p[0])
+        .collect();
+    assert_eq!(got[27..], [0, 2, 4]);
+}
+
+#[rstest]
+#[tokio::test]
 async fn public_key_lookup(#[values(Sqlite, Nats)] backend: Backend) {
     let server = TestServer::on(backend, |_| {}).await;
     drop(server.user("bob", 1).await);

@@ -126,6 +126,23 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed test shows what the relay had to say (not its trace lines).
+            let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
+            let notable: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    [" INFO ", " WARN ", " ERROR "]
+                        .iter()
+                        .any(|k| l.contains(k))
+                })
+                .collect();
+            eprintln!(
+                "relay {} said (last 100 lines of info and above):\n{}",
+                self.addr,
+                notable[notable.len().saturating_sub(100)..].join("\n")
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

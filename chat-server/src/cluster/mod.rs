@@ -22,6 +22,7 @@
 //! keys it is written `=`, which usernames never hold ([`token`]).
 
 mod admin;
+mod outbox;
 mod sessions;
 
 use std::collections::HashSet;
@@ -89,6 +90,8 @@ pub fn user_of(token: &str) -> Option<Username> {
 /// A relay's handle on the cluster.
 pub struct Cluster {
     js: jetstream::Context,
+    /// Publishes envelopes in atomic batches (group commit).
+    outbox: outbox::Outbox,
     mailbox: stream::Stream,
     /// `<prefix>.inbox.`
     inbox_prefix: String,
@@ -175,7 +178,7 @@ impl Cluster {
                 });
             }
         };
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         // A cluster that just started elects its JetStream leader first: keep trying.
         let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
         let (mailbox, accounts, sessions, relays) = loop {
@@ -194,8 +197,16 @@ impl Cluster {
             nats.stream_replicas,
             mailbox.cached_info().config.name.clone(),
         );
-        info!("cluster backend: NATS at {urls}, stream {name}, {replicas} replica(s)");
+        // A stream made by an operator command, or a server before 2.12, may not take
+        // atomic batches: then every envelope is published on its own.
+        let atomic = mailbox.cached_info().config.allow_atomic_publish;
+        info!(
+            "cluster backend: NATS at {urls}, stream {name}, {replicas} replica(s), \
+             atomic batches {}",
+            if atomic { "on" } else { "off" }
+        );
         Ok(Self {
+            outbox: outbox::Outbox::start(client, js.clone(), atomic),
             js,
             mailbox,
             inbox_prefix: format!("{}.inbox.", nats.prefix),
@@ -274,9 +285,10 @@ impl Cluster {
         }
     }
 
-    /// Publishes an envelope to `to`'s mailbox. Returns once it is written to the NATS
-    /// connection (so envelopes published one after another keep their order); the
-    /// ticket answers once JetStream acknowledged it (`Stored(sequence)`) or refused it.
+    /// Publishes an envelope to `to`'s mailbox. Returns once it is queued behind every
+    /// envelope submitted before it (so envelopes published one after another keep their
+    /// order); the ticket answers once JetStream acknowledged it (`Stored(sequence)`) or
+    /// refused it. Envelopes are group-committed in atomic batches ([`outbox`]).
     /// `msg_id` deduplicates a publish retried within the stream's duplicate window.
     pub async fn publish(
         &self,
@@ -290,27 +302,15 @@ impl Cluster {
             let _ = reply.send(Ok(Done::Enqueued(Enqueued::UnknownRecipient)));
             return ticket;
         }
-        let message = jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .header(FROM_HEADER, from.as_str())
-            .message_id(msg_id);
-        let sent = self.js.send_publish(self.subject(to), message).await;
-        let ack = match sent {
-            Ok(ack) => ack,
-            Err(e) => {
-                let _ = reply.send(Err(cluster_err(e)));
-                return ticket;
-            }
-        };
-        tokio::spawn(async move {
-            let outcome = match ack.await {
-                Ok(ack) => Ok(Done::Enqueued(Enqueued::Stored(ack.sequence))),
-                Err(e) => refusal(&e.to_string())
-                    .map(Done::Enqueued)
-                    .ok_or_else(|| cluster_err(e)),
-            };
-            let _ = reply.send(outcome);
-        });
+        self.outbox
+            .submit(outbox::Pending {
+                subject: self.subject(to),
+                from: from.as_str().to_owned(),
+                payload: payload.into(),
+                msg_id,
+                reply,
+            })
+            .await;
         ticket
     }
 
@@ -512,6 +512,7 @@ async fn layout(
         // At most the max age (JetStream refuses a longer one).
         duplicate_window: DUPLICATE_WINDOW.min(Duration::from_secs_f64(queue.max_age_secs)),
         allow_direct: true,
+        allow_atomic_publish: true,
         ..Default::default()
     };
     js.get_or_create_stream(mailbox_config.clone())
