@@ -179,6 +179,10 @@ async fn serve(
         warn!("some connections did not close within {grace:?}; exiting anyway");
     }
     flush_metrics(&shared).await;
+    if let Some(cluster) = &shared.cluster {
+        // What was acknowledged is removed, so it is not delivered again.
+        let _ = tokio::time::timeout(grace, cluster.flush_removals()).await;
+    }
     info!("stopped");
     Ok(())
 }

@@ -25,7 +25,7 @@ mod admin;
 mod outbox;
 mod sessions;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -98,8 +98,13 @@ pub struct Cluster {
     accounts: kv::Store,
     sessions: sessions::Sessions,
     known: Mutex<HashSet<Username>>,
+    /// Acknowledged envelopes not yet removed, by recipient ([`Cluster::delete`]).
+    removals: Mutex<HashMap<Username, Removal>>,
     /// Whether the NATS connection is up (false while it reconnects).
     connected: watch::Receiver<bool>,
+    /// Counts disturbances (reconnections, stream leader elections): mailbox readers
+    /// make their consumers again at each.
+    disturbances: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -133,16 +138,19 @@ impl Cluster {
         adopt_limits: bool,
     ) -> Result<Self, ClusterError> {
         let (up, connected) = watch::channel(true);
+        let disturbances = watch::Sender::new(0u64);
+        let disturbed = disturbances.clone();
         let options = async_nats::ConnectOptions::new()
             .name("secure-chat relay")
             .retry_on_initial_connect()
             .max_reconnects(None)
             .event_callback(move |event| {
-                let up = up.clone();
+                let (up, disturbed) = (up.clone(), disturbed.clone());
                 async move {
                     match event {
                         async_nats::Event::Connected => {
                             up.send_replace(true);
+                            disturbed.send_modify(|n| *n += 1);
                         }
                         async_nats::Event::Disconnected => {
                             up.send_replace(false);
@@ -213,7 +221,9 @@ impl Cluster {
             accounts,
             sessions: sessions::Sessions::new(sessions, relays),
             known: Mutex::new(HashSet::new()),
+            removals: Mutex::new(HashMap::new()),
             connected,
+            disturbances,
         })
     }
 
@@ -332,57 +342,177 @@ impl Cluster {
         (rx, AbortOnDrop(task))
     }
 
+    /// Reads `subject` into `tx` from its first envelope on. The consumer is made again
+    /// from the next sequence not yet given whenever it fails, and whenever the cluster was
+    /// disturbed (this relay reconnected to NATS, or the stream elected a leader): an
+    /// ephemeral consumer may have been lost with a node and would otherwise wait forever.
+    /// Sequences already given are skipped, so a restart makes no gap and no duplicate.
+    /// Gives up (an error, and the session is closed) after [`READER_RETRIES`] failures in
+    /// a row.
     async fn read_mailbox(
         &self,
         subject: String,
         tx: &mpsc::Sender<Result<ServerMessage, String>>,
     ) -> Result<(), String> {
-        let consumer = self
-            .mailbox
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: subject,
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| e.to_string())?;
-            let sequence = message.info().map_err(|e| e.to_string())?.stream_sequence;
-            let from = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(FROM_HEADER))
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default();
-            let deliver = ServerMessage::Deliver {
-                envelope_id: sequence,
-                from,
-                payload: message.payload.to_vec(),
+        let mut next = 0u64;
+        let mut disturbances = self.disturbances.subscribe();
+        let mut failures = 0;
+        loop {
+            disturbances.borrow_and_update();
+            let deliver_policy = match next {
+                0 => consumer::DeliverPolicy::All,
+                start_sequence => consumer::DeliverPolicy::ByStartSequence { start_sequence },
             };
-            if tx.send(Ok(deliver)).await.is_err() {
-                break;
+            let consumer = self
+                .mailbox
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: subject.clone(),
+                    deliver_policy,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string());
+            let messages = match consumer {
+                Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            let mut messages = match messages {
+                Ok(messages) => messages,
+                Err(e) => {
+                    failures += 1;
+                    if failures > READER_RETRIES {
+                        return Err(e);
+                    }
+                    debug!("cannot read {subject} ({e}); trying again");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+            };
+            loop {
+                let message = tokio::select! {
+                    message = messages.next() => message,
+                    changed = disturbances.changed() => {
+                        if changed.is_err() {
+                            return Ok(());
+                        }
+                        debug!("the cluster was disturbed: reading {subject} again from {next}");
+                        break;
+                    }
+                };
+                let message = match message {
+                    Some(Ok(message)) => message,
+                    Some(Err(e)) => {
+                        failures += 1;
+                        if failures > READER_RETRIES {
+                            return Err(e.to_string());
+                        }
+                        debug!("reading {subject} failed ({e}); reading again from {next}");
+                        break;
+                    }
+                    None => break,
+                };
+                let Ok(info) = message.info() else { continue };
+                let sequence = info.stream_sequence;
+                if sequence < next {
+                    continue;
+                }
+                failures = 0;
+                next = sequence + 1;
+                let from = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(FROM_HEADER))
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                let deliver = ServerMessage::Deliver {
+                    envelope_id: sequence,
+                    from,
+                    payload: message.payload.to_vec(),
+                };
+                if tx.send(Ok(deliver)).await.is_err() {
+                    return Ok(());
+                }
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(())
     }
 
-    /// Removes envelopes `user`'s session acknowledged: `ids`, each given to this session
-    /// (in stream order, from the first in the mailbox), and `floor`, the lowest id it was
-    /// given and has not acknowledged (`u64::MAX` if none).
+    /// Records that `user`'s session acknowledged `ids`, each given to this session (in
+    /// stream order, from the first in the mailbox); `floor` is the lowest id it was given
+    /// and has not acknowledged (`u64::MAX` if none). They are removed by the next
+    /// [`Cluster::flush_removals`] (every [`REMOVE_EVERY`]) or [`Cluster::flush_user`].
     ///
     /// Everything in the mailbox below `min(floor, max(ids) + 1)` was given to this session
     /// and acknowledged, so one purge of the subject up to there removes it all (the usual
-    /// case: a client acknowledges in order). Ids above an unacknowledged one are deleted
-    /// one by one. Failures are logged: an envelope not removed is delivered again at the
-    /// next login (the client drops what it already has).
-    pub async fn delete(&self, user: &Username, ids: Vec<u64>, floor: u64) {
+    /// case: a client acknowledges in order); of two such bounds the higher holds. Ids
+    /// above an unacknowledged one are deleted one by one. A removal costs JetStream a
+    /// write and about as much CPU as several publishes, so acknowledgements are gathered:
+    /// one purge per recipient per interval, whatever the number of Acks.
+    pub fn delete(&self, user: &Username, ids: Vec<u64>, floor: u64) {
         let Some(&highest) = ids.iter().max() else {
             return;
         };
         let below = floor.min(highest.saturating_add(1));
+        let mut removals = self.removals.lock().unwrap_or_else(|p| p.into_inner());
+        let removal = removals.entry(user.clone()).or_default();
         if ids.iter().any(|&id| id < below) {
+            removal.below = Some(removal.below.map_or(below, |b| b.max(below)));
+        }
+        removal
+            .ids
+            .extend(ids.into_iter().filter(|&id| id >= below));
+        if let Some(below) = removal.below {
+            removal.ids.retain(|&id| id >= below);
+        }
+    }
+
+    /// Removes every acknowledged envelope recorded so far, one purge per recipient.
+    /// Failures are logged: an envelope not removed is delivered again at the next login
+    /// (the client drops what it already has).
+    pub async fn flush_removals(&self) {
+        let removals =
+            std::mem::take(&mut *self.removals.lock().unwrap_or_else(|p| p.into_inner()));
+        let work = removals
+            .into_iter()
+            .map(|(user, removal)| async move { self.remove(&user, removal).await });
+        futures_util::future::join_all(work).await;
+    }
+
+    /// Removes what `user` acknowledged now (before a new session of theirs reads the
+    /// mailbox on this relay, so it is not given what an older one acknowledged).
+    pub async fn flush_user(&self, user: &Username) {
+        let removal = self
+            .removals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(user);
+        if let Some(removal) = removal {
+            self.remove(user, removal).await;
+        }
+    }
+
+    /// Follows JetStream's advisories of leader elections of the mailbox stream, counting
+    /// each as a disturbance. Returns if the subscription fails or ends.
+    async fn follow_leader_elections(&self) {
+        let subject = format!(
+            "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
+            self.mailbox.cached_info().config.name
+        );
+        let mut elections = match self.js.client().subscribe(subject).await {
+            Ok(elections) => elections,
+            Err(e) => {
+                warn!("cannot follow the mailbox stream's leader elections: {e}");
+                return;
+            }
+        };
+        while elections.next().await.is_some() {
+            info!("the mailbox stream elected a leader");
+            self.disturbances.send_modify(|n| *n += 1);
+        }
+    }
+
+    async fn remove(&self, user: &Username, removal: Removal) {
+        if let Some(below) = removal.below {
             let purged = self
                 .mailbox
                 .purge()
@@ -393,10 +523,7 @@ impl Cluster {
                 warn!("cannot remove acknowledged envelopes of {user} below {below}: {e}");
             }
         }
-        let deletes = ids
-            .into_iter()
-            .filter(|&id| id >= below)
-            .map(|id| self.delete_one(id));
+        let deletes = removal.ids.into_iter().map(|id| self.delete_one(id));
         futures_util::future::join_all(deletes).await;
     }
 
@@ -464,11 +591,42 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         };
+        let remove = async {
+            loop {
+                tokio::time::sleep(REMOVE_EVERY).await;
+                self.flush_removals().await;
+            }
+        };
+        let leaders = async {
+            loop {
+                self.follow_leader_elections().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
         tokio::select! {
             never = self.sessions.follow(router) => never,
             never = forget => never,
+            never = remove => never,
+            never = leaders => never,
         }
     }
+}
+
+/// Failures in a row after which a mailbox reader gives up (the session is closed, and
+/// the client reconnects).
+pub const READER_RETRIES: u32 = 40;
+
+/// How often acknowledged envelopes are removed from the mailbox (one purge per
+/// recipient with acknowledgements).
+pub const REMOVE_EVERY: Duration = Duration::from_millis(250);
+
+/// Acknowledged envelopes of one recipient waiting for removal.
+#[derive(Debug, Default)]
+struct Removal {
+    /// Everything in the subject below this was acknowledged: one purge.
+    below: Option<u64>,
+    /// Acknowledged ids at or above `below`: deleted one by one.
+    ids: BTreeSet<u64>,
 }
 
 /// How long JetStream remembers a publish's message id to drop a retried duplicate.

@@ -441,8 +441,7 @@ impl Handler {
                         && !deletes.is_empty()
                     {
                         let floor = self.unacked.iter().min().copied().unwrap_or(u64::MAX);
-                        // Deleted before the next request is read, as a commit would be.
-                        cluster.delete(&user, deletes, floor).await;
+                        cluster.delete(&user, deletes, floor);
                     }
                     let cap = self.max_unacked();
                     if self.unacked.len() > cap {
@@ -501,7 +500,9 @@ impl Handler {
                 Ok(_) => {}
                 Err(e) => return Err(self.storage_lost(e)),
             }
-            // The mailbox is read from its oldest envelope on: backlog, then live.
+            // What an earlier session here acknowledged is removed first; then the mailbox
+            // is read from its oldest envelope on: backlog, then live.
+            cluster.flush_user(&username).await;
             let (inbox, reader) = cluster.deliveries(&username, WRITE_BATCH);
             self.cluster_inbox = Some(inbox);
             self._mailbox_reader = Some(reader);
