@@ -242,15 +242,13 @@ fn sqlite_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
         }
         Admin::Stats => {
             let stats = store.stats()?;
-            let limit = config.queue.max_total_bytes;
-            let used = stats.queued_bytes as f64 * 100.0 / limit as f64;
             println!("users:                  {}", stats.users);
-            println!("queued envelopes:       {}", stats.queued);
-            println!(
-                "queued bytes:           {} of {limit} ({used:.1}%)",
-                stats.queued_bytes
+            print_queue(
+                config,
+                stats.queued,
+                stats.queued_bytes,
+                stats.recipients_waiting,
             );
-            println!("users with mail queued: {}", stats.recipients_waiting);
             println!("expired (total):        {}", stats.expired_total);
             // What the running server refused or ignored (totals, recorded every minute).
             for (name, label) in [
@@ -272,6 +270,15 @@ fn sqlite_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The queue's lines of `admin stats`, for either backend.
+fn print_queue(config: &Config, queued: u64, bytes: u64, waiting: u64) {
+    let limit = config.queue.max_total_bytes;
+    let used = bytes as f64 * 100.0 / limit as f64;
+    println!("queued envelopes:       {queued}");
+    println!("queued bytes:           {bytes} of {limit} ({used:.1}%)");
+    println!("users with mail queued: {waiting}");
+}
+
 /// `admin stats` and `admin remove-user` on the cluster.
 fn cluster_admin(admin: Admin, config: &Config, nats: &NatsBackend) -> anyhow::Result<()> {
     runtime()?.block_on(async {
@@ -279,18 +286,16 @@ fn cluster_admin(admin: Admin, config: &Config, nats: &NatsBackend) -> anyhow::R
         match admin {
             Admin::Stats => {
                 let stats = cluster.stats().await?;
-                let limit = config.queue.max_total_bytes;
-                let used = stats.queued_bytes as f64 * 100.0 / limit as f64;
                 println!("backend:                NATS at {}", nats.urls.join(","));
                 println!("relays:                 {}", stats.relays);
                 println!("users:                  {}", stats.users);
                 println!("users online:           {}", stats.online);
-                println!("queued envelopes:       {}", stats.queued);
-                println!(
-                    "queued bytes:           {} of {limit} ({used:.1}%)",
-                    stats.queued_bytes
+                print_queue(
+                    config,
+                    stats.queued,
+                    stats.queued_bytes,
+                    stats.recipients_waiting,
                 );
-                println!("users with mail queued: {}", stats.recipients_waiting);
                 println!("mailbox stream:         {}", stats.replication);
             }
             Admin::RemoveUser { name } => {

@@ -7,18 +7,6 @@ use chat_protocol::{ClientMessage, ErrorCode, ServerMessage};
 use common::nats::Nats;
 use common::{Client, PATIENCE, TestServer};
 
-/// The next `Deliver`, skipping presence notices and pings.
-async fn delivery(c: &mut Client) -> (u64, String, Vec<u8>) {
-    match c.recv_reply().await {
-        ServerMessage::Deliver {
-            envelope_id,
-            from,
-            payload,
-        } => (envelope_id, from, payload),
-        other => panic!("expected a delivery, got {other:?}"),
-    }
-}
-
 /// Asks until `name` is listed online (presence crosses relays through the session
 /// bucket, a moment after the login).
 async fn until_online(c: &mut Client, name: &str, online: bool) {
@@ -48,7 +36,7 @@ async fn two_relays_on_one_nats_node_are_one_service() {
         alice.send_to("bob", b"hi bob").await,
         ServerMessage::Ok { .. }
     ));
-    let (id, from, payload) = delivery(&mut bob).await;
+    let (id, from, payload) = bob.delivery().await;
     assert_eq!(
         (from.as_str(), payload.as_slice()),
         ("alice", &b"hi bob"[..])
@@ -61,7 +49,7 @@ async fn two_relays_on_one_nats_node_are_one_service() {
         bob.send_to("alice", b"hi alice").await,
         ServerMessage::Ok { .. }
     ));
-    let (_, from, payload) = delivery(&mut alice).await;
+    let (_, from, payload) = alice.delivery().await;
     assert_eq!(
         (from.as_str(), payload.as_slice()),
         ("bob", &b"hi alice"[..])
@@ -99,7 +87,7 @@ async fn two_relays_on_one_nats_node_are_one_service() {
     let mut carol = b.user("carol", 2).await;
     let mut ids = Vec::new();
     for i in 0..5u8 {
-        let (id, from, payload) = delivery(&mut carol).await;
+        let (id, from, payload) = carol.delivery().await;
         assert_eq!((from.as_str(), payload), ("alice", vec![i]), "in order");
         ids.push(id);
     }
@@ -132,7 +120,7 @@ async fn two_relays_on_one_nats_node_are_one_service() {
         alice.send_to("bob", b"to the new one").await,
         ServerMessage::Ok { .. }
     ));
-    let (_, _, payload) = delivery(&mut bob_on_a).await;
+    let (_, _, payload) = bob_on_a.delivery().await;
     assert_eq!(payload, b"to the new one");
     // Without an offline flap for those who watch him.
     until_online(&mut alice, "bob", true).await;
@@ -172,7 +160,7 @@ async fn a_full_mailbox_refuses_cluster_wide_and_nothing_is_lost() {
     let mut carol = a.user("carol", 2).await;
     let mut got = Vec::new();
     for _ in 0..3 {
-        got.push(delivery(&mut carol).await.2[0]);
+        got.push(carol.delivery().await.2[0]);
     }
     assert_eq!(got, vec![0, 1, 2]);
 }

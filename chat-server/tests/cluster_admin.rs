@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use chat_protocol::{ClientMessage, ErrorCode, ServerMessage};
 use common::nats::Nats;
-use common::{Client, TestServer, key};
+use common::{TestServer, key};
 
 const BIN: &str = env!("CARGO_BIN_EXE_chat-server");
 
@@ -42,18 +42,6 @@ fn stat(text: &str, label: &str) -> u64 {
         .unwrap()
 }
 
-/// The next `Deliver` as (id, from, payload).
-async fn delivery(c: &mut Client) -> (u64, String, Vec<u8>) {
-    match c.recv_reply().await {
-        ServerMessage::Deliver {
-            envelope_id,
-            from,
-            payload,
-        } => (envelope_id, from, payload),
-        other => panic!("expected a delivery, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrating_an_sqlite_relay_copies_everything_once() {
     // An SQLite relay with three accounts and mail waiting for carol (offline).
@@ -80,7 +68,7 @@ async fn migrating_an_sqlite_relay_copies_everything_once() {
     let relay = TestServer::start(|c| c.backend = nats.backend(1)).await;
     drop(relay.user("dave", 0).await);
 
-    let first = admin(&[
+    let migrate = [
         "admin",
         "migrate",
         "--to-nats",
@@ -89,8 +77,8 @@ async fn migrating_an_sqlite_relay_copies_everything_once() {
         "1",
         "--data-dir",
         data,
-    ])
-    .await;
+    ];
+    let first = admin(&migrate).await;
     let said = text(&first);
     assert_eq!(first.status.code(), Some(1), "dave's conflict: {said}");
     assert!(said.contains("3 created"), "{said}");
@@ -101,17 +89,7 @@ async fn migrating_an_sqlite_relay_copies_everything_once() {
     );
 
     // Again: nothing new is copied, nothing twice.
-    let second = admin(&[
-        "admin",
-        "migrate",
-        "--to-nats",
-        &url,
-        "--replicas",
-        "1",
-        "--data-dir",
-        data,
-    ])
-    .await;
+    let second = admin(&migrate).await;
     let said = text(&second);
     assert!(said.contains("0 created, 3 already there"), "{said}");
     assert!(said.contains("0 copied, 150 copied before"), "{said}");
@@ -128,7 +106,7 @@ async fn migrating_an_sqlite_relay_copies_everything_once() {
     // senders; alice and bob keep their names (another key is refused).
     let mut carol = relay.user("carol", 2).await;
     for i in 0..150u8 {
-        let (_, from, payload) = delivery(&mut carol).await;
+        let (_, from, payload) = carol.delivery().await;
         assert_eq!(payload, vec![i]);
         assert_eq!(from, if i % 3 == 0 { "bob" } else { "alice" });
     }

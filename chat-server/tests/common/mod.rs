@@ -254,6 +254,19 @@ impl Client {
         }
     }
 
+    /// The next `Deliver` as (envelope id, sender, payload), skipping presence notices
+    /// and pings.
+    pub async fn delivery(&mut self) -> (u64, String, Vec<u8>) {
+        match self.recv_reply().await {
+            ServerMessage::Deliver {
+                envelope_id,
+                from,
+                payload,
+            } => (envelope_id, from, payload),
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+
     /// Expects an `Error` with `code`, skipping presence notices.
     pub async fn expect_error(&mut self, code: ErrorCode) -> Option<u32> {
         match self.recv_reply().await {

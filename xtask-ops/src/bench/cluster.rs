@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -221,7 +221,7 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
 }
 
 /// Starts the load, then over `run_for` (after a warm-up) counts deliveries and the CPU
-/// time of `pids`.
+/// time of `pids`, of which the first `relays` are relays.
 async fn measure<F, Fut>(
     run_for: Duration,
     pids: &[u32],
@@ -232,23 +232,9 @@ where
     F: FnOnce(Arc<Counter>, Arc<AtomicBool>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Vec<tokio::task::JoinHandle<()>>>>,
 {
-    let counter = Arc::new(Counter::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let tasks = start(counter.clone(), stop.clone()).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (cpu0, relay0) = (cpu_seconds(pids)?, cpu_seconds(&pids[..relays])?);
-    counter.measuring.store(true, Ordering::Relaxed);
-    let t0 = Instant::now();
-    tokio::time::sleep(run_for).await;
-    counter.measuring.store(false, Ordering::Relaxed);
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pids)? - cpu0;
-    let relay_cpu = cpu_seconds(&pids[..relays])? - relay0;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.abort();
-    }
-    let messages = counter.messages.load(Ordering::Relaxed) as f64;
+    let cpu = || Ok((cpu_seconds(pids)?, cpu_seconds(&pids[..relays])?));
+    let seen = super::window(run_for, Duration::from_millis(500), start, cpu).await?;
+    let (messages, secs) = (seen.messages, seen.secs);
     anyhow::ensure!(
         messages > 0.0,
         "nothing was delivered in {secs:.1} s: is the system under test serving?"
@@ -257,8 +243,8 @@ where
     tokio::time::sleep(Duration::from_millis(300)).await;
     Ok(Figure {
         msgs_per_s: messages / secs,
-        cpu_us_per_msg: cpu * 1e6 / messages,
-        relay_cpu_us_per_msg: relay_cpu * 1e6 / messages,
+        cpu_us_per_msg: (seen.after.0 - seen.before.0) * 1e6 / messages,
+        relay_cpu_us_per_msg: (seen.after.1 - seen.before.1) * 1e6 / messages,
     })
 }
 

@@ -302,22 +302,53 @@ where
     F: FnOnce(Arc<Counter>, Arc<AtomicBool>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Vec<tokio::task::JoinHandle<()>>>>,
 {
+    let seen = window(run_for, Duration::from_millis(300), start, || Ok(())).await?;
+    Ok((seen.messages / seen.secs, seen.bytes / seen.secs / 1e6))
+}
+
+/// What one measuring window saw: deliveries, its length, and `probe` at its start and end.
+struct Window<T> {
+    messages: f64,
+    bytes: f64,
+    secs: f64,
+    before: T,
+    after: T,
+}
+
+/// Starts the load, waits `warmup`, counts deliveries over `run_for` (calling `probe` as
+/// the window opens and closes), then stops the load.
+async fn window<F, Fut, T>(
+    run_for: Duration,
+    warmup: Duration,
+    start: F,
+    mut probe: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<Window<T>>
+where
+    F: FnOnce(Arc<Counter>, Arc<AtomicBool>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Vec<tokio::task::JoinHandle<()>>>>,
+{
     let counter = Arc::new(Counter::default());
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = start(counter.clone(), stop.clone()).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(warmup).await;
+    let before = probe()?;
     counter.measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep(run_for).await;
     counter.measuring.store(false, Ordering::Relaxed);
     let secs = t0.elapsed().as_secs_f64();
+    let after = probe()?;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.abort();
     }
-    let msgs = counter.messages.load(Ordering::Relaxed) as f64 / secs;
-    let mb = counter.bytes.load(Ordering::Relaxed) as f64 / secs / 1e6;
-    Ok((msgs, mb))
+    Ok(Window {
+        messages: counter.messages.load(Ordering::Relaxed) as f64,
+        bytes: counter.bytes.load(Ordering::Relaxed) as f64,
+        secs,
+        before,
+        after,
+    })
 }
 
 fn percentiles(mut samples: Vec<u64>) -> [u64; 3] {
