@@ -4,15 +4,11 @@
 
 mod common;
 
-#[path = "../../chat-server/tests/common/nats.rs"]
-#[allow(dead_code)]
-mod nats;
-
 use std::collections::HashMap;
 use std::path::Path;
 
+use common::nats::Nats;
 use common::{Client, Options, Relay, copy_relay_identity};
-use nats::Nats;
 
 /// A relay on the NATS nodes of `nats`, three replicas.
 fn relay(nats: &Nats, data_dir: &Path, addr: &str) -> Relay {

@@ -1,14 +1,18 @@
 //! Nothing sent is ever lost: restarts and crashes of either client, a full disk, a clock
 //! that jumps, lost end-to-end state, a relay that plays with retry requests. Real relay
-//! binary, real headless client processes, real SQLite files, loopback only.
+//! binary, real headless client processes, real SQLite files, loopback only. The crash
+//! cases run on both backends: one SQLite relay, and two relays on a real `nats-server`
+//! (alice on one, bob on the other).
 
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Client, Options, PATIENCE, Relay, dirs, history};
+use common::disk::SmallDisk;
+use common::{Backend, Client, Options, PATIENCE, Relay, Relays, dirs, history};
+use rstest::rstest;
 use serde_json::Value;
 
 /// Texts of every `message` event from `from`, in order, across `runs`.
@@ -35,18 +39,20 @@ fn await_count(client: &mut Client, event: &str, n: usize, within: Duration) {
     }
 }
 
-#[test]
-fn bob_restarts_while_alice_stays_online_and_nothing_is_lost() {
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::nats(Backend::Nats)]
+fn bob_restarts_while_alice_stays_online_and_nothing_is_lost(#[case] backend: Backend) {
     let (_dir, relay_dir, a, b) = dirs();
-    let relay = Relay::start("127.0.0.1:0", &relay_dir);
-    let mut alice = Client::ready(relay.addr, "alice", &a);
-    let mut bob = Client::ready(relay.addr, "bob", &b);
+    let relays = Relays::start(backend, &relay_dir);
+    let mut alice = Client::ready(relays.alice, "alice", &a);
+    let mut bob = Client::ready(relays.bob, "bob", &b);
     alice.send("/msg bob one");
     assert_eq!(bob.message_from("alice")["text"], "one");
     alice.expect("delivered one", |e| e["event"] == "delivered");
 
     assert_eq!(bob.quit(), 0);
-    let mut bob = Client::ready(relay.addr, "bob", &b);
+    let mut bob = Client::ready(relays.bob, "bob", &b);
     alice.send("/msg bob two");
     alice.send("/msg bob three");
     assert_eq!(bob.texts_from("alice", 2), ["two", "three"]);
@@ -67,12 +73,14 @@ fn bob_restarts_while_alice_stays_online_and_nothing_is_lost() {
     );
 }
 
-#[test]
-fn bob_killed_again_and_again_while_alice_streams_loses_nothing() {
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::nats(Backend::Nats)]
+fn bob_killed_again_and_again_while_alice_streams_loses_nothing(#[case] backend: Backend) {
     let (_dir, relay_dir, a, b) = dirs();
-    let relay = Relay::start("127.0.0.1:0", &relay_dir);
-    let mut bob = Client::ready(relay.addr, "bob", &b);
-    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let relays = Relays::start(backend, &relay_dir);
+    let mut bob = Client::ready(relays.bob, "bob", &b);
+    let mut alice = Client::ready(relays.alice, "alice", &a);
     alice.send("/safety bob");
     alice.expect("safety", |e| e["event"] == "safety");
     const N: usize = 200;
@@ -98,7 +106,7 @@ fn bob_killed_again_and_again_while_alice_streams_loses_nothing() {
             send_batch(&mut alice, upto);
             await_count(&mut alice, "sent", upto, PATIENCE);
             bob = Client::start_opts(
-                relay.addr,
+                relays.bob,
                 "bob",
                 &b,
                 &Options {
@@ -121,7 +129,7 @@ fn bob_killed_again_and_again_while_alice_streams_loses_nothing() {
             bob.kill();
         }
         runs.push(bob);
-        bob = Client::start(relay.addr, "bob", &b);
+        bob = Client::start(relays.bob, "bob", &b);
     }
     send_batch(&mut alice, N);
     runs.push(bob);
@@ -187,12 +195,14 @@ fn bob_killed_again_and_again_while_alice_streams_loses_nothing() {
     assert_eq!(last["queued"], 0, "alice's outbox is empty");
 }
 
-#[test]
-fn alice_killed_mid_stream_loses_and_duplicates_nothing() {
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::nats(Backend::Nats)]
+fn alice_killed_mid_stream_loses_and_duplicates_nothing(#[case] backend: Backend) {
     let (_dir, relay_dir, a, b) = dirs();
-    let relay = Relay::start("127.0.0.1:0", &relay_dir);
-    let mut bob = Client::ready(relay.addr, "bob", &b);
-    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let relays = Relays::start(backend, &relay_dir);
+    let mut bob = Client::ready(relays.bob, "bob", &b);
+    let mut alice = Client::ready(relays.alice, "alice", &a);
     alice.send("/safety bob");
     alice.expect("safety", |e| e["event"] == "safety");
     for n in 0..100 {
@@ -210,7 +220,7 @@ fn alice_killed_mid_stream_loses_and_duplicates_nothing() {
     alice.kill();
     drop(alice);
     assert!(!queued.is_empty());
-    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let mut alice = Client::ready(relays.alice, "alice", &a);
     let outbox: Vec<String> = history(&mut alice, "bob")
         .iter()
         .map(|i| i["text"].as_str().unwrap().to_owned())
@@ -500,56 +510,6 @@ fn a_fresh_home_is_private_and_logs_never_hold_message_text() {
     }
 }
 
-/// A small tmpfs mounted for one test (root only), unmounted on drop.
-struct SmallDisk {
-    path: PathBuf,
-}
-
-impl SmallDisk {
-    /// `None` (test skipped) if mounting is not permitted here, unless under CI.
-    fn mount(path: &Path, size: &str) -> Option<Self> {
-        std::fs::create_dir_all(path).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}")])
-            .arg("tmpfs")
-            .arg(path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "cannot mount a tmpfs (the disk-full test needs root)"
-            );
-            eprintln!("SKIPPED: cannot mount a tmpfs here");
-            return None;
-        }
-        Some(Self {
-            path: path.to_owned(),
-        })
-    }
-
-    /// Writes a filler file until the disk is full.
-    fn fill(&self) {
-        use std::io::Write;
-        let mut f = std::fs::File::create(self.path.join("filler")).unwrap();
-        let chunk = vec![0x55u8; 4096];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.sync_all();
-    }
-
-    fn free(&self) {
-        std::fs::remove_file(self.path.join("filler")).unwrap();
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.path)
-            .status();
-    }
-}
 
 #[test]
 fn a_full_disk_at_the_recipient_loses_nothing_whichever_side_restarts() {

@@ -213,6 +213,7 @@ async fn cluster_loop(shared: &Arc<Shared>) {
     };
     tokio::select! {
         never = cluster.follow_sessions(&shared.router) => never,
+        never = cluster.keep_serving() => never,
         () = watch_connection => {}
     }
 }

@@ -223,6 +223,19 @@ impl Router {
         }
     }
 
+    /// Takes every user of the cluster for offline (announcing it), before the session
+    /// bucket is read afresh: those still online are announced again as it is read.
+    pub fn cluster_presence_reset(&self) {
+        let mut state = self.state();
+        let Some(set) = state.cluster_online.take() else {
+            return;
+        };
+        for user in &set {
+            state.announce(user, false);
+        }
+        state.cluster_online = Some(std::collections::HashSet::new());
+    }
+
     /// Closes `user`'s session `conn_id` with `code`, if it is still registered.
     pub fn kick(&self, user: &Username, conn_id: u64, code: ErrorCode) {
         let state = self.state();

@@ -4,8 +4,9 @@
 mod common;
 
 use chat_protocol::{ClientMessage, ErrorCode, ServerMessage};
+use common::disk::SmallDisk;
 use common::nats::Nats;
-use common::{Client, PATIENCE, TestServer};
+use common::{Client, PATIENCE, TestServer, key};
 
 /// Asks until `name` is listed online (presence crosses relays through the session
 /// bucket, a moment after the login).
@@ -163,4 +164,118 @@ async fn a_full_mailbox_refuses_cluster_wide_and_nothing_is_lost() {
         got.push(carol.delivery().await.2[0]);
     }
     assert_eq!(got, vec![0, 1, 2]);
+}
+
+/// Logs `name` in with test key `k` once the relay serves again (after NATS came back).
+async fn user_when_serving(relay: &TestServer, name: &str, k: usize) -> Client {
+    let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
+    loop {
+        let mut c = relay.client().await;
+        c.send(ClientMessage::Hello {
+            version: chat_protocol::PROTOCOL_VERSION,
+            software: "test".into(),
+        })
+        .await;
+        let last = match c.recv().await {
+            ServerMessage::Hello { .. } => match c.login(name, key(k)).await {
+                ServerMessage::Welcome { .. } => return c,
+                other => other,
+            },
+            other => other,
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay never served {name} again; last: {last:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// The NATS node's disk fills up. JetStream (2.15) then answers no publish and keeps failing
+/// that stream's writes until restarted, even once space is freed; the relay answers the
+/// send `internal` after its retry window (the client keeps it and sends it again), never
+/// `Ok` for what was not stored. Space freed and the node restarted: the relay serves again,
+/// the message is sent, and the recipient gets exactly what was acknowledged, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_nats_fails_sends_clearly_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("natsfs"), "16m") else {
+        return;
+    };
+    let store = disk.path.clone();
+    let mut nats = tokio::task::spawn_blocking(move || Nats::single_storing_in(&store))
+        .await
+        .unwrap();
+    let relay = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    drop(relay.user("bob", 1).await);
+    let mut alice = relay.user("alice", 0).await;
+    for i in 0..5u8 {
+        assert!(matches!(
+            alice.send_to("bob", &[i]).await,
+            ServerMessage::Ok { .. }
+        ));
+    }
+
+    // What still fits in the store's last pages is stored (and answered `Ok`); the first
+    // envelope that does not fit is answered `internal` after the retry window.
+    tokio::task::block_in_place(|| disk.fill());
+    let mut sent = 5u8;
+    loop {
+        let id = alice.id();
+        alice
+            .send(ClientMessage::Send {
+                id,
+                to: "bob".into(),
+                payload: vec![sent; 2000],
+            })
+            .await;
+        let waited = tokio::time::Instant::now();
+        let reply = alice
+            .recv_reply_within(chat_server::cluster::RETRY_FOR + PATIENCE)
+            .await
+            .expect("an answer after the retry window");
+        match reply {
+            ServerMessage::Ok { id: got } => {
+                assert_eq!(got, id);
+                sent += 1;
+                assert!(sent < 50, "JetStream stored 100 KB on a full disk");
+            }
+            ServerMessage::Error {
+                code: ErrorCode::Internal,
+                id: Some(got),
+                message,
+            } => {
+                assert_eq!(got, id);
+                assert!(message.contains("try again"), "{message}");
+                assert!(waited.elapsed() >= chat_server::cluster::RETRY_FOR / 2);
+                break;
+            }
+            other => panic!("expected internal, got {other:?}"),
+        }
+    }
+
+    // Space freed, the node restarted: alice sends it again.
+    disk.free();
+    tokio::task::block_in_place(|| nats.nodes[0].restart());
+    let mut alice = user_when_serving(&relay, "alice", 0).await;
+    match alice.send_to("bob", &vec![sent; 2000]).await {
+        ServerMessage::Ok { .. } => {}
+        other => panic!("expected Ok after the restart, got {other:?}"),
+    }
+    // Bob gets each acknowledged envelope once, in order. The one answered `internal` may
+    // have been stored after all (JetStream wrote it, then failed): then it comes twice,
+    // once per send, and bob's client drops the copy by its message id.
+    let mut bob = user_when_serving(&relay, "bob", 1).await;
+    for i in 0..=sent {
+        let payload = bob.delivery().await.2;
+        assert_eq!(payload[0], i, "once each, in order");
+    }
+    bob.send(ClientMessage::Ping { nonce: 1 }).await;
+    match bob.recv_reply().await {
+        ServerMessage::Pong { nonce: 1 } => {}
+        ServerMessage::Deliver { payload, .. } if payload[0] == sent => {
+            assert_eq!(bob.recv_reply().await, ServerMessage::Pong { nonce: 1 });
+        }
+        other => panic!("expected nothing more, got {other:?}"),
+    }
 }

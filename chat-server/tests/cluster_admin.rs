@@ -121,6 +121,99 @@ async fn migrating_an_sqlite_relay_copies_everything_once() {
     ));
 }
 
+/// Envelopes in `stream` (the mailbox), asked of NATS at `url`.
+async fn stream_messages(url: &str) -> u64 {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    match js.get_stream("chat_mailbox").await {
+        Ok(mut stream) => stream.info().await.unwrap().state.messages,
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_killed_midway_and_run_again_copies_everything_once() {
+    const N: usize = 3000;
+    let sqlite = TestServer::start(|c| {
+        c.queue.max_sender_share = 1.0;
+        c.rate_limit.per_second = 1e6;
+        c.rate_limit.burst = 1e6;
+    })
+    .await;
+    drop(sqlite.user("carol", 2).await);
+    let mut alice = sqlite.user("alice", 0).await;
+    for i in 0..N {
+        let id = alice.id();
+        alice
+            .send(ClientMessage::Send {
+                id,
+                to: "carol".into(),
+                payload: (i as u32).to_be_bytes().to_vec(),
+            })
+            .await;
+    }
+    for _ in 0..N {
+        assert!(matches!(alice.recv_reply().await, ServerMessage::Ok { .. }));
+    }
+    drop(alice);
+    let persisted = sqlite.stop().await;
+    let data = persisted.dir.path().join("data");
+
+    // SIGKILLed once some envelopes are in the stream, before all are.
+    let nats = Nats::single();
+    let url = nats.urls()[0].clone();
+    let mut child = Command::new(BIN)
+        .args(["admin", "migrate", "--to-nats", &url, "--replicas", "1"])
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    let copied_at_kill = loop {
+        let n = stream_messages(&url).await;
+        if n >= 150 {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break stream_messages(&url).await;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing copied");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    assert!(
+        (copied_at_kill as usize) < N,
+        "the migration finished before it was killed"
+    );
+
+    // Run again: the rest is copied, nothing twice.
+    let data = data.to_str().unwrap();
+    let again = admin(&[
+        "admin",
+        "migrate",
+        "--to-nats",
+        &url,
+        "--replicas",
+        "1",
+        "--data-dir",
+        data,
+    ])
+    .await;
+    let said = text(&again);
+    assert!(again.status.success(), "{said}");
+    assert_eq!(stream_messages(&url).await, N as u64, "{said}");
+    let relay = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    let mut carol = relay.user("carol", 2).await;
+    for i in 0..N {
+        let (_, from, payload) = carol.delivery().await;
+        assert_eq!(
+            (from.as_str(), payload),
+            ("alice", (i as u32).to_be_bytes().to_vec()),
+            "once each, in order"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_user_frees_the_name_cluster_wide_and_drops_their_mail() {
     let nats = Nats::single();

@@ -12,8 +12,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[path = "../../../chat-server/tests/common/disk.rs"]
+pub mod disk;
 pub mod impostor;
 pub mod inproc;
+#[path = "../../../chat-server/tests/common/nats.rs"]
+pub mod nats;
 
 #[allow(unused_imports)]
 pub use impostor::TamperProxy;
@@ -578,5 +582,56 @@ pub fn copy_relay_identity(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for file in [chat_server::tls::KEY_FILE, chat_server::tls::CERT_FILE] {
         std::fs::copy(from.join(file), to.join(file)).unwrap();
+    }
+}
+
+/// Where the relays of a test keep accounts and queues.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    /// One relay with its SQLite file: alice and bob on the same relay.
+    Sqlite,
+    /// Two relays on one NATS JetStream node: alice on one, bob on the other, so every
+    /// message, receipt and acknowledgement crosses relays.
+    Nats,
+}
+
+/// The relays of a test on `Backend`: `alice` is the address alice uses, `bob` bob's.
+pub struct Relays {
+    pub alice: SocketAddr,
+    pub bob: SocketAddr,
+    /// Dropped (killed) before the NATS node.
+    pub relays: Vec<Relay>,
+    _nats: Option<nats::Nats>,
+}
+
+impl Relays {
+    /// Starts them, with state under `dir` (created).
+    pub fn start(backend: Backend, dir: &Path) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let relay = Relay::start("127.0.0.1:0", dir);
+                Self {
+                    alice: relay.addr,
+                    bob: relay.addr,
+                    relays: vec![relay],
+                    _nats: None,
+                }
+            }
+            Backend::Nats => {
+                let nats = nats::Nats::single();
+                let config = format!(
+                    "(backend: Nats(urls: [{:?}], stream_replicas: 1))",
+                    nats.urls()[0]
+                );
+                let a = Relay::start_with_config("127.0.0.1:0", &dir.join("a"), &config);
+                let b = Relay::start_with_config("127.0.0.1:0", &dir.join("b"), &config);
+                Self {
+                    alice: a.addr,
+                    bob: b.addr,
+                    relays: vec![a, b],
+                    _nats: Some(nats),
+                }
+            }
+        }
     }
 }

@@ -171,7 +171,7 @@ impl Cluster {
         let store_id = store
             .store_id()
             .map_err(|e| migration_error(nats, "read the SQLite file", e))?;
-        let marks = super::bucket(
+        let marks = super::layout::bucket(
             &self.js,
             kv::Config {
                 bucket: format!("{}_migrations", nats.prefix),

@@ -22,6 +22,7 @@
 //! keys it is written `=`, which usernames never hold ([`token`]).
 
 mod admin;
+mod layout;
 mod outbox;
 mod sessions;
 
@@ -41,6 +42,8 @@ use crate::store::{Bind, Enqueued, StoreError};
 use crate::writer::{Done, Ticket};
 
 pub use admin::{ClusterStats, Migration};
+pub use layout::DUPLICATE_WINDOW;
+pub use outbox::RETRY_FOR;
 pub use sessions::Login;
 
 /// The header naming an envelope's sender.
@@ -101,7 +104,11 @@ pub struct Cluster {
     /// Acknowledged envelopes not yet removed, by recipient ([`Cluster::delete`]).
     removals: Mutex<HashMap<Username, Removal>>,
     /// Whether the NATS connection is up (false while it reconnects).
-    connected: watch::Receiver<bool>,
+    link: watch::Receiver<bool>,
+    /// Whether the relay serves: the connection is up and the layout is in place.
+    serving: watch::Sender<bool>,
+    /// What the layout is made from, to make it again ([`Cluster::keep_serving`]).
+    spec: Box<(Config, NatsBackend)>,
     /// Counts disturbances (reconnections, stream leader elections): mailbox readers
     /// make their consumers again at each.
     disturbances: watch::Sender<u64>,
@@ -137,7 +144,7 @@ impl Cluster {
         nats: &NatsBackend,
         adopt_limits: bool,
     ) -> Result<Self, ClusterError> {
-        let (up, connected) = watch::channel(true);
+        let (up, link) = watch::channel(true);
         let disturbances = watch::Sender::new(0u64);
         let disturbed = disturbances.clone();
         let options = async_nats::ConnectOptions::new()
@@ -187,20 +194,8 @@ impl Cluster {
             }
         };
         let js = jetstream::new(client.clone());
-        // A cluster that just started elects its JetStream leader first: keep trying.
-        let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
-        let (mailbox, accounts, sessions, relays) = loop {
-            match layout(&js, config, nats, adopt_limits).await {
-                Ok(done) => break done,
-                // Not a matter of time: the nodes lack the storage the limits reserve.
-                Err(e) if e.to_string().contains("insufficient") => return Err(e),
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    debug!("JetStream not ready: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let (mailbox, accounts, sessions, relays) =
+            layout::layout_patiently(&js, config, nats, adopt_limits).await?;
         let (replicas, name) = (
             nats.stream_replicas,
             mailbox.cached_info().config.name.clone(),
@@ -222,14 +217,50 @@ impl Cluster {
             sessions: sessions::Sessions::new(sessions, relays),
             known: Mutex::new(HashSet::new()),
             removals: Mutex::new(HashMap::new()),
-            connected,
+            link,
+            serving: watch::Sender::new(true),
+            spec: Box::new((config.clone(), nats.clone())),
             disturbances,
         })
     }
 
-    /// Changes of the NATS connection: `true` when (re)connected.
+    /// Whether the relay can serve, and its changes: `false` while NATS is unreachable
+    /// and until the layout is back in place after it returns.
     pub fn connection(&self) -> watch::Receiver<bool> {
-        self.connected.clone()
+        self.serving.subscribe()
+    }
+
+    /// Follows the NATS connection and says (through [`Cluster::connection`]) whether the
+    /// relay serves: not while NATS is unreachable; when it is back, once the stream and
+    /// buckets are there — made again if missing (a cluster whose every node restarted
+    /// has lost the memory-backed session buckets; a relay would otherwise serve with
+    /// every session write failing). Never returns.
+    pub async fn keep_serving(&self) -> ! {
+        let mut link = self.link.clone();
+        let (config, nats) = &*self.spec;
+        loop {
+            if link.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            if !*link.borrow_and_update() {
+                self.serving.send_replace(false);
+                continue;
+            }
+            // Back. Until the layout is checked, new sessions are refused.
+            while *link.borrow() {
+                match layout::layout(&self.js, config, nats, false).await {
+                    Ok(_) => {
+                        self.sessions.reset();
+                        self.serving.send_replace(true);
+                        break;
+                    }
+                    Err(e) => {
+                        warn!("NATS is reachable but the cluster's layout is not ready: {e}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }
     }
 
     fn subject(&self, user: &Username) -> String {
@@ -629,90 +660,6 @@ struct Removal {
     ids: BTreeSet<u64>,
 }
 
-/// How long JetStream remembers a publish's message id to drop a retried duplicate.
-pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
-
-/// How long a relay keeps trying to set up the stream and buckets at start.
-const SETUP_PATIENCE: Duration = Duration::from_secs(30);
-
-/// Creates (or, if `adopt_limits`, updates to `config`'s limits) the mailbox stream and
-/// opens the buckets.
-async fn layout(
-    js: &jetstream::Context,
-    config: &Config,
-    nats: &NatsBackend,
-    adopt_limits: bool,
-) -> Result<(stream::Stream, kv::Store, kv::Store, kv::Store), ClusterError> {
-    let replicas = nats.stream_replicas;
-    let setup = |what, name: &str| {
-        let name = name.to_owned();
-        move |detail: String| ClusterError::Setup {
-            what,
-            name,
-            replicas,
-            detail,
-        }
-    };
-    let queue = &config.queue;
-    let name = format!("{}_mailbox", nats.prefix);
-    let mailbox_config = stream::Config {
-        name: name.clone(),
-        subjects: vec![format!("{}.inbox.>", nats.prefix)],
-        retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        max_messages_per_subject: queue.max_envelopes_per_user as i64,
-        discard: stream::DiscardPolicy::New,
-        discard_new_per_subject: true,
-        max_age: Duration::from_secs_f64(queue.max_age_secs),
-        max_bytes: queue.max_total_bytes.min(i64::MAX as u64) as i64,
-        max_message_size: (config.max_frame_bytes + 4096).min(i32::MAX as usize) as i32,
-        // At most the max age (JetStream refuses a longer one).
-        duplicate_window: DUPLICATE_WINDOW.min(Duration::from_secs_f64(queue.max_age_secs)),
-        allow_direct: true,
-        allow_atomic_publish: true,
-        ..Default::default()
-    };
-    js.get_or_create_stream(mailbox_config.clone())
-        .await
-        .map_err(|e| setup("stream", &name)(e.to_string()))?;
-    if adopt_limits {
-        js.update_stream(&mailbox_config)
-            .await
-            .map_err(|e| setup("stream", &name)(e.to_string()))?;
-    }
-    let mailbox = js
-        .get_stream(&name)
-        .await
-        .map_err(|e| setup("stream", &name)(e.to_string()))?;
-    let kv_config = |suffix: &str, storage, max_value_size| kv::Config {
-        bucket: format!("{}_{suffix}", nats.prefix),
-        history: 1,
-        storage,
-        num_replicas: replicas,
-        max_value_size,
-        ..Default::default()
-    };
-    let accounts = bucket(
-        js,
-        kv_config("accounts", stream::StorageType::File, 16 * 1024),
-    )
-    .await?;
-    let sessions = bucket(js, kv_config("sessions", stream::StorageType::Memory, 256)).await?;
-    // Relay id → heartbeat; a key not refreshed within the TTL expires with a marker that
-    // every relay's watch sees.
-    let relays = bucket(
-        js,
-        kv::Config {
-            max_age: sessions::RELAY_TTL,
-            limit_markers: Some(sessions::RELAY_TTL),
-            ..kv_config("relays", stream::StorageType::Memory, 256)
-        },
-    )
-    .await?;
-    Ok((mailbox, accounts, sessions, relays))
-}
-
 /// A publish JetStream refused because a limit was reached: which one.
 fn refusal(error: &str) -> Option<Enqueued> {
     if error.contains("maximum messages per subject") {
@@ -734,23 +681,6 @@ pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// Creates a bucket, or opens it if it exists.
-async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
-    let (name, replicas) = (config.bucket.clone(), config.num_replicas);
-    match js.create_key_value(config).await {
-        Ok(store) => Ok(store),
-        Err(create) => js
-            .get_key_value(&name)
-            .await
-            .map_err(|_| ClusterError::Setup {
-                what: "bucket",
-                name,
-                replicas,
-                detail: create.to_string(),
-            }),
     }
 }
 

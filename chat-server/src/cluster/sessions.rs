@@ -51,6 +51,9 @@ struct Known {
     latest: HashMap<Username, (String, u64)>,
     /// Relays with a live heartbeat.
     alive: HashSet<String>,
+    /// Since when the heartbeats have been followed: sessions are swept only after a
+    /// whole [`RELAY_TTL`] of it.
+    following_since: Option<tokio::time::Instant>,
 }
 
 pub(super) struct Sessions {
@@ -59,6 +62,8 @@ pub(super) struct Sessions {
     /// Random per relay process: owners of sessions are told apart by it.
     relay_id: String,
     known: Mutex<Known>,
+    /// Bumped by [`Sessions::reset`]: the followers watch the buckets afresh.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Sessions {
@@ -68,7 +73,20 @@ impl Sessions {
             relays,
             relay_id: format!("{:016x}", rand::rng().next_u64()),
             known: Mutex::new(Known::default()),
+            generation: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Forgets what was learnt from the buckets and follows them afresh, after NATS came
+    /// back (the buckets may have been made anew, their revisions starting again at 1: a
+    /// remembered revision would make every new login look older than a stale one).
+    pub(super) fn reset(&self) {
+        let mut known = self.known();
+        known.latest.clear();
+        known.alive.clear();
+        known.following_since = None;
+        drop(known);
+        self.generation.send_modify(|g| *g += 1);
     }
 
     fn known(&self) -> std::sync::MutexGuard<'_, Known> {
@@ -165,7 +183,6 @@ impl Sessions {
     /// Refreshes this relay's heartbeat and sweeps the sessions of relays without one
     /// (only once this relay has followed the heartbeats for a whole TTL).
     async fn beat(&self) -> ! {
-        let started = tokio::time::Instant::now();
         loop {
             if let Err(e) = self
                 .relays
@@ -174,7 +191,8 @@ impl Sessions {
             {
                 warn!("cannot refresh this relay's heartbeat: {e}");
             }
-            if started.elapsed() > RELAY_TTL {
+            let since = self.known().following_since;
+            if since.is_some_and(|s| s.elapsed() > RELAY_TTL) {
                 self.sweep().await;
             }
             tokio::time::sleep(HEARTBEAT).await;
@@ -207,17 +225,28 @@ impl Sessions {
 
     /// Follows the heartbeats into the set of live relays.
     async fn follow_relays(&self) -> ! {
+        let mut generation = self.generation.subscribe();
         loop {
+            generation.borrow_and_update();
             match self.relays.watch_with_history(">").await {
                 Ok(mut changes) => {
-                    while let Some(change) = changes.next().await {
-                        let Ok(entry) = change else { break };
+                    self.known()
+                        .following_since
+                        .get_or_insert_with(tokio::time::Instant::now);
+                    loop {
+                        let change = tokio::select! {
+                            change = changes.next() => change,
+                            _ = generation.changed() => break,
+                        };
+                        let Some(Ok(entry)) = change else { break };
+                        let put = entry.operation == kv::Operation::Put;
                         let mut known = self.known();
-                        if entry.operation == kv::Operation::Put {
+                        if put {
                             known.alive.insert(entry.key);
                         } else {
                             known.alive.remove(&entry.key);
                         }
+                        drop(known);
                     }
                 }
                 Err(e) => warn!("cannot follow the relays' heartbeats: {e}; retrying"),
@@ -228,19 +257,28 @@ impl Sessions {
 
     /// Follows the sessions bucket, re-subscribing after errors.
     async fn follow_sessions(&self, router: &Router) -> ! {
+        let mut generation = self.generation.subscribe();
         loop {
+            if generation.has_changed().unwrap_or(false) {
+                // Read afresh: who is online is learnt again.
+                generation.borrow_and_update();
+                router.cluster_presence_reset();
+            }
             match self.bucket.watch_with_history(">").await {
-                Ok(mut changes) => {
-                    while let Some(change) = changes.next().await {
-                        match change {
-                            Ok(entry) => self.apply(entry, router),
-                            Err(e) => {
-                                warn!("following the session bucket: {e}");
-                                break;
-                            }
+                Ok(mut changes) => loop {
+                    let change = tokio::select! {
+                        change = changes.next() => change,
+                        _ = generation.changed() => break,
+                    };
+                    match change {
+                        Some(Ok(entry)) => self.apply(entry, router),
+                        Some(Err(e)) => {
+                            warn!("following the session bucket: {e}");
+                            break;
                         }
+                        None => break,
                     }
-                }
+                },
                 Err(e) => warn!("cannot follow the session bucket: {e}; retrying"),
             }
             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::codec::Framed;
 
+pub mod disk;
 pub mod nats;
 
 /// Long enough for a loaded CI machine, short enough to fail a hung test quickly.
@@ -241,6 +242,20 @@ impl Client {
             Ok(Some(Ok(msg))) => msg,
             Ok(other) => panic!("connection ended instead of a message: {other:?}"),
             Err(_) => panic!("no message within {PATIENCE:?}"),
+        }
+    }
+
+    /// The next message that is not a presence notice or ping, waiting up to `patience`
+    /// (`None` if none came).
+    pub async fn recv_reply_within(&mut self, patience: Duration) -> Option<ServerMessage> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            match tokio::time::timeout_at(deadline, self.framed.next()).await {
+                Ok(Some(Ok(ServerMessage::Presence { .. } | ServerMessage::Ping { .. }))) => {}
+                Ok(Some(Ok(msg))) => return Some(msg),
+                Ok(other) => panic!("connection ended instead of a message: {other:?}"),
+                Err(_) => return None,
+            }
         }
     }
 

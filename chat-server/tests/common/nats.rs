@@ -75,6 +75,11 @@ impl NatsNode {
         }
     }
 
+    /// What the node has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default()
+    }
+
     /// SIGKILL: no goodbye, as a crash or power loss.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -105,21 +110,26 @@ pub struct Nats {
 impl Nats {
     /// One node with JetStream.
     pub fn single() -> Self {
-        Self::start(1)
+        Self::start(1, None)
+    }
+
+    /// One node keeping its JetStream store under `store` (e.g. a small disk).
+    pub fn single_storing_in(store: &Path) -> Self {
+        Self::start(1, Some(store))
     }
 
     /// Three nodes in one JetStream cluster.
     pub fn cluster() -> Self {
-        Self::start(3)
+        Self::start(3, None)
     }
 
-    fn start(n: usize) -> Self {
+    fn start(n: usize, store_root: Option<&Path>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let mut nodes = Vec::new();
         for (i, (port, route_port)) in ports.iter().enumerate() {
             let name = format!("n{}", i + 1);
-            let store = dir.path().join(&name);
+            let store = store_root.unwrap_or(dir.path()).join(&name);
             let mut text = format!(
                 "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\n\
                  jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n  \

@@ -1,0 +1,141 @@
+//! The cluster's layout in JetStream: the mailbox stream and the key-value buckets, made
+//! when a relay starts and made again when NATS comes back without them (the memory-backed
+//! session buckets vanish when every node restarts).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+
+use super::{ClusterError, sessions};
+use crate::config::{Config, NatsBackend};
+
+/// How long JetStream remembers a publish's message id to drop a retried duplicate.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// How long a relay keeps trying to set up the stream and buckets at start.
+const SETUP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The mailbox stream and the buckets: accounts, sessions, relays.
+pub(super) type Handles = (stream::Stream, kv::Store, kv::Store, kv::Store);
+
+/// [`layout`], retried for [`SETUP_PATIENCE`] while JetStream is not ready (a cluster
+/// that just started elects its meta leader first). Fails at once if the nodes lack the
+/// storage the limits reserve.
+pub(super) async fn layout_patiently(
+    js: &jetstream::Context,
+    config: &Config,
+    nats: &NatsBackend,
+    adopt_limits: bool,
+) -> Result<Handles, ClusterError> {
+    let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
+    loop {
+        match layout(js, config, nats, adopt_limits).await {
+            Ok(done) => return Ok(done),
+            // Not a matter of time: the nodes lack the storage the limits reserve.
+            Err(e) if e.to_string().contains("insufficient") => return Err(e),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!("JetStream not ready: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Creates (or, if `adopt_limits`, updates to `config`'s limits) the mailbox stream and
+/// opens the buckets, creating what is missing.
+///
+/// # Errors
+/// [`ClusterError::Setup`] naming the stream or bucket JetStream refused.
+pub(super) async fn layout(
+    js: &jetstream::Context,
+    config: &Config,
+    nats: &NatsBackend,
+    adopt_limits: bool,
+) -> Result<Handles, ClusterError> {
+    let replicas = nats.stream_replicas;
+    let setup = |what, name: &str| {
+        let name = name.to_owned();
+        move |detail: String| ClusterError::Setup {
+            what,
+            name,
+            replicas,
+            detail,
+        }
+    };
+    let queue = &config.queue;
+    let name = format!("{}_mailbox", nats.prefix);
+    let mailbox_config = stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("{}.inbox.>", nats.prefix)],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_messages_per_subject: queue.max_envelopes_per_user as i64,
+        discard: stream::DiscardPolicy::New,
+        discard_new_per_subject: true,
+        max_age: Duration::from_secs_f64(queue.max_age_secs),
+        max_bytes: queue.max_total_bytes.min(i64::MAX as u64) as i64,
+        max_message_size: (config.max_frame_bytes + 4096).min(i32::MAX as usize) as i32,
+        // At most the max age (JetStream refuses a longer one).
+        duplicate_window: DUPLICATE_WINDOW.min(Duration::from_secs_f64(queue.max_age_secs)),
+        allow_direct: true,
+        allow_atomic_publish: true,
+        ..Default::default()
+    };
+    js.get_or_create_stream(mailbox_config.clone())
+        .await
+        .map_err(|e| setup("stream", &name)(e.to_string()))?;
+    if adopt_limits {
+        js.update_stream(&mailbox_config)
+            .await
+            .map_err(|e| setup("stream", &name)(e.to_string()))?;
+    }
+    let mailbox = js
+        .get_stream(&name)
+        .await
+        .map_err(|e| setup("stream", &name)(e.to_string()))?;
+    let kv_config = |suffix: &str, storage, max_value_size| kv::Config {
+        bucket: format!("{}_{suffix}", nats.prefix),
+        history: 1,
+        storage,
+        num_replicas: replicas,
+        max_value_size,
+        ..Default::default()
+    };
+    let accounts = bucket(
+        js,
+        kv_config("accounts", stream::StorageType::File, 16 * 1024),
+    )
+    .await?;
+    let sessions = bucket(js, kv_config("sessions", stream::StorageType::Memory, 256)).await?;
+    // Relay id → heartbeat; a key not refreshed within the TTL expires with a marker that
+    // every relay's watch sees.
+    let relays = bucket(
+        js,
+        kv::Config {
+            max_age: sessions::RELAY_TTL,
+            limit_markers: Some(sessions::RELAY_TTL),
+            ..kv_config("relays", stream::StorageType::Memory, 256)
+        },
+    )
+    .await?;
+    Ok((mailbox, accounts, sessions, relays))
+}
+
+/// Creates a bucket, or opens it if it exists.
+pub(super) async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
+    let (name, replicas) = (config.bucket.clone(), config.num_replicas);
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        Err(create) => js
+            .get_key_value(&name)
+            .await
+            .map_err(|_| ClusterError::Setup {
+                what: "bucket",
+                name,
+                replicas,
+                detail: create.to_string(),
+            }),
+    }
+}
