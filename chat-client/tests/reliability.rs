@@ -510,7 +510,6 @@ fn a_fresh_home_is_private_and_logs_never_hold_message_text() {
     }
 }
 
-
 #[test]
 fn a_full_disk_at_the_recipient_loses_nothing_whichever_side_restarts() {
     let (dir, relay_dir, a, _) = dirs();

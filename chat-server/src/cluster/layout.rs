@@ -124,7 +124,10 @@ pub(super) async fn layout(
 }
 
 /// Creates a bucket, or opens it if it exists.
-pub(super) async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
+pub(super) async fn bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, ClusterError> {
     let (name, replicas) = (config.bucket.clone(), config.num_replicas);
     match js.create_key_value(config).await {
         Ok(store) => Ok(store),
