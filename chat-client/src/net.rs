@@ -82,7 +82,24 @@ pub const FIRST_ANSWER: Duration = Duration::from_secs(10);
 
 impl From<CodecError> for ConnectError {
     fn from(e: CodecError) -> Self {
-        Self::Transient(format!("connection error: {e}"))
+        Self::Transient(connection_lost(&e))
+    }
+}
+
+/// What a broken connection means to the user: a relay that vanished (crashed, restarted,
+/// killed) is said so, not in the TLS library's words.
+pub fn connection_lost(e: &CodecError) -> String {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, UnexpectedEof};
+    match e {
+        CodecError::Io(io) if io.kind() == UnexpectedEof => {
+            "the relay dropped the connection without closing it (it may have stopped or \
+             restarted)"
+                .into()
+        }
+        CodecError::Io(io) if matches!(io.kind(), ConnectionReset | ConnectionAborted) => {
+            "the connection to the relay was reset".into()
+        }
+        e => format!("connection error: {e}"),
     }
 }
 

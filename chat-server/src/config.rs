@@ -110,6 +110,18 @@ enum BackendRon {
     },
 }
 
+/// Whether `url` is a NATS server URL the client can use: `nats://`, `tls://`, `ws://`
+/// or `wss://`, then a host (and port), nothing else.
+fn nats_url_ok(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    ["nats", "tls", "ws", "wss"].contains(&scheme)
+        && !rest.is_empty()
+        && !rest.contains(|c: char| c.is_whitespace() || c == '/')
+        && url.parse::<async_nats::ServerAddr>().is_ok()
+}
+
 fn default_urls() -> Vec<String> {
     NatsBackend::default().urls
 }
@@ -390,6 +402,12 @@ impl Config {
             if nats.urls.is_empty() {
                 return invalid("backend.urls", "must name at least one NATS server");
             }
+            if let Some(bad) = nats.urls.iter().find(|u| !nats_url_ok(u)) {
+                return invalid(
+                    "backend.urls",
+                    &format!("{bad:?} is not a NATS URL; write nats://HOST:PORT"),
+                );
+            }
             if !(1..=5).contains(&nats.stream_replicas) {
                 return invalid(
                     "backend.stream_replicas",
@@ -592,5 +610,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cannot read"), "{err}");
+    }
+
+    #[test]
+    fn nats_urls_are_checked_before_connecting() {
+        for good in [
+            "nats://127.0.0.1:4222",
+            "nats://n1.internal:4222",
+            "tls://n1:4222",
+            "nats://user:secret@n1:4222",
+            "nats://[::1]:4222",
+        ] {
+            assert!(nats_url_ok(good), "{good}");
+        }
+        for bad in [
+            "http//bad url",
+            "127.0.0.1:4222",
+            "http://n1:4222",
+            "nats://",
+            "nats://n1:4222/x",
+            "nats://n 1:4222",
+        ] {
+            assert!(!nats_url_ok(bad), "{bad}");
+            let config = Config {
+                backend: Backend::Nats(NatsBackend {
+                    urls: vec![bad.into()],
+                    ..NatsBackend::default()
+                }),
+                ..Config::default()
+            };
+            let err = config.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("backend.urls") && err.contains("nats://HOST:PORT"),
+                "{err}"
+            );
+        }
     }
 }

@@ -346,7 +346,11 @@ fn health(config: &Config, address: Option<String>, timeout: f64) -> anyhow::Res
             println!("serving: {addr} answered as {software}, key {fingerprint}");
             Ok(())
         }
-        Health::NotServing(reason) => anyhow::bail!("not serving: {reason}"),
+        Health::NotServing(reason) => {
+            // The answer, not a failure of the command: said plainly, exit status 1.
+            println!("not serving: {reason}");
+            std::process::exit(1)
+        }
     }
 }
 

@@ -121,7 +121,23 @@ async fn migrating_an_sqlite_relay_copies_everything_once() {
     ));
 }
 
-/// Envelopes in `stream` (the mailbox), asked of NATS at `url`.
+/// A child process, SIGKILLed (if still running) and waited for at the latest on drop.
+struct Reaped(std::process::Child);
+
+impl Reaped {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Envelopes in the mailbox stream, asked of NATS at `url`.
 async fn stream_messages(url: &str) -> u64 {
     let client = async_nats::connect(url).await.unwrap();
     let js = async_nats::jetstream::new(client);
@@ -162,23 +178,24 @@ async fn a_migration_killed_midway_and_run_again_copies_everything_once() {
     // SIGKILLed once some envelopes are in the stream, before all are.
     let nats = Nats::single();
     let url = nats.urls()[0].clone();
-    let mut child = Command::new(BIN)
-        .args(["admin", "migrate", "--to-nats", &url, "--replicas", "1"])
-        .arg("--data-dir")
-        .arg(&data)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        Command::new(BIN)
+            .args(["admin", "migrate", "--to-nats", &url, "--replicas", "1"])
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = tokio::time::Instant::now() + common::PATIENCE;
     let copied_at_kill = loop {
         let n = stream_messages(&url).await;
-        if n >= 150 {
-            child.kill().unwrap();
-            child.wait().unwrap();
+        if n >= 150 || tokio::time::Instant::now() >= deadline {
+            child.kill();
+            assert!(n >= 150, "nothing copied in {:?}", common::PATIENCE);
             break stream_messages(&url).await;
         }
-        assert!(tokio::time::Instant::now() < deadline, "nothing copied");
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     };
     assert!(
@@ -284,7 +301,8 @@ async fn health_says_whether_a_relay_serves() {
         }
         assert!(tokio::time::Instant::now() < deadline, "still serving");
     };
-    assert!(said.contains("not serving"), "{said}");
+    // Said plainly on standard output (a monitor's line), exit status 1.
+    assert!(said.starts_with("not serving: "), "{said}");
     assert!(said.contains("server_busy"), "{said}");
 
     // NATS back: serving again.
@@ -308,4 +326,40 @@ async fn health_says_whether_a_relay_serves() {
         "{}",
         text(&nobody)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_given_a_bad_or_silent_nats_says_which_and_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let relay = |nats: &str| {
+        let nats = nats.to_owned();
+        let data = data.to_owned();
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["--listen", "127.0.0.1:0", "--data-dir", &data])
+                .args(["--nats", &nats, "--nats-replicas", "1"])
+                .output()
+                .unwrap()
+        })
+    };
+    // Not a URL: refused before connecting.
+    let bad = relay("http//bad url").await.unwrap();
+    let said = text(&bad);
+    assert_eq!(bad.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("is not a NATS URL; write nats://HOST:PORT"),
+        "{said}"
+    );
+    // Nothing listening: says it could not reach NATS there, not that JetStream timed out.
+    let port = common::nats::free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let silent = relay(&url).await.unwrap();
+    let said = text(&silent);
+    assert_eq!(silent.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!("cannot reach NATS at {url}")),
+        "{said}"
+    );
+    assert!(said.contains("no NATS server answered"), "{said}");
 }

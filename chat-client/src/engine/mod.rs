@@ -839,7 +839,7 @@ impl Engine {
                     for handled in 1.. {
                         match frame {
                             None => return SessionEnd::Lost("the server closed the connection".into()),
-                            Some(Err(e)) => return SessionEnd::Lost(format!("connection error: {e}")),
+                            Some(Err(e)) => return SessionEnd::Lost(crate::net::connection_lost(&e)),
                             Some(Ok(msg)) => {
                                 last_heard = Instant::now();
                                 pinged = false;

@@ -49,6 +49,9 @@ pub use sessions::Login;
 /// The header naming an envelope's sender.
 pub const FROM_HEADER: &str = "Chat-From";
 
+/// How long a relay (or an operator command) waits for a first connection to NATS.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Accounts remembered as existing (they are never removed in the cluster backend), so a
 /// send needs no lookup after the first. Past this many the memory is cleared.
 const KNOWN_ACCOUNTS_MAX: usize = 100_000;
@@ -178,7 +181,7 @@ impl Cluster {
             addrs.push(addr);
         }
         let connect = options.connect(addrs.as_slice());
-        let client = match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        let client = match tokio::time::timeout(CONNECT_PATIENCE, connect).await {
             Ok(Ok(client)) => client,
             Ok(Err(e)) => {
                 return Err(ClusterError::Connect {
@@ -194,6 +197,22 @@ impl Cluster {
             }
         };
         let js = jetstream::new(client.clone());
+        // The client keeps trying to connect in the background: say that no server
+        // answered, rather than let the layout's requests time out.
+        let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClusterError::Connect {
+                    urls,
+                    detail: format!(
+                        "no NATS server answered within {} s (is nats-server running there, \
+                         and reachable from this host?)",
+                        CONNECT_PATIENCE.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let (mailbox, accounts, sessions, relays) =
             layout::layout_patiently(&js, config, nats, adopt_limits).await?;
         let (replicas, name) = (
@@ -238,18 +257,25 @@ impl Cluster {
     pub async fn keep_serving(&self) -> ! {
         let mut link = self.link.clone();
         let (config, nats) = &*self.spec;
+        // The first connection (made before serving began) is no news.
+        let mut lost = false;
         loop {
             if link.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
             if !*link.borrow_and_update() {
+                lost = true;
                 self.serving.send_replace(false);
+                continue;
+            }
+            if !lost {
                 continue;
             }
             // Back. Until the layout is checked, new sessions are refused.
             while *link.borrow() {
                 match layout::layout(&self.js, config, nats, false).await {
                     Ok(_) => {
+                        lost = false;
                         self.sessions.reset();
                         self.serving.send_replace(true);
                         break;
@@ -619,6 +645,9 @@ impl Cluster {
         let forget = async {
             loop {
                 self.forget_removed().await;
+                // Removals made while the watch was down were missed: forget every
+                // remembered name (they are looked up again).
+                self.known.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         };
