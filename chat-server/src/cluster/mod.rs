@@ -112,6 +112,9 @@ pub struct Cluster {
     serving: watch::Sender<bool>,
     /// What the layout is made from, to make it again ([`Cluster::keep_serving`]).
     spec: Box<(Config, NatsBackend)>,
+    /// When the sessions bucket was made, as JetStream says: another time after NATS
+    /// comes back means the bucket is new (memory-backed, every node restarted).
+    sessions_made: Mutex<String>,
     /// Counts disturbances (reconnections, stream leader elections): mailbox readers
     /// make their consumers again at each.
     disturbances: watch::Sender<u64>,
@@ -227,6 +230,7 @@ impl Cluster {
              atomic batches {}",
             if atomic { "on" } else { "off" }
         );
+        let sessions_made = made_at(&sessions).await;
         Ok(Self {
             outbox: outbox::Outbox::start(client, js.clone(), atomic),
             js,
@@ -239,6 +243,7 @@ impl Cluster {
             link,
             serving: watch::Sender::new(true),
             spec: Box::new((config.clone(), nats.clone())),
+            sessions_made: Mutex::new(sessions_made),
             disturbances,
         })
     }
@@ -253,7 +258,8 @@ impl Cluster {
     /// relay serves: not while NATS is unreachable; when it is back, once the stream and
     /// buckets are there — made again if missing (a cluster whose every node restarted
     /// has lost the memory-backed session buckets; a relay would otherwise serve with
-    /// every session write failing). Never returns.
+    /// every session write failing), and, if they are new, once what was learnt from the
+    /// old ones is forgotten. Never returns.
     pub async fn keep_serving(&self) -> ! {
         let mut link = self.link.clone();
         let (config, nats) = &*self.spec;
@@ -274,9 +280,18 @@ impl Cluster {
             // Back. Until the layout is checked, new sessions are refused.
             while *link.borrow() {
                 match layout::layout(&self.js, config, nats, false).await {
-                    Ok(_) => {
+                    Ok((_, _, sessions, _)) => {
                         lost = false;
-                        self.sessions.reset();
+                        let made = made_at(&sessions).await;
+                        let mut known =
+                            self.sessions_made.lock().unwrap_or_else(|p| p.into_inner());
+                        if *known != made {
+                            // A new bucket: what was learnt from the old one is void.
+                            info!("the session buckets were made anew; reading them afresh");
+                            *known = made;
+                            self.sessions.reset();
+                        }
+                        drop(known);
                         self.serving.send_replace(true);
                         break;
                     }
@@ -701,6 +716,15 @@ fn refusal(error: &str) -> Option<Enqueued> {
     } else {
         None
     }
+}
+
+/// When JetStream made `bucket`'s stream (empty if it cannot say).
+async fn made_at(bucket: &kv::Store) -> String {
+    bucket
+        .status()
+        .await
+        .map(|s| format!("{:?}", s.info.created))
+        .unwrap_or_default()
 }
 
 /// Aborts a task when dropped.
