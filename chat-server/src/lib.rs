@@ -62,6 +62,9 @@ pub(crate) struct Shared {
     /// The `Nats` backend: accounts, sessions, presence and the queue live in the
     /// cluster, and `store` only counts what was refused.
     pub(crate) cluster: Option<Arc<cluster::Cluster>>,
+    /// Keys the names of addresses in the cluster ([`limits::shared_address_name`]):
+    /// derived from the relay's TLS key, which every relay of a cluster shares.
+    pub(crate) address_secret: [u8; 32],
 }
 
 /// Why the relay could not start.
@@ -88,7 +91,16 @@ pub async fn run(
     let identity = tls::load_or_create(&config)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
     let label = format!("fingerprint {}", identity.fingerprint);
-    serve(listener, config, shutdown, Transport::Tls(acceptor), &label).await
+    let secret = {
+        use sha2::{Digest, Sha256};
+        Sha256::new()
+            .chain_update(b"secure-chat address names v1\0")
+            .chain_update(identity.key.secret_der())
+            .finalize()
+            .into()
+    };
+    let transport = Transport::Tls(acceptor);
+    serve(listener, config, shutdown, transport, &label, secret).await
 }
 
 /// [`run`] without TLS, for `cargo xtask bench`'s measure of what TLS costs: clients sign
@@ -99,7 +111,16 @@ pub async fn run_plaintext_bench(
     config: Config,
     shutdown: impl Future,
 ) -> Result<(), RunError> {
-    serve(listener, config, shutdown, Transport::Plain, "plaintext").await
+    let secret = rand::random();
+    serve(
+        listener,
+        config,
+        shutdown,
+        Transport::Plain,
+        "plaintext",
+        secret,
+    )
+    .await
 }
 
 /// How accepted connections are wrapped.
@@ -117,6 +138,7 @@ async fn serve(
     shutdown: impl Future,
     acceptor: Transport,
     label: &str,
+    address_secret: [u8; 32],
 ) -> Result<(), RunError> {
     let store = Store::open(&config.data_dir)?;
     let grace = config.shutdown_grace();
@@ -145,6 +167,7 @@ async fn serve(
             burst: registrations.burst,
         }),
         sources: limits::Sources::default(),
+        address_secret,
         metrics: Metrics::default(),
         config,
         store,

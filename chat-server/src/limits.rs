@@ -9,6 +9,8 @@
 //!   connections and for new accounts. Bounded in memory.
 //! - [`PreLoginSlots`]: connections that have not logged in yet have their own small
 //!   budget and a cap per address, so silent sockets cannot take logged-in users' slots.
+//! - [`SharedBucket`] and [`shared_address_name`]: the token bucket for new accounts kept
+//!   in a store every relay of a cluster shares, so the limit holds per cluster.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -108,6 +110,69 @@ impl AddressKey {
             }
         }
         Self(key)
+    }
+}
+
+/// The name of `ip`'s address group ([`AddressKey`]) in a store the relays of a cluster
+/// share: 32 hex digits of SHA-256(`secret` ‖ group). The secret is derived from the
+/// relays' shared TLS key, so the store (NATS) does not say where anyone connected from,
+/// and every relay of the cluster names an address alike.
+pub fn shared_address_name(secret: &[u8; 32], ip: IpAddr) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(secret)
+        .chain_update(AddressKey::of(ip).0)
+        .finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A token bucket kept as text in a shared store (`"<tokens> <unix ms>"`), on wall-clock
+/// time so that every relay reads it alike. A missing or unreadable value is a full bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SharedBucket {
+    /// Tokens left at `at_ms`.
+    pub tokens: f64,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+impl SharedBucket {
+    /// Parses a stored value.
+    pub fn parse(text: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(text).ok()?;
+        let (tokens, at) = text.split_once(' ')?;
+        let tokens: f64 = tokens.parse().ok()?;
+        tokens.is_finite().then_some(())?;
+        Some(Self {
+            tokens,
+            at_ms: at.parse().ok()?,
+        })
+    }
+
+    /// The stored form.
+    pub fn encode(&self) -> String {
+        format!("{} {}", self.tokens, self.at_ms)
+    }
+
+    /// Takes one token at `now_ms` from `prev` (`None`: full) under `limit`: the new state
+    /// to store, or how long until a token is there. A clock behind the stored time
+    /// refills nothing (relays' clocks differ a little).
+    pub fn take(prev: Option<Self>, limit: RateLimit, now_ms: u64) -> Result<Self, Duration> {
+        let tokens = match prev {
+            None => limit.burst,
+            Some(p) => {
+                let elapsed = now_ms.saturating_sub(p.at_ms) as f64 / 1000.0;
+                (p.tokens + elapsed * limit.per_second).min(limit.burst)
+            }
+        };
+        if tokens >= 1.0 {
+            Ok(Self {
+                tokens: tokens - 1.0,
+                at_ms: now_ms.max(prev.map_or(0, |p| p.at_ms)),
+            })
+        } else {
+            Err(Duration::from_secs_f64((1.0 - tokens) / limit.per_second))
+        }
     }
 }
 
@@ -428,5 +493,50 @@ mod tests {
         assert_eq!(slots.in_use(), 3);
         assert!(slots.take(c).is_ok());
         drop(a2);
+    }
+
+    #[test]
+    fn a_shared_bucket_refills_on_wall_clock_time_and_survives_its_text_form() {
+        let limit = RateLimit {
+            per_second: 1.0 / 180.0, // 20 an hour
+            burst: 2.0,
+        };
+        let t0 = 1_700_000_000_000;
+        let one = SharedBucket::take(None, limit, t0).unwrap();
+        let stored = SharedBucket::parse(one.encode().as_bytes()).unwrap();
+        assert_eq!(stored, one);
+        let two = SharedBucket::take(Some(stored), limit, t0 + 10).unwrap();
+        let wait = SharedBucket::take(Some(two), limit, t0 + 20).unwrap_err();
+        assert!(
+            wait > Duration::from_secs(170) && wait <= Duration::from_secs(180),
+            "{wait:?}"
+        );
+        // Three minutes later one more; a clock behind the stored time refills nothing.
+        let three = SharedBucket::take(Some(two), limit, t0 + 190_000).unwrap();
+        assert!(SharedBucket::take(Some(three), limit, t0).is_err());
+        // Never more than the burst, however long it was idle.
+        let idle = SharedBucket::take(Some(three), limit, t0 + 1_000_000_000).unwrap();
+        assert_eq!(idle.tokens, 1.0);
+        for bad in ["", "x 1", "1", "NaN 5", "inf 5", "1 -1"] {
+            assert_eq!(SharedBucket::parse(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn shared_address_names_hide_the_address_and_group_like_the_local_limiter() {
+        let secret = [7u8; 32];
+        let a: IpAddr = "203.0.113.9".parse().unwrap();
+        let name = shared_address_name(&secret, a);
+        assert_eq!(name.len(), 32);
+        assert!(!name.contains("203"));
+        assert_eq!(name, shared_address_name(&secret, a), "stable");
+        assert_ne!(name, shared_address_name(&[8u8; 32], a), "keyed");
+        let v6a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert_eq!(
+            shared_address_name(&secret, v6a),
+            shared_address_name(&secret, v6b),
+            "one /64"
+        );
     }
 }

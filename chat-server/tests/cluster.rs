@@ -279,3 +279,45 @@ async fn a_full_disk_under_nats_fails_sends_clearly_and_loses_nothing() {
         other => panic!("expected nothing more, got {other:?}"),
     }
 }
+
+/// The limit on new accounts per address holds per cluster: an address that used its
+/// burst on relay A is refused on relay B (which shares A's TLS identity, as the relays
+/// of a cluster do), and logins of existing accounts are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_accounts_per_address_are_limited_cluster_wide() {
+    let nats = Nats::single();
+    let limit = chat_server::config::Registrations {
+        per_hour: 1.0,
+        burst: 2.0,
+    };
+    let a = TestServer::start(|c| {
+        c.backend = nats.backend(1);
+        c.registrations = limit;
+    })
+    .await;
+    drop(a.user("alice", 0).await);
+    drop(a.user("bob", 1).await);
+    // B starts once A has made its TLS identity, and shares it.
+    let data_a = a.dir.path().join("data");
+    let b = TestServer::start(|c| {
+        c.backend = nats.backend(1);
+        c.registrations = limit;
+        c.tls = Some(chat_server::config::TlsFiles {
+            cert_chain: data_a.join(chat_server::tls::CERT_FILE),
+            key: data_a.join(chat_server::tls::KEY_FILE),
+        });
+    })
+    .await;
+    let mut carol = b.client().await;
+    carol.hello().await;
+    match carol.register("carol", key(2)).await {
+        ServerMessage::Error { code, message, .. } => {
+            assert_eq!(code, ErrorCode::RateLimited);
+            assert!(message.contains("try again in"), "{message}");
+        }
+        other => panic!("expected rate_limited on the other relay, got {other:?}"),
+    }
+    // Existing accounts still log in anywhere.
+    drop(b.user("alice", 0).await);
+    drop(a.user("bob", 1).await);
+}

@@ -15,8 +15,14 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How long a relay keeps trying to set up the stream and buckets at start.
 const SETUP_PATIENCE: Duration = Duration::from_secs(30);
 
-/// The mailbox stream and the buckets: accounts, sessions, relays.
-pub(super) type Handles = (stream::Stream, kv::Store, kv::Store, kv::Store);
+/// The mailbox stream and the buckets.
+pub(super) struct Handles {
+    pub mailbox: stream::Stream,
+    pub accounts: kv::Store,
+    pub sessions: kv::Store,
+    pub relays: kv::Store,
+    pub registrations: kv::Store,
+}
 
 /// [`layout`], retried for [`SETUP_PATIENCE`] while JetStream is not ready (a cluster
 /// that just started elects its meta leader first). Fails at once if the nodes lack the
@@ -120,7 +126,30 @@ pub(super) async fn layout(
         },
     )
     .await?;
-    Ok((mailbox, accounts, sessions, relays))
+    // Address name → the token bucket for new accounts ([`crate::limits::SharedBucket`]);
+    // a key idle long enough to be full again expires.
+    let registrations = bucket(
+        js,
+        kv::Config {
+            max_age: registration_memory(config),
+            ..kv_config("registrations", stream::StorageType::Memory, 256)
+        },
+    )
+    .await?;
+    Ok(Handles {
+        mailbox,
+        accounts,
+        sessions,
+        relays,
+        registrations,
+    })
+}
+
+/// How long an address's registration bucket takes to fill up from empty: after that
+/// long idle it is as good as missing.
+fn registration_memory(config: &Config) -> Duration {
+    let r = config.registrations;
+    Duration::from_secs_f64((r.burst / r.per_hour * 3600.0).clamp(1.0, 30.0 * 86_400.0))
 }
 
 /// Creates a bucket, or opens it if it exists.

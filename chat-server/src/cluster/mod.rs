@@ -24,6 +24,7 @@
 mod admin;
 mod layout;
 mod outbox;
+mod quota;
 mod sessions;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -102,6 +103,8 @@ pub struct Cluster {
     /// `<prefix>.inbox.`
     inbox_prefix: String,
     accounts: kv::Store,
+    /// Address name → token bucket for new accounts ([`Cluster::take_registration`]).
+    registrations: kv::Store,
     sessions: sessions::Sessions,
     known: Mutex<HashSet<Username>>,
     /// Acknowledged envelopes not yet removed, by recipient ([`Cluster::delete`]).
@@ -216,8 +219,13 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let (mailbox, accounts, sessions, relays) =
-            layout::layout_patiently(&js, config, nats, adopt_limits).await?;
+        let layout::Handles {
+            mailbox,
+            accounts,
+            sessions,
+            relays,
+            registrations,
+        } = layout::layout_patiently(&js, config, nats, adopt_limits).await?;
         let (replicas, name) = (
             nats.stream_replicas,
             mailbox.cached_info().config.name.clone(),
@@ -237,6 +245,7 @@ impl Cluster {
             mailbox,
             inbox_prefix: format!("{}.inbox.", nats.prefix),
             accounts,
+            registrations,
             sessions: sessions::Sessions::new(sessions, relays),
             known: Mutex::new(HashSet::new()),
             removals: Mutex::new(HashMap::new()),
@@ -280,7 +289,7 @@ impl Cluster {
             // Back. Until the layout is checked, new sessions are refused.
             while *link.borrow() {
                 match layout::layout(&self.js, config, nats, false).await {
-                    Ok((_, _, sessions, _)) => {
+                    Ok(layout::Handles { sessions, .. }) => {
                         lost = false;
                         let made = made_at(&sessions).await;
                         let mut known =

@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 
 use super::{Close, Handler, State, truncate};
 use crate::metrics::Metrics;
-use crate::store::Bind;
+use crate::store::{Bind, StoreError};
 use crate::writer::cost;
 
 /// An RSA-3072 public key nobody holds the private half of: `Login` proofs for names that
@@ -142,12 +142,15 @@ impl Handler {
                 "the login signature does not match the account key (or there is no such account)",
             ));
         }
-        if pending.creates
-            && let Err(wait) = self
-                .shared
-                .registrations
-                .check(self.peer.ip(), std::time::Instant::now())
-        {
+        let allowed = if !pending.creates {
+            Ok(())
+        } else {
+            match self.may_register().await {
+                Ok(allowed) => allowed,
+                Err(e) => return self.fail_internal(id, e).await,
+            }
+        };
+        if let Err(wait) = allowed {
             Metrics::inc(&self.shared.metrics.registrations_refused);
             warn!(peer = %self.peer, "registration refused: too many new accounts from this address");
             let minutes = wait.as_secs().div_ceil(60).max(1);
@@ -188,6 +191,35 @@ impl Handler {
         self.slot = Some(slot);
         self.pre_login = None;
         self.join(username, bind == Bind::Created, id).await
+    }
+
+    /// Whether this address may create one more account now (else how long until it
+    /// may): this relay's own limiter, then, with the cluster backend, the address's
+    /// bucket in the cluster, so the limit holds however many relays it tries.
+    /// (Not an `async fn`: the future must not hold `&self`, see [`Handler::store`].)
+    fn may_register(
+        &self,
+    ) -> impl Future<Output = Result<Result<(), std::time::Duration>, StoreError>> + Send + 'static
+    {
+        let ip = self.peer.ip();
+        let here = self
+            .shared
+            .registrations
+            .check(ip, std::time::Instant::now());
+        let cluster = self.shared.cluster.clone();
+        let r = self.shared.config.registrations;
+        let limit = crate::config::RateLimit {
+            per_second: r.per_hour / 3600.0,
+            burst: r.burst,
+        };
+        let name = crate::limits::shared_address_name(&self.shared.address_secret, ip);
+        async move {
+            match (here, cluster) {
+                (Err(wait), _) => Ok(Err(wait)),
+                (Ok(()), None) => Ok(Ok(())),
+                (Ok(()), Some(cluster)) => cluster.take_registration(&name, limit).await,
+            }
+        }
     }
 
     async fn username_taken(&mut self, id: RequestId, name: &Username) -> Result<(), Close> {
