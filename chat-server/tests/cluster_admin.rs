@@ -20,6 +20,21 @@ async fn admin(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `admin migrate --to-nats URL --replicas 1 --data-dir DATA`.
+async fn migrate(url: &str, data: &str) -> Output {
+    admin(&[
+        "admin",
+        "migrate",
+        "--to-nats",
+        url,
+        "--replicas",
+        "1",
+        "--data-dir",
+        data,
+    ])
+    .await
+}
+
 fn text(output: &Output) -> String {
     format!(
         "{}{}",
@@ -68,17 +83,7 @@ async fn migrating_an_sqlite_relay_copies_everything_once() {
     let relay = TestServer::start(|c| c.backend = nats.backend(1)).await;
     drop(relay.user("dave", 0).await);
 
-    let migrate = [
-        "admin",
-        "migrate",
-        "--to-nats",
-        &url,
-        "--replicas",
-        "1",
-        "--data-dir",
-        data,
-    ];
-    let first = admin(&migrate).await;
+    let first = migrate(&url, data).await;
     let said = text(&first);
     assert_eq!(first.status.code(), Some(1), "dave's conflict: {said}");
     assert!(said.contains("3 created"), "{said}");
@@ -89,7 +94,7 @@ async fn migrating_an_sqlite_relay_copies_everything_once() {
     );
 
     // Again: nothing new is copied, nothing twice.
-    let second = admin(&migrate).await;
+    let second = migrate(&url, data).await;
     let said = text(&second);
     assert!(said.contains("0 created, 3 already there"), "{said}");
     assert!(said.contains("0 copied, 150 copied before"), "{said}");
@@ -205,17 +210,7 @@ async fn a_migration_killed_midway_and_run_again_copies_everything_once() {
 
     // Run again: the rest is copied, nothing twice.
     let data = data.to_str().unwrap();
-    let again = admin(&[
-        "admin",
-        "migrate",
-        "--to-nats",
-        &url,
-        "--replicas",
-        "1",
-        "--data-dir",
-        data,
-    ])
-    .await;
+    let again = migrate(&url, data).await;
     let said = text(&again);
     assert!(again.status.success(), "{said}");
     assert_eq!(stream_messages(&url).await, N as u64, "{said}");
