@@ -398,8 +398,9 @@ fn migrate(config: &Config, urls: Vec<String>, replicas: Option<usize>) -> anyho
         }
         for (user, left) in &done.refused {
             println!(
-                "refused: {left} envelope(s) for {user}: the cluster's queue for them is full; \
-                 they stay in SQLite, run again once {user} has read their mail"
+                "refused: {left} envelope(s) for {user}: their mailbox in the cluster (or one \
+                 sender's share of it) is full; they stay in SQLite, run again once {user} has \
+                 read their mail"
             );
         }
         anyhow::ensure!(

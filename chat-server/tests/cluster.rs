@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::net::Ipv4Addr;
+
 use chat_protocol::{ClientMessage, ErrorCode, ServerMessage};
 use common::disk::SmallDisk;
 use common::nats::Nats;
@@ -133,6 +135,7 @@ async fn a_full_mailbox_refuses_cluster_wide_and_nothing_is_lost() {
     let tweak = |c: &mut chat_server::Config| {
         c.backend = nats.backend(1);
         c.queue.max_envelopes_per_user = 3;
+        c.queue.max_sender_share = 1.0;
     };
     let a = TestServer::start(tweak).await;
     let b = TestServer::start(tweak).await;
@@ -320,4 +323,245 @@ async fn new_accounts_per_address_are_limited_cluster_wide() {
     // Existing accounts still log in anywhere.
     drop(b.user("alice", 0).await);
     drop(a.user("bob", 1).await);
+}
+
+/// A relay started after `first` with `tweak`, sharing `first`'s TLS identity (as every
+/// relay of a cluster does: the address names of shares and quotas are keyed with it).
+async fn sharing_identity(
+    first: &TestServer,
+    tweak: impl FnOnce(&mut chat_server::Config),
+) -> TestServer {
+    // A TLS handshake with the first relay: its identity is on disk.
+    drop(first.client().await);
+    let data = first.dir.path().join("data");
+    TestServer::start(|c| {
+        tweak(c);
+        c.tls = Some(chat_server::config::TlsFiles {
+            cert_chain: data.join(chat_server::tls::CERT_FILE),
+            key: data.join(chat_server::tls::KEY_FILE),
+        });
+    })
+    .await
+}
+
+/// A user registered as `name` with test key `k`, connected from `source`.
+async fn user_from(relay: &TestServer, name: &str, k: usize, source: Ipv4Addr) -> Client {
+    let mut c = Client::connect_from(relay.addr, source).await;
+    c.hello().await;
+    match c.register(name, key(k)).await {
+        ServerMessage::Welcome { .. } => c,
+        other => panic!("login of {name} failed: {other:?}"),
+    }
+}
+
+/// Sends `n` envelopes to `to` at once, then reads the answers; returns how many were
+/// accepted (the others must be `recipient_queue_full`).
+async fn burst(c: &mut Client, to: &str, n: usize) -> usize {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let id = c.id();
+        ids.push(id);
+        c.send(ClientMessage::Send {
+            id,
+            to: to.into(),
+            payload: b"burst".to_vec(),
+        })
+        .await;
+    }
+    let mut accepted = 0;
+    for id in ids {
+        match c.recv_reply().await {
+            ServerMessage::Ok { id: got } => {
+                assert_eq!(got, id);
+                accepted += 1;
+            }
+            ServerMessage::Error {
+                id: Some(got),
+                code: ErrorCode::RecipientQueueFull,
+                ..
+            } => assert_eq!(got, id),
+            other => panic!("expected Ok or recipient_queue_full, got {other:?}"),
+        }
+    }
+    accepted
+}
+
+/// Sends to `to` until refused; returns how many were accepted and the refusal.
+async fn send_until_refused(c: &mut Client, to: &str, most: usize) -> (usize, ErrorCode) {
+    for accepted in 0..=most {
+        match c.send_to(to, b"x").await {
+            ServerMessage::Ok { .. } => {}
+            ServerMessage::Error { code, .. } => return (accepted, code),
+            other => panic!("expected Ok or an error, got {other:?}"),
+        }
+    }
+    panic!("{most} sends to {to} and none refused");
+}
+
+/// The shares of the hostile-user issue hold per cluster: one sender, or one address,
+/// holds at most a quarter of a recipient's mailbox whichever relays it uses; the
+/// recipient's total holds across relays; one sender racing through two relays at once
+/// stores exactly its share (JetStream's per-subject cap); once the recipient reads, the
+/// shares are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_of_a_mailbox_hold_cluster_wide() {
+    let nats = Nats::single();
+    let tweak = |c: &mut chat_server::Config| {
+        c.backend = nats.backend(1);
+        c.queue.max_envelopes_per_user = 40;
+        c.queue.max_sender_share = 0.25;
+    };
+    let a = TestServer::start(tweak).await;
+    let b = sharing_identity(&a, tweak).await;
+    drop(a.user("vic", 0).await);
+    let home = Ipv4Addr::new(127, 0, 0, 1);
+    // One sender fills its share on relay A; relay B refuses it too.
+    let mut stranger = user_from(&a, "stranger", 1, home).await;
+    assert_eq!(
+        send_until_refused(&mut stranger, "vic", 40).await,
+        (10, ErrorCode::RecipientQueueFull)
+    );
+    let mut stranger = Client::connect_from(b.addr, home).await;
+    stranger.hello().await;
+    stranger.login("stranger", key(1)).await;
+    assert_eq!(
+        send_until_refused(&mut stranger, "vic", 40).await,
+        (0, ErrorCode::RecipientQueueFull)
+    );
+    // A second account from the same address shares the address's quarter.
+    let mut sybil = user_from(&b, "sybil", 1, home).await;
+    assert_eq!(
+        send_until_refused(&mut sybil, "vic", 40).await,
+        (0, ErrorCode::RecipientQueueFull)
+    );
+    // One sender from another address hops between the relays, sending a pipelined
+    // burst from each (its newer login closes the older session): exactly its share is
+    // stored, however fresh each relay's tally is (JetStream's per-subject cap holds when
+    // a tally is behind).
+    let racer_home = Ipv4Addr::new(127, 0, 0, 4);
+    drop(user_from(&a, "racer", 2, racer_home).await);
+    let mut stored = 0;
+    for relay in [&a, &b, &a, &b] {
+        let mut racer = Client::connect_from(relay.addr, racer_home).await;
+        racer.hello().await;
+        racer.login("racer", key(2)).await;
+        stored += burst(&mut racer, "vic", 6).await;
+    }
+    assert_eq!(stored, 10);
+    // Two more addresses take their quarters; the mailbox (40) is then full for anyone,
+    // on either relay.
+    for (i, relay) in [(5u8, &a), (6, &b)] {
+        let mut friend =
+            user_from(relay, &format!("friend{i}"), 3, Ipv4Addr::new(127, 0, 0, i)).await;
+        assert_eq!(
+            send_until_refused(&mut friend, "vic", 40).await,
+            (10, ErrorCode::RecipientQueueFull)
+        );
+    }
+    let late_home = Ipv4Addr::new(127, 0, 0, 7);
+    drop(user_from(&a, "late", 3, late_home).await);
+    for relay in [&a, &b] {
+        let mut late = Client::connect_from(relay.addr, late_home).await;
+        late.hello().await;
+        late.login("late", key(3)).await;
+        match late.send_to("vic", b"late").await {
+            ServerMessage::Error {
+                code: ErrorCode::RecipientQueueFull,
+                message,
+                ..
+            } => assert!(!message.contains("one sender"), "{message}"),
+            other => panic!("a full mailbox accepted more: {other:?}"),
+        }
+    }
+    // Vic reads all 40, in the order they were accepted, and acknowledges them.
+    let mut vic = b.user("vic", 0).await;
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(vic.delivery().await.0);
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    vic.send(ClientMessage::Ack { envelope_ids: ids }).await;
+    // The stranger's share is free again once the removal is done (every 250 ms).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match stranger.send_to("vic", b"again").await {
+            ServerMessage::Ok { .. } => break,
+            ServerMessage::Error {
+                code: ErrorCode::RecipientQueueFull,
+                ..
+            } => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the share stayed full after vic read everything"
+            ),
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_, from, payload) = vic.delivery().await;
+    assert_eq!(
+        (from.as_str(), payload.as_slice()),
+        ("stranger", &b"again"[..])
+    );
+}
+
+/// Upgrading from the layout with one subject per recipient (`chat.inbox.<user>`): what
+/// is stored there is delivered, in order, before newer mail, and removed on Ack; and the
+/// lower per-subject limit of the new layout deletes none of it (JetStream trims every
+/// subject over a lowered limit, so the relays never lower it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelopes_of_the_earlier_layout_survive_an_upgrade() {
+    let nats = Nats::single();
+    let old = TestServer::start(|c| {
+        c.backend = nats.backend(1);
+        c.queue.max_envelopes_per_user = 100;
+        c.queue.max_sender_share = 1.0;
+    })
+    .await;
+    drop(old.user("vic", 0).await);
+    drop(old.user("alice", 1).await);
+    let client = async_nats::connect(nats.urls()[0].as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for i in 0..30u8 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Chat-From", "alice");
+        js.publish_with_headers("chat.inbox.vic", headers, vec![i].into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let persisted = old.stop().await;
+    // The new relay's share is 25 per subject: the old subject holds 30.
+    let new = TestServer::start_in(persisted, |c| {
+        c.backend = nats.backend(1);
+        c.queue.max_envelopes_per_user = 100;
+        c.queue.max_sender_share = 0.25;
+    })
+    .await;
+    let mut stream = js.get_stream("chat_mailbox").await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.max_messages_per_subject, 100);
+    assert_eq!(info.state.messages, 30);
+    let mut alice = new.user("alice", 1).await;
+    assert!(matches!(
+        alice.send_to("vic", &[30]).await,
+        ServerMessage::Ok { .. }
+    ));
+    let mut vic = new.user("vic", 0).await;
+    let mut ids = Vec::new();
+    for i in 0..31u8 {
+        let (id, from, payload) = vic.delivery().await;
+        assert_eq!((from.as_str(), payload.as_slice()), ("alice", &[i][..]));
+        ids.push(id);
+    }
+    vic.send(ClientMessage::Ack { envelope_ids: ids }).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while stream.info().await.unwrap().state.messages > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "acknowledged envelopes stayed: {:?}",
+            stream.info().await.unwrap().state
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

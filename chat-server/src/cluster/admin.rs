@@ -11,6 +11,8 @@
 //! between a publish and its progress record (every [`PROGRESS_EVERY`] envelopes) is
 //! dropped by JetStream if it comes within the stream's duplicate window.
 
+use std::collections::HashSet;
+
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use chat_protocol::Username;
@@ -18,7 +20,7 @@ use futures_util::StreamExt;
 
 use super::{Cluster, ClusterError, FROM_HEADER, refusal, token};
 use crate::config::NatsBackend;
-use crate::store::{Bind, Enqueued, Store, StoreError};
+use crate::store::{Bind, Store, StoreError};
 
 /// Envelopes copied between two progress records of one recipient.
 pub const PROGRESS_EVERY: usize = 100;
@@ -39,7 +41,7 @@ pub struct ClusterStats {
     /// Envelopes in the mailbox stream, and their bytes (payload and headers).
     pub queued: u64,
     pub queued_bytes: u64,
-    /// Recipients with something queued (subjects in the stream).
+    /// Recipients with something queued.
     pub recipients_waiting: u64,
     /// The stream's Raft group: leader and each replica's state, in words.
     pub replication: String,
@@ -109,9 +111,29 @@ impl Cluster {
             relays,
             queued: info.state.messages,
             queued_bytes: info.state.bytes,
-            recipients_waiting: info.state.subjects_count,
+            recipients_waiting: self.recipients_waiting().await?,
             replication,
         })
+    }
+
+    /// How many recipients have something queued: the distinct recipients among the
+    /// stream's subjects (one request per page of subjects).
+    async fn recipients_waiting(&self) -> Result<u64, StoreError> {
+        use futures_util::TryStreamExt;
+        let mut subjects = self
+            .mailbox
+            .info_with_subjects(format!("{}>", self.inbox_prefix))
+            .await
+            .map_err(super::cluster_err)?;
+        let mut recipients = HashSet::new();
+        while let Some((subject, _)) = subjects.try_next().await.map_err(super::cluster_err)? {
+            let rest = subject.strip_prefix(&self.inbox_prefix).unwrap_or(&subject);
+            let recipient = rest.split('.').next().unwrap_or(rest);
+            if !recipients.contains(recipient) {
+                recipients.insert(recipient.to_owned());
+            }
+        }
+        Ok(recipients.len() as u64)
     }
 
     /// Removes `user`'s account and purges their mailbox, freeing the name. Returns whether
@@ -123,11 +145,16 @@ impl Cluster {
             .purge(token(user))
             .await
             .map_err(super::cluster_err)?;
-        self.mailbox
-            .purge()
-            .filter(self.subject(user))
-            .await
-            .map_err(super::cluster_err)?;
+        for filter in [
+            format!("{}>", self.mailbox_prefix(user)),
+            self.legacy_subject(user),
+        ] {
+            self.mailbox
+                .purge()
+                .filter(filter)
+                .await
+                .map_err(super::cluster_err)?;
+        }
         self.forget(user);
         Ok(existed)
     }
@@ -223,17 +250,23 @@ impl Cluster {
         done: &mut Migration,
     ) -> Result<u64, String> {
         let mark_key = format!("{store_id}.{}", token(user));
-        let mark: u64 = match marks.get(&mark_key).await.map_err(|e| e.to_string())? {
+        let Mark {
+            after: mark,
+            mut round,
+        } = match marks.get(&mark_key).await.map_err(|e| e.to_string())? {
             Some(value) => std::str::from_utf8(&value)
                 .ok()
-                .and_then(|v| v.parse().ok())
+                .and_then(Mark::parse)
                 .ok_or_else(|| format!("unreadable migration mark {mark_key}"))?,
-            None => 0,
+            None => Mark::default(),
         };
         let waiting = |after| store.count_pending(user, after).map_err(|e| e.to_string());
         done.envelopes_skipped += waiting(0)? - waiting(mark)?;
         let mut copied = 0;
         let mut after = mark;
+        // The SQLite store does not keep where a sender connected from.
+        let subject =
+            |sender: &str| self.subject(user, super::MIGRATED_ADDRESS, &sender.replace('.', "="));
         'batches: loop {
             let batch = store
                 .pending(user, after, BATCH)
@@ -247,30 +280,49 @@ impl Cluster {
                 let message = jetstream::message::PublishMessage::build()
                     .payload(Bytes::copy_from_slice(&queued.payload))
                     .header(FROM_HEADER, queued.sender.as_str())
-                    .message_id(format!("migrate-{store_id}-{}", queued.id));
+                    .message_id(Mark::message_id(store_id, queued.id, round));
                 let ack = self
                     .js
-                    .send_publish(self.subject(user), message)
+                    .send_publish(subject(&queued.sender), message)
                     .await
                     .map_err(|e| e.to_string())?;
                 acks.push((queued.id, ack));
             }
             let mut since_mark = 0;
-            for (id, ack) in acks {
+            let mut acks = acks.into_iter();
+            while let Some((id, ack)) = acks.next() {
                 match ack.await {
                     Ok(_) => {
                         copied += 1;
                         after = id;
                         since_mark += 1;
                         if since_mark == PROGRESS_EVERY {
-                            put_mark(marks, &mark_key, after).await?;
+                            put_mark(marks, &mark_key, Mark { after, round }).await?;
                             since_mark = 0;
                         }
                     }
                     Err(e) => match refusal(&e.to_string()) {
-                        Some(Enqueued::Full | Enqueued::ServerFull) => {
-                            // Later envelopes of this batch were refused too (discard-new):
-                            // they stay in SQLite for a later run.
+                        Some(_) => {
+                            // This and later envelopes stay in SQLite for a later run. A
+                            // later one from another sender may have been stored (each
+                            // sender's share is its own subject): it is removed again, so
+                            // the copy stays in order and the mark says what was copied.
+                            // JetStream remembers its message id: the next round publishes
+                            // under new ids, so that it is not taken for a duplicate.
+                            let mut removed = false;
+                            for (_, later) in acks {
+                                if let Ok(stored) = later.await {
+                                    if !removed {
+                                        round += 1;
+                                        put_mark(marks, &mark_key, Mark { after, round }).await?;
+                                        removed = true;
+                                    }
+                                    self.mailbox
+                                        .delete_message(stored.sequence)
+                                        .await
+                                        .map_err(|e| e.to_string())?;
+                                }
+                            }
                             done.refused.push((user.clone(), waiting(after)?));
                             break 'batches;
                         }
@@ -280,16 +332,52 @@ impl Cluster {
             }
         }
         if after > mark {
-            put_mark(marks, &mark_key, after).await?;
+            put_mark(marks, &mark_key, Mark { after, round }).await?;
         }
         done.envelopes_copied += copied;
         Ok(copied)
     }
 }
 
-async fn put_mark(marks: &kv::Store, key: &str, id: u64) -> Result<(), String> {
+/// How far the migration of one recipient's queue got: every envelope up to `after` (an
+/// SQLite id) is in the cluster. `round` counts the times envelopes stored past a refused
+/// one were removed again; it is part of the message ids, so that JetStream's duplicate
+/// window does not take their next copy for the removed one. Kept as `"<after>"` (round
+/// 0) or `"<after> <round>"`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    after: u64,
+    round: u64,
+}
+
+impl Mark {
+    fn parse(text: &str) -> Option<Self> {
+        let mut words = text.split(' ');
+        let after = words.next()?.parse().ok()?;
+        let round = words.next().map_or(Some(0), |w| w.parse().ok())?;
+        words.next().is_none().then_some(Self { after, round })
+    }
+
+    fn message_id(store_id: &str, id: u64, round: u64) -> String {
+        match round {
+            0 => format!("migrate-{store_id}-{id}"),
+            round => format!("migrate-{store_id}-{id}-r{round}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Mark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.round {
+            0 => write!(f, "{}", self.after),
+            round => write!(f, "{} {round}", self.after),
+        }
+    }
+}
+
+async fn put_mark(marks: &kv::Store, key: &str, mark: Mark) -> Result<(), String> {
     marks
-        .put(key, Bytes::from(id.to_string()))
+        .put(key, Bytes::from(mark.to_string()))
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -299,5 +387,39 @@ fn migration_error(nats: &NatsBackend, what: &str, detail: impl std::fmt::Displa
     ClusterError::Migrate {
         urls: nats.urls.join(","),
         detail: format!("cannot {what}: {detail}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Mark;
+
+    #[test]
+    fn marks_read_back_and_old_ones_are_round_zero() {
+        for mark in [
+            Mark { after: 0, round: 0 },
+            Mark {
+                after: 42,
+                round: 0,
+            },
+            Mark {
+                after: 42,
+                round: 3,
+            },
+        ] {
+            assert_eq!(Mark::parse(&mark.to_string()), Some(mark));
+        }
+        assert_eq!(
+            Mark::parse("17"),
+            Some(Mark {
+                after: 17,
+                round: 0
+            })
+        );
+        for bad in ["", "x", "1 2 3", "1 x", "-1"] {
+            assert_eq!(Mark::parse(bad), None, "{bad:?}");
+        }
+        assert_ne!(Mark::message_id("s", 5, 0), Mark::message_id("s", 5, 1));
+        assert_eq!(Mark::message_id("s", 5, 0), "migrate-s-5");
     }
 }

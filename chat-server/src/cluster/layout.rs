@@ -9,6 +9,36 @@ use async_nats::jetstream::{self, kv, stream};
 use super::{ClusterError, sessions};
 use crate::config::{Config, NatsBackend};
 
+/// `wanted` with the limits whose lowering would make JetStream delete stored envelopes
+/// kept where they are: the per-subject limit (JetStream trims every subject over a
+/// lowered one, oldest first) is never lowered, and the byte limit not below the bytes
+/// stored. The relays enforce a lower per-subject share by their tally
+/// ([`super::tally`]); a lower byte limit takes effect at a later start, once the stream
+/// holds less.
+fn never_lower(mut wanted: stream::Config, existing: &stream::Info) -> stream::Config {
+    let had = &existing.config;
+    if had.max_messages_per_subject > wanted.max_messages_per_subject {
+        tracing::warn!(
+            "the mailbox keeps its per-subject limit of {} envelopes (lowering it would \
+             delete queued envelopes); the relays hold senders to {}",
+            had.max_messages_per_subject,
+            wanted.max_messages_per_subject
+        );
+        wanted.max_messages_per_subject = had.max_messages_per_subject;
+    }
+    let stored = existing.state.bytes.min(i64::MAX as u64) as i64;
+    if wanted.max_bytes < stored {
+        tracing::warn!(
+            "the mailbox holds {stored} bytes, more than queue.max_total_bytes ({}): its \
+             limit stays at {stored} until it holds less (lowering it would delete queued \
+             envelopes)",
+            wanted.max_bytes
+        );
+        wanted.max_bytes = stored;
+    }
+    wanted
+}
+
 /// How long JetStream remembers a publish's message id to drop a retried duplicate.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -77,7 +107,7 @@ pub(super) async fn layout(
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         num_replicas: replicas,
-        max_messages_per_subject: queue.max_envelopes_per_user as i64,
+        max_messages_per_subject: queue.limits().max_sender_envelopes as i64,
         discard: stream::DiscardPolicy::New,
         discard_new_per_subject: true,
         max_age: Duration::from_secs_f64(queue.max_age_secs),
@@ -93,7 +123,12 @@ pub(super) async fn layout(
         .await
         .map_err(|e| setup("stream", &name)(e.to_string()))?;
     if adopt_limits {
-        js.update_stream(&mailbox_config)
+        let existing = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| setup("stream", &name)(e.to_string()))?;
+        let adopted = never_lower(mailbox_config, existing.cached_info());
+        js.update_stream(&adopted)
             .await
             .map_err(|e| setup("stream", &name)(e.to_string()))?;
     }

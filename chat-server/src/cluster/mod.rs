@@ -2,15 +2,20 @@
 //! the offline queue through a NATS JetStream cluster (layout and guarantees in
 //! docs/CLUSTER.md).
 //!
-//! - Mailbox: the stream `<prefix>_mailbox`, subjects `<prefix>.inbox.<user>`, one per
-//!   recipient. A send is `Ok` once JetStream acknowledged the publish, i.e. stored it on
-//!   a quorum of replicas (each fsyncs first when nats-server runs with
-//!   `sync_interval: always`). The stream sequence is the envelope id. Per-subject limit
-//!   with discard-new is the per-recipient queue limit (`recipient_queue_full`); the
-//!   stream's byte limit is the queue's total (`server_full`); max age expires envelopes.
-//! - Delivery: each logged-in session reads its subject through an ordered consumer from
-//!   the first envelope still stored: the backlog, then live envelopes, in stream order,
-//!   with no gap and no duplicate. An `Ack` deletes the envelopes (by sequence).
+//! - Mailbox: the stream `<prefix>_mailbox`, subjects
+//!   `<prefix>.inbox.<recipient>.<address>.<sender>` (the address is the sender's
+//!   address group, named by [`crate::limits::shared_address_name`]). A send is `Ok` once
+//!   JetStream acknowledged the publish, i.e. stored it on a quorum of replicas (each
+//!   fsyncs first when nats-server runs with `sync_interval: always`). The stream
+//!   sequence is the envelope id. The per-subject limit with discard-new is one sender's
+//!   share from one address (`recipient_queue_full`); the recipient's total and the
+//!   shares over several addresses or senders are checked by [`tally`]; the stream's byte
+//!   limit is the queue's total (`server_full`); max age expires envelopes.
+//! - Delivery: each logged-in session reads `<prefix>.inbox.<recipient>.>` through an
+//!   ordered consumer from the first envelope still stored: the backlog, then live
+//!   envelopes, in stream order, with no gap and no duplicate. An `Ack` deletes the
+//!   envelopes (by sequence). Envelopes an earlier layout stored under the bare
+//!   `<prefix>.inbox.<recipient>` are read (and removed) alike.
 //! - Accounts: the bucket `<prefix>_accounts`, user → public key, written create-only, so
 //!   the first key to claim a name keeps it, cluster-wide.
 //! - Sessions ([`sessions`]): the bucket `<prefix>_sessions`, user → owning relay and
@@ -22,30 +27,38 @@
 //! keys it is written `=`, which usernames never hold ([`token`]).
 
 mod admin;
+mod delivery;
 mod layout;
 mod outbox;
 mod quota;
 mod sessions;
+mod tally;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
-use chat_protocol::{ServerMessage, Username};
-use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use chat_protocol::Username;
+use tokio::sync::watch;
+use tracing::{info, warn};
 
 use crate::config::{Config, NatsBackend};
-use crate::store::{Bind, Enqueued, StoreError};
+use crate::store::{Bind, Enqueued, QueueLimits, StoreError};
 use crate::writer::{Done, Ticket};
 
 pub use admin::{ClusterStats, Migration};
+use delivery::Removal;
+pub use delivery::{AbortOnDrop, READER_RETRIES, REMOVE_EVERY};
 pub use layout::DUPLICATE_WINDOW;
 pub use outbox::RETRY_FOR;
 pub use sessions::Login;
+pub use tally::FAR_FOR;
+
+/// The address part of the subjects of envelopes copied by `admin migrate` (the SQLite
+/// store does not keep where a sender connected from).
+pub const MIGRATED_ADDRESS: &str = "migrated";
 
 /// The header naming an envelope's sender.
 pub const FROM_HEADER: &str = "Chat-From";
@@ -107,6 +120,13 @@ pub struct Cluster {
     registrations: kv::Store,
     sessions: sessions::Sessions,
     known: Mutex<HashSet<Username>>,
+    /// The shares of recipients' mailboxes, as last counted.
+    tallies: Arc<tally::Tallies>,
+    /// The queue limits of this relay's configuration.
+    limits: QueueLimits,
+    /// Recipients whose mailbox held envelopes of the earlier layout (bare subject): their
+    /// removals purge that subject too.
+    legacy: Mutex<HashSet<Username>>,
     /// Acknowledged envelopes not yet removed, by recipient ([`Cluster::delete`]).
     removals: Mutex<HashMap<Username, Removal>>,
     /// Whether the NATS connection is up (false while it reconnects).
@@ -248,6 +268,9 @@ impl Cluster {
             registrations,
             sessions: sessions::Sessions::new(sessions, relays),
             known: Mutex::new(HashSet::new()),
+            tallies: Arc::default(),
+            limits: config.queue.limits(),
+            legacy: Mutex::new(HashSet::new()),
             removals: Mutex::new(HashMap::new()),
             link,
             serving: watch::Sender::new(true),
@@ -313,7 +336,18 @@ impl Cluster {
         }
     }
 
-    fn subject(&self, user: &Username) -> String {
+    /// Where an envelope from `from` (at the address named `address`) to `to` is stored.
+    fn subject(&self, to: &Username, address: &str, from: &str) -> String {
+        format!("{}{}.{address}.{from}", self.inbox_prefix, token(to))
+    }
+
+    /// The subjects of `user`'s mailbox: `<prefix>.inbox.<user>.` (add `>` for all).
+    fn mailbox_prefix(&self, user: &Username) -> String {
+        format!("{}{}.", self.inbox_prefix, token(user))
+    }
+
+    /// `user`'s subject in the earlier layout (one subject per recipient).
+    fn legacy_subject(&self, user: &Username) -> String {
         format!("{}{}", self.inbox_prefix, token(user))
     }
 
@@ -381,10 +415,13 @@ impl Cluster {
     /// order); the ticket answers once JetStream acknowledged it (`Stored(sequence)`) or
     /// refused it. Envelopes are group-committed in atomic batches ([`outbox`]).
     /// `msg_id` deduplicates a publish retried within the stream's duplicate window.
+    /// `address` names the sender's address group; the recipient's total and the shares
+    /// of `from` and of `address` are checked first ([`tally`]).
     pub async fn publish(
         &self,
         to: &Username,
         from: &Username,
+        address: &str,
         payload: Vec<u8>,
         msg_id: String,
     ) -> Ticket {
@@ -393,263 +430,30 @@ impl Cluster {
             let _ = reply.send(Ok(Done::Enqueued(Enqueued::UnknownRecipient)));
             return ticket;
         }
+        let prefix = self.mailbox_prefix(to);
+        let sender = token(from);
+        let held = match self
+            .tallies
+            .admit(&self.mailbox, &prefix, address, &sender, &self.limits)
+            .await
+        {
+            Ok(held) => held,
+            Err(refused) => {
+                let _ = reply.send(Ok(Done::Enqueued(refused)));
+                return ticket;
+            }
+        };
         self.outbox
             .submit(outbox::Pending {
-                subject: self.subject(to),
+                subject: self.subject(to, address, &sender),
                 from: from.as_str().to_owned(),
                 payload: payload.into(),
                 msg_id,
                 reply,
+                held,
             })
             .await;
         ticket
-    }
-
-    /// Streams `user`'s mailbox from its oldest envelope, then live ones, as `Deliver`s
-    /// into the returned channel (of `capacity`; the reader's pace holds the consumer
-    /// back). An error ends the stream with a description. Dropping the guard stops it.
-    pub fn deliveries(
-        self: &Arc<Self>,
-        user: &Username,
-        capacity: usize,
-    ) -> (mpsc::Receiver<Result<ServerMessage, String>>, AbortOnDrop) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let (cluster, subject) = (self.clone(), self.subject(user));
-        let task = tokio::spawn(async move {
-            if let Err(e) = cluster.read_mailbox(subject, &tx).await {
-                let _ = tx.send(Err(e)).await;
-            }
-        });
-        (rx, AbortOnDrop(task))
-    }
-
-    /// Reads `subject` into `tx` from its first envelope on. The consumer is made again
-    /// from the next sequence not yet given whenever it fails, and whenever the cluster was
-    /// disturbed (this relay reconnected to NATS, or the stream elected a leader): an
-    /// ephemeral consumer may have been lost with a node and would otherwise wait forever.
-    /// Sequences already given are skipped, so a restart makes no gap and no duplicate.
-    /// Gives up (an error, and the session is closed) after [`READER_RETRIES`] failures in
-    /// a row.
-    async fn read_mailbox(
-        &self,
-        subject: String,
-        tx: &mpsc::Sender<Result<ServerMessage, String>>,
-    ) -> Result<(), String> {
-        let mut next = 0u64;
-        let mut disturbances = self.disturbances.subscribe();
-        let mut failures = 0;
-        loop {
-            disturbances.borrow_and_update();
-            let deliver_policy = match next {
-                0 => consumer::DeliverPolicy::All,
-                start_sequence => consumer::DeliverPolicy::ByStartSequence { start_sequence },
-            };
-            let consumer = self
-                .mailbox
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subject: subject.clone(),
-                    deliver_policy,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string());
-            let messages = match consumer {
-                Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
-                Err(e) => Err(e),
-            };
-            let mut messages = match messages {
-                Ok(messages) => messages,
-                Err(e) => {
-                    failures += 1;
-                    if failures > READER_RETRIES {
-                        return Err(e);
-                    }
-                    debug!("cannot read {subject} ({e}); trying again");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    continue;
-                }
-            };
-            loop {
-                let message = tokio::select! {
-                    message = messages.next() => message,
-                    changed = disturbances.changed() => {
-                        if changed.is_err() {
-                            return Ok(());
-                        }
-                        debug!("the cluster was disturbed: reading {subject} again from {next}");
-                        break;
-                    }
-                };
-                let message = match message {
-                    Some(Ok(message)) => message,
-                    Some(Err(e)) => {
-                        failures += 1;
-                        if failures > READER_RETRIES {
-                            return Err(e.to_string());
-                        }
-                        debug!("reading {subject} failed ({e}); reading again from {next}");
-                        break;
-                    }
-                    None => break,
-                };
-                let Ok(info) = message.info() else { continue };
-                let sequence = info.stream_sequence;
-                if sequence < next {
-                    continue;
-                }
-                failures = 0;
-                next = sequence + 1;
-                let from = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(FROM_HEADER))
-                    .map(|v| v.as_str().to_owned())
-                    .unwrap_or_default();
-                let deliver = ServerMessage::Deliver {
-                    envelope_id: sequence,
-                    from,
-                    payload: message.payload.to_vec(),
-                };
-                if tx.send(Ok(deliver)).await.is_err() {
-                    return Ok(());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Records that `user`'s session acknowledged `ids`, each given to this session (in
-    /// stream order, from the first in the mailbox); `floor` is the lowest id it was given
-    /// and has not acknowledged (`u64::MAX` if none). They are removed by the next
-    /// [`Cluster::flush_removals`] (every [`REMOVE_EVERY`]) or [`Cluster::flush_user`].
-    ///
-    /// Everything in the mailbox below `min(floor, max(ids) + 1)` was given to this session
-    /// and acknowledged, so one purge of the subject up to there removes it all (the usual
-    /// case: a client acknowledges in order); of two such bounds the higher holds. Ids
-    /// above an unacknowledged one are deleted one by one. A removal costs JetStream a
-    /// write and about as much CPU as several publishes, so acknowledgements are gathered:
-    /// one purge per recipient per interval, whatever the number of Acks.
-    pub fn delete(&self, user: &Username, ids: Vec<u64>, floor: u64) {
-        let Some(&highest) = ids.iter().max() else {
-            return;
-        };
-        let below = floor.min(highest.saturating_add(1));
-        let mut removals = self.removals.lock().unwrap_or_else(|p| p.into_inner());
-        let removal = removals.entry(user.clone()).or_default();
-        if ids.iter().any(|&id| id < below) {
-            removal.below = Some(removal.below.map_or(below, |b| b.max(below)));
-        }
-        removal
-            .ids
-            .extend(ids.into_iter().filter(|&id| id >= below));
-        if let Some(below) = removal.below {
-            removal.ids.retain(|&id| id >= below);
-        }
-    }
-
-    /// Removes every acknowledged envelope recorded so far, one purge per recipient.
-    /// Failures are logged: an envelope not removed is delivered again at the next login
-    /// (the client drops what it already has).
-    pub async fn flush_removals(&self) {
-        let removals =
-            std::mem::take(&mut *self.removals.lock().unwrap_or_else(|p| p.into_inner()));
-        let work = removals
-            .into_iter()
-            .map(|(user, removal)| async move { self.remove(&user, removal).await });
-        futures_util::future::join_all(work).await;
-    }
-
-    /// Removes what `user` acknowledged now (before a new session of theirs reads the
-    /// mailbox on this relay, so it is not given what an older one acknowledged).
-    pub async fn flush_user(&self, user: &Username) {
-        let removal = self
-            .removals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(user);
-        if let Some(removal) = removal {
-            self.remove(user, removal).await;
-        }
-    }
-
-    /// Follows JetStream's advisories of leader elections of the mailbox stream, counting
-    /// each as a disturbance. Returns if the subscription fails or ends.
-    async fn follow_leader_elections(&self) {
-        let subject = format!(
-            "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
-            self.mailbox.cached_info().config.name
-        );
-        let mut elections = match self.js.client().subscribe(subject).await {
-            Ok(elections) => elections,
-            Err(e) => {
-                warn!("cannot follow the mailbox stream's leader elections: {e}");
-                return;
-            }
-        };
-        while elections.next().await.is_some() {
-            info!("the mailbox stream elected a leader");
-            self.disturbances.send_modify(|n| *n += 1);
-        }
-    }
-
-    async fn remove(&self, user: &Username, removal: Removal) {
-        if let Some(below) = removal.below {
-            let purged = self
-                .mailbox
-                .purge()
-                .filter(self.subject(user))
-                .sequence(below)
-                .await;
-            if let Err(e) = purged {
-                warn!("cannot remove acknowledged envelopes of {user} below {below}: {e}");
-            }
-        }
-        let deletes = removal.ids.into_iter().map(|id| self.delete_one(id));
-        futures_util::future::join_all(deletes).await;
-    }
-
-    /// Deletes one envelope, without overwriting its bytes on disk (`no_erase`: it is
-    /// ciphertext, and erasing costs JetStream a second write).
-    async fn delete_one(&self, id: u64) {
-        #[derive(serde::Serialize)]
-        struct Delete {
-            seq: u64,
-            no_erase: bool,
-        }
-        #[derive(serde::Deserialize)]
-        struct Reply {
-            error: Option<ApiError>,
-        }
-        #[derive(serde::Deserialize)]
-        struct ApiError {
-            description: String,
-        }
-        let subject = format!(
-            "STREAM.MSG.DELETE.{}",
-            self.mailbox.cached_info().config.name
-        );
-        let reply = self
-            .js
-            .request::<_, _, Reply>(
-                subject,
-                &Delete {
-                    seq: id,
-                    no_erase: true,
-                },
-            )
-            .await;
-        match reply {
-            Ok(Reply { error: None }) => {}
-            // Already gone (expired, purged, or acknowledged twice).
-            Ok(Reply { error: Some(e) }) if e.description.contains("no message found") => {}
-            Ok(Reply { error: Some(e) }) => {
-                warn!(
-                    "cannot delete acknowledged envelope {id}: {}",
-                    e.description
-                )
-            }
-            Err(e) => warn!("cannot delete acknowledged envelope {id}: {e}"),
-        }
     }
 
     /// Records that `user` logged in on this relay's connection `conn_id` (see
@@ -696,27 +500,11 @@ impl Cluster {
     }
 }
 
-/// Failures in a row after which a mailbox reader gives up (the session is closed, and
-/// the client reconnects).
-pub const READER_RETRIES: u32 = 40;
-
-/// How often acknowledged envelopes are removed from the mailbox (one purge per
-/// recipient with acknowledgements).
-pub const REMOVE_EVERY: Duration = Duration::from_millis(250);
-
-/// Acknowledged envelopes of one recipient waiting for removal.
-#[derive(Debug, Default)]
-struct Removal {
-    /// Everything in the subject below this was acknowledged: one purge.
-    below: Option<u64>,
-    /// Acknowledged ids at or above `below`: deleted one by one.
-    ids: BTreeSet<u64>,
-}
-
-/// A publish JetStream refused because a limit was reached: which one.
+/// A publish JetStream refused because a limit was reached: which one. The per-subject
+/// limit is one sender's share from one address.
 fn refusal(error: &str) -> Option<Enqueued> {
     if error.contains("maximum messages per subject") {
-        Some(Enqueued::Full)
+        Some(Enqueued::SenderShareFull)
     } else if error.contains("maximum bytes")
         || error.contains("maximum messages exceeded")
         || error.contains("insufficient resources")
@@ -736,16 +524,6 @@ async fn made_at(bucket: &kv::Store) -> String {
         .unwrap_or_default()
 }
 
-/// Aborts a task when dropped.
-#[derive(Debug)]
-pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -762,7 +540,7 @@ mod tests {
     fn limits_are_told_apart() {
         assert_eq!(
             refusal("nats: maximum messages per subject exceeded"),
-            Some(Enqueued::Full)
+            Some(Enqueued::SenderShareFull)
         );
         assert_eq!(
             refusal("maximum bytes exceeded"),

@@ -41,6 +41,8 @@ pub(super) struct Pending {
     pub payload: Bytes,
     pub msg_id: String,
     pub reply: oneshot::Sender<Result<Done, StoreError>>,
+    /// Counts it in its recipient's tally until answered ([`super::tally`]).
+    pub held: super::tally::Held,
 }
 
 /// The submitting end; the batches are sent by a task that ends with it.
@@ -153,6 +155,7 @@ async fn send(
                 // A batch is stored as one contiguous run of sequences ending at `last`.
                 let first = last + 1 - batch.len() as u64;
                 for (i, pending) in batch.into_iter().enumerate() {
+                    pending.held.stored();
                     let stored = Enqueued::Stored(first + i as u64);
                     let _ = pending.reply.send(Ok(Done::Enqueued(stored)));
                 }

@@ -82,7 +82,13 @@ impl Handler {
                     // once JetStream has it on a quorum. The room is only the pacing.
                     drop(room);
                     let msg_id = format!("{:032x}", rand::random::<u128>());
-                    let ticket = cluster.publish(&to_user, &me, payload, msg_id).await;
+                    let address = crate::limits::shared_address_name(
+                        &self.shared.address_secret,
+                        self.peer.ip(),
+                    );
+                    let ticket = cluster
+                        .publish(&to_user, &me, &address, payload, msg_id)
+                        .await;
                     self.sends.push_back(InFlight {
                         id,
                         to: to_user,

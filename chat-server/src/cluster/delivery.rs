@@ -1,0 +1,305 @@
+//! Delivery from the mailbox: each session reads its recipient's subjects through an
+//! ordered consumer (the backlog, then live envelopes, with no gap and no duplicate), and
+//! acknowledged envelopes are removed in gathered purges.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use chat_protocol::{ServerMessage, Username};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::{Cluster, FROM_HEADER};
+
+/// Failures in a row after which a mailbox reader gives up (the session is closed, and
+/// the client reconnects).
+pub const READER_RETRIES: u32 = 40;
+
+/// How often acknowledged envelopes are removed from the mailbox (one purge per
+/// recipient with acknowledgements).
+pub const REMOVE_EVERY: Duration = Duration::from_millis(250);
+
+/// Acknowledged envelopes of one recipient waiting for removal.
+#[derive(Debug, Default)]
+pub(super) struct Removal {
+    /// Everything in the subject below this was acknowledged: one purge.
+    below: Option<u64>,
+    /// Acknowledged ids at or above `below`: deleted one by one.
+    ids: BTreeSet<u64>,
+}
+
+impl Cluster {
+    /// Streams `user`'s mailbox from its oldest envelope, then live ones, as `Deliver`s
+    /// into the returned channel (of `capacity`; the reader's pace holds the consumer
+    /// back). An error ends the stream with a description. Dropping the guard stops it.
+    pub fn deliveries(
+        self: &Arc<Self>,
+        user: &Username,
+        capacity: usize,
+    ) -> (mpsc::Receiver<Result<ServerMessage, String>>, AbortOnDrop) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let (cluster, user) = (self.clone(), user.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = cluster.read_mailbox(&user, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        (rx, AbortOnDrop(task))
+    }
+
+    /// Reads `user`'s mailbox into `tx` from its first envelope on. The consumer is made again
+    /// from the next sequence not yet given whenever it fails, and whenever the cluster was
+    /// disturbed (this relay reconnected to NATS, or the stream elected a leader): an
+    /// ephemeral consumer may have been lost with a node and would otherwise wait forever.
+    /// Sequences already given are skipped, so a restart makes no gap and no duplicate.
+    /// Gives up (an error, and the session is closed) after [`READER_RETRIES`] failures in
+    /// a row.
+    async fn read_mailbox(
+        &self,
+        user: &Username,
+        tx: &mpsc::Sender<Result<ServerMessage, String>>,
+    ) -> Result<(), String> {
+        let subject = format!("{}>", self.mailbox_prefix(user));
+        let legacy = self.legacy_subject(user);
+        let mut next = 0u64;
+        let mut disturbances = self.disturbances.subscribe();
+        let mut failures = 0;
+        loop {
+            disturbances.borrow_and_update();
+            let deliver_policy = match next {
+                0 => consumer::DeliverPolicy::All,
+                start_sequence => consumer::DeliverPolicy::ByStartSequence { start_sequence },
+            };
+            let consumer = self
+                .mailbox
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subjects: vec![subject.clone(), legacy.clone()],
+                    deliver_policy,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string());
+            let messages = match consumer {
+                Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            let mut messages = match messages {
+                Ok(messages) => messages,
+                Err(e) => {
+                    failures += 1;
+                    if failures > READER_RETRIES {
+                        return Err(e);
+                    }
+                    debug!("cannot read {subject} ({e}); trying again");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+            };
+            loop {
+                let message = tokio::select! {
+                    message = messages.next() => message,
+                    changed = disturbances.changed() => {
+                        if changed.is_err() {
+                            return Ok(());
+                        }
+                        debug!("the cluster was disturbed: reading {subject} again from {next}");
+                        break;
+                    }
+                };
+                let message = match message {
+                    Some(Ok(message)) => message,
+                    Some(Err(e)) => {
+                        failures += 1;
+                        if failures > READER_RETRIES {
+                            return Err(e.to_string());
+                        }
+                        debug!("reading {subject} failed ({e}); reading again from {next}");
+                        break;
+                    }
+                    None => break,
+                };
+                let Ok(info) = message.info() else { continue };
+                let sequence = info.stream_sequence;
+                if sequence < next {
+                    continue;
+                }
+                failures = 0;
+                next = sequence + 1;
+                if message.subject.as_str() == legacy {
+                    self.legacy
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(user.clone());
+                }
+                let from = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(FROM_HEADER))
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                let deliver = ServerMessage::Deliver {
+                    envelope_id: sequence,
+                    from,
+                    payload: message.payload.to_vec(),
+                };
+                if tx.send(Ok(deliver)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Records that `user`'s session acknowledged `ids`, each given to this session (in
+    /// stream order, from the first in the mailbox); `floor` is the lowest id it was given
+    /// and has not acknowledged (`u64::MAX` if none). They are removed by the next
+    /// [`Cluster::flush_removals`] (every [`REMOVE_EVERY`]) or [`Cluster::flush_user`].
+    ///
+    /// Everything in the mailbox below `min(floor, max(ids) + 1)` was given to this session
+    /// and acknowledged, so one purge of the subject up to there removes it all (the usual
+    /// case: a client acknowledges in order); of two such bounds the higher holds. Ids
+    /// above an unacknowledged one are deleted one by one. A removal costs JetStream a
+    /// write and about as much CPU as several publishes, so acknowledgements are gathered:
+    /// one purge per recipient per interval, whatever the number of Acks.
+    pub fn delete(&self, user: &Username, ids: Vec<u64>, floor: u64) {
+        let Some(&highest) = ids.iter().max() else {
+            return;
+        };
+        let below = floor.min(highest.saturating_add(1));
+        let mut removals = self.removals.lock().unwrap_or_else(|p| p.into_inner());
+        let removal = removals.entry(user.clone()).or_default();
+        if ids.iter().any(|&id| id < below) {
+            removal.below = Some(removal.below.map_or(below, |b| b.max(below)));
+        }
+        removal
+            .ids
+            .extend(ids.into_iter().filter(|&id| id >= below));
+        if let Some(below) = removal.below {
+            removal.ids.retain(|&id| id >= below);
+        }
+    }
+
+    /// Removes every acknowledged envelope recorded so far, one purge per recipient.
+    /// Failures are logged: an envelope not removed is delivered again at the next login
+    /// (the client drops what it already has).
+    pub async fn flush_removals(&self) {
+        let removals =
+            std::mem::take(&mut *self.removals.lock().unwrap_or_else(|p| p.into_inner()));
+        let work = removals
+            .into_iter()
+            .map(|(user, removal)| async move { self.remove(&user, removal).await });
+        futures_util::future::join_all(work).await;
+    }
+
+    /// Removes what `user` acknowledged now (before a new session of theirs reads the
+    /// mailbox on this relay, so it is not given what an older one acknowledged).
+    pub async fn flush_user(&self, user: &Username) {
+        let removal = self
+            .removals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(user);
+        if let Some(removal) = removal {
+            self.remove(user, removal).await;
+        }
+    }
+
+    /// Follows JetStream's advisories of leader elections of the mailbox stream, counting
+    /// each as a disturbance. Returns if the subscription fails or ends.
+    pub(super) async fn follow_leader_elections(&self) {
+        let subject = format!(
+            "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
+            self.mailbox.cached_info().config.name
+        );
+        let mut elections = match self.js.client().subscribe(subject).await {
+            Ok(elections) => elections,
+            Err(e) => {
+                warn!("cannot follow the mailbox stream's leader elections: {e}");
+                return;
+            }
+        };
+        while elections.next().await.is_some() {
+            info!("the mailbox stream elected a leader");
+            self.disturbances.send_modify(|n| *n += 1);
+        }
+    }
+
+    async fn remove(&self, user: &Username, removal: Removal) {
+        if let Some(below) = removal.below {
+            let mut filters = vec![format!("{}>", self.mailbox_prefix(user))];
+            if self
+                .legacy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(user)
+            {
+                filters.push(self.legacy_subject(user));
+            }
+            for filter in filters {
+                let purged = self.mailbox.purge().filter(filter).sequence(below).await;
+                if let Err(e) = purged {
+                    warn!("cannot remove acknowledged envelopes of {user} below {below}: {e}");
+                }
+            }
+        }
+        let deletes = removal.ids.into_iter().map(|id| self.delete_one(id));
+        futures_util::future::join_all(deletes).await;
+    }
+
+    /// Deletes one envelope, without overwriting its bytes on disk (`no_erase`: it is
+    /// ciphertext, and erasing costs JetStream a second write).
+    async fn delete_one(&self, id: u64) {
+        #[derive(serde::Serialize)]
+        struct Delete {
+            seq: u64,
+            no_erase: bool,
+        }
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            error: Option<ApiError>,
+        }
+        #[derive(serde::Deserialize)]
+        struct ApiError {
+            description: String,
+        }
+        let subject = format!(
+            "STREAM.MSG.DELETE.{}",
+            self.mailbox.cached_info().config.name
+        );
+        let reply = self
+            .js
+            .request::<_, _, Reply>(
+                subject,
+                &Delete {
+                    seq: id,
+                    no_erase: true,
+                },
+            )
+            .await;
+        match reply {
+            Ok(Reply { error: None }) => {}
+            // Already gone (expired, purged, or acknowledged twice).
+            Ok(Reply { error: Some(e) }) if e.description.contains("no message found") => {}
+            Ok(Reply { error: Some(e) }) => {
+                warn!(
+                    "cannot delete acknowledged envelope {id}: {}",
+                    e.description
+                )
+            }
+            Err(e) => warn!("cannot delete acknowledged envelope {id}: {e}"),
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+#[derive(Debug)]
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
