@@ -164,6 +164,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    adopt_systemd_credentials(&mut config, std::env::var_os("CREDENTIALS_DIRECTORY"));
     config.validate()?;
     if cli.print_config {
         println!("{}", config.to_ron());
@@ -409,6 +410,21 @@ fn migrate(config: &Config, urls: Vec<String>, replicas: Option<usize>) -> anyho
         );
         Ok(())
     })
+}
+
+/// With no `tls:` files configured, takes the TLS identity from systemd credentials when
+/// the service was given both (`LoadCredential=relay-key.pem:…` and `relay-cert.pem:…`, as
+/// on a cluster node: every relay of a cluster shares one identity, installed by `cargo
+/// xtask deploy --instances N`). `credentials` is `$CREDENTIALS_DIRECTORY`.
+fn adopt_systemd_credentials(config: &mut Config, credentials: Option<std::ffi::OsString>) {
+    let Some(dir) = credentials.map(PathBuf::from) else {
+        return;
+    };
+    let key = dir.join(chat_server::tls::KEY_FILE);
+    let cert_chain = dir.join(chat_server::tls::CERT_FILE);
+    if config.tls.is_none() && key.is_file() && cert_chain.is_file() {
+        config.tls = Some(chat_server::config::TlsFiles { cert_chain, key });
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -151,6 +151,36 @@ fn the_fingerprint_command_prints_the_relays_key_once_created() {
     );
 }
 
+/// On a cluster node systemd hands the relay the cluster's shared identity as credentials
+/// (`LoadCredential=`, infra/chat-server-cluster.conf): with both files in
+/// `$CREDENTIALS_DIRECTORY` and no `tls:` configured, the relay presents that key, not one
+/// of its data directory's; with one file missing it keeps its own.
+#[test]
+fn a_relay_takes_its_identity_from_systemd_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    let fingerprint = |data: &std::path::Path, credentials: Option<&std::path::Path>| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["fingerprint", "--data-dir", data.to_str().unwrap()]);
+        match credentials {
+            Some(c) => cmd.env("CREDENTIALS_DIRECTORY", c),
+            None => cmd.env_remove("CREDENTIALS_DIRECTORY"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let cluster_key = fingerprint(&shared, None);
+    let own = dir.path().join("own");
+    let own_key = fingerprint(&own, None);
+    assert_ne!(cluster_key, own_key);
+    assert_eq!(fingerprint(&own, Some(&shared)), cluster_key);
+    let partial = dir.path().join("partial");
+    std::fs::create_dir(&partial).unwrap();
+    std::fs::copy(shared.join("relay-key.pem"), partial.join("relay-key.pem")).unwrap();
+    assert_eq!(fingerprint(&own, Some(&partial)), own_key);
+}
+
 #[test]
 fn config_file_sets_options_and_flags_override_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -206,22 +206,15 @@ impl Cluster {
                     })?;
             addrs.push(addr);
         }
-        let connect = options.connect(addrs.as_slice());
-        let client = match tokio::time::timeout(CONNECT_PATIENCE, connect).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(e)) => {
-                return Err(ClusterError::Connect {
-                    urls,
+        // With retry_on_initial_connect this returns at once; the wait is below.
+        let client =
+            options
+                .connect(addrs.as_slice())
+                .await
+                .map_err(|e| ClusterError::Connect {
+                    urls: urls.clone(),
                     detail: e.to_string(),
-                });
-            }
-            Err(_) => {
-                return Err(ClusterError::Connect {
-                    urls,
-                    detail: "no answer in 10 s".into(),
-                });
-            }
-        };
+                })?;
         let js = jetstream::new(client.clone());
         // The client keeps trying to connect in the background: say that no server
         // answered, rather than let the layout's requests time out.

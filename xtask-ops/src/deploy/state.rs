@@ -22,6 +22,19 @@ pub struct Deployment {
     /// The relay's key fingerprint, as read on the host after the last deploy: clients
     /// connect to `IP:PORT#FINGERPRINT`, and `status` checks the relay still has it.
     pub fingerprint: Option<String>,
+    /// A cluster's nodes (`deploy --instances N`, N ≥ 3), by index; empty for one host.
+    pub nodes: Vec<Node>,
+}
+
+/// One node of a cluster: an instance running a relay and a NATS node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Node {
+    pub index: usize,
+    pub instance_id: String,
+    pub zone: String,
+    pub public_ip: Option<String>,
+    pub private_ip: Option<String>,
 }
 
 /// Where one named deployment keeps its files: `<state dir>/<name>/`.
@@ -55,6 +68,12 @@ impl Files {
 
     pub fn known_hosts(&self) -> PathBuf {
         self.dir.join("known_hosts")
+    }
+
+    /// A cluster's shared relay TLS identity (`relay-key.pem`, `relay-cert.pem`), made
+    /// here at the first deploy and installed on every node.
+    pub fn identity(&self) -> PathBuf {
+        self.dir.join("relay-identity")
     }
 
     pub fn load(&self) -> anyhow::Result<Option<Deployment>> {
@@ -106,6 +125,14 @@ impl Files {
         for path in [self.key(), self.known_hosts(), self.state()] {
             remove_if_present(&path)?;
         }
+        match std::fs::remove_dir_all(self.identity()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot remove {}", self.identity().display()));
+            }
+        }
         match std::fs::remove_dir(&self.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -153,6 +180,13 @@ mod tests {
             ssh_user: "ec2-user".into(),
             port: 65432,
             fingerprint: Some("b-7MjBbFVR2f6z61934tp3O_aL2e-cUpJ86yyG5WiSs".into()),
+            nodes: vec![Node {
+                index: 1,
+                instance_id: "i-0456".into(),
+                zone: "eu-west-1b".into(),
+                public_ip: Some("203.0.113.10".into()),
+                private_ip: Some("172.31.0.7".into()),
+            }],
         };
         files.save(&deployment).unwrap();
         assert_eq!(files.load().unwrap(), Some(deployment));

