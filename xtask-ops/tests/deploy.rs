@@ -248,28 +248,7 @@ fn deploy_update_inspect_and_destroy() {
     );
     let groups = inventory["groups"].as_array().unwrap();
     assert_eq!(groups.len(), 1);
-    let mut rules: Vec<String> = groups[0]["IpPermissions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|p| {
-            let port = p["FromPort"].as_i64().unwrap();
-            let v4 = p["IpRanges"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r["CidrIp"].clone());
-            let v6 = p["Ipv6Ranges"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r["CidrIpv6"].clone());
-            v4.chain(v6)
-                .map(move |c| format!("{port} {}", c.as_str().unwrap()))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    rules.sort();
+    let rules = group_rules(&groups[0]);
     let mut expected = vec![
         "22 127.0.0.1/32".to_owned(),
         format!("{port} 0.0.0.0/0"),

@@ -14,37 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// The inventory's security group rules as "PORT SOURCE" lines (a group as `sg:ID`).
-fn rules(group: &serde_json::Value) -> Vec<String> {
-    let mut rules: Vec<String> = group["IpPermissions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|p| {
-            let port = p["FromPort"].as_i64().unwrap();
-            let v4 = p["IpRanges"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r["CidrIp"].clone());
-            let v6 = p["Ipv6Ranges"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r["CidrIpv6"].clone());
-            let groups = p["UserIdGroupPairs"].as_array().unwrap().iter().map(|g| {
-                serde_json::Value::String(format!("sg:{}", g["GroupId"].as_str().unwrap()))
-            });
-            v4.chain(v6)
-                .chain(groups)
-                .map(move |c| format!("{port} {}", c.as_str().unwrap()))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    rules.sort();
-    rules
-}
-
 /// Bob's next `n` messages' texts.
 fn texts(bob: &mut Peer, n: usize) -> Vec<String> {
     (0..n)
@@ -188,7 +157,7 @@ fn a_three_node_cluster_deploys_upgrades_one_node_at_a_time_and_goes_away() {
         format!("6222 sg:{group_id}"),
     ];
     expected.sort();
-    assert_eq!(rules(&groups[0]), expected);
+    assert_eq!(group_rules(&groups[0]), expected);
 
     // Every host runs a relay and a NATS node from the uploaded files, and every relay
     // presents the one key the deploy printed.

@@ -318,17 +318,7 @@ pub async fn deploy(
     for (index, id) in &ids {
         super::wait_running(aws, id).await?;
         let instance = ec2::describe(&aws.ec2, id).await?;
-        nodes.push(Node {
-            index: *index,
-            instance_id: id.clone(),
-            zone: instance
-                .placement()
-                .and_then(|p| p.availability_zone())
-                .unwrap_or_default()
-                .to_owned(),
-            public_ip: instance.public_ip_address().map(str::to_owned),
-            private_ip: instance.private_ip_address().map(str::to_owned),
-        });
+        nodes.push(super::fleet::node(*index, &instance));
     }
     deployment.nodes = nodes.clone();
     deployment.fingerprint = Some(fingerprint.clone());

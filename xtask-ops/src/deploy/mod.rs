@@ -266,9 +266,9 @@ fn credentials_advice(detail: &str, profile: Option<&str>) -> String {
     )
 }
 
-/// The deployment's instance (the newest if somehow there are several).
-async fn current_instance(aws: &Aws, name: &str) -> anyhow::Result<Option<Instance>> {
-    let instances = ec2::find_instances(&aws.ec2, name).await?;
+/// A single host's instance among the deployment's `instances` (newest first, as
+/// [`ec2::find_instances`] gives them): the newest if somehow there are several.
+fn newest(instances: &[Instance], name: &str) -> Option<Instance> {
     if instances.len() > 1 {
         let ids: Vec<_> = instances.iter().filter_map(|i| i.instance_id()).collect();
         eprintln!(
@@ -276,7 +276,7 @@ async fn current_instance(aws: &Aws, name: &str) -> anyhow::Result<Option<Instan
             ids.join(", ")
         );
     }
-    Ok(instances.into_iter().next())
+    instances.first().cloned()
 }
 
 /// The instance type of one host unless `--instance-type` says otherwise.
@@ -344,7 +344,8 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
     eprintln!("region {}, deployment `{name}`", aws.region);
 
     // One host, or a cluster: from --instances, else what is deployed.
-    let nodes = cluster::by_index(ec2::find_instances(&aws.ec2, name).await?);
+    let found = ec2::find_instances(&aws.ec2, name).await?;
+    let nodes = cluster::by_index(found.clone());
     let was_cluster = nodes.iter().any(|(_, i)| ec2::is_node(i));
     let wanted = args.instances.unwrap_or(if was_cluster {
         nodes.len().max(cluster::MIN_NODES)
@@ -370,17 +371,10 @@ async fn deploy_async(args: DeployArgs) -> anyhow::Result<()> {
         None => caller_cidr()?,
     };
     let key_name = common.resource_name();
-    if nodes.len() > 1 && !is_cluster {
-        let ids: Vec<_> = nodes.iter().filter_map(|(_, i)| i.instance_id()).collect();
-        eprintln!(
-            "warning: several instances are tagged Name={name}: {}; using the newest",
-            ids.join(", ")
-        );
-    }
     let existing = if is_cluster {
         None
     } else {
-        current_instance(&aws, name).await?
+        newest(&found, name)
     };
     let key_exists = ec2::key_pair_exists(&aws.ec2, &key_name).await?;
     let have_key_file = files.key().exists();
@@ -728,27 +722,7 @@ fn journal_command(lines: u32, follow: bool) -> String {
 async fn reach(common: &Common) -> anyhow::Result<(Aws, Files, Deployment, Option<Instance>)> {
     let files = common.files()?;
     let aws = common.aws().await?;
-    let found = cluster::by_index(ec2::find_instances(&aws.ec2, &common.name).await?);
-    if found.iter().any(|(_, i)| ec2::is_node(i)) {
-        // A cluster: every node, by index, as AWS sees it now.
-        let mut deployment = files.load()?.unwrap_or_else(|| Deployment {
-            name: common.name.clone(),
-            region: aws.region.clone(),
-            key_name: common.resource_name(),
-            ssh_user: "ec2-user".into(),
-            port: chat_protocol::DEFAULT_PORT,
-            ..Deployment::default()
-        });
-        deployment.nodes = found
-            .iter()
-            .map(|(i, inst)| fleet::node(*i, inst))
-            .collect();
-        deployment.public_ip = deployment.nodes[0].public_ip.clone();
-        deployment.instance_id = Some(deployment.nodes[0].instance_id.clone());
-        let first = found.into_iter().next().map(|(_, i)| i);
-        return Ok((aws, files, deployment, first));
-    }
-    let instance = current_instance(&aws, &common.name).await?;
+    let found = ec2::find_instances(&aws.ec2, &common.name).await?;
     let mut deployment = files.load()?.unwrap_or_else(|| Deployment {
         name: common.name.clone(),
         region: aws.region.clone(),
@@ -757,6 +731,19 @@ async fn reach(common: &Common) -> anyhow::Result<(Aws, Files, Deployment, Optio
         port: chat_protocol::DEFAULT_PORT,
         ..Deployment::default()
     });
+    if found.iter().any(ec2::is_node) {
+        // A cluster: every node, by index, as AWS sees it now.
+        let nodes = cluster::by_index(found);
+        deployment.nodes = nodes
+            .iter()
+            .map(|(i, inst)| fleet::node(*i, inst))
+            .collect();
+        deployment.public_ip = deployment.nodes[0].public_ip.clone();
+        deployment.instance_id = Some(deployment.nodes[0].instance_id.clone());
+        let first = nodes.into_iter().next().map(|(_, i)| i);
+        return Ok((aws, files, deployment, first));
+    }
+    let instance = newest(&found, &common.name);
     if let Some(instance) = &instance {
         deployment.instance_id = instance.instance_id().map(str::to_owned);
         deployment.public_ip = instance.public_ip_address().map(str::to_owned);

@@ -337,6 +337,37 @@ impl Drop for Host {
     }
 }
 
+/// The inventory's security group rules as "PORT SOURCE" lines (a group as `sg:ID`).
+pub fn group_rules(group: &serde_json::Value) -> Vec<String> {
+    let mut rules: Vec<String> = group["IpPermissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            let port = p["FromPort"].as_i64().unwrap();
+            let v4 = p["IpRanges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["CidrIp"].clone());
+            let v6 = p["Ipv6Ranges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["CidrIpv6"].clone());
+            let groups = p["UserIdGroupPairs"].as_array().unwrap().iter().map(|g| {
+                serde_json::Value::String(format!("sg:{}", g["GroupId"].as_str().unwrap()))
+            });
+            v4.chain(v6)
+                .chain(groups)
+                .map(move |c| format!("{port} {}", c.as_str().unwrap()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    rules.sort();
+    rules
+}
+
 pub fn login_user() -> String {
     let out = Command::new("id").arg("-un").output().unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
