@@ -113,6 +113,25 @@ enum Admin {
         #[arg(long, value_name = "N")]
         replicas: Option<usize>,
     },
+    /// Move every JetStream replica off a NATS node that is to leave the cluster for good
+    /// (NATS backend): each stream with a copy on NODE gets one on another node; waits until
+    /// the copies are current. Then stop NODE and run forget-node
+    EvacuateNode {
+        /// The node's NATS server name (server_name in its config)
+        node: String,
+        /// Seconds to wait for the new copies to catch up
+        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Remove a stopped NATS node from the JetStream cluster's meta group (NATS backend;
+    /// after evacuate-node), so that it no longer counts toward the quorum
+    ForgetNode {
+        /// The node's NATS server name
+        node: String,
+        /// File holding the system account's NKey seed (SU…); - reads it from stdin
+        #[arg(long, value_name = "FILE")]
+        system_nkey: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -214,6 +233,12 @@ fn run_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
     match (admin, &config.backend) {
         (Admin::Health { address, timeout }, _) => health(config, address, timeout),
         (Admin::Migrate { to_nats, replicas }, _) => migrate(config, to_nats, replicas),
+        (admin @ (Admin::EvacuateNode { .. } | Admin::ForgetNode { .. }), Backend::Nats(nats)) => {
+            node_admin(admin, nats)
+        }
+        (Admin::EvacuateNode { .. } | Admin::ForgetNode { .. }, Backend::Sqlite) => {
+            anyhow::bail!("this command works on a NATS cluster: add --nats URL")
+        }
         (admin, Backend::Nats(nats)) => cluster_admin(admin, config, nats),
         (admin, Backend::Sqlite) => sqlite_admin(admin, config),
     }
@@ -266,7 +291,7 @@ fn sqlite_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
                 println!("{:<24}{value}", format!("{label}:"));
             }
         }
-        Admin::Health { .. } | Admin::Migrate { .. } => unreachable!("handled in run_admin"),
+        _ => unreachable!("handled in run_admin"),
     }
     Ok(())
 }
@@ -310,7 +335,48 @@ fn cluster_admin(admin: Admin, config: &Config, nats: &NatsBackend) -> anyhow::R
                     anyhow::bail!("there is no user named {user}");
                 }
             }
-            Admin::Health { .. } | Admin::Migrate { .. } => unreachable!("handled in run_admin"),
+            _ => unreachable!("handled in run_admin"),
+        }
+        Ok(())
+    })
+}
+
+/// `admin evacuate-node` and `admin forget-node`.
+fn node_admin(admin: Admin, nats: &NatsBackend) -> anyhow::Result<()> {
+    use chat_server::cluster::nodes;
+    runtime()?.block_on(async {
+        match admin {
+            Admin::EvacuateNode { node, timeout } => {
+                let moved = nodes::evacuate(
+                    &nats.urls,
+                    &node,
+                    std::time::Duration::from_secs(timeout),
+                    |stream| eprintln!("moving {stream}'s replica off {node}"),
+                )
+                .await?;
+                println!(
+                    "{node} holds no replica now ({} stream(s) moved); stop it, then run \
+                     admin forget-node {node}",
+                    moved.len()
+                );
+            }
+            Admin::ForgetNode { node, system_nkey } => {
+                let seed = if system_nkey.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin())
+                        .context("cannot read the seed from stdin")?
+                } else {
+                    std::fs::read_to_string(&system_nkey).with_context(|| {
+                        format!("cannot read the seed from {}", system_nkey.display())
+                    })?
+                };
+                match nodes::forget(&nats.urls, &seed, &node).await? {
+                    nodes::Forgot::Removed => println!("{node} removed from the cluster"),
+                    nodes::Forgot::NotMember => {
+                        println!("{node} is not a member of the cluster (already removed)")
+                    }
+                }
+            }
+            _ => unreachable!("handled in run_admin"),
         }
         Ok(())
     })

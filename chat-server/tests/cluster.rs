@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use chat_protocol::{ClientMessage, ErrorCode, ServerMessage};
 use common::disk::SmallDisk;
 use common::nats::Nats;
-use common::{Client, PATIENCE, TestServer, key};
+use common::{Client, PATIENCE, TestServer, key, user_when_serving};
 
 /// Asks until `name` is listed online (presence crosses relays through the session
 /// bucket, a moment after the login).
@@ -167,31 +167,6 @@ async fn a_full_mailbox_refuses_cluster_wide_and_nothing_is_lost() {
         got.push(carol.delivery().await.2[0]);
     }
     assert_eq!(got, vec![0, 1, 2]);
-}
-
-/// Logs `name` in with test key `k` once the relay serves again (after NATS came back).
-async fn user_when_serving(relay: &TestServer, name: &str, k: usize) -> Client {
-    let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
-    loop {
-        let mut c = relay.client().await;
-        c.send(ClientMessage::Hello {
-            version: chat_protocol::PROTOCOL_VERSION,
-            software: "test".into(),
-        })
-        .await;
-        let last = match c.recv().await {
-            ServerMessage::Hello { .. } => match c.login(name, key(k)).await {
-                ServerMessage::Welcome { .. } => return c,
-                other => other,
-            },
-            other => other,
-        };
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the relay never served {name} again; last: {last:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
 }
 
 /// The NATS node's disk fills up. JetStream (2.15) then answers no publish and keeps failing

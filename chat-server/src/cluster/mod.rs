@@ -29,6 +29,7 @@
 mod admin;
 mod delivery;
 mod layout;
+pub mod nodes;
 mod outbox;
 mod quota;
 mod sessions;

@@ -391,3 +391,28 @@ impl Client {
         reply
     }
 }
+
+/// Logs `name` in with test key `k` once the relay serves again (after NATS came back).
+pub async fn user_when_serving(relay: &TestServer, name: &str, k: usize) -> Client {
+    let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
+    loop {
+        let mut c = relay.client().await;
+        c.send(ClientMessage::Hello {
+            version: PROTOCOL_VERSION,
+            software: "test".into(),
+        })
+        .await;
+        let last = match c.recv().await {
+            ServerMessage::Hello { .. } => match c.login(name, key(k)).await {
+                ServerMessage::Welcome { .. } => return c,
+                other => other,
+            },
+            other => other,
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay never served {name} again; last: {last:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

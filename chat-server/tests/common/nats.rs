@@ -67,9 +67,10 @@ impl NatsNode {
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "nats-server {} did not listen on {}",
+                "nats-server {} did not listen on {}:\n{}",
                 self.name,
-                self.port
+                self.port,
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -123,7 +124,18 @@ impl Nats {
         Self::start(3, None)
     }
 
+    /// `n` nodes in one JetStream cluster whose system account admits the NKey user
+    /// `system` (a public key, `U…`); clients without credentials use the global account
+    /// as in [`Nats::cluster`].
+    pub fn cluster_with_system_user(n: usize, system: &str) -> Self {
+        Self::start_with(n, None, Some(system))
+    }
+
     fn start(n: usize, store_root: Option<&Path>) -> Self {
+        Self::start_with(n, store_root, None)
+    }
+
+    fn start_with(n: usize, store_root: Option<&Path>, system: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let mut nodes = Vec::new();
@@ -135,6 +147,11 @@ impl Nats {
                  jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n  \
                  max_file_store: 16GB\n  max_memory_store: 256MB\n}}\n"
             );
+            if let Some(user) = system {
+                text.push_str(&format!(
+                    "accounts {{ SYS {{ users: [{{ nkey: {user} }}] }} }}\nsystem_account: SYS\n"
+                ));
+            }
             if n > 1 {
                 let routes: Vec<String> = ports
                     .iter()
