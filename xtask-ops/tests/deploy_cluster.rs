@@ -1,6 +1,6 @@
 //! `cargo xtask deploy --instances 3`, end to end, against stand-ins on loopback: moto as
-//! the EC2 API, and three OpenSSH sshds as the three instances, each on a loopback address
-//! of its own (127.X.Y.1–3). The ssh_config maps each made-up public IP to a stand-in the
+//! the EC2 API, and OpenSSH sshds as the instances, each on a loopback address of its own
+//! (127.X.Y.1–4): three nodes, grown to four and shrunk back to three while clients chat. The ssh_config maps each made-up public IP to a stand-in the
 //! first time ssh is asked for it (tests/fake-host/route.py); the systemctl stand-in really
 //! runs the uploaded relay and NATS binaries, with the installed configs rewritten to the
 //! stand-ins' addresses. Nothing ever connects to a made-up address.
@@ -14,23 +14,98 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Bob's next `n` messages' texts.
-fn texts(bob: &mut Peer, n: usize) -> Vec<String> {
-    (0..n)
-        .map(
-            |_| match bob.expect(|e| matches!(e, chat_client::Event::Message { .. })) {
-                chat_client::Event::Message { text, .. } => text,
-                _ => unreachable!(),
-            },
-        )
-        .collect()
+/// The next `n` messages' texts `peer` receives, each within a minute of the one before
+/// (a client that lost its relay may be waiting out its reconnection backoff).
+fn texts(peer: &mut Peer, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match peer.next_event(Duration::from_secs(60)) {
+            Some(chat_client::Event::Message { text, .. }) => got.push(text),
+            Some(_) => {}
+            None => panic!(
+                "only {} of {n} messages came; the last: {:?}",
+                got.len(),
+                got.last()
+            ),
+        }
+    }
+    got
+}
+
+/// An instance's node index tag.
+fn node_tag(instance: &serde_json::Value) -> &str {
+    instance["Tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["Key"] == "secure-chat-node")
+        .and_then(|t| t["Value"].as_str())
+        .unwrap()
+}
+
+/// The JetStream meta group's size as the NATS node on stand-in host `addr` reports it
+/// (its monitoring port, `/jsz`).
+fn meta_group_size(addr: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect((addr, 8222)).unwrap();
+    conn.write_all(b"GET /jsz HTTP/1.0\r\n\r\n").unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1;
+    let jsz: serde_json::Value = serde_json::from_str(body).unwrap();
+    jsz["meta_cluster"]["cluster_size"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no meta group in {jsz}"))
+}
+
+/// What a deploy run printed, and what was sent while it ran.
+struct Deployed {
+    text: String,
+    sent: Vec<String>,
+}
+
+/// Runs `cargo xtask ARGS`, calling `during` (which sends a message and returns its text)
+/// every 300 ms until it ends; fails if the deploy fails or sends fewer than three.
+fn deploy_while(xtask: &Xtask, args: &[&str], mut during: impl FnMut() -> String) -> Deployed {
+    let mut child = xtask
+        .command(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let log = std::thread::spawn(move || {
+        stderr
+            .lines()
+            .map_while(Result::ok)
+            .inspect(|l| eprintln!("deploy: {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let mut sent = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the deploy never finished");
+        sent.push(during());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let status = child.wait().unwrap();
+    let text = log.join().unwrap();
+    assert!(status.success(), "deploy {args:?} failed:\n{text}");
+    assert!(
+        sent.len() >= 3,
+        "the deploy was too quick to test: {}",
+        sent.len()
+    );
+    Deployed { text, sent }
 }
 
 #[test]
-fn a_three_node_cluster_deploys_upgrades_one_node_at_a_time_and_goes_away() {
+fn a_cluster_deploys_grows_shrinks_one_node_at_a_time_and_goes_away() {
     let Some(tools) = tools(true) else { return };
     let moto = Moto::start(&tools);
-    // Three stand-in hosts on a loopback /24 of their own.
+    // Four stand-in hosts on a loopback /24 of their own.
     let net = format!(
         "127.{}.{}",
         100 + rand::random::<u8>() % 100,
@@ -38,7 +113,7 @@ fn a_three_node_cluster_deploys_upgrades_one_node_at_a_time_and_goes_away() {
     );
     let state = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let s = state.path();
-    let mut hosts: Vec<Host> = (1..=3)
+    let mut hosts: Vec<Host> = (1..=4)
         .map(|i| {
             Host::at(
                 &moto,
@@ -131,21 +206,29 @@ fn a_three_node_cluster_deploys_upgrades_one_node_at_a_time_and_goes_away() {
     zones.sort();
     zones.dedup();
     assert_eq!(zones.len(), 3, "{zones:?}");
-    let mut nodes: Vec<String> = instances
+    let mut nodes: Vec<&str> = instances
         .iter()
         .map(|i| {
             assert_eq!(i["InstanceType"], "t3.small");
-            i["Tags"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|t| t["Key"] == "secure-chat-node")
-                .map(|t| t["Value"].as_str().unwrap().to_owned())
-                .unwrap()
+            node_tag(i)
         })
         .collect();
     nodes.sort();
     assert_eq!(nodes, ["0", "1", "2"]);
+    // Each node's root volume has room for NATS's store.
+    let sizes: Vec<i64> = inventory["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| {
+            v["Attachments"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|a| instances.iter().any(|i| i["InstanceId"] == a["InstanceId"]))
+            })
+        })
+        .map(|v| v["Size"].as_i64().unwrap())
+        .collect();
+    assert_eq!(sizes, [16, 16, 16], "{inventory}");
     let groups = inventory["groups"].as_array().unwrap();
     assert_eq!(groups.len(), 1);
     let group_id = groups[0]["GroupId"].as_str().unwrap();
@@ -161,7 +244,7 @@ fn a_three_node_cluster_deploys_upgrades_one_node_at_a_time_and_goes_away() {
 
     // Every host runs a relay and a NATS node from the uploaded files, and every relay
     // presents the one key the deploy printed.
-    for (i, host) in hosts.iter().enumerate() {
+    for (i, host) in hosts.iter().enumerate().take(3) {
         assert!(
             host.service_pid("nats-server").is_some(),
             "host {i}: no NATS"
@@ -189,56 +272,93 @@ fn a_three_node_cluster_deploys_upgrades_one_node_at_a_time_and_goes_away() {
     let mut alice = Peer::start(&rt, &list(0), "alice");
     chat(&mut alice, &mut bob, "hello across relays");
 
-    // A rolling re-deploy while Alice keeps writing: everything arrives, once, in order.
+    // Growing to four is a rolling re-deploy of the three (their routes change) and a new
+    // node, while Alice keeps writing: everything arrives, once, in order.
     let pids: Vec<_> = hosts.iter().map(|h| h.relay_pid()).collect();
-    let mut child = xtask
-        .command(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let log = std::thread::spawn(move || {
-        stderr
-            .lines()
-            .map_while(Result::ok)
-            .inspect(|l| eprintln!("deploy: {l}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    });
-    let mut sent = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the re-deploy never finished");
-        let text = format!("during the upgrade {}", sent.len());
+    let grow = [&args[..], &["--instances", "4"]].concat();
+    let mut n = 0;
+    let log = deploy_while(&xtask, &grow, || {
+        n += 1;
+        let text = format!("while growing {n}");
         alice.send("bob", &text);
-        sent.push(text);
-        std::thread::sleep(Duration::from_millis(300));
+        text
+    });
+    let sent = log.sent;
+    for i in 0..4 {
+        assert!(log.text.contains(&format!("node {i} (")), "{}", log.text);
     }
-    let status = child.wait().unwrap();
-    let log = log.join().unwrap();
-    assert!(status.success(), "re-deploy failed:\n{log}");
-    for i in 0..3 {
-        assert!(log.contains(&format!("node {i} (")), "{log}");
-    }
-    assert!(
-        sent.len() >= 3,
-        "the re-deploy was too quick to test: {}",
-        sent.len()
-    );
-    eprintln!("{} messages sent during the re-deploy", sent.len());
+    eprintln!("{} messages sent while growing", sent.len());
     assert_eq!(texts(&mut bob, sent.len()), sent);
-    for (i, host) in hosts.iter().enumerate() {
+    for (i, host) in hosts.iter().enumerate().take(3) {
         assert_ne!(
             host.relay_pid(),
             pids[i],
             "host {i}'s relay was not restarted"
         );
     }
-    chat(&mut alice, &mut bob, "after the upgrade");
+    assert_eq!(moto.inventory()["instances"].as_array().unwrap().len(), 4);
+    assert!(
+        hosts[3].service_pid("nats-server").is_some(),
+        "node 3: no NATS"
+    );
+    assert_eq!(meta_group_size(&format!("{net}.1")), 4);
+    chat(&mut alice, &mut bob, "after growing");
+
+    // Carol on the new node (the others are her fallbacks).
+    let carol_list =
+        format!("{net}.4:{port}#{fingerprint},{net}.1:{port},{net}.2:{port},{net}.3:{port}");
+    let mut carol = Peer::start(&rt, &carol_list, "carol");
+    chat(&mut alice, &mut carol, "hello, new node");
+
+    // Shrinking needs --allow-shrink; without it nothing changes.
+    let err = xtask.run_err(&[&args[..], &["--instances", "3"]].concat());
+    assert!(err.contains("--allow-shrink"), "{err}");
+    assert_eq!(moto.inventory()["instances"].as_array().unwrap().len(), 4);
+
+    // With it, node 3 leaves while Alice writes to Carol, whose relay goes away: she moves
+    // to another and gets everything, once, in order.
+    let shrink = [&args[..], &["--instances", "3", "--allow-shrink"]].concat();
+    let mut n = 0;
+    let log = deploy_while(&xtask, &shrink, || {
+        n += 1;
+        let text = format!("while shrinking {n}");
+        alice.send("carol", &text);
+        text
+    });
+    assert!(
+        log.text.contains("node 3 (") && log.text.contains("moving its JetStream replicas"),
+        "{}",
+        log.text
+    );
+    assert!(log.text.contains("node 3: removed"), "{}", log.text);
+    eprintln!("{} messages sent while shrinking", log.sent.len());
+    assert_eq!(texts(&mut carol, log.sent.len()), log.sent);
+    let inventory = moto.inventory();
+    let left: Vec<&str> = inventory["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(node_tag)
+        .collect();
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(!left.contains(&"3"), "{left:?}");
+    assert!(
+        hosts[3].service_pid("nats-server").is_none(),
+        "node 3's NATS runs"
+    );
+    assert!(hosts[3].relay_pid().is_none(), "node 3's relay runs");
+    assert_eq!(meta_group_size(&format!("{net}.1")), 3);
+    for host in &hosts[..3] {
+        let conf =
+            std::fs::read_to_string(host.root().join("etc/secure-chat/nats-server.conf")).unwrap();
+        // The cluster's listen address and a route to each of the three nodes.
+        assert_eq!(conf.matches(":6222\"").count(), 1 + 3, "{conf}");
+    }
+    chat(&mut alice, &mut carol, "after shrinking");
+    chat(&mut alice, &mut bob, "bob still here");
+    drop(carol);
     // Memory of each node's services after this (for the README's sizing).
-    for host in &hosts {
+    for host in &hosts[..3] {
         for unit in ["nats-server", "chat-server"] {
             let pid = host.service_pid(unit).unwrap();
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

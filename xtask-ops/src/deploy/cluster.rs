@@ -60,15 +60,10 @@ pub fn check_count(
              destroyed); see the README's deploy section"
         ),
         (e, w) if w < e && !allow_shrink => anyhow::bail!(
-            "--instances {w} would remove {} of the {e} nodes. Removing a node moves its \
-             JetStream replicas to the others first and ends the sessions on its relay (the \
-             clients move to the other relays); pass --allow-shrink to do it",
-            e - w
-        ),
-        (e, w) if w < e => anyhow::bail!(
-            "--instances {w} would remove {} of the {e} nodes, which this version cannot do \
-             safely yet: JetStream's replicas and its meta group would have to be moved off \
-             them first. Nothing was changed",
+            "--instances {w} would remove {} of the {e} nodes (the highest numbered). \
+             Removing a node moves its JetStream replicas to the others first, ends the \
+             sessions on its relay (their clients move to the next relay in their address \
+             list) and terminates its instance; pass --allow-shrink to do it",
             e - w
         ),
         _ => Ok(()),
@@ -80,9 +75,16 @@ pub fn node_name(name: &str, index: usize) -> String {
     format!("{name}-{index}")
 }
 
-/// infra/nats-server.conf for node `index`: its name and a route to every node's private
-/// address (its own included; NATS ignores a route to itself).
-pub fn nats_config(template: &str, name: &str, index: usize, private_ips: &[String]) -> String {
+/// infra/nats-server.conf for node `index`: its name, a route to every node's private
+/// address (its own included; NATS ignores a route to itself), and the system account's
+/// user (`system_user`, an NKey public key `U…`).
+pub fn nats_config(
+    template: &str,
+    name: &str,
+    index: usize,
+    private_ips: &[String],
+    system_user: &str,
+) -> String {
     let routes: Vec<String> = private_ips
         .iter()
         .map(|ip| format!("    \"nats://{ip}:{}\"", group::NATS_ROUTE_PORT))
@@ -90,6 +92,7 @@ pub fn nats_config(template: &str, name: &str, index: usize, private_ips: &[Stri
     template
         .replace("@NAME@", &node_name(name, index))
         .replace("@ROUTES@", &routes.join(",\n"))
+        .replace("@SYSTEM_USER@", system_user)
 }
 
 /// The relay's config on a cluster node: the host config with the NATS backend on this
@@ -171,25 +174,6 @@ pub fn fetch_nats(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
-/// The cluster's relay identity in the state directory, made with `server` (the relay
-/// binary to deploy, run here) on first use; returns its fingerprint.
-pub fn ensure_identity(files: &Files, server: &Path) -> anyhow::Result<String> {
-    let dir = files.identity();
-    let out = std::process::Command::new(server)
-        .arg("fingerprint")
-        .arg("--data-dir")
-        .arg(&dir)
-        .output()
-        .with_context(|| format!("cannot run {}", server.display()))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "cannot make the cluster's TLS identity in {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
 /// The deployment's instances by node index (the newest if an index is taken twice).
 pub fn by_index(instances: Vec<Instance>) -> Vec<(usize, Instance)> {
     let mut nodes: Vec<(usize, Instance)> = Vec::new();
@@ -210,6 +194,8 @@ struct Upload<'a> {
     host_config: &'a str,
     nats_template: &'a str,
     identity: PathBuf,
+    /// The system account's NKey public key.
+    system_user: &'a str,
 }
 
 /// What the cluster is to become.
@@ -244,10 +230,8 @@ pub async fn deploy(
         .security_group_id
         .clone()
         .context("no security group")?;
-    anyhow::ensure!(
-        existing.iter().all(|(i, _)| *i < wanted),
-        "a node is beyond --instances {wanted}; nothing was changed"
-    );
+    let (existing, leaving): (Vec<_>, Vec<_>) =
+        existing.into_iter().partition(|(i, _)| *i < wanted);
     let stage = tempfile::tempdir()?;
     let nats = match &args.nats_binary {
         Some(path) => path.clone(),
@@ -257,7 +241,9 @@ pub async fn deploy(
         }
     };
     // A cluster's relays keep their identity: a new one would break every client's pin.
-    let previous = files.load()?.and_then(|d| d.fingerprint);
+    let saved = files.load()?;
+    deployment.nodes = saved.as_ref().map(|d| d.nodes.clone()).unwrap_or_default();
+    let previous = saved.and_then(|d| d.fingerprint);
     if !existing.is_empty() && !files.identity().join("relay-key.pem").exists() {
         anyhow::bail!(
             "the cluster's TLS identity ({}) is missing but the cluster exists: restore that \
@@ -266,7 +252,7 @@ pub async fn deploy(
             files.identity().display()
         );
     }
-    let fingerprint = ensure_identity(files, server)?;
+    let fingerprint = files.ensure_identity()?;
     if let Some(previous) = previous.filter(|p| !existing.is_empty() && *p != fingerprint) {
         anyhow::bail!(
             "the cluster's TLS identity in {} ({fingerprint}) is not the one its relays \
@@ -275,9 +261,31 @@ pub async fn deploy(
         );
     }
     eprintln!("cluster TLS identity {fingerprint}");
+    let system_user = files.ensure_system_nkey()?.public_key();
+    if super::shrink::needed(deployment, wanted, &leaving) {
+        super::shrink::remove_nodes(args, aws, files, deployment, wanted, &existing, leaving)
+            .await?;
+    }
 
     // Launch what is missing, one per zone in turn.
-    let zones = ec2::default_subnets(&aws.ec2).await?;
+    let zones = ec2::zones_offering(
+        &aws.ec2,
+        ec2::default_subnets(&aws.ec2).await?,
+        instance_type,
+    )
+    .await?;
+    if zones.len() < MIN_NODES {
+        eprintln!(
+            "warning: {instance_type} is offered in {} zone(s) with a default subnet here ({}), \
+             so some nodes share a zone: losing that zone can cost JetStream its quorum",
+            zones.len(),
+            zones
+                .iter()
+                .map(|z| z.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let mut ids: Vec<(usize, String)> = Vec::new();
     for (index, instance) in &existing {
         let id = instance.instance_id().unwrap_or_default().to_owned();
@@ -356,6 +364,7 @@ pub async fn deploy(
         host_config: &host_config,
         nats_template: &nats_template,
         identity: files.identity(),
+        system_user: &system_user,
     };
     let pinned = |ssh: &Ssh| -> anyhow::Result<String> {
         Ok(format!(
@@ -500,7 +509,13 @@ fn install(
         write("server.ron", &relay_config(upload.host_config)?)?,
         write(
             "nats-server.conf",
-            &nats_config(upload.nats_template, name, index, private_ips),
+            &nats_config(
+                upload.nats_template,
+                name,
+                index,
+                private_ips,
+                upload.system_user,
+            ),
         )?,
         copy(&infra.join("chat-server.service"), "chat-server.service")?,
         copy(&infra.join("nats-server.service"), "nats-server.service")?,
@@ -589,7 +604,6 @@ mod tests {
         assert!(err(1, 3, true, true).contains("going back to one host"));
         assert!(err(1, 1, true, false).contains("going back to one host"));
         assert!(err(3, 5, true, false).contains("--allow-shrink"));
-        assert!(err(3, 5, true, true).contains("cannot do safely yet"));
         for (w, e, c) in [
             (1, 0, false),
             (1, 1, false),
@@ -601,22 +615,24 @@ mod tests {
         ] {
             check_count(w, e, c, false).unwrap();
         }
+        check_count(3, 5, true, true).unwrap();
     }
 
     #[test]
     fn each_node_gets_its_name_and_every_route() {
-        let template = "server_name: \"@NAME@\"\nroutes: [\n@ROUTES@\n]\n";
+        let template = "server_name: \"@NAME@\"\nroutes: [\n@ROUTES@\n]\nnkey: @SYSTEM_USER@\n";
         let ips = ["10.0.0.1".to_owned(), "10.0.1.1".to_owned()];
-        let text = nats_config(template, "chat", 1, &ips);
+        let text = nats_config(template, "chat", 1, &ips, "UABC");
         assert_eq!(
             text,
             "server_name: \"chat-1\"\nroutes: [\n    \"nats://10.0.0.1:6222\",\n    \
-             \"nats://10.0.1.1:6222\"\n]\n"
+             \"nats://10.0.1.1:6222\"\n]\nnkey: UABC\n"
         );
         let shipped =
             std::fs::read_to_string(xtask::project_root().join("infra/nats-server.conf")).unwrap();
-        let text = nats_config(&shipped, "chat", 0, &ips);
+        let text = nats_config(&shipped, "chat", 0, &ips, "UABC");
         assert!(text.contains("sync_interval: always"), "{text}");
+        assert!(text.contains("system_account: SYS"), "{text}");
         assert!(!text.contains('@'), "{text}");
     }
 

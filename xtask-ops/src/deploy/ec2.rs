@@ -256,6 +256,39 @@ pub async fn default_subnets(ec2: &Client) -> anyhow::Result<Vec<Zone>> {
     Ok(zones)
 }
 
+/// The `zones` where `instance_type` is offered (AWS offers some types in only some of a
+/// region's zones); fails if none.
+pub async fn zones_offering(
+    ec2: &Client,
+    zones: Vec<Zone>,
+    instance_type: &str,
+) -> anyhow::Result<Vec<Zone>> {
+    let out = ec2
+        .describe_instance_type_offerings()
+        .location_type(LocationType::AvailabilityZone)
+        .filters(filter("instance-type", &[instance_type]))
+        .send()
+        .await
+        .map_err(|e| aws_error("ec2:DescribeInstanceTypeOfferings", e))?;
+    let offered: Vec<&str> = out
+        .instance_type_offerings()
+        .iter()
+        .filter_map(|o| o.location())
+        .collect();
+    let all: Vec<String> = zones.iter().map(|z| z.name.clone()).collect();
+    let zones: Vec<Zone> = zones
+        .into_iter()
+        .filter(|z| offered.contains(&z.name.as_str()))
+        .collect();
+    anyhow::ensure!(
+        !zones.is_empty(),
+        "instance type {instance_type} is offered in none of the zones with a default \
+         subnet ({}); pick another --instance-type",
+        all.join(", ")
+    );
+    Ok(zones)
+}
+
 /// What `launch` needs.
 pub struct Launch<'a> {
     pub name: &'a str,
@@ -270,6 +303,11 @@ pub struct Launch<'a> {
 
 /// Launches the instance: IMDSv2 only, encrypted gp3 root volume, tagged. With `dry_run`
 /// AWS only checks the permissions and parameters; returns None then.
+/// A cluster node's root volume, GiB: the system (about 2), NATS's file store (at most
+/// `max_file_store`, 4 GB, in infra/nats-server.conf), the journal, and room for JetStream
+/// to compact. A single host keeps the image's size (SQLite's queue is smaller).
+pub const NODE_ROOT_GIB: i32 = 16;
+
 pub async fn launch(ec2: &Client, l: &Launch<'_>) -> anyhow::Result<Option<String>> {
     let mut instance_tags = tags(ResourceType::Instance, l.name);
     let mut request = ec2.run_instances();
@@ -306,7 +344,11 @@ pub async fn launch(ec2: &Client, l: &Launch<'_>) -> anyhow::Result<Option<Strin
                     EbsBlockDevice::builder()
                         .encrypted(true)
                         .volume_type(VolumeType::Gp3)
-                        .volume_size(l.image.root_gib)
+                        .volume_size(if l.node.is_some() {
+                            l.image.root_gib.max(NODE_ROOT_GIB)
+                        } else {
+                            l.image.root_gib
+                        })
                         .delete_on_termination(true)
                         .build(),
                 )

@@ -13,6 +13,7 @@ mod fleet;
 mod group;
 mod progress;
 mod remote;
+mod shrink;
 mod state;
 
 use std::io::BufRead;
@@ -598,11 +599,17 @@ async fn dry_run(
     );
     let (wanted, there) = count;
     if wanted >= cluster::MIN_NODES {
-        let zones = ec2::default_subnets(&aws.ec2).await?;
+        let zones = ec2::zones_offering(
+            &aws.ec2,
+            ec2::default_subnets(&aws.ec2).await?,
+            instance_type,
+        )
+        .await?;
         println!("  NATS client (4222) and route (6222) ports: from the group's own members only");
         println!(
-            "  cluster of {wanted}: {there} node(s) updated one at a time, {} {instance_type} \
+            "  cluster of {wanted}: {} node(s) updated one at a time, {} {instance_type} \
              launched from {} across {} zone(s) ({}), each running a relay and a NATS node",
+            there.min(wanted),
             wanted.saturating_sub(there),
             image.id,
             zones.len().min(wanted),
@@ -613,6 +620,13 @@ async fn dry_run(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        if there > wanted {
+            println!(
+                "  nodes {wanted}..{} removed first (--allow-shrink): their replicas moved to \
+                 the others, their instances terminated",
+                there - 1
+            );
+        }
         return Ok(());
     }
     match (existing, group) {

@@ -76,6 +76,80 @@ impl Files {
         self.dir.join("relay-identity")
     }
 
+    /// The cluster's shared relay TLS identity in [`Files::identity`], made at the first
+    /// call (an ECDSA P-256 key and a self-signed certificate, as a relay makes its own;
+    /// the directory 0700, the files 0600); returns its key fingerprint, as clients write
+    /// it after `#`. Made here rather than by the relay binary, which may not run on this
+    /// machine (it is built for x86-64 Linux).
+    pub fn ensure_identity(&self) -> anyhow::Result<String> {
+        use chat_protocol::tls::RelayIdentity;
+        let dir = self.identity();
+        self.create_dir()?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let (key_path, cert_path) = (dir.join("relay-key.pem"), dir.join("relay-cert.pem"));
+        let key = match std::fs::read_to_string(&key_path) {
+            Ok(pem) => pem,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let pem = RelayIdentity::generate_key_pem()?;
+                self.write_private(&key_path, &pem)?;
+                pem
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", key_path.display())),
+        };
+        let identity = match std::fs::read_to_string(&cert_path)
+            .ok()
+            .and_then(|cert| RelayIdentity::from_pem(&cert, &key).ok())
+        {
+            Some(identity) => identity,
+            None => {
+                // Missing or not the key's: a new certificate for the same key (the
+                // fingerprint is the key's, so clients' pins still hold).
+                let cert = RelayIdentity::self_signed_pem(&key)?;
+                self.write_private(&cert_path, &cert)?;
+                RelayIdentity::from_pem(&cert, &key)
+                    .with_context(|| format!("{} is not a usable TLS key", key_path.display()))?
+            }
+        };
+        Ok(identity.fingerprint.to_string())
+    }
+
+    /// A cluster's NATS system-account NKey seed (`SU…`, owner-only): the credential
+    /// that may take a node out of the JetStream meta group (`--allow-shrink`). Only its
+    /// public key goes to the nodes.
+    pub fn system_nkey(&self) -> PathBuf {
+        self.dir.join("nats-system.nk")
+    }
+
+    /// The system account's key pair, made and saved at the first call.
+    pub fn ensure_system_nkey(&self) -> anyhow::Result<nkeys::KeyPair> {
+        let path = self.system_nkey();
+        match std::fs::read_to_string(&path) {
+            Ok(seed) => nkeys::KeyPair::from_seed(seed.trim()).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not an NKey seed ({e}); restore it from a backup, or delete it \
+                     to make a new one (the next deploy then installs that one)",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let pair = nkeys::KeyPair::new_user();
+                let seed = pair
+                    .seed()
+                    .map_err(|e| anyhow::anyhow!("cannot make an NKey: {e}"))?;
+                self.write_private(&path, &seed)?;
+                Ok(pair)
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
     pub fn load(&self) -> anyhow::Result<Option<Deployment>> {
         let path = self.state();
         match std::fs::read_to_string(&path) {
@@ -97,21 +171,8 @@ impl Files {
 
     /// Writes the private key readable by the owner only (ssh refuses it otherwise).
     pub fn save_key(&self, pem: &str) -> anyhow::Result<PathBuf> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        self.create_dir()?;
         let path = self.key();
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("cannot write the SSH key to {}", path.display()))?;
-        file.write_all(pem.as_bytes())?;
-        if !pem.ends_with('\n') {
-            file.write_all(b"\n")?;
-        }
+        self.write_private(&path, pem)?;
         Ok(path)
     }
 
@@ -122,7 +183,12 @@ impl Files {
 
     /// Removes everything of this deployment.
     pub fn remove_all(&self) -> anyhow::Result<()> {
-        for path in [self.key(), self.known_hosts(), self.state()] {
+        for path in [
+            self.key(),
+            self.known_hosts(),
+            self.state(),
+            self.system_nkey(),
+        ] {
             remove_if_present(&path)?;
         }
         match std::fs::remove_dir_all(self.identity()) {
@@ -139,6 +205,26 @@ impl Files {
             // Something else of the user's is in there: leave it.
             Err(_) => Ok(()),
         }
+    }
+
+    /// Writes `text` (newline-terminated) to `path` in the deployment's directory, readable by the owner only (ssh
+    /// refuses a key others may read).
+    fn write_private(&self, path: &Path, text: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        self.create_dir()?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        file.write_all(text.as_bytes())?;
+        if !text.ends_with('\n') {
+            file.write_all(b"\n")?;
+        }
+        Ok(())
     }
 
     fn create_dir(&self) -> anyhow::Result<()> {
@@ -164,6 +250,40 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn the_cluster_identity_and_system_key_are_private_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::new(dir.path(), "chat");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let fingerprint = files.ensure_identity().unwrap();
+        assert_eq!(files.ensure_identity().unwrap(), fingerprint);
+        assert_eq!(mode(&files.identity()), 0o700);
+        for file in ["relay-key.pem", "relay-cert.pem"] {
+            assert_eq!(mode(&files.identity().join(file)), 0o600, "{file}");
+        }
+        // What a relay loads from these files presents the same fingerprint.
+        let read = |f: &str| std::fs::read_to_string(files.identity().join(f)).unwrap();
+        let identity = chat_protocol::tls::RelayIdentity::from_pem(
+            &read("relay-cert.pem"),
+            &read("relay-key.pem"),
+        )
+        .unwrap();
+        assert_eq!(identity.fingerprint.to_string(), fingerprint);
+        // A lost certificate is made again for the same key: the pin holds.
+        std::fs::remove_file(files.identity().join("relay-cert.pem")).unwrap();
+        assert_eq!(files.ensure_identity().unwrap(), fingerprint);
+
+        let pair = files.ensure_system_nkey().unwrap();
+        assert!(pair.public_key().starts_with('U'));
+        assert_eq!(mode(&files.system_nkey()), 0o600);
+        assert_eq!(
+            files.ensure_system_nkey().unwrap().public_key(),
+            pair.public_key()
+        );
+        files.remove_all().unwrap();
+        assert!(!dir.path().join("chat").exists());
+    }
 
     #[test]
     fn state_round_trips_and_key_is_private() {

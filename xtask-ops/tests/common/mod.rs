@@ -311,10 +311,16 @@ impl Host {
     }
 
     /// The pid of a service the systemctl stand-in started (`chat-server`, `nats-server`).
+    /// The pid of `unit`'s process as the systemctl stand-in started it, if it runs (a
+    /// zombie, stopped but not yet reaped, does not).
     pub fn service_pid(&self, unit: &str) -> Option<u32> {
-        std::fs::read_to_string(self.root().join(format!("run/standin/{unit}.service.pid")))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
+        let pid: u32 =
+            std::fs::read_to_string(self.root().join(format!("run/standin/{unit}.service.pid")))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+        (state != "Z").then_some(pid)
     }
 
     pub fn root(&self) -> PathBuf {
@@ -375,6 +381,7 @@ pub fn login_user() -> String {
 
 /// A real client core (the engine the desktop and headless clients run) on `addr`.
 pub struct Peer {
+    pub name: String,
     pub handle: chat_client::ClientHandle,
     pub _home: tempfile::TempDir,
 }
@@ -390,11 +397,24 @@ impl Peer {
         config.identity_bits = 2048;
         let _guard = rt.enter();
         let mut peer = Self {
+            name: name.to_owned(),
             handle: chat_client::spawn(config, || {}),
             _home: home,
         };
         peer.expect(|e| matches!(e, chat_client::Event::Ready { .. }));
         peer
+    }
+
+    /// The next event within `patience`, if one comes.
+    pub fn next_event(&mut self, patience: Duration) -> Option<chat_client::Event> {
+        let deadline = Instant::now() + patience;
+        loop {
+            match self.handle.events.try_recv() {
+                Ok(e) => return Some(e),
+                Err(_) if Instant::now() >= deadline => return None,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
     }
 
     pub fn expect(&mut self, pred: impl Fn(&chat_client::Event) -> bool) -> chat_client::Event {
@@ -423,9 +443,9 @@ impl Peer {
     }
 }
 
-/// Alice sends Bob `text`; Bob reads it, Alice sees it delivered.
+/// Alice sends Bob (any recipient) `text`; Bob reads it, Alice sees it delivered.
 pub fn chat(alice: &mut Peer, bob: &mut Peer, text: &str) {
-    alice.send("bob", text);
+    alice.send(&bob.name, text);
     let got = bob.expect(|e| matches!(e, chat_client::Event::Message { .. }));
     let chat_client::Event::Message {
         from, text: body, ..
@@ -433,7 +453,7 @@ pub fn chat(alice: &mut Peer, bob: &mut Peer, text: &str) {
     else {
         unreachable!()
     };
-    assert_eq!((from.as_str(), body.as_str()), ("alice", text));
+    assert_eq!((from.as_str(), body.as_str()), (alice.name.as_str(), text));
     alice.expect(|e| matches!(e, chat_client::Event::Delivered { .. }));
 }
 

@@ -1,0 +1,171 @@
+//! Removing nodes from a cluster (`deploy --instances N --allow-shrink`), highest index
+//! first, one at a time, while the others keep serving:
+//!
+//! 1. on a node that stays, `chat-server admin evacuate-node NAME`: JetStream moves every
+//!    replica the leaving node holds to another node and waits until each is current (so
+//!    the cluster never runs a replica short);
+//! 2. on the leaving node, its relay and NATS are stopped (their clients move to the next
+//!    relay in their address list);
+//! 3. the instance is terminated;
+//! 4. on a node that stays, `chat-server admin forget-node NAME` with the system account's
+//!    NKey (sent over ssh's stdin, never on a command line): the meta group forgets the
+//!    node, so its quorum is a majority of the nodes that are left.
+//!
+//! The deploy then updates the remaining nodes (routes without the removed ones), one at
+//! a time as in any re-deploy.
+
+use std::io::Write;
+use std::process::Stdio;
+
+use anyhow::Context;
+use aws_sdk_ec2::types::{Instance, InstanceStateName};
+
+use super::cluster::node_name;
+use super::progress::{Poll, wait_for};
+use super::remote::Ssh;
+use super::state::{Deployment, Files};
+use super::{Aws, DeployArgs, ec2};
+
+/// `chat-server … admin ARGS` on a cluster node, with its installed config.
+fn admin_command(args: &str) -> String {
+    format!(
+        "r=\"${{DESTDIR:-}}\"; \"$r/usr/local/bin/chat-server\" --config \
+         \"$r/etc/secure-chat/server.ron\" admin {args}"
+    )
+}
+
+/// Stops and disables a node's relay and NATS (as install.sh does, with sudo unless root).
+const STOP_COMMAND: &str = "if [ \"$(id -u)\" -eq 0 ]; then s=; else s='sudo -n'; fi; \
+     $s systemctl disable --now chat-server.service nats-server.service";
+
+/// Runs `remote` on `ssh`'s host with `input` on its stdin; returns stdout, or fails with
+/// stderr.
+fn run_with_input(ssh: &Ssh, remote: &str, input: &str) -> anyhow::Result<String> {
+    let mut child = ssh
+        .command(Some(remote), false)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run ssh; is the OpenSSH client installed?")?;
+    child
+        .stdin
+        .take()
+        .context("no stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "`{remote}` on {} failed ({}): {}",
+        ssh.host,
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether a deploy to `wanted` nodes has nodes to remove: `leaving` instances, or nodes of
+/// the saved state whose instance is gone but which an earlier deploy did not get to
+/// remove from the meta group.
+pub fn needed(deployment: &Deployment, wanted: usize, leaving: &[(usize, Instance)]) -> bool {
+    !leaving.is_empty() || deployment.nodes.iter().any(|n| n.index >= wanted)
+}
+
+/// Removes the `leaving` instances (by node index) from the cluster, as the module
+/// documentation says, and finishes the removal of nodes (index ≥ `wanted`) whose
+/// instance an earlier run terminated; `staying` are the nodes that stay. Stops at the
+/// first failure, saying which step of which node failed; a rerun continues from there.
+pub async fn remove_nodes(
+    args: &DeployArgs,
+    aws: &Aws,
+    files: &Files,
+    deployment: &mut Deployment,
+    wanted: usize,
+    staying: &[(usize, Instance)],
+    mut leaving: Vec<(usize, Instance)>,
+) -> anyhow::Result<()> {
+    let name = &args.common.name;
+    let seed = files.ensure_system_nkey()?.seed().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the NATS system account's seed ({e}) from {}",
+            files.system_nkey().display()
+        )
+    })?;
+    let anchor = staying
+        .iter()
+        .find_map(|(_, instance)| instance.public_ip_address())
+        .context("no remaining node has a public address to run the removal from")?;
+    let anchor = args.common.ssh(deployment, files, anchor);
+    let forget = |index: usize| -> anyhow::Result<()> {
+        let node = node_name(name, index);
+        let out = run_with_input(
+            &anchor,
+            &admin_command(&format!("forget-node {node} --system-nkey -")),
+            &seed,
+        )?;
+        eprint!("{out}");
+        Ok(())
+    };
+    let unfinished: Vec<usize> = deployment
+        .nodes
+        .iter()
+        .map(|n| n.index)
+        .filter(|i| *i >= wanted && !leaving.iter().any(|(l, _)| l == i))
+        .collect();
+    for index in unfinished {
+        eprintln!("node {index}: its instance is gone; removing it from the meta group");
+        forget(index).map_err(|e| {
+            e.context(format!(
+                "removing node {index} (already terminated) from the JetStream meta group \
+                 failed. Run deploy again to retry"
+            ))
+        })?;
+        deployment.nodes.retain(|n| n.index != index);
+        files.save(deployment)?;
+    }
+    leaving.sort_by_key(|(index, _)| std::cmp::Reverse(*index));
+    for (index, instance) in leaving {
+        let node = node_name(name, index);
+        let id = instance.instance_id().unwrap_or_default().to_owned();
+        let stopped = |step: &str, e: anyhow::Error| {
+            e.context(format!(
+                "removing node {index} ({id}) stopped at: {step}. Run deploy again to \
+                 continue"
+            ))
+        };
+        eprintln!("node {index} ({id}): moving its JetStream replicas to the other nodes");
+        let out = anchor
+            .run(&admin_command(&format!("evacuate-node {node}")))
+            .map_err(|e| stopped("moving its replicas (nothing changed yet)", e))?;
+        eprint!("{out}");
+        if let Some(ip) = instance.public_ip_address() {
+            let ssh = args.common.ssh(deployment, files, ip);
+            if let Err(e) = ssh.run(STOP_COMMAND) {
+                // Terminating the instance stops them too.
+                eprintln!("node {index}: could not stop its services first ({e:#})");
+            }
+        }
+        eprintln!("node {index} ({id}): terminating the instance");
+        ec2::terminate(&aws.ec2, &id)
+            .await
+            .map_err(|e| stopped("terminating the instance", e))?;
+        wait_for(
+            &format!("instance {id} to terminate"),
+            super::STARTING,
+            || async {
+                let instance = ec2::describe(&aws.ec2, &id).await?;
+                Ok(match ec2::state(&instance) {
+                    InstanceStateName::Terminated => Poll::Ready(()),
+                    other => Poll::Waiting(other.to_string()),
+                })
+            },
+        )
+        .await
+        .map_err(|e| stopped("waiting for the instance to terminate", e))?;
+        forget(index).map_err(|e| stopped("removing it from the JetStream meta group", e))?;
+        deployment.nodes.retain(|n| n.index != index);
+        files.save(deployment)?;
+        eprintln!("node {index}: removed");
+    }
+    Ok(())
+}
