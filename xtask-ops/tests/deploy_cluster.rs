@@ -272,6 +272,29 @@ fn a_cluster_deploys_grows_shrinks_one_node_at_a_time_and_goes_away() {
     let mut alice = Peer::start(&rt, &list(0), "alice");
     chat(&mut alice, &mut bob, "hello across relays");
 
+    // Node 1's NATS hangs (SIGSTOP): a re-deploy restarts nothing, since restarting node 0
+    // now could cost the quorum, and says where it stopped and why.
+    let hung = hosts[1].service_pid("nats-server").unwrap();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &hung.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let relays: Vec<_> = hosts.iter().map(|h| h.relay_pid()).collect();
+    let err = xtask.run_err(&args);
+    assert!(
+        err.contains("stopped at node 0") && err.contains("node 1's NATS is not healthy"),
+        "{err}"
+    );
+    assert_eq!(
+        hosts.iter().map(|h| h.relay_pid()).collect::<Vec<_>>(),
+        relays
+    );
+    signal("-CONT");
+
     // Growing to four is a rolling re-deploy of the three (their routes change) and a new
     // node, while Alice keeps writing: everything arrives, once, in order.
     let pids: Vec<_> = hosts.iter().map(|h| h.relay_pid()).collect();

@@ -289,30 +289,43 @@ pub enum Forgot {
 /// violation"), [`NodeError::Forget`] if JetStream refuses.
 pub async fn forget(urls: &[String], seed: &str, node: &str) -> Result<Forgot, NodeError> {
     let client = connect(urls, Some(seed.trim().to_owned())).await?;
-    let reply = client
-        .request(
-            "$JS.API.SERVER.REMOVE",
-            serde_json::json!({ "peer": node }).to_string().into(),
-        )
-        .await
-        .map_err(|e| NodeError::Forget {
-            node: node.to_owned(),
-            detail: format!("{e} (only the system account may ask)"),
-        })?;
-    let response: ApiResponse =
-        serde_json::from_slice(&reply.payload).map_err(|e| NodeError::Forget {
-            node: node.to_owned(),
-            detail: format!("unreadable answer: {e}"),
-        })?;
-    match response.error {
-        None if response.success => Ok(Forgot::Removed),
-        Some(e) if e.err_code == SERVER_NOT_MEMBER => Ok(Forgot::NotMember),
-        e => Err(NodeError::Forget {
-            node: node.to_owned(),
-            detail: e.map(|e| e.description).unwrap_or_default(),
-        }),
+    // Right after the node stopped, the meta group may be electing a new leader (the node
+    // may have led it): no answer, or a refusal, until then. Asked again until
+    // FORGET_PATIENCE has passed.
+    let start = Instant::now();
+    loop {
+        let detail = match client
+            .request(
+                "$JS.API.SERVER.REMOVE",
+                serde_json::json!({ "peer": node }).to_string().into(),
+            )
+            .await
+        {
+            Err(e) => format!(
+                "{e} (no answer: only the system account may ask, and only while the \
+                 cluster has its quorum)"
+            ),
+            Ok(reply) => match serde_json::from_slice::<ApiResponse>(&reply.payload) {
+                Err(e) => format!("unreadable answer: {e}"),
+                Ok(response) => match response.error {
+                    None if response.success => return Ok(Forgot::Removed),
+                    Some(e) if e.err_code == SERVER_NOT_MEMBER => return Ok(Forgot::NotMember),
+                    e => e.map(|e| e.description).unwrap_or_default(),
+                },
+            },
+        };
+        if start.elapsed() >= FORGET_PATIENCE {
+            return Err(NodeError::Forget {
+                node: node.to_owned(),
+                detail,
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+/// How long [`forget`] keeps asking (a meta leader election takes seconds).
+const FORGET_PATIENCE: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {

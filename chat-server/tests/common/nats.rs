@@ -149,7 +149,7 @@ impl Nats {
             );
             if let Some(user) = system {
                 text.push_str(&format!(
-                    "accounts {{ SYS {{ users: [{{ nkey: {user} }}] }} }}\nsystem_account: SYS\n"
+                    "accounts {{ \"$SYS\" {{ users: [{{ nkey: {user} }}] }} }}\n"
                 ));
             }
             if n > 1 {

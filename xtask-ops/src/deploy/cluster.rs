@@ -230,8 +230,27 @@ pub async fn deploy(
         .security_group_id
         .clone()
         .context("no security group")?;
+    // Nodes numbered `wanted` or above leave (after the others are updated).
     let (existing, leaving): (Vec<_>, Vec<_>) =
         existing.into_iter().partition(|(i, _)| *i < wanted);
+    if !leaving.is_empty() {
+        let list: Vec<String> = leaving.iter().map(|(i, _)| i.to_string()).collect();
+        anyhow::ensure!(
+            args.allow_shrink,
+            "node(s) {} are beyond --instances {wanted}: removing them needs --allow-shrink \
+             (see the README's cluster section); nothing was changed",
+            list.join(", ")
+        );
+        anyhow::ensure!(
+            existing.len() >= MIN_NODES,
+            "removing node(s) {} would leave {} of nodes 0..{wanted} running, and JetStream \
+             needs {MIN_NODES} to move their replicas to. Replace the missing nodes first \
+             (deploy --instances {}), then shrink; nothing was changed",
+            list.join(", "),
+            existing.len(),
+            leaving.iter().map(|(i, _)| i + 1).max().unwrap_or(wanted)
+        );
+    }
     let stage = tempfile::tempdir()?;
     let nats = match &args.nats_binary {
         Some(path) => path.clone(),
@@ -242,7 +261,14 @@ pub async fn deploy(
     };
     // A cluster's relays keep their identity: a new one would break every client's pin.
     let saved = files.load()?;
-    deployment.nodes = saved.as_ref().map(|d| d.nodes.clone()).unwrap_or_default();
+    // Nodes an earlier deploy terminated but did not get to remove from the meta group.
+    let unfinished: Vec<Node> = saved
+        .as_ref()
+        .map(|d| d.nodes.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.index >= wanted && !leaving.iter().any(|(i, _)| *i == n.index))
+        .collect();
     let previous = saved.and_then(|d| d.fingerprint);
     if !existing.is_empty() && !files.identity().join("relay-key.pem").exists() {
         anyhow::bail!(
@@ -262,10 +288,6 @@ pub async fn deploy(
     }
     eprintln!("cluster TLS identity {fingerprint}");
     let system_user = files.ensure_system_nkey()?.public_key();
-    if super::shrink::needed(deployment, wanted, &leaving) {
-        super::shrink::remove_nodes(args, aws, files, deployment, wanted, &existing, leaving)
-            .await?;
-    }
 
     // Launch what is missing, one per zone in turn.
     let zones = ec2::zones_offering(
@@ -328,7 +350,15 @@ pub async fn deploy(
         let instance = ec2::describe(&aws.ec2, id).await?;
         nodes.push(super::fleet::node(*index, &instance));
     }
+    // The state lists the nodes leaving too until each is removed, so that a failed
+    // removal is finished by the next deploy.
     deployment.nodes = nodes.clone();
+    deployment.nodes.extend(
+        leaving
+            .iter()
+            .map(|(i, instance)| super::fleet::node(*i, instance)),
+    );
+    deployment.nodes.extend(unfinished.iter().cloned());
     deployment.fingerprint = Some(fingerprint.clone());
     files.save(deployment)?;
     let private_ips: Vec<String> = nodes
@@ -414,9 +444,14 @@ pub async fn deploy(
                 .map_err(|e| stopped_at(node, e))?;
         }
     } else {
-        // One node at a time; the others keep serving. A node is restarted only while
-        // every other node running NATS is healthy, so the restart cannot cost the quorum.
-        for (i, (node, ssh)) in nodes.iter().zip(&hosts).enumerate() {
+        // One node at a time; the others keep serving. Nodes whose NATS is down go first
+        // (starting one cannot cost the quorum; a new node is one); then each running node
+        // is restarted only while every other node is healthy, so the restart cannot cost
+        // the quorum either.
+        let mut order: Vec<usize> = (0..nodes.len()).collect();
+        order.sort_by_key(|&i| running[i]);
+        for i in order {
+            let (node, ssh) = (&nodes[i], &hosts[i]);
             for (j, (other, other_ssh)) in nodes.iter().zip(&hosts).enumerate() {
                 if j != i && running[j] {
                     let health = other_ssh.run(NATS_HEALTH_COMMAND).unwrap_or_default();
@@ -450,6 +485,12 @@ pub async fn deploy(
     deployment.public_ip = nodes[0].public_ip.clone();
     deployment.instance_id = Some(nodes[0].instance_id.clone());
     files.save(deployment)?;
+    // Then the nodes leaving, now that the others run this version (with the system
+    // account's key) and route to each other only.
+    if !leaving.is_empty() || !unfinished.is_empty() {
+        super::shrink::remove_nodes(args, aws, files, deployment, &hosts, leaving, unfinished)
+            .await?;
+    }
 
     let addresses: Vec<String> = nodes
         .iter()
@@ -632,7 +673,7 @@ mod tests {
             std::fs::read_to_string(xtask::project_root().join("infra/nats-server.conf")).unwrap();
         let text = nats_config(&shipped, "chat", 0, &ips, "UABC");
         assert!(text.contains("sync_interval: always"), "{text}");
-        assert!(text.contains("system_account: SYS"), "{text}");
+        assert!(text.contains("\"$SYS\" {"), "{text}");
         assert!(!text.contains('@'), "{text}");
     }
 

@@ -1,18 +1,19 @@
 //! Removing nodes from a cluster (`deploy --instances N --allow-shrink`), highest index
 //! first, one at a time, while the others keep serving:
 //!
-//! 1. on a node that stays, `chat-server admin evacuate-node NAME`: JetStream moves every
-//!    replica the leaving node holds to another node and waits until each is current (so
-//!    the cluster never runs a replica short);
-//! 2. on the leaving node, its relay and NATS are stopped (their clients move to the next
+//! 1. every staying node must report healthy;
+//! 2. on a node that stays, `chat-server admin evacuate-node NAME`: JetStream places a new
+//!    copy of every replica the leaving node holds on another node, and the command waits
+//!    until each is current (meanwhile that stream has one up-to-date copy fewer);
+//! 3. on the leaving node, its relay and NATS are stopped (their clients move to the next
 //!    relay in their address list);
-//! 3. the instance is terminated;
 //! 4. on a node that stays, `chat-server admin forget-node NAME` with the system account's
 //!    NKey (sent over ssh's stdin, never on a command line): the meta group forgets the
-//!    node, so its quorum is a majority of the nodes that are left.
+//!    node, so its quorum is a majority of the nodes that are left;
+//! 5. the instance is terminated (before step 4 if the node could not be reached).
 //!
-//! The deploy then updates the remaining nodes (routes without the removed ones), one at
-//! a time as in any re-deploy.
+//! The deploy runs this after it has updated the remaining nodes (routes without the
+//! leaving ones, and the system account's key), one at a time as in any re-deploy.
 
 use std::io::Write;
 use std::process::Stdio;
@@ -20,10 +21,10 @@ use std::process::Stdio;
 use anyhow::Context;
 use aws_sdk_ec2::types::{Instance, InstanceStateName};
 
-use super::cluster::node_name;
+use super::cluster::{NATS_HEALTH_COMMAND, node_name};
 use super::progress::{Poll, wait_for};
 use super::remote::Ssh;
-use super::state::{Deployment, Files};
+use super::state::{Deployment, Files, Node};
 use super::{Aws, DeployArgs, ec2};
 
 /// `chat-server … admin ARGS` on a cluster node, with its installed config.
@@ -64,25 +65,20 @@ fn run_with_input(ssh: &Ssh, remote: &str, input: &str) -> anyhow::Result<String
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Whether a deploy to `wanted` nodes has nodes to remove: `leaving` instances, or nodes of
-/// the saved state whose instance is gone but which an earlier deploy did not get to
-/// remove from the meta group.
-pub fn needed(deployment: &Deployment, wanted: usize, leaving: &[(usize, Instance)]) -> bool {
-    !leaving.is_empty() || deployment.nodes.iter().any(|n| n.index >= wanted)
-}
-
 /// Removes the `leaving` instances (by node index) from the cluster, as the module
-/// documentation says, and finishes the removal of nodes (index ≥ `wanted`) whose
-/// instance an earlier run terminated; `staying` are the nodes that stay. Stops at the
-/// first failure, saying which step of which node failed; a rerun continues from there.
+/// documentation says, and finishes the removal of `unfinished` nodes (whose instance an
+/// earlier run terminated before removing them from the meta group). `staying` reaches
+/// the nodes that stay (all updated and healthy). Before each removal every staying node
+/// must report healthy. Stops at the first failure, saying which step of which node
+/// failed; a deploy with the same `--instances --allow-shrink` continues from there.
 pub async fn remove_nodes(
     args: &DeployArgs,
     aws: &Aws,
     files: &Files,
     deployment: &mut Deployment,
-    wanted: usize,
-    staying: &[(usize, Instance)],
+    staying: &[Ssh],
     mut leaving: Vec<(usize, Instance)>,
+    unfinished: Vec<Node>,
 ) -> anyhow::Result<()> {
     let name = &args.common.name;
     let seed = files.ensure_system_nkey()?.seed().map_err(|e| {
@@ -91,33 +87,24 @@ pub async fn remove_nodes(
             files.system_nkey().display()
         )
     })?;
-    let anchor = staying
-        .iter()
-        .find_map(|(_, instance)| instance.public_ip_address())
-        .context("no remaining node has a public address to run the removal from")?;
-    let anchor = args.common.ssh(deployment, files, anchor);
+    let anchor = staying.first().context("no node stays")?;
     let forget = |index: usize| -> anyhow::Result<()> {
         let node = node_name(name, index);
         let out = run_with_input(
-            &anchor,
+            anchor,
             &admin_command(&format!("forget-node {node} --system-nkey -")),
             &seed,
         )?;
         eprint!("{out}");
         Ok(())
     };
-    let unfinished: Vec<usize> = deployment
-        .nodes
-        .iter()
-        .map(|n| n.index)
-        .filter(|i| *i >= wanted && !leaving.iter().any(|(l, _)| l == i))
-        .collect();
-    for index in unfinished {
+    for node in unfinished {
+        let index = node.index;
         eprintln!("node {index}: its instance is gone; removing it from the meta group");
         forget(index).map_err(|e| {
             e.context(format!(
                 "removing node {index} (already terminated) from the JetStream meta group \
-                 failed. Run deploy again to retry"
+                 failed. Run the same deploy again to retry"
             ))
         })?;
         deployment.nodes.retain(|n| n.index != index);
@@ -129,21 +116,48 @@ pub async fn remove_nodes(
         let id = instance.instance_id().unwrap_or_default().to_owned();
         let stopped = |step: &str, e: anyhow::Error| {
             e.context(format!(
-                "removing node {index} ({id}) stopped at: {step}. Run deploy again to \
-                 continue"
+                "removing node {index} ({id}) stopped at: {step}. Run the same deploy again \
+                 to continue"
             ))
         };
+        // Every staying node healthy, so that stopping this one cannot cost the quorum.
+        for (i, ssh) in staying.iter().enumerate() {
+            let health = ssh.run(NATS_HEALTH_COMMAND).unwrap_or_default();
+            if !health.contains("\"ok\"") {
+                return Err(stopped(
+                    "checking the other nodes (nothing changed)",
+                    anyhow::anyhow!(
+                        "the NATS node on {} is not healthy ({})",
+                        staying[i].host,
+                        health.trim()
+                    ),
+                ));
+            }
+        }
         eprintln!("node {index} ({id}): moving its JetStream replicas to the other nodes");
         let out = anchor
             .run(&admin_command(&format!("evacuate-node {node}")))
-            .map_err(|e| stopped("moving its replicas (nothing changed yet)", e))?;
+            .map_err(|e| {
+                stopped(
+                    "moving its replicas (those moved stay moved; the node still runs)",
+                    e,
+                )
+            })?;
         eprint!("{out}");
-        if let Some(ip) = instance.public_ip_address() {
-            let ssh = args.common.ssh(deployment, files, ip);
-            if let Err(e) = ssh.run(STOP_COMMAND) {
-                // Terminating the instance stops them too.
-                eprintln!("node {index}: could not stop its services first ({e:#})");
-            }
+        // Stopped: forget it at once (it no longer counts toward the quorum), then
+        // terminate. Unreachable: terminate first, so that it cannot come back.
+        let stopped_cleanly = match instance.public_ip_address() {
+            Some(ip) => match args.common.ssh(deployment, files, ip).run(STOP_COMMAND) {
+                Ok(_) => true,
+                Err(e) => {
+                    eprintln!("node {index}: could not stop its services ({e:#})");
+                    false
+                }
+            },
+            None => false,
+        };
+        if stopped_cleanly {
+            forget(index).map_err(|e| stopped("removing it from the JetStream meta group", e))?;
         }
         eprintln!("node {index} ({id}): terminating the instance");
         ec2::terminate(&aws.ec2, &id)
@@ -162,7 +176,9 @@ pub async fn remove_nodes(
         )
         .await
         .map_err(|e| stopped("waiting for the instance to terminate", e))?;
-        forget(index).map_err(|e| stopped("removing it from the JetStream meta group", e))?;
+        if !stopped_cleanly {
+            forget(index).map_err(|e| stopped("removing it from the JetStream meta group", e))?;
+        }
         deployment.nodes.retain(|n| n.index != index);
         files.save(deployment)?;
         eprintln!("node {index}: removed");
