@@ -622,8 +622,8 @@ async fn dry_run(
         );
         if there > wanted {
             println!(
-                "  nodes {wanted}..{} removed first (--allow-shrink): their replicas moved to \
-                 the others, their instances terminated",
+                "  then nodes {wanted}..{} removed (--allow-shrink): their replicas moved to \
+                 the others, removed from the meta group, their instances terminated",
                 there - 1
             );
         }
