@@ -1,6 +1,7 @@
 //! The instance over SSH: the system `ssh` and `scp`, with the deployment's own key and
 //! known_hosts file, and the user's `--ssh-config` (`-F`) when given.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -68,6 +69,31 @@ impl Ssh {
             .stdin(Stdio::null())
             .output()
             .context("cannot run ssh; is the OpenSSH client installed?")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "`{remote}` on {} failed ({}): {}",
+            self.host,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// As [`Ssh::run`], with `input` on the command's stdin (a secret kept off command lines).
+    pub fn run_with_input(&self, remote: &str, input: &str) -> anyhow::Result<String> {
+        let mut child = self
+            .command(Some(remote), false)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run ssh; is the OpenSSH client installed?")?;
+        child
+            .stdin
+            .take()
+            .context("no stdin")?
+            .write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
         anyhow::ensure!(
             out.status.success(),
             "`{remote}` on {} failed ({}): {}",

@@ -15,9 +15,6 @@
 //! The deploy runs this after it has updated the remaining nodes (routes without the
 //! leaving ones, and the system account's key), one at a time as in any re-deploy.
 
-use std::io::Write;
-use std::process::Stdio;
-
 use anyhow::Context;
 use aws_sdk_ec2::types::{Instance, InstanceStateName};
 
@@ -38,32 +35,6 @@ fn admin_command(args: &str) -> String {
 /// Stops and disables a node's relay and NATS (as install.sh does, with sudo unless root).
 const STOP_COMMAND: &str = "if [ \"$(id -u)\" -eq 0 ]; then s=; else s='sudo -n'; fi; \
      $s systemctl disable --now chat-server.service nats-server.service";
-
-/// Runs `remote` on `ssh`'s host with `input` on its stdin; returns stdout, or fails with
-/// stderr.
-fn run_with_input(ssh: &Ssh, remote: &str, input: &str) -> anyhow::Result<String> {
-    let mut child = ssh
-        .command(Some(remote), false)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run ssh; is the OpenSSH client installed?")?;
-    child
-        .stdin
-        .take()
-        .context("no stdin")?
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "`{remote}` on {} failed ({}): {}",
-        ssh.host,
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// Removes the `leaving` instances (by node index) from the cluster, as the module
 /// documentation says, and finishes the removal of `unfinished` nodes (whose instance an
@@ -90,8 +61,7 @@ pub async fn remove_nodes(
     let anchor = staying.first().context("no node stays")?;
     let forget = |index: usize| -> anyhow::Result<()> {
         let node = node_name(name, index);
-        let out = run_with_input(
-            anchor,
+        let out = anchor.run_with_input(
             &admin_command(&format!("forget-node {node} --system-nkey -")),
             &seed,
         )?;
