@@ -8,6 +8,7 @@
 //! - [`auth`]: the login challenge transcript and RSA-PSS-SHA256 proof of key possession.
 //! - [`identity`]: long-term RSA identities, fingerprints, key files, derived keys.
 //! - [`e2e`]: envelopes, key offers, epochs and retry requests (end-to-end encryption).
+//! - [`group`]: group membership chains, sender keys and group envelopes.
 //! - [`safety`]: safety numbers to compare out of band.
 //! - [`primitives`]: the RSA and AES-GCM calls all of the above go through.
 //! - [`trust`]: trust on first use: pins, key changes, verification.
@@ -24,6 +25,7 @@ pub mod auth;
 pub mod codec;
 pub mod e2e;
 pub mod frame;
+pub mod group;
 pub mod identity;
 pub mod message;
 pub mod primitives;

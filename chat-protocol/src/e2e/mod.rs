@@ -25,12 +25,13 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::group::{GroupState, SenderKeyDistribution, SignedChange};
 use crate::identity::{Identity, PublicIdentity};
 use crate::username::Username;
 
 mod inbound;
 mod outbound;
-mod window;
+pub(crate) mod window;
 
 pub use inbound::{
     ACTIVE_EPOCHS, EpochKey, Inbound, Inspected, RETIRED_OFFERS, StateError, unwrap_offer,
@@ -108,6 +109,14 @@ pub enum Body {
     RetryRequest {
         epochs: Vec<u32>,
     },
+    /// A change to a group's membership, signed by its author. `prior` is the state it
+    /// changes, given to members new to the group (see `group::Membership::join`).
+    GroupUpdate {
+        prior: Option<GroupState>,
+        change: SignedChange,
+    },
+    /// The sender's current sending key in a group (`group::sender_key`).
+    SenderKey(SenderKeyDistribution),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -291,6 +300,16 @@ pub fn padded_len(len: usize) -> usize {
         .into_iter()
         .find(|&b| len <= b)
         .unwrap_or_else(|| len.div_ceil(16384) * 16384)
+}
+
+/// A content's postcard encoding, padded (see [`padded_len`]).
+pub(crate) fn pad_content(content: &Content) -> Option<Vec<u8>> {
+    Some(pad(&postcard::to_allocvec(content).ok()?))
+}
+
+/// The content in a padded plaintext, if it is one.
+pub(crate) fn unpad_content(padded: &[u8]) -> Option<Content> {
+    unpad(padded)
 }
 
 fn unpad<T: serde::de::DeserializeOwned>(padded: &[u8]) -> Option<T> {
