@@ -376,6 +376,74 @@ fn concurrent_admin_changes_converge_for_everyone() {
     assert_eq!(m.head(), maker.head());
 }
 
+/// An admin removed from the group signs changes of the state before her removal, with
+/// as many ids as she likes: the removal wins every race, and nothing older than the last
+/// step can be forked at all.
+#[test]
+fn a_removed_admin_cannot_fork_her_way_back() {
+    let (mut alice, mut bob, _, _) = created();
+    let promote = make(
+        &mut alice,
+        "alice",
+        ChangeKind::Promote {
+            users: vec![name("bob")],
+        },
+    )
+    .unwrap();
+    applied(bob.receive(&promote, keys, MAX));
+    let before_removal = bob.clone();
+    let removal = make(
+        &mut alice,
+        "alice",
+        ChangeKind::Remove {
+            users: vec![name("bob")],
+        },
+    )
+    .unwrap();
+    let mut carol_view = before_removal.clone();
+    applied(carol_view.receive(&removal, keys, MAX));
+    // bob grinds: many changes of the state he was admin in, some with smaller ids.
+    let mut smaller = 0;
+    for t in 0..40 {
+        let mut b = before_removal.clone();
+        let fork = b
+            .make(
+                &mut rng(),
+                &user("bob").id,
+                &name("bob"),
+                ChangeKind::Remove {
+                    users: vec![name("alice")],
+                },
+                T0 + t,
+                MAX,
+            )
+            .unwrap();
+        smaller += usize::from(fork.id() < removal.id());
+        assert_eq!(
+            carol_view.receive(&fork, keys, MAX),
+            Received::Refused(Refusal::Forked)
+        );
+    }
+    assert!(smaller > 0, "some forks had the smaller id and still lost");
+    assert!(!carol_view.current().is_member(&name("bob")));
+    // One more change on top: now even a winning rival of the removal is too old.
+    let rename = make(&mut alice, "alice", ChangeKind::Rename { name: "R".into() }).unwrap();
+    applied(carol_view.receive(&rename, keys, MAX));
+    let mut a = before_removal.clone();
+    let late = make(
+        &mut a,
+        "alice",
+        ChangeKind::Rename {
+            name: "late".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        carol_view.receive(&late, keys, MAX),
+        Received::Refused(Refusal::Forked)
+    );
+}
+
 #[test]
 fn joining_takes_the_prior_state_only_if_the_signed_change_names_it() {
     let (mut alice, _, _, _) = created();

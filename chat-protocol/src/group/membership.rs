@@ -9,11 +9,16 @@
 //! can delay or drop changes but never make one, and a member that is not an admin cannot
 //! either.
 //!
-//! Two admins may change the same state at once (a fork). Every member resolves it the same
-//! way, whatever order the changes arrive in: the change with the smaller [`ChangeId`] wins,
-//! the other (and anything built on it) is undone and reported as superseded, so its author
-//! can make it again on the new state. Changes older than the remembered history
-//! ([`HISTORY`] states) are refused as stale.
+//! Two admins may change the same state at once (a fork). While the change applied is
+//! still the newest, every member resolves such a race the same way, whatever order the
+//! changes arrive in: a change that removes the other's author wins (two admins removing
+//! each other: the one whose name sorts first); otherwise the one with the smaller
+//! [`ChangeId`]. The loser is undone and reported as superseded, so its
+//! author can make it again on the new state. A change forking from anything older than
+//! the parent of the current state is refused, so nobody — in particular an admin since
+//! removed, who could sign and grind ids at will — can rewrite more than the last step,
+//! and a removal always beats its target's rival change. Changes older than the
+//! remembered history ([`HISTORY`] states) are refused as stale.
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -301,6 +306,27 @@ pub fn apply(
     Ok(next)
 }
 
+/// Whether `new` beats `rival`, two changes of the same state: a change removing the
+/// other's author wins (two admins removing each other: the one whose name sorts first,
+/// which no id grinding changes); otherwise the smaller id.
+fn wins_race(
+    new: &SignedChange,
+    new_id: &ChangeId,
+    rival: &SignedChange,
+    rival_id: &ChangeId,
+) -> bool {
+    let removes = |c: &SignedChange, user: &Username| matches!(&c.change.kind, ChangeKind::Remove { users } if users.contains(user));
+    match (
+        removes(new, &rival.change.author),
+        removes(rival, &new.change.author),
+    ) {
+        (true, true) => new.change.author < rival.change.author,
+        (true, false) => true,
+        (false, true) => false,
+        (false, false) => new_id < rival_id,
+    }
+}
+
 /// How [`Membership::receive`] dealt with a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Received {
@@ -525,10 +551,16 @@ impl Membership {
             // It changes a state we never had: a branch that already lost.
             return Received::Refused(Refusal::Forked);
         }
-        if let Some(rival) = self.entries.get(at + 1)
-            && rival.change_id <= id
-        {
-            return Received::Refused(Refusal::Forked);
+        if let Some(rival) = self.entries.get(at + 1) {
+            let newest = at + 2 == self.entries.len();
+            let wins = newest
+                && rival
+                    .change
+                    .as_ref()
+                    .is_some_and(|change| wins_race(signed, &id, change, &rival.change_id));
+            if !wins {
+                return Received::Refused(Refusal::Forked);
+            }
         }
         let Some(author_key) = key(&change.author) else {
             return Received::NeedKey(change.author.clone());
