@@ -47,6 +47,71 @@ pub enum Command {
     TrustServerKey { fingerprint: String },
     /// Stop: try to hand the outbox to the server until the deadline, then end.
     Shutdown { flush_for: std::time::Duration },
+    /// Create a group named `name` with `members` (we are its first admin); answered by
+    /// a `group` event with `change: created`.
+    GroupCreate { name: String, members: Vec<String> },
+    /// Add `users` to `group` (admins only). `group` is the 32-hex id or a name unique
+    /// among our groups, here and below.
+    GroupAdd { group: String, users: Vec<String> },
+    /// Remove `users` from `group` (admins only).
+    GroupRemove { group: String, users: Vec<String> },
+    /// Leave `group`.
+    GroupLeave { group: String },
+    /// Rename `group` (admins only).
+    GroupRename { group: String, name: String },
+    /// Send `text` to every member of `group`; queued in the outbox first, like `Send`.
+    GroupSend { group: String, text: String },
+    /// List our groups (answered by `Groups`).
+    Groups,
+    /// Load `group`'s history (answered by `GroupHistory`); it counts as read.
+    GroupHistory { group: String },
+}
+
+/// A group as shown to the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupInfo {
+    /// 32 lowercase hex digits.
+    pub id: String,
+    pub name: String,
+    pub members: Vec<String>,
+    pub admins: Vec<String>,
+    /// Changes applied since creation (the created group is 1).
+    pub version: u64,
+    /// We are a member (false once we left or were removed).
+    pub active: bool,
+    /// Members whose new key is not accepted yet: they get no new sending keys (and so
+    /// cannot read new messages) until it is.
+    pub excluded: Vec<String>,
+    /// Texts not yet seen.
+    pub unread: u64,
+    /// What just happened, for a `group` event: `created`, `added`, `removed`, `left`,
+    /// `renamed`, `promoted`, or `updated` (a fork was resolved).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change: Option<String>,
+    /// Who made the change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// Whom the change named (added, removed or promoted).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+}
+
+/// A line of a group's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupHistoryItem {
+    pub id: String,
+    pub from: String,
+    pub outgoing: bool,
+    /// A membership line ("alice added dave"), not a text.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub system: bool,
+    pub text: String,
+    pub sent_at: u64,
+    pub stored_at: u64,
+    pub status: Status,
+    /// Ours: members whose client stored it, of `recipients` it was sent to.
+    pub delivered_to: usize,
+    pub recipients: usize,
 }
 
 /// Connection state, as shown in a status bar.
@@ -119,6 +184,60 @@ pub struct HistoryItem {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
+    /// A group message for us (the `message` event with a `group` field).
+    #[serde(rename = "message")]
+    GroupMessage {
+        group: String,
+        from: String,
+        id: String,
+        text: String,
+        sent_at: u64,
+    },
+    /// Our group message `id` is in the outbox, for `recipients` members.
+    #[serde(rename = "queued")]
+    GroupQueued {
+        group: String,
+        id: String,
+        text: String,
+        sent_at: u64,
+        recipients: usize,
+    },
+    /// The relay accepted our group message `id` for every member.
+    #[serde(rename = "sent")]
+    GroupSent {
+        group: String,
+        id: String,
+    },
+    /// Member `to` stored our group message `id`: `delivered_to` of `recipients` now.
+    #[serde(rename = "delivered")]
+    GroupDelivered {
+        group: String,
+        to: String,
+        id: String,
+        delivered_to: usize,
+        recipients: usize,
+    },
+    /// A group was created, joined or changed (`change`, `by`), or asked about.
+    Group(GroupInfo),
+    /// Answer to `Groups`.
+    Groups {
+        items: Vec<GroupInfo>,
+    },
+    /// Answer to `GroupHistory`.
+    GroupHistory {
+        group: String,
+        items: Vec<GroupHistoryItem>,
+    },
+    /// A membership change was refused: `reason` `not_admin`, `bad_signature`,
+    /// `replayed`, `forked`, `stale` or `invalid`; `by` is its claimed author, `from`
+    /// who passed it to us. Nothing changed.
+    GroupRefused {
+        group: String,
+        from: String,
+        by: String,
+        reason: String,
+        message: String,
+    },
     /// Logged in; `fingerprint` is ours.
     Ready {
         user: String,
@@ -286,6 +405,14 @@ impl Event {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Ready { .. } => "ready",
+            Self::GroupMessage { .. } => "message",
+            Self::GroupQueued { .. } => "queued",
+            Self::GroupSent { .. } => "sent",
+            Self::GroupDelivered { .. } => "delivered",
+            Self::Group(_) => "group",
+            Self::Groups { .. } => "groups",
+            Self::GroupHistory { .. } => "group_history",
+            Self::GroupRefused { .. } => "group_refused",
             Self::Status { .. } => "status",
             Self::Users { .. } => "users",
             Self::Presence { .. } => "presence",

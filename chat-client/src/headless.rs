@@ -1,7 +1,10 @@
 //! Headless mode: commands on stdin, one JSON event per line on stdout.
 //!
 //! stdin: `/msg USER TEXT…`, `/users`, `/watch USER…`, `/safety USER`, `/verify USER`,
-//! `/accept-key USER [FINGERPRINT]`, `/reject-key USER`, `/history USER`, `/quit`. Anything
+//! `/accept-key USER [FINGERPRINT]`, `/reject-key USER`, `/history USER`, `/group-create NAME
+//! USER…`, `/group-add GROUP USER…`, `/group-remove GROUP USER…`, `/group-leave GROUP`,
+//! `/group-rename GROUP NAME`, `/gmsg GROUP TEXT…`, `/groups`, `/group-history GROUP`,
+//! `/quit` (a NAME or GROUP with spaces goes in double quotes). Anything
 //! else — including a line that is not UTF-8 — is answered with an `error` event and the
 //! client keeps running. On `/quit` or end of input the outbox is flushed (bounded wait)
 //! and the process exits.
@@ -95,12 +98,83 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
         "history" => Command::History {
             user: one_user("/history USER")?,
         },
+        "group-create" => {
+            let (name, rest) = take_word(args).ok_or("usage: /group-create NAME USER...")?;
+            let members: Vec<String> = rest.split_whitespace().map(str::to_owned).collect();
+            if members.is_empty() {
+                return Err(
+                    "usage: /group-create NAME USER... (a name with spaces in double quotes)"
+                        .into(),
+                );
+            }
+            Command::GroupCreate { name, members }
+        }
+        "group-add" | "group-remove" => {
+            let usage = format!("usage: /{name} GROUP USER...");
+            let (group, rest) = take_word(args).ok_or(usage.clone())?;
+            let users: Vec<String> = rest.split_whitespace().map(str::to_owned).collect();
+            if users.is_empty() {
+                return Err(usage);
+            }
+            if name == "group-add" {
+                Command::GroupAdd { group, users }
+            } else {
+                Command::GroupRemove { group, users }
+            }
+        }
+        "group-leave" => Command::GroupLeave {
+            group: whole_group(args).ok_or("usage: /group-leave GROUP")?,
+        },
+        "group-history" => Command::GroupHistory {
+            group: whole_group(args).ok_or("usage: /group-history GROUP")?,
+        },
+        "group-rename" => {
+            let (group, rest) = take_word(args).ok_or("usage: /group-rename GROUP NAME")?;
+            let name = rest.trim();
+            if name.is_empty() {
+                return Err("usage: /group-rename GROUP NAME".into());
+            }
+            Command::GroupRename {
+                group,
+                name: name.trim_matches('"').to_owned(),
+            }
+        }
+        "gmsg" => {
+            let (group, text) = take_word(args).ok_or("usage: /gmsg GROUP TEXT")?;
+            let text = text.strip_prefix(' ').unwrap_or(text);
+            if text.trim().is_empty() {
+                return Err("usage: /gmsg GROUP TEXT".into());
+            }
+            Command::GroupSend {
+                group,
+                text: text.to_owned(),
+            }
+        }
+        "groups" if args.trim().is_empty() => Command::Groups,
         "quit" if args.trim().is_empty() => Command::Shutdown {
             flush_for: FLUSH_ON_EXIT,
         },
-        "users" | "quit" => return Err(format!("usage: /{name} (it takes no arguments)")),
+        "users" | "quit" | "groups" => {
+            return Err(format!("usage: /{name} (it takes no arguments)"));
+        }
         other => return Err(format!("unknown command /{other}")),
     }))
+}
+
+/// The first word of `args` and the rest: a word in double quotes may hold spaces.
+fn take_word(args: &str) -> Option<(String, &str)> {
+    let args = args.trim_start();
+    let (word, rest) = match args.strip_prefix('"') {
+        Some(quoted) => quoted.split_once('"')?,
+        None => args.split_once(' ').unwrap_or((args, "")),
+    };
+    (!word.trim().is_empty()).then(|| (word.to_owned(), rest))
+}
+
+/// A GROUP that is the whole rest of the line (quotes optional).
+fn whole_group(args: &str) -> Option<String> {
+    let group = args.trim().trim_matches('"').trim();
+    (!group.is_empty()).then(|| group.to_owned())
 }
 
 /// What the process wants done around the engine's start.

@@ -43,6 +43,11 @@ struct Cli {
     /// relay given as HOST:PORT without a fingerprint (its certificate must name HOST)
     #[arg(long, value_name = "FILE.pem")]
     ca_file: Option<PathBuf>,
+    /// Most members a group may have: groups you create, and changes you accept from
+    /// others (a change that would pass it is refused)
+    #[arg(long, value_name = "N", default_value_t = chat_protocol::group::DEFAULT_MAX_MEMBERS as u64,
+          value_parser = clap::value_parser!(u64).range(2..=4096))]
+    max_group_members: u64,
 }
 
 fn parse_position(s: &str) -> Result<[f32; 2], String> {
@@ -101,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             passphrase,
             warning: settings_warning,
             ca_file: cli.ca_file,
+            max_group_members: cli.max_group_members as usize,
         };
         return chat_client::gui::run(home, settings, launch);
     }
@@ -115,6 +121,7 @@ fn main() -> anyhow::Result<()> {
     let mut config = ClientConfig::new(home.clone(), server.clone(), username.clone());
     config.passphrase = passphrase;
     config.ca_file = cli.ca_file;
+    config.max_group_members = cli.max_group_members as usize;
     // Remembered as the defaults only once they worked (logged in).
     let remember = move || {
         settings.server = server;

@@ -115,6 +115,14 @@ impl Engine {
             Command::Unarchive { user } => self.set_listing(&user, Listing::Shown),
             Command::Remove { user } => self.set_listing(&user, Listing::Removed),
             Command::Watch { users } => self.watch(users),
+            cmd @ (Command::GroupCreate { .. }
+            | Command::GroupAdd { .. }
+            | Command::GroupRemove { .. }
+            | Command::GroupLeave { .. }
+            | Command::GroupRename { .. }
+            | Command::GroupSend { .. }
+            | Command::Groups
+            | Command::GroupHistory { .. }) => self.group_command(cmd),
             Command::Send { .. }
             | Command::ListUsers
             | Command::Shutdown { .. }

@@ -7,6 +7,7 @@
 //! found forged and reported. A local store failure leaves it unacknowledged.
 
 use chat_protocol::e2e::{Body, Envelope, Failure, Inbound, OpenError, Opened, Parties};
+use chat_protocol::group::PayloadKind;
 use chat_protocol::message::RequestId;
 use chat_protocol::{ClientMessage, ErrorCode, ServerMessage, Username};
 use tokio::time::Instant;
@@ -123,6 +124,10 @@ impl Engine {
                 }
                 self.connection_event(ConnectionState::Connected, None);
             }
+            Some(Pending::GroupSend { group, id, member }) => {
+                self.group_send_answered(group, id, &member, true);
+                self.connection_event(ConnectionState::Connected, None);
+            }
             Some(Pending::Receipt { peer, ids, epoch }) => {
                 for id in &ids {
                     self.receipts_in_flight.remove(&(peer.clone(), *id));
@@ -195,6 +200,27 @@ impl Engine {
                     self.fail_message(&msg_id, code.as_str(), &message);
                 }
                 self.connection_event(ConnectionState::Connected, None);
+            }
+            Some(Pending::GroupSend { group, id, member }) => {
+                if transient {
+                    self.group_in_flight.remove(&(id, member.clone()));
+                    let delay = retry_after(self);
+                    if self.hold_peer(&member, delay) {
+                        self.sink.emit(Event::error(
+                            code.as_str(),
+                            format!(
+                                "{message}; messages to {member} stay queued and are retried in {} s",
+                                delay.as_secs().max(1)
+                            ),
+                        ));
+                    }
+                } else {
+                    self.sink.emit(Event::error(
+                        code.as_str(),
+                        format!("a group message to {member} could not be sent: {message}"),
+                    ));
+                    self.group_send_answered(group, id, &member, false);
+                }
             }
             Some(Pending::Receipt { peer, ids, .. }) => {
                 for id in &ids {
@@ -280,6 +306,13 @@ impl Engine {
         let Some((_, public)) = self.usable_key(&from) else {
             return self.settle(source);
         };
+        if chat_protocol::group::payload_kind(&payload) == Some(PayloadKind::Group) {
+            return self.deliver_group(source, &sender, &public, payload);
+        }
+        if let Source::GroupHeld(seq) = source {
+            // Not a group envelope after all: nothing to hold it for.
+            return self.settle(Source::GroupHeld(seq));
+        }
         if self.offers.is_blocked(&from) {
             // Behind an offer being unwrapped (or a throttled sender): keep the order.
             let parked = Parked {
@@ -384,7 +417,7 @@ impl Engine {
     /// Tells the user a message from `from` was forged or damaged — at once the first
     /// time, then at most once a minute per sender with a count (a flood of forgeries
     /// must not become a flood of alarms).
-    fn report_undecryptable(&mut self, from: &str, e: OpenError) {
+    pub(super) fn report_undecryptable(&mut self, from: &str, e: impl std::fmt::Display) {
         let now = Instant::now();
         let (last, suppressed) = self
             .undecryptable
@@ -419,7 +452,7 @@ impl Engine {
     ) {
         let held = match source {
             Source::Held(seq) => Some(seq),
-            Source::Relay(_) => None,
+            Source::Relay(_) | Source::GroupHeld(_) => None,
         };
         let content = opened.content;
         let committed = match &content.body {
@@ -449,8 +482,9 @@ impl Engine {
             Body::Receipt { epoch, ids } => {
                 self.store
                     .commit_receipt(from, ids, &state, held)
-                    .map(|done| {
+                    .map(|(done, group_done)| {
                         self.peer(from).outbound.acknowledge(*epoch);
+                        self.group_delivered(from, group_done);
                         for d in done {
                             let id = id_hex(&d.id);
                             // The receipt can overtake the server's answer: keep the
@@ -467,6 +501,9 @@ impl Engine {
                             });
                         }
                     })
+            }
+            body @ (Body::GroupUpdate { .. } | Body::SenderKey(_)) => {
+                self.control_opened(from, content.id, body, &state, held)
             }
             Body::RetryRequest { epochs } => {
                 let epochs: Vec<u32> = epochs.iter().copied().take(256).collect();
@@ -524,7 +561,7 @@ impl Engine {
             // through, the connection is renewed so the relay delivers them again, in order.
             Source::Relay(_) => self.resync = true,
             // Still held in the store: opened again with the held ones.
-            Source::Held(_) => {}
+            Source::Held(_) | Source::GroupHeld(_) => {}
         }
     }
 
@@ -568,6 +605,11 @@ impl Engine {
             Source::Relay(id) => self.acks.push(id),
             Source::Held(seq) => {
                 if let Err(e) = self.store.release_held(seq) {
+                    self.store_error(e);
+                }
+            }
+            Source::GroupHeld(seq) => {
+                if let Err(e) = self.store.drop_group_held(seq) {
                     self.store_error(e);
                 }
             }

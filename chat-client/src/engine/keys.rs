@@ -101,6 +101,8 @@ impl Engine {
                 } => self.deliver(source, user.to_owned(), payload, arrived),
             }
         }
+        // Changes held for this key (their author's) can be judged now.
+        self.retry_all_held_changes();
         self.flush_due = true;
     }
 

@@ -30,6 +30,8 @@ use crate::net::{self, ConnectError, Session};
 use crate::store::{RowCipher, Store, StoreError, cipher::STORE_KEY_CONTEXT};
 
 mod commands;
+mod group_inbound;
+mod groups;
 mod inbound;
 mod keys;
 mod offers;
@@ -73,6 +75,8 @@ pub struct ClientConfig {
     /// A relay key seen for the first time waits for `TrustServerKey` (the window asks);
     /// otherwise it is pinned at once and reported (headless).
     pub confirm_new_relay_keys: bool,
+    /// Most members a group may have (ours and ones we join): 256 unless configured.
+    pub max_group_members: usize,
     /// Certificate authorities (PEM) trusted, besides the system's, to vouch for a relay
     /// named without a fingerprint and not pinned yet (`--ca-file`).
     pub ca_file: Option<std::path::PathBuf>,
@@ -94,6 +98,7 @@ impl ClientConfig {
             undelivered_after: Duration::from_secs(24 * 3600),
             confirm_new_relay_keys: false,
             ca_file: None,
+            max_group_members: chat_protocol::group::DEFAULT_MAX_MEMBERS,
         }
     }
 }
@@ -182,6 +187,12 @@ enum Pending {
     Key {
         user: String,
     },
+    /// One member's copy of a group message.
+    GroupSend {
+        group: chat_protocol::group::GroupId,
+        id: MessageId,
+        member: String,
+    },
     Users,
     /// Presence subscription for these (canonical) names.
     Watch {
@@ -196,6 +207,9 @@ enum Source {
     Relay(u64),
     /// Held in our store (key change pending): released once dealt with.
     Held(i64),
+    /// A group envelope held in our store (its key or sender's membership was on its
+    /// way): released once dealt with.
+    GroupHeld(i64),
 }
 
 /// Work held until a contact's key arrives.
@@ -274,6 +288,10 @@ struct Engine {
     offers: offers::Offers,
     /// Per sender: when a forged envelope was last reported, and how many since.
     undecryptable: HashMap<String, (Option<Instant>, usize)>,
+    /// Our groups (a cache of the store).
+    groups: groups::Groups,
+    /// Members' copies of group messages sent on this connection and not yet answered.
+    group_in_flight: HashSet<(MessageId, String)>,
 }
 
 impl Engine {
@@ -361,7 +379,15 @@ impl Engine {
                 ),
             )
         })?;
+        let groups = store
+            .groups()
+            .map_err(|e| Event::error("store_unusable", format!("groups could not be read: {e}")))?
+            .into_iter()
+            .map(|g| (g.membership.current().id, g))
+            .collect();
         Ok(Self {
+            groups,
+            group_in_flight: HashSet::new(),
             me: config.username.clone(),
             config,
             sink: sink.clone(),
@@ -742,6 +768,7 @@ impl Engine {
         self.hold.clear();
         self.receipts_in_flight.clear();
         self.retries_in_flight.clear();
+        self.group_in_flight.clear();
         self.acks.clear();
         self.out.clear();
         // A new connection starts new epochs towards everyone.
@@ -769,6 +796,7 @@ impl Engine {
                 }),
                 Err(e) => self.store_error(e),
             }
+            self.group_command(Command::Groups);
         }
         self.connection_event(ConnectionState::Connected, None);
 
@@ -789,7 +817,18 @@ impl Engine {
             .filter(|u| !known.contains(u))
             .cloned()
             .collect();
+        // Fellow group members too (their presence dots), after the contacts.
+        let me = self.me.clone();
+        let members: BTreeSet<String> = self
+            .groups
+            .values()
+            .map(|g| g.membership.current())
+            .filter(|s| s.is_member(&me))
+            .flat_map(|s| s.members.iter().map(|u| u.to_string()))
+            .filter(|u| !known.contains(u) && !asked.contains(u))
+            .collect();
         all.extend(asked);
+        all.extend(members);
         self.watch_list.extend(all.iter().cloned());
         self.send_watch(all);
         self.release_held_for_usable_keys();
@@ -1008,7 +1047,8 @@ impl Engine {
             state,
             retry_in_ms: retry.map(|d| d.as_millis() as u64),
             reason,
-            queued: self.store.outbox_len().unwrap_or(0),
+            queued: self.store.outbox_len().unwrap_or(0)
+                + self.store.group_sends_len().unwrap_or(0),
             max_text_bytes: (state == ConnectionState::Connected && self.max_frame > 0)
                 .then(|| self.largest_text()),
         });

@@ -38,7 +38,7 @@ impl Engine {
         let item = OutboxItem {
             id: random_id(),
             peer: to.clone(),
-            text,
+            body: Body::Text(text.clone()),
             sent_at: now_ms(),
         };
         let id = id_hex(&item.id);
@@ -55,7 +55,7 @@ impl Engine {
             self.sink.emit(Event::Queued {
                 to: to.clone(),
                 id: id.clone(),
-                text: item.text,
+                text,
                 sent_at: item.sent_at,
             });
             self.sink.emit(Event::Sent {
@@ -80,7 +80,7 @@ impl Engine {
         self.sink.emit(Event::Queued {
             to,
             id,
-            text: item.text,
+            text,
             sent_at: item.sent_at,
         });
         true
@@ -128,6 +128,7 @@ impl Engine {
             return;
         }
         self.flush_texts();
+        self.flush_group_sends();
         self.flush_receipts();
         self.flush_retries();
     }
@@ -160,7 +161,7 @@ impl Engine {
             let content = Content {
                 id: item.id,
                 sent_at_ms: item.sent_at,
-                body: Body::Text(item.text),
+                body: item.body,
             };
             let Some(sealed) = self.seal(&item.peer, &content) else {
                 held.insert(item.peer);

@@ -4,6 +4,7 @@
 //! `ctx.request_repaint()` after each event, and each frame drains the event channel.
 
 pub mod fonts;
+pub mod group_model;
 pub mod model;
 pub mod notify;
 pub mod placement;
@@ -111,6 +112,8 @@ pub struct ChatApp {
     pub identity_bits: usize,
     /// Extra certificate authorities for relays without a pinned key (`--ca-file`).
     pub ca_file: Option<std::path::PathBuf>,
+    /// `--max-group-members`.
+    pub max_group_members: usize,
 }
 
 impl ChatApp {
@@ -137,6 +140,7 @@ impl ChatApp {
             client: None,
             identity_bits: chat_protocol::identity::IDENTITY_BITS,
             ca_file: None,
+            max_group_members: chat_protocol::group::DEFAULT_MAX_MEMBERS,
         }
     }
 
@@ -210,6 +214,7 @@ impl ChatApp {
         let mut config = ClientConfig::new(self.home.clone(), server, username);
         config.identity_bits = self.identity_bits;
         config.ca_file = self.ca_file.clone();
+        config.max_group_members = self.max_group_members;
         // A relay key seen for the first time is shown to the user before it is trusted.
         config.confirm_new_relay_keys = true;
         config.passphrase = Some(form.passphrase.clone()).filter(|p| !p.is_empty());
@@ -458,6 +463,8 @@ pub struct Launch {
     pub warning: Option<String>,
     /// Extra certificate authorities (PEM) for relays without a pinned key.
     pub ca_file: Option<std::path::PathBuf>,
+    /// Most members a group may have.
+    pub max_group_members: usize,
 }
 
 /// Opens the window and runs until it is closed.
@@ -521,6 +528,7 @@ pub fn run(home: Home, mut settings: Settings, launch: Launch) -> anyhow::Result
                 app.signin.passphrase = passphrase;
             }
             app.ca_file = launch.ca_file;
+            app.max_group_members = launch.max_group_members;
             if let Some(user) = launch.chat_with {
                 app.persisted.last_open = Some(user);
             }

@@ -102,6 +102,10 @@ pub struct Model {
     pub max_text: Option<usize>,
     /// A relay key waiting for the user's decision (first use, or a changed key).
     pub relay_key: Option<RelayKeyPrompt>,
+    /// Groups, by id.
+    pub groups: super::group_model::Groups,
+    /// The open group (its id), when a group rather than a contact is open.
+    pub open_group: Option<String>,
 }
 
 /// A relay key the user must compare before the client connects with it.
@@ -135,6 +139,8 @@ impl Default for Model {
             unknown: std::collections::BTreeSet::new(),
             max_text: None,
             relay_key: None,
+            groups: Default::default(),
+            open_group: None,
         }
     }
 }
@@ -182,6 +188,10 @@ impl Model {
     }
 
     pub fn apply(&mut self, event: Event) {
+        let looking = self.open_group.clone().filter(|_| self.focused);
+        if self.groups.apply(&event, looking.as_deref()) {
+            return;
+        }
         match event {
             Event::Ready { user, fingerprint } => {
                 self.me = Some(user);
@@ -421,6 +431,14 @@ impl Model {
             // Pinned without asking (an address with #FINGERPRINT): nothing to decide.
             Event::ServerKey { .. } => {}
             Event::Error { code, message } => self.error = Some((code, message)),
+            Event::GroupMessage { .. }
+            | Event::GroupQueued { .. }
+            | Event::GroupSent { .. }
+            | Event::GroupDelivered { .. }
+            | Event::Group(_)
+            | Event::Groups { .. }
+            | Event::GroupHistory { .. }
+            | Event::GroupRefused { .. } => {}
         }
     }
 

@@ -134,7 +134,7 @@ mod tests {
         messages::OutboxItem {
             id: [n; 16],
             peer: peer.into(),
-            text: "hi".into(),
+            body: chat_protocol::e2e::Body::Text("hi".into()),
             sent_at: 0,
         }
     }

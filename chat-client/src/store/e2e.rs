@@ -42,16 +42,13 @@ fn state_place(peer: &str) -> Vec<u8> {
     super::cipher::place("e2e_state", "inbound", &[peer.as_bytes()])
 }
 
-fn save_state(
+pub(super) fn save_state(
     tx: &rusqlite::Transaction<'_>,
     cipher: &RowCipher,
     peer: &str,
     state: &Inbound,
 ) -> Result<(), StoreError> {
-    let plain = state.to_bytes();
-    let stored = cipher
-        .seal(&state_place(peer), &plain)
-        .unwrap_or_else(|| plain.to_vec());
+    let stored = super::write_blob(cipher, &state_place(peer), &state.to_bytes());
     tx.prepare_cached(
         "INSERT INTO e2e_state (peer, inbound) VALUES (?1, ?2)
          ON CONFLICT (peer) DO UPDATE SET inbound = excluded.inbound",
@@ -60,7 +57,7 @@ fn save_state(
     Ok(())
 }
 
-fn unhold(tx: &rusqlite::Transaction<'_>, held: Option<i64>) -> Result<(), StoreError> {
+pub(super) fn unhold(tx: &rusqlite::Transaction<'_>, held: Option<i64>) -> Result<(), StoreError> {
     if let Some(seq) = held {
         tx.prepare_cached("DELETE FROM held WHERE seq = ?1")?
             .execute(params![seq])?;
@@ -80,11 +77,7 @@ impl Store {
         let Some(stored) = stored else {
             return Ok(Inbound::default());
         };
-        let plain = if RowCipher::is_sealed(&stored) {
-            self.cipher.open(&state_place(peer), &stored)?
-        } else {
-            zeroize::Zeroizing::new(stored)
-        };
+        let plain = super::read_blob(&self.cipher, &state_place(peer), stored)?;
         Inbound::from_bytes(&plain).map_err(|_| super::cipher::Undecryptable.into())
     }
 
@@ -118,19 +111,23 @@ impl Store {
         })
     }
 
-    /// Commits a receipt: our messages `ids` to `peer` are delivered and leave the outbox.
+    /// Commits a receipt: our messages `ids` to `peer` are delivered and leave the outbox;
+    /// so are `peer`'s copies of our group messages among them. Returns the 1:1 ones and
+    /// the group ones as (group, id, the relay's acceptance not recorded yet).
+    #[allow(clippy::type_complexity)]
     pub fn commit_receipt(
         &mut self,
         peer: &str,
         ids: &[MessageId],
         state: &Inbound,
         held: Option<i64>,
-    ) -> Result<Vec<Delivered>, StoreError> {
+    ) -> Result<(Vec<Delivered>, Vec<([u8; 16], MessageId, bool)>), StoreError> {
         self.transaction(|tx, cipher| {
             let done = mark_delivered_in(tx, peer, ids)?;
+            let group = super::groups::mark_group_delivered_in(tx, peer, ids)?;
             save_state(tx, cipher, peer, state)?;
             unhold(tx, held)?;
-            Ok(done)
+            Ok((done, group))
         })
     }
 

@@ -5,10 +5,10 @@
 //! contact) and `sent` (the server accepted it under `epoch`; waiting for the receipt).
 //! A retry request for that epoch puts it back to `queued`.
 
-use chat_protocol::e2e::MessageId;
+use chat_protocol::e2e::{Body, MessageId};
 use rusqlite::{OptionalExtension, params};
 
-use super::{RowCipher, Store, StoreError, read_text, write_text};
+use super::{RowCipher, Store, StoreError, read_blob, read_text, write_blob, write_text};
 use crate::api::{HistoryItem, LastMessage, Status, id_hex};
 
 /// A message waiting in the outbox to be sent.
@@ -16,7 +16,10 @@ use crate::api::{HistoryItem, LastMessage, Status, id_hex};
 pub struct OutboxItem {
     pub id: MessageId,
     pub peer: String,
-    pub text: String,
+    /// A text (also in the history), or a group control message — a membership change
+    /// or a sending key — that is sent, receipted and sent again like a text but never
+    /// shown.
+    pub body: Body,
     /// Our clock when written, ms since the Unix epoch (travels as the message's time).
     pub sent_at: u64,
 }
@@ -79,6 +82,50 @@ pub(super) fn insert_incoming(
             msg.stored_at as i64
         ])?;
     Ok(inserted > 0)
+}
+
+/// Writes an outbox row (and, for a text, its history row stored at `stored_at`).
+pub(super) fn enqueue_in(
+    tx: &rusqlite::Transaction<'_>,
+    cipher: &RowCipher,
+    item: &OutboxItem,
+    stored_at: u64,
+) -> Result<(), StoreError> {
+    let place = outbox_place(&item.id);
+    let (kind, body) = match &item.body {
+        Body::Text(text) => ("text", write_text(cipher, &place, text)),
+        control => {
+            let plain = postcard::to_allocvec(control).expect("a body always encodes");
+            (
+                "control",
+                rusqlite::types::Value::Blob(write_blob(cipher, &place, &plain)),
+            )
+        }
+    };
+    tx.prepare_cached(
+        "INSERT INTO outbox (id, peer, body, sent_at, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        &item.id[..],
+        item.peer,
+        body,
+        item.sent_at as i64,
+        kind
+    ])?;
+    if let Body::Text(text) = &item.body {
+        tx.prepare_cached(
+            "INSERT INTO messages (peer, id, outgoing, body, sent_at, status, stored_at)
+             VALUES (?1, ?2, 1, ?3, ?4, 'sending', ?5)",
+        )?
+        .execute(params![
+            item.peer,
+            &item.id[..],
+            write_text(cipher, &body_place(&item.peer, &item.id, true), text),
+            item.sent_at as i64,
+            stored_at as i64
+        ])?;
+    }
+    Ok(())
 }
 
 /// Marks our messages to `peer` delivered and takes them out of the outbox.
@@ -150,34 +197,15 @@ impl Store {
     /// Puts a new outgoing message in the outbox and history, atomically.
     pub fn enqueue(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
         let stored_at = self.stamp(item.sent_at);
-        self.transaction(|tx, cipher| {
-            tx.execute(
-                "INSERT INTO outbox (id, peer, body, sent_at) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    &item.id[..],
-                    item.peer,
-                    write_text(cipher, &outbox_place(&item.id), &item.text),
-                    item.sent_at as i64
-                ],
-            )?;
-            tx.execute(
-                "INSERT INTO messages (peer, id, outgoing, body, sent_at, status, stored_at)
-                 VALUES (?1, ?2, 1, ?3, ?4, 'sending', ?5)",
-                params![
-                    item.peer,
-                    &item.id[..],
-                    write_text(cipher, &body_place(&item.peer, &item.id, true), &item.text),
-                    item.sent_at as i64,
-                    stored_at as i64
-                ],
-            )?;
-            Ok(())
-        })
+        self.transaction(|tx, cipher| enqueue_in(tx, cipher, item, stored_at))
     }
 
     /// A note to oneself: stored as delivered at once, never sent.
     pub fn store_note(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
         let stored_at = self.stamp(item.sent_at);
+        let Body::Text(text) = &item.body else {
+            return Ok(());
+        };
         self.transaction(|tx, cipher| {
             tx.execute(
                 "INSERT INTO messages (peer, id, outgoing, body, sent_at, status, stored_at)
@@ -185,7 +213,7 @@ impl Store {
                 params![
                     item.peer,
                     &item.id[..],
-                    write_text(cipher, &body_place(&item.peer, &item.id, true), &item.text),
+                    write_text(cipher, &body_place(&item.peer, &item.id, true), text),
                     item.sent_at as i64,
                     stored_at as i64
                 ],
@@ -197,7 +225,7 @@ impl Store {
     /// Queued messages (to be sent now), in the order they were written.
     pub fn outbox_queued(&self) -> Result<Vec<OutboxItem>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, peer, body, sent_at FROM outbox WHERE state = 'queued' ORDER BY seq",
+            "SELECT id, peer, body, sent_at, kind FROM outbox WHERE state = 'queued' ORDER BY seq",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -205,13 +233,24 @@ impl Store {
                 r.get::<_, String>(1)?,
                 r.get::<_, rusqlite::types::Value>(2)?,
                 r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
             ))
         })?;
         let mut items = Vec::new();
         for row in rows {
-            let (id, peer, body, sent_at) = row?;
+            let (id, peer, body, sent_at, kind) = row?;
+            let place = outbox_place(&id);
+            let body = if kind == "text" {
+                Body::Text(read_text(&self.cipher, &place, body)?)
+            } else {
+                let rusqlite::types::Value::Blob(stored) = body else {
+                    return Err(super::cipher::Undecryptable.into());
+                };
+                let plain = read_blob(&self.cipher, &place, stored)?;
+                postcard::from_bytes(&plain).map_err(|_| super::cipher::Undecryptable)?
+            };
             items.push(OutboxItem {
-                text: read_text(&self.cipher, &outbox_place(&id), body)?,
+                body,
                 id: id.try_into().unwrap_or_default(),
                 peer,
                 sent_at: sent_at.unsigned_abs(),
@@ -269,7 +308,8 @@ impl Store {
     }
 
     /// `id` can never be delivered: it leaves the outbox as failed with `reason` (a code
-    /// such as `unknown_user`). Returns the peer if it was there.
+    /// such as `unknown_user`). Returns the peer if it was there as a text (a control
+    /// message just goes: nobody saw it).
     pub fn mark_failed(
         &mut self,
         id: &MessageId,
@@ -278,11 +318,12 @@ impl Store {
         self.transaction(|tx, _| {
             let peer: Option<String> = tx
                 .query_row(
-                    "DELETE FROM outbox WHERE id = ?1 RETURNING peer",
+                    "DELETE FROM outbox WHERE id = ?1 RETURNING peer, kind",
                     params![&id[..]],
-                    |r| r.get(0),
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
                 )
-                .optional()?;
+                .optional()?
+                .and_then(|(peer, kind)| (kind == "text").then_some(peer));
             if let Some(peer) = &peer {
                 tx.execute(
                     "UPDATE messages SET status = 'failed', reason = ?3, undelivered = 0
@@ -341,6 +382,7 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT id, peer, accepted_at FROM outbox
              WHERE state = 'sent' AND accepted_at < ?1 ORDER BY seq",
+            // Control messages included: they end silently (`mark_failed`).
         )?;
         let rows = stmt.query_map(params![before as i64], |r| {
             Ok(Undelivered {
@@ -437,7 +479,7 @@ mod tests {
         OutboxItem {
             id: [n; 16],
             peer: peer.into(),
-            text: format!("m{n}"),
+            body: Body::Text(format!("m{n}")),
             sent_at: 1000 + u64::from(n),
         }
     }
@@ -566,7 +608,7 @@ mod tests {
             .enqueue(&OutboxItem {
                 id: [2; 16],
                 peer: "bob".into(),
-                text: "answer".into(),
+                body: Body::Text("answer".into()),
                 sent_at: 200,
             })
             .unwrap();

@@ -20,17 +20,20 @@ use rusqlite::{Connection, OptionalExtension, params};
 pub mod cipher;
 mod contacts;
 mod e2e;
+mod groups;
 mod messages;
 
 pub use cipher::RowCipher;
 pub use e2e::{Held, ReceivedText};
+pub use groups::{GroupLine, GroupRecord, GroupSend, GroupWrite, HeldChange, OutgoingGroupMessage};
 pub use messages::{Delivered, OutboxItem, Undelivered};
 
 /// Schema version (`PRAGMA user_version`). 0: the first release (floors, outbox until the
 /// server's answer); 1: outbox until receipted, persisted epochs, held envelopes; 2:
 /// receipts and retry requests remember the epoch they were sent under; 3: contacts can be
-/// archived or removed from the list (`contacts.listing`).
-const SCHEMA_VERSION: i64 = 3;
+/// archived or removed from the list (`contacts.listing`); 4: groups (`groups`), and the
+/// outbox carries group control messages too (`outbox.kind`).
+const SCHEMA_VERSION: i64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -168,7 +171,8 @@ impl Store {
                  sent_at     INTEGER NOT NULL,
                  state       TEXT NOT NULL DEFAULT 'queued', -- queued | sent
                  epoch       INTEGER,       -- the epoch it was accepted under
-                 accepted_at INTEGER        -- our clock when the server accepted it
+                 accepted_at INTEGER,       -- our clock when the server accepted it
+                 kind        TEXT NOT NULL DEFAULT 'text' -- text | control (groups)
              );
              CREATE TABLE IF NOT EXISTS e2e_state (
                  peer    TEXT PRIMARY KEY NOT NULL,
@@ -215,6 +219,10 @@ impl Store {
                 "ALTER TABLE contacts ADD COLUMN listing TEXT NOT NULL DEFAULT 'shown';",
             )?;
         }
+        if existing && version < 4 {
+            tx.execute_batch("ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'text';")?;
+        }
+        groups::create_tables(&tx)?;
         // Ids of received messages whose conversation the user deleted: a copy sent again
         // is a duplicate, not a new message.
         tx.execute_batch(
@@ -334,6 +342,24 @@ fn read_text(
     }
 }
 
+/// What to store for bytes: sealed, or as they are.
+fn write_blob(cipher: &RowCipher, place: &[u8], plain: &[u8]) -> Vec<u8> {
+    cipher.seal(place, plain).unwrap_or_else(|| plain.to_vec())
+}
+
+/// Reads bytes that may be sealed.
+fn read_blob(
+    cipher: &RowCipher,
+    place: &[u8],
+    stored: Vec<u8>,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, StoreError> {
+    if RowCipher::is_sealed(&stored) {
+        Ok(cipher.open(place, &stored)?)
+    } else {
+        Ok(zeroize::Zeroizing::new(stored))
+    }
+}
+
 /// What to store for a text: the sealed bytes, or the text itself.
 fn write_text(cipher: &RowCipher, place: &[u8], text: &str) -> rusqlite::types::Value {
     match cipher.seal(place, text.as_bytes()) {
@@ -413,7 +439,10 @@ pub(crate) mod tests {
             history.iter().map(|h| h.text.as_str()).collect::<Vec<_>>(),
             ["old hello", "queued text"]
         );
-        assert_eq!(store.outbox_queued().unwrap()[0].text, "queued text");
+        assert_eq!(
+            store.outbox_queued().unwrap()[0].body,
+            chat_protocol::e2e::Body::Text("queued text".into())
+        );
         drop(store);
         let bytes = std::fs::read(dir.path().join(Store::FILE_NAME)).unwrap();
         for text in [&b"old hello"[..], b"queued text"] {

@@ -1,0 +1,625 @@
+//! Groups, the sending side: the user's group commands (create, add, remove, leave,
+//! rename, send, list, history), sending keys, and handing group envelopes to the relay.
+//!
+//! Membership changes and sending keys go to each member as 1:1 control messages
+//! through the outbox (sealed, receipted and sent again like texts); a group message is
+//! sealed once under our sending key (`chat_protocol::group`) and the same envelope is
+//! sent to each member with its own `Send` (see docs/PROTOCOL.md, "Groups", for why).
+
+use std::collections::{BTreeSet, HashMap};
+
+use chat_protocol::ClientMessage;
+use chat_protocol::e2e::{self, Body, Content, MessageId};
+use chat_protocol::group::{
+    ChangeError, ChangeKind, GroupId, GroupState, Membership, SenderKey, SignedChange,
+};
+use chat_protocol::message::send_frame_len;
+use chat_protocol::username::Username;
+use tracing::warn;
+
+use super::{Engine, Pending, now_ms, random_id};
+use crate::api::{Event, GroupInfo, id_hex};
+use crate::store::{GroupLine, GroupRecord, GroupWrite, OutboxItem, OutgoingGroupMessage};
+
+/// A group envelope adds to its padded text: the tag, the sender's signature (up to
+/// RSA-4096), names and counters.
+const GROUP_ENVELOPE_OVERHEAD: usize = 16 + 512 + 33 + 16 + 16;
+
+/// Groups in memory: a cache of what the store holds.
+pub(super) type Groups = HashMap<GroupId, GroupRecord>;
+
+/// Hex form of a group id (32 lowercase digits).
+pub(super) fn group_hex(id: &GroupId) -> String {
+    id_hex(id)
+}
+
+/// The line a change leaves in the group's history, and its `group` event name.
+pub(super) fn describe(change: &SignedChange) -> (String, &'static str, Vec<String>) {
+    let by = change.change.author.as_str();
+    let names = |users: &[Username]| users.iter().map(|u| u.to_string()).collect::<Vec<_>>();
+    match &change.change.kind {
+        ChangeKind::Create { name, .. } => (
+            format!("{by} created the group “{name}”"),
+            "created",
+            vec![],
+        ),
+        ChangeKind::Add { users } => (
+            format!("{by} added {}", names(users).join(", ")),
+            "added",
+            names(users),
+        ),
+        ChangeKind::Remove { users } => (
+            format!("{by} removed {}", names(users).join(", ")),
+            "removed",
+            names(users),
+        ),
+        ChangeKind::Leave => (format!("{by} left"), "left", vec![]),
+        ChangeKind::Rename { name } => (
+            format!("{by} renamed the group to “{name}”"),
+            "renamed",
+            vec![],
+        ),
+        ChangeKind::Promote { users } => (
+            format!("{by} made {} admin", names(users).join(", ")),
+            "promoted",
+            names(users),
+        ),
+    }
+}
+
+/// The history line of a change (its id: the change id's first 16 bytes).
+pub(super) fn change_line(group: GroupId, change: &SignedChange, me: &str) -> GroupLine {
+    let id = change.id();
+    let author = change.change.author.to_string();
+    GroupLine {
+        group,
+        outgoing: author == me,
+        sender: author,
+        id: id[..16].try_into().expect("16 of 32 bytes"),
+        system: true,
+        text: describe(change).0,
+        sent_at: change.change.created_ms,
+    }
+}
+
+impl Engine {
+    pub(super) fn group_command(&mut self, cmd: crate::api::Command) {
+        use crate::api::Command;
+        match cmd {
+            Command::GroupCreate { name, members } => self.create_group(&name, &members),
+            Command::GroupAdd { group, users } => {
+                if let Some(users) = self.user_names(&users) {
+                    self.change_group(&group, ChangeKind::Add { users });
+                }
+            }
+            Command::GroupRemove { group, users } => {
+                if let Some(users) = self.user_names(&users) {
+                    self.change_group(&group, ChangeKind::Remove { users });
+                }
+            }
+            Command::GroupLeave { group } => self.change_group(&group, ChangeKind::Leave),
+            Command::GroupRename { group, name } => self.change_group(
+                &group,
+                ChangeKind::Rename {
+                    name: name.trim().to_owned(),
+                },
+            ),
+            Command::GroupSend { group, text } => {
+                if self.enqueue_group(&group, text) {
+                    self.flush_due = true;
+                }
+            }
+            Command::Groups => {
+                let mut items: Vec<GroupInfo> =
+                    self.groups.keys().map(|id| self.group_info(id)).collect();
+                items.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+                self.sink.emit(Event::Groups { items });
+            }
+            Command::GroupHistory { group } => {
+                let Some(id) = self.find_group(&group) else {
+                    return;
+                };
+                if let Err(e) = self.store.mark_group_read(&id) {
+                    return self.store_error(e);
+                }
+                if let Some(g) = self.groups.get_mut(&id) {
+                    g.unread = 0;
+                }
+                match self.store.group_history(&id, 10_000) {
+                    Ok(items) => self.sink.emit(Event::GroupHistory {
+                        group: group_hex(&id),
+                        items,
+                    }),
+                    Err(e) => self.store_error(e),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Canonical names of user-typed ones (ourselves left out); an error event if any is
+    /// not a valid name or none is left.
+    fn user_names(&self, raw: &[String]) -> Option<Vec<Username>> {
+        let mut names = BTreeSet::new();
+        for r in raw {
+            let name = Username::parse(self.contact_name(r)?.as_str()).ok()?;
+            if name != self.me {
+                names.insert(name);
+            }
+        }
+        if names.is_empty() {
+            self.sink.emit(Event::error(
+                "invalid_command",
+                "name at least one other user",
+            ));
+            return None;
+        }
+        Some(names.into_iter().collect())
+    }
+
+    /// The group `raw` names: its 32-hex id, or a name unique among our groups (those we
+    /// are in first). An error event otherwise.
+    pub(super) fn find_group(&self, raw: &str) -> Option<GroupId> {
+        let raw = raw.trim();
+        if let Some(id) = parse_group_id(raw)
+            && self.groups.contains_key(&id)
+        {
+            return Some(id);
+        }
+        let named = |active: bool| -> Vec<GroupId> {
+            self.groups
+                .iter()
+                .filter(|(_, g)| g.membership.current().name == raw)
+                .filter(|(_, g)| !active || g.membership.current().is_member(&self.me))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let mut found = named(true);
+        if found.is_empty() {
+            found = named(false);
+        }
+        match found.as_slice() {
+            [id] => Some(*id),
+            [] => {
+                self.sink.emit(Event::error(
+                    "unknown_group",
+                    format!("you have no group {raw:?}; /groups lists yours (by name and id)"),
+                ));
+                None
+            }
+            _ => {
+                self.sink.emit(Event::error(
+                    "ambiguous_group",
+                    format!("{} of your groups are named {raw:?}; give its id instead (/groups lists them)", found.len()),
+                ));
+                None
+            }
+        }
+    }
+
+    /// How the group looks to the user now.
+    pub(super) fn group_info(&self, id: &GroupId) -> GroupInfo {
+        let Some(g) = self.groups.get(id) else {
+            return GroupInfo {
+                id: group_hex(id),
+                name: String::new(),
+                members: vec![],
+                admins: vec![],
+                version: 0,
+                active: false,
+                excluded: vec![],
+                unread: 0,
+                change: None,
+                by: None,
+                users: vec![],
+            };
+        };
+        let state = g.membership.current();
+        GroupInfo {
+            id: group_hex(id),
+            name: state.name.clone(),
+            members: state.members.iter().map(|u| u.to_string()).collect(),
+            admins: state.admins.iter().map(|u| u.to_string()).collect(),
+            version: state.version,
+            active: state.is_member(&self.me),
+            excluded: self
+                .excluded(state)
+                .into_iter()
+                .map(|u| u.to_string())
+                .collect(),
+            unread: g.unread,
+            change: None,
+            by: None,
+            users: vec![],
+        }
+    }
+
+    /// Members whose key changed and is not accepted yet.
+    pub(super) fn excluded(&self, state: &GroupState) -> Vec<Username> {
+        state
+            .members
+            .iter()
+            .filter(|m| **m != self.me)
+            .filter(|m| matches!(self.store.pin(m.as_str()), Ok(Some(p)) if !p.usable()))
+            .cloned()
+            .collect()
+    }
+
+    /// Members a group message (and our sending key) goes to: all but us and the excluded.
+    fn recipients(&self, state: &GroupState) -> BTreeSet<Username> {
+        let excluded = self.excluded(state);
+        state
+            .members
+            .iter()
+            .filter(|m| **m != self.me && !excluded.contains(m))
+            .cloned()
+            .collect()
+    }
+
+    fn max_members(&self) -> usize {
+        self.config.max_group_members
+    }
+
+    fn create_group(&mut self, name: &str, raw: &[String]) {
+        let Some(members) = self.user_names(raw) else {
+            return;
+        };
+        let mut id = [0u8; 16];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut id);
+        let created = Membership::create(
+            &mut rand::rng(),
+            &self.identity,
+            &self.me,
+            id,
+            name.trim(),
+            members,
+            now_ms(),
+            self.max_members(),
+        );
+        let (membership, change) = match created {
+            Ok(created) => created,
+            Err(e) => {
+                return self.sink.emit(Event::error(
+                    "invalid_group_change",
+                    format!("the group was not created: {e}"),
+                ));
+            }
+        };
+        let to: Vec<Username> = membership
+            .current()
+            .members
+            .iter()
+            .filter(|m| **m != self.me)
+            .cloned()
+            .collect();
+        self.send_change(id, membership, &change, &to, None);
+    }
+
+    /// Makes a change of ours to `group` and sends it to everyone concerned.
+    fn change_group(&mut self, group: &str, kind: ChangeKind) {
+        let Some(id) = self.find_group(group) else {
+            return;
+        };
+        let name = self.groups[&id].membership.current().name.clone();
+        if !self.groups[&id].membership.current().is_member(&self.me) {
+            return self.sink.emit(Event::error(
+                "not_a_member",
+                format!("you are no longer a member of “{name}”"),
+            ));
+        }
+        if let Err(e) = self.make_change(id, kind) {
+            self.sink.emit(Event::error(
+                "invalid_group_change",
+                format!("nothing changed in “{name}”: {e}"),
+            ));
+        }
+    }
+
+    /// Makes again a change of ours that lost a fork, if it still makes sense.
+    pub(super) fn remake(&mut self, id: &GroupId, kind: ChangeKind) {
+        if self
+            .groups
+            .get(id)
+            .is_some_and(|g| g.membership.current().is_member(&self.me))
+            && let Err(e) = self.make_change(*id, kind)
+        {
+            tracing::debug!("a change of ours that lost a fork no longer applies: {e}");
+        }
+    }
+
+    fn make_change(&mut self, id: GroupId, kind: ChangeKind) -> Result<(), ChangeError> {
+        let mut membership = self.groups[&id].membership.clone();
+        let prior = membership.current().clone();
+        let change = membership.make(
+            &mut rand::rng(),
+            &self.identity,
+            &self.me,
+            kind,
+            now_ms(),
+            self.max_members(),
+        )?;
+        // Everyone before and after hears of it: the removed learn they were removed.
+        let to: Vec<Username> = prior
+            .members
+            .union(&membership.current().members)
+            .filter(|m| **m != self.me)
+            .cloned()
+            .collect();
+        self.send_change(id, membership, &change, &to, Some(prior));
+        Ok(())
+    }
+
+    /// Commits our change (membership, history line, a control message per member) and
+    /// tells the front end. New members get `prior`, the state the change applies to.
+    pub(super) fn send_change(
+        &mut self,
+        id: GroupId,
+        membership: Membership,
+        change: &SignedChange,
+        to: &[Username],
+        prior: Option<GroupState>,
+    ) {
+        let control = to
+            .iter()
+            .map(|member| {
+                let new = prior.as_ref().is_some_and(|p| !p.is_member(member));
+                OutboxItem {
+                    id: random_id(),
+                    peer: member.to_string(),
+                    body: Body::GroupUpdate {
+                        prior: if new { prior.clone() } else { None },
+                        change: change.clone(),
+                    },
+                    sent_at: now_ms(),
+                }
+            })
+            .collect();
+        let left = !membership.current().is_member(&self.me);
+        let write = GroupWrite {
+            membership: Some(&membership),
+            lines: vec![change_line(id, change, self.me.as_str())],
+            control,
+            ..GroupWrite::default()
+        };
+        if let Err(e) = self.store.commit_group(&id, write, now_ms()) {
+            warn!("store error: {e}");
+            return self.sink.emit(Event::error(
+                "store_error",
+                format!("the group change was NOT made: {e}; free some disk space and try again"),
+            ));
+        }
+        let record = self.groups.entry(id).or_insert_with(|| GroupRecord {
+            membership: membership.clone(),
+            sender_key: None,
+            unread: 0,
+        });
+        record.membership = membership;
+        if left {
+            record.sender_key = None;
+        }
+        self.watch(to.iter().map(|u| u.to_string()).collect());
+        self.emit_change(&id, change);
+        self.flush_due = true;
+    }
+
+    /// A `group` event for a change just applied.
+    pub(super) fn emit_change(&mut self, id: &GroupId, change: &SignedChange) {
+        let (_, name, users) = describe(change);
+        let mut info = self.group_info(id);
+        info.change = Some(name.into());
+        info.by = Some(change.change.author.to_string());
+        info.users = users;
+        self.sink.emit(Event::Group(info));
+    }
+
+    /// Seals a text for `group` once and queues it for every recipient, with a new
+    /// sending key first if the recipients changed. Returns whether it was queued.
+    fn enqueue_group(&mut self, group: &str, text: String) -> bool {
+        let Some(id) = self.find_group(group) else {
+            return false;
+        };
+        let record = &self.groups[&id];
+        let state = record.membership.current().clone();
+        if !state.is_member(&self.me) {
+            self.sink.emit(Event::error(
+                "not_a_member",
+                format!(
+                    "you are no longer a member of “{}”; nothing was sent",
+                    state.name
+                ),
+            ));
+            return false;
+        }
+        if let Some(limit) = self.group_text_limit(&text) {
+            self.sink.emit(Event::error("message_too_long", limit));
+            return false;
+        }
+        let recipients = self.recipients(&state);
+        let now = now_ms();
+        let mut key = record.sender_key.clone();
+        let mut control = Vec::new();
+        if key
+            .as_ref()
+            .is_none_or(|k| k.needs_rotation(&recipients, now, self.config.rotation))
+        {
+            let fresh = SenderKey::generate(&mut rand::rng(), recipients.clone(), now);
+            control = recipients
+                .iter()
+                .map(|member| OutboxItem {
+                    id: random_id(),
+                    peer: member.to_string(),
+                    body: Body::SenderKey(fresh.distribution(id)),
+                    sent_at: now,
+                })
+                .collect();
+            key = Some(fresh);
+        }
+        let mut key = key.expect("a key was just ensured");
+        let content = Content {
+            id: random_id(),
+            sent_at_ms: now,
+            body: Body::Text(text.clone()),
+        };
+        let payload = match key.seal(&mut rand::rng(), &self.identity, &self.me, id, &content) {
+            Ok(payload) => payload,
+            Err(e) => {
+                self.sink.emit(Event::error(
+                    "encrypt_failed",
+                    format!("could not encrypt: {e}"),
+                ));
+                return false;
+            }
+        };
+        let members: Vec<String> = recipients.iter().map(|u| u.to_string()).collect();
+        let write = GroupWrite {
+            sender_key: Some(&key),
+            lines: vec![GroupLine {
+                group: id,
+                sender: self.me.to_string(),
+                id: content.id,
+                outgoing: true,
+                system: false,
+                text: text.clone(),
+                sent_at: now,
+            }],
+            control,
+            outgoing: Some(OutgoingGroupMessage {
+                group: id,
+                id: content.id,
+                payload,
+                members: members.clone(),
+            }),
+            ..GroupWrite::default()
+        };
+        if let Err(e) = self.store.commit_group(&id, write, now) {
+            warn!("store error: {e}");
+            self.sink.emit(Event::error(
+                "store_error",
+                format!("your message to “{}” was NOT queued: {e}; free some disk space and send it again", state.name),
+            ));
+            return false;
+        }
+        if let Some(record) = self.groups.get_mut(&id) {
+            record.sender_key = Some(key);
+        }
+        let group = group_hex(&id);
+        let msg = id_hex(&content.id);
+        self.sink.emit(Event::GroupQueued {
+            group: group.clone(),
+            id: msg.clone(),
+            text,
+            sent_at: now,
+            recipients: members.len(),
+        });
+        if members.is_empty() {
+            self.sink.emit(Event::GroupSent { group, id: msg });
+        }
+        true
+    }
+
+    /// Why `text` can never go to a group, if it can't.
+    fn group_text_limit(&self, text: &str) -> Option<String> {
+        if text.len() > e2e::MAX_TEXT_BYTES {
+            return Some(format!(
+                "the message is {} bytes; the limit is {} bytes",
+                text.len(),
+                e2e::MAX_TEXT_BYTES
+            ));
+        }
+        let envelope = e2e::padded_len(text.len() + 24) + GROUP_ENVELOPE_OVERHEAD;
+        let frame = send_frame_len(&"x".repeat(32), envelope);
+        (self.max_frame > 0 && frame > self.max_frame).then(|| {
+            format!(
+                "the message is {} bytes; the relay at {} accepts envelopes up to {} bytes, \
+                 so group texts must stay under about {} bytes",
+                text.len(),
+                self.config.server,
+                self.max_frame,
+                self.largest_text().saturating_sub(GROUP_ENVELOPE_OVERHEAD)
+            )
+        })
+    }
+
+    /// Hands queued copies of group messages to the relay (one `Send` per member).
+    pub(super) fn flush_group_sends(&mut self) {
+        let sends = match self.store.group_sends_queued() {
+            Ok(sends) => sends,
+            Err(e) => return self.store_error(e),
+        };
+        for send in sends {
+            let key = (send.id, send.member.clone());
+            if self.group_in_flight.contains(&key) || self.held(&send.member) {
+                continue;
+            }
+            self.group_in_flight.insert(key);
+            let to = send.member.clone();
+            let payload = send.payload;
+            self.request(
+                Pending::GroupSend {
+                    group: send.group,
+                    id: send.id,
+                    member: send.member,
+                },
+                |id| ClientMessage::Send { id, to, payload },
+            );
+        }
+    }
+
+    /// The relay answered a group copy: accepted (`Ok`) or refused for good.
+    pub(super) fn group_send_answered(
+        &mut self,
+        group: GroupId,
+        id: MessageId,
+        member: &str,
+        accepted: bool,
+    ) {
+        self.group_in_flight.remove(&(id, member.to_owned()));
+        let at = accepted.then(|| self.relay_now_ms().unwrap_or_else(now_ms));
+        match self.store.group_send_done(&id, member, at) {
+            Ok(true) => self.sink.emit(Event::GroupSent {
+                group: group_hex(&group),
+                id: id_hex(&id),
+            }),
+            Ok(false) => {}
+            Err(e) => self.store_error(e),
+        }
+    }
+}
+
+impl Engine {
+    /// `member` receipted our group messages: `done` is (group, id, whether the message
+    /// just became `sent` — the receipt overtook the relay's answer).
+    pub(super) fn group_delivered(&mut self, member: &str, done: Vec<(GroupId, MessageId, bool)>) {
+        for (group, id, sent_now) in done {
+            if sent_now {
+                self.sink.emit(Event::GroupSent {
+                    group: group_hex(&group),
+                    id: id_hex(&id),
+                });
+            }
+            let (delivered_to, recipients) = match self.store.group_delivery(&id) {
+                Ok(counts) => counts,
+                Err(e) => return self.store_error(e),
+            };
+            self.sink.emit(Event::GroupDelivered {
+                group: group_hex(&group),
+                to: member.to_owned(),
+                id: id_hex(&id),
+                delivered_to,
+                recipients,
+            });
+        }
+    }
+}
+
+/// A group id typed as 32 hex digits.
+pub(super) fn parse_group_id(raw: &str) -> Option<GroupId> {
+    if raw.len() != 32 || !raw.is_ascii() {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&raw[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(id)
+}

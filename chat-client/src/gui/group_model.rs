@@ -1,0 +1,308 @@
+//! What the window knows of groups, built only from core events: each group's members
+//! and admins, its lines (texts and system lines) with "delivered to k of n", unread
+//! counts. No drawing, no I/O.
+
+use std::collections::BTreeMap;
+
+use crate::api::{Event, GroupHistoryItem, GroupInfo, Status};
+
+/// One line of a group conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupLine {
+    pub id: String,
+    pub from: String,
+    pub outgoing: bool,
+    /// A membership line ("alice added dave").
+    pub system: bool,
+    pub text: String,
+    pub sent_at: u64,
+    pub status: Status,
+    /// Ours: members whose client stored it, of `recipients`.
+    pub delivered_to: usize,
+    pub recipients: usize,
+}
+
+impl From<GroupHistoryItem> for GroupLine {
+    fn from(h: GroupHistoryItem) -> Self {
+        Self {
+            id: h.id,
+            from: h.from,
+            outgoing: h.outgoing,
+            system: h.system,
+            text: h.text,
+            sent_at: h.sent_at,
+            status: h.status,
+            delivered_to: h.delivered_to,
+            recipients: h.recipients,
+        }
+    }
+}
+
+/// One group as the window shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupView {
+    pub info: GroupInfo,
+    pub lines: Vec<GroupLine>,
+    pub unread: usize,
+    /// History has been requested from the store.
+    pub history_requested: bool,
+}
+
+/// All groups, by id (32 hex digits).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Groups {
+    pub by_id: BTreeMap<String, GroupView>,
+    /// A change refused, for the status line: (group, message).
+    pub refused: Option<(String, String)>,
+}
+
+impl Groups {
+    fn view(&mut self, info: GroupInfo) -> &mut GroupView {
+        let id = info.id.clone();
+        let unread = info.unread as usize;
+        let view = self.by_id.entry(id).or_insert_with(|| GroupView {
+            info: info.clone(),
+            lines: Vec::new(),
+            unread,
+            history_requested: false,
+        });
+        view.info = GroupInfo {
+            change: None,
+            by: None,
+            users: vec![],
+            ..info
+        };
+        view
+    }
+
+    /// Applies a group event; `looking` is the group id the user has open and focused.
+    /// Returns false for an event that is not about groups.
+    pub fn apply(&mut self, event: &Event, looking: Option<&str>) -> bool {
+        match event {
+            Event::Groups { items } => {
+                for info in items {
+                    self.view(info.clone());
+                }
+            }
+            Event::Group(info) => {
+                let line = info.change.as_ref().map(|change| system_text(info, change));
+                let view = self.view(info.clone());
+                if let Some(text) = line {
+                    view.lines.push(GroupLine {
+                        id: format!("{}-{}", info.version, view.lines.len()),
+                        from: info.by.clone().unwrap_or_default(),
+                        outgoing: false,
+                        system: true,
+                        text,
+                        sent_at: 0,
+                        status: Status::Delivered,
+                        delivered_to: 0,
+                        recipients: 0,
+                    });
+                }
+            }
+            Event::GroupHistory { group, items } => {
+                if let Some(view) = self.by_id.get_mut(group) {
+                    view.lines = items.iter().cloned().map(GroupLine::from).collect();
+                    view.unread = 0;
+                    view.history_requested = true;
+                }
+            }
+            Event::GroupMessage {
+                group,
+                from,
+                id,
+                text,
+                sent_at,
+            } => {
+                let Some(view) = self.by_id.get_mut(group) else {
+                    return true;
+                };
+                if view.lines.iter().any(|l| l.id == *id && l.from == *from) {
+                    return true;
+                }
+                view.lines.push(GroupLine {
+                    id: id.clone(),
+                    from: from.clone(),
+                    outgoing: false,
+                    system: false,
+                    text: text.clone(),
+                    sent_at: *sent_at,
+                    status: Status::Delivered,
+                    delivered_to: 0,
+                    recipients: 0,
+                });
+                if looking != Some(group.as_str()) {
+                    view.unread += 1;
+                }
+            }
+            Event::GroupQueued {
+                group,
+                id,
+                text,
+                sent_at,
+                recipients,
+            } => {
+                if let Some(view) = self.by_id.get_mut(group) {
+                    view.lines.push(GroupLine {
+                        id: id.clone(),
+                        from: String::new(),
+                        outgoing: true,
+                        system: false,
+                        text: text.clone(),
+                        sent_at: *sent_at,
+                        status: Status::Sending,
+                        delivered_to: 0,
+                        recipients: *recipients,
+                    });
+                }
+            }
+            Event::GroupSent { group, id } => {
+                if let Some(line) = self.ours(group, id)
+                    && line.status == Status::Sending
+                {
+                    line.status = Status::Sent;
+                }
+            }
+            Event::GroupDelivered {
+                group,
+                id,
+                delivered_to,
+                recipients,
+                ..
+            } => {
+                if let Some(line) = self.ours(group, id) {
+                    line.delivered_to = *delivered_to;
+                    line.recipients = *recipients;
+                    if delivered_to == recipients {
+                        line.status = Status::Delivered;
+                    }
+                }
+            }
+            Event::GroupRefused { group, message, .. } => {
+                self.refused = Some((group.clone(), message.clone()));
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    fn ours(&mut self, group: &str, id: &str) -> Option<&mut GroupLine> {
+        self.by_id
+            .get_mut(group)?
+            .lines
+            .iter_mut()
+            .find(|l| l.outgoing && l.id == id)
+    }
+
+    /// The group the user opened: nothing unread.
+    pub fn read(&mut self, group: &str) {
+        if let Some(view) = self.by_id.get_mut(group) {
+            view.unread = 0;
+        }
+    }
+}
+
+/// "alice added dave", as the core's own history lines say it.
+fn system_text(info: &GroupInfo, change: &str) -> String {
+    let by = info.by.as_deref().unwrap_or("someone");
+    let users = info.users.join(", ");
+    match change {
+        "created" => format!("{by} created the group “{}”", info.name),
+        "added" => format!("{by} added {users}"),
+        "removed" => format!("{by} removed {users}"),
+        "left" => format!("{by} left"),
+        "renamed" => format!("{by} renamed the group to “{}”", info.name),
+        "promoted" => format!("{by} made {users} admin"),
+        other => format!("{by}: {other}"),
+    }
+}
+
+/// "delivered to k of n" for one of our lines.
+pub fn delivery_text(line: &GroupLine) -> String {
+    match line.status {
+        Status::Sending => "sending…".into(),
+        Status::Failed => "failed".into(),
+        _ => format!("delivered to {} of {}", line.delivered_to, line.recipients),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str, change: Option<&str>) -> GroupInfo {
+        GroupInfo {
+            id: id.into(),
+            name: "Team".into(),
+            members: vec!["alice".into(), "bob".into(), "carol".into()],
+            admins: vec!["alice".into()],
+            version: 1,
+            active: true,
+            excluded: vec![],
+            unread: 0,
+            change: change.map(Into::into),
+            by: change.map(|_| "alice".into()),
+            users: vec![],
+        }
+    }
+
+    #[test]
+    fn delivery_counts_and_unread() {
+        let mut g = Groups::default();
+        assert!(g.apply(&Event::Group(info("g1", Some("created"))), None));
+        assert_eq!(
+            g.by_id["g1"].lines[0].text,
+            "alice created the group “Team”"
+        );
+        g.apply(
+            &Event::GroupQueued {
+                group: "g1".into(),
+                id: "m1".into(),
+                text: "hi".into(),
+                sent_at: 1,
+                recipients: 2,
+            },
+            Some("g1"),
+        );
+        g.apply(
+            &Event::GroupSent {
+                group: "g1".into(),
+                id: "m1".into(),
+            },
+            None,
+        );
+        let line = g.by_id["g1"].lines[1].clone();
+        assert_eq!(delivery_text(&line), "delivered to 0 of 2");
+        for (to, k) in [("bob", 1), ("carol", 2)] {
+            g.apply(
+                &Event::GroupDelivered {
+                    group: "g1".into(),
+                    to: to.into(),
+                    id: "m1".into(),
+                    delivered_to: k,
+                    recipients: 2,
+                },
+                None,
+            );
+        }
+        let line = &g.by_id["g1"].lines[1];
+        assert_eq!(delivery_text(line), "delivered to 2 of 2");
+        assert_eq!(line.status, Status::Delivered);
+        let msg = |id: &str| Event::GroupMessage {
+            group: "g1".into(),
+            from: "bob".into(),
+            id: id.into(),
+            text: "yo".into(),
+            sent_at: 2,
+        };
+        g.apply(&msg("b1"), None);
+        g.apply(&msg("b1"), None);
+        g.apply(&msg("b2"), Some("g1"));
+        assert_eq!(
+            g.by_id["g1"].unread, 1,
+            "a duplicate and a looked-at one do not count"
+        );
+        assert!(!g.apply(&Event::Users { online: vec![] }, None));
+    }
+}

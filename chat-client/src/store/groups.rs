@@ -1,0 +1,623 @@
+//! Groups: each group's membership chain and our sending key, the keys the members gave
+//! us, the group history (texts and system lines such as "alice added dave"), the group
+//! outbox (one sealed envelope, one row per member: queued → sent → delivered), and what
+//! waits for something else (an envelope for a key not yet received, a change for a state
+//! not yet reached).
+//!
+//! Everything one event changes is one [`GroupWrite`], committed in one transaction with
+//! the 1:1 state of the envelope that carried it, so a crash or a full disk never leaves
+//! a change half-applied or a counter used twice.
+
+use chat_protocol::e2e::{Inbound, MessageId};
+use chat_protocol::group::{GroupId, MemberKeys, Membership, SenderKey, SignedChange};
+use rusqlite::{OptionalExtension, params};
+
+use super::messages::{OutboxItem, enqueue_in};
+use super::{Store, StoreError, read_blob, read_text, write_blob, write_text};
+use crate::api::{GroupHistoryItem, Status, id_hex};
+
+/// Group envelopes held per group and sender while the sender's key or the change adding
+/// them is on its way; more stay on the relay.
+pub const MAX_HELD_PER_SENDER: usize = 1000;
+/// Changes held per group while an earlier one is on its way.
+pub const MAX_HELD_CHANGES: usize = 64;
+
+pub(super) fn create_tables(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS groups (
+             id         BLOB PRIMARY KEY NOT NULL,
+             membership BLOB NOT NULL,  -- Membership::to_bytes (sealed)
+             sender_key BLOB,           -- our SenderKey::to_bytes (sealed)
+             unread     INTEGER NOT NULL DEFAULT 0
+         );
+         CREATE TABLE IF NOT EXISTS group_member_keys (
+             group_id BLOB NOT NULL,
+             member   TEXT NOT NULL,
+             keys     BLOB NOT NULL,    -- MemberKeys::to_bytes (sealed)
+             PRIMARY KEY (group_id, member)
+         ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS group_messages (
+             group_id  BLOB NOT NULL,
+             sender    TEXT NOT NULL,
+             id        BLOB NOT NULL,
+             outgoing  INTEGER NOT NULL,
+             system    INTEGER NOT NULL DEFAULT 0, -- a membership line, not a text
+             body      NOT NULL,                   -- TEXT, or an encrypted BLOB
+             sent_at   INTEGER NOT NULL,
+             stored_at INTEGER NOT NULL,
+             status    TEXT NOT NULL,              -- sending | sent | failed | delivered
+             PRIMARY KEY (group_id, sender, id)
+         );
+         CREATE INDEX IF NOT EXISTS group_messages_by_arrival
+             ON group_messages (group_id, stored_at);
+         CREATE TABLE IF NOT EXISTS group_payloads (
+             seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+             id       BLOB NOT NULL UNIQUE,
+             group_id BLOB NOT NULL,
+             payload  BLOB NOT NULL    -- the sealed group envelope, as sent
+         );
+         CREATE TABLE IF NOT EXISTS group_outbox (
+             id          BLOB NOT NULL,
+             member      TEXT NOT NULL,
+             group_id    BLOB NOT NULL,
+             state       TEXT NOT NULL DEFAULT 'queued', -- queued | sent | delivered | failed
+             accepted_at INTEGER,
+             PRIMARY KEY (id, member)
+         ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS group_held (
+             seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+             group_id    BLOB NOT NULL,
+             sender      TEXT NOT NULL,
+             payload     BLOB NOT NULL,
+             received_at INTEGER NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS group_changes_held (
+             seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+             group_id    BLOB NOT NULL,
+             sender      TEXT NOT NULL,
+             change      BLOB NOT NULL,  -- postcard SignedChange
+             received_at INTEGER NOT NULL
+         );",
+    )?;
+    Ok(())
+}
+
+/// A group as stored.
+#[derive(Debug, Clone)]
+pub struct GroupRecord {
+    pub membership: Membership,
+    pub sender_key: Option<SenderKey>,
+    /// Texts received since the user last opened the group.
+    pub unread: u64,
+}
+
+/// A line of a group's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupLine {
+    pub group: GroupId,
+    /// Who wrote it (for a system line: who made the change).
+    pub sender: String,
+    pub id: MessageId,
+    pub outgoing: bool,
+    /// A membership line ("alice added dave"), not a text.
+    pub system: bool,
+    pub text: String,
+    /// The sender's clock, ms since the Unix epoch.
+    pub sent_at: u64,
+}
+
+/// A group message to send: the sealed envelope, to each of `members`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingGroupMessage {
+    pub group: GroupId,
+    pub id: MessageId,
+    pub payload: Vec<u8>,
+    pub members: Vec<String>,
+}
+
+/// One member's copy of a group message, waiting to be handed to the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSend {
+    pub group: GroupId,
+    pub id: MessageId,
+    pub member: String,
+    pub payload: Vec<u8>,
+}
+
+/// A change kept until the state it names is reached (or its author's key arrives).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldChange {
+    pub seq: i64,
+    /// Who passed it to us (over their 1:1 channel).
+    pub from: String,
+    pub change: SignedChange,
+}
+
+/// Everything one group event writes, in one transaction.
+#[derive(Debug, Default)]
+pub struct GroupWrite<'a> {
+    /// The group's membership, saved (inserted or replaced).
+    pub membership: Option<&'a Membership>,
+    /// Our sending key in that group, saved.
+    pub sender_key: Option<&'a SenderKey>,
+    /// A member's keys (member, keys), saved.
+    pub member_keys: Option<(&'a str, &'a MemberKeys)>,
+    /// Lines for the history; a received text also counts as unread.
+    pub lines: Vec<GroupLine>,
+    /// 1:1 control messages to queue (membership changes, sending keys).
+    pub control: Vec<OutboxItem>,
+    /// A group message to send.
+    pub outgoing: Option<OutgoingGroupMessage>,
+    /// A receipt owed to (member, message id).
+    pub receipt: Option<(&'a str, MessageId)>,
+    /// The 1:1 receiving state the carrying envelope advanced (peer, state).
+    pub inbound: Option<(&'a str, &'a Inbound)>,
+    /// A 1:1 envelope held for a key change, now done with.
+    pub held: Option<i64>,
+    /// A held group envelope, now done with.
+    pub group_held: Option<i64>,
+    /// Held changes now done with.
+    pub changes_done: Vec<i64>,
+    /// A change to keep for later: (group, from, change).
+    pub hold_change: Option<(GroupId, &'a str, &'a SignedChange)>,
+}
+
+fn group_place(id: &GroupId, column: &str) -> Vec<u8> {
+    super::cipher::place("groups", column, &[id])
+}
+
+fn keys_place(id: &GroupId, member: &str) -> Vec<u8> {
+    super::cipher::place("group_member_keys", "keys", &[id, member.as_bytes()])
+}
+
+fn line_place(id: &GroupId, sender: &str, msg: &MessageId) -> Vec<u8> {
+    super::cipher::place("group_messages", "body", &[id, sender.as_bytes(), msg])
+}
+
+/// Marks `member`'s copies of our group messages `ids` delivered. Returns (group, id,
+/// whether the whole message just became `sent`: this receipt overtook the relay's last
+/// answer) for each that is news.
+pub(super) fn mark_group_delivered_in(
+    tx: &rusqlite::Transaction<'_>,
+    member: &str,
+    ids: &[MessageId],
+) -> Result<Vec<(GroupId, MessageId, bool)>, StoreError> {
+    let mut done = Vec::new();
+    for id in ids {
+        let row: Option<(Vec<u8>, String)> = tx
+            .prepare_cached(
+                "SELECT group_id, state FROM group_outbox WHERE id = ?1 AND member = ?2",
+            )?
+            .query_row(params![&id[..], member], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((group, _)) = row.filter(|(_, s)| s == "queued" || s == "sent") {
+            tx.prepare_cached(
+                "UPDATE group_outbox SET state = 'delivered' WHERE id = ?1 AND member = ?2",
+            )?
+            .execute(params![&id[..], member])?;
+            let sent_now = settle_message(tx, id)?;
+            done.push((group.try_into().unwrap_or_default(), *id, sent_now));
+        }
+    }
+    Ok(done)
+}
+
+/// Once no member's copy waits for the relay, the message is `sent` and its envelope
+/// is no longer needed. Returns whether that happened now.
+fn settle_message(tx: &rusqlite::Transaction<'_>, id: &MessageId) -> Result<bool, StoreError> {
+    let waiting: bool = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM group_outbox WHERE id = ?1 AND state = 'queued')",
+        )?
+        .query_row(params![&id[..]], |r| r.get(0))?;
+    if waiting {
+        return Ok(false);
+    }
+    tx.prepare_cached("DELETE FROM group_payloads WHERE id = ?1")?
+        .execute(params![&id[..]])?;
+    let changed = tx
+        .prepare_cached(
+            "UPDATE group_messages SET status = 'sent'
+             WHERE id = ?1 AND outgoing = 1 AND status = 'sending'",
+        )?
+        .execute(params![&id[..]])?;
+    Ok(changed > 0)
+}
+
+impl Store {
+    /// Every group we are or were in.
+    pub fn groups(&self) -> Result<Vec<GroupRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, membership, sender_key, unread FROM groups")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Option<Vec<u8>>>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, membership, sender_key, unread) = row?;
+            let id: GroupId = id.try_into().unwrap_or_default();
+            let plain = read_blob(&self.cipher, &group_place(&id, "membership"), membership)?;
+            let membership =
+                Membership::from_bytes(&plain).map_err(|_| super::cipher::Undecryptable)?;
+            let sender_key = match sender_key {
+                Some(stored) => {
+                    let plain = read_blob(&self.cipher, &group_place(&id, "sender_key"), stored)?;
+                    Some(SenderKey::from_bytes(&plain).map_err(|_| super::cipher::Undecryptable)?)
+                }
+                None => None,
+            };
+            out.push(GroupRecord {
+                membership,
+                sender_key,
+                unread: unread.unsigned_abs(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The keys `member` gave us for `group` (none yet: empty).
+    pub fn member_keys(&self, group: &GroupId, member: &str) -> Result<MemberKeys, StoreError> {
+        let stored: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached(
+                "SELECT keys FROM group_member_keys WHERE group_id = ?1 AND member = ?2",
+            )?
+            .query_row(params![&group[..], member], |r| r.get(0))
+            .optional()?;
+        let Some(stored) = stored else {
+            return Ok(MemberKeys::default());
+        };
+        let plain = read_blob(&self.cipher, &keys_place(group, member), stored)?;
+        Ok(MemberKeys::from_bytes(&plain).map_err(|_| super::cipher::Undecryptable)?)
+    }
+
+    /// Commits one group event at our time `now` (ms). Returns whether a line was new (a
+    /// received text that was already stored is a duplicate).
+    pub fn commit_group(
+        &mut self,
+        group: &GroupId,
+        w: GroupWrite<'_>,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let stamps: Vec<u64> = w.lines.iter().map(|_| self.stamp(now)).collect();
+        self.transaction(|tx, cipher| {
+            if let Some(membership) = w.membership {
+                let stored = write_blob(cipher, &group_place(group, "membership"), &membership.to_bytes());
+                tx.prepare_cached(
+                    "INSERT INTO groups (id, membership) VALUES (?1, ?2)
+                     ON CONFLICT (id) DO UPDATE SET membership = excluded.membership",
+                )?
+                .execute(params![&group[..], stored])?;
+            }
+            if let Some(key) = w.sender_key {
+                let stored = write_blob(cipher, &group_place(group, "sender_key"), &key.to_bytes());
+                tx.prepare_cached("UPDATE groups SET sender_key = ?2 WHERE id = ?1")?
+                    .execute(params![&group[..], stored])?;
+            }
+            if let Some((member, keys)) = w.member_keys {
+                let stored = write_blob(cipher, &keys_place(group, member), &keys.to_bytes());
+                tx.prepare_cached(
+                    "INSERT INTO group_member_keys (group_id, member, keys) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (group_id, member) DO UPDATE SET keys = excluded.keys",
+                )?
+                .execute(params![&group[..], member, stored])?;
+            }
+            let mut new = false;
+            for (line, stored_at) in w.lines.iter().zip(stamps) {
+                let body = write_text(cipher, &line_place(group, &line.sender, &line.id), &line.text);
+                let status = if line.outgoing && !line.system { "sending" } else { "delivered" };
+                let inserted = tx
+                    .prepare_cached(
+                        "INSERT INTO group_messages
+                             (group_id, sender, id, outgoing, system, body, sent_at, stored_at, status)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
+                    )?
+                    .execute(params![
+                        &group[..],
+                        line.sender,
+                        &line.id[..],
+                        line.outgoing,
+                        line.system,
+                        body,
+                        line.sent_at as i64,
+                        stored_at as i64,
+                        status
+                    ])?;
+                if inserted > 0 && !line.outgoing && !line.system {
+                    tx.prepare_cached("UPDATE groups SET unread = unread + 1 WHERE id = ?1")?
+                        .execute(params![&group[..]])?;
+                }
+                new |= inserted > 0;
+            }
+            for item in &w.control {
+                enqueue_in(tx, cipher, item, now)?;
+            }
+            if let Some(out) = &w.outgoing {
+                tx.prepare_cached(
+                    "INSERT INTO group_payloads (id, group_id, payload) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![&out.id[..], &group[..], out.payload])?;
+                for member in &out.members {
+                    tx.prepare_cached(
+                        "INSERT INTO group_outbox (id, member, group_id) VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![&out.id[..], member, &group[..]])?;
+                }
+                if out.members.is_empty() {
+                    settle_message(tx, &out.id)?;
+                }
+            }
+            if let Some((peer, id)) = w.receipt {
+                tx.prepare_cached("INSERT OR IGNORE INTO receipts_due (peer, id) VALUES (?1, ?2)")?
+                    .execute(params![peer, &id[..]])?;
+            }
+            if let Some((peer, state)) = w.inbound {
+                super::e2e::save_state(tx, cipher, peer, state)?;
+            }
+            super::e2e::unhold(tx, w.held)?;
+            if let Some(seq) = w.group_held {
+                tx.prepare_cached("DELETE FROM group_held WHERE seq = ?1")?
+                    .execute(params![seq])?;
+            }
+            for seq in &w.changes_done {
+                tx.prepare_cached("DELETE FROM group_changes_held WHERE seq = ?1")?
+                    .execute(params![seq])?;
+            }
+            if let Some((id, from, change)) = w.hold_change {
+                let held: i64 = tx
+                    .prepare_cached("SELECT COUNT(*) FROM group_changes_held WHERE group_id = ?1")?
+                    .query_row(params![&id[..]], |r| r.get(0))?;
+                if held.unsigned_abs() as usize >= MAX_HELD_CHANGES {
+                    // The oldest goes: changes that never apply must not pile up.
+                    tx.prepare_cached(
+                        "DELETE FROM group_changes_held WHERE seq =
+                             (SELECT MIN(seq) FROM group_changes_held WHERE group_id = ?1)",
+                    )?
+                    .execute(params![&id[..]])?;
+                }
+                tx.prepare_cached(
+                    "INSERT INTO group_changes_held (group_id, sender, change, received_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![
+                    &id[..],
+                    from,
+                    postcard::to_allocvec(change).expect("a change always encodes"),
+                    now as i64
+                ])?;
+            }
+            Ok(new)
+        })
+    }
+
+    /// Changes held for `group`, oldest first.
+    pub fn held_changes(&self, group: &GroupId) -> Result<Vec<HeldChange>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, sender, change FROM group_changes_held WHERE group_id = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![&group[..]], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, from, change) = row?;
+            match postcard::from_bytes(&change) {
+                Ok(change) => out.push(HeldChange { seq, from, change }),
+                Err(_) => self.drop_held_change(seq)?,
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn drop_held_change(&self, seq: i64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "DELETE FROM group_changes_held WHERE seq = ?1",
+            params![seq],
+        )?;
+        Ok(())
+    }
+
+    /// Keeps a group envelope from `sender` until what it needs arrives. Returns false
+    /// (nothing kept) past [`MAX_HELD_PER_SENDER`].
+    pub fn hold_group_envelope(
+        &mut self,
+        group: &GroupId,
+        sender: &str,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let held: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM group_held WHERE group_id = ?1 AND sender = ?2")?
+            .query_row(params![&group[..], sender], |r| r.get(0))?;
+        if held.unsigned_abs() as usize >= MAX_HELD_PER_SENDER {
+            return Ok(false);
+        }
+        self.conn.execute(
+            "INSERT INTO group_held (group_id, sender, payload, received_at) VALUES (?1, ?2, ?3, ?4)",
+            params![&group[..], sender, payload, now as i64],
+        )?;
+        Ok(true)
+    }
+
+    /// Group envelopes held for `group` (from `sender`, or from anyone), oldest first:
+    /// (seq, sender, payload).
+    pub fn held_group_envelopes(
+        &self,
+        group: &GroupId,
+        sender: Option<&str>,
+    ) -> Result<Vec<(i64, String, Vec<u8>)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, sender, payload FROM group_held
+             WHERE group_id = ?1 AND (?2 IS NULL OR sender = ?2) ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![&group[..], sender], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn drop_group_held(&self, seq: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM group_held WHERE seq = ?1", params![seq])?;
+        Ok(())
+    }
+
+    /// Members' copies of group messages waiting for the relay, oldest message first.
+    pub fn group_sends_queued(&self) -> Result<Vec<GroupSend>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT o.group_id, o.id, o.member, p.payload FROM group_outbox o
+             JOIN group_payloads p ON p.id = o.id
+             WHERE o.state = 'queued' ORDER BY p.seq, o.member",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (group, id, member, payload) = row?;
+            out.push(GroupSend {
+                group: group.try_into().unwrap_or_default(),
+                id: id.try_into().unwrap_or_default(),
+                member,
+                payload,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Copies waiting for the relay (for the `queued` count).
+    pub fn group_sends_len(&self) -> Result<usize, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(DISTINCT id) FROM group_outbox WHERE state = 'queued'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n.unsigned_abs() as usize)
+    }
+
+    /// The relay accepted (or, `failed`, refused for good) `member`'s copy of `id`.
+    /// Returns whether the whole message is now handed to the relay (`sent`).
+    pub fn group_send_done(
+        &mut self,
+        id: &MessageId,
+        member: &str,
+        accepted_at: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        self.transaction(|tx, _| {
+            let state = if accepted_at.is_some() {
+                "sent"
+            } else {
+                "failed"
+            };
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE group_outbox SET state = ?3, accepted_at = ?4
+                     WHERE id = ?1 AND member = ?2 AND state = 'queued'",
+                )?
+                .execute(params![
+                    &id[..],
+                    member,
+                    state,
+                    accepted_at.map(|t| t as i64)
+                ])?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            settle_message(tx, id)
+        })
+    }
+
+    /// The user opened the group: nothing unread.
+    pub fn mark_group_read(&self, group: &GroupId) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE groups SET unread = 0 WHERE id = ?1",
+            params![&group[..]],
+        )?;
+        Ok(())
+    }
+
+    /// (members delivered to, members sent to) of our group message `id`.
+    pub fn group_delivery(&self, id: &MessageId) -> Result<(usize, usize), StoreError> {
+        let (delivered, all): (i64, i64) = self
+            .conn
+            .prepare_cached(
+                "SELECT COUNT(*) FILTER (WHERE state = 'delivered'), COUNT(*)
+                 FROM group_outbox WHERE id = ?1",
+            )?
+            .query_row(params![&id[..]], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok((
+            delivered.unsigned_abs() as usize,
+            all.unsigned_abs() as usize,
+        ))
+    }
+
+    /// The last `limit` lines of `group`, in the order this client stored them.
+    pub fn group_history(
+        &self,
+        group: &GroupId,
+        limit: usize,
+    ) -> Result<Vec<GroupHistoryItem>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT sender, id, outgoing, system, body, sent_at, stored_at, status,
+                    (SELECT COUNT(*) FROM group_outbox o WHERE o.id = m.id AND o.state = 'delivered'),
+                    (SELECT COUNT(*) FROM group_outbox o WHERE o.id = m.id)
+             FROM (SELECT rowid, * FROM group_messages WHERE group_id = ?1
+                   ORDER BY stored_at DESC, rowid DESC LIMIT ?2) m
+             ORDER BY stored_at, rowid",
+        )?;
+        let rows = stmt.query_map(params![&group[..], limit as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, bool>(3)?,
+                r.get::<_, rusqlite::types::Value>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, String>(7)?,
+                r.get::<_, i64>(8)?,
+                r.get::<_, i64>(9)?,
+            ))
+        })?;
+        let mut items = Vec::new();
+        for row in rows {
+            let (from, id, outgoing, system, body, sent_at, stored_at, status, delivered, all) =
+                row?;
+            let id: MessageId = id.try_into().unwrap_or_default();
+            items.push(GroupHistoryItem {
+                text: read_text(&self.cipher, &line_place(group, &from, &id), body)?,
+                id: id_hex(&id),
+                from,
+                outgoing,
+                system,
+                sent_at: sent_at.unsigned_abs(),
+                stored_at: stored_at.unsigned_abs(),
+                status: match status.as_str() {
+                    "sending" => Status::Sending,
+                    "sent" => Status::Sent,
+                    "failed" => Status::Failed,
+                    _ => Status::Delivered,
+                },
+                delivered_to: delivered.unsigned_abs() as usize,
+                recipients: all.unsigned_abs() as usize,
+            });
+        }
+        Ok(items)
+    }
+}
