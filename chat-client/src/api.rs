@@ -55,6 +55,8 @@ pub enum Command {
     GroupAdd { group: String, users: Vec<String> },
     /// Remove `users` from `group` (admins only).
     GroupRemove { group: String, users: Vec<String> },
+    /// Make `users` (members) admins of `group` (admins only).
+    GroupPromote { group: String, users: Vec<String> },
     /// Leave `group`.
     GroupLeave { group: String },
     /// Rename `group` (admins only).

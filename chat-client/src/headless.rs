@@ -3,7 +3,8 @@
 //! stdin: `/msg USER TEXT…`, `/users`, `/watch USER…`, `/safety USER`, `/verify USER`,
 //! `/accept-key USER [FINGERPRINT]`, `/reject-key USER`, `/history USER`, `/group-create NAME
 //! USER…`, `/group-add GROUP USER…`, `/group-remove GROUP USER…`, `/group-leave GROUP`,
-//! `/group-rename GROUP NAME`, `/gmsg GROUP TEXT…`, `/groups`, `/group-history GROUP`,
+//! `/group-rename GROUP NAME`, `/group-promote GROUP USER…`, `/gmsg GROUP TEXT…`, `/groups`,
+//! `/group-history GROUP`,
 //! `/quit` (a NAME or GROUP with spaces goes in double quotes). Anything
 //! else — including a line that is not UTF-8 — is answered with an `error` event and the
 //! client keeps running. On `/quit` or end of input the outbox is flushed (bounded wait)
@@ -109,17 +110,17 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
             }
             Command::GroupCreate { name, members }
         }
-        "group-add" | "group-remove" => {
+        "group-add" | "group-remove" | "group-promote" => {
             let usage = format!("usage: /{name} GROUP USER...");
             let (group, rest) = take_word(args).ok_or(usage.clone())?;
             let users: Vec<String> = rest.split_whitespace().map(str::to_owned).collect();
             if users.is_empty() {
                 return Err(usage);
             }
-            if name == "group-add" {
-                Command::GroupAdd { group, users }
-            } else {
-                Command::GroupRemove { group, users }
+            match name {
+                "group-add" => Command::GroupAdd { group, users },
+                "group-remove" => Command::GroupRemove { group, users },
+                _ => Command::GroupPromote { group, users },
             }
         }
         "group-leave" => Command::GroupLeave {

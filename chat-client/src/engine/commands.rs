@@ -119,6 +119,7 @@ impl Engine {
             | Command::GroupAdd { .. }
             | Command::GroupRemove { .. }
             | Command::GroupLeave { .. }
+            | Command::GroupPromote { .. }
             | Command::GroupRename { .. }
             | Command::GroupSend { .. }
             | Command::Groups

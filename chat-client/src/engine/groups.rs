@@ -97,6 +97,11 @@ impl Engine {
                     self.change_group(&group, ChangeKind::Remove { users });
                 }
             }
+            Command::GroupPromote { group, users } => {
+                if let Some(users) = self.user_names(&users) {
+                    self.change_group(&group, ChangeKind::Promote { users });
+                }
+            }
             Command::GroupLeave { group } => self.change_group(&group, ChangeKind::Leave),
             Command::GroupRename { group, name } => self.change_group(
                 &group,

@@ -18,6 +18,7 @@ pub mod impostor;
 pub mod inproc;
 #[path = "../../../chat-server/tests/common/nats.rs"]
 pub mod nats;
+pub mod rogue;
 
 #[allow(unused_imports)]
 pub use impostor::TamperProxy;
