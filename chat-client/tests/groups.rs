@@ -428,3 +428,155 @@ fn restarting_the_sender_and_a_recipient_mid_conversation_loses_nothing() {
         });
     }
 }
+
+/// 100 members (client cores in this process, the real relay binary): one message to
+/// all. Prints the time to the last delivery and the bytes the sender uploaded (TLS
+/// records, counted by a proxy in front of the relay).
+#[test]
+fn a_hundred_members_get_one_message_and_the_figures_are_printed() {
+    use chat_client::{Command, ConnectionState, Event};
+    use std::time::Instant;
+
+    const MEMBERS: usize = 100;
+    let dir = tempfile::tempdir().unwrap();
+    // 100 accounts from one address at once: the relay's per-address limits on new
+    // accounts and connections are opened up (the per-connection rate limit stays).
+    let relay = Relay::start_with_config(
+        "127.0.0.1:0",
+        &dir.path().join("relay"),
+        "(registrations: (per_hour: 100000, burst: 1000), \
+          connect_rate: (per_second: 1000, burst: 1000), \
+          pre_login: (max_per_address: 1024))",
+    );
+    let proxy = common::Proxy::start(relay.addr);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let names: Vec<String> = (0..MEMBERS).map(|i| format!("m{i:03}")).collect();
+    // Started together: their identities are made in parallel.
+    let mut peers: Vec<chat_client::ClientHandle> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let home = chat_client::home::Home::resolve(Some(dir.path().join(name))).unwrap();
+            let server = if i == 0 { proxy.addr } else { relay.addr };
+            let mut config = chat_client::ClientConfig::new(
+                home,
+                server.to_string(),
+                chat_protocol::Username::parse(name).unwrap(),
+            );
+            config.identity_bits = 2048;
+            let _guard = rt.enter();
+            chat_client::spawn(config, || {})
+        })
+        .collect();
+    let wait_all = |peers: &mut [chat_client::ClientHandle],
+                    what: &str,
+                    pred: &dyn Fn(&Event) -> bool|
+     -> Instant {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        let mut done = vec![false; peers.len()];
+        let mut last = Instant::now();
+        while !done.iter().all(|d| *d) {
+            assert!(
+                Instant::now() < deadline,
+                "not every member saw {what}: {done:?}"
+            );
+            let mut idle = true;
+            for (p, d) in peers.iter_mut().zip(done.iter_mut()) {
+                while let Ok(e) = p.events.try_recv() {
+                    idle = false;
+                    if !*d && pred(&e) {
+                        *d = true;
+                        last = Instant::now();
+                    }
+                }
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        last
+    };
+    wait_all(&mut peers, "connected", &|e| {
+        matches!(
+            e,
+            Event::Connection {
+                state: ConnectionState::Connected,
+                ..
+            }
+        )
+    });
+    peers[0]
+        .commands
+        .send(Command::GroupCreate {
+            name: "Hundred".into(),
+            members: names[1..].to_vec(),
+        })
+        .unwrap();
+    wait_all(
+        &mut peers,
+        "the group",
+        &|e| matches!(e, Event::Group(g) if g.name == "Hundred" && g.members.len() == MEMBERS),
+    );
+    let send = |peers: &[chat_client::ClientHandle], text: &str| {
+        peers[0]
+            .commands
+            .send(Command::GroupSend {
+                group: "Hundred".into(),
+                text: text.into(),
+            })
+            .unwrap()
+    };
+    // A first message hands out the sending key; the second is the one measured.
+    let got = |text: &'static str| move |e: &Event| matches!(e, Event::GroupMessage { text: t, .. } if t == text);
+    send(&peers, "warm-up");
+    wait_all(&mut peers[1..], "the warm-up", &got("warm-up"));
+    // As after a pause: the sender's rate-limit bucket at the relay is full again.
+    std::thread::sleep(Duration::from_secs(2));
+    while peers[0].events.try_recv().is_ok() {}
+    let uploaded_before = proxy.upstream_bytes.lock().unwrap().len();
+    let start = Instant::now();
+    send(&peers, "measured");
+    // Whichever comes first: the relay accepting every copy, or the last delivery.
+    let (mut sent_at, mut last) = (None, None);
+    let (sender, members) = peers.split_at_mut(1);
+    let mut waiting: Vec<bool> = vec![true; members.len()];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sent_at.is_none() || last.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered to all: {waiting:?}"
+        );
+        while let Ok(e) = sender[0].events.try_recv() {
+            if matches!(e, Event::GroupSent { .. }) {
+                sent_at = Some(Instant::now());
+            }
+        }
+        for (p, w) in members.iter_mut().zip(waiting.iter_mut()) {
+            while let Ok(e) = p.events.try_recv() {
+                if got("measured")(&e) {
+                    assert!(*w, "a member got it twice");
+                    *w = false;
+                }
+            }
+        }
+        if last.is_none() && waiting.iter().all(|w| !w) {
+            last = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let uploaded = proxy.upstream_bytes.lock().unwrap().len() - uploaded_before;
+    println!(
+        "{MEMBERS}-member group, one message: the relay accepted every copy after {} ms, the \
+         last member had it after {} ms; the sender uploaded {uploaded} bytes ({} per member)",
+        sent_at.unwrap().duration_since(start).as_millis(),
+        last.unwrap().duration_since(start).as_millis(),
+        uploaded / (MEMBERS - 1)
+    );
+    // Each once.
+    std::thread::sleep(Duration::from_millis(500));
+    for p in &mut peers[1..] {
+        while let Ok(e) = p.events.try_recv() {
+            assert!(!got("measured")(&e), "a member got it twice");
+        }
+    }
+}
