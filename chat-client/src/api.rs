@@ -220,7 +220,7 @@ pub enum Event {
         recipients: usize,
     },
     /// A group was created, joined or changed (`change`, `by`), or asked about.
-    Group(GroupInfo),
+    Group(Box<GroupInfo>),
     /// Answer to `Groups`.
     Groups {
         items: Vec<GroupInfo>,

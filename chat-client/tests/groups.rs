@@ -259,10 +259,10 @@ fn members_refuse_an_injected_add_a_replayed_removal_and_a_fork() {
         .map(|n| Client::ready(relay.addr, n, &home(n)))
         .collect();
     let alice_key = mallory.key("alice");
-    let mut next_change = |m: &mut common::rogue::Mallory| match m
+    let next_change = |m: &mut common::rogue::Mallory| match m
         .body_where(|b| matches!(b, Body::GroupUpdate { .. }))
     {
-        Body::GroupUpdate { change, .. } => change,
+        Body::GroupUpdate { change, .. } => *change,
         _ => unreachable!(),
     };
 
@@ -336,7 +336,7 @@ fn members_refuse_an_injected_add_a_replayed_removal_and_a_fork() {
                 name,
                 Body::GroupUpdate {
                     prior: None,
-                    change: change.clone(),
+                    change: Box::new(change.clone()),
                 },
             );
         }

@@ -48,7 +48,7 @@ impl Engine {
             Ok(envelope) => envelope,
             Err(e) => {
                 self.settle(source);
-                return self.report_undecryptable(from.as_str(), &e);
+                return self.report_undecryptable(from.as_str(), e);
             }
         };
         let id = envelope.group;
@@ -79,7 +79,7 @@ impl Engine {
             }
             Err(e) => {
                 self.settle(source);
-                return self.report_undecryptable(from.as_str(), &e);
+                return self.report_undecryptable(from.as_str(), e);
             }
         };
         let Body::Text(text) = &content.body else {
@@ -204,7 +204,7 @@ impl Engine {
                 Ok(())
             }
             Body::GroupUpdate { prior, change } => {
-                let judged = self.judge(from, prior.as_ref(), change);
+                let judged = self.judge(from, prior.as_deref(), change);
                 self.act_on(from, change, judged, base(), None)
             }
             _ => Ok(()),

@@ -110,9 +110,8 @@ impl Engine {
                 },
             ),
             Command::GroupSend { group, text } => {
-                if self.enqueue_group(&group, text) {
-                    self.flush_due = true;
-                }
+                let queued = self.enqueue_group(&group, text);
+                self.flush_due |= queued;
             }
             Command::Groups => {
                 let mut items: Vec<GroupInfo> =
@@ -372,8 +371,12 @@ impl Engine {
                     id: random_id(),
                     peer: member.to_string(),
                     body: Body::GroupUpdate {
-                        prior: if new { prior.clone() } else { None },
-                        change: change.clone(),
+                        prior: if new {
+                            prior.clone().map(Box::new)
+                        } else {
+                            None
+                        },
+                        change: Box::new(change.clone()),
                     },
                     sent_at: now_ms(),
                 }
@@ -414,7 +417,7 @@ impl Engine {
         info.change = Some(name.into());
         info.by = Some(change.change.author.to_string());
         info.users = users;
-        self.sink.emit(Event::Group(info));
+        self.sink.emit(Event::Group(Box::new(info)));
     }
 
     /// Seals a text for `group` once and queues it for every recipient, with a new

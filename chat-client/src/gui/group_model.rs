@@ -86,7 +86,7 @@ impl Groups {
             }
             Event::Group(info) => {
                 let line = info.change.as_ref().map(|change| system_text(info, change));
-                let view = self.view(info.clone());
+                let view = self.view(info.as_ref().clone());
                 if let Some(text) = line {
                     view.lines.push(GroupLine {
                         id: format!("{}-{}", info.version, view.lines.len()),
@@ -250,7 +250,7 @@ mod tests {
     #[test]
     fn delivery_counts_and_unread() {
         let mut g = Groups::default();
-        assert!(g.apply(&Event::Group(info("g1", Some("created"))), None));
+        assert!(g.apply(&Event::Group(Box::new(info("g1", Some("created")))), None));
         assert_eq!(
             g.by_id["g1"].lines[0].text,
             "alice created the group “Team”"

@@ -26,6 +26,8 @@ use tokio_util::codec::Framed;
 
 type Up =
     Framed<tokio_rustls::client::TlsStream<TcpStream>, WireCodec<ServerMessage, ClientMessage>>;
+/// Group envelopes a user uploaded: (to, payload).
+type Uploads = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 type Down =
     Framed<tokio_rustls::server::TlsStream<TcpStream>, WireCodec<ClientMessage, ServerMessage>>;
 
@@ -236,7 +238,7 @@ impl Mallory {
 /// The relay in front of one user: records their group uploads, injects deliveries.
 pub struct Tap {
     pub addr: SocketAddr,
-    uploads: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    uploads: Uploads,
     inject: Arc<Mutex<Option<mpsc::UnboundedSender<ServerMessage>>>>,
     _runtime: tokio::runtime::Runtime,
 }
@@ -253,7 +255,7 @@ impl Tap {
         let acceptor = tokio_rustls::TlsAcceptor::from(own.server_config().unwrap());
         let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
-        let uploads: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+        let uploads: Uploads = Arc::default();
         let inject: Arc<Mutex<Option<mpsc::UnboundedSender<ServerMessage>>>> = Arc::default();
         let (rec, inj) = (uploads.clone(), inject.clone());
         runtime.spawn(async move {
@@ -303,7 +305,7 @@ async fn relay(
     mut down: Down,
     target: SocketAddr,
     user: &Identity,
-    uploads: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    uploads: Uploads,
     inject: Arc<Mutex<Option<mpsc::UnboundedSender<ServerMessage>>>>,
 ) {
     // The client's Hello and login are answered here; upstream we log in ourselves.

@@ -112,8 +112,8 @@ pub enum Body {
     /// A change to a group's membership, signed by its author. `prior` is the state it
     /// changes, given to members new to the group (see `group::Membership::join`).
     GroupUpdate {
-        prior: Option<GroupState>,
-        change: SignedChange,
+        prior: Option<Box<GroupState>>,
+        change: Box<SignedChange>,
     },
     /// The sender's current sending key in a group (`group::sender_key`).
     SenderKey(SenderKeyDistribution),
