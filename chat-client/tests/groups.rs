@@ -117,6 +117,10 @@ fn five_members_one_offline_throughout_everyone_gets_everything_once_in_order() 
     eve.assert_no_more_messages(Duration::from_millis(1500));
     assert_eq!(eve.quit(), 0);
     let mut eve = Client::ready(relay.addr, "eve", &home("eve"));
+    // Fellow members are not contacts until a 1:1 text: not even alice, who told eve of
+    // the group (a 100-member group must not fill the contact list).
+    let contacts = eve.expect("contacts", |e| e["event"] == "contacts");
+    assert_eq!(contacts["users"], serde_json::json!([]));
     eve.assert_no_more_messages(Duration::from_millis(1500));
     // The history holds the system line and the 20 texts.
     eve.send(&format!("/group-history {id}"));
@@ -238,6 +242,20 @@ fn a_removed_member_opens_nothing_sent_after_even_when_the_relay_forwards_it() {
         e["event"] == "error" && e["code"] == "not_a_member"
     });
     bob.assert_no_more_messages(Duration::from_millis(500));
+    // Added again, carol joins from the state alice gives her and reads what comes next —
+    // still nothing sent while she was out.
+    alice.send("/group-add Team carol");
+    let added = group_event(&mut carol, "Team", "added");
+    assert_eq!(added["active"], true);
+    group_event(&mut bob, "Team", "added");
+    alice.send("/gmsg Team welcome back");
+    let first = carol.expect("message", |e| e["event"] == "message");
+    assert_eq!(first["text"], "welcome back");
+    assert_eq!(first["group"], id.as_str());
+    assert!(!common::contains(
+        &common::all_file_bytes(&home("carol")),
+        marker.as_bytes()
+    ));
 }
 
 /// The relay's own account, mallory, was a member and an admin; alice removed her. Over

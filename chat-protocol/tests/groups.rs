@@ -103,7 +103,7 @@ fn creating_gives_every_member_the_same_state() {
     assert_eq!(state.name, "Team");
     let members: Vec<&str> = state.members.iter().map(Username::as_str).collect();
     assert_eq!(members, ["alice", "bob", "carol"]);
-    assert_eq!(state.admins, BTreeSet::from([name("alice")]));
+    assert_eq!(state.admins.keys().collect::<Vec<_>>(), [&name("alice")]);
     assert_eq!(bob.head(), alice.head());
     assert_eq!(carol.current(), state);
     // A create signed by someone else than its author is refused.
@@ -171,7 +171,10 @@ fn every_kind_of_change_applies_in_order_for_every_member() {
     let state = bob.current();
     assert_eq!(state.name, "Team 2");
     assert!(!state.is_member(&name("mallory")));
-    assert_eq!(state.admins, BTreeSet::from([name("alice"), name("bob")]));
+    assert_eq!(
+        state.admins.keys().collect::<Vec<_>>(),
+        [&name("alice"), &name("bob")]
+    );
     // bob, now an admin, may change it; alice follows.
     let rename = make(&mut bob, "bob", ChangeKind::Rename { name: "B".into() }).unwrap();
     assert_eq!(applied(alice.receive(&rename, keys, MAX)).0.name, "B");
@@ -444,6 +447,80 @@ fn a_removed_admin_cannot_fork_her_way_back() {
     );
 }
 
+/// Two admins removing each other: the senior one stays, whatever the names sort like.
+#[test]
+fn a_junior_admin_removed_cannot_remove_her_remover_back() {
+    let bob = user("bob");
+    let (mut bobs, create) = Membership::create(
+        &mut rng(),
+        &bob.id,
+        &bob.name,
+        GROUP,
+        "B",
+        vec![name("alice"), name("carol")],
+        T0,
+        MAX,
+    )
+    .unwrap();
+    let mut carols = Membership::from_create(create, bob.id.public(), MAX).unwrap();
+    let promote = make(
+        &mut bobs,
+        "bob",
+        ChangeKind::Promote {
+            users: vec![name("alice")],
+        },
+    )
+    .unwrap();
+    applied(carols.receive(&promote, keys, MAX));
+    let after_promote = carols.clone();
+    let removal = make(
+        &mut bobs,
+        "bob",
+        ChangeKind::Remove {
+            users: vec![name("alice")],
+        },
+    )
+    .unwrap();
+    applied(carols.receive(&removal, keys, MAX));
+    // alice ("alice" < "bob") answers on the state before, with any id she likes.
+    for t in 0..8 {
+        let mut a = after_promote.clone();
+        let back = a
+            .make(
+                &mut rng(),
+                &user("alice").id,
+                &name("alice"),
+                ChangeKind::Remove {
+                    users: vec![name("bob")],
+                },
+                T0 + t,
+                MAX,
+            )
+            .unwrap();
+        assert_eq!(
+            carols.receive(&back, keys, MAX),
+            Received::Refused(Refusal::Forked)
+        );
+    }
+    // A member that got alice's removal of bob first: bob's removal of her, the senior
+    // admin's, wins there too — everyone ends with bob in and alice out.
+    let mut alices = after_promote.clone();
+    let junior = make(
+        &mut alices,
+        "alice",
+        ChangeKind::Remove {
+            users: vec![name("bob")],
+        },
+    )
+    .unwrap();
+    let mut other = after_promote.clone();
+    applied(other.receive(&junior, keys, MAX));
+    let (state, superseded) = applied(other.receive(&removal, keys, MAX));
+    assert!(state.is_member(&name("bob")) && !state.is_member(&name("alice")));
+    assert_eq!(superseded, vec![junior]);
+    assert_eq!(other.head(), carols.head());
+}
+
 #[test]
 fn joining_takes_the_prior_state_only_if_the_signed_change_names_it() {
     let (mut alice, _, _, _) = created();
@@ -462,7 +539,7 @@ fn joining_takes_the_prior_state_only_if_the_signed_change_names_it() {
     assert!(joined.current().is_member(&name("mallory")));
     // A prior state that is not the one signed: refused.
     let mut doctored = prior.clone();
-    doctored.admins.insert(name("mallory"));
+    doctored.admins.insert(name("mallory"), 1);
     assert_eq!(
         Membership::join(doctored, add.clone(), user("alice").id.public(), MAX).unwrap_err(),
         ChangeError::WrongState
@@ -481,7 +558,7 @@ fn leaving_limits_and_names() {
     let leave = make(&mut alice, "alice", ChangeKind::Leave).unwrap();
     let (state, _) = applied(bob.receive(&leave, keys, MAX));
     assert!(!state.is_member(&name("alice")));
-    assert_eq!(state.admins, BTreeSet::from([name("bob")]));
+    assert_eq!(state.admins.keys().collect::<Vec<_>>(), [&name("bob")]);
     // Size limit, empty and silly names, removing oneself, adding a member twice.
     let (mut g, ..) = created();
     let too_many = (0..254).map(|i| name(&format!("u{i}"))).collect();

@@ -209,6 +209,8 @@ impl Engine {
         }
         self.emit_safety(user);
         self.release_held(user);
+        // Group changes signed by them waited for this decision.
+        self.retry_all_held_changes();
         self.flush_due = true;
     }
 

@@ -57,11 +57,8 @@ impl Engine {
             return self.hold_group(source, &id, from.as_str(), &payload);
         };
         let state = record.membership.current();
-        if !state.is_member(&self.me) {
-            debug!("group envelope for a group we are no longer in; dropped");
-            return self.settle(source);
-        }
-        if !state.is_member(from) {
+        if !state.is_member(&self.me) || !state.is_member(from) {
+            // We may be added again, or the sender added, by a change still on its way.
             return self.hold_group(source, &id, from.as_str(), &payload);
         }
         let mut keys = match self.store.member_keys(&id, from.as_str()) {
@@ -219,7 +216,7 @@ impl Engine {
         change: &SignedChange,
     ) -> Judged {
         let id = change.change.group;
-        let max = self.config.max_group_members;
+        let max = chat_protocol::group::MAX_MEMBERS_ACCEPTED;
         let author = change.change.author.clone();
         if let Some(record) = self.groups.get(&id) {
             let mut membership = record.membership.clone();
@@ -230,14 +227,35 @@ impl Engine {
                 .chain(std::iter::once(&author))
                 .filter_map(|u| self.usable_key(u.as_str()).map(|(_, k)| (u.clone(), k)))
                 .collect();
-            return match membership.receive(change, |u| keys.get(u).cloned(), max) {
+            let was_member = membership.current().is_member(&self.me);
+            let received = membership.receive(change, |u| keys.get(u).cloned(), max);
+            // Removed earlier and added again by a change our history cannot follow (we
+            // missed changes while out): join from the state the adding admin sends.
+            if !was_member
+                && !matches!(received, Received::Applied { .. })
+                && let Some(prior) = prior
+                && author.as_str() == from
+                && let Some((_, key)) = self.usable_key(from)
+                && let Ok(joined) = Membership::join(prior.clone(), change.clone(), &key, max)
+                && joined.current().is_member(&self.me)
+            {
+                return Judged::Apply {
+                    membership: joined,
+                    superseded: vec![],
+                };
+            }
+            return match received {
                 Received::Applied { superseded, .. } => Judged::Apply {
                     membership,
                     superseded,
                 },
                 Received::Ahead => Judged::Hold,
                 Received::NeedKey(user) => {
-                    self.fetch_key(user.as_str(), None);
+                    // Not pinned yet: ask. A key change awaiting the user's decision is
+                    // not asked about again: the change waits for the decision.
+                    if self.pin(user.as_str()).is_none() {
+                        self.fetch_key(user.as_str(), None);
+                    }
                     Judged::Hold
                 }
                 // A copy its author sent again (their client re-sent unreceipted control
@@ -285,17 +303,18 @@ impl Engine {
                 membership,
                 superseded,
             } => {
+                let was_member = self
+                    .groups
+                    .get(&id)
+                    .is_some_and(|g| g.membership.current().is_member(&self.me));
                 let write = GroupWrite {
+                    clear_sender_key: was_member && !membership.current().is_member(&self.me),
                     membership: Some(&membership),
                     lines: vec![change_line(id, change, self.me.as_str())],
                     changes_done,
                     ..base
                 };
                 self.store.commit_group(&id, write, now_ms())?;
-                let was_member = self
-                    .groups
-                    .get(&id)
-                    .is_some_and(|g| g.membership.current().is_member(&self.me));
                 let record = self.groups.entry(id).or_insert_with(|| GroupRecord {
                     membership: membership.clone(),
                     sender_key: None,

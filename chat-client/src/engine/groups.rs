@@ -223,7 +223,7 @@ impl Engine {
             id: group_hex(id),
             name: state.name.clone(),
             members: state.members.iter().map(|u| u.to_string()).collect(),
-            admins: state.admins.iter().map(|u| u.to_string()).collect(),
+            admins: state.admins.keys().map(|u| u.to_string()).collect(),
             version: state.version,
             active: state.is_member(&self.me),
             excluded: self
@@ -384,6 +384,7 @@ impl Engine {
             .collect();
         let left = !membership.current().is_member(&self.me);
         let write = GroupWrite {
+            clear_sender_key: left,
             membership: Some(&membership),
             lines: vec![change_line(id, change, self.me.as_str())],
             control,

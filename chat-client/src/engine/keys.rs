@@ -60,7 +60,21 @@ impl Engine {
         let pin = self.pin(user);
         match trust::observe(pin.as_ref(), der) {
             Seen::New(pin) => {
-                if !self.save_pin(user, &pin) {
+                // Listed only if the user asked (safety number, a text to them); anyone
+                // else is listed by their first text (a trigger on the history), so
+                // fellow group members who only sent keys or changes stay off the list:
+                // a 100-member group must not put 99 strangers in the contact list.
+                let asked = waiting.iter().any(|w| matches!(w, Waiting::Safety))
+                    || self.store.has_text_for(user).unwrap_or(true);
+                let saved = if !asked {
+                    self.store
+                        .save_pin_unlisted(user, &pin)
+                        .map_err(|e| self.store_error(e))
+                        .is_ok()
+                } else {
+                    self.save_pin(user, &pin)
+                };
+                if !saved {
                     // The store cannot write (a full disk): what waited for the key waits
                     // with the other stalled deliveries and is retried with them.
                     for w in waiting {

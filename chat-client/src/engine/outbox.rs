@@ -387,6 +387,11 @@ impl Engine {
             return;
         };
         let expired_before = now.saturating_sub(max_age_secs.saturating_mul(1000));
+        match self.store.requeue_stale_control(expired_before) {
+            Ok(0) => {}
+            Ok(_) => self.flush_due = true,
+            Err(e) => self.store_error(e),
+        }
         match self.store.expired(expired_before) {
             Ok(expired) => {
                 for m in expired {

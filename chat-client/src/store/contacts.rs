@@ -35,6 +35,22 @@ impl Store {
         Ok(())
     }
 
+    /// Pins a *new* key for someone the user did not ask about (e.g. a fellow group member
+    /// who sent a sending key): off the contact list (`removed`) until a 1:1 text in either
+    /// direction lists them. An existing contact's listing is left as it is.
+    pub fn save_pin_unlisted(&self, user: &str, pin: &Pin) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO contacts (username, pinned_key, verified, pending_key, listing)
+             VALUES (?1, ?2, ?3, ?4, 'removed')
+             ON CONFLICT (username) DO UPDATE SET
+                 pinned_key = excluded.pinned_key,
+                 verified = excluded.verified,
+                 pending_key = excluded.pending_key",
+            params![user, pin.key, pin.verified, pin.pending],
+        )?;
+        Ok(())
+    }
+
     /// Everyone we have a pinned key for or received from, for contact lists: a name
     /// that only ever failed (e.g. no such user) is not a contact. Alphabetical.
     /// Contacts removed from the list are left out (archived ones are in).
@@ -113,6 +129,17 @@ impl Store {
         )?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Whether we have a conversation with `peer` or a text to them in the outbox.
+    pub fn has_text_for(&self, peer: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM messages WHERE peer = ?1)
+                     OR EXISTS (SELECT 1 FROM outbox WHERE peer = ?1 AND kind = 'text')",
+            )?
+            .query_row(params![peer], |r| r.get(0))?)
     }
 
     /// Whether we have exchanged any message with `peer` (a contact, not a stranger).

@@ -140,6 +140,8 @@ pub struct GroupWrite<'a> {
     pub membership: Option<&'a Membership>,
     /// Our sending key in that group, saved.
     pub sender_key: Option<&'a SenderKey>,
+    /// Our sending key in that group, erased (we left or were removed).
+    pub clear_sender_key: bool,
     /// A member's keys (member, keys), saved.
     pub member_keys: Option<(&'a str, &'a MemberKeys)>,
     /// Lines for the history; a received text also counts as unread.
@@ -299,6 +301,10 @@ impl Store {
                 let stored = write_blob(cipher, &group_place(group, "sender_key"), &key.to_bytes());
                 tx.prepare_cached("UPDATE groups SET sender_key = ?2 WHERE id = ?1")?
                     .execute(params![&group[..], stored])?;
+            }
+            if w.clear_sender_key {
+                tx.prepare_cached("UPDATE groups SET sender_key = NULL WHERE id = ?1")?
+                    .execute(params![&group[..]])?;
             }
             if let Some((member, keys)) = w.member_keys {
                 let stored = write_blob(cipher, &keys_place(group, member), &keys.to_bytes());

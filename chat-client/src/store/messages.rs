@@ -381,8 +381,7 @@ impl Store {
     pub fn expired(&self, before: u64) -> Result<Vec<Undelivered>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT id, peer, accepted_at FROM outbox
-             WHERE state = 'sent' AND accepted_at < ?1 ORDER BY seq",
-            // Control messages included: they end silently (`mark_failed`).
+             WHERE state = 'sent' AND accepted_at < ?1 AND kind = 'text' ORDER BY seq",
         )?;
         let rows = stmt.query_map(params![before as i64], |r| {
             Ok(Undelivered {
@@ -392,6 +391,17 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Group control messages (membership changes, sending keys) accepted before `before`
+    /// (our clock, ms) and never receipted: the relay has deleted them by now, so they
+    /// are queued again — a member offline that long must still get them. Returns how many.
+    pub fn requeue_stale_control(&mut self, before: u64) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "UPDATE outbox SET state = 'queued', epoch = NULL, accepted_at = NULL
+             WHERE kind = 'control' AND state = 'sent' AND accepted_at < ?1",
+            params![before as i64],
+        )?)
     }
 
     /// The last `limit` messages with `peer`, in the order this client stored them.

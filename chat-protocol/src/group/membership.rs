@@ -12,7 +12,7 @@
 //! Two admins may change the same state at once (a fork). While the change applied is
 //! still the newest, every member resolves such a race the same way, whatever order the
 //! changes arrive in: a change that removes the other's author wins (two admins removing
-//! each other: the one whose name sorts first); otherwise the one with the smaller
+//! each other: the more senior admin); otherwise the one with the smaller
 //! [`ChangeId`]. The loser is undone and reported as superseded, so its
 //! author can make it again on the new state. A change forking from anything older than
 //! the parent of the current state is refused, so nobody — in particular an admin since
@@ -20,7 +20,7 @@
 //! and a removal always beats its target's rival change. Changes older than the
 //! remembered history ([`HISTORY`] states) are refused as stale.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rand::CryptoRng;
 use serde::{Deserialize, Serialize};
@@ -49,8 +49,9 @@ pub struct GroupState {
     pub version: u64,
     pub name: String,
     pub members: BTreeSet<Username>,
-    /// Always members too. A group with members always has at least one admin.
-    pub admins: BTreeSet<Username>,
+    /// Admins (always members too), each with the version of the state that made them
+    /// admin: the earlier, the more senior. A group with members always has an admin.
+    pub admins: BTreeMap<Username, u64>,
     /// Hash of the state this one was made from; zeros for the created group.
     pub prev: StateHash,
 }
@@ -70,7 +71,7 @@ impl GroupState {
     }
 
     pub fn is_admin(&self, user: &Username) -> bool {
-        self.admins.contains(user)
+        self.admins.contains_key(user)
     }
 }
 
@@ -227,7 +228,7 @@ pub fn apply(
             version: 1,
             name: name.clone(),
             members: all,
-            admins: BTreeSet::from([author.clone()]),
+            admins: BTreeMap::from([(author.clone(), 1)]),
             prev: [0; 32],
         });
     };
@@ -284,7 +285,7 @@ pub fn apply(
             if next.admins.is_empty()
                 && let Some(first) = next.members.first()
             {
-                next.admins.insert(first.clone());
+                next.admins.insert(first.clone(), next.version);
             }
         }
         ChangeKind::Rename { name } => {
@@ -297,7 +298,7 @@ pub fn apply(
                 if !state.is_member(user) {
                     return Err(ChangeError::NotMember(user.clone()));
                 }
-                if !next.admins.insert(user.clone()) {
+                if next.admins.insert(user.clone(), next.version).is_some() {
                     return Err(ChangeError::AlreadyAdmin(user.clone()));
                 }
             }
@@ -306,10 +307,12 @@ pub fn apply(
     Ok(next)
 }
 
-/// Whether `new` beats `rival`, two changes of the same state: a change removing the
-/// other's author wins (two admins removing each other: the one whose name sorts first,
-/// which no id grinding changes); otherwise the smaller id.
+/// Whether `new` beats `rival`, two changes of `state`: a change removing the other's
+/// author wins; two admins removing each other: the more senior admin (admin since an
+/// earlier version; the same: the name that sorts first) — so an admin removed by a
+/// junior one may answer in kind, a junior one removed cannot; otherwise the smaller id.
 fn wins_race(
+    state: &GroupState,
     new: &SignedChange,
     new_id: &ChangeId,
     rival: &SignedChange,
@@ -320,7 +323,13 @@ fn wins_race(
         removes(new, &rival.change.author),
         removes(rival, &new.change.author),
     ) {
-        (true, true) => new.change.author < rival.change.author,
+        (true, true) => {
+            let seniority = |c: &SignedChange| {
+                let since = state.admins.get(&c.change.author).copied();
+                (since.unwrap_or(u64::MAX), c.change.author.clone())
+            };
+            seniority(new) < seniority(rival)
+        }
         (true, false) => true,
         (false, true) => false,
         (false, false) => new_id < rival_id,
@@ -554,10 +563,15 @@ impl Membership {
         if let Some(rival) = self.entries.get(at + 1) {
             let newest = at + 2 == self.entries.len();
             let wins = newest
-                && rival
-                    .change
-                    .as_ref()
-                    .is_some_and(|change| wins_race(signed, &id, change, &rival.change_id));
+                && rival.change.as_ref().is_some_and(|change| {
+                    wins_race(
+                        &self.entries[at].state,
+                        signed,
+                        &id,
+                        change,
+                        &rival.change_id,
+                    )
+                });
             if !wins {
                 return Received::Refused(Refusal::Forked);
             }

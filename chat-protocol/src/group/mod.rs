@@ -29,8 +29,13 @@ pub type StateHash = [u8; 32];
 /// SHA-256 identifying a [`SignedChange`].
 pub type ChangeId = [u8; 32];
 
-/// Members a group may have unless the client is configured otherwise.
+/// Members a group may have unless the client is configured otherwise (for the groups it
+/// creates and the changes it makes).
 pub const DEFAULT_MAX_MEMBERS: usize = 256;
+/// Members a group may reach by changes others make: every client judges those by this
+/// one protocol-wide bound, not by its own setting, so no member is split off a group
+/// others accepted.
+pub const MAX_MEMBERS_ACCEPTED: usize = 4096;
 /// First byte (the version field) of a [`GroupEnvelope`]; a 1:1 envelope starts with
 /// [`crate::e2e::E2E_VERSION`] (2).
 pub const GROUP_ENVELOPE_VERSION: u8 = 3;
