@@ -22,31 +22,28 @@ impl Store {
             .optional()?)
     }
 
+    /// Pins `user`'s key; a new contact is listed.
     pub fn save_pin(&self, user: &str, pin: &Pin) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO contacts (username, pinned_key, verified, pending_key)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (username) DO UPDATE SET
-                 pinned_key = excluded.pinned_key,
-                 verified = excluded.verified,
-                 pending_key = excluded.pending_key",
-            params![user, pin.key, pin.verified, pin.pending],
-        )?;
-        Ok(())
+        self.insert_pin(user, pin, "shown")
     }
 
     /// Pins a *new* key for someone the user did not ask about (e.g. a fellow group member
     /// who sent a sending key): off the contact list (`removed`) until a 1:1 text in either
     /// direction lists them. An existing contact's listing is left as it is.
     pub fn save_pin_unlisted(&self, user: &str, pin: &Pin) -> Result<(), StoreError> {
+        self.insert_pin(user, pin, "removed")
+    }
+
+    /// Saves a pin; `listing` is a new contact's (an existing one's is kept).
+    fn insert_pin(&self, user: &str, pin: &Pin, listing: &str) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT INTO contacts (username, pinned_key, verified, pending_key, listing)
-             VALUES (?1, ?2, ?3, ?4, 'removed')
+             VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (username) DO UPDATE SET
                  pinned_key = excluded.pinned_key,
                  verified = excluded.verified,
                  pending_key = excluded.pending_key",
-            params![user, pin.key, pin.verified, pin.pending],
+            params![user, pin.key, pin.verified, pin.pending, listing],
         )?;
         Ok(())
     }
