@@ -70,7 +70,7 @@ pub enum Command {
 }
 
 /// A group as shown to the user.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct GroupInfo {
     /// 32 lowercase hex digits.
     pub id: String,

@@ -15,7 +15,7 @@ use chat_protocol::username::Username;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::groups::{change_line, group_hex};
+use super::groups::change_line;
 use super::{Engine, Source, now_ms};
 use crate::api::{Event, id_hex};
 use crate::store::{GroupLine, GroupRecord, GroupWrite, StoreError};
@@ -111,7 +111,7 @@ impl Engine {
                         g.unread += 1;
                     }
                     self.sink.emit(Event::GroupMessage {
-                        group: group_hex(&id),
+                        group: id_hex(&id),
                         from: from.to_string(),
                         id: id_hex(&content.id),
                         text: text.clone(),
@@ -131,31 +131,20 @@ impl Engine {
         }
     }
 
-    /// Keeps a group envelope that cannot be opened yet; acknowledged once stored.
+    /// Keeps a group envelope that cannot be opened yet; acknowledged (or released from
+    /// the 1:1 held) once stored. One held already stays.
     fn hold_group(&mut self, source: Source, group: &GroupId, from: &str, payload: &[u8]) {
-        match source {
-            Source::GroupHeld(_) => {} // Stays held.
-            Source::Relay(envelope_id) => {
-                match self
-                    .store
-                    .hold_group_envelope(group, from, payload, now_ms())
-                {
-                    Ok(true) => self.acks.push(envelope_id),
-                    // Left to the relay: delivered again at the next login.
-                    Ok(false) => warn!("too many group envelopes held for one sender"),
-                    Err(e) => self.store_error(e),
-                }
-            }
-            Source::Held(seq) => {
-                match self
-                    .store
-                    .hold_group_envelope(group, from, payload, now_ms())
-                {
-                    Ok(true) => self.settle(Source::Held(seq)),
-                    Ok(false) => warn!("too many group envelopes held for one sender"),
-                    Err(e) => self.store_error(e),
-                }
-            }
+        if let Source::GroupHeld(_) = source {
+            return;
+        }
+        match self
+            .store
+            .hold_group_envelope(group, from, payload, now_ms())
+        {
+            Ok(true) => self.settle(source),
+            // Left to the relay (or the 1:1 held): delivered again later.
+            Ok(false) => warn!("too many group envelopes held for one sender"),
+            Err(e) => self.store_error(e),
         }
     }
 
@@ -351,7 +340,7 @@ impl Engine {
                 self.store.commit_group(&id, write, now_ms())?;
                 warn!(reason = refusal.as_str(), "group change refused");
                 self.sink.emit(Event::GroupRefused {
-                    group: group_hex(&id),
+                    group: id_hex(&id),
                     from: from.to_owned(),
                     by: change.change.author.to_string(),
                     reason: refusal.as_str().to_owned(),

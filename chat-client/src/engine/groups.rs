@@ -9,11 +9,10 @@
 use std::collections::{BTreeSet, HashMap};
 
 use chat_protocol::ClientMessage;
-use chat_protocol::e2e::{self, Body, Content, MessageId};
+use chat_protocol::e2e::{Body, Content, MessageId};
 use chat_protocol::group::{
     ChangeError, ChangeKind, GroupId, GroupState, Membership, SenderKey, SignedChange,
 };
-use chat_protocol::message::send_frame_len;
 use chat_protocol::username::Username;
 use tracing::warn;
 
@@ -21,17 +20,12 @@ use super::{Engine, Pending, now_ms, random_id};
 use crate::api::{Event, GroupInfo, id_hex};
 use crate::store::{GroupLine, GroupRecord, GroupWrite, OutboxItem, OutgoingGroupMessage};
 
-/// A group envelope adds to its padded text: the tag, the sender's signature (up to
-/// RSA-4096), names and counters.
-const GROUP_ENVELOPE_OVERHEAD: usize = 16 + 512 + 33 + 16 + 16;
+/// A group envelope and its `Send` frame add to the padded text: the tag, the sender's
+/// signature (up to RSA-4096), the group id, names, counters and lengths.
+const GROUP_ENVELOPE_OVERHEAD: usize = 16 + 512 + 16 + 2 * 33 + 16 + 16;
 
 /// Groups in memory: a cache of what the store holds.
 pub(super) type Groups = HashMap<GroupId, GroupRecord>;
-
-/// Hex form of a group id (32 lowercase digits).
-pub(super) fn group_hex(id: &GroupId) -> String {
-    id_hex(id)
-}
 
 /// The line a change leaves in the group's history, and its `group` event name.
 pub(super) fn describe(change: &SignedChange) -> (String, &'static str, Vec<String>) {
@@ -131,7 +125,7 @@ impl Engine {
                 }
                 match self.store.group_history(&id, 10_000) {
                     Ok(items) => self.sink.emit(Event::GroupHistory {
-                        group: group_hex(&id),
+                        group: id_hex(&id),
                         items,
                     }),
                     Err(e) => self.store_error(e),
@@ -205,22 +199,13 @@ impl Engine {
     pub(super) fn group_info(&self, id: &GroupId) -> GroupInfo {
         let Some(g) = self.groups.get(id) else {
             return GroupInfo {
-                id: group_hex(id),
-                name: String::new(),
-                members: vec![],
-                admins: vec![],
-                version: 0,
-                active: false,
-                excluded: vec![],
-                unread: 0,
-                change: None,
-                by: None,
-                users: vec![],
+                id: id_hex(id),
+                ..GroupInfo::default()
             };
         };
         let state = g.membership.current();
         GroupInfo {
-            id: group_hex(id),
+            id: id_hex(id),
             name: state.name.clone(),
             members: state.members.iter().map(|u| u.to_string()).collect(),
             admins: state.admins.keys().map(|u| u.to_string()).collect(),
@@ -232,9 +217,7 @@ impl Engine {
                 .map(|u| u.to_string())
                 .collect(),
             unread: g.unread,
-            change: None,
-            by: None,
-            users: vec![],
+            ..GroupInfo::default()
         }
     }
 
@@ -439,7 +422,7 @@ impl Engine {
             ));
             return false;
         }
-        if let Some(limit) = self.group_text_limit(&text) {
+        if let Some(limit) = self.text_limit(&text, GROUP_ENVELOPE_OVERHEAD, "group texts") {
             self.sink.emit(Event::error("message_too_long", limit));
             return false;
         }
@@ -511,7 +494,7 @@ impl Engine {
         if let Some(record) = self.groups.get_mut(&id) {
             record.sender_key = Some(key);
         }
-        let group = group_hex(&id);
+        let group = id_hex(&id);
         let msg = id_hex(&content.id);
         self.sink.emit(Event::GroupQueued {
             group: group.clone(),
@@ -524,29 +507,6 @@ impl Engine {
             self.sink.emit(Event::GroupSent { group, id: msg });
         }
         true
-    }
-
-    /// Why `text` can never go to a group, if it can't.
-    fn group_text_limit(&self, text: &str) -> Option<String> {
-        if text.len() > e2e::MAX_TEXT_BYTES {
-            return Some(format!(
-                "the message is {} bytes; the limit is {} bytes",
-                text.len(),
-                e2e::MAX_TEXT_BYTES
-            ));
-        }
-        let envelope = e2e::padded_len(text.len() + 24) + GROUP_ENVELOPE_OVERHEAD;
-        let frame = send_frame_len(&"x".repeat(32), envelope);
-        (self.max_frame > 0 && frame > self.max_frame).then(|| {
-            format!(
-                "the message is {} bytes; the relay at {} accepts envelopes up to {} bytes, \
-                 so group texts must stay under about {} bytes",
-                text.len(),
-                self.config.server,
-                self.max_frame,
-                self.largest_text().saturating_sub(GROUP_ENVELOPE_OVERHEAD)
-            )
-        })
     }
 
     /// Hands queued copies of group messages to the relay (one `Send` per member).
@@ -586,7 +546,7 @@ impl Engine {
         let at = accepted.then(|| self.relay_now_ms().unwrap_or_else(now_ms));
         match self.store.group_send_done(&id, member, at) {
             Ok(true) => self.sink.emit(Event::GroupSent {
-                group: group_hex(&group),
+                group: id_hex(&group),
                 id: id_hex(&id),
             }),
             Ok(false) => {}
@@ -602,7 +562,7 @@ impl Engine {
         for (group, id, sent_now) in done {
             if sent_now {
                 self.sink.emit(Event::GroupSent {
-                    group: group_hex(&group),
+                    group: id_hex(&group),
                     id: id_hex(&id),
                 });
             }
@@ -611,7 +571,7 @@ impl Engine {
                 Err(e) => return self.store_error(e),
             };
             self.sink.emit(Event::GroupDelivered {
-                group: group_hex(&group),
+                group: id_hex(&group),
                 to: member.to_owned(),
                 id: id_hex(&id),
                 delivered_to,

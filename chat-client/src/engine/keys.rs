@@ -66,15 +66,7 @@ impl Engine {
                 // a 100-member group must not put 99 strangers in the contact list.
                 let asked = waiting.iter().any(|w| matches!(w, Waiting::Safety))
                     || self.store.has_text_for(user).unwrap_or(true);
-                let saved = if !asked {
-                    self.store
-                        .save_pin_unlisted(user, &pin)
-                        .map_err(|e| self.store_error(e))
-                        .is_ok()
-                } else {
-                    self.save_pin(user, &pin)
-                };
-                if !saved {
+                if !self.save_new_pin(user, &pin, asked) {
                     // The store cannot write (a full disk): what waited for the key waits
                     // with the other stalled deliveries and is retried with them.
                     for w in waiting {

@@ -1013,6 +1013,17 @@ impl Engine {
         }
     }
 
+    /// Saves a new contact's pin, listed or not (see `Store::save_pin_unlisted`); false
+    /// (and the user told) if the store could not write it.
+    fn save_new_pin(&mut self, user: &str, pin: &Pin, listed: bool) -> bool {
+        let saved = if listed {
+            self.store.save_pin(user, pin)
+        } else {
+            self.store.save_pin_unlisted(user, pin)
+        };
+        saved.map_err(|e| self.store_error(e)).is_ok()
+    }
+
     /// The pinned, usable key of `user`, parsed.
     fn usable_key(&mut self, user: &str) -> Option<(Username, PublicIdentity)> {
         let pin = self.pin(user).filter(Pin::usable)?;

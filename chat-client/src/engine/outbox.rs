@@ -16,7 +16,7 @@ use crate::store::OutboxItem;
 const RECEIPT_BATCH: usize = 512;
 /// Smallest envelope around a text: padding bucket, AES-GCM tag, names, counters. A text
 /// whose padded size alone passes the relay's frame limit can never be sent.
-const ENVELOPE_OVERHEAD: usize = 16 + 2 * 33 + 32;
+pub(super) const ENVELOPE_OVERHEAD: usize = 16 + 2 * 33 + 32;
 
 impl Engine {
     /// Writes a new message to the outbox. Returns whether it was queued.
@@ -24,7 +24,7 @@ impl Engine {
         let Some(to) = self.contact_name(to) else {
             return false;
         };
-        if let Some(limit) = self.text_limit(&text) {
+        if let Some(limit) = self.text_limit(&text, ENVELOPE_OVERHEAD, "texts") {
             self.sink.emit(Event::error("message_too_long", limit));
             return false;
         }
@@ -87,8 +87,9 @@ impl Engine {
     }
 
     /// Why `text` can never be sent, if it can't: over the E2E limit, or (the relay's
-    /// frame limit being known) too big for any envelope the relay accepts.
-    fn text_limit(&self, text: &str) -> Option<String> {
+    /// frame limit being known) too big for any envelope the relay accepts, an envelope
+    /// adding `overhead` bytes to the padded text (`what`: "texts", "group texts").
+    pub(super) fn text_limit(&self, text: &str, overhead: usize, what: &str) -> Option<String> {
         if text.len() > e2e::MAX_TEXT_BYTES {
             return Some(format!(
                 "the message is {} bytes; the limit is {} bytes",
@@ -96,15 +97,16 @@ impl Engine {
                 e2e::MAX_TEXT_BYTES
             ));
         }
-        let smallest = e2e::padded_len(text.len() + 24) + ENVELOPE_OVERHEAD;
+        let smallest = e2e::padded_len(text.len() + 24) + overhead;
         (self.max_frame > 0 && smallest > self.max_frame).then(|| {
             format!(
                 "the message is {} bytes; the relay at {} accepts envelopes up to {} bytes, \
-                 so texts must stay under about {} bytes",
+                 so {what} must stay under about {} bytes",
                 text.len(),
                 self.config.server,
                 self.max_frame,
                 self.largest_text()
+                    .saturating_sub(overhead.saturating_sub(ENVELOPE_OVERHEAD))
             )
         })
     }

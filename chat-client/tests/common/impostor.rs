@@ -41,12 +41,7 @@ impl TamperProxy {
         let pem = std::fs::read_to_string(home.join("identity.pem")).unwrap();
         let user = Arc::new(Identity::from_pem(&pem, None).unwrap());
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let key = RelayIdentity::generate_key_pem().unwrap();
-        let cert = RelayIdentity::self_signed_pem(&key).unwrap();
-        let own = RelayIdentity::from_pem(&cert, &key).unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(own.server_config().unwrap());
-        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (acceptor, listener, addr) = stand_in_listener(&runtime);
         let replayed = Arc::new(AtomicUsize::new(0));
         let counter = replayed.clone();
         runtime.spawn(async move {
@@ -75,6 +70,20 @@ impl TamperProxy {
     pub fn replayed(&self) -> usize {
         self.replayed.load(Ordering::SeqCst)
     }
+}
+
+/// A TLS listener on loopback under a fresh self-signed relay key of its own (what a
+/// client meeting it for the first time pins), for relay stand-ins.
+pub fn stand_in_listener(
+    runtime: &tokio::runtime::Runtime,
+) -> (tokio_rustls::TlsAcceptor, TcpListener, SocketAddr) {
+    let key = RelayIdentity::generate_key_pem().unwrap();
+    let cert = RelayIdentity::self_signed_pem(&key).unwrap();
+    let own = RelayIdentity::from_pem(&cert, &key).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(own.server_config().unwrap());
+    let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    (acceptor, listener, addr)
 }
 
 /// One client connection: the login on both sides, then the frames, tampered with.

@@ -17,10 +17,10 @@ use std::time::Duration;
 use chat_protocol::codec::WireCodec;
 use chat_protocol::e2e::{Body, Content, Inbound, Outbound, Parties, RotationPolicy};
 use chat_protocol::identity::{Identity, PublicIdentity};
-use chat_protocol::tls::{PinVerifier, RelayIdentity};
+use chat_protocol::tls::PinVerifier;
 use chat_protocol::{ClientMessage, PROTOCOL_VERSION, ServerMessage, Username};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 
@@ -249,12 +249,7 @@ impl Tap {
         let pem = std::fs::read_to_string(home.join("identity.pem")).unwrap();
         let user = Arc::new(Identity::from_pem(&pem, None).unwrap());
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let key = RelayIdentity::generate_key_pem().unwrap();
-        let cert = RelayIdentity::self_signed_pem(&key).unwrap();
-        let own = RelayIdentity::from_pem(&cert, &key).unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(own.server_config().unwrap());
-        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (acceptor, listener, addr) = super::impostor::stand_in_listener(&runtime);
         let uploads: Uploads = Arc::default();
         let inject: Arc<Mutex<Option<mpsc::UnboundedSender<ServerMessage>>>> = Arc::default();
         let (rec, inj) = (uploads.clone(), inject.clone());
