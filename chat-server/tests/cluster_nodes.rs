@@ -204,8 +204,15 @@ async fn a_node_leaves_for_good_and_the_rest_keep_every_message_and_their_quorum
     // Alice's session ended when the relay lost its NATS connection; she logs in again.
     drop(alice);
     let mut alice = user_when_serving(&server, "alice", 0).await;
-    let reply = alice.send_to("bob", b"after").await;
+    // The relay answers once JetStream stored the envelope: if the node killed led the
+    // mailbox stream or a bucket the send touches, that waits for the election (the relay
+    // retries for `outbox::RETRY_FOR`, 30 s).
+    let stored = std::time::Instant::now();
+    let reply = alice
+        .send_to_within("bob", b"after", 6 * common::PATIENCE)
+        .await;
     assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    eprintln!("\"after\" stored in {:?}", stored.elapsed());
     // Live delivery resumes once Bob's reader notices the stream's new leader (after the
     // kill), which may take longer than a plain delivery.
     let sent = std::time::Instant::now();

@@ -103,10 +103,21 @@ impl TestServer {
         }
         tweak(&mut config);
         config.validate().unwrap();
+        let on_nats = matches!(config.backend, chat_server::config::Backend::Nats(_));
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
             chat_server::run(listener, config, rx).await.unwrap();
         });
+        if on_nats {
+            // The relay accepts once JetStream is set up (up to 30 s on a cluster that is
+            // still electing its leaders): wait for that before a test's own patience
+            // starts ticking.
+            let stream = TcpStream::connect(addr).await.unwrap();
+            tokio::time::timeout(5 * PATIENCE, tls(stream))
+                .await
+                .expect("the relay did not start serving within 50 s")
+                .expect("TLS handshake failed");
+        }
         Self {
             addr,
             dir,
@@ -374,6 +385,18 @@ impl Client {
 
     /// Sends `payload` to `to` and returns the server's answer.
     pub async fn send_to(&mut self, to: &str, payload: &[u8]) -> ServerMessage {
+        self.send_to_within(to, payload, PATIENCE).await
+    }
+
+    /// Sends `payload` to `to` and returns the server's answer, waiting up to `patience` for
+    /// it (the relay answers `Ok` only once the envelope is stored, which in a cluster can
+    /// wait for a stream's leader election).
+    pub async fn send_to_within(
+        &mut self,
+        to: &str,
+        payload: &[u8],
+        patience: Duration,
+    ) -> ServerMessage {
         let id = self.id();
         self.send(ClientMessage::Send {
             id,
@@ -381,7 +404,9 @@ impl Client {
             payload: payload.to_vec(),
         })
         .await;
-        let reply = self.recv_reply().await;
+        let Some(reply) = self.recv_reply_within(patience).await else {
+            panic!("no answer to a Send within {patience:?}");
+        };
         match &reply {
             ServerMessage::Ok { id: got } | ServerMessage::Error { id: Some(got), .. } => {
                 assert_eq!(*got, id, "reply to another request")
