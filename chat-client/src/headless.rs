@@ -166,10 +166,64 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
 fn take_word(args: &str) -> Option<(String, &str)> {
     let args = args.trim_start();
     let (word, rest) = match args.strip_prefix('"') {
-        Some(quoted) => quoted.split_once('"')?,
-        None => args.split_once(' ').unwrap_or((args, "")),
+        Some(quoted) => unquote(quoted)?,
+        None => {
+            let (word, rest) = args.split_once(' ').unwrap_or((args, ""));
+            (word.to_owned(), rest)
+        }
     };
-    (!word.trim().is_empty()).then(|| (word.to_owned(), rest))
+    (!word.trim().is_empty()).then_some((word, rest))
+}
+
+/// The text up to the closing `"` (`\"` is a quote in it, `\\` a backslash) and what
+/// follows it; `None` without a closing quote.
+fn unquote(quoted: &str) -> Option<(String, &str)> {
+    let mut word = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((at, c)) = chars.next() {
+        match c {
+            '"' => return Some((word, &quoted[at + 1..])),
+            '\\' => word.push(chars.next()?.1),
+            c => word.push(c),
+        }
+    }
+    None
+}
+
+/// For a command whose GROUP is given unquoted (the first word): an error if the first
+/// words together are the name of one of `groups` — `/gmsg Family 2 hi` with a group
+/// "Family 2" would otherwise go to "Family", or fail, without the user seeing why.
+pub fn check_unquoted_group<'a>(
+    line: &str,
+    groups: impl IntoIterator<Item = &'a str>,
+) -> Result<(), String> {
+    let Some((name, args)) = line
+        .trim_end()
+        .strip_prefix('/')
+        .map(|rest| rest.split_once(' ').unwrap_or((rest, "")))
+    else {
+        return Ok(());
+    };
+    let takes_group_then_more = matches!(
+        name,
+        "gmsg" | "group-add" | "group-remove" | "group-promote" | "group-rename"
+    );
+    let args = args.trim_start();
+    if !takes_group_then_more || args.starts_with('"') {
+        return Ok(());
+    }
+    let words: Vec<&str> = args.split(' ').collect();
+    for name_here in groups {
+        let parts = name_here.split(' ').count();
+        if parts >= 2 && words.len() > parts && words[..parts].join(" ") == name_here {
+            return Err(format!(
+                "\"{name_here}\" is the name of one of your groups, but unquoted only its first \
+                 word is taken as the group: put a name with spaces in double quotes (/{name} \
+                 \"{name_here}\" …) or give the group's id (/groups lists them)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A GROUP that is the whole rest of the line (quotes optional).
@@ -212,18 +266,27 @@ pub async fn run(
     let mut input_open = true;
     let mut quitting = false;
     let mut code = 0;
+    // Our groups' names by id, as the events said: for telling an unquoted name apart.
+    let mut group_names = std::collections::HashMap::<String, String>::new();
     loop {
         tokio::select! {
             line = read_line(&mut input, &mut buf), if input_open => {
                 let cmd = match line {
-                    Line::Text(line) => match parse_command(&line) {
-                        Ok(Some(cmd)) => cmd,
-                        Ok(None) => continue,
-                        Err(message) => {
-                            write_event(&mut output, &Event::error("invalid_command", message)).await;
-                            continue;
+                    Line::Text(line) => {
+                        let names = group_names.values().map(String::as_str);
+                        let parsed = match check_unquoted_group(&line, names) {
+                            Ok(()) => parse_command(&line).map_err(|m| ("invalid_command", m)),
+                            Err(message) => Err(("ambiguous_group", message)),
+                        };
+                        match parsed {
+                            Ok(Some(cmd)) => cmd,
+                            Ok(None) => continue,
+                            Err((code, message)) => {
+                                write_event(&mut output, &Event::error(code, message)).await;
+                                continue;
+                            }
                         }
-                    },
+                    }
                     Line::Invalid(message) => {
                         write_event(&mut output, &Event::error("invalid_command", message)).await;
                         continue;
@@ -245,6 +308,15 @@ pub async fn run(
                 let Some(event) = event else { break };
                 let gave_up = matches!(event, Event::Connection { state: ConnectionState::Offline, .. }) && !quitting;
                 let ready = matches!(event, Event::Ready { .. });
+                match &event {
+                    Event::Group(info) => {
+                        group_names.insert(info.id.clone(), info.name.clone());
+                    }
+                    Event::Groups { items } => {
+                        group_names = items.iter().map(|g| (g.id.clone(), g.name.clone())).collect();
+                    }
+                    _ => {}
+                }
                 write_event(&mut output, &event).await;
                 if ready
                     && let Some(warning) = on_ready.take().and_then(|f| f())
@@ -396,6 +468,37 @@ mod tests {
             Some(Command::Shutdown { .. })
         ));
         assert_eq!(parse_command("   ").unwrap(), None);
+    }
+
+    #[test]
+    fn group_names_quote_and_escape() {
+        assert_eq!(
+            parse_command(r#"/group-create "Spa ce \"q\" \\ ü 😀" bob carol"#).unwrap(),
+            Some(Command::GroupCreate {
+                name: r#"Spa ce "q" \ ü 😀"#.into(),
+                members: vec!["bob".into(), "carol".into()]
+            })
+        );
+        assert_eq!(
+            parse_command(r#"/gmsg "Family 2" hi "there""#).unwrap(),
+            Some(Command::GroupSend {
+                group: "Family 2".into(),
+                text: r#"hi "there""#.into()
+            })
+        );
+        assert!(parse_command(r#"/gmsg "Family 2 hi"#).is_err(), "unclosed");
+    }
+
+    #[test]
+    fn an_unquoted_group_that_is_the_start_of_another_name_is_refused() {
+        let groups = ["Family", "Family 2", "Work"];
+        let err = check_unquoted_group("/gmsg Family 2 hi", groups).unwrap_err();
+        assert!(err.contains("\"Family 2\""), "{err}");
+        check_unquoted_group("/gmsg \"Family 2\" hi", groups).unwrap();
+        check_unquoted_group("/gmsg Family hi 2", groups).unwrap();
+        check_unquoted_group("/gmsg Work 2 hi", groups).unwrap();
+        check_unquoted_group("/group-leave Family 2", groups).unwrap();
+        assert!(check_unquoted_group("/group-add Family 2 dave", groups).is_err());
     }
 
     #[test]

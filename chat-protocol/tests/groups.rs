@@ -377,6 +377,15 @@ fn concurrent_admin_changes_converge_for_everyone() {
     applied(m.receive(winner, keys, MAX));
     applied(m.receive(&again, keys, MAX));
     assert_eq!(m.head(), maker.head());
+    // A member who applied the loser and gets the re-made change before the winner (the
+    // relay's order): it waits, then applies after the winner.
+    let mut m = carol.clone();
+    applied(m.receive(loser, keys, MAX));
+    assert_eq!(m.receive(&again, keys, MAX), Received::Ahead);
+    let (_, superseded) = applied(m.receive(winner, keys, MAX));
+    assert_eq!(superseded, vec![loser.clone()]);
+    applied(m.receive(&again, keys, MAX));
+    assert_eq!(m.head(), maker.head());
 }
 
 /// An admin removed from the group signs changes of the state before her removal, with

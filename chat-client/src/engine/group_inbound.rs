@@ -217,12 +217,22 @@ impl Engine {
                 .filter_map(|u| self.usable_key(u.as_str()).map(|(_, k)| (u.clone(), k)))
                 .collect();
             let was_member = membership.current().is_member(&self.me);
+            let author_is_admin = membership.current().is_admin(&author);
             let received = membership.receive(change, |u| keys.get(u).cloned(), max);
-            // Removed earlier and added again by a change our history cannot follow (we
-            // missed changes while out): join from the state the adding admin sends.
-            if !was_member
+            // Added by a change our history cannot follow: join from the state the adding
+            // admin sends. Either we were out (removed, and missed changes meanwhile), or
+            // our history is a branch that lost a fork — we were added on it, and an admin
+            // of ours adds us again on the winning one (its author remade the add; the
+            // winning change itself never comes to us, as we are not in its state).
+            let lost_fork = author_is_admin
+                && matches!(
+                    received,
+                    Received::Refused(Refusal::Forked | Refusal::Stale) | Received::Ahead
+                );
+            if (!was_member || lost_fork)
                 && !matches!(received, Received::Applied { .. })
                 && let Some(prior) = prior
+                && !prior.is_member(&self.me)
                 && author.as_str() == from
                 && let Some((_, key)) = self.usable_key(from)
                 && let Ok(joined) = Membership::join(prior.clone(), change.clone(), &key, max)

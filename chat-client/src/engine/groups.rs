@@ -27,6 +27,14 @@ const GROUP_ENVELOPE_OVERHEAD: usize = 16 + 512 + 16 + 2 * 33 + 16 + 16;
 /// Groups in memory: a cache of what the store holds.
 pub(super) type Groups = HashMap<GroupId, GroupRecord>;
 
+/// A create or add of users whose keys we do not hold, waiting for the relay to say
+/// they exist.
+pub(super) struct AwaitingMembers {
+    cmd: crate::api::Command,
+    /// Those not answered for yet.
+    unknown: BTreeSet<String>,
+}
+
 /// The line a change leaves in the group's history, and its `group` event name.
 pub(super) fn describe(change: &SignedChange) -> (String, &'static str, Vec<String>) {
     let by = change.change.author.as_str();
@@ -80,10 +88,24 @@ impl Engine {
     pub(super) fn group_command(&mut self, cmd: crate::api::Command) {
         use crate::api::Command;
         match cmd {
-            Command::GroupCreate { name, members } => self.create_group(&name, &members),
-            Command::GroupAdd { group, users } => {
-                if let Some(users) = self.user_names(&users) {
-                    self.change_group(&group, ChangeKind::Add { users });
+            Command::GroupCreate {
+                ref name,
+                ref members,
+            } => {
+                if let Some(users) = self.user_names(members)
+                    && self.members_exist(&users, &cmd)
+                {
+                    self.create_group(name, members);
+                }
+            }
+            Command::GroupAdd {
+                ref group,
+                ref users,
+            } => {
+                if let Some(users) = self.user_names(users)
+                    && self.members_exist(&users, &cmd)
+                {
+                    self.change_group(group, ChangeKind::Add { users });
                 }
             }
             Command::GroupRemove { group, users } => {
@@ -132,6 +154,92 @@ impl Engine {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Whether every one of `users` is known to exist (we hold their key). If not, asks the
+    /// relay for the keys of the others and keeps `cmd` (a create or an add) until every
+    /// answer is in ([`Engine::member_checked`]): a group never gains a member that does
+    /// not exist. Offline, nothing can be checked: an error, nothing changes.
+    fn members_exist(&mut self, users: &[Username], cmd: &crate::api::Command) -> bool {
+        let unknown: BTreeSet<String> = users
+            .iter()
+            .map(Username::to_string)
+            .filter(|u| self.pin(u).is_none())
+            .collect();
+        if unknown.is_empty() {
+            return true;
+        }
+        if !self.online {
+            let names: Vec<&str> = unknown.iter().map(String::as_str).collect();
+            self.sink.emit(Event::error(
+                "offline",
+                format!(
+                    "cannot check with the relay that {} exist(s) while not connected; nothing \
+                     changed: try again once connected",
+                    names.join(", ")
+                ),
+            ));
+            return false;
+        }
+        for user in &unknown {
+            self.fetch_key(user, None);
+        }
+        self.awaiting_members.push(AwaitingMembers {
+            cmd: cmd.clone(),
+            unknown,
+        });
+        false
+    }
+
+    /// The relay answered for `user`: `Ok` (its key is pinned now) or why not. A create
+    /// or add waiting on it goes ahead once all its new members are known, and is dropped
+    /// with an error (nothing changed) if one is not.
+    pub(super) fn member_checked(&mut self, user: &str, answer: Result<(), String>) {
+        let mut ready = Vec::new();
+        let mut i = 0;
+        while i < self.awaiting_members.len() {
+            let waiting = &mut self.awaiting_members[i];
+            if !waiting.unknown.contains(user) {
+                i += 1;
+                continue;
+            }
+            match &answer {
+                Err(why) => {
+                    self.awaiting_members.remove(i);
+                    self.sink.emit(Event::error(
+                        "unknown_user",
+                        format!("{why}: the group was not changed"),
+                    ));
+                }
+                Ok(()) => {
+                    waiting.unknown.remove(user);
+                    if waiting.unknown.is_empty() {
+                        ready.push(self.awaiting_members.remove(i).cmd);
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+        }
+        for cmd in ready {
+            self.group_command(cmd);
+        }
+    }
+
+    /// The connection ended before the relay answered: creates and adds still waiting
+    /// for their members to be checked are dropped, with an error each.
+    pub(super) fn forget_member_checks(&mut self) {
+        for waiting in std::mem::take(&mut self.awaiting_members) {
+            let names: Vec<&str> = waiting.unknown.iter().map(String::as_str).collect();
+            self.sink.emit(Event::error(
+                "offline",
+                format!(
+                    "the connection dropped before the relay said whether {} exist(s); the \
+                     group was not changed: try again",
+                    names.join(", ")
+                ),
+            ));
         }
     }
 

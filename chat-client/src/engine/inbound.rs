@@ -81,6 +81,11 @@ impl Engine {
                     && user == username
                 {
                     self.key_arrived(&user, &public_key);
+                    let answer = match self.pin(&user) {
+                        Some(_) => Ok(()),
+                        None => Err(format!("{user}'s key could not be read or stored")),
+                    };
+                    self.member_checked(&user, answer);
                 }
             }
             ServerMessage::Ping { nonce } => self.out.push(ClientMessage::Pong { nonce }),
@@ -247,6 +252,14 @@ impl Engine {
             }
             Some(Pending::Key { user }) => {
                 let waiting = self.awaiting_key.remove(&user).unwrap_or_default();
+                self.member_checked(
+                    &user,
+                    Err(if code == ErrorCode::UnknownUser {
+                        format!("there is no user named {user}")
+                    } else {
+                        format!("{user} could not be looked up ({message})")
+                    }),
+                );
                 if code == ErrorCode::UnknownUser {
                     self.fail_outbox_for(
                         &user,

@@ -292,6 +292,8 @@ struct Engine {
     groups: groups::Groups,
     /// Members' copies of group messages sent on this connection and not yet answered.
     group_in_flight: HashSet<(MessageId, String)>,
+    /// Group creates and adds waiting for the relay to say their new members exist.
+    awaiting_members: Vec<groups::AwaitingMembers>,
 }
 
 impl Engine {
@@ -388,6 +390,7 @@ impl Engine {
         Ok(Self {
             groups,
             group_in_flight: HashSet::new(),
+            awaiting_members: Vec::new(),
             me: config.username.clone(),
             config,
             sink: sink.clone(),
@@ -769,6 +772,7 @@ impl Engine {
         self.receipts_in_flight.clear();
         self.retries_in_flight.clear();
         self.group_in_flight.clear();
+        self.forget_member_checks();
         self.acks.clear();
         self.out.clear();
         // A new connection starts new epochs towards everyone.

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use super::model::now_ms;
 use crate::api::{Event, GroupHistoryItem, GroupInfo, Status};
 
 /// One line of a group conversation.
@@ -16,6 +17,9 @@ pub struct GroupLine {
     pub system: bool,
     pub text: String,
     pub sent_at: u64,
+    /// Our clock when stored (written or arrived), ms since the Unix epoch: the day it is
+    /// listed under.
+    pub stored_at: u64,
     pub status: Status,
     /// Ours: members whose client stored it, of `recipients`.
     pub delivered_to: usize,
@@ -31,6 +35,7 @@ impl From<GroupHistoryItem> for GroupLine {
             system: h.system,
             text: h.text,
             sent_at: h.sent_at,
+            stored_at: h.stored_at,
             status: h.status,
             delivered_to: h.delivered_to,
             recipients: h.recipients,
@@ -95,6 +100,7 @@ impl Groups {
                         system: true,
                         text,
                         sent_at: 0,
+                        stored_at: now_ms(),
                         status: Status::Delivered,
                         delivered_to: 0,
                         recipients: 0,
@@ -128,6 +134,7 @@ impl Groups {
                     system: false,
                     text: text.clone(),
                     sent_at: *sent_at,
+                    stored_at: now_ms(),
                     status: Status::Delivered,
                     delivered_to: 0,
                     recipients: 0,
@@ -151,6 +158,7 @@ impl Groups {
                         system: false,
                         text: text.clone(),
                         sent_at: *sent_at,
+                        stored_at: now_ms(),
                         status: Status::Sending,
                         delivered_to: 0,
                         recipients: *recipients,
@@ -200,6 +208,56 @@ impl Groups {
         if let Some(view) = self.by_id.get_mut(group) {
             view.unread = 0;
         }
+    }
+
+    /// Opens `group`: nothing unread; returns true if its history still needs loading.
+    pub fn open(&mut self, group: &str) -> bool {
+        match self.by_id.get_mut(group) {
+            Some(view) => {
+                view.unread = 0;
+                !std::mem::replace(&mut view.history_requested, true)
+            }
+            None => false,
+        }
+    }
+
+    /// Groups for the side list: those whose name contains `filter` (case-insensitive),
+    /// the ones we are in first, then by name.
+    pub fn listed(&self, filter: &str) -> Vec<&GroupView> {
+        let filter = filter.trim().to_lowercase();
+        let mut list: Vec<&GroupView> = self
+            .by_id
+            .values()
+            .filter(|g| g.info.name.to_lowercase().contains(&filter))
+            .collect();
+        list.sort_by_key(|g| {
+            (
+                !g.info.active,
+                g.info.name.to_lowercase(),
+                g.info.id.clone(),
+            )
+        });
+        list
+    }
+
+    /// Unread texts in every group.
+    pub fn unread(&self) -> usize {
+        self.by_id.values().map(|g| g.unread).sum()
+    }
+}
+
+impl GroupView {
+    /// The newest line for the side list: (text, when stored, ours), a text prefixed
+    /// with its sender.
+    pub fn preview(&self) -> Option<(String, u64, bool)> {
+        let line = self.lines.last()?;
+        let text = line.text.lines().next().unwrap_or("");
+        let text = if line.system || line.outgoing {
+            text.to_owned()
+        } else {
+            format!("{}: {text}", line.from)
+        };
+        Some((text, line.stored_at, line.outgoing))
     }
 }
 

@@ -4,6 +4,7 @@
 //! `ctx.request_repaint()` after each event, and each frame drains the event channel.
 
 pub mod fonts;
+pub mod group_forms;
 pub mod group_model;
 pub mod model;
 pub mod notify;
@@ -96,6 +97,8 @@ pub struct ViewState {
     pub show_archived: bool,
     /// Asking whether to remove this contact (and delete the conversation).
     pub confirm_remove: Option<String>,
+    /// Group dialogs and the member panel.
+    pub group: group_forms::GroupUi,
 }
 
 pub struct ChatApp {
@@ -157,10 +160,13 @@ impl ChatApp {
         // (some X setups never report focus).
         let (focused, active) = ui.ctx().input(|i| (i.focused, !i.events.is_empty()));
         self.model.focused = focused;
-        if (focused || active)
-            && let Some(open) = self.model.open.clone()
-        {
-            self.model.contact(&open).unread = 0;
+        if focused || active {
+            if let Some(open) = self.model.open.clone() {
+                self.model.contact(&open).unread = 0;
+            }
+            if let Some(group) = self.model.open_group.clone() {
+                self.model.groups.read(&group);
+            }
         }
         match self.screen {
             Screen::SignIn => view::sign_in(self, ui),
@@ -178,7 +184,13 @@ impl ChatApp {
     /// The window title: who is signed in, and how many messages are unread, e.g.
     /// "(3) Secure Chat — alice".
     pub fn title(&self) -> String {
-        let unread: usize = self.model.contacts.values().map(|c| c.unread).sum();
+        let unread: usize = self
+            .model
+            .contacts
+            .values()
+            .map(|c| c.unread)
+            .sum::<usize>()
+            + self.model.groups.unread();
         let name = match &self.model.me {
             Some(me) => format!("Secure Chat — {me}"),
             None => "Secure Chat".to_owned(),
@@ -242,6 +254,22 @@ impl ChatApp {
         self.persisted.last_open = Some(user.to_owned());
     }
 
+    /// Opens group `id` (loading its history the first time) and follows its members'
+    /// presence.
+    pub fn open_group(&mut self, id: &str) {
+        if self.model.open_group(id) {
+            self.send(Command::GroupHistory {
+                group: id.to_owned(),
+            });
+        }
+        if let Some(view) = self.model.groups.by_id.get(id) {
+            self.send(Command::Watch {
+                users: view.info.members.clone(),
+            });
+        }
+        self.view.group.rename = None;
+    }
+
     /// Applies every event that has arrived.
     pub fn poll(&mut self) {
         let Some(client) = &mut self.client else {
@@ -257,6 +285,8 @@ impl ChatApp {
     }
 
     fn on_event(&mut self, event: Event) {
+        // A group we just created, to open once the model has it.
+        let mut created = None;
         match &event {
             Event::Message { from, text, .. }
                 if self.settings.notifications
@@ -267,6 +297,44 @@ impl ChatApp {
                     &self.runtime,
                     notify::Notice::message(from, text, self.settings.notification_previews),
                 );
+            }
+            Event::GroupMessage {
+                group, from, text, ..
+            } if self.settings.notifications
+                && !(self.model.focused
+                    && self.model.open_group.as_deref() == Some(group.as_str())) =>
+            {
+                let name = self
+                    .model
+                    .groups
+                    .by_id
+                    .get(group)
+                    .map_or("a group", |g| g.info.name.as_str());
+                notify::show(
+                    &self.runtime,
+                    notify::Notice::message(
+                        &format!("{from} in {name}"),
+                        text,
+                        self.settings.notification_previews,
+                    ),
+                );
+            }
+            Event::GroupQueued { group, text, .. }
+                if self
+                    .view
+                    .last_sent
+                    .as_ref()
+                    .is_some_and(|(to, t)| *to == view::group_draft_key(group) && t == text) =>
+            {
+                self.view.last_sent = None;
+            }
+            Event::Group(info)
+                if info.change.as_deref() == Some("created")
+                    && info.by == self.model.me
+                    && self.view.group.creating.as_deref() == Some(info.name.as_str()) =>
+            {
+                self.view.group.creating = None;
+                created = Some(info.id.clone());
             }
             Event::Queued { to, text, .. }
                 if self
@@ -332,6 +400,9 @@ impl ChatApp {
             _ => {}
         }
         self.model.apply(event);
+        if let Some(id) = created {
+            self.open_group(&id);
+        }
     }
 
     /// Cancels a sign-in that is still trying.

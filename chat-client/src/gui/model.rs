@@ -49,6 +49,9 @@ pub struct Contact {
     pub last: Option<crate::api::LastMessage>,
     /// Archived: left out of the list (not out of search) until a new message.
     pub archived: bool,
+    /// Known only as a group member whose safety number was looked at: not in the list
+    /// until a chat with them is opened or they write.
+    pub unlisted: bool,
 }
 
 impl Contact {
@@ -106,6 +109,9 @@ pub struct Model {
     pub groups: super::group_model::Groups,
     /// The open group (its id), when a group rather than a contact is open.
     pub open_group: Option<String>,
+    /// Presence of everyone the relay told this connection about (contacts and group
+    /// members); emptied when the connection drops.
+    pub presence: BTreeMap<String, bool>,
 }
 
 /// A relay key the user must compare before the client connects with it.
@@ -141,18 +147,23 @@ impl Default for Model {
             relay_key: None,
             groups: Default::default(),
             open_group: None,
+            presence: BTreeMap::new(),
         }
     }
 }
 
 impl Model {
+    /// The contact `name`, made (and listed) if need be.
     pub fn contact(&mut self, name: &str) -> &mut Contact {
-        self.contacts.entry(name.to_owned()).or_default()
+        let contact = self.contacts.entry(name.to_owned()).or_default();
+        contact.unlisted = false;
+        contact
     }
 
     /// Opens a conversation; returns true if its history still needs loading.
     pub fn open(&mut self, name: &str) -> bool {
         self.open = Some(name.to_owned());
+        self.open_group = None;
         let contact = self.contact(name);
         contact.unread = 0;
         !std::mem::replace(&mut contact.history_requested, true)
@@ -167,7 +178,7 @@ impl Model {
         let mut list: Vec<(&str, &Contact)> = self
             .contacts
             .iter()
-            .filter(|(_, c)| !c.archived || !filter.is_empty())
+            .filter(|(_, c)| !c.unlisted && (!c.archived || !filter.is_empty()))
             .filter(|(name, _)| {
                 name.contains(&filter)
                     || (Some(name.as_str()) == me && NOTE_TO_SELF.to_lowercase().contains(&filter))
@@ -176,6 +187,25 @@ impl Model {
             .collect();
         list.sort_by_key(|(name, c)| (Some(*name) != me, c.online != Some(true), *name));
         list
+    }
+
+    /// Opens group `id`; returns true if its history still needs loading.
+    pub fn open_group(&mut self, id: &str) -> bool {
+        self.open = None;
+        self.open_group = Some(id.to_owned());
+        self.groups.open(id)
+    }
+
+    /// `user`'s presence as last told on this connection (`None`: not known, or not
+    /// connected).
+    pub fn online(&self, user: &str) -> Option<bool> {
+        if self.link.state != ConnectionState::Connected {
+            return None;
+        }
+        self.contacts
+            .get(user)
+            .and_then(|c| c.online)
+            .or_else(|| self.presence.get(user).copied())
     }
 
     /// Archived contacts, by name.
@@ -227,6 +257,9 @@ impl Model {
                 for (name, c) in self.contacts.iter_mut() {
                     c.online = Some(online.contains(name));
                 }
+                for (name, now) in self.presence.iter_mut() {
+                    *now = online.contains(name);
+                }
                 self.online_users = online;
             }
             // Presence never makes a contact (a removed one is still followed until the
@@ -235,6 +268,7 @@ impl Model {
                 if let Some(c) = self.contacts.get_mut(&user) {
                     c.online = Some(online);
                 }
+                self.presence.insert(user, online);
             }
             Event::Message {
                 from,
@@ -340,7 +374,11 @@ impl Model {
                 verified,
                 key_changed,
             } => {
-                let c = self.contact(&user);
+                // A group member's number does not make a contact of them.
+                let c = self.contacts.entry(user).or_insert_with(|| Contact {
+                    unlisted: true,
+                    ..Contact::default()
+                });
                 c.safety = Some(number);
                 c.verified = verified;
                 c.key_changed = key_changed;
@@ -396,6 +434,7 @@ impl Model {
                     for c in self.contacts.values_mut() {
                         c.online = None;
                     }
+                    self.presence.clear();
                 }
                 self.link = Link {
                     state,
@@ -481,7 +520,8 @@ fn line_of(item: HistoryItem) -> Line {
     }
 }
 
-fn now_ms() -> u64 {
+/// This computer's clock, ms since the Unix epoch (for lines the core gave no time).
+pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

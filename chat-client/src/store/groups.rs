@@ -16,11 +16,14 @@ use super::messages::{OutboxItem, enqueue_in};
 use super::{Store, StoreError, read_blob, read_text, write_blob, write_text};
 use crate::api::{GroupHistoryItem, Status, id_hex};
 
-/// Group envelopes held per group and sender while the sender's key or the change adding
-/// them is on its way; more stay on the relay.
+/// Group envelopes held per sender (all groups together, so inventing group ids gains a
+/// sender nothing) while the sender's key or the change adding us is on its way; more
+/// stay on the relay.
 pub const MAX_HELD_PER_SENDER: usize = 1000;
 /// Changes held per group while an earlier one is on its way.
 pub const MAX_HELD_CHANGES: usize = 64;
+/// Changes held from one sender, all groups together.
+pub const MAX_HELD_CHANGES_PER_SENDER: usize = 256;
 
 pub(super) fn create_tables(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
     tx.execute_batch(
@@ -387,6 +390,17 @@ impl Store {
                     )?
                     .execute(params![&id[..]])?;
                 }
+                let from_sender: i64 = tx
+                    .prepare_cached("SELECT COUNT(*) FROM group_changes_held WHERE sender = ?1")?
+                    .query_row(params![from], |r| r.get(0))?;
+                if from_sender.unsigned_abs() as usize >= MAX_HELD_CHANGES_PER_SENDER {
+                    // Nor across groups a sender makes up: its oldest goes.
+                    tx.prepare_cached(
+                        "DELETE FROM group_changes_held WHERE seq =
+                             (SELECT MIN(seq) FROM group_changes_held WHERE sender = ?1)",
+                    )?
+                    .execute(params![from])?;
+                }
                 tx.prepare_cached(
                     "INSERT INTO group_changes_held (group_id, sender, change, received_at)
                      VALUES (?1, ?2, ?3, ?4)",
@@ -444,8 +458,8 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let held: i64 = self
             .conn
-            .prepare_cached("SELECT COUNT(*) FROM group_held WHERE group_id = ?1 AND sender = ?2")?
-            .query_row(params![&group[..], sender], |r| r.get(0))?;
+            .prepare_cached("SELECT COUNT(*) FROM group_held WHERE sender = ?1")?
+            .query_row(params![sender], |r| r.get(0))?;
         if held.unsigned_abs() as usize >= MAX_HELD_PER_SENDER {
             return Ok(false);
         }
@@ -606,6 +620,14 @@ impl Store {
             let (from, id, outgoing, system, body, sent_at, stored_at, status, delivered, all) =
                 row?;
             let id: MessageId = id.try_into().unwrap_or_default();
+            // Ours is "delivered" once every member it went to stored it.
+            let status = match status.as_str() {
+                "sending" => Status::Sending,
+                "sent" if all > 0 && delivered == all => Status::Delivered,
+                "sent" => Status::Sent,
+                "failed" => Status::Failed,
+                _ => Status::Delivered,
+            };
             items.push(GroupHistoryItem {
                 text: read_text(&self.cipher, &line_place(group, &from, &id), body)?,
                 id: id_hex(&id),
@@ -614,12 +636,7 @@ impl Store {
                 system,
                 sent_at: sent_at.unsigned_abs(),
                 stored_at: stored_at.unsigned_abs(),
-                status: match status.as_str() {
-                    "sending" => Status::Sending,
-                    "sent" => Status::Sent,
-                    "failed" => Status::Failed,
-                    _ => Status::Delivered,
-                },
+                status,
                 delivered_to: delivered.unsigned_abs() as usize,
                 recipients: all.unsigned_abs() as usize,
             });

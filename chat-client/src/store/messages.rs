@@ -280,7 +280,8 @@ impl Store {
     }
 
     /// The server accepted `id`, sealed under `epoch`, at our time `now`. Returns the peer
-    /// if this is news (it was queued and not yet receipted).
+    /// if this is news to the user: a text that was queued and not yet receipted (control
+    /// messages — group changes, sending keys — are not the user's messages).
     pub fn mark_sent(
         &mut self,
         id: &MessageId,
@@ -291,11 +292,12 @@ impl Store {
             let peer: Option<String> = tx
                 .query_row(
                     "UPDATE outbox SET state = 'sent', epoch = ?2, accepted_at = ?3
-                     WHERE id = ?1 AND state = 'queued' RETURNING peer",
+                     WHERE id = ?1 AND state = 'queued' RETURNING peer, kind",
                     params![&id[..], i64::from(epoch), now as i64],
-                    |r| r.get(0),
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
                 )
-                .optional()?;
+                .optional()?
+                .and_then(|(peer, kind)| (kind == "text").then_some(peer));
             if let Some(peer) = &peer {
                 tx.execute(
                     "UPDATE messages SET status = 'sent'

@@ -345,8 +345,9 @@ pub enum Received {
         state: GroupState,
         superseded: Vec<SignedChange>,
     },
-    /// It names a version this member has not reached: keep it, and offer it again after
-    /// the next change is applied (an earlier change may still be on its way).
+    /// It names a version this member has not reached, or a state of its newest version it
+    /// has not seen (a rival change that may still win): keep it, and offer it again
+    /// after the next change is applied (an earlier change may still be on its way).
     Ahead,
     /// The author's key is needed (and not pinned): fetch it, then offer the change again.
     NeedKey(Username),
@@ -557,7 +558,13 @@ impl Membership {
             return Received::Refused(Refusal::Stale);
         };
         if self.entries[at].hash != change.prev {
-            // It changes a state we never had: a branch that already lost.
+            // It changes a state we never had. Of our newest version: the change that made
+            // that state is a rival of our newest change, may still reach us and win (its
+            // author's client then builds on it, as this change does) — keep it like an
+            // early one. Older: a branch that already lost.
+            if change.prev_version == head_version {
+                return Received::Ahead;
+            }
             return Received::Refused(Refusal::Forked);
         }
         if let Some(rival) = self.entries.get(at + 1) {

@@ -3,6 +3,7 @@
 
 mod attack;
 mod cluster;
+mod group;
 mod load;
 mod report;
 
@@ -244,6 +245,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let crypto = crypto_cost(payloads)?;
 
+    // A text to a group of 100 with sender keys, beside the same text sent 1:1 to each.
+    let group_rounds = if args.quick { 3 } else { 10 };
+    let group = rt.block_on(group::measure(
+        &relay.addr,
+        &key,
+        100,
+        group_rounds,
+        payload,
+    ))?;
+    eprintln!(
+        "group of 100: last delivery {:.1} ms with sender keys, {:.1} ms pairwise",
+        group.sender_keys.last_delivery_ms[0], group.pairwise.last_delivery_ms[0]
+    );
+
     let machine = machine();
     report::print(&report::Report {
         rows: &rows,
@@ -259,6 +274,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         plain_conn,
         redis_conn,
         crypto: &crypto,
+        group: &group,
         machine: &machine,
     });
     let json = json!({
@@ -283,6 +299,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         "tls": "relay and Redis over TLS 1.3; relay_plaintext: the same relay code without TLS",
         "connections": {"count": n, "relay_bytes_each": relay_conn, "relay_plaintext_bytes_each": plain_conn, "redis_bytes_each": redis_conn},
+        "group": group,
         "crypto_us": crypto.iter().map(|(len, seal, open)| json!({"payload": len, "seal": seal, "open": open})).collect::<Vec<_>>(),
     });
     std::fs::write(out.join("bench.json"), serde_json::to_string_pretty(&json)?)?;

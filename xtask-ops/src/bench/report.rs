@@ -22,6 +22,8 @@ pub struct Report<'a> {
     pub redis_conn: f64,
     /// (payload bytes, seal µs, open µs)
     pub crypto: &'a [(usize, f64, f64)],
+    /// A text to a group, sender keys against pairwise 1:1.
+    pub group: &'a super::group::GroupFigures,
     pub machine: &'a str,
 }
 
@@ -86,6 +88,26 @@ pub fn print(r: &Report<'_>) {
     println!("client crypto per message (RSA-3072 identities, AES-256-GCM):");
     for (len, seal, open) in r.crypto {
         println!("  {len:>5} B: seal {seal:.1} µs, open {open:.1} µs");
+    }
+    let g = r.group;
+    println!();
+    println!(
+        "a {} B text to a group of {} ({} rounds; from send pressed to the last member's copy):",
+        g.text_bytes, g.members, g.rounds
+    );
+    println!("| design | seal µs | upload bytes | last delivery p50 ms | max ms |");
+    println!("|--------|--------:|-------------:|---------------------:|-------:|");
+    for (name, d) in [
+        (
+            "sender keys: sealed once, a Send per member",
+            &g.sender_keys,
+        ),
+        ("pairwise 1:1: sealed per member (baseline)", &g.pairwise),
+    ] {
+        println!(
+            "| {name} | {:.0} | {} | {:.1} | {:.1} |",
+            d.seal_us, d.upload_bytes, d.last_delivery_ms[0], d.last_delivery_ms[1]
+        );
     }
 }
 

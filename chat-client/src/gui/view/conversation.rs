@@ -77,12 +77,17 @@ fn conversation_body(app: &mut ChatApp, ui: &mut Ui, user: &str, contact: &Conta
                 &format!("Say hi to {user}. Messages are end-to-end encrypted: only you and {user} can read them."),
             );
         } else {
-            history(app, ui, user, &contact.lines);
+            history(app, ui, user, &contact.lines, row);
         }
     });
+    composer_below(app, ui, To::User(user), contact.key_changed);
+}
+
+/// The composer under a history, remembering its height for the next frame's layout.
+pub(super) fn composer_below(app: &mut ChatApp, ui: &mut Ui, to: To<'_>, blocked: bool) {
     let top = ui.cursor().top();
     ui.separator();
-    composer(app, ui, user, contact.key_changed);
+    composer(app, ui, to, blocked);
     let used = ui.cursor().top() - top;
     if (used - app.view.composer_height).abs() > 0.5 {
         app.view.composer_height = used;
@@ -155,10 +160,17 @@ fn key_change_banner(app: &mut ChatApp, ui: &mut Ui, user: &str, contact: &Conta
         });
 }
 
-/// The message list. Only rows inside the viewport are laid out; the others take their
-/// last measured height.
-fn history(app: &mut ChatApp, ui: &mut Ui, user: &str, lines: &[Line]) {
-    let heights = app.view.row_heights.entry(user.to_owned()).or_default();
+/// The message list of conversation `key`, each line drawn by `draw(ui, line, previous)`.
+/// Only rows inside the viewport are laid out; the others take their last measured
+/// height.
+pub(super) fn history<T>(
+    app: &mut ChatApp,
+    ui: &mut Ui,
+    key: &str,
+    lines: &[T],
+    draw: impl Fn(&mut Ui, &T, Option<&T>),
+) {
+    let heights = app.view.row_heights.entry(key.to_owned()).or_default();
     heights.resize(lines.len(), ROW_GUESS);
     egui::ScrollArea::vertical()
         .auto_shrink([false, false])
@@ -180,7 +192,7 @@ fn history(app: &mut ChatApp, ui: &mut Ui, user: &str, lines: &[Line]) {
                             .layout(Layout::top_down(Align::Min)),
                     );
                     let previous = i.checked_sub(1).map(|p| &lines[p]);
-                    row(&mut child, line, previous);
+                    draw(&mut child, line, previous);
                     heights[i] = child.min_rect().height() + ui.spacing().item_spacing.y;
                 }
                 y += heights[i];
@@ -197,13 +209,14 @@ fn history(app: &mut ChatApp, ui: &mut Ui, user: &str, lines: &[Line]) {
 /// flagged: the relay may have held the message while we were offline.)
 const CLOCK_OFF_MS: u64 = 10 * 60 * 1000;
 
-fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
-    // Days follow our clock (when stored); the time shown is the sender's.
-    let stored = Local.timestamp_millis_opt(line.stored_at as i64).single();
-    let when = Local.timestamp_millis_opt(line.sent_at as i64).single();
-    let day = stored.map(|t| t.date_naive());
-    if previous
-        .and_then(|p| Local.timestamp_millis_opt(p.stored_at as i64).single())
+/// A day heading before the first line stored on a new day (by our clock).
+pub(super) fn day_heading(ui: &mut Ui, stored_at: u64, previous_stored_at: Option<u64>) {
+    let day = Local
+        .timestamp_millis_opt(stored_at as i64)
+        .single()
+        .map(|t| t.date_naive());
+    if previous_stored_at
+        .and_then(|p| Local.timestamp_millis_opt(p as i64).single())
         .map(|t| t.date_naive())
         != day
     {
@@ -218,6 +231,13 @@ fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
         });
         ui.add_space(4.0);
     }
+}
+
+fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
+    // Days follow our clock (when stored); the time shown is the sender's.
+    day_heading(ui, line.stored_at, previous.map(|p| p.stored_at));
+    let stored = Local.timestamp_millis_opt(line.stored_at as i64).single();
+    let when = Local.timestamp_millis_opt(line.sent_at as i64).single();
     let time = when
         .map(|t| t.format("%H:%M").to_string())
         .unwrap_or_default();
@@ -254,38 +274,64 @@ fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
         )),
         _ => None,
     };
-    let meta = format!("{time}{status}");
-    // Bubbles are as wide as their text (up to 3/4 of the view); outgoing ones sit right.
+    bubble(
+        ui,
+        Bubble {
+            text: &line.text,
+            meta: format!("{time}{status}"),
+            tooltip,
+            outgoing: line.outgoing,
+            sender: None,
+        },
+    );
+}
+
+/// One message as a bubble.
+pub(super) struct Bubble<'a> {
+    pub text: &'a str,
+    /// The small line under the text (time, delivery).
+    pub meta: String,
+    /// Shown when hovering `meta`.
+    pub tooltip: Option<String>,
+    pub outgoing: bool,
+    /// Named above the text (group messages from others).
+    pub sender: Option<&'a str>,
+}
+
+/// Draws a bubble as wide as its text (up to 3/4 of the view); outgoing ones sit right.
+pub(super) fn bubble(ui: &mut Ui, b: Bubble<'_>) {
     let margin = egui::Margin::symmetric(10, 6);
     let max = (ui.available_width() * 0.75).max(120.0) - margin.sum().x;
     let painter = ui.painter();
     let text_width = painter
         .layout(
-            line.text.clone(),
+            b.text.to_owned(),
             egui::TextStyle::Body.resolve(ui.style()),
             Color32::WHITE,
             max,
         )
         .size()
         .x;
-    let meta_width = painter
-        .layout_no_wrap(
-            meta.clone(),
-            egui::TextStyle::Small.resolve(ui.style()),
-            Color32::WHITE,
-        )
-        .size()
-        .x;
-    let width = text_width.max(meta_width).min(max).ceil();
+    let no_wrap = |text: String, style: egui::TextStyle| {
+        painter
+            .layout_no_wrap(text, style.resolve(ui.style()), Color32::WHITE)
+            .size()
+            .x
+    };
+    let meta_width = no_wrap(b.meta.clone(), egui::TextStyle::Small);
+    let sender_width = b
+        .sender
+        .map_or(0.0, |s| no_wrap(s.to_owned(), egui::TextStyle::Body));
+    let width = text_width.max(meta_width).max(sender_width).min(max).ceil();
     let p = theme::palette(ui.visuals());
-    let fill = if line.outgoing {
+    let fill = if b.outgoing {
         p.bubble_out
     } else {
         p.bubble_in
     };
     let edge = egui::Stroke::new(1.0, p.bubble_edge);
     ui.horizontal(|ui| {
-        if line.outgoing {
+        if b.outgoing {
             ui.add_space(ui.available_width() - width - margin.sum().x);
         }
         egui::Frame::new()
@@ -296,9 +342,16 @@ fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
             .show(ui, |ui| {
                 ui.set_width(width);
                 ui.vertical(|ui| {
-                    ui.add(egui::Label::new(&line.text).wrap().selectable(true));
-                    let meta = ui.label(RichText::new(meta).small().weak());
-                    if let Some(tooltip) = tooltip {
+                    if let Some(sender) = b.sender {
+                        ui.label(
+                            RichText::new(sender)
+                                .strong()
+                                .color(theme::avatar_colour(sender)),
+                        );
+                    }
+                    ui.add(egui::Label::new(b.text).wrap().selectable(true));
+                    let meta = ui.label(RichText::new(b.meta).small().weak());
+                    if let Some(tooltip) = b.tooltip {
                         meta.on_hover_text(tooltip);
                     }
                 });
@@ -306,15 +359,33 @@ fn row(ui: &mut Ui, line: &Line, previous: Option<&Line>) {
     });
 }
 
-fn composer(app: &mut ChatApp, ui: &mut Ui, user: &str, blocked: bool) {
+/// Whom a composer writes to.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum To<'a> {
+    User(&'a str),
+    /// A group, by id.
+    Group(&'a str),
+}
+
+/// The key of a group's draft (and row heights) among the users' (no username has ':').
+pub(crate) fn group_draft_key(group: &str) -> String {
+    format!("group:{group}")
+}
+
+fn composer(app: &mut ChatApp, ui: &mut Ui, to: To<'_>, blocked: bool) {
+    let key = match to {
+        To::User(user) => user.to_owned(),
+        To::Group(group) => group_draft_key(group),
+    };
+    let user = key.as_str();
     let id = ui.make_persistent_id(("composer", user));
     let focused = ui.memory(|m| m.has_focus(id));
     // Enter or Ctrl+Enter sends; Shift+Enter falls through to the editor as a new line.
     let send_key = focused && ui.input_mut(take_send_key);
-    let connected_hint = if blocked {
-        "Sending is paused: the key changed (see above)."
-    } else {
-        "Message — Enter sends, Shift+Enter adds a line"
+    let connected_hint = match to {
+        To::User(_) if blocked => "Sending is paused: the key changed (see above).",
+        To::Group(_) if blocked => "You are not a member of this group any more.",
+        _ => "Message — Enter sends, Shift+Enter adds a line",
     };
     let mut send = send_key;
     // The end-to-end limit, or the relay's if its frames carry less.
@@ -389,11 +460,22 @@ fn composer(app: &mut ChatApp, ui: &mut Ui, user: &str, blocked: bool) {
             app.view.last_sent = Some((user.to_owned(), text.clone()));
             let draft = app.view.drafts.entry(user.to_owned()).or_default();
             draft.clear();
-            app.model.contact(user).unread = 0;
-            app.send(Command::Send {
-                to: user.to_owned(),
-                text,
-            });
+            match to {
+                To::User(user) => {
+                    app.model.contact(user).unread = 0;
+                    app.send(Command::Send {
+                        to: user.to_owned(),
+                        text,
+                    });
+                }
+                To::Group(group) => {
+                    app.model.groups.read(group);
+                    app.send(Command::GroupSend {
+                        group: group.to_owned(),
+                        text,
+                    });
+                }
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 
 mod conversation;
 mod dialogs;
+mod groups;
 mod people;
 mod side_list;
 mod signin;
@@ -16,6 +17,7 @@ use super::theme;
 use crate::api::ConnectionState;
 use crate::gui::model::{Contact, NOTE_TO_SELF};
 use conversation::conversation;
+pub(crate) use conversation::group_draft_key;
 pub use dialogs::relay_key_dialog;
 use dialogs::{remove_dialog, safety_dialog, settings_dialog};
 pub use signin::sign_in;
@@ -33,14 +35,20 @@ pub fn main(app: &mut ChatApp, ui: &mut Ui) {
     shortcuts(app, ui);
     status_bar(app, ui);
     contacts_panel(app, ui);
-    egui::CentralPanel::default_margins().show(ui, |ui| match app.model.open.clone() {
-        Some(user) => conversation(app, ui, &user),
-        None => empty_state(
+    groups::member_panel(app, ui);
+    let open = (app.model.open.clone(), app.model.open_group.clone());
+    egui::CentralPanel::default_margins().show(ui, |ui| match open {
+        (_, Some(group)) => groups::group_conversation(app, ui, &group),
+        (Some(user), None) => conversation(app, ui, &user),
+        (None, None) => empty_state(
             ui,
             "No conversation open",
             "Pick a contact on the left, or type a name in the search box and start a new chat (Ctrl+K).",
         ),
     });
+    groups::new_group_dialog(app, ui);
+    groups::add_members_dialog(app, ui);
+    groups::leave_dialog(app, ui);
     safety_dialog(app, ui);
     remove_dialog(app, ui);
     people::people_dialog(app, ui);
@@ -198,7 +206,10 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
         .size_range(180.0..=400.0)
         .show(ui, |ui| {
             ui.add_space(6.0);
-            people::people_button(app, ui);
+            ui.horizontal(|ui| {
+                people::people_button(app, ui);
+                groups::new_group_button(app, ui);
+            });
             let filter = ui.add(
                 egui::TextEdit::singleline(&mut app.view.filter)
                     .hint_text("Search or new chat (Ctrl+K)")
@@ -276,7 +287,17 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                     app.view.show_archived = !app.view.show_archived;
                 }
             }
-            if listed.is_empty() {
+            let groups: Vec<String> = if app.view.show_archived && typed.is_empty() {
+                Vec::new()
+            } else {
+                app.model
+                    .groups
+                    .listed(&typed)
+                    .iter()
+                    .map(|g| g.info.id.clone())
+                    .collect()
+            };
+            if listed.is_empty() && groups.is_empty() {
                 ui.add_space(12.0);
                 ui.weak(if typed.is_empty() {
                     "No contacts yet. Type a username above to start a conversation."
@@ -284,7 +305,7 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                     "No matching contacts."
                 });
             }
-            side_list::contact_rows(app, ui, &listed, highlighted.as_deref());
+            side_list::contact_rows(app, ui, &groups, &listed, highlighted.as_deref());
         });
 }
 

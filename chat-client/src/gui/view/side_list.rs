@@ -8,17 +8,19 @@ use egui::{Align2, FontId, Pos2, Rect, Sense, Stroke, Ui, Vec2};
 
 use super::{WARN_BG, theme};
 use crate::gui::ChatApp;
+use crate::gui::group_model::GroupView;
 use crate::gui::model::{Contact, NOTE_TO_SELF};
 
 /// Height of one row, in points (at the default font size).
 const ROW_HEIGHT: f32 = 52.0;
 const AVATAR_RADIUS: f32 = 17.0;
 
-/// Draws `listed` (name, contact) as rows; a click opens that conversation. `highlighted`
-/// is the search's match (marked like the open one).
+/// Draws `groups` (their ids, first) and `listed` (name, contact) as rows; a click opens
+/// that conversation. `highlighted` is the search's match (marked like the open one).
 pub(super) fn contact_rows(
     app: &mut ChatApp,
     ui: &mut Ui,
+    groups: &[String],
     listed: &[(String, Contact)],
     highlighted: Option<&str>,
 ) {
@@ -26,15 +28,29 @@ pub(super) fn contact_rows(
     let row_height = ROW_HEIGHT * scale.max(0.8);
     let me = app.model.me.clone();
     let mut clicked = None;
+    let mut clicked_group = None;
     let mut action = None;
     egui::ScrollArea::vertical()
         .auto_shrink([false, false])
-        .show_rows(ui, row_height, listed.len(), |ui, range| {
-            for (name, contact) in &listed[range] {
+        .show_rows(ui, row_height, groups.len() + listed.len(), |ui, range| {
+            for i in range {
+                if let Some(id) = groups.get(i) {
+                    let Some(group) = app.model.groups.by_id.get(id) else {
+                        continue;
+                    };
+                    let selected = app.model.open_group.as_deref() == Some(id.as_str());
+                    let content = RowContent::group(group);
+                    if row(ui, &content, selected, row_height, scale).clicked() {
+                        clicked_group = Some(id.clone());
+                    }
+                    continue;
+                }
+                let (name, contact) = &listed[i - groups.len()];
                 let selected = app.model.open.as_deref() == Some(name.as_str())
                     || highlighted == Some(name.as_str());
                 let is_me = me.as_deref() == Some(name.as_str());
-                let response = row(ui, name, contact, selected, is_me, row_height, scale);
+                let content = RowContent::contact(name, contact, is_me);
+                let response = row(ui, &content, selected, row_height, scale);
                 if response.clicked() {
                     clicked = Some(name.clone());
                 }
@@ -48,6 +64,9 @@ pub(super) fn contact_rows(
         });
     if let Some(name) = clicked {
         app.open(&name);
+    }
+    if let Some(id) = clicked_group {
+        app.open_group(&id);
     }
     if let Some((chosen, name)) = action {
         app.contact_action(chosen, &name);
@@ -99,23 +118,82 @@ impl ChatApp {
     }
 }
 
+/// What one row of the side list shows.
+struct RowContent {
+    label: String,
+    /// Picks the avatar's colour.
+    colour_of: String,
+    /// Drawn on the avatar.
+    avatar: String,
+    /// The presence dot (`None`: no dot, as for groups and notes to self).
+    presence: Option<Option<bool>>,
+    /// After the name: " ✔" verified, " ⚠" key changed.
+    mark: &'static str,
+    key_changed: bool,
+    /// The newest line: (text, when stored, ours).
+    preview: Option<(String, u64, bool)>,
+    unread: usize,
+    /// Greyed (a group we are no longer in).
+    inactive: bool,
+}
+
+impl RowContent {
+    fn contact(name: &str, contact: &Contact, is_me: bool) -> Self {
+        Self {
+            label: if is_me {
+                NOTE_TO_SELF.to_owned()
+            } else {
+                name.to_owned()
+            },
+            colour_of: name.to_owned(),
+            avatar: if is_me {
+                "📝".to_owned()
+            } else {
+                initials(name)
+            },
+            presence: (!is_me).then_some(contact.online),
+            mark: if contact.key_changed {
+                " ⚠"
+            } else if contact.verified {
+                " ✔"
+            } else {
+                ""
+            },
+            key_changed: contact.key_changed,
+            preview: contact
+                .preview()
+                .map(|(text, at, ours)| (text.to_owned(), at, ours)),
+            unread: contact.unread,
+            inactive: false,
+        }
+    }
+
+    fn group(group: &GroupView) -> Self {
+        Self {
+            label: group.info.name.clone(),
+            colour_of: group.info.id.clone(),
+            avatar: "👥".to_owned(),
+            presence: None,
+            mark: "",
+            key_changed: false,
+            preview: group.preview(),
+            unread: group.unread,
+            inactive: !group.info.active,
+        }
+    }
+}
+
 fn row(
     ui: &mut Ui,
-    name: &str,
-    contact: &Contact,
+    content: &RowContent,
     selected: bool,
-    is_me: bool,
     height: f32,
     scale: f32,
 ) -> egui::Response {
     let width = ui.available_width();
     let (rect, response) = ui.allocate_exact_size(Vec2::new(width, height), Sense::click());
-    let label = if is_me {
-        NOTE_TO_SELF.to_owned()
-    } else {
-        name.to_owned()
-    };
-    response.widget_info(|| egui::WidgetInfo::selected(egui::Role::Button, true, selected, &label));
+    let label = &content.label;
+    response.widget_info(|| egui::WidgetInfo::selected(egui::Role::Button, true, selected, label));
     if !ui.is_rect_visible(rect) {
         return response;
     }
@@ -129,6 +207,8 @@ fn row(
     }
     let text_color = if selected {
         visuals.selection.stroke.color
+    } else if content.inactive {
+        palette.weak_text
     } else {
         palette.text
     };
@@ -140,22 +220,18 @@ fn row(
     // Avatar: initials on the name's colour; the presence dot on its corner.
     let radius = AVATAR_RADIUS * scale;
     let center = Pos2::new(rect.left() + 8.0 + radius, rect.center().y);
-    painter.circle_filled(center, radius, theme::avatar_colour(name));
+    painter.circle_filled(center, radius, theme::avatar_colour(&content.colour_of));
     painter.text(
         center,
         Align2::CENTER_CENTER,
-        if is_me {
-            "📝".to_owned()
-        } else {
-            initials(name)
-        },
+        &content.avatar,
         FontId::proportional(13.0 * scale),
         egui::Color32::WHITE,
     );
-    if !is_me {
+    if let Some(online) = content.presence {
         let dot = center + Vec2::splat(radius * 0.72);
         painter.circle_filled(dot, 5.0, palette.panel);
-        match contact.online {
+        match online {
             Some(true) => painter.circle_filled(dot, 3.5, palette.online),
             Some(false) => painter.circle_filled(dot, 3.5, palette.offline),
             None => painter.circle_stroke(dot, 3.0, Stroke::new(1.2, palette.offline)),
@@ -167,9 +243,9 @@ fn row(
     let bottom = rect.bottom() - height * 0.18;
     // Right column: time on top, unread badge below (kept off the panel's edge).
     let mut name_right = right;
-    if let Some((_, at, _)) = contact.preview() {
+    if let Some((_, at, _)) = &content.preview {
         let galley = painter.layout_no_wrap(
-            short_time(at),
+            short_time(*at),
             FontId::proportional(11.0 * scale),
             weak_color,
         );
@@ -177,9 +253,9 @@ fn row(
         painter.galley(Pos2::new(right - galley.size().x, top), galley, weak_color);
     }
     let mut preview_right = right;
-    if contact.unread > 0 {
+    if content.unread > 0 {
         let text = painter.layout_no_wrap(
-            contact.unread.to_string(),
+            content.unread.to_string(),
             FontId::proportional(11.0 * scale),
             egui::Color32::WHITE,
         );
@@ -195,26 +271,20 @@ fn row(
     }
     // Name (with the key marks), then the newest message's first line, each clipped to
     // its room with an ellipsis.
-    let mut mark = String::new();
-    if contact.key_changed {
-        mark.push_str(" ⚠");
-    } else if contact.verified {
-        mark.push_str(" ✔");
-    }
     let name_galley = one_line(
         ui,
-        format!("{label}{mark}"),
+        format!("{label}{}", content.mark),
         14.0 * scale,
         name_right - left,
         text_color,
         true,
     );
     painter.galley(Pos2::new(left, top), name_galley, text_color);
-    if contact.key_changed {
+    if content.key_changed {
         painter.circle_filled(Pos2::new(left - 4.0, top + 2.0), 2.0, WARN_BG);
     }
-    if let Some((text, _, outgoing)) = contact.preview() {
-        let line = if outgoing {
+    if let Some((text, _, outgoing)) = &content.preview {
+        let line = if *outgoing {
             format!("You: {text}")
         } else {
             text.to_owned()

@@ -1,0 +1,525 @@
+//! Groups in the window: the "New group" and "Add members" pickers, the open group's
+//! conversation (system lines, senders' names, "delivered to k of n" on hover) and the
+//! member panel (presence, safety numbers, admin actions, leaving).
+
+use egui::{Align, Layout, RichText, Ui, Vec2};
+
+use super::conversation::{Bubble, To, bubble, composer_below, day_heading, history};
+use super::{WARN_BG, empty_state, presence_dot};
+use crate::api::{Command, Status};
+use crate::gui::ChatApp;
+use crate::gui::group_forms::MemberPicker;
+use crate::gui::group_model::{GroupLine, GroupView, delivery_text};
+use crate::gui::theme;
+
+/// The "New group" button beside "People online".
+pub(super) fn new_group_button(app: &mut ChatApp, ui: &mut Ui) {
+    if ui
+        .button("➕ New group")
+        .on_hover_text("Start a group: a name and the people in it")
+        .clicked()
+    {
+        app.view.group.new_group = Some(MemberPicker::new());
+    }
+}
+
+/// Ticks people from `candidates` in `picker` (name, presence, verified mark).
+fn pick_list(app: &ChatApp, ui: &mut Ui, picker: &mut MemberPicker, candidates: &[String]) {
+    egui::ScrollArea::vertical()
+        .max_height(240.0)
+        .auto_shrink([false, true])
+        .show(ui, |ui| {
+            if candidates.is_empty() {
+                ui.weak("Nobody matches. Type a username to add someone who is not a contact.");
+            }
+            for name in candidates {
+                ui.horizontal(|ui| {
+                    presence_dot(ui, app.model.online(name));
+                    let mut ticked = picker.picked.contains(name);
+                    let verified = app.model.contacts.get(name).is_some_and(|c| c.verified);
+                    let known = app.model.contacts.contains_key(name);
+                    let label = match (verified, known) {
+                        (true, _) => format!("{name} ✔"),
+                        (false, true) => name.clone(),
+                        (false, false) => format!("{name} (not a contact yet)"),
+                    };
+                    if ui.checkbox(&mut ticked, label).changed() {
+                        if ticked {
+                            picker.picked.insert(name.clone());
+                        } else {
+                            picker.picked.remove(name);
+                        }
+                    }
+                });
+            }
+        });
+    if !picker.picked.is_empty() {
+        let names: Vec<&str> = picker.picked.iter().map(String::as_str).collect();
+        ui.label(format!("{} chosen: {}", names.len(), names.join(", ")));
+    }
+}
+
+/// Why the dialog cannot be confirmed yet (if so), then `ok` (enabled only without a
+/// reason) and Cancel: `Some(true)` confirmed, `Some(false)` cancelled.
+fn confirm_row(ui: &mut Ui, blocker: Option<String>, ok: &str) -> Option<bool> {
+    if let Some(why) = &blocker {
+        ui.weak(why);
+    }
+    ui.add_space(6.0);
+    let mut done = None;
+    ui.horizontal(|ui| {
+        if ui
+            .add_enabled(blocker.is_none(), egui::Button::new(ok))
+            .clicked()
+        {
+            done = Some(true);
+        }
+        if ui.button("Cancel").clicked() {
+            done = Some(false);
+        }
+    });
+    done
+}
+
+/// "New group": a name, and members picked from contacts (with search).
+pub(super) fn new_group_dialog(app: &mut ChatApp, ui: &mut Ui) {
+    let Some(mut picker) = app.view.group.new_group.take() else {
+        return;
+    };
+    let contacts: Vec<String> = app.model.contacts.keys().cloned().collect();
+    let candidates = picker.candidates(
+        contacts.iter().map(String::as_str),
+        app.model.me.as_deref(),
+        &[],
+    );
+    let max = app.max_group_members;
+    let mut done = None;
+    let response = egui::Modal::new(egui::Id::unique("new group")).show(ui.ctx(), |ui| {
+        ui.set_width(420.0);
+        ui.heading("New group");
+        ui.weak(
+            "Messages in a group are end-to-end encrypted: only its members can read them. \
+             You are its first admin.",
+        );
+        ui.add_space(6.0);
+        let label = ui.label("Group name");
+        let name = ui
+            .add(
+                egui::TextEdit::singleline(&mut picker.name)
+                    .hint_text("e.g. Family")
+                    .desired_width(f32::INFINITY),
+            )
+            .labelled_by(label.id);
+        if std::mem::take(&mut picker.focus) {
+            name.request_focus();
+        }
+        let label = ui.label("Members");
+        ui.add(
+            egui::TextEdit::singleline(&mut picker.filter)
+                .hint_text("Search contacts or type a username")
+                .desired_width(f32::INFINITY),
+        )
+        .labelled_by(label.id);
+        pick_list(app, ui, &mut picker, &candidates);
+        done = confirm_row(ui, picker.create_blocker(max), "Create group");
+    });
+    if response.should_close() {
+        done.get_or_insert(false);
+    }
+    match done {
+        Some(true) => {
+            let name = picker.name.trim().to_owned();
+            app.view.group.creating = Some(name.clone());
+            app.send(Command::GroupCreate {
+                name,
+                members: picker.picked.into_iter().collect(),
+            });
+        }
+        Some(false) => {}
+        None => app.view.group.new_group = Some(picker),
+    }
+}
+
+/// "Add members" to the open group (admins).
+pub(super) fn add_members_dialog(app: &mut ChatApp, ui: &mut Ui) {
+    let Some((id, mut picker)) = app.view.group.add_to.take() else {
+        return;
+    };
+    let Some(group) = app.model.groups.by_id.get(&id).cloned() else {
+        return;
+    };
+    let contacts: Vec<String> = app.model.contacts.keys().cloned().collect();
+    let candidates = picker.candidates(
+        contacts.iter().map(String::as_str),
+        app.model.me.as_deref(),
+        &group.info.members,
+    );
+    let room = app
+        .max_group_members
+        .saturating_sub(group.info.members.len());
+    let mut done = None;
+    let response = egui::Modal::new(egui::Id::unique("add members")).show(ui.ctx(), |ui| {
+        ui.set_width(420.0);
+        ui.heading(format!("Add to {}", group.info.name));
+        ui.weak("New members cannot read what was sent before they joined.");
+        ui.add_space(6.0);
+        let label = ui.label("Members");
+        let search = ui
+            .add(
+                egui::TextEdit::singleline(&mut picker.filter)
+                    .hint_text("Search contacts or type a username")
+                    .desired_width(f32::INFINITY),
+            )
+            .labelled_by(label.id);
+        if std::mem::take(&mut picker.focus) {
+            search.request_focus();
+        }
+        pick_list(app, ui, &mut picker, &candidates);
+        let blocker = if picker.picked.is_empty() {
+            Some("Pick at least one person.".to_owned())
+        } else if picker.picked.len() > room {
+            Some(format!(
+                "A group can have at most {} members; this one has room for {room} more.",
+                app.max_group_members
+            ))
+        } else {
+            None
+        };
+        done = confirm_row(ui, blocker, "Add");
+    });
+    if response.should_close() {
+        done.get_or_insert(false);
+    }
+    match done {
+        Some(true) => app.send(Command::GroupAdd {
+            group: id,
+            users: picker.picked.into_iter().collect(),
+        }),
+        Some(false) => {}
+        None => app.view.group.add_to = Some((id, picker)),
+    }
+}
+
+/// Asks before leaving a group.
+pub(super) fn leave_dialog(app: &mut ChatApp, ui: &mut Ui) {
+    let Some(id) = app.view.group.confirm_leave.clone() else {
+        return;
+    };
+    let name = app
+        .model
+        .groups
+        .by_id
+        .get(&id)
+        .map_or_else(String::new, |g| g.info.name.clone());
+    let mut decided = None;
+    let response = egui::Modal::new(egui::Id::unique("leave group")).show(ui.ctx(), |ui| {
+        ui.set_max_width(420.0);
+        ui.heading(format!("Leave {name}?"));
+        ui.label(
+            "The other members are told, and you stop receiving the group's messages: they \
+             change their keys, so nothing sent after you left can be read by you. Your copy \
+             of the history stays on this computer. Only an admin can add you back.",
+        );
+        ui.add_space(8.0);
+        ui.horizontal(|ui| {
+            if ui.button("Leave group").clicked() {
+                decided = Some(true);
+            }
+            if ui.button("Cancel").clicked() {
+                decided = Some(false);
+            }
+        });
+    });
+    if response.should_close() {
+        decided.get_or_insert(false);
+    }
+    if let Some(leave) = decided {
+        app.view.group.confirm_leave = None;
+        if leave {
+            app.send(Command::GroupLeave { group: id });
+        }
+    }
+}
+
+/// The open group: header, history and composer.
+pub(super) fn group_conversation(app: &mut ChatApp, ui: &mut Ui, id: &str) {
+    let Some(group) = app.model.groups.by_id.get(id).cloned() else {
+        empty_state(ui, "Group not found", "It may still be loading.");
+        return;
+    };
+    header(app, ui, &group);
+    let composer_height = app.view.composer_height.max(60.0);
+    let history_height = (ui.available_height() - composer_height).max(60.0);
+    ui.allocate_ui(Vec2::new(ui.available_width(), history_height), |ui| {
+        ui.set_min_height(history_height);
+        if group.lines.is_empty() {
+            empty_state(
+                ui,
+                "No messages yet",
+                "Messages here are end-to-end encrypted: only the group's members can read them.",
+            );
+        } else {
+            let key = super::group_draft_key(id);
+            history(app, ui, &key, &group.lines, group_row);
+        }
+    });
+    composer_below(app, ui, To::Group(id), !group.info.active);
+}
+
+fn header(app: &mut ChatApp, ui: &mut Ui, group: &GroupView) {
+    let info = &group.info;
+    ui.horizontal(|ui| {
+        ui.heading(format!("👥 {}", info.name));
+        ui.weak(format!(
+            "{} member{}",
+            info.members.len(),
+            if info.members.len() == 1 { "" } else { "s" }
+        ));
+        ui.with_layout(Layout::right_to_left(Align::Center), |ui| {
+            let open = app.view.group.members_open;
+            if ui
+                .selectable_label(open, "Members")
+                .on_hover_text("Who is in the group; safety numbers; add, remove, rename, leave")
+                .clicked()
+            {
+                app.view.group.members_open = !open;
+            }
+        });
+    });
+    if !info.active {
+        ui.colored_label(
+            ui.visuals().warn_fg_color,
+            "You are not a member of this group any more: you can read its history here, but \
+             not write, and you get none of its new messages.",
+        );
+    }
+    if !info.excluded.is_empty() {
+        let names = info.excluded.join(", ");
+        egui::Frame::new()
+            .fill(WARN_BG)
+            .corner_radius(6.0)
+            .inner_margin(8.0)
+            .show(ui, |ui| {
+                ui.colored_label(
+                    egui::Color32::WHITE,
+                    format!(
+                        "⚠ The key of {names} changed. They get no new group messages from you \
+                         until you compare safety numbers and accept the new key (Members → \
+                         Safety number)."
+                    ),
+                );
+            });
+    }
+    ui.separator();
+}
+
+/// One line of a group: a system line centred, a text as a bubble (with its sender's name
+/// if not ours, and ours with "delivered to k of n" on hover).
+fn group_row(ui: &mut Ui, line: &GroupLine, previous: Option<&GroupLine>) {
+    day_heading(ui, line.stored_at, previous.map(|p| p.stored_at));
+    if line.system {
+        ui.vertical_centered(|ui| {
+            ui.label(RichText::new(&line.text).small().weak());
+        });
+        return;
+    }
+    let time = chrono::TimeZone::timestamp_millis_opt(&chrono::Local, line.sent_at as i64)
+        .single()
+        .map(|t| t.format("%H:%M").to_string())
+        .unwrap_or_default();
+    let (status, tooltip) = if line.outgoing {
+        let count = format!("{}/{}", line.delivered_to, line.recipients);
+        let status = match line.status {
+            Status::Sending => " · sending…".to_owned(),
+            Status::Failed => " · not sent ⚠".to_owned(),
+            Status::Delivered => format!(" · ✔✔ {count}"),
+            Status::Sent => format!(" · ✔ {count}"),
+        };
+        (status, Some(delivery_text(line)))
+    } else {
+        (String::new(), None)
+    };
+    bubble(
+        ui,
+        Bubble {
+            text: &line.text,
+            meta: format!("{time}{status}"),
+            tooltip,
+            outgoing: line.outgoing,
+            sender: (!line.outgoing).then_some(line.from.as_str()),
+        },
+    );
+}
+
+/// The member panel on the right of an open group.
+pub(super) fn member_panel(app: &mut ChatApp, ui: &mut Ui) {
+    let Some(id) = app.model.open_group.clone() else {
+        return;
+    };
+    if !app.view.group.members_open {
+        return;
+    }
+    let Some(group) = app.model.groups.by_id.get(&id).cloned() else {
+        return;
+    };
+    let info = &group.info;
+    let me = app.model.me.clone().unwrap_or_default();
+    let admin = info.active && info.admins.contains(&me);
+    egui::Panel::right("members")
+        .default_size(240.0)
+        .size_range(200.0..=360.0)
+        .show(ui, |ui| {
+            ui.add_space(6.0);
+            ui.strong("Members");
+            egui::ScrollArea::vertical()
+                .max_height(ui.available_height() * 0.55)
+                .auto_shrink([false, true])
+                .show(ui, |ui| {
+                    for member in &info.members {
+                        member_row(app, ui, info, member, &me);
+                    }
+                });
+            ui.separator();
+            if let Some(chosen) = app.view.group.chosen.clone()
+                && info.members.contains(&chosen)
+            {
+                member_actions(app, ui, &id, info, &chosen, &me, admin);
+                ui.separator();
+            }
+            group_actions(app, ui, &id, info, admin);
+        });
+}
+
+fn member_row(
+    app: &mut ChatApp,
+    ui: &mut Ui,
+    info: &crate::api::GroupInfo,
+    member: &str,
+    me: &str,
+) {
+    ui.horizontal(|ui| {
+        let online = if member == me {
+            Some(app.model.link.state == crate::api::ConnectionState::Connected)
+        } else {
+            app.model.online(member)
+        };
+        presence_dot(ui, online);
+        let mut label = member.to_owned();
+        if member == me {
+            label.push_str(" (you)");
+        }
+        let chosen = app.view.group.chosen.as_deref() == Some(member);
+        if ui.selectable_label(chosen, label).clicked() {
+            app.view.group.chosen = (!chosen).then(|| member.to_owned());
+        }
+        if info.admins.iter().any(|a| a == member) {
+            ui.weak("admin");
+        }
+        let contact = app.model.contacts.get(member);
+        if info.excluded.iter().any(|e| e == member) {
+            ui.colored_label(WARN_BG, "⚠ key changed")
+                .on_hover_text(format!(
+                    "{member}'s key changed: they get no new group keys (and cannot read new \
+                 messages) until you compare safety numbers and accept the new key."
+                ));
+        } else if contact.is_some_and(|c| c.verified) {
+            ui.label(RichText::new("✔").color(theme::palette(ui.visuals()).online))
+                .on_hover_text("Verified: you compared safety numbers.");
+        }
+    });
+}
+
+/// What can be done to one member (chosen in the list).
+fn member_actions(
+    app: &mut ChatApp,
+    ui: &mut Ui,
+    id: &str,
+    info: &crate::api::GroupInfo,
+    member: &str,
+    me: &str,
+    admin: bool,
+) {
+    if member == me {
+        return;
+    }
+    ui.strong(member);
+    if ui.button(format!("Safety number of {member}")).clicked() {
+        app.view.safety_for = Some(member.to_owned());
+        app.send(Command::Safety {
+            user: member.to_owned(),
+        });
+    }
+    if ui.button(format!("Message {member}")).clicked() {
+        app.open(member);
+    }
+    if admin {
+        if !info.admins.iter().any(|a| a == member)
+            && ui.button(format!("Make {member} admin")).clicked()
+        {
+            app.send(Command::GroupPromote {
+                group: id.to_owned(),
+                users: vec![member.to_owned()],
+            });
+        }
+        if ui
+            .button(format!("Remove {member}"))
+            .on_hover_text("Everyone changes keys: they cannot read what is sent afterwards.")
+            .clicked()
+        {
+            app.send(Command::GroupRemove {
+                group: id.to_owned(),
+                users: vec![member.to_owned()],
+            });
+            app.view.group.chosen = None;
+        }
+    }
+}
+
+/// Add, rename (admins) and leave.
+fn group_actions(
+    app: &mut ChatApp,
+    ui: &mut Ui,
+    id: &str,
+    info: &crate::api::GroupInfo,
+    admin: bool,
+) {
+    if admin {
+        if ui.button("Add members…").clicked() {
+            app.view.group.add_to = Some((id.to_owned(), MemberPicker::new()));
+        }
+        match app.view.group.rename.take() {
+            None => {
+                if ui.button("Rename…").clicked() {
+                    app.view.group.rename = Some(info.name.clone());
+                }
+            }
+            Some(mut name) => {
+                let label = ui.label("New name");
+                ui.add(egui::TextEdit::singleline(&mut name).desired_width(f32::INFINITY))
+                    .labelled_by(label.id);
+                let mut keep = true;
+                ui.horizontal(|ui| {
+                    let fine = !name.trim().is_empty() && name.trim() != info.name;
+                    if ui.add_enabled(fine, egui::Button::new("Save")).clicked() {
+                        app.send(Command::GroupRename {
+                            group: id.to_owned(),
+                            name: name.trim().to_owned(),
+                        });
+                        keep = false;
+                    }
+                    if ui.button("Cancel").clicked() {
+                        keep = false;
+                    }
+                });
+                if keep {
+                    app.view.group.rename = Some(name);
+                }
+            }
+        }
+    } else if info.active {
+        ui.weak("Only admins can add, remove or rename.");
+    }
+    if info.active && ui.button("Leave group…").clicked() {
+        app.view.group.confirm_leave = Some(id.to_owned());
+    }
+}
