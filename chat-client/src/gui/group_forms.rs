@@ -58,6 +58,21 @@ impl MemberPicker {
         list
     }
 
+    /// Why "Add" cannot be pressed yet, for a group of `members` (us included): nobody
+    /// picked, or more than a group of at most `max` has room for.
+    pub fn add_blocker(&self, members: usize, max: usize) -> Option<String> {
+        let room = max.saturating_sub(members);
+        if self.picked.is_empty() {
+            Some("Pick at least one person.".into())
+        } else if self.picked.len() > room {
+            Some(format!(
+                "A group can have at most {max} members; this one has room for {room} more."
+            ))
+        } else {
+            None
+        }
+    }
+
     /// Why "Create" cannot be pressed yet, if it cannot (a new group needs a name and
     /// somebody besides us; at most `max` members, us included).
     pub fn create_blocker(&self, max: usize) -> Option<String> {
@@ -130,5 +145,13 @@ mod tests {
         p.picked.extend(["bob".to_owned(), "carol".to_owned()]);
         assert_eq!(p.create_blocker(256), None);
         assert!(p.create_blocker(2).unwrap().contains("at most 2"));
+        assert_eq!(p.add_blocker(3, 5), None);
+        assert!(p.add_blocker(4, 5).unwrap().contains("room for 1 more"));
+        assert!(
+            MemberPicker::new()
+                .add_blocker(3, 5)
+                .unwrap()
+                .contains("Pick")
+        );
     }
 }

@@ -377,8 +377,7 @@ fn composer(app: &mut ChatApp, ui: &mut Ui, to: To<'_>, blocked: bool) {
         To::User(user) => user.to_owned(),
         To::Group(group) => group_draft_key(group),
     };
-    let user = key.as_str();
-    let id = ui.make_persistent_id(("composer", user));
+    let id = ui.make_persistent_id(("composer", &key));
     let focused = ui.memory(|m| m.has_focus(id));
     // Enter or Ctrl+Enter sends; Shift+Enter falls through to the editor as a new line.
     let send_key = focused && ui.input_mut(take_send_key);
@@ -398,17 +397,17 @@ fn composer(app: &mut ChatApp, ui: &mut Ui, to: To<'_>, blocked: bool) {
     let over = app
         .view
         .drafts
-        .get(user)
+        .get(&key)
         .is_some_and(|d| d.trim_end().len() > limit);
     ui.horizontal(|ui| {
-        let draft = app.view.drafts.entry(user.to_owned()).or_default();
+        let draft = app.view.drafts.entry(key.clone()).or_default();
         let label = ui.label("Message");
         // The editor scrolls inside a bounded height (about 8 lines), so a long paste
         // never pushes the Send button away.
         let line = ui.text_style_height(&egui::TextStyle::Body);
         let button_width = ui.spacing().interact_size.x.max(line * 4.0);
         let edit = egui::ScrollArea::vertical()
-            .id_salt(("composer-scroll", user))
+            .id_salt(("composer-scroll", &key))
             .max_height(line * 8.0 + 12.0)
             .show(ui, |ui| {
                 ui.add_enabled(
@@ -431,16 +430,16 @@ fn composer(app: &mut ChatApp, ui: &mut Ui, to: To<'_>, blocked: bool) {
             && !blocked
             && app.view.safety_for.is_none()
             && !app.view.settings_open
-            && app.view.composer_focused_for.as_deref() != Some(user)
+            && app.view.composer_focused_for.as_deref() != Some(key.as_str())
         {
             // Opening a conversation puts the cursor in its composer, once per opening
             // (every frame would keep an unfocused window repainting).
-            app.view.composer_focused_for = Some(user.to_owned());
+            app.view.composer_focused_for = Some(key.clone());
             ui.memory_mut(|m| m.request_focus(id));
         }
     });
     // Near and over the limit: a counter; over it nothing is sent and the text stays.
-    let used = app.view.drafts.get(user).map_or(0, |d| d.trim_end().len());
+    let used = app.view.drafts.get(&key).map_or(0, |d| d.trim_end().len());
     let over = used > limit;
     if used * 10 >= limit * 9 {
         let counter = format!("{used} / {limit} bytes");
@@ -454,11 +453,11 @@ fn composer(app: &mut ChatApp, ui: &mut Ui, to: To<'_>, blocked: bool) {
         }
     }
     if send && !blocked && !over {
-        let draft = app.view.drafts.entry(user.to_owned()).or_default();
+        let draft = app.view.drafts.entry(key.clone()).or_default();
         let text = draft.trim_end().to_owned();
         if !text.trim().is_empty() {
-            app.view.last_sent = Some((user.to_owned(), text.clone()));
-            let draft = app.view.drafts.entry(user.to_owned()).or_default();
+            app.view.last_sent = Some((key.clone(), text.clone()));
+            let draft = app.view.drafts.entry(key.clone()).or_default();
             draft.clear();
             match to {
                 To::User(user) => {

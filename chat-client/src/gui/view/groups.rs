@@ -81,17 +81,36 @@ fn confirm_row(ui: &mut Ui, blocker: Option<String>, ok: &str) -> Option<bool> {
     done
 }
 
+/// The "Members" search box over [`pick_list`], offering contacts (and a typed name) not
+/// in `excluded`. Returns the search box.
+fn choose_members(
+    app: &ChatApp,
+    ui: &mut Ui,
+    picker: &mut MemberPicker,
+    excluded: &[String],
+) -> egui::Response {
+    let candidates = picker.candidates(
+        app.model.contacts.keys().map(String::as_str),
+        app.model.me.as_deref(),
+        excluded,
+    );
+    let label = ui.label("Members");
+    let search = ui
+        .add(
+            egui::TextEdit::singleline(&mut picker.filter)
+                .hint_text("Search contacts or type a username")
+                .desired_width(f32::INFINITY),
+        )
+        .labelled_by(label.id);
+    pick_list(app, ui, picker, &candidates);
+    search
+}
+
 /// "New group": a name, and members picked from contacts (with search).
 pub(super) fn new_group_dialog(app: &mut ChatApp, ui: &mut Ui) {
     let Some(mut picker) = app.view.group.new_group.take() else {
         return;
     };
-    let contacts: Vec<String> = app.model.contacts.keys().cloned().collect();
-    let candidates = picker.candidates(
-        contacts.iter().map(String::as_str),
-        app.model.me.as_deref(),
-        &[],
-    );
     let max = app.max_group_members;
     let mut done = None;
     let response = egui::Modal::new(egui::Id::unique("new group")).show(ui.ctx(), |ui| {
@@ -113,14 +132,7 @@ pub(super) fn new_group_dialog(app: &mut ChatApp, ui: &mut Ui) {
         if std::mem::take(&mut picker.focus) {
             name.request_focus();
         }
-        let label = ui.label("Members");
-        ui.add(
-            egui::TextEdit::singleline(&mut picker.filter)
-                .hint_text("Search contacts or type a username")
-                .desired_width(f32::INFINITY),
-        )
-        .labelled_by(label.id);
-        pick_list(app, ui, &mut picker, &candidates);
+        choose_members(app, ui, &mut picker, &[]);
         done = confirm_row(ui, picker.create_blocker(max), "Create group");
     });
     if response.should_close() {
@@ -148,43 +160,18 @@ pub(super) fn add_members_dialog(app: &mut ChatApp, ui: &mut Ui) {
     let Some(group) = app.model.groups.by_id.get(&id).cloned() else {
         return;
     };
-    let contacts: Vec<String> = app.model.contacts.keys().cloned().collect();
-    let candidates = picker.candidates(
-        contacts.iter().map(String::as_str),
-        app.model.me.as_deref(),
-        &group.info.members,
-    );
-    let room = app
-        .max_group_members
-        .saturating_sub(group.info.members.len());
+    let max = app.max_group_members;
     let mut done = None;
     let response = egui::Modal::new(egui::Id::unique("add members")).show(ui.ctx(), |ui| {
         ui.set_width(420.0);
         ui.heading(format!("Add to {}", group.info.name));
         ui.weak("New members cannot read what was sent before they joined.");
         ui.add_space(6.0);
-        let label = ui.label("Members");
-        let search = ui
-            .add(
-                egui::TextEdit::singleline(&mut picker.filter)
-                    .hint_text("Search contacts or type a username")
-                    .desired_width(f32::INFINITY),
-            )
-            .labelled_by(label.id);
+        let search = choose_members(app, ui, &mut picker, &group.info.members);
         if std::mem::take(&mut picker.focus) {
             search.request_focus();
         }
-        pick_list(app, ui, &mut picker, &candidates);
-        let blocker = if picker.picked.is_empty() {
-            Some("Pick at least one person.".to_owned())
-        } else if picker.picked.len() > room {
-            Some(format!(
-                "A group can have at most {} members; this one has room for {room} more.",
-                app.max_group_members
-            ))
-        } else {
-            None
-        };
+        let blocker = picker.add_blocker(group.info.members.len(), max);
         done = confirm_row(ui, blocker, "Add");
     });
     if response.should_close() {
@@ -220,15 +207,7 @@ pub(super) fn leave_dialog(app: &mut ChatApp, ui: &mut Ui) {
              change their keys, so nothing sent after you left can be read by you. Your copy \
              of the history stays on this computer. Only an admin can add you back.",
         );
-        ui.add_space(8.0);
-        ui.horizontal(|ui| {
-            if ui.button("Leave group").clicked() {
-                decided = Some(true);
-            }
-            if ui.button("Cancel").clicked() {
-                decided = Some(false);
-            }
-        });
+        decided = confirm_row(ui, None, "Leave group");
     });
     if response.should_close() {
         decided.get_or_insert(false);
