@@ -87,7 +87,8 @@ pub struct GroupInfo {
     /// Texts not yet seen.
     pub unread: u64,
     /// What just happened, for a `group` event: `created`, `added`, `removed`, `left`,
-    /// `renamed`, `promoted`, or `updated` (a fork was resolved).
+    /// `renamed`, `promoted`, or `undone` (a change, `by` its author, lost to a
+    /// concurrent one: see the history's "undone: …" line).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub change: Option<String>,
     /// Who made the change.
@@ -96,6 +97,9 @@ pub struct GroupInfo {
     /// Whom the change named (added, removed or promoted).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<String>,
+    /// The newest line of its history (a list's preview), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last: Option<GroupHistoryItem>,
 }
 
 /// A line of a group's history.
@@ -218,6 +222,27 @@ pub enum Event {
         id: String,
         delivered_to: usize,
         recipients: usize,
+    },
+    /// `member`'s copy of our group message `id` was not sent: they were no longer in the
+    /// group (a change read after it was queued, e.g. a removal waiting for us while we
+    /// were away), or we were not. Now `delivered_to` of `recipients`.
+    #[serde(rename = "withdrawn")]
+    GroupWithdrawn {
+        group: String,
+        id: String,
+        member: String,
+        delivered_to: usize,
+        recipients: usize,
+    },
+    /// Our group message `id` went to nobody: `reason` `not_a_member` (we left or were
+    /// removed before it could go out) or `no_recipients` (everyone it was for left).
+    #[serde(rename = "failed")]
+    GroupFailed {
+        group: String,
+        id: String,
+        reason: String,
+        /// What happened, for people.
+        message: String,
     },
     /// A group was created, joined or changed (`change`, `by`), or asked about.
     Group(Box<GroupInfo>),
@@ -411,6 +436,8 @@ impl Event {
             Self::GroupQueued { .. } => "queued",
             Self::GroupSent { .. } => "sent",
             Self::GroupDelivered { .. } => "delivered",
+            Self::GroupWithdrawn { .. } => "withdrawn",
+            Self::GroupFailed { .. } => "failed",
             Self::Group(_) => "group",
             Self::Groups { .. } => "groups",
             Self::GroupHistory { .. } => "group_history",

@@ -30,7 +30,7 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
         return Ok(None);
     }
     let Some(rest) = line.strip_prefix('/') else {
-        return Err("commands start with '/': try /msg USER TEXT, /users, /watch USER, /safety USER, /verify USER, /accept-key USER [FINGERPRINT], /reject-key USER, /history USER, /archive USER, /unarchive USER, /remove USER, /quit".into());
+        return Err("commands start with '/': try /msg USER TEXT, /users, /watch USER, /safety USER, /verify USER, /accept-key USER [FINGERPRINT], /reject-key USER, /history USER, /archive USER, /unarchive USER, /remove USER, /group-create NAME USER…, /group-add GROUP USER…, /group-remove GROUP USER…, /group-promote GROUP USER…, /group-leave GROUP, /group-rename GROUP NAME, /gmsg GROUP TEXT…, /groups, /group-history GROUP, /quit".into());
     };
     let (name, args) = rest.split_once(' ').unwrap_or((rest, ""));
     let one_user = |usage: &str| {
@@ -183,7 +183,14 @@ fn unquote(quoted: &str) -> Option<(String, &str)> {
     while let Some((at, c)) = chars.next() {
         match c {
             '"' => return Some((word, &quoted[at + 1..])),
-            '\\' => word.push(chars.next()?.1),
+            // Only \" and \\ are escapes; any other backslash is kept as typed.
+            '\\' => match chars.next()?.1 {
+                c @ ('"' | '\\') => word.push(c),
+                c => {
+                    word.push('\\');
+                    word.push(c);
+                }
+            },
             c => word.push(c),
         }
     }

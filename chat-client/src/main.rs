@@ -43,8 +43,8 @@ struct Cli {
     /// relay given as HOST:PORT without a fingerprint (its certificate must name HOST)
     #[arg(long, value_name = "FILE.pem")]
     ca_file: Option<PathBuf>,
-    /// Most members a group may have: groups you create, and changes you accept from
-    /// others (a change that would pass it is refused)
+    /// Most members a group may have when you create or grow it (changes made by others
+    /// are accepted up to 4096 members)
     #[arg(long, value_name = "N", default_value_t = chat_protocol::group::DEFAULT_MAX_MEMBERS as u64,
           value_parser = clap::value_parser!(u64).range(2..=4096))]
     max_group_members: u64,

@@ -1,7 +1,9 @@
 //! Group membership through the real relay and headless clients, where it can go wrong:
 //! two admins adding different people at once (the member added by the change that loses
-//! the race must end in the same group as everyone), and adding people who do not exist
-//! (nothing changes).
+//! the race must end in the same group as everyone), two admins removing each other at
+//! once (the loser is told, its history says so), a member back from offline with a
+//! message queued before it learnt of a removal (the removed member gets nothing), and
+//! adding people who do not exist (nothing changes, one error).
 
 mod common;
 
@@ -155,6 +157,34 @@ fn adding_people_who_do_not_exist_changes_nothing() {
                 .as_str()
                 .is_some_and(|m| m.contains("not changed"))
     });
+    // One command, one error: the failed lookup is not told again on its own.
+    alice.send("/groups");
+    alice.expect("groups", |e| e["event"] == "groups");
+    let errors = alice.seen_of("error").len();
+    assert_eq!(errors, 2, "one error per refused command");
+    assert!(alice.seen_of("no_such_user").is_empty());
+    // Past the size limit: refused before anyone is looked up, with one error.
+    let many: Vec<String> = (0..300).map(|i| format!("ghost{i}")).collect();
+    alice.send(&format!("/group-create Big {}", many.join(" ")));
+    alice.expect("too many", |e| {
+        e["event"] == "error"
+            && e["code"] == "invalid_group_change"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("at most 256"))
+    });
+    alice.send("/groups");
+    alice.expect("groups", |e| e["event"] == "groups");
+    assert_eq!(
+        alice.seen_of("error").len(),
+        3,
+        "still one error per command"
+    );
+    // A name that reads as a group id is refused (it would shadow that group).
+    alice.send(&format!("/group-create {} bob", "ab".repeat(16)));
+    alice.expect("hex name refused", |e| {
+        e["event"] == "error" && e["code"] == "invalid_group_change"
+    });
     alice.send("/groups");
     let groups = alice.expect("groups", |e| e["event"] == "groups");
     let team = &groups["items"][0];
@@ -180,4 +210,169 @@ fn adding_people_who_do_not_exist_changes_nothing() {
     bob.expect("message", |e| {
         e["event"] == "message" && e["text"] == "still fine"
     });
+}
+
+/// Rows of `table` in a client's store, optionally only those whose `member` is `member`.
+fn rows(home: &std::path::Path, table: &str, member: Option<&str>) -> i64 {
+    let db = rusqlite::Connection::open(home.join("client.sqlite3")).unwrap();
+    match member {
+        Some(m) => db.query_row(
+            &format!("SELECT COUNT(*) FROM {table} WHERE member = ?1"),
+            [m],
+            |r| r.get(0),
+        ),
+        None => db.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)),
+    }
+    .unwrap()
+}
+
+/// The first of `clients` creates group `name` with the others, and each of them joins:
+/// returns its id.
+fn create_group(name: &str, clients: &mut [&mut Client]) -> String {
+    let (creator, members) = clients.split_first_mut().unwrap();
+    let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+    creator.send(&format!("/group-create {name} {}", names.join(" ")));
+    let id = creator.expect("created", |e| {
+        e["event"] == "group" && e["change"] == "created"
+    })["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for m in members.iter_mut() {
+        m.expect("joined", |e| {
+            e["event"] == "group" && e["id"] == id.as_str()
+        });
+    }
+    id
+}
+
+/// A relay and ready clients named `names`, each with its home under `dir`.
+fn start(dir: &std::path::Path, names: [&str; 3]) -> (Relay, [Client; 3]) {
+    let relay = Relay::start("127.0.0.1:0", &dir.join("relay"));
+    let clients = names.map(|n| Client::ready(relay.addr, n, &dir.join(n)));
+    (relay, clients)
+}
+
+#[test]
+fn a_member_back_from_offline_applies_a_removal_before_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = |n: &str| dir.path().join(n);
+    let (relay, [mut alice, mut bob, mut dave]) = start(dir.path(), ["alice", "bob", "dave"]);
+    let id = create_group("Team", &mut [&mut alice, &mut bob, &mut dave]);
+    assert_eq!(bob.quit(), 0);
+    assert_eq!(dave.quit(), 0);
+    alice.send("/group-remove Team dave");
+    alice.expect("removed dave", |e| {
+        e["event"] == "group" && e["change"] == "removed"
+    });
+    // The relay has the removal for bob once a text queued after it is accepted (the
+    // outbox keeps each contact's order).
+    alice.send("/msg bob the removal is on its way");
+    alice.expect("sent", |e| e["event"] == "sent" && e["to"] == "bob");
+
+    // Bob writes while the relay is away: queued for the members he knows, dave too.
+    let (addr, data) = relay.kill();
+    let mut bob = Client::start(addr, "bob", &home("bob"));
+    bob.send(&format!("/gmsg {id} written before bob knew"));
+    let queued = bob.expect("queued", |e| {
+        e["event"] == "queued" && e["group"] == id.as_str()
+    });
+    assert_eq!(queued["recipients"], 2, "queued for alice and dave");
+    let _relay = Relay::start(&addr.to_string(), &data);
+
+    // Connected, bob reads the removal before anything goes out: dave's copy is
+    // withdrawn, alice's delivered, and the message counts 1 of 1.
+    bob.expect("the removal", |e| {
+        e["event"] == "group" && e["change"] == "removed" && e["users"][0] == "dave"
+    });
+    let withdrawn = bob.expect("dave's copy withdrawn", |e| {
+        e["event"] == "withdrawn" && e["member"] == "dave"
+    });
+    assert_eq!(withdrawn["recipients"], 1, "{withdrawn}");
+    alice.expect("bob's message", |e| {
+        e["event"] == "message" && e["text"] == "written before bob knew"
+    });
+    bob.expect("delivered to 1 of 1", |e| {
+        e["event"] == "delivered" && e["delivered_to"] == 1 && e["recipients"] == 1
+    });
+
+    // Dave returns: he learns he was removed, and nothing of bob's reached him — no
+    // envelope held, no sending key. (Alice's 1:1 text, sent after bob's message was
+    // delivered, comes after anything bob could have sent him.)
+    alice.send("/msg dave after everything");
+    alice.expect("sent", |e| e["event"] == "sent");
+    let mut dave = Client::start(addr, "dave", &home("dave"));
+    dave.expect("removed", |e| {
+        e["event"] == "group" && e["change"] == "removed" && e["active"] == false
+    });
+    dave.expect("alice's text", |e| {
+        e["event"] == "message" && e["text"] == "after everything"
+    });
+    assert_eq!(dave.quit(), 0);
+    assert_eq!(rows(&home("dave"), "group_held", None), 0, "nothing held");
+    assert_eq!(
+        rows(&home("dave"), "group_member_keys", Some("bob")),
+        0,
+        "dave holds no key of bob's"
+    );
+}
+
+#[test]
+fn two_admins_removing_each_other_at_once_the_loser_is_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, [mut alice, mut bob, mut carol]) = start(dir.path(), ["alice", "bob", "carol"]);
+    let id = create_group("Conc", &mut [&mut alice, &mut bob, &mut carol]);
+    alice.send("/group-promote Conc bob");
+    for m in [&mut alice, &mut bob, &mut carol] {
+        m.expect("bob is admin", |e| {
+            e["event"] == "group" && e["change"] == "promoted"
+        });
+    }
+    let (addr, data) = relay.kill();
+    alice.send("/group-remove Conc bob");
+    bob.send("/group-remove Conc alice");
+    for m in [&mut alice, &mut bob] {
+        m.expect("own removal applied", |e| {
+            e["event"] == "group" && e["change"] == "removed"
+        });
+    }
+    let _relay = Relay::start(&addr.to_string(), &data);
+
+    // Alice is the senior admin: her change counts first. Everyone ends with alice and
+    // carol; bob, whose change was applied on his side first, is told it was undone.
+    let final_members = BTreeSet::from(["alice".to_owned(), "carol".to_owned()]);
+    for m in [&mut bob, &mut carol] {
+        m.expect("alice and carol remain", |e| {
+            e["event"] == "group" && e["id"] == id.as_str() && members(e) == final_members
+        });
+    }
+    // Alice's own change stands: bob's arrives on top of it and is refused.
+    alice.expect("bob's change refused", |e| {
+        e["event"] == "group_refused" && e["by"] == "bob" && e["reason"] == "forked"
+    });
+    alice.send("/groups");
+    let groups = alice.expect("groups", |e| {
+        e["event"] == "groups" && e["items"][0]["id"] == id.as_str()
+    });
+    assert_eq!(members(&groups["items"][0]), final_members);
+    bob.expect("bob's change undone", |e| {
+        e["event"] == "group" && e["change"] == "undone" && e["by"] == "bob"
+    });
+    bob.send(&format!("/group-history {id}"));
+    let history = bob.expect("history", |e| e["event"] == "group_history");
+    let lines: Vec<&str> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["text"].as_str().unwrap())
+        .collect();
+    let removed_alice = lines.iter().position(|l| *l == "bob removed alice");
+    let undone = lines
+        .iter()
+        .position(|l| l.starts_with("undone: “bob removed alice”"));
+    assert!(
+        removed_alice.is_some() && undone > removed_alice,
+        "bob's history tells what happened: {lines:?}"
+    );
+    assert!(lines.contains(&"alice removed bob"), "{lines:?}");
 }

@@ -74,6 +74,11 @@ pub enum ClientMessage {
         id: RequestId,
         usernames: Vec<String>,
     },
+    /// Answered by `Ok` once everything stored for you when your session began has been
+    /// written to you (every `Deliver` of that backlog comes before the `Ok`). A client
+    /// reads its backlog before acting on what it might change — e.g. a group message is
+    /// not sent before the membership changes waiting for you are applied. Protocol 6.
+    Sync { id: RequestId },
 }
 
 #[cfg(test)]
@@ -110,7 +115,8 @@ impl ClientMessage {
             | Self::ListUsers { id }
             | Self::GetPublicKey { id, .. }
             | Self::Send { id, .. }
-            | Self::Watch { id, .. } => Some(*id),
+            | Self::Watch { id, .. }
+            | Self::Sync { id } => Some(*id),
             Self::Hello { .. } | Self::Ping { .. } | Self::Pong { .. } | Self::Ack { .. } => None,
         }
     }
@@ -129,6 +135,7 @@ impl ClientMessage {
             Self::Pong { .. } => "pong",
             Self::Ack { .. } => "ack",
             Self::Watch { .. } => "watch",
+            Self::Sync { .. } => "sync",
         }
     }
 }

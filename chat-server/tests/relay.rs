@@ -1024,3 +1024,47 @@ async fn a_session_that_never_acknowledges_is_closed(#[values(Sqlite, Nats)] bac
     }
     sending.abort();
 }
+
+/// `Sync` is answered only once every envelope stored for the user before the session
+/// began has been written: a backlog longer than one read batch (150 envelopes) comes
+/// whole, in order, before the `Ok`; once caught up, a second `Sync` is answered at once.
+#[rstest]
+#[tokio::test]
+async fn sync_is_answered_after_the_whole_backlog(#[values(Sqlite, Nats)] backend: Backend) {
+    let server = TestServer::on(backend, |_| {}).await;
+    drop(server.user("bob", 1).await);
+    let mut alice = server.user("alice", 0).await;
+    let sent: Vec<Vec<u8>> = (0..150u32).map(|i| i.to_be_bytes().to_vec()).collect();
+    for payload in &sent {
+        let answer = alice.send_to("bob", payload).await;
+        assert!(matches!(answer, ServerMessage::Ok { .. }), "{answer:?}");
+    }
+
+    let mut bob = server.client().await;
+    bob.hello().await;
+    assert!(matches!(
+        bob.login("bob", key(1)).await,
+        ServerMessage::Welcome { .. }
+    ));
+    let sync = bob.id();
+    bob.send(ClientMessage::Sync { id: sync }).await;
+    let mut got = Vec::new();
+    loop {
+        match bob.recv_reply().await {
+            ServerMessage::Deliver { payload, .. } => got.push(payload),
+            ServerMessage::Ok { id } if id == sync => break,
+            other => panic!("expected the backlog, then Ok: {other:?}"),
+        }
+    }
+    assert_eq!(got, sent, "the whole backlog, in order, before the answer");
+
+    let again = bob.id();
+    bob.send(ClientMessage::Sync { id: again }).await;
+    assert_eq!(bob.recv_reply().await, ServerMessage::Ok { id: again });
+    // Live envelopes still come after it.
+    assert!(matches!(
+        alice.send_to("bob", b"live").await,
+        ServerMessage::Ok { .. }
+    ));
+    assert_eq!(bob.delivery().await.2, b"live");
+}

@@ -15,7 +15,7 @@ use chat_protocol::username::Username;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::groups::change_line;
+use super::groups::{change_line, undone_line};
 use super::{Engine, Source, now_ms};
 use crate::api::{Event, id_hex};
 use crate::store::{GroupLine, GroupRecord, GroupWrite, StoreError};
@@ -306,10 +306,13 @@ impl Engine {
                     .groups
                     .get(&id)
                     .is_some_and(|g| g.membership.current().is_member(&self.me));
+                // A change it undid says so in the history, after the one that won.
+                let mut lines = vec![change_line(id, change, self.me.as_str())];
+                lines.extend(superseded.iter().map(|lost| undone_line(id, lost, change)));
                 let write = GroupWrite {
                     clear_sender_key: was_member && !membership.current().is_member(&self.me),
                     membership: Some(&membership),
-                    lines: vec![change_line(id, change, self.me.as_str())],
+                    lines,
                     changes_done,
                     ..base
                 };
@@ -332,6 +335,9 @@ impl Engine {
                     .collect();
                 self.watch(members);
                 self.emit_change(&id, change);
+                for lost in &superseded {
+                    self.emit_undone(&id, lost);
+                }
                 self.flush_due = true;
                 self.after_change(&id, superseded);
             }

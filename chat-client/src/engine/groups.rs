@@ -18,7 +18,9 @@ use tracing::warn;
 
 use super::{Engine, Pending, now_ms, random_id};
 use crate::api::{Event, GroupInfo, id_hex};
-use crate::store::{GroupLine, GroupRecord, GroupWrite, OutboxItem, OutgoingGroupMessage};
+use crate::store::{
+    GroupLine, GroupRecord, GroupWrite, OutboxItem, OutgoingGroupMessage, Withdrawn,
+};
 
 /// A group envelope and its `Send` frame add to the padded text: the tag, the sender's
 /// signature (up to RSA-4096), the group id, names, counters and lengths.
@@ -84,6 +86,25 @@ pub(super) fn change_line(group: GroupId, change: &SignedChange, me: &str) -> Gr
     }
 }
 
+/// The history line saying `lost` was undone: it crossed `winner`, which counts first
+/// (its id: the last 16 bytes of `lost`'s change id).
+pub(super) fn undone_line(group: GroupId, lost: &SignedChange, winner: &SignedChange) -> GroupLine {
+    let id = lost.id();
+    GroupLine {
+        group,
+        outgoing: false,
+        sender: lost.change.author.to_string(),
+        id: id[16..].try_into().expect("16 of 32 bytes"),
+        system: true,
+        text: format!(
+            "undone: “{}” — it crossed {}'s change, which counts first",
+            describe(lost).0,
+            winner.change.author
+        ),
+        sent_at: winner.change.created_ms,
+    }
+}
+
 impl Engine {
     pub(super) fn group_command(&mut self, cmd: crate::api::Command) {
         use crate::api::Command;
@@ -93,6 +114,7 @@ impl Engine {
                 ref members,
             } => {
                 if let Some(users) = self.user_names(members)
+                    && self.may_create(name, &users)
                     && self.members_exist(&users, &cmd)
                 {
                     self.create_group(name, members);
@@ -102,29 +124,48 @@ impl Engine {
                 ref group,
                 ref users,
             } => {
-                if let Some(users) = self.user_names(users)
+                if self.admin_of(group)
+                    && let Some(users) = self.user_names(users)
+                    && self.may_change(
+                        group,
+                        ChangeKind::Add {
+                            users: users.clone(),
+                        },
+                    )
                     && self.members_exist(&users, &cmd)
                 {
                     self.change_group(group, ChangeKind::Add { users });
                 }
             }
             Command::GroupRemove { group, users } => {
-                if let Some(users) = self.user_names(&users) {
+                if self.admin_of(&group)
+                    && let Some(users) = self.user_names(&users)
+                {
                     self.change_group(&group, ChangeKind::Remove { users });
                 }
             }
             Command::GroupPromote { group, users } => {
-                if let Some(users) = self.user_names(&users) {
+                if self.admin_of(&group)
+                    && let Some(users) = self.user_names(&users)
+                {
                     self.change_group(&group, ChangeKind::Promote { users });
                 }
             }
             Command::GroupLeave { group } => self.change_group(&group, ChangeKind::Leave),
-            Command::GroupRename { group, name } => self.change_group(
-                &group,
-                ChangeKind::Rename {
-                    name: name.trim().to_owned(),
-                },
-            ),
+            Command::GroupRename { group, name } => {
+                if let Some(problem) = group_name_problem(&name) {
+                    return self.sink.emit(Event::error(
+                        "invalid_group_change",
+                        format!("nothing changed: {problem}"),
+                    ));
+                }
+                self.change_group(
+                    &group,
+                    ChangeKind::Rename {
+                        name: name.trim().to_owned(),
+                    },
+                )
+            }
             Command::GroupSend { group, text } => {
                 let queued = self.enqueue_group(&group, text);
                 self.flush_due |= queued;
@@ -157,6 +198,73 @@ impl Engine {
         }
     }
 
+    /// Whether we may create a group `name` with `users`; if not, an error says why (before
+    /// anything is asked of the relay).
+    fn may_create(&self, name: &str, users: &[Username]) -> bool {
+        let name = name.trim();
+        let checked = match group_name_problem(name) {
+            Some(problem) => Err(problem),
+            None => Membership::check_create(&self.me, name, users.to_vec(), self.max_members())
+                .map_err(|e| e.to_string()),
+        };
+        match checked {
+            Ok(()) => true,
+            Err(e) => {
+                self.sink.emit(Event::error(
+                    "invalid_group_change",
+                    format!("the group was not created: {e}"),
+                ));
+                false
+            }
+        }
+    }
+
+    /// Whether we are an admin of `group` (a member first); if not, an error says so.
+    fn admin_of(&self, group: &str) -> bool {
+        let Some(id) = self.find_group(group) else {
+            return false;
+        };
+        let state = self.groups[&id].membership.current();
+        if !state.is_member(&self.me) {
+            self.sink.emit(Event::error(
+                "not_a_member",
+                format!("you are no longer a member of “{}”", state.name),
+            ));
+            return false;
+        }
+        if !state.is_admin(&self.me) {
+            self.sink.emit(Event::error(
+                "invalid_group_change",
+                format!(
+                    "nothing changed in “{}”: {}",
+                    state.name,
+                    ChangeError::NotAdmin(self.me.clone())
+                ),
+            ));
+            return false;
+        }
+        true
+    }
+
+    /// Whether our change `kind` to `group` would be accepted; if not, an error says why
+    /// (before anything is asked of the relay).
+    fn may_change(&self, group: &str, kind: ChangeKind) -> bool {
+        let Some(id) = self.find_group(group) else {
+            return false;
+        };
+        let membership = &self.groups[&id].membership;
+        match membership.check(&self.me, kind, self.max_members()) {
+            Ok(()) => true,
+            Err(e) => {
+                self.sink.emit(Event::error(
+                    "invalid_group_change",
+                    format!("nothing changed in “{}”: {e}", membership.current().name),
+                ));
+                false
+            }
+        }
+    }
+
     /// Whether every one of `users` is known to exist (we hold their key). If not, asks the
     /// relay for the keys of the others and keeps `cmd` (a create or an add) until every
     /// answer is in ([`Engine::member_checked`]): a group never gains a member that does
@@ -183,6 +291,7 @@ impl Engine {
             return false;
         }
         for user in &unknown {
+            self.member_lookups.insert(user.clone());
             self.fetch_key(user, None);
         }
         self.awaiting_members.push(AwaitingMembers {
@@ -195,7 +304,10 @@ impl Engine {
     /// The relay answered for `user`: `Ok` (its key is pinned now) or why not. A create
     /// or add waiting on it goes ahead once all its new members are known, and is dropped
     /// with an error (nothing changed) if one is not.
-    pub(super) fn member_checked(&mut self, user: &str, answer: Result<(), String>) {
+    /// Returns whether `user` was looked up for such a check (its failure is then told
+    /// once, by the command's error).
+    pub(super) fn member_checked(&mut self, user: &str, answer: Result<(), String>) -> bool {
+        let asked = self.member_lookups.remove(user);
         let mut ready = Vec::new();
         let mut i = 0;
         while i < self.awaiting_members.len() {
@@ -225,11 +337,13 @@ impl Engine {
         for cmd in ready {
             self.group_command(cmd);
         }
+        asked
     }
 
     /// The connection ended before the relay answered: creates and adds still waiting
     /// for their members to be checked are dropped, with an error each.
     pub(super) fn forget_member_checks(&mut self) {
+        self.member_lookups.clear();
         for waiting in std::mem::take(&mut self.awaiting_members) {
             let names: Vec<&str> = waiting.unknown.iter().map(String::as_str).collect();
             self.sink.emit(Event::error(
@@ -270,7 +384,19 @@ impl Engine {
         if let Some(id) = parse_group_id(raw)
             && self.groups.contains_key(&id)
         {
-            return Some(id);
+            // Another member may have named a group after this one's id.
+            if !self
+                .groups
+                .iter()
+                .any(|(other, g)| *other != id && g.membership.current().name == raw)
+            {
+                return Some(id);
+            }
+            self.sink.emit(Event::error(
+                "ambiguous_group",
+                format!("{raw:?} is the id of one of your groups and the name of another; give the other's id instead (/groups lists them)"),
+            ));
+            return None;
         }
         let named = |active: bool| -> Vec<GroupId> {
             self.groups
@@ -325,6 +451,13 @@ impl Engine {
                 .map(|u| u.to_string())
                 .collect(),
             unread: g.unread,
+            last: match self.store.group_history(id, 1) {
+                Ok(mut newest) => newest.pop(),
+                Err(e) => {
+                    warn!("store error: {e}");
+                    None
+                }
+            },
             ..GroupInfo::default()
         }
     }
@@ -512,6 +645,17 @@ impl Engine {
         self.sink.emit(Event::Group(Box::new(info)));
     }
 
+    /// A `group` event (`change`: `undone`) for a change that lost a fork and no longer
+    /// counts; `by` and `users` are the lost change's.
+    pub(super) fn emit_undone(&mut self, id: &GroupId, lost: &SignedChange) {
+        let (_, _, users) = describe(lost);
+        let mut info = self.group_info(id);
+        info.change = Some("undone".into());
+        info.by = Some(lost.change.author.to_string());
+        info.users = users;
+        self.sink.emit(Event::Group(Box::new(info)));
+    }
+
     /// Seals a text for `group` once and queues it for every recipient, with a new
     /// sending key first if the recipients changed. Returns whether it was queued.
     fn enqueue_group(&mut self, group: &str, text: String) -> bool {
@@ -617,13 +761,42 @@ impl Engine {
         true
     }
 
-    /// Hands queued copies of group messages to the relay (one `Send` per member).
+    /// Whether group sends may go out: the backlog waiting at login has been read and
+    /// no envelope of it waits for its sender's key, so every membership change it held
+    /// is applied (a member removed while we were away gets nothing more from us).
+    pub(super) fn group_sends_ready(&self) -> bool {
+        self.synced
+            && !self
+                .awaiting_key
+                .values()
+                .flatten()
+                .any(|w| matches!(w, super::Waiting::Envelope { .. }))
+    }
+
+    /// Whether `member` is (still) someone our messages to `group` go to.
+    pub(super) fn sends_to(&self, group: &GroupId, member: &str) -> bool {
+        self.groups.get(group).is_some_and(|g| {
+            let state = g.membership.current();
+            state.is_member(&self.me) && state.members.iter().any(|m| m.as_str() == member)
+        })
+    }
+
+    /// Hands queued copies of group messages to the relay (one `Send` per member), once
+    /// [`Engine::group_sends_ready`]; a copy for someone no longer in the group is
+    /// withdrawn instead.
     pub(super) fn flush_group_sends(&mut self) {
+        if !self.group_sends_ready() {
+            return;
+        }
         let sends = match self.store.group_sends_queued() {
             Ok(sends) => sends,
             Err(e) => return self.store_error(e),
         };
         for send in sends {
+            if !self.sends_to(&send.group, &send.member) {
+                self.withdraw_group_send(send.group, send.id, &send.member);
+                continue;
+            }
             let key = (send.id, send.member.clone());
             if self.group_in_flight.contains(&key) || self.held(&send.member) {
                 continue;
@@ -639,6 +812,54 @@ impl Engine {
                 },
                 |id| ClientMessage::Send { id, to, payload },
             );
+        }
+    }
+
+    /// Drops `member`'s copy of our message `id` to `group`: they are no longer in it
+    /// (or we are not). Tells what that made of the message.
+    fn withdraw_group_send(&mut self, group: GroupId, id: MessageId, member: &str) {
+        let withdrawn = match self.store.withdraw_group_send(&id, member) {
+            Ok(Some(withdrawn)) => withdrawn,
+            Ok(None) => return,
+            Err(e) => return self.store_error(e),
+        };
+        let (delivered_to, recipients) = match self.store.group_delivery(&id) {
+            Ok(counts) => counts,
+            Err(e) => return self.store_error(e),
+        };
+        let member_still = self
+            .groups
+            .get(&group)
+            .is_some_and(|g| g.membership.current().is_member(&self.me));
+        let (group, msg) = (id_hex(&group), id_hex(&id));
+        self.sink.emit(Event::GroupWithdrawn {
+            group: group.clone(),
+            id: msg.clone(),
+            member: member.to_owned(),
+            delivered_to,
+            recipients,
+        });
+        match withdrawn {
+            Withdrawn::Waiting => {}
+            Withdrawn::NowSent => self.sink.emit(Event::GroupSent { group, id: msg }),
+            Withdrawn::NoneLeft => self.sink.emit(Event::GroupFailed {
+                group,
+                id: msg,
+                reason: if member_still {
+                    "no_recipients"
+                } else {
+                    "not_a_member"
+                }
+                .into(),
+                message: if member_still {
+                    "nobody this message was for is in the group any more (the change came \
+                     before it could go out); it was sent to nobody"
+                } else {
+                    "you were no longer in the group when this message could go out; it was \
+                     sent to nobody"
+                }
+                .into(),
+            }),
         }
     }
 
@@ -690,6 +911,18 @@ impl Engine {
 }
 
 /// A group id typed as 32 hex digits.
+/// Why `name` (trimmed) cannot name a group, for people; `None` if it can. The
+/// protocol's rule ([`chat_protocol::group::check_name`]: 1 to 64 characters, no control
+/// characters), and not 32 hex digits, which would read as another group's id.
+pub fn group_name_problem(name: &str) -> Option<String> {
+    let name = name.trim();
+    if let Err(e) = chat_protocol::group::check_name(name) {
+        return Some(e.to_string());
+    }
+    parse_group_id(name)
+        .map(|_| "a group name may not be 32 hex digits (it would read as a group's id)".into())
+}
+
 pub(super) fn parse_group_id(raw: &str) -> Option<GroupId> {
     if raw.len() != 32 || !raw.is_ascii() {
         return None;

@@ -158,6 +158,10 @@ impl Engine {
                     self.store_error(e);
                 }
             }
+            Some(Pending::Sync) => {
+                self.synced = true;
+                self.flush_due = true;
+            }
             _ => {}
         }
     }
@@ -252,7 +256,7 @@ impl Engine {
             }
             Some(Pending::Key { user }) => {
                 let waiting = self.awaiting_key.remove(&user).unwrap_or_default();
-                self.member_checked(
+                let for_group = self.member_checked(
                     &user,
                     Err(if code == ErrorCode::UnknownUser {
                         format!("there is no user named {user}")
@@ -260,18 +264,22 @@ impl Engine {
                         format!("{user} could not be looked up ({message})")
                     }),
                 );
+                // A name looked up only for a group command: its error says it all.
+                let told = for_group && waiting.is_empty();
                 if code == ErrorCode::UnknownUser {
                     self.fail_outbox_for(
                         &user,
                         code.as_str(),
                         &format!("there is no user named {user}"),
                     );
-                    self.sink.emit(Event::error(
-                        code.as_str(),
-                        format!("there is no user named {user}"),
-                    ));
-                    self.sink.emit(Event::NoSuchUser { user: user.clone() });
-                } else {
+                    if !told {
+                        self.sink.emit(Event::error(
+                            code.as_str(),
+                            format!("there is no user named {user}"),
+                        ));
+                        self.sink.emit(Event::NoSuchUser { user: user.clone() });
+                    }
+                } else if !told {
                     self.sink.emit(Event::error(code.as_str(), message));
                 }
                 // Envelopes from a sender whose key can't be had are dropped for good.
@@ -280,8 +288,9 @@ impl Engine {
                         self.settle(source);
                     }
                 }
+                self.flush_due = true;
             }
-            Some(Pending::Users | Pending::Watch { .. }) | None => {
+            Some(Pending::Users | Pending::Watch { .. } | Pending::Sync) | None => {
                 self.sink.emit(Event::error(code.as_str(), message));
             }
         }

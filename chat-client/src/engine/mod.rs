@@ -32,6 +32,7 @@ use crate::store::{RowCipher, Store, StoreError, cipher::STORE_KEY_CONTEXT};
 mod commands;
 mod group_inbound;
 mod groups;
+pub use groups::group_name_problem;
 mod inbound;
 mod keys;
 mod offers;
@@ -194,6 +195,8 @@ enum Pending {
         member: String,
     },
     Users,
+    /// The session's `Sync`: answered once the backlog waiting at login was written.
+    Sync,
     /// Presence subscription for these (canonical) names.
     Watch {
         users: Vec<String>,
@@ -292,6 +295,11 @@ struct Engine {
     groups: groups::Groups,
     /// Members' copies of group messages sent on this connection and not yet answered.
     group_in_flight: HashSet<(MessageId, String)>,
+    /// The relay answered this session's `Sync`: the backlog waiting at login has been
+    /// read, so the membership changes in it are known before any group send goes out.
+    synced: bool,
+    /// Names whose key was asked for only to check that a new group member exists.
+    member_lookups: HashSet<String>,
     /// Group creates and adds waiting for the relay to say their new members exist.
     awaiting_members: Vec<groups::AwaitingMembers>,
 }
@@ -390,6 +398,8 @@ impl Engine {
         Ok(Self {
             groups,
             group_in_flight: HashSet::new(),
+            synced: false,
+            member_lookups: HashSet::new(),
             awaiting_members: Vec::new(),
             me: config.username.clone(),
             config,
@@ -772,6 +782,7 @@ impl Engine {
         self.receipts_in_flight.clear();
         self.retries_in_flight.clear();
         self.group_in_flight.clear();
+        self.synced = false;
         self.forget_member_checks();
         self.acks.clear();
         self.out.clear();
@@ -835,6 +846,8 @@ impl Engine {
         all.extend(members);
         self.watch_list.extend(all.iter().cloned());
         self.send_watch(all);
+        // Group sends wait until the backlog is read (a removal may be in it).
+        self.request(Pending::Sync, |id| ClientMessage::Sync { id });
         self.release_held_for_usable_keys();
         self.housekeeping();
         self.flush_due = true;

@@ -151,6 +151,18 @@ impl Engine {
                 held.insert(item.peer);
                 continue;
             }
+            // A group sending key goes only to who is still in the group, judged once
+            // the backlog (which may hold a removal) is read.
+            if let Body::SenderKey(distribution) = &item.body {
+                if !self.group_sends_ready() {
+                    held.insert(item.peer);
+                    continue;
+                }
+                if !self.sends_to(&distribution.group, &item.peer) {
+                    self.fail_message(&item.id, "not_a_member", "no longer in the group");
+                    continue;
+                }
+            }
             let ready = self.checked_keys.contains_key(&item.peer)
                 && self.pin(&item.peer).is_some_and(|p| p.usable());
             if !ready {

@@ -78,6 +78,8 @@ impl MemberPicker {
     pub fn create_blocker(&self, max: usize) -> Option<String> {
         if self.name.trim().is_empty() {
             Some("Give the group a name.".into())
+        } else if let Some(problem) = crate::engine::group_name_problem(&self.name) {
+            Some(capitalised(&problem))
         } else if self.picked.is_empty() {
             Some("Pick at least one member.".into())
         } else if self.picked.len() + 1 > max {
@@ -87,6 +89,15 @@ impl MemberPicker {
         } else {
             None
         }
+    }
+}
+
+/// "A group name…" from "a group name…": the core's wording, as a sentence.
+pub fn capitalised(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect::<String>() + ".",
+        None => String::new(),
     }
 }
 
@@ -145,6 +156,15 @@ mod tests {
         p.picked.extend(["bob".to_owned(), "carol".to_owned()]);
         assert_eq!(p.create_blocker(256), None);
         assert!(p.create_blocker(2).unwrap().contains("at most 2"));
+        p.name = "x".repeat(65);
+        assert!(
+            p.create_blocker(256)
+                .unwrap()
+                .starts_with("A group name is 1 to 64")
+        );
+        p.name = "0123456789abcdef0123456789abcdef".into();
+        assert!(p.create_blocker(256).unwrap().contains("hex"));
+        p.name = "Team".into();
         assert_eq!(p.add_blocker(3, 5), None);
         assert!(p.add_blocker(4, 5).unwrap().contains("room for 1 more"));
         assert!(

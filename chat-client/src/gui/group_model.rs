@@ -172,7 +172,15 @@ impl Groups {
                     line.status = Status::Sent;
                 }
             }
+            // A copy stored, or withdrawn (its member left): the counts change.
             Event::GroupDelivered {
+                group,
+                id,
+                delivered_to,
+                recipients,
+                ..
+            }
+            | Event::GroupWithdrawn {
                 group,
                 id,
                 delivered_to,
@@ -182,9 +190,14 @@ impl Groups {
                 if let Some(line) = self.ours(group, id) {
                     line.delivered_to = *delivered_to;
                     line.recipients = *recipients;
-                    if delivered_to == recipients {
+                    if delivered_to == recipients && *recipients > 0 {
                         line.status = Status::Delivered;
                     }
+                }
+            }
+            Event::GroupFailed { group, id, .. } => {
+                if let Some(line) = self.ours(group, id) {
+                    line.status = Status::Failed;
                 }
             }
             Event::GroupRefused { group, message, .. } => {
@@ -249,15 +262,20 @@ impl Groups {
 impl GroupView {
     /// The newest line for the side list: (text, when stored, ours), a text prefixed
     /// with its sender.
+    /// Before the history is loaded, the newest line the group's info carries.
     pub fn preview(&self) -> Option<(String, u64, bool)> {
-        let line = self.lines.last()?;
+        let line = match self.lines.last() {
+            Some(line) => line.clone(),
+            None => GroupLine::from(self.info.last.clone()?),
+        };
         let text = line.text.lines().next().unwrap_or("");
         let text = if line.system || line.outgoing {
             text.to_owned()
         } else {
             format!("{}: {text}", line.from)
         };
-        Some((text, line.stored_at, line.outgoing))
+        // A membership line names its author itself ("carol created …"): no "You:".
+        Some((text, line.stored_at, line.outgoing && !line.system))
     }
 }
 
@@ -272,6 +290,9 @@ fn system_text(info: &GroupInfo, change: &str) -> String {
         "left" => format!("{by} left"),
         "renamed" => format!("{by} renamed the group to “{}”", info.name),
         "promoted" => format!("{by} made {users} admin"),
+        "undone" => format!(
+            "undone: a change by {by} (it crossed another admin's change, which counts first)"
+        ),
         other => format!("{by}: {other}"),
     }
 }
@@ -302,7 +323,50 @@ mod tests {
             change: change.map(Into::into),
             by: change.map(|_| "alice".into()),
             users: vec![],
+            last: None,
         }
+    }
+
+    #[test]
+    fn the_list_previews_the_newest_line_before_the_history_is_loaded() {
+        let mut g = Groups::default();
+        let mut group = info("g1", None);
+        group.last = Some(crate::api::GroupHistoryItem {
+            id: "m1".into(),
+            from: "bob".into(),
+            outgoing: false,
+            system: false,
+            text: "hello\nsecond line".into(),
+            sent_at: 5,
+            stored_at: 7,
+            status: Status::Delivered,
+            delivered_to: 0,
+            recipients: 0,
+        });
+        g.apply(&Event::Groups { items: vec![group] }, None);
+        assert_eq!(
+            g.by_id["g1"].preview(),
+            Some(("bob: hello".to_owned(), 7, false))
+        );
+        // Our own membership line names us already: not "You: alice created …".
+        let mut ours = info("g2", None);
+        ours.last = Some(crate::api::GroupHistoryItem {
+            id: "c1".into(),
+            from: "alice".into(),
+            outgoing: true,
+            system: true,
+            text: "alice created the group “Team”".into(),
+            sent_at: 1,
+            stored_at: 2,
+            status: Status::Delivered,
+            delivered_to: 0,
+            recipients: 0,
+        });
+        g.apply(&Event::Groups { items: vec![ours] }, None);
+        assert_eq!(
+            g.by_id["g2"].preview(),
+            Some(("alice created the group “Team”".to_owned(), 2, false))
+        );
     }
 
     #[test]

@@ -470,10 +470,14 @@ impl Model {
             // Pinned without asking (an address with #FINGERPRINT): nothing to decide.
             Event::ServerKey { .. } => {}
             Event::Error { code, message } => self.error = Some((code, message)),
+            Event::GroupFailed {
+                reason, message, ..
+            } => self.error = Some((reason, message)),
             Event::GroupMessage { .. }
             | Event::GroupQueued { .. }
             | Event::GroupSent { .. }
             | Event::GroupDelivered { .. }
+            | Event::GroupWithdrawn { .. }
             | Event::Group(_)
             | Event::Groups { .. }
             | Event::GroupHistory { .. }

@@ -88,6 +88,17 @@ pub fn avatar_colour(name: &str) -> Color32 {
     AVATAR_COLOURS[(hash % AVATAR_COLOURS.len() as u64) as usize]
 }
 
+/// The colour of `name` as a sender above a bubble of `bubble` in palette `p`: its
+/// avatar colour, moved towards the body text until it reaches 4.5:1 against the bubble
+/// (WCAG AA), so names keep their hue and stay readable in both themes (tested).
+pub fn name_colour(name: &str, p: &Palette, bubble: Color32) -> Color32 {
+    let base = avatar_colour(name);
+    (0..=20u8)
+        .map(|step| base.lerp_to_gamma(p.text, f32::from(step) / 20.0))
+        .find(|&c| contrast(c, bubble) >= 4.5)
+        .unwrap_or(p.text)
+}
+
 /// The palette for the visuals in use.
 pub fn palette(visuals: &Visuals) -> &'static Palette {
     if visuals.dark_mode { &DARK } else { &LIGHT }
@@ -168,6 +179,14 @@ mod tests {
             for colour in AVATAR_COLOURS {
                 let ratio = contrast(Color32::WHITE, colour);
                 assert!(ratio >= 4.5, "initials on {colour:?}: {ratio:.2}:1");
+            }
+            // Senders' names above group bubbles: every avatar hue, both bubbles.
+            for i in 0..64 {
+                let sender = format!("user{i}");
+                for bubble in [p.bubble_in, p.bubble_out] {
+                    let ratio = contrast(name_colour(&sender, &p, bubble), bubble);
+                    assert!(ratio >= 4.5, "{name}: {sender}'s name is {ratio:.2}:1");
+                }
             }
             let edge_pairs = [
                 ("bubble edge on panel", p.bubble_edge, p.panel),

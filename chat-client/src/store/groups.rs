@@ -127,6 +127,17 @@ pub struct GroupSend {
     pub payload: Vec<u8>,
 }
 
+/// What withdrawing one member's copy made of a group message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withdrawn {
+    /// Other copies still wait for the relay.
+    Waiting,
+    /// That was the last copy waiting: the message is now `sent`.
+    NowSent,
+    /// No copy is left at all: the message is `failed` (nobody to send it to).
+    NoneLeft,
+}
+
 /// A change kept until the state it names is reached (or its author's key arrives).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldChange {
@@ -560,6 +571,44 @@ impl Store {
                 return Ok(false);
             }
             settle_message(tx, id)
+        })
+    }
+
+    /// `member`'s copy of our group message `id` will not be sent: they left the group
+    /// before it went out (or we did). Returns what that made of the whole message, or
+    /// `None` if that copy was no longer waiting.
+    pub fn withdraw_group_send(
+        &mut self,
+        id: &MessageId,
+        member: &str,
+    ) -> Result<Option<Withdrawn>, StoreError> {
+        self.transaction(|tx, _| {
+            let removed = tx
+                .prepare_cached(
+                    "DELETE FROM group_outbox WHERE id = ?1 AND member = ?2 AND state = 'queued'",
+                )?
+                .execute(params![&id[..], member])?;
+            if removed == 0 {
+                return Ok(None);
+            }
+            let left: i64 = tx
+                .prepare_cached("SELECT COUNT(*) FROM group_outbox WHERE id = ?1")?
+                .query_row(params![&id[..]], |r| r.get(0))?;
+            if left > 0 {
+                return Ok(Some(if settle_message(tx, id)? {
+                    Withdrawn::NowSent
+                } else {
+                    Withdrawn::Waiting
+                }));
+            }
+            tx.prepare_cached("DELETE FROM group_payloads WHERE id = ?1")?
+                .execute(params![&id[..]])?;
+            tx.prepare_cached(
+                "UPDATE group_messages SET status = 'failed'
+                 WHERE id = ?1 AND outgoing = 1 AND status = 'sending'",
+            )?
+            .execute(params![&id[..]])?;
+            Ok(Some(Withdrawn::NoneLeft))
         })
     }
 

@@ -25,7 +25,9 @@ mod messages;
 
 pub use cipher::RowCipher;
 pub use e2e::{Held, ReceivedText};
-pub use groups::{GroupLine, GroupRecord, GroupSend, GroupWrite, HeldChange, OutgoingGroupMessage};
+pub use groups::{
+    GroupLine, GroupRecord, GroupSend, GroupWrite, HeldChange, OutgoingGroupMessage, Withdrawn,
+};
 pub use messages::{Delivered, OutboxItem, Undelivered};
 
 /// Schema version (`PRAGMA user_version`). 0: the first release (floors, outbox until the

@@ -504,6 +504,54 @@ impl Membership {
         self.entries.back().expect("never empty").change.as_ref()
     }
 
+    /// Whether `author` may make the change `kind` to the current state (what
+    /// [`Membership::make`] would refuse, without signing or changing anything): e.g. to
+    /// refuse a change before asking the relay whether its new members exist.
+    ///
+    /// # Errors
+    /// The [`ChangeError`] `make` would return.
+    pub fn check(
+        &self,
+        author: &Username,
+        kind: ChangeKind,
+        max_members: usize,
+    ) -> Result<(), ChangeError> {
+        let change = Change {
+            group: self.current().id,
+            prev: self.head(),
+            prev_version: self.current().version,
+            author: author.clone(),
+            created_ms: 0,
+            kind,
+        };
+        apply(Some(self.current()), &change, max_members).map(drop)
+    }
+
+    /// Whether `author` may create a group named `name` with `members` (what
+    /// [`Membership::create`] would refuse, without signing).
+    ///
+    /// # Errors
+    /// [`ChangeError::BadName`] or [`ChangeError::TooManyMembers`].
+    pub fn check_create(
+        author: &Username,
+        name: &str,
+        members: Vec<Username>,
+        max_members: usize,
+    ) -> Result<(), ChangeError> {
+        let change = Change {
+            group: [0; 16],
+            prev: [0; 32],
+            prev_version: 0,
+            author: author.clone(),
+            created_ms: 0,
+            kind: ChangeKind::Create {
+                name: name.to_owned(),
+                members,
+            },
+        };
+        apply(None, &change, max_members).map(drop)
+    }
+
     /// Makes and applies a change of ours to the current state; returns it signed, to send
     /// to the members (and, for `Add`, with [`current`](Self::current) *before* it, to the
     /// new ones).

@@ -22,6 +22,16 @@ pub const READER_RETRIES: u32 = 40;
 /// recipient with acknowledgements).
 pub const REMOVE_EVERY: Duration = Duration::from_millis(250);
 
+/// What a session's mailbox read hands it.
+#[derive(Debug)]
+pub enum MailboxRead {
+    /// The next envelope, as a `Deliver`.
+    Deliver(ServerMessage),
+    /// Every envelope the mailbox held when the session began has been handed over (a
+    /// client's `Sync` is answered from here on).
+    CaughtUp,
+}
+
 /// Acknowledged envelopes of one recipient waiting for removal.
 #[derive(Debug, Default)]
 pub(super) struct Removal {
@@ -39,7 +49,7 @@ impl Cluster {
         self: &Arc<Self>,
         user: &Username,
         capacity: usize,
-    ) -> (mpsc::Receiver<Result<ServerMessage, String>>, AbortOnDrop) {
+    ) -> (mpsc::Receiver<Result<MailboxRead, String>>, AbortOnDrop) {
         let (tx, rx) = mpsc::channel(capacity);
         let (cluster, user) = (self.clone(), user.clone());
         let task = tokio::spawn(async move {
@@ -55,18 +65,21 @@ impl Cluster {
     /// disturbed (this relay reconnected to NATS, or the stream elected a leader): an
     /// ephemeral consumer may have been lost with a node and would otherwise wait forever.
     /// Sequences already given are skipped, so a restart makes no gap and no duplicate.
-    /// Gives up (an error, and the session is closed) after [`READER_RETRIES`] failures in
+    /// Once as many envelopes as the first consumer (re)made before that point had pending
+    /// are given, [`MailboxRead::CaughtUp`] follows them, once. Gives up (an error, and the session is closed) after [`READER_RETRIES`] failures in
     /// a row.
     async fn read_mailbox(
         &self,
         user: &Username,
-        tx: &mpsc::Sender<Result<ServerMessage, String>>,
+        tx: &mpsc::Sender<Result<MailboxRead, String>>,
     ) -> Result<(), String> {
         let subject = format!("{}>", self.mailbox_prefix(user));
         let legacy = self.legacy_subject(user);
         let mut next = 0u64;
         let mut disturbances = self.disturbances.subscribe();
         let mut failures = 0;
+        // Envelopes still to give before the backlog is read; `None` once caught up.
+        let mut backlog: Option<u64> = Some(0);
         loop {
             disturbances.borrow_and_update();
             let deliver_policy = match next {
@@ -83,7 +96,13 @@ impl Cluster {
                 .await
                 .map_err(|e| e.to_string());
             let messages = match consumer {
-                Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
+                Ok(consumer) => {
+                    if backlog.is_some() {
+                        // Counted from `next`: a remade consumer starts where we stopped.
+                        backlog = Some(consumer.cached_info().num_pending);
+                    }
+                    consumer.messages().await.map_err(|e| e.to_string())
+                }
                 Err(e) => Err(e),
             };
             let mut messages = match messages {
@@ -99,6 +118,12 @@ impl Cluster {
                 }
             };
             loop {
+                if backlog == Some(0) {
+                    backlog = None;
+                    if tx.send(Ok(MailboxRead::CaughtUp)).await.is_err() {
+                        return Ok(());
+                    }
+                }
                 let message = tokio::select! {
                     message = messages.next() => message,
                     changed = disturbances.changed() => {
@@ -145,8 +170,11 @@ impl Cluster {
                     from,
                     payload: message.payload.to_vec(),
                 };
-                if tx.send(Ok(deliver)).await.is_err() {
+                if tx.send(Ok(MailboxRead::Deliver(deliver))).await.is_err() {
                     return Ok(());
+                }
+                if let Some(left) = &mut backlog {
+                    *left = left.saturating_sub(1);
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

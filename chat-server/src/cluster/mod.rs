@@ -51,7 +51,7 @@ use crate::writer::{Done, Ticket};
 
 pub use admin::{ClusterStats, Migration};
 use delivery::Removal;
-pub use delivery::{AbortOnDrop, READER_RETRIES, REMOVE_EVERY};
+pub use delivery::{AbortOnDrop, MailboxRead, READER_RETRIES, REMOVE_EVERY};
 pub use layout::DUPLICATE_WINDOW;
 pub use outbox::RETRY_FOR;
 pub use sessions::Login;

@@ -32,6 +32,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info, warn};
 
 use crate::Shared;
+use crate::cluster::MailboxRead;
 use crate::limits::{PreLoginSlot, TokenBucket, work};
 use crate::metrics::Metrics;
 use crate::router::Membership;
@@ -67,6 +68,9 @@ const WRITE_BATCH: usize = 64;
 /// Sends from one connection waiting for their commit at once. More are not read until
 /// the oldest is answered, which bounds what a fast sender can make the server hold.
 const MAX_PIPELINED: usize = 128;
+
+/// `Sync` requests one session may have waiting at once; more are refused (`rate_limited`).
+const MAX_SYNCS: usize = 4;
 
 /// Initial read buffer; it grows only while a large frame is arriving.
 const READ_BUFFER: usize = 1024;
@@ -163,7 +167,11 @@ pub(crate) struct Handler {
     /// This connection's address group in the queue's accounting.
     source: i64,
     /// With the cluster backend, once logged in: the mailbox read (backlog, then live).
-    cluster_inbox: Option<mpsc::Receiver<Result<ServerMessage, String>>>,
+    cluster_inbox: Option<mpsc::Receiver<Result<MailboxRead, String>>>,
+    /// With the cluster backend: the mailbox read has handed over the backlog.
+    mailbox_caught_up: bool,
+    /// `Sync` requests waiting for the backlog to be written (at most [`MAX_SYNCS`]).
+    syncs: Vec<RequestId>,
     /// Stops that read when the connection ends.
     _mailbox_reader: Option<crate::cluster::AbortOnDrop>,
 }
@@ -216,6 +224,8 @@ impl Handler {
             heard_any: false,
             source,
             cluster_inbox: None,
+            mailbox_caught_up: false,
+            syncs: Vec::new(),
             _mailbox_reader: None,
         })
     }
@@ -294,8 +304,14 @@ impl Handler {
                     Inbound::Kicked(code) => return Close::tell(code, kick_message(code)),
                 },
                 delivery = next_delivery(&mut self.cluster_inbox), if self.cluster_inbox.is_some() => match delivery {
-                    Ok(msg) => {
+                    Ok(MailboxRead::Deliver(msg)) => {
                         if let Err(close) = Box::pin(self.forward(msg)).await {
+                            return close;
+                        }
+                    }
+                    Ok(MailboxRead::CaughtUp) => {
+                        self.mailbox_caught_up = true;
+                        if let Err(close) = Box::pin(self.answer_syncs()).await {
                             return close;
                         }
                     }
@@ -664,8 +680,8 @@ async fn settle_writes(settling: &mut Option<Ticket>) -> Result<(), StoreError> 
 /// The next envelope from the cluster's mailbox, or why it cannot be read; pending while
 /// there is no mailbox read.
 async fn next_delivery(
-    inbox: &mut Option<mpsc::Receiver<Result<ServerMessage, String>>>,
-) -> Result<ServerMessage, String> {
+    inbox: &mut Option<mpsc::Receiver<Result<MailboxRead, String>>>,
+) -> Result<MailboxRead, String> {
     match inbox {
         Some(rx) => match rx.recv().await {
             Some(delivery) => delivery,

@@ -8,7 +8,7 @@ use futures_util::SinkExt;
 use tokio::time::timeout;
 
 use super::{
-    Close, Handler, InFlight, State, WRITE_BATCH, error_reply, next_commit, unix_secs,
+    Close, Handler, InFlight, MAX_SYNCS, State, WRITE_BATCH, error_reply, next_commit, unix_secs,
     unknown_user_reply,
 };
 use crate::metrics::Metrics;
@@ -53,6 +53,19 @@ impl Handler {
                     }
                     // Replaced meanwhile: the kick closes this connection next.
                     Err(WatchError::NotJoined) => Ok(()),
+                }
+            }
+            ClientMessage::Sync { id } => {
+                if self.caught_up() {
+                    self.write(ServerMessage::Ok { id }).await
+                } else if self.syncs.len() >= MAX_SYNCS {
+                    let message = format!(
+                        "at most {MAX_SYNCS} sync requests may wait at once; wait for their answers"
+                    );
+                    self.fail(id, ErrorCode::RateLimited, message).await
+                } else {
+                    self.syncs.push(id);
+                    Ok(())
                 }
             }
             ClientMessage::GetPublicKey { id, username } => {
@@ -297,7 +310,34 @@ impl Handler {
         self.check_acknowledging()
     }
 
-    /// Writes the next batch of stored envelopes; marks the backlog done when it runs out.
+    /// Whether everything stored for this session when it began has been written.
+    fn caught_up(&self) -> bool {
+        if self.cluster_inbox.is_some() {
+            self.mailbox_caught_up
+        } else {
+            self.backlog_done && self.settling.is_none()
+        }
+    }
+
+    /// Answers the waiting `Sync`s, once caught up.
+    pub(super) async fn answer_syncs(&mut self) -> Result<(), Close> {
+        if self.syncs.is_empty() || !self.caught_up() {
+            return Ok(());
+        }
+        let write_timeout = self.shared.config.write_timeout();
+        let (writer, syncs) = (&mut self.writer, std::mem::take(&mut self.syncs));
+        let write = async {
+            for id in syncs {
+                writer.feed(ServerMessage::Ok { id }).await?;
+            }
+            writer.flush().await
+        };
+        let result = timeout(write_timeout, write).await;
+        self.finish_write(result)
+    }
+
+    /// Writes the next batch of stored envelopes; marks the backlog done when it runs out
+    /// (and answers the `Sync`s waiting for that).
     pub(super) async fn send_backlog(&mut self) -> Result<(), Close> {
         let State::Ready(user) = &self.state else {
             self.backlog_done = true;
@@ -318,7 +358,7 @@ impl Handler {
         }
         let write_timeout = self.shared.config.write_timeout();
         let Some(last) = batch.last().map(|q| q.id) else {
-            return Ok(());
+            return self.answer_syncs().await;
         };
         let writer = &mut self.writer;
         self.unacked.extend(batch.iter().map(|q| q.id));
@@ -337,7 +377,8 @@ impl Handler {
         let result = timeout(write_timeout, write).await;
         self.finish_write(result)?;
         self.backlog_cursor = last;
-        self.check_acknowledging()
+        self.check_acknowledging()?;
+        self.answer_syncs().await
     }
 
     pub(super) fn storage_lost(&self, e: StoreError) -> Close {

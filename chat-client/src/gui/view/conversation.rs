@@ -193,7 +193,14 @@ pub(super) fn history<T>(
                     );
                     let previous = i.checked_sub(1).map(|p| &lines[p]);
                     draw(&mut child, line, previous);
-                    heights[i] = child.min_rect().height() + ui.spacing().item_spacing.y;
+                    let measured = child.min_rect().height() + ui.spacing().item_spacing.y;
+                    if (measured - heights[i]).abs() > 0.5 {
+                        // A guess was wrong: the content's height and, stuck to the
+                        // bottom, the scroll offset change — draw again at once rather
+                        // than at the next input (the newest lines would stay cut off).
+                        ui.ctx().request_repaint();
+                    }
+                    heights[i] = measured;
                 }
                 y += heights[i];
             }
@@ -346,7 +353,7 @@ pub(super) fn bubble(ui: &mut Ui, b: Bubble<'_>) {
                         ui.label(
                             RichText::new(sender)
                                 .strong()
-                                .color(theme::avatar_colour(sender)),
+                                .color(theme::name_colour(sender, p, fill)),
                         );
                     }
                     ui.add(egui::Label::new(b.text).wrap().selectable(true));

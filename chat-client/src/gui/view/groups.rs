@@ -81,19 +81,29 @@ fn confirm_row(ui: &mut Ui, blocker: Option<String>, ok: &str) -> Option<bool> {
     done
 }
 
-/// The "Members" search box over [`pick_list`], offering contacts (and a typed name) not
-/// in `excluded`. Returns the search box.
+/// The "Members" search box over [`pick_list`], offering contacts and people we share a
+/// group with (and a typed name) not in `excluded`. Returns the search box.
 fn choose_members(
     app: &ChatApp,
     ui: &mut Ui,
     picker: &mut MemberPicker,
     excluded: &[String],
 ) -> egui::Response {
-    let candidates = picker.candidates(
-        app.model.contacts.keys().map(String::as_str),
-        app.model.me.as_deref(),
-        excluded,
-    );
+    let known: std::collections::BTreeSet<&str> = app
+        .model
+        .contacts
+        .keys()
+        .map(String::as_str)
+        .chain(
+            app.model
+                .groups
+                .by_id
+                .values()
+                .filter(|g| g.info.active)
+                .flat_map(|g| g.info.members.iter().map(String::as_str)),
+        )
+        .collect();
+    let candidates = picker.candidates(known, app.model.me.as_deref(), excluded);
     let label = ui.label("Members");
     let search = ui
         .add(
@@ -477,8 +487,15 @@ fn group_actions(
                 ui.add(egui::TextEdit::singleline(&mut name).desired_width(f32::INFINITY))
                     .labelled_by(label.id);
                 let mut keep = true;
+                let problem = crate::engine::group_name_problem(&name);
+                if let Some(problem) = &problem {
+                    ui.colored_label(
+                        ui.visuals().error_fg_color,
+                        crate::gui::group_forms::capitalised(problem),
+                    );
+                }
                 ui.horizontal(|ui| {
-                    let fine = !name.trim().is_empty() && name.trim() != info.name;
+                    let fine = problem.is_none() && name.trim() != info.name;
                     if ui.add_enabled(fine, egui::Button::new("Save")).clicked() {
                         app.send(Command::GroupRename {
                             group: id.to_owned(),

@@ -39,7 +39,11 @@ pub(super) fn contact_rows(
                         continue;
                     };
                     let selected = app.model.open_group.as_deref() == Some(id.as_str());
-                    let content = RowContent::group(group);
+                    // Two groups of one name are told apart by their ids' start.
+                    let twin = app.model.groups.by_id.values().any(|other| {
+                        other.info.id != group.info.id && other.info.name == group.info.name
+                    });
+                    let content = RowContent::group(group, twin);
                     if row(ui, &content, selected, row_height, scale).clicked() {
                         clicked_group = Some(id.clone());
                     }
@@ -168,9 +172,15 @@ impl RowContent {
         }
     }
 
-    fn group(group: &GroupView) -> Self {
+    /// `twin`: another group has the same name (the label then adds the id's start).
+    fn group(group: &GroupView, twin: bool) -> Self {
+        let id_start = group.info.id.get(..6).unwrap_or_default();
         Self {
-            label: group.info.name.clone(),
+            label: if twin {
+                format!("{} · {id_start}", group.info.name)
+            } else {
+                group.info.name.clone()
+            },
             colour_of: group.info.id.clone(),
             avatar: "👥".to_owned(),
             presence: None,
