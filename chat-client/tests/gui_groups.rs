@@ -181,4 +181,22 @@ fn create_a_group_send_see_delivered_to_all_and_remove_a_member() {
     wait(&mut h, "delivered to bob", |h| {
         our_line(h, "just us now") == Some((1, 1))
     });
+
+    // The search box finds groups too: from bob's chat, Ctrl+K, part of the group's name,
+    // Enter: the group opens.
+    h.state_mut().open("bob");
+    h.step();
+    assert_eq!(h.state().model.open_group, None);
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::K);
+    h.step();
+    h.event(egui::Event::Text("tea".into()));
+    h.step();
+    h.key_press(egui::Key::Enter);
+    wait(&mut h, "the group opened from the search box", |h| {
+        h.state().model.open_group.as_deref() == Some(id.as_str())
+    });
+    assert!(
+        h.state().view.filter.is_empty(),
+        "the search box is cleared"
+    );
 }

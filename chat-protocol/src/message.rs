@@ -12,6 +12,10 @@ pub type RequestId = u32;
 /// Most users one session may watch for presence (see `ClientMessage::Watch`).
 pub const MAX_WATCHED: usize = 1024;
 
+/// Most recipients one `ClientMessage::SendMany` may name (the default group size limit
+/// of 256 less the sender). A client splits a larger fan-out into several requests.
+pub const MAX_FANOUT: usize = 255;
+
 /// Length of the login challenge nonce.
 pub const CHALLENGE_LEN: usize = 32;
 
@@ -24,6 +28,16 @@ fn varint_len(n: usize) -> usize {
 /// bytes, at most (whatever its request id): what must fit the server's `max_frame`.
 pub fn send_frame_len(to: &str, payload_len: usize) -> usize {
     1 + 5 + varint_len(to.len()) + to.len() + varint_len(payload_len) + payload_len
+}
+
+/// Body length (without the 4-byte prefix) of a `SendMany` to `to` carrying `payload_len`
+/// bytes, at most (whatever its request id): what must fit the server's `max_frame`.
+pub fn send_many_frame_len<S: AsRef<str>>(to: &[S], payload_len: usize) -> usize {
+    let names: usize = to
+        .iter()
+        .map(|n| varint_len(n.as_ref().len()) + n.as_ref().len())
+        .sum();
+    1 + 5 + varint_len(to.len()) + names + varint_len(payload_len) + payload_len
 }
 
 /// Client → server.
@@ -79,11 +93,41 @@ pub enum ClientMessage {
     /// reads its backlog before acting on what it might change — e.g. a group message is
     /// not sent before the membership changes waiting for you are applied. Protocol 6.
     Sync { id: RequestId },
+    /// Relay one opaque payload to each of `to` (1 to [`MAX_FANOUT`] distinct names): the
+    /// same as one `Send` per name, in that order, uploading the payload once. Answered by
+    /// one `Outcomes` listing each recipient's outcome in `to` order, once every copy is
+    /// durable or refused; or by `Error` (`protocol_violation`) if `to` is empty, too
+    /// long or names someone twice, and then nothing was sent. Protocol 7.
+    SendMany {
+        id: RequestId,
+        to: Vec<String>,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn send_many_frame_len_bounds_the_encoding() {
+        let long = "x".repeat(200);
+        for to in [vec!["bob"], vec!["bob", "carol"], vec![long.as_str(); 130]] {
+            for payload_len in [0, 1, 128, 70_000] {
+                for id in [0, u32::MAX] {
+                    let msg = ClientMessage::SendMany {
+                        id,
+                        to: to.iter().map(|s| s.to_string()).collect(),
+                        payload: vec![0; payload_len],
+                    };
+                    let body = postcard::to_allocvec(&msg).unwrap().len();
+                    let bound = send_many_frame_len(&to, payload_len);
+                    assert!(body <= bound && bound <= body + 4, "{body} vs {bound}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn send_frame_len_bounds_the_encoding() {
@@ -116,7 +160,8 @@ impl ClientMessage {
             | Self::GetPublicKey { id, .. }
             | Self::Send { id, .. }
             | Self::Watch { id, .. }
-            | Self::Sync { id } => Some(*id),
+            | Self::Sync { id }
+            | Self::SendMany { id, .. } => Some(*id),
             Self::Hello { .. } | Self::Ping { .. } | Self::Pong { .. } | Self::Ack { .. } => None,
         }
     }
@@ -136,6 +181,7 @@ impl ClientMessage {
             Self::Ack { .. } => "ack",
             Self::Watch { .. } => "watch",
             Self::Sync { .. } => "sync",
+            Self::SendMany { .. } => "send_many",
         }
     }
 }
@@ -201,6 +247,14 @@ pub enum ServerMessage {
     Ping { nonce: u64 },
     /// Answer to the client's `Ping`.
     Pong { nonce: u64 },
+    /// Answer to `SendMany`: one outcome per recipient, in the request's `to` order —
+    /// `None` where the copy is durable (as `Ok` to a `Send`), else the code a `Send` to
+    /// that recipient would have been refused with (`unknown_user`,
+    /// `recipient_queue_full`, `server_full`, `internal`). Protocol 7.
+    Outcomes {
+        id: RequestId,
+        outcomes: Vec<Option<ErrorCode>>,
+    },
 }
 
 /// Typed failure reasons. The `as_str` names are stable and documented.

@@ -24,17 +24,17 @@ fn server(msg: ServerMessage) -> String {
 fn worked_example_matches_the_document() {
     assert_eq!(
         chat_protocol::PROTOCOL_VERSION,
-        6,
+        7,
         "update the worked example"
     );
     let doc = include_str!("../../docs/PROTOCOL.md");
     let frames = [
         client(ClientMessage::Hello {
-            version: 6,
+            version: 7,
             software: "cli/1".into(),
         }),
         server(ServerMessage::Hello {
-            version: 6,
+            version: 7,
             software: "srv/1".into(),
             max_frame: 65536,
             queue_max_age_secs: 2_592_000,
@@ -93,6 +93,15 @@ fn worked_example_matches_the_document() {
             code: ErrorCode::UnknownUser,
             message: "no user named \"carol\"".into(),
         }),
+        client(ClientMessage::SendMany {
+            id: 6,
+            to: vec!["bob".into(), "carol".into()],
+            payload: vec![0xc6],
+        }),
+        server(ServerMessage::Outcomes {
+            id: 6,
+            outcomes: vec![None, Some(ErrorCode::UnknownUser)],
+        }),
     ];
     for f in &frames {
         println!("{f}");
@@ -128,7 +137,7 @@ fn fuzz_seeds_are_the_current_worked_example() {
         );
         seeds += 1;
     }
-    assert_eq!(seeds, 15, "one seed per frame of the worked example");
+    assert_eq!(seeds, 17, "one seed per frame of the worked example");
     let vectors = include_str!("vectors/e2e.txt");
     let envelope = vectors
         .lines()

@@ -118,11 +118,14 @@ impl State {
         }
     }
 
+    /// A session here counts at once, even before the cluster's session bucket shows it
+    /// (a user that just logged in here must not read as offline to a watcher here).
     fn is_online(&self, user: &Username) -> bool {
-        match &self.cluster_online {
-            Some(set) => set.contains(user),
-            None => self.sessions.contains_key(user),
-        }
+        self.sessions.contains_key(user)
+            || self
+                .cluster_online
+                .as_ref()
+                .is_some_and(|set| set.contains(user))
     }
 
     /// Forgets what `session` (of `user`) watched.
@@ -363,11 +366,12 @@ impl Router {
     /// Names of everyone online (in the cluster, with a cluster backend), sorted.
     pub fn online(&self) -> Vec<String> {
         let state = self.state();
-        let mut names: Vec<String> = match &state.cluster_online {
-            Some(set) => set.iter().map(|u| u.to_string()).collect(),
-            None => state.sessions.keys().map(|u| u.to_string()).collect(),
-        };
+        let mut names: Vec<String> = state.sessions.keys().map(|u| u.to_string()).collect();
+        if let Some(set) = &state.cluster_online {
+            names.extend(set.iter().map(|u| u.to_string()));
+        }
         names.sort_unstable();
+        names.dedup();
         names
     }
 
@@ -531,6 +535,25 @@ mod tests {
         assert!(!router.set_live(&name("bob"), 1));
         assert!(router.set_live(&name("bob"), 1));
         assert_eq!(*bob.outbox.try_recv().unwrap(), deliver(1));
+    }
+
+    #[test]
+    fn on_a_cluster_a_session_here_is_online_before_the_bucket_says_so() {
+        let router = Router::clustered();
+        let _alice = router.join(&name("alice"), 1, 8);
+        let _bob = router.join(&name("bob"), 2, 8);
+        assert_eq!(router.online(), vec!["alice", "bob"]);
+        assert_eq!(
+            router.watch(&name("alice"), 1, vec![name("bob"), name("carol")], 8),
+            Ok(vec!["bob".to_string()])
+        );
+        // Carol is on another relay: only the bucket tells.
+        router.cluster_presence(&name("carol"), true);
+        router.cluster_presence(&name("alice"), true);
+        assert_eq!(router.online(), vec!["alice", "bob", "carol"]);
+        router.leave(&name("bob"), 2);
+        router.cluster_presence(&name("carol"), false);
+        assert_eq!(router.online(), vec!["alice"]);
     }
 
     #[test]

@@ -84,7 +84,19 @@ pub struct Writer {
 /// the write is done (committed, refused, or acknowledged while held).
 #[derive(Debug)]
 pub struct Room {
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
+}
+
+impl Room {
+    /// Splits off the room for one write of `cost` bytes, for a request that makes several
+    /// writes (a `SendMany`). A room that was clamped to the whole budget is shared out as
+    /// far as it goes: the last writes may get none.
+    pub fn split(&mut self, cost: usize) -> Room {
+        let n = cost.min(self.permit.num_permits());
+        Room {
+            permit: self.permit.split(n).expect("no more than this room holds"),
+        }
+    }
 }
 
 /// What a write of each kind is charged, in bytes of the budget: its data plus the
@@ -205,7 +217,7 @@ impl Writer {
             .clone()
             .try_acquire_many_owned(n)
             .ok()
-            .map(|permit| Room { _permit: permit })
+            .map(|permit| Room { permit })
     }
 
     /// Room for a write of `cost` bytes, waiting (first come, first served) until there
@@ -213,7 +225,7 @@ impl Writer {
     pub async fn reserve(&self, cost: usize) -> Room {
         let n = self.clamp(cost);
         match self.budget.clone().acquire_many_owned(n).await {
-            Ok(permit) => Room { _permit: permit },
+            Ok(permit) => Room { permit },
             // The semaphore is never closed.
             Err(_) => unreachable!("the writer's budget is never closed"),
         }

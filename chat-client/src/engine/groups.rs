@@ -8,12 +8,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use chat_protocol::ClientMessage;
 use chat_protocol::e2e::{Body, Content, MessageId};
 use chat_protocol::group::{
     ChangeError, ChangeKind, GroupId, GroupState, Membership, SenderKey, SignedChange,
 };
+use chat_protocol::message::{MAX_FANOUT, send_many_frame_len};
 use chat_protocol::username::Username;
+use chat_protocol::{ClientMessage, ErrorCode};
 use tracing::warn;
 
 use super::{Engine, Pending, now_ms, random_id};
@@ -22,9 +23,10 @@ use crate::store::{
     GroupLine, GroupRecord, GroupWrite, OutboxItem, OutgoingGroupMessage, Withdrawn,
 };
 
-/// A group envelope and its `Send` frame add to the padded text: the tag, the sender's
-/// signature (up to RSA-4096), the group id, names, counters and lengths.
-const GROUP_ENVELOPE_OVERHEAD: usize = 16 + 512 + 16 + 2 * 33 + 16 + 16;
+/// A group envelope and a `SendMany` frame naming one member add to the padded text: the
+/// tag, the sender's signature (up to RSA-4096), the group id, names, counters and
+/// lengths. (Frames naming more members are split to fit: see `send_group_copies`.)
+const GROUP_ENVELOPE_OVERHEAD: usize = 16 + 512 + 16 + 2 * 33 + 16 + 16 + 1;
 
 /// Groups in memory: a cache of what the store holds.
 pub(super) type Groups = HashMap<GroupId, GroupRecord>;
@@ -781,9 +783,10 @@ impl Engine {
         })
     }
 
-    /// Hands queued copies of group messages to the relay (one `Send` per member), once
-    /// [`Engine::group_sends_ready`]; a copy for someone no longer in the group is
-    /// withdrawn instead.
+    /// Hands queued copies of group messages to the relay, once
+    /// [`Engine::group_sends_ready`]: one `SendMany` per message naming every member whose
+    /// copy is due (split where it would pass [`MAX_FANOUT`] names or the relay's frame
+    /// limit). A copy for someone no longer in the group is withdrawn instead.
     pub(super) fn flush_group_sends(&mut self) {
         if !self.group_sends_ready() {
             return;
@@ -792,6 +795,8 @@ impl Engine {
             Ok(sends) => sends,
             Err(e) => return self.store_error(e),
         };
+        // Rows come message by message (oldest first): one batch of members per message.
+        let mut batch: Option<(GroupId, MessageId, Vec<u8>, Vec<String>)> = None;
         for send in sends {
             if !self.sends_to(&send.group, &send.member) {
                 self.withdraw_group_send(send.group, send.id, &send.member);
@@ -802,16 +807,114 @@ impl Engine {
                 continue;
             }
             self.group_in_flight.insert(key);
-            let to = send.member.clone();
-            let payload = send.payload;
-            self.request(
-                Pending::GroupSend {
-                    group: send.group,
-                    id: send.id,
-                    member: send.member,
-                },
-                |id| ClientMessage::Send { id, to, payload },
+            match &mut batch {
+                Some((_, id, _, members)) if *id == send.id => members.push(send.member),
+                _ => {
+                    if let Some((group, id, payload, members)) = batch.take() {
+                        self.send_group_copies(group, id, payload, members);
+                    }
+                    batch = Some((send.group, send.id, send.payload, vec![send.member]));
+                }
+            }
+        }
+        if let Some((group, id, payload, members)) = batch {
+            self.send_group_copies(group, id, payload, members);
+        }
+    }
+
+    /// One `SendMany` of `payload` (our message `id` to `group`) per run of `members` that
+    /// fits [`MAX_FANOUT`] and the relay's frame limit.
+    fn send_group_copies(
+        &mut self,
+        group: GroupId,
+        id: MessageId,
+        payload: Vec<u8>,
+        members: Vec<String>,
+    ) {
+        let max_frame = self.max_frame;
+        let fits = |to: &[String]| {
+            to.len() <= MAX_FANOUT
+                && (max_frame == 0 || send_many_frame_len(to, payload.len()) <= max_frame)
+        };
+        let mut chunk: Vec<String> = Vec::new();
+        let mut chunks = Vec::new();
+        for member in members {
+            chunk.push(member);
+            if chunk.len() > 1 && !fits(&chunk) {
+                let member = chunk.pop().expect("just pushed");
+                chunks.push(std::mem::replace(&mut chunk, vec![member]));
+            }
+        }
+        chunks.push(chunk);
+        for members in chunks {
+            let (to, payload) = (members.clone(), payload.clone());
+            self.request(Pending::GroupSend { group, id, members }, |id| {
+                ClientMessage::SendMany { id, to, payload }
+            });
+        }
+    }
+
+    /// The relay answered a `SendMany` of our message `id` to `group`: one outcome per
+    /// member, in the order they were named (`None`: accepted).
+    pub(super) fn group_sends_answered(
+        &mut self,
+        group: GroupId,
+        id: MessageId,
+        members: Vec<String>,
+        outcomes: Vec<Option<ErrorCode>>,
+    ) {
+        if outcomes.len() != members.len() {
+            warn!(
+                "the relay answered {} outcomes for {} recipients; the copies are sent again",
+                outcomes.len(),
+                members.len()
             );
+        }
+        let mut outcomes = outcomes.into_iter();
+        for member in members {
+            match outcomes.next() {
+                Some(None) => self.group_send_answered(group, id, &member, true),
+                Some(Some(code)) => {
+                    let message = refusal(code, &member);
+                    self.group_copy_refused(group, id, member, code, message);
+                }
+                None => {
+                    // Unanswered: it stays queued and goes again at the next flush.
+                    self.group_in_flight.remove(&(id, member));
+                    self.flush_due = true;
+                }
+            }
+        }
+    }
+
+    /// The relay refused `member`'s copy of our message `id` to `group` with `code`: held
+    /// and tried again later if that may pass, else that copy fails for good.
+    pub(super) fn group_copy_refused(
+        &mut self,
+        group: GroupId,
+        id: MessageId,
+        member: String,
+        code: ErrorCode,
+        message: String,
+    ) {
+        if super::inbound::transient(code) {
+            self.group_in_flight.remove(&(id, member.clone()));
+            let delay = self.retry_after(code);
+            if self.hold_peer(&member, delay) {
+                self.sink.emit(Event::error(
+                    code.as_str(),
+                    format!(
+                        "{message}; messages to {member} stay queued and are retried in {} s",
+                        delay.as_secs().max(1)
+                    ),
+                ));
+            }
+        } else {
+            self.sink.emit(Event::error(
+                code.as_str(),
+                format!("a group message to {member} could not be sent: {message}"),
+            ));
+            self.group_send_answered(group, id, &member, false);
         }
     }
 
@@ -910,7 +1013,20 @@ impl Engine {
     }
 }
 
-/// A group id typed as 32 hex digits.
+/// What the relay's refusal `code` of a copy for `member` means, for people (an
+/// `Outcomes` reply carries codes only).
+fn refusal(code: ErrorCode, member: &str) -> String {
+    match code {
+        ErrorCode::UnknownUser => format!("there is no user named {member}"),
+        ErrorCode::RecipientQueueFull => {
+            format!("{member} has too many undelivered messages waiting at the relay")
+        }
+        ErrorCode::ServerFull => "the relay's storage for undelivered messages is full".into(),
+        ErrorCode::Internal => "the relay could not reach its storage".into(),
+        other => format!("the relay refused it ({other})"),
+    }
+}
+
 /// Why `name` (trimmed) cannot name a group, for people; `None` if it can. The
 /// protocol's rule ([`chat_protocol::group::check_name`]: 1 to 64 characters, no control
 /// characters), and not 32 hex digits, which would read as another group's id.
@@ -923,6 +1039,7 @@ pub fn group_name_problem(name: &str) -> Option<String> {
         .map(|_| "a group name may not be 32 hex digits (it would read as a group's id)".into())
 }
 
+/// A group id typed as 32 hex digits.
 pub(super) fn parse_group_id(raw: &str) -> Option<GroupId> {
     if raw.len() != 32 || !raw.is_ascii() {
         return None;

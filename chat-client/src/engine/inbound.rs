@@ -37,6 +37,13 @@ impl Engine {
                 }
             }
             ServerMessage::Ok { id } => self.request_done(id),
+            ServerMessage::Outcomes { id, outcomes } => match self.pending.remove(&id) {
+                Some(Pending::GroupSend { group, id, members }) => {
+                    self.group_sends_answered(group, id, members, outcomes);
+                    self.connection_event(ConnectionState::Connected, None);
+                }
+                _ => warn!("outcomes for a request that was no SendMany; ignored"),
+            },
             ServerMessage::Error {
                 id: Some(id),
                 code,
@@ -129,8 +136,10 @@ impl Engine {
                 }
                 self.connection_event(ConnectionState::Connected, None);
             }
-            Some(Pending::GroupSend { group, id, member }) => {
-                self.group_send_answered(group, id, &member, true);
+            Some(Pending::GroupSend { group, id, members }) => {
+                // A `SendMany` is answered by `Outcomes`; an `Ok` accepts every copy.
+                let outcomes = vec![None; members.len()];
+                self.group_sends_answered(group, id, members, outcomes);
                 self.connection_event(ConnectionState::Connected, None);
             }
             Some(Pending::Receipt { peer, ids, epoch }) => {
@@ -166,25 +175,22 @@ impl Engine {
         }
     }
 
-    pub(super) fn request_failed(&mut self, id: RequestId, code: ErrorCode, message: String) {
-        let transient = matches!(
-            code,
-            ErrorCode::RateLimited
-                | ErrorCode::RecipientQueueFull
-                | ErrorCode::RecipientOffline
-                | ErrorCode::ServerFull
-                | ErrorCode::Internal
-        );
-        let retry_after = |engine: &mut Self| {
-            let delay = if code == ErrorCode::RateLimited {
-                RATE_LIMIT_RETRY
-            } else {
-                engine.config.retry_later
-            };
-            let at = Instant::now() + delay;
-            engine.retry_at = Some(engine.retry_at.map_or(at, |r| r.min(at)));
-            delay
+    /// When to try again after a transient refusal with `code`; the retry timer is set
+    /// for it.
+    pub(super) fn retry_after(&mut self, code: ErrorCode) -> std::time::Duration {
+        let delay = if code == ErrorCode::RateLimited {
+            RATE_LIMIT_RETRY
+        } else {
+            self.config.retry_later
         };
+        let at = Instant::now() + delay;
+        self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
+        delay
+    }
+
+    pub(super) fn request_failed(&mut self, id: RequestId, code: ErrorCode, message: String) {
+        let transient = transient(code);
+        let retry_after = |engine: &mut Self| engine.retry_after(code);
         match self.pending.remove(&id) {
             Some(Pending::Send { id: msg_id, to, .. }) => {
                 self.in_flight.remove(&msg_id);
@@ -210,25 +216,29 @@ impl Engine {
                 }
                 self.connection_event(ConnectionState::Connected, None);
             }
-            Some(Pending::GroupSend { group, id, member }) => {
+            Some(Pending::GroupSend { group, id, members }) => {
+                // The whole `SendMany` was refused: every copy in it is (said once).
                 if transient {
-                    self.group_in_flight.remove(&(id, member.clone()));
                     let delay = retry_after(self);
-                    if self.hold_peer(&member, delay) {
-                        self.sink.emit(Event::error(
-                            code.as_str(),
-                            format!(
-                                "{message}; messages to {member} stay queued and are retried in {} s",
-                                delay.as_secs().max(1)
-                            ),
-                        ));
+                    for member in &members {
+                        self.group_in_flight.remove(&(id, member.clone()));
+                        self.hold_peer(member, delay);
                     }
+                    self.sink.emit(Event::error(
+                        code.as_str(),
+                        format!(
+                            "{message}; the group message stays queued and is retried in {} s",
+                            delay.as_secs().max(1)
+                        ),
+                    ));
                 } else {
                     self.sink.emit(Event::error(
                         code.as_str(),
-                        format!("a group message to {member} could not be sent: {message}"),
+                        format!("a group message could not be sent: {message}"),
                     ));
-                    self.group_send_answered(group, id, &member, false);
+                    for member in members {
+                        self.group_send_answered(group, id, &member, false);
+                    }
                 }
             }
             Some(Pending::Receipt { peer, ids, .. }) => {
@@ -637,4 +647,17 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether a refusal with `code` may pass if the request is made again later (the
+/// message stays queued) rather than being final.
+pub(super) fn transient(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::RateLimited
+            | ErrorCode::RecipientQueueFull
+            | ErrorCode::RecipientOffline
+            | ErrorCode::ServerFull
+            | ErrorCode::Internal
+    )
 }

@@ -188,11 +188,11 @@ enum Pending {
     Key {
         user: String,
     },
-    /// One member's copy of a group message.
+    /// The copies of a group message for these members (one `SendMany`).
     GroupSend {
         group: chat_protocol::group::GroupId,
         id: MessageId,
-        member: String,
+        members: Vec<String>,
     },
     Users,
     /// The session's `Sync`: answered once the backlog waiting at login was written.

@@ -53,6 +53,18 @@ pub struct GroupView {
     pub history_requested: bool,
 }
 
+impl GroupView {
+    /// When its newest line was stored (ms since the Unix epoch; 0: none yet), from the
+    /// loaded history or, before it is loaded, the list's preview.
+    pub fn activity(&self) -> u64 {
+        self.lines
+            .last()
+            .map(|l| l.stored_at)
+            .or(self.info.last.as_ref().map(|l| l.stored_at))
+            .unwrap_or(0)
+    }
+}
+
 /// All groups, by id (32 hex digits).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Groups {
@@ -235,7 +247,8 @@ impl Groups {
     }
 
     /// Groups for the side list: those whose name contains `filter` (case-insensitive),
-    /// the ones we are in first, then by name.
+    /// the ones we are in first, then the most recently active (newest line) first, then
+    /// by name.
     pub fn listed(&self, filter: &str) -> Vec<&GroupView> {
         let filter = filter.trim().to_lowercase();
         let mut list: Vec<&GroupView> = self
@@ -243,9 +256,10 @@ impl Groups {
             .values()
             .filter(|g| g.info.name.to_lowercase().contains(&filter))
             .collect();
-        list.sort_by_key(|g| {
+        list.sort_by_cached_key(|g| {
             (
                 !g.info.active,
+                std::cmp::Reverse(g.activity()),
                 g.info.name.to_lowercase(),
                 g.info.id.clone(),
             )
@@ -367,6 +381,46 @@ mod tests {
             g.by_id["g2"].preview(),
             Some(("alice created the group “Team”".to_owned(), 2, false))
         );
+    }
+
+    #[test]
+    fn groups_we_are_in_come_first_the_most_recently_active_first() {
+        let mut g = Groups::default();
+        let last = |stored_at| crate::api::GroupHistoryItem {
+            id: "m".into(),
+            from: "bob".into(),
+            outgoing: false,
+            system: false,
+            text: "hi".into(),
+            sent_at: stored_at,
+            stored_at,
+            status: Status::Delivered,
+            delivered_to: 0,
+            recipients: 0,
+        };
+        let mut items = Vec::new();
+        for (id, name, at, active) in [
+            ("g1", "Alpha", Some(100), true),
+            ("g2", "Beta", Some(300), true),
+            ("g3", "Gamma", None, true),
+            ("g4", "Delta", Some(900), false),
+        ] {
+            let mut group = info(id, None);
+            group.name = name.into();
+            group.last = at.map(last);
+            group.active = active;
+            items.push(group);
+        }
+        g.apply(&Event::Groups { items }, None);
+        let order = |g: &Groups, filter: &str| -> Vec<String> {
+            g.listed(filter).iter().map(|v| v.info.id.clone()).collect()
+        };
+        assert_eq!(order(&g, ""), ["g2", "g1", "g3", "g4"]);
+        // A new line in Alpha moves it up; a search keeps the order among its matches.
+        g.by_id.get_mut("g1").unwrap().info.last = Some(last(500));
+        assert_eq!(order(&g, ""), ["g1", "g2", "g3", "g4"]);
+        assert_eq!(order(&g, "A"), ["g1", "g2", "g3", "g4"]);
+        assert_eq!(order(&g, "ta"), ["g2", "g4"]);
     }
 
     #[test]

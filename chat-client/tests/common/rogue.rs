@@ -374,10 +374,18 @@ async fn relay(
     };
     let to_relay = async move {
         while let Some(Ok(msg)) = down_rx.next().await {
-            if let ClientMessage::Send { to, payload, .. } = &msg
-                && payload.first() == Some(&chat_protocol::group::GROUP_ENVELOPE_VERSION)
-            {
-                uploads.lock().unwrap().push((to.clone(), payload.clone()));
+            let group = |payload: &[u8]| {
+                payload.first() == Some(&chat_protocol::group::GROUP_ENVELOPE_VERSION)
+            };
+            match &msg {
+                ClientMessage::Send { to, payload, .. } if group(payload) => {
+                    uploads.lock().unwrap().push((to.clone(), payload.clone()));
+                }
+                ClientMessage::SendMany { to, payload, .. } if group(payload) => {
+                    let mut uploads = uploads.lock().unwrap();
+                    uploads.extend(to.iter().map(|to| (to.clone(), payload.clone())));
+                }
+                _ => {}
             }
             if up_tx.send(msg).await.is_err() {
                 return;

@@ -101,14 +101,19 @@ enum State {
     Ready(Username),
 }
 
-/// A `Send` handed to the store, answered once durable (committed, or acknowledged by
-/// its recipient).
+/// A `Send` (or one copy of a `SendMany`) handed to the store, answered once durable
+/// (committed, or acknowledged by its recipient).
 struct InFlight {
     id: RequestId,
-    to: Username,
-    /// Kept to route the envelope once committed; `None` if it was delivered at once.
-    payload: Option<Vec<u8>>,
+    /// The recipient as the request named it.
+    to: String,
+    /// Kept to route the envelope once committed: its recipient and payload. `None` if it
+    /// was delivered at once, or never accepted (a name that is no user).
+    route: Option<(Username, Vec<u8>)>,
     ticket: Ticket,
+    /// One copy of a `SendMany`, answered together with the others in one `Outcomes`:
+    /// whether it is the request's last copy.
+    part: Option<bool>,
 }
 
 /// Something the router or the server wants this connection to act on.
@@ -172,6 +177,9 @@ pub(crate) struct Handler {
     mailbox_caught_up: bool,
     /// `Sync` requests waiting for the backlog to be written (at most [`MAX_SYNCS`]).
     syncs: Vec<RequestId>,
+    /// Outcomes of the `SendMany` being answered, gathered copy by copy (its copies are
+    /// answered in order, one after another, like every send).
+    fan_out: Vec<Option<ErrorCode>>,
     /// Stops that read when the connection ends.
     _mailbox_reader: Option<crate::cluster::AbortOnDrop>,
 }
@@ -226,6 +234,7 @@ impl Handler {
             cluster_inbox: None,
             mailbox_caught_up: false,
             syncs: Vec::new(),
+            fan_out: Vec::new(),
             _mailbox_reader: None,
         })
     }
@@ -411,6 +420,9 @@ impl Handler {
             (ClientMessage::Send { payload, .. }, State::Ready(_)) => {
                 Some(cost::envelope(payload.len()))
             }
+            (ClientMessage::SendMany { payload, to, .. }, State::Ready(_)) => {
+                Some(cost::envelope(payload.len()).saturating_mul(to.len()))
+            }
             (ClientMessage::Ack { envelope_ids }, State::Ready(_)) => Some(cost::ack(
                 envelope_ids.len().min(self.shared.config.max_ack_ids),
             )),
@@ -481,7 +493,10 @@ impl Handler {
                         .await;
                 };
                 let user = user.clone();
-                if !matches!(msg, ClientMessage::Send { .. }) {
+                if !matches!(
+                    msg,
+                    ClientMessage::Send { .. } | ClientMessage::SendMany { .. }
+                ) {
                     // Replies keep request order: earlier sends are answered first.
                     self.finish_sends().await?;
                 }
@@ -655,6 +670,10 @@ impl Handler {
 fn request_work(msg: &ClientMessage) -> f64 {
     match msg {
         ClientMessage::Send { payload, to, .. } => work::frame(payload.len() + to.len(), 0),
+        ClientMessage::SendMany { payload, to, .. } => {
+            let names: usize = to.iter().map(String::len).sum();
+            work::fan_out(payload.len() + names, to.len())
+        }
         ClientMessage::Ack { envelope_ids } => work::frame(0, envelope_ids.len()),
         ClientMessage::Watch { usernames, .. } => work::frame(0, usernames.len()),
         ClientMessage::Register { public_key, .. } => work::frame(public_key.len(), 0),

@@ -14,7 +14,7 @@ use super::{
 use crate::metrics::Metrics;
 use crate::router::WatchError;
 use crate::store::{Enqueued, StoreError};
-use crate::writer::{Envelope, Room};
+use crate::writer::{Done, Envelope, Room, Ticket};
 
 impl Handler {
     /// Requests of a logged-in user.
@@ -90,65 +90,40 @@ impl Handler {
                     return self.unknown_user(id, &to).await;
                 };
                 let room = room.expect("a send comes with room in the writer");
-                if let Some(cluster) = self.shared.cluster.clone() {
-                    // Published in request order on the one NATS connection; answered
-                    // once JetStream has it on a quorum. The room is only the pacing.
-                    drop(room);
-                    let msg_id = format!("{:032x}", rand::random::<u128>());
-                    let address = crate::limits::shared_address_name(
-                        &self.shared.address_secret,
-                        self.peer.ip(),
-                    );
-                    let ticket = cluster
-                        .publish(&to_user, &me, &address, payload, msg_id)
-                        .await;
-                    self.sends.push_back(InFlight {
-                        id,
-                        to: to_user,
-                        payload: None,
-                        ticket,
-                    });
-                    return Ok(());
-                }
-                // The sender hears `Ok` only once the envelope cannot be lost: committed,
-                // or (delivered at once to an online recipient) acknowledged by it. Later
-                // sends are read meanwhile, so they share the commit.
-                let writer = &self.shared.writer;
-                let (recipient, sender) = (to_user.clone(), me.clone());
-                let (now_secs, limits) = (unix_secs(), self.shared.config.queue.limits());
-                let source = self.source;
-                let envelope = |payload| Envelope {
-                    recipient,
-                    sender,
-                    source,
-                    payload,
-                    now_secs,
-                    limits,
+                self.submit(&me, id, to_user, payload, room, None).await;
+                Ok(())
+            }
+            ClientMessage::SendMany { id, to, payload } => {
+                let mut room = room.expect("a send comes with room in the writer");
+                let recipients = match fan_out_recipients(&to) {
+                    Ok(recipients) => recipients,
+                    Err(message) => {
+                        return self.fail(id, ErrorCode::ProtocolViolation, message).await;
+                    }
                 };
-                let ((ticket, payload), _) = self.shared.router.accept(
-                    &to_user,
-                    &me,
-                    payload,
-                    |envelope_id, delivered, payload| {
-                        if delivered {
-                            (
-                                writer.enqueue_held(room, envelope_id, envelope(payload)),
-                                None,
-                            )
-                        } else {
-                            // Kept to route once committed.
-                            let ticket =
-                                writer.enqueue(room, envelope_id, envelope(payload.clone()));
-                            (ticket, Some(payload))
+                let cost = crate::writer::cost::envelope(payload.len());
+                let last = recipients.len() - 1;
+                for (i, (name, user)) in to.into_iter().zip(recipients).enumerate() {
+                    let part = Some(i == last);
+                    let room = room.split(cost);
+                    match user {
+                        Some(user) => {
+                            let payload = payload.clone();
+                            self.submit(&me, id, user, payload, room, part).await;
                         }
-                    },
-                );
-                self.sends.push_back(InFlight {
-                    id,
-                    to: to_user,
-                    payload,
-                    ticket,
-                });
+                        None => {
+                            let (reply, ticket) = Ticket::pending();
+                            let _ = reply.send(Ok(Done::Enqueued(Enqueued::UnknownRecipient)));
+                            self.sends.push_back(InFlight {
+                                id,
+                                to: name,
+                                route: None,
+                                ticket,
+                                part,
+                            });
+                        }
+                    }
+                }
                 Ok(())
             }
             other => {
@@ -158,6 +133,75 @@ impl Handler {
                     .await
             }
         }
+    }
+
+    /// Hands one envelope for `to_user` to the backend; it is answered (as `Ok` or as one
+    /// of a `SendMany`'s outcomes) once durable, in request order.
+    async fn submit(
+        &mut self,
+        me: &Username,
+        id: RequestId,
+        to_user: Username,
+        payload: Vec<u8>,
+        room: Room,
+        part: Option<bool>,
+    ) {
+        if let Some(cluster) = self.shared.cluster.clone() {
+            // Published in request order on the one NATS connection; answered
+            // once JetStream has it on a quorum. The room is only the pacing.
+            drop(room);
+            let msg_id = format!("{:032x}", rand::random::<u128>());
+            let address =
+                crate::limits::shared_address_name(&self.shared.address_secret, self.peer.ip());
+            let ticket = cluster
+                .publish(&to_user, me, &address, payload, msg_id)
+                .await;
+            self.sends.push_back(InFlight {
+                id,
+                to: to_user.to_string(),
+                route: None,
+                ticket,
+                part,
+            });
+            return;
+        }
+        // The sender hears `Ok` only once the envelope cannot be lost: committed,
+        // or (delivered at once to an online recipient) acknowledged by it. Later
+        // sends are read meanwhile, so they share the commit.
+        let writer = &self.shared.writer;
+        let (recipient, sender) = (to_user.clone(), me.clone());
+        let (now_secs, limits) = (unix_secs(), self.shared.config.queue.limits());
+        let source = self.source;
+        let envelope = |payload| Envelope {
+            recipient,
+            sender,
+            source,
+            payload,
+            now_secs,
+            limits,
+        };
+        let ((ticket, payload), _) =
+            self.shared
+                .router
+                .accept(&to_user, me, payload, |envelope_id, delivered, payload| {
+                    if delivered {
+                        (
+                            writer.enqueue_held(room, envelope_id, envelope(payload)),
+                            None,
+                        )
+                    } else {
+                        // Kept to route once committed.
+                        let ticket = writer.enqueue(room, envelope_id, envelope(payload.clone()));
+                        (ticket, Some(payload))
+                    }
+                });
+        self.sends.push_back(InFlight {
+            id,
+            to: to_user.to_string(),
+            route: payload.map(|payload| (to_user, payload)),
+            ticket,
+            part,
+        });
     }
 
     /// Answers the oldest send now that its commit is done, and routes it on success.
@@ -172,7 +216,21 @@ impl Handler {
             let Some(sent) = self.sends.pop_front() else {
                 break;
             };
-            replies.push(self.settle(sent, outcome));
+            let (id, part) = (sent.id, sent.part);
+            let reply = self.settle(sent, outcome);
+            match part {
+                None => replies.push(reply),
+                Some(last) => {
+                    self.fan_out.push(match reply {
+                        ServerMessage::Error { code, .. } => Some(code),
+                        _ => None,
+                    });
+                    if last {
+                        let outcomes = std::mem::take(&mut self.fan_out);
+                        replies.push(ServerMessage::Outcomes { id, outcomes });
+                    }
+                }
+            }
             done = self.sends.front_mut().and_then(|s| s.ticket.try_enqueued());
         }
         let write_timeout = self.shared.config.write_timeout();
@@ -194,10 +252,8 @@ impl Handler {
         sent: InFlight,
         done: Result<Enqueued, StoreError>,
     ) -> ServerMessage {
-        let InFlight {
-            id, to, payload, ..
-        } = sent;
-        if let Some(payload) = payload {
+        let InFlight { id, to, route, .. } = sent;
+        if let Some((recipient, payload)) = route {
             let deliver = match (&done, &self.state) {
                 (Ok(Enqueued::Stored(envelope_id)), State::Ready(me)) => {
                     Some(ServerMessage::Deliver {
@@ -208,12 +264,12 @@ impl Handler {
                 }
                 _ => None,
             };
-            self.shared.router.settle(&to, deliver);
+            self.shared.router.settle(&recipient, deliver);
         }
         let metrics = &self.shared.metrics;
         match done {
             Ok(Enqueued::Stored(_)) => ServerMessage::Ok { id },
-            Ok(Enqueued::UnknownRecipient) => unknown_user_reply(id, to.as_str()),
+            Ok(Enqueued::UnknownRecipient) => unknown_user_reply(id, &to),
             Ok(Enqueued::Full) => {
                 Metrics::inc(&metrics.refused_queue_full);
                 error_reply(
@@ -439,6 +495,29 @@ impl Handler {
         self.shared.writer.ack(room, me.clone(), mine);
         Vec::new()
     }
+}
+
+/// The recipients of a `SendMany`, each `None` where the name is no valid username (that
+/// copy is answered `unknown_user`); or why the request is refused whole.
+fn fan_out_recipients(to: &[String]) -> Result<Vec<Option<Username>>, String> {
+    let max = chat_protocol::message::MAX_FANOUT;
+    if to.is_empty() || to.len() > max {
+        return Err(format!(
+            "a SendMany names 1 to {max} recipients, not {}; nothing was sent",
+            to.len()
+        ));
+    }
+    let recipients: Vec<Option<Username>> =
+        to.iter().map(|name| Username::parse(name).ok()).collect();
+    let mut seen = std::collections::HashSet::with_capacity(to.len());
+    for user in recipients.iter().flatten() {
+        if !seen.insert(user) {
+            return Err(format!(
+                "a SendMany names {user} twice; nothing was sent (name each recipient once)"
+            ));
+        }
+    }
+    Ok(recipients)
 }
 
 fn server_full(id: RequestId) -> ServerMessage {

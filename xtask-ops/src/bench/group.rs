@@ -1,8 +1,10 @@
 //! The group row of `cargo xtask bench`: one text to a group of `members` as the client
 //! sends it — sealed once under the sender's key and signed (Signal's sender keys), then
-//! one `Send` of the same envelope per member, pipelined — beside the baseline measured
-//! in the same run on the same relay: the same text sent 1:1 to each member (sealed per
-//! member, one `Send` each), which is what a group would cost without sender keys.
+//! one `SendMany` naming every member — beside two designs measured in the same run on the
+//! same relay: the same envelope in one `Send` per member, pipelined (the fan-out the
+//! client used before `SendMany`), and the baseline of the same text sent 1:1 to each
+//! member (sealed per member, one `Send` each), which is what a group would cost without
+//! sender keys.
 //!
 //! Per round it measures the time from "send pressed" (before sealing) until the last
 //! member's connection got its copy, and the bytes the sender uploads (our frames; TLS
@@ -17,6 +19,7 @@ use chat_protocol::codec::WireCodec;
 use chat_protocol::e2e::{Body, Content, Inbound, Outbound, Parties, RotationPolicy};
 use chat_protocol::group::{GroupId, MemberKeys, SenderKey};
 use chat_protocol::identity::Identity;
+use chat_protocol::message::MAX_FANOUT;
 use chat_protocol::{ClientMessage, ServerMessage, Username};
 use futures_util::{SinkExt, StreamExt};
 use tokio_util::bytes::BytesMut;
@@ -35,14 +38,27 @@ pub struct Design {
     pub last_delivery_ms: [f64; 2],
 }
 
-/// The group row: sender keys against pairwise 1:1 for the same members.
+/// The group row: sender keys (fanned out by one `SendMany`, or by a `Send` per member)
+/// against pairwise 1:1 for the same members.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct GroupFigures {
     pub members: usize,
     pub rounds: usize,
     pub text_bytes: usize,
+    /// Sender keys, one `SendMany` (what the client does).
+    pub send_many: Design,
+    /// Sender keys, one `Send` per member.
     pub sender_keys: Design,
     pub pairwise: Design,
+}
+
+/// How the sender hands its copies to the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FanOut {
+    /// One `SendMany` of the (same) payload naming every member.
+    Many,
+    /// One `Send` per member, pipelined.
+    Each,
 }
 
 /// Measures `rounds` messages of `text_bytes` to `members` members through the relay at
@@ -84,7 +100,10 @@ pub async fn measure(
         let bytes = sender_key.seal(&mut rand::rng(), &sender, &sender_name, group, &content)?;
         Ok(vec![bytes; members])
     };
-    let sender_keys = run_design(addr, key, "gk", members, rounds, &mut seal_group).await?;
+    let many = (members, rounds, FanOut::Many);
+    let send_many = run_design(addr, key, "gn", many, &mut seal_group).await?;
+    let each = (members, rounds, FanOut::Each);
+    let sender_keys = run_design(addr, key, "gk", each, &mut seal_group).await?;
 
     // Pairwise 1:1: a sealed message per member (the session set up beforehand).
     let policy = RotationPolicy {
@@ -118,25 +137,27 @@ pub async fn measure(
             })
             .collect()
     };
-    let pairwise = run_design(addr, key, "gp", members, rounds, &mut seal_pairwise).await?;
+    let each = (members, rounds, FanOut::Each);
+    let pairwise = run_design(addr, key, "gp", each, &mut seal_pairwise).await?;
     Ok(GroupFigures {
         members,
         rounds,
         text_bytes,
+        send_many,
         sender_keys,
         pairwise,
     })
 }
 
 /// Logs in a sender and `members` receivers (names `{tag}s`, `{tag}m{i}`), then per round
-/// seals with `seal` (one payload per member) and sends every payload pipelined, waiting
-/// until each receiver got its copy.
+/// seals with `seal` (one payload per member) and sends them as `fan_out` says (for
+/// `Many`, the first payload to everyone), waiting until each receiver got its copy and
+/// the relay accepted every copy.
 async fn run_design(
     addr: &str,
     key: &rsa::PrivateKey,
     tag: &str,
-    members: usize,
-    rounds: usize,
+    (members, rounds, fan_out): (usize, usize, FanOut),
     seal: &mut dyn FnMut() -> anyhow::Result<Vec<Vec<u8>>>,
 ) -> anyhow::Result<Design> {
     let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -173,13 +194,34 @@ async fn run_design(
         let payloads = seal()?;
         seals.push(pressed.elapsed().as_secs_f64() * 1e6);
         upload = 0;
-        for (payload, member) in payloads.into_iter().zip(&to) {
-            id += 1;
-            let msg = ClientMessage::Send {
-                id,
-                to: member.clone(),
-                payload,
-            };
+        let msgs: Vec<ClientMessage> = match fan_out {
+            FanOut::Each => payloads
+                .into_iter()
+                .zip(&to)
+                .map(|(payload, member)| {
+                    id += 1;
+                    ClientMessage::Send {
+                        id,
+                        to: member.clone(),
+                        payload,
+                    }
+                })
+                .collect(),
+            FanOut::Many => {
+                let payload = payloads.into_iter().next().context("nothing sealed")?;
+                to.chunks(MAX_FANOUT)
+                    .map(|names| {
+                        id += 1;
+                        ClientMessage::SendMany {
+                            id,
+                            to: names.to_vec(),
+                            payload: payload.clone(),
+                        }
+                    })
+                    .collect()
+            }
+        };
+        for msg in msgs {
             upload += frame_len(&msg)?;
             sink.feed(msg).await?;
         }
@@ -193,6 +235,12 @@ async fn run_design(
                 Some(()) = got.recv() => delivered += 1,
                 Some(msg) = stream.next() => match msg? {
                     ServerMessage::Ok { .. } => oks += 1,
+                    ServerMessage::Outcomes { outcomes, .. } => {
+                        if let Some(code) = outcomes.iter().flatten().next() {
+                            anyhow::bail!("the relay refused a group copy: {code}");
+                        }
+                        oks += outcomes.len();
+                    }
                     ServerMessage::Error { code, message, .. } => {
                         anyhow::bail!("the relay refused a group copy: {code}: {message}")
                     }

@@ -98,6 +98,7 @@ pub fn print(r: &Report<'_>) {
     println!("| design | seal µs | upload bytes | last delivery p50 ms | max ms |");
     println!("|--------|--------:|-------------:|---------------------:|-------:|");
     for (name, d) in [
+        ("sender keys: sealed once, one SendMany", &g.send_many),
         (
             "sender keys: sealed once, a Send per member",
             &g.sender_keys,

@@ -231,7 +231,22 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
             .into_iter()
             .map(|(n, c)| (n.to_owned(), c.clone()))
             .collect();
-            let exact = listed.iter().position(|(n, _)| *n == typed);
+            let groups: Vec<(String, String)> = if app.view.show_archived && typed.is_empty() {
+                Vec::new()
+            } else {
+                app.model
+                    .groups
+                    .listed(&typed)
+                    .iter()
+                    .map(|g| (g.info.id.clone(), g.info.name.to_lowercase()))
+                    .collect()
+            };
+            // Matches are the groups, then the contacts, as the rows below list them.
+            let matches = groups.len() + listed.len();
+            let exact_contact = listed.iter().position(|(n, _)| *n == typed);
+            let exact = exact_contact
+                .map(|i| groups.len() + i)
+                .or_else(|| groups.iter().position(|(_, name)| *name == typed));
             let valid = chat_protocol::Username::parse(&typed).is_ok();
             let enter = filter.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter));
             // Up/Down in the search box move the highlighted match; Enter opens it. The
@@ -239,21 +254,19 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
             if filter.changed() {
                 app.view.highlight = exact.unwrap_or(0);
             }
-            if filter.has_focus() && !listed.is_empty() {
+            if filter.has_focus() && matches > 0 {
                 let (up, down) =
                     ui.input(|i| (i.key_pressed(Key::ArrowUp), i.key_pressed(Key::ArrowDown)));
                 if down {
-                    app.view.highlight = (app.view.highlight + 1).min(listed.len() - 1);
+                    app.view.highlight = (app.view.highlight + 1).min(matches - 1);
                 }
                 if up {
                     app.view.highlight = app.view.highlight.saturating_sub(1);
                 }
             }
-            let highlighted = (!typed.is_empty())
-                .then(|| listed.get(app.view.highlight.min(listed.len().saturating_sub(1))))
-                .flatten()
-                .map(|(n, _)| n.clone());
-            if !typed.is_empty() && valid && exact.is_none() {
+            let highlighted =
+                (!typed.is_empty() && matches > 0).then(|| app.view.highlight.min(matches - 1));
+            if !typed.is_empty() && valid && exact_contact.is_none() {
                 let to_self = Some(typed.as_str()) == app.model.me.as_deref();
                 let start = ui.button(if to_self {
                     format!("+ {NOTE_TO_SELF}")
@@ -272,9 +285,12 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                     }
                 }
             }
-            if enter && let Some(name) = &highlighted {
+            if enter && let Some(i) = highlighted {
                 app.view.filter.clear();
-                app.open(name);
+                match groups.get(i) {
+                    Some((id, _)) => app.open_group(id),
+                    None => app.open(&listed[i - groups.len()].0),
+                }
             }
             ui.separator();
             if typed.is_empty() && archived > 0 {
@@ -287,16 +303,7 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                     app.view.show_archived = !app.view.show_archived;
                 }
             }
-            let groups: Vec<String> = if app.view.show_archived && typed.is_empty() {
-                Vec::new()
-            } else {
-                app.model
-                    .groups
-                    .listed(&typed)
-                    .iter()
-                    .map(|g| g.info.id.clone())
-                    .collect()
-            };
+            let groups: Vec<String> = groups.into_iter().map(|(id, _)| id).collect();
             if listed.is_empty() && groups.is_empty() {
                 ui.add_space(12.0);
                 ui.weak(if typed.is_empty() {
@@ -305,7 +312,7 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
                     "No matching contacts."
                 });
             }
-            side_list::contact_rows(app, ui, &groups, &listed, highlighted.as_deref());
+            side_list::contact_rows(app, ui, &groups, &listed, highlighted);
         });
 }
 

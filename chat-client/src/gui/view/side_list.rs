@@ -16,13 +16,14 @@ const ROW_HEIGHT: f32 = 52.0;
 const AVATAR_RADIUS: f32 = 17.0;
 
 /// Draws `groups` (their ids, first) and `listed` (name, contact) as rows; a click opens
-/// that conversation. `highlighted` is the search's match (marked like the open one).
+/// that conversation. `highlighted` is the search's match, an index into the rows (marked
+/// like the open one).
 pub(super) fn contact_rows(
     app: &mut ChatApp,
     ui: &mut Ui,
     groups: &[String],
     listed: &[(String, Contact)],
-    highlighted: Option<&str>,
+    highlighted: Option<usize>,
 ) {
     let scale = app.settings.font_size / 15.0;
     let row_height = ROW_HEIGHT * scale.max(0.8);
@@ -38,7 +39,8 @@ pub(super) fn contact_rows(
                     let Some(group) = app.model.groups.by_id.get(id) else {
                         continue;
                     };
-                    let selected = app.model.open_group.as_deref() == Some(id.as_str());
+                    let selected = app.model.open_group.as_deref() == Some(id.as_str())
+                        || highlighted == Some(i);
                     // Two groups of one name are told apart by their ids' start.
                     let twin = app.model.groups.by_id.values().any(|other| {
                         other.info.id != group.info.id && other.info.name == group.info.name
@@ -50,8 +52,8 @@ pub(super) fn contact_rows(
                     continue;
                 }
                 let (name, contact) = &listed[i - groups.len()];
-                let selected = app.model.open.as_deref() == Some(name.as_str())
-                    || highlighted == Some(name.as_str());
+                let selected =
+                    app.model.open.as_deref() == Some(name.as_str()) || highlighted == Some(i);
                 let is_me = me.as_deref() == Some(name.as_str());
                 let content = RowContent::contact(name, contact, is_me);
                 let response = row(ui, &content, selected, row_height, scale);
