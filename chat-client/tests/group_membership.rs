@@ -376,3 +376,90 @@ fn two_admins_removing_each_other_at_once_the_loser_is_told() {
     );
     assert!(lines.contains(&"alice removed bob"), "{lines:?}");
 }
+
+/// One member's queue at the relay is full: of each group message, the relay refuses only
+/// that member's copy (`recipient_queue_full` in the `SendMany`'s outcomes). The others
+/// get every message at once; the sender is told once that this member's copies wait;
+/// once the member is back and has read its queue, the rest arrive: every message once,
+/// in order, and the sender sees each delivered to both.
+#[test]
+fn a_member_whose_queue_is_full_gets_its_copies_later_and_the_others_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let relay = Relay::start_with_config(
+        "127.0.0.1:0",
+        &data,
+        "(queue: (max_envelopes_per_user: 5, max_sender_share: 1.0))",
+    );
+    let home = |n: &str| dir.path().join(n);
+    let mut alice = Client::ready(relay.addr, "alice", &home("alice"));
+    let mut bob = Client::ready(relay.addr, "bob", &home("bob"));
+    let mut carol = Client::ready(relay.addr, "carol", &home("carol"));
+    alice.send("/group-create Queue bob carol");
+    let created = alice.expect("created", |e| {
+        e["event"] == "group" && e["change"] == "created"
+    });
+    let id = created["id"].as_str().unwrap().to_owned();
+    for m in [&mut bob, &mut carol] {
+        m.expect("joined", |e| {
+            e["event"] == "group" && e["id"] == id.as_str()
+        });
+    }
+    // The sending key reaches both before carol leaves.
+    alice.send("/gmsg Queue first");
+    for m in [&mut bob, &mut carol] {
+        m.expect("first", |e| e["event"] == "message" && e["text"] == "first");
+    }
+    alice.expect("first delivered to carol", |e| {
+        e["event"] == "delivered" && e["to"] == "carol"
+    });
+    assert_eq!(carol.quit(), 0);
+
+    let texts: Vec<String> = (0..10).map(|i| format!("q #{i}")).collect();
+    for t in &texts {
+        alice.send(&format!("/gmsg Queue {t}"));
+    }
+    // Bob gets all ten at once, in order, while carol's queue fills.
+    for t in &texts {
+        let m = bob.expect("a text", |e| {
+            e["event"] == "message" && e["group"] == id.as_str()
+        });
+        assert_eq!(m["text"], t.as_str());
+    }
+    let told = alice.expect("carol's copies wait", |e| {
+        e["event"] == "error" && e["code"] == "recipient_queue_full"
+    });
+    let message = told["message"].as_str().unwrap();
+    assert!(
+        message.contains("carol") && message.contains("retried"),
+        "{message}"
+    );
+
+    // Carol comes back: what the relay held, then the rest once retried (the sender
+    // waits 30 s after a refusal); each once.
+    let mut carol = Client::ready(relay.addr, "carol", &home("carol"));
+    for t in &texts {
+        let m = carol.expect_within("a text", Duration::from_secs(60), |e| {
+            e["event"] == "message" && e["group"] == id.as_str()
+        });
+        assert_eq!(m["text"], t.as_str(), "in order, none twice");
+    }
+    carol.assert_no_more_messages(Duration::from_secs(2));
+    for t in &texts {
+        let queued = alice
+            .seen_of("queued")
+            .into_iter()
+            .find(|e| e["group"] == id.as_str() && e["text"] == t.as_str())
+            .expect("queued");
+        let msg = queued["id"].as_str().unwrap().to_owned();
+        alice.expect_within("delivered to carol", Duration::from_secs(60), |e| {
+            e["event"] == "delivered" && e["to"] == "carol" && e["id"] == msg.as_str()
+        });
+    }
+    assert_eq!(
+        alice.seen_of("error").len(),
+        1,
+        "told once, not once per copy: {:#?}",
+        alice.seen_of("error")
+    );
+}

@@ -590,6 +590,13 @@ fn a_hundred_members_get_one_message_and_the_figures_are_printed() {
         last.unwrap().duration_since(start).as_millis(),
         uploaded / (MEMBERS - 1)
     );
+    // The envelope went up once, not once per member: one SendMany of a ~0.5 KB envelope
+    // and 99 names, plus the sender's Acks of receipts coming back meanwhile, stays far
+    // under what a Send per member took (about 58 KB).
+    assert!(
+        uploaded < 20_000,
+        "{uploaded} bytes uploaded for one message"
+    );
     // Each once.
     std::thread::sleep(Duration::from_millis(500));
     for p in &mut peers[1..] {

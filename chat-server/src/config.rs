@@ -426,11 +426,18 @@ impl Config {
                 );
             }
         }
-        // One largest envelope must fit, or a big message could never be accepted.
-        if self.writer_queue_bytes < 2 * self.max_frame_bytes as u64 + 4096 {
+        // The largest request's writes must fit: a `SendMany` of the largest payload to
+        // `MAX_FANOUT` recipients (one envelope each), and two of the largest frames.
+        let fan_out = chat_protocol::message::MAX_FANOUT as u64
+            * crate::writer::cost::envelope(self.max_frame_bytes) as u64;
+        if self.writer_queue_bytes < fan_out.max(2 * self.max_frame_bytes as u64 + 4096) {
             return invalid(
                 "writer_queue_bytes",
-                "must hold at least two of the largest frames (2 × max_frame_bytes + 4096)",
+                &format!(
+                    "must hold the writes of the largest request: at least {fan_out} bytes \
+                     (255 × (max_frame_bytes + 256), a SendMany of the largest frame to 255 \
+                     recipients)"
+                ),
             );
         }
         if !(self.queue.max_sender_share.is_finite()

@@ -10,7 +10,8 @@ use common::{Backend, Nats, Sqlite, TestServer};
 use rstest::rstest;
 
 /// Pipelined between two `Send`s, a `SendMany` to an online, an offline, a full, an unknown
-/// and an invalid recipient: the three replies come in request order, the `Outcomes` name
+/// and an invalid recipient, and a second one right behind it: the four replies come in
+/// request order, the `Outcomes` name
 /// each recipient's fate in `to` order, and every accepted copy arrives exactly once, in
 /// order with the sender's other envelopes (the offline recipient's at its next login).
 #[rstest]
@@ -19,7 +20,7 @@ async fn each_copy_is_answered_for_itself_and_delivered_once_in_order(
     #[values(Sqlite, Nats)] backend: Backend,
 ) {
     let server = TestServer::on(backend, |c| {
-        c.queue.max_envelopes_per_user = 4;
+        c.queue.max_envelopes_per_user = 5;
         c.queue.max_sender_share = 1.0;
     })
     .await;
@@ -27,12 +28,12 @@ async fn each_copy_is_answered_for_itself_and_delivered_once_in_order(
     drop(server.user("dave", 3).await);
     let mut bob = server.user("bob", 1).await;
     let mut alice = server.user("alice", 0).await;
-    for _ in 0..4 {
+    for _ in 0..5 {
         let answer = alice.send_to("dave", b"filler").await;
         assert!(matches!(answer, ServerMessage::Ok { .. }), "{answer:?}");
     }
 
-    let (first, many, last) = (alice.id(), alice.id(), alice.id());
+    let (first, many, again, last) = (alice.id(), alice.id(), alice.id(), alice.id());
     let to = ["bob", "Carol", "nobody", "dave", "not a name"];
     alice
         .send(ClientMessage::Send {
@@ -46,6 +47,14 @@ async fn each_copy_is_answered_for_itself_and_delivered_once_in_order(
             id: many,
             to: to.iter().map(|s| s.to_string()).collect(),
             payload: b"b".to_vec(),
+        })
+        .await;
+    // A second fan-out right behind the first: its outcomes are its own.
+    alice
+        .send(ClientMessage::SendMany {
+            id: again,
+            to: vec!["nobody".into(), "bob".into()],
+            payload: b"b2".to_vec(),
         })
         .await;
     alice
@@ -69,10 +78,17 @@ async fn each_copy_is_answered_for_itself_and_delivered_once_in_order(
             ],
         }
     );
+    assert_eq!(
+        alice.recv_reply().await,
+        ServerMessage::Outcomes {
+            id: again,
+            outcomes: vec![Some(ErrorCode::UnknownUser), None],
+        }
+    );
     assert_eq!(alice.recv_reply().await, ServerMessage::Ok { id: last });
 
     let mut got = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..4 {
         let (envelope_id, from, payload) = bob.delivery().await;
         assert_eq!(from, "alice");
         got.push(payload);
@@ -81,7 +97,11 @@ async fn each_copy_is_answered_for_itself_and_delivered_once_in_order(
         })
         .await;
     }
-    assert_eq!(got, [b"a", b"b", b"c"], "once each, in the order sent");
+    assert_eq!(
+        got,
+        [&b"a"[..], b"b", b"b2", b"c"],
+        "once each, in the order sent"
+    );
     let mut carol = server.user("carol", 2).await;
     let (_, from, payload) = carol.delivery().await;
     assert_eq!((from.as_str(), payload.as_slice()), ("alice", &b"b"[..]));
@@ -107,7 +127,11 @@ async fn a_malformed_fan_out_is_refused_whole(#[values(Sqlite, Nats)] backend: B
         (too_many, "not 256"),
         (
             vec!["bob".to_string(), "carol".into(), "BOB".into()],
-            "names bob twice",
+            "names \"BOB\" twice",
+        ),
+        (
+            vec!["not a name".to_string(), "NOT A NAME".into()],
+            "names \"NOT A NAME\" twice",
         ),
     ];
     for (to, why) in cases {

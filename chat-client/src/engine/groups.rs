@@ -879,9 +879,9 @@ impl Engine {
                     self.group_copy_refused(group, id, member, code, message);
                 }
                 None => {
-                    // Unanswered: it stays queued and goes again at the next flush.
-                    self.group_in_flight.remove(&(id, member));
-                    self.flush_due = true;
+                    // Unanswered: it stays queued and goes again later.
+                    let message = "the relay did not answer for it".to_owned();
+                    self.group_copy_refused(group, id, member, ErrorCode::Internal, message);
                 }
             }
         }

@@ -37,13 +37,16 @@ impl Engine {
                 }
             }
             ServerMessage::Ok { id } => self.request_done(id),
-            ServerMessage::Outcomes { id, outcomes } => match self.pending.remove(&id) {
-                Some(Pending::GroupSend { group, id, members }) => {
+            ServerMessage::Outcomes { id, outcomes } => {
+                if !matches!(self.pending.get(&id), Some(Pending::GroupSend { .. })) {
+                    warn!("outcomes for a request that was no SendMany; ignored");
+                } else if let Some(Pending::GroupSend { group, id, members }) =
+                    self.pending.remove(&id)
+                {
                     self.group_sends_answered(group, id, members, outcomes);
                     self.connection_event(ConnectionState::Connected, None);
                 }
-                _ => warn!("outcomes for a request that was no SendMany; ignored"),
-            },
+            }
             ServerMessage::Error {
                 id: Some(id),
                 code,

@@ -964,10 +964,14 @@ impl Engine {
         }
     }
 
-    /// Whether nothing may be sent to `peer` now.
+    /// Whether nothing may be sent to `peer` now. A held peer's hold end is a time to
+    /// try again (a hold may have been extended past the retry already set).
     fn held(&mut self, peer: &str) -> bool {
-        match self.hold.get(peer) {
-            Some(until) if *until > Instant::now() => true,
+        match self.hold.get(peer).copied() {
+            Some(until) if until > Instant::now() => {
+                self.retry_at = Some(self.retry_at.map_or(until, |r| r.min(until)));
+                true
+            }
             Some(_) => {
                 self.hold.remove(peer);
                 false

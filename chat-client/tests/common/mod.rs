@@ -313,10 +313,20 @@ impl Client {
     /// The first not-yet-matched event matching `pred`, waiting for it if needed. Events
     /// it passes over stay available to later calls, in order.
     pub fn expect(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.expect_within(what, PATIENCE, pred)
+    }
+
+    /// [`Client::expect`] with its own patience, for what waits on a timer of the client.
+    pub fn expect_within(
+        &mut self,
+        what: &str,
+        patience: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         if let Some(at) = self.backlog.iter().position(&pred) {
             return self.backlog.remove(at).unwrap();
         }
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + patience;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
@@ -328,7 +338,7 @@ impl Client {
                     self.backlog.push_back(ev);
                 }
                 Err(_) => panic!(
-                    "{}: no {what} event within {PATIENCE:?}; saw {:#?}",
+                    "{}: no {what} event within {patience:?}; saw {:#?}",
                     self.name, self.seen
                 ),
             }

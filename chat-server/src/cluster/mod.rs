@@ -416,7 +416,7 @@ impl Cluster {
         to: &Username,
         from: &Username,
         address: &str,
-        payload: Vec<u8>,
+        payload: tokio_util::bytes::Bytes,
         msg_id: String,
     ) -> Ticket {
         let (reply, ticket) = Ticket::pending();
@@ -441,7 +441,7 @@ impl Cluster {
             .submit(outbox::Pending {
                 subject: self.subject(to, address, &sender),
                 from: from.as_str().to_owned(),
-                payload: payload.into(),
+                payload,
                 msg_id,
                 reply,
                 held,

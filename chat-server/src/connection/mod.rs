@@ -420,7 +420,10 @@ impl Handler {
             (ClientMessage::Send { payload, .. }, State::Ready(_)) => {
                 Some(cost::envelope(payload.len()))
             }
-            (ClientMessage::SendMany { payload, to, .. }, State::Ready(_)) => {
+            // A fan-out that will be refused whole reserves nothing.
+            (ClientMessage::SendMany { payload, to, .. }, State::Ready(_))
+                if relay::fan_out_size_ok(to) =>
+            {
                 Some(cost::envelope(payload.len()).saturating_mul(to.len()))
             }
             (ClientMessage::Ack { envelope_ids }, State::Ready(_)) => Some(cost::ack(
@@ -672,7 +675,7 @@ fn request_work(msg: &ClientMessage) -> f64 {
         ClientMessage::Send { payload, to, .. } => work::frame(payload.len() + to.len(), 0),
         ClientMessage::SendMany { payload, to, .. } => {
             let names: usize = to.iter().map(String::len).sum();
-            work::fan_out(payload.len() + names, to.len())
+            work::fan_out(payload.len() + names, payload.len(), to.len())
         }
         ClientMessage::Ack { envelope_ids } => work::frame(0, envelope_ids.len()),
         ClientMessage::Watch { usernames, .. } => work::frame(0, usernames.len()),

@@ -94,13 +94,20 @@ impl Handler {
                 Ok(())
             }
             ClientMessage::SendMany { id, to, payload } => {
-                let mut room = room.expect("a send comes with room in the writer");
                 let recipients = match fan_out_recipients(&to) {
                     Ok(recipients) => recipients,
                     Err(message) => {
+                        // Replies keep request order: earlier sends are answered first.
+                        self.finish_sends().await?;
                         return self.fail(id, ErrorCode::ProtocolViolation, message).await;
                     }
                 };
+                let mut room = room.expect("a valid fan-out comes with room in the writer");
+                if self.shared.cluster.is_some() {
+                    drop(room);
+                    self.publish_many(&me, id, to, recipients, payload).await;
+                    return Ok(());
+                }
                 let cost = crate::writer::cost::envelope(payload.len());
                 let last = recipients.len() - 1;
                 for (i, (name, user)) in to.into_iter().zip(recipients).enumerate() {
@@ -111,17 +118,7 @@ impl Handler {
                             let payload = payload.clone();
                             self.submit(&me, id, user, payload, room, part).await;
                         }
-                        None => {
-                            let (reply, ticket) = Ticket::pending();
-                            let _ = reply.send(Ok(Done::Enqueued(Enqueued::UnknownRecipient)));
-                            self.sends.push_back(InFlight {
-                                id,
-                                to: name,
-                                route: None,
-                                ticket,
-                                part,
-                            });
-                        }
+                        None => self.sends.push_back(no_such_user(id, name, part)),
                     }
                 }
                 Ok(())
@@ -132,6 +129,46 @@ impl Handler {
                 self.fail(id, ErrorCode::ProtocolViolation, "unexpected message")
                     .await
             }
+        }
+    }
+
+    /// A `SendMany` on the cluster backend: every copy's admission (the recipient exists,
+    /// its mailbox has room) is looked up at once rather than one after another, then the
+    /// copies are queued for publishing in `to` order, before any later request.
+    async fn publish_many(
+        &mut self,
+        me: &Username,
+        id: RequestId,
+        to: Vec<String>,
+        recipients: Vec<Option<Username>>,
+        payload: Vec<u8>,
+    ) {
+        let cluster = self.shared.cluster.clone().expect("called with a cluster");
+        let address =
+            crate::limits::shared_address_name(&self.shared.address_secret, self.peer.ip());
+        let payload = tokio_util::bytes::Bytes::from(payload);
+        let publishes = recipients.iter().map(|user| {
+            let (cluster, address, payload) = (&cluster, &address, payload.clone());
+            async move {
+                let user = user.as_ref()?;
+                let msg_id = format!("{:032x}", rand::random::<u128>());
+                Some(cluster.publish(user, me, address, payload, msg_id).await)
+            }
+        });
+        let tickets = futures_util::future::join_all(publishes).await;
+        let last = to.len() - 1;
+        for (i, (name, ticket)) in to.into_iter().zip(tickets).enumerate() {
+            let part = Some(i == last);
+            self.sends.push_back(match ticket {
+                Some(ticket) => InFlight {
+                    id,
+                    to: name,
+                    route: None,
+                    ticket,
+                    part,
+                },
+                None => no_such_user(id, name, part),
+            });
         }
     }
 
@@ -154,7 +191,7 @@ impl Handler {
             let address =
                 crate::limits::shared_address_name(&self.shared.address_secret, self.peer.ip());
             let ticket = cluster
-                .publish(&to_user, me, &address, payload, msg_id)
+                .publish(&to_user, me, &address, payload.into(), msg_id)
                 .await;
             self.sends.push_back(InFlight {
                 id,
@@ -497,27 +534,45 @@ impl Handler {
     }
 }
 
+/// A copy for `name`, which is no valid username: answered `unknown_user` in its turn.
+fn no_such_user(id: RequestId, name: String, part: Option<bool>) -> InFlight {
+    let (reply, ticket) = Ticket::pending();
+    let _ = reply.send(Ok(Done::Enqueued(Enqueued::UnknownRecipient)));
+    InFlight {
+        id,
+        to: name,
+        route: None,
+        ticket,
+        part,
+    }
+}
+
+/// Whether `to` is a recipient count a `SendMany` may have (1 to `MAX_FANOUT`).
+pub(super) fn fan_out_size_ok(to: &[String]) -> bool {
+    (1..=chat_protocol::message::MAX_FANOUT).contains(&to.len())
+}
+
 /// The recipients of a `SendMany`, each `None` where the name is no valid username (that
-/// copy is answered `unknown_user`); or why the request is refused whole.
+/// copy is answered `unknown_user`); or why the request is refused whole: no names, more
+/// than `MAX_FANOUT`, or a name twice (in any letter case, valid or not).
 fn fan_out_recipients(to: &[String]) -> Result<Vec<Option<Username>>, String> {
     let max = chat_protocol::message::MAX_FANOUT;
-    if to.is_empty() || to.len() > max {
+    if !fan_out_size_ok(to) {
         return Err(format!(
             "a SendMany names 1 to {max} recipients, not {}; nothing was sent",
             to.len()
         ));
     }
-    let recipients: Vec<Option<Username>> =
-        to.iter().map(|name| Username::parse(name).ok()).collect();
     let mut seen = std::collections::HashSet::with_capacity(to.len());
-    for user in recipients.iter().flatten() {
-        if !seen.insert(user) {
+    for name in to {
+        if !seen.insert(name.to_ascii_lowercase()) {
+            let shown = super::truncate(name, 40);
             return Err(format!(
-                "a SendMany names {user} twice; nothing was sent (name each recipient once)"
+                "a SendMany names {shown:?} twice; nothing was sent (name each recipient once)"
             ));
         }
     }
-    Ok(recipients)
+    Ok(to.iter().map(|name| Username::parse(name).ok()).collect())
 }
 
 fn server_full(id: RequestId) -> ServerMessage {
