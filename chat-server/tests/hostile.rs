@@ -385,6 +385,54 @@ async fn ack_flood() {
     assert!(stat(&stats, "ack ids ignored") > 65_000, "{stats}");
 }
 
+/// `SendMany` floods: three accounts fan a 1 KiB payload out to 255 names as fast as they
+/// are answered. Every copy is charged (a quarter token and a quarter per KiB), so one
+/// fan-out costs ~132 tokens and an attacker gets about one answered per 1.3 s after its
+/// burst, each answered in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_flood() {
+    let server = Server::start("");
+    let legit = Legit::start(&server).await;
+    let to: Vec<String> = (0..chat_protocol::message::MAX_FANOUT)
+        .map(|i| format!("nobody{i}"))
+        .collect();
+    let mut flooders = tokio::task::JoinSet::new();
+    for (i, name) in ["fo0", "fo1", "fo2"].into_iter().enumerate() {
+        let mut c = server.attacker(name, i % 4).await;
+        let to = to.clone();
+        flooders.spawn(async move {
+            let deadline = tokio::time::Instant::now() + ATTACK;
+            let mut answered = 0usize;
+            loop {
+                let id = c.id();
+                let payload = vec![7; 1024];
+                let to = to.clone();
+                c.send(ClientMessage::SendMany { id, to, payload }).await;
+                match tokio::time::timeout_at(deadline, c.recv_reply()).await {
+                    Ok(ServerMessage::Outcomes { id: got, outcomes }) => {
+                        assert_eq!(got, id);
+                        assert_eq!(outcomes, vec![Some(ErrorCode::UnknownUser); 255]);
+                        answered += 1;
+                    }
+                    Ok(other) => panic!("expected Outcomes: {other:?}"),
+                    Err(_) => return answered,
+                }
+            }
+        });
+    }
+    let mut answered = Vec::new();
+    while let Some(n) = flooders.join_next().await {
+        answered.push(n.unwrap());
+    }
+    legit.finish("fan-out flood").await;
+    eprintln!("fan-out flood: fan-outs answered per attacker {answered:?}");
+    // Served, but paced: charged per frame alone they would get hundreds each.
+    assert!(
+        answered.iter().all(|&n| (1..=12).contains(&n)),
+        "{answered:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_cannot_fill_a_recipients_queue() {
     // A small queue, so filling it is quick; three new accounts per address.
