@@ -31,6 +31,7 @@ use crate::store::{RowCipher, Store, StoreError, cipher::STORE_KEY_CONTEXT};
 
 mod commands;
 mod group_inbound;
+mod group_sends;
 mod groups;
 pub use groups::group_name_problem;
 mod inbound;

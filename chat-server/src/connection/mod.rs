@@ -9,6 +9,7 @@
 //! stops the connection being read until it does, and until it logs in it holds only a
 //! pre-login slot with a short first-byte deadline.
 
+mod fan_out;
 mod login;
 mod relay;
 
@@ -422,7 +423,7 @@ impl Handler {
             }
             // A fan-out that will be refused whole reserves nothing.
             (ClientMessage::SendMany { payload, to, .. }, State::Ready(_))
-                if relay::fan_out_size_ok(to) =>
+                if fan_out::fan_out_size_ok(to) =>
             {
                 Some(cost::envelope(payload.len()).saturating_mul(to.len()))
             }

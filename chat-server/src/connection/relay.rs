@@ -7,6 +7,7 @@ use chat_protocol::{ClientMessage, ErrorCode, ServerMessage, Username};
 use futures_util::SinkExt;
 use tokio::time::timeout;
 
+use super::fan_out::{fan_out_recipients, no_such_user};
 use super::{
     Close, Handler, InFlight, MAX_SYNCS, State, WRITE_BATCH, error_reply, next_commit, unix_secs,
     unknown_user_reply,
@@ -14,7 +15,7 @@ use super::{
 use crate::metrics::Metrics;
 use crate::router::WatchError;
 use crate::store::{Enqueued, StoreError};
-use crate::writer::{Done, Envelope, Room, Ticket};
+use crate::writer::{Envelope, Room};
 
 impl Handler {
     /// Requests of a logged-in user.
@@ -129,46 +130,6 @@ impl Handler {
                 self.fail(id, ErrorCode::ProtocolViolation, "unexpected message")
                     .await
             }
-        }
-    }
-
-    /// A `SendMany` on the cluster backend: every copy's admission (the recipient exists,
-    /// its mailbox has room) is looked up at once rather than one after another, then the
-    /// copies are queued for publishing in `to` order, before any later request.
-    async fn publish_many(
-        &mut self,
-        me: &Username,
-        id: RequestId,
-        to: Vec<String>,
-        recipients: Vec<Option<Username>>,
-        payload: Vec<u8>,
-    ) {
-        let cluster = self.shared.cluster.clone().expect("called with a cluster");
-        let address =
-            crate::limits::shared_address_name(&self.shared.address_secret, self.peer.ip());
-        let payload = tokio_util::bytes::Bytes::from(payload);
-        let publishes = recipients.iter().map(|user| {
-            let (cluster, address, payload) = (&cluster, &address, payload.clone());
-            async move {
-                let user = user.as_ref()?;
-                let msg_id = format!("{:032x}", rand::random::<u128>());
-                Some(cluster.publish(user, me, address, payload, msg_id).await)
-            }
-        });
-        let tickets = futures_util::future::join_all(publishes).await;
-        let last = to.len() - 1;
-        for (i, (name, ticket)) in to.into_iter().zip(tickets).enumerate() {
-            let part = Some(i == last);
-            self.sends.push_back(match ticket {
-                Some(ticket) => InFlight {
-                    id,
-                    to: name,
-                    route: None,
-                    ticket,
-                    part,
-                },
-                None => no_such_user(id, name, part),
-            });
         }
     }
 
@@ -532,47 +493,6 @@ impl Handler {
         self.shared.writer.ack(room, me.clone(), mine);
         Vec::new()
     }
-}
-
-/// A copy for `name`, which is no valid username: answered `unknown_user` in its turn.
-fn no_such_user(id: RequestId, name: String, part: Option<bool>) -> InFlight {
-    let (reply, ticket) = Ticket::pending();
-    let _ = reply.send(Ok(Done::Enqueued(Enqueued::UnknownRecipient)));
-    InFlight {
-        id,
-        to: name,
-        route: None,
-        ticket,
-        part,
-    }
-}
-
-/// Whether `to` is a recipient count a `SendMany` may have (1 to `MAX_FANOUT`).
-pub(super) fn fan_out_size_ok(to: &[String]) -> bool {
-    (1..=chat_protocol::message::MAX_FANOUT).contains(&to.len())
-}
-
-/// The recipients of a `SendMany`, each `None` where the name is no valid username (that
-/// copy is answered `unknown_user`); or why the request is refused whole: no names, more
-/// than `MAX_FANOUT`, or a name twice (in any letter case, valid or not).
-fn fan_out_recipients(to: &[String]) -> Result<Vec<Option<Username>>, String> {
-    let max = chat_protocol::message::MAX_FANOUT;
-    if !fan_out_size_ok(to) {
-        return Err(format!(
-            "a SendMany names 1 to {max} recipients, not {}; nothing was sent",
-            to.len()
-        ));
-    }
-    let mut seen = std::collections::HashSet::with_capacity(to.len());
-    for name in to {
-        if !seen.insert(name.to_ascii_lowercase()) {
-            let shown = super::truncate(name, 40);
-            return Err(format!(
-                "a SendMany names {shown:?} twice; nothing was sent (name each recipient once)"
-            ));
-        }
-    }
-    Ok(to.iter().map(|name| Username::parse(name).ok()).collect())
 }
 
 fn server_full(id: RequestId) -> ServerMessage {

@@ -1,0 +1,276 @@
+//! Sending group messages: one `SendMany` per message to the members whose copies are
+//! due, each member's outcome from the relay (held and retried, or failed for good),
+//! copies withdrawn for people no longer in the group, and receipts counted per member.
+
+use chat_protocol::e2e::MessageId;
+use chat_protocol::group::GroupId;
+use chat_protocol::message::{MAX_FANOUT, send_many_frame_len};
+use chat_protocol::{ClientMessage, ErrorCode};
+use tracing::warn;
+
+use super::{Engine, Pending, now_ms};
+use crate::api::{Event, id_hex};
+use crate::store::Withdrawn;
+
+impl Engine {
+    /// Whether group sends may go out: the backlog waiting at login has been read and
+    /// no envelope of it waits for its sender's key, so every membership change it held
+    /// is applied (a member removed while we were away gets nothing more from us).
+    pub(super) fn group_sends_ready(&self) -> bool {
+        self.synced
+            && !self
+                .awaiting_key
+                .values()
+                .flatten()
+                .any(|w| matches!(w, super::Waiting::Envelope { .. }))
+    }
+
+    /// Whether `member` is (still) someone our messages to `group` go to.
+    pub(super) fn sends_to(&self, group: &GroupId, member: &str) -> bool {
+        self.groups.get(group).is_some_and(|g| {
+            let state = g.membership.current();
+            state.is_member(&self.me) && state.members.iter().any(|m| m.as_str() == member)
+        })
+    }
+
+    /// Hands queued copies of group messages to the relay, once
+    /// [`Engine::group_sends_ready`]: one `SendMany` per message naming every member whose
+    /// copy is due (split where it would pass [`MAX_FANOUT`] names or the relay's frame
+    /// limit). A copy for someone no longer in the group is withdrawn instead.
+    pub(super) fn flush_group_sends(&mut self) {
+        if !self.group_sends_ready() {
+            return;
+        }
+        let sends = match self.store.group_sends_queued() {
+            Ok(sends) => sends,
+            Err(e) => return self.store_error(e),
+        };
+        // Rows come message by message (oldest first): one batch of members per message.
+        let mut batch: Option<(GroupId, MessageId, Vec<u8>, Vec<String>)> = None;
+        for send in sends {
+            if !self.sends_to(&send.group, &send.member) {
+                self.withdraw_group_send(send.group, send.id, &send.member);
+                continue;
+            }
+            let key = (send.id, send.member.clone());
+            if self.group_in_flight.contains(&key) || self.held(&send.member) {
+                continue;
+            }
+            self.group_in_flight.insert(key);
+            match &mut batch {
+                Some((_, id, _, members)) if *id == send.id => members.push(send.member),
+                _ => {
+                    if let Some((group, id, payload, members)) = batch.take() {
+                        self.send_group_copies(group, id, payload, members);
+                    }
+                    batch = Some((send.group, send.id, send.payload, vec![send.member]));
+                }
+            }
+        }
+        if let Some((group, id, payload, members)) = batch {
+            self.send_group_copies(group, id, payload, members);
+        }
+    }
+
+    /// One `SendMany` of `payload` (our message `id` to `group`) per run of `members` that
+    /// fits [`MAX_FANOUT`] and the relay's frame limit.
+    fn send_group_copies(
+        &mut self,
+        group: GroupId,
+        id: MessageId,
+        payload: Vec<u8>,
+        members: Vec<String>,
+    ) {
+        let max_frame = self.max_frame;
+        let fits = |to: &[String]| {
+            to.len() <= MAX_FANOUT
+                && (max_frame == 0 || send_many_frame_len(to, payload.len()) <= max_frame)
+        };
+        let mut chunk: Vec<String> = Vec::new();
+        let mut chunks = Vec::new();
+        for member in members {
+            chunk.push(member);
+            if chunk.len() > 1 && !fits(&chunk) {
+                let member = chunk.pop().expect("just pushed");
+                chunks.push(std::mem::replace(&mut chunk, vec![member]));
+            }
+        }
+        chunks.push(chunk);
+        for members in chunks {
+            let (to, payload) = (members.clone(), payload.clone());
+            self.request(Pending::GroupSend { group, id, members }, |id| {
+                ClientMessage::SendMany { id, to, payload }
+            });
+        }
+    }
+
+    /// The relay answered a `SendMany` of our message `id` to `group`: one outcome per
+    /// member, in the order they were named (`None`: accepted).
+    pub(super) fn group_sends_answered(
+        &mut self,
+        group: GroupId,
+        id: MessageId,
+        members: Vec<String>,
+        outcomes: Vec<Option<ErrorCode>>,
+    ) {
+        if outcomes.len() != members.len() {
+            warn!(
+                "the relay answered {} outcomes for {} recipients; the copies are sent again",
+                outcomes.len(),
+                members.len()
+            );
+        }
+        let mut outcomes = outcomes.into_iter();
+        for member in members {
+            match outcomes.next() {
+                Some(None) => self.group_send_answered(group, id, &member, true),
+                Some(Some(code)) => {
+                    let message = refusal(code, &member);
+                    self.group_copy_refused(group, id, member, code, message);
+                }
+                None => {
+                    // Unanswered: it stays queued and goes again later.
+                    let message = "the relay did not answer for it".to_owned();
+                    self.group_copy_refused(group, id, member, ErrorCode::Internal, message);
+                }
+            }
+        }
+    }
+
+    /// The relay refused `member`'s copy of our message `id` to `group` with `code`: held
+    /// and tried again later if that may pass, else that copy fails for good.
+    pub(super) fn group_copy_refused(
+        &mut self,
+        group: GroupId,
+        id: MessageId,
+        member: String,
+        code: ErrorCode,
+        message: String,
+    ) {
+        if super::inbound::transient(code) {
+            self.group_in_flight.remove(&(id, member.clone()));
+            let delay = self.retry_after(code);
+            if self.hold_peer(&member, delay) {
+                self.sink.emit(Event::error(
+                    code.as_str(),
+                    format!(
+                        "{message}; messages to {member} stay queued and are retried in {} s",
+                        delay.as_secs().max(1)
+                    ),
+                ));
+            }
+        } else {
+            self.sink.emit(Event::error(
+                code.as_str(),
+                format!("a group message to {member} could not be sent: {message}"),
+            ));
+            self.group_send_answered(group, id, &member, false);
+        }
+    }
+
+    /// Drops `member`'s copy of our message `id` to `group`: they are no longer in it
+    /// (or we are not). Tells what that made of the message.
+    fn withdraw_group_send(&mut self, group: GroupId, id: MessageId, member: &str) {
+        let withdrawn = match self.store.withdraw_group_send(&id, member) {
+            Ok(Some(withdrawn)) => withdrawn,
+            Ok(None) => return,
+            Err(e) => return self.store_error(e),
+        };
+        let (delivered_to, recipients) = match self.store.group_delivery(&id) {
+            Ok(counts) => counts,
+            Err(e) => return self.store_error(e),
+        };
+        let member_still = self
+            .groups
+            .get(&group)
+            .is_some_and(|g| g.membership.current().is_member(&self.me));
+        let (group, msg) = (id_hex(&group), id_hex(&id));
+        self.sink.emit(Event::GroupWithdrawn {
+            group: group.clone(),
+            id: msg.clone(),
+            member: member.to_owned(),
+            delivered_to,
+            recipients,
+        });
+        match withdrawn {
+            Withdrawn::Waiting => {}
+            Withdrawn::NowSent => self.sink.emit(Event::GroupSent { group, id: msg }),
+            Withdrawn::NoneLeft => self.sink.emit(Event::GroupFailed {
+                group,
+                id: msg,
+                reason: if member_still {
+                    "no_recipients"
+                } else {
+                    "not_a_member"
+                }
+                .into(),
+                message: if member_still {
+                    "nobody this message was for is in the group any more (the change came \
+                     before it could go out); it was sent to nobody"
+                } else {
+                    "you were no longer in the group when this message could go out; it was \
+                     sent to nobody"
+                }
+                .into(),
+            }),
+        }
+    }
+
+    /// The relay answered a group copy: accepted (`Ok`) or refused for good.
+    pub(super) fn group_send_answered(
+        &mut self,
+        group: GroupId,
+        id: MessageId,
+        member: &str,
+        accepted: bool,
+    ) {
+        self.group_in_flight.remove(&(id, member.to_owned()));
+        let at = accepted.then(|| self.relay_now_ms().unwrap_or_else(now_ms));
+        match self.store.group_send_done(&id, member, at) {
+            Ok(true) => self.sink.emit(Event::GroupSent {
+                group: id_hex(&group),
+                id: id_hex(&id),
+            }),
+            Ok(false) => {}
+            Err(e) => self.store_error(e),
+        }
+    }
+
+    /// `member` receipted our group messages: `done` is (group, id, whether the message
+    /// just became `sent` — the receipt overtook the relay's answer).
+    pub(super) fn group_delivered(&mut self, member: &str, done: Vec<(GroupId, MessageId, bool)>) {
+        for (group, id, sent_now) in done {
+            if sent_now {
+                self.sink.emit(Event::GroupSent {
+                    group: id_hex(&group),
+                    id: id_hex(&id),
+                });
+            }
+            let (delivered_to, recipients) = match self.store.group_delivery(&id) {
+                Ok(counts) => counts,
+                Err(e) => return self.store_error(e),
+            };
+            self.sink.emit(Event::GroupDelivered {
+                group: id_hex(&group),
+                to: member.to_owned(),
+                id: id_hex(&id),
+                delivered_to,
+                recipients,
+            });
+        }
+    }
+}
+
+/// What the relay's refusal `code` of a copy for `member` means, for people (an
+/// `Outcomes` reply carries codes only).
+fn refusal(code: ErrorCode, member: &str) -> String {
+    match code {
+        ErrorCode::UnknownUser => format!("there is no user named {member}"),
+        ErrorCode::RecipientQueueFull => {
+            format!("{member} has too many undelivered messages waiting at the relay")
+        }
+        ErrorCode::ServerFull => "the relay's storage for undelivered messages is full".into(),
+        ErrorCode::Internal => "the relay could not reach its storage".into(),
+        other => format!("the relay refused it ({other})"),
+    }
+}
