@@ -149,16 +149,7 @@ impl Engine {
     ) {
         if super::inbound::transient(code) {
             self.group_in_flight.remove(&(id, member.clone()));
-            let delay = self.retry_after(code);
-            if self.hold_peer(&member, delay) {
-                self.sink.emit(Event::error(
-                    code.as_str(),
-                    format!(
-                        "{message}; messages to {member} stay queued and are retried in {} s",
-                        delay.as_secs().max(1)
-                    ),
-                ));
-            }
+            self.hold_and_tell(&member, code, &message);
         } else {
             self.sink.emit(Event::error(
                 code.as_str(),

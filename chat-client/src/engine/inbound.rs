@@ -191,6 +191,21 @@ impl Engine {
         delay
     }
 
+    /// Holds everything to `peer` after a transient refusal with `code`, telling it once
+    /// per pause (not once per message).
+    pub(super) fn hold_and_tell(&mut self, peer: &str, code: ErrorCode, message: &str) {
+        let delay = self.retry_after(code);
+        if self.hold_peer(peer, delay) {
+            self.sink.emit(Event::error(
+                code.as_str(),
+                format!(
+                    "{message}; messages to {peer} stay queued and are retried in {} s",
+                    delay.as_secs().max(1)
+                ),
+            ));
+        }
+    }
+
     pub(super) fn request_failed(&mut self, id: RequestId, code: ErrorCode, message: String) {
         let transient = transient(code);
         let retry_after = |engine: &mut Self| engine.retry_after(code);
@@ -200,16 +215,7 @@ impl Engine {
                 if transient {
                     // Worth another try later: the message (and the rest to `to`) stays
                     // in the outbox; said once per pause, not once per message.
-                    let delay = retry_after(self);
-                    if self.hold_peer(&to, delay) {
-                        self.sink.emit(Event::error(
-                            code.as_str(),
-                            format!(
-                                "{message}; messages to {to} stay queued and are retried in {} s",
-                                delay.as_secs().max(1)
-                            ),
-                        ));
-                    }
+                    self.hold_and_tell(&to, code, &message);
                 } else {
                     self.sink.emit(Event::error(
                         code.as_str(),
