@@ -322,22 +322,51 @@ async fn accept_loop(
             notify.subscribe(),
             done.clone(),
         );
-        tokio::spawn(async move {
-            let evicted = slot.eviction();
-            let handshake = tls_handshake(&acceptor, socket, &shared.config, accepted);
-            let tls = tokio::select! {
-                tls = handshake => tls,
-                () = evicted.notified() => Err("evicted by other logins".to_owned()),
-            };
-            match tls.and_then(|tls| {
-                Handler::new(tls, peer, conn_id, shared, shutdown, slot, accepted)
-                    .map_err(|e| e.to_string())
-            }) {
-                Ok(handler) => handler.run().await,
-                Err(why) => debug!(conn = conn_id, %peer, "TLS handshake failed: {why}"),
+        let task = async move {
+            // The handshake, then the session, each boxed: a phase is on the heap only
+            // while it runs, where an unboxed task keeps room for both (and for the values
+            // passed between them) for the connection's lifetime: 6.4 KB instead of 2.4 KB
+            // per idle connection (docs/PERFORMANCE.md, "Idle connections").
+            let connect = Box::pin(connect(
+                acceptor, socket, peer, conn_id, shared, shutdown, slot, accepted,
+            ));
+            let session = connect.await;
+            if let Some(session) = session {
+                session.await;
             }
             drop(done);
-        });
+        };
+        tokio::spawn(task);
+    }
+}
+
+/// A new connection's TLS handshake (unless another login evicts it first) and its
+/// handler: the session to run, or `None` if it ended before one began.
+#[allow(clippy::too_many_arguments)]
+async fn connect(
+    acceptor: Transport,
+    socket: TcpStream,
+    peer: std::net::SocketAddr,
+    conn_id: u64,
+    shared: Arc<Shared>,
+    shutdown: broadcast::Receiver<()>,
+    slot: limits::PreLoginSlot,
+    accepted: tokio::time::Instant,
+) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> {
+    let evicted = slot.eviction();
+    let tls = tokio::select! {
+        tls = tls_handshake(&acceptor, socket, &shared.config, accepted) => tls,
+        () = evicted.notified() => Err("evicted by other logins".to_owned()),
+    };
+    match tls.and_then(|tls| {
+        Handler::new(tls, peer, conn_id, shared, shutdown, slot, accepted)
+            .map_err(|e| e.to_string())
+    }) {
+        Ok(handler) => Some(Box::pin(Box::new(handler).run())),
+        Err(why) => {
+            debug!(conn = conn_id, %peer, "TLS handshake failed: {why}");
+            None
+        }
     }
 }
 

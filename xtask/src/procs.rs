@@ -87,6 +87,15 @@ impl Processes {
         self.0.last().map_or(0, Child::id)
     }
 
+    /// Kills the last process started and waits for it to end (it is no longer managed).
+    pub fn stop_last(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.0.pop() {
+            child.kill().context("cannot stop a child process")?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
     /// How many of the processes with these ids are still running.
     pub fn running(&mut self, ids: &[u32]) -> usize {
         self.0

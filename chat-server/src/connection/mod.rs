@@ -240,20 +240,24 @@ impl Handler {
         })
     }
 
-    pub(crate) async fn run(mut self) {
+    /// Serves the connection to its end. Takes the handler boxed: an `async fn` stores a
+    /// by-value argument twice in its future (rust-lang/rust#62958), which for the
+    /// handler (~700 B) would be room held per connection for nothing.
+    pub(crate) async fn run(mut self: Box<Self>) {
         debug!(conn = self.conn_id, peer = %self.peer, "connected");
         let close = self.serve().await;
         if let Close::Tell(code, message) = close {
             // Answer sends already committed, so their senders need not resend.
             let _ = Box::pin(self.finish_sends()).await;
             debug!(conn = self.conn_id, %code, "closing: {message}");
-            let _ = self
-                .write(ServerMessage::Error {
-                    id: None,
-                    code,
-                    message,
-                })
-                .await;
+            // Boxed, as every write here: its future is larger than `serve`'s and would
+            // otherwise be room held for the whole connection.
+            let _ = Box::pin(self.write(ServerMessage::Error {
+                id: None,
+                code,
+                message,
+            }))
+            .await;
         }
         // Sends nobody can be answered for any more: their envelopes still go on.
         while let Some(mut sent) = self.sends.pop_front() {

@@ -190,13 +190,28 @@ pub async fn relay_pairs_between(
                     return;
                 };
                 permit.forget();
-                id = id.wrapping_add(1);
-                let msg = ClientMessage::Send {
-                    id,
-                    to: to.clone(),
-                    payload: body.clone(),
-                };
-                if sink.send(msg).await.is_err() {
+                // Every send the window allows now goes out in one write, as the Redis
+                // client's multiplexed connection pipelines the PUBLISHes queued on it.
+                let mut more = 1;
+                loop {
+                    id = id.wrapping_add(1);
+                    let msg = ClientMessage::Send {
+                        id,
+                        to: to.clone(),
+                        payload: body.clone(),
+                    };
+                    if sink.feed(msg).await.is_err() {
+                        return;
+                    }
+                    match permits.try_acquire() {
+                        Ok(permit) if more < window => {
+                            permit.forget();
+                            more += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                if sink.flush().await.is_err() {
                     return;
                 }
             }
@@ -374,23 +389,36 @@ pub async fn redis_echo(
         let (to_b, to_a) = (format!("{tag}ab{i}"), format!("{tag}ba{i}"));
         let mut b_sub = client.get_async_pubsub().await?;
         b_sub.subscribe(&to_b).await?;
-        let mut b_pub = client.get_multiplexed_async_connection().await?;
+        let b_pub = client.get_multiplexed_async_connection().await?;
         let echo_channel = to_a.clone();
+        // Both ends publish without waiting for each reply (pipelined on the multiplexed
+        // connection), as the relay's echo ends send without waiting for each `Ok`: the
+        // offered load is the same open-loop load for both systems.
         tokio::spawn(async move {
             let mut messages = b_sub.on_message();
-            while let Some(msg) = messages.next().await {
-                let cmd = redis::cmd("PUBLISH")
-                    .arg(&echo_channel)
-                    .arg(msg.get_payload_bytes())
-                    .to_owned();
-                if cmd.query_async::<i64>(&mut b_pub).await.is_err() {
-                    return;
+            let mut inflight = futures_util::stream::FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    msg = messages.next() => {
+                        let Some(msg) = msg else { return };
+                        let cmd = redis::cmd("PUBLISH")
+                            .arg(&echo_channel)
+                            .arg(msg.get_payload_bytes())
+                            .to_owned();
+                        let mut c = b_pub.clone();
+                        inflight.push(async move { cmd.query_async::<i64>(&mut c).await });
+                    }
+                    Some(done) = inflight.next(), if !inflight.is_empty() => {
+                        if done.is_err() {
+                            return;
+                        }
+                    }
                 }
             }
         });
         let mut a_sub = client.get_async_pubsub().await?;
         a_sub.subscribe(&to_a).await?;
-        let mut a_pub = client.get_multiplexed_async_connection().await?;
+        let a_pub = client.get_multiplexed_async_connection().await?;
         let start = Instant::now();
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::new();
@@ -406,12 +434,21 @@ pub async fn redis_echo(
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             let mut body = vec![0x5au8; payload.max(8)];
+            let mut inflight = futures_util::stream::FuturesUnordered::new();
             while start.elapsed() < run {
-                tick.tick().await;
-                body[..8].copy_from_slice(&(start.elapsed().as_micros() as u64).to_le_bytes());
-                let cmd = redis::cmd("PUBLISH").arg(&to_b).arg(&body[..]).to_owned();
-                if cmd.query_async::<i64>(&mut a_pub).await.is_err() {
-                    return;
+                tokio::select! {
+                    _ = tick.tick() => {
+                        body[..8]
+                            .copy_from_slice(&(start.elapsed().as_micros() as u64).to_le_bytes());
+                        let cmd = redis::cmd("PUBLISH").arg(&to_b).arg(&body[..]).to_owned();
+                        let mut c = a_pub.clone();
+                        inflight.push(async move { cmd.query_async::<i64>(&mut c).await });
+                    }
+                    Some(done) = inflight.next(), if !inflight.is_empty() => {
+                        if done.is_err() {
+                            return;
+                        }
+                    }
                 }
             }
         });

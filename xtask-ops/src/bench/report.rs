@@ -10,6 +10,8 @@ pub struct Report<'a> {
     pub rows: &'a [Row],
     /// Offered msgs/s in the latency rows, and how it was chosen.
     pub load: (f64, &'a str),
+    /// Offered msgs/s past saturation, and [p50, p99, p99.9] of the relay and of Redis.
+    pub overload: (f64, [u64; 3], [u64; 3]),
     pub relay_lat: [u64; 3],
     pub plain_lat: [u64; 3],
     pub redis_lat: [u64; 3],
@@ -71,8 +73,19 @@ pub fn print(r: &Report<'_>) {
         ratio(1),
         ratio(2)
     );
+    let (over_rate, relay_over, redis_over) = &r.overload;
     println!();
-    println!("the same load, relay with per-connection limits on (5000 tokens/s):");
+    println!("overload, {over_rate:.0} msg/s offered (half the relay's best 10-pair row):");
+    println!("| system | p50 µs | p99 µs | p99.9 µs |");
+    println!("|--------|-------:|-------:|---------:|");
+    line("relay (TLS)", relay_over);
+    line("Redis (TLS)", redis_over);
+    println!(
+        "| relay p99 / Redis p99 (goal ≤ 2) | | {:.2} | |",
+        relay_over[1] as f64 / redis_over[1].max(1) as f64
+    );
+    println!();
+    println!("the same 50k load, relay with per-connection limits on (5000 tokens/s):");
     println!("| relay | p50 µs | p99 µs | p99.9 µs |");
     println!("|-------|-------:|-------:|---------:|");
     line("quiet", &r.quiet_lat);
