@@ -325,8 +325,8 @@ async fn accept_loop(
         let task = async move {
             // The handshake, then the session, each boxed: a phase is on the heap only
             // while it runs, where an unboxed task keeps room for both (and for the values
-            // passed between them) for the connection's lifetime: 6.4 KB instead of 2.4 KB
-            // per idle connection (docs/PERFORMANCE.md, "Idle connections").
+            // passed between them) for the connection's lifetime. Its future is 208 B; the
+            // unboxed one was a 3.5 KB allocation (docs/PERFORMANCE.md, "Idle connections").
             let connect = Box::pin(connect(
                 acceptor, socket, peer, conn_id, shared, shutdown, slot, accepted,
             ));

@@ -274,8 +274,38 @@ pub async fn redis_pairs(
 /// Round-trip times, in microseconds.
 pub type Samples = Vec<u64>;
 
-/// Echo pairs through the relay: A sends at `rate` messages/s, B echoes each back; A
-/// records the round trip.
+/// The send times (µs after the pair's start) an echo sender scheduled, in order.
+type Stamps = Arc<std::sync::Mutex<Vec<u64>>>;
+
+/// The send time to stamp on a message whose tick was due at `due`, in µs after `start`:
+/// now, unless the tick is more than [`TIMER_SLACK`] late (the sender was blocked by
+/// backpressure), then `due` + [`TIMER_SLACK`], so time blocked counts in the round trip
+/// (no coordinated omission) while the timer's own millisecond granularity does not.
+fn stamp(start: Instant, due: tokio::time::Instant) -> u64 {
+    let late_bound = due.into_std() + TIMER_SLACK;
+    let at = Instant::now().min(late_bound);
+    at.saturating_duration_since(start).as_micros() as u64
+}
+
+/// How late tokio's timer (1 ms resolution) may fire a tick on its own.
+const TIMER_SLACK: Duration = Duration::from_millis(1);
+
+/// One pair's round trips once its run ended: those that came back, then, for each message
+/// sent that did not (echoes keep order, so they are the last ones sent), a lower bound:
+/// the run's end minus its scheduled send time.
+fn with_unreturned(mut samples: Samples, stamps: &Stamps, run: Duration) -> Samples {
+    let end = run.as_micros() as u64;
+    let stamps = stamps.lock().expect("stamps lock");
+    let missing = stamps.get(samples.len()..).unwrap_or_default();
+    samples.extend(missing.iter().map(|&sent| end.saturating_sub(sent)));
+    samples
+}
+
+/// Echo pairs through the relay: A sends at `rate` messages/s on schedule (open loop: it
+/// does not wait for answers), B echoes what it reads back in one write per read and
+/// acknowledges it; A records each round trip from the message's scheduled send time.
+/// Messages that did not come back within `run` count with a lower bound (see
+/// [`with_unreturned`]).
 pub async fn relay_echo(
     addr: &str,
     key: &PrivateKey,
@@ -286,44 +316,60 @@ pub async fn relay_echo(
     run: Duration,
 ) -> anyhow::Result<Samples> {
     let mut tasks = Vec::new();
+    let mut helpers = Vec::new();
     for i in 0..pairs {
         let (a_name, b_name) = (format!("{tag}a{i}"), format!("{tag}b{i}"));
         let b = relay_login(addr, &b_name, key, None).await?;
         let a = relay_login(addr, &a_name, key, None).await?;
-        tokio::spawn(async move {
+        helpers.push(tokio::spawn(async move {
             let (mut sink, mut stream) = b.split();
-            while let Some(Ok(msg)) = stream.next().await {
-                if let ServerMessage::Deliver {
-                    envelope_id,
-                    payload,
-                    ..
-                } = msg
-                {
-                    let echo = ClientMessage::Send {
-                        id: 1,
-                        to: a_name.clone(),
+            // Like the real client: everything read is answered, then acknowledged once the
+            // input drains, in one write.
+            while let Some(Ok(first)) = stream.next().await {
+                let mut envelope_ids = Vec::new();
+                let mut next = Some(first);
+                while let Some(msg) = next.take() {
+                    if let ServerMessage::Deliver {
+                        envelope_id,
                         payload,
-                    };
-                    let ack = ClientMessage::Ack {
-                        envelope_ids: vec![envelope_id],
-                    };
-                    if sink.feed(echo).await.is_err() || sink.send(ack).await.is_err() {
-                        return;
+                        ..
+                    } = msg
+                    {
+                        let echo = ClientMessage::Send {
+                            id: 1,
+                            to: a_name.clone(),
+                            payload,
+                        };
+                        if sink.feed(echo).await.is_err() {
+                            return;
+                        }
+                        envelope_ids.push(envelope_id);
                     }
+                    next = stream.next().now_or_never().flatten().and_then(Result::ok);
+                }
+                if !envelope_ids.is_empty()
+                    && sink
+                        .send(ClientMessage::Ack { envelope_ids })
+                        .await
+                        .is_err()
+                {
+                    return;
                 }
             }
-        });
+        }));
         let (mut sink, mut stream) = a.split();
         let start = Instant::now();
+        let stamps = Stamps::default();
         // A's reader hands envelope ids to A's writer, which acknowledges them.
         let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel();
-        let receiver = tokio::spawn(async move {
+        let scheduled = stamps.clone();
+        tasks.push(tokio::spawn(async move {
             let mut samples = Vec::new();
             let end = start + run;
             loop {
                 let next = tokio::time::timeout_at(end.into(), stream.next()).await;
                 let Ok(Some(Ok(msg))) = next else {
-                    return samples;
+                    return with_unreturned(samples, &scheduled, run);
                 };
                 if let ServerMessage::Deliver {
                     envelope_id,
@@ -336,13 +382,12 @@ pub async fn relay_echo(
                     let _ = ack_tx.send(envelope_id);
                 }
             }
-        });
-        tasks.push(receiver);
-        tokio::spawn(async move {
+        }));
+        helpers.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             let mut body = vec![0x5au8; payload.max(8)];
             while start.elapsed() < run {
-                tick.tick().await;
+                let due = stamp(start, tick.tick().await);
                 let mut envelope_ids = Vec::new();
                 while let Ok(id) = ack_rx.try_recv() {
                     envelope_ids.push(id);
@@ -355,7 +400,8 @@ pub async fn relay_echo(
                 {
                     return;
                 }
-                body[..8].copy_from_slice(&(start.elapsed().as_micros() as u64).to_le_bytes());
+                body[..8].copy_from_slice(&due.to_le_bytes());
+                stamps.lock().expect("stamps lock").push(due);
                 let msg = ClientMessage::Send {
                     id: 1,
                     to: b_name.clone(),
@@ -365,16 +411,30 @@ pub async fn relay_echo(
                     return;
                 }
             }
-        });
+        }));
     }
+    collect(tasks, helpers).await
+}
+
+/// Each pair's samples; then the pairs' other tasks are stopped, so nothing of this run
+/// loads the next measurement.
+async fn collect(
+    tasks: Vec<tokio::task::JoinHandle<Samples>>,
+    helpers: Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<Samples> {
     let mut samples = Vec::new();
     for t in tasks {
         samples.extend(t.await?);
     }
+    for h in helpers {
+        h.abort();
+    }
     Ok(samples)
 }
 
-/// The same echo pattern over Redis channels.
+/// The same echo pattern over Redis channels. Both ends publish without waiting for each
+/// reply (pipelined on the multiplexed connection, which writes what is queued together),
+/// as the relay's echo ends send without waiting for each `Ok`: the same open-loop load.
 pub async fn redis_echo(
     url: &str,
     tag: &str,
@@ -385,16 +445,14 @@ pub async fn redis_echo(
 ) -> anyhow::Result<Samples> {
     let client = redis::Client::open(url)?;
     let mut tasks = Vec::new();
+    let mut helpers = Vec::new();
     for i in 0..pairs {
         let (to_b, to_a) = (format!("{tag}ab{i}"), format!("{tag}ba{i}"));
         let mut b_sub = client.get_async_pubsub().await?;
         b_sub.subscribe(&to_b).await?;
         let b_pub = client.get_multiplexed_async_connection().await?;
         let echo_channel = to_a.clone();
-        // Both ends publish without waiting for each reply (pipelined on the multiplexed
-        // connection), as the relay's echo ends send without waiting for each `Ok`: the
-        // offered load is the same open-loop load for both systems.
-        tokio::spawn(async move {
+        helpers.push(tokio::spawn(async move {
             let mut messages = b_sub.on_message();
             let mut inflight = futures_util::stream::FuturesUnordered::new();
             loop {
@@ -415,11 +473,13 @@ pub async fn redis_echo(
                     }
                 }
             }
-        });
+        }));
         let mut a_sub = client.get_async_pubsub().await?;
         a_sub.subscribe(&to_a).await?;
         let a_pub = client.get_multiplexed_async_connection().await?;
         let start = Instant::now();
+        let stamps = Stamps::default();
+        let scheduled = stamps.clone();
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::new();
             let mut messages = a_sub.on_message();
@@ -429,17 +489,18 @@ pub async fn redis_echo(
                 let sent = u64::from_le_bytes(payload[..8].try_into().unwrap());
                 samples.push((start.elapsed().as_micros() as u64).saturating_sub(sent));
             }
-            samples
+            with_unreturned(samples, &scheduled, run)
         }));
-        tokio::spawn(async move {
+        helpers.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             let mut body = vec![0x5au8; payload.max(8)];
             let mut inflight = futures_util::stream::FuturesUnordered::new();
             while start.elapsed() < run {
                 tokio::select! {
-                    _ = tick.tick() => {
-                        body[..8]
-                            .copy_from_slice(&(start.elapsed().as_micros() as u64).to_le_bytes());
+                    due = tick.tick() => {
+                        let due = stamp(start, due);
+                        body[..8].copy_from_slice(&due.to_le_bytes());
+                        stamps.lock().expect("stamps lock").push(due);
                         let cmd = redis::cmd("PUBLISH").arg(&to_b).arg(&body[..]).to_owned();
                         let mut c = a_pub.clone();
                         inflight.push(async move { cmd.query_async::<i64>(&mut c).await });
@@ -451,11 +512,7 @@ pub async fn redis_echo(
                     }
                 }
             }
-        });
+        }));
     }
-    let mut samples = Vec::new();
-    for t in tasks {
-        samples.extend(t.await?);
-    }
-    Ok(samples)
+    collect(tasks, helpers).await
 }

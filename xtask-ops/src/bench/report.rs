@@ -85,7 +85,7 @@ pub fn print(r: &Report<'_>) {
         relay_over[1] as f64 / redis_over[1].max(1) as f64
     );
     println!();
-    println!("the same 50k load, relay with per-connection limits on (5000 tokens/s):");
+    println!("the same load, relay with per-connection limits on (10,000 tokens/s):");
     println!("| relay | p50 µs | p99 µs | p99.9 µs |");
     println!("|-------|-------:|-------:|---------:|");
     line("quiet", &r.quiet_lat);
