@@ -148,18 +148,9 @@ pub async fn relay_pairs_between(
             // Like the real client: one Ack for everything read, once the input drains.
             while let Some(Ok(first)) = stream.next().await {
                 let mut envelope_ids = Vec::new();
-                let mut next = Some(first);
-                while let Some(msg) = next.take() {
-                    if let ServerMessage::Deliver {
-                        envelope_id,
-                        payload,
-                        ..
-                    } = msg
-                    {
-                        counter.record(payload.len());
-                        envelope_ids.push(envelope_id);
-                    }
-                    next = stream.next().now_or_never().flatten().and_then(Result::ok);
+                for (envelope_id, payload) in ready_deliveries(first, &mut stream) {
+                    counter.record(payload.len());
+                    envelope_ids.push(envelope_id);
                 }
                 if !envelope_ids.is_empty()
                     && sink
@@ -271,6 +262,29 @@ pub async fn redis_pairs(
     Ok(tasks)
 }
 
+/// The deliveries among `first` and every message already read after it, as
+/// (envelope id, payload): what a client handles before it acknowledges, once its input
+/// drains.
+fn ready_deliveries(
+    first: ServerMessage,
+    stream: &mut futures_util::stream::SplitStream<Conn>,
+) -> Vec<(u64, Vec<u8>)> {
+    let mut deliveries = Vec::new();
+    let mut next = Some(first);
+    while let Some(msg) = next.take() {
+        if let ServerMessage::Deliver {
+            envelope_id,
+            payload,
+            ..
+        } = msg
+        {
+            deliveries.push((envelope_id, payload));
+        }
+        next = stream.next().now_or_never().flatten().and_then(Result::ok);
+    }
+    deliveries
+}
+
 /// Round-trip times, in microseconds.
 pub type Samples = Vec<u64>;
 
@@ -327,25 +341,16 @@ pub async fn relay_echo(
             // input drains, in one write.
             while let Some(Ok(first)) = stream.next().await {
                 let mut envelope_ids = Vec::new();
-                let mut next = Some(first);
-                while let Some(msg) = next.take() {
-                    if let ServerMessage::Deliver {
-                        envelope_id,
+                for (envelope_id, payload) in ready_deliveries(first, &mut stream) {
+                    let echo = ClientMessage::Send {
+                        id: 1,
+                        to: a_name.clone(),
                         payload,
-                        ..
-                    } = msg
-                    {
-                        let echo = ClientMessage::Send {
-                            id: 1,
-                            to: a_name.clone(),
-                            payload,
-                        };
-                        if sink.feed(echo).await.is_err() {
-                            return;
-                        }
-                        envelope_ids.push(envelope_id);
+                    };
+                    if sink.feed(echo).await.is_err() {
+                        return;
                     }
-                    next = stream.next().now_or_never().flatten().and_then(Result::ok);
+                    envelope_ids.push(envelope_id);
                 }
                 if !envelope_ids.is_empty()
                     && sink
