@@ -53,3 +53,88 @@ fn a_full_recipient_queue_keeps_messages_queued_and_retries() {
         "nothing was given up"
     );
 }
+
+/// A saturated relay refuses a share of sends with `server_busy`; the client keeps them,
+/// retries, and every message arrives once, in order, once the load is gone.
+#[test]
+fn an_overloaded_relay_sheds_sends_and_they_arrive_later_exactly_once() {
+    // The relay on a runtime of its own with one worker thread, which a task then holds
+    // 30 ms at a time: the relay is saturated as a CPU-bound one is. The peers run apart.
+    let relay_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay_with(&relay_rt, "127.0.0.1:0", &dir.path().join("relay"), |_| {});
+    let mut bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));
+    let mut alice = Peer::start(&rt, relay.addr, "alice", &dir.path().join("alice"));
+    let text = |n: usize| format!("message {n}");
+    let next_text = |bob: &mut Peer| match bob.expect(|e| matches!(e, Event::Message { .. })) {
+        Event::Message { text, .. } => text,
+        _ => unreachable!(),
+    };
+    alice.send(Command::Send {
+        to: "bob".into(),
+        text: text(0),
+    });
+    assert_eq!(next_text(&mut bob), text(0));
+
+    let hogging = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let hog = relay_rt.spawn({
+        let hogging = hogging.clone();
+        async move {
+            while hogging.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(30));
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    // Alice writes on, a few at a time (so several are in flight when one is refused),
+    // until the relay has refused one of her sends as busy.
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    let mut sent = 1;
+    'busy: loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a saturated relay never refused a send ({sent} sent)"
+        );
+        for _ in 0..5 {
+            alice.send(Command::Send {
+                to: "bob".into(),
+                text: text(sent),
+            });
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        while let Ok(event) = alice.handle.events.try_recv() {
+            match event {
+                Event::Error { code, message } if code == "server_busy" => {
+                    assert!(message.contains("stay queued"), "{message}");
+                    break 'busy;
+                }
+                Event::Failed { .. } => panic!("a shed message was given up: {event:?}"),
+                _ => {}
+            }
+        }
+    }
+    hogging.store(false, std::sync::atomic::Ordering::Relaxed);
+    rt.block_on(hog).unwrap();
+
+    // Everything arrives, in order, once: the marker sent last comes right after.
+    alice.send(Command::Send {
+        to: "bob".into(),
+        text: "last".into(),
+    });
+    let got: Vec<String> = (1..=sent).map(|_| next_text(&mut bob)).collect();
+    let mut want: Vec<String> = (1..sent).map(text).collect();
+    want.push("last".into());
+    assert_eq!(got, want);
+    assert!(
+        !std::iter::from_fn(|| alice.handle.events.try_recv().ok())
+            .any(|e| matches!(e, Event::Failed { .. })),
+        "nothing was given up"
+    );
+    common::inproc::stop_relay(&relay_rt, relay);
+}

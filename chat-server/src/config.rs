@@ -72,6 +72,11 @@ pub struct Config {
     pub writer_queue_bytes: u64,
     /// Envelope ids taken from one `Ack` frame; the rest are ignored (and counted).
     pub max_ack_ids: usize,
+    /// Milliseconds of scheduling delay (how long work that is ready waits for a thread)
+    /// the relay aims to stay under. Held above it, the relay is saturated: it refuses a
+    /// growing share of new sends with `server_busy` (clients keep them and retry) so the
+    /// delay of what it accepts stays bounded (see `overload`). `0`: never refuse.
+    pub shed_delay_ms: f64,
     /// The relay's TLS certificate chain and key as PEM files (e.g. Let's Encrypt's
     /// `fullchain.pem` and `privkey.pem`). `None`: the relay's own key and a self-signed
     /// certificate in the data directory, created on first start.
@@ -335,6 +340,7 @@ impl Default for Config {
             registrations: Registrations::default(),
             writer_queue_bytes: 32 * 1024 * 1024,
             max_ack_ids: 4096,
+            shed_delay_ms: 2.0,
             tls: None,
             backend: Backend::Sqlite,
         }
@@ -397,6 +403,12 @@ impl Config {
         }
         if self.max_ack_ids == 0 {
             return invalid("max_ack_ids", "must be at least 1");
+        }
+        if !(self.shed_delay_ms.is_finite() && (0.0..=60_000.0).contains(&self.shed_delay_ms)) {
+            return invalid(
+                "shed_delay_ms",
+                "must be between 0 (never refuse sends) and 60000 milliseconds",
+            );
         }
         if let Backend::Nats(nats) = &self.backend {
             if nats.urls.is_empty() {
@@ -512,6 +524,10 @@ impl Config {
     }
     pub fn write_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.write_timeout_secs)
+    }
+    /// The scheduling delay load shedding aims under; `None` when it is off.
+    pub fn shed_target(&self) -> Option<Duration> {
+        (self.shed_delay_ms > 0.0).then(|| Duration::from_secs_f64(self.shed_delay_ms / 1000.0))
     }
     pub fn live_grace(&self) -> Duration {
         Duration::from_secs_f64(self.queue.live_grace_secs)

@@ -11,6 +11,8 @@
 //! - `connection`: one client's requests and relaying; `login`: its handshake.
 //! - [`limits`]: rate limits by work, per-address limits, the pre-login budget.
 //! - [`metrics`]: what was refused or ignored, for `admin stats`.
+//! - [`overload`]: load shedding, a share of new sends refused while the relay is
+//!   saturated.
 //! - [`tls`]: the relay's TLS identity (key and certificate) in the data directory.
 //! - [`cluster`]: the `Nats` backend, for many relays sharing one NATS JetStream cluster.
 //!
@@ -22,6 +24,7 @@ mod connection;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod overload;
 pub mod router;
 pub mod store;
 pub mod tls;
@@ -59,6 +62,8 @@ pub(crate) struct Shared {
     /// Names senders' address groups in the queue (their shares).
     pub(crate) sources: limits::Sources,
     pub(crate) metrics: Metrics,
+    /// The share of new sends refused while the relay is saturated.
+    pub(crate) shedder: overload::Shedder,
     /// The `Nats` backend: accounts, sessions, presence and the queue live in the
     /// cluster, and `store` only counts what was refused.
     pub(crate) cluster: Option<Arc<cluster::Cluster>>,
@@ -169,6 +174,7 @@ async fn serve(
         sources: limits::Sources::default(),
         address_secret,
         metrics: Metrics::default(),
+        shedder: overload::Shedder::default(),
         config,
         store,
     });
@@ -189,6 +195,7 @@ async fn serve(
         () = accept_loop(&listener, &acceptor, &shared, &pre_login, &notify, &done) => {}
         () = purge_loop(&shared) => {}
         () = metrics_loop(&shared) => {}
+        () = overload::monitor(&shared.shedder, shared.config.shed_target()) => {}
         () = cluster_loop(&shared) => {}
         _ = shutdown => info!(
             "shutting down: closing {} connections",

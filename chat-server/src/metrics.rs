@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Counters of refusals and pacing. Each is a total since the process started.
 /// How many counters [`Metrics`] keeps.
-const COUNTERS: usize = 8;
+const COUNTERS: usize = 9;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -28,6 +28,9 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Times a connection was paced because the store writer had no room.
     pub paced: AtomicU64,
+    /// Sends (and `SendMany`s) refused with `server_busy` while the relay was saturated
+    /// (see [`crate::overload`]).
+    pub shed: AtomicU64,
     /// What was last added to the database, per counter.
     flushed: [AtomicU64; COUNTERS],
 }
@@ -51,6 +54,7 @@ impl Metrics {
             ("registrations_refused", &self.registrations_refused),
             ("connections_refused", &self.connections_refused),
             ("paced", &self.paced),
+            ("shed", &self.shed),
         ]
     }
 

@@ -262,6 +262,7 @@ fn refusal(code: ErrorCode, member: &str) -> String {
         }
         ErrorCode::ServerFull => "the relay's storage for undelivered messages is full".into(),
         ErrorCode::Internal => "the relay could not reach its storage".into(),
+        ErrorCode::ServerBusy => "the relay is overloaded".into(),
         other => format!("the relay refused it ({other})"),
     }
 }

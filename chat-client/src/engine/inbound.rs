@@ -181,7 +181,7 @@ impl Engine {
     /// When to try again after a transient refusal with `code`; the retry timer is set
     /// for it.
     pub(super) fn retry_after(&mut self, code: ErrorCode) -> std::time::Duration {
-        let delay = if code == ErrorCode::RateLimited {
+        let delay = if matches!(code, ErrorCode::RateLimited | ErrorCode::ServerBusy) {
             RATE_LIMIT_RETRY
         } else {
             self.config.retry_later
@@ -664,6 +664,7 @@ pub(super) fn transient(code: ErrorCode) -> bool {
     matches!(
         code,
         ErrorCode::RateLimited
+            | ErrorCode::ServerBusy
             | ErrorCode::RecipientQueueFull
             | ErrorCode::RecipientOffline
             | ErrorCode::ServerFull

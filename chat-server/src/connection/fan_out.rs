@@ -63,6 +63,21 @@ pub(super) fn no_such_user(id: RequestId, name: String, part: Option<bool>) -> I
     }
 }
 
+/// A send (or a whole `SendMany`) refused because the relay is saturated: answered
+/// `server_busy` in its turn among the pipelined sends, followed by a `Ping` with `fence`
+/// if this refusal raised the connection's shed fence.
+pub(super) fn shed(id: RequestId, fence: Option<u64>) -> InFlight {
+    let (reply, ticket) = Ticket::pending();
+    let _ = reply.send(Ok(Done::Enqueued(Enqueued::Shed { fence })));
+    InFlight {
+        id,
+        to: String::new(),
+        route: None,
+        ticket,
+        part: None,
+    }
+}
+
 /// Whether `to` is a recipient count a `SendMany` may have (1 to `MAX_FANOUT`).
 pub(super) fn fan_out_size_ok(to: &[String]) -> bool {
     (1..=chat_protocol::message::MAX_FANOUT).contains(&to.len())

@@ -150,6 +150,12 @@ pub(crate) struct Handler {
     last_heard: Instant,
     /// A ping was sent since `last_heard`.
     pinged: bool,
+    /// A send on this connection was shed (refused `server_busy`): every later send is
+    /// shed too until the client answers the `Ping` with this nonce, written right after
+    /// that refusal. The client has then read the refusal (and holds that recipient's
+    /// messages), so nothing it sent before can be accepted ahead of its retry: shedding
+    /// never reorders a sender's messages.
+    shed_fence: Option<u64>,
     /// Highest envelope id written from the stored backlog: where its next read starts.
     backlog_cursor: u64,
     /// The stored backlog has been written; new envelopes may go straight out.
@@ -222,6 +228,7 @@ impl Handler {
             shutdown,
             last_heard: now,
             pinged: false,
+            shed_fence: None,
             backlog_cursor: 0,
             backlog_done: true,
             settling: None,
@@ -419,6 +426,32 @@ impl Handler {
             // Over the rate: pace this connection instead of dropping (keeps order).
             tokio::time::sleep(wait).await;
         }
+        // While the relay is saturated a share of new sends is refused, before they cost
+        // anything more (see `overload`).
+        let shed_id = match (&msg, &self.state) {
+            (ClientMessage::Send { id, .. }, State::Ready(_)) => Some(*id),
+            (ClientMessage::SendMany { id, to, .. }, State::Ready(_))
+                if fan_out::fan_out_size_ok(to) =>
+            {
+                Some(*id)
+            }
+            _ => None,
+        };
+        if let Some(id) = shed_id
+            && (self.shed_fence.is_some() || self.shared.shedder.shed())
+        {
+            Metrics::inc(&self.shared.metrics.shed);
+            let fence = match self.shed_fence {
+                Some(_) => None,
+                None => {
+                    let nonce = rand::rng().next_u64();
+                    self.shed_fence = Some(nonce);
+                    Some(nonce)
+                }
+            };
+            self.sends.push_back(fan_out::shed(id, fence));
+            return Ok(());
+        }
         // Writes to the store need room in the writer first; without room now the
         // request waits (and the connection is not read) until there is some.
         let needs = match (&msg, &self.state) {
@@ -468,7 +501,12 @@ impl Handler {
                 "the first message must be Hello",
             )),
             ClientMessage::Ping { nonce } => self.write(ServerMessage::Pong { nonce }).await,
-            ClientMessage::Pong { .. } => Ok(()),
+            ClientMessage::Pong { nonce } => {
+                if self.shed_fence == Some(nonce) {
+                    self.shed_fence = None;
+                }
+                Ok(())
+            }
             ClientMessage::Ack { envelope_ids } => {
                 if let (State::Ready(user), Some(room)) = (&self.state, room) {
                     let user = user.clone();

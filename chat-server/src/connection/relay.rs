@@ -215,6 +215,10 @@ impl Handler {
                 break;
             };
             let (id, part) = (sent.id, sent.part);
+            let fence = match outcome {
+                Ok(Enqueued::Shed { fence }) => fence,
+                _ => None,
+            };
             let reply = self.settle(sent, outcome);
             match part {
                 None => replies.push(reply),
@@ -228,6 +232,10 @@ impl Handler {
                         replies.push(ServerMessage::Outcomes { id, outcomes });
                     }
                 }
+            }
+            if let Some(nonce) = fence {
+                // Right behind the refusal: its `Pong` lifts the fence.
+                replies.push(ServerMessage::Ping { nonce });
             }
             done = self.sends.front_mut().and_then(|s| s.ticket.try_enqueued());
         }
@@ -301,6 +309,11 @@ impl Handler {
                      address may; try again once some have been delivered",
                 )
             }
+            Ok(Enqueued::Shed { .. }) => error_reply(
+                id,
+                ErrorCode::ServerBusy,
+                "the relay is overloaded and did not take this message; try again in a moment",
+            ),
             Err(e) if e.is_full() => {
                 Metrics::inc(&metrics.refused_server_full);
                 tracing::error!("the disk is full: {e}");

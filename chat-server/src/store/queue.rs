@@ -59,6 +59,12 @@ pub enum Enqueued {
     /// The queue of the whole server is at its bound (or the disk is full).
     ServerFull,
     UnknownRecipient,
+    /// Never stored: refused before the store because the relay was saturated (see
+    /// [`crate::overload`]); answered `server_busy`, then a `Ping` with `fence` if this
+    /// refusal raised the connection's shed fence.
+    Shed {
+        fence: Option<u64>,
+    },
 }
 
 /// One queued envelope.

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chat_protocol::codec::WireCodec;
@@ -16,7 +15,7 @@ use tokio_util::codec::Framed;
 
 /// TLS to the relay, or plain TCP to the benchmark-only plaintext relay.
 type Stream = tokio_util::either::Either<tokio_rustls::client::TlsStream<TcpStream>, TcpStream>;
-type Conn = Framed<Stream, WireCodec<ServerMessage, ClientMessage>>;
+pub(super) type Conn = Framed<Stream, WireCodec<ServerMessage, ClientMessage>>;
 
 /// Connects over TLS (to `addr`, `HOST:PORT#FINGERPRINT`: the key is checked as the
 /// client checks it; plain `HOST:PORT` is the benchmark-only plaintext relay, reached
@@ -165,10 +164,20 @@ pub async fn relay_pairs_between(
         let (mut sink, mut stream) = sender.split();
         let permits = Arc::new(Semaphore::new(window));
         let oks = permits.clone();
+        // Pings go to the writer: a relay that shed a send waits for the Pong.
+        let (pong, mut pongs) = tokio::sync::mpsc::unbounded_channel();
         tasks.push(tokio::spawn(async move {
             while let Some(Ok(msg)) = stream.next().await {
-                if let ServerMessage::Ok { .. } = msg {
-                    oks.add_permits(1);
+                match msg {
+                    // A send refused (`server_busy` while the relay sheds load) is answered
+                    // too: its place in the window is free again.
+                    ServerMessage::Ok { .. } | ServerMessage::Error { id: Some(_), .. } => {
+                        oks.add_permits(1)
+                    }
+                    ServerMessage::Ping { nonce } => {
+                        let _ = pong.send(nonce);
+                    }
+                    _ => {}
                 }
             }
         }));
@@ -177,7 +186,16 @@ pub async fn relay_pairs_between(
             let body = vec![0xa5u8; payload];
             let mut id = 10u32;
             while !stop.load(Ordering::Relaxed) {
-                let Ok(permit) = permits.acquire().await else {
+                let permit = tokio::select! {
+                    permit = permits.acquire() => permit,
+                    Some(nonce) = pongs.recv() => {
+                        if sink.send(ClientMessage::Pong { nonce }).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let Ok(permit) = permit else {
                     return;
                 };
                 permit.forget();
@@ -283,241 +301,4 @@ fn ready_deliveries(
         next = stream.next().now_or_never().flatten().and_then(Result::ok);
     }
     deliveries
-}
-
-/// Round-trip times, in microseconds.
-pub type Samples = Vec<u64>;
-
-/// The send times (µs after the pair's start) an echo sender scheduled, in order.
-type Stamps = Arc<std::sync::Mutex<Vec<u64>>>;
-
-/// The send time to stamp on a message whose tick was due at `due`, in µs after `start`:
-/// now, unless the tick is more than [`TIMER_SLACK`] late (the sender was blocked by
-/// backpressure), then `due` + [`TIMER_SLACK`], so time blocked counts in the round trip
-/// (no coordinated omission) while the timer's own millisecond granularity does not.
-fn stamp(start: Instant, due: tokio::time::Instant) -> u64 {
-    let late_bound = due.into_std() + TIMER_SLACK;
-    let at = Instant::now().min(late_bound);
-    at.saturating_duration_since(start).as_micros() as u64
-}
-
-/// How late tokio's timer (1 ms resolution) may fire a tick on its own.
-const TIMER_SLACK: Duration = Duration::from_millis(1);
-
-/// One pair's round trips once its run ended: those that came back, then, for each message
-/// sent that did not (echoes keep order, so they are the last ones sent), a lower bound:
-/// the run's end minus its scheduled send time.
-fn with_unreturned(mut samples: Samples, stamps: &Stamps, run: Duration) -> Samples {
-    let end = run.as_micros() as u64;
-    let stamps = stamps.lock().expect("stamps lock");
-    let missing = stamps.get(samples.len()..).unwrap_or_default();
-    samples.extend(missing.iter().map(|&sent| end.saturating_sub(sent)));
-    samples
-}
-
-/// Echo pairs through the relay: A sends at `rate` messages/s on schedule (open loop: it
-/// does not wait for answers), B echoes what it reads back in one write per read and
-/// acknowledges it; A records each round trip from the message's scheduled send time.
-/// Messages that did not come back within `run` count with a lower bound (see
-/// [`with_unreturned`]).
-pub async fn relay_echo(
-    addr: &str,
-    key: &PrivateKey,
-    tag: &str,
-    pairs: usize,
-    payload: usize,
-    rate: f64,
-    run: Duration,
-) -> anyhow::Result<Samples> {
-    let mut tasks = Vec::new();
-    let mut helpers = Vec::new();
-    for i in 0..pairs {
-        let (a_name, b_name) = (format!("{tag}a{i}"), format!("{tag}b{i}"));
-        let b = relay_login(addr, &b_name, key, None).await?;
-        let a = relay_login(addr, &a_name, key, None).await?;
-        helpers.push(tokio::spawn(async move {
-            let (mut sink, mut stream) = b.split();
-            // Like the real client: everything read is answered, then acknowledged once the
-            // input drains, in one write.
-            while let Some(Ok(first)) = stream.next().await {
-                let mut envelope_ids = Vec::new();
-                for (envelope_id, payload) in ready_deliveries(first, &mut stream) {
-                    let echo = ClientMessage::Send {
-                        id: 1,
-                        to: a_name.clone(),
-                        payload,
-                    };
-                    if sink.feed(echo).await.is_err() {
-                        return;
-                    }
-                    envelope_ids.push(envelope_id);
-                }
-                if !envelope_ids.is_empty()
-                    && sink
-                        .send(ClientMessage::Ack { envelope_ids })
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
-            }
-        }));
-        let (mut sink, mut stream) = a.split();
-        let start = Instant::now();
-        let stamps = Stamps::default();
-        // A's reader hands envelope ids to A's writer, which acknowledges them.
-        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel();
-        let scheduled = stamps.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut samples = Vec::new();
-            let end = start + run;
-            loop {
-                let next = tokio::time::timeout_at(end.into(), stream.next()).await;
-                let Ok(Some(Ok(msg))) = next else {
-                    return with_unreturned(samples, &scheduled, run);
-                };
-                if let ServerMessage::Deliver {
-                    envelope_id,
-                    payload,
-                    ..
-                } = msg
-                {
-                    let sent = u64::from_le_bytes(payload[..8].try_into().unwrap());
-                    samples.push((start.elapsed().as_micros() as u64).saturating_sub(sent));
-                    let _ = ack_tx.send(envelope_id);
-                }
-            }
-        }));
-        helpers.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-            let mut body = vec![0x5au8; payload.max(8)];
-            while start.elapsed() < run {
-                let due = stamp(start, tick.tick().await);
-                let mut envelope_ids = Vec::new();
-                while let Ok(id) = ack_rx.try_recv() {
-                    envelope_ids.push(id);
-                }
-                if !envelope_ids.is_empty()
-                    && sink
-                        .feed(ClientMessage::Ack { envelope_ids })
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
-                body[..8].copy_from_slice(&due.to_le_bytes());
-                stamps.lock().expect("stamps lock").push(due);
-                let msg = ClientMessage::Send {
-                    id: 1,
-                    to: b_name.clone(),
-                    payload: body.clone(),
-                };
-                if sink.send(msg).await.is_err() {
-                    return;
-                }
-            }
-        }));
-    }
-    collect(tasks, helpers).await
-}
-
-/// Each pair's samples; then the pairs' other tasks are stopped, so nothing of this run
-/// loads the next measurement.
-async fn collect(
-    tasks: Vec<tokio::task::JoinHandle<Samples>>,
-    helpers: Vec<tokio::task::JoinHandle<()>>,
-) -> anyhow::Result<Samples> {
-    let mut samples = Vec::new();
-    for t in tasks {
-        samples.extend(t.await?);
-    }
-    for h in helpers {
-        h.abort();
-    }
-    Ok(samples)
-}
-
-/// The same echo pattern over Redis channels. Both ends publish without waiting for each
-/// reply (pipelined on the multiplexed connection, which writes what is queued together),
-/// as the relay's echo ends send without waiting for each `Ok`: the same open-loop load.
-pub async fn redis_echo(
-    url: &str,
-    tag: &str,
-    pairs: usize,
-    payload: usize,
-    rate: f64,
-    run: Duration,
-) -> anyhow::Result<Samples> {
-    let client = redis::Client::open(url)?;
-    let mut tasks = Vec::new();
-    let mut helpers = Vec::new();
-    for i in 0..pairs {
-        let (to_b, to_a) = (format!("{tag}ab{i}"), format!("{tag}ba{i}"));
-        let mut b_sub = client.get_async_pubsub().await?;
-        b_sub.subscribe(&to_b).await?;
-        let b_pub = client.get_multiplexed_async_connection().await?;
-        let echo_channel = to_a.clone();
-        helpers.push(tokio::spawn(async move {
-            let mut messages = b_sub.on_message();
-            let mut inflight = futures_util::stream::FuturesUnordered::new();
-            loop {
-                tokio::select! {
-                    msg = messages.next() => {
-                        let Some(msg) = msg else { return };
-                        let cmd = redis::cmd("PUBLISH")
-                            .arg(&echo_channel)
-                            .arg(msg.get_payload_bytes())
-                            .to_owned();
-                        let mut c = b_pub.clone();
-                        inflight.push(async move { cmd.query_async::<i64>(&mut c).await });
-                    }
-                    Some(done) = inflight.next(), if !inflight.is_empty() => {
-                        if done.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        }));
-        let mut a_sub = client.get_async_pubsub().await?;
-        a_sub.subscribe(&to_a).await?;
-        let a_pub = client.get_multiplexed_async_connection().await?;
-        let start = Instant::now();
-        let stamps = Stamps::default();
-        let scheduled = stamps.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut samples = Vec::new();
-            let mut messages = a_sub.on_message();
-            let end = start + run;
-            while let Ok(Some(msg)) = tokio::time::timeout_at(end.into(), messages.next()).await {
-                let payload = msg.get_payload_bytes();
-                let sent = u64::from_le_bytes(payload[..8].try_into().unwrap());
-                samples.push((start.elapsed().as_micros() as u64).saturating_sub(sent));
-            }
-            with_unreturned(samples, &scheduled, run)
-        }));
-        helpers.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-            let mut body = vec![0x5au8; payload.max(8)];
-            let mut inflight = futures_util::stream::FuturesUnordered::new();
-            while start.elapsed() < run {
-                tokio::select! {
-                    due = tick.tick() => {
-                        let due = stamp(start, due);
-                        body[..8].copy_from_slice(&due.to_le_bytes());
-                        stamps.lock().expect("stamps lock").push(due);
-                        let cmd = redis::cmd("PUBLISH").arg(&to_b).arg(&body[..]).to_owned();
-                        let mut c = a_pub.clone();
-                        inflight.push(async move { cmd.query_async::<i64>(&mut c).await });
-                    }
-                    Some(done) = inflight.next(), if !inflight.is_empty() => {
-                        if done.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        }));
-    }
-    collect(tasks, helpers).await
 }

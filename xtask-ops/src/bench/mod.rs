@@ -3,6 +3,7 @@
 
 mod attack;
 mod cluster;
+mod echo;
 mod group;
 mod load;
 mod report;
@@ -180,7 +181,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_secs(5)
     };
     let relay_echo = |addr: &str, tag: &str, per_pair: f64| {
-        let samples = rt.block_on(load::relay_echo(
+        let run = rt.block_on(echo::relay_echo(
             addr,
             &key,
             tag,
@@ -189,10 +190,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             per_pair,
             latency_run,
         ));
-        samples.map(percentiles)
+        run.map(echo::EchoRun::latency)
     };
     let redis_echo = |tag: &str, per_pair: f64| {
-        let samples = rt.block_on(load::redis_echo(
+        let run = rt.block_on(echo::redis_echo(
             &redis.url,
             tag,
             pairs,
@@ -200,7 +201,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             per_pair,
             latency_run,
         ));
-        samples.map(percentiles)
+        run.map(echo::EchoRun::latency)
     };
     let relay_lat = relay_echo(&relay.addr, "lat", per_pair)?;
     let plain_lat = relay_echo(&relay_plain.addr, "lat", per_pair)?;
@@ -214,7 +215,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let data3 = tempfile::tempdir()?;
     let guarded = start_relay_guarded(&mut procs, &bin, data3.path())?;
     let echo = |tag: &'static str| {
-        load::relay_echo(
+        echo::relay_echo(
             &guarded.addr,
             &key,
             tag,
@@ -224,10 +225,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             latency_run,
         )
     };
-    let quiet_lat = percentiles(rt.block_on(echo("q"))?);
+    let quiet_lat = rt.block_on(echo("q"))?.latency();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let attack = rt.block_on(attack::start(&guarded.addr, &key, stop.clone()))?;
-    let attacked_lat = percentiles(rt.block_on(echo("u"))?);
+    let attacked_lat = rt.block_on(echo("u"))?.latency();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     rt.block_on(async {
         for t in attack {
@@ -313,17 +314,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })).collect::<Vec<_>>(),
         "latency": {
             "offered_msgs_per_s": load_rate, "pairs": pairs, "payload": payload,
-            "relay_us": {"p50": relay_lat[0], "p99": relay_lat[1], "p999": relay_lat[2]},
-            "relay_plaintext_us": {"p50": plain_lat[0], "p99": plain_lat[1], "p999": plain_lat[2]},
-            "redis_us": {"p50": redis_lat[0], "p99": redis_lat[1], "p999": redis_lat[2]},
-            "relay_limits_on_quiet_us": {"p50": quiet_lat[0], "p99": quiet_lat[1], "p999": quiet_lat[2]},
-            "relay_under_attack_us": {"p50": attacked_lat[0], "p99": attacked_lat[1], "p999": attacked_lat[2]},
+            "relay_us": relay_lat,
+            "relay_plaintext_us": plain_lat,
+            "redis_us": redis_lat,
+            "relay_limits_on_quiet_us": quiet_lat,
+            "relay_under_attack_us": attacked_lat,
             "relay_under_attack_rss_bytes": attacked_rss,
         },
         "overload": {
             "offered_msgs_per_s": overload_rate,
-            "relay_us": {"p50": relay_over[0], "p99": relay_over[1], "p999": relay_over[2]},
-            "redis_us": {"p50": redis_over[0], "p99": redis_over[1], "p999": redis_over[2]},
+            "relay_us": relay_over,
+            "redis_us": redis_over,
         },
         "tls": "relay and Redis over TLS 1.3; relay_plaintext: the same relay code without TLS",
         "connections": {"count": n, "relay_bytes_each": relay_conn, "relay_plaintext_bytes_each": plain_conn, "redis_bytes_each": redis_conn},
@@ -439,15 +440,6 @@ where
         before,
         after,
     })
-}
-
-fn percentiles(mut samples: Vec<u64>) -> [u64; 3] {
-    if samples.is_empty() {
-        return [0; 3];
-    }
-    samples.sort_unstable();
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    [at(0.50), at(0.99), at(0.999)]
 }
 
 struct Relay {

@@ -3,20 +3,21 @@
 use std::path::Path;
 
 use super::Row;
+use super::echo::Latency;
 
-/// Everything one `cargo xtask bench` run measured. Latencies are [p50, p99, p99.9] in
-/// µs; memory in bytes per idle authenticated connection.
+/// Everything one `cargo xtask bench` run measured. Latencies are round trips in µs with
+/// the share the relay shed; memory in bytes per idle authenticated connection.
 pub struct Report<'a> {
     pub rows: &'a [Row],
     /// Offered msgs/s in the latency rows, and how it was chosen.
     pub load: (f64, &'a str),
-    /// Offered msgs/s past saturation, and [p50, p99, p99.9] of the relay and of Redis.
-    pub overload: (f64, [u64; 3], [u64; 3]),
-    pub relay_lat: [u64; 3],
-    pub plain_lat: [u64; 3],
-    pub redis_lat: [u64; 3],
-    pub quiet_lat: [u64; 3],
-    pub attacked_lat: [u64; 3],
+    /// Offered msgs/s past saturation, and the relay's and Redis's latency there.
+    pub overload: (f64, Latency, Latency),
+    pub relay_lat: Latency,
+    pub plain_lat: Latency,
+    pub redis_lat: Latency,
+    pub quiet_lat: Latency,
+    pub attacked_lat: Latency,
     pub attacked_rss: f64,
     pub connections: usize,
     pub relay_conn: f64,
@@ -58,36 +59,43 @@ pub fn print(r: &Report<'_>) {
     }
     println!();
     println!("latency, round trip A→B→A, 10 pairs, {load_rate:.0} msg/s offered ({load_basis}):");
-    println!("| system | p50 µs | p99 µs | p99.9 µs |");
-    println!("|--------|-------:|-------:|---------:|");
-    let line = |name: &str, l: &[u64; 3]| {
-        println!("| {name} | {:>6} | {:>6} | {:>8} |", l[0], l[1], l[2]);
+    println!("| system | p50 µs | p99 µs | p99.9 µs | shed |");
+    println!("|--------|-------:|-------:|---------:|-----:|");
+    let line = |name: &str, l: &Latency| {
+        println!(
+            "| {name} | {:>6} | {:>6} | {:>8} | {:>5.1} % |",
+            l.p50,
+            l.p99,
+            l.p999,
+            l.shed * 100.0
+        );
     };
     line("relay (TLS)", &r.relay_lat);
     line("relay (no TLS)", &r.plain_lat);
     line("Redis (TLS)", &r.redis_lat);
-    let ratio = |i: usize| r.redis_lat[i] as f64 / r.relay_lat[i].max(1) as f64;
+    let ratio = |redis: u64, relay: u64| redis as f64 / relay.max(1) as f64;
+    let (redis, relay) = (&r.redis_lat, &r.relay_lat);
     println!(
-        "| Redis/relay (≥ 1: relay faster) | {:.2} | {:.2} | {:.2} |",
-        ratio(0),
-        ratio(1),
-        ratio(2)
+        "| Redis/relay (≥ 1: relay faster) | {:.2} | {:.2} | {:.2} | |",
+        ratio(redis.p50, relay.p50),
+        ratio(redis.p99, relay.p99),
+        ratio(redis.p999, relay.p999)
     );
     let (over_rate, relay_over, redis_over) = &r.overload;
     println!();
     println!("overload, {over_rate:.0} msg/s offered (half the relay's best 10-pair row):");
-    println!("| system | p50 µs | p99 µs | p99.9 µs |");
-    println!("|--------|-------:|-------:|---------:|");
+    println!("| system | p50 µs | p99 µs | p99.9 µs | shed |");
+    println!("|--------|-------:|-------:|---------:|-----:|");
     line("relay (TLS)", relay_over);
     line("Redis (TLS)", redis_over);
     println!(
-        "| relay p99 / Redis p99 (goal ≤ 2) | | {:.2} | |",
-        relay_over[1] as f64 / redis_over[1].max(1) as f64
+        "| relay p99 / Redis p99 (goal ≤ 2) | | {:.2} | | |",
+        relay_over.p99 as f64 / redis_over.p99.max(1) as f64
     );
     println!();
     println!("the same load, relay with per-connection limits on (10,000 tokens/s):");
-    println!("| relay | p50 µs | p99 µs | p99.9 µs |");
-    println!("|-------|-------:|-------:|---------:|");
+    println!("| relay | p50 µs | p99 µs | p99.9 µs | shed |");
+    println!("|-------|-------:|-------:|---------:|-----:|");
     line("quiet", &r.quiet_lat);
     line("under attack (Ack flood ×3, offer replay)", &r.attacked_lat);
     println!("relay RSS after the attack: {:.1} MB", r.attacked_rss / 1e6);
