@@ -33,9 +33,20 @@ const ALPHA: f64 = 0.0025;
 /// RFC 8033's defaults (α = 0.125, β = 1.25).
 const BETA: f64 = 0.025;
 
+/// After a calm spell, updates (of [`INTERVAL`]) during which a rising delay sheds
+/// nothing yet: a burst of work shorter than this is absorbed, not refused. PIE's burst
+/// allowance (RFC 8033, §4.4: 150 ms there, for a 15 ms target).
+const BURST_UPDATES: u32 = 5;
+
+/// Below this probability nothing is shed while the last delay was under half the
+/// target (RFC 8033, §4.1).
+const LOW_PROBABILITY: f64 = 0.2;
+
 /// PIE's drop-probability controller (RFC 8033, §4.2), sans-IO: feed it one delay
-/// sample per [`INTERVAL`]; it answers the share of sends to refuse, in `0.0..=`
-/// [`MAX_PROBABILITY`].
+/// sample per [`INTERVAL`]; it answers the share of sends to refuse now, in `0.0..=`
+/// [`MAX_PROBABILITY`]. Like PIE it sheds nothing during a burst allowance after a calm
+/// spell (§4.4), nor while the probability is low and the delay under half the target
+/// (§4.1).
 ///
 /// The gains are PIE's scaled to the target (PIE aims at 15 ms of queueing delay; the
 /// relay at a few milliseconds of scheduling delay), and like PIE it decays the
@@ -47,6 +58,8 @@ pub struct Controller {
     target: Duration,
     probability: f64,
     previous: Duration,
+    /// Updates of burst allowance left ([`BURST_UPDATES`] after a calm spell).
+    burst_left: u32,
 }
 
 impl Controller {
@@ -57,6 +70,7 @@ impl Controller {
             target,
             probability: 0.0,
             previous: Duration::ZERO,
+            burst_left: BURST_UPDATES,
         }
     }
 
@@ -75,12 +89,23 @@ impl Controller {
         if now < target / 2.0 && before < target / 2.0 {
             p *= 0.98;
         }
+        let calm = self.probability == 0.0 && now < target / 2.0 && before < target / 2.0;
         self.probability = p.clamp(0.0, MAX_PROBABILITY);
         self.previous = delay;
-        self.probability
+        if calm {
+            self.burst_left = BURST_UPDATES;
+        } else {
+            self.burst_left = self.burst_left.saturating_sub(1);
+        }
+        if self.burst_left > 0 || (now < target / 2.0 && self.probability < LOW_PROBABILITY) {
+            0.0
+        } else {
+            self.probability
+        }
     }
 
-    /// The share of sends refused now.
+    /// The controller's probability, which [`Controller::update`] answers once no burst
+    /// allowance is left.
     pub fn probability(&self) -> f64 {
         self.probability
     }
@@ -173,11 +198,17 @@ mod tests {
         let mut c = Controller::new(TARGET);
         let mut last = 0.0;
         for i in 0..PER_SECOND {
-            let p = c.update(ms(10.0));
+            let shed = c.update(ms(10.0));
+            let p = c.probability();
             assert!(
                 p >= last,
                 "update {i}: {p} fell from {last} under a standing delay"
             );
+            if i < BURST_UPDATES as usize - 1 {
+                assert_eq!(shed, 0.0, "update {i}: within the burst allowance");
+            } else {
+                assert_eq!(shed, p, "update {i}: past the burst allowance");
+            }
             last = p;
         }
         // Five times the target for one second: well past half refused.
@@ -191,10 +222,32 @@ mod tests {
     #[test]
     fn a_jump_answers_at_once_and_its_fall_too() {
         let mut c = Controller::new(TARGET);
+        for _ in 0..BURST_UPDATES {
+            c.update(ms(5.0));
+        }
+        // Past the burst allowance.
+        let before = c.probability();
         let p = c.update(ms(30.0));
-        assert!(p > 0.3, "a 30 ms jump: {p}");
-        let p = c.update(ms(0.1));
-        assert!(p < 0.05, "the delay gone again: {p}");
+        assert!(p > before + 0.3, "a 30 ms jump: {before} -> {p}");
+        c.update(ms(0.1));
+        assert!(
+            c.probability() < before + 0.05,
+            "the delay gone again: {c:?}"
+        );
+    }
+
+    #[test]
+    fn a_short_burst_after_a_calm_spell_sheds_nothing() {
+        let mut c = Controller::new(TARGET);
+        for _ in 0..PER_SECOND {
+            c.update(ms(0.2));
+        }
+        for i in 0..3 {
+            assert_eq!(c.update(ms(40.0)), 0.0, "burst update {i}");
+        }
+        for i in 0..PER_SECOND {
+            assert_eq!(c.update(ms(0.2)), 0.0, "after the burst, update {i}");
+        }
     }
 
     #[test]
@@ -205,7 +258,11 @@ mod tests {
         }
         assert_eq!(c.probability(), MAX_PROBABILITY);
         let mut updates = 0;
-        while c.update(ms(0.2)) > 0.0 {
+        loop {
+            c.update(ms(0.2));
+            if c.probability() == 0.0 {
+                break;
+            }
             updates += 1;
             assert!(
                 updates < 2 * PER_SECOND,
@@ -218,12 +275,18 @@ mod tests {
     fn a_lone_spike_leaves_little_behind() {
         let mut c = Controller::new(TARGET);
         c.update(ms(0.2));
-        c.update(ms(50.0));
-        let mut p = 0.0;
+        assert_eq!(
+            c.update(ms(50.0)),
+            0.0,
+            "a lone spike is within the burst allowance"
+        );
         for _ in 0..PER_SECOND / 10 {
-            p = c.update(ms(0.2));
+            assert_eq!(c.update(ms(0.2)), 0.0);
         }
-        assert!(p < 0.05, "100 ms after one 50 ms spike: {p}");
+        assert!(
+            c.probability() < 0.05,
+            "100 ms after one 50 ms spike: {c:?}"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use chat_protocol::e2e::{Body, Content, Inbound, Outbound, Parties, RotationPoli
 use chat_protocol::group::{GroupId, MemberKeys, SenderKey};
 use chat_protocol::identity::Identity;
 use chat_protocol::message::MAX_FANOUT;
-use chat_protocol::{ClientMessage, ServerMessage, Username};
+use chat_protocol::{ClientMessage, ErrorCode, ServerMessage, Username};
 use futures_util::{SinkExt, StreamExt};
 use tokio_util::bytes::BytesMut;
 use tokio_util::codec::Encoder;
@@ -221,20 +221,42 @@ async fn run_design(
                     .collect()
             }
         };
-        for msg in msgs {
-            upload += frame_len(&msg)?;
-            sink.feed(msg).await?;
+        for msg in &msgs {
+            upload += frame_len(msg)?;
+            sink.feed(msg.clone()).await?;
         }
         sink.flush().await?;
-        // Every member's copy, and the relay's answer to every send.
+        // Every member's copy, and the relay's answer to every send. A send the relay
+        // shed (`server_busy`) is sent again after a second, as the client does.
         let mut oks = 0;
         let mut delivered = 0;
+        let mut shed = Vec::new();
+        let mut retry_at = None;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while delivered < members || oks < members {
             tokio::select! {
                 Some(()) = got.recv() => delivered += 1,
+                () = sleep_until_some(retry_at) => {
+                    retry_at = None;
+                    for msg in shed.drain(..) {
+                        sink.feed(msg).await?;
+                    }
+                    sink.flush().await?;
+                }
                 Some(msg) = stream.next() => match msg? {
                     ServerMessage::Ok { .. } => oks += 1,
+                    ServerMessage::Ping { nonce } => {
+                        sink.send(ClientMessage::Pong { nonce }).await?;
+                    }
+                    ServerMessage::Error {
+                        id: Some(refused),
+                        code: ErrorCode::ServerBusy,
+                        ..
+                    } => {
+                        let msg = msgs.iter().find(|m| m.request_id() == Some(refused));
+                        shed.push(msg.context("a refusal of no request sent")?.clone());
+                        retry_at.get_or_insert(tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
                     ServerMessage::Outcomes { outcomes, .. } => {
                         if let Some(code) = outcomes.iter().flatten().next() {
                             anyhow::bail!("the relay refused a group copy: {code}");
@@ -273,6 +295,14 @@ fn frame_len(msg: &ClientMessage) -> anyhow::Result<usize> {
     let mut buf = BytesMut::new();
     WireCodec::<ServerMessage, ClientMessage>::new(1 << 20).encode(msg.clone(), &mut buf)?;
     Ok(buf.len())
+}
+
+/// Waits until `at`; never resolves for `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn median(samples: &mut [f64]) -> f64 {
