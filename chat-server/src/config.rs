@@ -340,7 +340,7 @@ impl Default for Config {
             registrations: Registrations::default(),
             writer_queue_bytes: 32 * 1024 * 1024,
             max_ack_ids: 4096,
-            shed_delay_ms: 2.0,
+            shed_delay_ms: 5.0,
             tls: None,
             backend: Backend::Sqlite,
         }
