@@ -41,7 +41,7 @@ pub use message::{ClientMessage, ErrorCode, ServerMessage};
 pub use username::{Username, UsernameError};
 
 /// Wire protocol version carried in every `Hello`. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// Default TCP port of the relay.
 pub const DEFAULT_PORT: u16 = 65432;

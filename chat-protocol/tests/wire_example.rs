@@ -24,17 +24,17 @@ fn server(msg: ServerMessage) -> String {
 fn worked_example_matches_the_document() {
     assert_eq!(
         chat_protocol::PROTOCOL_VERSION,
-        7,
+        8,
         "update the worked example"
     );
     let doc = include_str!("../../docs/PROTOCOL.md");
     let frames = [
         client(ClientMessage::Hello {
-            version: 7,
+            version: 8,
             software: "cli/1".into(),
         }),
         server(ServerMessage::Hello {
-            version: 7,
+            version: 8,
             software: "srv/1".into(),
             max_frame: 65536,
             queue_max_age_secs: 2_592_000,

@@ -404,10 +404,11 @@ impl Config {
         if self.max_ack_ids == 0 {
             return invalid("max_ack_ids", "must be at least 1");
         }
-        if !(self.shed_delay_ms.is_finite() && (0.0..=60_000.0).contains(&self.shed_delay_ms)) {
+        let shed = self.shed_delay_ms;
+        if !(shed == 0.0 || (1.0..=60_000.0).contains(&shed)) {
             return invalid(
                 "shed_delay_ms",
-                "must be between 0 (never refuse sends) and 60000 milliseconds",
+                "must be 0 (never refuse sends) or between 1 and 60000 milliseconds",
             );
         }
         if let Backend::Nats(nats) = &self.backend {
@@ -628,6 +629,16 @@ mod tests {
         )
         .unwrap();
         assert!(Config::load(&path).is_err());
+
+        for shed in ["1e-7", "0.5", "-1.0", "NaN", "1e9"] {
+            std::fs::write(&path, format!("(shed_delay_ms: {shed})")).unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(err.contains("shed_delay_ms"), "{shed}: {err}");
+        }
+        for shed in ["0.0", "1.0", "5.0"] {
+            std::fs::write(&path, format!("(shed_delay_ms: {shed})")).unwrap();
+            Config::load(&path).unwrap();
+        }
 
         let err = Config::load(&dir.path().join("missing.ron"))
             .unwrap_err()

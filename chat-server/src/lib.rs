@@ -187,6 +187,12 @@ async fn serve(
     let (notify, _) = broadcast::channel::<()>(1);
     let (done, mut all_done) = mpsc::channel::<()>(1);
 
+    // A task of its own, on the workers: it measures how long they keep ready work
+    // waiting.
+    let monitor = shared.config.shed_target().map(|target| {
+        let shared = shared.clone();
+        tokio::spawn(async move { overload::monitor(&shared.shedder, target).await })
+    });
     match listener.local_addr() {
         Ok(addr) => info!("listening on {addr} ({label})"),
         Err(e) => warn!("listening (address unknown: {e}) ({label})"),
@@ -195,13 +201,17 @@ async fn serve(
         () = accept_loop(&listener, &acceptor, &shared, &pre_login, &notify, &done) => {}
         () = purge_loop(&shared) => {}
         () = metrics_loop(&shared) => {}
-        () = overload::monitor(&shared.shedder, shared.config.shed_target()) => {}
         () = cluster_loop(&shared) => {}
         _ = shutdown => info!(
             "shutting down: closing {} connections",
             shared.config.max_connections - shared.slots.available_permits()
         ),
     }
+    if let Some(monitor) = monitor {
+        monitor.abort();
+    }
+    // Sends still read during the grace period are not refused for a load now gone.
+    shared.shedder.set(0.0);
     drop(listener);
     drop(notify);
     drop(done);

@@ -286,6 +286,7 @@ fn sqlite_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
                 ("connections_refused", "connections refused before login"),
                 ("acks_ignored", "ack ids ignored"),
                 ("paced", "times a connection was paced"),
+                ("shed", "sends shed (overloaded)"),
             ] {
                 let value = stats.counters.get(name).copied().unwrap_or(0);
                 println!("{:<24}{value}", format!("{label}:"));

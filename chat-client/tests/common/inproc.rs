@@ -45,6 +45,9 @@ pub fn start_relay_with(
     let addr = listener.local_addr().unwrap();
     let mut config = chat_server::Config {
         data_dir: data.to_owned(),
+        // Off unless a test turns it on: a debug relay on a loaded machine may shed, which
+        // only delays the client (it retries) but makes timings noisy.
+        shed_delay_ms: 0.0,
         ..Default::default()
     };
     tweak(&mut config);

@@ -65,8 +65,8 @@ pub(super) fn no_such_user(id: RequestId, name: String, part: Option<bool>) -> I
 
 /// A send (or a whole `SendMany`) refused because the relay is saturated: answered
 /// `server_busy` in its turn among the pipelined sends, followed by a `Ping` with `fence`
-/// if this refusal raised the connection's shed fence.
-pub(super) fn shed(id: RequestId, fence: Option<u64>) -> InFlight {
+/// (the connection's shed fence, see `Handler::shed_fence`).
+pub(super) fn shed(id: RequestId, fence: u64) -> InFlight {
     let (reply, ticket) = Ticket::pending();
     let _ = reply.send(Ok(Done::Enqueued(Enqueued::Shed { fence })));
     InFlight {

@@ -152,10 +152,11 @@ pub(crate) struct Handler {
     pinged: bool,
     /// A send on this connection was shed (refused `server_busy`): every later send is
     /// shed too until the client answers the `Ping` with this nonce, written right after
-    /// that refusal. The client has then read the refusal (and holds that recipient's
-    /// messages), so nothing it sent before can be accepted ahead of its retry: shedding
-    /// never reorders a sender's messages.
-    shed_fence: Option<u64>,
+    /// the latest refusal (each refusal gets its own). The client has then read every
+    /// refusal (and holds those recipients' messages), so nothing it sent before can be
+    /// accepted ahead of its retry: shedding never reorders a sender's messages. With
+    /// the nonce, when the fence first went up.
+    shed_fence: Option<(u64, Instant)>,
     /// Highest envelope id written from the stored backlog: where its next read starts.
     backlog_cursor: u64,
     /// The stored backlog has been written; new envelopes may go straight out.
@@ -440,16 +441,21 @@ impl Handler {
         if let Some(id) = shed_id
             && (self.shed_fence.is_some() || self.shared.shedder.shed())
         {
-            Metrics::inc(&self.shared.metrics.shed);
-            let fence = match self.shed_fence {
-                Some(_) => None,
-                None => {
-                    let nonce = rand::rng().next_u64();
-                    self.shed_fence = Some(nonce);
-                    Some(nonce)
+            let since = match self.shed_fence {
+                // A client that does not answer pings would be refused for ever: closed.
+                Some((_, since)) if since.elapsed() > self.shared.config.idle_timeout() => {
+                    return Err(Close::tell(
+                        ErrorCode::ProtocolViolation,
+                        "the server's Ping after a refused send was never answered",
+                    ));
                 }
+                Some((_, since)) => since,
+                None => Instant::now(),
             };
-            self.sends.push_back(fan_out::shed(id, fence));
+            Metrics::inc(&self.shared.metrics.shed);
+            let nonce = rand::rng().next_u64();
+            self.shed_fence = Some((nonce, since));
+            self.sends.push_back(fan_out::shed(id, nonce));
             return Ok(());
         }
         // Writes to the store need room in the writer first; without room now the
@@ -502,7 +508,7 @@ impl Handler {
             )),
             ClientMessage::Ping { nonce } => self.write(ServerMessage::Pong { nonce }).await,
             ClientMessage::Pong { nonce } => {
-                if self.shed_fence == Some(nonce) {
+                if self.shed_fence.is_some_and(|(fence, _)| fence == nonce) {
                     self.shed_fence = None;
                 }
                 Ok(())

@@ -216,7 +216,7 @@ impl Handler {
             };
             let (id, part) = (sent.id, sent.part);
             let fence = match outcome {
-                Ok(Enqueued::Shed { fence }) => fence,
+                Ok(Enqueued::Shed { fence }) => Some(fence),
                 _ => None,
             };
             let reply = self.settle(sent, outcome);

@@ -60,10 +60,10 @@ pub enum Enqueued {
     ServerFull,
     UnknownRecipient,
     /// Never stored: refused before the store because the relay was saturated (see
-    /// [`crate::overload`]); answered `server_busy`, then a `Ping` with `fence` if this
-    /// refusal raised the connection's shed fence.
+    /// [`crate::overload`]); answered `server_busy`, then a `Ping` with `fence`, the
+    /// nonce whose `Pong` lifts the connection's shed fence.
     Shed {
-        fence: Option<u64>,
+        fence: u64,
     },
 }
 

@@ -96,6 +96,9 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let mut config = Config {
             data_dir: dir.path().join("data"),
+            // A debug relay on a loaded CI machine is slow enough to shed (by design), and
+            // these tests pipeline sends and expect them taken; shedding has its own test.
+            shed_delay_ms: 0.0,
             ..Config::default()
         };
         if let Some(nats) = &nats {

@@ -73,8 +73,15 @@ pub async fn start(
             if replayer.send(send).await.is_err() {
                 return;
             }
-            // Drain the answers that are there.
-            while let Some(Some(Ok(_))) = futures_util::FutureExt::now_or_never(replayer.next()) {}
+            // Drain the answers that are there; pings are answered, as an attacker that
+            // wants to go on being served does (a relay that shed a send waits for it).
+            while let Some(Some(Ok(msg))) = futures_util::FutureExt::now_or_never(replayer.next()) {
+                if let chat_protocol::ServerMessage::Ping { nonce } = msg
+                    && replayer.send(ClientMessage::Pong { nonce }).await.is_err()
+                {
+                    return;
+                }
+            }
         }
     }));
     Ok(tasks)

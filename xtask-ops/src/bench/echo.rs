@@ -289,8 +289,12 @@ pub async fn relay_echo(
         let book = ledger.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-            while start.elapsed() < run {
-                let due = stamp(start, tick.tick().await);
+            loop {
+                let due = tick.tick().await;
+                if start.elapsed() >= run {
+                    return;
+                }
+                let due = stamp(start, due);
                 let seq = book.lock().expect("ledger").schedule(due);
                 if queue.send(seq).is_err() {
                     return;
@@ -301,8 +305,8 @@ pub async fn relay_echo(
     finish(ledgers, tasks, run).await
 }
 
-/// Waits out the run (plus a moment for the schedules to end), then stops every task of
-/// it, so nothing of this run loads the next measurement, and adds up the pairs.
+/// Waits out the run (every pair started before this is called), then stops every task
+/// of it, so nothing of this run loads the next measurement, and adds up the pairs.
 async fn finish(
     ledgers: Vec<SharedLedger>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -382,6 +386,9 @@ pub async fn redis_echo(
             while start.elapsed() < run {
                 tokio::select! {
                     due = tick.tick() => {
+                        if start.elapsed() >= run {
+                            break;
+                        }
                         let due = stamp(start, due);
                         let seq = ledger.lock().expect("ledger").schedule(due);
                         let cmd = redis::cmd("PUBLISH").arg(&to_b).arg(body(seq, payload)).to_owned();
