@@ -68,7 +68,7 @@ fn an_overloaded_relay_sheds_sends_and_they_arrive_later_exactly_once() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let relay = start_relay_with(&relay_rt, "127.0.0.1:0", &dir.path().join("relay"), |c| {
-        c.shed_delay_ms = chat_server::Config::default().shed_delay_ms;
+        c.shed_delay_ms = 5.0;
     });
     let mut bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));
     let mut alice = Peer::start(&rt, relay.addr, "alice", &dir.path().join("alice"));

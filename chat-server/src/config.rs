@@ -75,7 +75,8 @@ pub struct Config {
     /// Milliseconds of scheduling delay (how long work that is ready waits for a thread)
     /// the relay aims to stay under. Held above it, the relay is saturated: it refuses a
     /// growing share of new sends with `server_busy` (clients keep them and retry) so the
-    /// delay of what it accepts stays bounded (see `overload`). `0`: never refuse.
+    /// delay of what it accepts stays bounded (see `overload`). `0` (the default): never
+    /// refuse; 5 is a reasonable value (docs/PERFORMANCE.md says why it is off).
     pub shed_delay_ms: f64,
     /// The relay's TLS certificate chain and key as PEM files (e.g. Let's Encrypt's
     /// `fullchain.pem` and `privkey.pem`). `None`: the relay's own key and a self-signed
@@ -340,7 +341,7 @@ impl Default for Config {
             registrations: Registrations::default(),
             writer_queue_bytes: 32 * 1024 * 1024,
             max_ack_ids: 4096,
-            shed_delay_ms: 5.0,
+            shed_delay_ms: 0.0,
             tls: None,
             backend: Backend::Sqlite,
         }
