@@ -50,32 +50,30 @@ impl Handler {
     }
 }
 
-/// A copy for `name`, which is no valid username: answered `unknown_user` in its turn.
-pub(super) fn no_such_user(id: RequestId, name: String, part: Option<bool>) -> InFlight {
+/// A send whose outcome is known without the store, answered in its turn among the
+/// pipelined sends.
+fn settled(id: RequestId, to: String, part: Option<bool>, outcome: Enqueued) -> InFlight {
     let (reply, ticket) = Ticket::pending();
-    let _ = reply.send(Ok(Done::Enqueued(Enqueued::UnknownRecipient)));
+    let _ = reply.send(Ok(Done::Enqueued(outcome)));
     InFlight {
         id,
-        to: name,
+        to,
         route: None,
         ticket,
         part,
     }
 }
 
+/// A copy for `name`, which is no valid username: answered `unknown_user` in its turn.
+pub(super) fn no_such_user(id: RequestId, name: String, part: Option<bool>) -> InFlight {
+    settled(id, name, part, Enqueued::UnknownRecipient)
+}
+
 /// A send (or a whole `SendMany`) refused because the relay is saturated: answered
-/// `server_busy` in its turn among the pipelined sends, followed by a `Ping` with `fence`
-/// (the connection's shed fence, see `Handler::shed_fence`).
+/// `server_busy` in its turn, followed by a `Ping` with `fence` (the connection's shed
+/// fence, see `Handler::shed_fence`).
 pub(super) fn shed(id: RequestId, fence: u64) -> InFlight {
-    let (reply, ticket) = Ticket::pending();
-    let _ = reply.send(Ok(Done::Enqueued(Enqueued::Shed { fence })));
-    InFlight {
-        id,
-        to: String::new(),
-        route: None,
-        ticket,
-        part: None,
-    }
+    settled(id, String::new(), None, Enqueued::Shed { fence })
 }
 
 /// Whether `to` is a recipient count a `SendMany` may have (1 to `MAX_FANOUT`).
