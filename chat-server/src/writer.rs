@@ -14,9 +14,12 @@
 //! The thread is not woken for each held envelope, only by the deadline of the oldest,
 //! so a stream of promptly acknowledged messages costs it almost no wake-ups.
 //!
-//! - **Bounded.** Every write needs [`Room`] first: bytes of a fixed budget, given back
-//!   once the write is done. A connection that cannot get room is not read until it can
-//!   (paced), so no client can make this queue, and the server's memory, grow.
+//! - **Bounded.** Every write but an ack needs [`Room`] first: bytes of a fixed budget,
+//!   given back once the write is done. A connection that cannot get room is not read
+//!   until it can (paced), or with `shed_when_full` its send is refused, so no client can
+//!   make this queue, and the server's memory, grow. An ack only removes work, and its ids
+//!   come out of the session's own bounded set of unacknowledged deliveries
+//!   ([`Writer::ack`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -105,10 +108,6 @@ pub mod cost {
     /// An envelope of `payload_len` bytes.
     pub fn envelope(payload_len: usize) -> usize {
         payload_len + 256
-    }
-    /// An acknowledgement of `ids` envelopes.
-    pub fn ack(ids: usize) -> usize {
-        8 * ids + 64
     }
     /// An account bind with a key of `key_len` bytes.
     pub fn bind(key_len: usize) -> usize {
@@ -284,7 +283,15 @@ impl Writer {
 
     /// `recipient` has stored these envelopes. Held ones are answered and never written;
     /// the rest are deleted in the next commit. Nobody waits: a failure is logged.
-    pub fn ack(&self, room: Room, recipient: Username, mut ids: Vec<u64>) {
+    ///
+    /// An ack takes no [`Room`] and never waits for it: it only ever removes work (a held
+    /// envelope's write, or a stored envelope), and the ids it carries are ones the
+    /// caller has just taken out of its own bounded set of unacknowledged deliveries, so
+    /// its memory was already counted. Pacing it would keep the Acks that free room
+    /// behind the writes that wait for it: under load, envelopes whose Acks were only
+    /// late would be written and then deleted, the writer would fall further behind, and
+    /// the relay would stay collapsed (measured: PERFORMANCE.md, "Overload").
+    pub fn ack(&self, recipient: Username, mut ids: Vec<u64>) {
         {
             let mut state = lock(&self.queue.state);
             let before = ids.len();
@@ -304,7 +311,7 @@ impl Writer {
             }
         }
         if !ids.is_empty() {
-            self.submit(Op::Ack { recipient, ids }, Some(room));
+            self.submit(Op::Ack { recipient, ids }, None);
         }
     }
 
@@ -604,9 +611,9 @@ mod tests {
         let mut ticket = writer.enqueue_held(room(&writer), 7, envelope("bob", b"hi"));
         assert_eq!(writer.held_count(), 1);
         // Someone else's ack for that id changes nothing.
-        writer.ack(room(&writer), name("carol"), vec![7]);
+        writer.ack(name("carol"), vec![7]);
         assert_eq!(writer.held_count(), 1);
-        writer.ack(room(&writer), name("bob"), vec![7]);
+        writer.ack(name("bob"), vec![7]);
         assert_eq!(ticket.enqueued().await.unwrap(), Enqueued::Stored(7));
         assert_eq!(writer.held_count(), 0);
         assert_eq!(store.stats().unwrap().queued, 0);
@@ -634,7 +641,7 @@ mod tests {
         assert_eq!(queued.len(), 1);
         assert_eq!((queued[0].id, &queued[0].payload[..]), (3, &b"held"[..]));
         // A late ack now deletes it like any other.
-        writer.ack(room(&writer), name("bob"), vec![3]);
+        writer.ack(name("bob"), vec![3]);
         writer.barrier().passed().await.unwrap();
         assert!(store.pending(&name("bob"), 0, 10).unwrap().is_empty());
     }
@@ -657,7 +664,7 @@ mod tests {
         let mut barrier = writer.barrier();
         let early = tokio::time::timeout(Duration::from_millis(200), barrier.passed()).await;
         assert!(early.is_err(), "the barrier passed a held envelope");
-        writer.ack(room(&writer), name("bob"), vec![1]);
+        writer.ack(name("bob"), vec![1]);
         let passed = tokio::time::timeout(Duration::from_secs(10), barrier.passed()).await;
         passed.unwrap().unwrap();
         assert_eq!(store.pending(&name("bob"), 0, 10).unwrap().len(), 1);
@@ -719,9 +726,13 @@ mod tests {
                 .await
                 .expect("room came back after the commit");
         assert!(writer.try_reserve(cost::envelope(100)).is_none());
-        writer.ack(room, name("bob"), vec![1]);
+        // An ack needs no room, even with none left.
+        assert!(writer.try_reserve(1).is_none());
+        writer.ack(name("bob"), vec![1]);
         held.enqueued().await.unwrap();
-        // The ack's room, and (once the writer passes it) the held envelope's, come back.
+        drop(room);
+        // The plain write's room, and (once the writer passes it) the held envelope's,
+        // come back.
         let waited = tokio::time::timeout(
             Duration::from_secs(10),
             writer.reserve(2 * cost::envelope(100)),

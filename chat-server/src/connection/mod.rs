@@ -67,7 +67,8 @@ fn channel_of(socket: &Stream) -> Result<chat_protocol::auth::ChannelBinding, ru
 const WRITE_BATCH: usize = 64;
 
 /// Sends from one connection waiting for their commit at once. More are not read until
-/// the oldest is answered, which bounds what a fast sender can make the server hold.
+/// the oldest is answered (with `shed_when_full`: are refused `server_busy`), which bounds
+/// what a fast sender can make the server hold.
 const MAX_PIPELINED: usize = 128;
 
 /// `Sync` requests one session may have waiting at once; more are refused (`rate_limited`).
@@ -361,7 +362,7 @@ impl Handler {
                         return close;
                     }
                 }
-                frame = self.reader.next(), if self.parked.is_none() && self.sends.len() < MAX_PIPELINED => match frame {
+                frame = self.reader.next(), if self.parked.is_none() && self.sends.len() < self.read_limit() => match frame {
                     None => return Close::Silent,
                     Some(Err(CodecError::Io(e))) => {
                         debug!(conn = self.conn_id, "read failed: {e}");
@@ -439,7 +440,72 @@ impl Handler {
             _ => None,
         };
         if let Some(id) = shed_id
-            && (self.shed_fence.is_some() || self.shared.shedder.shed())
+            && (self.shed_fence.is_some()
+                || self.shared.shedder.shed()
+                || (self.shedding() && self.sends.len() >= MAX_PIPELINED))
+        {
+            return self.refuse_busy(id);
+        }
+        // Writes to the store need room in the writer first; without room now the
+        // request waits (and the connection is not read) until there is some.
+        let needs = match (&msg, &self.state) {
+            (ClientMessage::Send { payload, .. }, State::Ready(_)) => {
+                Some(cost::envelope(payload.len()))
+            }
+            // A fan-out that will be refused whole reserves nothing.
+            (ClientMessage::SendMany { payload, to, .. }, State::Ready(_))
+                if fan_out::fan_out_size_ok(to) =>
+            {
+                Some(cost::envelope(payload.len()).saturating_mul(to.len()))
+            }
+            _ => None,
+        };
+        let room = match needs {
+            None => None,
+            Some(cost) => match self.shared.writer.try_reserve(cost) {
+                Some(room) => Some(room),
+                // With shedding on, a full writer refuses a send rather than stop reading
+                // the connection: the Acks behind it in the stream still free room.
+                None if let Some(id) = shed_id
+                    && self.shedding() =>
+                {
+                    return self.refuse_busy(id);
+                }
+                None => {
+                    Metrics::inc(&self.shared.metrics.paced);
+                    let writer = self.shared.writer.clone();
+                    self.parked = Some(Parked {
+                        msg,
+                        room: Box::pin(async move { writer.reserve(cost).await }),
+                    });
+                    return Ok(());
+                }
+            },
+        };
+        self.dispatch(msg, room).await
+    }
+
+    /// Whether a full pipeline or writer refuses sends rather than pausing reads
+    /// (`shed_when_full`).
+    fn shedding(&self) -> bool {
+        self.shared.config.shed_when_full
+    }
+
+    /// How many unanswered sends stop this connection being read. By default a full
+    /// pipeline does; with `shed_when_full`, reading goes on (the Acks behind a send
+    /// answer the held envelopes the pipeline waits for) and sends over the pipeline are
+    /// refused busy, up to as many refusals again.
+    fn read_limit(&self) -> usize {
+        if self.shedding() {
+            2 * MAX_PIPELINED
+        } else {
+            MAX_PIPELINED
+        }
+    }
+
+    /// Refuses send `id` with `server_busy`, and every later send until the client answers
+    /// the Ping that follows the refusal (so it resends them in order).
+    fn refuse_busy(&mut self, id: RequestId) -> Result<(), Close> {
         {
             let since = match self.shed_fence {
                 // A client that does not answer pings would be refused for ever: closed.
@@ -456,41 +522,8 @@ impl Handler {
             let nonce = rand::rng().next_u64();
             self.shed_fence = Some((nonce, since));
             self.sends.push_back(fan_out::shed(id, nonce));
-            return Ok(());
+            Ok(())
         }
-        // Writes to the store need room in the writer first; without room now the
-        // request waits (and the connection is not read) until there is some.
-        let needs = match (&msg, &self.state) {
-            (ClientMessage::Send { payload, .. }, State::Ready(_)) => {
-                Some(cost::envelope(payload.len()))
-            }
-            // A fan-out that will be refused whole reserves nothing.
-            (ClientMessage::SendMany { payload, to, .. }, State::Ready(_))
-                if fan_out::fan_out_size_ok(to) =>
-            {
-                Some(cost::envelope(payload.len()).saturating_mul(to.len()))
-            }
-            (ClientMessage::Ack { envelope_ids }, State::Ready(_)) => Some(cost::ack(
-                envelope_ids.len().min(self.shared.config.max_ack_ids),
-            )),
-            _ => None,
-        };
-        let room = match needs {
-            None => None,
-            Some(cost) => match self.shared.writer.try_reserve(cost) {
-                Some(room) => Some(room),
-                None => {
-                    Metrics::inc(&self.shared.metrics.paced);
-                    let writer = self.shared.writer.clone();
-                    self.parked = Some(Parked {
-                        msg,
-                        room: Box::pin(async move { writer.reserve(cost).await }),
-                    });
-                    return Ok(());
-                }
-            },
-        };
-        self.dispatch(msg, room).await
     }
 
     /// A parked request got its room.
@@ -514,9 +547,9 @@ impl Handler {
                 Ok(())
             }
             ClientMessage::Ack { envelope_ids } => {
-                if let (State::Ready(user), Some(room)) = (&self.state, room) {
+                if let State::Ready(user) = &self.state {
                     let user = user.clone();
-                    let deletes = self.ack(&user, envelope_ids, room);
+                    let deletes = self.ack(&user, envelope_ids);
                     if let Some(cluster) = &self.shared.cluster
                         && !deletes.is_empty()
                     {

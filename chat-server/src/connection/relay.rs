@@ -480,10 +480,10 @@ impl Handler {
 
     /// An `Ack`: only ids this session was given and has not acknowledged count (the
     /// rest are ignored and counted), at most `max_ack_ids` of them. Held envelopes among
-    /// them are answered at once; the rest are deleted in the next commit, for which
-    /// `room` was reserved.
+    /// them are answered at once; the rest are deleted in the next commit (an ack is
+    /// never paced: see [`crate::writer::Writer::ack`]).
     /// With the cluster backend nothing is submitted: the ids to delete are returned.
-    pub(super) fn ack(&mut self, me: &Username, ids: Vec<u64>, room: Room) -> Vec<u64> {
+    pub(super) fn ack(&mut self, me: &Username, ids: Vec<u64>) -> Vec<u64> {
         let offered = ids.len();
         let max = self.shared.config.max_ack_ids;
         let mut mine: Vec<u64> = ids
@@ -503,7 +503,7 @@ impl Handler {
             return mine;
         }
         // Nothing is answered, so nothing waits: the writer logs a failure.
-        self.shared.writer.ack(room, me.clone(), mine);
+        self.shared.writer.ack(me.clone(), mine);
         Vec::new()
     }
 }

@@ -280,7 +280,7 @@ async fn idle_sessions(
 }
 
 /// User + system CPU seconds of `pids` so far (/proc/PID/stat, fields 14 and 15).
-fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
+pub(super) fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
     let ticks = rustix::param::clock_ticks_per_second() as f64;
     let mut total = 0.0;
     for pid in pids {

@@ -22,7 +22,7 @@ use xtask::procs::Processes;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A short run (under 30 s): fewer rows, 1,000 connections
+    /// A short run (about a minute plus builds): fewer rows, 1,000 connections
     #[arg(long)]
     quick: bool,
     /// Idle connections for the memory test (default 10,000; 1,000 with --quick)
@@ -37,6 +37,18 @@ pub struct Args {
     /// goal is stated at); the overload rows offer half the relay's best 10-pair throughput
     #[arg(long)]
     latency_rate: Option<f64>,
+    /// Only the echo latency test at `--latency-rate` (default 50,000 msg/s), on the relay
+    /// over TLS, the relay without TLS and Redis over TLS, `--repeat` times each (for A/B
+    /// runs of one setting: the overload rate is unstable run to run)
+    #[arg(long)]
+    echo_only: bool,
+    /// Runs of each system with `--echo-only`
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Extra top-level fields of the relay's RON configuration for this run, on top of
+    /// the bench settings (e.g. `--relay-set 'queue: (live_grace_secs: 0.1)'`)
+    #[arg(long)]
+    relay_set: Option<String>,
     /// Where the JSON and the chart go (default target/bench)
     #[arg(long)]
     out: Option<PathBuf>,
@@ -105,10 +117,52 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let n = args.connections.unwrap_or(10_000);
         return connections_only(&rt, &mut procs, (&bin, &plain_exe), &key, n, &out);
     }
+    if let Some(extra) = &args.relay_set {
+        let _ = RELAY_SET.set(extra.clone());
+    }
     let relay = start_relay(&mut procs, &bin, data.path())?;
     let data_plain = tempfile::tempdir()?;
     let relay_plain = start_relay_exe(&mut procs, &plain_exe, data_plain.path())?;
     let redis = start_redis(&mut procs)?;
+    if args.echo_only {
+        let rate = args.latency_rate.unwrap_or(50_000.0).max(20.0);
+        let systems = [
+            ("relay", Some(&relay.addr)),
+            ("no TLS", Some(&relay_plain.addr)),
+            ("redis", None),
+        ];
+        for run in 1..=args.repeat.max(1) {
+            for (name, addr) in systems {
+                // Each run its own accounts, so no backlog of an earlier one is delivered.
+                let tag = format!("e{run}");
+                let per_pair = rate / 2.0 / 10.0;
+                let lat = match addr {
+                    Some(addr) => rt.block_on(echo::relay_echo(
+                        addr,
+                        &key,
+                        &tag,
+                        10,
+                        256,
+                        per_pair,
+                        Duration::from_secs(5),
+                    )),
+                    None => rt.block_on(echo::redis_echo(
+                        &redis.url,
+                        &tag,
+                        10,
+                        256,
+                        per_pair,
+                        Duration::from_secs(5),
+                    )),
+                }?
+                .latency();
+                println!("echo run {run}, {rate:.0} msg/s offered: {name:<6} {lat:?} µs");
+                // The next run starts on a quiet machine, not beside this one's backlog.
+                settle(&[relay.pid, relay_plain.pid, redis.pid])?;
+            }
+        }
+        return Ok(());
+    }
     let (run_for, pair_counts, payloads): (Duration, &[usize], &[usize]) = if args.quick {
         (Duration::from_millis(1000), &[1, 10], &[256])
     } else {
@@ -243,9 +297,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Overload last of the latency rows, so its backlog cannot load the others.
     let per_pair_over = overload_rate / 2.0 / pairs as f64;
     let relay_over = relay_echo(&relay.addr, "over", per_pair_over)?;
+    // The same on a relay that refuses sends over a full pipeline instead of pausing
+    // reads (`shed_when_full`; docs/PERFORMANCE.md, "Overload").
+    let data4 = tempfile::tempdir()?;
+    let shedding = start_relay_config(
+        &mut procs,
+        &bin,
+        data4.path(),
+        &format!(
+            "{}, shed_when_full: true)",
+            bench_config().strip_suffix(')').expect("a RON struct")
+        ),
+    )?;
+    settle(&[relay.pid, shedding.pid, redis.pid])?;
+    let shed_over = relay_echo(&shedding.addr, "over", per_pair_over)?;
+    settle(&[relay.pid, shedding.pid, redis.pid])?;
     let redis_over = redis_echo("over", per_pair_over)?;
     eprintln!(
-        "overload, {overload_rate:.0} msg/s offered: relay {relay_over:?} µs, redis {redis_over:?} µs"
+        "overload, {overload_rate:.0} msg/s offered: relay {relay_over:?} µs (shed_when_full {shed_over:?}), redis {redis_over:?} µs"
     );
 
     // Idle connections: a fresh relay and the same Redis, RSS before and after.
@@ -286,7 +355,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     report::print(&report::Report {
         rows: &rows,
         load: (load_rate, load_basis),
-        overload: (overload_rate, relay_over, redis_over),
+        overload: (overload_rate, relay_over, shed_over, redis_over),
         relay_lat,
         plain_lat,
         redis_lat,
@@ -324,6 +393,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "overload": {
             "offered_msgs_per_s": overload_rate,
             "relay_us": relay_over,
+            "relay_shed_when_full_us": shed_over,
             "redis_us": redis_over,
         },
         "tls": "relay and Redis over TLS 1.3; relay_plaintext: the same relay code without TLS",
@@ -450,7 +520,37 @@ struct Relay {
 fn start_relay(procs: &mut Processes, bin: &Path, data: &Path) -> anyhow::Result<Relay> {
     // Bench settings: no rate limit and room for every connection and account (the load
     // comes from a few addresses); otherwise as shipped.
-    start_relay_config(procs, bin, data, BENCH_CONFIG)
+    start_relay_config(procs, bin, data, &bench_config())
+}
+
+/// Waits (up to 60 s) until `pids` use under 5 % of a core over 200 ms.
+fn settle(pids: &[u32]) -> anyhow::Result<()> {
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut before = cluster::cpu_seconds(pids)?;
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = cluster::cpu_seconds(pids)?;
+        if now - before < 0.01 {
+            return Ok(());
+        }
+        before = now;
+    }
+    eprintln!("the systems under test were still busy after 60 s");
+    Ok(())
+}
+
+/// `--relay-set`: fields added to the bench relays' configuration.
+static RELAY_SET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// [`BENCH_CONFIG`] with the fields of `--relay-set`, if any.
+fn bench_config() -> String {
+    match RELAY_SET.get() {
+        Some(extra) => format!(
+            "{}, {extra})",
+            BENCH_CONFIG.strip_suffix(')').expect("a RON struct")
+        ),
+        None => BENCH_CONFIG.to_string(),
+    }
 }
 
 /// No rate limit and room for every connection and account.
@@ -494,7 +594,7 @@ fn build_plaintext_relay() -> anyhow::Result<PathBuf> {
 /// The plaintext relay with the bench settings of [`start_relay`].
 fn start_relay_exe(procs: &mut Processes, exe: &Path, data: &Path) -> anyhow::Result<Relay> {
     let config = data.join("bench.ron");
-    std::fs::write(&config, BENCH_CONFIG)?;
+    std::fs::write(&config, bench_config())?;
     let addr = procs.start_relay_exe(exe, data, &["--config", config.to_str().unwrap()])?;
     let pid = procs.last_pid();
     Ok(Relay { addr, pid })
