@@ -78,8 +78,8 @@ pub struct Config {
     /// delay of what it accepts stays bounded (see `overload`). `0` (the default): never
     /// refuse; 5 is a reasonable value (docs/PERFORMANCE.md says why it is off).
     pub shed_delay_ms: f64,
-    /// What a connection with a full pipeline (128 sends waiting for their `Ok`) or a
-    /// send that finds the store writer full gets. `false` (the default): it is paced, not
+    /// What a connection with a full pipeline (128 requests, or 512 copies of `SendMany`s,
+    /// waiting for their answer) or a send that finds the store writer full gets. `false` (the default): it is paced, not
     /// read until there is room. `true`: reading goes on, and such sends are refused with
     /// `server_busy` (clients keep them and retry), so the `Ack`s behind them in the
     /// stream still answer the held envelopes the pipeline waits for. Under an open-loop

@@ -11,9 +11,10 @@
 
 mod fan_out;
 mod login;
+mod pipeline;
 mod relay;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -166,7 +167,7 @@ pub(crate) struct Handler {
     /// read only after. Polled in the main loop, so routed messages keep draining.
     settling: Option<Ticket>,
     /// Sends awaiting their commit, in the order they arrived (and are answered).
-    sends: VecDeque<InFlight>,
+    sends: pipeline::Pipeline,
     /// Envelope ids written to this session and not yet acknowledged: the only ids its
     /// `Ack`s may name.
     unacked: HashSet<u64>,
@@ -234,7 +235,7 @@ impl Handler {
             backlog_cursor: 0,
             backlog_done: true,
             settling: None,
-            sends: VecDeque::new(),
+            sends: pipeline::Pipeline::default(),
             unacked: HashSet::new(),
             parked: None,
             pre_login: Some(pre_login),
@@ -442,7 +443,7 @@ impl Handler {
         if let Some(id) = shed_id
             && (self.shed_fence.is_some()
                 || self.shared.shedder.shed()
-                || (self.shedding() && self.sends.len() >= MAX_PIPELINED))
+                || (self.shedding() && self.pipeline_full()))
         {
             return self.refuse_busy(id);
         }
@@ -491,13 +492,21 @@ impl Handler {
         self.shared.config.shed_when_full
     }
 
-    /// How many unanswered sends stop this connection being read. By default a full
-    /// pipeline does; with `shed_when_full`, reading goes on (the Acks behind a send
-    /// answer the held envelopes the pipeline waits for) and sends over the pipeline are
-    /// refused busy, up to as many refusals again.
+    /// With `shed_when_full`, whether a new send is refused: `MAX_PIPELINED` requests
+    /// await their answer, or `4 × MAX_PIPELINED` copies (a `SendMany` has one per
+    /// recipient, so one to a large group does not fill the pipeline by itself).
+    fn pipeline_full(&self) -> bool {
+        self.sends.requests() >= MAX_PIPELINED || self.sends.len() >= 4 * MAX_PIPELINED
+    }
+
+    /// How many unanswered copies stop this connection being read. By default a full
+    /// pipeline does (`MAX_PIPELINED` copies); with `shed_when_full`, reading goes on
+    /// (the Acks behind a send answer the held envelopes the pipeline waits for) and sends
+    /// over the pipeline are refused busy, a copy each, until room for the largest
+    /// accepted `SendMany` past `pipeline_full` and as many refusals again.
     fn read_limit(&self) -> usize {
         if self.shedding() {
-            2 * MAX_PIPELINED
+            4 * MAX_PIPELINED + chat_protocol::message::MAX_FANOUT + MAX_PIPELINED
         } else {
             MAX_PIPELINED
         }
@@ -670,9 +679,7 @@ impl Handler {
         if write.is_empty() && write.capacity() > IDLE_BUFFER_MAX {
             *write = Default::default();
         }
-        if self.sends.is_empty() && self.sends.capacity() > 8 {
-            self.sends = VecDeque::new();
-        }
+        self.sends.trim();
         let read = self.reader.read_buffer_mut();
         if read.is_empty() && read.capacity() > IDLE_BUFFER_MAX {
             *read = tokio_util::bytes::BytesMut::with_capacity(READ_BUFFER);
@@ -796,7 +803,7 @@ async fn next_delivery(
 }
 
 /// The outcome of the oldest send in flight; pending while there is none.
-async fn next_commit(sends: &mut VecDeque<InFlight>) -> Result<Enqueued, StoreError> {
+async fn next_commit(sends: &mut pipeline::Pipeline) -> Result<Enqueued, StoreError> {
     match sends.front_mut() {
         Some(oldest) => oldest.ticket.enqueued().await,
         None => std::future::pending().await,

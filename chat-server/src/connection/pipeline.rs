@@ -1,0 +1,91 @@
+//! A connection's sends awaiting their answer, in request order.
+
+use std::collections::VecDeque;
+
+use super::InFlight;
+
+/// Sends awaiting their answer, oldest first: one entry per copy (a `SendMany` has one per
+/// recipient, answered together), counted by copies and by requests.
+#[derive(Default)]
+pub(super) struct Pipeline {
+    entries: VecDeque<InFlight>,
+    /// Entries that end a request: plain sends and the last copy of each `SendMany`.
+    requests: usize,
+}
+
+impl Pipeline {
+    fn ends_request(sent: &InFlight) -> bool {
+        sent.part != Some(false)
+    }
+
+    pub(super) fn push_back(&mut self, sent: InFlight) {
+        self.requests += usize::from(Self::ends_request(&sent));
+        self.entries.push_back(sent);
+    }
+
+    pub(super) fn pop_front(&mut self) -> Option<InFlight> {
+        let sent = self.entries.pop_front()?;
+        self.requests -= usize::from(Self::ends_request(&sent));
+        Some(sent)
+    }
+
+    pub(super) fn front_mut(&mut self) -> Option<&mut InFlight> {
+        self.entries.front_mut()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Copies awaiting their answer.
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Requests (`Send`s and `SendMany`s) awaiting their answer.
+    pub(super) fn requests(&self) -> usize {
+        self.requests
+    }
+
+    /// Gives back the memory of a burst once empty.
+    pub(super) fn trim(&mut self) {
+        if self.entries.is_empty() && self.entries.capacity() > 8 {
+            self.entries = VecDeque::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::Ticket;
+
+    fn sent(part: Option<bool>) -> InFlight {
+        InFlight {
+            id: 1,
+            to: "bob".into(),
+            route: None,
+            ticket: Ticket::pending().1,
+            part,
+        }
+    }
+
+    #[test]
+    fn a_send_many_is_one_request_of_many_copies() {
+        let mut p = Pipeline::default();
+        p.push_back(sent(None));
+        for part in [Some(false), Some(false), Some(true)] {
+            p.push_back(sent(part));
+        }
+        assert_eq!((p.requests(), p.len()), (2, 4));
+        p.pop_front();
+        assert_eq!((p.requests(), p.len()), (1, 3));
+        p.pop_front();
+        p.pop_front();
+        // The fan-out is a request until its last copy is answered.
+        assert_eq!((p.requests(), p.len()), (1, 1));
+        p.pop_front();
+        assert_eq!((p.requests(), p.len()), (0, 0));
+        assert!(p.pop_front().is_none() && p.is_empty());
+    }
+}
