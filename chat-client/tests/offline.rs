@@ -124,3 +124,41 @@ fn a_burst_over_the_rate_limit_arrives_complete_and_in_order() {
     );
     bob.assert_no_more_messages(Duration::from_millis(1000));
 }
+
+/// An outbox far past the relay's pipeline (300 messages queued while the relay was down)
+/// goes out after the restart through a relay that refuses sends over a full pipeline
+/// (`shed_when_full`, the default): the client keeps at most its send window in flight, so
+/// none is refused, and all arrive once, in order.
+#[test]
+fn a_big_outbox_goes_out_within_the_send_window_and_is_never_refused() {
+    const N: usize = 300;
+    let config = "(shed_when_full: true, rate_limit: (per_second: 100000.0, burst: 100000.0))";
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with_config("127.0.0.1:0", &dir.path().join("relay"), config);
+    let mut bob = Client::ready(relay.addr, "bob", &dir.path().join("bob"));
+    let mut alice = Client::ready(relay.addr, "alice", &dir.path().join("alice"));
+    alice.send("/safety bob");
+    alice.expect("safety", |e| e["event"] == "safety");
+    let (addr, data) = relay.kill();
+    alice.expect("reconnecting", |e| {
+        e["event"] == "connection" && e["state"] == "reconnecting"
+    });
+    for n in 0..N {
+        alice.send(&format!("/msg bob queued {n}"));
+    }
+    let _relay = Relay::start_with_config(&addr.to_string(), &data, config);
+    let texts = bob.texts_from("alice", N);
+    assert_eq!(
+        texts,
+        (0..N).map(|n| format!("queued {n}")).collect::<Vec<_>>(),
+        "all, in order"
+    );
+    bob.assert_no_more_messages(Duration::from_millis(1000));
+    let busy: Vec<_> = alice
+        .drain(Duration::from_millis(200))
+        .into_iter()
+        .chain(alice.seen_of("error"))
+        .filter(|e| e["event"] == "error" && e["code"] == "server_busy")
+        .collect();
+    assert!(busy.is_empty(), "refused for a full pipeline: {busy:?}");
+}

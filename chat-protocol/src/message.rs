@@ -12,6 +12,12 @@ pub type RequestId = u32;
 /// Most users one session may watch for presence (see `ClientMessage::Watch`).
 pub const MAX_WATCHED: usize = 1024;
 
+/// Sends (`Send` and `SendMany` requests) one connection may have awaiting their answer
+/// before the relay stops reading it, or with its `shed_when_full` setting refuses more
+/// with `server_busy`. A client keeps fewer in flight (ours: half) and is never refused
+/// for it.
+pub const MAX_PIPELINED: usize = 128;
+
 /// Most recipients one `ClientMessage::SendMany` may name (the default group size limit
 /// of 256 less the sender). A client splits a larger fan-out into several requests.
 pub const MAX_FANOUT: usize = 255;

@@ -56,6 +56,11 @@ impl Engine {
             if self.group_in_flight.contains(&key) || self.held(&send.member) {
                 continue;
             }
+            // A new message waits for room in the window; one under way is sent whole.
+            if batch.as_ref().is_none_or(|(_, id, _, _)| *id != send.id) && self.send_window_full()
+            {
+                break;
+            }
             self.group_in_flight.insert(key);
             match &mut batch {
                 Some((_, id, _, members)) if *id == send.id => members.push(send.member),

@@ -45,6 +45,10 @@ const RATE_LIMIT_RETRY: Duration = Duration::from_secs(1);
 const HOUSEKEEPING: Duration = Duration::from_secs(10);
 /// Frames handled before the answers they produced are written (batches receipts/acks).
 const READ_BATCH: usize = 64;
+/// Sends (texts, receipts, retry requests, group copies) awaiting the relay's answer at
+/// once: half the relay's pipeline, so the rest of it is left for other requests and no
+/// send is refused for a full pipeline (`shed_when_full`).
+const SEND_WINDOW: usize = chat_protocol::message::MAX_PIPELINED / 2;
 /// Deliveries kept in memory to retry after a local store failure (e.g. a full disk).
 const MAX_STALLED: usize = 1000;
 /// Forged envelopes from one sender are reported at most this often (with a count).
@@ -261,6 +265,8 @@ struct Engine {
     retries_in_flight: HashSet<(String, u32)>,
     /// Something was queued, receipted or released: seal and send before the next write.
     flush_due: bool,
+    /// A flush stopped at [`SEND_WINDOW`]: flush again once an answer makes room.
+    window_blocked: bool,
     /// Shutdown was asked for: finish the outbox until this deadline.
     draining_until: Option<Instant>,
     ready_sent: bool,
@@ -419,6 +425,7 @@ impl Engine {
             receipts_in_flight: HashSet::new(),
             retries_in_flight: HashSet::new(),
             flush_due: false,
+            window_blocked: false,
             draining_until: None,
             ready_sent: false,
             acks: Vec::new(),
@@ -858,6 +865,10 @@ impl Engine {
         let mut pinged = false;
         let mut housekeeping_at = Instant::now() + HOUSEKEEPING;
         loop {
+            if self.window_blocked && !self.send_window_full() {
+                self.window_blocked = false;
+                self.flush_due = true;
+            }
             if std::mem::take(&mut self.flush_due) {
                 self.flush();
             }

@@ -8,7 +8,7 @@ use chat_protocol::e2e::{self, Body, Content, MessageId, Parties, Sealed};
 use chat_protocol::message::send_frame_len;
 use tracing::warn;
 
-use super::{Engine, META_QUEUE_MAX_AGE, Pending, now_ms, random_id};
+use super::{Engine, META_QUEUE_MAX_AGE, Pending, SEND_WINDOW, now_ms, random_id};
 use crate::api::{ConnectionState, Event, id_hex};
 use crate::store::OutboxItem;
 
@@ -135,6 +135,27 @@ impl Engine {
         self.flush_retries();
     }
 
+    /// Whether [`SEND_WINDOW`] sends await their answer; if so, the flush stops there and
+    /// goes on once one is answered.
+    pub(super) fn send_window_full(&mut self) -> bool {
+        let in_flight = self
+            .pending
+            .values()
+            .filter(|p| {
+                matches!(
+                    p,
+                    Pending::Send { .. }
+                        | Pending::Receipt { .. }
+                        | Pending::Retry { .. }
+                        | Pending::GroupSend { .. }
+                )
+            })
+            .count();
+        let full = in_flight >= SEND_WINDOW;
+        self.window_blocked |= full;
+        full
+    }
+
     fn flush_texts(&mut self) {
         let items = match self.store.outbox_queued() {
             Ok(items) => items,
@@ -146,6 +167,9 @@ impl Engine {
         for item in items {
             if self.in_flight.contains_key(&item.id) || held.contains(&item.peer) {
                 continue;
+            }
+            if self.send_window_full() {
+                break;
             }
             if self.held(&item.peer) {
                 held.insert(item.peer);
@@ -236,6 +260,10 @@ impl Engine {
             // As many ids per receipt as fit the relay's frames; halved while one does not.
             let mut batch = RECEIPT_BATCH;
             while !ids.is_empty() {
+                // Before sealing: a sealed message is never thrown away.
+                if self.send_window_full() {
+                    return;
+                }
                 let chunk: Vec<MessageId> = ids.iter().take(batch).copied().collect();
                 let receipt = Content {
                     id: random_id(),
@@ -288,6 +316,9 @@ impl Engine {
                 .collect();
             if epochs.is_empty() {
                 continue;
+            }
+            if self.send_window_full() {
+                return;
             }
             let request = Content {
                 id: random_id(),

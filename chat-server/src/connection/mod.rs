@@ -70,7 +70,7 @@ const WRITE_BATCH: usize = 64;
 /// Sends from one connection waiting for their commit at once. More are not read until
 /// the oldest is answered (with `shed_when_full`: are refused `server_busy`), which bounds
 /// what a fast sender can make the server hold.
-const MAX_PIPELINED: usize = 128;
+const MAX_PIPELINED: usize = chat_protocol::message::MAX_PIPELINED;
 
 /// `Sync` requests one session may have waiting at once; more are refused (`rate_limited`).
 const MAX_SYNCS: usize = 4;
