@@ -134,10 +134,18 @@ impl Mallory {
         postcard::to_allocvec(&envelope).unwrap()
     }
 
-    /// Sends all `payloads` to `to`, pipelined; every one must be accepted.
+    /// Sends all `payloads` to `to`, pipelined with at most our client's window in flight
+    /// (the relay refuses sends over its pipeline); every one must be accepted.
     async fn send_all(&mut self, to: &str, payloads: impl IntoIterator<Item = Vec<u8>>) {
-        let mut sent = 0;
+        const WINDOW: usize = chat_protocol::message::MAX_PIPELINED / 2;
+        let mut in_flight = 0;
         for payload in payloads {
+            if in_flight == WINDOW {
+                self.conn.flush().await.unwrap();
+                let reply = self.reply().await;
+                assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+                in_flight -= 1;
+            }
             self.next += 1;
             self.conn
                 .feed(ClientMessage::Send {
@@ -147,10 +155,10 @@ impl Mallory {
                 })
                 .await
                 .unwrap();
-            sent += 1;
+            in_flight += 1;
         }
         self.conn.flush().await.unwrap();
-        for _ in 0..sent {
+        for _ in 0..in_flight {
             let reply = self.reply().await;
             assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
         }

@@ -79,12 +79,14 @@ pub struct Config {
     /// refuse; 5 is a reasonable value (docs/PERFORMANCE.md says why it is off).
     pub shed_delay_ms: f64,
     /// What a connection with a full pipeline (128 requests, or 512 copies of `SendMany`s,
-    /// waiting for their answer) or a send that finds the store writer full gets. `false` (the default): it is paced, not
-    /// read until there is room. `true`: reading goes on, and such sends are refused with
-    /// `server_busy` (clients keep them and retry), so the `Ack`s behind them in the
+    /// waiting for their answer) or a send that finds the store writer full gets. `true`
+    /// (the default): reading goes on, and such sends are refused with `server_busy`
+    /// (clients keep them and retry; ours never has that many in flight), so the `Ack`s
+    /// behind them in the
     /// stream still answer the held envelopes the pipeline waits for. Under an open-loop
     /// overload that keeps the relay out of the regime where late Acks turn every
-    /// envelope into a write and a delete (docs/PERFORMANCE.md, "Overload").
+    /// envelope into a write and a delete (docs/PERFORMANCE.md, "Overload"). `false`: it
+    /// is paced, not read until there is room.
     pub shed_when_full: bool,
     /// The relay's TLS certificate chain and key as PEM files (e.g. Let's Encrypt's
     /// `fullchain.pem` and `privkey.pem`). `None`: the relay's own key and a self-signed
@@ -350,7 +352,7 @@ impl Default for Config {
             writer_queue_bytes: 32 * 1024 * 1024,
             max_ack_ids: 4096,
             shed_delay_ms: 0.0,
-            shed_when_full: false,
+            shed_when_full: true,
             tls: None,
             backend: Backend::Sqlite,
         }

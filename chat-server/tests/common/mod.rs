@@ -99,6 +99,9 @@ impl TestServer {
             // A debug relay on a loaded CI machine is slow enough to shed (by design), and
             // these tests pipeline sends and expect them taken; shedding has its own test.
             shed_delay_ms: 0.0,
+            // Pacing, not refusing, a full pipeline: these tests pipeline hundreds of raw
+            // sends and expect each taken (tests/overload.rs has both settings).
+            shed_when_full: false,
             ..Config::default()
         };
         if let Some(nats) = &nats {

@@ -297,24 +297,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Overload last of the latency rows, so its backlog cannot load the others.
     let per_pair_over = overload_rate / 2.0 / pairs as f64;
     let relay_over = relay_echo(&relay.addr, "over", per_pair_over)?;
-    // The same on a relay that refuses sends over a full pipeline instead of pausing
-    // reads (`shed_when_full`; docs/PERFORMANCE.md, "Overload").
+    // The same on a relay that pauses reading a connection with a full pipeline instead
+    // of refusing its sends (`shed_when_full: false`; docs/PERFORMANCE.md, "Overload").
     let data4 = tempfile::tempdir()?;
-    let shedding = start_relay_config(
+    let pacing = start_relay_config(
         &mut procs,
         &bin,
         data4.path(),
         &format!(
-            "{}, shed_when_full: true)",
+            "{}, shed_when_full: false)",
             bench_config().strip_suffix(')').expect("a RON struct")
         ),
     )?;
-    settle(&[relay.pid, shedding.pid, redis.pid])?;
-    let shed_over = relay_echo(&shedding.addr, "over", per_pair_over)?;
-    settle(&[relay.pid, shedding.pid, redis.pid])?;
+    settle(&[relay.pid, pacing.pid, redis.pid])?;
+    let paced_over = relay_echo(&pacing.addr, "over", per_pair_over)?;
+    settle(&[relay.pid, pacing.pid, redis.pid])?;
     let redis_over = redis_echo("over", per_pair_over)?;
     eprintln!(
-        "overload, {overload_rate:.0} msg/s offered: relay {relay_over:?} µs (shed_when_full {shed_over:?}), redis {redis_over:?} µs"
+        "overload, {overload_rate:.0} msg/s offered: relay {relay_over:?} µs (shed_when_full: false {paced_over:?}), redis {redis_over:?} µs"
     );
 
     // Idle connections: a fresh relay and the same Redis, RSS before and after.
@@ -355,7 +355,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     report::print(&report::Report {
         rows: &rows,
         load: (load_rate, load_basis),
-        overload: (overload_rate, relay_over, shed_over, redis_over),
+        overload: (overload_rate, relay_over, paced_over, redis_over),
         relay_lat,
         plain_lat,
         redis_lat,
@@ -393,7 +393,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "overload": {
             "offered_msgs_per_s": overload_rate,
             "relay_us": relay_over,
-            "relay_shed_when_full_us": shed_over,
+            "relay_paced_us": paced_over,
             "redis_us": redis_over,
         },
         "tls": "relay and Redis over TLS 1.3; relay_plaintext: the same relay code without TLS",
