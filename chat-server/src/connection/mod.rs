@@ -515,24 +515,22 @@ impl Handler {
     /// Refuses send `id` with `server_busy`, and every later send until the client answers
     /// the Ping that follows the refusal (so it resends them in order).
     fn refuse_busy(&mut self, id: RequestId) -> Result<(), Close> {
-        {
-            let since = match self.shed_fence {
-                // A client that does not answer pings would be refused for ever: closed.
-                Some((_, since)) if since.elapsed() > self.shared.config.idle_timeout() => {
-                    return Err(Close::tell(
-                        ErrorCode::ProtocolViolation,
-                        "the server's Ping after a refused send was never answered",
-                    ));
-                }
-                Some((_, since)) => since,
-                None => Instant::now(),
-            };
-            Metrics::inc(&self.shared.metrics.shed);
-            let nonce = rand::rng().next_u64();
-            self.shed_fence = Some((nonce, since));
-            self.sends.push_back(fan_out::shed(id, nonce));
-            Ok(())
-        }
+        let since = match self.shed_fence {
+            // A client that does not answer pings would be refused for ever: closed.
+            Some((_, since)) if since.elapsed() > self.shared.config.idle_timeout() => {
+                return Err(Close::tell(
+                    ErrorCode::ProtocolViolation,
+                    "the server's Ping after a refused send was never answered",
+                ));
+            }
+            Some((_, since)) => since,
+            None => Instant::now(),
+        };
+        Metrics::inc(&self.shared.metrics.shed);
+        let nonce = rand::rng().next_u64();
+        self.shed_fence = Some((nonce, since));
+        self.sends.push_back(fan_out::shed(id, nonce));
+        Ok(())
     }
 
     /// A parked request got its room.
