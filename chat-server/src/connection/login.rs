@@ -13,7 +13,7 @@ use chat_protocol::{ErrorCode, PROTOCOL_VERSION, ServerMessage, Username};
 use rand::Rng;
 use tracing::{debug, warn};
 
-use super::{Close, Handler, State, truncate};
+use super::{Close, Handler, State, WRITE_BATCH, truncate};
 use crate::metrics::Metrics;
 use crate::store::{Bind, StoreError};
 use crate::writer::cost;
@@ -228,6 +228,59 @@ impl Handler {
             ErrorCode::UsernameTaken,
             format!("the name {name} belongs to another key; choose another name"),
         )
+        .await
+    }
+
+    /// Logs `username` in (the proof passed): joins the router, reads the backlog once
+    /// what an earlier session left is durable, and says `Welcome`.
+    async fn join(
+        &mut self,
+        username: Username,
+        registered: bool,
+        id: RequestId,
+    ) -> Result<(), Close> {
+        let config = &self.shared.config;
+        self.membership = Some(self.shared.router.join(
+            &username,
+            self.conn_id,
+            config.send_queue_len,
+        ));
+        debug!(conn = self.conn_id, user = %username, registered, "logged in");
+        self.state = State::Ready(username.clone());
+        if let Some(cluster) = self.shared.cluster.clone() {
+            // The newest login of the user anywhere in the cluster wins.
+            match cluster.login(&username, self.conn_id).await {
+                Ok(login) if login.replaced => {
+                    let code = ErrorCode::SessionReplaced;
+                    self.shared.router.kick(&username, self.conn_id, code);
+                }
+                Ok(_) => {}
+                Err(e) => return Err(self.storage_lost(e)),
+            }
+            // What an earlier session here acknowledged is removed first; then the mailbox
+            // is read from its oldest envelope on: backlog, then live.
+            cluster.flush_user(&username).await;
+            let (inbox, reader) = cluster.deliveries(&username, WRITE_BATCH);
+            self.cluster_inbox = Some(inbox);
+            self._mailbox_reader = Some(reader);
+            return self
+                .write(ServerMessage::Welcome {
+                    id,
+                    username: username.to_string(),
+                    registered,
+                })
+                .await;
+        }
+        // Stored envelopes go out first, in order, then live ones. Envelopes an earlier
+        // session of ours was given may still be held for its Ack or on their way to
+        // disk: let them land before the first read.
+        self.backlog_done = false;
+        self.settling = Some(self.shared.writer.barrier());
+        self.write(ServerMessage::Welcome {
+            id,
+            username: username.to_string(),
+            registered,
+        })
         .await
     }
 }

@@ -9,10 +9,13 @@
 //! stops the connection being read until it does, and until it logs in it holds only a
 //! pre-login slot with a short first-byte deadline.
 
+mod admission;
+mod events;
 mod fan_out;
 mod login;
 mod pipeline;
 mod relay;
+mod reply;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -24,23 +27,26 @@ use chat_protocol::auth::ChannelBinding;
 use chat_protocol::codec::{CodecError, WireCodec};
 use chat_protocol::message::RequestId;
 use chat_protocol::{ClientMessage, ErrorCode, FrameError, ServerMessage, Username};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use rand::Rng;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until};
 use tokio_util::codec::{FramedRead, FramedWrite};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::Shared;
 use crate::cluster::MailboxRead;
-use crate::limits::{PreLoginSlot, TokenBucket, work};
+use crate::limits::{PreLoginSlot, TokenBucket};
 use crate::metrics::Metrics;
 use crate::router::Membership;
-use crate::store::{Enqueued, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::writer::{Room, Ticket, cost};
+use admission::request_work;
+use events::{next_commit, next_delivery, next_inbound, parked_room, settle_writes};
 use login::PendingLogin;
+use reply::{error_reply, kick_message, truncate, unknown_user_reply};
 
 type Codec = WireCodec<ClientMessage, ServerMessage>;
 
@@ -486,53 +492,6 @@ impl Handler {
         self.dispatch(msg, room).await
     }
 
-    /// Whether a full pipeline or writer refuses sends rather than pausing reads
-    /// (`shed_when_full`).
-    fn shedding(&self) -> bool {
-        self.shared.config.shed_when_full
-    }
-
-    /// With `shed_when_full`, whether a new send is refused: `MAX_PIPELINED` requests
-    /// await their answer, or `4 × MAX_PIPELINED` copies (a `SendMany` has one per
-    /// recipient, so one to a large group does not fill the pipeline by itself).
-    fn pipeline_full(&self) -> bool {
-        self.sends.requests() >= MAX_PIPELINED || self.sends.len() >= 4 * MAX_PIPELINED
-    }
-
-    /// How many unanswered copies stop this connection being read. By default a full
-    /// pipeline does (`MAX_PIPELINED` copies); with `shed_when_full`, reading goes on
-    /// (the Acks behind a send answer the held envelopes the pipeline waits for) and sends
-    /// over the pipeline are refused busy, a copy each, until room for the largest
-    /// accepted `SendMany` past `pipeline_full` and as many refusals again.
-    fn read_limit(&self) -> usize {
-        if self.shedding() {
-            4 * MAX_PIPELINED + chat_protocol::message::MAX_FANOUT + MAX_PIPELINED
-        } else {
-            MAX_PIPELINED
-        }
-    }
-
-    /// Refuses send `id` with `server_busy`, and every later send until the client answers
-    /// the Ping that follows the refusal (so it resends them in order).
-    fn refuse_busy(&mut self, id: RequestId) -> Result<(), Close> {
-        let since = match self.shed_fence {
-            // A client that does not answer pings would be refused for ever: closed.
-            Some((_, since)) if since.elapsed() > self.shared.config.idle_timeout() => {
-                return Err(Close::tell(
-                    ErrorCode::ProtocolViolation,
-                    "the server's Ping after a refused send was never answered",
-                ));
-            }
-            Some((_, since)) => since,
-            None => Instant::now(),
-        };
-        Metrics::inc(&self.shared.metrics.shed);
-        let nonce = rand::rng().next_u64();
-        self.shed_fence = Some((nonce, since));
-        self.sends.push_back(fan_out::shed(id, nonce));
-        Ok(())
-    }
-
     /// A parked request got its room.
     async fn with_room(&mut self, msg: ClientMessage, room: Room) -> Result<(), Close> {
         self.dispatch(msg, Some(room)).await
@@ -597,140 +556,6 @@ impl Handler {
         }
     }
 
-    /// Logs `username` in (the proof passed): joins the router, reads the backlog once
-    /// what an earlier session left is durable, and says `Welcome`.
-    async fn join(
-        &mut self,
-        username: Username,
-        registered: bool,
-        id: RequestId,
-    ) -> Result<(), Close> {
-        let config = &self.shared.config;
-        self.membership = Some(self.shared.router.join(
-            &username,
-            self.conn_id,
-            config.send_queue_len,
-        ));
-        debug!(conn = self.conn_id, user = %username, registered, "logged in");
-        self.state = State::Ready(username.clone());
-        if let Some(cluster) = self.shared.cluster.clone() {
-            // The newest login of the user anywhere in the cluster wins.
-            match cluster.login(&username, self.conn_id).await {
-                Ok(login) if login.replaced => {
-                    let code = ErrorCode::SessionReplaced;
-                    self.shared.router.kick(&username, self.conn_id, code);
-                }
-                Ok(_) => {}
-                Err(e) => return Err(self.storage_lost(e)),
-            }
-            // What an earlier session here acknowledged is removed first; then the mailbox
-            // is read from its oldest envelope on: backlog, then live.
-            cluster.flush_user(&username).await;
-            let (inbox, reader) = cluster.deliveries(&username, WRITE_BATCH);
-            self.cluster_inbox = Some(inbox);
-            self._mailbox_reader = Some(reader);
-            return self
-                .write(ServerMessage::Welcome {
-                    id,
-                    username: username.to_string(),
-                    registered,
-                })
-                .await;
-        }
-        // Stored envelopes go out first, in order, then live ones. Envelopes an earlier
-        // session of ours was given may still be held for its Ack or on their way to
-        // disk: let them land before the first read.
-        self.backlog_done = false;
-        self.settling = Some(self.shared.writer.barrier());
-        self.write(ServerMessage::Welcome {
-            id,
-            username: username.to_string(),
-            registered,
-        })
-        .await
-    }
-
-    /// Envelopes a session may have been given and not acknowledged: its whole queue, what
-    /// its router queue holds, and one backlog batch. More means it does not acknowledge.
-    fn max_unacked(&self) -> usize {
-        let config = &self.shared.config;
-        config.queue.max_envelopes_per_user as usize + config.send_queue_len + 2 * WRITE_BATCH
-    }
-
-    fn not_acknowledging(&self) -> Close {
-        warn!(conn = self.conn_id, peer = %self.peer, "client does not acknowledge what it receives; disconnecting");
-        Close::tell(
-            ErrorCode::SlowConsumer,
-            "messages were not acknowledged; acknowledge what you receive",
-        )
-    }
-
-    async fn write(&mut self, msg: ServerMessage) -> Result<(), Close> {
-        let write_timeout = self.shared.config.write_timeout();
-        let result = timeout(write_timeout, self.writer.send(msg)).await;
-        self.finish_write(result)
-    }
-
-    /// Gives back buffer memory a burst left behind, so idle connections stay small.
-    fn trim_buffers(&mut self) {
-        let write = self.writer.write_buffer_mut();
-        if write.is_empty() && write.capacity() > IDLE_BUFFER_MAX {
-            *write = Default::default();
-        }
-        self.sends.trim();
-        let read = self.reader.read_buffer_mut();
-        if read.is_empty() && read.capacity() > IDLE_BUFFER_MAX {
-            *read = tokio_util::bytes::BytesMut::with_capacity(READ_BUFFER);
-        }
-    }
-
-    fn finish_write(
-        &mut self,
-        result: Result<Result<(), CodecError>, tokio::time::error::Elapsed>,
-    ) -> Result<(), Close> {
-        match result {
-            Ok(Ok(())) => {
-                self.trim_buffers();
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                debug!(conn = self.conn_id, "write failed: {e}");
-                Err(Close::Silent)
-            }
-            Err(_) => {
-                info!(conn = self.conn_id, peer = %self.peer, "client is not reading; disconnecting");
-                Err(Close::Silent)
-            }
-        }
-    }
-
-    async fn fail(
-        &mut self,
-        id: RequestId,
-        code: ErrorCode,
-        message: impl Into<String>,
-    ) -> Result<(), Close> {
-        self.write(error_reply(id, code, message)).await
-    }
-
-    async fn unknown_user(&mut self, id: RequestId, name: &str) -> Result<(), Close> {
-        self.write(unknown_user_reply(id, name)).await
-    }
-
-    async fn fail_internal(&mut self, id: RequestId, error: StoreError) -> Result<(), Close> {
-        let reply = self.internal_reply(id, error);
-        self.write(reply).await
-    }
-
-    fn internal_reply(&self, id: RequestId, error: StoreError) -> ServerMessage {
-        tracing::error!(conn = self.conn_id, "storage error: {error}");
-        error_reply(
-            id,
-            ErrorCode::Internal,
-            "the server could not reach its storage; try again later",
-        )
-    }
-
     /// `user`'s public key from the backend, if registered. (Not an `async fn`, like
     /// [`Handler::store`].)
     fn public_key(&self, user: Username) -> Pin<Box<dyn Future<Output = KeyLookup> + Send>> {
@@ -756,117 +581,8 @@ impl Handler {
     }
 }
 
-/// The work a request asks for, in rate-limit tokens (see `limits::work`).
-fn request_work(msg: &ClientMessage) -> f64 {
-    match msg {
-        ClientMessage::Send { payload, to, .. } => work::frame(payload.len() + to.len(), 0),
-        ClientMessage::SendMany { payload, to, .. } => {
-            let names: usize = to.iter().map(String::len).sum();
-            work::fan_out(payload.len() + names, payload.len(), to.len())
-        }
-        ClientMessage::Ack { envelope_ids } => work::frame(0, envelope_ids.len()),
-        ClientMessage::Watch { usernames, .. } => work::frame(0, usernames.len()),
-        ClientMessage::Register { public_key, .. } => work::frame(public_key.len(), 0),
-        _ => work::frame(0, 0),
-    }
-}
-
-/// Room for the parked request; pending while nothing is parked.
-async fn parked_room(parked: &mut Option<Parked>) -> Room {
-    match parked {
-        Some(p) => p.room.as_mut().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn settle_writes(settling: &mut Option<Ticket>) -> Result<(), StoreError> {
-    match settling {
-        Some(ticket) => ticket.passed().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The next envelope from the cluster's mailbox, or why it cannot be read; pending while
-/// there is no mailbox read.
-async fn next_delivery(
-    inbox: &mut Option<mpsc::Receiver<Result<MailboxRead, String>>>,
-) -> Result<MailboxRead, String> {
-    match inbox {
-        Some(rx) => match rx.recv().await {
-            Some(delivery) => delivery,
-            None => Err("the mailbox read ended".into()),
-        },
-        None => std::future::pending().await,
-    }
-}
-
-/// The outcome of the oldest send in flight; pending while there is none.
-async fn next_commit(sends: &mut pipeline::Pipeline) -> Result<Enqueued, StoreError> {
-    match sends.front_mut() {
-        Some(oldest) => oldest.ticket.enqueued().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The next routed message or kick; never resolves before login.
-async fn next_inbound(membership: &mut Option<Membership>) -> Inbound {
-    let Some(m) = membership else {
-        return std::future::pending().await;
-    };
-    loop {
-        if let Some(code) = *m.kicked.borrow_and_update() {
-            return Inbound::Kicked(code);
-        }
-        tokio::select! {
-            biased;
-            changed = m.kicked.changed() => {
-                if changed.is_err() {
-                    // The router dropped us without a reason: treat as replaced.
-                    return Inbound::Kicked(ErrorCode::SessionReplaced);
-                }
-            }
-            msg = m.outbox.recv() => match msg {
-                Some(msg) => return Inbound::Routed(msg),
-                None => return Inbound::Kicked(ErrorCode::SessionReplaced),
-            },
-        }
-    }
-}
-
-fn error_reply(id: RequestId, code: ErrorCode, message: impl Into<String>) -> ServerMessage {
-    ServerMessage::Error {
-        id: Some(id),
-        code,
-        message: message.into(),
-    }
-}
-
-fn unknown_user_reply(id: RequestId, name: &str) -> ServerMessage {
-    let shown = truncate(name, 40);
-    error_reply(
-        id,
-        ErrorCode::UnknownUser,
-        format!("no user named {shown:?}"),
-    )
-}
-
 fn unix_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn kick_message(code: ErrorCode) -> &'static str {
-    match code {
-        ErrorCode::SessionReplaced => "you logged in from another connection",
-        ErrorCode::SlowConsumer => "messages were not read fast enough",
-        _ => "disconnected by the server",
-    }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((at, _)) => &s[..at],
-        None => s,
-    }
 }

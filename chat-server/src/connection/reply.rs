@@ -1,0 +1,120 @@
+//! Writing to the client: every write bounded by the write timeout, buffers trimmed after
+//! a burst, and the error replies the handler sends.
+
+use chat_protocol::codec::CodecError;
+use chat_protocol::message::RequestId;
+use chat_protocol::{ErrorCode, ServerMessage};
+use futures_util::SinkExt;
+use tokio::time::timeout;
+use tracing::{debug, info};
+
+use super::{Close, Handler, IDLE_BUFFER_MAX, READ_BUFFER};
+use crate::store::StoreError;
+
+impl Handler {
+    pub(super) async fn write(&mut self, msg: ServerMessage) -> Result<(), Close> {
+        let write_timeout = self.shared.config.write_timeout();
+        let result = timeout(write_timeout, self.writer.send(msg)).await;
+        self.finish_write(result)
+    }
+
+    /// Gives back buffer memory a burst left behind, so idle connections stay small.
+    pub(super) fn trim_buffers(&mut self) {
+        let write = self.writer.write_buffer_mut();
+        if write.is_empty() && write.capacity() > IDLE_BUFFER_MAX {
+            *write = Default::default();
+        }
+        self.sends.trim();
+        let read = self.reader.read_buffer_mut();
+        if read.is_empty() && read.capacity() > IDLE_BUFFER_MAX {
+            *read = tokio_util::bytes::BytesMut::with_capacity(READ_BUFFER);
+        }
+    }
+
+    pub(super) fn finish_write(
+        &mut self,
+        result: Result<Result<(), CodecError>, tokio::time::error::Elapsed>,
+    ) -> Result<(), Close> {
+        match result {
+            Ok(Ok(())) => {
+                self.trim_buffers();
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                debug!(conn = self.conn_id, "write failed: {e}");
+                Err(Close::Silent)
+            }
+            Err(_) => {
+                info!(conn = self.conn_id, peer = %self.peer, "client is not reading; disconnecting");
+                Err(Close::Silent)
+            }
+        }
+    }
+
+    pub(super) async fn fail(
+        &mut self,
+        id: RequestId,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> Result<(), Close> {
+        self.write(error_reply(id, code, message)).await
+    }
+
+    pub(super) async fn unknown_user(&mut self, id: RequestId, name: &str) -> Result<(), Close> {
+        self.write(unknown_user_reply(id, name)).await
+    }
+
+    pub(super) async fn fail_internal(
+        &mut self,
+        id: RequestId,
+        error: StoreError,
+    ) -> Result<(), Close> {
+        let reply = self.internal_reply(id, error);
+        self.write(reply).await
+    }
+
+    pub(super) fn internal_reply(&self, id: RequestId, error: StoreError) -> ServerMessage {
+        tracing::error!(conn = self.conn_id, "storage error: {error}");
+        error_reply(
+            id,
+            ErrorCode::Internal,
+            "the server could not reach its storage; try again later",
+        )
+    }
+}
+
+pub(super) fn error_reply(
+    id: RequestId,
+    code: ErrorCode,
+    message: impl Into<String>,
+) -> ServerMessage {
+    ServerMessage::Error {
+        id: Some(id),
+        code,
+        message: message.into(),
+    }
+}
+
+pub(super) fn unknown_user_reply(id: RequestId, name: &str) -> ServerMessage {
+    let shown = truncate(name, 40);
+    error_reply(
+        id,
+        ErrorCode::UnknownUser,
+        format!("no user named {shown:?}"),
+    )
+}
+
+pub(super) fn kick_message(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::SessionReplaced => "you logged in from another connection",
+        ErrorCode::SlowConsumer => "messages were not read fast enough",
+        _ => "disconnected by the server",
+    }
+}
+
+pub(super) fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => &s[..at],
+        None => s,
+    }
+}
