@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{Client, Relay, all_file_bytes, contains};
+use common::{Client, Options, Relay, all_file_bytes, contains, history};
 
 #[test]
 fn offline_delivery_across_a_recipient_restart_in_order() {
@@ -161,4 +161,59 @@ fn a_big_outbox_goes_out_within_the_send_window_and_is_never_refused() {
         .filter(|e| e["event"] == "error" && e["code"] == "server_busy")
         .collect();
     assert!(busy.is_empty(), "refused for a full pipeline: {busy:?}");
+}
+
+/// Envelopes the client cannot keep in memory (waiting for the sender's key, or behind
+/// its key offer) are left to the relay, and with them every later one from that sender,
+/// so none overtakes them; the client then renews its connection and is given them again.
+/// The field report: a recipient that left envelopes behind went on opening later ones
+/// (out of order), and once the replay window (64 messages) had moved past the left
+/// ones, they were taken for duplicates when delivered again: lost for good.
+#[test]
+fn envelopes_left_to_the_relay_come_back_in_order_and_none_is_lost() {
+    const BACKLOG: usize = 150;
+    const LIVE: usize = 150;
+    let config = "(rate_limit: (per_second: 100000.0, burst: 100000.0))";
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with_config("127.0.0.1:0", &dir.path().join("relay"), config);
+    let bob_home = dir.path().join("bob");
+    Client::ready(relay.addr, "bob", &bob_home).quit();
+    let mut alice = Client::ready(relay.addr, "alice", &dir.path().join("alice"));
+    // A backlog for bob, who has never heard from alice: his client must fetch her key
+    // and unwrap her key offer before it can open any of it.
+    for n in 0..BACKLOG {
+        alice.send(&format!("/msg bob m{n}"));
+    }
+    for _ in 0..BACKLOG {
+        alice.expect("sent", |e| e["event"] == "sent");
+    }
+    // Bob keeps at most 2 envelopes per sender in memory while they wait.
+    let options = Options {
+        env: vec![("CHAT_TEST_MAX_WAITING".into(), "2".into())],
+        stderr: true,
+        ..Options::default()
+    };
+    let mut bob = Client::start_opts(relay.addr, "bob", &bob_home, &options);
+    // More arrive live while he works through the backlog.
+    for n in BACKLOG..BACKLOG + LIVE {
+        alice.send(&format!("/msg bob m{n}"));
+    }
+    let expected: Vec<String> = (0..BACKLOG + LIVE).map(|n| format!("m{n}")).collect();
+    let shown = bob.texts_from("alice", BACKLOG + LIVE);
+    assert_eq!(shown, expected, "shown: all, once, in order");
+    bob.assert_no_more_messages(Duration::from_millis(1000));
+    let log = bob.stderr.lock().unwrap().clone();
+    assert!(
+        log.contains("left to the relay") && log.contains("catching up"),
+        "the test did not reach the limit (or the client did not renew its connection)"
+    );
+    // Nothing is still on the relay for him, and nothing is stored twice.
+    bob.quit();
+    let mut bob = Client::ready(relay.addr, "bob", &bob_home);
+    bob.assert_no_more_messages(Duration::from_millis(1500));
+    let stored: Vec<String> = history(&mut bob, "alice")
+        .iter()
+        .map(|i| i["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(stored, expected, "stored: all, once, in order");
 }

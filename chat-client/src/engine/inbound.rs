@@ -329,6 +329,9 @@ impl Engine {
             return self.settle(source);
         };
         let from = sender.to_string();
+        if self.left_behind(source, &from) {
+            return;
+        }
         match self.pin(&from) {
             None => {
                 let waiting = Waiting::Envelope {
@@ -363,6 +366,7 @@ impl Engine {
             };
             if !self.offers.park(&from, parked) {
                 debug!("too many envelopes waiting for one sender; left to the relay");
+                self.leave_to_relay(source, &from);
             }
             return;
         }
@@ -600,7 +604,7 @@ impl Engine {
             }
             // Too many waiting: dropped from memory, unacknowledged. Once the rest is
             // through, the connection is renewed so the relay delivers them again, in order.
-            Source::Relay(_) => self.resync = true,
+            Source::Relay(_) => self.leave_to_relay(source, from),
             // Still held in the store: opened again with the held ones.
             Source::Held(_) | Source::GroupHeld(_) => {}
         }
@@ -624,6 +628,56 @@ impl Engine {
                 ));
             }
         }
+    }
+
+    /// Leaves a delivery to the relay: dropped from memory, not acknowledged, and with it
+    /// every later one from `from` this session (see `left_after`); the connection is
+    /// renewed once nothing waits in memory, and the relay delivers them all again, in
+    /// order. Envelopes held in our store stay there.
+    pub(super) fn leave_to_relay(&mut self, source: Source, from: &str) {
+        if let Source::Relay(id) = source {
+            self.left_after
+                .entry(from.to_owned())
+                .and_modify(|first| *first = (*first).min(id))
+                .or_insert(id);
+            self.resync = true;
+        }
+    }
+
+    /// Whether a delivery comes after one of its sender's left to the relay this session
+    /// (and so is left too, to keep the order).
+    fn left_behind(&self, source: Source, from: &str) -> bool {
+        match source {
+            Source::Relay(id) => self.left_after.get(from).is_some_and(|first| id >= *first),
+            Source::Held(_) | Source::GroupHeld(_) => false,
+        }
+    }
+
+    /// Whether to renew the connection now, so the relay delivers again what was left to
+    /// it: no delivery waits in memory (for the store, a key, or an offer), so nothing can
+    /// overtake them, and some sender left behind can be served now (one whose key change
+    /// awaits the user's decision would only be left again).
+    pub(super) fn time_to_resync(&mut self) -> bool {
+        if !self.resync || !self.nothing_waits_in_memory() {
+            return false;
+        }
+        if self.left_after.is_empty() {
+            return true;
+        }
+        let senders: Vec<String> = self.left_after.keys().cloned().collect();
+        senders
+            .iter()
+            .any(|s| self.pin(s).is_none_or(|p| p.usable()))
+    }
+
+    fn nothing_waits_in_memory(&self) -> bool {
+        self.stalled.is_empty()
+            && !self.offers.any_blocked()
+            && self
+                .awaiting_key
+                .values()
+                .flatten()
+                .all(|w| !matches!(w, Waiting::Envelope { .. }))
     }
 
     /// Tries again the deliveries a store failure stopped (e.g. the disk is free again),

@@ -6,12 +6,8 @@ use chat_protocol::identity::PublicIdentity;
 use chat_protocol::trust::{self, Seen};
 use tracing::{info, warn};
 
-use super::{Engine, Pending, Source, Waiting, now_ms};
+use super::{Engine, Pending, Source, Waiting, max_waiting, now_ms};
 use crate::api::Event;
-
-/// Envelopes parked in memory per contact while its key is fetched; more are left to the
-/// relay (not acknowledged, so delivered again at the next login).
-const MAX_WAITING: usize = 1000;
 
 impl Engine {
     /// Asks the server for `user`'s key (once per connection) and parks `then` until it
@@ -23,13 +19,14 @@ impl Engine {
         let first = !self.awaiting_key.contains_key(user);
         let waiting = self.awaiting_key.entry(user.to_owned()).or_default();
         if let Some(w) = then {
-            if waiting.len() < MAX_WAITING {
+            if waiting.len() < max_waiting() {
                 waiting.push(w);
-            } else {
+            } else if let Waiting::Envelope { source, .. } = w {
                 warn!(
                     user,
                     "too many envelopes waiting for a key; left to the relay"
                 );
+                self.leave_to_relay(source, user);
             }
         }
         if first {
@@ -121,7 +118,10 @@ impl Engine {
         };
         match self.store.hold(from, payload, now_ms()) {
             Ok(true) => self.acks.push(envelope_id),
-            Ok(false) => warn!("too many envelopes held for one contact; left to the relay"),
+            Ok(false) => {
+                warn!("too many envelopes held for one contact; left to the relay");
+                self.leave_to_relay(source, from);
+            }
             Err(e) => self.store_error(e),
         }
     }

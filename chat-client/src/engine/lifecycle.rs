@@ -145,6 +145,7 @@ impl Engine {
             stalled: VecDeque::new(),
             stall_failed: false,
             resync: false,
+            left_after: HashMap::new(),
             offers: offers::Offers::new(),
             undecryptable: HashMap::new(),
         })

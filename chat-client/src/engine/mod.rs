@@ -291,9 +291,15 @@ struct Engine {
     stalled: VecDeque<(u64, String, Vec<u8>)>,
     /// A store failure happened during the current retry of `stalled`.
     stall_failed: bool,
-    /// Deliveries were dropped from memory while stalled: renew the connection once the
-    /// stalled ones are through, so the relay delivers the rest again in order.
+    /// Deliveries were left to the relay (dropped from memory, unacknowledged): renew the
+    /// connection once nothing waits in memory, so the relay delivers them again in order.
     resync: bool,
+    /// Per sender, the relay's id of the first of its envelopes left to the relay this
+    /// session. Every later one of that sender is left too (relay ids grow in delivery
+    /// order): opening a later one first would show it out of order, and once it moved
+    /// the replay window (64 messages) past the left one, that one would be taken for a
+    /// duplicate when delivered again — lost.
+    left_after: HashMap<String, u64>,
     /// Key offers: cache, per-sender throttle, the RSA worker.
     offers: offers::Offers,
     /// Per sender: when a forged envelope was last reported, and how many since.
@@ -377,6 +383,26 @@ fn crash_point_after_store() {
 
 #[cfg(not(debug_assertions))]
 fn crash_point_after_store() {}
+
+/// Envelopes kept in memory per sender while they wait (for the sender's key, or behind
+/// its key offer); more are left to the relay. In debug builds
+/// `CHAT_TEST_MAX_WAITING=N` lowers it, so tests reach the limit with a few messages.
+fn max_waiting() -> usize {
+    const MAX_WAITING: usize = 1000;
+    #[cfg(debug_assertions)]
+    {
+        use std::sync::OnceLock;
+        static LIMIT: OnceLock<usize> = OnceLock::new();
+        *LIMIT.get_or_init(|| {
+            std::env::var("CHAT_TEST_MAX_WAITING")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(MAX_WAITING)
+        })
+    }
+    #[cfg(not(debug_assertions))]
+    MAX_WAITING
+}
 
 impl Engine {
     /// The relay's clock now (ms since the Unix epoch), while connected.

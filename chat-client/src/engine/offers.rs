@@ -19,12 +19,10 @@ use chat_protocol::identity::{Identity, PublicIdentity};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Engine, Source};
+use super::{Engine, Source, max_waiting};
 
 /// Offers remembered (good or bad); the oldest is forgotten first.
 const CACHE: usize = 1024;
-/// Envelopes kept in memory per sender while it waits; more are left to the relay.
-const MAX_WAITING: usize = 1000;
 
 /// New offers per sender: (burst, seconds per offer after it).
 const CONTACT_OFFERS: (f64, f64) = (20.0, 30.0);
@@ -108,6 +106,11 @@ impl Offers {
         }
     }
 
+    /// Whether any sender's envelopes wait in memory.
+    pub(super) fn any_blocked(&self) -> bool {
+        !self.blocked.is_empty()
+    }
+
     /// Whether `peer`'s envelopes are waiting (a new one must queue behind them).
     pub(super) fn is_blocked(&self, peer: &str) -> bool {
         self.blocked.contains_key(peer)
@@ -119,7 +122,7 @@ impl Offers {
         let Some((_, queue)) = self.blocked.get_mut(peer) else {
             return false;
         };
-        if queue.len() >= MAX_WAITING {
+        if queue.len() >= max_waiting() {
             return false;
         }
         queue.push_back(parked);

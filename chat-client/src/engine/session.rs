@@ -39,6 +39,7 @@ impl Engine {
         self.out.clear();
         self.stalled.clear();
         self.resync = false;
+        self.left_after.clear();
         self.offers.forget_waiting();
         end
     }
@@ -152,6 +153,13 @@ impl Engine {
             if let Err(e) = conn.flush().await {
                 return SessionEnd::Lost(format!("write failed: {e}"));
             }
+            // Our acknowledgements are written: renew the connection for what was left to
+            // the relay as soon as nothing else waits.
+            if self.time_to_resync() {
+                return SessionEnd::Lost(
+                    "catching up: messages left on the relay to keep their order are delivered again".into(),
+                );
+            }
             if let Some(deadline) = self.draining_until
                 && (Instant::now() >= deadline || self.store.outbox_len().unwrap_or(0) == 0)
             {
@@ -215,9 +223,6 @@ impl Engine {
                         self.housekeeping();
                         self.retry_stalled();
                         self.flush_undecryptable();
-                        if self.resync && self.stalled.is_empty() {
-                            return SessionEnd::Lost("catching up after the local store could not write".into());
-                        }
                     }
                     if now >= last_heard + ping_interval * 3 {
                         return SessionEnd::Lost("the server stopped answering".into());
