@@ -150,3 +150,28 @@ fn fuzz_seeds_are_the_current_worked_example() {
     .unwrap();
     assert_eq!(hex(&seed).replace(' ', ""), envelope.trim());
 }
+
+/// Every `Hello { version: N }` the document shows (the connection lifecycle as well as
+/// the worked example) names the current version.
+#[test]
+fn the_document_names_the_current_version_everywhere() {
+    let doc = include_str!("../../docs/PROTOCOL.md");
+    let current = chat_protocol::PROTOCOL_VERSION.to_string();
+    let shown: Vec<&str> = doc
+        .match_indices("Hello { version: ")
+        .map(|(at, m)| {
+            let rest = &doc[at + m.len()..];
+            &rest[..rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len())]
+        })
+        .collect();
+    assert!(
+        shown.len() >= 3,
+        "the Hello frames were not found: {shown:?}"
+    );
+    assert!(
+        shown.iter().all(|v| *v == current),
+        "PROTOCOL.md shows Hello versions {shown:?}; the protocol is at {current}"
+    );
+}

@@ -8,7 +8,8 @@ use rand::Rng;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::{Close, Handler, MAX_PIPELINED, WRITE_BATCH, fan_out};
+use super::fan_out::{self, Busy};
+use super::{Close, Handler, MAX_PIPELINED, WRITE_BATCH};
 use crate::limits::work;
 use crate::metrics::Metrics;
 
@@ -41,7 +42,7 @@ impl Handler {
 
     /// Refuses send `id` with `server_busy`, and every later send until the client answers
     /// the Ping that follows the refusal (so it resends them in order).
-    pub(super) fn refuse_busy(&mut self, id: RequestId) -> Result<(), Close> {
+    pub(super) fn refuse_busy(&mut self, id: RequestId, why: Busy) -> Result<(), Close> {
         let since = match self.shed_fence {
             // A client that does not answer pings would be refused for ever: closed.
             Some((_, since)) if since.elapsed() > self.shared.config.idle_timeout() => {
@@ -56,7 +57,7 @@ impl Handler {
         Metrics::inc(&self.shared.metrics.shed);
         let nonce = rand::rng().next_u64();
         self.shed_fence = Some((nonce, since));
-        self.sends.push_back(fan_out::shed(id, nonce));
+        self.sends.push_back(fan_out::shed(id, nonce, why));
         Ok(())
     }
     /// Envelopes a session may have been given and not acknowledged: its whole queue, what

@@ -69,11 +69,53 @@ pub(super) fn no_such_user(id: RequestId, name: String, part: Option<bool>) -> I
     settled(id, name, part, Enqueued::UnknownRecipient)
 }
 
-/// A send (or a whole `SendMany`) refused because the relay is saturated: answered
-/// `server_busy` in its turn, followed by a `Ping` with `fence` (the connection's shed
-/// fence, see `Handler::shed_fence`).
-pub(super) fn shed(id: RequestId, fence: u64) -> InFlight {
-    settled(id, String::new(), None, Enqueued::Shed { fence })
+/// A send (or a whole `SendMany`) refused (`why`, see [`Busy`]): answered `server_busy`
+/// in its turn, followed by a `Ping` with `fence` (the connection's shed fence, see
+/// `Handler::shed_fence`).
+pub(super) fn shed(id: RequestId, fence: u64, why: Busy) -> InFlight {
+    settled(
+        id,
+        String::new(),
+        None,
+        Enqueued::Shed {
+            fence,
+            why: why.text(),
+        },
+    )
+}
+
+/// Why a send is refused `server_busy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Busy {
+    /// An earlier send was refused and its fence `Ping` is not answered yet.
+    Fenced,
+    /// The relay is saturated (`shed_delay_ms`, see `crate::overload`).
+    Saturated,
+    /// `MAX_PIPELINED` sends (or `4 × MAX_PIPELINED` copies) on this connection await
+    /// their answer (`shed_when_full`).
+    PipelineFull,
+    /// The store writer has no room (`shed_when_full`).
+    WriterFull,
+}
+
+impl Busy {
+    /// The error text: what refused the send and what to do.
+    pub(super) fn text(self) -> &'static str {
+        match self {
+            Busy::Fenced => {
+                "an earlier message was refused: answer the relay's Ping that followed it, then send again, in order"
+            }
+            Busy::Saturated => {
+                "the relay is overloaded and did not take this message; try again in a moment"
+            }
+            Busy::PipelineFull => {
+                "128 messages on this connection already await their answer; wait for answers, answer the relay's Ping, then send again"
+            }
+            Busy::WriterFull => {
+                "the relay's storage is busy and did not take this message; try again in a moment"
+            }
+        }
+    }
 }
 
 /// Whether `to` is a recipient count a `SendMany` may have (1 to `MAX_FANOUT`).
@@ -102,4 +144,19 @@ pub(super) fn fan_out_recipients(to: &[String]) -> Result<Vec<Option<Username>>,
         }
     }
     Ok(to.iter().map(|name| Username::parse(name).ok()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Busy;
+
+    #[test]
+    fn a_full_pipeline_refusal_names_the_real_bound() {
+        let text = Busy::PipelineFull.text();
+        let bound = chat_protocol::message::MAX_PIPELINED.to_string();
+        assert!(text.starts_with(&format!("{bound} messages")), "{text}");
+        for busy in [Busy::Fenced, Busy::Saturated, Busy::WriterFull] {
+            assert_ne!(busy.text(), text);
+        }
+    }
 }

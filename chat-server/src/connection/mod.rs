@@ -45,6 +45,7 @@ use crate::store::{Store, StoreError};
 use crate::writer::{Room, Ticket, cost};
 use admission::request_work;
 use events::{next_commit, next_delivery, next_inbound, parked_room, settle_writes};
+use fan_out::Busy;
 use login::PendingLogin;
 use reply::{error_reply, kick_message, truncate, unknown_user_reply};
 
@@ -446,12 +447,19 @@ impl Handler {
             }
             _ => None,
         };
-        if let Some(id) = shed_id
-            && (self.shed_fence.is_some()
-                || self.shared.shedder.shed()
-                || (self.shedding() && self.pipeline_full()))
-        {
-            return self.refuse_busy(id);
+        if let Some(id) = shed_id {
+            let busy = if self.shed_fence.is_some() {
+                Some(Busy::Fenced)
+            } else if self.shared.shedder.shed() {
+                Some(Busy::Saturated)
+            } else if self.shedding() && self.pipeline_full() {
+                Some(Busy::PipelineFull)
+            } else {
+                None
+            };
+            if let Some(busy) = busy {
+                return self.refuse_busy(id, busy);
+            }
         }
         // Writes to the store need room in the writer first; without room now the
         // request waits (and the connection is not read) until there is some.
@@ -476,7 +484,7 @@ impl Handler {
                 None if let Some(id) = shed_id
                     && self.shedding() =>
                 {
-                    return self.refuse_busy(id);
+                    return self.refuse_busy(id, Busy::WriterFull);
                 }
                 None => {
                     Metrics::inc(&self.shared.metrics.paced);

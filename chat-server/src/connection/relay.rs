@@ -216,7 +216,7 @@ impl Handler {
             };
             let (id, part) = (sent.id, sent.part);
             let fence = match outcome {
-                Ok(Enqueued::Shed { fence }) => Some(fence),
+                Ok(Enqueued::Shed { fence, .. }) => Some(fence),
                 _ => None,
             };
             let reply = self.settle(sent, outcome);
@@ -309,11 +309,7 @@ impl Handler {
                      address may; try again once some have been delivered",
                 )
             }
-            Ok(Enqueued::Shed { .. }) => error_reply(
-                id,
-                ErrorCode::ServerBusy,
-                "the relay is overloaded and did not take this message; try again in a moment",
-            ),
+            Ok(Enqueued::Shed { why, .. }) => error_reply(id, ErrorCode::ServerBusy, why),
             Err(e) if e.is_full() => {
                 Metrics::inc(&metrics.refused_server_full);
                 tracing::error!("the disk is full: {e}");

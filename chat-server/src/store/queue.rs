@@ -60,10 +60,12 @@ pub enum Enqueued {
     ServerFull,
     UnknownRecipient,
     /// Never stored: refused before the store because the relay was saturated (see
-    /// [`crate::overload`]); answered `server_busy`, then a `Ping` with `fence`, the
-    /// nonce whose `Pong` lifts the connection's shed fence.
+    /// [`crate::overload`]) or the connection's pipeline or the store writer was full
+    /// (`shed_when_full`); answered `server_busy` with `why` as its text, then a `Ping`
+    /// with `fence`, the nonce whose `Pong` lifts the connection's shed fence.
     Shed {
         fence: u64,
+        why: &'static str,
     },
 }
 
