@@ -28,6 +28,15 @@ const CACHE: usize = 1024;
 const CONTACT_OFFERS: (f64, f64) = (20.0, 30.0);
 const STRANGER_OFFERS: (f64, f64) = (3.0, 120.0);
 
+/// A sender's allowance of new offers: a token bucket.
+struct Bucket {
+    tokens: f64,
+    /// When `tokens` was last refilled.
+    last: Instant,
+    /// Whether it was sized for a contact.
+    contact: bool,
+}
+
 /// What an RSA job found.
 pub(super) struct Unwrapped {
     peer: String,
@@ -44,8 +53,8 @@ pub(super) struct Parked {
 
 /// Why a sender's envelopes wait.
 enum Block {
-    /// Its offer is being unwrapped (or waits for the worker).
-    Unwrapping,
+    /// This offer is being unwrapped (or waits for the worker).
+    Unwrapping(OfferId),
     /// Its new offers are over the limit until then.
     Throttled(Instant),
 }
@@ -65,8 +74,8 @@ pub(super) struct Offers {
     cache: HashMap<OfferId, Result<EpochKey, OpenError>>,
     order: VecDeque<OfferId>,
     blocked: HashMap<String, (Block, VecDeque<Parked>)>,
-    /// Tokens per sender: (tokens, last refill).
-    buckets: HashMap<String, (f64, Instant)>,
+    /// Per sender: its allowance of new offers (see `take_token`).
+    buckets: HashMap<String, Bucket>,
     contact_jobs: VecDeque<Job>,
     stranger_jobs: VecDeque<Job>,
     running: bool,
@@ -129,21 +138,32 @@ impl Offers {
         true
     }
 
-    /// Takes a token for a new offer from `peer`, or says until when it must wait.
+    /// Takes a token for a new offer from `peer`, or says until when it must wait. A
+    /// token bucket per sender, sized by what the sender is now: a stranger who becomes
+    /// a contact gets the contact's larger burst at once (the difference is added once).
     fn take_token(&mut self, peer: &str, contact: bool, now: Instant) -> Result<(), Instant> {
         let (burst, per) = if contact {
             CONTACT_OFFERS
         } else {
             STRANGER_OFFERS
         };
-        let (tokens, last) = self.buckets.entry(peer.to_owned()).or_insert((burst, now));
-        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() / per).min(burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
+        let bucket = self.buckets.entry(peer.to_owned()).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+            contact,
+        });
+        if contact && !bucket.contact {
+            bucket.tokens += CONTACT_OFFERS.0 - STRANGER_OFFERS.0;
+            bucket.contact = true;
+        }
+        let refill = now.saturating_duration_since(bucket.last).as_secs_f64() / per;
+        bucket.tokens = (bucket.tokens + refill).min(burst);
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
             Ok(())
         } else {
-            Err(now + Duration::from_secs_f64((1.0 - *tokens) * per))
+            Err(now + Duration::from_secs_f64((1.0 - bucket.tokens) * per))
         }
     }
 
@@ -153,7 +173,7 @@ impl Offers {
             .values()
             .filter_map(|(b, _)| match b {
                 Block::Throttled(at) => Some(*at),
-                Block::Unwrapping => None,
+                Block::Unwrapping(_) => None,
             })
             .min()
     }
@@ -246,7 +266,7 @@ impl Engine {
         };
         self.offers.blocked.insert(
             from.to_owned(),
-            (Block::Unwrapping, VecDeque::from([parked])),
+            (Block::Unwrapping(offer_id), VecDeque::from([parked])),
         );
         if contact {
             self.offers.contact_jobs.push_back(job);
@@ -260,7 +280,13 @@ impl Engine {
     pub(super) fn offer_unwrapped(&mut self, done: Unwrapped) {
         self.offers.running = false;
         self.offers.remember(done.offer_id, done.result);
-        if let Some((_, waiting)) = self.offers.blocked.remove(&done.peer) {
+        // Only what waits for this offer: after a reconnect the sender's line may wait
+        // for another one (its own job queued), which must not be let go early.
+        if matches!(
+            self.offers.blocked.get(&done.peer),
+            Some((Block::Unwrapping(id), _)) if *id == done.offer_id
+        ) && let Some((_, waiting)) = self.offers.blocked.remove(&done.peer)
+        {
             self.redeliver(&done.peer, waiting);
         }
         self.offers.start_next();
@@ -277,5 +303,37 @@ impl Engine {
         for p in waiting {
             self.deliver(p.source, peer.to_owned(), p.payload, p.arrived);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The field report: a sender first heard from as a stranger kept the stranger's
+    /// burst of 3 after becoming a contact, so every later new epoch (one per reconnect)
+    /// waited 30 s.
+    #[test]
+    fn a_stranger_who_becomes_a_contact_gets_the_contacts_burst() {
+        let mut offers = Offers::new();
+        let now = Instant::now();
+        let stranger = STRANGER_OFFERS.0 as usize;
+        let contact = CONTACT_OFFERS.0 as usize;
+        for _ in 0..stranger {
+            assert!(offers.take_token("cs0", false, now).is_ok());
+        }
+        let until = offers.take_token("cs0", false, now).unwrap_err();
+        assert_eq!(until - now, Duration::from_secs_f64(STRANGER_OFFERS.1));
+        // Now a contact: the rest of the contact's burst, at once and only once.
+        for _ in stranger..contact {
+            assert!(offers.take_token("cs0", true, now).is_ok());
+        }
+        let until = offers.take_token("cs0", true, now).unwrap_err();
+        assert_eq!(until - now, Duration::from_secs_f64(CONTACT_OFFERS.1));
+        // A contact from the start: the contact's burst, no more.
+        for _ in 0..contact {
+            assert!(offers.take_token("bob", true, now).is_ok());
+        }
+        assert!(offers.take_token("bob", true, now).is_err());
     }
 }
