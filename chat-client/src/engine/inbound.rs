@@ -640,7 +640,6 @@ impl Engine {
                 .entry(from.to_owned())
                 .and_modify(|first| *first = (*first).min(id))
                 .or_insert(id);
-            self.resync = true;
         }
     }
 
@@ -658,11 +657,8 @@ impl Engine {
     /// overtake them, and some sender left behind can be served now (one whose key change
     /// awaits the user's decision would only be left again).
     pub(super) fn time_to_resync(&mut self) -> bool {
-        if !self.resync || !self.nothing_waits_in_memory() {
+        if self.left_after.is_empty() || !self.nothing_waits_in_memory() {
             return false;
-        }
-        if self.left_after.is_empty() {
-            return true;
         }
         let senders: Vec<String> = self.left_after.keys().cloned().collect();
         senders

@@ -144,7 +144,6 @@ impl Engine {
             relay_clock: None,
             stalled: VecDeque::new(),
             stall_failed: false,
-            resync: false,
             left_after: HashMap::new(),
             offers: offers::Offers::new(),
             undecryptable: HashMap::new(),

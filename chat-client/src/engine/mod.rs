@@ -291,14 +291,12 @@ struct Engine {
     stalled: VecDeque<(u64, String, Vec<u8>)>,
     /// A store failure happened during the current retry of `stalled`.
     stall_failed: bool,
-    /// Deliveries were left to the relay (dropped from memory, unacknowledged): renew the
-    /// connection once nothing waits in memory, so the relay delivers them again in order.
-    resync: bool,
     /// Per sender, the relay's id of the first of its envelopes left to the relay this
     /// session. Every later one of that sender is left too (relay ids grow in delivery
     /// order): opening a later one first would show it out of order, and once it moved
     /// the replay window (64 messages) past the left one, that one would be taken for a
-    /// duplicate when delivered again — lost.
+    /// duplicate when delivered again — lost. Not empty: the connection is renewed once
+    /// nothing waits in memory, so the relay delivers them again in order.
     left_after: HashMap<String, u64>,
     /// Key offers: cache, per-sender throttle, the RSA worker.
     offers: offers::Offers,

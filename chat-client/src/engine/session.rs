@@ -38,7 +38,6 @@ impl Engine {
         self.relay_clock = None;
         self.out.clear();
         self.stalled.clear();
-        self.resync = false;
         self.left_after.clear();
         self.offers.forget_waiting();
         end
