@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chat_protocol::codec::WireCodec;
@@ -301,4 +302,60 @@ fn ready_deliveries(
         next = stream.next().now_or_never().flatten().and_then(Result::ok);
     }
     deliveries
+}
+
+/// Starts the load, measures deliveries over `run_for` after a short warm-up, stops it.
+/// Returns (messages/s, MB/s).
+pub(super) async fn measure<F, Fut>(run_for: Duration, start: F) -> anyhow::Result<(f64, f64)>
+where
+    F: FnOnce(Arc<Counter>, Arc<AtomicBool>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Vec<tokio::task::JoinHandle<()>>>>,
+{
+    let seen = window(run_for, Duration::from_millis(300), start, || Ok(())).await?;
+    Ok((seen.messages / seen.secs, seen.bytes / seen.secs / 1e6))
+}
+
+/// What one measuring window saw: deliveries, its length, and `probe` at its start and end.
+pub(super) struct Window<T> {
+    pub(super) messages: f64,
+    pub(super) bytes: f64,
+    pub(super) secs: f64,
+    pub(super) before: T,
+    pub(super) after: T,
+}
+
+/// Starts the load, waits `warmup`, counts deliveries over `run_for` (calling `probe` as
+/// the window opens and closes), then stops the load.
+pub(super) async fn window<F, Fut, T>(
+    run_for: Duration,
+    warmup: Duration,
+    start: F,
+    mut probe: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<Window<T>>
+where
+    F: FnOnce(Arc<Counter>, Arc<AtomicBool>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Vec<tokio::task::JoinHandle<()>>>>,
+{
+    let counter = Arc::new(Counter::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = start(counter.clone(), stop.clone()).await?;
+    tokio::time::sleep(warmup).await;
+    let before = probe()?;
+    counter.measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(run_for).await;
+    counter.measuring.store(false, Ordering::Relaxed);
+    let secs = t0.elapsed().as_secs_f64();
+    let after = probe()?;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    Ok(Window {
+        messages: counter.messages.load(Ordering::Relaxed) as f64,
+        bytes: counter.bytes.load(Ordering::Relaxed) as f64,
+        secs,
+        before,
+        after,
+    })
 }

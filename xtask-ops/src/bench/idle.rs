@@ -1,0 +1,143 @@
+//! Idle authenticated connections: the server memory each one costs (RSS per connection),
+//! for the relay over TLS, the plaintext relay and Redis over TLS.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use xtask::procs::Processes;
+
+use super::load;
+use super::servers::{Redis, Relay, rss_bytes, start_redis, start_relay, start_relay_exe};
+
+/// `--connections-only`: `n` idle authenticated connections to each system in turn (a
+/// fresh relay over TLS, a fresh plaintext relay, a fresh Redis over TLS), the RSS each
+/// adds per connection, and how long it took to open them all.
+pub(super) fn connections_only(
+    rt: &tokio::runtime::Runtime,
+    procs: &mut Processes,
+    (bin, plain_exe): (&Path, &Path),
+    key: &rsa::PrivateKey,
+    n: usize,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let relay = start_relay(procs, bin, data.path())?;
+    let (relay_conn, relay_secs) = rt.block_on(relay_connections(&relay, key, n))?;
+    eprintln!("relay over TLS: {n} connections in {relay_secs:.0} s, {relay_conn:.0} B each");
+    procs.stop_last()?;
+    let data_plain = tempfile::tempdir()?;
+    let plain = start_relay_exe(procs, plain_exe, data_plain.path())?;
+    let (plain_conn, plain_secs) = rt.block_on(relay_connections(&plain, key, n))?;
+    eprintln!("relay without TLS: {n} connections in {plain_secs:.0} s, {plain_conn:.0} B each");
+    procs.stop_last()?;
+    let redis = start_redis(procs)?;
+    let (redis_conn, redis_secs) = rt.block_on(redis_connections(&redis, n))?;
+    eprintln!("redis over TLS: {n} connections in {redis_secs:.0} s, {redis_conn:.0} B each");
+    let machine = super::machine();
+    println!("machine: {machine}");
+    println!("idle connections held open at once: {n} (relay: logged in; Redis: after one PING)");
+    println!("| system | RSS bytes per connection | seconds to open all |");
+    println!("|--------|-------------------------:|--------------------:|");
+    println!("| relay (TLS) | {relay_conn:.0} | {relay_secs:.0} |");
+    println!("| relay (no TLS) | {plain_conn:.0} | {plain_secs:.0} |");
+    println!("| Redis (TLS) | {redis_conn:.0} | {redis_secs:.0} |");
+    let json = json!({
+        "machine": machine,
+        "connections": n,
+        "relay_bytes_each": relay_conn, "relay_seconds": relay_secs,
+        "relay_plaintext_bytes_each": plain_conn, "relay_plaintext_seconds": plain_secs,
+        "redis_bytes_each": redis_conn, "redis_seconds": redis_secs,
+    });
+    let path = out.join("bench-connections.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Source addresses for connection `i`: 20,000 per loopback address (ports run out at ~28k).
+pub(super) fn source(i: usize) -> [u8; 4] {
+    [127, 0, 0, 1 + (i / 20_000) as u8]
+}
+
+/// Per connection, the relay's RSS growth with `n` authenticated connections held open
+/// (each answering pings, as clients do), and the seconds it took to open them all.
+pub(super) async fn relay_connections(
+    relay: &Relay,
+    key: &rsa::PrivateKey,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let before = rss_bytes(relay.pid)?;
+    let started = Instant::now();
+    let mut conns = Vec::with_capacity(n);
+    let mut logins = tokio::task::JoinSet::new();
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    for i in 0..n {
+        let (addr, key, sem) = (relay.addr.clone(), key.clone(), sem.clone());
+        logins.spawn(async move {
+            let _p = sem.acquire().await;
+            load::relay_login(&addr, &format!("idle{i}"), &key, Some(source(i))).await
+        });
+    }
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    while let Some(conn) = logins.join_next().await {
+        // Each answers the relay's pings as a client does, so none times out while the
+        // rest log in (100,000 logins take minutes).
+        let mut conn = conn??;
+        let open = open.clone();
+        open.fetch_add(1, Ordering::Relaxed);
+        conns.push(tokio::spawn(async move {
+            use chat_protocol::{ClientMessage, ServerMessage};
+            use futures_util::{SinkExt, StreamExt};
+            while let Some(Ok(msg)) = conn.next().await {
+                if let ServerMessage::Ping { nonce } = msg
+                    && conn.send(ClientMessage::Pong { nonce }).await.is_err()
+                {
+                    break;
+                }
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+        }));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // Let the server settle (blocking-pool threads, allocator) before reading RSS.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_bytes(relay.pid)?;
+    let still = open.load(Ordering::Relaxed);
+    for conn in conns {
+        conn.abort();
+    }
+    anyhow::ensure!(
+        still == n,
+        "only {still} of {n} connections were still open when the relay's memory was read"
+    );
+    Ok(((after - before) / n as f64, secs))
+}
+
+/// As [`relay_connections`] for Redis over TLS (each connection has sent one PING).
+pub(super) async fn redis_connections(redis: &Redis, n: usize) -> anyhow::Result<(f64, f64)> {
+    let before = rss_bytes(redis.pid)?;
+    let started = Instant::now();
+    let config = chat_protocol::tls::PinVerifier::new(None).client_config()?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((std::net::Ipv4Addr::from(source(i)), 0).into())?;
+        let tcp = socket.connect(([127, 0, 0, 1], redis.port).into()).await?;
+        let sni = rustls::pki_types::ServerName::try_from("redis.bench")?;
+        let mut s = connector.connect(sni, tcp).await?;
+        // One command so the server has set the client up, as a logged-in relay client.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"PING\r\n").await?;
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).await?;
+        conns.push(s);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_bytes(redis.pid)?;
+    Ok(((after - before) / n as f64, secs))
+}
