@@ -1,0 +1,169 @@
+use super::*;
+
+fn name(s: &str) -> Username {
+    Username::parse(s).unwrap()
+}
+
+fn envelope(to: &str, payload: &[u8]) -> Envelope {
+    Envelope {
+        recipient: name(to),
+        sender: name("alice"),
+        source: 1,
+        payload: payload.to_vec(),
+        now_secs: 1000,
+        limits: QueueLimits::per_recipient(100, 1 << 20),
+    }
+}
+
+fn room(writer: &Writer) -> Room {
+    writer
+        .try_reserve(1000)
+        .expect("room in the writer's queue")
+}
+
+fn setup(grace: Duration) -> (tempfile::TempDir, Store, Writer) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.bind(&name("bob"), b"k").unwrap();
+    let writer = Writer::start(store.clone(), grace, 1 << 20);
+    (dir, store, writer)
+}
+
+#[tokio::test]
+async fn a_held_envelope_acknowledged_in_time_is_never_written() {
+    // A grace far longer than the test: only the Ack can answer the ticket.
+    let (_dir, store, writer) = setup(Duration::from_secs(3600));
+    let mut ticket = writer.enqueue_held(room(&writer), 7, envelope("bob", b"hi"));
+    assert_eq!(writer.held_count(), 1);
+    // Someone else's ack for that id changes nothing.
+    writer.ack(name("carol"), vec![7]);
+    assert_eq!(writer.held_count(), 1);
+    writer.ack(name("bob"), vec![7]);
+    assert_eq!(ticket.enqueued().await.unwrap(), Enqueued::Stored(7));
+    assert_eq!(writer.held_count(), 0);
+    assert_eq!(store.stats().unwrap().queued, 0);
+    assert!(store.pending(&name("bob"), 0, 10).unwrap().is_empty());
+    // The id is still used up, written or not: the next commit records it.
+    writer
+        .bind(room(&writer), name("carol"), b"k".to_vec())
+        .bound()
+        .await
+        .unwrap();
+    assert_eq!(store.next_envelope_id().unwrap(), 8);
+}
+
+#[tokio::test]
+async fn a_held_envelope_not_acknowledged_is_written_after_the_grace() {
+    let (_dir, store, writer) = setup(Duration::from_millis(50));
+    let started = Instant::now();
+    let mut held = writer.enqueue_held(room(&writer), 3, envelope("bob", b"held"));
+    // Writes behind it keep their order: the barrier passes only after it.
+    let mut barrier = writer.barrier();
+    barrier.passed().await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert_eq!(held.enqueued().await.unwrap(), Enqueued::Stored(3));
+    let queued = store.pending(&name("bob"), 0, 10).unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!((queued[0].id, &queued[0].payload[..]), (3, &b"held"[..]));
+    // A late ack now deletes it like any other.
+    writer.ack(name("bob"), vec![3]);
+    writer.barrier().passed().await.unwrap();
+    assert!(store.pending(&name("bob"), 0, 10).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn other_writes_do_not_wait_behind_a_held_envelope() {
+    let (_dir, store, writer) = setup(Duration::from_secs(3600));
+    let _held = writer.enqueue_held(room(&writer), 1, envelope("bob", b"held"));
+    let mut plain = writer.enqueue(room(&writer), 2, envelope("bob", b"plain"));
+    let stored = tokio::time::timeout(Duration::from_secs(10), plain.enqueued()).await;
+    assert_eq!(stored.unwrap().unwrap(), Enqueued::Stored(2));
+    let ids: Vec<u64> = store
+        .pending(&name("bob"), 0, 10)
+        .unwrap()
+        .iter()
+        .map(|q| q.id)
+        .collect();
+    assert_eq!(ids, vec![2]);
+    // A barrier still waits for the held one; its Ack lets it pass, unwritten.
+    let mut barrier = writer.barrier();
+    let early = tokio::time::timeout(Duration::from_millis(200), barrier.passed()).await;
+    assert!(early.is_err(), "the barrier passed a held envelope");
+    writer.ack(name("bob"), vec![1]);
+    let passed = tokio::time::timeout(Duration::from_secs(10), barrier.passed()).await;
+    passed.unwrap().unwrap();
+    assert_eq!(store.pending(&name("bob"), 0, 10).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn ordinary_writes_are_group_committed_in_order() {
+    let (_dir, store, writer) = setup(Duration::ZERO);
+    let mut tickets: Vec<Ticket> = (1..=50)
+        .map(|i| writer.enqueue(room(&writer), i, envelope("bob", &[i as u8])))
+        .collect();
+    let mut unknown = writer.enqueue(room(&writer), 51, envelope("nobody", b"?"));
+    for (i, t) in tickets.iter_mut().enumerate() {
+        assert_eq!(t.enqueued().await.unwrap(), Enqueued::Stored(i as u64 + 1));
+    }
+    assert_eq!(
+        unknown.enqueued().await.unwrap(),
+        Enqueued::UnknownRecipient
+    );
+    let ids: Vec<u64> = store
+        .pending(&name("bob"), 0, 100)
+        .unwrap()
+        .iter()
+        .map(|q| q.id)
+        .collect();
+    assert_eq!(ids, (1..=50).collect::<Vec<_>>());
+    assert_eq!(
+        writer
+            .bind(room(&writer), name("bob"), b"other".to_vec())
+            .bound()
+            .await
+            .unwrap(),
+        Bind::Taken
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_has_no_room_until_writes_are_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.bind(&name("bob"), b"k").unwrap();
+    // Room for two envelopes of 100 bytes, and a grace far longer than the test.
+    let writer = Writer::start(
+        store.clone(),
+        Duration::from_secs(3600),
+        2 * cost::envelope(100),
+    );
+    let first = writer.try_reserve(cost::envelope(100)).unwrap();
+    let second = writer.try_reserve(cost::envelope(100)).unwrap();
+    assert!(writer.try_reserve(cost::envelope(100)).is_none(), "full");
+    assert!(writer.try_reserve(1).is_none());
+    // A held envelope keeps its room until acknowledged...
+    let mut held = writer.enqueue_held(first, 1, envelope("bob", &[0; 100]));
+    // ...a written one until committed.
+    let mut plain = writer.enqueue(second, 2, envelope("bob", &[0; 100]));
+    plain.enqueued().await.unwrap();
+    let room = tokio::time::timeout(Duration::from_secs(10), writer.reserve(cost::envelope(100)))
+        .await
+        .expect("room came back after the commit");
+    assert!(writer.try_reserve(cost::envelope(100)).is_none());
+    // An ack needs no room, even with none left.
+    assert!(writer.try_reserve(1).is_none());
+    writer.ack(name("bob"), vec![1]);
+    held.enqueued().await.unwrap();
+    drop(room);
+    // The plain write's room, and (once the writer passes it) the held envelope's,
+    // come back.
+    let waited = tokio::time::timeout(
+        Duration::from_secs(10),
+        writer.reserve(2 * cost::envelope(100)),
+    )
+    .await;
+    assert!(waited.is_ok(), "all the room came back");
+    // A cost larger than the whole budget is clamped to it, so it can still be met.
+    drop(waited);
+    assert!(writer.try_reserve(usize::MAX).is_some());
+}
