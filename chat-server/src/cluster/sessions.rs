@@ -12,6 +12,15 @@
 //! a key that stops being refreshed, with a marker every relay sees. Every relay sweeps
 //! the sessions whose owner has no live heartbeat (compare-and-delete, so racing sweeps
 //! and a newer login are safe), and the users of a crashed relay go offline.
+//!
+//! The sessions bucket is kept in memory on the NATS nodes: restarting each node in turn
+//! can leave it empty, its revisions starting again from 1, while this relay stays
+//! connected. Remembered revisions would then make new logins look older than stale
+//! ones (a false `session_replaced`) and this relay's users would look offline. A relay
+//! therefore checks the bucket's last sequence against the highest revision it has seen
+//! at every [`HEARTBEAT`], and a login that looks replaced is checked against the bucket
+//! itself; when the history is found lost, the relay forgets what it learnt and writes
+//! its sessions again (a key already taken meanwhile is a newer login, which wins).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -54,6 +63,12 @@ struct Known {
     /// Since when the heartbeats have been followed: sessions are swept only after a
     /// whole [`RELAY_TTL`] of it.
     following_since: Option<tokio::time::Instant>,
+    /// The highest sessions-bucket revision seen (our writes and the followed changes):
+    /// the bucket's last sequence below it means the bucket lost its history.
+    high: u64,
+    /// A login was told it was replaced by a write the bucket no longer holds: the
+    /// bucket lost its history (checked at the next heartbeat).
+    lost: bool,
 }
 
 pub(super) struct Sessions {
@@ -85,6 +100,8 @@ impl Sessions {
         known.latest.clear();
         known.alive.clear();
         known.following_since = None;
+        known.high = 0;
+        known.lost = false;
         drop(known);
         self.generation.send_modify(|g| *g += 1);
     }
@@ -104,14 +121,113 @@ impl Sessions {
             .put(token(user), Bytes::from(owner.clone()))
             .await
             .map_err(cluster_err)?;
-        let mut known = self.known();
-        known.mine.insert(user.clone(), (conn_id, revision));
-        // A newer login elsewhere may have been seen before our write returned.
-        let replaced = known
-            .latest
-            .get(user)
-            .is_some_and(|(by, rev)| *rev > revision && *by != owner);
+        let seen_newer = {
+            let mut known = self.known();
+            known.mine.insert(user.clone(), (conn_id, revision));
+            known.high = known.high.max(revision);
+            // A newer login elsewhere may have been seen before our write returned.
+            known
+                .latest
+                .get(user)
+                .is_some_and(|(by, rev)| *rev > revision && *by != owner)
+        };
+        if !seen_newer {
+            return Ok(Login {
+                revision,
+                replaced: false,
+            });
+        }
+        // Only if the bucket still says so: a bucket that lost its history hands out
+        // revisions from 1 again, below the ones remembered.
+        let now = self.bucket.entry(token(user)).await.map_err(cluster_err)?;
+        let replaced = now.is_some_and(|e| {
+            e.operation == kv::Operation::Put
+                && e.revision > revision
+                && e.value != owner.as_bytes()
+        });
+        if !replaced {
+            self.known().lost = true;
+        }
         Ok(Login { revision, replaced })
+    }
+
+    /// Whether the sessions bucket lost its history (see the module's doc); if so,
+    /// forgets what was learnt from it and writes this relay's sessions again.
+    async fn check_history(&self, router: &Router) {
+        let last = match self.bucket.status().await {
+            Ok(status) => status.info.state.last_sequence,
+            Err(e) => {
+                debug!("cannot read the session bucket's state: {e}");
+                return;
+            }
+        };
+        let (lost, high) = {
+            let known = self.known();
+            (known.lost || last < known.high, known.high)
+        };
+        if !lost {
+            return;
+        }
+        warn!(
+            "the session bucket lost its history (last revision {last}, {high} seen): \
+             following it afresh and writing this relay's sessions again"
+        );
+        // The followers read the bucket afresh (and presence with it).
+        self.reset();
+        let mine: Vec<(Username, u64)> = self
+            .known()
+            .mine
+            .iter()
+            .map(|(user, (conn, _))| (user.clone(), *conn))
+            .collect();
+        for (user, conn) in mine {
+            self.write_again(&user, conn, router).await;
+        }
+    }
+
+    /// Writes `user`'s session on connection `conn` again after the bucket lost it,
+    /// unless a login after the loss took the key (then that newer session wins).
+    async fn write_again(&self, user: &Username, conn: u64, router: &Router) {
+        let (key, owner) = (token(user), self.owner(conn));
+        let revision = match self.bucket.create(&key, Bytes::from(owner.clone())).await {
+            Ok(revision) => revision,
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                match self.bucket.entry(key.clone()).await {
+                    // Our own login after the loss already wrote it.
+                    Ok(Some(entry)) if entry.value == owner.as_bytes() => entry.revision,
+                    Ok(_) => {
+                        router.kick(user, conn, ErrorCode::SessionReplaced);
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(%user, "cannot read the session back: {e}");
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(%user, "cannot write the session again: {e}");
+                return;
+            }
+        };
+        let still_ours = {
+            let mut known = self.known();
+            known.high = known.high.max(revision);
+            match known.mine.get_mut(user) {
+                Some((c, r)) if *c == conn => {
+                    *r = revision;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !still_ours {
+            // Logged out meanwhile: the key is not ours to keep.
+            let _ = self
+                .bucket
+                .delete_expect_revision(&key, Some(revision))
+                .await;
+        }
     }
 
     pub(super) fn logout(&self, user: &Username, conn_id: u64) {
@@ -155,6 +271,7 @@ impl Sessions {
         };
         let online = entry.operation == kv::Operation::Put;
         let mut known = self.known();
+        known.high = known.high.max(entry.revision);
         if online {
             let owner = String::from_utf8_lossy(&entry.value).into_owned();
             if let Some((conn, revision)) = known.mine.get(&user)
@@ -176,13 +293,14 @@ impl Sessions {
         tokio::select! {
             never = self.follow_sessions(router) => never,
             never = self.follow_relays() => never,
-            never = self.beat() => never,
+            never = self.beat(router) => never,
         }
     }
 
-    /// Refreshes this relay's heartbeat and sweeps the sessions of relays without one
-    /// (only once this relay has followed the heartbeats for a whole TTL).
-    async fn beat(&self) -> ! {
+    /// Refreshes this relay's heartbeat, checks that the sessions bucket kept its history,
+    /// and sweeps the sessions of relays without a heartbeat (only once this relay has
+    /// followed the heartbeats for a whole TTL).
+    async fn beat(&self, router: &Router) -> ! {
         loop {
             if let Err(e) = self
                 .relays
@@ -191,6 +309,7 @@ impl Sessions {
             {
                 warn!("cannot refresh this relay's heartbeat: {e}");
             }
+            self.check_history(router).await;
             let since = self.known().following_since;
             if since.is_some_and(|s| s.elapsed() > RELAY_TTL) {
                 self.sweep().await;
