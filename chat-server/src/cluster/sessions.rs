@@ -140,14 +140,18 @@ impl Sessions {
         // Only if the bucket still says so: a bucket that lost its history hands out
         // revisions from 1 again, below the ones remembered.
         let now = self.bucket.entry(token(user)).await.map_err(cluster_err)?;
-        let replaced = now.is_some_and(|e| {
-            e.operation == kv::Operation::Put
-                && e.revision > revision
-                && e.value != owner.as_bytes()
-        });
-        if !replaced {
-            self.known().lost = true;
-        }
+        let replaced = match now {
+            // Written after ours: a newer login (even if it has logged out since), unless
+            // it is our own session written again after a loss.
+            Some(e) if e.revision > revision => {
+                e.operation != kv::Operation::Put || e.value != owner.as_bytes()
+            }
+            // Ours is the newest write: the one remembered is no longer in the bucket.
+            _ => {
+                self.known().lost = true;
+                false
+            }
+        };
         Ok(Login { revision, replaced })
     }
 
