@@ -158,8 +158,10 @@ impl Sessions {
     /// Whether the sessions bucket lost its history (see the module's doc); if so,
     /// forgets what was learnt from it and writes this relay's sessions again.
     async fn check_history(&self, router: &Router) {
-        let last = match self.bucket.status().await {
-            Ok(status) => status.info.state.last_sequence,
+        // A fresh stream info request to the stream's leader (`kv::Store::status` only
+        // returns the info cached when the bucket was opened).
+        let last = match self.bucket.stream.get_info().await {
+            Ok(info) => info.state.last_sequence,
             Err(e) => {
                 debug!("cannot read the session bucket's state: {e}");
                 return;
