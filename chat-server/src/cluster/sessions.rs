@@ -161,6 +161,9 @@ impl Sessions {
         // A fresh stream info request to the stream's leader (`kv::Store::status` only
         // returns the info cached when the bucket was opened).
         let last = match self.bucket.stream.get_info().await {
+            // Without a leader a member answers from its own copy, which after a restart
+            // may be empty while another member still holds the history: not a verdict.
+            Ok(info) if info.cluster.as_ref().is_some_and(|c| c.leader.is_none()) => return,
             Ok(info) => info.state.last_sequence,
             Err(e) => {
                 debug!("cannot read the session bucket's state: {e}");
