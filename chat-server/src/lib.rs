@@ -228,8 +228,9 @@ async fn serve(
 }
 
 /// With the cluster backend: follows the session bucket, and while NATS is unreachable
-/// closes every session (clients reconnect, to another relay if they know one) and
-/// refuses new connections. Pending forever with the SQLite backend.
+/// refuses new connections and, once it has been for [`cluster::LINK_GRACE`], closes
+/// every session (clients reconnect, to another relay if they know one). Pending forever
+/// with the SQLite backend.
 async fn cluster_loop(shared: &Arc<Shared>) {
     let Some(cluster) = &shared.cluster else {
         return std::future::pending().await;
@@ -244,16 +245,25 @@ async fn cluster_loop(shared: &Arc<Shared>) {
                 info!("serving: the cluster backend (NATS) is reachable again");
             } else {
                 error!(
-                    "not serving: lost the cluster backend (NATS); closing every session \
+                    "not serving: lost the cluster backend (NATS); refusing new connections \
                      until it is back"
                 );
-                shared.router.kick_all(ErrorCode::ShuttingDown);
+                // The NATS client finds another node in moments when one fails: sessions
+                // wait that out (their sends are retried meanwhile), not a longer outage.
+                if cluster.outage_outlasts(cluster::LINK_GRACE).await {
+                    error!(
+                        "the cluster backend (NATS) stayed unreachable for {} s: closing \
+                         every session",
+                        cluster::LINK_GRACE.as_secs()
+                    );
+                    shared.router.kick_all(ErrorCode::ShuttingDown);
+                }
             }
         }
     };
     tokio::select! {
         never = cluster.follow_sessions(&shared.router) => never,
-        never = cluster.keep_serving() => never,
+        never = cluster.keep_serving(&shared.router) => never,
         () = watch_connection => {}
     }
 }

@@ -10,20 +10,6 @@ use common::disk::SmallDisk;
 use common::nats::Nats;
 use common::{Client, PATIENCE, TestServer, key, user_when_serving};
 
-/// Asks until `name` is listed online (presence crosses relays through the session
-/// bucket, a moment after the login).
-async fn until_online(c: &mut Client, name: &str, online: bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while c.online().await.iter().any(|n| n == name) != online {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} never became {}",
-            if online { "online" } else { "offline" }
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_on_one_nats_node_are_one_service() {
     let nats = Nats::single();
@@ -33,8 +19,8 @@ async fn two_relays_on_one_nats_node_are_one_service() {
     // Alice on A, bob on B: each sees the other online, and they chat both ways.
     let mut alice = a.user("alice", 0).await;
     let mut bob = b.user("bob", 1).await;
-    until_online(&mut alice, "bob", true).await;
-    until_online(&mut bob, "alice", true).await;
+    alice.until_online("bob", true).await;
+    bob.until_online("alice", true).await;
     assert!(matches!(
         alice.send_to("bob", b"hi bob").await,
         ServerMessage::Ok { .. }
@@ -126,59 +112,7 @@ async fn two_relays_on_one_nats_node_are_one_service() {
     let (_, _, payload) = bob_on_a.delivery().await;
     assert_eq!(payload, b"to the new one");
     // Without an offline flap for those who watch him.
-    until_online(&mut alice, "bob", true).await;
-}
-
-/// The sessions bucket lives in memory on the NATS nodes: restarting each node in turn
-/// can leave it empty, its revisions starting again from 1, while the relays stay
-/// connected (found by killing the nodes of a 3-node cluster one after another under
-/// load). Here its stream is made again, empty, under the relays' feet.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_bucket_that_lost_its_history_replaces_no_new_login_and_hides_no_one() {
-    let nats = Nats::single();
-    let a = TestServer::start(|c| c.backend = nats.backend(1)).await;
-    let b = TestServer::start(|c| c.backend = nats.backend(1)).await;
-    // Revisions go up as logins come and go; bob and carol stay on A.
-    for _ in 0..5 {
-        let mut dave = a.user("dave", 3).await;
-        dave.online().await;
-    }
-    let mut bob = a.user("bob", 1).await;
-    let _carol = a.user("carol", 2).await;
-    let mut alice = b.user("alice", 0).await;
-    until_online(&mut alice, "bob", true).await;
-    until_online(&mut alice, "carol", true).await;
-
-    let js = async_nats::jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
-    let name = "KV_chat_sessions";
-    let config = js
-        .get_stream(name)
-        .await
-        .unwrap()
-        .cached_info()
-        .config
-        .clone();
-    js.delete_stream(name).await.unwrap();
-    js.create_stream(config).await.unwrap();
-
-    // Bob logs in again, on B: the new session is the one served (it used to be refused
-    // as replaced by the old one's remembered, higher revision), the old one is closed.
-    let mut bob_on_b = b.user("bob", 1).await;
-    bob.expect_error(ErrorCode::SessionReplaced).await;
-    bob.expect_closed().await;
-    assert!(matches!(
-        alice.send_to("bob", b"after the loss").await,
-        ServerMessage::Ok { .. }
-    ));
-    let (_, _, payload) = bob_on_b.delivery().await;
-    assert_eq!(payload, b"after the loss");
-
-    // Carol, on A throughout, is online for a relay that starts after the loss (A wrote
-    // her session again; it used to be gone until she logged in anew).
-    let c = TestServer::start(|c| c.backend = nats.backend(1)).await;
-    let mut dave = c.user("dave", 3).await;
-    until_online(&mut dave, "carol", true).await;
-    until_online(&mut dave, "bob", true).await;
+    alice.until_online("bob", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
-//! A NATS node leaving the cluster for good, through the real binary: `admin evacuate-node`
-//! moves its replicas, `admin forget-node` (system account) takes it out of the meta
-//! group, and the three nodes left keep the queued mail and survive losing one more.
+//! NATS nodes failing under the relays: a relay whose node dies keeps its sessions, and a
+//! node leaving the cluster for good, through the real binary (`admin evacuate-node` moves
+//! its replicas, `admin forget-node` (system account) takes it out of the meta group, and
+//! the three nodes left keep the queued mail and survive losing one more).
 
 mod common;
 
@@ -10,7 +11,7 @@ use async_nats::jetstream;
 use chat_protocol::{ClientMessage, ServerMessage};
 use chat_server::cluster::nodes;
 use common::nats::Nats;
-use common::{TestServer, user_when_serving};
+use common::{Client, PATIENCE, TestServer, user_when_serving};
 
 const BIN: &str = env!("CARGO_BIN_EXE_chat-server");
 
@@ -61,6 +62,65 @@ async fn meta_size(url: &str, seed: &str) -> u64 {
     jsz["data"]["meta_cluster"]["cluster_size"]
         .as_u64()
         .unwrap_or_else(|| panic!("no meta group in {jsz}"))
+}
+
+/// The next delivery (within `patience`: after a node dies it waits for the mailbox
+/// reader's new consumer), acknowledged; its payload.
+async fn take(c: &mut Client, patience: std::time::Duration) -> Vec<u8> {
+    match c.recv_reply_within(patience).await {
+        Some(ServerMessage::Deliver {
+            envelope_id,
+            payload,
+            ..
+        }) => {
+            c.send(ClientMessage::Ack {
+                envelope_ids: vec![envelope_id],
+            })
+            .await;
+            payload
+        }
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+/// A relay whose NATS node dies keeps its sessions: the NATS client reconnects to another
+/// node of the cluster (learnt from the one it was given) in moments, and what is sent
+/// meanwhile is retried until JetStream takes it. The relay used to close every session at
+/// once with `shutting_down` and refuse logins until its stream and buckets answered again
+/// (about 10 s of leader elections); its clients, backing off, were gone for 42–58 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_nats_node_dies_keeps_its_sessions_and_loses_nothing() {
+    let mut nats = Nats::cluster();
+    // Given node 0 only, the relay talks to the node killed below.
+    let url = nats.nodes[0].url();
+    let server = TestServer::start(|c| {
+        c.backend = chat_server::config::Backend::Nats(chat_server::config::NatsBackend {
+            urls: vec![url],
+            stream_replicas: 3,
+            ..Default::default()
+        })
+    })
+    .await;
+    let mut bob = server.user("bob", 1).await;
+    let mut alice = server.user("alice", 0).await;
+    let reply = alice.send_to("bob", &[0]).await;
+    assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    assert_eq!(take(&mut bob, PATIENCE).await, [0]);
+
+    tokio::task::block_in_place(|| nats.nodes[0].kill());
+    // Each send is answered `Ok` once stored (after the elections the kill may cause),
+    // on the session alice had: a `shutting_down` or a closed connection fails here.
+    for i in 1..=5u8 {
+        let reply = alice.send_to_within("bob", &[i], 6 * PATIENCE).await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    }
+    // Bob, on his session too, gets each once, in order.
+    for i in 1..=5u8 {
+        assert_eq!(take(&mut bob, 6 * PATIENCE).await, [i]);
+    }
+    bob.send(ClientMessage::Ping { nonce: 7 }).await;
+    let pong = bob.recv_reply_within(PATIENCE).await;
+    assert_eq!(pong, Some(ServerMessage::Pong { nonce: 7 }), "nothing more");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

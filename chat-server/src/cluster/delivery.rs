@@ -15,7 +15,8 @@ use tracing::{debug, info, warn};
 use super::{Cluster, FROM_HEADER};
 
 /// Failures in a row after which a mailbox reader gives up (the session is closed, and
-/// the client reconnects).
+/// the client reconnects), if they also lasted [`super::RETRY_FOR`]: leader elections
+/// after a node dies can refuse consumers for several seconds, quickly each time.
 pub const READER_RETRIES: u32 = 40;
 
 /// How often acknowledged envelopes are removed from the mailbox (one purge per
@@ -39,6 +40,22 @@ pub(super) struct Removal {
     below: Option<u64>,
     /// Acknowledged ids at or above `below`: deleted one by one.
     ids: BTreeSet<u64>,
+}
+
+/// A mailbox reader's failures in a row.
+#[derive(Debug, Default)]
+struct Failures {
+    count: u32,
+    since: Option<tokio::time::Instant>,
+}
+
+impl Failures {
+    /// Counts one more; whether the reader should give up.
+    fn give_up(&mut self) -> bool {
+        self.count += 1;
+        let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+        self.count > READER_RETRIES && since.elapsed() >= super::RETRY_FOR
+    }
 }
 
 impl Cluster {
@@ -66,8 +83,9 @@ impl Cluster {
     /// ephemeral consumer may have been lost with a node and would otherwise wait forever.
     /// Sequences already given are skipped, so a restart makes no gap and no duplicate.
     /// Once as many envelopes as the first consumer (re)made before that point had pending
-    /// are given, [`MailboxRead::CaughtUp`] follows them, once. Gives up (an error, and the session is closed) after [`READER_RETRIES`] failures in
-    /// a row.
+    /// are given, [`MailboxRead::CaughtUp`] follows them, once. Gives up (an error, and
+    /// the session is closed) after [`READER_RETRIES`] failures in a row lasting
+    /// [`super::RETRY_FOR`].
     async fn read_mailbox(
         &self,
         user: &Username,
@@ -77,7 +95,7 @@ impl Cluster {
         let legacy = self.legacy_subject(user);
         let mut next = 0u64;
         let mut disturbances = self.disturbances.subscribe();
-        let mut failures = 0;
+        let mut failures = Failures::default();
         // Envelopes still to give before the backlog is read; `None` once caught up.
         let mut backlog: Option<u64> = Some(0);
         loop {
@@ -108,8 +126,7 @@ impl Cluster {
             let mut messages = match messages {
                 Ok(messages) => messages,
                 Err(e) => {
-                    failures += 1;
-                    if failures > READER_RETRIES {
+                    if failures.give_up() {
                         return Err(e);
                     }
                     debug!("cannot read {subject} ({e}); trying again");
@@ -137,8 +154,7 @@ impl Cluster {
                 let message = match message {
                     Some(Ok(message)) => message,
                     Some(Err(e)) => {
-                        failures += 1;
-                        if failures > READER_RETRIES {
+                        if failures.give_up() {
                             return Err(e.to_string());
                         }
                         debug!("reading {subject} failed ({e}); reading again from {next}");
@@ -151,7 +167,7 @@ impl Cluster {
                 if sequence < next {
                     continue;
                 }
-                failures = 0;
+                failures = Failures::default();
                 next = sequence + 1;
                 if message.subject.as_str() == legacy {
                     self.legacy

@@ -64,8 +64,19 @@ pub const MIGRATED_ADDRESS: &str = "migrated";
 /// The header naming an envelope's sender.
 pub const FROM_HEADER: &str = "Chat-From";
 
+/// How long a relay keeps its sessions while NATS is unreachable: the NATS client finds
+/// another node of the cluster within moments when one fails; a longer outage closes them
+/// (clients reconnect, to another relay if they know one). Shorter than a heartbeat's
+/// life less one beat, so other relays do not take this one for dead meanwhile.
+pub const LINK_GRACE: Duration = Duration::from_secs(8);
+const _: () =
+    assert!(LINK_GRACE.as_secs() + sessions::HEARTBEAT.as_secs() < sessions::RELAY_TTL.as_secs());
+
 /// How long a relay (or an operator command) waits for a first connection to NATS.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a relay whose NATS link came back waits for a verdict on the sessions
+/// bucket's history before serving (the heartbeats go on checking).
+const VERDICT_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Accounts remembered as existing (they are never removed in the cluster backend), so a
 /// send needs no lookup after the first. Past this many the memory is cleared.
@@ -136,9 +147,6 @@ pub struct Cluster {
     serving: watch::Sender<bool>,
     /// What the layout is made from, to make it again ([`Cluster::keep_serving`]).
     spec: Box<(Config, NatsBackend)>,
-    /// When the sessions bucket was made, as JetStream says: another time after NATS
-    /// comes back means the bucket is new (memory-backed, every node restarted).
-    sessions_made: Mutex<String>,
     /// Counts disturbances (reconnections, stream leader elections): mailbox readers
     /// make their consumers again at each.
     disturbances: watch::Sender<u64>,
@@ -252,7 +260,6 @@ impl Cluster {
              atomic batches {}",
             if atomic { "on" } else { "off" }
         );
-        let sessions_made = made_at(&sessions).await;
         Ok(Self {
             outbox: outbox::Outbox::start(client, js.clone(), atomic),
             js,
@@ -269,7 +276,6 @@ impl Cluster {
             link,
             serving: watch::Sender::new(true),
             spec: Box::new((config.clone(), nats.clone())),
-            sessions_made: Mutex::new(sessions_made),
             disturbances,
         })
     }
@@ -280,13 +286,45 @@ impl Cluster {
         self.serving.subscribe()
     }
 
+    /// Waits until NATS has been unreachable for `grace` without a break (true: the
+    /// relay's sessions should be closed), or the relay serves again (false). A link that
+    /// comes back ends the wait for it; losing it again starts a new one.
+    pub async fn outage_outlasts(&self, grace: Duration) -> bool {
+        let mut link = self.link.clone();
+        let mut serving = self.serving.subscribe();
+        loop {
+            if *serving.borrow_and_update() {
+                return false;
+            }
+            if !*link.borrow_and_update() {
+                let back = tokio::time::timeout(grace, link.wait_for(|up| *up))
+                    .await
+                    .map(|up| up.is_ok());
+                match back {
+                    Err(_) => return true,
+                    Ok(true) => continue,
+                    Ok(false) => std::future::pending().await,
+                }
+            }
+            // Back, and the layout not yet checked.
+            let changed = tokio::select! {
+                changed = serving.changed() => changed,
+                changed = link.changed() => changed,
+            };
+            if changed.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Follows the NATS connection and says (through [`Cluster::connection`]) whether the
     /// relay serves: not while NATS is unreachable; when it is back, once the stream and
     /// buckets are there — made again if missing (a cluster whose every node restarted
     /// has lost the memory-backed session buckets; a relay would otherwise serve with
-    /// every session write failing), and, if they are new, once what was learnt from the
-    /// old ones is forgotten. Never returns.
-    pub async fn keep_serving(&self) -> ! {
+    /// every session write failing) — and the sessions bucket's history is checked (if it
+    /// was made anew or lost its writes, what was learnt from it is forgotten and this
+    /// relay's sessions are written again; see [`sessions`]). Never returns.
+    pub async fn keep_serving(&self, router: &crate::router::Router) -> ! {
         let mut link = self.link.clone();
         let (config, nats) = &*self.spec;
         // The first connection (made before serving began) is no news.
@@ -306,18 +344,17 @@ impl Cluster {
             // Back. Until the layout is checked, new sessions are refused.
             while *link.borrow() {
                 match layout::layout(&self.js, config, nats, false).await {
-                    Ok(layout::Handles { sessions, .. }) => {
+                    Ok(_) => {
                         lost = false;
-                        let made = made_at(&sessions).await;
-                        let mut known =
-                            self.sessions_made.lock().unwrap_or_else(|p| p.into_inner());
-                        if *known != made {
-                            // A new bucket: what was learnt from the old one is void.
-                            info!("the session buckets were made anew; reading them afresh");
-                            *known = made;
-                            self.sessions.reset();
+                        // A verdict needs the bucket's stream to have a leader, soon
+                        // after a cluster restart; without one, the heartbeats check.
+                        let deadline = tokio::time::Instant::now() + VERDICT_PATIENCE;
+                        while !self.sessions.check_history(router).await
+                            && *link.borrow()
+                            && tokio::time::Instant::now() < deadline
+                        {
+                            tokio::time::sleep(Duration::from_millis(250)).await;
                         }
-                        drop(known);
                         self.serving.send_replace(true);
                         break;
                     }
@@ -486,7 +523,7 @@ impl Cluster {
             }
         };
         tokio::select! {
-            never = self.sessions.follow(router) => never,
+            never = self.sessions.follow(router, self.serving.subscribe()) => never,
             never = forget => never,
             never = remove => never,
             never = leaders => never,
@@ -507,15 +544,6 @@ fn refusal(error: &str) -> Option<Enqueued> {
     } else {
         None
     }
-}
-
-/// When JetStream made `bucket`'s stream (empty if it cannot say).
-async fn made_at(bucket: &kv::Store) -> String {
-    bucket
-        .status()
-        .await
-        .map(|s| format!("{:?}", s.info.created))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

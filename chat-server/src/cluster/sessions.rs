@@ -15,12 +15,14 @@
 //!
 //! The sessions bucket is kept in memory on the NATS nodes: restarting each node in turn
 //! can leave it empty, its revisions starting again from 1, while this relay stays
-//! connected. Remembered revisions would then make new logins look older than stale
-//! ones (a false `session_replaced`) and this relay's users would look offline. A relay
-//! therefore checks the bucket's last sequence against the highest revision it has seen
-//! at every [`HEARTBEAT`], and a login that looks replaced is checked against the bucket
-//! itself; when the history is found lost, the relay forgets what it learnt and writes
-//! its sessions again (a key already taken meanwhile is a newer login, which wins).
+//! connected; restarting every node at once makes it anew (another creation time). Either
+//! way remembered revisions would make new logins look older than stale ones (a false
+//! `session_replaced`), stale users would look online and this relay's users offline. A
+//! relay therefore checks the bucket's creation time, and its last sequence against the
+//! highest revision it has seen, at every [`HEARTBEAT`] while it serves and when its NATS
+//! link comes back; a login that looks replaced is checked against the bucket itself. When
+//! the history is found lost, the relay forgets what it learnt and writes its sessions
+//! again (a key already taken meanwhile is a newer login, which wins).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -41,6 +43,9 @@ use crate::store::StoreError;
 pub const HEARTBEAT: Duration = Duration::from_secs(3);
 /// How long a heartbeat lasts: a relay silent this long is taken for dead.
 pub const RELAY_TTL: Duration = Duration::from_secs(15);
+/// How long a login retries writing its session (while the bucket's stream elects a
+/// leader after a node died) before it fails.
+const LOGIN_PATIENCE: Duration = Duration::from_secs(5);
 
 /// What a login found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +74,12 @@ struct Known {
     /// A login was told it was replaced by a write the bucket no longer holds: the
     /// bucket lost its history (checked at the next heartbeat).
     lost: bool,
+    /// When the bucket's stream was made (Unix time, ns), as last checked: another time
+    /// means it was made anew. Not cleared by [`Sessions::reset`].
+    created: i128,
+    /// This relay's users whose session another relay deleted (it took this one for dead,
+    /// its heartbeat late): written again at the next heartbeat.
+    swept: HashSet<Username>,
 }
 
 pub(super) struct Sessions {
@@ -83,11 +94,15 @@ pub(super) struct Sessions {
 
 impl Sessions {
     pub(super) fn new(bucket: kv::Store, relays: kv::Store) -> Self {
+        let created = bucket.stream.cached_info().created.unix_timestamp_nanos();
         Self {
             bucket,
             relays,
             relay_id: format!("{:016x}", rand::rng().next_u64()),
-            known: Mutex::new(Known::default()),
+            known: Mutex::new(Known {
+                created,
+                ..Known::default()
+            }),
             generation: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -114,13 +129,26 @@ impl Sessions {
         format!("{} {conn_id}", self.relay_id)
     }
 
+    /// Writes `user`'s session on connection `conn_id` (retrying for [`LOGIN_PATIENCE`])
+    /// and says whether a newer login elsewhere already replaced it. Errors: NATS did not
+    /// take the write in that time.
     pub(super) async fn login(&self, user: &Username, conn_id: u64) -> Result<Login, StoreError> {
         let owner = self.owner(conn_id);
-        let revision = self
-            .bucket
-            .put(token(user), Bytes::from(owner.clone()))
-            .await
-            .map_err(cluster_err)?;
+        let deadline = tokio::time::Instant::now() + LOGIN_PATIENCE;
+        let revision = loop {
+            match self
+                .bucket
+                .put(token(user), Bytes::from(owner.clone()))
+                .await
+            {
+                Ok(revision) => break revision,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    debug!(%user, "cannot write the session yet ({e}); trying again");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(cluster_err(e)),
+            }
+        };
         let seen_newer = {
             let mut known = self.known();
             known.mine.insert(user.clone(), (conn_id, revision));
@@ -155,31 +183,46 @@ impl Sessions {
         Ok(Login { revision, replaced })
     }
 
-    /// Whether the sessions bucket lost its history (see the module's doc); if so,
-    /// forgets what was learnt from it and writes this relay's sessions again.
-    async fn check_history(&self, router: &Router) {
+    /// Checks whether the sessions bucket lost its history (see the module's doc); if so,
+    /// forgets what was learnt from it and writes this relay's sessions again. Returns
+    /// whether it could tell: not if NATS did not answer, or the bucket's stream has no
+    /// leader.
+    pub(super) async fn check_history(&self, router: &Router) -> bool {
         // A fresh stream info request to the stream's leader (`kv::Store::status` only
         // returns the info cached when the bucket was opened).
-        let last = match self.bucket.stream.get_info().await {
+        let info = match self.bucket.stream.get_info().await {
             // Without a leader a member answers from its own copy, which after a restart
             // may be empty while another member still holds the history: not a verdict.
-            Ok(info) if info.cluster.as_ref().is_some_and(|c| c.leader.is_none()) => return,
-            Ok(info) => info.state.last_sequence,
+            Ok(info) if info.cluster.as_ref().is_some_and(|c| c.leader.is_none()) => {
+                return false;
+            }
+            Ok(info) => info,
             Err(e) => {
                 debug!("cannot read the session bucket's state: {e}");
-                return;
+                return false;
             }
         };
-        let (lost, high) = {
-            let known = self.known();
-            (known.lost || last < known.high, known.high)
+        let (last, created) = (
+            info.state.last_sequence,
+            info.created.unix_timestamp_nanos(),
+        );
+        let (lost, anew, high) = {
+            let mut known = self.known();
+            let anew = known.created != created;
+            known.created = created;
+            (known.lost || anew || last < known.high, anew, known.high)
         };
         if !lost {
-            return;
+            return true;
         }
+        let how = if anew {
+            "was made anew"
+        } else {
+            "lost its history"
+        };
         warn!(
-            "the session bucket lost its history (last revision {last}, {high} seen): \
-             following it afresh and writing this relay's sessions again"
+            "the session bucket {how} (last revision {last}, {high} seen): following it \
+             afresh and writing this relay's sessions again"
         );
         // The followers read the bucket afresh (and presence with it).
         self.reset();
@@ -190,6 +233,23 @@ impl Sessions {
             .map(|(user, (conn, _))| (user.clone(), *conn))
             .collect();
         for (user, conn) in mine {
+            self.write_again(&user, conn, router).await;
+        }
+        true
+    }
+
+    /// Writes again the sessions of this relay's users that another relay swept.
+    async fn write_swept(&self, router: &Router) {
+        let swept: Vec<(Username, u64)> = {
+            let mut known = self.known();
+            let swept = std::mem::take(&mut known.swept);
+            swept
+                .into_iter()
+                .filter_map(|user| Some((user.clone(), known.mine.get(&user)?.0)))
+                .collect()
+        };
+        for (user, conn) in swept {
+            warn!(%user, "another relay removed a session of this relay's: writing it again");
             self.write_again(&user, conn, router).await;
         }
     }
@@ -292,24 +352,38 @@ impl Sessions {
             known.latest.insert(user.clone(), (owner, entry.revision));
         } else {
             known.latest.remove(&user);
+            // Not our logout (that forgets the session first): a sweep.
+            if known
+                .mine
+                .get(&user)
+                .is_some_and(|(_, r)| *r < entry.revision)
+            {
+                known.swept.insert(user.clone());
+            }
         }
         drop(known);
         router.cluster_presence(&user, online);
     }
 
-    /// Follows the buckets and beats the heart for as long as the relay runs.
-    pub(super) async fn follow(&self, router: &Router) -> ! {
+    /// Follows the buckets and beats the heart for as long as the relay runs; `serving`
+    /// says whether the relay serves (the cluster's link and layout are up).
+    pub(super) async fn follow(
+        &self,
+        router: &Router,
+        serving: tokio::sync::watch::Receiver<bool>,
+    ) -> ! {
         tokio::select! {
             never = self.follow_sessions(router) => never,
             never = self.follow_relays() => never,
-            never = self.beat(router) => never,
+            never = self.beat(router, serving) => never,
         }
     }
 
-    /// Refreshes this relay's heartbeat, checks that the sessions bucket kept its history,
-    /// and sweeps the sessions of relays without a heartbeat (only once this relay has
-    /// followed the heartbeats for a whole TTL).
-    async fn beat(&self, router: &Router) -> ! {
+    /// Refreshes this relay's heartbeat, checks that the sessions bucket kept its history
+    /// (while serving: otherwise the relay's sessions are being closed, and the check
+    /// runs when the link is back), and sweeps the sessions of relays without a heartbeat
+    /// (only once this relay has followed the heartbeats for a whole TTL).
+    async fn beat(&self, router: &Router, serving: tokio::sync::watch::Receiver<bool>) -> ! {
         loop {
             if let Err(e) = self
                 .relays
@@ -318,7 +392,10 @@ impl Sessions {
             {
                 warn!("cannot refresh this relay's heartbeat: {e}");
             }
-            self.check_history(router).await;
+            if *serving.borrow() {
+                self.check_history(router).await;
+                self.write_swept(router).await;
+            }
             let since = self.known().following_since;
             if since.is_some_and(|s| s.elapsed() > RELAY_TTL) {
                 self.sweep().await;

@@ -380,6 +380,20 @@ impl Client {
         }
     }
 
+    /// Asks until `name` is listed online (or offline, if `online` is false): presence
+    /// crosses relays through the session bucket, a moment after the login.
+    pub async fn until_online(&mut self, name: &str, online: bool) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while self.online().await.iter().any(|n| n == name) != online {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} never became {}",
+                if online { "online" } else { "offline" }
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Watches `names` for presence; returns those online now.
     pub async fn watch(&mut self, names: &[&str]) -> Vec<String> {
         let id = self.id();
