@@ -19,6 +19,10 @@ use super::{Cluster, FROM_HEADER};
 /// after a node dies can refuse consumers for several seconds, quickly each time.
 pub const READER_RETRIES: u32 = 40;
 
+/// How long making a mailbox reader's consumer may take before it is tried again (a
+/// healthy cluster answers in milliseconds).
+const CONSUMER_PATIENCE: Duration = Duration::from_secs(5);
+
 /// How often acknowledged envelopes are removed from the mailbox (one purge per
 /// recipient with acknowledgements).
 pub const REMOVE_EVERY: Duration = Duration::from_millis(250);
@@ -104,27 +108,42 @@ impl Cluster {
                 0 => consumer::DeliverPolicy::All,
                 start_sequence => consumer::DeliverPolicy::ByStartSequence { start_sequence },
             };
-            let consumer = self
-                .mailbox
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subjects: vec![subject.clone(), legacy.clone()],
-                    deliver_policy,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string());
-            let messages = match consumer {
-                Ok(consumer) => {
+            let make = async {
+                let consumer = self
+                    .mailbox
+                    .create_consumer(consumer::pull::OrderedConfig {
+                        filter_subjects: vec![subject.clone(), legacy.clone()],
+                        deliver_policy,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let pending = consumer.cached_info().num_pending;
+                let messages = consumer.messages().await.map_err(|e| e.to_string())?;
+                Ok::<_, String>((pending, messages))
+            };
+            // A request made while JetStream has no leader to answer it hangs until it
+            // times out, even once one is elected: an election starts the making again.
+            let made = tokio::select! {
+                made = tokio::time::timeout(CONSUMER_PATIENCE, make) => {
+                    made.unwrap_or_else(|_| Err("timed out making a consumer".into()))
+                }
+                changed = disturbances.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    debug!("the cluster was disturbed while making a consumer for {subject}");
+                    continue;
+                }
+            };
+            let mut messages = match made {
+                Ok((pending, messages)) => {
                     if backlog.is_some() {
                         // Counted from `next`: a remade consumer starts where we stopped.
-                        backlog = Some(consumer.cached_info().num_pending);
+                        backlog = Some(pending);
                     }
-                    consumer.messages().await.map_err(|e| e.to_string())
+                    messages
                 }
-                Err(e) => Err(e),
-            };
-            let mut messages = match messages {
-                Ok(messages) => messages,
                 Err(e) => {
                     if failures.give_up() {
                         return Err(e);
