@@ -351,12 +351,13 @@ impl Sessions {
             }
             known.latest.insert(user.clone(), (owner, entry.revision));
         } else {
-            known.latest.remove(&user);
-            // Not our logout (that forgets the session first): a sweep.
-            if known
-                .mine
-                .get(&user)
-                .is_some_and(|(_, r)| *r < entry.revision)
+            let last = known.latest.remove(&user);
+            // The key held this relay's live session, and not our logout deleted it (that
+            // forgets the session first): a sweep. (Replaced by a newer login elsewhere,
+            // the key held that one's.)
+            if let Some((conn, revision)) = known.mine.get(&user)
+                && *revision < entry.revision
+                && last.is_some_and(|(by, _)| by == self.owner(*conn))
             {
                 known.swept.insert(user.clone());
             }
@@ -380,8 +381,8 @@ impl Sessions {
     }
 
     /// Refreshes this relay's heartbeat, checks that the sessions bucket kept its history
-    /// (while serving: otherwise the relay's sessions are being closed, and the check
-    /// runs when the link is back), and sweeps the sessions of relays without a heartbeat
+    /// and writes swept sessions again (while serving: otherwise NATS is unreachable or
+    /// the layout unchecked, and the check runs when the link is back), and sweeps the sessions of relays without a heartbeat
     /// (only once this relay has followed the heartbeats for a whole TTL).
     async fn beat(&self, router: &Router, serving: tokio::sync::watch::Receiver<bool>) -> ! {
         loop {
