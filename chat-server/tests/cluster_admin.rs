@@ -376,6 +376,7 @@ async fn health_says_whether_a_relay_serves() {
     let serving = admin(&["admin", "health", "--address", &address]).await;
     assert!(serving.status.success(), "{}", text(&serving));
     assert!(text(&serving).starts_with("serving:"), "{}", text(&serving));
+    let mut alice = relay.user("alice", 0).await;
 
     // NATS gone: the relay refuses clients, and health says why.
     nats.nodes[0].kill();
@@ -390,6 +391,22 @@ async fn health_says_whether_a_relay_serves() {
     // Said plainly on standard output (a monitor's line), exit status 1.
     assert!(said.starts_with("not serving: "), "{said}");
     assert!(said.contains("server_busy"), "{said}");
+    // A session outlives a short loss, not this one: closed once the grace is over, so
+    // its client can try another relay.
+    let closed = alice
+        .recv_reply_within(chat_server::cluster::LINK_GRACE + common::PATIENCE)
+        .await;
+    assert!(
+        matches!(
+            closed,
+            Some(ServerMessage::Error {
+                code: ErrorCode::ShuttingDown,
+                ..
+            })
+        ),
+        "{closed:?}"
+    );
+    alice.expect_closed().await;
 
     // NATS back: serving again.
     nats.nodes[0].restart();

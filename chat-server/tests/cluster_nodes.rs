@@ -261,7 +261,8 @@ async fn a_node_leaves_for_good_and_the_rest_keep_every_message_and_their_quorum
     }
     assert_eq!(got, (0..20).collect::<Vec<u8>>());
     eprintln!("the backlog came in {:?} after the login", login.elapsed());
-    // Alice's session ended when the relay lost its NATS connection; she logs in again.
+    // Alice logs in afresh once the relay serves (her first session is not under test
+    // here: a_relay_whose_nats_node_dies_keeps_its_sessions_and_loses_nothing is).
     drop(alice);
     let mut alice = user_when_serving(&server, "alice", 0).await;
     // The relay answers once JetStream stored the envelope: if the node killed led the

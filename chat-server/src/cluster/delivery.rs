@@ -138,6 +138,8 @@ impl Cluster {
             };
             let mut messages = match made {
                 Ok((pending, messages)) => {
+                    // Reading works again: failures count from here.
+                    failures = Failures::default();
                     if backlog.is_some() {
                         // Counted from `next`: a remade consumer starts where we stopped.
                         backlog = Some(pending);

@@ -69,8 +69,9 @@ pub const FROM_HEADER: &str = "Chat-From";
 /// (clients reconnect, to another relay if they know one). Shorter than a heartbeat's
 /// life less one beat, so other relays do not take this one for dead meanwhile.
 pub const LINK_GRACE: Duration = Duration::from_secs(8);
-const _: () =
-    assert!(LINK_GRACE.as_secs() + sessions::HEARTBEAT.as_secs() < sessions::RELAY_TTL.as_secs());
+const _: () = assert!(
+    LINK_GRACE.as_millis() + sessions::HEARTBEAT.as_millis() < sessions::RELAY_TTL.as_millis()
+);
 
 /// How long a relay (or an operator command) waits for a first connection to NATS.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
@@ -354,6 +355,11 @@ impl Cluster {
                             && tokio::time::Instant::now() < deadline
                         {
                             tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
+                        if !*link.borrow() {
+                            // Lost again meanwhile: not serving until it is back.
+                            lost = true;
+                            break;
                         }
                         self.serving.send_replace(true);
                         break;

@@ -43,6 +43,8 @@ use crate::store::StoreError;
 pub const HEARTBEAT: Duration = Duration::from_secs(3);
 /// How long a heartbeat lasts: a relay silent this long is taken for dead.
 pub const RELAY_TTL: Duration = Duration::from_secs(15);
+/// How long one heartbeat write may take: a late one is as good as missed.
+const HEARTBEAT_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a login retries writing its session (while the bucket's stream elects a
 /// leader after a node died) before it fails.
 const LOGIN_PATIENCE: Duration = Duration::from_secs(5);
@@ -78,8 +80,35 @@ struct Known {
     /// means it was made anew. Not cleared by [`Sessions::reset`].
     created: i128,
     /// This relay's users whose session another relay deleted (it took this one for dead,
-    /// its heartbeat late): written again at the next heartbeat.
+    /// its heartbeat late), or whose rewrite failed: written again at the next heartbeat.
     swept: HashSet<Username>,
+    /// When this relay's heartbeat was last written.
+    beat_at: Option<tokio::time::Instant>,
+}
+
+/// What a relay had seen of the sessions bucket before asking for its state.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// The highest revision seen.
+    high: u64,
+    /// A login found a remembered write missing from the bucket.
+    lost: bool,
+    /// The bucket stream's creation time (Unix ns).
+    created: i128,
+}
+
+impl Seen {
+    /// Given the stream's last sequence and creation time as its leader answered: how the
+    /// bucket lost its history, or `None` if it kept it.
+    fn verdict(self, last: u64, created: i128) -> Option<&'static str> {
+        if created != self.created {
+            Some("was made anew")
+        } else if self.lost || last < self.high {
+            Some("lost its history")
+        } else {
+            None
+        }
+    }
 }
 
 pub(super) struct Sessions {
@@ -90,6 +119,8 @@ pub(super) struct Sessions {
     known: Mutex<Known>,
     /// Bumped by [`Sessions::reset`]: the followers watch the buckets afresh.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Held by the history check: one at a time.
+    checking: tokio::sync::Mutex<()>,
 }
 
 impl Sessions {
@@ -104,6 +135,7 @@ impl Sessions {
                 ..Known::default()
             }),
             generation: tokio::sync::watch::Sender::new(0),
+            checking: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -188,6 +220,18 @@ impl Sessions {
     /// whether it could tell: not if NATS did not answer, or the bucket's stream has no
     /// leader.
     pub(super) async fn check_history(&self, router: &Router) -> bool {
+        // One check at a time (a heartbeat's and the link's return may meet).
+        let _checking = self.checking.lock().await;
+        // What was seen before asking: a write seen after the leader answered may be
+        // above the last sequence it gave, which is no loss.
+        let seen = {
+            let known = self.known();
+            Seen {
+                high: known.high,
+                lost: known.lost,
+                created: known.created,
+            }
+        };
         // A fresh stream info request to the stream's leader (`kv::Store::status` only
         // returns the info cached when the bucket was opened).
         let info = match self.bucket.stream.get_info().await {
@@ -206,23 +250,14 @@ impl Sessions {
             info.state.last_sequence,
             info.created.unix_timestamp_nanos(),
         );
-        let (lost, anew, high) = {
-            let mut known = self.known();
-            let anew = known.created != created;
-            known.created = created;
-            (known.lost || anew || last < known.high, anew, known.high)
-        };
-        if !lost {
+        self.known().created = created;
+        let Some(how) = seen.verdict(last, created) else {
             return true;
-        }
-        let how = if anew {
-            "was made anew"
-        } else {
-            "lost its history"
         };
         warn!(
-            "the session bucket {how} (last revision {last}, {high} seen): following it \
-             afresh and writing this relay's sessions again"
+            "the session bucket {how} (last revision {last}, {} seen): following it \
+             afresh and writing this relay's sessions again",
+            seen.high
         );
         // The followers read the bucket afresh (and presence with it).
         self.reset();
@@ -256,6 +291,7 @@ impl Sessions {
 
     /// Writes `user`'s session on connection `conn` again after the bucket lost it,
     /// unless a login after the loss took the key (then that newer session wins).
+    /// A write that fails is tried again at the next heartbeat (with the swept ones).
     async fn write_again(&self, user: &Username, conn: u64, router: &Router) {
         let (key, owner) = (token(user), self.owner(conn));
         let revision = match self.bucket.create(&key, Bytes::from(owner.clone())).await {
@@ -269,13 +305,15 @@ impl Sessions {
                         return;
                     }
                     Err(e) => {
-                        warn!(%user, "cannot read the session back: {e}");
+                        warn!(%user, "cannot read the session back: {e}; trying again");
+                        self.known().swept.insert(user.clone());
                         return;
                     }
                 }
             }
             Err(e) => {
-                warn!(%user, "cannot write the session again: {e}");
+                warn!(%user, "cannot write the session again: {e}; trying again");
+                self.known().swept.insert(user.clone());
                 return;
             }
         };
@@ -313,9 +351,25 @@ impl Sessions {
         };
         let (bucket, key) = (self.bucket.clone(), token(user));
         tokio::spawn(async move {
-            // Fails if a newer login replaced the value: then it is not ours to delete.
-            if let Err(e) = bucket.delete_expect_revision(&key, Some(revision)).await {
-                debug!("session {key} not deleted: {e}");
+            // Retried while NATS does not answer (an election, a reconnection): a delete
+            // lost would leave the user online. Fails for good once a newer login
+            // replaced the value: then it is not ours to delete.
+            let deadline = tokio::time::Instant::now() + super::RETRY_FOR;
+            loop {
+                let Err(e) = bucket.delete_expect_revision(&key, Some(revision)).await else {
+                    return;
+                };
+                match bucket.entry(&key).await {
+                    Ok(Some(entry))
+                        if entry.revision == revision && entry.operation == kv::Operation::Put => {}
+                    Ok(_) => return,
+                    Err(_) => {}
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    warn!("session {key} not deleted: {e}");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
     }
@@ -376,32 +430,53 @@ impl Sessions {
         tokio::select! {
             never = self.follow_sessions(router) => never,
             never = self.follow_relays() => never,
-            never = self.beat(router, serving) => never,
+            never = self.beat() => never,
+            never = self.upkeep(router, serving) => never,
         }
     }
 
-    /// Refreshes this relay's heartbeat, checks that the sessions bucket kept its history
-    /// and writes swept sessions again (while serving: otherwise NATS is unreachable or
-    /// the layout unchecked, and the check runs when the link is back), and sweeps the sessions of relays without a heartbeat
-    /// (only once this relay has followed the heartbeats for a whole TTL).
-    async fn beat(&self, router: &Router, serving: tokio::sync::watch::Receiver<bool>) -> ! {
+    /// Refreshes this relay's heartbeat every [`HEARTBEAT`], nothing else in the loop (so
+    /// no other request delays it), each write given [`HEARTBEAT_PATIENCE`].
+    async fn beat(&self) -> ! {
         loop {
-            if let Err(e) = self
+            let put = self
                 .relays
-                .put(&self.relay_id, Bytes::from_static(b"alive"))
-                .await
-            {
-                warn!("cannot refresh this relay's heartbeat: {e}");
+                .put(&self.relay_id, Bytes::from_static(b"alive"));
+            match tokio::time::timeout(HEARTBEAT_PATIENCE, put).await {
+                Ok(Ok(_)) => self.known().beat_at = Some(tokio::time::Instant::now()),
+                Ok(Err(e)) => warn!("cannot refresh this relay's heartbeat: {e}"),
+                Err(_) => warn!("cannot refresh this relay's heartbeat: NATS did not answer"),
+            }
+            tokio::time::sleep(HEARTBEAT).await;
+        }
+    }
+
+    /// Every [`HEARTBEAT`], while this relay's own heartbeats go through (else the
+    /// relays bucket is unwell, and so are other relays' heartbeats: no one is judged):
+    /// checks that the sessions bucket kept its history and writes swept sessions again
+    /// (only while serving: otherwise NATS is unreachable or the layout unchecked, and the
+    /// check runs when the link is back), and sweeps the sessions of relays without a
+    /// heartbeat (once this relay has followed the heartbeats for a whole TTL).
+    async fn upkeep(&self, router: &Router, serving: tokio::sync::watch::Receiver<bool>) -> ! {
+        loop {
+            tokio::time::sleep(HEARTBEAT).await;
+            let (beating, since) = {
+                let known = self.known();
+                let beating = known
+                    .beat_at
+                    .is_some_and(|at| at.elapsed() <= 2 * HEARTBEAT);
+                (beating, known.following_since)
+            };
+            if !beating {
+                continue;
             }
             if *serving.borrow() {
                 self.check_history(router).await;
                 self.write_swept(router).await;
             }
-            let since = self.known().following_since;
             if since.is_some_and(|s| s.elapsed() > RELAY_TTL) {
                 self.sweep().await;
             }
-            tokio::time::sleep(HEARTBEAT).await;
         }
     }
 
@@ -489,5 +564,38 @@ impl Sessions {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Seen;
+
+    const SEEN: Seen = Seen {
+        high: 10,
+        lost: false,
+        created: 7,
+    };
+
+    #[test]
+    fn a_bucket_that_kept_its_history_gets_no_verdict() {
+        assert_eq!(SEEN.verdict(10, 7), None);
+        // Writes made since (by any relay) only raise the last sequence.
+        assert_eq!(SEEN.verdict(25, 7), None);
+    }
+
+    #[test]
+    fn a_last_sequence_below_what_was_seen_is_a_lost_history() {
+        // Every node restarted in turn: the same stream, revisions from 1 again.
+        assert_eq!(SEEN.verdict(3, 7), Some("lost its history"));
+        // A login found a remembered write missing, whatever the sequence says.
+        let lost = Seen { lost: true, ..SEEN };
+        assert_eq!(lost.verdict(40, 7), Some("lost its history"));
+    }
+
+    #[test]
+    fn another_creation_time_is_a_bucket_made_anew() {
+        // Even when the new bucket has already been written past what was seen.
+        assert_eq!(SEEN.verdict(50, 8), Some("was made anew"));
     }
 }
