@@ -188,7 +188,6 @@ impl Cluster {
                 if sequence < next {
                     continue;
                 }
-                failures = Failures::default();
                 next = sequence + 1;
                 if message.subject.as_str() == legacy {
                     self.legacy

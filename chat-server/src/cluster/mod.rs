@@ -346,7 +346,6 @@ impl Cluster {
             while *link.borrow() {
                 match layout::layout(&self.js, config, nats, false).await {
                     Ok(_) => {
-                        lost = false;
                         // A verdict needs the bucket's stream to have a leader, soon
                         // after a cluster restart; without one, the heartbeats check.
                         let deadline = tokio::time::Instant::now() + VERDICT_PATIENCE;
@@ -358,9 +357,9 @@ impl Cluster {
                         }
                         if !*link.borrow() {
                             // Lost again meanwhile: not serving until it is back.
-                            lost = true;
                             break;
                         }
+                        lost = false;
                         self.serving.send_replace(true);
                         break;
                     }

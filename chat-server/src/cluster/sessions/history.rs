@@ -83,37 +83,33 @@ impl Sessions {
         );
         // The followers read the bucket afresh (and presence with it).
         self.reset();
-        let mine: Vec<(Username, u64)> = self
-            .known()
-            .mine
-            .iter()
-            .map(|(user, (conn, _))| (user.clone(), *conn))
-            .collect();
-        for (user, conn) in mine {
-            self.write_again(&user, conn, router).await;
+        {
+            let mut known = self.known();
+            let mine: Vec<Username> = known.mine.keys().cloned().collect();
+            known.rewrite.extend(mine);
         }
+        self.write_pending(router).await;
         true
     }
 
-    /// Writes again the sessions of this relay's users that another relay swept.
-    pub(super) async fn write_swept(&self, router: &Router) {
-        let swept: Vec<(Username, u64)> = {
+    /// Writes again the sessions in [`super::Known::rewrite`] that are still live here.
+    pub(super) async fn write_pending(&self, router: &Router) {
+        let pending: Vec<(Username, u64)> = {
             let mut known = self.known();
-            let swept = std::mem::take(&mut known.swept);
-            swept
+            let pending = std::mem::take(&mut known.rewrite);
+            pending
                 .into_iter()
                 .filter_map(|user| Some((user.clone(), known.mine.get(&user)?.0)))
                 .collect()
         };
-        for (user, conn) in swept {
-            warn!(%user, "another relay removed a session of this relay's: writing it again");
+        for (user, conn) in pending {
             self.write_again(&user, conn, router).await;
         }
     }
 
     /// Writes `user`'s session on connection `conn` again after the bucket lost it,
     /// unless a login after the loss took the key (then that newer session wins).
-    /// A write that fails is tried again at the next heartbeat (with the swept ones).
+    /// A write that fails is tried again at the next heartbeat.
     async fn write_again(&self, user: &Username, conn: u64, router: &Router) {
         let (key, owner) = (token(user), self.owner(conn));
         let revision = match self.bucket.create(&key, Bytes::from(owner.clone())).await {
@@ -128,14 +124,14 @@ impl Sessions {
                     }
                     Err(e) => {
                         warn!(%user, "cannot read the session back: {e}; trying again");
-                        self.known().swept.insert(user.clone());
+                        self.known().rewrite.insert(user.clone());
                         return;
                     }
                 }
             }
             Err(e) => {
                 warn!(%user, "cannot write the session again: {e}; trying again");
-                self.known().swept.insert(user.clone());
+                self.known().rewrite.insert(user.clone());
                 return;
             }
         };

@@ -81,9 +81,10 @@ struct Known {
     /// When the bucket's stream was made (Unix time, ns), as last checked: another time
     /// means it was made anew. Not cleared by [`Sessions::reset`].
     created: i128,
-    /// This relay's users whose session another relay deleted (it took this one for dead,
-    /// its heartbeat late), or whose rewrite failed: written again at the next heartbeat.
-    swept: HashSet<Username>,
+    /// This relay's users whose session is to be written again: another relay deleted it
+    /// (took this one for dead, its heartbeat late), or a rewrite failed. Written at the
+    /// next heartbeat.
+    rewrite: HashSet<Username>,
     /// When this relay's heartbeat was last written.
     beat_at: Option<tokio::time::Instant>,
 }
@@ -268,7 +269,8 @@ impl Sessions {
                 && *revision < entry.revision
                 && last.is_some_and(|(by, _)| by == self.owner(*conn))
             {
-                known.swept.insert(user.clone());
+                warn!(%user, "another relay removed a live session of this relay's");
+                known.rewrite.insert(user.clone());
             }
         }
         drop(known);
@@ -327,7 +329,7 @@ impl Sessions {
             }
             if *serving.borrow() {
                 self.check_history(router).await;
-                self.write_swept(router).await;
+                self.write_pending(router).await;
             }
             if since.is_some_and(|s| s.elapsed() > RELAY_TTL) {
                 self.sweep().await;
