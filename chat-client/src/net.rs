@@ -16,7 +16,9 @@ use tokio_util::codec::Framed;
 
 /// Largest frame we accept from the server.
 const MAX_INBOUND_FRAME: usize = 1024 * 1024;
-/// Connect plus login must finish within this.
+/// Connect plus login must finish within this. Longer than a cluster relay's window for
+/// writing the session (chat-server `cluster::LOGIN_WINDOW`, 10 s): when this client
+/// gives up and tries another relay, the first one has stopped trying to write.
 const LOGIN_DEADLINE: Duration = Duration::from_secs(15);
 
 pub type Conn =

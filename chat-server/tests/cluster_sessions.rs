@@ -1,13 +1,122 @@
 //! The cluster backend's sessions bucket going wrong under connected relays (real
 //! nats-server processes on 127.0.0.1, real relays, raw protocol clients over TLS): its
-//! history lost, and a live session swept by a relay that took its owner for dead.
+//! history lost, a live session swept by a relay that took its owner for dead, a login's
+//! write held up past its client's patience, and a session key no connection holds.
 
 mod common;
 
+use std::time::Duration;
+
 use async_nats::jetstream::kv::Operation;
-use chat_protocol::{ErrorCode, ServerMessage};
+use chat_protocol::message::CHALLENGE_LEN;
+use chat_protocol::{ClientMessage, ErrorCode, ServerMessage, Username, auth};
 use common::TestServer;
+use common::gate::Gate;
 use common::nats::Nats;
+
+/// A relay's NATS link stalls while a login's proof is being checked, long enough that
+/// the client gives up on it and logs in at another relay. When the link comes back, the
+/// stalled login must not write its session over the newer one: that used to close the
+/// user's live session with `session_replaced`, which stops our client for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_held_up_past_its_window_never_replaces_the_newer_login_elsewhere() {
+    let nats = Nats::single();
+    let gate = Gate::to(([127, 0, 0, 1], nats.nodes[0].port).into()).await;
+    // A's login window is its login timeout (at most 10 s): 2 s here.
+    let a = TestServer::start(|c| {
+        c.backend = nats.backend(1);
+        if let chat_server::config::Backend::Nats(n) = &mut c.backend {
+            n.urls = vec![format!("nats://{}", gate.addr)];
+        }
+        c.login_timeout_secs = 2.0;
+    })
+    .await;
+    let b = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    drop(b.user("bob", 1).await);
+    let mut alice = b.user("alice", 0).await;
+    alice.until_online("bob", false).await;
+
+    // Bob asks A for a challenge; A's link stalls just before his proof.
+    let mut bob_on_a = a.client().await;
+    bob_on_a.hello().await;
+    let id = bob_on_a.id();
+    let username = "bob".to_string();
+    bob_on_a.send(ClientMessage::Login { id, username }).await;
+    let nonce: [u8; CHALLENGE_LEN] = match bob_on_a.recv_reply().await {
+        ServerMessage::Challenge { nonce, .. } => nonce,
+        other => panic!("expected a challenge, got {other:?}"),
+    };
+    gate.hold();
+    let user = Username::parse("bob").unwrap();
+    let channel = bob_on_a.channel();
+    let signature =
+        auth::sign_login(common::key(1), &mut rand::rng(), &user, &nonce, &channel).unwrap();
+    let id = bob_on_a.id();
+    bob_on_a.send(ClientMessage::Prove { id, signature }).await;
+    // The scenario's time: A's window passes with no answer; the client gives up on A
+    // and logs in at B.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    drop(bob_on_a);
+    let mut bob_on_b = b.user("bob", 1).await;
+    alice.until_online("bob", true).await;
+
+    // The link comes back: whatever A held goes to NATS now, ahead of anything A sends
+    // later. Carol's login on A is such a later write: once alice (on B) sees her, B has
+    // also followed whatever A wrote for bob before it.
+    gate.release();
+    let _carol = a.user("carol", 2).await;
+    alice.until_online("carol", true).await;
+    assert!(matches!(
+        alice.send_to("bob", b"still you?").await,
+        ServerMessage::Ok { .. }
+    ));
+    match bob_on_b.recv().await {
+        ServerMessage::Deliver { payload, .. } => assert_eq!(payload, b"still you?"),
+        other => panic!("bob's session on B was not kept: {other:?}"),
+    }
+    alice.until_online("bob", true).await;
+}
+
+/// A session key naming a connection of this relay that it does not hold (a login's
+/// write that landed after the login gave up, or a logout whose delete never went
+/// through) would show its user online for good: the relay deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_key_no_connection_of_its_relay_holds_is_removed() {
+    let nats = Nats::single();
+    let a = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    let b = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    let _carol = a.user("carol", 2).await;
+    let mut alice = b.user("alice", 0).await;
+    alice.until_online("carol", true).await;
+
+    // A's id, from carol's key ("<relay id> <connection id>"); dave's key names a
+    // connection of A that does not exist.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    let sessions = js.get_key_value("chat_sessions").await.unwrap();
+    let carol = sessions
+        .entry("carol")
+        .await
+        .unwrap()
+        .expect("carol's session");
+    let owner = String::from_utf8(carol.value.to_vec()).unwrap();
+    let relay = owner.split(' ').next().unwrap();
+    sessions
+        .put("dave", format!("{relay} 999999").into())
+        .await
+        .unwrap();
+    alice.until_online("dave", true).await;
+    // Removed at one of A's next heartbeats; carol's session, which A holds, stays.
+    alice.until_online("dave", false).await;
+    let still = sessions
+        .entry("carol")
+        .await
+        .unwrap()
+        .expect("carol's session");
+    assert_eq!(
+        (still.revision, still.operation),
+        (carol.revision, Operation::Put)
+    );
+}
 
 /// The sessions bucket lives in memory on the NATS nodes: restarting each node in turn
 /// can leave it empty, its revisions starting again from 1, while the relays stay

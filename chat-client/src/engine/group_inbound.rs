@@ -15,7 +15,7 @@ use chat_protocol::username::Username;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::groups::{change_line, undone_line};
+use super::group_changes::{change_line, undone_line};
 use super::{Engine, Source, now_ms};
 use crate::api::{Event, id_hex};
 use crate::store::{GroupLine, GroupRecord, GroupWrite, StoreError};

@@ -27,6 +27,7 @@ use crate::home::Home;
 use crate::store::{Store, StoreError};
 
 mod commands;
+mod group_changes;
 mod group_inbound;
 mod group_sends;
 mod groups;

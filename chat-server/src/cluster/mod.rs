@@ -29,6 +29,7 @@
 mod admin;
 mod delivery;
 mod layout;
+mod link;
 pub mod nodes;
 mod outbox;
 mod quota;
@@ -43,7 +44,7 @@ use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use chat_protocol::Username;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::{Config, NatsBackend};
 use crate::store::{Bind, Enqueued, QueueLimits, StoreError};
@@ -53,8 +54,9 @@ pub use admin::{ClusterStats, Migration};
 use delivery::Removal;
 pub use delivery::{AbortOnDrop, MailboxRead, READER_RETRIES, REMOVE_EVERY};
 pub use layout::DUPLICATE_WINDOW;
+pub use link::LINK_GRACE;
 pub use outbox::RETRY_FOR;
-pub use sessions::Login;
+pub use sessions::{LOGIN_WINDOW, Login};
 pub use tally::FAR_FOR;
 
 /// The address part of the subjects of envelopes copied by `admin migrate` (the SQLite
@@ -64,21 +66,8 @@ pub const MIGRATED_ADDRESS: &str = "migrated";
 /// The header naming an envelope's sender.
 pub const FROM_HEADER: &str = "Chat-From";
 
-/// How long a relay keeps its sessions while NATS is unreachable: the NATS client finds
-/// another node of the cluster within moments when one fails; a longer outage closes them
-/// (clients reconnect, to another relay if they know one). Shorter than a heartbeat's
-/// life less one beat, so other relays do not take this one for dead meanwhile.
-pub const LINK_GRACE: Duration = Duration::from_secs(8);
-const _: () = assert!(
-    LINK_GRACE.as_millis() + sessions::HEARTBEAT.as_millis() < sessions::RELAY_TTL.as_millis()
-);
-
 /// How long a relay (or an operator command) waits for a first connection to NATS.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
-/// How long a relay whose NATS link came back waits for a verdict on the sessions
-/// bucket's history before serving (the heartbeats go on checking).
-const VERDICT_PATIENCE: Duration = Duration::from_secs(5);
-
 /// Accounts remembered as existing (they are never removed in the cluster backend), so a
 /// send needs no lookup after the first. Past this many the memory is cleared.
 const KNOWN_ACCOUNTS_MAX: usize = 100_000;
@@ -144,6 +133,9 @@ pub struct Cluster {
     removals: Mutex<HashMap<Username, Removal>>,
     /// Whether the NATS connection is up (false while it reconnects).
     link: watch::Receiver<bool>,
+    /// How many times the NATS connection was lost: a loss and return between two looks
+    /// at `link` (which keeps only the last value) are still seen.
+    drops: Arc<std::sync::atomic::AtomicU64>,
     /// Whether the relay serves: the connection is up and the layout is in place.
     serving: watch::Sender<bool>,
     /// What the layout is made from, to make it again ([`Cluster::keep_serving`]).
@@ -184,6 +176,8 @@ impl Cluster {
         adopt_limits: bool,
     ) -> Result<Self, ClusterError> {
         let (up, link) = watch::channel(true);
+        let drops = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let dropped = drops.clone();
         let disturbances = watch::Sender::new(0u64);
         let disturbed = disturbances.clone();
         let options = async_nats::ConnectOptions::new()
@@ -191,7 +185,7 @@ impl Cluster {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .event_callback(move |event| {
-                let (up, disturbed) = (up.clone(), disturbed.clone());
+                let (up, disturbed, dropped) = (up.clone(), disturbed.clone(), dropped.clone());
                 async move {
                     match event {
                         async_nats::Event::Connected => {
@@ -199,6 +193,8 @@ impl Cluster {
                             disturbed.send_modify(|n| *n += 1);
                         }
                         async_nats::Event::Disconnected => {
+                            // Counted before it is told: whoever sees the change sees it.
+                            dropped.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             up.send_replace(false);
                         }
                         other => info!("NATS: {other}"),
@@ -275,101 +271,11 @@ impl Cluster {
             legacy: Mutex::new(HashSet::new()),
             removals: Mutex::new(HashMap::new()),
             link,
+            drops,
             serving: watch::Sender::new(true),
             spec: Box::new((config.clone(), nats.clone())),
             disturbances,
         })
-    }
-
-    /// Whether the relay can serve, and its changes: `false` while NATS is unreachable
-    /// and until the layout is back in place after it returns.
-    pub fn connection(&self) -> watch::Receiver<bool> {
-        self.serving.subscribe()
-    }
-
-    /// Waits until NATS has been unreachable for `grace` without a break (true: the
-    /// relay's sessions should be closed), or the relay serves again (false). A link that
-    /// comes back ends the wait for it; losing it again starts a new one.
-    pub async fn outage_outlasts(&self, grace: Duration) -> bool {
-        let mut link = self.link.clone();
-        let mut serving = self.serving.subscribe();
-        loop {
-            if *serving.borrow_and_update() {
-                return false;
-            }
-            if !*link.borrow_and_update() {
-                let back = tokio::time::timeout(grace, link.wait_for(|up| *up))
-                    .await
-                    .map(|up| up.is_ok());
-                match back {
-                    Err(_) => return true,
-                    Ok(true) => continue,
-                    Ok(false) => std::future::pending().await,
-                }
-            }
-            // Back, and the layout not yet checked.
-            let changed = tokio::select! {
-                changed = serving.changed() => changed,
-                changed = link.changed() => changed,
-            };
-            if changed.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    }
-
-    /// Follows the NATS connection and says (through [`Cluster::connection`]) whether the
-    /// relay serves: not while NATS is unreachable; when it is back, once the stream and
-    /// buckets are there — made again if missing (a cluster whose every node restarted
-    /// has lost the memory-backed session buckets; a relay would otherwise serve with
-    /// every session write failing) — and the sessions bucket's history is checked (if it
-    /// was made anew or lost its writes, what was learnt from it is forgotten and this
-    /// relay's sessions are written again; see [`sessions`]). Never returns.
-    pub async fn keep_serving(&self, router: &crate::router::Router) -> ! {
-        let mut link = self.link.clone();
-        let (config, nats) = &*self.spec;
-        // The first connection (made before serving began) is no news.
-        let mut lost = false;
-        loop {
-            if link.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            if !*link.borrow_and_update() {
-                lost = true;
-                self.serving.send_replace(false);
-                continue;
-            }
-            if !lost {
-                continue;
-            }
-            // Back. Until the layout is checked, new sessions are refused.
-            while *link.borrow() {
-                match layout::layout(&self.js, config, nats, false).await {
-                    Ok(_) => {
-                        // A verdict needs the bucket's stream to have a leader, soon
-                        // after a cluster restart; without one, the heartbeats check.
-                        let deadline = tokio::time::Instant::now() + VERDICT_PATIENCE;
-                        while !self.sessions.check_history(router).await
-                            && *link.borrow()
-                            && tokio::time::Instant::now() < deadline
-                        {
-                            tokio::time::sleep(Duration::from_millis(250)).await;
-                        }
-                        if !*link.borrow() {
-                            // Lost again meanwhile: not serving until it is back.
-                            break;
-                        }
-                        lost = false;
-                        self.serving.send_replace(true);
-                        break;
-                    }
-                    Err(e) => {
-                        warn!("NATS is reachable but the cluster's layout is not ready: {e}");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
-            }
-        }
     }
 
     /// Where an envelope from `from` (at the address named `address`) to `to` is stored.
@@ -493,9 +399,15 @@ impl Cluster {
     }
 
     /// Records that `user` logged in on this relay's connection `conn_id` (see
-    /// [`sessions`]).
-    pub async fn login(&self, user: &Username, conn_id: u64) -> Result<Login, StoreError> {
-        self.sessions.login(user, conn_id).await
+    /// [`sessions`]), trying until `deadline` (at most [`LOGIN_WINDOW`] after the
+    /// connection was accepted). Errors: NATS did not take the write by then.
+    pub async fn login(
+        &self,
+        user: &Username,
+        conn_id: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Login, StoreError> {
+        self.sessions.login(user, conn_id, deadline).await
     }
 
     /// Records that `user`'s connection `conn_id` ended.

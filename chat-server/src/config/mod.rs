@@ -46,7 +46,9 @@ pub struct Config {
     pub max_frame_bytes: usize,
     /// Connections served at once; further ones get `server_busy` and are closed.
     pub max_connections: usize,
-    /// Seconds a new connection has to finish Hello and login.
+    /// Seconds a new connection has to finish Hello and login. With the cluster backend
+    /// also how long a login may try to write its session (at most 10 s: see
+    /// `cluster::LOGIN_WINDOW`).
     pub login_timeout_secs: f64,
     /// Seconds of silence from a client before the server sends it a Ping.
     pub ping_interval_secs: f64,

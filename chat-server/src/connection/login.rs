@@ -14,6 +14,7 @@ use rand::Rng;
 use tracing::{debug, warn};
 
 use super::{Close, Handler, State, WRITE_BATCH, truncate};
+use crate::cluster::LOGIN_WINDOW;
 use crate::metrics::Metrics;
 use crate::store::{Bind, StoreError};
 use crate::writer::cost;
@@ -249,7 +250,12 @@ impl Handler {
         self.state = State::Ready(username.clone());
         if let Some(cluster) = self.shared.cluster.clone() {
             // The newest login of the user anywhere in the cluster wins.
-            match cluster.login(&username, self.conn_id).await {
+            // Given up before our client gives up on this relay (see `LOGIN_WINDOW`).
+            let window = self.shared.config.login_timeout().min(LOGIN_WINDOW);
+            match cluster
+                .login(&username, self.conn_id, self.accepted + window)
+                .await
+            {
                 Ok(login) if login.replaced => {
                     let code = ErrorCode::SessionReplaced;
                     self.shared.router.kick(&username, self.conn_id, code);

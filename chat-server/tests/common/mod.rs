@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::Framed;
 
 pub mod disk;
+pub mod gate;
 pub mod nats;
 
 /// Long enough for a loaded CI machine, short enough to fail a hung test quickly.

@@ -119,6 +119,7 @@ impl Sessions {
                     // Our own login after the loss already wrote it.
                     Ok(Some(entry)) if entry.value == owner.as_bytes() => entry.revision,
                     Ok(_) => {
+                        self.known().forget(user, conn);
                         router.kick(user, conn, ErrorCode::SessionReplaced);
                         return;
                     }

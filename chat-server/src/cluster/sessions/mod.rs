@@ -1,6 +1,7 @@
 //! One session per user, cluster-wide, the newest winning; and presence across relays.
 //!
-//! A login puts `user → "<relay id> <connection id>"` in the sessions bucket; the
+//! A login writes `user → "<relay id> <connection id>"` in the sessions bucket, on top
+//! of what it read there (`login.rs`: a late write never lands over a newer login); the
 //! revision JetStream gives that write orders it against every other login of the user.
 //! Every relay follows the bucket (last value per key, then each change): a relay whose
 //! session of a user is older than a newer write by someone else closes it with
@@ -38,8 +39,10 @@ use tracing::{debug, warn};
 use super::{cluster_err, token, user_of};
 
 mod history;
+mod login;
 use crate::router::Router;
 use crate::store::StoreError;
+pub use login::LOGIN_WINDOW;
 
 /// How often a relay refreshes its heartbeat and sweeps dead relays' sessions.
 pub const HEARTBEAT: Duration = Duration::from_secs(3);
@@ -47,9 +50,6 @@ pub const HEARTBEAT: Duration = Duration::from_secs(3);
 pub const RELAY_TTL: Duration = Duration::from_secs(15);
 /// How long one heartbeat write may take: a late one is as good as missed.
 const HEARTBEAT_PATIENCE: Duration = Duration::from_secs(2);
-/// How long a login retries writing its session (while the bucket's stream elects a
-/// leader after a node died) before it fails.
-const LOGIN_PATIENCE: Duration = Duration::from_secs(5);
 
 /// What a login found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +65,8 @@ pub struct Login {
 struct Known {
     /// user → (connection, revision) of this relay's session.
     mine: HashMap<Username, (u64, u64)>,
+    /// (user, connection) of the logins writing their session now.
+    logging_in: HashSet<(Username, u64)>,
     /// user → (owner, revision) of the newest write seen while following the bucket.
     latest: HashMap<Username, (String, u64)>,
     /// Relays with a live heartbeat.
@@ -87,6 +89,18 @@ struct Known {
     rewrite: HashSet<Username>,
     /// When this relay's heartbeat was last written.
     beat_at: Option<tokio::time::Instant>,
+}
+
+impl Known {
+    /// Forgets `user`'s session on connection `conn`, if this relay holds it: returns its
+    /// revision.
+    fn forget(&mut self, user: &Username, conn: u64) -> Option<u64> {
+        let &(held_by, revision) = self.mine.get(user)?;
+        (held_by == conn).then(|| {
+            self.mine.remove(user);
+            revision
+        })
+    }
 }
 
 pub(super) struct Sessions {
@@ -139,77 +153,16 @@ impl Sessions {
         format!("{} {conn_id}", self.relay_id)
     }
 
-    /// Writes `user`'s session on connection `conn_id` (retrying for [`LOGIN_PATIENCE`])
-    /// and says whether a newer login elsewhere already replaced it. Errors: NATS did not
-    /// take the write in that time.
-    pub(super) async fn login(&self, user: &Username, conn_id: u64) -> Result<Login, StoreError> {
-        let owner = self.owner(conn_id);
-        let deadline = tokio::time::Instant::now() + LOGIN_PATIENCE;
-        let revision = loop {
-            match self
-                .bucket
-                .put(token(user), Bytes::from(owner.clone()))
-                .await
-            {
-                Ok(revision) => break revision,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    debug!(%user, "cannot write the session yet ({e}); trying again");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) => return Err(cluster_err(e)),
-            }
-        };
-        let seen_newer = {
-            let mut known = self.known();
-            known.mine.insert(user.clone(), (conn_id, revision));
-            known.high = known.high.max(revision);
-            // A newer login elsewhere may have been seen before our write returned.
-            known
-                .latest
-                .get(user)
-                .is_some_and(|(by, rev)| *rev > revision && *by != owner)
-        };
-        if !seen_newer {
-            return Ok(Login {
-                revision,
-                replaced: false,
-            });
-        }
-        // Only if the bucket still says so: a bucket that lost its history hands out
-        // revisions from 1 again, below the ones remembered.
-        let now = self.bucket.entry(token(user)).await.map_err(cluster_err)?;
-        let replaced = match now {
-            // Written after ours: a newer login (even if it has logged out since), unless
-            // it is our own session written again after a loss.
-            Some(e) if e.revision > revision => {
-                e.operation != kv::Operation::Put || e.value != owner.as_bytes()
-            }
-            // Ours is the newest write: the one remembered is no longer in the bucket.
-            _ => {
-                self.known().lost = true;
-                false
-            }
-        };
-        Ok(Login { revision, replaced })
-    }
-
     pub(super) fn logout(&self, user: &Username, conn_id: u64) {
-        let revision = {
-            let mut known = self.known();
-            match known.mine.get(user) {
-                Some((conn, revision)) if *conn == conn_id => {
-                    let revision = *revision;
-                    known.mine.remove(user);
-                    revision
-                }
-                _ => return,
-            }
+        let Some(revision) = self.known().forget(user, conn_id) else {
+            return;
         };
         let (bucket, key) = (self.bucket.clone(), token(user));
         tokio::spawn(async move {
             // Retried while NATS does not answer (an election, a reconnection): a delete
-            // lost would leave the user online. Fails for good once a newer login
-            // replaced the value: then it is not ours to delete.
+            // lost would leave the user online (until a sweep finds the key held by no
+            // connection here). Fails for good once a newer login replaced the value:
+            // then it is not ours to delete.
             let deadline = tokio::time::Instant::now() + super::RETRY_FOR;
             loop {
                 let Err(e) = bucket.delete_expect_revision(&key, Some(revision)).await else {
@@ -253,11 +206,14 @@ impl Sessions {
         known.high = known.high.max(entry.revision);
         if online {
             let owner = String::from_utf8_lossy(&entry.value).into_owned();
-            if let Some((conn, revision)) = known.mine.get(&user)
-                && *revision < entry.revision
-                && owner != self.owner(*conn)
+            if let Some(&(conn, revision)) = known.mine.get(&user)
+                && revision < entry.revision
+                && owner != self.owner(conn)
             {
-                router.kick(&user, *conn, ErrorCode::SessionReplaced);
+                // No longer ours: its logout must not delete the newer session, and a
+                // rewrite must not bring it back while its last sends finish.
+                known.mine.remove(&user);
+                router.kick(&user, conn, ErrorCode::SessionReplaced);
             }
             known.latest.insert(user.clone(), (owner, entry.revision));
         } else {
@@ -312,8 +268,9 @@ impl Sessions {
     /// relays bucket is unwell, and so are other relays' heartbeats: no one is judged):
     /// checks that the sessions bucket kept its history and writes swept sessions again
     /// (only while serving: otherwise NATS is unreachable or the layout unchecked, and the
-    /// check runs when the link is back), and sweeps the sessions of relays without a
-    /// heartbeat (once this relay has followed the heartbeats for a whole TTL).
+    /// check runs when the link is back), and sweeps the sessions no connection holds:
+    /// this relay's at once, those of relays without a heartbeat once this relay has
+    /// followed the heartbeats for a whole TTL.
     async fn upkeep(&self, router: &Router, serving: tokio::sync::watch::Receiver<bool>) -> ! {
         loop {
             tokio::time::sleep(HEARTBEAT).await;
@@ -331,22 +288,30 @@ impl Sessions {
                 self.check_history(router).await;
                 self.write_pending(router).await;
             }
-            if since.is_some_and(|s| s.elapsed() > RELAY_TTL) {
-                self.sweep().await;
-            }
+            self.sweep(since.is_some_and(|s| s.elapsed() > RELAY_TTL))
+                .await;
         }
     }
 
-    /// Deletes sessions owned by relays with no live heartbeat.
-    async fn sweep(&self) {
+    /// Deletes sessions of this relay's that no connection here holds (a login's write
+    /// that landed after the login gave up, a logout whose delete did not go through)
+    /// and, if `others`, sessions owned by relays with no live heartbeat.
+    async fn sweep(&self, others: bool) {
         let orphans: Vec<(Username, u64)> = {
             let known = self.known();
             known
                 .latest
                 .iter()
-                .filter(|(_, (owner, _))| {
-                    let relay = owner.split(' ').next().unwrap_or_default();
-                    relay != self.relay_id && !known.alive.contains(relay)
+                .filter(|(user, (owner, _))| {
+                    let (relay, conn) = owner.split_once(' ').unwrap_or_default();
+                    if relay != self.relay_id {
+                        return others && !known.alive.contains(relay);
+                    }
+                    let Ok(conn) = conn.parse::<u64>() else {
+                        return true;
+                    };
+                    let live = known.mine.get(*user).is_some_and(|(c, _)| *c == conn);
+                    !live && !known.logging_in.contains(&((*user).clone(), conn))
                 })
                 .map(|(user, (_, revision))| (user.clone(), *revision))
                 .collect()

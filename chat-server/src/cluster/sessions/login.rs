@@ -1,0 +1,287 @@
+//! A login's session write. It is conditional on what the login read from the bucket's
+//! stream leader, so a write that arrives late never replaces a newer login: an attempt
+//! whose answer was lost in an election, or one the NATS client held while its link was
+//! down, may land after the client gave up on this relay and logged in at another.
+//!
+//! Attempts stop at the login's deadline (at most [`LOGIN_WINDOW`] after the connection
+//! was accepted), before our client gives up on a login (after 15 s) and may log in
+//! elsewhere; an attempt sent before then can only land on top of what was read.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use bytes::Bytes;
+use chat_protocol::Username;
+use tokio::time::{Instant, timeout_at};
+use tracing::debug;
+
+use super::super::{cluster_err, token};
+use super::{Login, Sessions};
+use crate::store::StoreError;
+
+/// The longest a login may spend writing its session, counted from the connection's
+/// accept: shorter than our client's own login deadline (15 s), so the client is still
+/// waiting for this relay when the last attempt is sent.
+pub const LOGIN_WINDOW: Duration = Duration::from_secs(10);
+
+/// What the bucket holds under a user's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Held {
+    /// Nothing: never written, or the bucket lost its history.
+    Nothing,
+    /// A deletion marker (a logout, a sweep) at this revision.
+    Deleted(u64),
+    /// A session: its owner (`"<relay id> <connection id>"`) and revision.
+    Session(String, u64),
+}
+
+/// What a login does next.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// The key holds our session at this revision (an attempt whose answer was lost).
+    Written(u64),
+    /// A login written after this one first read the key holds it: this one is replaced.
+    Replaced,
+    /// Write on top of this revision (0: the key holds nothing).
+    WriteOver(u64),
+}
+
+impl Held {
+    fn revision(&self) -> u64 {
+        match self {
+            Held::Nothing => 0,
+            Held::Deleted(revision) | Held::Session(_, revision) => *revision,
+        }
+    }
+
+    /// The next step of the login by `owner` that first read the key at revision `base`.
+    /// A session below `base` was written after the bucket lost its history: the
+    /// previous session written again by its relay, or a login as old as this one;
+    /// either way this login is the newer one.
+    fn step(&self, base: u64, owner: &str) -> Step {
+        match self {
+            Held::Session(by, revision) if by == owner => Step::Written(*revision),
+            Held::Session(_, revision) if *revision > base => Step::Replaced,
+            held => Step::WriteOver(held.revision()),
+        }
+    }
+}
+
+/// A login writing its session, in [`super::Known::logging_in`] while it lives.
+struct Writing<'a> {
+    sessions: &'a Sessions,
+    attempt: (Username, u64),
+}
+
+impl<'a> Writing<'a> {
+    fn start(sessions: &'a Sessions, user: &Username, conn_id: u64) -> Self {
+        let attempt = (user.clone(), conn_id);
+        sessions.known().logging_in.insert(attempt.clone());
+        Self { sessions, attempt }
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.sessions.known().logging_in.remove(&self.attempt);
+    }
+}
+
+impl Sessions {
+    /// Writes `user`'s session on connection `conn_id`, retrying until `deadline` (while
+    /// the bucket's stream elects a leader after a node died), and says whether a newer
+    /// login elsewhere already replaced it. Errors: NATS did not take the write in time.
+    pub(in crate::cluster) async fn login(
+        &self,
+        user: &Username,
+        conn_id: u64,
+        deadline: Instant,
+    ) -> Result<Login, StoreError> {
+        let owner = self.owner(conn_id);
+        // Until the session is in `mine` (or the login failed, or its future was dropped),
+        // a sweep leaves a key naming this connection alone.
+        let _writing = Writing::start(self, user, conn_id);
+        let written = self.write_session(user, &owner, deadline).await;
+        let seen_newer = {
+            let mut known = self.known();
+            let revision = match written {
+                Ok(Some(revision)) => revision,
+                Ok(None) => {
+                    return Ok(Login {
+                        revision: 0,
+                        replaced: true,
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            known.mine.insert(user.clone(), (conn_id, revision));
+            known.high = known.high.max(revision);
+            // A newer login elsewhere may have been seen before our write returned.
+            let newer = known.latest.get(user);
+            (
+                revision,
+                newer.is_some_and(|(by, rev)| *rev > revision && *by != owner),
+            )
+        };
+        let (revision, true) = seen_newer else {
+            return Ok(Login {
+                revision: seen_newer.0,
+                replaced: false,
+            });
+        };
+        let replaced = self.replaced_since(user, &owner, revision).await?;
+        if replaced {
+            self.known().forget(user, conn_id);
+        }
+        Ok(Login { revision, replaced })
+    }
+
+    /// Whether the key now holds a login written after ours at `revision` (checked in
+    /// the bucket itself: one that lost its history hands out revisions from 1 again,
+    /// below the ones remembered).
+    async fn replaced_since(
+        &self,
+        user: &Username,
+        owner: &str,
+        revision: u64,
+    ) -> Result<bool, StoreError> {
+        let now = self.bucket.entry(token(user)).await.map_err(cluster_err)?;
+        Ok(match now {
+            // Written after ours: a newer login (even if it has logged out since), unless
+            // it is our own session written again after a loss.
+            Some(e) if e.revision > revision => {
+                e.operation != kv::Operation::Put || e.value != owner.as_bytes()
+            }
+            // Ours is the newest write: the one remembered is no longer in the bucket.
+            _ => {
+                self.known().lost = true;
+                false
+            }
+        })
+    }
+
+    /// Writes the session (see the module's doc): `Some(revision)` once written, `None`
+    /// if a newer login took the key first.
+    async fn write_session(
+        &self,
+        user: &Username,
+        owner: &str,
+        deadline: Instant,
+    ) -> Result<Option<u64>, StoreError> {
+        let key = token(user);
+        let mut base = None;
+        loop {
+            let failure = match timeout_at(deadline, self.held(&key)).await {
+                Ok(Ok(held)) => {
+                    let base = *base.get_or_insert(held.revision());
+                    match held.step(base, owner) {
+                        Step::Written(revision) => return Ok(Some(revision)),
+                        Step::Replaced => return Ok(None),
+                        Step::WriteOver(expected) => {
+                            let value = Bytes::from(owner.to_owned());
+                            match timeout_at(deadline, self.bucket.update(&key, value, expected))
+                                .await
+                            {
+                                Ok(Ok(revision)) => return Ok(Some(revision)),
+                                // Written meanwhile: read again at once.
+                                Ok(Err(e))
+                                    if e.kind() == kv::UpdateErrorKind::WrongLastRevision =>
+                                {
+                                    None
+                                }
+                                Ok(Err(e)) => Some(e.to_string()),
+                                Err(_) => Some("NATS did not answer in time".to_owned()),
+                            }
+                        }
+                    }
+                }
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("NATS did not answer in time".to_owned()),
+            };
+            if Instant::now() >= deadline {
+                let why = failure.unwrap_or_else(|| "other writes kept coming".to_owned());
+                return Err(StoreError::Cluster(format!(
+                    "the session could not be written: {why}"
+                )));
+            }
+            if let Some(e) = failure {
+                debug!(%user, "cannot write the session yet ({e}); trying again");
+                let pause = Instant::now() + Duration::from_millis(250);
+                tokio::time::sleep_until(pause.min(deadline)).await;
+            }
+        }
+    }
+
+    /// What the bucket holds under `key`, read from its stream's leader (a direct get may
+    /// be answered by a member that lags behind, which would make the first read older
+    /// than it is).
+    async fn held(&self, key: &str) -> Result<Held, StoreError> {
+        let subject = format!("{}{key}", self.bucket.prefix);
+        match self
+            .bucket
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(message) => {
+                let marker = message.headers.get("KV-Operation").is_some()
+                    || message.headers.get("Nats-Marker-Reason").is_some();
+                Ok(if marker {
+                    Held::Deleted(message.sequence)
+                } else {
+                    let owner = String::from_utf8_lossy(&message.payload).into_owned();
+                    Held::Session(owner, message.sequence)
+                })
+            }
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
+                Ok(Held::Nothing)
+            }
+            Err(e) => Err(cluster_err(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Held, Step};
+
+    const US: &str = "r1 7";
+
+    #[test]
+    fn the_first_read_is_written_over() {
+        assert_eq!(Held::Nothing.step(0, US), Step::WriteOver(0));
+        assert_eq!(Held::Deleted(12).step(12, US), Step::WriteOver(12));
+        // The previous session, here or elsewhere: this login replaces it.
+        let previous = Held::Session("r2 3".into(), 12);
+        assert_eq!(previous.step(12, US), Step::WriteOver(12));
+    }
+
+    #[test]
+    fn a_session_written_after_the_first_read_is_a_newer_login() {
+        // Read at 12; a login elsewhere wrote at 13 before our write: ours must not land
+        // over it (it would close the newer session with `session_replaced`).
+        let newer = Held::Session("r2 4".into(), 13);
+        assert_eq!(newer.step(12, US), Step::Replaced);
+    }
+
+    #[test]
+    fn a_logout_or_sweep_after_the_first_read_is_written_over() {
+        // The previous session's logout or a sweep deleted the key: not a login.
+        assert_eq!(Held::Deleted(13).step(12, US), Step::WriteOver(13));
+    }
+
+    #[test]
+    fn our_own_write_whose_answer_was_lost_is_taken() {
+        assert_eq!(Held::Session(US.into(), 13).step(12, US), Step::Written(13));
+    }
+
+    #[test]
+    fn after_a_lost_history_the_key_is_written_over() {
+        // Read at 40; the bucket lost its history (revisions from 1 again).
+        assert_eq!(Held::Nothing.step(40, US), Step::WriteOver(0));
+        // The previous session written again by its relay, below what was read.
+        let rewritten = Held::Session("r2 3".into(), 2);
+        assert_eq!(rewritten.step(40, US), Step::WriteOver(2));
+    }
+}
