@@ -71,28 +71,26 @@ impl Cluster {
         let (config, nats) = &*self.spec;
         // The first connection (made before serving began) is no news.
         let mut lost = false;
-        let mut drops_seen = 0;
+        let drops = || self.drops.load(std::sync::atomic::Ordering::SeqCst);
+        let mut drops_seen = drops();
         loop {
             if link.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
-            // Lost and back again since the last look (even while a check ran below):
-            // the layout and history are checked again.
-            let drops = self.drops.load(std::sync::atomic::Ordering::SeqCst);
-            if drops != drops_seen {
-                drops_seen = drops;
-                lost = true;
-            }
-            if !*link.borrow_and_update() {
+            let up = *link.borrow_and_update();
+            // Read after the link (a drop is counted before it is told): lost and back
+            // again since the last look is a loss too, the layout and history checked
+            // again before new sessions are taken.
+            if drops() != drops_seen || !up {
                 lost = true;
                 self.serving.send_replace(false);
-                continue;
             }
-            if !lost {
+            if !up || !lost {
                 continue;
             }
             // Back. Until the layout is checked, new sessions are refused.
             while *link.borrow() {
+                let checking_from = drops();
                 match layout::layout(&self.js, config, nats, false).await {
                     Ok(_) => {
                         // A verdict needs the bucket's stream to have a leader, soon
@@ -104,12 +102,15 @@ impl Cluster {
                         {
                             tokio::time::sleep(Duration::from_millis(250)).await;
                         }
-                        let dropped = self.drops.load(std::sync::atomic::Ordering::SeqCst);
-                        if !*link.borrow() || dropped != drops_seen {
-                            // Lost again meanwhile: not serving until it is back and
-                            // checked again.
+                        if !*link.borrow() {
+                            // Lost again meanwhile: not serving until it is back.
                             break;
                         }
+                        if drops() != checking_from {
+                            // Lost and back meanwhile: checked again.
+                            continue;
+                        }
+                        drops_seen = checking_from;
                         lost = false;
                         self.serving.send_replace(true);
                         break;

@@ -259,12 +259,12 @@ impl Cluster {
         );
         Ok(Self {
             outbox: outbox::Outbox::start(client, js.clone(), atomic),
+            sessions: sessions::Sessions::new(sessions, relays, js.clone()),
             js,
             mailbox,
             inbox_prefix: format!("{}.inbox.", nats.prefix),
             accounts,
             registrations,
-            sessions: sessions::Sessions::new(sessions, relays),
             known: Mutex::new(HashSet::new()),
             tallies: Arc::default(),
             limits: config.queue.limits(),

@@ -2,13 +2,12 @@
 //! under a connected relay), and writing this relay's sessions again after a loss or a
 //! sweep (see the parent module's doc).
 
-use async_nats::jetstream::kv;
-use bytes::Bytes;
 use chat_protocol::{ErrorCode, Username};
 use tracing::{debug, warn};
 
 use super::super::token;
 use super::Sessions;
+use super::login::Step;
 use crate::router::Router;
 
 /// What a relay had seen of the sessions bucket before asking for its state.
@@ -94,54 +93,61 @@ impl Sessions {
 
     /// Writes again the sessions in [`super::Known::rewrite`] that are still live here.
     pub(super) async fn write_pending(&self, router: &Router) {
-        let pending: Vec<(Username, u64)> = {
+        let pending: Vec<(Username, super::Mine)> = {
             let mut known = self.known();
             let pending = std::mem::take(&mut known.rewrite);
             pending
                 .into_iter()
-                .filter_map(|user| Some((user.clone(), known.mine.get(&user)?.0)))
+                .filter_map(|user| Some((user.clone(), *known.mine.get(&user)?)))
                 .collect()
         };
-        for (user, conn) in pending {
-            self.write_again(&user, conn, router).await;
+        for (user, mine) in pending {
+            self.write_again(&user, mine, router).await;
         }
     }
 
-    /// Writes `user`'s session on connection `conn` again after the bucket lost it,
-    /// unless a login after the loss took the key (then that newer session wins).
-    /// A write that fails is tried again at the next heartbeat.
-    async fn write_again(&self, user: &Username, conn: u64, router: &Router) {
-        let (key, owner) = (token(user), self.owner(conn));
-        let revision = match self.bucket.create(&key, Bytes::from(owner.clone())).await {
-            Ok(revision) => revision,
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                match self.bucket.entry(key.clone()).await {
-                    // Our own login after the loss already wrote it.
-                    Ok(Some(entry)) if entry.value == owner.as_bytes() => entry.revision,
-                    Ok(_) => {
-                        self.known().forget(user, conn);
-                        router.kick(user, conn, ErrorCode::SessionReplaced);
-                        return;
-                    }
+    /// Writes `user`'s session `mine` again after the bucket lost it or another relay
+    /// swept it, unless a login that began later took the key (then that newer session
+    /// wins and this one is closed). A write that fails is tried again at the next
+    /// heartbeat.
+    async fn write_again(&self, user: &Username, mine: super::Mine, router: &Router) {
+        let (key, owner, conn) = (token(user), self.owner(mine.conn), mine.conn);
+        let step = match self.held(&key).await {
+            Ok(held) => held.step(0, &owner, mine.started_ms),
+            Err(e) => {
+                warn!(%user, "cannot read the session back: {e}; trying again");
+                self.known().rewrite.insert(user.clone());
+                return;
+            }
+        };
+        let revision = match step {
+            // Our own login after the loss already wrote it.
+            Step::Written(revision) => revision,
+            Step::Replaced => {
+                self.known().forget(user, conn);
+                router.kick(user, conn, ErrorCode::SessionReplaced);
+                return;
+            }
+            Step::WriteOver(expected) => {
+                match self
+                    .write_over(&key, &owner, expected, mine.started_ms)
+                    .await
+                {
+                    Ok(revision) => revision,
                     Err(e) => {
-                        warn!(%user, "cannot read the session back: {e}; trying again");
+                        warn!(%user, "cannot write the session again: {e}; trying again");
                         self.known().rewrite.insert(user.clone());
                         return;
                     }
                 }
-            }
-            Err(e) => {
-                warn!(%user, "cannot write the session again: {e}; trying again");
-                self.known().rewrite.insert(user.clone());
-                return;
             }
         };
         let still_ours = {
             let mut known = self.known();
             known.high = known.high.max(revision);
             match known.mine.get_mut(user) {
-                Some((c, r)) if *c == conn => {
-                    *r = revision;
+                Some(m) if m.conn == conn => {
+                    m.revision = revision;
                     true
                 }
                 _ => false,

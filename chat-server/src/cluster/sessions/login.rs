@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
@@ -17,7 +18,7 @@ use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
 use super::super::{cluster_err, token};
-use super::{Login, Sessions};
+use super::{Login, Mine, Sessions};
 use crate::store::StoreError;
 
 /// The longest a login may spend writing its session, counted from the connection's
@@ -25,20 +26,25 @@ use crate::store::StoreError;
 /// waiting for this relay when the last attempt is sent.
 pub const LOGIN_WINDOW: Duration = Duration::from_secs(10);
 
+/// The header a session write carries: when its login began (Unix ms, the writing
+/// relay's clock). A rewrite keeps it, so it is never taken for a newer login.
+pub(super) const STARTED_HEADER: &str = "Chat-Login-Started";
+
 /// What the bucket holds under a user's key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Held {
+pub(super) enum Held {
     /// Nothing: never written, or the bucket lost its history.
     Nothing,
     /// A deletion marker (a logout, a sweep) at this revision.
     Deleted(u64),
-    /// A session: its owner (`"<relay id> <connection id>"`) and revision.
-    Session(String, u64),
+    /// A session: its owner (`"<relay id> <connection id>"`), revision, and when its
+    /// login began (Unix ms; absent if written without [`STARTED_HEADER`]).
+    Session(String, u64, Option<u64>),
 }
 
-/// What a login does next.
+/// What a login (or a rewrite) does next.
 #[derive(Debug, PartialEq, Eq)]
-enum Step {
+pub(super) enum Step {
     /// The key holds our session at this revision (an attempt whose answer was lost).
     Written(u64),
     /// A login written after this one first read the key holds it: this one is replaced.
@@ -51,19 +57,42 @@ impl Held {
     fn revision(&self) -> u64 {
         match self {
             Held::Nothing => 0,
-            Held::Deleted(revision) | Held::Session(_, revision) => *revision,
+            Held::Deleted(revision) | Held::Session(_, revision, _) => *revision,
         }
     }
 
-    /// The next step of the login by `owner` that first read the key at revision `base`.
-    /// A session below `base` was written after the bucket lost its history: the
-    /// previous session written again by its relay, or a login as old as this one;
-    /// either way this login is the newer one.
-    fn step(&self, base: u64, owner: &str) -> Step {
+    /// The next step of the login by `owner`, begun at `started_ms`, that first read the
+    /// key at revision `base` (0 for a rewrite). A session written since is a newer
+    /// login, unless its login began before this one: then it is an older session
+    /// written late (a rewrite after a sweep or a lost history, or an attempt that
+    /// landed after its client gave up), and this login is the newer one. So is a
+    /// session below `base`: written after the bucket lost its history.
+    pub(super) fn step(&self, base: u64, owner: &str, started_ms: u64) -> Step {
         match self {
-            Held::Session(by, revision) if by == owner => Step::Written(*revision),
-            Held::Session(_, revision) if *revision > base => Step::Replaced,
+            Held::Session(by, revision, _) if by == owner => Step::Written(*revision),
+            Held::Session(_, revision, Some(began)) if *began < started_ms => {
+                Step::WriteOver(*revision)
+            }
+            Held::Session(_, revision, _) if *revision > base => Step::Replaced,
             held => Step::WriteOver(held.revision()),
+        }
+    }
+}
+
+/// Why a conditional session write failed.
+#[derive(Debug)]
+pub(super) enum WriteError {
+    /// The key was written since it was read.
+    Moved,
+    /// NATS did not take it (the error).
+    Other(String),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::Moved => write!(f, "the key was written meanwhile"),
+            WriteError::Other(e) => write!(f, "{e}"),
         }
     }
 }
@@ -99,10 +128,13 @@ impl Sessions {
         deadline: Instant,
     ) -> Result<Login, StoreError> {
         let owner = self.owner(conn_id);
+        let started_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         // Until the session is in `mine` (or the login failed, or its future was dropped),
         // a sweep leaves a key naming this connection alone.
         let _writing = Writing::start(self, user, conn_id);
-        let written = self.write_session(user, &owner, deadline).await;
+        let written = self.write_session(user, &owner, started_ms, deadline).await;
         let seen_newer = {
             let mut known = self.known();
             let revision = match written {
@@ -115,7 +147,12 @@ impl Sessions {
                 }
                 Err(e) => return Err(e),
             };
-            known.mine.insert(user.clone(), (conn_id, revision));
+            let mine = Mine {
+                conn: conn_id,
+                revision,
+                started_ms,
+            };
+            known.mine.insert(user.clone(), mine);
             known.high = known.high.max(revision);
             // A newer login elsewhere may have been seen before our write returned.
             let newer = known.latest.get(user);
@@ -167,6 +204,7 @@ impl Sessions {
         &self,
         user: &Username,
         owner: &str,
+        started_ms: u64,
         deadline: Instant,
     ) -> Result<Option<u64>, StoreError> {
         let key = token(user);
@@ -175,22 +213,16 @@ impl Sessions {
             let failure = match timeout_at(deadline, self.held(&key)).await {
                 Ok(Ok(held)) => {
                     let base = *base.get_or_insert(held.revision());
-                    match held.step(base, owner) {
+                    match held.step(base, owner, started_ms) {
                         Step::Written(revision) => return Ok(Some(revision)),
                         Step::Replaced => return Ok(None),
                         Step::WriteOver(expected) => {
-                            let value = Bytes::from(owner.to_owned());
-                            match timeout_at(deadline, self.bucket.update(&key, value, expected))
-                                .await
-                            {
+                            let write = self.write_over(&key, owner, expected, started_ms);
+                            match timeout_at(deadline, write).await {
                                 Ok(Ok(revision)) => return Ok(Some(revision)),
                                 // Written meanwhile: read again at once.
-                                Ok(Err(e))
-                                    if e.kind() == kv::UpdateErrorKind::WrongLastRevision =>
-                                {
-                                    None
-                                }
-                                Ok(Err(e)) => Some(e.to_string()),
+                                Ok(Err(WriteError::Moved)) => None,
+                                Ok(Err(WriteError::Other(e))) => Some(e),
                                 Err(_) => Some("NATS did not answer in time".to_owned()),
                             }
                         }
@@ -213,10 +245,46 @@ impl Sessions {
         }
     }
 
+    /// Writes `owner`'s session under `key` if the key's last revision is still
+    /// `expected` (0: nothing), with when its login began ([`STARTED_HEADER`]); returns
+    /// the new revision. (`kv::Store::update` with a header: the bucket is reached
+    /// through the default JetStream API prefix, so its put prefix is the subject's.)
+    pub(super) async fn write_over(
+        &self,
+        key: &str,
+        owner: &str,
+        expected: u64,
+        started_ms: u64,
+    ) -> Result<u64, WriteError> {
+        let prefix = self
+            .bucket
+            .put_prefix
+            .as_ref()
+            .unwrap_or(&self.bucket.prefix);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            expected.to_string().as_str(),
+        );
+        headers.insert(STARTED_HEADER, started_ms.to_string().as_str());
+        let value = Bytes::from(owner.to_owned());
+        let moved = |e: &PublishError| e.kind() == PublishErrorKind::WrongLastSequence;
+        let ack = self
+            .js
+            .publish_with_headers(format!("{prefix}{key}"), headers, value)
+            .await
+            .map_err(|e| WriteError::Other(e.to_string()))?;
+        match ack.await {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if moved(&e) => Err(WriteError::Moved),
+            Err(e) => Err(WriteError::Other(e.to_string())),
+        }
+    }
+
     /// What the bucket holds under `key`, read from its stream's leader (a direct get may
     /// be answered by a member that lags behind, which would make the first read older
     /// than it is).
-    async fn held(&self, key: &str) -> Result<Held, StoreError> {
+    pub(super) async fn held(&self, key: &str) -> Result<Held, StoreError> {
         let subject = format!("{}{key}", self.bucket.prefix);
         match self
             .bucket
@@ -225,13 +293,16 @@ impl Sessions {
             .await
         {
             Ok(message) => {
-                let marker = message.headers.get("KV-Operation").is_some()
-                    || message.headers.get("Nats-Marker-Reason").is_some();
+                let header = |name: &str| message.headers.get(name).map(|v| v.as_str());
+                // Deletes and purges carry `KV-Operation`, limit markers a reason.
+                let marker = matches!(header("KV-Operation"), Some("DEL" | "PURGE"))
+                    || header("Nats-Marker-Reason").is_some();
                 Ok(if marker {
                     Held::Deleted(message.sequence)
                 } else {
                     let owner = String::from_utf8_lossy(&message.payload).into_owned();
-                    Held::Session(owner, message.sequence)
+                    let started = header(STARTED_HEADER).and_then(|v| v.parse().ok());
+                    Held::Session(owner, message.sequence, started)
                 })
             }
             Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
@@ -246,42 +317,71 @@ impl Sessions {
 mod tests {
     use super::{Held, Step};
 
+    /// This login: its owner, and when it began (Unix ms).
     const US: &str = "r1 7";
+    const NOW: u64 = 1_000_000;
 
-    #[test]
-    fn the_first_read_is_written_over() {
-        assert_eq!(Held::Nothing.step(0, US), Step::WriteOver(0));
-        assert_eq!(Held::Deleted(12).step(12, US), Step::WriteOver(12));
-        // The previous session, here or elsewhere: this login replaces it.
-        let previous = Held::Session("r2 3".into(), 12);
-        assert_eq!(previous.step(12, US), Step::WriteOver(12));
+    fn session(owner: &str, revision: u64, started: Option<u64>) -> Held {
+        Held::Session(owner.into(), revision, started)
     }
 
     #[test]
-    fn a_session_written_after_the_first_read_is_a_newer_login() {
-        // Read at 12; a login elsewhere wrote at 13 before our write: ours must not land
-        // over it (it would close the newer session with `session_replaced`).
-        let newer = Held::Session("r2 4".into(), 13);
-        assert_eq!(newer.step(12, US), Step::Replaced);
+    fn the_first_read_is_written_over() {
+        assert_eq!(Held::Nothing.step(0, US, NOW), Step::WriteOver(0));
+        assert_eq!(Held::Deleted(12).step(12, US, NOW), Step::WriteOver(12));
+        // The previous session, here or elsewhere: this login replaces it.
+        let previous = session("r2 3", 12, Some(NOW - 60_000));
+        assert_eq!(previous.step(12, US, NOW), Step::WriteOver(12));
+        // Written by a relay that does not say when its login began, too.
+        assert_eq!(
+            session("r2 3", 12, None).step(12, US, NOW),
+            Step::WriteOver(12)
+        );
+    }
+
+    #[test]
+    fn a_login_begun_later_and_written_first_is_the_newer_one() {
+        // Read at 12; a login elsewhere, begun after ours, wrote at 13 before our write:
+        // ours must not land over it (it would close the newer session).
+        let newer = session("r2 4", 13, Some(NOW + 1));
+        assert_eq!(newer.step(12, US, NOW), Step::Replaced);
+        // A relay that does not say when: written after our read, taken for newer.
+        assert_eq!(session("r2 4", 13, None).step(12, US, NOW), Step::Replaced);
+    }
+
+    #[test]
+    fn an_older_session_written_late_is_written_over() {
+        // The previous session written again by its relay after a sweep, or an attempt
+        // of an abandoned login landing late: begun before ours, so ours is newer.
+        let rewritten = session("r2 3", 13, Some(NOW - 20_000));
+        assert_eq!(rewritten.step(12, US, NOW), Step::WriteOver(13));
+        // A rewrite (base 0) meets a login begun after its session's: that one wins.
+        let later = session("r2 4", 13, Some(NOW + 5));
+        assert_eq!(later.step(0, US, NOW), Step::Replaced);
     }
 
     #[test]
     fn a_logout_or_sweep_after_the_first_read_is_written_over() {
         // The previous session's logout or a sweep deleted the key: not a login.
-        assert_eq!(Held::Deleted(13).step(12, US), Step::WriteOver(13));
+        assert_eq!(Held::Deleted(13).step(12, US, NOW), Step::WriteOver(13));
     }
 
     #[test]
     fn our_own_write_whose_answer_was_lost_is_taken() {
-        assert_eq!(Held::Session(US.into(), 13).step(12, US), Step::Written(13));
+        assert_eq!(
+            session(US, 13, Some(NOW)).step(12, US, NOW),
+            Step::Written(13)
+        );
     }
 
     #[test]
     fn after_a_lost_history_the_key_is_written_over() {
         // Read at 40; the bucket lost its history (revisions from 1 again).
-        assert_eq!(Held::Nothing.step(40, US), Step::WriteOver(0));
-        // The previous session written again by its relay, below what was read.
-        let rewritten = Held::Session("r2 3".into(), 2);
-        assert_eq!(rewritten.step(40, US), Step::WriteOver(2));
+        assert_eq!(Held::Nothing.step(40, US, NOW), Step::WriteOver(0));
+        // A session below what was read was written after the loss.
+        assert_eq!(
+            session("r2 3", 2, None).step(40, US, NOW),
+            Step::WriteOver(2)
+        );
     }
 }

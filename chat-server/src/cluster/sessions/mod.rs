@@ -23,7 +23,7 @@
 //! highest revision it has seen, at every [`HEARTBEAT`] while it serves and when its NATS
 //! link comes back; a login that looks replaced is checked against the bucket itself. When
 //! the history is found lost, the relay forgets what it learnt and writes its sessions
-//! again (a key already taken meanwhile is a newer login, which wins).
+//! again (a key taken meanwhile by a login that began later is a newer login, which wins).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -63,8 +63,8 @@ pub struct Login {
 /// This relay's sessions, and the last value of every key seen.
 #[derive(Debug, Default)]
 struct Known {
-    /// user → (connection, revision) of this relay's session.
-    mine: HashMap<Username, (u64, u64)>,
+    /// user → this relay's session of the user.
+    mine: HashMap<Username, Mine>,
     /// (user, connection) of the logins writing their session now.
     logging_in: HashSet<(Username, u64)>,
     /// user → (owner, revision) of the newest write seen while following the bucket.
@@ -91,20 +91,33 @@ struct Known {
     beat_at: Option<tokio::time::Instant>,
 }
 
+/// A session this relay holds.
+#[derive(Debug, Clone, Copy)]
+struct Mine {
+    conn: u64,
+    /// The bucket revision of its last write.
+    revision: u64,
+    /// When its login began (Unix ms, this relay's clock): written with it, so a login
+    /// that began later is told from an older one written late (`login.rs`).
+    started_ms: u64,
+}
+
 impl Known {
     /// Forgets `user`'s session on connection `conn`, if this relay holds it: returns its
     /// revision.
     fn forget(&mut self, user: &Username, conn: u64) -> Option<u64> {
-        let &(held_by, revision) = self.mine.get(user)?;
-        (held_by == conn).then(|| {
+        let mine = *self.mine.get(user)?;
+        (mine.conn == conn).then(|| {
             self.mine.remove(user);
-            revision
+            mine.revision
         })
     }
 }
 
 pub(super) struct Sessions {
     bucket: kv::Store,
+    /// For session writes with headers ([`login::STARTED_HEADER`]).
+    js: async_nats::jetstream::Context,
     relays: kv::Store,
     /// Random per relay process: owners of sessions are told apart by it.
     relay_id: String,
@@ -116,10 +129,15 @@ pub(super) struct Sessions {
 }
 
 impl Sessions {
-    pub(super) fn new(bucket: kv::Store, relays: kv::Store) -> Self {
+    pub(super) fn new(
+        bucket: kv::Store,
+        relays: kv::Store,
+        js: async_nats::jetstream::Context,
+    ) -> Self {
         let created = bucket.stream.cached_info().created.unix_timestamp_nanos();
         Self {
             bucket,
+            js,
             relays,
             relay_id: format!("{:016x}", rand::rng().next_u64()),
             known: Mutex::new(Known {
@@ -206,7 +224,7 @@ impl Sessions {
         known.high = known.high.max(entry.revision);
         if online {
             let owner = String::from_utf8_lossy(&entry.value).into_owned();
-            if let Some(&(conn, revision)) = known.mine.get(&user)
+            if let Some(&Mine { conn, revision, .. }) = known.mine.get(&user)
                 && revision < entry.revision
                 && owner != self.owner(conn)
             {
@@ -221,9 +239,9 @@ impl Sessions {
             // The key held this relay's live session, and not our logout deleted it (that
             // forgets the session first): a sweep. (Replaced by a newer login elsewhere,
             // the key held that one's.)
-            if let Some((conn, revision)) = known.mine.get(&user)
-                && *revision < entry.revision
-                && last.is_some_and(|(by, _)| by == self.owner(*conn))
+            if let Some(mine) = known.mine.get(&user)
+                && mine.revision < entry.revision
+                && last.is_some_and(|(by, _)| by == self.owner(mine.conn))
             {
                 warn!(%user, "another relay removed a live session of this relay's");
                 known.rewrite.insert(user.clone());
@@ -297,7 +315,7 @@ impl Sessions {
     /// that landed after the login gave up, a logout whose delete did not go through)
     /// and, if `others`, sessions owned by relays with no live heartbeat.
     async fn sweep(&self, others: bool) {
-        let orphans: Vec<(Username, u64)> = {
+        let orphans: Vec<(Username, String, u64)> = {
             let known = self.known();
             known
                 .latest
@@ -310,19 +328,26 @@ impl Sessions {
                     let Ok(conn) = conn.parse::<u64>() else {
                         return true;
                     };
-                    let live = known.mine.get(*user).is_some_and(|(c, _)| *c == conn);
+                    let live = known.mine.get(*user).is_some_and(|m| m.conn == conn);
                     !live && !known.logging_in.contains(&((*user).clone(), conn))
                 })
-                .map(|(user, (_, revision))| (user.clone(), *revision))
+                .map(|(user, (owner, revision))| (user.clone(), owner.clone(), *revision))
                 .collect()
         };
-        for (user, revision) in orphans {
-            debug!(%user, "removing the session of a relay that stopped");
-            // Fails harmlessly if another relay swept it first or the user logged in again.
-            let _ = self
-                .bucket
-                .delete_expect_revision(token(&user), Some(revision))
-                .await;
+        for (user, owner, revision) in orphans {
+            debug!(%user, "removing a session no connection holds ({owner})");
+            // Only if the key still holds what was seen, as its stream's leader says: what
+            // was seen may be from before the bucket lost its history, its revision now
+            // another login's. Fails harmlessly if another relay swept it first or the
+            // user logged in again.
+            let key = token(&user);
+            if matches!(self.held(&key).await, Ok(login::Held::Session(by, r, _)) if by == owner && r == revision)
+            {
+                let _ = self
+                    .bucket
+                    .delete_expect_revision(key, Some(revision))
+                    .await;
+            }
         }
     }
 
