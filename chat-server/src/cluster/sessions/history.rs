@@ -142,17 +142,30 @@ impl Sessions {
                 }
             }
         };
-        let still_ours = {
+        let (still_ours, seen_newer) = {
             let mut known = self.known();
             known.high = known.high.max(revision);
-            match known.mine.get_mut(user) {
+            let still_ours = match known.mine.get_mut(user) {
                 Some(m) if m.conn == conn => {
                     m.revision = revision;
                     true
                 }
                 _ => false,
-            }
+            };
+            // A login written over ours may have been followed before our write returned
+            // (the follower compared it with the revision we had before).
+            let newer = known.latest.get(user);
+            let newer = newer.is_some_and(|(by, r)| *r > revision && *by != owner);
+            (still_ours, newer)
         };
+        if still_ours
+            && seen_newer
+            && matches!(self.replaced_since(user, &owner, revision).await, Ok(true))
+        {
+            self.known().forget(user, conn);
+            router.kick(user, conn, ErrorCode::SessionReplaced);
+            return;
+        }
         if !still_ours {
             // Logged out meanwhile: the key is not ours to keep.
             let _ = self

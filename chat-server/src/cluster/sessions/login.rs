@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
-use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use chat_protocol::Username;
@@ -174,22 +173,21 @@ impl Sessions {
         Ok(Login { revision, replaced })
     }
 
-    /// Whether the key now holds a login written after ours at `revision` (checked in
-    /// the bucket itself: one that lost its history hands out revisions from 1 again,
-    /// below the ones remembered).
-    async fn replaced_since(
+    /// Whether the key now holds a login written after ours at `revision`, which a
+    /// follower saw: checked in the bucket itself, as its stream's leader says (a bucket
+    /// that lost its history hands out revisions from 1 again, below the ones
+    /// remembered; a member that lags behind would not have the newer write yet).
+    pub(super) async fn replaced_since(
         &self,
         user: &Username,
         owner: &str,
         revision: u64,
     ) -> Result<bool, StoreError> {
-        let now = self.bucket.entry(token(user)).await.map_err(cluster_err)?;
-        Ok(match now {
+        Ok(match self.held(&token(user)).await? {
             // Written after ours: a newer login (even if it has logged out since), unless
             // it is our own session written again after a loss.
-            Some(e) if e.revision > revision => {
-                e.operation != kv::Operation::Put || e.value != owner.as_bytes()
-            }
+            Held::Session(by, r, _) if r > revision => by != owner,
+            Held::Deleted(r) if r > revision => true,
             // Ours is the newest write: the one remembered is no longer in the bucket.
             _ => {
                 self.known().lost = true;
