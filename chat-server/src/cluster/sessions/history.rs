@@ -152,11 +152,8 @@ impl Sessions {
                 }
                 _ => false,
             };
-            // A login written over ours may have been followed before our write returned
-            // (the follower compared it with the revision we had before).
-            let newer = known.latest.get(user);
-            let newer = newer.is_some_and(|(by, r)| *r > revision && *by != owner);
-            (still_ours, newer)
+            // The follower compared a login written over ours with our older revision.
+            (still_ours, known.newer_seen(user, &owner, revision))
         };
         if still_ours
             && seen_newer

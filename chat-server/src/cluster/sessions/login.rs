@@ -153,12 +153,7 @@ impl Sessions {
             };
             known.mine.insert(user.clone(), mine);
             known.high = known.high.max(revision);
-            // A newer login elsewhere may have been seen before our write returned.
-            let newer = known.latest.get(user);
-            (
-                revision,
-                newer.is_some_and(|(by, rev)| *rev > revision && *by != owner),
-            )
+            (revision, known.newer_seen(user, &owner, revision))
         };
         let (revision, true) = seen_newer else {
             return Ok(Login {

@@ -103,6 +103,13 @@ struct Mine {
 }
 
 impl Known {
+    /// Whether a write of `user`'s key by another owner than `owner`, above `revision`,
+    /// has been followed (the follower may see it before our own write returns).
+    fn newer_seen(&self, user: &Username, owner: &str, revision: u64) -> bool {
+        let newer = self.latest.get(user);
+        newer.is_some_and(|(by, r)| *r > revision && by != owner)
+    }
+
     /// Forgets `user`'s session on connection `conn`, if this relay holds it: returns its
     /// revision.
     fn forget(&mut self, user: &Username, conn: u64) -> Option<u64> {
