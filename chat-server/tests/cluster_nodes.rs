@@ -12,6 +12,7 @@ use chat_protocol::{ClientMessage, ServerMessage};
 use chat_server::cluster::nodes;
 use common::nats::Nats;
 use common::{Client, PATIENCE, TestServer, user_when_serving};
+use futures_util::TryStreamExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chat-server");
 
@@ -64,6 +65,19 @@ async fn meta_size(url: &str, seed: &str) -> u64 {
         .unwrap_or_else(|| panic!("no meta group in {jsz}"))
 }
 
+/// A relay given only `node` (it learns the others from it), the mailbox in 3 copies.
+async fn relay_on(node: &common::nats::NatsNode) -> TestServer {
+    let url = node.url();
+    TestServer::start(|c| {
+        c.backend = chat_server::config::Backend::Nats(chat_server::config::NatsBackend {
+            urls: vec![url],
+            stream_replicas: 3,
+            ..Default::default()
+        })
+    })
+    .await
+}
+
 /// The next delivery (within `patience`: after a node dies it waits for the mailbox
 /// reader's new consumer), acknowledged; its payload.
 async fn take(c: &mut Client, patience: std::time::Duration) -> Vec<u8> {
@@ -92,15 +106,7 @@ async fn take(c: &mut Client, patience: std::time::Duration) -> Vec<u8> {
 async fn a_relay_whose_nats_node_dies_keeps_its_sessions_and_loses_nothing() {
     let mut nats = Nats::cluster();
     // Given node 0 only, the relay talks to the node killed below.
-    let url = nats.nodes[0].url();
-    let server = TestServer::start(|c| {
-        c.backend = chat_server::config::Backend::Nats(chat_server::config::NatsBackend {
-            urls: vec![url],
-            stream_replicas: 3,
-            ..Default::default()
-        })
-    })
-    .await;
+    let server = relay_on(&nats.nodes[0]).await;
     let mut bob = server.user("bob", 1).await;
     let mut alice = server.user("alice", 0).await;
     let reply = alice.send_to("bob", &[0]).await;
@@ -118,6 +124,72 @@ async fn a_relay_whose_nats_node_dies_keeps_its_sessions_and_loses_nothing() {
     for i in 1..=5u8 {
         assert_eq!(take(&mut bob, 6 * PATIENCE).await, [i]);
     }
+    bob.send(ClientMessage::Ping { nonce: 7 }).await;
+    let pong = bob.recv_reply_within(PATIENCE).await;
+    assert_eq!(pong, Some(ServerMessage::Pong { nonce: 7 }), "nothing more");
+}
+
+/// Where `user`'s newest mailbox consumer lives (its node's name), and the mailbox stream's
+/// leader, as the cluster reports them.
+async fn reader_and_leader(js: &jetstream::Context, user: &str) -> (Option<String>, String) {
+    let mailbox = nodes::placements(js)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|p| p.what.ends_with("_mailbox"))
+        .unwrap();
+    let stream = js.get_stream(&mailbox.what).await.unwrap();
+    let consumers: Vec<_> = stream.consumers().try_collect().await.unwrap();
+    let fragment = format!(".inbox.{user}.");
+    let newest = consumers
+        .into_iter()
+        .filter(|c| {
+            c.config
+                .filter_subjects
+                .iter()
+                .any(|s| s.contains(&fragment))
+        })
+        .max_by_key(|c| c.created);
+    let node = newest.and_then(|c| c.cluster.and_then(|c| c.leader));
+    (node, mailbox.leader.unwrap())
+}
+
+/// A session's mailbox consumer lives on one node (one replica, in memory). When that node
+/// dies and it is neither the relay's node nor the mailbox stream's leader, the relay sees no
+/// reconnection and no election: only the consumer's silence tells. Deliveries used to stall
+/// for a minute (async-nats's ordered consumer waits for four missed 15 s heartbeats); the
+/// reader makes its consumer again after two missed 5 s heartbeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_whose_consumer_node_dies_unseen_reads_again_within_two_heartbeats() {
+    let mut nats = Nats::cluster();
+    let js = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    let server = relay_on(&nats.nodes[0]).await;
+    let mut alice = server.user("alice", 0).await;
+    // Bob logs in until his consumer is on a node whose death the relay cannot see
+    // otherwise (placement is random among the stream's three).
+    let mut placed = None;
+    for _ in 0..40 {
+        let mut bob = server.user("bob", 1).await;
+        let reply = alice.send_to("bob", b"placed").await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+        assert_eq!(take(&mut bob, PATIENCE).await, b"placed");
+        let (node, leader) = reader_and_leader(&js, "bob").await;
+        let node = node.expect("bob's consumer has a node");
+        if node != nats.nodes[0].name && node != leader {
+            placed = Some((bob, node));
+            break;
+        }
+    }
+    let (mut bob, node) = placed.expect("bob's consumer never landed on a third node");
+    let index = nats.nodes.iter().position(|n| n.name == node).unwrap();
+    tokio::task::block_in_place(|| nats.nodes[index].kill());
+
+    let reply = alice.send_to("bob", b"after").await;
+    assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    // Two heartbeats (10 s) and a new consumer; the old reader took 60 s.
+    let sent = std::time::Instant::now();
+    assert_eq!(take(&mut bob, 4 * PATIENCE).await, b"after");
+    eprintln!("delivered {:?} after the send", sent.elapsed());
     bob.send(ClientMessage::Ping { nonce: 7 }).await;
     let pong = bob.recv_reply_within(PATIENCE).await;
     assert_eq!(pong, Some(ServerMessage::Pong { nonce: 7 }), "nothing more");

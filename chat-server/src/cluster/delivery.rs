@@ -1,6 +1,7 @@
 //! Delivery from the mailbox: each session reads its recipient's subjects through an
-//! ordered consumer (the backlog, then live envelopes, with no gap and no duplicate), and
-//! acknowledged envelopes are removed in gathered purges.
+//! ephemeral consumer made again whenever it fails or falls silent (the backlog, then live
+//! envelopes, with no gap and no duplicate), and acknowledged envelopes are removed in
+//! gathered purges.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -22,6 +23,25 @@ pub const READER_RETRIES: u32 = 40;
 /// How long making a mailbox reader's consumer may take before it is tried again (a
 /// healthy cluster answers in milliseconds).
 const CONSUMER_PATIENCE: Duration = Duration::from_secs(5);
+
+/// How often NATS tells a reader with nothing to read that its consumer is alive (the
+/// idle heartbeat of each pull request). Two missed in a row and the reader makes its
+/// consumer again: a consumer lost with a node, or cut off from its reader without a
+/// reconnection or a leader election the relay sees, holds delivery up at most twice this.
+/// (async-nats's ordered consumer, used before, waits for four missed 15 s heartbeats:
+/// deliveries stalled for a minute after a node died.) Each idle session costs its relay
+/// one heartbeat message per interval.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// How long each pull request waits for envelopes before the reader asks again.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+
+/// Envelopes asked for in one pull request (more are asked for once half are read).
+const PULL_BATCH: usize = 500;
+
+/// How long the server keeps a reader's consumer after its last pull request (an ended
+/// session's, or one made again, is removed then).
+const CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
 
 /// How often acknowledged envelopes are removed from the mailbox (one purge per
 /// recipient with acknowledgements).
@@ -81,11 +101,14 @@ impl Cluster {
         (rx, AbortOnDrop(task))
     }
 
-    /// Reads `user`'s mailbox into `tx` from its first envelope on. The consumer is made again
-    /// from the next sequence not yet given whenever it fails, and whenever the cluster was
-    /// disturbed (this relay reconnected to NATS, or the stream elected a leader): an
-    /// ephemeral consumer may have been lost with a node and would otherwise wait forever.
-    /// Sequences already given are skipped, so a restart makes no gap and no duplicate.
+    /// Reads `user`'s mailbox into `tx` from its first envelope on. The consumer (ephemeral,
+    /// one replica in memory, no acknowledgements: what JetStream calls an ordered consumer)
+    /// is made again from the next sequence not yet given whenever it fails, falls silent
+    /// (two [`HEARTBEAT`]s missed), skips a delivery (its consumer sequence jumps), and
+    /// whenever the cluster was disturbed (this relay reconnected to NATS, or the stream
+    /// elected a leader): an ephemeral consumer may have been lost with a node and would
+    /// otherwise wait forever. Sequences already given are skipped, so a restart makes no gap
+    /// and no duplicate.
     /// Once as many envelopes as the first consumer (re)made before that point had pending
     /// are given, [`MailboxRead::CaughtUp`] follows them, once. Gives up (an error, and
     /// the session is closed) after [`READER_RETRIES`] failures in a row lasting
@@ -111,15 +134,27 @@ impl Cluster {
             let make = async {
                 let consumer = self
                     .mailbox
-                    .create_consumer(consumer::pull::OrderedConfig {
+                    .create_consumer(consumer::pull::Config {
                         filter_subjects: vec![subject.clone(), legacy.clone()],
                         deliver_policy,
+                        ack_policy: consumer::AckPolicy::None,
+                        max_deliver: 1,
+                        num_replicas: 1,
+                        memory_storage: true,
+                        inactive_threshold: CONSUMER_INACTIVE,
                         ..Default::default()
                     })
                     .await
                     .map_err(|e| e.to_string())?;
                 let pending = consumer.cached_info().num_pending;
-                let messages = consumer.messages().await.map_err(|e| e.to_string())?;
+                let messages = consumer
+                    .stream()
+                    .max_messages_per_batch(PULL_BATCH)
+                    .expires(PULL_EXPIRES)
+                    .heartbeat(HEARTBEAT)
+                    .messages()
+                    .await
+                    .map_err(|e| e.to_string())?;
                 Ok::<_, String>((pending, messages))
             };
             // A request made while JetStream has no leader to answer it hangs until it
@@ -138,6 +173,7 @@ impl Cluster {
             };
             let mut messages = match made {
                 Ok((pending, messages)) => {
+                    debug!("reading {subject} from {next} ({pending} pending)");
                     // Reading works again: failures count from here.
                     failures = Failures::default();
                     if backlog.is_some() {
@@ -155,6 +191,8 @@ impl Cluster {
                     continue;
                 }
             };
+            // The consumer sequence of the last envelope this consumer gave.
+            let mut given = 0u64;
             loop {
                 if backlog == Some(0) {
                     backlog = None;
@@ -184,6 +222,11 @@ impl Cluster {
                     None => break,
                 };
                 let Ok(info) = message.info() else { continue };
+                if info.consumer_sequence != given + 1 {
+                    debug!("{subject}: a delivery went missing; reading again from {next}");
+                    break;
+                }
+                given = info.consumer_sequence;
                 let sequence = info.stream_sequence;
                 if sequence < next {
                     continue;

@@ -11,9 +11,10 @@
 //!   share from one address (`recipient_queue_full`); the recipient's total and the
 //!   shares over several addresses or senders are checked by [`tally`]; the stream's byte
 //!   limit is the queue's total (`server_full`); max age expires envelopes.
-//! - Delivery: each logged-in session reads `<prefix>.inbox.<recipient>.>` through an
-//!   ordered consumer from the first envelope still stored: the backlog, then live
-//!   envelopes, in stream order, with no gap and no duplicate. An `Ack` deletes the
+//! - Delivery (`delivery.rs`): each logged-in session reads `<prefix>.inbox.<recipient>.>`
+//!   through an ordered consumer (made again when it fails or falls silent) from the first
+//!   envelope still stored: the backlog, then live envelopes, in stream order, with no gap
+//!   and no duplicate. An `Ack` deletes the
 //!   envelopes (by sequence). Envelopes an earlier layout stored under the bare
 //!   `<prefix>.inbox.<recipient>` are read (and removed) alike.
 //! - Accounts: the bucket `<prefix>_accounts`, user → public key, written create-only, so

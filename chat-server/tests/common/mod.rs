@@ -26,6 +26,17 @@ pub mod nats;
 /// Long enough for a loaded CI machine, short enough to fail a hung test quickly.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// Sends the relay's logs (`tracing`) to the test's captured output, shown when a test
+/// fails: `warn,chat_server=info`, or the filter in `TEST_LOG` (e.g.
+/// `TEST_LOG=chat_server=debug,async_nats=debug`).
+pub fn logs() {
+    let filter = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn,chat_server=info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .try_init();
+}
+
 /// Test keys are 2048-bit (the smallest the server accepts) to keep generation quick.
 pub fn key(n: usize) -> &'static PrivateKey {
     static KEYS: OnceLock<Vec<PrivateKey>> = OnceLock::new();
@@ -91,6 +102,7 @@ impl TestServer {
     /// A relay on what an earlier one left: the same data directory and nats-server.
     pub async fn start_in(persisted: Persisted, tweak: impl FnOnce(&mut Config)) -> Self {
         let Persisted { dir, nats } = persisted;
+        logs();
         // Generate the test keys before any timeout starts ticking.
         key(0);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
