@@ -1,17 +1,19 @@
-//! What a connection may ask of the server at once: the send pipeline's bounds, refusing
-//! sends `server_busy` when it is full (`shed_when_full`), and the rate-limit work a
-//! request is charged.
+//! What a connection may ask of the server at once, and how each request is admitted and
+//! dispatched: the send pipeline's bounds, refusing sends `server_busy` when it is full
+//! (`shed_when_full`) or the relay is saturated, the rate-limit work a request is charged,
+//! and the store writer's room a write waits for.
 
 use chat_protocol::message::RequestId;
-use chat_protocol::{ClientMessage, ErrorCode};
+use chat_protocol::{ClientMessage, ErrorCode, ServerMessage};
 use rand::Rng;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::fan_out::{self, Busy};
-use super::{Close, Handler, MAX_PIPELINED, WRITE_BATCH};
+use super::{Close, Handler, MAX_PIPELINED, Parked, State, WRITE_BATCH};
 use crate::limits::work;
 use crate::metrics::Metrics;
+use crate::writer::{Room, cost};
 
 impl Handler {
     /// Whether a full pipeline or writer refuses sends rather than pausing reads
@@ -88,5 +90,149 @@ pub(super) fn request_work(msg: &ClientMessage) -> f64 {
         ClientMessage::Watch { usernames, .. } => work::frame(0, usernames.len()),
         ClientMessage::Register { public_key, .. } => work::frame(public_key.len(), 0),
         _ => work::frame(0, 0),
+    }
+}
+
+/// Admission and dispatch of one request.
+impl Handler {
+    /// Charges `msg` against the rate limit, refuses it `server_busy` if sends are shed,
+    /// reserves the store writer's room it needs (parking it until there is some), then
+    /// dispatches it.
+    pub(super) async fn handle(&mut self, msg: ClientMessage) -> Result<(), Close> {
+        debug!(conn = self.conn_id, kind = msg.kind(), "request");
+        // Charged by the work it asks for; `last_heard` was set as this frame arrived.
+        let wait = self
+            .bucket
+            .take_n(request_work(&msg), self.last_heard.into_std());
+        if !wait.is_zero() {
+            // Over the rate: pace this connection instead of dropping (keeps order).
+            tokio::time::sleep(wait).await;
+        }
+        // While the relay is saturated a share of new sends is refused, before they cost
+        // anything more (see `overload`).
+        let shed_id = match (&msg, &self.state) {
+            (ClientMessage::Send { id, .. }, State::Ready(_)) => Some(*id),
+            (ClientMessage::SendMany { id, to, .. }, State::Ready(_))
+                if fan_out::fan_out_size_ok(to) =>
+            {
+                Some(*id)
+            }
+            _ => None,
+        };
+        if let Some(id) = shed_id {
+            let busy = if self.shed_fence.is_some() {
+                Some(Busy::Fenced)
+            } else if self.shared.shedder.shed() {
+                Some(Busy::Saturated)
+            } else if self.shedding() && self.pipeline_full() {
+                Some(Busy::PipelineFull)
+            } else {
+                None
+            };
+            if let Some(busy) = busy {
+                return self.refuse_busy(id, busy);
+            }
+        }
+        // Writes to the store need room in the writer first; without room now the
+        // request waits (and the connection is not read) until there is some.
+        let needs = match (&msg, &self.state) {
+            (ClientMessage::Send { payload, .. }, State::Ready(_)) => {
+                Some(cost::envelope(payload.len()))
+            }
+            // A fan-out that will be refused whole reserves nothing.
+            (ClientMessage::SendMany { payload, to, .. }, State::Ready(_))
+                if fan_out::fan_out_size_ok(to) =>
+            {
+                Some(cost::envelope(payload.len()).saturating_mul(to.len()))
+            }
+            _ => None,
+        };
+        let room = match needs {
+            None => None,
+            Some(cost) => match self.shared.writer.try_reserve(cost) {
+                Some(room) => Some(room),
+                // With shedding on, a full writer refuses a send rather than stop reading
+                // the connection: the Acks behind it in the stream still free room.
+                None if let Some(id) = shed_id
+                    && self.shedding() =>
+                {
+                    return self.refuse_busy(id, Busy::WriterFull);
+                }
+                None => {
+                    Metrics::inc(&self.shared.metrics.paced);
+                    let writer = self.shared.writer.clone();
+                    self.parked = Some(Parked {
+                        msg,
+                        room: Box::pin(async move { writer.reserve(cost).await }),
+                    });
+                    return Ok(());
+                }
+            },
+        };
+        self.dispatch(msg, room).await
+    }
+
+    /// A parked request got its room.
+    pub(super) async fn with_room(&mut self, msg: ClientMessage, room: Room) -> Result<(), Close> {
+        self.dispatch(msg, Some(room)).await
+    }
+
+    async fn dispatch(&mut self, msg: ClientMessage, room: Option<Room>) -> Result<(), Close> {
+        let id = msg.request_id();
+        match msg {
+            ClientMessage::Hello { version, software } => self.hello(version, &software).await,
+            _ if matches!(self.state, State::AwaitHello) => Err(Close::tell(
+                ErrorCode::ProtocolViolation,
+                "the first message must be Hello",
+            )),
+            ClientMessage::Ping { nonce } => self.write(ServerMessage::Pong { nonce }).await,
+            ClientMessage::Pong { nonce } => {
+                if self.shed_fence.is_some_and(|(fence, _)| fence == nonce) {
+                    self.shed_fence = None;
+                }
+                Ok(())
+            }
+            ClientMessage::Ack { envelope_ids } => {
+                if let State::Ready(user) = &self.state {
+                    let user = user.clone();
+                    let deletes = self.ack(&user, envelope_ids);
+                    if let Some(cluster) = &self.shared.cluster
+                        && !deletes.is_empty()
+                    {
+                        let floor = self.unacked.iter().min().copied().unwrap_or(u64::MAX);
+                        cluster.delete(&user, deletes, floor);
+                    }
+                    let cap = self.max_unacked();
+                    if self.unacked.len() > cap {
+                        return Err(self.not_acknowledging());
+                    }
+                }
+                Ok(())
+            }
+            ClientMessage::Register {
+                id,
+                username,
+                public_key,
+            } => self.begin_login(id, &username, Some(public_key)).await,
+            ClientMessage::Login { id, username } => self.begin_login(id, &username, None).await,
+            ClientMessage::Prove { id, signature } => self.prove(id, &signature).await,
+            msg => {
+                let State::Ready(user) = &self.state else {
+                    let id = id.unwrap_or_default();
+                    return self
+                        .fail(id, ErrorCode::ProtocolViolation, "log in first")
+                        .await;
+                };
+                let user = user.clone();
+                if !matches!(
+                    msg,
+                    ClientMessage::Send { .. } | ClientMessage::SendMany { .. }
+                ) {
+                    // Replies keep request order: earlier sends are answered first.
+                    self.finish_sends().await?;
+                }
+                self.request(user, msg, room).await
+            }
+        }
     }
 }
