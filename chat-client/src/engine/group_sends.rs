@@ -152,7 +152,7 @@ impl Engine {
         code: ErrorCode,
         message: String,
     ) {
-        if super::inbound::transient(code) {
+        if super::replies::transient(code) {
             self.group_in_flight.remove(&(id, member.clone()));
             self.hold_and_tell(&member, code, &message);
         } else {

@@ -38,6 +38,7 @@ mod lifecycle;
 mod offers;
 mod outbox;
 mod peers;
+mod replies;
 mod session;
 
 /// Pause before resending after the server answered `rate_limited`.
