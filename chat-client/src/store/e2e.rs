@@ -124,7 +124,7 @@ impl Store {
     ) -> Result<(Vec<Delivered>, Vec<([u8; 16], MessageId, bool)>), StoreError> {
         self.transaction(|tx, cipher| {
             let done = mark_delivered_in(tx, peer, ids)?;
-            let group = super::groups::mark_group_delivered_in(tx, peer, ids)?;
+            let group = super::group_outbox::mark_group_delivered_in(tx, peer, ids)?;
             save_state(tx, cipher, peer, state)?;
             unhold(tx, held)?;
             Ok((done, group))

@@ -20,14 +20,14 @@ use rusqlite::{Connection, OptionalExtension, params};
 pub mod cipher;
 mod contacts;
 mod e2e;
+mod group_outbox;
 mod groups;
 mod messages;
 
 pub use cipher::RowCipher;
 pub use e2e::{Held, ReceivedText};
-pub use groups::{
-    GroupLine, GroupRecord, GroupSend, GroupWrite, HeldChange, OutgoingGroupMessage, Withdrawn,
-};
+pub use group_outbox::{GroupSend, Withdrawn};
+pub use groups::{GroupLine, GroupRecord, GroupWrite, HeldChange, OutgoingGroupMessage};
 pub use messages::{Delivered, OutboxItem, Undelivered};
 
 /// Schema version (`PRAGMA user_version`). 0: the first release (floors, outbox until the
