@@ -1,4 +1,4 @@
-//! Group conversations: membership as a chain of signed changes ([`membership`]) and
+//! Group conversations: membership as a chain of signed changes ([`change`], [`membership`]) and
 //! Signal-style sender keys ([`sender_key`]). See SECURITY.md, "Groups".
 //!
 //! What travels where:
@@ -10,13 +10,14 @@
 //!   relay sees that one sender sends equal-sized envelopes to several users at once, and
 //!   the group id (random, 128 bits) in them.
 
+pub mod change;
 pub mod membership;
 pub mod sender_key;
 
-pub use membership::{
-    Change, ChangeError, ChangeKind, GroupState, HISTORY, MAX_NAME_CHARS, Membership,
-    MembershipStateError, Received, Refusal, SignedChange, apply, check_name,
+pub use change::{
+    Change, ChangeError, ChangeKind, GroupState, MAX_NAME_CHARS, SignedChange, apply, check_name,
 };
+pub use membership::{HISTORY, Membership, MembershipStateError, Received, Refusal};
 pub use sender_key::{
     GroupEnvelope, GroupOpenError, KEYS_PER_MEMBER, MemberKeys, SenderKey, SenderKeyDistribution,
     SenderKeyStateError,
