@@ -11,6 +11,7 @@ mod cluster;
 mod ec2;
 mod fleet;
 mod group;
+mod node_files;
 mod operate;
 mod progress;
 mod remote;
