@@ -115,6 +115,42 @@ async fn two_relays_on_one_nats_node_are_one_service() {
     alice.until_online("bob", true).await;
 }
 
+/// A NATS operator's limit on pull requests (`max_request_batch`, copied into every
+/// consumer) is honoured: the relay's mailbox readers ask for at most that many envelopes
+/// at a time. Asking for more is refused on every pull, and the backlog was never
+/// delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_on_pull_batches_is_honoured_and_the_whole_backlog_arrives() {
+    let nats =
+        tokio::task::spawn_blocking(|| Nats::single_with("limits { max_request_batch: 10 }"))
+            .await
+            .unwrap();
+    let relay = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    drop(relay.user("bob", 1).await);
+    let mut alice = relay.user("alice", 0).await;
+    for i in 0..35u8 {
+        let reply = alice.send_to("bob", &[i]).await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    }
+    let mut bob = user_when_serving(&relay, "bob", 1).await;
+    let mut got = Vec::new();
+    for _ in 0..35 {
+        let (id, _, payload) = bob.delivery().await;
+        got.push(payload[0]);
+        bob.send(ClientMessage::Ack {
+            envelope_ids: vec![id],
+        })
+        .await;
+    }
+    assert_eq!(got, (0..35).collect::<Vec<u8>>());
+    // And live ones after the backlog.
+    assert!(matches!(
+        alice.send_to("bob", b"live").await,
+        ServerMessage::Ok { .. }
+    ));
+    assert_eq!(bob.delivery().await.2, b"live");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_mailbox_refuses_cluster_wide_and_nothing_is_lost() {
     let nats = Nats::single();

@@ -146,16 +146,18 @@ impl Cluster {
                     })
                     .await
                     .map_err(|e| e.to_string())?;
-                let pending = consumer.cached_info().num_pending;
+                let info = consumer.cached_info();
+                let (pending, name) = (info.num_pending, info.name.clone());
+                let (batch, expires, heartbeat) = pull_limits(&info.config);
                 let messages = consumer
                     .stream()
-                    .max_messages_per_batch(PULL_BATCH)
-                    .expires(PULL_EXPIRES)
-                    .heartbeat(HEARTBEAT)
+                    .max_messages_per_batch(batch)
+                    .expires(expires)
+                    .heartbeat(heartbeat)
                     .messages()
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok::<_, String>((pending, messages))
+                Ok::<_, String>((pending, name, messages))
             };
             // A request made while JetStream has no leader to answer it hangs until it
             // times out, even once one is elected: an election starts the making again.
@@ -171,16 +173,14 @@ impl Cluster {
                     continue;
                 }
             };
-            let mut messages = match made {
-                Ok((pending, messages)) => {
+            let (mut messages, name) = match made {
+                Ok((pending, name, messages)) => {
                     debug!("reading {subject} from {next} ({pending} pending)");
-                    // Reading works again: failures count from here.
-                    failures = Failures::default();
                     if backlog.is_some() {
                         // Counted from `next`: a remade consumer starts where we stopped.
                         backlog = Some(pending);
                     }
-                    messages
+                    (messages, name)
                 }
                 Err(e) => {
                     if failures.give_up() {
@@ -191,9 +191,12 @@ impl Cluster {
                     continue;
                 }
             };
+            let made_at = tokio::time::Instant::now();
             // The consumer sequence of the last envelope this consumer gave.
             let mut given = 0u64;
-            loop {
+            // Why this consumer is left: a failure, or `None` (the cluster was disturbed,
+            // or the server ended the pull).
+            let failed: Option<String> = loop {
                 if backlog == Some(0) {
                     backlog = None;
                     if tx.send(Ok(MailboxRead::CaughtUp)).await.is_err() {
@@ -207,24 +210,17 @@ impl Cluster {
                             return Ok(());
                         }
                         debug!("the cluster was disturbed: reading {subject} again from {next}");
-                        break;
+                        break None;
                     }
                 };
                 let message = match message {
                     Some(Ok(message)) => message,
-                    Some(Err(e)) => {
-                        if failures.give_up() {
-                            return Err(e.to_string());
-                        }
-                        debug!("reading {subject} failed ({e}); reading again from {next}");
-                        break;
-                    }
-                    None => break,
+                    Some(Err(e)) => break Some(e.to_string()),
+                    None => break None,
                 };
                 let Ok(info) = message.info() else { continue };
                 if info.consumer_sequence != given + 1 {
-                    debug!("{subject}: a delivery went missing; reading again from {next}");
-                    break;
+                    break Some("a delivery went missing".into());
                 }
                 given = info.consumer_sequence;
                 let sequence = info.stream_sequence;
@@ -255,6 +251,26 @@ impl Cluster {
                 if let Some(left) = &mut backlog {
                     *left = left.saturating_sub(1);
                 }
+            };
+            // A consumer that gave envelopes or lived through heartbeats worked: failures
+            // count afresh. One that fails at once every time (a limit the server refuses
+            // every pull for, say) ends the session after `READER_RETRIES`.
+            if given > 0 || made_at.elapsed() >= 3 * HEARTBEAT {
+                failures = Failures::default();
+            }
+            if let Some(e) = failed {
+                if failures.give_up() {
+                    return Err(e);
+                }
+                debug!("reading {subject} failed ({e}); reading again from {next}");
+                // Its server would keep it (and answer its pending pull) until it has
+                // been inactive for `CONSUMER_INACTIVE`; its node may be gone, so the
+                // reader does not wait for this.
+                let mailbox = self.mailbox.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(CONSUMER_PATIENCE, mailbox.delete_consumer(&name))
+                        .await;
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -401,6 +417,23 @@ impl Cluster {
     }
 }
 
+/// (envelopes per pull, how long a pull waits, idle heartbeat) for a consumer made with
+/// `config` as the server returned it: [`PULL_BATCH`], [`PULL_EXPIRES`] and [`HEARTBEAT`],
+/// lowered to the limits the server copies into every consumer (its
+/// `jetstream.limits.max_request_batch`, a `max_expires`), which it enforces by refusing
+/// every pull over them; the heartbeat at most half the wait, as the server requires.
+fn pull_limits(config: &consumer::Config) -> (usize, Duration, Duration) {
+    let batch = match usize::try_from(config.max_batch) {
+        Ok(max) if max > 0 => PULL_BATCH.min(max),
+        _ => PULL_BATCH,
+    };
+    let expires = match config.max_expires {
+        max if max.is_zero() => PULL_EXPIRES,
+        max => PULL_EXPIRES.min(max),
+    };
+    (batch, expires, HEARTBEAT.min(expires / 2))
+}
+
 /// Aborts a task when dropped.
 #[derive(Debug)]
 pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -408,5 +441,36 @@ pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pulls_stay_within_the_limits_the_server_copies_into_a_consumer() {
+        let config = |max_batch, max_expires| consumer::Config {
+            max_batch,
+            max_expires,
+            ..Default::default()
+        };
+        assert_eq!(
+            pull_limits(&config(0, Duration::ZERO)),
+            (PULL_BATCH, PULL_EXPIRES, HEARTBEAT)
+        );
+        assert_eq!(
+            pull_limits(&config(10, Duration::ZERO)),
+            (10, PULL_EXPIRES, HEARTBEAT)
+        );
+        assert_eq!(
+            pull_limits(&config(10_000, Duration::from_secs(60))),
+            (PULL_BATCH, PULL_EXPIRES, HEARTBEAT)
+        );
+        // A short wait: the heartbeat is at most half of it.
+        assert_eq!(
+            pull_limits(&config(-1, Duration::from_secs(4))),
+            (PULL_BATCH, Duration::from_secs(4), Duration::from_secs(2))
+        );
     }
 }

@@ -119,6 +119,12 @@ impl Nats {
         Self::start(1, Some(store))
     }
 
+    /// One node with JetStream, `extra` added to its `jetstream` block (e.g.
+    /// `limits { max_request_batch: 10 }`).
+    pub fn single_with(extra: &str) -> Self {
+        Self::start_with(1, None, None, extra)
+    }
+
     /// Three nodes in one JetStream cluster.
     pub fn cluster() -> Self {
         Self::start(3, None)
@@ -128,14 +134,14 @@ impl Nats {
     /// `system` (a public key, `U…`); clients without credentials use the global account
     /// as in [`Nats::cluster`].
     pub fn cluster_with_system_user(n: usize, system: &str) -> Self {
-        Self::start_with(n, None, Some(system))
+        Self::start_with(n, None, Some(system), "")
     }
 
     fn start(n: usize, store_root: Option<&Path>) -> Self {
-        Self::start_with(n, store_root, None)
+        Self::start_with(n, store_root, None, "")
     }
 
-    fn start_with(n: usize, store_root: Option<&Path>, system: Option<&str>) -> Self {
+    fn start_with(n: usize, store_root: Option<&Path>, system: Option<&str>, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let mut nodes = Vec::new();
@@ -145,7 +151,7 @@ impl Nats {
             let mut text = format!(
                 "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\n\
                  jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n  \
-                 max_file_store: 16GB\n  max_memory_store: 256MB\n}}\n"
+                 max_file_store: 16GB\n  max_memory_store: 256MB\n  {extra}\n}}\n"
             );
             if let Some(user) = system {
                 text.push_str(&format!(
