@@ -194,6 +194,8 @@ impl Cluster {
             let made_at = tokio::time::Instant::now();
             // The consumer sequence of the last envelope this consumer gave.
             let mut given = 0u64;
+            // Whether the cluster was disturbed while this consumer was read.
+            let mut disturbed = false;
             // Why this consumer is left: a failure, or `None` (the cluster was disturbed,
             // or the server ended the pull).
             let failed: Option<String> = loop {
@@ -210,6 +212,7 @@ impl Cluster {
                             return Ok(());
                         }
                         debug!("the cluster was disturbed: reading {subject} again from {next}");
+                        disturbed = true;
                         break None;
                     }
                 };
@@ -252,10 +255,12 @@ impl Cluster {
                     *left = left.saturating_sub(1);
                 }
             };
-            // A consumer that gave envelopes or lived through heartbeats worked: failures
-            // count afresh. One that fails at once every time (a limit the server refuses
-            // every pull for, say) ends the session after `READER_RETRIES`.
-            if given > 0 || made_at.elapsed() >= 3 * HEARTBEAT {
+            // A consumer that gave envelopes, lived through heartbeats, or was read until
+            // the cluster was disturbed worked: failures count afresh (an idle session
+            // lives through an election storm). One that fails at once every time (a
+            // limit the server refuses every pull for, say) ends the session after
+            // `READER_RETRIES`.
+            if given > 0 || disturbed || made_at.elapsed() >= 3 * HEARTBEAT {
                 failures = Failures::default();
             }
             if let Some(e) = failed {
