@@ -31,7 +31,7 @@ const CONSUMER_PATIENCE: Duration = Duration::from_secs(5);
 /// (async-nats's ordered consumer, used before, waits for four missed 15 s heartbeats:
 /// deliveries stalled for a minute after a node died.) Each idle session costs its relay
 /// one heartbeat message per interval.
-pub const HEARTBEAT: Duration = Duration::from_secs(5);
+const IDLE_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// How long each pull request waits for envelopes before the reader asks again.
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
@@ -64,6 +64,16 @@ pub(super) struct Removal {
     below: Option<u64>,
     /// Acknowledged ids at or above `below`: deleted one by one.
     ids: BTreeSet<u64>,
+}
+
+/// Why a mailbox reader left its consumer.
+enum Left {
+    /// The cluster was disturbed: the consumer may be lost, and is made again.
+    Disturbed,
+    /// The server ended the pull stream.
+    Ended,
+    /// Reading failed (an error, missed heartbeats, a consumer sequence skipped).
+    Failed(String),
 }
 
 /// A mailbox reader's failures in a row.
@@ -104,7 +114,7 @@ impl Cluster {
     /// Reads `user`'s mailbox into `tx` from its first envelope on. The consumer (ephemeral,
     /// one replica in memory, no acknowledgements: what JetStream calls an ordered consumer)
     /// is made again from the next sequence not yet given whenever it fails, falls silent
-    /// (two [`HEARTBEAT`]s missed), skips a delivery (its consumer sequence jumps), and
+    /// (two [`IDLE_HEARTBEAT`]s missed), skips a delivery (its consumer sequence jumps), and
     /// whenever the cluster was disturbed (this relay reconnected to NATS, or the stream
     /// elected a leader): an ephemeral consumer may have been lost with a node and would
     /// otherwise wait forever. Sequences already given are skipped, so a restart makes no gap
@@ -194,11 +204,7 @@ impl Cluster {
             let made_at = tokio::time::Instant::now();
             // The consumer sequence of the last envelope this consumer gave.
             let mut given = 0u64;
-            // Whether the cluster was disturbed while this consumer was read.
-            let mut disturbed = false;
-            // Why this consumer is left: a failure, or `None` (the cluster was disturbed,
-            // or the server ended the pull).
-            let failed: Option<String> = loop {
+            let left = loop {
                 if backlog == Some(0) {
                     backlog = None;
                     if tx.send(Ok(MailboxRead::CaughtUp)).await.is_err() {
@@ -212,18 +218,17 @@ impl Cluster {
                             return Ok(());
                         }
                         debug!("the cluster was disturbed: reading {subject} again from {next}");
-                        disturbed = true;
-                        break None;
+                        break Left::Disturbed;
                     }
                 };
                 let message = match message {
                     Some(Ok(message)) => message,
-                    Some(Err(e)) => break Some(e.to_string()),
-                    None => break None,
+                    Some(Err(e)) => break Left::Failed(e.to_string()),
+                    None => break Left::Ended,
                 };
                 let Ok(info) = message.info() else { continue };
                 if info.consumer_sequence != given + 1 {
-                    break Some("a delivery went missing".into());
+                    break Left::Failed("a delivery went missing".into());
                 }
                 given = info.consumer_sequence;
                 let sequence = info.stream_sequence;
@@ -260,10 +265,13 @@ impl Cluster {
             // lives through an election storm). One that fails at once every time (a
             // limit the server refuses every pull for, say) ends the session after
             // `READER_RETRIES`.
-            if given > 0 || disturbed || made_at.elapsed() >= 3 * HEARTBEAT {
+            if given > 0
+                || matches!(left, Left::Disturbed)
+                || made_at.elapsed() >= 3 * IDLE_HEARTBEAT
+            {
                 failures = Failures::default();
             }
-            if let Some(e) = failed {
+            if let Left::Failed(e) = left {
                 if failures.give_up() {
                     return Err(e);
                 }
@@ -423,7 +431,7 @@ impl Cluster {
 }
 
 /// (envelopes per pull, how long a pull waits, idle heartbeat) for a consumer made with
-/// `config` as the server returned it: [`PULL_BATCH`], [`PULL_EXPIRES`] and [`HEARTBEAT`],
+/// `config` as the server returned it: [`PULL_BATCH`], [`PULL_EXPIRES`] and [`IDLE_HEARTBEAT`],
 /// lowered to the limits the server copies into every consumer (its
 /// `jetstream.limits.max_request_batch`, a `max_expires`), which it enforces by refusing
 /// every pull over them; the heartbeat at most half the wait, as the server requires.
@@ -436,7 +444,7 @@ fn pull_limits(config: &consumer::Config) -> (usize, Duration, Duration) {
         max if max.is_zero() => PULL_EXPIRES,
         max => PULL_EXPIRES.min(max),
     };
-    (batch, expires, HEARTBEAT.min(expires / 2))
+    (batch, expires, IDLE_HEARTBEAT.min(expires / 2))
 }
 
 /// Aborts a task when dropped.
@@ -462,15 +470,15 @@ mod tests {
         };
         assert_eq!(
             pull_limits(&config(0, Duration::ZERO)),
-            (PULL_BATCH, PULL_EXPIRES, HEARTBEAT)
+            (PULL_BATCH, PULL_EXPIRES, IDLE_HEARTBEAT)
         );
         assert_eq!(
             pull_limits(&config(10, Duration::ZERO)),
-            (10, PULL_EXPIRES, HEARTBEAT)
+            (10, PULL_EXPIRES, IDLE_HEARTBEAT)
         );
         assert_eq!(
             pull_limits(&config(10_000, Duration::from_secs(60))),
-            (PULL_BATCH, PULL_EXPIRES, HEARTBEAT)
+            (PULL_BATCH, PULL_EXPIRES, IDLE_HEARTBEAT)
         );
         // A short wait: the heartbeat is at most half of it.
         assert_eq!(
