@@ -165,9 +165,16 @@ impl Cluster {
                     .expires(expires)
                     .heartbeat(heartbeat)
                     .messages()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<_, String>((pending, name, messages))
+                    .await;
+                match messages {
+                    Ok(messages) => Ok::<_, String>((pending, name, messages)),
+                    Err(e) => {
+                        // Made but never read: deleted now rather than left to
+                        // `CONSUMER_INACTIVE`.
+                        self.forget_consumer(name);
+                        Err(e.to_string())
+                    }
+                }
             };
             // A request made while JetStream has no leader to answer it hangs until it
             // times out, even once one is elected: an election starts the making again.
@@ -276,17 +283,21 @@ impl Cluster {
                     return Err(e);
                 }
                 debug!("reading {subject} failed ({e}); reading again from {next}");
-                // Its server would keep it (and answer its pending pull) until it has
-                // been inactive for `CONSUMER_INACTIVE`; its node may be gone, so the
-                // reader does not wait for this.
-                let mailbox = self.mailbox.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(CONSUMER_PATIENCE, mailbox.delete_consumer(&name))
-                        .await;
-                });
+                self.forget_consumer(name);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Deletes the mailbox consumer `name` in the background. Its server would keep it
+    /// (and answer its pending pull) until it has been inactive for `CONSUMER_INACTIVE`;
+    /// its node may be gone, so a reader does not wait for this, and a failure only
+    /// leaves it to that timeout.
+    fn forget_consumer(&self, name: String) {
+        let mailbox = self.mailbox.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(CONSUMER_PATIENCE, mailbox.delete_consumer(&name)).await;
+        });
     }
 
     /// Records that `user`'s session acknowledged `ids`, each given to this session (in

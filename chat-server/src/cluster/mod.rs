@@ -411,8 +411,12 @@ impl Cluster {
         self.sessions.login(user, conn_id, deadline).await
     }
 
-    /// Records that `user`'s connection `conn_id` ended.
-    pub fn logout(&self, user: &Username, conn_id: u64) {
+    /// Records that `user`'s connection `conn_id` ended, and removes what it acknowledged
+    /// now rather than at the next [`REMOVE_EVERY`]: a login right after on another relay
+    /// then reads the mailbox without it (unless it is quicker than one purge).
+    pub fn logout(self: &Arc<Self>, user: &Username, conn_id: u64) {
+        let (cluster, gone) = (self.clone(), user.clone());
+        tokio::spawn(async move { cluster.flush_user(&gone).await });
         self.sessions.logout(user, conn_id);
     }
 
