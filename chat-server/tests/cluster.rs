@@ -147,6 +147,68 @@ async fn two_relays_on_one_nats_node_are_one_service() {
 /// consumer) is honoured: the relay's mailbox readers ask for at most that many envelopes
 /// at a time. Asking for more is refused on every pull, and the backlog was never
 /// delivered.
+/// Registers `to` (name, key), sends it `n` one-byte envelopes 0, 1, ... from alice (key
+/// 0) while it is away, and logs it in again: (alice, `to` with its backlog waiting).
+async fn backlog(relay: &TestServer, to: (&str, usize), n: u8) -> (Client, Client) {
+    drop(relay.user(to.0, to.1).await);
+    let mut alice = relay.user("alice", 0).await;
+    for i in 0..n {
+        let reply = alice.send_to(to.0, &[i]).await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    }
+    (alice, user_when_serving(relay, to.0, to.1).await)
+}
+
+/// Whether any of `ids` is still in the mailbox stream, looked at once.
+async fn any_held(nats: &Nats, ids: &[u64]) -> bool {
+    let js = async_nats::jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    let stream = js.get_stream("chat_mailbox").await.unwrap();
+    for &id in ids {
+        if stream.get_raw_message(id).await.is_ok() {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_stops_leaves_nothing_acknowledged_in_the_mailbox() {
+    let nats = Nats::single();
+    let relay = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    let (alice, mut carol) = backlog(&relay, ("carol", 2), 5).await;
+    let mut ids = Vec::new();
+    for i in 0..5u8 {
+        let (id, _, payload) = carol.delivery().await;
+        assert_eq!(payload, [i]);
+        ids.push(id);
+    }
+    carol
+        .send(ClientMessage::Ack {
+            envelope_ids: ids.clone(),
+        })
+        .await;
+    carol.online().await; // the Ack was processed before this reply
+    // Stopped at once, with carol still connected: her session ends in the shutdown,
+    // and the relay returns only once what she acknowledged is removed. Looked at
+    // once, right after: no relay runs any more to remove it later.
+    let persisted = relay.stop().await;
+    assert!(
+        !any_held(&nats, &ids).await,
+        "acknowledged envelopes were left in the mailbox by a relay that stopped"
+    );
+    // And the next session is not given them again: the mailbox is read in order, so
+    // her first delivery is the next message.
+    drop(alice);
+    let relay = TestServer::start_in(persisted, |c| c.backend = nats.backend(1)).await;
+    let mut carol = user_when_serving(&relay, "carol", 2).await;
+    let mut alice = relay.user("alice", 0).await;
+    assert!(matches!(
+        alice.send_to("carol", b"after").await,
+        ServerMessage::Ok { .. }
+    ));
+    assert_eq!(carol.delivery().await.2, b"after");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_on_pull_batches_is_honoured_and_the_whole_backlog_arrives() {
     let nats =
@@ -154,13 +216,7 @@ async fn a_limit_on_pull_batches_is_honoured_and_the_whole_backlog_arrives() {
             .await
             .unwrap();
     let relay = TestServer::start(|c| c.backend = nats.backend(1)).await;
-    drop(relay.user("bob", 1).await);
-    let mut alice = relay.user("alice", 0).await;
-    for i in 0..35u8 {
-        let reply = alice.send_to("bob", &[i]).await;
-        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
-    }
-    let mut bob = user_when_serving(&relay, "bob", 1).await;
+    let (mut alice, mut bob) = backlog(&relay, ("bob", 1), 35).await;
     let mut got = Vec::new();
     for _ in 0..35 {
         let (id, _, payload) = bob.delivery().await;

@@ -411,13 +411,14 @@ impl Cluster {
         self.sessions.login(user, conn_id, deadline).await
     }
 
-    /// Records that `user`'s connection `conn_id` ended, and removes what it acknowledged
+    /// Records that `user`'s connection `conn_id` ended, then removes what it acknowledged
     /// now rather than at the next [`REMOVE_EVERY`]: a login right after on another relay
-    /// then reads the mailbox without it (unless it is quicker than one purge).
-    pub fn logout(self: &Arc<Self>, user: &Username, conn_id: u64) {
-        let (cluster, gone) = (self.clone(), user.clone());
-        tokio::spawn(async move { cluster.flush_user(&gone).await });
+    /// reads the mailbox without it (unless it is quicker than one purge). Awaited by the
+    /// connection, so a relay shutting down (which waits for its connections) leaves
+    /// nothing acknowledged behind.
+    pub async fn logout(&self, user: &Username, conn_id: u64) {
         self.sessions.logout(user, conn_id);
+        self.flush_user(user).await;
     }
 
     /// Follows the session bucket into `router` (presence, replaced sessions) until the

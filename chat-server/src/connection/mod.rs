@@ -282,7 +282,7 @@ impl Handler {
         if let State::Ready(user) = &self.state {
             self.shared.router.leave(user, self.conn_id);
             if let Some(cluster) = &self.shared.cluster {
-                cluster.logout(user, self.conn_id);
+                cluster.logout(user, self.conn_id).await;
             }
             debug!(conn = self.conn_id, user = %user, "logged out");
         }
