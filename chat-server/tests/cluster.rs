@@ -143,10 +143,6 @@ async fn two_relays_on_one_nats_node_are_one_service() {
     alice.until_online("bob", true).await;
 }
 
-/// A NATS operator's limit on pull requests (`max_request_batch`, copied into every
-/// consumer) is honoured: the relay's mailbox readers ask for at most that many envelopes
-/// at a time. Asking for more is refused on every pull, and the backlog was never
-/// delivered.
 /// Registers `to` (name, key), sends it `n` one-byte envelopes 0, 1, ... from alice (key
 /// 0) while it is away, and logs it in again: (alice, `to` with its backlog waiting).
 async fn backlog(relay: &TestServer, to: (&str, usize), n: u8) -> (Client, Client) {
@@ -209,6 +205,10 @@ async fn a_relay_that_stops_leaves_nothing_acknowledged_in_the_mailbox() {
     assert_eq!(carol.delivery().await.2, b"after");
 }
 
+/// A NATS operator's limit on pull requests (`max_request_batch`, copied into every
+/// consumer) is honoured: the relay's mailbox readers ask for at most that many envelopes
+/// at a time. Asking for more is refused on every pull, and the backlog was never
+/// delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_on_pull_batches_is_honoured_and_the_whole_backlog_arrives() {
     let nats =

@@ -414,8 +414,7 @@ impl Cluster {
     /// Records that `user`'s connection `conn_id` ended, then removes what it acknowledged
     /// now rather than at the next [`REMOVE_EVERY`]: a login right after on another relay
     /// reads the mailbox without it (unless it is quicker than one purge). Awaited by the
-    /// connection, so a relay shutting down (which waits for its connections) leaves
-    /// nothing acknowledged behind.
+    /// connection, so a relay shutting down waits for it (within its grace period).
     pub async fn logout(&self, user: &Username, conn_id: u64) {
         self.sessions.logout(user, conn_id);
         self.flush_user(user).await;
