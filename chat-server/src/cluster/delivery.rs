@@ -331,8 +331,10 @@ impl Cluster {
 
     /// Removes every acknowledged envelope recorded so far, one purge per recipient.
     /// Failures are logged: an envelope not removed is delivered again at the next login
-    /// (the client drops what it already has).
+    /// (the client drops what it already has). One round at a time: a call waits for a
+    /// round under way (so the last one, at shutdown, sends nothing after it).
     pub async fn flush_removals(&self) {
+        let _round = self.removing.lock().await;
         let removals =
             std::mem::take(&mut *self.removals.lock().unwrap_or_else(|p| p.into_inner()));
         let work = removals

@@ -132,6 +132,9 @@ pub struct Cluster {
     legacy: Mutex<HashSet<Username>>,
     /// Acknowledged envelopes not yet removed, by recipient ([`Cluster::delete`]).
     removals: Mutex<HashMap<Username, Removal>>,
+    /// Held through each removal round ([`Cluster::flush_removals`]): the last one, at
+    /// shutdown, waits for a round under way.
+    removing: tokio::sync::Mutex<()>,
     /// Whether the NATS connection is up (false while it reconnects).
     link: watch::Receiver<bool>,
     /// How many times the NATS connection was lost: a loss and return between two looks
@@ -271,6 +274,7 @@ impl Cluster {
             limits: config.queue.limits(),
             legacy: Mutex::new(HashSet::new()),
             removals: Mutex::new(HashMap::new()),
+            removing: tokio::sync::Mutex::new(()),
             link,
             drops,
             serving: watch::Sender::new(true),
@@ -422,7 +426,7 @@ impl Cluster {
 
     /// Follows the session bucket into `router` (presence, replaced sessions) until the
     /// relay stops.
-    pub async fn follow_sessions(&self, router: &crate::router::Router) -> ! {
+    pub async fn follow_sessions(self: &Arc<Self>, router: &crate::router::Router) -> ! {
         let forget = async {
             loop {
                 self.forget_removed().await;
@@ -435,7 +439,11 @@ impl Cluster {
         let remove = async {
             loop {
                 tokio::time::sleep(REMOVE_EVERY).await;
-                self.flush_removals().await;
+                // In a task of its own: a shutdown that stops this loop does not stop a
+                // round midway (its removals are already out of the map); the last
+                // round waits for it.
+                let cluster = self.clone();
+                let _ = tokio::spawn(async move { cluster.flush_removals().await }).await;
             }
         };
         let leaders = async {
