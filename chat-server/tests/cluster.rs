@@ -12,14 +12,10 @@ use common::{Client, PATIENCE, TestServer, key, user_when_serving};
 
 /// Waits until the mailbox stream holds none of the envelopes `ids` (acknowledged).
 async fn removed(nats: &Nats, ids: &[u64]) {
-    let js = async_nats::jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
-    let stream = js.get_stream("chat_mailbox").await.unwrap();
+    let mailbox = mailbox(nats).await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let mut held = 0;
-        for &id in ids {
-            held += usize::from(stream.get_raw_message(id).await.is_ok());
-        }
+        let held = held(&mailbox, ids).await;
         if held == 0 {
             return;
         }
@@ -29,6 +25,38 @@ async fn removed(nats: &Nats, ids: &[u64]) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// The mailbox stream on `nats`.
+async fn mailbox(nats: &Nats) -> async_nats::jetstream::stream::Stream {
+    let js = async_nats::jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    js.get_stream("chat_mailbox").await.unwrap()
+}
+
+/// How many of `ids` are still in the mailbox `stream`, looked at once.
+async fn held(stream: &async_nats::jetstream::stream::Stream, ids: &[u64]) -> usize {
+    let mut held = 0;
+    for &id in ids {
+        held += usize::from(stream.get_raw_message(id).await.is_ok());
+    }
+    held
+}
+
+/// Reads `n` deliveries from alice, one-byte payloads 0, 1, ... in order, acknowledges
+/// them and waits until the Ack is processed: their ids.
+async fn take_and_ack(to: &mut Client, n: u8) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let (id, from, payload) = to.delivery().await;
+        assert_eq!((from.as_str(), payload), ("alice", vec![i]), "in order");
+        ids.push(id);
+    }
+    to.send(ClientMessage::Ack {
+        envelope_ids: ids.clone(),
+    })
+    .await;
+    to.online().await; // the Ack was processed before this reply
+    ids
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,18 +123,7 @@ async fn two_relays_on_one_nats_node_are_one_service() {
         ));
     }
     let mut carol = b.user("carol", 2).await;
-    let mut ids = Vec::new();
-    for i in 0..5u8 {
-        let (id, from, payload) = carol.delivery().await;
-        assert_eq!((from.as_str(), payload), ("alice", vec![i]), "in order");
-        ids.push(id);
-    }
-    carol
-        .send(ClientMessage::Ack {
-            envelope_ids: ids.clone(),
-        })
-        .await;
-    carol.online().await; // the Ack was processed before this reply
+    let ids = take_and_ack(&mut carol, 5).await;
     drop(carol);
     // Acknowledged and removed (relay B gathers removals for up to 250 ms; a login on
     // another relay within them is given them again, as CLUSTER.md says, and the client
@@ -155,41 +172,18 @@ async fn backlog(relay: &TestServer, to: (&str, usize), n: u8) -> (Client, Clien
     (alice, user_when_serving(relay, to.0, to.1).await)
 }
 
-/// Whether any of `ids` is still in the mailbox stream, looked at once.
-async fn any_held(nats: &Nats, ids: &[u64]) -> bool {
-    let js = async_nats::jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
-    let stream = js.get_stream("chat_mailbox").await.unwrap();
-    for &id in ids {
-        if stream.get_raw_message(id).await.is_ok() {
-            return true;
-        }
-    }
-    false
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_stops_leaves_nothing_acknowledged_in_the_mailbox() {
     let nats = Nats::single();
     let relay = TestServer::start(|c| c.backend = nats.backend(1)).await;
     let (alice, mut carol) = backlog(&relay, ("carol", 2), 5).await;
-    let mut ids = Vec::new();
-    for i in 0..5u8 {
-        let (id, _, payload) = carol.delivery().await;
-        assert_eq!(payload, [i]);
-        ids.push(id);
-    }
-    carol
-        .send(ClientMessage::Ack {
-            envelope_ids: ids.clone(),
-        })
-        .await;
-    carol.online().await; // the Ack was processed before this reply
+    let ids = take_and_ack(&mut carol, 5).await;
     // Stopped at once, with carol still connected: her session ends in the shutdown,
     // and the relay returns only once what she acknowledged is removed. Looked at
     // once, right after: no relay runs any more to remove it later.
     let persisted = relay.stop().await;
     assert!(
-        !any_held(&nats, &ids).await,
+        held(&mailbox(&nats).await, &ids).await == 0,
         "acknowledged envelopes were left in the mailbox by a relay that stopped"
     );
     // And the next session is not given them again: the mailbox is read in order, so
