@@ -45,6 +45,13 @@ pub enum Command {
     /// Pin `fingerprint` as the relay's key (after a `server_key` that needs confirmation,
     /// or after `server_key_mismatch` when the user compared the new key) and connect.
     TrustServerKey { fingerprint: String },
+    /// Connect again now rather than at the end of the reconnect delay (the window's
+    /// "Retry now"). Answered by a `connection` event: `connecting` when it tries, or
+    /// `connected` again when already connected. A failed try goes on with the delays as
+    /// they were (they do not start over). After a fatal error (the client stays offline)
+    /// or while a relay key waits for confirmation, an `error` `not_connected` says why
+    /// it does not connect.
+    Reconnect,
     /// Stop: try to hand the outbox to the server until the deadline, then end.
     Shutdown { flush_for: std::time::Duration },
     /// Create a group named `name` with `members` (we are its first admin); answered by

@@ -4,7 +4,7 @@
 //! `/accept-key USER [FINGERPRINT]`, `/reject-key USER`, `/history USER`, `/group-create NAME
 //! USER…`, `/group-add GROUP USER…`, `/group-remove GROUP USER…`, `/group-leave GROUP`,
 //! `/group-rename GROUP NAME`, `/group-promote GROUP USER…`, `/gmsg GROUP TEXT…`, `/groups`,
-//! `/group-history GROUP`,
+//! `/group-history GROUP`, `/archive USER`, `/unarchive USER`, `/remove USER`, `/reconnect`,
 //! `/quit` (a NAME or GROUP with spaces goes in double quotes). Anything
 //! else — including a line that is not UTF-8 — is answered with an `error` event and the
 //! client keeps running. On `/quit` or end of input the outbox is flushed (bounded wait)
@@ -30,7 +30,7 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
         return Ok(None);
     }
     let Some(rest) = line.strip_prefix('/') else {
-        return Err("commands start with '/': try /msg USER TEXT, /users, /watch USER, /safety USER, /verify USER, /accept-key USER [FINGERPRINT], /reject-key USER, /history USER, /archive USER, /unarchive USER, /remove USER, /group-create NAME USER…, /group-add GROUP USER…, /group-remove GROUP USER…, /group-promote GROUP USER…, /group-leave GROUP, /group-rename GROUP NAME, /gmsg GROUP TEXT…, /groups, /group-history GROUP, /quit".into());
+        return Err("commands start with '/': try /msg USER TEXT, /users, /watch USER, /safety USER, /verify USER, /accept-key USER [FINGERPRINT], /reject-key USER, /history USER, /archive USER, /unarchive USER, /remove USER, /group-create NAME USER…, /group-add GROUP USER…, /group-remove GROUP USER…, /group-promote GROUP USER…, /group-leave GROUP, /group-rename GROUP NAME, /gmsg GROUP TEXT…, /groups, /group-history GROUP, /reconnect, /quit".into());
     };
     let (name, args) = rest.split_once(' ').unwrap_or((rest, ""));
     let one_user = |usage: &str| {
@@ -152,10 +152,11 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
             }
         }
         "groups" if args.trim().is_empty() => Command::Groups,
+        "reconnect" if args.trim().is_empty() => Command::Reconnect,
         "quit" if args.trim().is_empty() => Command::Shutdown {
             flush_for: FLUSH_ON_EXIT,
         },
-        "users" | "quit" | "groups" => {
+        "users" | "quit" | "groups" | "reconnect" => {
             return Err(format!("usage: /{name} (it takes no arguments)"));
         }
         other => return Err(format!("unknown command /{other}")),
@@ -474,6 +475,10 @@ mod tests {
             parse_command("/quit").unwrap(),
             Some(Command::Shutdown { .. })
         ));
+        assert_eq!(
+            parse_command("/reconnect").unwrap(),
+            Some(Command::Reconnect)
+        );
         assert_eq!(parse_command("   ").unwrap(), None);
     }
 
@@ -523,6 +528,7 @@ mod tests {
             "/remove a b",
             "/quit now",
             "/users all",
+            "/reconnect now",
             "/nope",
         ] {
             assert!(parse_command(bad).is_err(), "{bad:?}");

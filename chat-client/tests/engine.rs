@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use chat_client::{Command, Event};
+use chat_client::{Command, ConnectionState, Event};
 use common::inproc::{Peer, start_relay_with};
 
 #[test]
@@ -139,4 +139,76 @@ fn an_overloaded_relay_sheds_sends_and_they_arrive_later_exactly_once() {
         "nothing was given up"
     );
     common::inproc::stop_relay(&relay_rt, relay);
+}
+
+/// `Reconnect` (the window's "Retry now", headless `/reconnect`) tries at once instead of
+/// at the end of the reconnect delay, which here is minutes long: a try while the relay is
+/// still down fails and waits as long as the next delay would have (the delays do not
+/// start over), and once the relay is back a try connects and what was written meanwhile
+/// goes out. Asked while connected, it leaves the connection as it is.
+#[test]
+fn reconnect_tries_at_once_and_keeps_the_delays() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let relay = common::inproc::start_relay(&rt, "127.0.0.1:0", &data);
+    let addr = relay.addr;
+    let mut bob = Peer::start(&rt, addr, "bob", &dir.path().join("bob"));
+    // First delay 150-300 s, then 300-600 s (jitter in [d/2, d]).
+    let mut alice = Peer::start_with(&rt, addr, "alice", &dir.path().join("alice"), |c| {
+        c.backoff_min = Duration::from_secs(300);
+        c.backoff_max = Duration::from_secs(600);
+    });
+    let state_is = |want: ConnectionState| move |e: &Event| matches!(e, Event::Connection { state, .. } if *state == want);
+    alice.expect(state_is(ConnectionState::Connected));
+    let next_text = |peer: &mut Peer| match peer.expect(|e| matches!(e, Event::Message { .. })) {
+        Event::Message { text, .. } => text,
+        _ => unreachable!(),
+    };
+
+    // Connected: nothing changes, the next message goes straight through.
+    alice.send(Command::Reconnect);
+    alice.send(Command::Send {
+        to: "bob".into(),
+        text: "while connected".into(),
+    });
+    assert_eq!(next_text(&mut bob), "while connected");
+    let leftover: Vec<Event> = std::iter::from_fn(|| alice.handle.events.try_recv().ok()).collect();
+    assert!(
+        !leftover.iter().any(
+            |e| matches!(e, Event::Connection { state, .. } if *state != ConnectionState::Connected)
+        ),
+        "a reconnect while connected disturbed the connection: {leftover:?}"
+    );
+
+    let retry_in = |e: Event| match e {
+        Event::Connection { retry_in_ms, .. } => retry_in_ms.expect("a reconnect delay"),
+        _ => unreachable!(),
+    };
+    common::inproc::stop_relay(&rt, relay);
+    let first = retry_in(alice.expect(state_is(ConnectionState::Reconnecting)));
+    assert!(
+        (150_000..=300_000).contains(&first),
+        "first delay {first} ms"
+    );
+
+    // Still down: the try fails, and the next delay is the second one, not the first again.
+    alice.send(Command::Reconnect);
+    alice.expect(state_is(ConnectionState::Connecting));
+    let second = retry_in(alice.expect(state_is(ConnectionState::Reconnecting)));
+    assert!(
+        (300_000..=600_000).contains(&second),
+        "second delay {second} ms"
+    );
+
+    // Written while away, then the relay comes back: one try connects, minutes early.
+    alice.send(Command::Send {
+        to: "bob".into(),
+        text: "while away".into(),
+    });
+    let relay = common::inproc::start_relay(&rt, &addr.to_string(), &data);
+    alice.send(Command::Reconnect);
+    alice.expect(state_is(ConnectionState::Connected));
+    assert_eq!(next_text(&mut bob), "while away");
+    common::inproc::stop_relay(&rt, relay);
 }

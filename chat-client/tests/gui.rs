@@ -628,3 +628,42 @@ fn a_new_relay_key_is_shown_before_it_is_trusted_and_a_changed_one_blocks() {
     let known = std::fs::read_to_string(home.join("known-relays")).unwrap();
     assert_eq!(known.trim(), format!("{} {fingerprint}", relay.addr));
 }
+
+/// While the window waits to reconnect (here minutes, as after a long outage), the status
+/// bar offers "Retry now": once the relay is back, one click connects at once.
+#[test]
+fn retry_now_reconnects_without_waiting_out_the_delay() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let relay = start_relay(&rt, "127.0.0.1:0", &data);
+    let addr = relay.addr;
+    let mut app = app(&rt, addr, &dir.path().join("alice"));
+    app.reconnect_backoff = Some((Duration::from_secs(300), Duration::from_secs(600)));
+    let mut h = harness(app);
+    sign_in(&mut h, "alice");
+    wait(&mut h, "main window", |h| h.state().is_main());
+    assert!(
+        h.query_by_label("Retry now").is_none(),
+        "connected: no retry"
+    );
+
+    stop_relay(&rt, relay);
+    wait(&mut h, "waiting to reconnect", |h| {
+        h.state().model.link.state == chat_client::ConnectionState::Reconnecting
+    });
+    assert!(
+        h.query_by_label_contains("Reconnecting in").is_some(),
+        "the countdown is shown"
+    );
+    let relay = start_relay(&rt, &addr.to_string(), &data);
+    h.get_by_label("Retry now").click();
+    wait(&mut h, "connected again", |h| {
+        h.state().model.link.state == chat_client::ConnectionState::Connected
+    });
+    assert!(
+        h.query_by_label("Retry now").is_none(),
+        "connected: no retry"
+    );
+    stop_relay(&rt, relay);
+}

@@ -8,7 +8,7 @@ use chat_protocol::safety::SafetyNumber;
 use chat_protocol::trust::{self, Pin};
 
 use super::{Engine, Pending, Waiting};
-use crate::api::{Command, Event, Listing, parse_fingerprint};
+use crate::api::{Command, ConnectionState, Event, Listing, parse_fingerprint};
 
 impl Engine {
     pub(super) fn command_offline(&mut self, cmd: Command) {
@@ -115,6 +115,16 @@ impl Engine {
             Command::Unarchive { user } => self.set_listing(&user, Listing::Shown),
             Command::Remove { user } => self.set_listing(&user, Listing::Removed),
             Command::Watch { users } => self.watch(users),
+            // Already connected: the answer is the state as it is.
+            Command::Reconnect if self.online => {
+                self.connection_event(ConnectionState::Connected, None)
+            }
+            // Offline here only while a relay key waits for the user (`await_trust`).
+            Command::Reconnect => self.sink.emit(Event::error(
+                "not_connected",
+                "not connected: the relay's key waits for your confirmation (see the \
+                 server_key event); trust it, or start again with the fingerprint, to connect",
+            )),
             cmd @ (Command::GroupCreate { .. }
             | Command::GroupAdd { .. }
             | Command::GroupRemove { .. }

@@ -418,7 +418,7 @@ impl Engine {
             match cmd {
                 Command::Shutdown { .. } => return,
                 // Not "once reconnected": this client will not reconnect.
-                Command::ListUsers => self.sink.emit(Event::error(
+                Command::ListUsers | Command::Reconnect => self.sink.emit(Event::error(
                     "not_connected",
                     "not connected: the relay refused this client (see the error above), so it \
                      will not reconnect",
@@ -428,7 +428,8 @@ impl Engine {
         }
     }
 
-    /// Handles commands while disconnected for `delay`. Returns true on shutdown.
+    /// Handles commands while disconnected for `delay`, or until `Reconnect` asks for the
+    /// next attempt now. Returns true on shutdown.
     pub(super) async fn wait_offline(
         &mut self,
         delay: Duration,
@@ -448,6 +449,9 @@ impl Engine {
                         self.draining_until = Some(Instant::now() + flush_for);
                         // Keep trying to connect until the deadline.
                     }
+                    // The next attempt now; `attempt` is kept, so a failure waits as long
+                    // as it would have.
+                    Some(Command::Reconnect) => return false,
                     Some(cmd) => self.command_offline(cmd),
                 }
             }

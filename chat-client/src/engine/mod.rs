@@ -351,6 +351,7 @@ impl Engine {
     fn store_error(&self, e: StoreError) {
         warn!("store error: {e}");
         let hint = if e.is_full() {
+            self.store.reclaim_log();
             "the disk is full; free some space (nothing is lost: it is retried)"
         } else {
             "check free disk space and the home directory's permissions"

@@ -117,6 +117,9 @@ pub struct ChatApp {
     pub ca_file: Option<std::path::PathBuf>,
     /// `--max-group-members`.
     pub max_group_members: usize,
+    /// The core's reconnect delays (shortest, longest) instead of its defaults (tests use
+    /// long ones to see "Retry now" work).
+    pub reconnect_backoff: Option<(std::time::Duration, std::time::Duration)>,
 }
 
 impl ChatApp {
@@ -144,6 +147,7 @@ impl ChatApp {
             identity_bits: chat_protocol::identity::IDENTITY_BITS,
             ca_file: None,
             max_group_members: chat_protocol::group::DEFAULT_MAX_MEMBERS,
+            reconnect_backoff: None,
         }
     }
 
@@ -227,6 +231,9 @@ impl ChatApp {
         config.identity_bits = self.identity_bits;
         config.ca_file = self.ca_file.clone();
         config.max_group_members = self.max_group_members;
+        if let Some((min, max)) = self.reconnect_backoff {
+            (config.backoff_min, config.backoff_max) = (min, max);
+        }
         // A relay key seen for the first time is shown to the user before it is trusted.
         config.confirm_new_relay_keys = true;
         config.passphrase = Some(form.passphrase.clone()).filter(|p| !p.is_empty());

@@ -14,7 +14,7 @@ use egui::{Align, Color32, Key, Layout, Modifiers, RichText, Sense, Ui, Vec2};
 
 use super::ChatApp;
 use super::theme;
-use crate::api::ConnectionState;
+use crate::api::{Command, ConnectionState};
 use crate::gui::model::{Contact, NOTE_TO_SELF};
 use conversation::conversation;
 pub(crate) use conversation::group_draft_key;
@@ -134,6 +134,14 @@ fn status_bar(app: &mut ChatApp, ui: &mut Ui) {
             let (rect, _) = ui.allocate_exact_size(Vec2::splat(10.0), Sense::hover());
             ui.painter().circle_filled(rect.center(), 4.5, dot);
             ui.label(text);
+            if link.state == ConnectionState::Reconnecting
+                && ui
+                    .small_button("Retry now")
+                    .on_hover_text("Connect again now instead of waiting")
+                    .clicked()
+            {
+                app.send(Command::Reconnect);
+            }
             // Messages not yet accepted by the relay: those written this session count at
             // once (the core's figure comes with its next connection event).
             let sending = app
