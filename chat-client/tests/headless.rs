@@ -318,6 +318,15 @@ fn bad_input_is_an_error_event_and_the_client_keeps_going() {
         alice.expect("error", |e| e["event"] == "error")["code"],
         "invalid_username"
     );
+    // A pasted paragraph as the name: the error quotes its start, not all of it.
+    alice.send(&format!("/msg {} hi", "n".repeat(1000)));
+    let err = alice.expect("error", |e| e["event"] == "error");
+    assert_eq!(err["code"], "invalid_username");
+    let message = err["message"].as_str().unwrap();
+    assert!(
+        message.len() < 200 && message.contains("1000 characters"),
+        "{message}"
+    );
     alice.send("/users");
     alice.expect("users", |e| e["event"] == "users");
     assert_eq!(alice.quit(), 0);

@@ -114,10 +114,26 @@ impl Engine {
         match Username::parse(raw.trim()) {
             Ok(name) => Some(name.to_string()),
             Err(e) => {
-                self.sink
-                    .emit(Event::error("invalid_username", format!("{raw:?}: {e}")));
+                self.sink.emit(Event::error(
+                    "invalid_username",
+                    format!("{}: {e}", quoted(raw)),
+                ));
                 None
             }
         }
     }
+}
+
+/// Characters of a rejected name an error message quotes; a pasted paragraph is cut.
+const QUOTED_CHARS: usize = 40;
+
+/// `raw` quoted for an error message (Rust string escapes), cut after [`QUOTED_CHARS`]
+/// characters with an ellipsis and the full length, so the error stays one readable line.
+fn quoted(raw: &str) -> String {
+    let chars = raw.chars().count();
+    if chars <= QUOTED_CHARS {
+        return format!("{raw:?}");
+    }
+    let head: String = raw.chars().take(QUOTED_CHARS).collect();
+    format!("{head:?}… ({chars} characters)")
 }

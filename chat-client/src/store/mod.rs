@@ -257,11 +257,11 @@ impl Store {
     /// Encrypts texts stored in the clear (before a passphrase was set, or by schema 0).
     fn encrypt_plain_values(&mut self) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        let plain: Vec<(String, Vec<u8>, bool, String)> = tx
+        let plain_messages: Vec<(String, Vec<u8>, bool, String)> = tx
             .prepare("SELECT peer, id, outgoing, body FROM messages WHERE typeof(body) = 'text'")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
             .collect::<Result<_, _>>()?;
-        for (peer, id, outgoing, body) in &plain {
+        for (peer, id, outgoing, body) in &plain_messages {
             let sealed = self
                 .cipher
                 .seal(&messages::body_place(peer, id, *outgoing), body.as_bytes());
@@ -270,11 +270,11 @@ impl Store {
                 params![peer, id, outgoing, sealed],
             )?;
         }
-        let plain: Vec<(Vec<u8>, String)> = tx
+        let plain_outbox: Vec<(Vec<u8>, String)> = tx
             .prepare("SELECT id, body FROM outbox WHERE typeof(body) = 'text'")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        for (id, body) in &plain {
+        for (id, body) in &plain_outbox {
             let sealed = self
                 .cipher
                 .seal(&messages::outbox_place(id), body.as_bytes());
@@ -284,21 +284,26 @@ impl Store {
             )?;
         }
         tx.commit()?;
-        if !plain.is_empty() {
-            // Old pages with the plain texts leave the write-ahead log too.
-            self.conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        if !plain_messages.is_empty() || !plain_outbox.is_empty() {
+            // The sealed pages replace the plain ones in the database file now, not at the
+            // next automatic checkpoint, and the log holding them is emptied.
+            self.fold_log()?;
         }
         Ok(())
+    }
+
+    /// Folds the write-ahead log into the database and cuts the log to zero bytes
+    /// (`PRAGMA wal_checkpoint(TRUNCATE)`, <https://sqlite.org/pragma.html#pragma_wal_checkpoint>).
+    fn fold_log(&self) -> rusqlite::Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
     }
 
     /// After a disk-full error: folds the write-ahead log into the database and cuts it to
     /// nothing, giving its space back if the database has room for what it holds. Errors
     /// are ignored (the disk may still be full; the next write says so).
     pub fn reclaim_log(&self) {
-        let _ = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        let _ = self.fold_log();
     }
 
     /// A `stored_at` for something stored now (our clock, `now` ms): never before the last
@@ -386,103 +391,4 @@ fn write_text(cipher: &RowCipher, place: &[u8], text: &str) -> rusqlite::types::
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use chat_protocol::trust::Pin;
-    use zeroize::Zeroizing;
-
-    pub(crate) fn open(dir: &Path, encrypt: bool) -> Store {
-        Store::open(dir, RowCipher::new(Zeroizing::new([3; 32]), encrypt)).unwrap()
-    }
-
-    #[test]
-    fn pins() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path(), false);
-        assert_eq!(store.pin("bob").unwrap(), None);
-        let pin = Pin {
-            key: vec![1, 2],
-            verified: false,
-            pending: Some(vec![3]),
-        };
-        store.save_pin("bob", &pin).unwrap();
-        assert_eq!(store.pin("bob").unwrap(), Some(pin));
-        store.set_meta("x", 5).unwrap();
-        assert_eq!(store.meta("x").unwrap(), Some(5));
-        assert_eq!(store.meta("y").unwrap(), None);
-    }
-
-    #[cfg(unix)]
-    #[test]
-    fn the_database_files_are_private() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(Store::FILE_NAME);
-        std::fs::write(&path, b"").unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let store = open(dir.path(), false);
-        store.set_meta("x", 1).unwrap();
-        for suffix in ["", "-wal", "-shm"] {
-            let file = dir.path().join(format!("{}{suffix}", Store::FILE_NAME));
-            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600, "{}", file.display());
-        }
-    }
-
-    #[test]
-    fn schema_zero_is_upgraded_in_place() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let conn = Connection::open(dir.path().join(Store::FILE_NAME)).unwrap();
-            conn.execute_batch(
-                "CREATE TABLE contacts (username TEXT PRIMARY KEY NOT NULL, pinned_key BLOB NOT NULL,
-                     verified INTEGER NOT NULL DEFAULT 0, pending_key BLOB,
-                     out_created_ms INTEGER NOT NULL DEFAULT 0, in_offer_ms INTEGER NOT NULL DEFAULT 0);
-                 CREATE TABLE messages (peer TEXT NOT NULL, id BLOB NOT NULL, outgoing INTEGER NOT NULL,
-                     body TEXT NOT NULL, sent_at INTEGER NOT NULL, status TEXT NOT NULL,
-                     PRIMARY KEY (peer, id, outgoing));
-                 CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, id BLOB NOT NULL UNIQUE,
-                     peer TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL);
-                 INSERT INTO messages VALUES ('bob', x'01010101010101010101010101010101', 0, 'old hello', 5, 'delivered');
-                 INSERT INTO messages VALUES ('bob', x'02020202020202020202020202020202', 1, 'queued text', 6, 'sending');
-                 INSERT INTO outbox (id, peer, body, sent_at) VALUES (x'02020202020202020202020202020202', 'bob', 'queued text', 6);",
-            )
-            .unwrap();
-        }
-        // Upgraded with a passphrase: the old texts are encrypted in place.
-        let store = open(dir.path(), true);
-        let history = store.history("bob", 10).unwrap();
-        assert_eq!(
-            history.iter().map(|h| h.text.as_str()).collect::<Vec<_>>(),
-            ["old hello", "queued text"]
-        );
-        assert_eq!(
-            store.outbox_queued().unwrap()[0].body,
-            chat_protocol::e2e::Body::Text("queued text".into())
-        );
-        drop(store);
-        let bytes = std::fs::read(dir.path().join(Store::FILE_NAME)).unwrap();
-        for text in [&b"old hello"[..], b"queued text"] {
-            assert!(
-                !bytes.windows(text.len()).any(|w| w == text),
-                "{} left in the clear",
-                String::from_utf8_lossy(text)
-            );
-        }
-    }
-
-    #[test]
-    fn newer_schema_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(open(dir.path(), false));
-        let conn = Connection::open(dir.path().join(Store::FILE_NAME)).unwrap();
-        conn.pragma_update(None, "user_version", 99).unwrap();
-        drop(conn);
-        let err =
-            Store::open(dir.path(), RowCipher::new(Zeroizing::new([3; 32]), false)).unwrap_err();
-        assert!(
-            matches!(err, StoreError::SchemaTooNew { found: 99 }),
-            "{err}"
-        );
-    }
-}
+pub(crate) mod tests;
