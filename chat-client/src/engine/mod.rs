@@ -28,6 +28,7 @@ use crate::store::{Store, StoreError};
 
 mod commands;
 mod group_changes;
+mod group_checks;
 mod group_inbound;
 mod group_sends;
 mod groups;
@@ -314,7 +315,7 @@ struct Engine {
     /// Names whose key was asked for only to check that a new group member exists.
     member_lookups: HashSet<String>,
     /// Group creates and adds waiting for the relay to say their new members exist.
-    awaiting_members: Vec<groups::AwaitingMembers>,
+    awaiting_members: Vec<group_checks::AwaitingMembers>,
 }
 
 impl Engine {
