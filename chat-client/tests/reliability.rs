@@ -854,6 +854,10 @@ fn a_client_whose_stderr_cannot_be_written_keeps_working() {
     assert_eq!(alice.quit(), 0);
 }
 
+/// Everything alice's store held in the clear is sealed once she has a passphrase: 1:1
+/// and group texts are gone from the files, and what she reads, opens and sends next
+/// proves each kind of sealed value reads back (history, the epoch keys bob's messages
+/// are under, the group's membership, bob's group keys and her own sending key).
 #[test]
 fn a_passphrase_given_later_protects_the_key_file_and_the_history() {
     let (dir, relay_dir, a, b) = dirs();
@@ -864,6 +868,31 @@ fn a_passphrase_given_later_protects_the_key_file_and_the_history() {
     alice.send(&format!("/msg bob {marker}"));
     bob.message_from("alice");
     alice.expect("delivered", |e| e["event"] == "delivered");
+    bob.send("/msg alice PLAIN-from-bob");
+    alice.message_from("bob");
+    let created = |c: &mut Client| {
+        c.expect("group created", |e| {
+            e["event"] == "group" && e["change"] == "created"
+        })["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    alice.send("/group-create Pair bob");
+    let group = created(&mut alice);
+    created(&mut bob);
+    let group_message = |c: &mut Client, from: &str| {
+        c.expect("group message", |e| {
+            e["event"] == "message" && e["group"] == group.as_str() && e["from"] == from
+        })["text"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    alice.send("/gmsg Pair PLAIN-group-from-alice");
+    assert_eq!(group_message(&mut bob, "alice"), "PLAIN-group-from-alice");
+    bob.send("/gmsg Pair PLAIN-group-from-bob");
+    assert_eq!(group_message(&mut alice, "bob"), "PLAIN-group-from-bob");
     assert_eq!(alice.quit(), 0);
     let pass = dir.path().join("pass.txt");
     std::fs::write(&pass, "a good passphrase\n").unwrap();
@@ -878,17 +907,49 @@ fn a_passphrase_given_later_protects_the_key_file_and_the_history() {
     alice.expect("ready", |e| e["event"] == "ready");
     let items = history(&mut alice, "bob");
     assert_eq!(items[0]["text"], marker);
-    assert_eq!(alice.quit(), 0);
-    let pem = std::fs::read_to_string(a.join("identity.pem")).unwrap();
-    assert!(pem.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+    assert_eq!(items[1]["text"], "PLAIN-from-bob");
+    alice.send(&format!("/group-history {group}"));
+    let items = alice.expect("group history", |e| e["event"] == "group_history")["items"].clone();
+    let texts: Vec<&str> = items
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["system"] != true)
+        .map(|i| i["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["PLAIN-group-from-alice", "PLAIN-group-from-bob"]);
+    // Bob is still under the epochs and group key alice held before: she opens both
+    // from her sealed store; and her own group sending key still serves.
+    bob.send("/msg alice after the passphrase");
+    assert_eq!(alice.message_from("bob")["text"], "after the passphrase");
+    bob.send("/gmsg Pair group after the passphrase");
+    assert_eq!(
+        group_message(&mut alice, "bob"),
+        "group after the passphrase"
+    );
+    alice.send("/gmsg Pair alice's group key still serves");
+    assert_eq!(
+        group_message(&mut bob, "alice"),
+        "alice's group key still serves"
+    );
     let db: Vec<u8> = ["client.sqlite3", "client.sqlite3-wal"]
         .iter()
         .flat_map(|f| std::fs::read(a.join(f)).unwrap_or_default())
         .collect();
-    assert!(
-        !common::contains(&db, marker.as_bytes()),
-        "the history is still in the clear"
-    );
+    for plain in [
+        marker,
+        "PLAIN-from-bob",
+        "PLAIN-group-from-alice",
+        "PLAIN-group-from-bob",
+    ] {
+        assert!(
+            !common::contains(&db, plain.as_bytes()),
+            "{plain} is still in the clear while alice runs"
+        );
+    }
+    assert_eq!(alice.quit(), 0);
+    let pem = std::fs::read_to_string(a.join("identity.pem")).unwrap();
+    assert!(pem.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
     // And without the passphrase now: a clear error, nothing opened.
     let mut none = Client::start(relay.addr, "alice", &a);
     assert_eq!(

@@ -10,8 +10,9 @@
 //!   one transaction with the state it changed, so a crash or a full disk never leaves a
 //!   message half-processed.
 //!
-//! With a passphrase on the identity, message texts and epoch keys are encrypted at rest
-//! (`cipher`); names, times and delivery states are not.
+//! With a passphrase on the identity, message texts, epoch keys and group states and keys
+//! are encrypted at rest (`cipher`; what was stored before in the clear is sealed at open,
+//! `sealing`); names, times and delivery states are not.
 
 use std::path::Path;
 
@@ -23,6 +24,7 @@ mod e2e;
 mod group_outbox;
 mod groups;
 mod messages;
+mod sealing;
 
 pub use cipher::RowCipher;
 pub use e2e::{Held, ReceivedText};
@@ -254,37 +256,13 @@ impl Store {
         Ok(())
     }
 
-    /// Encrypts texts stored in the clear (before a passphrase was set, or by schema 0).
+    /// Seals every value stored in the clear (before a passphrase was set, or by schema 0):
+    /// texts, queued messages, epoch keys, group states, keys and texts (`sealing`).
     fn encrypt_plain_values(&mut self) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        let plain_messages: Vec<(String, Vec<u8>, bool, String)> = tx
-            .prepare("SELECT peer, id, outgoing, body FROM messages WHERE typeof(body) = 'text'")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-            .collect::<Result<_, _>>()?;
-        for (peer, id, outgoing, body) in &plain_messages {
-            let sealed = self
-                .cipher
-                .seal(&messages::body_place(peer, id, *outgoing), body.as_bytes());
-            tx.execute(
-                "UPDATE messages SET body = ?4 WHERE peer = ?1 AND id = ?2 AND outgoing = ?3",
-                params![peer, id, outgoing, sealed],
-            )?;
-        }
-        let plain_outbox: Vec<(Vec<u8>, String)> = tx
-            .prepare("SELECT id, body FROM outbox WHERE typeof(body) = 'text'")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        for (id, body) in &plain_outbox {
-            let sealed = self
-                .cipher
-                .seal(&messages::outbox_place(id), body.as_bytes());
-            tx.execute(
-                "UPDATE outbox SET body = ?2 WHERE id = ?1",
-                params![id, sealed],
-            )?;
-        }
+        let sealed = sealing::seal_plain_values(&tx, &self.cipher)?;
         tx.commit()?;
-        if !plain_messages.is_empty() || !plain_outbox.is_empty() {
+        if sealed > 0 {
             // The sealed pages replace the plain ones in the database file now, not at the
             // next automatic checkpoint, and the log holding them is emptied.
             self.fold_log()?;

@@ -66,7 +66,7 @@ fn schema_zero(dir: &Path, queued: bool) {
 }
 
 /// Whether `text` is anywhere in the database or its write-ahead log as they are on disk.
-fn on_disk(dir: &Path, text: &[u8]) -> bool {
+pub(crate) fn on_disk(dir: &Path, text: &[u8]) -> bool {
     ["", "-wal"].iter().any(|suffix| {
         let bytes =
             std::fs::read(dir.join(format!("{}{suffix}", Store::FILE_NAME))).unwrap_or_default();
