@@ -78,7 +78,9 @@ pub(super) struct Offers {
     buckets: HashMap<String, Bucket>,
     contact_jobs: VecDeque<Job>,
     stranger_jobs: VecDeque<Job>,
-    running: bool,
+    /// The offer whose RSA job runs now. It outlives a connection: after a reconnect the
+    /// same offer, delivered again, waits for it instead of being unwrapped twice.
+    running: Option<OfferId>,
     done_tx: mpsc::UnboundedSender<Unwrapped>,
     pub(super) done_rx: mpsc::UnboundedReceiver<Unwrapped>,
 }
@@ -93,7 +95,7 @@ impl Offers {
             buckets: HashMap::new(),
             contact_jobs: VecDeque::new(),
             stranger_jobs: VecDeque::new(),
-            running: false,
+            running: None,
             done_tx,
             done_rx,
         }
@@ -136,6 +138,25 @@ impl Offers {
         }
         queue.push_back(parked);
         true
+    }
+
+    /// If `offer_id`'s RSA job is already running (started on an earlier connection, its
+    /// envelope delivered again since), `peer`'s line waits for it: no second unwrap and
+    /// no token spent: `None`. Otherwise `parked` is handed back.
+    fn wait_for_running(
+        &mut self,
+        peer: &str,
+        offer_id: OfferId,
+        parked: Parked,
+    ) -> Option<Parked> {
+        if self.running != Some(offer_id) {
+            return Some(parked);
+        }
+        self.blocked.insert(
+            peer.to_owned(),
+            (Block::Unwrapping(offer_id), VecDeque::from([parked])),
+        );
+        None
     }
 
     /// Takes a token for a new offer from `peer`, or says until when it must wait. A
@@ -201,7 +222,7 @@ impl Offers {
     }
 
     fn start_next(&mut self) {
-        if self.running {
+        if self.running.is_some() {
             return;
         }
         let Some(job) = self
@@ -211,7 +232,7 @@ impl Offers {
         else {
             return;
         };
-        self.running = true;
+        self.running = Some(job.offer_id);
         let done = self.done_tx.clone();
         tokio::task::spawn_blocking(move || {
             let parties = Parties {
@@ -241,6 +262,9 @@ impl Engine {
         parked: Parked,
     ) {
         let Some(offer_id) = inspected.needs_unwrap().copied() else {
+            return;
+        };
+        let Some(parked) = self.offers.wait_for_running(from, offer_id, parked) else {
             return;
         };
         let contact = self.store.has_conversation(from).unwrap_or(false);
@@ -278,7 +302,7 @@ impl Engine {
 
     /// An RSA job finished: remember its result and deliver what waited on it, in order.
     pub(super) fn offer_unwrapped(&mut self, done: Unwrapped) {
-        self.offers.running = false;
+        self.offers.running = None;
         self.offers.remember(done.offer_id, done.result);
         // Only what waits for this offer: after a reconnect the sender's line may wait
         // for another one (its own job queued), which must not be let go early.
@@ -335,5 +359,32 @@ mod tests {
             assert!(offers.take_token("bob", true, now).is_ok());
         }
         assert!(offers.take_token("bob", true, now).is_err());
+    }
+
+    /// An offer whose unwrap was running when the connection dropped, delivered again on
+    /// the next connection: its sender's line waits for that job, with no second job
+    /// queued and none of the sender's offer allowance spent; any other offer goes the
+    /// usual way.
+    #[test]
+    fn an_offer_delivered_again_waits_for_its_running_unwrap() {
+        let mut offers = Offers::new();
+        let parked = |n: u64| Parked {
+            source: Source::Relay(n),
+            payload: vec![n as u8],
+            arrived: Instant::now(),
+        };
+        offers.running = Some([7; 32]);
+        offers.forget_waiting();
+        assert!(offers.wait_for_running("bob", [7; 32], parked(1)).is_none());
+        assert!(offers.is_blocked("bob"));
+        assert!(
+            offers.park("bob", parked(2)),
+            "later envelopes queue behind it"
+        );
+        assert!(offers.contact_jobs.is_empty() && offers.stranger_jobs.is_empty());
+        assert!(offers.buckets.is_empty(), "no offer allowance spent");
+        let back = offers.wait_for_running("amy", [8; 32], parked(3));
+        assert_eq!(back.map(|p| p.source), Some(Source::Relay(3)));
+        assert!(!offers.is_blocked("amy"));
     }
 }
