@@ -314,7 +314,15 @@ pub async fn run(
             }
             event = handle.events.recv() => {
                 let Some(event) = event else { break };
-                let gave_up = matches!(event, Event::Connection { state: ConnectionState::Offline, .. }) && !quitting;
+                // Offline for good without being asked (e.g. username taken): stop, and exit
+                // 1, even when the end of input already asked to quit (a `reason` says the
+                // engine stopped on its own, not for that).
+                let gave_up = match &event {
+                    Event::Connection { state: ConnectionState::Offline, reason, .. } => {
+                        reason.is_some() || !quitting
+                    }
+                    _ => false,
+                };
                 let ready = matches!(event, Event::Ready { .. });
                 match &event {
                     Event::Group(info) => {
@@ -332,7 +340,6 @@ pub async fn run(
                     write_event(&mut output, &Event::warning("settings_not_saved", warning)).await;
                 }
                 if gave_up {
-                    // Offline for good without being asked (e.g. username taken): stop.
                     code = 1;
                     quitting = true;
                     input_open = false;

@@ -50,7 +50,16 @@ fn three_clients_chat_with_receipts_presence_and_user_list() {
         e["event"] == "delivered" && e["to"] == "alice"
     });
 
-    // Bob follows alice without asking: they exchanged messages.
+    // Bob follows alice without asking: they exchanged messages. Asked for her anyway,
+    // /watch answers with her presence now, as for anyone (what came before the answer
+    // to /users, the automatic follow's included, is set aside first).
+    bob.send("/users");
+    bob.expect("users", |e| e["event"] == "users");
+    bob.drain(Duration::ZERO);
+    bob.send("/watch alice");
+    bob.expect("alice's presence, followed already", |e| {
+        e["event"] == "presence" && e["user"] == "alice" && e["online"] == true
+    });
     bob.send("/watch carol");
     bob.expect("carol offline", |e| {
         e["event"] == "presence" && e["user"] == "carol" && e["online"] == false
@@ -340,10 +349,16 @@ fn a_taken_username_is_a_clear_fatal_error() {
     let mut imposter = Client::start(relay.addr, "alice", &h[1]);
     let err = imposter.expect("error", |e| e["event"] == "error");
     assert_eq!(err["code"], "username_taken");
-    imposter.expect("offline", |e| {
+    let offline = imposter.expect("offline", |e| {
         e["event"] == "connection" && e["state"] == "offline"
     });
+    assert_eq!(offline["reason"], err["message"]);
     assert_eq!(imposter.wait_exit(), 1);
+    // Fed by a script whose input has already ended (`printf '/msg bob hi\n' | …`): the
+    // end of input asked to quit, but the client stopped on its own first: still 1.
+    let mut piped = Client::start(relay.addr, "alice", &h[1]);
+    piped.send("/msg bob hi");
+    assert_eq!(piped.quit(), 1);
 }
 
 #[test]

@@ -113,14 +113,14 @@ fn sqlite_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
         }
         Admin::Stats => {
             let stats = store.stats()?;
-            println!("users:                  {}", stats.users);
+            field("users", stats.users);
             print_queue(
                 config,
                 stats.queued,
                 stats.queued_bytes,
                 stats.recipients_waiting,
             );
-            println!("expired (total):        {}", stats.expired_total);
+            field("expired (total)", stats.expired_total);
             // What the running server refused or ignored (totals, recorded every minute).
             for (name, label) in [
                 ("refused_server_full", "refused, server full"),
@@ -134,7 +134,7 @@ fn sqlite_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
                 ("shed", "sends shed (overloaded)"),
             ] {
                 let value = stats.counters.get(name).copied().unwrap_or(0);
-                println!("{:<24}{value}", format!("{label}:"));
+                field(label, value);
             }
         }
         _ => unreachable!("handled in run_admin"),
@@ -146,9 +146,9 @@ fn sqlite_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
 fn print_queue(config: &Config, queued: u64, bytes: u64, waiting: u64) {
     let limit = config.queue.max_total_bytes;
     let used = bytes as f64 * 100.0 / limit as f64;
-    println!("queued envelopes:       {queued}");
-    println!("queued bytes:           {bytes} of {limit} ({used:.1}%)");
-    println!("users with mail queued: {waiting}");
+    field("queued envelopes", queued);
+    field("queued bytes", format!("{bytes} of {limit} ({used:.1}%)"));
+    field("users with mail queued", waiting);
 }
 
 /// `admin stats` and `admin remove-user` on the cluster.
@@ -158,17 +158,17 @@ fn cluster_admin(admin: Admin, config: &Config, nats: &NatsBackend) -> anyhow::R
         match admin {
             Admin::Stats => {
                 let stats = cluster.stats().await?;
-                println!("backend:                NATS at {}", nats.urls.join(","));
-                println!("relays:                 {}", stats.relays);
-                println!("users:                  {}", stats.users);
-                println!("users online:           {}", stats.online);
+                field("backend", format!("NATS at {}", nats.urls.join(",")));
+                field("relays", stats.relays);
+                field("users", stats.users);
+                field("users online", stats.online);
                 print_queue(
                     config,
                     stats.queued,
                     stats.queued_bytes,
                     stats.recipients_waiting,
                 );
-                println!("mailbox stream:         {}", stats.replication);
+                field("mailbox stream", stats.replication);
             }
             Admin::RemoveUser { name } => {
                 let user = Username::parse(&name)
@@ -322,4 +322,9 @@ fn migrate(config: &Config, urls: Vec<String>, replicas: Option<usize>) -> anyho
         );
         Ok(())
     })
+}
+
+/// One line of `admin stats`: `label:` and the value, values aligned in one column.
+fn field(label: &str, value: impl std::fmt::Display) {
+    println!("{:<35}{value}", format!("{label}:"));
 }

@@ -275,12 +275,27 @@ impl Engine {
     pub(super) fn watch(&mut self, users: Vec<String>) {
         let me = self.me.to_string();
         let names: Vec<String> = users.iter().filter_map(|u| self.contact_name(u)).collect();
-        let new: Vec<String> = names
+        let (new, followed): (Vec<String>, Vec<String>) = names
             .into_iter()
-            .filter(|u| *u != me && self.watch_list.insert(u.clone()))
+            .filter(|u| *u != me)
+            .partition(|u| self.watch_list.insert(u.clone()));
+        if !self.online {
+            return;
+        }
+        self.send_watch(new);
+        // Followed already (a contact, or watched before): asked again, so each gets its
+        // `presence` now too. The relay counts no one twice against its limit.
+        let mut followed: Vec<String> = followed
+            .into_iter()
+            .filter(|u| self.watching.contains(u))
             .collect();
-        if self.online {
-            self.send_watch(new);
+        followed.sort_unstable();
+        followed.dedup();
+        if !followed.is_empty() {
+            let usernames = followed.clone();
+            self.request(Pending::Watch { users: followed }, |id| {
+                ClientMessage::Watch { id, usernames }
+            });
         }
     }
 

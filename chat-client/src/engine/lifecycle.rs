@@ -157,10 +157,7 @@ impl Engine {
         let mut ever_connected = false;
         let relays = match net::check_server_address(&self.config.server) {
             Ok(list) => list.relays,
-            Err(message) => {
-                self.sink.emit(Event::error("invalid_server", message));
-                return self.stay_offline(&mut commands).await;
-            }
+            Err(message) => return self.fail("invalid_server", message, &mut commands).await,
         };
         // The relay of the list tried next: after a failure, the next one, at once; after
         // a whole round of failures, the first again, after the backoff.
@@ -191,8 +188,7 @@ impl Engine {
                 match net::authorities(self.config.ca_file.as_deref()) {
                     Ok(roots) => authorities = Some(roots),
                     Err(message) => {
-                        self.sink.emit(Event::error("invalid_ca_file", message));
-                        return self.stay_offline(&mut commands).await;
+                        return self.fail("invalid_ca_file", message, &mut commands).await;
                     }
                 }
             }
@@ -231,15 +227,13 @@ impl Engine {
                     match self.session(session, &mut commands).await {
                         SessionEnd::Shutdown => return self.stop(),
                         SessionEnd::Fatal { code, message } => {
-                            self.sink.emit(Event::error(code, message));
-                            return self.stay_offline(&mut commands).await;
+                            return self.fail(&code, message, &mut commands).await;
                         }
                         SessionEnd::Lost(reason) => reason,
                     }
                 }
                 Err(ConnectError::Fatal { code, message }) => {
-                    self.sink.emit(Event::error(code, message));
-                    return self.stay_offline(&mut commands).await;
+                    return self.fail(&code, message, &mut commands).await;
                 }
                 Err(ConnectError::KeyMismatch {
                     expected,
@@ -307,15 +301,12 @@ impl Engine {
                     if !ever_connected && silent as usize >= relays.len() =>
                 {
                     // Twice in a row and never a relay here: most likely the wrong port.
-                    self.sink.emit(Event::error(
-                        "not_a_relay",
-                        format!(
-                            "{reason}, twice: it does not answer like a Secure Chat relay (a \
-                             relay greets at once). Check the address and port (the relay's \
-                             default port is 65432)"
-                        ),
-                    ));
-                    return self.stay_offline(&mut commands).await;
+                    let message = format!(
+                        "{reason}, twice: it does not answer like a Secure Chat relay (a relay \
+                         greets at once). Check the address and port (the relay's default port \
+                         is 65432)"
+                    );
+                    return self.fail("not_a_relay", message, &mut commands).await;
                 }
                 Err(ConnectError::Silent(reason)) => {
                     silent += 1;
@@ -392,7 +383,8 @@ impl Engine {
         host_port: &str,
         commands: &mut mpsc::UnboundedReceiver<Command>,
     ) -> bool {
-        self.connection_event(ConnectionState::Offline, None);
+        let why = format!("the key {host_port} presented waits for confirmation");
+        self.emit_connection(ConnectionState::Offline, None, Some(why));
         while let Some(cmd) = commands.recv().await {
             match cmd {
                 Command::Shutdown { .. } => return false,
@@ -411,9 +403,21 @@ impl Engine {
         false
     }
 
-    /// After a fatal error: serve local commands until shutdown.
-    pub(super) async fn stay_offline(&mut self, commands: &mut mpsc::UnboundedReceiver<Command>) {
-        self.connection_event(ConnectionState::Offline, None);
+    /// A fatal error: says so (`error` `code`), then stays offline.
+    async fn fail(
+        &mut self,
+        code: &str,
+        message: String,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) {
+        self.sink.emit(Event::error(code, message.clone()));
+        self.stay_offline(message, commands).await;
+    }
+
+    /// After a fatal error (`why`, the `connection` event's `reason`, which tells this
+    /// stop from one that was asked for): serve local commands until shutdown.
+    async fn stay_offline(&mut self, why: String, commands: &mut mpsc::UnboundedReceiver<Command>) {
+        self.emit_connection(ConnectionState::Offline, None, Some(why));
         while let Some(cmd) = commands.recv().await {
             match cmd {
                 Command::Shutdown { .. } => return,

@@ -133,11 +133,15 @@ pub fn spawn(config: ClientConfig, notify: impl Fn() + Send + Sync + 'static) ->
         match Engine::start(config, &sink).await {
             Ok(engine) => engine.run(cmd_rx).await,
             Err(event) => {
+                let reason = match &event {
+                    Event::Error { message, .. } => Some(message.clone()),
+                    _ => None,
+                };
                 sink.emit(event);
                 sink.emit(Event::Connection {
                     state: ConnectionState::Offline,
                     retry_in_ms: None,
-                    reason: None,
+                    reason,
                     queued: 0,
                     max_text_bytes: None,
                 });

@@ -27,6 +27,11 @@ pub enum StoreError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot create the database {path}: {source}")]
+    CreateFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error(
@@ -102,7 +107,14 @@ impl Store {
             path: data_dir.to_owned(),
             source,
         })?;
-        let mut conn = Connection::open(data_dir.join(Self::FILE_NAME))?;
+        let path = data_dir.join(Self::FILE_NAME);
+        // The owner's alone, like the directory and the TLS key: SQLite gives the -wal and
+        // -shm files the database's mode.
+        create_private_file(&path).map_err(|source| StoreError::CreateFile {
+            path: path.clone(),
+            source,
+        })?;
+        let mut conn = Connection::open(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -331,6 +343,33 @@ pub struct Stats {
     /// Every counter by name: the above, and what the running server refused or ignored
     /// (`acks_ignored`, `refused_server_full`, `refused_sender_share`, …).
     pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// Creates `path` readable and writable by its owner only (0600) if it is missing. One
+/// that exists is made so where we may (it may be another user's: an admin command run
+/// beside the relay only reads it).
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 {
+                let _ =
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700));
+            }
+            return Ok(());
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        match options.open(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+    }
+    let _ = path;
+    Ok(())
 }
 
 pub(crate) fn create_private_dir(path: &Path) -> std::io::Result<()> {

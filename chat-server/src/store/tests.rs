@@ -226,3 +226,33 @@ fn refuses_newer_schema() {
         Err(StoreError::SchemaTooNew { found: 99 })
     ));
 }
+
+/// The database and its log are the owner's alone, like the directory and the TLS key;
+/// one left readable by others by an older relay is tightened.
+#[cfg(unix)]
+#[test]
+fn the_database_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mode = |file: &str| {
+        std::fs::metadata(dir.path().join(file))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let store = Store::open(dir.path()).unwrap();
+    store.bind(&name("alice"), b"key-a").unwrap();
+    for file in [
+        "chat-server.sqlite3",
+        "chat-server.sqlite3-wal",
+        "chat-server.sqlite3-shm",
+    ] {
+        assert_eq!(mode(file), 0o600, "{file}");
+    }
+    drop(store);
+    let path = dir.path().join(Store::FILE_NAME);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    drop(Store::open(dir.path()).unwrap());
+    assert_eq!(mode("chat-server.sqlite3"), 0o600);
+}
