@@ -1,6 +1,8 @@
 //! What the front end asks for: sending, user lists, presence, safety numbers,
 //! verification, key decisions and history.
 
+use std::collections::HashSet;
+
 use chat_protocol::ClientMessage;
 use chat_protocol::Username;
 use chat_protocol::identity::{Fingerprint, PublicIdentity};
@@ -274,23 +276,24 @@ impl Engine {
     /// Follows the presence of `users` (now if connected, else from the next connection).
     pub(super) fn watch(&mut self, users: Vec<String>) {
         let me = self.me.to_string();
-        let names: Vec<String> = users.iter().filter_map(|u| self.contact_name(u)).collect();
-        let (new, followed): (Vec<String>, Vec<String>) = names
-            .into_iter()
-            .filter(|u| *u != me)
-            .partition(|u| self.watch_list.insert(u.clone()));
+        let mut seen = HashSet::new();
+        let names: Vec<String> = users
+            .iter()
+            .filter_map(|u| self.contact_name(u))
+            .filter(|u| *u != me && seen.insert(u.clone()))
+            .collect();
+        for name in &names {
+            self.watch_list.insert(name.clone());
+        }
         if !self.online {
             return;
         }
+        // Followed on the relay already (a contact, or watched before): asked again, so
+        // each gets its `presence` now too; the relay counts no one twice against its
+        // limit. The others (one left out by that limit included) are asked as new.
+        let (followed, new): (Vec<String>, Vec<String>) =
+            names.into_iter().partition(|u| self.watching.contains(u));
         self.send_watch(new);
-        // Followed already (a contact, or watched before): asked again, so each gets its
-        // `presence` now too. The relay counts no one twice against its limit.
-        let mut followed: Vec<String> = followed
-            .into_iter()
-            .filter(|u| self.watching.contains(u))
-            .collect();
-        followed.sort_unstable();
-        followed.dedup();
         if !followed.is_empty() {
             let usernames = followed.clone();
             self.request(Pending::Watch { users: followed }, |id| {

@@ -166,6 +166,12 @@ fn keys_place(id: &GroupId, member: &str) -> Vec<u8> {
     super::cipher::place("group_member_keys", "keys", &[id, member.as_bytes()])
 }
 
+/// A held change's place: its group and sender (a held change has no other lasting name;
+/// its `seq` is a row number).
+fn held_change_place(id: &GroupId, sender: &str) -> Vec<u8> {
+    super::cipher::place("group_changes_held", "change", &[id, sender.as_bytes()])
+}
+
 fn line_place(id: &GroupId, sender: &str, msg: &MessageId) -> Vec<u8> {
     super::cipher::place("group_messages", "body", &[id, sender.as_bytes(), msg])
 }
@@ -349,7 +355,11 @@ impl Store {
                 .execute(params![
                     &id[..],
                     from,
-                    postcard::to_allocvec(change).expect("a change always encodes"),
+                    write_blob(
+                        cipher,
+                        &held_change_place(&id, from),
+                        &postcard::to_allocvec(change).expect("a change always encodes")
+                    ),
                     now as i64
                 ])?;
             }
@@ -371,7 +381,8 @@ impl Store {
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, from, change) = row?;
+            let (seq, from, stored) = row?;
+            let change = read_blob(&self.cipher, &held_change_place(group, &from), stored)?;
             match postcard::from_bytes(&change) {
                 Ok(change) => out.push(HeldChange { seq, from, change }),
                 Err(_) => self.drop_held_change(seq)?,

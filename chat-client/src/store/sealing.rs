@@ -8,15 +8,17 @@ use rusqlite::types::Value;
 use super::StoreError;
 use super::cipher::{self, MAGIC, OVERHEAD, RowCipher};
 
-/// A column whose values are sealed at rest: its table, and the columns that name a row
-/// in the order the value's place ([`cipher::place`], its associated data) lists them.
-/// Each table's own code builds the same places (`body_place`, `state_place`,
-/// `group_place`, `keys_place`, `line_place`, `outbox_place`); a test reads every kind back
-/// through the store after sealing.
+/// A column whose values are sealed at rest: its table, the columns whose values its
+/// place ([`cipher::place`], the associated data) lists, in that order, and the columns
+/// that name one row (the same, unless the place names less than a row). Each table's own
+/// code builds the same places (`body_place`, `state_place`, `group_place`, `keys_place`,
+/// `line_place`, `held_change_place`, `outbox_place`); a test reads every kind back through
+/// the store after sealing.
 struct SealedColumn {
     table: &'static str,
     column: &'static str,
     row: &'static [&'static str],
+    key: &'static [&'static str],
 }
 
 /// Every column the store seals when it encrypts.
@@ -25,36 +27,49 @@ const SEALED_COLUMNS: &[SealedColumn] = &[
         table: "messages",
         column: "body",
         row: &["peer", "id", "outgoing"],
+        key: &["peer", "id", "outgoing"],
     },
     SealedColumn {
         table: "outbox",
         column: "body",
         row: &["id"],
+        key: &["id"],
     },
     SealedColumn {
         table: "e2e_state",
         column: "inbound",
         row: &["peer"],
+        key: &["peer"],
     },
     SealedColumn {
         table: "groups",
         column: "membership",
         row: &["id"],
+        key: &["id"],
     },
     SealedColumn {
         table: "groups",
         column: "sender_key",
         row: &["id"],
+        key: &["id"],
     },
     SealedColumn {
         table: "group_member_keys",
         column: "keys",
         row: &["group_id", "member"],
+        key: &["group_id", "member"],
     },
     SealedColumn {
         table: "group_messages",
         column: "body",
         row: &["group_id", "sender", "id"],
+        key: &["group_id", "sender", "id"],
+    },
+    SealedColumn {
+        table: "group_changes_held",
+        column: "change",
+        row: &["group_id", "sender"],
+        key: &["seq"],
     },
 ];
 
@@ -80,22 +95,25 @@ pub(super) fn seal_plain_values(
     for c in SEALED_COLUMNS {
         let (table, column) = (c.table, c.column);
         let select = format!(
-            "SELECT {row}, {column} FROM {table}
+            "SELECT {key}, {row}, {column} FROM {table}
              WHERE typeof({column}) = 'text'
                 OR (typeof({column}) = 'blob'
                     AND (length({column}) < {OVERHEAD} OR substr({column}, 1, {magic}) != ?1))",
+            key = c.key.join(", "),
             row = c.row.join(", "),
             magic = MAGIC.len(),
         );
         let rows: Vec<Vec<Value>> = tx
             .prepare(&select)?
             .query_map([&MAGIC[..]], |r| {
-                (0..=c.row.len()).map(|i| r.get::<_, Value>(i)).collect()
+                (0..=c.key.len() + c.row.len())
+                    .map(|i| r.get::<_, Value>(i))
+                    .collect()
             })?
             .collect::<Result<_, _>>()?;
         let update = format!(
             "UPDATE {table} SET {column} = ?1 WHERE {}",
-            c.row
+            c.key
                 .iter()
                 .enumerate()
                 .map(|(i, name)| format!("{name} = ?{}", i + 2))
@@ -109,7 +127,8 @@ pub(super) fn seal_plain_values(
                 Some(Value::Blob(bytes)) => zeroize::Zeroizing::new(bytes),
                 _ => continue,
             };
-            let parts: Vec<Vec<u8>> = values.iter().map(place_part).collect();
+            let place_values = values.split_off(c.key.len());
+            let parts: Vec<Vec<u8>> = place_values.iter().map(place_part).collect();
             let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
             let place = cipher::place(table, column, &parts);
             let Some(value) = cipher.seal(&place, &plain) else {
@@ -179,7 +198,9 @@ mod tests {
                  INSERT INTO group_member_keys (group_id, member, keys)
                      VALUES (x'0a', 'bob', x'504c41494e2d6d656d6265722d6b657973');
                  INSERT INTO group_messages (group_id, sender, id, outgoing, body, sent_at, stored_at, status)
-                     VALUES (x'0a', 'bob', x'01', 0, 'PLAIN-group-text', 1, 2, 'delivered');",
+                     VALUES (x'0a', 'bob', x'01', 0, 'PLAIN-group-text', 1, 2, 'delivered');
+                 INSERT INTO group_changes_held (group_id, sender, change, received_at)
+                     VALUES (x'0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a', 'bob', x'504c41494e2d68656c642d6368616e6765', 3);",
             )
             .unwrap();
         let store = open(dir.path(), true);
@@ -190,6 +211,7 @@ mod tests {
             "PLAIN-sender-key",
             "PLAIN-member-keys",
             "PLAIN-group-text",
+            "PLAIN-held-change",
         ] {
             assert!(!on_disk(dir.path(), plain.as_bytes()), "{plain} left plain");
         }
@@ -226,6 +248,8 @@ mod tests {
             }
         );
         assert_eq!(store.inbound_state("bob").unwrap().epochs().count(), 0);
+        // The held change opens at its place (and, not being a real change, is dropped).
+        assert!(store.held_changes(&[0x0a; 16]).unwrap().is_empty());
         drop(store);
         // Opened again: nothing is left to seal, and nothing is sealed twice.
         let store = open(dir.path(), true);

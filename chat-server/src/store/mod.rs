@@ -346,17 +346,23 @@ pub struct Stats {
 }
 
 /// Creates `path` readable and writable by its owner only (0600) if it is missing. One
-/// that exists is made so where we may (it may be another user's: an admin command run
-/// beside the relay only reads it).
+/// that exists, and its `-wal` and `-shm` files, are made so where we may (they may be
+/// another user's: an admin command run beside the relay only reads them).
 fn create_private_file(path: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path) {
-            let mode = meta.permissions().mode();
-            if mode & 0o077 != 0 {
-                let _ =
-                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700));
+        if std::fs::metadata(path).is_ok() {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut file = path.as_os_str().to_owned();
+                file.push(suffix);
+                if let Ok(meta) = std::fs::metadata(&file) {
+                    let mode = meta.permissions().mode();
+                    if mode & 0o077 != 0 {
+                        let private = std::fs::Permissions::from_mode(mode & 0o700);
+                        let _ = std::fs::set_permissions(&file, private);
+                    }
+                }
             }
             return Ok(());
         }
