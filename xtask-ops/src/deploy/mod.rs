@@ -12,6 +12,7 @@ mod ec2;
 mod fleet;
 mod group;
 mod node_files;
+mod node_steps;
 mod operate;
 mod progress;
 mod remote;

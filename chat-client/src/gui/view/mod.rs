@@ -5,6 +5,7 @@
 
 mod conversation;
 mod dialogs;
+mod group_dialogs;
 mod groups;
 mod people;
 mod side_list;
@@ -46,9 +47,9 @@ pub fn main(app: &mut ChatApp, ui: &mut Ui) {
             "Pick a contact on the left, or type a name in the search box and start a new chat (Ctrl+K).",
         ),
     });
-    groups::new_group_dialog(app, ui);
-    groups::add_members_dialog(app, ui);
-    groups::leave_dialog(app, ui);
+    group_dialogs::new_group_dialog(app, ui);
+    group_dialogs::add_members_dialog(app, ui);
+    group_dialogs::leave_dialog(app, ui);
     safety_dialog(app, ui);
     remove_dialog(app, ui);
     people::people_dialog(app, ui);
@@ -216,7 +217,7 @@ fn contacts_panel(app: &mut ChatApp, ui: &mut Ui) {
             ui.add_space(6.0);
             ui.horizontal(|ui| {
                 people::people_button(app, ui);
-                groups::new_group_button(app, ui);
+                group_dialogs::new_group_button(app, ui);
             });
             let filter = ui.add(
                 egui::TextEdit::singleline(&mut app.view.filter)
