@@ -854,6 +854,49 @@ fn a_client_whose_stderr_cannot_be_written_keeps_working() {
     assert_eq!(alice.quit(), 0);
 }
 
+/// Reconnecting does not start a new epoch: over three relay restarts alice keeps one
+/// sending key towards bob, so bob unwraps one key offer, not one per reconnect (a flaky
+/// link would otherwise meet his offer throttle, 20 and then one per 30 s, and delay
+/// alice's messages).
+#[test]
+fn reconnects_keep_the_sending_epoch() {
+    let (_dir, relay_dir, a, b) = dirs();
+    let mut relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    let held_epochs = || {
+        let db = rusqlite::Connection::open(b.join("client.sqlite3")).unwrap();
+        let state: Vec<u8> = db
+            .query_row(
+                "SELECT inbound FROM e2e_state WHERE peer = 'alice'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        chat_protocol::e2e::Inbound::from_bytes(&state)
+            .unwrap()
+            .epochs()
+            .count()
+    };
+    for round in 0..4 {
+        let text = format!("round {round}");
+        alice.send(&format!("/msg bob {text}"));
+        assert_eq!(bob.message_from("alice")["text"], text.as_str());
+        alice.expect("delivered", |e| e["event"] == "delivered");
+        if round < 3 {
+            let (addr, data) = relay.kill();
+            relay = Relay::start(&addr.to_string(), &data);
+            for c in [&mut alice, &mut bob] {
+                c.expect("reconnecting", |e| {
+                    e["event"] == "connection" && e["state"] == "reconnecting"
+                });
+                c.connected();
+            }
+        }
+    }
+    assert_eq!(held_epochs(), 1, "a new epoch per reconnect");
+}
+
 /// Everything alice's store held in the clear is sealed once she has a passphrase: 1:1
 /// and group texts are gone from the files, and what she reads, opens and sends next
 /// proves each kind of sealed value reads back (history, the epoch keys bob's messages

@@ -61,10 +61,10 @@ impl Engine {
         self.forget_member_checks();
         self.acks.clear();
         self.out.clear();
-        // A new connection starts new epochs towards everyone.
-        for peer in self.peers.values_mut() {
-            peer.outbound.rotate();
-        }
+        // The sending epochs go on across connections (they end by count and age, at a key
+        // change and at a retry request): a new one per connection cost each contact an
+        // RSA unwrap per reconnect, and a flaky link met their offer throttle (20, then
+        // one per 30 s), delaying every message after a reconnect.
         if !self.ready_sent {
             self.ready_sent = true;
             self.sink.emit(Event::Ready {

@@ -42,7 +42,8 @@ impl Outbound {
     }
 
     /// Ends the current epoch (its key is erased); the next message starts a new one.
-    /// Call at every new connection.
+    /// [`Outbound::retire`] calls it; an epoch otherwise ends by count, age or a key
+    /// change (see `seal`), not at a reconnection.
     pub fn rotate(&mut self) {
         self.current = None;
     }
