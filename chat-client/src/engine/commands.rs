@@ -295,10 +295,7 @@ impl Engine {
             names.into_iter().partition(|u| self.watching.contains(u));
         self.send_watch(new);
         if !followed.is_empty() {
-            let usernames = followed.clone();
-            self.request(Pending::Watch { users: followed }, |id| {
-                ClientMessage::Watch { id, usernames }
-            });
+            self.watch_request(followed);
         }
     }
 
@@ -334,6 +331,11 @@ impl Engine {
             return;
         }
         self.watching.extend(users.iter().cloned());
+        self.watch_request(users);
+    }
+
+    /// The `Watch` request for `users`; its answer raises their `presence` events.
+    fn watch_request(&mut self, users: Vec<String>) {
         let usernames = users.clone();
         self.request(Pending::Watch { users }, |id| ClientMessage::Watch {
             id,

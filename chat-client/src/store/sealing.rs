@@ -21,50 +21,31 @@ struct SealedColumn {
     key: &'static [&'static str],
 }
 
+impl SealedColumn {
+    /// A column whose place names one row.
+    const fn by_row(
+        table: &'static str,
+        column: &'static str,
+        row: &'static [&'static str],
+    ) -> Self {
+        Self {
+            table,
+            column,
+            row,
+            key: row,
+        }
+    }
+}
+
 /// Every column the store seals when it encrypts.
 const SEALED_COLUMNS: &[SealedColumn] = &[
-    SealedColumn {
-        table: "messages",
-        column: "body",
-        row: &["peer", "id", "outgoing"],
-        key: &["peer", "id", "outgoing"],
-    },
-    SealedColumn {
-        table: "outbox",
-        column: "body",
-        row: &["id"],
-        key: &["id"],
-    },
-    SealedColumn {
-        table: "e2e_state",
-        column: "inbound",
-        row: &["peer"],
-        key: &["peer"],
-    },
-    SealedColumn {
-        table: "groups",
-        column: "membership",
-        row: &["id"],
-        key: &["id"],
-    },
-    SealedColumn {
-        table: "groups",
-        column: "sender_key",
-        row: &["id"],
-        key: &["id"],
-    },
-    SealedColumn {
-        table: "group_member_keys",
-        column: "keys",
-        row: &["group_id", "member"],
-        key: &["group_id", "member"],
-    },
-    SealedColumn {
-        table: "group_messages",
-        column: "body",
-        row: &["group_id", "sender", "id"],
-        key: &["group_id", "sender", "id"],
-    },
+    SealedColumn::by_row("messages", "body", &["peer", "id", "outgoing"]),
+    SealedColumn::by_row("outbox", "body", &["id"]),
+    SealedColumn::by_row("e2e_state", "inbound", &["peer"]),
+    SealedColumn::by_row("groups", "membership", &["id"]),
+    SealedColumn::by_row("groups", "sender_key", &["id"]),
+    SealedColumn::by_row("group_member_keys", "keys", &["group_id", "member"]),
+    SealedColumn::by_row("group_messages", "body", &["group_id", "sender", "id"]),
     SealedColumn {
         table: "group_changes_held",
         column: "change",
