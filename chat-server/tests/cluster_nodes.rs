@@ -10,6 +10,7 @@ use std::process::{Command, Output, Stdio};
 use async_nats::jetstream;
 use chat_protocol::{ClientMessage, ServerMessage};
 use chat_server::cluster::nodes;
+use chat_server::config::{RateLimit, Registrations};
 use common::nats::Nats;
 use common::{Client, PATIENCE, TestServer, user_when_serving};
 use futures_util::TryStreamExt;
@@ -193,6 +194,132 @@ async fn a_reader_whose_consumer_node_dies_unseen_reads_again_within_two_heartbe
     bob.send(ClientMessage::Ping { nonce: 7 }).await;
     let pong = bob.recv_reply_within(PATIENCE).await;
     assert_eq!(pong, Some(ServerMessage::Pong { nonce: 7 }), "nothing more");
+}
+
+/// Every consumer of `stream`. By name (one page holds 1,024 names), then each one's info:
+/// JetStream's paged list of infos is not in a stable order in a cluster, so its pages can
+/// repeat some consumers and skip others.
+async fn consumers(stream: &mut jetstream::stream::Stream) -> Vec<jetstream::consumer::Info> {
+    let names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
+    let mut infos = Vec::new();
+    for name in names {
+        // (One that expired since it was named is skipped.)
+        let consumer: Result<jetstream::consumer::PullConsumer, _> =
+            stream.get_consumer(&name).await;
+        if let Ok(consumer) = consumer {
+            infos.push(consumer.cached_info().clone());
+        }
+    }
+    infos
+}
+
+/// Sessions [`readers_made_again_at_once_never_overflow_jetstreams_api_queue`] keeps open:
+/// over three times what its nodes' API queues hold.
+const MANY: usize = 200;
+
+/// JetStream queues API requests (making or deleting a consumer, a purge, a read from a
+/// stream's leader) up to its `request_queue_limit` (10,000 by default), and when one more
+/// arrives it drops every request queued, answering none. At a disturbance (here the
+/// mailbox stream's leader steps down) every session's mailbox reader makes its consumer
+/// again, and a removal round purges one subject per recipient: each was one request per
+/// session, all at once. With more sessions than the queue holds (across all relays), every
+/// one was dropped, the readers waited out their 5 s patience and asked again, all at once.
+/// The relay keeps at most 32 of these requests in flight. Here the queue holds 64 and 200
+/// sessions make their consumers again at once: no node drops a request, and every session
+/// is given what was sent after the election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_made_again_at_once_never_overflow_jetstreams_api_queue() {
+    let nats = Nats::cluster_with("request_queue_limit: 64");
+    let backend = nats.backend(3);
+    let server = TestServer::start(|c| {
+        c.backend = backend;
+        c.registrations = Registrations {
+            per_hour: 1e6,
+            burst: 1e6,
+        };
+        c.connect_rate = RateLimit {
+            per_second: 1e6,
+            burst: 1e6,
+        };
+    })
+    .await;
+    let mut alice = server.user("alice", 0).await;
+    let mut users = Vec::new();
+    for i in 0..MANY {
+        users.push(server.user(&format!("u{i}"), 1 + i % 3).await);
+    }
+    // Every reader is live: each user is given one envelope and acknowledges it (a removal
+    // round then purges 200 subjects).
+    for (i, user) in users.iter_mut().enumerate() {
+        let reply = alice.send_to(&format!("u{i}"), b"before").await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+        assert_eq!(take(user, PATIENCE).await, b"before");
+    }
+
+    let js = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    let mailbox = nodes::placements(&js)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|p| p.what.ends_with("_mailbox"))
+        .unwrap()
+        .what;
+    let mut stream = js.get_stream(&mailbox).await.unwrap();
+    let made_before = consumers(&mut stream)
+        .await
+        .into_iter()
+        .map(|c| c.created)
+        .max()
+        .unwrap();
+    let reply = js
+        .client()
+        .request(
+            format!("$JS.API.STREAM.LEADER.STEPDOWN.{mailbox}"),
+            "".into(),
+        )
+        .await
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(reply["success"], true, "stepdown refused: {reply}");
+
+    // Each session is given what is sent after the election, once.
+    for i in 0..MANY {
+        let reply = alice
+            .send_to_within(&format!("u{i}"), b"after", 6 * PATIENCE)
+            .await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    }
+    for user in &mut users {
+        assert_eq!(take(user, 6 * PATIENCE).await, b"after");
+    }
+    for user in &mut users {
+        user.send(ClientMessage::Ping { nonce: 7 }).await;
+        let pong = user.recv_reply_within(PATIENCE).await;
+        assert_eq!(pong, Some(ServerMessage::Pong { nonce: 7 }), "nothing more");
+    }
+    // Through a consumer made after the election, for every one of them.
+    let consumers = consumers(&mut stream).await;
+    let remade = (0..MANY)
+        .filter(|i| {
+            let fragment = format!(".inbox.u{i}.");
+            consumers.iter().any(|c| {
+                c.created > made_before
+                    && c.config
+                        .filter_subjects
+                        .iter()
+                        .any(|s| s.contains(&fragment))
+            })
+        })
+        .count();
+    assert_eq!(remade, MANY, "readers that made their consumer again");
+    for node in &nats.nodes {
+        let log = node.log();
+        assert!(
+            !log.contains("queue limit reached"),
+            "{} dropped API requests:\n{log}",
+            node.name
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

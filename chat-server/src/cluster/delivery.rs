@@ -118,7 +118,8 @@ impl Cluster {
     /// whenever the cluster was disturbed (this relay reconnected to NATS, or the stream
     /// elected a leader): an ephemeral consumer may have been lost with a node and would
     /// otherwise wait forever. Sequences already given are skipped, so a restart makes no gap
-    /// and no duplicate.
+    /// and no duplicate. Each making waits for a place in the relay's API gate
+    /// ([`super::api_gate`]): at a disturbance every reader makes its consumer at once.
     /// Once as many envelopes as the first consumer (re)made before that point had pending
     /// are given, [`MailboxRead::CaughtUp`] follows them, once. Gives up (an error, and
     /// the session is closed) after [`READER_RETRIES`] failures in a row lasting
@@ -136,6 +137,9 @@ impl Cluster {
         // Envelopes still to give before the backlog is read; `None` once caught up.
         let mut backlog: Option<u64> = Some(0);
         loop {
+            // Through the API gate first (every reader makes its consumer again at a
+            // disturbance). A disturbance while waiting changes nothing: nothing was asked.
+            let through = self.api.pass().await;
             disturbances.borrow_and_update();
             let deliver_policy = match next {
                 0 => consumer::DeliverPolicy::All,
@@ -190,6 +194,7 @@ impl Cluster {
                     continue;
                 }
             };
+            drop(through);
             let (mut messages, name) = match made {
                 Ok((pending, name, messages)) => {
                     debug!("reading {subject} from {next} ({pending} pending)");
@@ -292,10 +297,11 @@ impl Cluster {
     /// Deletes the mailbox consumer `name` in the background. Its server would keep it
     /// (and answer its pending pull) until it has been inactive for `CONSUMER_INACTIVE`;
     /// its node may be gone, so a reader does not wait for this, and a failure only
-    /// leaves it to that timeout.
+    /// leaves it to that timeout. The request passes the API gate.
     fn forget_consumer(&self, name: String) {
-        let mailbox = self.mailbox.clone();
+        let (mailbox, api) = (self.mailbox.clone(), self.api.clone());
         tokio::spawn(async move {
+            let _through = api.pass().await;
             let _ = tokio::time::timeout(CONSUMER_PATIENCE, mailbox.delete_consumer(&name)).await;
         });
     }
@@ -329,8 +335,8 @@ impl Cluster {
         }
     }
 
-    /// Removes every acknowledged envelope recorded so far, one purge per recipient.
-    /// Failures are logged: an envelope not removed is delivered again at the next login
+    /// Removes every acknowledged envelope recorded so far, one purge per recipient, each
+    /// through the API gate. Failures are logged: an envelope not removed is delivered again at the next login
     /// (the client drops what it already has). One round at a time: a call waits for a
     /// round under way (so the last one, at shutdown, sends nothing after it).
     pub async fn flush_removals(&self) {
@@ -388,6 +394,7 @@ impl Cluster {
                 filters.push(self.legacy_subject(user));
             }
             for filter in filters {
+                let _through = self.api.pass().await;
                 let purged = self.mailbox.purge().filter(filter).sequence(below).await;
                 if let Err(e) = purged {
                     warn!("cannot remove acknowledged envelopes of {user} below {below}: {e}");
@@ -418,6 +425,7 @@ impl Cluster {
             "STREAM.MSG.DELETE.{}",
             self.mailbox.cached_info().config.name
         );
+        let _through = self.api.pass().await;
         let reply = self
             .js
             .request::<_, _, Reply>(

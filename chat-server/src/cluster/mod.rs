@@ -28,6 +28,7 @@
 //! keys it is written `=`, which usernames never hold ([`token`]).
 
 mod admin;
+mod api_gate;
 mod delivery;
 mod layout;
 mod link;
@@ -52,6 +53,7 @@ use crate::store::{Bind, Enqueued, QueueLimits, StoreError};
 use crate::writer::{Done, Ticket};
 
 pub use admin::{ClusterStats, Migration};
+pub use api_gate::API_IN_FLIGHT;
 use delivery::Removal;
 pub use delivery::{AbortOnDrop, MailboxRead, READER_RETRIES, REMOVE_EVERY};
 pub use layout::DUPLICATE_WINDOW;
@@ -147,6 +149,9 @@ pub struct Cluster {
     /// Counts disturbances (reconnections, stream leader elections): mailbox readers
     /// make their consumers again at each.
     disturbances: watch::Sender<u64>,
+    /// Bounds the JetStream API requests made per session or per recipient (mailbox
+    /// consumers, removals, session reads from a bucket's leader).
+    api: api_gate::ApiGate,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -261,9 +266,10 @@ impl Cluster {
              atomic batches {}",
             if atomic { "on" } else { "off" }
         );
+        let api = api_gate::ApiGate::default();
         Ok(Self {
             outbox: outbox::Outbox::start(client, js.clone(), atomic),
-            sessions: sessions::Sessions::new(sessions, relays, js.clone()),
+            sessions: sessions::Sessions::new(sessions, relays, js.clone(), api.clone()),
             js,
             mailbox,
             inbox_prefix: format!("{}.inbox.", nats.prefix),
@@ -280,6 +286,7 @@ impl Cluster {
             serving: watch::Sender::new(true),
             spec: Box::new((config.clone(), nats.clone())),
             disturbances,
+            api,
         })
     }
 

@@ -130,6 +130,12 @@ impl Nats {
         Self::start(3, None)
     }
 
+    /// Three nodes in one JetStream cluster, `extra` added to each node's `jetstream`
+    /// block (e.g. `request_queue_limit: 64`).
+    pub fn cluster_with(extra: &str) -> Self {
+        Self::start_with(3, None, None, extra)
+    }
+
     /// `n` nodes in one JetStream cluster whose system account admits the NKey user
     /// `system` (a public key, `U…`); clients without credentials use the global account
     /// as in [`Nats::cluster`].

@@ -3,8 +3,10 @@
 //! sweep (see the parent module's doc).
 
 use chat_protocol::{ErrorCode, Username};
+use futures_util::StreamExt;
 use tracing::{debug, warn};
 
+use super::super::api_gate::API_IN_FLIGHT;
 use super::super::token;
 use super::Sessions;
 use super::login::Step;
@@ -91,7 +93,9 @@ impl Sessions {
         true
     }
 
-    /// Writes again the sessions in [`super::Known::rewrite`] that are still live here.
+    /// Writes again the sessions in [`super::Known::rewrite`] that are still live here,
+    /// [`API_IN_FLIGHT`] at a time (each is a read from the bucket's leader and a write:
+    /// one after another, a relay's thousands of users stayed hidden for many seconds).
     pub(super) async fn write_pending(&self, router: &Router) {
         let pending: Vec<(Username, super::Mine)> = {
             let mut known = self.known();
@@ -101,9 +105,11 @@ impl Sessions {
                 .filter_map(|user| Some((user.clone(), *known.mine.get(&user)?)))
                 .collect()
         };
-        for (user, mine) in pending {
-            self.write_again(&user, mine, router).await;
-        }
+        futures_util::stream::iter(pending)
+            .for_each_concurrent(API_IN_FLIGHT, |(user, mine)| async move {
+                self.write_again(&user, mine, router).await
+            })
+            .await;
     }
 
     /// Writes `user`'s session `mine` again after the bucket lost it or another relay

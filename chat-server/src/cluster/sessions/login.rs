@@ -276,9 +276,11 @@ impl Sessions {
 
     /// What the bucket holds under `key`, read from its stream's leader (a direct get may
     /// be answered by a member that lags behind, which would make the first read older
-    /// than it is).
+    /// than it is). Waits for a place in the API gate first (a relay's clients all log in
+    /// again after it restarts).
     pub(super) async fn held(&self, key: &str) -> Result<Held, StoreError> {
         let subject = format!("{}{key}", self.bucket.prefix);
+        let _through = self.api.pass().await;
         match self
             .bucket
             .stream

@@ -133,6 +133,8 @@ pub(super) struct Sessions {
     generation: tokio::sync::watch::Sender<u64>,
     /// Held by the history check: one at a time.
     checking: tokio::sync::Mutex<()>,
+    /// Reads from the bucket's leader pass it ([`super::api_gate`]).
+    api: super::api_gate::ApiGate,
 }
 
 impl Sessions {
@@ -140,6 +142,7 @@ impl Sessions {
         bucket: kv::Store,
         relays: kv::Store,
         js: async_nats::jetstream::Context,
+        api: super::api_gate::ApiGate,
     ) -> Self {
         let created = bucket.stream.cached_info().created.unix_timestamp_nanos();
         Self {
@@ -153,6 +156,7 @@ impl Sessions {
             }),
             generation: tokio::sync::watch::Sender::new(0),
             checking: tokio::sync::Mutex::new(()),
+            api,
         }
     }
 
@@ -341,7 +345,9 @@ impl Sessions {
                 .map(|(user, (owner, revision))| (user.clone(), owner.clone(), *revision))
                 .collect()
         };
-        for (user, owner, revision) in orphans {
+        // [`API_IN_FLIGHT`] at a time: a crashed relay's users would otherwise show online
+        // for as many round trips as it had sessions.
+        let sweep_one = |(user, owner, revision): (Username, String, u64)| async move {
             debug!(%user, "removing a session no connection holds ({owner})");
             // Only if the key still holds what was seen, as its stream's leader says: what
             // was seen may be from before the bucket lost its history, its revision now
@@ -355,7 +361,10 @@ impl Sessions {
                     .delete_expect_revision(key, Some(revision))
                     .await;
             }
-        }
+        };
+        futures_util::stream::iter(orphans)
+            .for_each_concurrent(super::api_gate::API_IN_FLIGHT, sweep_one)
+            .await;
     }
 
     /// Follows the heartbeats into the set of live relays.
