@@ -232,7 +232,8 @@ pub enum Event {
     },
     /// `member`'s copy of our group message `id` was not sent: they were no longer in the
     /// group (a change read after it was queued, e.g. a removal waiting for us while we
-    /// were away), or we were not. Now `delivered_to` of `recipients`.
+    /// were away), or we were not. Now `delivered_to` of `recipients`. A copy already
+    /// handed to the relay is never withdrawn (the relay's answer settles it).
     #[serde(rename = "withdrawn")]
     GroupWithdrawn {
         group: String,

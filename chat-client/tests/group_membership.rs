@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Client, Relay};
+use common::{Client, Relay, create_group};
 use serde_json::Value;
 
 /// The members a `group` event lists.
@@ -224,26 +224,6 @@ fn rows(home: &std::path::Path, table: &str, member: Option<&str>) -> i64 {
         None => db.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)),
     }
     .unwrap()
-}
-
-/// The first of `clients` creates group `name` with the others, and each of them joins:
-/// returns its id.
-fn create_group(name: &str, clients: &mut [&mut Client]) -> String {
-    let (creator, members) = clients.split_first_mut().unwrap();
-    let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
-    creator.send(&format!("/group-create {name} {}", names.join(" ")));
-    let id = creator.expect("created", |e| {
-        e["event"] == "group" && e["change"] == "created"
-    })["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    for m in members.iter_mut() {
-        m.expect("joined", |e| {
-            e["event"] == "group" && e["id"] == id.as_str()
-        });
-    }
-    id
 }
 
 /// A relay and ready clients named `names`, each with its home under `dir`.

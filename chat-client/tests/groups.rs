@@ -7,6 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::rogue::behind_tap;
 use common::{Client, Relay};
 use serde_json::Value;
 
@@ -129,14 +130,6 @@ fn five_members_one_offline_throughout_everyone_gets_everything_once_in_order() 
     assert_eq!(items.len(), 21, "{items:#?}");
     assert_eq!(items[0]["system"], true);
     assert_eq!(items[0]["text"], "alice created the group “The Team”");
-}
-
-/// Starts `name` once against the relay (so its identity exists), then behind a tap.
-fn behind_tap(relay: &Relay, name: &str, home: &std::path::Path) -> (common::rogue::Tap, Client) {
-    assert_eq!(Client::ready(relay.addr, name, home).quit(), 0);
-    let tap = common::rogue::Tap::start(relay.addr, home);
-    let client = Client::ready(tap.addr, name, home);
-    (tap, client)
 }
 
 /// Whether `home`'s store holds `member`'s sending key `key_id` (any group).

@@ -57,10 +57,16 @@ impl Engine {
             return self.hold_group(source, &id, from.as_str(), &payload);
         };
         let state = record.membership.current();
-        if !state.is_member(&self.me) || !state.is_member(from) {
-            // We may be added again, or the sender added, by a change still on its way.
+        if !state.is_member(from) {
+            // The sender may be added by a change still on its way. One removed is never
+            // heard again unless added back: nothing tells what they sent before they knew
+            // of their removal from what they send on purpose after it.
             return self.hold_group(source, &id, from.as_str(), &payload);
         }
+        // Removed ourselves, we still open what a member sent under a sending key we were
+        // given: they wrote it before they knew (a member changes its key at a removal,
+        // and gives us none after), and counts us among its recipients until we receipt
+        // it. Under a key we do not hold it stays held: we may be added again.
         let mut keys = match self.store.member_keys(&id, from.as_str()) {
             Ok(keys) => keys,
             Err(e) => return self.store_error(e),

@@ -36,7 +36,8 @@ impl Engine {
     /// Hands queued copies of group messages to the relay, once
     /// [`Engine::group_sends_ready`]: one `SendMany` per message naming every member whose
     /// copy is due (split where it would pass [`MAX_FANOUT`] names or the relay's frame
-    /// limit). A copy for someone no longer in the group is withdrawn instead.
+    /// limit). A copy for someone no longer in the group is withdrawn instead, unless it
+    /// was handed to the relay already (then the relay's answer settles it).
     pub(super) fn flush_group_sends(&mut self) {
         if !self.group_sends_ready() {
             return;
@@ -48,12 +49,17 @@ impl Engine {
         // Rows come message by message (oldest first): one batch of members per message.
         let mut batch: Option<(GroupId, MessageId, Vec<u8>, Vec<String>)> = None;
         for send in sends {
+            let key = (send.id, send.member.clone());
+            // A copy handed to the relay is past withdrawing: its answer settles it (and
+            // a removed member opens it, as sent before we knew).
+            if self.group_in_flight.contains(&key) {
+                continue;
+            }
             if !self.sends_to(&send.group, &send.member) {
                 self.withdraw_group_send(send.group, send.id, &send.member);
                 continue;
             }
-            let key = (send.id, send.member.clone());
-            if self.group_in_flight.contains(&key) || self.held(&send.member) {
+            if self.held(&send.member) {
                 continue;
             }
             // A new message waits for room in the window; one under way is sent whole.

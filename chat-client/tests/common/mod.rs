@@ -646,3 +646,23 @@ impl Relays {
         }
     }
 }
+
+/// The first of `clients` creates group `name` with the others, and each of them joins:
+/// returns its id.
+pub fn create_group(name: &str, clients: &mut [&mut Client]) -> String {
+    let (creator, members) = clients.split_first_mut().unwrap();
+    let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+    creator.send(&format!("/group-create {name} {}", names.join(" ")));
+    let id = creator.expect("created", |e| {
+        e["event"] == "group" && e["change"] == "created"
+    })["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for m in members.iter_mut() {
+        m.expect("joined", |e| {
+            e["event"] == "group" && e["id"] == id.as_str()
+        });
+    }
+    id
+}

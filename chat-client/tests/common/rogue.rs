@@ -5,8 +5,9 @@
 //!   `chat_protocol`, so it can put anything it can *sign* into members' 1:1 channels —
 //!   and nothing signed by anyone else, which is the point of the tests.
 //! - [`Tap`]: the relay in front of one user's connections (terminating their TLS, as
-//!   the relay they pinned does): it records the group envelopes that user uploads, and
-//!   hands that user extra deliveries stamped with any sender name.
+//!   the relay they pinned does): it records the group envelopes that user uploads,
+//!   hands that user extra deliveries stamped with any sender name, and keeps back what
+//!   the relay sends that user until told (a slow network, or a relay taking its time).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,6 +29,24 @@ type Up =
     Framed<tokio_rustls::client::TlsStream<TcpStream>, WireCodec<ServerMessage, ClientMessage>>;
 /// Group envelopes a user uploaded: (to, payload).
 type Uploads = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Which messages from the relay a [`Tap`] keeps back.
+type Rule = Box<dyn Fn(&ServerMessage) -> bool + Send>;
+
+/// What a [`Tap`] keeps back from its user: messages matching `rule`, in order.
+#[derive(Default)]
+struct KeptBack {
+    rule: Option<Rule>,
+    kept: Vec<ServerMessage>,
+}
+
+/// Starts `name` once against the relay (so its identity exists), then behind a tap.
+pub fn behind_tap(relay: &super::Relay, name: &str, home: &Path) -> (Tap, super::Client) {
+    assert_eq!(super::Client::ready(relay.addr, name, home).quit(), 0);
+    let tap = Tap::start(relay.addr, home);
+    let client = super::Client::ready(tap.addr, name, home);
+    (tap, client)
+}
 type Down =
     Framed<tokio_rustls::server::TlsStream<TcpStream>, WireCodec<ClientMessage, ServerMessage>>;
 
@@ -240,6 +259,7 @@ pub struct Tap {
     pub addr: SocketAddr,
     uploads: Uploads,
     inject: Arc<Mutex<Option<mpsc::UnboundedSender<ServerMessage>>>>,
+    kept_back: Arc<Mutex<KeptBack>>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -252,17 +272,23 @@ impl Tap {
         let (acceptor, listener, addr) = super::impostor::stand_in_listener(&runtime);
         let uploads: Uploads = Arc::default();
         let inject: Arc<Mutex<Option<mpsc::UnboundedSender<ServerMessage>>>> = Arc::default();
-        let (rec, inj) = (uploads.clone(), inject.clone());
+        let kept_back: Arc<Mutex<KeptBack>> = Arc::default();
+        let (rec, inj, keep) = (uploads.clone(), inject.clone(), kept_back.clone());
         runtime.spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
-                let (acceptor, user, rec, inj) =
-                    (acceptor.clone(), user.clone(), rec.clone(), inj.clone());
+                let (acceptor, user, rec, inj, keep) = (
+                    acceptor.clone(),
+                    user.clone(),
+                    rec.clone(),
+                    inj.clone(),
+                    keep.clone(),
+                );
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(socket).await else {
                         return;
                     };
                     let down: Down = Framed::new(tls, WireCodec::new(1 << 24));
-                    relay(down, target, &user, rec, inj).await;
+                    relay(down, target, &user, rec, inj, keep).await;
                 });
             }
         });
@@ -270,7 +296,27 @@ impl Tap {
             addr,
             uploads,
             inject,
+            kept_back,
             _runtime: runtime,
+        }
+    }
+
+    /// From now on, keeps back what the relay sends the user that matches `rule`, in
+    /// order, until [`Tap::release`].
+    pub fn keep_back(&self, rule: impl Fn(&ServerMessage) -> bool + Send + 'static) {
+        self.kept_back.lock().unwrap().rule = Some(Box::new(rule));
+    }
+
+    /// Hands the user what was kept back, in order, and keeps nothing back any more.
+    pub fn release(&self) {
+        let kept = {
+            let mut kept_back = self.kept_back.lock().unwrap();
+            kept_back.rule = None;
+            std::mem::take(&mut kept_back.kept)
+        };
+        let tx = self.injector();
+        for msg in kept {
+            tx.send(msg).unwrap();
         }
     }
 
@@ -279,20 +325,21 @@ impl Tap {
         self.uploads.lock().unwrap().clone()
     }
 
+    /// Where injected messages go to the user's connection.
+    fn injector(&self) -> mpsc::UnboundedSender<ServerMessage> {
+        let tx = self.inject.lock().unwrap().clone();
+        tx.expect("the user is connected")
+    }
+
     /// Delivers `payload` to the user as if `from` had sent it.
     pub fn deliver(&self, envelope_id: u64, from: &str, payload: Vec<u8>) {
-        let tx = self
-            .inject
-            .lock()
-            .unwrap()
-            .clone()
-            .expect("the user is connected");
-        tx.send(ServerMessage::Deliver {
-            envelope_id,
-            from: from.into(),
-            payload,
-        })
-        .unwrap();
+        self.injector()
+            .send(ServerMessage::Deliver {
+                envelope_id,
+                from: from.into(),
+                payload,
+            })
+            .unwrap();
     }
 }
 
@@ -302,6 +349,7 @@ async fn relay(
     user: &Identity,
     uploads: Uploads,
     inject: Arc<Mutex<Option<mpsc::UnboundedSender<ServerMessage>>>>,
+    kept_back: Arc<Mutex<KeptBack>>,
 ) {
     // The client's Hello and login are answered here; upstream we log in ourselves.
     let Some(Ok(ClientMessage::Hello { .. })) = down.next().await else {
@@ -364,7 +412,17 @@ async fn relay(
     let to_client = async move {
         loop {
             let msg = tokio::select! {
-                m = up_rx.next() => match m { Some(Ok(m)) => m, _ => return },
+                m = up_rx.next() => match m {
+                    Some(Ok(m)) => {
+                        let mut kept_back = kept_back.lock().unwrap();
+                        if kept_back.rule.as_ref().is_some_and(|keep| keep(&m)) {
+                            kept_back.kept.push(m);
+                            continue;
+                        }
+                        m
+                    }
+                    _ => return,
+                },
                 m = rx.recv() => match m { Some(m) => m, None => return },
             };
             if down_tx.send(msg).await.is_err() {
