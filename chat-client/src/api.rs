@@ -232,8 +232,9 @@ pub enum Event {
     },
     /// `member`'s copy of our group message `id` was not sent: they were no longer in the
     /// group (a change read after it was queued, e.g. a removal waiting for us while we
-    /// were away), or we were not. Now `delivered_to` of `recipients`. A copy already
-    /// handed to the relay is never withdrawn (the relay's answer settles it).
+    /// were away), or we were not. Now `delivered_to` of `recipients`. A copy handed to
+    /// the relay on the current connection is not withdrawn (the relay's answer settles
+    /// it); one whose answer was lost with the connection can be.
     #[serde(rename = "withdrawn")]
     GroupWithdrawn {
         group: String,

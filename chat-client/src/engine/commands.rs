@@ -201,11 +201,7 @@ impl Engine {
         self.save_pin(user, &accepted);
         // Fresh E2E state for the new key.
         self.peers.remove(user);
-        if let Err(e) = self
-            .store
-            .reset_state(user)
-            .and_then(|()| self.store.forget_sending_state(user))
-        {
+        if let Err(e) = self.store.reset_state(user) {
             self.store_error(e);
         }
         self.checked_keys

@@ -50,8 +50,9 @@ impl Engine {
         let mut batch: Option<(GroupId, MessageId, Vec<u8>, Vec<String>)> = None;
         for send in sends {
             let key = (send.id, send.member.clone());
-            // A copy handed to the relay is past withdrawing: its answer settles it (and
-            // a removed member opens it, as sent before we knew).
+            // A copy handed to the relay on this connection is past withdrawing: its
+            // answer settles it (and a removed member opens it, as sent before we knew).
+            // Which copies were handed over is not remembered across connections.
             if self.group_in_flight.contains(&key) {
                 continue;
             }

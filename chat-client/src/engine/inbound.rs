@@ -320,7 +320,7 @@ impl Engine {
                 self.store
                     .commit_receipt(from, ids, &state, held)
                     .map(|(done, group_done)| {
-                        self.outbound(from).acknowledge(*epoch);
+                        self.peer(from).outbound.acknowledge(*epoch);
                         self.group_delivered(from, group_done);
                         for d in done {
                             let id = id_hex(&d.id);
@@ -348,14 +348,9 @@ impl Engine {
                     .commit_retry_request(from, &epochs, &state, held)
                     .map(|ids| {
                         info!(count = ids.len(), "recipient lost an epoch; sending again");
-                        let outbound = self.outbound(from);
-                        let mut retired = false;
+                        let peer = self.peer(from);
                         for epoch in &epochs {
-                            retired |= outbound.retire(*epoch);
-                        }
-                        // Not to be taken up again after a restart.
-                        if retired && let Err(e) = self.store.forget_sending_state(from) {
-                            warn!("cannot forget the sending epoch towards {from}: {e}");
+                            peer.outbound.retire(*epoch);
                         }
                         // What went under those epochs and still waits for the server's
                         // answer is sent again once answered.

@@ -170,11 +170,11 @@ impl EventSink {
     }
 }
 
-/// E2E state with one contact: the sending epoch and the receiving state (each read from
-/// the store the first time: [`Engine::outbound`], [`Engine::inbound_state`]).
+/// E2E state with one contact: the sending epoch (memory only) and the receiving state
+/// (a cache of what the store holds).
 #[derive(Default)]
 struct Peer {
-    outbound: Option<Outbound>,
+    outbound: Outbound,
     inbound: Option<Inbound>,
 }
 

@@ -354,42 +354,27 @@ impl Engine {
         self.max_frame == 0 || send_frame_len(to, sealed.bytes.len()) <= self.max_frame
     }
 
-    /// Encrypts for `to` with its pinned key, under the sending epoch that goes on across
-    /// restarts: a seal that begins a new counter lease stores the epoch first, and if that
-    /// fails the epoch ends and nothing is sealed (see `chat_protocol::e2e`'s `outbound`).
+    /// Encrypts for `to` with its pinned key.
     pub(super) fn seal(&mut self, to: &str, content: &Content) -> Option<Sealed> {
         let (peer_name, public) = self.usable_key(to)?;
         let rotation = self.config.rotation;
-        self.outbound(to);
         let Self {
             peers,
             identity,
             me,
-            store,
             ..
         } = self;
-        let outbound = peers
-            .get_mut(to)
-            .and_then(|p| p.outbound.as_mut())
-            .expect("loaded just above");
+        let peer = peers.entry(to.to_owned()).or_default();
         let parties = Parties {
             me: identity,
             my_name: me,
             peer_name: &peer_name,
             peer: &public,
         };
-        match outbound.seal(&mut rand::rng(), parties, content, now_ms(), rotation) {
-            Ok(sealed) if sealed.lease_renewed => {
-                let state = outbound.to_bytes().expect("an epoch was just used");
-                match store.save_sending_state(to, &state) {
-                    Ok(()) => Some(sealed),
-                    Err(e) => {
-                        outbound.rotate();
-                        self.store_error(e);
-                        None
-                    }
-                }
-            }
+        match peer
+            .outbound
+            .seal(&mut rand::rng(), parties, content, now_ms(), rotation)
+        {
             Ok(sealed) => Some(sealed),
             Err(e) => {
                 self.sink.emit(Event::error(

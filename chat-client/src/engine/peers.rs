@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chat_protocol::Username;
-use chat_protocol::e2e::{Inbound, Outbound};
+use chat_protocol::e2e::Inbound;
 use chat_protocol::identity::PublicIdentity;
 use chat_protocol::trust::Pin;
 use tokio::time::Instant;
@@ -45,24 +45,6 @@ impl Engine {
 
     pub(super) fn peer(&mut self, name: &str) -> &mut Peer {
         self.peers.entry(name.to_owned()).or_default()
-    }
-
-    /// Our sending epoch towards `name`: the one the store holds the first time (it goes
-    /// on after a restart), a fresh start if none is stored or it cannot be read (a new
-    /// epoch: safe, only an RSA unwrap for them).
-    pub(super) fn outbound(&mut self, name: &str) -> &mut Outbound {
-        if self.peers.get(name).is_none_or(|p| p.outbound.is_none()) {
-            let stored = match self.store.sending_state(name) {
-                Ok(stored) => stored,
-                Err(e) => {
-                    warn!("cannot read the sending epoch towards {name} ({e}); starting a new one");
-                    None
-                }
-            };
-            let restored = stored.and_then(|s| Outbound::from_bytes(&s).ok());
-            self.peer(name).outbound = Some(restored.unwrap_or_default());
-        }
-        self.peer(name).outbound.as_mut().expect("set just above")
     }
 
     /// `name`'s receiving state (from the store the first time).

@@ -1,6 +1,5 @@
-//! End-to-end state: each contact's receiving epochs and our sending epoch, the receipts
-//! and retry requests we owe, and envelopes held while a contact's key change awaits the
-//! user's decision.
+//! End-to-end state: each contact's receiving epochs, the receipts and retry requests we
+//! owe, and envelopes held while a contact's key change awaits the user's decision.
 //!
 //! Every delivery is one transaction: the message, the receipt it owes and the epoch
 //! state it advanced are committed together, or nothing is (a full disk, a crash), so
@@ -8,7 +7,6 @@
 
 use chat_protocol::e2e::{Inbound, MessageId};
 use rusqlite::{OptionalExtension, params};
-use zeroize::Zeroizing;
 
 use super::messages::{Delivered, insert_incoming, mark_delivered_in, requeue_in};
 use super::{RowCipher, Store, StoreError};
@@ -42,10 +40,6 @@ pub struct Held {
 
 fn state_place(peer: &str) -> Vec<u8> {
     super::cipher::place("e2e_state", "inbound", &[peer.as_bytes()])
-}
-
-fn sending_place(peer: &str) -> Vec<u8> {
-    super::cipher::place("e2e_outbound", "state", &[peer.as_bytes()])
 }
 
 pub(super) fn save_state(
@@ -85,40 +79,6 @@ impl Store {
         };
         let plain = super::read_blob(&self.cipher, &state_place(peer), stored)?;
         Inbound::from_bytes(&plain).map_err(|_| super::cipher::Undecryptable.into())
-    }
-
-    /// Our sending epoch towards `peer` as last stored
-    /// (`chat_protocol::e2e::Outbound::to_bytes`), if any.
-    pub fn sending_state(&self, peer: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
-        let stored: Option<Vec<u8>> = self
-            .conn
-            .prepare_cached("SELECT state FROM e2e_outbound WHERE peer = ?1")?
-            .query_row(params![peer], |r| r.get(0))
-            .optional()?;
-        stored
-            .map(|s| super::read_blob(&self.cipher, &sending_place(peer), s))
-            .transpose()
-    }
-
-    /// Stores our sending epoch towards `peer` (sealed when the store encrypts). Must
-    /// succeed before anything sealed under a new counter lease is sent.
-    pub fn save_sending_state(&mut self, peer: &str, state: &[u8]) -> Result<(), StoreError> {
-        let stored = super::write_blob(&self.cipher, &sending_place(peer), state);
-        self.conn
-            .prepare_cached(
-                "INSERT INTO e2e_outbound (peer, state) VALUES (?1, ?2)
-                 ON CONFLICT (peer) DO UPDATE SET state = excluded.state",
-            )?
-            .execute(params![peer, stored])?;
-        Ok(())
-    }
-
-    /// Forgets our sending epoch towards `peer` (it ended: they asked for it again, or
-    /// their key changed).
-    pub fn forget_sending_state(&mut self, peer: &str) -> Result<(), StoreError> {
-        self.conn
-            .execute("DELETE FROM e2e_outbound WHERE peer = ?1", params![peer])?;
-        Ok(())
     }
 
     /// Forgets `peer`'s receiving state (a damaged state, or their key changed).

@@ -188,10 +188,6 @@ impl Store {
                  peer    TEXT PRIMARY KEY NOT NULL,
                  inbound BLOB NOT NULL
              );
-             CREATE TABLE IF NOT EXISTS e2e_outbound (
-                 peer  TEXT PRIMARY KEY NOT NULL,
-                 state BLOB NOT NULL -- the sending epoch, up to its counter lease
-             );
              CREATE TABLE IF NOT EXISTS receipts_due (
                  peer TEXT NOT NULL,
                  id   BLOB NOT NULL,

@@ -42,7 +42,6 @@ const SEALED_COLUMNS: &[SealedColumn] = &[
     SealedColumn::by_row("messages", "body", &["peer", "id", "outgoing"]),
     SealedColumn::by_row("outbox", "body", &["id"]),
     SealedColumn::by_row("e2e_state", "inbound", &["peer"]),
-    SealedColumn::by_row("e2e_outbound", "state", &["peer"]),
     SealedColumn::by_row("groups", "membership", &["id"]),
     SealedColumn::by_row("groups", "sender_key", &["id"]),
     SealedColumn::by_row("group_member_keys", "keys", &["group_id", "member"]),
@@ -182,8 +181,7 @@ mod tests {
                  INSERT INTO group_messages (group_id, sender, id, outgoing, body, sent_at, stored_at, status)
                      VALUES (x'0a', 'bob', x'01', 0, 'PLAIN-group-text', 1, 2, 'delivered');
                  INSERT INTO group_changes_held (group_id, sender, change, received_at)
-                     VALUES (x'0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a', 'bob', x'504c41494e2d68656c642d6368616e6765', 3);
-                 INSERT INTO e2e_outbound (peer, state) VALUES ('bob', CAST('PLAIN-send-epoch' AS BLOB));",
+                     VALUES (x'0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a', 'bob', x'504c41494e2d68656c642d6368616e6765', 3);",
             )
             .unwrap();
         let store = open(dir.path(), true);
@@ -195,7 +193,6 @@ mod tests {
             "PLAIN-member-keys",
             "PLAIN-group-text",
             "PLAIN-held-change",
-            "PLAIN-send-epoch",
         ] {
             assert!(!on_disk(dir.path(), plain.as_bytes()), "{plain} left plain");
         }
@@ -232,14 +229,6 @@ mod tests {
             }
         );
         assert_eq!(store.inbound_state("bob").unwrap().epochs().count(), 0);
-        assert_eq!(
-            store
-                .sending_state("bob")
-                .unwrap()
-                .as_deref()
-                .map(Vec::as_slice),
-            Some(&b"PLAIN-send-epoch"[..])
-        );
         // The held change opens at its place (and, not being a real change, is dropped).
         assert!(store.held_changes(&[0x0a; 16]).unwrap().is_empty());
         drop(store);

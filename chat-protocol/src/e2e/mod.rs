@@ -36,7 +36,7 @@ pub(crate) mod window;
 pub use inbound::{
     ACTIVE_EPOCHS, EpochKey, Inbound, Inspected, RETIRED_OFFERS, StateError, unwrap_offer,
 };
-pub use outbound::{COUNTER_LEASE, Outbound};
+pub use outbound::Outbound;
 
 /// Version of the envelope format and of everything signed or authenticated in it.
 /// Version 2: offers are identified by hash (no clock-based replay floor) and
@@ -206,9 +206,6 @@ pub struct Sealed {
     pub bytes: Vec<u8>,
     pub epoch: u32,
     pub counter: u64,
-    /// This seal began a new counter lease: store [`Outbound::to_bytes`] before `bytes`
-    /// go anywhere (see `outbound`'s doc), or [`Outbound::rotate`] if that fails.
-    pub lease_renewed: bool,
 }
 
 /// Result of opening.

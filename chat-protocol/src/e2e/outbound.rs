@@ -1,50 +1,18 @@
-//! The sending side: one epoch at a time towards a contact, rotated by count, age, a key
-//! change or the recipient's retry request, and kept across restarts.
-//!
-//! **Counter leases.** AES-GCM must never see one nonce twice under one key, and the nonce
-//! is the epoch id and a counter. A persisted epoch stores not its next counter but the
-//! end of a lease of [`COUNTER_LEASE`] counters: [`Sealed::lease_renewed`] says the
-//! caller must store [`Outbound::to_bytes`] before the envelope goes anywhere, and a
-//! restart resumes at the lease's end. So a crash can skip counters (the receiver's
-//! replay window takes gaps) but never reuse one, with one write per lease rather than
-//! per message (the same scheme as leased nonce or sequence blocks in many stores). A
-//! caller that cannot store it must [`Outbound::rotate`]: nothing more may be sealed
-//! under an epoch whose lease is not on disk.
+//! The sending side: one epoch at a time towards a contact, rotated by count, age,
+//! reconnection, a key change or the recipient's retry request.
 
 use rand::CryptoRng;
-use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::{
     Body, Content, E2E_VERSION, Envelope, KeyOffer, MAX_TEXT_BYTES, Parties, RotationPolicy,
-    SealError, Sealed, StateError, message_aad, nonce, offer_transcript, pad,
+    SealError, Sealed, message_aad, nonce, offer_transcript, pad,
 };
 use crate::identity::Fingerprint;
 use crate::primitives;
 
-/// Counters reserved by one stored state of a sending epoch (see the module's doc): a
-/// store write per this many messages to one contact, and at most this many counters of
-/// the epoch's [`RotationPolicy::max_messages`] skipped at each restart.
-pub const COUNTER_LEASE: u64 = 64;
-
-/// Version of [`Outbound::to_bytes`]'s format.
-const OUTBOUND_STATE_VERSION: u8 = 1;
-
-/// The stored form of a sending epoch.
-#[derive(Serialize, Deserialize)]
-struct PersistedSendEpoch {
-    version: u8,
-    epoch: u32,
-    key: [u8; 32],
-    /// The lease's end: the first counter a restart may use.
-    resume_at: u64,
-    created_ms: u64,
-    offer: KeyOffer,
-    recipient_fp: [u8; 32],
-}
-
-/// Sending state towards one contact: its current epoch, kept in memory and, through
-/// [`Outbound::to_bytes`], by the caller (encrypted at rest where the user asked for it).
+/// Sending state towards one contact. Lives in memory only: a restarted client simply
+/// starts a new epoch.
 #[derive(Default)]
 pub struct Outbound {
     current: Option<SendEpoch>,
@@ -58,8 +26,6 @@ struct SendEpoch {
     offer: KeyOffer,
     acknowledged: bool,
     recipient_fp: Fingerprint,
-    /// Counters below this are covered by the stored state (see the module's doc).
-    leased_to: u64,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -73,47 +39,6 @@ impl std::fmt::Debug for Outbound {
 impl Outbound {
     pub fn current_epoch(&self) -> Option<u32> {
         self.current.as_ref().map(|e| e.epoch)
-    }
-
-    /// The stored form of the current epoch (postcard; holds its key: store it encrypted
-    /// where the user asked for encryption at rest), or `None` without one. Its counter is
-    /// the current lease's end, so a state read back never seals under a counter used
-    /// before it was written. The offer is attached again after a restart until the
-    /// recipient acknowledges it anew (it holds the epoch already: no RSA work).
-    pub fn to_bytes(&self) -> Option<Zeroizing<Vec<u8>>> {
-        let e = self.current.as_ref()?;
-        let persisted = PersistedSendEpoch {
-            version: OUTBOUND_STATE_VERSION,
-            epoch: e.epoch,
-            key: *e.key,
-            resume_at: e.leased_to,
-            created_ms: e.created_ms,
-            offer: e.offer.clone(),
-            recipient_fp: e.recipient_fp.0,
-        };
-        let bytes = postcard::to_allocvec(&persisted).expect("in-memory state encodes");
-        Some(Zeroizing::new(bytes))
-    }
-
-    /// Reads [`Outbound::to_bytes`]'s output: the epoch goes on from its lease's end.
-    /// Errors: damaged, or from another version (the caller starts afresh: a new epoch).
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
-        let p: PersistedSendEpoch = crate::frame::decode(bytes).map_err(|_| StateError)?;
-        if p.version != OUTBOUND_STATE_VERSION {
-            return Err(StateError);
-        }
-        Ok(Self {
-            current: Some(SendEpoch {
-                epoch: p.epoch,
-                key: Zeroizing::new(p.key),
-                next_counter: p.resume_at,
-                created_ms: p.created_ms,
-                offer: p.offer,
-                acknowledged: false,
-                recipient_fp: Fingerprint(p.recipient_fp),
-                leased_to: p.resume_at,
-            }),
-        })
     }
 
     /// Ends the current epoch (its key is erased); the next message starts a new one.
@@ -143,9 +68,7 @@ impl Outbound {
     }
 
     /// Encrypts `content` for the peer. `now_ms` is the sender's clock (ms since the Unix
-    /// epoch): it only decides rotation by age and is signed into a new offer. When
-    /// [`Sealed::lease_renewed`], store [`Outbound::to_bytes`] before the envelope goes out
-    /// (or [`Outbound::rotate`] if that fails).
+    /// epoch): it only decides rotation by age and is signed into a new offer.
     pub fn seal(
         &mut self,
         rng: &mut impl CryptoRng,
@@ -172,10 +95,6 @@ impl Outbound {
         let epoch = self.current.as_mut().expect("an epoch was just ensured");
         let counter = epoch.next_counter;
         epoch.next_counter += 1;
-        let lease_renewed = counter >= epoch.leased_to;
-        if lease_renewed {
-            epoch.leased_to = counter.saturating_add(COUNTER_LEASE);
-        }
 
         let plaintext = Zeroizing::new(pad(
             &postcard::to_allocvec(content).map_err(|_| SealError::Crypto)?
@@ -196,7 +115,6 @@ impl Outbound {
             bytes: postcard::to_allocvec(&envelope).map_err(|_| SealError::Crypto)?,
             epoch: epoch.epoch,
             counter,
-            lease_renewed,
         })
     }
 }
@@ -229,6 +147,5 @@ fn new_epoch(
         offer,
         acknowledged: false,
         recipient_fp: parties.peer.fingerprint(),
-        leased_to: 0,
     })
 }

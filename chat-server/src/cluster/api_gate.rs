@@ -12,10 +12,15 @@
 //! and with more sessions than the queue holds (over all relays) every one was dropped,
 //! each reader waited out its patience and asked again, all at once, and so on.
 //!
-//! Every such request passes this gate first: at most [`API_IN_FLIGHT`] are in flight per
-//! relay, so a cluster of R relays adds at most `R × API_IN_FLIGHT` to a node's queue.
-//! Waiting here costs nothing on the server; a request's own patience starts once it is
-//! through. The gate is fair (first come, first through: tokio's semaphore).
+//! Every such request passes a gate first: at most [`API_IN_FLIGHT`] await their answer
+//! per gate. A relay has two: mailbox readers and removals share one, session reads from
+//! the bucket's leader (logins, sweeps, rewrites) have the other, so a login, which has a
+//! deadline, never queues behind every reader remaking its consumer. Waiting here costs
+//! nothing on the server; a request's own patience starts once it is through (a login's
+//! deadline counts from the login, so its wait does count there). A request given up
+//! after its patience frees its place although a stalled node may still hold it queued:
+//! the bound is on what each relay has outstanding, not a hard bound on a node's queue.
+//! The gate is fair (first come, first through: tokio's semaphore).
 
 use std::sync::Arc;
 

@@ -150,7 +150,7 @@ pub struct Cluster {
     /// make their consumers again at each.
     disturbances: watch::Sender<u64>,
     /// Bounds the JetStream API requests made per session or per recipient (mailbox
-    /// consumers, removals, session reads from a bucket's leader).
+    /// consumers, removals); session reads from the bucket's leader have their own.
     api: api_gate::ApiGate,
 }
 
@@ -269,7 +269,14 @@ impl Cluster {
         let api = api_gate::ApiGate::default();
         Ok(Self {
             outbox: outbox::Outbox::start(client, js.clone(), atomic),
-            sessions: sessions::Sessions::new(sessions, relays, js.clone(), api.clone()),
+            // Session reads have a gate of their own: a login (which has a deadline)
+            // never queues behind every reader remaking its consumer at an election.
+            sessions: sessions::Sessions::new(
+                sessions,
+                relays,
+                js.clone(),
+                api_gate::ApiGate::default(),
+            ),
             js,
             mailbox,
             inbox_prefix: format!("{}.inbox.", nats.prefix),

@@ -133,7 +133,8 @@ pub(super) struct Sessions {
     generation: tokio::sync::watch::Sender<u64>,
     /// Held by the history check: one at a time.
     checking: tokio::sync::Mutex<()>,
-    /// Reads from the bucket's leader pass it ([`super::api_gate`]).
+    /// Reads from the bucket's leader pass it ([`super::api_gate`]): logins, sweeps and
+    /// rewrites, apart from the mailbox readers' gate.
     api: super::api_gate::ApiGate,
 }
 
