@@ -214,22 +214,24 @@ async fn consumers(stream: &mut jetstream::stream::Stream) -> Vec<jetstream::con
 }
 
 /// Sessions [`readers_made_again_at_once_never_overflow_jetstreams_api_queue`] keeps open:
-/// over three times what its nodes' API queues hold.
-const MANY: usize = 200;
+/// twice what its nodes' API queues hold, and a group message's most recipients.
+const MANY: usize = 255;
 
 /// JetStream queues API requests (making or deleting a consumer, a purge, a read from a
 /// stream's leader) up to its `request_queue_limit` (10,000 by default), and when one more
 /// arrives it drops every request queued, answering none. At a disturbance (here the
 /// mailbox stream's leader steps down) every session's mailbox reader makes its consumer
-/// again, and a removal round purges one subject per recipient: each was one request per
+/// again, a removal round purges one subject per recipient, and the first send to each
+/// recipient fetches its mailbox's tally (a stream info): each was one request per
 /// session, all at once. With more sessions than the queue holds (across all relays), every
 /// one was dropped, the readers waited out their 5 s patience and asked again, all at once.
-/// The relay keeps at most 32 of these requests in flight. Here the queue holds 64 and 200
-/// sessions make their consumers again at once: no node drops a request, and every session
-/// is given what was sent after the election.
+/// The relay keeps at most 32 of each kind in flight (96 in all, over its three gates).
+/// Here the queue holds 128, a group message goes to 255 sessions at once, and they make
+/// their consumers again at once: no node drops a request, and every session is given
+/// what was sent after the election.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_made_again_at_once_never_overflow_jetstreams_api_queue() {
-    let nats = Nats::cluster_with("request_queue_limit: 64");
+    let nats = Nats::cluster_with("request_queue_limit: 128");
     let backend = nats.backend(3);
     let server = TestServer::start(|c| {
         c.backend = backend;
@@ -248,11 +250,23 @@ async fn readers_made_again_at_once_never_overflow_jetstreams_api_queue() {
     for i in 0..MANY {
         users.push(server.user(&format!("u{i}"), 1 + i % 3).await);
     }
-    // Every reader is live: each user is given one envelope and acknowledges it (a removal
-    // round then purges 200 subjects).
-    for (i, user) in users.iter_mut().enumerate() {
-        let reply = alice.send_to(&format!("u{i}"), b"before").await;
-        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    // Every reader is live: a group message to all 255 (a tally fetch for each recipient,
+    // all at once), which each is given and acknowledges (a removal round then purges 255
+    // subjects).
+    let id = alice.id();
+    let to: Vec<String> = (0..MANY).map(|i| format!("u{i}")).collect();
+    let payload = b"before".to_vec();
+    alice
+        .send(ClientMessage::SendMany { id, to, payload })
+        .await;
+    match alice.recv_reply_within(6 * PATIENCE).await {
+        Some(ServerMessage::Outcomes { id: got, outcomes }) => {
+            assert_eq!(got, id);
+            assert!(outcomes.iter().all(Option::is_none), "{outcomes:?}");
+        }
+        other => panic!("expected the outcomes, got {other:?}"),
+    }
+    for user in &mut users {
         assert_eq!(take(user, PATIENCE).await, b"before");
     }
 

@@ -28,7 +28,7 @@ impl Processes {
 impl Processes {
     /// Starts `chat-server` from `bin` on a free loopback port with `data_dir`, and returns
     /// the address clients use, `ADDR#FINGERPRINT` (so they pin its key from the start).
-    /// Its log is drained so the pipe never fills.
+    /// Its log is drained so the pipe never fills; its `ERROR` lines go to our stderr.
     pub fn start_relay(
         &mut self,
         bin: &std::path::Path,
@@ -78,7 +78,14 @@ impl Processes {
                 fp.trim().trim_end_matches(')')
             ))
         })?;
-        std::thread::spawn(move || for _ in log {});
+        // Its errors (a storage failure behind a refused request) are shown, not lost.
+        std::thread::spawn(move || {
+            for line in log {
+                if line.split_whitespace().nth(1) == Some("ERROR") {
+                    eprintln!("relay: {line}");
+                }
+            }
+        });
         Ok(addr)
     }
 

@@ -2,7 +2,7 @@
 //! recipient.
 //!
 //! nats-server queues JetStream API requests (`$JS.API.>`: making or deleting a consumer,
-//! purging a subject, reading a message from a stream's leader) up to its
+//! purging a subject, reading a message from a stream's leader, a stream's info) up to its
 //! `jetstream.request_queue_limit` (10,000 by default, counted on each node over every
 //! client). When one more arrives it drops **every** request queued and answers none of
 //! them (it logs `JetStream API queue limit reached, dropping N requests`); their clients
@@ -13,9 +13,11 @@
 //! each reader waited out its patience and asked again, all at once, and so on.
 //!
 //! Every such request passes a gate first: at most [`API_IN_FLIGHT`] await their answer
-//! per gate. A relay has two: mailbox readers and removals share one, session reads from
-//! the bucket's leader (logins, sweeps, rewrites) have the other, so a login, which has a
-//! deadline, never queues behind every reader remaking its consumer. Waiting here costs
+//! per gate. A relay has three: mailbox readers and removals share one, session reads
+//! from the bucket's leader (logins, sweeps, rewrites) have another, so a login, which has
+//! a deadline, never queues behind every reader remaking its consumer, and the tally
+//! fetches before a send to a recipient ([`super::tally`], a stream info each) the third,
+//! so a send does not either. Waiting here costs
 //! nothing on the server; a request's own patience starts once it is through (a login's
 //! deadline counts from the login, so its wait does count there). A request given up
 //! after its patience frees its place although a stalled node may still hold it queued:

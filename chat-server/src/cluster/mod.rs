@@ -122,7 +122,7 @@ pub struct Cluster {
     inbox_prefix: String,
     accounts: kv::Store,
     /// Address name → token bucket for new accounts ([`Cluster::take_registration`]).
-    registrations: kv::Store,
+    registrations: quota::Registrations,
     sessions: sessions::Sessions,
     known: Mutex<HashSet<Username>>,
     /// The shares of recipients' mailboxes, as last counted.
@@ -150,7 +150,7 @@ pub struct Cluster {
     /// make their consumers again at each.
     disturbances: watch::Sender<u64>,
     /// Bounds the JetStream API requests made per session or per recipient (mailbox
-    /// consumers, removals); session reads from the bucket's leader have their own.
+    /// consumers, removals); session reads and tally fetches each have their own.
     api: api_gate::ApiGate,
 }
 
@@ -281,7 +281,7 @@ impl Cluster {
             mailbox,
             inbox_prefix: format!("{}.inbox.", nats.prefix),
             accounts,
-            registrations,
+            registrations: quota::Registrations::new(registrations),
             known: Mutex::new(HashSet::new()),
             tallies: Arc::default(),
             limits: config.queue.limits(),

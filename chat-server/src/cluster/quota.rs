@@ -1,6 +1,11 @@
 //! The limit on new accounts per address, held per cluster: one token bucket per address
 //! group in the `<prefix>_registrations` bucket ([`SharedBucket`]), taken with
 //! compare-and-set so that relays racing for the same address take one token each.
+//!
+//! Within one relay, takes for the same address wait their turn ([`Registrations`]'s
+//! stripes): many people behind one address (a campus, a carrier's NAT) registering at
+//! once would otherwise race each other's compare-and-set and lose until they ran out of
+//! attempts. Only relays race each other, and they back off between attempts.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,8 +17,38 @@ use crate::config::RateLimit;
 use crate::limits::SharedBucket;
 use crate::store::StoreError;
 
-/// Compare-and-set attempts before giving up (another relay kept winning the race).
-const ATTEMPTS: usize = 16;
+/// Compare-and-set attempts before giving up (other relays kept winning the race).
+const ATTEMPTS: u32 = 16;
+
+/// Locks an address's takes are serialised by within a relay, chosen by its name.
+const STRIPES: usize = 64;
+
+/// The longest pause between two attempts (each is random, up to 2^attempt ms).
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The `<prefix>_registrations` bucket, and the locks that keep this relay's takes for
+/// one address from racing each other.
+pub(super) struct Registrations {
+    store: kv::Store,
+    stripes: Box<[tokio::sync::Mutex<()>]>,
+}
+
+impl Registrations {
+    pub(super) fn new(store: kv::Store) -> Self {
+        Self {
+            store,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
+
+    /// The lock of the address named `name` (names are hex digests: any bits will do).
+    fn stripe(&self, name: &str) -> &tokio::sync::Mutex<()> {
+        let h = name
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        &self.stripes[h % STRIPES]
+    }
+}
 
 impl Cluster {
     /// Takes one new-account token for the address named `name`
@@ -27,9 +62,17 @@ impl Cluster {
         name: &str,
         limit: RateLimit,
     ) -> Result<Result<(), Duration>, StoreError> {
+        let store = &self.registrations.store;
+        let _turn = self.registrations.stripe(name).lock().await;
         let mut last = String::new();
-        for _ in 0..ATTEMPTS {
-            let entry = self.registrations.entry(name).await.map_err(cluster_err)?;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                // Another relay wrote first: let the racers spread out.
+                let most = Duration::from_millis(1 << attempt.min(7)).min(MAX_BACKOFF);
+                let pause = most.mul_f64(rand::random::<f64>());
+                tokio::time::sleep(pause).await;
+            }
+            let entry = store.entry(name).await.map_err(cluster_err)?;
             let (prev, revision) = match &entry {
                 Some(e) if e.operation == kv::Operation::Put => {
                     (SharedBucket::parse(&e.value), Some(e.revision))
@@ -45,14 +88,12 @@ impl Cluster {
                 Err(wait) => return Ok(Err(wait)),
             };
             let written = match revision {
-                Some(revision) => self
-                    .registrations
+                Some(revision) => store
                     .update(name, next, revision)
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string()),
-                None => self
-                    .registrations
+                None => store
                     .create(name, next)
                     .await
                     .map(|_| ())

@@ -14,7 +14,9 @@
 //! counts the envelope adds to is at half its limit (so an ordinary mailbox costs a request
 //! per [`FAR_FOR`], a nearly full one a request per envelope); a fetch first waits for this
 //! relay's publishes to that recipient in flight to be answered, so it neither misses nor
-//! double-counts them. A limit can therefore be passed only by what *other* relays store
+//! double-counts them, and for a place in the relay's gate for tally fetches
+//! ([`super::api_gate`]: the first sends to many recipients at once, a group's fan-out
+//! among them, must not flood a node's JetStream API queue). A limit can therefore be passed only by what *other* relays store
 //! meanwhile: one round trip's worth once half a limit is used, and below half, since each
 //! relay fills up to half a limit on its own before it fetches again, at worst K/2 times
 //! the limit with K relays sending to one recipient at once (none with K ≤ 2). Envelopes
@@ -151,6 +153,10 @@ impl Tally {
 pub struct Tallies {
     tallies: Mutex<HashMap<String, Tally>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Fetches pass it (a stream info is a JetStream API request; see
+    /// [`super::api_gate`]): the first sends to many recipients at once, a group's
+    /// fan-out among them, must not flood a node's API queue.
+    api: super::api_gate::ApiGate,
 }
 
 /// An admitted publish, counted in flight until it is answered: [`Held::stored`] if
@@ -216,13 +222,23 @@ impl Tallies {
         });
         let mut fetched = fresh;
         if !fresh {
-            self.settle(prefix).await;
+            // A place in the gate, then nothing in flight: publishes that went out while
+            // this waited for its place are waited for again without holding it.
+            let through = loop {
+                self.settle(prefix).await;
+                let through = self.api.pass().await;
+                if self.settled(prefix) {
+                    break through;
+                }
+            };
             let began = Instant::now();
             let before = self
                 .lock()
                 .get(prefix)
                 .map(|tally| (tally.id, tally.stored.clone()));
-            match fetch(mailbox, prefix).await {
+            let fetched_counts = fetch(mailbox, prefix).await;
+            drop(through);
+            match fetched_counts {
                 Ok(counts) => {
                     self.record(prefix, before, counts, began);
                     fetched = true;
@@ -291,6 +307,13 @@ impl Tallies {
             // The tally was made or replaced while fetching: the next admit fetches again.
             _ => {}
         }
+    }
+
+    /// Whether none of this relay's publishes to `prefix` is in flight.
+    fn settled(&self, prefix: &str) -> bool {
+        self.lock()
+            .get(prefix)
+            .is_none_or(|tally| tally.in_flight.total == 0)
     }
 
     /// Waits until none of this relay's publishes to `prefix` is in flight.
