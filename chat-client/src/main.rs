@@ -17,9 +17,10 @@ struct Cli {
     #[arg(long)]
     headless: bool,
     /// Relay address HOST:PORT#FINGERPRINT (the relay's key, as its operator gives it), or
-    /// HOST:PORT to trust the key on first use [default: the last one used, else
-    /// 127.0.0.1:65432]
-    #[arg(long, value_name = "HOST:PORT[#FINGERPRINT]")]
+    /// HOST:PORT to trust the key on first use; a cluster's relays as a comma-separated
+    /// list (the first that answers is used, the next when it fails) [default: the last
+    /// one used, else 127.0.0.1:65432]
+    #[arg(long, value_name = "HOST:PORT[#FINGERPRINT][,HOST:PORT…]")]
     server: Option<String>,
     /// Your username [default: the last one used]; in the window, signs in right away
     #[arg(long, value_name = "NAME")]

@@ -466,3 +466,49 @@ async fn a_relay_given_a_bad_or_silent_nats_says_which_and_what_to_do() {
     );
     assert!(said.contains("no NATS server answered"), "{said}");
 }
+
+/// A session with sends under way when NATS goes is closed with the others once the grace
+/// is over (its client then tries another relay), not only once those sends give up: one
+/// handed to NATS waits for JetStream's answer, and one still being checked (the
+/// recipient's account, its mailbox's tally) waits on NATS before it is published. Such a
+/// session used to hear of the close 30–40 s later (its client stuck on a dead relay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_waiting_on_a_send_is_closed_with_the_rest_when_nats_stays_gone() {
+    let mut nats = Nats::single();
+    let a = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    let b = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    // Carol registered at B: A has never looked her up. Bob is known to A, and his
+    // mailbox's tally fresh.
+    drop(b.user("carol", 2).await);
+    drop(a.user("bob", 1).await);
+    let mut alice = a.user("alice", 0).await;
+    let reply = alice.send_to("bob", b"before").await;
+    assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    nats.nodes[0].kill();
+    let lost = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for to in ["bob", "carol"] {
+        let id = alice.id();
+        let (to, payload) = (to.to_owned(), b"hi".to_vec());
+        alice.send(ClientMessage::Send { id, to, payload }).await;
+        ids.push(id);
+    }
+    // Closed within the grace and a margin; the send may be answered (refused) first.
+    let within = chat_server::cluster::LINK_GRACE + common::PATIENCE;
+    loop {
+        let left = within.saturating_sub(lost.elapsed());
+        match alice.recv_reply_within(left).await {
+            Some(ServerMessage::Error {
+                code: ErrorCode::ShuttingDown,
+                ..
+            }) => break,
+            Some(ServerMessage::Error { id: Some(got), .. }) if ids.contains(&got) => {}
+            other => panic!(
+                "expected the session closed within {within:?} of the loss, got {other:?} after {:?}",
+                lost.elapsed()
+            ),
+        }
+    }
+    eprintln!("closed after {:?}", lost.elapsed());
+    alice.expect_closed().await;
+}

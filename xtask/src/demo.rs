@@ -16,6 +16,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if std::env::var_os("DISPLAY").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none() {
+        anyhow::bail!(
+            "no display: the demo opens two windows and needs a desktop session (neither \
+             DISPLAY nor WAYLAND_DISPLAY is set); without one, start the relay and two \
+             `chat-client --headless` clients as the README's Quick start shows"
+        );
+    }
     let bin = build_binaries(&["chat-server", "chat-client"], args.release)?;
     let demo = project_root().join("target/demo");
     std::fs::create_dir_all(&demo)?;
@@ -42,5 +49,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     while procs.running(&windows) > 0 {
         std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(())
+    match procs.failed(&windows) {
+        0 => Ok(()),
+        n => anyhow::bail!("{n} of the two windows failed (their errors are above)"),
+    }
 }

@@ -104,6 +104,17 @@ impl Processes {
     }
 
     /// How many of the processes with these ids are still running.
+    /// How many of the processes `ids` failed (ended with a non-zero status, or by a
+    /// signal) so far.
+    pub fn failed(&mut self, ids: &[u32]) -> usize {
+        self.0
+            .iter_mut()
+            .filter(|c| ids.contains(&c.id()))
+            .filter_map(|c| c.try_wait().ok().flatten())
+            .filter(|status| !status.success())
+            .count()
+    }
+
     pub fn running(&mut self, ids: &[u32]) -> usize {
         self.0
             .iter_mut()

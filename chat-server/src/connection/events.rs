@@ -2,7 +2,7 @@
 //! what it waits on does not exist, so `select!` can poll it unconditionally.
 
 use chat_protocol::ErrorCode;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{Inbound, Parked, pipeline};
 use crate::cluster::MailboxRead;
@@ -44,6 +44,19 @@ pub(super) async fn next_commit(sends: &mut pipeline::Pipeline) -> Result<Enqueu
     match sends.front_mut() {
         Some(oldest) => oldest.ticket.enqueued().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The code `kicked` closes its session with, once it does (a session the router dropped
+/// without one was replaced).
+pub(super) async fn kicked(mut kicked: watch::Receiver<Option<ErrorCode>>) -> ErrorCode {
+    loop {
+        if let Some(code) = *kicked.borrow_and_update() {
+            return code;
+        }
+        if kicked.changed().await.is_err() {
+            return ErrorCode::SessionReplaced;
+        }
     }
 }
 

@@ -42,7 +42,7 @@ use crate::limits::{PreLoginSlot, TokenBucket};
 use crate::router::Membership;
 use crate::store::{Store, StoreError};
 use crate::writer::{Room, Ticket};
-use events::{next_commit, next_delivery, next_inbound, parked_room, settle_writes};
+use events::{kicked, next_commit, next_delivery, next_inbound, parked_room, settle_writes};
 use login::PendingLogin;
 use reply::{error_reply, kick_message, truncate, unknown_user_reply};
 
@@ -81,6 +81,10 @@ const MAX_SYNCS: usize = 4;
 
 /// Initial read buffer; it grows only while a large frame is arriving.
 const READ_BUFFER: usize = 1024;
+
+/// How long a closing session waits for answers to its sends in flight
+/// ([`Handler::finish_sends_closing`]).
+const FINISH_SENDS_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// Buffers larger than this are released once empty (after a burst or a big frame).
 const IDLE_BUFFER_MAX: usize = 4096;
 
@@ -262,7 +266,7 @@ impl Handler {
         let close = self.serve().await;
         if let Close::Tell(code, message) = close {
             // Answer sends already committed, so their senders need not resend.
-            let _ = Box::pin(self.finish_sends()).await;
+            let _ = Box::pin(self.finish_sends_closing()).await;
             debug!(conn = self.conn_id, %code, "closing: {message}");
             // Boxed, as every write here: its future is larger than `serve`'s and would
             // otherwise be room held for the whole connection.
@@ -272,6 +276,13 @@ impl Handler {
                 message,
             }))
             .await;
+        }
+        if self.shared.cluster.is_some() {
+            // The client hears the close now, not after the waits below (sends left in
+            // flight, the logout), which wait on NATS: it may have just gone.
+            let write_timeout = self.shared.config.write_timeout();
+            let closing = futures_util::SinkExt::close(&mut self.writer);
+            let _ = tokio::time::timeout(write_timeout, Box::pin(closing)).await;
         }
         // Sends nobody can be answered for any more: their envelopes still go on.
         while let Some(mut sent) = self.sends.pop_front() {
@@ -287,6 +298,47 @@ impl Handler {
             debug!(conn = self.conn_id, user = %user, "logged out");
         }
         debug!(conn = self.conn_id, "disconnected");
+    }
+
+    /// Waits for every send in flight and answers each, oldest first (replies keep request
+    /// order: a request answered at once first waits for the sends before it).
+    async fn finish_sends(&mut self) -> Result<(), Close> {
+        while !self.sends.is_empty() {
+            let done = next_commit(&mut self.sends).await;
+            self.send_committed(done).await?;
+        }
+        Ok(())
+    }
+
+    /// At a close: answers the sends in flight, oldest first, as [`Self::finish_sends`],
+    /// but for at most [`FINISH_SENDS_WITHIN`]: with the cluster backend gone (the session
+    /// is closed because NATS stayed unreachable) an answer may never come, and the client
+    /// must hear of the close to try another relay; it sends what was not answered again.
+    async fn finish_sends_closing(&mut self) -> Result<(), Close> {
+        let deadline = tokio::time::Instant::now() + FINISH_SENDS_WITHIN;
+        while !self.sends.is_empty() {
+            let Ok(done) = tokio::time::timeout_at(deadline, next_commit(&mut self.sends)).await
+            else {
+                break;
+            };
+            self.send_committed(done).await?;
+        }
+        Ok(())
+    }
+
+    /// Handles one request; with the cluster backend, a kick (the session replaced, or
+    /// NATS unreachable past its grace) ends it meanwhile: a send's checks before it is
+    /// published wait on NATS, and the session must close with the rest. Dropping such
+    /// a send is safe: it was not answered, so the client sends it again.
+    async fn handle_unless_kicked(&mut self, msg: ClientMessage) -> Result<(), Close> {
+        let kick = self.shared.cluster.as_ref().and(self.membership.as_ref());
+        let Some(kick) = kick.map(|m| m.kicked.clone()) else {
+            return self.handle(msg).await;
+        };
+        tokio::select! {
+            handled = self.handle(msg) => handled,
+            code = kicked(kick) => Err(Close::tell(code, kick_message(code))),
+        }
     }
 
     async fn serve(&mut self) -> Close {
@@ -319,7 +371,7 @@ impl Handler {
             let evicted = self.pre_login.as_ref().map(PreLoginSlot::eviction);
             tokio::select! {
                 _ = self.shutdown.recv() => {
-                    let _ = Box::pin(self.finish_sends()).await;
+                    let _ = Box::pin(self.finish_sends_closing()).await;
                     Box::pin(self.drain_routed()).await;
                     return Close::tell(ErrorCode::ShuttingDown, "the server is shutting down; reconnect in a moment");
                 }
@@ -385,7 +437,7 @@ impl Handler {
                         self.last_heard = Instant::now();
                         self.pinged = false;
                         self.heard_any = true;
-                        if let Err(close) = Box::pin(self.handle(msg)).await {
+                        if let Err(close) = Box::pin(self.handle_unless_kicked(msg)).await {
                             return close;
                         }
                     }

@@ -9,7 +9,7 @@ use tokio::time::timeout;
 
 use super::fan_out::{fan_out_recipients, no_such_user};
 use super::{
-    Close, Handler, InFlight, MAX_SYNCS, State, WRITE_BATCH, error_reply, next_commit, unix_secs,
+    Close, Handler, InFlight, MAX_SYNCS, State, WRITE_BATCH, error_reply, unix_secs,
     unknown_user_reply,
 };
 use crate::metrics::Metrics;
@@ -317,15 +317,6 @@ impl Handler {
             }
             Err(e) => self.internal_reply(id, e),
         }
-    }
-
-    /// Waits for every send in flight and answers each, oldest first.
-    pub(super) async fn finish_sends(&mut self) -> Result<(), Close> {
-        while !self.sends.is_empty() {
-            let done = next_commit(&mut self.sends).await;
-            self.send_committed(done).await?;
-        }
-        Ok(())
     }
 
     /// Writes one routed message, then whatever else is already queued, then flushes.
