@@ -68,6 +68,12 @@ impl TokenBucket {
         }
     }
 
+    /// Gives back one token taken for something that did not happen (up to the burst).
+    pub fn give_back(&mut self, now: Instant) {
+        self.refill(now);
+        self.tokens = (self.tokens + 1.0).min(self.burst);
+    }
+
     /// Seconds until one token is there.
     pub fn wait_for_one(&self) -> Duration {
         Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.0))
@@ -183,6 +189,20 @@ impl SharedBucket {
             Err(Duration::from_secs_f64((1.0 - tokens) / limit.per_second))
         }
     }
+
+    /// Gives one token back to `prev` at `now_ms` (a token taken for an account that was
+    /// not made), up to the burst; `None` (nothing stored) stays full.
+    pub fn give_back(prev: Option<Self>, limit: RateLimit, now_ms: u64) -> Self {
+        let at_ms = now_ms.max(prev.map_or(0, |p| p.at_ms));
+        let tokens = match prev {
+            None => limit.burst,
+            Some(p) => {
+                let elapsed = now_ms.saturating_sub(p.at_ms) as f64 / 1000.0;
+                (p.tokens + elapsed * limit.per_second + 1.0).min(limit.burst)
+            }
+        };
+        Self { tokens, at_ms }
+    }
 }
 
 /// Names a sender's address group ([`AddressKey`]) in the queue without storing the
@@ -236,6 +256,15 @@ impl AddressLimiter {
             Ok(())
         } else {
             Err(bucket.wait_for_one())
+        }
+    }
+
+    /// Gives back the token [`Self::check`] took for `ip`, for something that then did not
+    /// happen (an account not made: a storage failure, or the name taken meanwhile).
+    pub fn refund(&self, ip: IpAddr, now: Instant) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(bucket) = buckets.get_mut(&AddressKey::of(ip)) {
+            bucket.give_back(now);
         }
     }
 }

@@ -134,3 +134,84 @@ async fn a_full_pipeline_is_paced_or_shed_and_nothing_is_lost(#[case] shed: bool
     bob.send(ClientMessage::Ping { nonce: 9 }).await;
     assert_eq!(bob.recv_reply().await, ServerMessage::Pong { nonce: 9 });
 }
+
+/// A client that answers every Ping at once but keeps sending while shed (each send
+/// written before its answer to the Ping after the previous refusal, as an eager client
+/// with other recipients does) is refused each time, since each refusal puts up a newer
+/// Ping, but is not closed: it used to be closed `protocol_violation` ("the server's Ping
+/// after a refused send was never answered") one idle timeout after the first refusal
+/// (found with a 200-member group whose admin's pipeline filled during a NATS election).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shed_client_that_answers_pings_but_keeps_sending_is_not_closed() {
+    let server = TestServer::start(|c| {
+        c.shed_when_full = true;
+        c.queue.live_grace_secs = 60.0;
+        c.rate_limit.per_second = 1e6;
+        c.rate_limit.burst = 1e6;
+        c.ping_interval_secs = 0.5;
+        c.idle_timeout_secs = 1.5;
+    })
+    .await;
+    let mut alice = server.user("alice", 0).await;
+    let mut bob = server.user("bob", 1).await;
+    let sync = bob.id();
+    bob.send(ClientMessage::Sync { id: sync }).await;
+    assert_eq!(bob.recv_reply().await, ServerMessage::Ok { id: sync });
+    // Bob acknowledges alice's first pipeline's worth together, then anything else at
+    // once (nothing more comes: every later send of hers is refused).
+    let reading = tokio::spawn(async move {
+        let mut envelope_ids = Vec::new();
+        while envelope_ids.len() < PIPELINE {
+            envelope_ids.push(bob.delivery().await.0);
+        }
+        bob.send(ClientMessage::Ack { envelope_ids }).await;
+        loop {
+            let (id, ..) = bob.delivery().await;
+            let envelope_ids = vec![id];
+            bob.send(ClientMessage::Ack { envelope_ids }).await;
+        }
+    });
+    let send = |alice: &mut common::Client| {
+        let id = alice.id();
+        let msg = ClientMessage::Send {
+            id,
+            to: "bob".into(),
+            payload: vec![0; 16],
+        };
+        (id, msg)
+    };
+    // A full pipeline and one more: refused, behind the Ping that puts the fence up.
+    for _ in 0..=PIPELINE {
+        let (_, msg) = send(&mut alice);
+        alice.send(msg).await;
+    }
+    // Three idle timeouts of: one more send, then the Pong to the last Ping read.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs_f64(4.5);
+    let mut pong = None;
+    let mut refusals = 0;
+    while std::time::Instant::now() < until {
+        let (_, msg) = send(&mut alice);
+        alice.send(msg).await;
+        if let Some(nonce) = pong.take() {
+            alice.send(ClientMessage::Pong { nonce }).await;
+        }
+        loop {
+            match alice.recv().await {
+                ServerMessage::Error {
+                    code: ErrorCode::ServerBusy,
+                    ..
+                } => refusals += 1,
+                ServerMessage::Ping { nonce } => {
+                    pong = Some(nonce);
+                    break;
+                }
+                ServerMessage::Error { code, message, .. } => {
+                    panic!("closed after {refusals} refusals: {code}: {message}")
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(refusals > 10, "{refusals} refusals");
+    reading.abort();
+}

@@ -1068,3 +1068,71 @@ async fn sync_is_answered_after_the_whole_backlog(#[values(Sqlite, Nats)] backen
     ));
     assert_eq!(bob.delivery().await.2, b"live");
 }
+
+/// A registration that makes no account gives its address's token back: here two keys
+/// prove the same new name at once, one gets the account and the other `username_taken`.
+/// With a burst of 2 the address may still make one more account (before, the loser's
+/// token was spent: a storage failure during a NATS election spent one per attempt and
+/// locked everyone behind the address out for an hour).
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_that_makes_no_account_gives_its_token_back(
+    #[values(Sqlite, Nats)] backend: Backend,
+) {
+    let server = TestServer::on(backend, |c| {
+        c.registrations = chat_server::config::Registrations {
+            per_hour: 1.0,
+            burst: 2.0,
+        };
+    })
+    .await;
+    let user = chat_protocol::Username::parse("dave").unwrap();
+    let mut racers = Vec::new();
+    for k in [0, 1] {
+        let mut c = server.client().await;
+        c.hello().await;
+        let id = c.id();
+        let (username, public_key) = ("dave".to_owned(), der(key(k)));
+        c.send(ClientMessage::Register {
+            id,
+            username,
+            public_key,
+        })
+        .await;
+        let nonce = match c.recv_reply().await {
+            ServerMessage::Challenge { nonce, .. } => nonce,
+            other => panic!("expected a challenge, got {other:?}"),
+        };
+        let signature =
+            chat_protocol::auth::sign_login(key(k), &mut rand::rng(), &user, &nonce, &c.channel())
+                .unwrap();
+        racers.push((c, signature));
+    }
+    for (c, signature) in &mut racers {
+        let (id, signature) = (c.id(), signature.clone());
+        c.send(ClientMessage::Prove { id, signature }).await;
+    }
+    let mut answers = Vec::new();
+    for (c, _) in &mut racers {
+        answers.push(match c.recv_reply().await {
+            ServerMessage::Welcome { registered, .. } => Ok(registered),
+            ServerMessage::Error { code, .. } => Err(code),
+            other => panic!("expected a welcome or an error, got {other:?}"),
+        });
+    }
+    answers.sort_by_key(|a| a.is_err());
+    assert_eq!(answers, [Ok(true), Err(ErrorCode::UsernameTaken)]);
+    // One account made from the address's 2 tokens: one more may be made, not two.
+    let mut erin = server.client().await;
+    erin.hello().await;
+    match erin.register("erin", key(2)).await {
+        ServerMessage::Welcome { registered, .. } => assert!(registered),
+        other => panic!("the address's second token was spent: {other:?}"),
+    }
+    let mut fay = server.client().await;
+    fay.hello().await;
+    match fay.register("fay", key(3)).await {
+        ServerMessage::Error { code, .. } => assert_eq!(code, ErrorCode::RateLimited),
+        other => panic!("expected rate_limited past the burst, got {other:?}"),
+    }
+}

@@ -62,6 +62,36 @@ impl Cluster {
         name: &str,
         limit: RateLimit,
     ) -> Result<Result<(), Duration>, StoreError> {
+        self.update_registrations(name, |prev, now_ms| SharedBucket::take(prev, limit, now_ms))
+            .await
+    }
+
+    /// Gives back the token [`Self::take_registration`] took for the address named `name`
+    /// when no account was made after all (its write failed, or the name was taken
+    /// meanwhile), so that a failure is not charged to the people behind the address.
+    ///
+    /// # Errors
+    /// [`StoreError::Cluster`] if NATS does not answer or other relays keep winning.
+    pub async fn refund_registration(
+        &self,
+        name: &str,
+        limit: RateLimit,
+    ) -> Result<(), StoreError> {
+        self.update_registrations(name, |prev, now_ms| {
+            Ok(SharedBucket::give_back(prev, limit, now_ms))
+        })
+        .await?
+        .map_err(|_| StoreError::Cluster("a refund is never refused".into()))
+    }
+
+    /// Replaces the address's bucket with what `next` makes of it (compare-and-set, with
+    /// this relay's other updates of the address waiting their turn); `Ok(Err(wait))` if
+    /// `next` refused.
+    async fn update_registrations(
+        &self,
+        name: &str,
+        next: impl Fn(Option<SharedBucket>, u64) -> Result<SharedBucket, Duration>,
+    ) -> Result<Result<(), Duration>, StoreError> {
         let store = &self.registrations.store;
         let _turn = self.registrations.stripe(name).lock().await;
         let mut last = String::new();
@@ -83,7 +113,7 @@ impl Cluster {
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
-            let next = match SharedBucket::take(prev, limit, now_ms) {
+            let next = match next(prev, now_ms) {
                 Ok(next) => Bytes::from(next.encode()),
                 Err(wait) => return Ok(Err(wait)),
             };

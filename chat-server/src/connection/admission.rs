@@ -187,8 +187,13 @@ impl Handler {
             )),
             ClientMessage::Ping { nonce } => self.write(ServerMessage::Pong { nonce }).await,
             ClientMessage::Pong { nonce } => {
-                if self.shed_fence.is_some_and(|(fence, _)| fence == nonce) {
-                    self.shed_fence = None;
+                match self.shed_fence {
+                    Some((fence, _)) if fence == nonce => self.shed_fence = None,
+                    // An older Ping answered: the client reads and answers, it just sent
+                    // more before it had read the newest refusal. Not to be closed as
+                    // one that never answers (the fence itself stays up).
+                    Some((fence, _)) => self.shed_fence = Some((fence, Instant::now())),
+                    None => {}
                 }
                 Ok(())
             }

@@ -15,6 +15,10 @@ use tracing::{debug, warn};
 
 use super::{Close, Handler, State, WRITE_BATCH, truncate};
 use crate::cluster::LOGIN_WINDOW;
+
+/// The longest a failed registration waits to give its address's token back to the
+/// cluster before it answers (NATS may be the reason it failed).
+const REFUND_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::metrics::Metrics;
 use crate::store::{Bind, StoreError};
 use crate::writer::cost;
@@ -173,6 +177,10 @@ impl Handler {
                 self.shared.writer.bind(room, user, key).bound().await
             }
         };
+        if pending.creates && !matches!(bound, Ok(Bind::Created)) {
+            // No account was made: the token it took goes back.
+            self.refund_registration().await;
+        }
         let bind = match bound {
             Ok(bind) => bind,
             Err(close) => return self.fail_internal(id, close).await,
@@ -208,17 +216,56 @@ impl Handler {
             .registrations
             .check(ip, std::time::Instant::now());
         let cluster = self.shared.cluster.clone();
-        let r = self.shared.config.registrations;
-        let limit = crate::config::RateLimit {
-            per_second: r.per_hour / 3600.0,
-            burst: r.burst,
-        };
+        let limit = self.registration_limit();
         let name = crate::limits::shared_address_name(&self.shared.address_secret, ip);
+        let shared = self.shared.clone();
         async move {
             match (here, cluster) {
                 (Err(wait), _) => Ok(Err(wait)),
                 (Ok(()), None) => Ok(Ok(())),
-                (Ok(()), Some(cluster)) => cluster.take_registration(&name, limit).await,
+                (Ok(()), Some(cluster)) => {
+                    let taken = cluster.take_registration(&name, limit).await;
+                    if taken.is_err() {
+                        // Not this address's doing: this relay's token goes back.
+                        let now = std::time::Instant::now();
+                        shared.registrations.refund(ip, now);
+                    }
+                    taken
+                }
+            }
+        }
+    }
+
+    /// New accounts per address, as a token bucket per second.
+    fn registration_limit(&self) -> crate::config::RateLimit {
+        let r = self.shared.config.registrations;
+        crate::config::RateLimit {
+            per_second: r.per_hour / 3600.0,
+            burst: r.burst,
+        }
+    }
+
+    /// Gives back the tokens [`Self::may_register`] took (this relay's, and the cluster's
+    /// within [`REFUND_WITHIN`]) when no account was made after all: a storage failure, or
+    /// the name registered by another key meanwhile. Without it a node's election could
+    /// lock everyone behind an address out for an hour.
+    /// (Not an `async fn`, as [`Self::may_register`].)
+    fn refund_registration(&self) -> impl Future<Output = ()> + Send + 'static {
+        let ip = self.peer.ip();
+        let now = std::time::Instant::now();
+        self.shared.registrations.refund(ip, now);
+        let cluster = self.shared.cluster.clone();
+        let limit = self.registration_limit();
+        let name = crate::limits::shared_address_name(&self.shared.address_secret, ip);
+        async move {
+            let Some(cluster) = cluster else {
+                return;
+            };
+            let refund = cluster.refund_registration(&name, limit);
+            match tokio::time::timeout(REFUND_WITHIN, refund).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!("a registration token could not be given back: {e}"),
+                Err(_) => warn!("a registration token could not be given back in time"),
             }
         }
     }

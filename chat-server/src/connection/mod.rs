@@ -165,7 +165,8 @@ pub(crate) struct Handler {
     /// the latest refusal (each refusal gets its own). The client has then read every
     /// refusal (and holds those recipients' messages), so nothing it sent before can be
     /// accepted ahead of its retry: shedding never reorders a sender's messages. With
-    /// the nonce, when the fence first went up.
+    /// the nonce, when the fence went up or the client last answered one of its Pings
+    /// (a client that answers none within the idle timeout is closed).
     shed_fence: Option<(u64, Instant)>,
     /// Highest envelope id written from the stored backlog: where its next read starts.
     backlog_cursor: u64,

@@ -163,6 +163,42 @@ fn a_shared_bucket_refills_on_wall_clock_time_and_survives_its_text_form() {
 }
 
 #[test]
+fn a_token_given_back_is_there_again_up_to_the_burst() {
+    let limit = RateLimit {
+        per_second: 1.0 / 180.0,
+        burst: 2.0,
+    };
+    // Shared: taken twice, one given back: one more may be taken, then none.
+    let t0 = 1_700_000_000_000;
+    let one = SharedBucket::take(None, limit, t0).unwrap();
+    let empty = SharedBucket::take(Some(one), limit, t0).unwrap();
+    let back = SharedBucket::give_back(Some(empty), limit, t0);
+    let again = SharedBucket::take(Some(back), limit, t0).unwrap();
+    assert!(SharedBucket::take(Some(again), limit, t0).is_err());
+    // Never past the burst; nothing stored is full.
+    assert_eq!(SharedBucket::give_back(Some(one), limit, t0).tokens, 2.0);
+    assert_eq!(SharedBucket::give_back(None, limit, t0).tokens, 2.0);
+    // Per relay, per address.
+    let limiter = AddressLimiter::new(limit);
+    let (a, b): (IpAddr, IpAddr) = (
+        "198.51.100.1".parse().unwrap(),
+        "203.0.113.9".parse().unwrap(),
+    );
+    let now = Instant::now();
+    limiter.check(a, now).unwrap();
+    limiter.check(a, now).unwrap();
+    assert!(limiter.check(a, now).is_err());
+    limiter.refund(b, now);
+    assert!(limiter.check(a, now).is_err(), "another address's refund");
+    limiter.refund(a, now);
+    limiter.refund(a, now);
+    limiter.refund(a, now);
+    limiter.check(a, now).unwrap();
+    limiter.check(a, now).unwrap();
+    assert!(limiter.check(a, now).is_err(), "refunds past the burst");
+}
+
+#[test]
 fn shared_address_names_hide_the_address_and_group_like_the_local_limiter() {
     let secret = [7u8; 32];
     let a: IpAddr = "203.0.113.9".parse().unwrap();
