@@ -17,27 +17,34 @@ const PIPELINE: usize = 128;
 /// Sends pipelined in one go: a full pipeline and then some.
 const N: usize = 200;
 
+/// A relay (with `tweak`) on which alice's sends to bob are held for his Ack for the whole
+/// test, unrated, and alice and bob logged in, bob past his (empty) backlog: what comes
+/// for him now is delivered live and held for his Ack, never stored, so alice's pipeline
+/// stays full until he sends it.
+async fn alice_and_live_bob(
+    tweak: impl FnOnce(&mut chat_server::Config),
+) -> (TestServer, common::Client, common::Client) {
+    let server = TestServer::start(|c| {
+        c.queue.live_grace_secs = 60.0;
+        c.rate_limit.per_second = 1e6;
+        c.rate_limit.burst = 1e6;
+        tweak(c);
+    })
+    .await;
+    let alice = server.user("alice", 0).await;
+    let mut bob = server.user("bob", 1).await;
+    let sync = bob.id();
+    bob.send(ClientMessage::Sync { id: sync }).await;
+    assert_eq!(bob.recv_reply().await, ServerMessage::Ok { id: sync });
+    (server, alice, bob)
+}
+
 #[rstest]
 #[case::paced(false)]
 #[case::shed(true)]
 #[tokio::test]
 async fn a_full_pipeline_is_paced_or_shed_and_nothing_is_lost(#[case] shed: bool) {
-    let server = TestServer::start(|c| {
-        c.shed_when_full = shed;
-        // Envelopes delivered live wait for bob's Ack for the whole test, so alice's
-        // pipeline stays full until he sends it.
-        c.queue.live_grace_secs = 60.0;
-        c.rate_limit.per_second = 1e6;
-        c.rate_limit.burst = 1e6;
-    })
-    .await;
-    let mut alice = server.user("alice", 0).await;
-    let mut bob = server.user("bob", 1).await;
-    // Once his Sync is answered, bob is past his (empty) backlog: what comes for him now
-    // is delivered live and held for his Ack, never stored.
-    let sync = bob.id();
-    bob.send(ClientMessage::Sync { id: sync }).await;
-    assert_eq!(bob.recv_reply().await, ServerMessage::Ok { id: sync });
+    let (_server, mut alice, mut bob) = alice_and_live_bob(|c| c.shed_when_full = shed).await;
     let mut ids = Vec::new();
     for i in 0..N as u16 {
         let id = alice.id();
@@ -143,20 +150,12 @@ async fn a_full_pipeline_is_paced_or_shed_and_nothing_is_lost(#[case] shed: bool
 /// (found with a 200-member group whose admin's pipeline filled during a NATS election).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shed_client_that_answers_pings_but_keeps_sending_is_not_closed() {
-    let server = TestServer::start(|c| {
+    let (_server, mut alice, mut bob) = alice_and_live_bob(|c| {
         c.shed_when_full = true;
-        c.queue.live_grace_secs = 60.0;
-        c.rate_limit.per_second = 1e6;
-        c.rate_limit.burst = 1e6;
         c.ping_interval_secs = 0.5;
         c.idle_timeout_secs = 1.5;
     })
     .await;
-    let mut alice = server.user("alice", 0).await;
-    let mut bob = server.user("bob", 1).await;
-    let sync = bob.id();
-    bob.send(ClientMessage::Sync { id: sync }).await;
-    assert_eq!(bob.recv_reply().await, ServerMessage::Ok { id: sync });
     // Bob acknowledges alice's first pipeline's worth together, then anything else at
     // once (nothing more comes: every later send of hers is refused).
     let reading = tokio::spawn(async move {

@@ -304,11 +304,7 @@ impl Handler {
     /// Waits for every send in flight and answers each, oldest first (replies keep request
     /// order: a request answered at once first waits for the sends before it).
     async fn finish_sends(&mut self) -> Result<(), Close> {
-        while !self.sends.is_empty() {
-            let done = next_commit(&mut self.sends).await;
-            self.send_committed(done).await?;
-        }
-        Ok(())
+        self.finish_sends_until(None).await
     }
 
     /// At a close: answers the sends in flight, oldest first, as [`Self::finish_sends`],
@@ -316,11 +312,21 @@ impl Handler {
     /// is closed because NATS stayed unreachable) an answer may never come, and the client
     /// must hear of the close to try another relay; it sends what was not answered again.
     async fn finish_sends_closing(&mut self) -> Result<(), Close> {
-        let deadline = tokio::time::Instant::now() + FINISH_SENDS_WITHIN;
+        self.finish_sends_until(Some(Instant::now() + FINISH_SENDS_WITHIN))
+            .await
+    }
+
+    /// Answers the sends in flight, oldest first, until none is left or (if given) the
+    /// deadline passes waiting for the next answer.
+    async fn finish_sends_until(&mut self, deadline: Option<Instant>) -> Result<(), Close> {
         while !self.sends.is_empty() {
-            let Ok(done) = tokio::time::timeout_at(deadline, next_commit(&mut self.sends)).await
-            else {
-                break;
+            let next = next_commit(&mut self.sends);
+            let done = match deadline {
+                None => next.await,
+                Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
+                    Ok(done) => done,
+                    Err(_) => break,
+                },
             };
             self.send_committed(done).await?;
         }
