@@ -386,6 +386,10 @@ pub enum Event {
         /// When connected: the longest text (bytes) this relay's frames can carry.
         #[serde(skip_serializing_if = "Option::is_none")]
         max_text_bytes: Option<usize>,
+        /// The relay (`host:port`) connected to, being tried, or last tried (of the
+        /// `--server` list); `None` before the first try.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        server: Option<String>,
     },
     History {
         user: String,

@@ -103,9 +103,19 @@ fn killing_a_relay_or_the_stream_leader_mid_stream_loses_nothing() {
     // Relay A (alice's) is SIGKILLed halfway through 200 messages: alice moves to B by
     // herself, and bob gets every message once, in order.
     let texts: Vec<String> = (0..200).map(|i| format!("m{i:03}")).collect();
+    let addr_a = relay_a.addr.to_string();
     let mut relay_a = Some(relay_a);
     stream(&mut alice, &texts, || drop(relay_a.take().unwrap().kill()));
     assert_arrive_once_in_order(&mut bob, &texts);
+    // Her connection events name the relay of the list she is on: A, then B.
+    let on: Vec<String> = alice
+        .seen_of("connection")
+        .into_iter()
+        .filter(|e| e["state"] == "connected")
+        .map(|e| e["server"].as_str().unwrap_or("(none)").to_owned())
+        .collect();
+    assert_eq!(on.first(), Some(&addr_a), "{on:?}");
+    assert_eq!(on.last(), Some(&relay_b.addr.to_string()), "{on:?}");
     // Relay B removes the sessions of the relay whose heartbeat stopped (within its TTL).
     let carol_offline = |e: &serde_json::Value| {
         e["event"] == "presence" && e["user"] == "carol" && e["online"] == false

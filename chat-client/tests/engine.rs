@@ -54,22 +54,56 @@ fn a_full_recipient_queue_keeps_messages_queued_and_retries() {
     );
 }
 
-/// A saturated relay refuses a share of sends with `server_busy`; the client keeps them,
-/// retries, and every message arrives once, in order, once the load is gone.
-#[test]
-fn an_overloaded_relay_sheds_sends_and_they_arrive_later_exactly_once() {
-    // The relay on a runtime of its own with one worker thread, which a task then holds
-    // 30 ms at a time: the relay is saturated as a CPU-bound one is. The peers run apart.
+/// A relay that sheds sends at 5 ms of scheduling delay, on a runtime of its own with one
+/// worker thread (which a [`Hog`] can hold); the peers run apart.
+fn shedding_relay(data: &std::path::Path) -> (tokio::runtime::Runtime, common::inproc::Relay) {
     let relay_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let relay = start_relay_with(&relay_rt, "127.0.0.1:0", &dir.path().join("relay"), |c| {
+    let relay = start_relay_with(&relay_rt, "127.0.0.1:0", data, |c| {
         c.shed_delay_ms = 5.0;
     });
+    (relay_rt, relay)
+}
+
+/// Holds a runtime's only worker 30 ms at a time until stopped: its relay is saturated
+/// as a CPU-bound one is.
+struct Hog {
+    hogging: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Hog {
+    fn start(relay_rt: &tokio::runtime::Runtime) -> Self {
+        let hogging = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let task = relay_rt.spawn({
+            let hogging = hogging.clone();
+            async move {
+                while hogging.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(30));
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        Self { hogging, task }
+    }
+
+    fn stop(self, rt: &tokio::runtime::Runtime) {
+        self.hogging
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        rt.block_on(self.task).unwrap();
+    }
+}
+
+/// A saturated relay refuses a share of sends with `server_busy`; the client keeps them,
+/// retries, and every message arrives once, in order, once the load is gone.
+#[test]
+fn an_overloaded_relay_sheds_sends_and_they_arrive_later_exactly_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (relay_rt, relay) = shedding_relay(&dir.path().join("relay"));
     let mut bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));
     let mut alice = Peer::start(&rt, relay.addr, "alice", &dir.path().join("alice"));
     let text = |n: usize| format!("message {n}");
@@ -83,16 +117,7 @@ fn an_overloaded_relay_sheds_sends_and_they_arrive_later_exactly_once() {
     });
     assert_eq!(next_text(&mut bob), text(0));
 
-    let hogging = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let hog = relay_rt.spawn({
-        let hogging = hogging.clone();
-        async move {
-            while hogging.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(30));
-                tokio::task::yield_now().await;
-            }
-        }
-    });
+    let hog = Hog::start(&relay_rt);
     // Alice writes on, a few at a time (so several are in flight when one is refused),
     // until the relay has refused one of her sends as busy.
     let deadline = std::time::Instant::now() + common::PATIENCE;
@@ -121,8 +146,7 @@ fn an_overloaded_relay_sheds_sends_and_they_arrive_later_exactly_once() {
             }
         }
     }
-    hogging.store(false, std::sync::atomic::Ordering::Relaxed);
-    rt.block_on(hog).unwrap();
+    hog.stop(&rt);
 
     // Everything arrives, in order, once: the marker sent last comes right after.
     alice.send(Command::Send {
@@ -137,6 +161,73 @@ fn an_overloaded_relay_sheds_sends_and_they_arrive_later_exactly_once() {
         !std::iter::from_fn(|| alice.handle.events.try_recv().ok())
             .any(|e| matches!(e, Event::Failed { .. })),
         "nothing was given up"
+    );
+    common::inproc::stop_relay(&relay_rt, relay);
+}
+
+/// A relay that sheds a send refuses every later one until the client answers the `Ping`
+/// written right after the refusal. Our client used to answer one such ping while the
+/// refusals of the sends behind it (and their pings) were still on their way, and send to
+/// other contacts in between: each of those was refused in turn, and so on while anything
+/// was queued (a 200-member group's sender stayed refused for minutes). Now it sends
+/// nothing new until every send in flight is answered and the ping after the last refusal
+/// answered. Messages queued to 8 contacts go through a saturated relay: a probe between
+/// client and relay sees sends refused but none written before the newest fence ping was
+/// answered, and every message is taken once.
+#[test]
+fn after_a_shed_send_nothing_new_goes_out_before_the_relays_fence_is_answered() {
+    const CONTACTS: usize = 8;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (relay_rt, relay) = shedding_relay(&dir.path().join("relay"));
+    let contacts: Vec<String> = (0..CONTACTS).map(|i| format!("contact{i}")).collect();
+    for name in &contacts {
+        drop(common::rogue::Mallory::connect(relay.addr, name));
+    }
+    // Alice's identity is made against the relay; then she goes through the probe.
+    let home = dir.path().join("alice");
+    let alice = Peer::start(&rt, relay.addr, "alice", &home);
+    alice.send(Command::Shutdown {
+        flush_for: Duration::ZERO,
+    });
+    rt.block_on(alice.handle.task).unwrap();
+    let probe = common::fence_probe::FenceProbe::start(relay.addr, &home);
+    let mut alice = Peer::start(&rt, probe.addr, "alice", &home);
+
+    let hog = Hog::start(&relay_rt);
+    // Two messages to each contact at a time until the relay has shed a few.
+    let deadline = std::time::Instant::now() + 3 * common::PATIENCE;
+    let mut queued = 0;
+    while probe.refusals() < 10 && std::time::Instant::now() < deadline {
+        for to in &contacts {
+            for _ in 0..2 {
+                let (to, text) = (to.clone(), format!("message {queued}"));
+                alice.send(Command::Send { to, text });
+                queued += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    hog.stop(&rt);
+    assert!(probe.refusals() > 0, "the relay never shed a send");
+
+    // Every message is taken by the relay, once.
+    let mut sent = std::collections::HashSet::new();
+    while sent.len() < queued {
+        match alice.expect(|e| matches!(e, Event::Sent { .. } | Event::Failed { .. })) {
+            Event::Sent { id, .. } => assert!(sent.insert(id), "sent twice"),
+            other => panic!("a message was given up: {other:?}"),
+        }
+    }
+    eprintln!(
+        "{queued} messages, {} refusals, {} sends written before the fence was answered",
+        probe.refusals(),
+        probe.early_sends()
+    );
+    assert_eq!(
+        probe.early_sends(),
+        0,
+        "sends written into the relay's fence"
     );
     common::inproc::stop_relay(&relay_rt, relay);
 }

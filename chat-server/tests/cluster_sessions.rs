@@ -1,13 +1,15 @@
 //! The cluster backend's sessions bucket going wrong under connected relays (real
 //! nats-server processes on 127.0.0.1, real relays, raw protocol clients over TLS): its
 //! history lost, a live session swept by a relay that took its owner for dead, a login's
-//! write held up past its client's patience, and a session key no connection holds; and
-//! a crowd registering at once from one address, the cluster-wide limit's bucket.
+//! write held up past its client's patience, and a session key no connection holds; a
+//! crowd registering at once from one address, the cluster-wide limit's bucket; and the
+//! accounts bucket's leader dying under registrations and logins.
 
 mod common;
 
 use std::time::Duration;
 
+use async_nats::jetstream;
 use async_nats::jetstream::kv::Operation;
 use chat_protocol::message::CHALLENGE_LEN;
 use chat_protocol::{ClientMessage, ErrorCode, ServerMessage, Username, auth};
@@ -305,5 +307,92 @@ async fn registrations_from_one_address_at_once_each_take_one_token() {
     match back.login("crowd1", common::key(1)).await {
         ServerMessage::Welcome { registered, .. } => assert!(!registered),
         other => panic!("crowd1 could not log in again: {other:?}"),
+    }
+}
+
+/// The node leading the accounts bucket dies: registrations and a login begun right after,
+/// and a logged-in session's key lookup, are answered once the bucket has a new leader
+/// (an election of 4-9 s, within a login's 10 s window), not refused `internal`. Account
+/// reads and writes used to be tried once: every one in the election failed, and a
+/// helper's attack saw `internal` for 1-10 s after each node kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_and_logins_ride_through_the_accounts_buckets_election() {
+    const NEW: usize = 4;
+    let mut nats = Nats::cluster();
+    // Given node 0 only: the node killed below is another, so the relay's own link stays
+    // up (a relay whose link drops refuses new connections until it serves again).
+    let url = nats.nodes[0].url();
+    let server = TestServer::start(|c| {
+        c.backend = nats.backend(3);
+        if let chat_server::config::Backend::Nats(n) = &mut c.backend {
+            n.urls = vec![url];
+        }
+        c.registrations = chat_server::config::Registrations {
+            per_hour: 1.0,
+            burst: 50.0,
+        };
+    })
+    .await;
+    drop(server.user("bob", 1).await);
+    let mut alice = server.user("alice", 0).await;
+    let js = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    let leader = loop {
+        let accounts = chat_server::cluster::nodes::placements(&js)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|p| p.what.ends_with("_accounts"))
+            .expect("an accounts bucket");
+        match accounts.leader {
+            Some(leader) if leader != nats.nodes[0].name => break leader,
+            Some(_) => {
+                let stepdown = format!("$JS.API.STREAM.LEADER.STEPDOWN.{}", accounts.what);
+                js.client().request(stepdown, "".into()).await.unwrap();
+            }
+            None => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let index = nats.nodes.iter().position(|n| n.name == leader).unwrap();
+    tokio::task::block_in_place(|| nats.nodes[index].kill());
+    let killed = std::time::Instant::now();
+
+    let mut joining = tokio::task::JoinSet::new();
+    for i in 0..=NEW {
+        let addr = server.addr;
+        joining.spawn(async move {
+            let mut c = common::Client::connect(addr).await;
+            c.hello().await;
+            let (name, answer) = if i < NEW {
+                let name = format!("new{i}");
+                let answer = c.register(&name, common::key(i % 4)).await;
+                (name, answer)
+            } else {
+                ("bob".to_owned(), c.login("bob", common::key(1)).await)
+            };
+            (name, answer, killed.elapsed())
+        });
+    }
+    let lookup = async {
+        let id = alice.id();
+        let username = "bob".to_owned();
+        alice
+            .send(ClientMessage::GetPublicKey { id, username })
+            .await;
+        alice.recv_reply().await
+    };
+    match lookup.await {
+        ServerMessage::PublicKey { username, .. } => assert_eq!(username, "bob"),
+        other => panic!("alice's key lookup failed in the election: {other:?}"),
+    }
+    while let Some(joined) = joining.join_next().await {
+        let (name, answer, after) = joined.unwrap();
+        eprintln!("{name}: answered {after:?} after the kill");
+        match answer {
+            ServerMessage::Welcome { registered, .. } => {
+                assert_eq!(registered, name != "bob", "{name}")
+            }
+            other => panic!("{name} was refused in the election: {other:?}"),
+        }
     }
 }

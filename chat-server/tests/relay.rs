@@ -1136,3 +1136,62 @@ async fn a_registration_that_makes_no_account_gives_its_token_back(
         other => panic!("expected rate_limited past the burst, got {other:?}"),
     }
 }
+
+/// One connection may begin at most 4 logins: a client that keeps trying on the same
+/// connection (registrations refused past its address's quota, each with a proof and so a
+/// signature check; names that are taken, each a key lookup) is closed `rate_limited` at
+/// the fifth, instead of looping until its login timeout. The next connection is served.
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_keeps_beginning_logins_is_closed_at_the_fifth(
+    #[values(Sqlite, Nats)] backend: Backend,
+) {
+    let server = TestServer::on(backend, |c| {
+        c.registrations = chat_server::config::Registrations {
+            per_hour: 1.0,
+            burst: 1.0,
+        };
+    })
+    .await;
+    // Alice's account takes the address's only token.
+    drop(server.user("alice", 0).await);
+    let mut c = server.client().await;
+    c.hello().await;
+    let mut answers = Vec::new();
+    for i in 0..4 {
+        let answer = if i % 2 == 0 {
+            c.register(&format!("new{i}"), key(1)).await
+        } else {
+            c.register("alice", key(1)).await
+        };
+        answers.push(match answer {
+            ServerMessage::Error { code, .. } => code,
+            other => panic!("attempt {i}: expected an error, got {other:?}"),
+        });
+    }
+    use ErrorCode::{RateLimited, UsernameTaken};
+    assert_eq!(
+        answers,
+        [RateLimited, UsernameTaken, RateLimited, UsernameTaken]
+    );
+    let id = c.id();
+    c.send(ClientMessage::Login {
+        id,
+        username: "alice".into(),
+    })
+    .await;
+    assert_eq!(
+        c.expect_error(RateLimited).await,
+        None,
+        "closed, with no id"
+    );
+    c.expect_closed().await;
+
+    let mut again = server.client().await;
+    again.hello().await;
+    let welcome = again.login("alice", key(0)).await;
+    assert!(
+        matches!(welcome, ServerMessage::Welcome { .. }),
+        "{welcome:?}"
+    );
+}

@@ -96,7 +96,16 @@ impl Engine {
                     self.member_checked(&user, answer);
                 }
             }
-            ServerMessage::Ping { nonce } => self.out.push(ClientMessage::Pong { nonce }),
+            ServerMessage::Ping { nonce } => {
+                self.out.push(ClientMessage::Pong { nonce });
+                // Every send is answered, so this is the ping after the last refusal (the
+                // relay writes one right after each): sends written from now on come
+                // after its `Pong`.
+                if self.shed_fence && self.sends_in_flight() == 0 {
+                    self.shed_fence = false;
+                    self.flush_due = true;
+                }
+            }
             ServerMessage::Pong { .. } => {}
             ServerMessage::Hello { .. }
             | ServerMessage::Challenge { .. }

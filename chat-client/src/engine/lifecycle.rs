@@ -133,6 +133,8 @@ impl Engine {
             retries_in_flight: HashSet::new(),
             flush_due: false,
             window_blocked: false,
+            relay: None,
+            shed_fence: false,
             draining_until: None,
             ready_sent: false,
             acks: Vec::new(),
@@ -166,6 +168,7 @@ impl Engine {
         let mut authorities = None;
         loop {
             let address = relays[current].clone();
+            self.relay = Some(address.host_port.clone());
             self.connection_event(ConnectionState::Connecting, None);
             // The relays of a list share one key: one pinned for any of them is expected
             // of all.

@@ -144,6 +144,7 @@ pub fn spawn(config: ClientConfig, notify: impl Fn() + Send + Sync + 'static) ->
                     reason,
                     queued: 0,
                     max_text_bytes: None,
+                    server: None,
                 });
             }
         }
@@ -274,6 +275,15 @@ struct Engine {
     flush_due: bool,
     /// A flush stopped at [`SEND_WINDOW`]: flush again once an answer makes room.
     window_blocked: bool,
+    /// The relay (`host:port`) connected to or being tried, for `connection` events.
+    relay: Option<String>,
+    /// The relay shed a send (`server_busy`): nothing new is sent until every send in
+    /// flight is answered and the `Ping` after them answered. The relay refuses every
+    /// send that reaches it before the `Pong` to its newest fence ping; a send written
+    /// before that `Pong` (to another contact, whose messages are not held) was refused
+    /// in turn and raised a newer ping, and so on for as long as other contacts had
+    /// messages queued: a 200-member group's sender stayed refused for minutes.
+    shed_fence: bool,
     /// Shutdown was asked for: finish the outbox until this deadline.
     draining_until: Option<Instant>,
     ready_sent: bool,
@@ -350,6 +360,7 @@ impl Engine {
                 + self.store.group_sends_len().unwrap_or(0),
             max_text_bytes: (state == ConnectionState::Connected && self.max_frame > 0)
                 .then(|| self.largest_text()),
+            server: self.relay.clone(),
         });
     }
 

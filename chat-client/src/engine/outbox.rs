@@ -135,11 +135,9 @@ impl Engine {
         self.flush_retries();
     }
 
-    /// Whether [`SEND_WINDOW`] sends await their answer; if so, the flush stops there and
-    /// goes on once one is answered.
-    pub(super) fn send_window_full(&mut self) -> bool {
-        let in_flight = self
-            .pending
+    /// Sends (texts, group copies, receipts, retry requests) awaiting their answer.
+    pub(super) fn sends_in_flight(&self) -> usize {
+        self.pending
             .values()
             .filter(|p| {
                 matches!(
@@ -150,8 +148,13 @@ impl Engine {
                         | Pending::GroupSend { .. }
                 )
             })
-            .count();
-        let full = in_flight >= SEND_WINDOW;
+            .count()
+    }
+
+    /// Whether [`SEND_WINDOW`] sends await their answer, or a shed send's fence is up
+    /// (`shed_fence`); if so, the flush stops there and goes on once there is room.
+    pub(super) fn send_window_full(&mut self) -> bool {
+        let full = self.shed_fence || self.sends_in_flight() >= SEND_WINDOW;
         self.window_blocked |= full;
         full
     }

@@ -109,6 +109,9 @@ impl Engine {
     }
 
     pub(super) fn request_failed(&mut self, id: RequestId, code: ErrorCode, message: String) {
+        if code == ErrorCode::ServerBusy {
+            self.shed_fence = true;
+        }
         let transient = transient(code);
         let retry_after = |engine: &mut Self| engine.retry_after(code);
         match self.pending.remove(&id) {

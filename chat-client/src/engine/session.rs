@@ -49,6 +49,7 @@ impl Engine {
         commands: &mut mpsc::UnboundedReceiver<Command>,
     ) -> SessionEnd {
         self.pending.clear();
+        self.shed_fence = false;
         self.awaiting_key.clear();
         self.checked_keys.clear();
         self.in_flight.clear();
@@ -213,6 +214,10 @@ impl Engine {
                     if self.retry_at.is_some_and(|r| now >= r) {
                         self.retry_at = None;
                         self.flush_due = true;
+                        // A relay that sent no fence ping (older than protocol 8's).
+                        if self.shed_fence && self.sends_in_flight() == 0 {
+                            self.shed_fence = false;
+                        }
                     }
                     if self.offers.next_wake().is_some_and(|t| now >= t) {
                         self.offers_unthrottled();

@@ -24,9 +24,11 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 
-type Up =
+/// A stand-in's connection to the real relay.
+pub type Up =
     Framed<tokio_rustls::client::TlsStream<TcpStream>, WireCodec<ServerMessage, ClientMessage>>;
-type Down =
+/// A stand-in's connection from the client.
+pub type Down =
     Framed<tokio_rustls::server::TlsStream<TcpStream>, WireCodec<ClientMessage, ServerMessage>>;
 
 pub struct TamperProxy {
@@ -94,49 +96,7 @@ async fn relay(
     connection: usize,
     replayed: &AtomicUsize,
 ) -> Option<()> {
-    let config = PinVerifier::new(None).client_config().ok()?;
-    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("relay.test").ok()?;
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, TcpStream::connect(target).await.ok()?)
-        .await
-        .ok()?;
-    let channel = chat_protocol::tls::channel_binding(tls.get_ref().1).ok()?;
-    let mut up: Up = Framed::new(tls, WireCodec::new(1 << 24));
-    // Hello both ways.
-    let hello = down.next().await?.ok()?;
-    up.send(hello).await.ok()?;
-    let hello = up.next().await?.ok()?;
-    down.send(hello).await.ok()?;
-    // The client's Register/Login goes upstream; the relay's challenge is answered with the
-    // user's key and this session's binding; the client proves to us (unchecked).
-    let login = down.next().await?.ok()?;
-    let username = match &login {
-        ClientMessage::Register { username, .. } | ClientMessage::Login { username, .. } => {
-            Username::parse(username).ok()?
-        }
-        _ => return None,
-    };
-    up.send(login).await.ok()?;
-    let (challenge_id, nonce) = loop {
-        match up.next().await?.ok()? {
-            ServerMessage::Challenge { id, nonce } => break (id, nonce),
-            ServerMessage::Ping { nonce } => up.send(ClientMessage::Pong { nonce }).await.ok()?,
-            _ => {}
-        }
-    };
-    let signature = user
-        .sign_login(&mut rand::rng(), &username, &nonce, &channel)
-        .ok()?;
-    up.send(ClientMessage::Prove { id: 9, signature })
-        .await
-        .ok()?;
-    down.send(ServerMessage::Challenge {
-        id: challenge_id,
-        nonce: [7; chat_protocol::message::CHALLENGE_LEN],
-    })
-    .await
-    .ok()?;
-    let _prove = down.next().await?.ok()?;
+    let up = log_in_upstream(&mut down, target, user).await?;
     let (mut up_tx, mut up_rx) = up.split();
     let (mut down_tx, mut down_rx) = down.split();
     let to_client = async move {
@@ -189,4 +149,55 @@ async fn relay(
         _ = to_relay => {}
     }
     Some(())
+}
+
+/// Logs the client on `down` in at the relay at `target` as `user` (whose key the
+/// stand-in holds): Hello both ways, the client's `Register`/`Login` upstream, the relay's
+/// challenge answered with `user`'s key and the upstream session's binding, and the
+/// client's own proof taken unchecked. `None` if either side fails.
+pub async fn log_in_upstream(down: &mut Down, target: SocketAddr, user: &Identity) -> Option<Up> {
+    let config = PinVerifier::new(None).client_config().ok()?;
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("relay.test").ok()?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, TcpStream::connect(target).await.ok()?)
+        .await
+        .ok()?;
+    let channel = chat_protocol::tls::channel_binding(tls.get_ref().1).ok()?;
+    let mut up: Up = Framed::new(tls, WireCodec::new(1 << 24));
+    // Hello both ways.
+    let hello = down.next().await?.ok()?;
+    up.send(hello).await.ok()?;
+    let hello = up.next().await?.ok()?;
+    down.send(hello).await.ok()?;
+    // The client's Register/Login goes upstream; the relay's challenge is answered with the
+    // user's key and this session's binding; the client proves to us (unchecked).
+    let login = down.next().await?.ok()?;
+    let username = match &login {
+        ClientMessage::Register { username, .. } | ClientMessage::Login { username, .. } => {
+            Username::parse(username).ok()?
+        }
+        _ => return None,
+    };
+    up.send(login).await.ok()?;
+    let (challenge_id, nonce) = loop {
+        match up.next().await?.ok()? {
+            ServerMessage::Challenge { id, nonce } => break (id, nonce),
+            ServerMessage::Ping { nonce } => up.send(ClientMessage::Pong { nonce }).await.ok()?,
+            _ => {}
+        }
+    };
+    let signature = user
+        .sign_login(&mut rand::rng(), &username, &nonce, &channel)
+        .ok()?;
+    up.send(ClientMessage::Prove { id: 9, signature })
+        .await
+        .ok()?;
+    down.send(ServerMessage::Challenge {
+        id: challenge_id,
+        nonce: [7; chat_protocol::message::CHALLENGE_LEN],
+    })
+    .await
+    .ok()?;
+    let _prove = down.next().await?.ok()?;
+    Some(up)
 }

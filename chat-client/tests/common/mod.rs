@@ -14,6 +14,7 @@ use serde_json::Value;
 
 #[path = "../../../chat-server/tests/common/disk.rs"]
 pub mod disk;
+pub mod fence_probe;
 pub mod impostor;
 pub mod inproc;
 #[path = "../../../chat-server/tests/common/nats.rs"]

@@ -140,7 +140,8 @@ impl Cluster {
     /// the account existed. Every relay forgets the name when it sees the removal
     /// ([`Cluster::forget_removed`]); a session of the user stays until it ends.
     pub async fn remove_user(&self, user: &Username) -> Result<bool, StoreError> {
-        let existed = self.public_key(user).await?.is_some();
+        let patience = tokio::time::Instant::now() + super::PATIENCE;
+        let existed = self.public_key(user, patience).await?.is_some();
         self.accounts
             .purge(token(user))
             .await
@@ -220,7 +221,8 @@ impl Cluster {
             };
             after = last.as_str().to_owned();
             for (user, key) in accounts {
-                match self.bind(&user, &key).await.map_err(|e| {
+                let patience = tokio::time::Instant::now() + super::PATIENCE;
+                match self.bind(&user, &key, patience).await.map_err(|e| {
                     migration_error(nats, "write the accounts bucket", e.to_string())
                 })? {
                     Bind::Created => done.accounts_created += 1,

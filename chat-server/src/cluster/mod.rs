@@ -27,6 +27,7 @@
 //! Usernames may hold `.`, which NATS reserves as the token separator; in subjects and
 //! keys it is written `=`, which usernames never hold ([`token`]).
 
+mod accounts;
 mod admin;
 mod api_gate;
 mod delivery;
@@ -34,6 +35,7 @@ mod layout;
 mod link;
 pub mod nodes;
 mod outbox;
+mod patience;
 mod quota;
 mod sessions;
 mod tally;
@@ -43,13 +45,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
-use bytes::Bytes;
 use chat_protocol::Username;
 use tokio::sync::watch;
 use tracing::info;
 
 use crate::config::{Config, NatsBackend};
-use crate::store::{Bind, Enqueued, QueueLimits, StoreError};
+use crate::store::{Enqueued, QueueLimits, StoreError};
 use crate::writer::{Done, Ticket};
 
 pub use admin::{ClusterStats, Migration};
@@ -59,6 +60,7 @@ pub use delivery::{AbortOnDrop, MailboxRead, READER_RETRIES, REMOVE_EVERY};
 pub use layout::DUPLICATE_WINDOW;
 pub use link::LINK_GRACE;
 pub use outbox::RETRY_FOR;
+pub use patience::PATIENCE;
 pub use sessions::{LOGIN_WINDOW, Login};
 pub use tally::FAR_FOR;
 
@@ -310,65 +312,6 @@ impl Cluster {
     /// `user`'s subject in the earlier layout (one subject per recipient).
     fn legacy_subject(&self, user: &Username) -> String {
         format!("{}{}", self.inbox_prefix, token(user))
-    }
-
-    /// `user`'s public key, if the name is registered.
-    pub async fn public_key(&self, user: &Username) -> Result<Option<Vec<u8>>, StoreError> {
-        let key = self.accounts.get(token(user)).await.map_err(cluster_err)?;
-        if key.is_some() {
-            self.remember(user);
-        }
-        Ok(key.map(|k| k.to_vec()))
-    }
-
-    fn forget(&self, user: &Username) {
-        self.known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(user);
-    }
-
-    fn remember(&self, user: &Username) {
-        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        if known.len() >= KNOWN_ACCOUNTS_MAX {
-            known.clear();
-        }
-        known.insert(user.clone());
-    }
-
-    /// Whether `user` is registered (from memory after the first lookup).
-    pub async fn exists(&self, user: &Username) -> Result<bool, StoreError> {
-        if self
-            .known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(user)
-        {
-            return Ok(true);
-        }
-        Ok(self.public_key(user).await?.is_some())
-    }
-
-    /// Binds `user` to `public_key` unless the name is already bound, cluster-wide (a
-    /// create-only write: of two relays racing, one wins).
-    pub async fn bind(&self, user: &Username, public_key: &[u8]) -> Result<Bind, StoreError> {
-        let created = self
-            .accounts
-            .create(token(user), Bytes::copy_from_slice(public_key))
-            .await;
-        match created {
-            Ok(_) => {
-                self.remember(user);
-                Ok(Bind::Created)
-            }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                match self.public_key(user).await? {
-                    Some(stored) if stored == public_key => Ok(Bind::Existing),
-                    _ => Ok(Bind::Taken),
-                }
-            }
-            Err(e) => Err(cluster_err(e)),
-        }
     }
 
     /// Publishes an envelope to `to`'s mailbox. Returns once it is queued behind every

@@ -6,13 +6,18 @@
 //! stripes): many people behind one address (a campus, a carrier's NAT) registering at
 //! once would otherwise race each other's compare-and-set and lose until they ran out of
 //! attempts. Only relays race each other, and they back off between attempts.
+//!
+//! Reads and writes that get no answer (a NATS node died and the bucket elects a new
+//! leader) are tried again until the caller's deadline ([`super::patience`]). A write
+//! whose answer was lost may have landed; its retry then finds the bucket moved and takes
+//! again, so such a loss can cost the address one token more.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 
-use super::{Cluster, cluster_err};
+use super::{Cluster, patience};
 use crate::config::RateLimit;
 use crate::limits::SharedBucket;
 use crate::store::StoreError;
@@ -56,14 +61,18 @@ impl Cluster {
     /// one, `Ok(Err(wait))` if not (and how long until there is).
     ///
     /// # Errors
-    /// [`StoreError::Cluster`] if NATS does not answer or other relays keep winning.
+    /// [`StoreError::Cluster`] if NATS does not answer by `deadline` or other relays keep
+    /// winning.
     pub async fn take_registration(
         &self,
         name: &str,
         limit: RateLimit,
+        deadline: tokio::time::Instant,
     ) -> Result<Result<(), Duration>, StoreError> {
-        self.update_registrations(name, |prev, now_ms| SharedBucket::take(prev, limit, now_ms))
-            .await
+        self.update_registrations(name, deadline, |prev, now_ms| {
+            SharedBucket::take(prev, limit, now_ms)
+        })
+        .await
     }
 
     /// Gives back the token [`Self::take_registration`] took for the address named `name`
@@ -71,13 +80,15 @@ impl Cluster {
     /// meanwhile), so that a failure is not charged to the people behind the address.
     ///
     /// # Errors
-    /// [`StoreError::Cluster`] if NATS does not answer or other relays keep winning.
+    /// [`StoreError::Cluster`] if NATS does not answer by `deadline` or other relays keep
+    /// winning.
     pub async fn refund_registration(
         &self,
         name: &str,
         limit: RateLimit,
+        deadline: tokio::time::Instant,
     ) -> Result<(), StoreError> {
-        self.update_registrations(name, |prev, now_ms| {
+        self.update_registrations(name, deadline, |prev, now_ms| {
             Ok(SharedBucket::give_back(prev, limit, now_ms))
         })
         .await
@@ -91,11 +102,11 @@ impl Cluster {
     async fn update_registrations(
         &self,
         name: &str,
+        deadline: tokio::time::Instant,
         next: impl Fn(Option<SharedBucket>, u64) -> Result<SharedBucket, Duration>,
     ) -> Result<Result<(), Duration>, StoreError> {
         let store = &self.registrations.store;
         let _turn = self.registrations.stripe(name).lock().await;
-        let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 // Another relay wrote first: let the racers spread out.
@@ -103,7 +114,11 @@ impl Cluster {
                 let pause = most.mul_f64(rand::random::<f64>());
                 tokio::time::sleep(pause).await;
             }
-            let entry = store.entry(name).await.map_err(cluster_err)?;
+            let read = "the registration quota could not be read";
+            let entry = patience::until(deadline, read, |_| async {
+                store.entry(name).await.map_err(|e| e.to_string())
+            })
+            .await?;
             let (prev, revision) = match &entry {
                 Some(e) if e.operation == kv::Operation::Put => {
                     (SharedBucket::parse(&e.value), Some(e.revision))
@@ -118,26 +133,34 @@ impl Cluster {
                 Ok(next) => Bytes::from(next.encode()),
                 Err(wait) => return Ok(Err(wait)),
             };
-            let written = match revision {
-                Some(revision) => store
-                    .update(name, next, revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                None => store
-                    .create(name, next)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-            };
-            match written {
-                Ok(()) => return Ok(Ok(())),
-                // Another relay wrote first: read again.
-                Err(e) => last = e,
+            // `Ok(false)`: another relay wrote first.
+            let write = "the registration quota could not be written";
+            let written = patience::until(deadline, write, |_| {
+                let next = next.clone();
+                async move {
+                    let raced = match revision {
+                        Some(revision) => match store.update(name, next, revision).await {
+                            Ok(_) => return Ok(true),
+                            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => None,
+                            Err(e) => Some(e.to_string()),
+                        },
+                        None => match store.create(name, next).await {
+                            Ok(_) => return Ok(true),
+                            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => None,
+                            Err(e) => Some(e.to_string()),
+                        },
+                    };
+                    raced.map_or(Ok(false), Err)
+                }
+            })
+            .await?;
+            if written {
+                return Ok(Ok(()));
             }
         }
         Err(StoreError::Cluster(format!(
-            "the registration quota could not be updated ({last}); try again"
+            "the registration quota could not be updated: other relays kept writing it \
+             ({ATTEMPTS} tries); try again"
         )))
     }
 }

@@ -23,6 +23,14 @@ use crate::metrics::Metrics;
 use crate::store::{Bind, StoreError};
 use crate::writer::cost;
 
+/// Well-formed `Register`s and `Login`s one connection may begin (one with a name or key
+/// that does not parse is refused at no cost and not counted). Our client makes one; a
+/// failed one (a name taken, a refused registration, a storage failure) may be tried
+/// again. Past this the connection is closed `rate_limited`: each attempt costs the relay
+/// a key lookup and, with a proof, a signature check, and the login timeout alone would
+/// let one connection loop them for 10 s.
+pub(super) const LOGINS_PER_CONNECTION: u8 = 4;
+
 /// An RSA-3072 public key nobody holds the private half of: `Login` proofs for names that
 /// do not exist are checked against it (and fail), costing what a real check costs.
 const DECOY_KEY: &[u8] = include_bytes!("decoy_key.der");
@@ -94,7 +102,21 @@ impl Handler {
                 .fail(id, ErrorCode::InvalidPublicKey, e.to_string())
                 .await;
         }
-        let stored = match self.public_key(username.clone()).await {
+        // Counted once the request is well-formed: what follows costs a lookup.
+        if self.logins_begun >= LOGINS_PER_CONNECTION {
+            debug!(conn = self.conn_id, peer = %self.peer, "too many logins on one connection");
+            return Err(Close::tell(
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {LOGINS_PER_CONNECTION} logins were begun on this connection; connect again"
+                ),
+            ));
+        }
+        self.logins_begun += 1;
+        let stored = match self
+            .public_key(username.clone(), self.login_deadline())
+            .await
+        {
             Ok(stored) => stored,
             Err(close) => return self.fail_internal(id, close).await,
         };
@@ -171,7 +193,7 @@ impl Handler {
         }
         let (user, key) = (pending.username.clone(), pending.public_key);
         let bound = match self.shared.cluster.clone() {
-            Some(cluster) => cluster.bind(&user, &key).await,
+            Some(cluster) => cluster.bind(&user, &key, self.login_deadline()).await,
             None => {
                 let room = self.shared.writer.reserve(cost::bind(key.len())).await;
                 self.shared.writer.bind(room, user, key).bound().await
@@ -219,12 +241,13 @@ impl Handler {
         let limit = self.registration_limit();
         let name = crate::limits::shared_address_name(&self.shared.address_secret, ip);
         let shared = self.shared.clone();
+        let deadline = self.login_deadline();
         async move {
             match (here, cluster) {
                 (Err(wait), _) => Ok(Err(wait)),
                 (Ok(()), None) => Ok(Ok(())),
                 (Ok(()), Some(cluster)) => {
-                    let taken = cluster.take_registration(&name, limit).await;
+                    let taken = cluster.take_registration(&name, limit, deadline).await;
                     if taken.is_err() {
                         // Not this address's doing: this relay's token goes back.
                         let now = std::time::Instant::now();
@@ -234,6 +257,13 @@ impl Handler {
                 }
             }
         }
+    }
+
+    /// Until when the cluster's account and session requests of this login keep trying
+    /// through a NATS disturbance: given up before our client gives up on this relay (see
+    /// [`LOGIN_WINDOW`]).
+    fn login_deadline(&self) -> tokio::time::Instant {
+        self.accepted + self.shared.config.login_timeout().min(LOGIN_WINDOW)
     }
 
     /// New accounts per address, as a token bucket per second.
@@ -261,11 +291,9 @@ impl Handler {
             let Some(cluster) = cluster else {
                 return;
             };
-            let refund = cluster.refund_registration(&name, limit);
-            match tokio::time::timeout(REFUND_WITHIN, refund).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!("a registration token could not be given back: {e}"),
-                Err(_) => warn!("a registration token could not be given back in time"),
+            let within = tokio::time::Instant::now() + REFUND_WITHIN;
+            if let Err(e) = cluster.refund_registration(&name, limit, within).await {
+                warn!("a registration token could not be given back: {e}");
             }
         }
     }
@@ -297,10 +325,8 @@ impl Handler {
         self.state = State::Ready(username.clone());
         if let Some(cluster) = self.shared.cluster.clone() {
             // The newest login of the user anywhere in the cluster wins.
-            // Given up before our client gives up on this relay (see `LOGIN_WINDOW`).
-            let window = self.shared.config.login_timeout().min(LOGIN_WINDOW);
             match cluster
-                .login(&username, self.conn_id, self.accepted + window)
+                .login(&username, self.conn_id, self.login_deadline())
                 .await
             {
                 Ok(login) if login.replaced => {

@@ -188,6 +188,9 @@ pub(crate) struct Handler {
     slot: Option<OwnedSemaphorePermit>,
     /// A frame has arrived (the first-byte deadline no longer applies).
     heard_any: bool,
+    /// `Register`s and `Login`s begun on this connection (at most
+    /// [`login::LOGINS_PER_CONNECTION`]).
+    logins_begun: u8,
     /// This connection's address group in the queue's accounting.
     source: i64,
     /// With the cluster backend, once logged in: the mailbox read (backlog, then live).
@@ -250,6 +253,7 @@ impl Handler {
             pre_login: Some(pre_login),
             slot: None,
             heard_any: false,
+            logins_begun: 0,
             source,
             cluster_inbox: None,
             mailbox_caught_up: false,
@@ -482,11 +486,15 @@ impl Handler {
         }
     }
 
-    /// `user`'s public key from the backend, if registered. (Not an `async fn`, like
-    /// [`Handler::store`].)
-    fn public_key(&self, user: Username) -> Pin<Box<dyn Future<Output = KeyLookup> + Send>> {
+    /// `user`'s public key from the backend, if registered (the cluster's asked through a
+    /// NATS disturbance until `deadline`). (Not an `async fn`, like [`Handler::store`].)
+    fn public_key(
+        &self,
+        user: Username,
+        deadline: tokio::time::Instant,
+    ) -> Pin<Box<dyn Future<Output = KeyLookup> + Send>> {
         match self.shared.cluster.clone() {
-            Some(cluster) => Box::pin(async move { cluster.public_key(&user).await }),
+            Some(cluster) => Box::pin(async move { cluster.public_key(&user, deadline).await }),
             None => Box::pin(self.store(move |s| s.public_key(&user))),
         }
     }

@@ -73,7 +73,8 @@ impl Handler {
                 let Ok(user) = Username::parse(&username) else {
                     return self.unknown_user(id, &username).await;
                 };
-                match self.public_key(user.clone()).await {
+                let patience = tokio::time::Instant::now() + crate::cluster::PATIENCE;
+                match self.public_key(user.clone(), patience).await {
                     Ok(Some(public_key)) => {
                         self.write(ServerMessage::PublicKey {
                             id,

@@ -213,6 +213,7 @@ impl Model {
                 reason,
                 queued,
                 max_text_bytes,
+                server,
             } => {
                 if max_text_bytes.is_some() {
                     self.max_text = max_text_bytes;
@@ -228,6 +229,7 @@ impl Model {
                     retry_in_ms,
                     reason,
                     queued,
+                    server,
                     since: std::time::Instant::now(),
                 };
             }

@@ -83,6 +83,8 @@ pub struct Link {
     pub retry_in_ms: Option<u64>,
     pub reason: Option<String>,
     pub queued: usize,
+    /// The relay (`host:port`) connected to or being tried.
+    pub server: Option<String>,
     /// When the reconnect countdown started (for "reconnecting in Ns").
     pub since: std::time::Instant,
 }
@@ -140,6 +142,7 @@ impl Default for Model {
                 retry_in_ms: None,
                 reason: None,
                 queued: 0,
+                server: None,
                 since: std::time::Instant::now(),
             },
             status: None,

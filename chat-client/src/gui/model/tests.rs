@@ -193,6 +193,7 @@ fn list_filters_and_puts_online_first() {
         reason: Some("connection lost".into()),
         queued: 0,
         max_text_bytes: None,
+        server: None,
     });
     assert_eq!(m.contacts["zed"].online, None);
     assert_eq!(m.contacts["amy"].online, None);
@@ -202,6 +203,7 @@ fn list_filters_and_puts_online_first() {
         reason: None,
         queued: 0,
         max_text_bytes: Some(4072),
+        server: Some("relay.example:65432".into()),
     });
     assert_eq!(m.max_text, Some(4072));
     m.apply(Event::Presence {

@@ -134,7 +134,10 @@ fn status_bar(app: &mut ChatApp, ui: &mut Ui) {
             };
             let (rect, _) = ui.allocate_exact_size(Vec2::splat(10.0), Sense::hover());
             ui.painter().circle_filled(rect.center(), 4.5, dot);
-            ui.label(text);
+            let status = ui.label(text);
+            if let Some(server) = &link.server {
+                status.on_hover_text(format!("Relay {server}"));
+            }
             if link.state == ConnectionState::Reconnecting
                 && ui
                     .small_button("Retry now")

@@ -16,6 +16,7 @@ use chat_protocol::Username;
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
+use super::super::patience::TRY;
 use super::super::{cluster_err, token};
 use super::{Login, Mine, Sessions};
 use crate::store::StoreError;
@@ -211,7 +212,10 @@ impl Sessions {
                         Step::Replaced => return Ok(None),
                         Step::WriteOver(expected) => {
                             let write = self.write_over(&key, owner, expected, started_ms);
-                            match timeout_at(deadline, write).await {
+                            // Given `TRY` (one sent while the bucket has no leader is
+                            // never answered), not past the deadline.
+                            let this_try = (Instant::now() + TRY).min(deadline);
+                            match timeout_at(this_try, write).await {
                                 Ok(Ok(revision)) => return Ok(Some(revision)),
                                 // Written meanwhile: read again at once.
                                 Ok(Err(WriteError::Moved)) => None,
@@ -277,16 +281,18 @@ impl Sessions {
     /// What the bucket holds under `key`, read from its stream's leader (a direct get may
     /// be answered by a member that lags behind, which would make the first read older
     /// than it is). Waits for a place in the API gate first (a relay's clients all log in
-    /// again after it restarts).
+    /// again after it restarts), then at most [`TRY`] for the answer (a read sent while
+    /// the bucket has no leader is never answered).
     pub(super) async fn held(&self, key: &str) -> Result<Held, StoreError> {
         let subject = format!("{}{key}", self.bucket.prefix);
         let _through = self.api.pass().await;
-        match self
-            .bucket
-            .stream
-            .get_last_raw_message_by_subject(&subject)
-            .await
-        {
+        let read = self.bucket.stream.get_last_raw_message_by_subject(&subject);
+        let Ok(read) = tokio::time::timeout(TRY, read).await else {
+            return Err(StoreError::Cluster(
+                "the bucket's leader did not answer in time".into(),
+            ));
+        };
+        match read {
             Ok(message) => {
                 let header = |name: &str| message.headers.get(name).map(|v| v.as_str());
                 // Deletes and purges carry `KV-Operation`, limit markers a reason.
