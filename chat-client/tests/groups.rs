@@ -597,4 +597,37 @@ fn a_hundred_members_get_one_message_and_the_figures_are_printed() {
             assert!(!got("measured")(&e), "a member got it twice");
         }
     }
+
+    // Six written at once (594 copies, more than the relay keeps awaiting their answer on
+    // one connection before it sheds, 512; the sender keeps fewer than 256 copies plus
+    // one message in flight): none is refused, and every member has all six, in order.
+    const BURST: usize = 6;
+    for n in 0..BURST {
+        send(&peers, &format!("burst {n}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen: Vec<Vec<String>> = vec![Vec::new(); MEMBERS - 1];
+    while seen.iter().any(|s| s.len() < BURST) {
+        assert!(
+            Instant::now() < deadline,
+            "the burst did not arrive: {seen:?}"
+        );
+        while let Ok(e) = peers[0].events.try_recv() {
+            if let Event::Error { code, message } = &e {
+                assert_ne!(code, "server_busy", "a group send was shed: {message}");
+            }
+        }
+        for (p, s) in peers[1..].iter_mut().zip(seen.iter_mut()) {
+            while let Ok(e) = p.events.try_recv() {
+                if let Event::GroupMessage { text, .. } = e
+                    && text.starts_with("burst")
+                {
+                    s.push(text);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let want: Vec<String> = (0..BURST).map(|n| format!("burst {n}")).collect();
+    assert!(seen.iter().all(|s| *s == want), "{seen:?}");
 }

@@ -63,20 +63,20 @@ impl Engine {
             if self.held(&send.member) {
                 continue;
             }
-            // A new message waits for room in the window; one under way is sent whole.
-            if batch.as_ref().is_none_or(|(_, id, _, _)| *id != send.id) && self.send_window_full()
-            {
-                break;
+            // A new message waits for room in the window, counted with the message before
+            // it (sent first); one under way is sent whole.
+            if batch.as_ref().is_none_or(|(_, id, _, _)| *id != send.id) {
+                if let Some((group, id, payload, members)) = batch.take() {
+                    self.send_group_copies(group, id, payload, members);
+                }
+                if self.send_window_full() {
+                    break;
+                }
             }
             self.group_in_flight.insert(key);
             match &mut batch {
                 Some((_, id, _, members)) if *id == send.id => members.push(send.member),
-                _ => {
-                    if let Some((group, id, payload, members)) = batch.take() {
-                        self.send_group_copies(group, id, payload, members);
-                    }
-                    batch = Some((send.group, send.id, send.payload, vec![send.member]));
-                }
+                _ => batch = Some((send.group, send.id, send.payload, vec![send.member])),
             }
         }
         if let Some((group, id, payload, members)) = batch {

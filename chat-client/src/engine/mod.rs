@@ -52,6 +52,13 @@ const READ_BATCH: usize = 64;
 /// once: half the relay's pipeline, so the rest of it is left for other requests and no
 /// send is refused for a full pipeline (`shed_when_full`).
 const SEND_WINDOW: usize = chat_protocol::message::MAX_PIPELINED / 2;
+/// Copies awaiting the relay's answer at once (a `SendMany` has one per member, a `Send`
+/// one), counted before a send is added: with one more `SendMany` of at most
+/// [`chat_protocol::message::MAX_FANOUT`] copies the total stays under the relay's 512
+/// (4 × its pipeline), past which it sheds. Without it, three `SendMany`s to a
+/// 200-member group passed 512 and every one written before the refusal was read was
+/// refused in turn, each paced as a full fan-out: 12-33 s with nothing accepted.
+const COPY_WINDOW: usize = 2 * chat_protocol::message::MAX_PIPELINED;
 /// Deliveries kept in memory to retry after a local store failure (e.g. a full disk).
 const MAX_STALLED: usize = 1000;
 /// Forged envelopes from one sender are reported at most this often (with a count).

@@ -8,7 +8,7 @@ use chat_protocol::e2e::{self, Body, Content, MessageId, Parties, Sealed};
 use chat_protocol::message::send_frame_len;
 use tracing::warn;
 
-use super::{Engine, META_QUEUE_MAX_AGE, Pending, SEND_WINDOW, now_ms, random_id};
+use super::{COPY_WINDOW, Engine, META_QUEUE_MAX_AGE, Pending, SEND_WINDOW, now_ms, random_id};
 use crate::api::{ConnectionState, Event, id_hex};
 use crate::store::OutboxItem;
 
@@ -135,26 +135,30 @@ impl Engine {
         self.flush_retries();
     }
 
-    /// Sends (texts, group copies, receipts, retry requests) awaiting their answer.
+    /// Sends (texts, group sends, receipts, retry requests) awaiting their answer.
     pub(super) fn sends_in_flight(&self) -> usize {
-        self.pending
-            .values()
-            .filter(|p| {
-                matches!(
-                    p,
-                    Pending::Send { .. }
-                        | Pending::Receipt { .. }
-                        | Pending::Retry { .. }
-                        | Pending::GroupSend { .. }
-                )
-            })
-            .count()
+        self.copies_in_flight().0
     }
 
-    /// Whether [`SEND_WINDOW`] sends await their answer, or a shed send's fence is up
-    /// (`shed_fence`); if so, the flush stops there and goes on once there is room.
+    /// Sends awaiting their answer, and their copies (a group send has one per member).
+    fn copies_in_flight(&self) -> (usize, usize) {
+        self.pending
+            .values()
+            .fold((0, 0), |(sends, copies), p| match p {
+                Pending::Send { .. } | Pending::Receipt { .. } | Pending::Retry { .. } => {
+                    (sends + 1, copies + 1)
+                }
+                Pending::GroupSend { members, .. } => (sends + 1, copies + members.len()),
+                _ => (sends, copies),
+            })
+    }
+
+    /// Whether [`SEND_WINDOW`] sends or [`COPY_WINDOW`] copies await their answer, or a
+    /// shed send's fence is up (`shed_fence`); if so, the flush stops there and goes on
+    /// once there is room.
     pub(super) fn send_window_full(&mut self) -> bool {
-        let full = self.shed_fence || self.sends_in_flight() >= SEND_WINDOW;
+        let (sends, copies) = self.copies_in_flight();
+        let full = self.shed_fence || sends >= SEND_WINDOW || copies >= COPY_WINDOW;
         self.window_blocked |= full;
         full
     }

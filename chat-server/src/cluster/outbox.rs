@@ -124,12 +124,18 @@ enum Outcome {
     Unknown(String),
 }
 
-fn outcome(result: Result<jetstream::publish::PublishAck, String>) -> Outcome {
+/// What became of a publish of `len` envelopes (one, or an atomic batch).
+fn outcome(result: Result<jetstream::publish::PublishAck, String>, len: usize) -> Outcome {
     match result {
         Ok(ack) => Outcome::Stored(ack.sequence),
         Err(e) => match refusal(&e) {
             Some(limit) => Outcome::Refused(limit),
-            None if e.contains("duplicate message id") => Outcome::Duplicate,
+            // A lone envelope's earlier attempt is still being stored ("duplicate message
+            // id is in process"): unknown until that ends (a stored one is answered as a
+            // duplicate with its sequence, not an error). Taken as a refused batch, it
+            // was published again at once, for ever, one stack frame deeper each time,
+            // until the relay overflowed its stack (seen when a cluster lost quorum).
+            None if e.contains("duplicate message id") && len > 1 => Outcome::Duplicate,
             None => Outcome::Unknown(e),
         },
     }
@@ -150,7 +156,7 @@ async fn send(
         } else {
             commit_batch(client, js, &batch).await
         };
-        match outcome(result) {
+        match outcome(result, batch.len()) {
             Outcome::Stored(last) => {
                 // A batch is stored as one contiguous run of sequences ending at `last`.
                 let first = last + 1 - batch.len() as u64;
@@ -167,7 +173,8 @@ async fn send(
                 return Ok(());
             }
             Outcome::Refused(_) | Outcome::Duplicate => {
-                // Nothing of the batch is stored: each envelope again on its own, in order.
+                // Nothing of the batch is stored: each envelope again on its own, in order
+                // (a lone envelope is never refused as a batch: no deeper than this).
                 // A plain publish of an envelope an earlier attempt did store is answered
                 // as a duplicate with its sequence, and stored once.
                 debug!(
@@ -252,4 +259,18 @@ async fn commit_batch(
         .await
         .map_err(|e| e.to_string())?;
     ack.await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Outcome, outcome};
+
+    #[test]
+    fn a_lone_envelope_still_being_stored_is_retried_and_a_batch_is_split() {
+        let in_process = || Err("duplicate message id is in process".to_owned());
+        assert!(matches!(outcome(in_process(), 1), Outcome::Unknown(_)));
+        assert!(matches!(outcome(in_process(), 3), Outcome::Duplicate));
+        let silent = Err("timed out: didn't receive ack in time".to_owned());
+        assert!(matches!(outcome(silent, 1), Outcome::Unknown(_)));
+    }
 }
