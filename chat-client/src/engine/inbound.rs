@@ -98,13 +98,10 @@ impl Engine {
             }
             ServerMessage::Ping { nonce } => {
                 self.out.push(ClientMessage::Pong { nonce });
-                // Every send is answered, so this is the ping after the last refusal (the
+                // With every send answered this is the ping after the last refusal (the
                 // relay writes one right after each): sends written from now on come
                 // after its `Pong`.
-                if self.shed_fence && self.sends_in_flight() == 0 {
-                    self.shed_fence = false;
-                    self.flush_due = true;
-                }
+                self.lift_shed_fence_if_drained();
             }
             ServerMessage::Pong { .. } => {}
             ServerMessage::Hello { .. }

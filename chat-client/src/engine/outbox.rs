@@ -140,6 +140,15 @@ impl Engine {
         self.copies_in_flight().0
     }
 
+    /// Lifts a shed send's fence (`shed_fence`) once every send in flight is answered,
+    /// and flushes what waited behind it.
+    pub(super) fn lift_shed_fence_if_drained(&mut self) {
+        if self.shed_fence && self.sends_in_flight() == 0 {
+            self.shed_fence = false;
+            self.flush_due = true;
+        }
+    }
+
     /// Sends awaiting their answer, and their copies (a group send has one per member).
     fn copies_in_flight(&self) -> (usize, usize) {
         self.pending

@@ -215,9 +215,7 @@ impl Engine {
                         self.retry_at = None;
                         self.flush_due = true;
                         // A relay that sent no fence ping (older than protocol 8's).
-                        if self.shed_fence && self.sends_in_flight() == 0 {
-                            self.shed_fence = false;
-                        }
+                        self.lift_shed_fence_if_drained();
                     }
                     if self.offers.next_wake().is_some_and(|t| now >= t) {
                         self.offers_unthrottled();
