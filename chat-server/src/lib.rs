@@ -21,6 +21,7 @@
 pub mod cluster;
 pub mod config;
 mod connection;
+pub mod fence;
 pub mod health;
 pub mod limits;
 pub mod metrics;

@@ -505,6 +505,97 @@ async fn a_full_queue_refuses_with_a_typed_error(#[values(Sqlite, Nats)] backend
 
 #[rstest]
 #[tokio::test]
+async fn a_refused_send_is_not_overtaken_by_a_later_one_to_the_same_recipient(
+    #[values(Sqlite, Nats)] backend: Backend,
+) {
+    // Alice's "first" is refused: carol's mailbox is full. Carol then reads, and room is
+    // back before alice (pipelining, she has not read the refusal) sends "second".
+    // Stored, "second" would reach carol before "first" sent again.
+    let server = TestServer::on(backend, |c| {
+        c.queue.max_envelopes_per_user = 3;
+        c.queue.max_sender_share = 1.0;
+    })
+    .await;
+    drop(server.user("carol", 2).await);
+    drop(server.user("bob", 1).await);
+    let mut alice = server.user("alice", 0).await;
+    for _ in 0..3 {
+        let reply = alice.send_to("carol", b"old").await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    }
+    let send = |id, to: &str, payload: &[u8]| ClientMessage::Send {
+        id,
+        to: to.into(),
+        payload: payload.to_vec(),
+    };
+    let first = alice.id();
+    alice.send(send(first, "carol", b"first")).await;
+    match alice.recv().await {
+        ServerMessage::Error {
+            code: ErrorCode::RecipientQueueFull,
+            id,
+            ..
+        } => assert_eq!(id, Some(first)),
+        other => panic!("expected recipient_queue_full, got {other:?}"),
+    }
+    assert!(matches!(alice.recv().await, ServerMessage::Ping { .. }));
+    // Carol reads and acknowledges her three; dave's send shows the room is back.
+    let mut carol = server.user("carol", 2).await;
+    let envelope_ids = deliveries(&mut carol, 3)
+        .await
+        .iter()
+        .map(|d| d.0)
+        .collect();
+    carol.send(ClientMessage::Ack { envelope_ids }).await;
+    let mut dave = server.user("dave", 3).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !matches!(
+        dave.send_to("carol", b"dave").await,
+        ServerMessage::Ok { .. }
+    ) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "carol's room never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Alice has not answered the Ping: her next send to carol is held, not stored.
+    let second = alice.id();
+    alice.send(send(second, "carol", b"second")).await;
+    match alice.recv().await {
+        ServerMessage::Error {
+            code: ErrorCode::ServerBusy,
+            id,
+            message,
+        } => {
+            assert_eq!(id, Some(second));
+            assert!(message.contains("earlier message to carol"), "{message}");
+        }
+        other => panic!("the later send to carol was not held: {other:?}"),
+    }
+    let ServerMessage::Ping { nonce } = alice.recv().await else {
+        panic!("no Ping behind the refusal");
+    };
+    // Nobody else is held by carol's refusal.
+    let to_bob = alice.id();
+    alice.send(send(to_bob, "bob", b"for bob")).await;
+    assert!(matches!(alice.recv().await, ServerMessage::Ok { id } if id == to_bob));
+    // Once the latest Ping is answered, alice sends both again, in order.
+    alice.send(ClientMessage::Pong { nonce }).await;
+    for payload in [&b"first"[..], b"second"] {
+        let reply = alice.send_to("carol", payload).await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    }
+    let got: Vec<Vec<u8>> = deliveries(&mut carol, 3)
+        .await
+        .into_iter()
+        .map(|d| d.1)
+        .collect();
+    assert_eq!(got, [&b"dave"[..], b"first", b"second"]);
+}
+
+#[rstest]
+#[tokio::test]
 async fn pipelined_sends_to_a_full_and_a_free_recipient_are_each_answered_for_itself(
     #[values(Sqlite, Nats)] backend: Backend,
 ) {
@@ -538,22 +629,24 @@ async fn pipelined_sends_to_a_full_and_a_free_recipient_are_each_answered_for_it
             .await;
         ids.push((id, to));
     }
-    let mut carol_stored = 0;
+    let (mut carol_stored, mut carol_refused) = (0, false);
     for (id, to) in ids {
         match alice.recv_reply().await {
             ServerMessage::Ok { id: got } => {
                 assert_eq!(got, id);
                 if to == "carol" {
+                    assert!(!carol_refused, "a send to carol overtook a refused one");
                     carol_stored += 1;
                 }
             }
-            ServerMessage::Error {
-                id: got,
-                code: ErrorCode::RecipientQueueFull,
-                ..
-            } => {
+            // The first refusal; the sends to carol behind it are held by it.
+            ServerMessage::Error { id: got, code, .. }
+                if code == ErrorCode::RecipientQueueFull
+                    || (code == ErrorCode::ServerBusy && carol_refused) =>
+            {
                 assert_eq!(got, Some(id));
                 assert_eq!(to, "carol", "bob's mailbox is never full");
+                carol_refused = true;
             }
             other => panic!("{other:?}"),
         }

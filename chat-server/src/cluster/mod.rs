@@ -50,6 +50,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::config::{Config, NatsBackend};
+use crate::fence::FenceTag;
 use crate::store::{Enqueued, QueueLimits, StoreError};
 use crate::writer::{Done, Ticket};
 
@@ -320,7 +321,9 @@ impl Cluster {
     /// refused it. Envelopes are group-committed in atomic batches ([`outbox`]).
     /// `msg_id` deduplicates a publish retried within the stream's duplicate window.
     /// `address` names the sender's address group; the recipient's total and the shares
-    /// of `from` and of `address` are checked first ([`tally`]).
+    /// of `from` and of `address` are checked first ([`tally`]). `fence` places it among
+    /// its connection's sends: it is refused `Fenced` if an earlier one to `to` was
+    /// refused, here or in the outbox, and recorded if it is refused (`crate::fence`).
     pub async fn publish(
         &self,
         to: &Username,
@@ -328,10 +331,17 @@ impl Cluster {
         address: &str,
         payload: tokio_util::bytes::Bytes,
         msg_id: String,
+        fence: FenceTag,
     ) -> Ticket {
         let (reply, ticket) = Ticket::pending();
         if !self.exists(to).await.unwrap_or(true) {
             let _ = reply.send(Ok(Done::Enqueued(Enqueued::UnknownRecipient)));
+            return ticket;
+        }
+        // Checked after the lookups above, which may wait out an election: a refusal
+        // of an earlier send may have come meanwhile.
+        if fence.holds() {
+            let _ = reply.send(Ok(Done::Enqueued(Enqueued::Fenced)));
             return ticket;
         }
         let prefix = self.mailbox_prefix(to);
@@ -343,6 +353,7 @@ impl Cluster {
         {
             Ok(held) => held,
             Err(refused) => {
+                fence.refused();
                 let _ = reply.send(Ok(Done::Enqueued(refused)));
                 return ticket;
             }
@@ -355,6 +366,7 @@ impl Cluster {
                 msg_id,
                 reply,
                 held,
+                fence,
             })
             .await;
         ticket

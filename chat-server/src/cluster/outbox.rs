@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::{FROM_HEADER, refusal};
+use crate::fence::FenceTag;
 use crate::store::{Enqueued, StoreError};
 use crate::writer::Done;
 
@@ -43,6 +44,21 @@ pub(super) struct Pending {
     pub reply: oneshot::Sender<Result<Done, StoreError>>,
     /// Counts it in its recipient's tally until answered ([`super::tally`]).
     pub held: super::tally::Held,
+    /// Its place among its connection's sends (`crate::fence`): refused `Fenced` rather
+    /// than published if an earlier one to the same recipient was refused or failed.
+    pub fence: FenceTag,
+}
+
+impl Pending {
+    /// Answers it `Fenced` if an earlier send of its connection to its recipient was
+    /// refused; otherwise gives it back.
+    fn unless_fenced(self) -> Option<Self> {
+        if self.fence.holds() {
+            let _ = self.reply.send(Ok(Done::Enqueued(Enqueued::Fenced)));
+            return None;
+        }
+        Some(self)
+    }
 }
 
 /// The submitting end; the batches are sent by a task that ends with it.
@@ -75,14 +91,19 @@ async fn run(
     atomic: bool,
 ) {
     while let Some(first) = rx.recv().await {
+        let Some(first) = first.unless_fenced() else {
+            continue;
+        };
         let mut bytes = first.payload.len();
         let mut batch = vec![first];
         let limit = if atomic { MAX_BATCH } else { 1 };
         while batch.len() < limit && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(next) => {
-                    bytes += next.payload.len();
-                    batch.push(next);
+                    if let Some(next) = next.unless_fenced() {
+                        bytes += next.payload.len();
+                        batch.push(next);
+                    }
                 }
                 Err(_) => break,
             }
@@ -105,6 +126,9 @@ pub const RETRY_FOR: Duration = Duration::from_secs(30);
 
 fn fail(batch: Vec<Pending>) {
     for pending in batch {
+        // A send of the same connection to the same recipient still in its checks must
+        // not be stored ahead of this one when the cluster answers again.
+        pending.fence.refused();
         let _ = pending.reply.send(Err(StoreError::Cluster(
             "the cluster did not store the message in time".into(),
         )));
@@ -169,6 +193,7 @@ async fn send(
             }
             Outcome::Refused(limit) if batch.len() == 1 => {
                 let pending = batch.into_iter().next().expect("one envelope");
+                pending.fence.refused();
                 let _ = pending.reply.send(Ok(Done::Enqueued(limit)));
                 return Ok(());
             }
@@ -183,6 +208,10 @@ async fn send(
                 );
                 let mut rest = batch.into_iter();
                 while let Some(pending) = rest.next() {
+                    // Behind a refused one of its connection to the same recipient: held.
+                    let Some(pending) = pending.unless_fenced() else {
+                        continue;
+                    };
                     if let Err(mut failed) = Box::pin(send(client, js, vec![pending])).await {
                         failed.extend(rest);
                         return Err(failed);

@@ -195,6 +195,7 @@ impl Handler {
                     Some((fence, _)) => self.shed_fence = Some((fence, Instant::now())),
                     None => {}
                 }
+                self.order.pong(nonce, self.sends.is_empty());
                 Ok(())
             }
             ClientMessage::Ack { envelope_ids } => {

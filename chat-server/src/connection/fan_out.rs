@@ -24,12 +24,28 @@ impl Handler {
         let address =
             crate::limits::shared_address_name(&self.shared.address_secret, self.peer.ip());
         let payload = tokio_util::bytes::Bytes::from(payload);
-        let publishes = recipients.iter().map(|user| {
+        // A copy to a recipient an earlier send to was refused is held (`crate::fence`).
+        let tagged: Vec<_> = recipients
+            .into_iter()
+            .map(|user| {
+                let user = user?;
+                let tag = (!self.order.holds(&user)).then(|| self.order.tag(&user));
+                Some((user, tag))
+            })
+            .collect();
+        let publishes = tagged.into_iter().map(|copy| {
             let (cluster, address, payload) = (&cluster, &address, payload.clone());
             async move {
-                let user = user.as_ref()?;
+                let (user, tag) = copy?;
+                let Some(tag) = tag else {
+                    return Some(settled_ticket(Enqueued::Fenced));
+                };
                 let msg_id = format!("{:032x}", rand::random::<u128>());
-                Some(cluster.publish(user, me, address, payload, msg_id).await)
+                Some(
+                    cluster
+                        .publish(&user, me, address, payload, msg_id, tag)
+                        .await,
+                )
             }
         });
         let tickets = futures_util::future::join_all(publishes).await;
@@ -50,18 +66,29 @@ impl Handler {
     }
 }
 
+/// A ticket already answered with `outcome`.
+fn settled_ticket(outcome: Enqueued) -> Ticket {
+    let (reply, ticket) = Ticket::pending();
+    let _ = reply.send(Ok(Done::Enqueued(outcome)));
+    ticket
+}
+
 /// A send whose outcome is known without the store, answered in its turn among the
 /// pipelined sends.
 fn settled(id: RequestId, to: String, part: Option<bool>, outcome: Enqueued) -> InFlight {
-    let (reply, ticket) = Ticket::pending();
-    let _ = reply.send(Ok(Done::Enqueued(outcome)));
     InFlight {
         id,
         to,
         route: None,
-        ticket,
+        ticket: settled_ticket(outcome),
         part,
     }
+}
+
+/// A send (or copy) to `to` held because an earlier one to `to` was refused
+/// (`crate::fence`): answered `server_busy` in its turn.
+pub(super) fn fenced(id: RequestId, to: String, part: Option<bool>) -> InFlight {
+    settled(id, to, part, Enqueued::Fenced)
 }
 
 /// A copy for `name`, which is no valid username: answered `unknown_user` in its turn.

@@ -13,6 +13,7 @@ mod admission;
 mod events;
 mod fan_out;
 mod login;
+mod order;
 mod pipeline;
 mod relay;
 mod reply;
@@ -168,6 +169,9 @@ pub(crate) struct Handler {
     /// the nonce, when the fence went up or the client last answered one of its Pings
     /// (a client that answers none within the idle timeout is closed).
     shed_fence: Option<(u64, Instant)>,
+    /// A send refused for a reason that may pass holds later sends to its recipient until
+    /// the client answers the `Ping` behind the refusal (`crate::fence`).
+    order: order::OrderFence,
     /// Highest envelope id written from the stored backlog: where its next read starts.
     backlog_cursor: u64,
     /// The stored backlog has been written; new envelopes may go straight out.
@@ -244,6 +248,7 @@ impl Handler {
             last_heard: now,
             pinged: false,
             shed_fence: None,
+            order: Default::default(),
             backlog_cursor: 0,
             backlog_done: true,
             settling: None,

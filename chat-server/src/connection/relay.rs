@@ -7,7 +7,7 @@ use chat_protocol::{ClientMessage, ErrorCode, ServerMessage, Username};
 use futures_util::SinkExt;
 use tokio::time::timeout;
 
-use super::fan_out::{fan_out_recipients, no_such_user};
+use super::fan_out::{self, fan_out_recipients, no_such_user};
 use super::{
     Close, Handler, InFlight, MAX_SYNCS, State, WRITE_BATCH, error_reply, unix_secs,
     unknown_user_reply,
@@ -145,6 +145,14 @@ impl Handler {
         room: Room,
         part: Option<bool>,
     ) {
+        if self.order.holds(&to_user) {
+            // An earlier send to `to_user` was refused and the client may not have read
+            // that yet: this one must not overtake it.
+            self.sends
+                .push_back(fan_out::fenced(id, to_user.to_string(), part));
+            return;
+        }
+        let fence = self.order.tag(&to_user);
         if let Some(cluster) = self.shared.cluster.clone() {
             // Published in request order on the one NATS connection; answered
             // once JetStream has it on a quorum. The room is only the pacing.
@@ -153,7 +161,7 @@ impl Handler {
             let address =
                 crate::limits::shared_address_name(&self.shared.address_secret, self.peer.ip());
             let ticket = cluster
-                .publish(&to_user, me, &address, payload.into(), msg_id)
+                .publish(&to_user, me, &address, payload.into(), msg_id, fence)
                 .await;
             self.sends.push_back(InFlight {
                 id,
@@ -171,13 +179,16 @@ impl Handler {
         let (recipient, sender) = (to_user.clone(), me.clone());
         let (now_secs, limits) = (unix_secs(), self.shared.config.queue.limits());
         let source = self.source;
-        let envelope = |payload| Envelope {
+        // An envelope delivered at once keeps its place whatever the store says later;
+        // one that goes through the store first is checked against earlier refusals there.
+        let envelope = |payload, delivered: bool| Envelope {
             recipient,
             sender,
             source,
             payload,
             now_secs,
             limits,
+            fence: (!delivered).then_some(fence),
         };
         let ((ticket, payload), _) =
             self.shared
@@ -185,12 +196,13 @@ impl Handler {
                 .accept(&to_user, me, payload, |envelope_id, delivered, payload| {
                     if delivered {
                         (
-                            writer.enqueue_held(room, envelope_id, envelope(payload)),
+                            writer.enqueue_held(room, envelope_id, envelope(payload, true)),
                             None,
                         )
                     } else {
                         // Kept to route once committed.
-                        let ticket = writer.enqueue(room, envelope_id, envelope(payload.clone()));
+                        let ticket =
+                            writer.enqueue(room, envelope_id, envelope(payload.clone(), false));
                         (ticket, Some(payload))
                     }
                 });
@@ -220,6 +232,14 @@ impl Handler {
                 Ok(Enqueued::Shed { fence, .. }) => Some(fence),
                 _ => None,
             };
+            if !matches!(
+                outcome,
+                Ok(Enqueued::Stored(_) | Enqueued::UnknownRecipient | Enqueued::Shed { .. })
+            ) {
+                // Refused for a reason that may pass: later sends to the recipient are
+                // held until the client has read this (`crate::fence`).
+                self.order.refused();
+            }
             let reply = self.settle(sent, outcome);
             match part {
                 None => replies.push(reply),
@@ -239,6 +259,10 @@ impl Handler {
                 replies.push(ServerMessage::Ping { nonce });
             }
             done = self.sends.front_mut().and_then(|s| s.ticket.try_enqueued());
+        }
+        if let Some(nonce) = self.order.ping(self.fan_out.is_empty()) {
+            // Behind the refusals: its `Pong` says the client has read them.
+            replies.push(ServerMessage::Ping { nonce });
         }
         let write_timeout = self.shared.config.write_timeout();
         let writer = &mut self.writer;
@@ -311,6 +335,14 @@ impl Handler {
                 )
             }
             Ok(Enqueued::Shed { why, .. }) => error_reply(id, ErrorCode::ServerBusy, why),
+            Ok(Enqueued::Fenced) => error_reply(
+                id,
+                ErrorCode::ServerBusy,
+                format!(
+                    "an earlier message to {to} was refused; answer the relay's Ping that \
+                     followed it, then send the messages to {to} again, in order"
+                ),
+            ),
             Err(e) if e.is_full() => {
                 Metrics::inc(&metrics.refused_server_full);
                 tracing::error!("the disk is full: {e}");

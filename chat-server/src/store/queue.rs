@@ -67,6 +67,10 @@ pub enum Enqueued {
         fence: u64,
         why: &'static str,
     },
+    /// Never stored: an earlier send of the same connection to the same recipient was
+    /// refused, and the client had not yet answered the `Ping` behind that refusal when
+    /// it sent this one (`crate::fence`); answered `server_busy`.
+    Fenced,
 }
 
 /// One queued envelope.

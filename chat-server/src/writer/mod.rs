@@ -363,6 +363,10 @@ pub struct Envelope {
     pub payload: Vec<u8>,
     pub now_secs: u64,
     pub limits: QueueLimits,
+    /// Its place among its connection's sends: refused `Fenced` if an earlier one to the
+    /// same recipient was refused, and recorded if refused itself (`crate::fence`).
+    /// `None` for an envelope already delivered (its order is set).
+    pub fence: Option<crate::fence::FenceTag>,
 }
 
 #[derive(Debug)]
@@ -416,17 +420,27 @@ impl Done {
 impl Write {
     fn apply(&self, tx: &rusqlite::Transaction<'_>) -> Result<Done, StoreError> {
         match &self.op {
-            Op::Enqueue { id, envelope: e } => store::enqueue_in(
-                tx,
-                Some(*id),
-                &e.recipient,
-                &e.sender,
-                e.source,
-                &e.payload,
-                e.now_secs,
-                &e.limits,
-            )
-            .map(Done::Enqueued),
+            Op::Enqueue { id, envelope: e } => {
+                if e.fence.as_ref().is_some_and(|f| f.holds()) {
+                    return Ok(Done::Enqueued(Enqueued::Fenced));
+                }
+                let done = store::enqueue_in(
+                    tx,
+                    Some(*id),
+                    &e.recipient,
+                    &e.sender,
+                    e.source,
+                    &e.payload,
+                    e.now_secs,
+                    &e.limits,
+                );
+                if let Some(fence) = &e.fence
+                    && !matches!(done, Ok(Enqueued::Stored(_) | Enqueued::UnknownRecipient))
+                {
+                    fence.refused();
+                }
+                done.map(Done::Enqueued)
+            }
             Op::Ack { recipient, ids } => store::ack_in(tx, recipient, ids).map(Done::Acked),
             Op::Bind { user, public_key } => store::bind_in(tx, user, public_key).map(Done::Bound),
             Op::Barrier { .. } => Ok(Done::Passed),

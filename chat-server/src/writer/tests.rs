@@ -12,6 +12,7 @@ fn envelope(to: &str, payload: &[u8]) -> Envelope {
         payload: payload.to_vec(),
         now_secs: 1000,
         limits: QueueLimits::per_recipient(100, 1 << 20),
+        fence: None,
     }
 }
 
@@ -93,6 +94,39 @@ async fn other_writes_do_not_wait_behind_a_held_envelope() {
     let passed = tokio::time::timeout(Duration::from_secs(10), barrier.passed()).await;
     passed.unwrap().unwrap();
     assert_eq!(store.pending(&name("bob"), 0, 10).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_refused_envelope_is_not_overtaken_when_room_comes_back_before_the_next() {
+    use crate::fence::RefusalFence;
+    let (_dir, store, writer) = setup(Duration::ZERO);
+    store.bind(&name("carol"), b"k").unwrap();
+    let fence = std::sync::Arc::new(RefusalFence::default());
+    let tagged = |to: &str, payload: &[u8], serial| Envelope {
+        limits: QueueLimits::per_recipient(1, 1 << 20),
+        fence: Some(fence.tag(name(to), 0, serial)),
+        ..envelope(to, payload)
+    };
+    // Bob's queue holds one; the second is refused. Bob's Ack frees the room, written
+    // between it and the third, which still must not overtake the second.
+    let mut one = writer.enqueue(room(&writer), 1, tagged("bob", b"1", 1));
+    let mut two = writer.enqueue(room(&writer), 2, tagged("bob", b"2", 2));
+    writer.ack(name("bob"), vec![1]);
+    let mut three = writer.enqueue(room(&writer), 3, tagged("bob", b"3", 3));
+    let mut to_carol = writer.enqueue(room(&writer), 4, tagged("carol", b"c", 4));
+    assert_eq!(one.enqueued().await.unwrap(), Enqueued::Stored(1));
+    assert_eq!(two.enqueued().await.unwrap(), Enqueued::Full);
+    assert_eq!(three.enqueued().await.unwrap(), Enqueued::Fenced);
+    assert_eq!(to_carol.enqueued().await.unwrap(), Enqueued::Stored(4));
+    assert!(store.pending(&name("bob"), 0, 10).unwrap().is_empty());
+    // Once the client has read the refusals (a new generation), bob's room is there.
+    let again = Envelope {
+        limits: QueueLimits::per_recipient(1, 1 << 20),
+        fence: Some(fence.tag(name("bob"), 1, 5)),
+        ..envelope("bob", b"2")
+    };
+    let mut retried = writer.enqueue(room(&writer), 5, again);
+    assert_eq!(retried.enqueued().await.unwrap(), Enqueued::Stored(5));
 }
 
 #[tokio::test]

@@ -464,9 +464,16 @@ impl Client {
             ) {
                 return reply;
             }
-            // Shed by a saturated relay (a debug build under a flood): the client keeps
-            // the message and tries again; so does this one, once the fence's ping is
-            // answered (the next read does that).
+            // Shed by a saturated relay (a debug build under a flood), or held behind an
+            // earlier refusal: the client keeps the message and tries again once it has
+            // answered the Ping the relay wrote behind the refusal (sent before that, the
+            // retry would be refused in turn).
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.recv()).await {
+                Ok(ServerMessage::Ping { nonce }) => self.send(ClientMessage::Pong { nonce }).await,
+                Ok(other) => panic!("expected the Ping behind a refusal, got {other:?}"),
+                Err(_) => panic!("no Ping behind a refusal within {patience:?}"),
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
