@@ -21,6 +21,14 @@ const _: () = assert!(
 /// bucket's history before serving (the heartbeats go on checking).
 const VERDICT_PATIENCE: Duration = Duration::from_secs(5);
 
+/// How long the first check of the layout after the link came back may take (each one
+/// after a check that ran out, twice as long, up to [`LAYOUT_TRY_MOST`]). A request that
+/// reaches a stream while it has no leader (in the elections that follow a node's death)
+/// is never answered; without this bound each check waited out the client's request
+/// timeout, and the relay refused logins for some 4 s after the elections had ended.
+const LAYOUT_TRY: Duration = Duration::from_secs(2);
+const LAYOUT_TRY_MOST: Duration = Duration::from_secs(32);
+
 impl Cluster {
     /// Whether the relay can serve, and its changes: `false` while NATS is unreachable
     /// and until the layout is back in place after it returns.
@@ -89,9 +97,20 @@ impl Cluster {
                 continue;
             }
             // Back. Until the layout is checked, new sessions are refused.
+            let mut try_for = LAYOUT_TRY;
             while *link.borrow() {
                 let checking_from = drops();
-                match layout::layout(&self.js, config, nats, false).await {
+                let checked =
+                    tokio::time::timeout(try_for, layout::layout(&self.js, config, nats, false));
+                let Ok(checked) = checked.await else {
+                    // A stream without a leader yet: asked again (a slow cluster gets
+                    // longer each time).
+                    tracing::debug!("the layout was not checked within {try_for:?}; again");
+                    try_for = (try_for * 2).min(LAYOUT_TRY_MOST);
+                    tokio::time::sleep(super::patience::PAUSE).await;
+                    continue;
+                };
+                match checked {
                     Ok(_) => {
                         // A verdict needs the bucket's stream to have a leader, soon
                         // after a cluster restart; without one, the heartbeats check.

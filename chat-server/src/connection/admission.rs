@@ -93,6 +93,18 @@ pub(super) fn request_work(msg: &ClientMessage) -> f64 {
     }
 }
 
+/// The work of a send refused `server_busy` before anything of it is done: the frame
+/// and its bytes, as read (a `SendMany`'s copies are not charged).
+fn refused_work(msg: &ClientMessage) -> f64 {
+    match msg {
+        ClientMessage::SendMany { payload, to, .. } => {
+            let names: usize = to.iter().map(String::len).sum();
+            work::frame(payload.len() + names, 0)
+        }
+        other => request_work(other),
+    }
+}
+
 /// Admission and dispatch of one request.
 impl Handler {
     /// Charges `msg` against the rate limit, refuses it `server_busy` if sends are shed,
@@ -100,14 +112,6 @@ impl Handler {
     /// dispatches it.
     pub(super) async fn handle(&mut self, msg: ClientMessage) -> Result<(), Close> {
         debug!(conn = self.conn_id, kind = msg.kind(), "request");
-        // Charged by the work it asks for; `last_heard` was set as this frame arrived.
-        let wait = self
-            .bucket
-            .take_n(request_work(&msg), self.last_heard.into_std());
-        if !wait.is_zero() {
-            // Over the rate: pace this connection instead of dropping (keeps order).
-            tokio::time::sleep(wait).await;
-        }
         // While the relay is saturated a share of new sends is refused, before they cost
         // anything more (see `overload`).
         let shed_id = match (&msg, &self.state) {
@@ -119,8 +123,8 @@ impl Handler {
             }
             _ => None,
         };
-        if let Some(id) = shed_id {
-            let busy = if self.shed_fence.is_some() {
+        let busy = shed_id.and_then(|_| {
+            if self.shed_fence.is_some() {
                 Some(Busy::Fenced)
             } else if self.shared.shedder.shed() {
                 Some(Busy::Saturated)
@@ -128,10 +132,21 @@ impl Handler {
                 Some(Busy::PipelineFull)
             } else {
                 None
-            };
-            if let Some(busy) = busy {
-                return self.refuse_busy(id, busy);
             }
+        });
+        // Charged by the work it asks for (a refused send by its bytes alone: nothing of
+        // it is stored or fanned out); `last_heard` was set as this frame arrived.
+        let work = match busy {
+            Some(_) => refused_work(&msg),
+            None => request_work(&msg),
+        };
+        let wait = self.bucket.take_n(work, self.last_heard.into_std());
+        if !wait.is_zero() {
+            // Over the rate: pace this connection instead of dropping (keeps order).
+            tokio::time::sleep(wait).await;
+        }
+        if let (Some(id), Some(busy)) = (shed_id, busy) {
+            return self.refuse_busy(id, busy);
         }
         // Writes to the store need room in the writer first; without room now the
         // request waits (and the connection is not read) until there is some.
@@ -240,5 +255,30 @@ impl Handler {
                 self.request(user, msg, room).await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_fan_out_costs_its_bytes_not_its_copies() {
+        let to: Vec<String> = (0..200).map(|i| format!("member{i}")).collect();
+        let fan_out = ClientMessage::SendMany {
+            id: 1,
+            to,
+            payload: vec![0; 1200],
+        };
+        // Accepted, 200 copies cost ~112 tokens (over a second of the default 100/s);
+        // refused, a frame of its 2.8 KB, under 4.
+        assert!(request_work(&fan_out) > 100.0, "{}", request_work(&fan_out));
+        assert!(refused_work(&fan_out) < 4.0, "{}", refused_work(&fan_out));
+        let send = ClientMessage::Send {
+            id: 2,
+            to: "bob".into(),
+            payload: vec![0; 1200],
+        };
+        assert_eq!(refused_work(&send), request_work(&send));
     }
 }

@@ -334,7 +334,14 @@ impl Handler {
                     self.shared.router.kick(&username, self.conn_id, code);
                 }
                 Ok(_) => {}
-                Err(e) => return Err(self.storage_lost(e)),
+                Err(e) => {
+                    tracing::error!(conn = self.conn_id, "could not record the session: {e}");
+                    return Err(Close::tell(
+                        ErrorCode::Internal,
+                        "the server could not record your login in its cluster in time; \
+                         reconnect in a moment",
+                    ));
+                }
             }
             // What an earlier session here acknowledged is removed first; then the mailbox
             // is read from its oldest envelope on: backlog, then live.

@@ -45,7 +45,7 @@ use crate::store::{Store, StoreError};
 use crate::writer::{Room, Ticket};
 use events::{kicked, next_commit, next_delivery, next_inbound, parked_room, settle_writes};
 use login::PendingLogin;
-use reply::{error_reply, kick_message, truncate, unknown_user_reply};
+use reply::{kick_message, truncate};
 
 type Codec = WireCodec<ClientMessage, ServerMessage>;
 
@@ -308,38 +308,6 @@ impl Handler {
             debug!(conn = self.conn_id, user = %user, "logged out");
         }
         debug!(conn = self.conn_id, "disconnected");
-    }
-
-    /// Waits for every send in flight and answers each, oldest first (replies keep request
-    /// order: a request answered at once first waits for the sends before it).
-    async fn finish_sends(&mut self) -> Result<(), Close> {
-        self.finish_sends_until(None).await
-    }
-
-    /// At a close: answers the sends in flight, oldest first, as [`Self::finish_sends`],
-    /// but for at most [`FINISH_SENDS_WITHIN`]: with the cluster backend gone (the session
-    /// is closed because NATS stayed unreachable) an answer may never come, and the client
-    /// must hear of the close to try another relay; it sends what was not answered again.
-    async fn finish_sends_closing(&mut self) -> Result<(), Close> {
-        self.finish_sends_until(Some(Instant::now() + FINISH_SENDS_WITHIN))
-            .await
-    }
-
-    /// Answers the sends in flight, oldest first, until none is left or (if given) the
-    /// deadline passes waiting for the next answer.
-    async fn finish_sends_until(&mut self, deadline: Option<Instant>) -> Result<(), Close> {
-        while !self.sends.is_empty() {
-            let next = next_commit(&mut self.sends);
-            let done = match deadline {
-                None => next.await,
-                Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
-                    Ok(done) => done,
-                    Err(_) => break,
-                },
-            };
-            self.send_committed(done).await?;
-        }
-        Ok(())
     }
 
     /// Handles one request; with the cluster backend, a kick (the session replaced, or

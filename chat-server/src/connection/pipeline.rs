@@ -1,8 +1,11 @@
-//! A connection's sends awaiting their answer, in request order.
+//! A connection's sends awaiting their answer, in request order, and answering them.
 
 use std::collections::VecDeque;
 
-use super::InFlight;
+use tokio::time::Instant;
+
+use super::events::next_commit;
+use super::{Close, FINISH_SENDS_WITHIN, Handler, InFlight};
 
 /// Sends awaiting their answer, oldest first: one entry per copy (a `SendMany` has one per
 /// recipient, answered together), counted by copies and by requests.
@@ -52,6 +55,41 @@ impl Pipeline {
         if self.entries.is_empty() && self.entries.capacity() > 8 {
             self.entries = VecDeque::new();
         }
+    }
+}
+
+/// Answering what is in flight, oldest first.
+impl Handler {
+    /// Waits for every send in flight and answers each, oldest first (replies keep request
+    /// order: a request answered at once first waits for the sends before it).
+    pub(super) async fn finish_sends(&mut self) -> Result<(), Close> {
+        self.finish_sends_until(None).await
+    }
+
+    /// At a close: answers the sends in flight, oldest first, as [`Self::finish_sends`],
+    /// but for at most [`FINISH_SENDS_WITHIN`]: with the cluster backend gone (the session
+    /// is closed because NATS stayed unreachable) an answer may never come, and the client
+    /// must hear of the close to try another relay; it sends what was not answered again.
+    pub(super) async fn finish_sends_closing(&mut self) -> Result<(), Close> {
+        self.finish_sends_until(Some(Instant::now() + FINISH_SENDS_WITHIN))
+            .await
+    }
+
+    /// Answers the sends in flight, oldest first, until none is left or (if given) the
+    /// deadline passes waiting for the next answer.
+    async fn finish_sends_until(&mut self, deadline: Option<Instant>) -> Result<(), Close> {
+        while !self.sends.is_empty() {
+            let next = next_commit(&mut self.sends);
+            let done = match deadline {
+                None => next.await,
+                Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
+                    Ok(done) => done,
+                    Err(_) => break,
+                },
+            };
+            self.send_committed(done).await?;
+        }
+        Ok(())
     }
 }
 

@@ -8,10 +8,7 @@ use futures_util::SinkExt;
 use tokio::time::timeout;
 
 use super::fan_out::{self, fan_out_recipients, no_such_user};
-use super::{
-    Close, Handler, InFlight, MAX_SYNCS, State, WRITE_BATCH, error_reply, unix_secs,
-    unknown_user_reply,
-};
+use super::{Close, Handler, InFlight, MAX_SYNCS, State, WRITE_BATCH, unix_secs};
 use crate::metrics::Metrics;
 use crate::router::WatchError;
 use crate::store::{Enqueued, StoreError};
@@ -276,82 +273,6 @@ impl Handler {
         self.finish_write(result)
     }
 
-    /// Routes a send's envelope if it was not delivered at once and is now committed (an
-    /// offline recipient gets it at the next login), and returns the answer for the sender.
-    pub(super) fn settle(
-        &self,
-        sent: InFlight,
-        done: Result<Enqueued, StoreError>,
-    ) -> ServerMessage {
-        let InFlight { id, to, route, .. } = sent;
-        if let Some((recipient, payload)) = route {
-            let deliver = match (&done, &self.state) {
-                (Ok(Enqueued::Stored(envelope_id)), State::Ready(me)) => {
-                    Some(ServerMessage::Deliver {
-                        envelope_id: *envelope_id,
-                        from: me.to_string(),
-                        payload,
-                    })
-                }
-                _ => None,
-            };
-            self.shared.router.settle(&recipient, deliver);
-        }
-        let metrics = &self.shared.metrics;
-        match done {
-            Ok(Enqueued::Stored(_)) => ServerMessage::Ok { id },
-            Ok(Enqueued::UnknownRecipient) => unknown_user_reply(id, &to),
-            Ok(Enqueued::Full) => {
-                Metrics::inc(&metrics.refused_queue_full);
-                error_reply(
-                    id,
-                    ErrorCode::RecipientQueueFull,
-                    format!("{to} has too many undelivered messages waiting; try again later"),
-                )
-            }
-            Ok(Enqueued::SenderShareFull) => {
-                Metrics::inc(&metrics.refused_sender_share);
-                error_reply(
-                    id,
-                    ErrorCode::RecipientQueueFull,
-                    format!(
-                        "you (or others from your address) already have as many undelivered \
-                         messages waiting for {to} as one sender may; try again once they have \
-                         read some"
-                    ),
-                )
-            }
-            Ok(Enqueued::ServerFull) => {
-                Metrics::inc(&metrics.refused_server_full);
-                server_full(id)
-            }
-            Ok(Enqueued::SourceFull) => {
-                Metrics::inc(&metrics.refused_source_share);
-                error_reply(
-                    id,
-                    ErrorCode::ServerFull,
-                    "senders from your address hold as many undelivered messages as one \
-                     address may; try again once some have been delivered",
-                )
-            }
-            Ok(Enqueued::Shed { why, .. }) => error_reply(id, ErrorCode::ServerBusy, why),
-            Ok(Enqueued::Fenced) => error_reply(
-                id,
-                ErrorCode::ServerBusy,
-                format!(
-                    "an earlier message to {to} was refused; answer the relay's Ping that \
-                     followed it, then send the messages to {to} again, in order"
-                ),
-            ),
-            Err(e) if e.is_full() => {
-                Metrics::inc(&metrics.refused_server_full);
-                tracing::error!("the disk is full: {e}");
-                server_full(id)
-            }
-            Err(e) => self.internal_reply(id, e),
-        }
-    }
-
     /// Writes one routed message, then whatever else is already queued, then flushes.
     pub(super) async fn forward(&mut self, first: ServerMessage) -> Result<(), Close> {
         let write_timeout = self.shared.config.write_timeout();
@@ -526,12 +447,4 @@ impl Handler {
         self.shared.writer.ack(me.clone(), mine);
         Vec::new()
     }
-}
-
-fn server_full(id: RequestId) -> ServerMessage {
-    error_reply(
-        id,
-        ErrorCode::ServerFull,
-        "the server's storage for undelivered messages is full; try again later",
-    )
 }

@@ -107,6 +107,7 @@ impl Store {
             path: data_dir.to_owned(),
             source,
         })?;
+        make_dir_private(data_dir);
         let path = data_dir.join(Self::FILE_NAME);
         // The owner's alone, like the directory and the TLS key: SQLite gives the -wal and
         // -shm files the database's mode.
@@ -376,6 +377,38 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
     }
     let _ = path;
     Ok(())
+}
+
+/// Makes an existing directory that others may read or enter (one the user made before
+/// the relay first ran) the owner's alone, saying so: the files in it are private, but
+/// their names, sizes and times would show when the relay stores and delivers. Where we
+/// may not (another user's directory: an admin command run beside the relay), it only
+/// warns.
+fn make_dir_private(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 == 0 {
+            return;
+        }
+        let shown = path.display();
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700)) {
+            Ok(()) => tracing::warn!(
+                "the data directory {shown} was open to others (mode {mode:o}); made private \
+                 ({:o})",
+                mode & 0o700
+            ),
+            Err(e) => tracing::warn!(
+                "the data directory {shown} is open to others (mode {mode:o}) and could not be \
+                 made private ({e}); run: chmod 700 {shown}"
+            ),
+        }
+    }
+    let _ = path;
 }
 
 pub(crate) fn create_private_dir(path: &Path) -> std::io::Result<()> {

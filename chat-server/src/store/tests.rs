@@ -261,3 +261,18 @@ fn the_database_files_are_private() {
     assert_eq!(mode("chat-server.sqlite3-wal"), 0o600);
     drop((store, again));
 }
+
+#[cfg(unix)]
+#[test]
+fn a_data_directory_readable_by_others_is_made_private() {
+    use std::os::unix::fs::PermissionsExt;
+    // Made by the user (say `mkdir` under a 022 umask) before the relay first ran.
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = Store::open(&dir).unwrap();
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    drop(store);
+}

@@ -57,7 +57,15 @@ impl Sessions {
         };
         // A fresh stream info request to the stream's leader (`kv::Store::status` only
         // returns the info cached when the bucket was opened).
-        let info = match self.bucket.stream.get_info().await {
+        // Bounded by a try: a request that reaches the stream while it has no leader is
+        // never answered, and would hold the relay's return for the client's timeout.
+        let asked =
+            tokio::time::timeout(super::super::patience::TRY, self.bucket.stream.get_info());
+        let Ok(asked) = asked.await else {
+            debug!("the session bucket's state was not read within a try");
+            return false;
+        };
+        let info = match asked {
             // Without a leader a member answers from its own copy, which after a restart
             // may be empty while another member still holds the history: not a verdict.
             Ok(info) if info.cluster.as_ref().is_some_and(|c| c.leader.is_none()) => {
