@@ -7,68 +7,83 @@
 //! would arrive after one written after it. The room can come back between the two (the
 //! recipient reads and acknowledges, a quorum returns), so the later one would pass.
 //!
-//! A [`RefusalFence`] records, per recipient, the *generation* in which a send of the
-//! connection was refused. A send carries the generation it was read in (a
-//! [`FenceTag`]); it is refused (`server_busy`) wherever it is decided (the store
-//! writer, the cluster's checks and outbox, the live path) if a send of its generation or
-//! a later one to the same recipient was refused before it. The connection writes a
-//! `Ping` behind each refusal and starts a new generation when the `Pong` to the latest
-//! comes back: the client has then read every refusal, so what it sends from then on is
-//! sent knowing of them (a retry, in order). The same idea as the shed fence of
-//! `shed_when_full`, kept per recipient so that a full mailbox does not refuse sends to
-//! anyone else.
+//! Every send of a connection has a serial number, in the order it was read. A
+//! [`RefusalFence`] records, per recipient, the lowest serial refused and not yet known
+//! to the client; a send to that recipient with a higher serial is refused (`server_busy`)
+//! wherever it is decided (the store writer, the cluster's checks and outbox, the live
+//! path). The connection writes a `Ping` behind the answer to each refusal. When the
+//! `Pong` to the latest comes back, the client has read every refusal answered so far:
+//! for each recipient none of whose refusals is still unanswered, sends read from then
+//! on pass again (those read before stay held, whenever they are decided). A refusal of
+//! a send read before that, decided after it, holds its recipient again. The same idea as
+//! the shed fence of `shed_when_full`, kept per recipient so that a full mailbox does not
+//! refuse sends to anyone else.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use chat_protocol::Username;
 
-/// Per connection: recipients a send was refused to, with the generation of the refusal
-/// and the serial number of the refused send.
+/// What is known of a recipient's refusals on one connection (serial numbers).
+#[derive(Debug, Clone, Copy)]
+struct Refusals {
+    /// Sends after this one are held (the lowest refused serial not yet lifted).
+    held_after: u64,
+    /// The highest refused serial, and the highest whose answer the client was given.
+    refused: u64,
+    answered: u64,
+    /// Sends from this serial on pass (`u64::MAX`: none yet).
+    lifted_from: u64,
+}
+
+/// Per connection: the recipients a send was refused to, by serial number.
 #[derive(Debug, Default)]
 pub struct RefusalFence {
     /// Set once anything is recorded: the store writer checks every envelope, and most
     /// connections never see a refusal.
     any: AtomicBool,
-    refused: Mutex<HashMap<Username, (u64, u64)>>,
+    refused: Mutex<HashMap<Username, Refusals>>,
 }
 
 impl RefusalFence {
-    /// The tag of a send to `recipient` read in `generation`, the connection's
-    /// `serial`-th send (unique per connection).
-    pub fn tag(self: &Arc<Self>, recipient: Username, generation: u64, serial: u64) -> FenceTag {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Username, Refusals>> {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The tag of the connection's send number `serial` (unique, rising in the order
+    /// sends are read), to `recipient`.
+    pub fn tag(self: &Arc<Self>, recipient: Username, serial: u64) -> FenceTag {
         FenceTag {
             fence: self.clone(),
             recipient,
-            generation,
             serial,
         }
     }
 
-    /// Whether a new send to `recipient` in `generation` must be refused: one of this
-    /// generation (or a later one) was refused.
-    pub fn holds(&self, recipient: &Username, generation: u64) -> bool {
-        self.holds_other(recipient, generation, None)
-    }
-
-    fn holds_other(&self, recipient: &Username, generation: u64, serial: Option<u64>) -> bool {
+    fn holds(&self, recipient: &Username, serial: u64) -> bool {
         if !self.any.load(Ordering::Acquire) {
             return false;
         }
-        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        // The send that set the entry is not held by it: a batch that failed whole is
-        // tried again write by write, and its first refusal is decided again.
-        refused
+        self.lock()
             .get(recipient)
-            .is_some_and(|&(g, s)| g >= generation && Some(s) != serial)
+            .is_some_and(|r| serial > r.held_after && serial < r.lifted_from)
     }
 
-    /// Forgets refusals older than `generation`, once no send of an older generation is
-    /// in flight any more (none can be held by them).
-    pub fn forget_before(&self, generation: u64) {
-        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        refused.retain(|_, (g, _)| *g >= generation);
+    /// The client answered the `Ping` written after every answer so far: for each
+    /// recipient whose refusals were all answered, sends from serial `next` on pass.
+    pub fn lift_answered(&self, next: u64) {
+        for r in self.lock().values_mut() {
+            if r.answered >= r.refused && r.lifted_from == u64::MAX {
+                r.lifted_from = next;
+            }
+        }
+    }
+
+    /// Forgets the lifted recipients, once no send read before its lift is in flight.
+    pub fn forget_lifted(&self) {
+        let mut refused = self.lock();
+        refused.retain(|_, r| r.lifted_from == u64::MAX);
         if refused.is_empty() {
             self.any.store(false, Ordering::Release);
         }
@@ -76,7 +91,7 @@ impl RefusalFence {
 
     /// Recipients with a recorded refusal.
     pub fn len(&self) -> usize {
-        self.refused.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.lock().len()
     }
 
     /// Whether no refusal is recorded.
@@ -86,31 +101,47 @@ impl RefusalFence {
 }
 
 /// A send's place in its connection's [`RefusalFence`]: checked where the send is decided
-/// (in the order the connection's sends are decided), and recorded if it is refused.
+/// (in the order the connection's sends are decided), recorded if it is refused, and
+/// marked answered once the client is told its outcome.
 #[derive(Debug, Clone)]
 pub struct FenceTag {
     fence: Arc<RefusalFence>,
     recipient: Username,
-    generation: u64,
     serial: u64,
 }
 
 impl FenceTag {
-    /// Whether this send must be refused because an earlier one to its recipient was.
+    /// Whether this send must be refused: an earlier one to its recipient was, and the
+    /// client had not read that when it sent this one.
     pub fn holds(&self) -> bool {
-        self.fence
-            .holds_other(&self.recipient, self.generation, Some(self.serial))
+        self.fence.holds(&self.recipient, self.serial)
     }
 
-    /// Records that this send was refused (or failed): later sends of its generation to
-    /// its recipient are held.
+    /// Records that this send was refused (or failed): later sends to its recipient are
+    /// held until the client has read the refusal.
     pub fn refused(&self) {
-        let mut refused = self.fence.refused.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = refused
-            .entry(self.recipient.clone())
-            .or_insert((self.generation, self.serial));
-        *entry = (entry.0.max(self.generation), self.serial);
+        let mut refused = self.fence.lock();
+        let r = refused.entry(self.recipient.clone()).or_insert(Refusals {
+            held_after: self.serial,
+            refused: self.serial,
+            answered: 0,
+            lifted_from: u64::MAX,
+        });
+        // Sends read before an earlier lift may still be in flight: the lowest stays.
+        r.held_after = r.held_after.min(self.serial);
+        r.refused = r.refused.max(self.serial);
+        r.lifted_from = u64::MAX;
         self.fence.any.store(true, Ordering::Release);
+    }
+
+    /// The client is being told this send's outcome (the `Ping` behind it follows).
+    pub fn answered(&self) {
+        if !self.fence.any.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(r) = self.fence.lock().get_mut(&self.recipient) {
+            r.answered = r.answered.max(self.serial);
+        }
     }
 }
 
@@ -123,12 +154,12 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_holds_later_sends_to_its_recipient_in_its_generation_only() {
+    fn a_refusal_holds_later_sends_to_its_recipient_until_the_client_has_read_it() {
         let fence = Arc::new(RefusalFence::default());
         let (carol, bob) = (user("carol"), user("bob"));
-        let first = fence.tag(carol.clone(), 1, 1);
-        let second = fence.tag(carol.clone(), 1, 2);
-        let to_bob = fence.tag(bob.clone(), 1, 3);
+        let first = fence.tag(carol.clone(), 1);
+        let second = fence.tag(carol.clone(), 2);
+        let to_bob = fence.tag(bob.clone(), 3);
         assert!(!first.holds() && !second.holds());
         first.refused();
         assert!(
@@ -140,24 +171,60 @@ mod tests {
             "the refused send is decided again if retried whole"
         );
         assert!(!to_bob.holds(), "bob is not held by carol's refusal");
-        assert!(fence.holds(&carol, 1));
-        // The client answered the Ping behind the refusal: its new sends pass.
-        assert!(!fence.holds(&carol, 2));
-        assert!(second.holds(), "a send of the old generation stays held");
-        fence.forget_before(2);
+        // Answered, and the Ping behind the answers answered: sends read from now pass.
+        first.answered();
+        second.refused();
+        second.answered();
+        fence.lift_answered(4);
+        assert!(!fence.tag(carol.clone(), 4).holds());
+        assert!(second.holds(), "a send read before the lift stays held");
+        fence.forget_lifted();
         assert!(fence.is_empty());
-        assert!(!fence.holds(&carol, 1));
+    }
+
+    /// The case a connection-wide generation missed: the client reads a refusal to carol
+    /// and answers the Ping behind it while a send to bob, read before, is still being
+    /// decided; it is refused after that, and a send to bob read after the Pong must not
+    /// overtake it.
+    #[test]
+    fn a_refusal_decided_after_a_lift_holds_sends_read_after_the_lift() {
+        let fence = Arc::new(RefusalFence::default());
+        let (carol, bob) = (user("carol"), user("bob"));
+        let to_carol = fence.tag(carol.clone(), 1);
+        let early_bob = fence.tag(bob.clone(), 2);
+        to_carol.refused();
+        to_carol.answered();
+        fence.lift_answered(3);
+        let late_bob = fence.tag(bob.clone(), 3);
+        early_bob.refused();
+        assert!(
+            late_bob.holds(),
+            "bob's later send overtook his refused one"
+        );
+        assert!(!fence.tag(carol.clone(), 4).holds());
+        // Until bob's refusal is answered, a Pong lifts nothing for him.
+        fence.lift_answered(5);
+        assert!(fence.tag(bob.clone(), 5).holds());
+        early_bob.answered();
+        late_bob.refused();
+        late_bob.answered();
+        fence.lift_answered(6);
+        assert!(!fence.tag(bob.clone(), 6).holds());
     }
 
     #[test]
-    fn a_refusal_in_a_later_generation_holds_again() {
+    fn a_lifted_recipient_refused_again_holds_from_the_lowest_refusal_in_flight() {
         let fence = Arc::new(RefusalFence::default());
-        let carol = user("carol");
-        fence.tag(carol.clone(), 1, 1).refused();
-        fence.tag(carol.clone(), 3, 7).refused();
-        assert!(fence.holds(&carol, 3));
-        assert!(!fence.holds(&carol, 4));
-        fence.forget_before(3);
+        let bob = user("bob");
+        let (a, b) = (fence.tag(bob.clone(), 1), fence.tag(bob.clone(), 2));
+        a.refused();
+        a.answered();
+        fence.lift_answered(3);
+        // Send 2 was read before the lift: still held, and refused as such.
+        assert!(b.holds());
+        b.refused();
+        let c = fence.tag(bob.clone(), 3);
+        assert!(c.holds());
         assert_eq!(fence.len(), 1);
     }
 }

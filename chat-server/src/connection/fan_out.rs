@@ -5,6 +5,7 @@ use chat_protocol::Username;
 use chat_protocol::message::RequestId;
 
 use super::{Handler, InFlight};
+use crate::fence::FenceTag;
 use crate::store::Enqueued;
 use crate::writer::{Done, Ticket};
 
@@ -27,30 +28,29 @@ impl Handler {
         // A copy to a recipient an earlier send to was refused is held (`crate::fence`).
         let tagged: Vec<_> = recipients
             .into_iter()
-            .map(|user| {
-                let user = user?;
-                let tag = (!self.order.holds(&user)).then(|| self.order.tag(&user));
-                Some((user, tag))
-            })
+            .map(|user| user.map(|user| (self.order.tag(&user), user)))
             .collect();
-        let publishes = tagged.into_iter().map(|copy| {
+        let publishes = tagged.iter().map(|copy| {
             let (cluster, address, payload) = (&cluster, &address, payload.clone());
             async move {
-                let (user, tag) = copy?;
-                let Some(tag) = tag else {
+                let (tag, user) = copy.as_ref()?;
+                if tag.holds() {
+                    tag.refused();
                     return Some(settled_ticket(Enqueued::Fenced));
-                };
+                }
                 let msg_id = format!("{:032x}", rand::random::<u128>());
+                let tag = tag.clone();
                 Some(
                     cluster
-                        .publish(&user, me, address, payload, msg_id, tag)
+                        .publish(user, me, address, payload, msg_id, tag)
                         .await,
                 )
             }
         });
         let tickets = futures_util::future::join_all(publishes).await;
         let last = to.len() - 1;
-        for (i, (name, ticket)) in to.into_iter().zip(tickets).enumerate() {
+        let copies = to.into_iter().zip(tickets).zip(tagged);
+        for (i, ((name, ticket), tagged)) in copies.enumerate() {
             let part = Some(i == last);
             self.sends.push_back(match ticket {
                 Some(ticket) => InFlight {
@@ -59,6 +59,7 @@ impl Handler {
                     route: None,
                     ticket,
                     part,
+                    fence: tagged.map(|(tag, _)| tag),
                 },
                 None => no_such_user(id, name, part),
             });
@@ -82,13 +83,17 @@ fn settled(id: RequestId, to: String, part: Option<bool>, outcome: Enqueued) -> 
         route: None,
         ticket: settled_ticket(outcome),
         part,
+        fence: None,
     }
 }
 
 /// A send (or copy) to `to` held because an earlier one to `to` was refused
 /// (`crate::fence`): answered `server_busy` in its turn.
-pub(super) fn fenced(id: RequestId, to: String, part: Option<bool>) -> InFlight {
-    settled(id, to, part, Enqueued::Fenced)
+pub(super) fn fenced(id: RequestId, to: String, part: Option<bool>, tag: FenceTag) -> InFlight {
+    InFlight {
+        fence: Some(tag),
+        ..settled(id, to, part, Enqueued::Fenced)
+    }
 }
 
 /// A copy for `name`, which is no valid username: answered `unknown_user` in its turn.

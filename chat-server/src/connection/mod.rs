@@ -126,6 +126,9 @@ struct InFlight {
     /// One copy of a `SendMany`, answered together with the others in one `Outcomes`:
     /// whether it is the request's last copy.
     part: Option<bool>,
+    /// Its place among the connection's sends (`crate::fence`): told when the client is
+    /// given its outcome. `None` for a copy never submitted (no such user, shed whole).
+    fence: Option<crate::fence::FenceTag>,
 }
 
 /// Something the router or the server wants this connection to act on.

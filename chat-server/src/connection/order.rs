@@ -1,6 +1,5 @@
-//! The connection's side of its [`RefusalFence`] (see `crate::fence`): the generation its
-//! sends are read in, the `Ping` written behind a refusal, and the new generation its
-//! `Pong` starts.
+//! The connection's side of its [`RefusalFence`] (see `crate::fence`): the serial number
+//! of each send, the `Ping` written behind a refusal, and what its `Pong` lifts.
 
 use std::sync::Arc;
 
@@ -9,20 +8,18 @@ use rand::Rng;
 
 use crate::fence::{FenceTag, RefusalFence};
 
-/// Generations of this connection's sends and the fence they are checked against.
+/// This connection's sends, numbered, and the fence they are checked against.
 #[derive(Debug, Default)]
 pub(super) struct OrderFence {
     /// Made at the first send: an idle connection holds nothing.
     fence: Option<Arc<RefusalFence>>,
-    /// Sends read now belong to this generation.
-    generation: u64,
-    /// Sends tagged so far (each tag's serial number).
+    /// Sends tagged so far (the last tag's serial number).
     serial: u64,
     /// A refusal was answered and no `Ping` is written behind it yet (one is, once the
     /// answer that holds it is complete: a `SendMany`'s `Outcomes` comes at its last copy).
     ping_due: bool,
-    /// The nonce of the `Ping` behind the latest refusal; its `Pong` starts the next
-    /// generation.
+    /// The nonce of the `Ping` behind the latest refusal; its `Pong` lifts the refusals
+    /// answered before it.
     ping: Option<u64>,
 }
 
@@ -30,19 +27,9 @@ impl OrderFence {
     /// The tag of the next send, to `recipient`.
     pub(super) fn tag(&mut self, recipient: &Username) -> FenceTag {
         self.serial += 1;
-        self.fence.get_or_insert_with(Default::default).tag(
-            recipient.clone(),
-            self.generation,
-            self.serial,
-        )
-    }
-
-    /// Whether a send to `recipient` read now must be refused: one to it was refused
-    /// and the client has not yet answered the `Ping` behind the refusal.
-    pub(super) fn holds(&self, recipient: &Username) -> bool {
         self.fence
-            .as_ref()
-            .is_some_and(|f| f.holds(recipient, self.generation))
+            .get_or_insert_with(Default::default)
+            .tag(recipient.clone(), self.serial)
     }
 
     /// A send was answered with a refusal that may pass later: a `Ping` is due behind it.
@@ -63,16 +50,18 @@ impl OrderFence {
     }
 
     /// The client answered `Ping` `nonce`. If it is the one behind the latest refusal, the
-    /// client has read every refusal: a new generation starts, and with no send in flight
-    /// (`idle`) the refusals recorded are forgotten.
+    /// client has read every refusal answered so far: sends it makes from now on to those
+    /// recipients pass. With no send in flight (`idle`) the lifted ones are forgotten.
     pub(super) fn pong(&mut self, nonce: u64, idle: bool) {
         if self.ping != Some(nonce) {
             return;
         }
         self.ping = None;
-        self.generation += 1;
-        if idle && let Some(fence) = &self.fence {
-            fence.forget_before(self.generation);
+        if let Some(fence) = &self.fence {
+            fence.lift_answered(self.serial + 1);
+            if idle {
+                fence.forget_lifted();
+            }
         }
     }
 }

@@ -105,6 +105,7 @@ mod tests {
             route: None,
             ticket: Ticket::pending().1,
             part,
+            fence: None,
         }
     }
 

@@ -142,14 +142,15 @@ impl Handler {
         room: Room,
         part: Option<bool>,
     ) {
-        if self.order.holds(&to_user) {
+        let fence = self.order.tag(&to_user);
+        if fence.holds() {
             // An earlier send to `to_user` was refused and the client may not have read
             // that yet: this one must not overtake it.
+            fence.refused();
             self.sends
-                .push_back(fan_out::fenced(id, to_user.to_string(), part));
+                .push_back(fan_out::fenced(id, to_user.to_string(), part, fence));
             return;
         }
-        let fence = self.order.tag(&to_user);
         if let Some(cluster) = self.shared.cluster.clone() {
             // Published in request order on the one NATS connection; answered
             // once JetStream has it on a quorum. The room is only the pacing.
@@ -158,7 +159,14 @@ impl Handler {
             let address =
                 crate::limits::shared_address_name(&self.shared.address_secret, self.peer.ip());
             let ticket = cluster
-                .publish(&to_user, me, &address, payload.into(), msg_id, fence)
+                .publish(
+                    &to_user,
+                    me,
+                    &address,
+                    payload.into(),
+                    msg_id,
+                    fence.clone(),
+                )
                 .await;
             self.sends.push_back(InFlight {
                 id,
@@ -166,6 +174,7 @@ impl Handler {
                 route: None,
                 ticket,
                 part,
+                fence: Some(fence),
             });
             return;
         }
@@ -178,6 +187,7 @@ impl Handler {
         let source = self.source;
         // An envelope delivered at once keeps its place whatever the store says later;
         // one that goes through the store first is checked against earlier refusals there.
+        let tag = fence.clone();
         let envelope = |payload, delivered: bool| Envelope {
             recipient,
             sender,
@@ -185,7 +195,7 @@ impl Handler {
             payload,
             now_secs,
             limits,
-            fence: (!delivered).then_some(fence),
+            fence: (!delivered).then_some(tag),
         };
         let ((ticket, payload), _) =
             self.shared
@@ -209,6 +219,7 @@ impl Handler {
             route: payload.map(|payload| (to_user, payload)),
             ticket,
             part,
+            fence: Some(fence),
         });
     }
 

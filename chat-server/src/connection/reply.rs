@@ -93,7 +93,17 @@ impl Handler {
         sent: InFlight,
         done: Result<Enqueued, StoreError>,
     ) -> ServerMessage {
-        let InFlight { id, to, route, .. } = sent;
+        let InFlight {
+            id,
+            to,
+            route,
+            fence,
+            ..
+        } = sent;
+        if let Some(tag) = &fence {
+            // Lifted by the client's answer to the Ping written behind this answer.
+            tag.answered();
+        }
         if let Some((recipient, payload)) = route {
             let deliver = match (&done, &self.state) {
                 (Ok(Enqueued::Stored(envelope_id)), State::Ready(me)) => {

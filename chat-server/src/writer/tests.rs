@@ -104,7 +104,7 @@ async fn a_refused_envelope_is_not_overtaken_when_room_comes_back_before_the_nex
     let fence = std::sync::Arc::new(RefusalFence::default());
     let tagged = |to: &str, payload: &[u8], serial| Envelope {
         limits: QueueLimits::per_recipient(1, 1 << 20),
-        fence: Some(fence.tag(name(to), 0, serial)),
+        fence: Some(fence.tag(name(to), serial)),
         ..envelope(to, payload)
     };
     // Bob's queue holds one; the second is refused. Bob's Ack frees the room, written
@@ -119,13 +119,15 @@ async fn a_refused_envelope_is_not_overtaken_when_room_comes_back_before_the_nex
     assert_eq!(three.enqueued().await.unwrap(), Enqueued::Fenced);
     assert_eq!(to_carol.enqueued().await.unwrap(), Enqueued::Stored(4));
     assert!(store.pending(&name("bob"), 0, 10).unwrap().is_empty());
-    // Once the client has read the refusals (a new generation), bob's room is there.
-    let again = Envelope {
-        limits: QueueLimits::per_recipient(1, 1 << 20),
-        fence: Some(fence.tag(name("bob"), 1, 5)),
-        ..envelope("bob", b"2")
-    };
-    let mut retried = writer.enqueue(room(&writer), 5, again);
+    // Once the client has been told of both refusals and answered the Ping behind them,
+    // bob's room is there for what it sends next.
+    for serial in 1..=4 {
+        fence
+            .tag(name(if serial == 4 { "carol" } else { "bob" }), serial)
+            .answered();
+    }
+    fence.lift_answered(5);
+    let mut retried = writer.enqueue(room(&writer), 5, tagged("bob", b"2", 5));
     assert_eq!(retried.enqueued().await.unwrap(), Enqueued::Stored(5));
 }
 
