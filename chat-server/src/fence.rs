@@ -25,6 +25,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use chat_protocol::Username;
 
+use crate::store::{Enqueued, StoreError};
+
+/// Whether a send's outcome is a refusal that may pass, which later sends to its
+/// recipient must not overtake: anything but stored, no such user (final), or shed (the
+/// connection's shed fence already refuses every later send until its `Ping` is answered).
+pub fn holds_back(outcome: &Result<Enqueued, StoreError>) -> bool {
+    !matches!(
+        outcome,
+        Ok(Enqueued::Stored(_) | Enqueued::UnknownRecipient | Enqueued::Shed { .. })
+    )
+}
+
 /// What is known of a recipient's refusals on one connection (serial numbers).
 #[derive(Debug, Clone, Copy)]
 struct Refusals {

@@ -240,10 +240,7 @@ impl Handler {
                 Ok(Enqueued::Shed { fence, .. }) => Some(fence),
                 _ => None,
             };
-            if !matches!(
-                outcome,
-                Ok(Enqueued::Stored(_) | Enqueued::UnknownRecipient | Enqueued::Shed { .. })
-            ) {
+            if crate::fence::holds_back(&outcome) {
                 // Refused for a reason that may pass: later sends to the recipient are
                 // held until the client has read this (`crate::fence`).
                 self.order.refused();

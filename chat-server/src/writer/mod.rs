@@ -435,7 +435,7 @@ impl Write {
                     &e.limits,
                 );
                 if let Some(fence) = &e.fence
-                    && !matches!(done, Ok(Enqueued::Stored(_) | Enqueued::UnknownRecipient))
+                    && crate::fence::holds_back(&done)
                 {
                     fence.refused();
                 }
