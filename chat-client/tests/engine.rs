@@ -7,19 +7,28 @@ use std::time::Duration;
 use chat_client::{Command, ConnectionState, Event};
 use common::inproc::{Peer, start_relay_with};
 
+/// A relay that queues at most 2 envelopes per recipient, and bob registered on it, then
+/// offline.
+fn relay_with_bob_offline(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+) -> common::inproc::Relay {
+    let relay = start_relay_with(rt, "127.0.0.1:0", &dir.join("relay"), |c| {
+        c.queue.max_envelopes_per_user = 2;
+        c.queue.max_sender_share = 1.0;
+    });
+    let bob = Peer::start(rt, relay.addr, "bob", &dir.join("bob"));
+    bob.send(Command::Shutdown {
+        flush_for: Duration::ZERO,
+    });
+    relay
+}
+
 #[test]
 fn a_full_recipient_queue_keeps_messages_queued_and_retries() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let relay = start_relay_with(&rt, "127.0.0.1:0", &dir.path().join("relay"), |c| {
-        c.queue.max_envelopes_per_user = 2;
-        c.queue.max_sender_share = 1.0;
-    });
-    // Bob registers, then goes offline.
-    let bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));
-    bob.send(Command::Shutdown {
-        flush_for: Duration::ZERO,
-    });
+    let relay = relay_with_bob_offline(&rt, dir.path());
     let mut alice = Peer::start_with(&rt, relay.addr, "alice", &dir.path().join("alice"), |c| {
         c.retry_later = Duration::from_millis(300);
     });
@@ -47,6 +56,68 @@ fn a_full_recipient_queue_keeps_messages_queued_and_retries() {
         texts,
         (0..4).map(|n| format!("queued {n}")).collect::<Vec<_>>()
     );
+    assert!(
+        !std::iter::from_fn(|| alice.handle.events.try_recv().ok())
+            .any(|e| matches!(e, Event::Failed { .. })),
+        "nothing was given up"
+    );
+}
+
+/// Messages to a contact who is offline with a full queue at the relay wait, and go as
+/// soon as the contact is back online rather than after the pause: here the pause is an
+/// hour, so only a sign that bob is online (the relay's presence notice, or bob's
+/// receipts for the two it took, each of which suffices) can end it. Each arrives once,
+/// in order, and the user is told once, not once per retry.
+#[test]
+fn messages_held_for_a_full_queue_go_when_the_recipient_is_back_online() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay_with_bob_offline(&rt, dir.path());
+    let mut alice = Peer::start_with(&rt, relay.addr, "alice", &dir.path().join("alice"), |c| {
+        c.retry_later = Duration::from_secs(3600);
+        c.queue_full_retry = Duration::from_secs(3600);
+    });
+    let text = |n: usize| format!("held {n}");
+    for n in 0..8 {
+        alice.send(Command::Send {
+            to: "bob".into(),
+            text: text(n),
+        });
+    }
+    // Two of them are taken; the other six wait in alice's client.
+    let mut sent = 0;
+    loop {
+        match alice.expect(|e| matches!(e, Event::Sent { .. } | Event::Error { .. })) {
+            Event::Sent { .. } => sent += 1,
+            Event::Error { code, message } => {
+                assert_eq!(code, "recipient_queue_full");
+                assert!(
+                    message.contains("at once when bob is back online"),
+                    "{message}"
+                );
+                break;
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    let mut bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));
+    let mut texts = Vec::new();
+    while texts.len() < 8 {
+        if let Event::Message { text, .. } = bob.expect(|e| matches!(e, Event::Message { .. })) {
+            texts.push(text);
+        }
+    }
+    assert_eq!(texts, (0..8).map(text).collect::<Vec<_>>());
+    let mut told = 1;
+    while sent < 8 {
+        match alice.expect(|e| matches!(e, Event::Sent { .. } | Event::Error { .. })) {
+            Event::Sent { .. } => sent += 1,
+            Event::Error { code, .. } if code == "recipient_queue_full" => told += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(told, 1, "the full queue was told once, not once per retry");
     assert!(
         !std::iter::from_fn(|| alice.handle.events.try_recv().ok())
             .any(|e| matches!(e, Event::Failed { .. })),

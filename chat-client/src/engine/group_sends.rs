@@ -135,7 +135,10 @@ impl Engine {
         let mut outcomes = outcomes.into_iter();
         for member in members {
             match outcomes.next() {
-                Some(None) => self.group_send_answered(group, id, &member, true),
+                Some(None) => {
+                    self.peer_accepted(&member);
+                    self.group_send_answered(group, id, &member, true);
+                }
                 Some(Some(code)) => {
                     let message = refusal(code, &member);
                     self.group_copy_refused(group, id, member, code, message);

@@ -140,6 +140,8 @@ impl Engine {
             acks: Vec::new(),
             retry_at: None,
             hold: HashMap::new(),
+            queue_full: HashMap::new(),
+            online_peers: HashSet::new(),
             watch_list: BTreeSet::new(),
             watching: HashSet::new(),
             max_frame: 0,

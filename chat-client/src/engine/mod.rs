@@ -41,9 +41,13 @@ mod outbox;
 mod peers;
 mod replies;
 mod session;
+mod stalls;
 
 /// Pause before resending after the server answered `rate_limited`.
 const RATE_LIMIT_RETRY: Duration = Duration::from_secs(1);
+/// Longest pause after `recipient_queue_full` while the recipient is online: their queue
+/// at the relay drains as they read it.
+const ONLINE_RETRY: Duration = Duration::from_secs(4);
 /// How often late and expired messages are looked for, and stalled deliveries retried.
 const HOUSEKEEPING: Duration = Duration::from_secs(10);
 /// Frames handled before the answers they produced are written (batches receipts/acks).
@@ -84,8 +88,14 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// We ping a quiet server this often, and drop a connection silent for 3x as long.
     pub ping_interval: Duration,
-    /// Retry delay after a full recipient queue or a server-side failure.
+    /// Retry delay after a server-side failure, and the longest one after a full
+    /// recipient queue.
     pub retry_later: Duration,
+    /// First retry delay after a full recipient queue (`recipient_queue_full`); it
+    /// doubles with each such refusal in a row, up to `retry_later` while the recipient
+    /// is offline and up to 4 s while they are online. A hold for a full queue ends at
+    /// once when the recipient comes online.
+    pub queue_full_retry: Duration,
     /// A message sent this long ago without a receipt is reported `undelivered`.
     pub undelivered_after: Duration,
     /// A relay key seen for the first time waits for `TrustServerKey` (the window asks);
@@ -111,6 +121,7 @@ impl ClientConfig {
             backoff_max: Duration::from_secs(15),
             ping_interval: Duration::from_secs(25),
             retry_later: Duration::from_secs(30),
+            queue_full_retry: Duration::from_secs(1),
             undelivered_after: Duration::from_secs(24 * 3600),
             confirm_new_relay_keys: false,
             ca_file: None,
@@ -300,6 +311,14 @@ struct Engine {
     retry_at: Option<Instant>,
     /// Contacts nothing is sent to until then (their queue at the relay is full, …).
     hold: HashMap<String, Instant>,
+    /// Per contact, the `recipient_queue_full` refusals in a row (an accepted send ends
+    /// the run): the next hold is `queue_full_retry` doubled once per refusal before,
+    /// at most `retry_later` ([`ONLINE_RETRY`] while they are online). Such a hold ends
+    /// early when the contact shows they are online, since their queue at the relay
+    /// drains as they read it.
+    queue_full: HashMap<String, u32>,
+    /// Watched contacts the relay last said are online (this connection).
+    online_peers: HashSet<String>,
     /// Users whose presence we follow: contacts, everyone we exchange messages with, and
     /// those asked for. Watched anew on every connection.
     watch_list: BTreeSet<String>,

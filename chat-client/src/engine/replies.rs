@@ -3,6 +3,8 @@
 //! one holds the peer's queue and retries later, said once per pause; a final one fails
 //! the message and says why.
 
+use std::time::Duration;
+
 use chat_protocol::ErrorCode;
 use chat_protocol::message::RequestId;
 use tokio::time::Instant;
@@ -20,6 +22,7 @@ impl Engine {
                 epoch,
             }) => {
                 self.in_flight.remove(&msg_id);
+                self.peer_accepted(&to);
                 if self.retired_out.contains(&(to.clone(), epoch)) {
                     // Its recipient asked for this epoch again meanwhile: it stays queued.
                     self.sink.emit(Event::Requeued {
@@ -80,30 +83,38 @@ impl Engine {
         }
     }
 
-    /// When to try again after a transient refusal with `code`; the retry timer is set
-    /// for it.
-    pub(super) fn retry_after(&mut self, code: ErrorCode) -> std::time::Duration {
-        let delay = if matches!(code, ErrorCode::RateLimited | ErrorCode::ServerBusy) {
-            RATE_LIMIT_RETRY
-        } else {
-            self.config.retry_later
+    /// How long to hold `peer` after a transient refusal with `code`, and whether the
+    /// user is to be told (not again while a run of full-queue refusals goes on); the
+    /// retry timer is set for it.
+    pub(super) fn retry_after(&mut self, code: ErrorCode, peer: &str) -> (Duration, bool) {
+        let (delay, tell) = match code {
+            ErrorCode::RateLimited | ErrorCode::ServerBusy => (RATE_LIMIT_RETRY, true),
+            ErrorCode::RecipientQueueFull => self.queue_full_delay(peer),
+            _ => (self.config.retry_later, true),
         };
         let at = Instant::now() + delay;
         self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
-        delay
+        (delay, tell)
     }
 
     /// Holds everything to `peer` after a transient refusal with `code`, telling it once
-    /// per pause (not once per message).
+    /// per pause (not once per message) and once per run of full-queue refusals.
     pub(super) fn hold_and_tell(&mut self, peer: &str, code: ErrorCode, message: &str) {
-        let delay = self.retry_after(code);
-        if self.hold_peer(peer, delay) {
+        let (delay, tell) = self.retry_after(code, peer);
+        if self.hold_peer(peer, delay) && tell {
+            let when = if code == ErrorCode::RecipientQueueFull {
+                format!(
+                    "are retried in {} s, less often while the queue stays full (at least \
+                     every {} s), and at once when {peer} is back online",
+                    delay.as_secs().max(1),
+                    self.config.retry_later.as_secs().max(1)
+                )
+            } else {
+                format!("are retried in {} s", delay.as_secs().max(1))
+            };
             self.sink.emit(Event::error(
                 code.as_str(),
-                format!(
-                    "{message}; messages to {peer} stay queued and are retried in {} s",
-                    delay.as_secs().max(1)
-                ),
+                format!("{message}; messages to {peer} stay queued and {when}"),
             ));
         }
     }
@@ -113,7 +124,6 @@ impl Engine {
             self.shed_fence = true;
         }
         let transient = transient(code);
-        let retry_after = |engine: &mut Self| engine.retry_after(code);
         match self.pending.remove(&id) {
             Some(Pending::Send { id: msg_id, to, .. }) => {
                 self.in_flight.remove(&msg_id);
@@ -133,16 +143,18 @@ impl Engine {
             Some(Pending::GroupSend { group, id, members }) => {
                 // The whole `SendMany` was refused: every copy in it is (said once).
                 if transient {
-                    let delay = retry_after(self);
+                    let mut longest = Duration::ZERO;
                     for member in &members {
                         self.group_in_flight.remove(&(id, member.clone()));
+                        let (delay, _) = self.retry_after(code, member);
                         self.hold_peer(member, delay);
+                        longest = longest.max(delay);
                     }
                     self.sink.emit(Event::error(
                         code.as_str(),
                         format!(
                             "{message}; the group message stays queued and is retried in {} s",
-                            delay.as_secs().max(1)
+                            longest.as_secs().max(1)
                         ),
                     ));
                 } else {
@@ -160,7 +172,7 @@ impl Engine {
                     self.receipts_in_flight.remove(&(peer.clone(), *id));
                 }
                 if transient {
-                    let delay = retry_after(self);
+                    let (delay, _) = self.retry_after(code, &peer);
                     self.hold_peer(&peer, delay);
                 } else if let Err(e) = self.store.receipts_sent(&peer, &ids, None) {
                     // Refused for good (e.g. the sender's account is gone): owed no more.
@@ -172,7 +184,7 @@ impl Engine {
                     self.retries_in_flight.remove(&(peer.clone(), *epoch));
                 }
                 if transient {
-                    let delay = retry_after(self);
+                    let (delay, _) = self.retry_after(code, &peer);
                     self.hold_peer(&peer, delay);
                 } else if let Err(e) = self.store.retries_sent(&peer, &epochs, None) {
                     self.store_error(e);

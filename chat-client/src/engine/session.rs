@@ -55,6 +55,7 @@ impl Engine {
         self.in_flight.clear();
         self.retired_out.clear();
         self.hold.clear();
+        self.online_peers.clear();
         self.receipts_in_flight.clear();
         self.retries_in_flight.clear();
         self.group_in_flight.clear();
