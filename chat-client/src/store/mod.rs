@@ -21,6 +21,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 pub mod cipher;
 mod contacts;
 mod e2e;
+mod group_held;
 mod group_outbox;
 mod groups;
 mod messages;

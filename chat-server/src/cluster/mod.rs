@@ -37,6 +37,7 @@ pub mod nodes;
 mod outbox;
 mod patience;
 mod quota;
+mod removal;
 mod sessions;
 mod tally;
 
@@ -56,12 +57,13 @@ use crate::writer::{Done, Ticket};
 
 pub use admin::{ClusterStats, Migration};
 pub use api_gate::API_IN_FLIGHT;
-use delivery::Removal;
-pub use delivery::{AbortOnDrop, MailboxRead, READER_RETRIES, REMOVE_EVERY};
+pub use delivery::{AbortOnDrop, MailboxRead, READER_RETRIES};
 pub use layout::DUPLICATE_WINDOW;
 pub use link::LINK_GRACE;
 pub use outbox::RETRY_FOR;
 pub use patience::PATIENCE;
+pub use removal::REMOVE_EVERY;
+use removal::Removal;
 pub use sessions::{LOGIN_WINDOW, Login};
 pub use tally::FAR_FOR;
 

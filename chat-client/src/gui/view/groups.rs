@@ -5,7 +5,8 @@
 
 use egui::{Align, Layout, RichText, Ui, Vec2};
 
-use super::conversation::{Bubble, To, bubble, composer_below, day_heading, history};
+use super::composer::{To, composer_below};
+use super::conversation::{Bubble, bubble, day_heading, history};
 use super::{WARN_BG, empty_state, presence_dot};
 use crate::api::{Command, Status};
 use crate::gui::ChatApp;

@@ -3,6 +3,7 @@
 //! This file holds the main window's frame (status bar, contact list); `signin`,
 //! `conversation` and `dialogs` the rest.
 
+mod composer;
 mod conversation;
 mod dialogs;
 mod group_dialogs;
@@ -17,8 +18,8 @@ use super::ChatApp;
 use super::theme;
 use crate::api::{Command, ConnectionState};
 use crate::gui::model::{Contact, NOTE_TO_SELF};
+pub(crate) use composer::group_draft_key;
 use conversation::conversation;
-pub(crate) use conversation::group_draft_key;
 pub use dialogs::relay_key_dialog;
 use dialogs::{remove_dialog, safety_dialog, settings_dialog};
 pub use signin::sign_in;
