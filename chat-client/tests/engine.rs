@@ -92,7 +92,7 @@ fn messages_held_for_a_full_queue_go_when_the_recipient_is_back_online() {
             Event::Error { code, message } => {
                 assert_eq!(code, "recipient_queue_full");
                 assert!(
-                    message.contains("at once when bob is back online"),
+                    message.contains("at once when bob comes online"),
                     "{message}"
                 );
                 break;

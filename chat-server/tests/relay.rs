@@ -503,6 +503,66 @@ async fn a_full_queue_refuses_with_a_typed_error(#[values(Sqlite, Nats)] backend
     }
 }
 
+/// An envelope delivered live whose `Ack` comes after the grace is written to the store;
+/// carol has it already, so her mailbox's bound does not refuse it (the sender would be
+/// told `recipient_queue_full` for a message carol is reading, and send it again). Once
+/// she is offline the bound holds as before.
+#[tokio::test]
+async fn a_message_delivered_live_is_not_refused_for_a_full_mailbox_when_its_ack_is_late() {
+    let server = TestServer::on(Sqlite, |c| {
+        c.queue.max_envelopes_per_user = 2;
+        c.queue.max_sender_share = 1.0;
+        // Every live envelope is written at once, as if each Ack were late.
+        c.queue.live_grace_secs = 0.0;
+    })
+    .await;
+    drop(server.user("alice", 0).await);
+    let mut carol = server.user("carol", 2).await;
+    let mut alice = server.user("alice", 0).await;
+    for n in 0..5u8 {
+        let reply = alice.send_to("carol", &[n]).await;
+        assert!(
+            matches!(reply, ServerMessage::Ok { .. }),
+            "send {n} to carol, who has it already: {reply:?}"
+        );
+    }
+    let got: Vec<Vec<u8>> = deliveries(&mut carol, 5)
+        .await
+        .into_iter()
+        .map(|d| d.1)
+        .collect();
+    assert_eq!(got, (0..5u8).map(|n| vec![n]).collect::<Vec<_>>());
+    // Carol leaves without acknowledging: the five wait for her, and her bound holds.
+    drop(carol);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match alice.send_to("carol", b"over").await {
+            ServerMessage::Error {
+                code: ErrorCode::RecipientQueueFull,
+                ..
+            } => break,
+            // Carol's session may not be gone yet: delivered live, then written.
+            ServerMessage::Ok { .. } => assert!(
+                tokio::time::Instant::now() < deadline,
+                "carol's bound never held once she was offline"
+            ),
+            other => panic!("expected recipient_queue_full, got {other:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut carol = server.user("carol", 2).await;
+    let again = deliveries(&mut carol, 5).await;
+    assert_eq!(
+        again
+            .iter()
+            .map(|d| d.1.clone())
+            .take(5)
+            .collect::<Vec<_>>(),
+        (0..5u8).map(|n| vec![n]).collect::<Vec<_>>(),
+        "what carol did not acknowledge is delivered again, in order"
+    );
+}
+
 #[rstest]
 #[tokio::test]
 async fn a_refused_send_is_not_overtaken_by_a_later_one_to_the_same_recipient(

@@ -27,6 +27,7 @@ use crate::home::Home;
 use crate::store::{Store, StoreError};
 
 mod commands;
+mod full_queue;
 mod group_changes;
 mod group_checks;
 mod group_inbound;
@@ -45,9 +46,6 @@ mod stalls;
 
 /// Pause before resending after the server answered `rate_limited`.
 const RATE_LIMIT_RETRY: Duration = Duration::from_secs(1);
-/// Longest pause after `recipient_queue_full` while the recipient is online: their queue
-/// at the relay drains as they read it.
-const ONLINE_RETRY: Duration = Duration::from_secs(4);
 /// How often late and expired messages are looked for, and stalled deliveries retried.
 const HOUSEKEEPING: Duration = Duration::from_secs(10);
 /// Frames handled before the answers they produced are written (batches receipts/acks).
@@ -92,9 +90,10 @@ pub struct ClientConfig {
     /// recipient queue.
     pub retry_later: Duration,
     /// First retry delay after a full recipient queue (`recipient_queue_full`); it
-    /// doubles with each such refusal in a row, up to `retry_later` while the recipient
-    /// is offline and up to 4 s while they are online. A hold for a full queue ends at
-    /// once when the recipient comes online.
+    /// doubles with each retry refused, up to `retry_later` while the recipient is
+    /// offline and up to 4 s while they are online. A hold for a full queue ends at once
+    /// when the recipient comes online, and within 1 s when an envelope from them
+    /// arrives (they are reading their queue).
     pub queue_full_retry: Duration,
     /// A message sent this long ago without a receipt is reported `undelivered`.
     pub undelivered_after: Duration,
@@ -311,12 +310,8 @@ struct Engine {
     retry_at: Option<Instant>,
     /// Contacts nothing is sent to until then (their queue at the relay is full, …).
     hold: HashMap<String, Instant>,
-    /// Per contact, the `recipient_queue_full` refusals in a row (an accepted send ends
-    /// the run): the next hold is `queue_full_retry` doubled once per refusal before,
-    /// at most `retry_later` ([`ONLINE_RETRY`] while they are online). Such a hold ends
-    /// early when the contact shows they are online, since their queue at the relay
-    /// drains as they read it.
-    queue_full: HashMap<String, u32>,
+    /// Contacts whose queue at the relay was found full (see `full_queue`).
+    queue_full: HashMap<String, full_queue::FullQueue>,
     /// Watched contacts the relay last said are online (this connection).
     online_peers: HashSet<String>,
     /// Users whose presence we follow: contacts, everyone we exchange messages with, and

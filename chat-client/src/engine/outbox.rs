@@ -179,6 +179,16 @@ impl Engine {
         };
         // Keep per-contact order: once one message to a contact must wait, so do the rest.
         let mut held: HashSet<String> = HashSet::new();
+        // Contacts with a send in flight: one whose queue at the relay is full gets no
+        // other until it is answered (`full_queue`).
+        let mut sending: HashSet<String> = self
+            .pending
+            .values()
+            .filter_map(|p| match p {
+                Pending::Send { to, .. } => Some(to.clone()),
+                _ => None,
+            })
+            .collect();
         let mut changed = false;
         for item in items {
             if self.in_flight.contains_key(&item.id) || held.contains(&item.peer) {
@@ -187,7 +197,7 @@ impl Engine {
             if self.send_window_full() {
                 break;
             }
-            if self.held(&item.peer) {
+            if self.held(&item.peer) || (self.probing(&item.peer) && sending.contains(&item.peer)) {
                 held.insert(item.peer);
                 continue;
             }
@@ -238,6 +248,7 @@ impl Engine {
                 continue;
             }
             self.in_flight.insert(item.id, sealed.epoch);
+            sending.insert(item.peer.clone());
             let to = item.peer;
             let payload = sealed.bytes;
             self.request(
@@ -428,6 +439,7 @@ impl Engine {
     /// has deleted by now (older than its queue age limit). Judged by the relay's clock,
     /// so only while connected.
     pub(super) fn housekeeping(&mut self) {
+        self.forget_full_queues();
         let Some(now) = self.relay_now_ms() else {
             return;
         };

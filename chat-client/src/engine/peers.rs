@@ -10,7 +10,7 @@ use chat_protocol::trust::Pin;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::{Engine, ONLINE_RETRY, Peer};
+use super::{Engine, Peer};
 use crate::api::Event;
 use crate::store::StoreError;
 
@@ -24,63 +24,6 @@ impl Engine {
                 false
             }
             _ => true,
-        }
-    }
-
-    /// How long to hold `peer` after the relay refused a send to them
-    /// `recipient_queue_full`: `queue_full_retry` (1 s unless configured), doubled for
-    /// each such refusal in a row before this one, at most `retry_later` (30 s) or, while
-    /// they are online, [`ONLINE_RETRY`]. Returns the delay and whether this refusal
-    /// starts the run (the user is told once per run, not per retry).
-    pub(super) fn queue_full_delay(&mut self, peer: &str) -> (Duration, bool) {
-        let refusals = self.queue_full.entry(peer.to_owned()).or_default();
-        let mut delay = self
-            .config
-            .queue_full_retry
-            .saturating_mul(1 << (*refusals).min(16))
-            .min(self.config.retry_later);
-        *refusals += 1;
-        let first = *refusals == 1;
-        if self.online_peers.contains(peer) {
-            delay = delay.min(ONLINE_RETRY);
-        }
-        (delay, first)
-    }
-
-    /// The relay says watched `peer` is `online` (or not).
-    pub(super) fn peer_presence(&mut self, peer: &str, online: bool) {
-        if online {
-            self.online_peers.insert(peer.to_owned());
-            self.peer_active(peer, true);
-        } else {
-            self.online_peers.remove(peer);
-        }
-    }
-
-    /// The relay accepted a send to `peer`: a later full queue starts the backoff afresh.
-    pub(super) fn peer_accepted(&mut self, peer: &str) {
-        self.queue_full.remove(peer);
-    }
-
-    /// `peer` shows they are online: a presence notice (`now`: the hold ends at once), or
-    /// an envelope from them (it ends within [`ONLINE_RETRY`]). Their queue at the relay
-    /// drains as they read it, so a hold for a full queue is cut short: messages to a
-    /// contact who was offline with a full mailbox go as soon as they are back, not after
-    /// the rest of a pause of up to `retry_later`. Other holds stay.
-    pub(super) fn peer_active(&mut self, peer: &str, now: bool) {
-        if !self.queue_full.contains_key(peer) {
-            return;
-        }
-        let Some(until) = self.hold.get_mut(peer) else {
-            return;
-        };
-        let soon = Instant::now() + if now { Duration::ZERO } else { ONLINE_RETRY };
-        if *until > soon {
-            *until = soon;
-            self.retry_at = Some(self.retry_at.map_or(soon, |r| r.min(soon)));
-            if now {
-                self.flush_due = true;
-            }
         }
     }
 

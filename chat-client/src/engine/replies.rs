@@ -98,24 +98,23 @@ impl Engine {
     }
 
     /// Holds everything to `peer` after a transient refusal with `code`, telling it once
-    /// per pause (not once per message) and once per run of full-queue refusals.
+    /// per pause (not once per message); a full queue at most once a minute.
     pub(super) fn hold_and_tell(&mut self, peer: &str, code: ErrorCode, message: &str) {
         let (delay, tell) = self.retry_after(code, peer);
-        if self.hold_peer(peer, delay) && tell {
-            let when = if code == ErrorCode::RecipientQueueFull {
+        let newly_held = self.hold_peer(peer, delay);
+        let notice = if code == ErrorCode::RecipientQueueFull {
+            tell.then(|| self.full_queue_notice(peer, message, delay))
+        } else {
+            (newly_held && tell).then(|| {
                 format!(
-                    "are retried in {} s, less often while the queue stays full (at least \
-                     every {} s), and at once when {peer} is back online",
-                    delay.as_secs().max(1),
-                    self.config.retry_later.as_secs().max(1)
+                    "{}; messages to {peer} stay queued and are retried in {} s",
+                    relay_reason(message),
+                    delay.as_secs().max(1)
                 )
-            } else {
-                format!("are retried in {} s", delay.as_secs().max(1))
-            };
-            self.sink.emit(Event::error(
-                code.as_str(),
-                format!("{message}; messages to {peer} stay queued and {when}"),
-            ));
+            })
+        };
+        if let Some(notice) = notice {
+            self.sink.emit(Event::error(code.as_str(), notice));
         }
     }
 
@@ -231,6 +230,12 @@ impl Engine {
             }
         }
     }
+}
+
+/// The relay's reason for a refusal without its advice to try again later: the client
+/// does that itself.
+pub(super) fn relay_reason(message: &str) -> &str {
+    message.split("; try again").next().unwrap_or(message)
 }
 
 /// Whether a refusal with `code` may pass if the request is made again later (the

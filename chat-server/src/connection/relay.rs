@@ -194,7 +194,11 @@ impl Handler {
             source,
             payload,
             now_secs,
-            limits,
+            limits: if delivered {
+                limits.delivered()
+            } else {
+                limits
+            },
             fence: (!delivered).then_some(tag),
         };
         let ((ticket, payload), _) =

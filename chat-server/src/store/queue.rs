@@ -33,6 +33,25 @@ pub struct QueueLimits {
 }
 
 impl QueueLimits {
+    /// The bounds for an envelope already delivered to its online recipient and written
+    /// only because its `Ack` came later than `queue.live_grace_secs`: the recipient has
+    /// it, so the bounds of its mailbox (per recipient, and one sender's share of it) do
+    /// not apply, while the relay-wide ones (`max_total_bytes`, one address's bytes)
+    /// still do. Refusing it `recipient_queue_full` would tell the sender a message the
+    /// recipient is reading did not go, and have it sent again. What this lets past a
+    /// recipient's bound is what its session was given and has not acknowledged, which is
+    /// itself bounded (a session past that is closed for not acknowledging).
+    #[must_use]
+    pub fn delivered(self) -> Self {
+        Self {
+            max_envelopes: u64::MAX,
+            max_bytes: u64::MAX,
+            max_sender_envelopes: u64::MAX,
+            max_sender_bytes: u64::MAX,
+            ..self
+        }
+    }
+
     /// No bound but the per-recipient ones (for tests and tools).
     pub fn per_recipient(max_envelopes: u64, max_bytes: u64) -> Self {
         Self {
