@@ -563,6 +563,62 @@ async fn a_message_delivered_live_is_not_refused_for_a_full_mailbox_when_its_ack
     );
 }
 
+/// A recipient that reads but never acknowledges: what is delivered to it live and
+/// written late may pass its mailbox's bound only by `send_queue_len`, so the mailbox it
+/// leaves is a backlog its next session can take. (Unbounded, a stalled session left
+/// more than a session may hold unacknowledged, and every later login was closed while
+/// reading its backlog: nothing drained, and the recipient could not stay online.)
+#[tokio::test]
+async fn a_recipient_that_stalled_can_log_in_again_and_drain_its_mailbox() {
+    let server = TestServer::on(Sqlite, |c| {
+        c.queue.max_envelopes_per_user = 2;
+        c.queue.max_sender_share = 1.0;
+        c.queue.live_grace_secs = 0.0;
+        c.send_queue_len = 8;
+        c.rate_limit.per_second = 1e6;
+        c.rate_limit.burst = 1e6;
+    })
+    .await;
+    drop(server.user("alice", 0).await);
+    let mut carol = server.user("carol", 2).await;
+    // Carol reads everything and acknowledges nothing, until the relay closes her.
+    let stalled = tokio::spawn(async move { carol.expect_closed().await });
+    let mut alice = server.user("alice", 0).await;
+    let mut stored = 0;
+    for n in 0..2000u32 {
+        if stalled.is_finished() {
+            break;
+        }
+        match alice.send_to("carol", &n.to_be_bytes()).await {
+            ServerMessage::Ok { .. } => stored += 1,
+            ServerMessage::Error {
+                code: ErrorCode::RecipientQueueFull,
+                ..
+            } => {}
+            other => panic!("unexpected answer: {other:?}"),
+        }
+    }
+    stalled
+        .await
+        .expect("carol was closed for not acknowledging");
+    assert!(
+        (2..=10).contains(&stored),
+        "{stored} stored: the bound (2) plus at most send_queue_len (8)"
+    );
+    // Carol's next session takes the whole backlog, acknowledges it, and stays.
+    let mut carol = server.user("carol", 2).await;
+    let backlog = deliveries(&mut carol, stored).await;
+    carol
+        .send(ClientMessage::Ack {
+            envelope_ids: backlog.iter().map(|d| d.0).collect(),
+        })
+        .await;
+    let reply = alice.send_to_within("carol", b"after", PATIENCE).await;
+    assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    let next = deliveries(&mut carol, 1).await;
+    assert_eq!(next[0].1, b"after", "carol is online and served");
+}
+
 #[rstest]
 #[tokio::test]
 async fn a_refused_send_is_not_overtaken_by_a_later_one_to_the_same_recipient(

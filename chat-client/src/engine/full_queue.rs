@@ -19,8 +19,6 @@ use super::Engine;
 
 /// Longest hold while the contact is online: their queue drains as they read it.
 const ONLINE_RETRY: Duration = Duration::from_secs(4);
-/// Something from a contact whose queue was full ends the hold within this.
-const READING_RETRY: Duration = Duration::from_secs(1);
 /// A contact's full queue is told to the user at most this often.
 const TOLD_EVERY: Duration = Duration::from_secs(60);
 
@@ -122,7 +120,7 @@ impl Engine {
     pub(super) fn peer_presence(&mut self, peer: &str, online: bool) {
         if online {
             self.online_peers.insert(peer.to_owned());
-            self.peer_active(peer, true);
+            self.peer_active(peer);
         } else {
             self.online_peers.remove(peer);
         }
@@ -144,13 +142,14 @@ impl Engine {
             .retain(|_, full| full.probing || full.told.elapsed() < TOLD_EVERY);
     }
 
-    /// `peer` shows they are online: a presence notice (`now`: the hold ends at once), or
-    /// an envelope from them (it ends within [`READING_RETRY`]). Their queue at the relay
-    /// drains as they read it, so a hold for a full queue is cut short and its backoff
-    /// starts afresh: messages to a contact who was offline with a full queue go as soon
-    /// as they are back, not after the rest of a pause of up to `retry_later`. Other
-    /// holds stay.
-    pub(super) fn peer_active(&mut self, peer: &str, now: bool) {
+    /// `peer` shows they are online (a presence notice) or reading (an envelope from them,
+    /// such as a receipt for what was waiting for them). Their queue at the relay drains
+    /// as they read it, so a hold for a full queue ends at once and its backoff starts
+    /// afresh: messages to a contact who was offline with a full queue go as soon as they
+    /// are back, not after the rest of a pause of up to `retry_later`. Only one goes until
+    /// it is accepted (the contact may not have read their queue yet), so this costs at
+    /// most one refused send per sign. Other holds stay.
+    pub(super) fn peer_active(&mut self, peer: &str) {
         let Some(full) = self.queue_full.get_mut(peer).filter(|full| full.probing) else {
             return;
         };
@@ -158,13 +157,10 @@ impl Engine {
         let Some(until) = self.hold.get_mut(peer) else {
             return;
         };
-        let soon = Instant::now() + if now { Duration::ZERO } else { READING_RETRY };
-        if *until > soon {
-            *until = soon;
-            self.retry_at = Some(self.retry_at.map_or(soon, |r| r.min(soon)));
-            if now {
-                self.flush_due = true;
-            }
+        let now = Instant::now();
+        if *until > now {
+            *until = now;
+            self.flush_due = true;
         }
     }
 }

@@ -127,7 +127,7 @@ impl Engine {
             return self.settle(source);
         };
         let from = sender.to_string();
-        self.peer_active(&from, false);
+        self.peer_active(&from);
         if self.left_behind(source, &from) {
             return;
         }

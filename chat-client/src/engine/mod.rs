@@ -92,8 +92,8 @@ pub struct ClientConfig {
     /// First retry delay after a full recipient queue (`recipient_queue_full`); it
     /// doubles with each retry refused, up to `retry_later` while the recipient is
     /// offline and up to 4 s while they are online. A hold for a full queue ends at once
-    /// when the recipient comes online, and within 1 s when an envelope from them
-    /// arrives (they are reading their queue).
+    /// when the recipient comes online or an envelope from them arrives (they are reading
+    /// their queue).
     pub queue_full_retry: Duration,
     /// A message sent this long ago without a receipt is reported `undelivered`.
     pub undelivered_after: Duration,

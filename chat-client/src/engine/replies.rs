@@ -104,6 +104,10 @@ impl Engine {
         let newly_held = self.hold_peer(peer, delay);
         let notice = if code == ErrorCode::RecipientQueueFull {
             tell.then(|| self.full_queue_notice(peer, message, delay))
+        } else if code == ErrorCode::ServerBusy && self.probing(peer) {
+            // The relay holds the sends behind a refused one (`full_queue`): that
+            // refusal was told; these are sent again with the rest.
+            None
         } else {
             (newly_held && tell).then(|| {
                 format!(

@@ -62,11 +62,13 @@ impl Handler {
         self.sends.push_back(fan_out::shed(id, nonce, why));
         Ok(())
     }
-    /// Envelopes a session may have been given and not acknowledged: its whole queue, what
-    /// its router queue holds, and one backlog batch. More means it does not acknowledge.
+    /// Envelopes a session may have been given and not acknowledged: its whole queue (the
+    /// bound, which envelopes delivered live and written late may pass by `send_queue_len`:
+    /// `QueueLimits::delivered`), what its router queue holds, and one backlog batch. More
+    /// means it does not acknowledge.
     pub(super) fn max_unacked(&self) -> usize {
         let config = &self.shared.config;
-        config.queue.max_envelopes_per_user as usize + config.send_queue_len + 2 * WRITE_BATCH
+        config.queue.max_envelopes_per_user as usize + 2 * config.send_queue_len + 2 * WRITE_BATCH
     }
 
     pub(super) fn not_acknowledging(&self) -> Close {

@@ -184,6 +184,8 @@ impl Handler {
         let writer = &self.shared.writer;
         let (recipient, sender) = (to_user.clone(), me.clone());
         let (now_secs, limits) = (unix_secs(), self.shared.config.queue.limits());
+        let slack = self.shared.config.send_queue_len as u64;
+        let max_frame = self.shared.config.max_frame_bytes as u64;
         let source = self.source;
         // An envelope delivered at once keeps its place whatever the store says later;
         // one that goes through the store first is checked against earlier refusals there.
@@ -195,7 +197,7 @@ impl Handler {
             payload,
             now_secs,
             limits: if delivered {
-                limits.delivered()
+                limits.delivered(slack, slack * max_frame)
             } else {
                 limits
             },

@@ -35,19 +35,24 @@ pub struct QueueLimits {
 impl QueueLimits {
     /// The bounds for an envelope already delivered to its online recipient and written
     /// only because its `Ack` came later than `queue.live_grace_secs`: the recipient has
-    /// it, so the bounds of its mailbox (per recipient, and one sender's share of it) do
-    /// not apply, while the relay-wide ones (`max_total_bytes`, one address's bytes)
-    /// still do. Refusing it `recipient_queue_full` would tell the sender a message the
-    /// recipient is reading did not go, and have it sent again. What this lets past a
-    /// recipient's bound is what its session was given and has not acknowledged, which is
-    /// itself bounded (a session past that is closed for not acknowledging).
+    /// it, so its mailbox may pass its bound by `slack_envelopes` (and `slack_bytes`), and
+    /// one sender's share does not apply; the relay-wide bounds (`max_total_bytes`, one
+    /// address's bytes) do. Refusing it `recipient_queue_full` would tell the sender a
+    /// message the recipient is reading did not go, and have it sent again.
+    ///
+    /// The slack is bounded (the relay passes its per-session queue length) because a
+    /// mailbox left past the bound by a recipient that stalled is the next session's
+    /// backlog, which that session must be able to take without being closed for not
+    /// acknowledging (`max_unacked` counts the bound plus this slack).
     #[must_use]
-    pub fn delivered(self) -> Self {
+    pub fn delivered(self, slack_envelopes: u64, slack_bytes: u64) -> Self {
+        let max_envelopes = self.max_envelopes.saturating_add(slack_envelopes);
+        let max_bytes = self.max_bytes.saturating_add(slack_bytes);
         Self {
-            max_envelopes: u64::MAX,
-            max_bytes: u64::MAX,
-            max_sender_envelopes: u64::MAX,
-            max_sender_bytes: u64::MAX,
+            max_envelopes,
+            max_bytes,
+            max_sender_envelopes: max_envelopes,
+            max_sender_bytes: max_bytes,
             ..self
         }
     }
