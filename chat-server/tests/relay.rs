@@ -584,18 +584,30 @@ async fn a_recipient_that_stalled_can_log_in_again_and_drain_its_mailbox() {
     // Carol reads everything and acknowledges nothing, until the relay closes her.
     let stalled = tokio::spawn(async move { carol.expect_closed().await });
     let mut alice = server.user("alice", 0).await;
+    // More than a session may hold unacknowledged, in windows under the pipeline's
+    // bound: each is delivered to carol; past the bound and the slack they are refused
+    // (recipient_queue_full, and server_busy for those behind that refusal).
+    const N: u32 = 300;
     let mut stored = 0;
-    for n in 0..2000u32 {
-        if stalled.is_finished() {
-            break;
+    for window in (0..N).collect::<Vec<_>>().chunks(50) {
+        for &n in window {
+            alice
+                .send(ClientMessage::Send {
+                    id: 10_000 + n,
+                    to: "carol".into(),
+                    payload: n.to_be_bytes().to_vec(),
+                })
+                .await;
         }
-        match alice.send_to("carol", &n.to_be_bytes()).await {
-            ServerMessage::Ok { .. } => stored += 1,
-            ServerMessage::Error {
-                code: ErrorCode::RecipientQueueFull,
-                ..
-            } => {}
-            other => panic!("unexpected answer: {other:?}"),
+        for _ in window {
+            match alice.recv_reply().await {
+                ServerMessage::Ok { .. } => stored += 1,
+                ServerMessage::Error {
+                    code: ErrorCode::RecipientQueueFull | ErrorCode::ServerBusy,
+                    ..
+                } => {}
+                other => panic!("unexpected answer: {other:?}"),
+            }
         }
     }
     stalled
@@ -617,6 +629,89 @@ async fn a_recipient_that_stalled_can_log_in_again_and_drain_its_mailbox() {
     assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
     let next = deliveries(&mut carol, 1).await;
     assert_eq!(next[0].1, b"after", "carol is online and served");
+}
+
+/// An envelope delivered live and refused when written late (the recipient's mailbox
+/// past its slack) holds the same connection's later ones to that recipient, as any
+/// refusal does: if the recipient's session ended before it stored the refused one, a
+/// later one stored would reach it first.
+#[tokio::test]
+async fn a_live_envelope_refused_when_written_late_is_not_overtaken() {
+    let server = TestServer::on(Sqlite, |c| {
+        c.queue.max_envelopes_per_user = 2;
+        c.queue.max_sender_share = 1.0;
+        c.queue.live_grace_secs = 0.0;
+        c.send_queue_len = 4;
+    })
+    .await;
+    drop(server.user("alice", 0).await);
+    let mut carol = server.user("carol", 2).await;
+    let mut alice = server.user("alice", 0).await;
+    // The bound (2) and the slack (4): six stored, the seventh refused.
+    for n in 0..6u8 {
+        let reply = alice.send_to("carol", &[n]).await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{n}: {reply:?}");
+    }
+    let refused = alice.id();
+    alice
+        .send(ClientMessage::Send {
+            id: refused,
+            to: "carol".into(),
+            payload: b"refused".to_vec(),
+        })
+        .await;
+    match alice.recv().await {
+        ServerMessage::Error {
+            code: ErrorCode::RecipientQueueFull,
+            id,
+            ..
+        } => assert_eq!(id, Some(refused)),
+        other => panic!("expected recipient_queue_full, got {other:?}"),
+    }
+    // Carol reads and acknowledges all she has; room is back (dave's send is stored).
+    let got = deliveries(&mut carol, 7).await;
+    carol
+        .send(ClientMessage::Ack {
+            envelope_ids: got.iter().map(|d| d.0).collect(),
+        })
+        .await;
+    let mut dave = server.user("dave", 3).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !matches!(
+        dave.send_to("carol", b"dave").await,
+        ServerMessage::Ok { .. }
+    ) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "room never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Alice has not answered the Ping behind the refusal: her next one to carol, also
+    // delivered live, is refused when written rather than stored after the refused one.
+    let later = alice.id();
+    alice
+        .send(ClientMessage::Send {
+            id: later,
+            to: "carol".into(),
+            payload: b"later".to_vec(),
+        })
+        .await;
+    loop {
+        match alice.recv().await {
+            ServerMessage::Ping { .. } | ServerMessage::Presence { .. } => continue,
+            ServerMessage::Error {
+                code: ErrorCode::ServerBusy,
+                id,
+                message,
+            } => {
+                assert_eq!(id, Some(later));
+                assert!(message.contains("earlier message to carol"), "{message}");
+                break;
+            }
+            other => panic!("the later envelope was not held: {other:?}"),
+        }
+    }
 }
 
 #[rstest]

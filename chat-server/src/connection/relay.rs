@@ -187,8 +187,11 @@ impl Handler {
         let slack = self.shared.config.send_queue_len as u64;
         let max_frame = self.shared.config.max_frame_bytes as u64;
         let source = self.source;
-        // An envelope delivered at once keeps its place whatever the store says later;
-        // one that goes through the store first is checked against earlier refusals there.
+        // Every envelope is checked against earlier refusals where it is written, also one
+        // delivered at once and written late (its Ack after the grace): that write can be
+        // refused past the recipient's slack, and if the recipient's session then ended
+        // before it stored the envelope, a later one stored would overtake it. Refused,
+        // such an envelope is sent again by the client; a recipient that has it drops it.
         let tag = fence.clone();
         let envelope = |payload, delivered: bool| Envelope {
             recipient,
@@ -201,7 +204,7 @@ impl Handler {
             } else {
                 limits
             },
-            fence: (!delivered).then_some(tag),
+            fence: Some(tag),
         };
         let ((ticket, payload), _) =
             self.shared

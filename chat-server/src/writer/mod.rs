@@ -365,7 +365,6 @@ pub struct Envelope {
     pub limits: QueueLimits,
     /// Its place among its connection's sends: refused `Fenced` if an earlier one to the
     /// same recipient was refused, and recorded if refused itself (`crate::fence`).
-    /// `None` for an envelope already delivered (its order is set).
     pub fence: Option<crate::fence::FenceTag>,
 }
 
