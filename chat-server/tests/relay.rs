@@ -355,6 +355,18 @@ async fn unknown_recipients_are_refused(#[values(Sqlite, Nats)] backend: Backend
 }
 
 /// The envelopes delivered to `c` until it has `n`, as (id, payload).
+/// Sends `payload` to `to` until it is stored (`Ok`): room came back in `to`'s mailbox.
+async fn until_stored(sender: &mut common::Client, to: &str, payload: &[u8]) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !matches!(sender.send_to(to, payload).await, ServerMessage::Ok { .. }) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{to}'s room never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 async fn deliveries(c: &mut common::Client, n: usize) -> Vec<(u64, Vec<u8>)> {
     let mut got = Vec::new();
     while got.len() < n {
@@ -675,18 +687,7 @@ async fn a_live_envelope_refused_when_written_late_is_not_overtaken() {
             envelope_ids: got.iter().map(|d| d.0).collect(),
         })
         .await;
-    let mut dave = server.user("dave", 3).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !matches!(
-        dave.send_to("carol", b"dave").await,
-        ServerMessage::Ok { .. }
-    ) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "room never came back"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    until_stored(&mut server.user("dave", 3).await, "carol", b"dave").await;
     // Alice has not answered the Ping behind the refusal: her next one to carol, also
     // delivered live, is refused when written rather than stored after the refused one.
     let later = alice.id();
@@ -758,18 +759,7 @@ async fn a_refused_send_is_not_overtaken_by_a_later_one_to_the_same_recipient(
         .map(|d| d.0)
         .collect();
     carol.send(ClientMessage::Ack { envelope_ids }).await;
-    let mut dave = server.user("dave", 3).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !matches!(
-        dave.send_to("carol", b"dave").await,
-        ServerMessage::Ok { .. }
-    ) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "carol's room never came back"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    until_stored(&mut server.user("dave", 3).await, "carol", b"dave").await;
     // Alice has not answered the Ping: her next send to carol is held, not stored.
     let second = alice.id();
     alice.send(send(second, "carol", b"second")).await;
