@@ -11,6 +11,9 @@
 //!
 //! Other writes are applied in the order they were submitted (the router submits
 //! envelopes in id order) and never wait for held envelopes; a barrier waits for both.
+//! An envelope written for a recipient with envelopes still held first has those written
+//! (decided) before it: a held one refused when written (the recipient's queue full)
+//! must not be overtaken by a later one already stored.
 //! The thread is not woken for each held envelope, only by the deadline of the oldest,
 //! so a stream of promptly acknowledged messages costs it almost no wake-ups.
 //!
@@ -61,8 +64,11 @@ struct QueueState {
     /// Held envelopes in submission order (so in deadline order), with a sequence number.
     held_queue: VecDeque<(u64, Write)>,
     /// Held envelopes not yet claimed by the writer, by id. One acknowledged in time is
-    /// removed here and skipped when the writer reaches it.
+    /// removed here and skipped when the writer reaches it. Changed only through
+    /// [`QueueState::hold`] and [`QueueState::take_held`], which keep `held_for`.
     held: HashMap<u64, HeldEnvelope>,
+    /// How many of `held` are for each recipient (absent: none).
+    held_for: HashMap<Username, usize>,
     /// Sequence number of the next held envelope.
     held_seq: u64,
     /// Barriers whose earlier plain writes are committed, waiting for the held envelopes
@@ -139,6 +145,7 @@ impl Drop for Stopped<'_> {
         state.plain.clear();
         state.held_queue.clear();
         state.held.clear();
+        state.held_for.clear();
         state.barriers.clear();
     }
 }
@@ -258,7 +265,7 @@ impl Writer {
             return Ticket(rx);
         }
         let recipient = envelope.recipient.clone();
-        state.held.insert(
+        state.hold(
             id,
             HeldEnvelope {
                 recipient,
@@ -297,12 +304,11 @@ impl Writer {
         {
             let mut state = lock(&self.queue.state);
             let before = ids.len();
-            let held = &mut state.held;
             ids.retain(|id| {
-                if held.get(id).is_none_or(|h| h.recipient != recipient) {
+                if state.held.get(id).is_none_or(|h| h.recipient != recipient) {
                     return true;
                 }
-                if let Some(h) = held.remove(id) {
+                if let Some(h) = state.take_held(*id) {
                     let _ = h.reply.send(Ok(Done::Enqueued(Enqueued::Stored(*id))));
                 }
                 false
@@ -350,6 +356,33 @@ impl Writer {
     /// Envelopes held for an Ack right now (for tests and stats).
     pub fn held_count(&self) -> usize {
         lock(&self.queue.state).held.len()
+    }
+}
+
+impl QueueState {
+    /// Holds envelope `id` for its Ack.
+    fn hold(&mut self, id: u64, envelope: HeldEnvelope) {
+        *self.held_for.entry(envelope.recipient.clone()).or_default() += 1;
+        if let Some(replaced) = self.held.insert(id, envelope) {
+            // Ids are never handed out twice; kept consistent all the same.
+            self.forget_one(&replaced.recipient);
+        }
+    }
+
+    /// Takes envelope `id` out of the held set: acknowledged, or claimed to be written.
+    fn take_held(&mut self, id: u64) -> Option<HeldEnvelope> {
+        let envelope = self.held.remove(&id)?;
+        self.forget_one(&envelope.recipient);
+        Some(envelope)
+    }
+
+    fn forget_one(&mut self, recipient: &Username) {
+        if let Some(n) = self.held_for.get_mut(recipient) {
+            *n -= 1;
+            if *n == 0 {
+                self.held_for.remove(recipient);
+            }
+        }
     }
 }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::fence::RefusalFence;
 
 fn name(s: &str) -> Username {
     Username::parse(s).unwrap()
@@ -13,6 +14,16 @@ fn envelope(to: &str, payload: &[u8]) -> Envelope {
         now_secs: 1000,
         limits: QueueLimits::per_recipient(100, 1 << 20),
         fence: None,
+    }
+}
+
+/// An envelope to `to` in a queue bounded at one, with its place (`serial`) among the
+/// sends `fence` orders.
+fn tagged(fence: &std::sync::Arc<RefusalFence>, to: &str, payload: &[u8], serial: u64) -> Envelope {
+    Envelope {
+        limits: QueueLimits::per_recipient(1, 1 << 20),
+        fence: Some(fence.tag(name(to), serial)),
+        ..envelope(to, payload)
     }
 }
 
@@ -75,17 +86,13 @@ async fn a_held_envelope_not_acknowledged_is_written_after_the_grace() {
 #[tokio::test]
 async fn other_writes_do_not_wait_behind_a_held_envelope() {
     let (_dir, store, writer) = setup(Duration::from_secs(3600));
+    store.bind(&name("carol"), b"k").unwrap();
     let _held = writer.enqueue_held(room(&writer), 1, envelope("bob", b"held"));
-    let mut plain = writer.enqueue(room(&writer), 2, envelope("bob", b"plain"));
+    let mut plain = writer.enqueue(room(&writer), 2, envelope("carol", b"plain"));
     let stored = tokio::time::timeout(Duration::from_secs(10), plain.enqueued()).await;
     assert_eq!(stored.unwrap().unwrap(), Enqueued::Stored(2));
-    let ids: Vec<u64> = store
-        .pending(&name("bob"), 0, 10)
-        .unwrap()
-        .iter()
-        .map(|q| q.id)
-        .collect();
-    assert_eq!(ids, vec![2]);
+    assert_eq!(store.pending(&name("carol"), 0, 10).unwrap().len(), 1);
+    assert!(store.pending(&name("bob"), 0, 10).unwrap().is_empty());
     // A barrier still waits for the held one; its Ack lets it pass, unwritten.
     let mut barrier = writer.barrier();
     let early = tokio::time::timeout(Duration::from_millis(200), barrier.passed()).await;
@@ -93,20 +100,54 @@ async fn other_writes_do_not_wait_behind_a_held_envelope() {
     writer.ack(name("bob"), vec![1]);
     let passed = tokio::time::timeout(Duration::from_secs(10), barrier.passed()).await;
     passed.unwrap().unwrap();
-    assert_eq!(store.pending(&name("bob"), 0, 10).unwrap().len(), 1);
+    assert!(store.pending(&name("bob"), 0, 10).unwrap().is_empty());
+}
+
+/// The outcome of an enqueue, which must come without waiting for a held envelope's grace.
+async fn within(t: &mut Ticket) -> Enqueued {
+    tokio::time::timeout(Duration::from_secs(10), t.enqueued())
+        .await
+        .expect("decided without waiting for the grace")
+        .unwrap()
+}
+
+/// A recipient whose session went away with envelopes still held for its Ack: the next
+/// envelope for it goes to the store, and the held ones are decided first, whatever their
+/// grace. One refused (its queue full) then holds the later one instead of being
+/// overtaken by it (a helper's attack: m1040 refused when written after m1081 was stored).
+#[tokio::test]
+async fn a_later_envelope_has_the_earlier_ones_held_for_its_recipient_decided_first() {
+    // A grace far longer than the test: only the later envelope can have them written.
+    let (_dir, store, writer) = setup(Duration::from_secs(3600));
+    store.bind(&name("carol"), b"k").unwrap();
+    let fence = std::sync::Arc::new(RefusalFence::default());
+    let tagged = |to, payload, serial| tagged(&fence, to, payload, serial);
+    let mut one = writer.enqueue_held(room(&writer), 1, tagged("bob", b"1", 1));
+    let mut two = writer.enqueue_held(room(&writer), 2, tagged("bob", b"2", 2));
+    // Held for carol: not bob's, so not written early.
+    let _for_carol = writer.enqueue_held(room(&writer), 3, tagged("carol", b"c", 3));
+    let mut three = writer.enqueue(room(&writer), 4, tagged("bob", b"3", 4));
+    assert_eq!(within(&mut three).await, Enqueued::Fenced);
+    assert_eq!(within(&mut one).await, Enqueued::Stored(1));
+    assert_eq!(within(&mut two).await, Enqueued::Full);
+    let ids: Vec<u64> = store
+        .pending(&name("bob"), 0, 10)
+        .unwrap()
+        .iter()
+        .map(|q| q.id)
+        .collect();
+    assert_eq!(ids, vec![1]);
+    assert_eq!(writer.held_count(), 1, "carol's is still held");
+    // The refused one's id is used up too (it was delivered): recorded in that commit.
+    assert_eq!(store.next_envelope_id().unwrap(), 3);
 }
 
 #[tokio::test]
 async fn a_refused_envelope_is_not_overtaken_when_room_comes_back_before_the_next() {
-    use crate::fence::RefusalFence;
     let (_dir, store, writer) = setup(Duration::ZERO);
     store.bind(&name("carol"), b"k").unwrap();
     let fence = std::sync::Arc::new(RefusalFence::default());
-    let tagged = |to: &str, payload: &[u8], serial| Envelope {
-        limits: QueueLimits::per_recipient(1, 1 << 20),
-        fence: Some(fence.tag(name(to), serial)),
-        ..envelope(to, payload)
-    };
+    let tagged = |to, payload, serial| tagged(&fence, to, payload, serial);
     // Bob's queue holds one; the second is refused. Bob's Ack frees the room, written
     // between it and the third, which still must not overtake the second.
     let mut one = writer.enqueue(room(&writer), 1, tagged("bob", b"1", 1));
@@ -167,6 +208,7 @@ async fn a_full_queue_has_no_room_until_writes_are_done() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     store.bind(&name("bob"), b"k").unwrap();
+    store.bind(&name("carol"), b"k").unwrap();
     // Room for two envelopes of 100 bytes, and a grace far longer than the test.
     let writer = Writer::start(
         store.clone(),
@@ -179,8 +221,9 @@ async fn a_full_queue_has_no_room_until_writes_are_done() {
     assert!(writer.try_reserve(1).is_none());
     // A held envelope keeps its room until acknowledged...
     let mut held = writer.enqueue_held(first, 1, envelope("bob", &[0; 100]));
-    // ...a written one until committed.
-    let mut plain = writer.enqueue(second, 2, envelope("bob", &[0; 100]));
+    // ...a written one (for someone else: one for bob would have his held one written
+    // first) until committed.
+    let mut plain = writer.enqueue(second, 2, envelope("carol", &[0; 100]));
     plain.enqueued().await.unwrap();
     let room = tokio::time::timeout(Duration::from_secs(10), writer.reserve(cost::envelope(100)))
         .await

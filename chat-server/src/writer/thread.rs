@@ -9,7 +9,12 @@ use super::*;
 /// Plain writes go in submission order as soon as the writer gets to them; held
 /// envelopes once their grace is over, unless acknowledged meanwhile. A plain write never
 /// waits behind a held one: held envelopes only ever reach live sessions, which do not
-/// read them back from the store, and a new session's barrier waits for them.
+/// read them back from the store, and a new session's barrier waits for them. But an
+/// envelope for a recipient with earlier envelopes still held (its session went away or
+/// fell behind, so later ones take the store) has those claimed into the batch ahead of
+/// it, unacknowledged and before their grace is over: written first, a held one refused
+/// (the recipient's queue past its slack) holds the later ones of the same connection
+/// (`crate::fence`) instead of being overtaken by them.
 pub(super) fn run(store: &Store, queue: &Queue, grace: Duration) {
     // Highest envelope id seen, written or not: recorded so ids are not handed out twice.
     let mut last_id = 0;
@@ -29,7 +34,21 @@ pub(super) fn run(store: &Store, queue: &Queue, grace: Duration) {
                             reply: Some(reply),
                             ..
                         } => state.barriers.push((held_before, reply)),
-                        w => batch.push(w),
+                        w => {
+                            if let Op::Enqueue { id, envelope } = &w.op
+                                && state.held_for.contains_key(&envelope.recipient)
+                            {
+                                let (before, to) = (*id, envelope.recipient.clone());
+                                claim_held_before(
+                                    &mut state,
+                                    &to,
+                                    before,
+                                    &mut batch,
+                                    &mut last_id,
+                                );
+                            }
+                            batch.push(w);
+                        }
                     }
                 }
                 let stopping = state.stopping;
@@ -49,7 +68,7 @@ pub(super) fn run(store: &Store, queue: &Queue, grace: Duration) {
                     if let Op::Enqueue { id, .. } = w.op {
                         last_id = last_id.max(id);
                         // Claimed now, or acknowledged meanwhile and never written.
-                        if let Some(h) = state.held.remove(&id) {
+                        if let Some(h) = state.take_held(id) {
                             w.reply = Some(h.reply);
                             w._room = Some(h.room);
                             batch.push(w);
@@ -79,6 +98,41 @@ pub(super) fn run(store: &Store, queue: &Queue, grace: Duration) {
         }
         write_batch(store, batch, last_id);
         pass_barriers(&mut lock(&queue.state));
+    }
+}
+
+/// Moves the envelopes held for `recipient` with ids below `before` (so routed before
+/// it) into `batch`, in id order, to be written now whatever their grace; `last_id`
+/// records their ids, as for any held envelope the writer passes.
+fn claim_held_before(
+    state: &mut QueueState,
+    recipient: &Username,
+    before: u64,
+    batch: &mut Vec<Write>,
+    last_id: &mut u64,
+) {
+    let mut i = 0;
+    while i < state.held_queue.len() && state.held_for.contains_key(recipient) {
+        let claim = matches!(
+            &state.held_queue[i].1.op,
+            Op::Enqueue { id, envelope }
+                if *id < before && envelope.recipient == *recipient && state.held.contains_key(id)
+        );
+        if !claim {
+            i += 1;
+            continue;
+        }
+        let Some((_, mut w)) = state.held_queue.remove(i) else {
+            break;
+        };
+        if let Op::Enqueue { id, .. } = w.op
+            && let Some(h) = state.take_held(id)
+        {
+            *last_id = (*last_id).max(id);
+            w.reply = Some(h.reply);
+            w._room = Some(h.room);
+            batch.push(w);
+        }
     }
 }
 
