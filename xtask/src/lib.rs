@@ -8,9 +8,14 @@ pub mod procs;
 
 use std::path::PathBuf;
 
-/// The workspace root, from this crate's manifest directory.
+/// The workspace root: the parent of the running package's manifest directory, as cargo
+/// sets it when it runs a task (`cargo xtask …`, `cargo test`), else as it was when this
+/// crate was built. At run time first: checkouts sharing one target directory (as CI's
+/// cache does) reuse a binary built in another checkout, whose build-time path may be gone
+/// or hold other code.
 pub fn project_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
         .parent()
         .expect("xtask lives one level below the workspace root")
         .to_owned()

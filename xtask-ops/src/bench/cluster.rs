@@ -168,7 +168,7 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
         "idle sessions ({n}): relay {relay_each:.0} B each, nats-server {nats_each:.0} B each"
     );
 
-    let machine = super::machine();
+    let machine = super::report::machine();
     println!();
     println!("Cluster backend against single-host SQLite and Redis ({machine})");
     println!(

@@ -36,7 +36,7 @@ pub(super) fn connections_only(
     let redis = start_redis(procs)?;
     let (redis_conn, redis_secs) = rt.block_on(redis_connections(&redis, n))?;
     eprintln!("redis over TLS: {n} connections in {redis_secs:.0} s, {redis_conn:.0} B each");
-    let machine = super::machine();
+    let machine = super::report::machine();
     println!("machine: {machine}");
     println!("idle connections held open at once: {n} (relay: logged in; Redis: after one PING)");
     println!("| system | RSS bytes per connection | seconds to open all |");

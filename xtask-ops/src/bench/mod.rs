@@ -3,20 +3,22 @@
 
 mod attack;
 mod cluster;
+mod crypto;
 mod echo;
 mod group;
 mod idle;
 mod load;
 mod report;
 mod servers;
+mod throughput;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
 use idle::{connections_only, redis_connections, relay_connections, source};
-use load::{measure, window};
+use load::window;
 use servers::{
     BENCH_CONFIG, RELAY_SET, Redis, bench_config, build_plaintext_relay, rss_bytes, settle,
     start_redis, start_relay, start_relay_config, start_relay_exe, start_relay_guarded,
@@ -60,6 +62,23 @@ pub struct Args {
     /// per message; writes bench-cluster.json
     #[arg(long, value_enum, default_value_t = BenchBackend::Sqlite)]
     backend: BenchBackend,
+    /// Only the throughput rows (all of a full run's, or `--quick`'s), narrowed by
+    /// `--pairs`, `--payload` and `--mode`, each `--seconds` long per system (for
+    /// profiling one row: the relay's pid is printed)
+    #[arg(long)]
+    throughput_only: bool,
+    /// With `--throughput-only`: only rows with this many sender→receiver pairs
+    #[arg(long)]
+    pairs: Option<usize>,
+    /// With `--throughput-only`: only rows with this payload size, bytes
+    #[arg(long)]
+    payload: Option<usize>,
+    /// With `--throughput-only`: only `acked` or only `pipelined` rows
+    #[arg(long, value_parser = ["acked", "pipelined"])]
+    mode: Option<String>,
+    /// With `--throughput-only`: seconds each row runs per system (default 3; 1 with `--quick`)
+    #[arg(long)]
+    seconds: Option<f64>,
 }
 
 /// Which backend `cargo xtask bench` measures.
@@ -67,19 +86,6 @@ pub struct Args {
 pub enum BenchBackend {
     Sqlite,
     Nats,
-}
-
-/// One throughput row, for both systems.
-struct Row {
-    pairs: usize,
-    payload: usize,
-    mode: &'static str,
-    /// The relay over TLS.
-    relay: (f64, f64),
-    /// The same relay code without TLS (the benchmark-only binary).
-    relay_plain: (f64, f64),
-    /// Redis over TLS.
-    redis: (f64, f64),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -171,47 +177,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         (Duration::from_secs(3), &[1, 10, 100], &[256, 1024])
     };
-
-    let mut rows = Vec::new();
-    let mut tag = 0;
-    for &payload in payloads {
-        for &pairs in pair_counts {
-            for (mode, window) in [("acked", 1), ("pipelined", 64)] {
-                tag += 1;
-                let pattern = load::Pattern {
-                    tag: format!("t{tag}"),
-                    pairs,
-                    payload,
-                    window,
-                };
-                let relay_rate = rt.block_on(measure(run_for, |c, s| {
-                    let (addr, key, p) = (relay.addr.clone(), key.clone(), pattern.clone());
-                    async move { load::relay_pairs(&addr, &key, p, c, s).await }
-                }))?;
-                let plain_rate = rt.block_on(measure(run_for, |c, s| {
-                    let (addr, key, p) = (relay_plain.addr.clone(), key.clone(), pattern.clone());
-                    async move { load::relay_pairs(&addr, &key, p, c, s).await }
-                }))?;
-                let redis_rate = rt.block_on(measure(run_for, |c, s| {
-                    let (url, p) = (redis.url.clone(), pattern.clone());
-                    async move { load::redis_pairs(&url, p, c, s).await }
-                }))?;
-                let row = Row {
-                    pairs,
-                    payload,
-                    mode,
-                    relay: relay_rate,
-                    relay_plain: plain_rate,
-                    redis: redis_rate,
-                };
-                eprintln!(
-                    "throughput {pairs:>3} pairs {payload:>4} B {mode:<9}: relay {:>9.0} msg/s (no TLS {:>9.0}), redis {:>9.0} msg/s",
-                    row.relay.0, row.relay_plain.0, row.redis.0
-                );
-                rows.push(row);
-            }
-        }
+    let modes: &[&'static str] = &["acked", "pipelined"];
+    if args.throughput_only {
+        eprintln!(
+            "relay over TLS pid {}, without TLS pid {}, redis pid {}",
+            relay.pid, relay_plain.pid, redis.pid
+        );
+        let pick = |all: &[usize], one: Option<usize>| match one {
+            Some(n) => vec![n],
+            None => all.to_vec(),
+        };
+        let modes: Vec<&'static str> = match args.mode.as_deref() {
+            Some(m) => modes.iter().copied().filter(|x| *x == m).collect(),
+            None => modes.to_vec(),
+        };
+        let plan = throughput::Plan {
+            run_for: args.seconds.map_or(run_for, Duration::from_secs_f64),
+            pair_counts: &pick(pair_counts, args.pairs),
+            payloads: &pick(payloads, args.payload),
+            modes: &modes,
+        };
+        throughput::rows(&rt, &key, (&relay, &relay_plain, &redis), &plan)?;
+        return Ok(());
     }
+    let plan = throughput::Plan {
+        run_for,
+        pair_counts,
+        payloads,
+        modes,
+    };
+    let rows = throughput::rows(&rt, &key, (&relay, &relay_plain, &redis), &plan)?;
 
     // Latency at 50,000 msg/s (or as asked), the same offered load for both systems; then
     // overload: half the relay's peak (its best pipelined 10-pair row), far past what the
@@ -335,7 +330,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "idle connections: relay {relay_conn:.0} B each (no TLS {plain_conn:.0}), redis {redis_conn:.0} B each"
     );
 
-    let crypto = crypto_cost(payloads)?;
+    let crypto = crypto::crypto_cost(payloads)?;
 
     // A text to a group of 100 with sender keys, beside the same text sent 1:1 to each.
     let group_rounds = if args.quick { 3 } else { 10 };
@@ -354,7 +349,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         group.pairwise.last_delivery_ms[0]
     );
 
-    let machine = machine();
+    let machine = report::machine();
     report::print(&report::Report {
         rows: &rows,
         load: (load_rate, load_basis),
@@ -412,88 +407,4 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         out.join("throughput.svg").display()
     );
     Ok(())
-}
-
-/// Client-side seal and open per message, in microseconds, with RSA-3072 identities.
-fn crypto_cost(payloads: &[usize]) -> anyhow::Result<Vec<(usize, f64, f64)>> {
-    use chat_protocol::Username;
-    use chat_protocol::e2e::{Body, Content, Inbound, Outbound, Parties, RotationPolicy};
-    use chat_protocol::identity::Identity;
-    let mut rng = rand::rng();
-    let alice = Identity::generate(&mut rng)?;
-    let bob = Identity::generate(&mut rng)?;
-    let (a, b) = (Username::parse("alice")?, Username::parse("bob")?);
-    let to_bob = Parties {
-        me: &alice,
-        my_name: &a,
-        peer_name: &b,
-        peer: bob.public(),
-    };
-    let from_alice = Parties {
-        me: &bob,
-        my_name: &b,
-        peer_name: &a,
-        peer: alice.public(),
-    };
-    let policy = RotationPolicy {
-        max_messages: u64::MAX,
-        max_age_ms: u64::MAX,
-    };
-    let mut results = Vec::new();
-    for &len in payloads {
-        let content = Content {
-            id: [7; 16],
-            sent_at_ms: 1,
-            body: Body::Text("x".repeat(len)),
-        };
-        let (mut out, mut inb) = (Outbound::default(), Inbound::default());
-        let first = out.seal(&mut rng, to_bob, &content, 1, policy)?;
-        inb.open(from_alice, &first.bytes)?;
-        out.acknowledge(first.epoch);
-        let n = 5000;
-        let t = Instant::now();
-        let sealed: Vec<_> = (0..n)
-            .map(|_| {
-                out.seal(&mut rand::rng(), to_bob, &content, 1, policy)
-                    .map(|s| s.bytes)
-            })
-            .collect::<Result<_, _>>()?;
-        let seal = t.elapsed().as_secs_f64() * 1e6 / n as f64;
-        let t = Instant::now();
-        for bytes in &sealed {
-            inb.open(from_alice, bytes)?;
-        }
-        let open = t.elapsed().as_secs_f64() * 1e6 / n as f64;
-        results.push((len, seal, open));
-    }
-    Ok(results)
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().next().map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse::<u64>()
-                    .unwrap_or(0)
-            })
-        })
-        .unwrap_or(0);
-    format!(
-        "{cpu}, {cores} cores, {:.0} GiB RAM",
-        mem as f64 / 1024.0 / 1024.0
-    )
 }

@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use super::Row;
 use super::echo::Latency;
+use super::throughput::Row;
 
 /// Everything one `cargo xtask bench` run measured. Latencies are round trips in µs with
 /// the share the relay shed; memory in bytes per idle authenticated connection.
@@ -186,4 +186,34 @@ pub fn chart(rows: &[Row], path: &Path) -> anyhow::Result<()> {
     }
     root.present()?;
     Ok(())
+}
+
+/// The CPU model, core count and memory of this machine, for the record.
+pub(super) fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+        })
+        .unwrap_or(0);
+    format!(
+        "{cpu}, {cores} cores, {:.0} GiB RAM",
+        mem as f64 / 1024.0 / 1024.0
+    )
 }
