@@ -166,6 +166,10 @@ pub struct QueueConfig {
     pub purge_interval_secs: f64,
     /// Seconds an envelope delivered to an online recipient waits for its Ack before it is
     /// written to the queue; one acknowledged in time is never written (0: always write).
+    /// Default 0.05: under load Acks come later than a few milliseconds, and each envelope
+    /// written for want of one is written and deleted again (at 5 ms the store writer
+    /// took 46 % of the relay's CPU with 100 senders pipelining; docs/PERFORMANCE.md).
+    /// A recipient that never acknowledges delays its senders' `Ok` by this much.
     pub live_grace_secs: f64,
     /// Largest part of one recipient's queue (envelopes and bytes) that one sender may
     /// hold, as a fraction; over it that sender gets `recipient_queue_full`.
@@ -185,7 +189,7 @@ impl Default for QueueConfig {
             max_bytes_per_user: 64 * 1024 * 1024,
             max_age_secs: 30.0 * 24.0 * 3600.0,
             purge_interval_secs: 3600.0,
-            live_grace_secs: 0.005,
+            live_grace_secs: 0.05,
             max_sender_share: 0.25,
             max_total_bytes: 1024 * 1024 * 1024,
             max_source_share: 0.05,
