@@ -25,16 +25,16 @@ pub(super) fn connections_only(
 ) -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let relay = start_relay(procs, bin, data.path())?;
-    let (relay_conn, relay_secs) = rt.block_on(relay_connections(&relay, key, n))?;
+    let (relay_conn, relay_secs) = rt.block_on(relay_connections(&relay, key, n, 0))?;
     eprintln!("relay over TLS: {n} connections in {relay_secs:.0} s, {relay_conn:.0} B each");
     procs.stop_last()?;
     let data_plain = tempfile::tempdir()?;
     let plain = start_relay_exe(procs, plain_exe, data_plain.path())?;
-    let (plain_conn, plain_secs) = rt.block_on(relay_connections(&plain, key, n))?;
+    let (plain_conn, plain_secs) = rt.block_on(relay_connections(&plain, key, n, 1))?;
     eprintln!("relay without TLS: {n} connections in {plain_secs:.0} s, {plain_conn:.0} B each");
     procs.stop_last()?;
     let redis = start_redis(procs)?;
-    let (redis_conn, redis_secs) = rt.block_on(redis_connections(&redis, n))?;
+    let (redis_conn, redis_secs) = rt.block_on(redis_connections(&redis, n, 2))?;
     eprintln!("redis over TLS: {n} connections in {redis_secs:.0} s, {redis_conn:.0} B each");
     let machine = super::report::machine();
     println!("machine: {machine}");
@@ -59,7 +59,15 @@ pub(super) fn connections_only(
 
 /// Source addresses for connection `i`: 20,000 per loopback address (ports run out at ~28k).
 pub(super) fn source(i: usize) -> [u8; 4] {
-    [127, 0, 0, 1 + (i / 20_000) as u8]
+    source_in(0, i)
+}
+
+/// As [`source`], in loopback block `127.BLOCK.0.0/24`: each system of the memory test has
+/// its own, since the ports of one system's closed connections stay in TIME_WAIT for a
+/// minute (three systems of 10,000 from one address ran out of ports: "address already in
+/// use").
+fn source_in(block: u8, i: usize) -> [u8; 4] {
+    [127, block, 0, 1 + (i / 20_000) as u8]
 }
 
 /// Per connection, the relay's RSS growth with `n` authenticated connections held open
@@ -68,6 +76,7 @@ pub(super) async fn relay_connections(
     relay: &Relay,
     key: &rsa::PrivateKey,
     n: usize,
+    block: u8,
 ) -> anyhow::Result<(f64, f64)> {
     let before = rss_bytes(relay.pid)?;
     let started = Instant::now();
@@ -78,7 +87,8 @@ pub(super) async fn relay_connections(
         let (addr, key, sem) = (relay.addr.clone(), key.clone(), sem.clone());
         logins.spawn(async move {
             let _p = sem.acquire().await;
-            load::relay_login(&addr, &format!("idle{i}"), &key, Some(source(i))).await
+            let source = source_in(block, i);
+            load::relay_login(&addr, &format!("idle{i}"), &key, Some(source)).await
         });
     }
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -117,7 +127,11 @@ pub(super) async fn relay_connections(
 }
 
 /// As [`relay_connections`] for Redis over TLS (each connection has sent one PING).
-pub(super) async fn redis_connections(redis: &Redis, n: usize) -> anyhow::Result<(f64, f64)> {
+pub(super) async fn redis_connections(
+    redis: &Redis,
+    n: usize,
+    block: u8,
+) -> anyhow::Result<(f64, f64)> {
     let before = rss_bytes(redis.pid)?;
     let started = Instant::now();
     let config = chat_protocol::tls::PinVerifier::new(None).client_config()?;
@@ -125,7 +139,7 @@ pub(super) async fn redis_connections(redis: &Redis, n: usize) -> anyhow::Result
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.bind((std::net::Ipv4Addr::from(source(i)), 0).into())?;
+        socket.bind((std::net::Ipv4Addr::from(source_in(block, i)), 0).into())?;
         let tcp = socket.connect(([127, 0, 0, 1], redis.port).into()).await?;
         let sni = rustls::pki_types::ServerName::try_from("redis.bench")?;
         let mut s = connector.connect(sni, tcp).await?;
@@ -134,6 +148,11 @@ pub(super) async fn redis_connections(redis: &Redis, n: usize) -> anyhow::Result
         s.write_all(b"PING\r\n").await?;
         let mut buf = [0u8; 7];
         s.read_exact(&mut buf).await?;
+        anyhow::ensure!(
+            &buf == b"+PONG\r\n",
+            "Redis refused idle connection {i}: {}",
+            String::from_utf8_lossy(&buf)
+        );
         conns.push(s);
     }
     let secs = started.elapsed().as_secs_f64();

@@ -315,17 +315,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "overload, {overload_rate:.0} msg/s offered: relay {relay_over:?} µs (shed_when_full: false {paced_over:?}), redis {redis_over:?} µs"
     );
 
-    // Idle connections: a fresh relay and the same Redis, RSS before and after.
+    // Idle connections: a fresh relay and a fresh Redis, RSS before and after.
     let n = args
         .connections
         .unwrap_or(if args.quick { 1000 } else { 10_000 });
     let data2 = tempfile::tempdir()?;
     let relay2 = start_relay(&mut procs, &bin, data2.path())?;
-    let (relay_conn, _) = rt.block_on(relay_connections(&relay2, &key, n))?;
+    let (relay_conn, _) = rt.block_on(relay_connections(&relay2, &key, n, 0))?;
     let data_plain2 = tempfile::tempdir()?;
     let relay_plain2 = start_relay_exe(&mut procs, &plain_exe, data_plain2.path())?;
-    let (plain_conn, _) = rt.block_on(relay_connections(&relay_plain2, &key, n))?;
-    let (redis_conn, _) = rt.block_on(redis_connections(&redis, n))?;
+    let (plain_conn, _) = rt.block_on(relay_connections(&relay_plain2, &key, n, 1))?;
+    // A fresh Redis too: the one the load rows used keeps their memory for reuse (its
+    // RSS grew 11 B per connection in the run of 2026-12-05 against ~27 KB fresh).
+    let redis2 = start_redis(&mut procs)?;
+    let (redis_conn, _) = rt.block_on(redis_connections(&redis2, n, 2))?;
     eprintln!(
         "idle connections: relay {relay_conn:.0} B each (no TLS {plain_conn:.0}), redis {redis_conn:.0} B each"
     );

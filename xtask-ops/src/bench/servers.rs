@@ -150,7 +150,9 @@ pub(super) fn start_redis(procs: &mut Processes) -> anyhow::Result<Redis> {
                 .arg(&key)
                 .args(["--tls-auth-clients", "no", "--tls-protocols", "TLSv1.3"])
                 .args(["--save", "", "--appendonly", "no"])
-                .args(["--maxclients", "120000", "--protected-mode", "yes"])
+                // Protected mode would refuse (`-DENIED`) the memory test's connections from
+                // loopback sources other than 127.0.0.1; it listens on 127.0.0.1 only.
+                .args(["--maxclients", "120000", "--protected-mode", "no"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         )
