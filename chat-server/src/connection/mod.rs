@@ -10,6 +10,7 @@
 //! pre-login slot with a short first-byte deadline.
 
 mod admission;
+mod buffers;
 mod events;
 mod fan_out;
 mod login;
@@ -80,14 +81,9 @@ const MAX_PIPELINED: usize = chat_protocol::message::MAX_PIPELINED;
 /// `Sync` requests one session may have waiting at once; more are refused (`rate_limited`).
 const MAX_SYNCS: usize = 4;
 
-/// Initial read buffer; it grows only while a large frame is arriving.
-const READ_BUFFER: usize = 1024;
-
 /// How long a closing session waits for answers to its sends in flight
 /// ([`Handler::finish_sends_closing`]).
 const FINISH_SENDS_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
-/// Buffers larger than this are released once empty (after a burst or a big frame).
-const IDLE_BUFFER_MAX: usize = 4096;
 
 /// A public key lookup's outcome: the key, if the name is registered.
 type KeyLookup = Result<Option<Vec<u8>>, StoreError>;
@@ -164,6 +160,8 @@ pub(crate) struct Handler {
     last_heard: Instant,
     /// A ping was sent since `last_heard`.
     pinged: bool,
+    /// When the buffers a burst grew are given back.
+    quiet_trim: buffers::QuietTrim,
     /// A send on this connection was shed (refused `server_busy`): every later send is
     /// shed too until the client answers the `Ping` with this nonce, written right after
     /// the latest refusal (each refusal gets its own). The client has then read every
@@ -236,7 +234,7 @@ impl Handler {
             peer,
             channel,
             accepted,
-            reader: FramedRead::with_capacity(read, Codec::new(max), READ_BUFFER),
+            reader: FramedRead::with_capacity(read, Codec::new(max), buffers::READ_BUFFER),
             writer: {
                 // FramedWrite starts with 8 KiB; an idle connection should hold nothing.
                 let mut w = FramedWrite::new(write, Codec::new(max));
@@ -250,6 +248,7 @@ impl Handler {
             shutdown,
             last_heard: now,
             pinged: false,
+            quiet_trim: Default::default(),
             shed_fence: None,
             order: Default::default(),
             backlog_cursor: 0,
@@ -348,6 +347,10 @@ impl Handler {
             }
             if !self.pinged {
                 wake = wake.min(self.last_heard + ping_interval);
+            }
+            let trim_at = self.quiet_trim.due(self.last_heard);
+            if let Some(trim_at) = trim_at {
+                wake = wake.min(trim_at);
             }
             // Re-armed only when the deadline moves earlier (or it fired): every frame
             // moves it later, and a timer that fires early just finds nothing due.
@@ -449,6 +452,9 @@ impl Handler {
                     }
                     if now >= idle_at {
                         return Close::tell(ErrorCode::IdleTimeout, "nothing received for too long");
+                    }
+                    if trim_at.is_some_and(|at| now >= at) {
+                        self.trim_quiet();
                     }
                     if !self.pinged && now >= self.last_heard + ping_interval {
                         self.pinged = true;

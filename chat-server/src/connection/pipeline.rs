@@ -50,11 +50,19 @@ impl Pipeline {
         self.requests
     }
 
+    /// Entries the pipeline holds room for without growing (more than 8 is a burst's).
+    const IDLE_ROOM: usize = 8;
+
     /// Gives back the memory of a burst once empty.
     pub(super) fn trim(&mut self) {
-        if self.entries.is_empty() && self.entries.capacity() > 8 {
+        if self.entries.is_empty() && self.grown() {
             self.entries = VecDeque::new();
         }
+    }
+
+    /// Holds room a burst left (trimmed once the connection is quiet).
+    pub(super) fn grown(&self) -> bool {
+        self.entries.capacity() > Self::IDLE_ROOM
     }
 }
 

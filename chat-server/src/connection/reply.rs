@@ -1,5 +1,5 @@
-//! Writing to the client: every write bounded by the write timeout, buffers trimmed after
-//! a burst, a send's answer, and the error replies the handler sends.
+//! Writing to the client: every write bounded by the write timeout (then buffers a burst
+//! left are trimmed, `buffers`), a send's answer, and the error replies the handler sends.
 
 use chat_protocol::codec::CodecError;
 use chat_protocol::message::RequestId;
@@ -8,7 +8,7 @@ use futures_util::SinkExt;
 use tokio::time::timeout;
 use tracing::{debug, info};
 
-use super::{Close, Handler, IDLE_BUFFER_MAX, InFlight, READ_BUFFER, State};
+use super::{Close, Handler, InFlight, State};
 use crate::metrics::Metrics;
 use crate::store::{Enqueued, StoreError};
 
@@ -19,26 +19,13 @@ impl Handler {
         self.finish_write(result)
     }
 
-    /// Gives back buffer memory a burst left behind, so idle connections stay small.
-    pub(super) fn trim_buffers(&mut self) {
-        let write = self.writer.write_buffer_mut();
-        if write.is_empty() && write.capacity() > IDLE_BUFFER_MAX {
-            *write = Default::default();
-        }
-        self.sends.trim();
-        let read = self.reader.read_buffer_mut();
-        if read.is_empty() && read.capacity() > IDLE_BUFFER_MAX {
-            *read = tokio_util::bytes::BytesMut::with_capacity(READ_BUFFER);
-        }
-    }
-
     pub(super) fn finish_write(
         &mut self,
         result: Result<Result<(), CodecError>, tokio::time::error::Elapsed>,
     ) -> Result<(), Close> {
         match result {
             Ok(Ok(())) => {
-                self.trim_buffers();
+                self.trim_after_write();
                 Ok(())
             }
             Ok(Err(e)) => {
