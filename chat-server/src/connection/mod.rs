@@ -348,7 +348,7 @@ impl Handler {
             if !self.pinged {
                 wake = wake.min(self.last_heard + ping_interval);
             }
-            let trim_at = self.quiet_trim.due(self.last_heard);
+            let trim_at = self.quiet_trim.due();
             if let Some(trim_at) = trim_at {
                 wake = wake.min(trim_at);
             }
@@ -425,6 +425,7 @@ impl Handler {
                     }
                     Some(Ok(msg)) => {
                         self.last_heard = Instant::now();
+                        self.note_read(self.last_heard);
                         self.pinged = false;
                         self.heard_any = true;
                         if let Err(close) = Box::pin(self.handle_unless_kicked(msg)).await {

@@ -50,12 +50,12 @@ impl Pipeline {
         self.requests
     }
 
-    /// Entries the pipeline holds room for without growing (more than 8 is a burst's).
-    const IDLE_ROOM: usize = 8;
+    /// Entries an idle connection's pipeline keeps room for (more is a burst's).
+    pub(super) const IDLE_ROOM: usize = 8;
 
-    /// Gives back the memory of a burst once empty.
-    pub(super) fn trim(&mut self) {
-        if self.entries.is_empty() && self.grown() {
+    /// Gives back the room if empty and over `room` entries.
+    pub(super) fn trim(&mut self, room: usize) {
+        if self.entries.is_empty() && self.entries.capacity() > room {
             self.entries = VecDeque::new();
         }
     }
