@@ -3,11 +3,13 @@
 
 use std::marker::PhantomData;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::codec::{Decoder, Encoder};
 
+use crate::deliver::SharedDeliver;
 use crate::frame::{self, Check, FrameError, HEADER_LEN};
+use crate::message::ServerMessage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -57,8 +59,117 @@ impl<In: DeserializeOwned, Out> Decoder for WireCodec<In, Out> {
 impl<In, Out: Serialize> Encoder<Out> for WireCodec<In, Out> {
     type Error = CodecError;
 
+    /// Serializes `item` straight into `dst` behind its length prefix (no intermediate
+    /// buffer). Errors as [`frame::encode_into`], leaving `dst` as it was.
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
-        dst.extend_from_slice(&frame::encode(&item, self.max_frame)?);
+        self.append(&item, dst)
+    }
+}
+
+/// A codec writing `ServerMessage`s also writes a [`SharedDeliver`]: the same bytes as
+/// the `ServerMessage::Deliver` it stands for. (A sink with both item types needs the
+/// item named for `flush` and `close`: `SinkExt::<ServerMessage>::flush(sink)`.)
+impl<In, P: AsRef<[u8]>> Encoder<SharedDeliver<P>> for WireCodec<In, ServerMessage> {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: SharedDeliver<P>, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.append(&item, dst)
+    }
+}
+
+impl<In, Out> WireCodec<In, Out> {
+    /// Serializes `item` straight into `dst` behind its length prefix (no intermediate
+    /// buffer). Errors as [`frame::encode_into`], leaving `dst` as it was.
+    fn append<T: Serialize>(&self, item: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let start = dst.len();
+        dst.put_slice(&[0; HEADER_LEN]);
+        if let Err(e) = postcard::serialize_with_flavor(item, AppendTo(dst)) {
+            dst.truncate(start);
+            return Err(FrameError::Malformed(e.to_string()).into());
+        }
+        let len = dst.len() - start - HEADER_LEN;
+        if len > self.max_frame {
+            dst.truncate(start);
+            let max = self.max_frame;
+            return Err(FrameError::TooLarge { len, max }.into());
+        }
+        dst[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
         Ok(())
+    }
+}
+
+/// Postcard output that appends to a `BytesMut`, copying slices whole.
+struct AppendTo<'a>(&'a mut BytesMut);
+
+impl postcard::ser_flavors::Flavor for AppendTo<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.put_u8(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Username;
+    use crate::message::ClientMessage;
+
+    type ServerSide = WireCodec<ClientMessage, ServerMessage>;
+
+    #[test]
+    fn frames_are_appended_exactly_as_frame_encode_writes_them() {
+        let mut codec = ServerSide::new(1024);
+        let mut dst = BytesMut::from(&b"earlier"[..]);
+        let ok = ServerMessage::Ok { id: 7 };
+        let shared = SharedDeliver {
+            envelope_id: 9,
+            from: Username::parse("alice").unwrap(),
+            payload: bytes::Bytes::from_static(&[5; 300]),
+        };
+        codec.encode(ok.clone(), &mut dst).unwrap();
+        codec.encode(shared.clone(), &mut dst).unwrap();
+        let mut expected = b"earlier".to_vec();
+        frame::encode_into(&ok, 1024, &mut expected).unwrap();
+        frame::encode_into(&ServerMessage::from(shared), 1024, &mut expected).unwrap();
+        assert_eq!(&dst[..], &expected[..]);
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_and_leaves_the_buffer_as_it_was() {
+        let mut codec = ServerSide::new(100);
+        let mut dst = BytesMut::from(&b"earlier"[..]);
+        let big = SharedDeliver {
+            envelope_id: 1,
+            from: Username::parse("alice").unwrap(),
+            payload: vec![0u8; 200],
+        };
+        let err = codec.encode(big, &mut dst).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CodecError::Frame(FrameError::TooLarge { max: 100, .. })
+            ),
+            "{err:?}"
+        );
+        assert_eq!(&dst[..], b"earlier");
+        // The codec still works after the refusal.
+        codec.encode(ServerMessage::Ok { id: 1 }, &mut dst).unwrap();
+        assert_eq!(
+            dst.len(),
+            7 + frame::encode(&ServerMessage::Ok { id: 1 }, 100)
+                .unwrap()
+                .len()
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! - [`frame`]: length-prefixed framing (u32 big-endian length + postcard body) and the
 //!   pure decoder that never panics on any input.
 //! - [`message`]: the messages a client and the relay exchange, with request ids and
-//!   typed error codes.
+//!   typed error codes; [`deliver`]: a `Deliver` encoded from shared parts.
 //! - [`username`]: the account-name rules (charset, length, case-insensitive identity).
 //! - [`auth`]: the login challenge transcript and RSA-PSS-SHA256 proof of key possession.
 //! - [`identity`]: long-term RSA identities, fingerprints, key files, derived keys.
@@ -23,6 +23,7 @@
 pub mod auth;
 #[cfg(feature = "codec")]
 pub mod codec;
+pub mod deliver;
 pub mod e2e;
 pub mod frame;
 pub mod group;

@@ -10,8 +10,41 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
+use chat_protocol::deliver::SharedDeliver;
 use chat_protocol::{ErrorCode, ServerMessage, Username};
 use tokio::sync::{mpsc, watch};
+use tokio_util::bytes::Bytes;
+
+/// What the router queues for a connection to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Routed {
+    /// An envelope; its payload is shared with the sender's in-flight entry and the
+    /// store writer's copy, not copied.
+    Deliver(SharedDeliver<Bytes>),
+    /// Anything else (presence).
+    Message(ServerMessage),
+}
+
+impl Routed {
+    /// The envelope id, if this is a `Deliver` (in either form).
+    pub fn envelope_id(&self) -> Option<u64> {
+        match self {
+            Routed::Deliver(d) => Some(d.envelope_id),
+            Routed::Message(ServerMessage::Deliver { envelope_id, .. }) => Some(*envelope_id),
+            Routed::Message(_) => None,
+        }
+    }
+}
+
+impl From<Routed> for ServerMessage {
+    /// The owned message (a `Deliver`'s name and payload copied).
+    fn from(routed: Routed) -> Self {
+        match routed {
+            Routed::Deliver(d) => d.into(),
+            Routed::Message(m) => m,
+        }
+    }
+}
 
 /// The router's handle on one logged-in connection.
 #[derive(Debug)]
@@ -20,7 +53,7 @@ struct Session {
     conn_id: u64,
     /// Boxed: tokio's channel allocates a block of 32 slots up front, so an idle
     /// connection holds 32 pointers instead of 32 messages.
-    outbox: mpsc::Sender<Box<ServerMessage>>,
+    outbox: mpsc::Sender<Box<Routed>>,
     /// Tells the connection to close, and why.
     kick: watch::Sender<Option<ErrorCode>>,
     /// Users this session watches for presence.
@@ -38,11 +71,11 @@ impl Session {
     }
 
     /// Queues `msg`; a full queue kicks the session. Returns whether it was queued.
-    fn push(&self, msg: ServerMessage) -> bool {
+    fn push(&self, msg: Routed) -> bool {
         match self.outbox.try_send(Box::new(msg)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(msg)) => {
-                if !self.live && matches!(*msg, ServerMessage::Deliver { .. }) {
+                if !self.live && matches!(*msg, Routed::Deliver(_)) {
                     // Still reading its backlog, which has this committed envelope too:
                     // not a slow reader, just busy. It reads once more before going live.
                     self.dropped.set(true);
@@ -59,7 +92,7 @@ impl Session {
 /// What a connection gets back when it joins.
 #[derive(Debug)]
 pub struct Membership {
-    pub outbox: mpsc::Receiver<Box<ServerMessage>>,
+    pub outbox: mpsc::Receiver<Box<Routed>>,
     pub kicked: watch::Receiver<Option<ErrorCode>>,
 }
 
@@ -110,10 +143,10 @@ impl State {
             if let Some(session) = self.sessions.get(watcher)
                 && watcher != user
             {
-                session.push(ServerMessage::Presence {
+                session.push(Routed::Message(ServerMessage::Presence {
                     username: user.to_string(),
                     online,
-                });
+                }));
             }
         }
     }
@@ -323,19 +356,19 @@ impl Router {
         &self,
         to: &Username,
         from: &Username,
-        payload: Vec<u8>,
-        store: impl FnOnce(u64, bool, Vec<u8>) -> T,
+        payload: Bytes,
+        store: impl FnOnce(u64, bool, Bytes) -> T,
     ) -> (T, bool) {
         let mut state = self.state();
         let id = state.next_id;
         state.next_id += 1;
         let delivered = match state.sessions.get(to) {
             Some(session) if session.live && !state.unrouted.contains_key(to) => {
-                session.push(ServerMessage::Deliver {
+                session.push(Routed::Deliver(SharedDeliver {
                     envelope_id: id,
-                    from: from.to_string(),
+                    from: from.clone(),
                     payload: payload.clone(),
-                })
+                }))
             }
             _ => false,
         };
@@ -347,13 +380,13 @@ impl Router {
 
     /// Settles an envelope [`Router::accept`] did not deliver: queues `deliver` (if it was
     /// committed) to `to` if online. Every such envelope must be settled exactly once.
-    pub fn settle(&self, to: &Username, deliver: Option<ServerMessage>) {
+    pub fn settle(&self, to: &Username, deliver: Option<SharedDeliver<Bytes>>) {
         let mut state = self.state();
         if let Some(msg) = deliver
             && let Some(session) = state.sessions.get(to)
         {
             // Too slow: it waits in the store for the next login.
-            session.push(msg);
+            session.push(Routed::Deliver(msg));
         }
         if let Some(n) = state.unrouted.get_mut(to) {
             *n -= 1;

@@ -35,13 +35,14 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 use tokio::time::{Instant, sleep_until};
+use tokio_util::bytes::Bytes;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, warn};
 
 use crate::Shared;
 use crate::cluster::MailboxRead;
 use crate::limits::{PreLoginSlot, TokenBucket};
-use crate::router::Membership;
+use crate::router::{Membership, Routed};
 use crate::store::{Store, StoreError};
 use crate::writer::{Room, Ticket};
 use events::{kicked, next_commit, next_delivery, next_inbound, parked_room, settle_writes};
@@ -117,7 +118,7 @@ struct InFlight {
     to: String,
     /// Kept to route the envelope once committed: its recipient and payload. `None` if it
     /// was delivered at once, or never accepted (a name that is no user).
-    route: Option<(Username, Vec<u8>)>,
+    route: Option<(Username, Bytes)>,
     ticket: Ticket,
     /// One copy of a `SendMany`, answered together with the others in one `Outcomes`:
     /// whether it is the request's last copy.
@@ -129,7 +130,7 @@ struct InFlight {
 
 /// Something the router or the server wants this connection to act on.
 enum Inbound {
-    Routed(Box<ServerMessage>),
+    Routed(Box<Routed>),
     Kicked(ErrorCode),
 }
 
@@ -293,7 +294,7 @@ impl Handler {
             // The client hears the close now, not after the waits below (sends left in
             // flight, the logout), which wait on NATS: it may have just gone.
             let write_timeout = self.shared.config.write_timeout();
-            let closing = futures_util::SinkExt::close(&mut self.writer);
+            let closing = futures_util::SinkExt::<ServerMessage>::close(&mut self.writer);
             let _ = tokio::time::timeout(write_timeout, Box::pin(closing)).await;
         }
         // Sends nobody can be answered for any more: their envelopes still go on.
@@ -375,7 +376,7 @@ impl Handler {
                 },
                 delivery = next_delivery(&mut self.cluster_inbox), if self.cluster_inbox.is_some() => match delivery {
                     Ok(MailboxRead::Deliver(msg)) => {
-                        if let Err(close) = Box::pin(self.forward(msg)).await {
+                        if let Err(close) = Box::pin(self.forward(Routed::Message(msg))).await {
                             return close;
                         }
                     }

@@ -6,11 +6,12 @@ use chat_protocol::message::RequestId;
 use chat_protocol::{ClientMessage, ErrorCode, ServerMessage, Username};
 use futures_util::SinkExt;
 use tokio::time::timeout;
+use tokio_util::bytes::Bytes;
 
 use super::fan_out::{self, fan_out_recipients, no_such_user};
 use super::{Close, Handler, InFlight, MAX_SYNCS, State, WRITE_BATCH, unix_secs};
 use crate::metrics::Metrics;
-use crate::router::WatchError;
+use crate::router::{Routed, WatchError};
 use crate::store::{Enqueued, StoreError};
 use crate::writer::{Envelope, Room};
 
@@ -89,6 +90,7 @@ impl Handler {
                     return self.unknown_user(id, &to).await;
                 };
                 let room = room.expect("a send comes with room in the writer");
+                let payload = Bytes::from(payload);
                 self.submit(&me, id, to_user, payload, room, None).await;
                 Ok(())
             }
@@ -107,6 +109,7 @@ impl Handler {
                     self.publish_many(&me, id, to, recipients, payload).await;
                     return Ok(());
                 }
+                let payload = Bytes::from(payload);
                 let cost = crate::writer::cost::envelope(payload.len());
                 let last = recipients.len() - 1;
                 for (i, (name, user)) in to.into_iter().zip(recipients).enumerate() {
@@ -138,7 +141,7 @@ impl Handler {
         me: &Username,
         id: RequestId,
         to_user: Username,
-        payload: Vec<u8>,
+        payload: Bytes,
         room: Room,
         part: Option<bool>,
     ) {
@@ -159,14 +162,7 @@ impl Handler {
             let address =
                 crate::limits::shared_address_name(&self.shared.address_secret, self.peer.ip());
             let ticket = cluster
-                .publish(
-                    &to_user,
-                    me,
-                    &address,
-                    payload.into(),
-                    msg_id,
-                    fence.clone(),
-                )
+                .publish(&to_user, me, &address, payload, msg_id, fence.clone())
                 .await;
             self.sends.push_back(InFlight {
                 id,
@@ -284,14 +280,14 @@ impl Handler {
             for reply in replies {
                 writer.feed(reply).await?;
             }
-            writer.flush().await
+            SinkExt::<ServerMessage>::flush(writer).await
         };
         let result = timeout(write_timeout, write).await;
         self.finish_write(result)
     }
 
     /// Writes one routed message, then whatever else is already queued, then flushes.
-    pub(super) async fn forward(&mut self, first: ServerMessage) -> Result<(), Close> {
+    pub(super) async fn forward(&mut self, first: Routed) -> Result<(), Close> {
         let write_timeout = self.shared.config.write_timeout();
         let Self {
             writer,
@@ -305,7 +301,7 @@ impl Handler {
             let mut next = Some(first);
             let mut written = 0;
             while let Some(msg) = next.take() {
-                if let ServerMessage::Deliver { envelope_id, .. } = msg {
+                if let Some(envelope_id) = msg.envelope_id() {
                     // While the backlog streams, or if already sent from it, the stored copy
                     // is (or was) written in order instead.
                     if !*backlog_done || envelope_id <= *backlog_cursor {
@@ -315,11 +311,12 @@ impl Handler {
                             .map(|m| *m);
                         continue;
                     }
-                }
-                if let ServerMessage::Deliver { envelope_id, .. } = msg {
                     unacked.insert(envelope_id);
                 }
-                writer.feed(msg).await?;
+                match msg {
+                    Routed::Deliver(deliver) => writer.feed(deliver).await?,
+                    Routed::Message(msg) => writer.feed(msg).await?,
+                }
                 written += 1;
                 if written < WRITE_BATCH {
                     next = membership
@@ -328,7 +325,7 @@ impl Handler {
                         .map(|m| *m);
                 }
             }
-            writer.flush().await
+            SinkExt::<ServerMessage>::flush(writer).await
         };
         let result = timeout(write_timeout, batch).await;
         self.finish_write(result)?;
@@ -355,7 +352,7 @@ impl Handler {
             for id in syncs {
                 writer.feed(ServerMessage::Ok { id }).await?;
             }
-            writer.flush().await
+            SinkExt::<ServerMessage>::flush(writer).await
         };
         let result = timeout(write_timeout, write).await;
         self.finish_write(result)
@@ -397,7 +394,7 @@ impl Handler {
                     })
                     .await?;
             }
-            writer.flush().await
+            SinkExt::<ServerMessage>::flush(writer).await
         };
         let result = timeout(write_timeout, write).await;
         self.finish_write(result)?;

@@ -2,6 +2,7 @@
 //! left are trimmed, `buffers`), a send's answer, and the error replies the handler sends.
 
 use chat_protocol::codec::CodecError;
+use chat_protocol::deliver::SharedDeliver;
 use chat_protocol::message::RequestId;
 use chat_protocol::{ErrorCode, ServerMessage};
 use futures_util::SinkExt;
@@ -93,13 +94,11 @@ impl Handler {
         }
         if let Some((recipient, payload)) = route {
             let deliver = match (&done, &self.state) {
-                (Ok(Enqueued::Stored(envelope_id)), State::Ready(me)) => {
-                    Some(ServerMessage::Deliver {
-                        envelope_id: *envelope_id,
-                        from: me.to_string(),
-                        payload,
-                    })
-                }
+                (Ok(Enqueued::Stored(envelope_id)), State::Ready(me)) => Some(SharedDeliver {
+                    envelope_id: *envelope_id,
+                    from: me.clone(),
+                    payload,
+                }),
                 _ => None,
             };
             self.shared.router.settle(&recipient, deliver);

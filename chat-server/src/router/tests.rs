@@ -14,7 +14,7 @@ fn presence_route_and_replace() {
     );
     let mut bob = router.join(&name("bob"), 2, 8);
     assert_eq!(
-        *alice.outbox.try_recv().unwrap(),
+        ServerMessage::from(*alice.outbox.try_recv().unwrap()),
         ServerMessage::Presence {
             username: "bob".into(),
             online: true
@@ -32,7 +32,7 @@ fn presence_route_and_replace() {
     router.leave(&name("bob"), 3);
     assert_eq!(router.online(), vec!["alice"]);
     assert_eq!(
-        *alice.outbox.try_recv().unwrap(),
+        ServerMessage::from(*alice.outbox.try_recv().unwrap()),
         ServerMessage::Presence {
             username: "bob".into(),
             online: false
@@ -77,7 +77,7 @@ fn watching_is_bounded_and_forgotten_with_the_session() {
     router.leave(&name("alice"), 1);
     assert_eq!(router.watch_count(), 1);
     assert_eq!(
-        *bob.outbox.try_recv().unwrap(),
+        ServerMessage::from(*bob.outbox.try_recv().unwrap()),
         ServerMessage::Presence {
             username: "alice".into(),
             online: false
@@ -88,21 +88,25 @@ fn watching_is_bounded_and_forgotten_with_the_session() {
     assert_eq!(router.watch_count(), 0);
 }
 
-fn deliver(envelope_id: u64) -> ServerMessage {
-    ServerMessage::Deliver {
+fn deliver(envelope_id: u64) -> SharedDeliver<Bytes> {
+    SharedDeliver {
         envelope_id,
-        from: "alice".into(),
-        payload: vec![1],
+        from: name("alice"),
+        payload: Bytes::from_static(&[1]),
     }
 }
 
 /// Alice sends `[1]` to `to`: (id, the id the store was given, delivered at once).
 fn accept(router: &Router, to: &str) -> (u64, (u64, bool), bool) {
-    let (stored, delivered) =
-        router.accept(&name(to), &name("alice"), vec![1], |id, d, payload| {
-            assert_eq!(payload, vec![1]);
+    let (stored, delivered) = router.accept(
+        &name(to),
+        &name("alice"),
+        Bytes::from_static(&[1]),
+        |id, d, payload| {
+            assert_eq!(payload, [1][..]);
             (id, d)
-        });
+        },
+    );
     (stored.0, stored, delivered)
 }
 
@@ -123,10 +127,10 @@ fn envelopes_go_direct_only_when_nothing_earlier_is_still_on_its_way() {
     // Nothing left on its way: the next one goes straight to bob, after 10 and 11.
     let (id, _, delivered) = accept(&router, "bob");
     assert_eq!((id, delivered), (12, true));
-    let got: Vec<ServerMessage> = std::iter::from_fn(|| bob.outbox.try_recv().ok())
+    let got: Vec<Routed> = std::iter::from_fn(|| bob.outbox.try_recv().ok())
         .map(|m| *m)
         .collect();
-    assert_eq!(got, vec![deliver(10), deliver(11), deliver(12)]);
+    assert_eq!(got, [10, 11, 12].map(|id| Routed::Deliver(deliver(id))));
     // Offline recipients: through the store; settling without a session is harmless.
     let (_, _, delivered) = accept(&router, "carol");
     assert!(!delivered);
@@ -149,7 +153,7 @@ fn a_session_reading_its_backlog_is_not_kicked_for_envelopes_the_store_has() {
     // Envelope 2 was left to the store: one more backlog read before going live.
     assert!(!router.set_live(&name("bob"), 1));
     assert!(router.set_live(&name("bob"), 1));
-    assert_eq!(*bob.outbox.try_recv().unwrap(), deliver(1));
+    assert_eq!(*bob.outbox.try_recv().unwrap(), Routed::Deliver(deliver(1)));
 }
 
 #[test]

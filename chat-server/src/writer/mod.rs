@@ -393,7 +393,8 @@ pub struct Envelope {
     pub sender: Username,
     /// The sender's address group as a keyed hash (`limits::Sources`).
     pub source: i64,
-    pub payload: Vec<u8>,
+    /// Shared with the `Deliver` routed to an online recipient (no copy).
+    pub payload: tokio_util::bytes::Bytes,
     pub now_secs: u64,
     pub limits: QueueLimits,
     /// Its place among its connection's sends: refused `Fenced` if an earlier one to the

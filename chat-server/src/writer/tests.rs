@@ -10,7 +10,7 @@ fn envelope(to: &str, payload: &[u8]) -> Envelope {
         recipient: name(to),
         sender: name("alice"),
         source: 1,
-        payload: payload.to_vec(),
+        payload: tokio_util::bytes::Bytes::copy_from_slice(payload),
         now_secs: 1000,
         limits: QueueLimits::per_recipient(100, 1 << 20),
         fence: None,
