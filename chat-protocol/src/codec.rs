@@ -3,7 +3,7 @@
 
 use std::marker::PhantomData;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -78,46 +78,14 @@ impl<In, P: AsRef<[u8]>> Encoder<SharedDeliver<P>> for WireCodec<In, ServerMessa
 }
 
 impl<In, Out> WireCodec<In, Out> {
-    /// Serializes `item` straight into `dst` behind its length prefix (no intermediate
-    /// buffer). Errors as [`frame::encode_into`], leaving `dst` as it was.
+    /// Appends one frame carrying `item` to `dst` ([`frame::encode_into`]: in place,
+    /// `dst` left as it was on an error).
     fn append<T: Serialize>(&self, item: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let start = dst.len();
-        dst.put_slice(&[0; HEADER_LEN]);
-        if let Err(e) = postcard::serialize_with_flavor(item, AppendTo(dst)) {
-            dst.truncate(start);
-            return Err(FrameError::Malformed(e.to_string()).into());
-        }
-        let len = dst.len() - start - HEADER_LEN;
-        if len > self.max_frame {
-            dst.truncate(start);
-            let max = self.max_frame;
-            return Err(FrameError::TooLarge { len, max }.into());
-        }
-        dst[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
-        Ok(())
+        Ok(frame::encode_into(item, self.max_frame, dst)?)
     }
 }
 
-/// Postcard output that appends to a `BytesMut`, copying slices whole.
-struct AppendTo<'a>(&'a mut BytesMut);
-
-impl postcard::ser_flavors::Flavor for AppendTo<'_> {
-    type Output = ();
-
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.0.put_u8(data);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<()> {
-        Ok(())
-    }
-}
+frame::frame_buf!(BytesMut);
 
 #[cfg(test)]
 mod tests {

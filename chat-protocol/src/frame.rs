@@ -77,24 +77,88 @@ pub fn parse<T: DeserializeOwned>(
     }
 }
 
-/// Appends one frame carrying `msg` to `out`. Fails, leaving `out` as it was, when the
-/// body would be over `max`.
-pub fn encode_into<T: Serialize>(msg: &T, max: usize, out: &mut Vec<u8>) -> Result<(), FrameError> {
-    let start = out.len();
-    out.extend_from_slice(&[0; HEADER_LEN]);
-    let result = postcard::to_extend(msg, std::mem::take(out));
-    let mut buf = match result {
-        Ok(buf) => buf,
-        Err(e) => return Err(FrameError::Malformed(e.to_string())),
+/// A growable byte buffer frames are appended to: `Vec<u8>`, and `BytesMut` with the
+/// `codec` feature.
+pub trait FrameBuf {
+    /// Bytes in the buffer.
+    fn filled(&self) -> usize;
+    /// Appends `bytes`.
+    fn put(&mut self, bytes: &[u8]);
+    /// Drops everything after the first `len` bytes.
+    fn cut_to(&mut self, len: usize);
+    /// The buffer's bytes, to patch.
+    fn bytes_mut(&mut self) -> &mut [u8];
+}
+
+/// Implements [`FrameBuf`] for a type with `len`, `extend_from_slice`, `truncate` and
+/// `DerefMut<Target = [u8]>` (`Vec<u8>`, `BytesMut`).
+macro_rules! frame_buf {
+    ($buf:ty) => {
+        impl $crate::frame::FrameBuf for $buf {
+            fn filled(&self) -> usize {
+                self.len()
+            }
+
+            fn put(&mut self, bytes: &[u8]) {
+                self.extend_from_slice(bytes);
+            }
+
+            fn cut_to(&mut self, len: usize) {
+                self.truncate(len);
+            }
+
+            fn bytes_mut(&mut self) -> &mut [u8] {
+                self
+            }
+        }
     };
-    let len = buf.len() - start - HEADER_LEN;
+}
+#[cfg(feature = "codec")]
+pub(crate) use frame_buf;
+
+frame_buf!(Vec<u8>);
+
+/// Postcard output appending to a [`FrameBuf`], slices copied whole.
+struct Append<'a, B>(&'a mut B);
+
+impl<B: FrameBuf> postcard::ser_flavors::Flavor for Append<'_, B> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.put(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.put(&[data]);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Appends one frame carrying `msg` to `out`, serialized in place behind its length
+/// prefix (no intermediate buffer). Fails, leaving `out` as it was, when the body would
+/// be over `max` (`TooLarge`) or `msg` cannot be serialized (`Malformed`).
+pub fn encode_into<T: Serialize + ?Sized, B: FrameBuf>(
+    msg: &T,
+    max: usize,
+    out: &mut B,
+) -> Result<(), FrameError> {
+    let start = out.filled();
+    out.put(&[0; HEADER_LEN]);
+    if let Err(e) = postcard::serialize_with_flavor(msg, Append(out)) {
+        out.cut_to(start);
+        return Err(FrameError::Malformed(e.to_string()));
+    }
+    let len = out.filled() - start - HEADER_LEN;
     if len > max {
-        buf.truncate(start);
-        *out = buf;
+        out.cut_to(start);
         return Err(FrameError::TooLarge { len, max });
     }
-    buf[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
-    *out = buf;
+    out.bytes_mut()[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
 }
 
@@ -172,6 +236,27 @@ mod tests {
             encode_into(&msg, 100, &mut out),
             Err(FrameError::TooLarge { .. })
         ));
+        assert_eq!(out, vec![1, 2, 3]);
+    }
+
+    /// Serializes part of itself, then fails.
+    struct FailsHalfway;
+
+    impl Serialize for FailsHalfway {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::{Error, SerializeTuple};
+            let mut t = s.serialize_tuple(2)?;
+            t.serialize_element("written before the failure")?;
+            let _ = t;
+            Err(S::Error::custom("refused halfway"))
+        }
+    }
+
+    #[test]
+    fn a_message_that_fails_to_serialize_leaves_the_buffer_as_it_was() {
+        let mut out = vec![1, 2, 3];
+        let err = encode_into(&FailsHalfway, 100, &mut out).unwrap_err();
+        assert!(matches!(err, FrameError::Malformed(_)), "{err:?}");
         assert_eq!(out, vec![1, 2, 3]);
     }
 

@@ -18,10 +18,10 @@ use tokio_util::bytes::Bytes;
 /// What the router queues for a connection to write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Routed {
-    /// An envelope; its payload is shared with the sender's in-flight entry and the
-    /// store writer's copy, not copied.
+    /// An envelope; its payload is shared with the store writer's envelope (and the
+    /// sender's in-flight entry, if routed after its commit), not copied.
     Deliver(SharedDeliver<Bytes>),
-    /// Anything else (presence).
+    /// Anything else: presence, or a cluster mailbox's owned `Deliver`.
     Message(ServerMessage),
 }
 
