@@ -62,7 +62,7 @@ impl<In, Out: Serialize> Encoder<Out> for WireCodec<In, Out> {
     /// Serializes `item` straight into `dst` behind its length prefix (no intermediate
     /// buffer). Errors as [`frame::encode_into`], leaving `dst` as it was.
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
-        self.append(&item, dst)
+        Ok(frame::encode_into(&item, self.max_frame, dst)?)
     }
 }
 
@@ -73,15 +73,7 @@ impl<In, P: AsRef<[u8]>> Encoder<SharedDeliver<P>> for WireCodec<In, ServerMessa
     type Error = CodecError;
 
     fn encode(&mut self, item: SharedDeliver<P>, dst: &mut BytesMut) -> Result<(), CodecError> {
-        self.append(&item, dst)
-    }
-}
-
-impl<In, Out> WireCodec<In, Out> {
-    /// Appends one frame carrying `item` to `dst` ([`frame::encode_into`]: in place,
-    /// `dst` left as it was on an error).
-    fn append<T: Serialize>(&self, item: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
-        Ok(frame::encode_into(item, self.max_frame, dst)?)
+        Ok(frame::encode_into(&item, self.max_frame, dst)?)
     }
 }
 

@@ -36,16 +36,6 @@ impl Routed {
     }
 }
 
-impl From<Routed> for ServerMessage {
-    /// The owned message (a `Deliver`'s name and payload copied).
-    fn from(routed: Routed) -> Self {
-        match routed {
-            Routed::Deliver(d) => d.into(),
-            Routed::Message(m) => m,
-        }
-    }
-}
-
 /// The router's handle on one logged-in connection.
 #[derive(Debug)]
 struct Session {
