@@ -9,7 +9,8 @@ use std::time::Duration;
 use chat_protocol::{ErrorCode, ServerMessage};
 use futures_util::SinkExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
 use crate::connection::{self, Handler};
@@ -22,7 +23,7 @@ pub(crate) async fn accept_loop(
     acceptor: &Transport,
     shared: &Arc<Shared>,
     pre_login: &PreLoginSlots,
-    notify: &broadcast::Sender<()>,
+    stop: &CancellationToken,
     done: &mpsc::Sender<()>,
 ) {
     let next_id = AtomicU64::new(1);
@@ -86,7 +87,7 @@ pub(crate) async fn accept_loop(
         let (acceptor, shared, shutdown, done) = (
             acceptor.clone(),
             shared.clone(),
-            notify.subscribe(),
+            stop.child_token(),
             done.clone(),
         );
         let task = async move {
@@ -116,7 +117,7 @@ async fn connect(
     peer: std::net::SocketAddr,
     conn_id: u64,
     shared: Arc<Shared>,
-    shutdown: broadcast::Receiver<()>,
+    shutdown: CancellationToken,
     slot: limits::PreLoginSlot,
     accepted: tokio::time::Instant,
 ) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> {

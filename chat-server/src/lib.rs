@@ -40,7 +40,8 @@ use std::time::Duration;
 
 use chat_protocol::ErrorCode;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub use config::Config;
@@ -183,9 +184,11 @@ async fn serve(
         shared.config.pre_login.max_connections,
         shared.config.pre_login.max_per_address,
     );
-    // Handlers hold a receiver of `notify` and a clone of `done`: dropping `notify` tells
-    // them to stop; `done` closing tells us they all have.
-    let (notify, _) = broadcast::channel::<()>(1);
+    // Handlers hold a child of `stop` and a clone of `done`: cancelling `stop` tells them
+    // to stop; `done` closing tells us they all have. Each has a token of its own, so
+    // waiting for it touches no state shared with other connections (a broadcast
+    // receiver polled on every turn of a session's loop locked the channel's one mutex).
+    let stop = CancellationToken::new();
     let (done, mut all_done) = mpsc::channel::<()>(1);
 
     // A task of its own, on the workers: it measures how long they keep ready work
@@ -199,7 +202,7 @@ async fn serve(
         Err(e) => warn!("listening (address unknown: {e}) ({label})"),
     }
     tokio::select! {
-        () = accept::accept_loop(&listener, &acceptor, &shared, &pre_login, &notify, &done) => {}
+        () = accept::accept_loop(&listener, &acceptor, &shared, &pre_login, &stop, &done) => {}
         () = purge_loop(&shared) => {}
         () = metrics_loop(&shared) => {}
         () = cluster_loop(&shared) => {}
@@ -214,7 +217,7 @@ async fn serve(
     // Sends still read during the grace period are not refused for a load now gone.
     shared.shedder.set(0.0);
     drop(listener);
-    drop(notify);
+    stop.cancel();
     drop(done);
     if tokio::time::timeout(grace, all_done.recv()).await.is_err() {
         warn!("some connections did not close within {grace:?}; exiting anyway");

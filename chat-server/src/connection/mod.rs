@@ -33,10 +33,11 @@ use futures_util::StreamExt;
 use rand::Rng;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::bytes::Bytes;
 use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::Shared;
@@ -156,7 +157,7 @@ pub(crate) struct Handler {
     /// Present once logged in: the queue the router fills, and the kick signal.
     membership: Option<Membership>,
     bucket: TokenBucket,
-    shutdown: broadcast::Receiver<()>,
+    shutdown: CancellationToken,
     /// Last time a frame arrived; drives ping and idle timeout.
     last_heard: Instant,
     /// A ping was sent since `last_heard`.
@@ -221,7 +222,7 @@ impl Handler {
         peer: SocketAddr,
         conn_id: u64,
         shared: Arc<Shared>,
-        shutdown: broadcast::Receiver<()>,
+        shutdown: CancellationToken,
         pre_login: PreLoginSlot,
         accepted: Instant,
     ) -> Result<Self, rustls::Error> {
@@ -336,6 +337,10 @@ impl Handler {
         let (ping_interval, idle_timeout) = (config.ping_interval(), config.idle_timeout());
         let timer = sleep_until(first_byte_deadline.min(login_deadline));
         tokio::pin!(timer);
+        // Registered once for the session: a wait created on every turn of the loop
+        // would register and unregister each time.
+        let stop = self.shutdown.clone().cancelled_owned();
+        tokio::pin!(stop);
         loop {
             let logged_in = matches!(self.state, State::Ready(_));
             let idle_at = self.last_heard + idle_timeout;
@@ -361,7 +366,7 @@ impl Handler {
 
             let evicted = self.pre_login.as_ref().map(PreLoginSlot::eviction);
             tokio::select! {
-                _ = self.shutdown.recv() => {
+                () = &mut stop => {
                     let _ = Box::pin(self.finish_sends_closing()).await;
                     Box::pin(self.drain_routed()).await;
                     return Close::tell(ErrorCode::ShuttingDown, "the server is shutting down; reconnect in a moment");
