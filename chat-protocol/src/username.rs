@@ -42,7 +42,14 @@ impl Username {
         if !raw.as_bytes()[0].is_ascii_alphanumeric() {
             return Err(UsernameError::BadStart);
         }
-        Ok(Self(raw.to_ascii_lowercase().into()))
+        // One allocation when the name is already lowercase (as clients send it), where
+        // folding a copy first would be two.
+        let folded: Arc<str> = if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+            raw.to_ascii_lowercase().into()
+        } else {
+            raw.into()
+        };
+        Ok(Self(folded))
     }
 
     pub fn as_str(&self) -> &str {

@@ -12,8 +12,11 @@ use std::sync::Mutex;
 
 use chat_protocol::deliver::SharedDeliver;
 use chat_protocol::{ErrorCode, ServerMessage, Username};
-use tokio::sync::{mpsc, watch};
 use tokio_util::bytes::Bytes;
+
+mod outbox;
+pub use outbox::{Inbound, Inbox, KickWatch};
+use outbox::{Outbox, PushError};
 
 /// What the router queues for a connection to write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,11 +44,8 @@ impl Routed {
 struct Session {
     /// Distinguishes a replaced session from its successor under the same name.
     conn_id: u64,
-    /// Boxed: tokio's channel allocates a block of 32 slots up front, so an idle
-    /// connection holds 32 pointers instead of 32 messages.
-    outbox: mpsc::Sender<Box<Routed>>,
-    /// Tells the connection to close, and why.
-    kick: watch::Sender<Option<ErrorCode>>,
+    /// What is routed to the connection, and its kick.
+    outbox: Outbox,
     /// Users this session watches for presence.
     watching: HashSet<Username>,
     /// Its stored backlog has been written: new envelopes may go to it directly.
@@ -57,15 +57,15 @@ struct Session {
 
 impl Session {
     fn kick(&self, reason: ErrorCode) {
-        self.kick.send_replace(Some(reason));
+        self.outbox.kick(reason);
     }
 
     /// Queues `msg`; a full queue kicks the session. Returns whether it was queued.
     fn push(&self, msg: Routed) -> bool {
-        match self.outbox.try_send(Box::new(msg)) {
+        match self.outbox.push(msg) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                if !self.live && matches!(*msg, Routed::Deliver(_)) {
+            Err(PushError::Full(msg)) => {
+                if !self.live && matches!(msg, Routed::Deliver(_)) {
                     // Still reading its backlog, which has this committed envelope too:
                     // not a slow reader, just busy. It reads once more before going live.
                     self.dropped.set(true);
@@ -74,7 +74,7 @@ impl Session {
                 }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(PushError::Closed) => false,
         }
     }
 }
@@ -82,8 +82,8 @@ impl Session {
 /// What a connection gets back when it joins.
 #[derive(Debug)]
 pub struct Membership {
-    pub outbox: mpsc::Receiver<Box<Routed>>,
-    pub kicked: watch::Receiver<Option<ErrorCode>>,
+    /// What is routed to the connection, in order, and its kick.
+    pub inbox: Inbox,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -194,12 +194,10 @@ impl Router {
     /// Registers `user`'s connection. A previous session of the same user is closed with
     /// `session_replaced`; others learn the user is online (unless it already was).
     pub fn join(&self, user: &Username, conn_id: u64, queue_len: usize) -> Membership {
-        let (tx, outbox) = mpsc::channel(queue_len);
-        let (kick, kicked) = watch::channel(None);
+        let (outbox, inbox) = outbox::outbox(queue_len);
         let session = Session {
             conn_id,
-            outbox: tx,
-            kick,
+            outbox,
             watching: HashSet::new(),
             live: false,
             dropped: std::cell::Cell::new(false),
@@ -213,7 +211,7 @@ impl Router {
             None if state.cluster_online.is_none() => state.announce(user, true),
             None => {}
         }
-        Membership { outbox, kicked }
+        Membership { inbox }
     }
 
     /// Removes `user`'s session if it is still `conn_id` (not already replaced).

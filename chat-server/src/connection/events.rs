@@ -1,12 +1,11 @@
 //! The futures the handler waits on besides the socket: each is pending for ever while
 //! what it waits on does not exist, so `select!` can poll it unconditionally.
 
-use chat_protocol::ErrorCode;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use super::{Inbound, Parked, pipeline};
+use super::{Parked, pipeline};
 use crate::cluster::MailboxRead;
-use crate::router::Membership;
+use crate::router::{Inbound, Membership};
 use crate::store::{Enqueued, StoreError};
 use crate::writer::{Room, Ticket};
 
@@ -47,40 +46,10 @@ pub(super) async fn next_commit(sends: &mut pipeline::Pipeline) -> Result<Enqueu
     }
 }
 
-/// The code `kicked` closes its session with, once it does (a session the router dropped
-/// without one was replaced).
-pub(super) async fn kicked(mut kicked: watch::Receiver<Option<ErrorCode>>) -> ErrorCode {
-    loop {
-        if let Some(code) = *kicked.borrow_and_update() {
-            return code;
-        }
-        if kicked.changed().await.is_err() {
-            return ErrorCode::SessionReplaced;
-        }
-    }
-}
-
-/// The next routed message or kick; never resolves before login.
+/// The next routed message or kick (a kick first); never resolves before login.
 pub(super) async fn next_inbound(membership: &mut Option<Membership>) -> Inbound {
-    let Some(m) = membership else {
-        return std::future::pending().await;
-    };
-    loop {
-        if let Some(code) = *m.kicked.borrow_and_update() {
-            return Inbound::Kicked(code);
-        }
-        tokio::select! {
-            biased;
-            changed = m.kicked.changed() => {
-                if changed.is_err() {
-                    // The router dropped us without a reason: treat as replaced.
-                    return Inbound::Kicked(ErrorCode::SessionReplaced);
-                }
-            }
-            msg = m.outbox.recv() => match msg {
-                Some(msg) => return Inbound::Routed(msg),
-                None => return Inbound::Kicked(ErrorCode::SessionReplaced),
-            },
-        }
+    match membership {
+        Some(m) => m.inbox.next().await,
+        None => std::future::pending().await,
     }
 }

@@ -43,10 +43,10 @@ use tracing::{debug, warn};
 use crate::Shared;
 use crate::cluster::MailboxRead;
 use crate::limits::{PreLoginSlot, TokenBucket};
-use crate::router::{Membership, Routed};
+use crate::router::{Inbound, Membership, Routed};
 use crate::store::{Store, StoreError};
 use crate::writer::{Room, Ticket};
-use events::{kicked, next_commit, next_delivery, next_inbound, parked_room, settle_writes};
+use events::{next_commit, next_delivery, next_inbound, parked_room, settle_writes};
 use login::PendingLogin;
 use reply::{kick_message, truncate};
 
@@ -127,12 +127,6 @@ struct InFlight {
     /// Its place among the connection's sends (`crate::fence`): told when the client is
     /// given its outcome. `None` for a copy never submitted (no such user, shed whole).
     fence: Option<crate::fence::FenceTag>,
-}
-
-/// Something the router or the server wants this connection to act on.
-enum Inbound {
-    Routed(Box<Routed>),
-    Kicked(ErrorCode),
 }
 
 /// A request read but waiting for room in the store writer: while it waits the connection
@@ -320,12 +314,12 @@ impl Handler {
     /// a send is safe: it was not answered, so the client sends it again.
     async fn handle_unless_kicked(&mut self, msg: ClientMessage) -> Result<(), Close> {
         let kick = self.shared.cluster.as_ref().and(self.membership.as_ref());
-        let Some(kick) = kick.map(|m| m.kicked.clone()) else {
+        let Some(kick) = kick.map(|m| m.inbox.kick_watch()) else {
             return self.handle(msg).await;
         };
         tokio::select! {
             handled = self.handle(msg) => handled,
-            code = kicked(kick) => Err(Close::tell(code, kick_message(code))),
+            code = kick.kicked() => Err(Close::tell(code, kick_message(code))),
         }
     }
 
@@ -373,7 +367,7 @@ impl Handler {
                 }
                 inbound = next_inbound(&mut self.membership) => match inbound {
                     Inbound::Routed(msg) => {
-                        if let Err(close) = Box::pin(self.forward(*msg)).await {
+                        if let Err(close) = Box::pin(self.forward(msg)).await {
                             return close;
                         }
                     }

@@ -91,7 +91,8 @@ impl Handler {
                 };
                 let room = room.expect("a send comes with room in the writer");
                 let payload = Bytes::from(payload);
-                self.submit(&me, id, to_user, payload, room, None).await;
+                self.submit(&me, id, (to_user, to), payload, room, None)
+                    .await;
                 Ok(())
             }
             ClientMessage::SendMany { id, to, payload } => {
@@ -118,7 +119,8 @@ impl Handler {
                     match user {
                         Some(user) => {
                             let payload = payload.clone();
-                            self.submit(&me, id, user, payload, room, part).await;
+                            self.submit(&me, id, (user, name), payload, room, part)
+                                .await;
                         }
                         None => self.sends.push_back(no_such_user(id, name, part)),
                     }
@@ -135,12 +137,13 @@ impl Handler {
     }
 
     /// Hands one envelope for `to_user` to the backend; it is answered (as `Ok` or as one
-    /// of a `SendMany`'s outcomes) once durable, in request order.
+    /// of a `SendMany`'s outcomes) once durable, in request order. `named` is the
+    /// recipient as the request spelled it, kept for the answer's error text.
     async fn submit(
         &mut self,
         me: &Username,
         id: RequestId,
-        to_user: Username,
+        (to_user, named): (Username, String),
         payload: Bytes,
         room: Room,
         part: Option<bool>,
@@ -151,7 +154,7 @@ impl Handler {
             // that yet: this one must not overtake it.
             fence.refused();
             self.sends
-                .push_back(fan_out::fenced(id, to_user.to_string(), part, fence));
+                .push_back(fan_out::fenced(id, named, part, fence));
             return;
         }
         if let Some(cluster) = self.shared.cluster.clone() {
@@ -166,7 +169,7 @@ impl Handler {
                 .await;
             self.sends.push_back(InFlight {
                 id,
-                to: to_user.to_string(),
+                to: named,
                 route: None,
                 ticket,
                 part,
@@ -220,7 +223,7 @@ impl Handler {
                 });
         self.sends.push_back(InFlight {
             id,
-            to: to_user.to_string(),
+            to: named,
             route: payload.map(|payload| (to_user, payload)),
             ticket,
             part,
@@ -305,10 +308,7 @@ impl Handler {
                     // While the backlog streams, or if already sent from it, the stored copy
                     // is (or was) written in order instead.
                     if !*backlog_done || envelope_id <= *backlog_cursor {
-                        next = membership
-                            .as_mut()
-                            .and_then(|m| m.outbox.try_recv().ok())
-                            .map(|m| *m);
+                        next = membership.as_mut().and_then(|m| m.inbox.try_next());
                         continue;
                     }
                     unacked.insert(envelope_id);
@@ -319,10 +319,7 @@ impl Handler {
                 }
                 written += 1;
                 if written < WRITE_BATCH {
-                    next = membership
-                        .as_mut()
-                        .and_then(|m| m.outbox.try_recv().ok())
-                        .map(|m| *m);
+                    next = membership.as_mut().and_then(|m| m.inbox.try_next());
                 }
             }
             SinkExt::<ServerMessage>::flush(writer).await
@@ -413,12 +410,7 @@ impl Handler {
 
     /// At shutdown: write what was already routed to this client, within the write timeout.
     pub(super) async fn drain_routed(&mut self) {
-        while let Some(msg) = self
-            .membership
-            .as_mut()
-            .and_then(|m| m.outbox.try_recv().ok())
-            .map(|m| *m)
-        {
+        while let Some(msg) = self.membership.as_mut().and_then(|m| m.inbox.try_next()) {
             if self.forward(msg).await.is_err() {
                 return;
             }
