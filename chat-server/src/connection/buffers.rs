@@ -3,7 +3,8 @@
 //! A pipelined stream fills the read and write buffers past their idle size on every
 //! batch; freeing them after each write and growing them again for the next cost part of
 //! the allocator's fifth of the relay's time (docs/PERFORMANCE.md). So after a write only
-//! what is over [`BURST_BUFFER_MAX`] (or [`BURST_ROOM`] entries of the in-flight queue or the inbox) is given back, and
+//! what is over [`BURST_BUFFER_MAX`] (or [`BURST_ROOM`] in-flight queue entries) is given
+//! back, and
 //! the rest [`QUIET_TRIM_AFTER`] after the last read or write that found a buffer grown,
 //! so idle connections stay small. Sizes are of the allocation, not of what is left of it
 //! ([`allocated`]).
@@ -71,8 +72,8 @@ pub(super) fn allocated(buf: &mut BytesMut) -> usize {
 
 impl Handler {
     /// Gives back the read and write buffers if empty and over `max` bytes, and the
-    /// in-flight queue's and the inbox's room if empty and over `room` entries. True if
-    /// any of them is still over its idle size.
+    /// in-flight queue's room if empty and over `room` entries. True if any of them is
+    /// still over its idle size, or the inbox holds room (given back only when quiet).
     fn trim_buffers(&mut self, max: usize, room: usize) -> bool {
         let write = self.writer.write_buffer_mut();
         if write.is_empty() && allocated(write) > max {
@@ -84,8 +85,7 @@ impl Handler {
         if read.is_empty() && allocated(read) > max {
             *read = BytesMut::with_capacity(READ_BUFFER);
         }
-        let idle_room = super::pipeline::Pipeline::IDLE_ROOM;
-        let inbox_grown = (self.membership.as_mut()).is_some_and(|m| m.inbox.trim(room, idle_room));
+        let inbox_grown = (self.membership.as_ref()).is_some_and(|m| m.inbox.holds_room());
         write_grown || read.capacity() > IDLE_BUFFER_MAX || self.sends.grown() || inbox_grown
     }
 
@@ -107,11 +107,10 @@ impl Handler {
 
     /// The connection has been quiet: gives back everything over its idle size.
     pub(super) fn trim_quiet(&mut self) {
-        let idle_room = super::pipeline::Pipeline::IDLE_ROOM;
-        self.trim_buffers(IDLE_BUFFER_MAX, idle_room);
         if let Some(m) = self.membership.as_mut() {
-            m.inbox.trim_all(idle_room);
+            m.inbox.trim();
         }
+        self.trim_buffers(IDLE_BUFFER_MAX, super::pipeline::Pipeline::IDLE_ROOM);
         self.quiet_trim.trimmed();
     }
 }

@@ -216,20 +216,21 @@ impl Inbox {
         }
     }
 
-    /// Gives back this end's half if empty and over `room` entries (no lock). True if
-    /// either half may still hold room for more than `idle` entries.
-    pub fn trim(&mut self, room: usize, idle: usize) -> bool {
-        if self.taken.is_empty() && self.taken.capacity() > room {
-            self.taken = VecDeque::new();
-        }
-        self.taken.capacity() > idle || self.handed > idle
+    /// Whether either half holds room that [`Inbox::trim`] would give back (no lock).
+    /// Room is kept while the connection is busy: given back after every batch, it would
+    /// be grown again by the router's pushes, under the router's lock.
+    pub fn holds_room(&self) -> bool {
+        self.taken.capacity() > 0 || self.handed > 0
     }
 
-    /// Gives back both halves' room over `room` entries where empty (the quiet trim).
-    pub fn trim_all(&mut self, room: usize) {
-        self.trim(room, room);
+    /// Gives back the room of each half that is empty (the quiet trim): an idle
+    /// connection's outbox is then its one small allocation.
+    pub fn trim(&mut self) {
+        if self.taken.is_empty() {
+            self.taken = VecDeque::new();
+        }
         let mut state = self.shared.lock();
-        if state.queue.is_empty() && state.queue.capacity() > room {
+        if state.queue.is_empty() {
             state.queue = VecDeque::new();
         }
         self.handed = state.queue.capacity();
