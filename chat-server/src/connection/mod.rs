@@ -331,7 +331,7 @@ impl Handler {
         let (ping_interval, idle_timeout) = (config.ping_interval(), config.idle_timeout());
         let timer = sleep_until(first_byte_deadline.min(login_deadline));
         tokio::pin!(timer);
-        // Registered once for the session: a wait created on every turn of the loop
+        // Registered once for the connection: a wait created on every turn of the loop
         // would register and unregister each time.
         let stop = self.shutdown.clone().cancelled_owned();
         tokio::pin!(stop);
