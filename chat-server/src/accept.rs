@@ -125,6 +125,8 @@ async fn connect(
     let tls = tokio::select! {
         tls = tls_handshake(&acceptor, socket, &shared.config, accepted) => tls,
         () = evicted.notified() => Err("evicted by other logins".to_owned()),
+        // A handshake still under way does not hold up the relay's shutdown.
+        () = shutdown.cancelled() => Err("the relay is shutting down".to_owned()),
     };
     match tls.and_then(|tls| {
         Handler::new(tls, peer, conn_id, shared, shutdown, slot, accepted)

@@ -272,25 +272,27 @@ impl Handler {
     pub(crate) async fn run(mut self: Box<Self>) {
         debug!(conn = self.conn_id, peer = %self.peer, "connected");
         let close = self.serve().await;
+        // Whether the client was told why it is closed, and so must be let read that.
+        let mut told = false;
         if let Close::Tell(code, message) = close {
             // Answer sends already committed, so their senders need not resend.
             let _ = Box::pin(self.finish_sends_closing()).await;
             debug!(conn = self.conn_id, %code, "closing: {message}");
             // Boxed, as every write here: its future is larger than `serve`'s and would
             // otherwise be room held for the whole connection.
-            let _ = Box::pin(self.write(ServerMessage::Error {
+            told = Box::pin(self.write(ServerMessage::Error {
                 id: None,
                 code,
                 message,
             }))
-            .await;
+            .await
+            .is_ok();
         }
+        let mut closed = false;
         if self.shared.cluster.is_some() {
             // The client hears the close now, not after the waits below (sends left in
             // flight, the logout), which wait on NATS: it may have just gone.
-            let write_timeout = self.shared.config.write_timeout();
-            let closing = futures_util::SinkExt::<ServerMessage>::close(&mut self.writer);
-            let _ = tokio::time::timeout(write_timeout, Box::pin(closing)).await;
+            closed = Box::pin(self.close_write()).await;
         }
         // Sends nobody can be answered for any more: their envelopes still go on.
         while let Some(mut sent) = self.sends.pop_front() {
@@ -304,6 +306,13 @@ impl Handler {
                 cluster.logout(user, self.conn_id).await;
             }
             debug!(conn = self.conn_id, user = %user, "logged out");
+        }
+        // Only a session lingers: it may be behind on reading what was relayed to it. A
+        // connection still logging in has nothing of its own to read, and lingering would
+        // hold its place in the pre-login budget.
+        let session = matches!(self.state, State::Ready(_));
+        if told && session && (closed || Box::pin(self.close_write()).await) {
+            Box::pin(self.linger()).await;
         }
         debug!(conn = self.conn_id, "disconnected");
     }

@@ -16,13 +16,76 @@ use crate::store::{Enqueued, StoreError};
 use crate::writer::{Envelope, Room};
 
 impl Handler {
-    /// Requests of a logged-in user.
+    /// Requests of a logged-in user: sends here, the rest boxed apart (see
+    /// `Handler::dispatch` on why the send path's future must stay small).
     pub(super) async fn request(
         &mut self,
         me: Username,
         msg: ClientMessage,
         room: Option<Room>,
     ) -> Result<(), Close> {
+        match msg {
+            ClientMessage::Send { id, to, payload } => {
+                let Ok(to_user) = Username::parse(&to) else {
+                    return Box::pin(self.unknown_user(id, &to)).await;
+                };
+                let room = room.expect("a send comes with room in the writer");
+                let payload = Bytes::from(payload);
+                self.submit(&me, id, (to_user, to), payload, room, None)
+                    .await;
+                Ok(())
+            }
+            ClientMessage::SendMany { id, to, payload } => {
+                Box::pin(self.send_many(&me, id, to, payload, room)).await
+            }
+            other => Box::pin(self.query(me, other)).await,
+        }
+    }
+
+    /// A `SendMany`: one envelope per recipient, answered together by `Outcomes`.
+    async fn send_many(
+        &mut self,
+        me: &Username,
+        id: RequestId,
+        to: Vec<String>,
+        payload: Vec<u8>,
+        room: Option<Room>,
+    ) -> Result<(), Close> {
+        let recipients = match fan_out_recipients(&to) {
+            Ok(recipients) => recipients,
+            Err(message) => {
+                // Replies keep request order: earlier sends are answered first.
+                self.finish_sends().await?;
+                return self.fail(id, ErrorCode::ProtocolViolation, message).await;
+            }
+        };
+        let mut room = room.expect("a valid fan-out comes with room in the writer");
+        if self.shared.cluster.is_some() {
+            drop(room);
+            self.publish_many(me, id, to, recipients, payload).await;
+            return Ok(());
+        }
+        let payload = Bytes::from(payload);
+        let cost = crate::writer::cost::envelope(payload.len());
+        let last = recipients.len() - 1;
+        for (i, (name, user)) in to.into_iter().zip(recipients).enumerate() {
+            let part = Some(i == last);
+            let room = room.split(cost);
+            match user {
+                Some(user) => {
+                    let payload = payload.clone();
+                    self.submit(me, id, (user, name), payload, room, part).await;
+                }
+                None => self.sends.push_back(no_such_user(id, name, part)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Requests other than sends. Replies keep request order: earlier sends are answered
+    /// first.
+    async fn query(&mut self, me: Username, msg: ClientMessage) -> Result<(), Close> {
+        self.finish_sends().await?;
         match msg {
             ClientMessage::ListUsers { id } => {
                 let online = self.shared.router.online();
@@ -85,48 +148,6 @@ impl Handler {
                     Err(close) => self.fail_internal(id, close).await,
                 }
             }
-            ClientMessage::Send { id, to, payload } => {
-                let Ok(to_user) = Username::parse(&to) else {
-                    return self.unknown_user(id, &to).await;
-                };
-                let room = room.expect("a send comes with room in the writer");
-                let payload = Bytes::from(payload);
-                self.submit(&me, id, (to_user, to), payload, room, None)
-                    .await;
-                Ok(())
-            }
-            ClientMessage::SendMany { id, to, payload } => {
-                let recipients = match fan_out_recipients(&to) {
-                    Ok(recipients) => recipients,
-                    Err(message) => {
-                        // Replies keep request order: earlier sends are answered first.
-                        self.finish_sends().await?;
-                        return self.fail(id, ErrorCode::ProtocolViolation, message).await;
-                    }
-                };
-                let mut room = room.expect("a valid fan-out comes with room in the writer");
-                if self.shared.cluster.is_some() {
-                    drop(room);
-                    self.publish_many(&me, id, to, recipients, payload).await;
-                    return Ok(());
-                }
-                let payload = Bytes::from(payload);
-                let cost = crate::writer::cost::envelope(payload.len());
-                let last = recipients.len() - 1;
-                for (i, (name, user)) in to.into_iter().zip(recipients).enumerate() {
-                    let part = Some(i == last);
-                    let room = room.split(cost);
-                    match user {
-                        Some(user) => {
-                            let payload = payload.clone();
-                            self.submit(&me, id, (user, name), payload, room, part)
-                                .await;
-                        }
-                        None => self.sends.push_back(no_such_user(id, name, part)),
-                    }
-                }
-                Ok(())
-            }
             other => {
                 // Hello, login and ping are handled before; nothing else exists.
                 let id = other.request_id().unwrap_or_default();
@@ -164,9 +185,10 @@ impl Handler {
             let msg_id = format!("{:032x}", rand::random::<u128>());
             let address =
                 crate::limits::shared_address_name(&self.shared.address_secret, self.peer.ip());
-            let ticket = cluster
-                .publish(&to_user, me, &address, payload, msg_id, fence.clone())
-                .await;
+            // Boxed: this future is large, and the send path's must stay small.
+            let ticket =
+                Box::pin(cluster.publish(&to_user, me, &address, payload, msg_id, fence.clone()))
+                    .await;
             self.sends.push_back(InFlight {
                 id,
                 to: named,

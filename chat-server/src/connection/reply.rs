@@ -6,6 +6,7 @@ use chat_protocol::deliver::SharedDeliver;
 use chat_protocol::message::RequestId;
 use chat_protocol::{ErrorCode, ServerMessage};
 use futures_util::SinkExt;
+use tokio::io::AsyncReadExt;
 use tokio::time::timeout;
 use tracing::{debug, info};
 
@@ -18,6 +19,36 @@ impl Handler {
         let write_timeout = self.shared.config.write_timeout();
         let result = timeout(write_timeout, self.writer.send(msg)).await;
         self.finish_write(result)
+    }
+
+    /// Ends what this side sends: TLS `close_notify`, then the TCP write side (FIN),
+    /// behind everything written before. Whether that was done within the write timeout.
+    pub(super) async fn close_write(&mut self) -> bool {
+        let write_timeout = self.shared.config.write_timeout();
+        let closing = SinkExt::<ServerMessage>::close(&mut self.writer);
+        matches!(timeout(write_timeout, closing).await, Ok(Ok(())))
+    }
+
+    /// The lingering close (RFC 9112 §9.6): after the last words and [`Self::close_write`],
+    /// reads and discards what the client still sends until it closes its side, for at
+    /// most the write timeout, or until the relay shuts down. A socket closed with input
+    /// unread answers the client's next bytes (an `Ack` of what it is still reading) with
+    /// a reset, which throws away everything the client had not yet read, the `Error`
+    /// saying why included: a device replaced while it was behind would then not learn
+    /// it was replaced, reconnect, and replace the new one.
+    pub(super) async fn linger(&mut self) {
+        let deadline = tokio::time::Instant::now() + self.shared.config.write_timeout();
+        let (reader, stop) = (self.reader.get_mut(), &self.shutdown);
+        let mut discard = [0u8; 512];
+        let drain = async {
+            while let Ok(n) = reader.read(&mut discard).await
+                && n > 0
+            {}
+        };
+        tokio::select! {
+            _ = tokio::time::timeout_at(deadline, drain) => {}
+            () = stop.cancelled() => {}
+        }
     }
 
     pub(super) fn finish_write(

@@ -1,6 +1,7 @@
 //! The relay through real TCP on loopback: accounts, presence, relaying, and bad clients.
 //! Every test runs against both backends: SQLite, and NATS JetStream (a real nats-server).
 
+mod closing;
 #[path = "../common/mod.rs"]
 mod common;
 mod full_queue;

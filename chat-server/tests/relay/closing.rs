@@ -1,0 +1,153 @@
+//! How the relay closes a session: the reason it gives must reach a client that is behind
+//! on reading, even if that client sends (an `Ack`) before it has read it.
+
+use std::time::Duration;
+
+use chat_protocol::{ClientMessage, ErrorCode, ServerMessage};
+use futures_util::StreamExt;
+use rstest::rstest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{Backend, Client, Nats, PATIENCE, Sqlite, TestServer};
+
+/// The relay's end of `client`'s connection has stopped sending (its state in
+/// `/proc/net/tcp` is no longer ESTABLISHED): it wrote its last words and closed, at
+/// least for writing.
+fn relay_closed(relay_port: u16, client: &Client) -> bool {
+    let tcp = client.framed.get_ref().get_ref().0;
+    let client_port = tcp.local_addr().unwrap().port();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).unwrap();
+    table.lines().skip(1).any(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        port(cols[1]) == relay_port && port(cols[2]) == client_port && cols[3] != "01"
+    })
+}
+
+/// Why a session is closed, in the test below.
+#[derive(Debug, Clone, Copy)]
+enum Why {
+    /// The user logged in on another device.
+    Replaced,
+    /// The session sent a frame over the limit.
+    TooLarge,
+}
+
+/// A device closed while it was not reading (a laptop asleep, a stalled link) wakes,
+/// reads a delivery and acknowledges it, as every client does, then reads on: it must
+/// get to the `Error` saying why (`session_replaced` stops it for good), not a reset
+/// that throws away what it had not read yet. A client that only saw the reset would
+/// reconnect, and a replaced one replace the new device in turn.
+#[rstest]
+#[tokio::test]
+async fn a_session_closed_while_behind_on_reading_still_reads_why(
+    #[values(Sqlite, Nats)] backend: Backend,
+    #[values(Why::Replaced, Why::TooLarge)] why: Why,
+) {
+    let server = TestServer::on(backend, |c| {
+        c.rate_limit.per_second = 1e6;
+        c.rate_limit.burst = 1e6;
+    })
+    .await;
+    let mut bob1 = server.user("bob", 1).await;
+    let mut alice = server.user("alice", 0).await;
+    // More than the sockets' buffers hold while bob1 does not read (about 1 MB).
+    const N: u32 = 16;
+    let payload = vec![7u8; 60_000];
+    for k in 0..N {
+        let msg = ClientMessage::Send {
+            id: 1000 + k,
+            to: "bob".into(),
+            payload: payload.clone(),
+        };
+        alice.send(msg).await;
+    }
+    for _ in 0..N {
+        let reply = alice.recv_reply().await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    }
+    let (expected, bob2) = match why {
+        Why::Replaced => (
+            ErrorCode::SessionReplaced,
+            Some(server.user("bob", 1).await),
+        ),
+        Why::TooLarge => {
+            bob1.raw(&u32::MAX.to_be_bytes()).await;
+            (ErrorCode::FrameTooLarge, None)
+        }
+    };
+    // The relay has written why behind what bob1 has not read, and closed.
+    let port = server.addr.port();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !relay_closed(port, &bob1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay did not close the replaced session"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (first, _, _) = bob1.delivery().await;
+    bob1.send(ClientMessage::Ack {
+        envelope_ids: vec![first],
+    })
+    .await;
+    let mut read = 1;
+    loop {
+        match tokio::time::timeout(PATIENCE, bob1.framed.next()).await {
+            Ok(Some(Ok(ServerMessage::Deliver { .. }))) => read += 1,
+            Ok(Some(Ok(ServerMessage::Error { code, .. }))) => {
+                assert_eq!(code, expected);
+                break;
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("after {read} deliveries, no {expected} but {other:?}"),
+        }
+    }
+    assert!(read <= N);
+    bob1.expect_closed().await;
+    // The next session gets everything (the closed one's late Ack is not taken), each
+    // once.
+    let mut bob2 = match bob2 {
+        Some(bob2) => bob2,
+        None => server.user("bob", 1).await,
+    };
+    let mut ids = Vec::new();
+    for _ in 0..N {
+        let (id, from, body) = bob2.delivery().await;
+        assert_eq!((from.as_str(), body.len()), ("alice", payload.len()));
+        ids.push(id);
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), N as usize);
+}
+
+/// Handshakes still under way when the relay shuts down end at once: they do not hold
+/// the shutdown for its grace period (here far longer than the test's patience).
+#[tokio::test]
+async fn shutdown_does_not_wait_for_unfinished_handshakes() {
+    let server = TestServer::start(|c| {
+        c.shutdown_grace_secs = 600.0;
+        c.login_timeout_secs = 600.0;
+    })
+    .await;
+    // Each a TLS record header promising a ClientHello that never comes.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut socket = TcpStream::connect(server.addr).await.unwrap();
+        socket
+            .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+            .await
+            .unwrap();
+        stalled.push(socket);
+    }
+    // A login after them: the relay accepts in order, so it has taken them.
+    let mut alice = server.user("alice", 0).await;
+    server.stop().await;
+    alice.expect_error(ErrorCode::ShuttingDown).await;
+    for mut socket in stalled {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(PATIENCE, socket.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a stalled handshake was left open");
+    }
+}
