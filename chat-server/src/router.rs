@@ -15,7 +15,7 @@ use chat_protocol::{ErrorCode, ServerMessage, Username};
 use tokio_util::bytes::Bytes;
 
 mod outbox;
-pub use outbox::{Inbound, Inbox, KickWatch};
+pub use outbox::{Inbound, Inbox, KickWatch, OutboxBound};
 use outbox::{Outbox, PushError};
 
 /// What the router queues for a connection to write.
@@ -29,6 +29,19 @@ pub enum Routed {
 }
 
 impl Routed {
+    /// What it counts for against [`OutboxBound::bytes`]: an envelope's payload and
+    /// sender's name, plus a little; anything else (presence) a small fixed size.
+    pub fn weight(&self) -> usize {
+        const FIXED: usize = 32;
+        match self {
+            Routed::Deliver(d) => FIXED + d.payload.len() + d.from.as_str().len(),
+            Routed::Message(ServerMessage::Deliver { payload, from, .. }) => {
+                FIXED + payload.len() + from.len()
+            }
+            Routed::Message(_) => 2 * FIXED,
+        }
+    }
+
     /// The envelope id, if this is a `Deliver` (in either form).
     pub fn envelope_id(&self) -> Option<u64> {
         match self {
@@ -193,8 +206,8 @@ impl Router {
 
     /// Registers `user`'s connection. A previous session of the same user is closed with
     /// `session_replaced`; others learn the user is online (unless it already was).
-    pub fn join(&self, user: &Username, conn_id: u64, queue_len: usize) -> Membership {
-        let (outbox, inbox) = outbox::outbox(queue_len);
+    pub fn join(&self, user: &Username, conn_id: u64, bound: OutboxBound) -> Membership {
+        let (outbox, inbox) = outbox::outbox(bound);
         let session = Session {
             conn_id,
             outbox,

@@ -58,6 +58,11 @@ pub struct Config {
     pub write_timeout_secs: f64,
     /// Messages queued for one client before it counts as not reading and is disconnected.
     pub send_queue_len: usize,
+    /// Bytes of messages (payloads and names) queued for one client before it counts as
+    /// not reading and is disconnected; a message larger than this is still queued when
+    /// nothing else is. Bounds what a reader that reads just enough not to time out can
+    /// make the relay hold for it (`send_queue_len` full-size frames would be 16 MiB).
+    pub send_queue_bytes: u64,
     /// Per-connection request rate limit.
     pub rate_limit: RateLimit,
     /// Seconds to let connections finish their writes at shutdown.
@@ -241,6 +246,7 @@ impl Default for Config {
             idle_timeout_secs: 90.0,
             write_timeout_secs: 10.0,
             send_queue_len: 256,
+            send_queue_bytes: 1024 * 1024,
             rate_limit: RateLimit::default(),
             shutdown_grace_secs: 5.0,
             queue: QueueConfig::default(),
@@ -307,6 +313,9 @@ impl Config {
         }
         if self.send_queue_len == 0 {
             return invalid("send_queue_len", "must be at least 1");
+        }
+        if self.send_queue_bytes == 0 {
+            return invalid("send_queue_bytes", "must be at least 1");
         }
         if self.pre_login.max_connections == 0 || self.pre_login.max_per_address == 0 {
             return invalid(

@@ -319,7 +319,10 @@ impl Handler {
         self.membership = Some(self.shared.router.join(
             &username,
             self.conn_id,
-            config.send_queue_len,
+            crate::router::OutboxBound {
+                messages: config.send_queue_len,
+                bytes: usize::try_from(config.send_queue_bytes).unwrap_or(usize::MAX),
+            },
         ));
         debug!(conn = self.conn_id, user = %username, registered, "logged in");
         self.state = State::Ready(username.clone());

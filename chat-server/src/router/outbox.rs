@@ -7,7 +7,7 @@
 //! 32 slots and cache-padded halves) and a `watch` for the kick came to about 1.2 KB. The
 //! connection takes everything queued in one lock (the queue is swapped with its own
 //! empty one), so a burst routed to it costs one lock, not one per message. What it has
-//! taken and not yet returned still counts against the capacity.
+//! taken and not yet returned still counts against the bound, in messages and in bytes.
 //!
 //! Order: a kick is seen before anything still queued; messages come out in the order
 //! they were pushed.
@@ -21,10 +21,19 @@ use tokio::sync::Notify;
 
 use super::Routed;
 
+/// How much a connection's outbox may hold before its connection counts as not reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxBound {
+    /// Messages.
+    pub messages: usize,
+    /// Their [`Routed::weight`]s together; a message over it is still queued alone.
+    pub bytes: usize,
+}
+
 /// Why [`Outbox::push`] did not queue a message.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum PushError {
-    /// The queue holds its capacity already: the connection is not keeping up.
+    /// The queue holds its bound already: the connection is not keeping up.
     Full(Routed),
     /// The connection has ended.
     Closed,
@@ -39,18 +48,20 @@ pub enum Inbound {
     Kicked(ErrorCode),
 }
 
-/// Creates the two ends of a connection's outbox holding at most `capacity` messages.
-pub(crate) fn outbox(capacity: usize) -> (Outbox, Inbox) {
+/// Creates the two ends of a connection's outbox holding at most `bound`.
+pub(crate) fn outbox(bound: OutboxBound) -> (Outbox, Inbox) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: VecDeque::new(),
-            capacity,
+            bytes: 0,
+            bound,
             kicked: None,
             detached: false,
             closed: false,
         }),
         kicked: AtomicBool::new(false),
         taken: AtomicUsize::new(0),
+        taken_bytes: AtomicUsize::new(0),
         routed: Notify::new(),
         kick: Notify::new(),
     });
@@ -71,6 +82,8 @@ struct Shared {
     /// Messages the connection has taken from the queue and not yet returned: set under
     /// the lock when it takes a batch, counted down without it as it returns them.
     taken: AtomicUsize,
+    /// The weight of those messages (as `taken`).
+    taken_bytes: AtomicUsize,
     /// Wakes the connection waiting in [`Inbox::next`]: something queued, a kick, or the
     /// router gone. A permit is kept if it is not waiting, so no wake-up is lost.
     routed: Notify,
@@ -81,7 +94,9 @@ struct Shared {
 #[derive(Debug)]
 struct State {
     queue: VecDeque<Routed>,
-    capacity: usize,
+    /// The weight of what `queue` holds.
+    bytes: usize,
+    bound: OutboxBound,
     kicked: Option<ErrorCode>,
     /// The router dropped its end: the session was replaced or has left.
     detached: bool,
@@ -125,11 +140,14 @@ impl Outbox {
             return Err(PushError::Closed);
         }
         let held = state.queue.len() + self.shared.taken.load(Ordering::Relaxed);
-        if held >= state.capacity {
+        let weight = msg.weight();
+        let held_bytes = state.bytes + self.shared.taken_bytes.load(Ordering::Relaxed);
+        if held >= state.bound.messages || (held > 0 && held_bytes + weight > state.bound.bytes) {
             return Err(PushError::Full(msg));
         }
         let was_empty = state.queue.is_empty();
         state.queue.push_back(msg);
+        state.bytes += weight;
         drop(state);
         // The connection checks the queue under the lock before it waits, so only the
         // first message after it found the queue empty needs to wake it.
@@ -185,6 +203,9 @@ impl Inbox {
     pub fn try_next(&mut self) -> Option<Routed> {
         if let Some(msg) = self.taken.pop_front() {
             self.shared.taken.fetch_sub(1, Ordering::Relaxed);
+            self.shared
+                .taken_bytes
+                .fetch_sub(msg.weight(), Ordering::Relaxed);
             return Some(msg);
         }
         let mut state = self.shared.lock();
@@ -193,12 +214,16 @@ impl Inbox {
         }
         std::mem::swap(&mut state.queue, &mut self.taken);
         self.handed = state.queue.capacity();
+        let first = self.taken.pop_front();
         // The first is returned now; the rest count until they are.
+        let bytes = std::mem::take(&mut state.bytes);
+        let first_weight = first.as_ref().map_or(0, Routed::weight);
+        self.shared.taken.store(self.taken.len(), Ordering::Relaxed);
         self.shared
-            .taken
-            .store(self.taken.len() - 1, Ordering::Relaxed);
+            .taken_bytes
+            .store(bytes - first_weight, Ordering::Relaxed);
         drop(state);
-        self.taken.pop_front()
+        first
     }
 
     /// The kick's code, if kicked (or detached: `session_replaced`).

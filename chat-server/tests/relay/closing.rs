@@ -25,6 +25,34 @@ fn relay_closed(relay_port: u16, client: &Client) -> bool {
     })
 }
 
+/// No rate limit, and one sender may fill a mailbox: these tests are about the reader.
+fn unpaced(c: &mut chat_server::Config) {
+    c.rate_limit.per_second = 1e6;
+    c.rate_limit.burst = 1e6;
+    c.queue.max_sender_share = 1.0;
+    c.queue.max_bytes_per_user = 1 << 30;
+    c.queue.max_source_share = 1.0;
+}
+
+/// Pipelines `n` sends of `payload` to bob, then reads their answers: how many were `Ok`.
+async fn send_to_bob(alice: &mut Client, n: u32, payload: &[u8]) -> u32 {
+    for k in 0..n {
+        let msg = ClientMessage::Send {
+            id: 1000 + k,
+            to: "bob".into(),
+            payload: payload.to_vec(),
+        };
+        alice.send(msg).await;
+    }
+    let mut accepted = 0;
+    for _ in 0..n {
+        if let ServerMessage::Ok { .. } = alice.recv_reply().await {
+            accepted += 1;
+        }
+    }
+    accepted
+}
+
 /// Why a session is closed, in the test below.
 #[derive(Debug, Clone, Copy)]
 enum Why {
@@ -45,28 +73,13 @@ async fn a_session_closed_while_behind_on_reading_still_reads_why(
     #[values(Sqlite, Nats)] backend: Backend,
     #[values(Why::Replaced, Why::TooLarge)] why: Why,
 ) {
-    let server = TestServer::on(backend, |c| {
-        c.rate_limit.per_second = 1e6;
-        c.rate_limit.burst = 1e6;
-    })
-    .await;
+    let server = TestServer::on(backend, unpaced).await;
     let mut bob1 = server.user("bob", 1).await;
     let mut alice = server.user("alice", 0).await;
     // More than the sockets' buffers hold while bob1 does not read (about 1 MB).
     const N: u32 = 16;
     let payload = vec![7u8; 60_000];
-    for k in 0..N {
-        let msg = ClientMessage::Send {
-            id: 1000 + k,
-            to: "bob".into(),
-            payload: payload.clone(),
-        };
-        alice.send(msg).await;
-    }
-    for _ in 0..N {
-        let reply = alice.recv_reply().await;
-        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
-    }
+    assert_eq!(send_to_bob(&mut alice, N, &payload).await, N);
     let (expected, bob2) = match why {
         Why::Replaced => (
             ErrorCode::SessionReplaced,
@@ -150,4 +163,45 @@ async fn shutdown_does_not_wait_for_unfinished_handshakes() {
         let read = tokio::time::timeout(PATIENCE, socket.read_to_end(&mut rest)).await;
         assert!(read.is_ok(), "a stalled handshake was left open");
     }
+}
+
+/// A reader that reads just enough never to time out cannot make the relay hold more than
+/// `send_queue_bytes` for it: past that it is closed `slow_consumer` (and reads why,
+/// behind what it had not read yet), and its next session gets every envelope, in order.
+/// (With the NATS backend the mailbox is read at the client's pace: nothing piles up in
+/// the relay to bound.)
+#[tokio::test]
+async fn a_slow_reader_is_bounded_in_bytes_and_loses_nothing() {
+    let server = TestServer::start(|c| {
+        unpaced(c);
+        c.send_queue_bytes = 256 * 1024;
+    })
+    .await;
+    let mut bob = server.user("bob", 1).await;
+    let mut alice = server.user("alice", 0).await;
+    // 12 MB: far more than the sockets' buffers and the bound together.
+    const N: u32 = 200;
+    let payload = vec![9u8; 60_000];
+    let sent = payload.clone();
+    let sending = tokio::spawn(async move { send_to_bob(&mut alice, N, &sent).await });
+    // Bob reads a delivery every 50 ms (1.2 MB/s): never too slow for the write timeout.
+    let mut read = 0;
+    let closed_with = loop {
+        match tokio::time::timeout(PATIENCE, bob.framed.next()).await {
+            Ok(Some(Ok(ServerMessage::Deliver { .. }))) => {
+                read += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(Some(Ok(ServerMessage::Error { id: None, code, .. }))) => break code,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("after {read} deliveries, not closed but {other:?}"),
+        }
+    };
+    assert_eq!(closed_with, ErrorCode::SlowConsumer, "after {read}");
+    assert!(read < N, "{read}");
+    assert_eq!(sending.await.unwrap(), N);
+    let mut bob = server.user("bob", 1).await;
+    let got = crate::deliveries(&mut bob, N as usize).await;
+    assert!(got.windows(2).all(|w| w[0].0 < w[1].0));
+    assert!(got.iter().all(|(_, p)| *p == payload));
 }

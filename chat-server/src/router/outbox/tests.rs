@@ -8,6 +8,60 @@ fn pong(nonce: u64) -> Routed {
     Routed::Message(ServerMessage::Pong { nonce })
 }
 
+/// A bound of `messages` and no bound in bytes.
+fn bound(messages: usize) -> OutboxBound {
+    OutboxBound {
+        messages,
+        bytes: usize::MAX,
+    }
+}
+
+/// An envelope `id` with a payload of `len` bytes.
+fn deliver(id: u64, len: usize) -> Routed {
+    Routed::Deliver(chat_protocol::deliver::SharedDeliver {
+        envelope_id: id,
+        from: chat_protocol::Username::parse("alice").unwrap(),
+        payload: tokio_util::bytes::Bytes::from(vec![0; len]),
+    })
+}
+
+fn full(pushed: Result<(), PushError>) -> bool {
+    matches!(pushed, Err(PushError::Full(_)))
+}
+
+#[test]
+fn the_byte_bound_counts_what_is_queued_and_taken_and_a_large_message_passes_alone() {
+    let one = deliver(0, 1000).weight();
+    let (outbox, mut inbox) = outbox(OutboxBound {
+        messages: 100,
+        bytes: 3 * one,
+    });
+    for id in 1..=3 {
+        outbox.push(deliver(id, 1000)).unwrap();
+    }
+    assert!(full(outbox.push(deliver(4, 1000))));
+    // A batch taken: the first is returned, the other two still count.
+    assert_eq!(inbox.try_next().unwrap().envelope_id(), Some(1));
+    outbox.push(deliver(4, 1000)).unwrap();
+    assert!(full(outbox.push(deliver(5, 1000))));
+    // Smaller ones fit where a larger one does not; presence counts too.
+    assert_eq!(inbox.try_next().unwrap().envelope_id(), Some(2));
+    outbox.push(deliver(5, 500)).unwrap();
+    assert!(full(outbox.push(deliver(6, 1000))));
+    let ids: Vec<_> = std::iter::from_fn(|| inbox.try_next())
+        .map(|m| m.envelope_id())
+        .collect();
+    assert_eq!(ids, [Some(3), Some(4), Some(5)]);
+    // Empty: a message over the whole bound is queued alone, and nothing beside it.
+    outbox.push(deliver(7, 10 * 1000)).unwrap();
+    assert!(full(outbox.push(deliver(8, 10))));
+    assert_eq!(inbox.try_next().unwrap().envelope_id(), Some(7));
+    outbox.push(deliver(8, 10)).unwrap();
+    outbox.push(pong(1)).unwrap();
+    assert_eq!(inbox.try_next().unwrap().envelope_id(), Some(8));
+    assert_eq!(inbox.try_next(), Some(pong(1)));
+}
+
 /// `fut` must finish well within a test's patience; a lost wake-up would hang it.
 async fn soon<T>(fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), fut)
@@ -17,7 +71,7 @@ async fn soon<T>(fut: impl Future<Output = T>) -> T {
 
 #[tokio::test]
 async fn messages_come_out_in_order_and_a_full_queue_refuses() {
-    let (outbox, mut inbox) = outbox(3);
+    let (outbox, mut inbox) = outbox(bound(3));
     assert_eq!(inbox.try_next(), None);
     for n in 0..3 {
         outbox.push(pong(n)).unwrap();
@@ -42,7 +96,7 @@ async fn messages_come_out_in_order_and_a_full_queue_refuses() {
 
 #[tokio::test]
 async fn a_kick_comes_before_what_is_queued() {
-    let (outbox, mut inbox) = outbox(8);
+    let (outbox, mut inbox) = outbox(bound(8));
     outbox.push(pong(1)).unwrap();
     assert_eq!(inbox.kicked(), None);
     outbox.kick(ErrorCode::SlowConsumer);
@@ -61,7 +115,7 @@ async fn a_kick_comes_before_what_is_queued() {
 
 #[tokio::test]
 async fn a_waiting_connection_is_woken_by_a_push_a_kick_or_the_router_leaving() {
-    let (outbox, mut inbox) = outbox(8);
+    let (outbox, mut inbox) = outbox(bound(8));
     let waiting = tokio::spawn(async move {
         let first = inbox.next().await;
         (first, inbox)
@@ -77,7 +131,7 @@ async fn a_waiting_connection_is_woken_by_a_push_a_kick_or_the_router_leaving() 
     let (kicked, inbox) = soon(waiting).await.unwrap();
     assert_eq!(kicked, Inbound::Kicked(ErrorCode::IdleTimeout));
 
-    let (outbox, mut inbox2) = super::outbox(8);
+    let (outbox, mut inbox2) = super::outbox(bound(8));
     drop(inbox);
     let waiting = tokio::spawn(async move { inbox2.next().await });
     tokio::task::yield_now().await;
@@ -90,7 +144,7 @@ async fn a_waiting_connection_is_woken_by_a_push_a_kick_or_the_router_leaving() 
 
 #[test]
 fn room_is_kept_while_busy_and_given_back_when_quiet() {
-    let (outbox, mut inbox) = outbox(8);
+    let (outbox, mut inbox) = outbox(bound(8));
     assert!(!inbox.holds_room(), "nothing allocated before use");
     for n in 0..5 {
         outbox.push(pong(n)).unwrap();
@@ -117,7 +171,7 @@ fn room_is_kept_while_busy_and_given_back_when_quiet() {
 
 #[tokio::test]
 async fn pushing_to_an_ended_connection_is_refused() {
-    let (outbox, inbox) = outbox(8);
+    let (outbox, inbox) = outbox(bound(8));
     outbox.push(pong(1)).unwrap();
     drop(inbox);
     assert_eq!(outbox.push(pong(2)), Err(PushError::Closed));
@@ -125,7 +179,7 @@ async fn pushing_to_an_ended_connection_is_refused() {
 
 #[tokio::test]
 async fn the_kick_watch_sees_kicks_and_not_messages() {
-    let (outbox, inbox) = outbox(8);
+    let (outbox, inbox) = outbox(bound(8));
     let watch = inbox.kick_watch();
     let waiting = tokio::spawn(watch.clone().kicked());
     tokio::task::yield_now().await;
@@ -141,7 +195,7 @@ async fn the_kick_watch_sees_kicks_and_not_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_lost_or_reordered_between_threads() {
     const N: u64 = 100_000;
-    let (outbox, mut inbox) = outbox(64);
+    let (outbox, mut inbox) = outbox(bound(64));
     let producer = std::thread::spawn(move || {
         let mut n = 0;
         while n < N {
