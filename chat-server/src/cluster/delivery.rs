@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer;
 use chat_protocol::{ServerMessage, Username};
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
 use super::{Cluster, FROM_HEADER};
@@ -38,6 +38,22 @@ const PULL_EXPIRES: Duration = Duration::from_secs(30);
 /// Envelopes asked for in one pull request (more are asked for once half are read).
 const PULL_BATCH: usize = 500;
 
+/// Bytes asked for in one pull request, unless the server takes larger messages (its
+/// `max_payload`): a reader holds at most about twice this in envelopes NATS has sent it and
+/// the session has not taken (async-nats asks for more once half is read). Without it,
+/// [`PULL_BATCH`] full-size envelopes (500 × 68 KiB at the default frame limit) could sit
+/// in each session's reader.
+const PULL_BYTES: usize = 1 << 20;
+
+/// Room for what a pull request's size is counted in besides the message itself (its
+/// subject and reply subject).
+const PULL_OVERHEAD: usize = 4096;
+
+/// Payload bytes a mailbox reader hands its session ahead of what the session has written
+/// (besides the channel's bound in envelopes). One envelope larger than this is handed
+/// alone.
+const READ_AHEAD_BYTES: usize = 1 << 20;
+
 /// How long the server keeps a reader's consumer after its last pull request (an ended
 /// session's, or one made again, is removed then).
 const CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
@@ -45,8 +61,9 @@ const CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
 /// What a session's mailbox read hands it.
 #[derive(Debug)]
 pub enum MailboxRead {
-    /// The next envelope, as a `Deliver`.
-    Deliver(ServerMessage),
+    /// The next envelope, as a `Deliver`, and its share of the reader's
+    /// [`READ_AHEAD_BYTES`]: the session drops it once the `Deliver` is written.
+    Deliver(ServerMessage, OwnedSemaphorePermit),
     /// Every envelope the mailbox held when the session began has been handed over (a
     /// client's `Sync` is answered from here on).
     CaughtUp,
@@ -80,8 +97,9 @@ impl Failures {
 
 impl Cluster {
     /// Streams `user`'s mailbox from its oldest envelope, then live ones, as `Deliver`s
-    /// into the returned channel (of `capacity`; the reader's pace holds the consumer
-    /// back). An error ends the stream with a description. Dropping the guard stops it.
+    /// into the returned channel (of `capacity` envelopes and [`READ_AHEAD_BYTES`] of
+    /// payload; the reader's pace holds the consumer back). An error ends the stream with a
+    /// description. Dropping the guard stops it.
     pub fn deliveries(
         self: &Arc<Self>,
         user: &Username,
@@ -117,6 +135,7 @@ impl Cluster {
     ) -> Result<(), String> {
         let subject = format!("{}>", self.mailbox_prefix(user));
         let legacy = self.legacy_subject(user);
+        let read_ahead = Arc::new(Semaphore::new(READ_AHEAD_BYTES));
         let mut next = 0u64;
         let mut disturbances = self.disturbances.subscribe();
         let mut failures = Failures::default();
@@ -148,10 +167,19 @@ impl Cluster {
                     .map_err(|e| e.to_string())?;
                 let info = consumer.cached_info();
                 let (pending, name) = (info.num_pending, info.name.clone());
-                let (batch, expires, heartbeat) = pull_limits(&info.config);
+                // No message in the stream is larger than what the server took (unless
+                // its operator lowered it since).
+                let max_payload = self.js.client().server_info().max_payload;
+                let PullLimits {
+                    batch,
+                    bytes,
+                    expires,
+                    heartbeat,
+                } = pull_limits(&info.config, max_payload);
                 let messages = consumer
                     .stream()
                     .max_messages_per_batch(batch)
+                    .max_bytes_per_batch(bytes)
                     .expires(expires)
                     .heartbeat(heartbeat)
                     .messages()
@@ -246,12 +274,22 @@ impl Cluster {
                     .and_then(|h| h.get(FROM_HEADER))
                     .map(|v| v.as_str().to_owned())
                     .unwrap_or_default();
+                // At most READ_AHEAD_BYTES handed over and not yet written (a larger
+                // envelope waits for all of it).
+                let share = message.payload.len().clamp(1, READ_AHEAD_BYTES) as u32;
+                let Ok(room) = read_ahead.clone().acquire_many_owned(share).await else {
+                    return Ok(());
+                };
                 let deliver = ServerMessage::Deliver {
                     envelope_id: sequence,
                     from,
                     payload: message.payload.to_vec(),
                 };
-                if tx.send(Ok(MailboxRead::Deliver(deliver))).await.is_err() {
+                if tx
+                    .send(Ok(MailboxRead::Deliver(deliver, room)))
+                    .await
+                    .is_err()
+                {
                     return Ok(());
                 }
                 if let Some(left) = &mut backlog {
@@ -313,21 +351,46 @@ impl Cluster {
     }
 }
 
-/// (envelopes per pull, how long a pull waits, idle heartbeat) for a consumer made with
-/// `config` as the server returned it: [`PULL_BATCH`], [`PULL_EXPIRES`] and [`IDLE_HEARTBEAT`],
-/// lowered to the limits the server copies into every consumer (its
-/// `jetstream.limits.max_request_batch`, a `max_expires`), which it enforces by refusing
-/// every pull over them; the heartbeat at most half the wait, as the server requires.
-fn pull_limits(config: &consumer::Config) -> (usize, Duration, Duration) {
+/// What each pull request of a mailbox reader asks for.
+#[derive(Debug, PartialEq, Eq)]
+struct PullLimits {
+    /// Envelopes.
+    batch: usize,
+    /// Bytes (of messages as the server counts them).
+    bytes: usize,
+    /// How long the request waits for envelopes.
+    expires: Duration,
+    /// How often the server says the consumer is alive while there is nothing to send.
+    heartbeat: Duration,
+}
+
+/// The pull requests for a consumer made with `config` as the server returned it, on a
+/// server that takes messages of up to `max_payload` bytes: [`PULL_BATCH`], [`PULL_BYTES`]
+/// (raised so that the largest message fits: async-nats 0.51 asks again for ever when one
+/// does not), [`PULL_EXPIRES`] and [`IDLE_HEARTBEAT`], lowered to the limits the server
+/// copies into every consumer (its `jetstream.limits.max_request_batch`, `max_bytes`,
+/// a `max_expires`), which it enforces by refusing every pull over them; the heartbeat at
+/// most half the wait, as the server requires.
+fn pull_limits(config: &consumer::Config, max_payload: usize) -> PullLimits {
     let batch = match usize::try_from(config.max_batch) {
         Ok(max) if max > 0 => PULL_BATCH.min(max),
         _ => PULL_BATCH,
+    };
+    let bytes = PULL_BYTES.max(max_payload.saturating_add(PULL_OVERHEAD));
+    let bytes = match usize::try_from(config.max_bytes) {
+        Ok(max) if max > 0 => bytes.min(max),
+        _ => bytes,
     };
     let expires = match config.max_expires {
         max if max.is_zero() => PULL_EXPIRES,
         max => PULL_EXPIRES.min(max),
     };
-    (batch, expires, IDLE_HEARTBEAT.min(expires / 2))
+    PullLimits {
+        batch,
+        bytes,
+        expires,
+        heartbeat: IDLE_HEARTBEAT.min(expires / 2),
+    }
 }
 
 /// Aborts a task when dropped.
@@ -351,22 +414,49 @@ mod tests {
             max_expires,
             ..Default::default()
         };
+        let limits = |batch, expires, heartbeat| PullLimits {
+            batch,
+            bytes: PULL_BYTES,
+            expires,
+            heartbeat,
+        };
+        let small = 64 * 1024;
         assert_eq!(
-            pull_limits(&config(0, Duration::ZERO)),
-            (PULL_BATCH, PULL_EXPIRES, IDLE_HEARTBEAT)
+            pull_limits(&config(0, Duration::ZERO), small),
+            limits(PULL_BATCH, PULL_EXPIRES, IDLE_HEARTBEAT)
         );
         assert_eq!(
-            pull_limits(&config(10, Duration::ZERO)),
-            (10, PULL_EXPIRES, IDLE_HEARTBEAT)
+            pull_limits(&config(10, Duration::ZERO), small),
+            limits(10, PULL_EXPIRES, IDLE_HEARTBEAT)
         );
         assert_eq!(
-            pull_limits(&config(10_000, Duration::from_secs(60))),
-            (PULL_BATCH, PULL_EXPIRES, IDLE_HEARTBEAT)
+            pull_limits(&config(10_000, Duration::from_secs(60)), small),
+            limits(PULL_BATCH, PULL_EXPIRES, IDLE_HEARTBEAT)
         );
         // A short wait: the heartbeat is at most half of it.
         assert_eq!(
-            pull_limits(&config(-1, Duration::from_secs(4))),
-            (PULL_BATCH, Duration::from_secs(4), Duration::from_secs(2))
+            pull_limits(&config(-1, Duration::from_secs(4)), small),
+            limits(PULL_BATCH, Duration::from_secs(4), Duration::from_secs(2))
         );
+    }
+
+    #[test]
+    fn a_pull_asks_for_bytes_enough_for_the_largest_message_the_server_takes() {
+        let config = |max_bytes| consumer::Config {
+            max_bytes,
+            ..Default::default()
+        };
+        // NATS's default max_payload (1 MiB) and a raised one (8 MiB).
+        assert_eq!(
+            pull_limits(&config(0), 1 << 20).bytes,
+            (1 << 20) + PULL_OVERHEAD
+        );
+        assert_eq!(
+            pull_limits(&config(-1), 8 << 20).bytes,
+            (8 << 20) + PULL_OVERHEAD
+        );
+        assert_eq!(pull_limits(&config(0), 1000).bytes, PULL_BYTES);
+        // Within the server's limit on a request's bytes, which it enforces by refusing.
+        assert_eq!(pull_limits(&config(300_000), 1000).bytes, 300_000);
     }
 }

@@ -383,8 +383,11 @@ impl Handler {
                     Inbound::Kicked(code) => return Close::tell(code, kick_message(code)),
                 },
                 delivery = next_delivery(&mut self.cluster_inbox), if self.cluster_inbox.is_some() => match delivery {
-                    Ok(MailboxRead::Deliver(msg)) => {
-                        if let Err(close) = Box::pin(self.forward(Routed::Message(msg))).await {
+                    Ok(MailboxRead::Deliver(msg, room)) => {
+                        let forwarded = Box::pin(self.forward(Routed::Message(msg))).await;
+                        // Written: the reader may hand over that much more.
+                        drop(room);
+                        if let Err(close) = forwarded {
                             return close;
                         }
                     }

@@ -177,6 +177,22 @@ impl TestServer {
         }
     }
 
+    /// With the NATS backend: how many of the mailbox stream's envelopes, from its first,
+    /// the furthest consumer has sent its relay.
+    pub async fn mailbox_sent(&self) -> u64 {
+        let nats = self.nats.as_ref().expect("a relay on the NATS backend");
+        let client = async_nats::connect(nats.urls()[0].as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("chat_mailbox").await.unwrap();
+        let first = stream.info().await.unwrap().state.first_sequence;
+        let mut consumers = stream.consumers();
+        let mut furthest = 0;
+        while let Some(info) = consumers.next().await {
+            furthest = furthest.max(info.unwrap().delivered.stream_sequence);
+        }
+        (furthest + 1).saturating_sub(first)
+    }
+
     pub async fn client(&self) -> Client {
         Client::connect(self.addr).await
     }

@@ -1,5 +1,6 @@
 //! How the relay closes a session: the reason it gives must reach a client that is behind
-//! on reading, even if that client sends (an `Ack`) before it has read it.
+//! on reading, even if that client sends (an `Ack`) before it has read it; and what it
+//! holds for a reader that is behind, before and instead of closing it.
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use futures_util::StreamExt;
 use rstest::rstest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::common::{Backend, Client, Nats, PATIENCE, Sqlite, TestServer};
 
@@ -168,8 +170,8 @@ async fn shutdown_does_not_wait_for_unfinished_handshakes() {
 /// A reader that reads just enough never to time out cannot make the relay hold more than
 /// `send_queue_bytes` for it: past that it is closed `slow_consumer` (and reads why,
 /// behind what it had not read yet), and its next session gets every envelope, in order.
-/// (With the NATS backend the mailbox is read at the client's pace: nothing piles up in
-/// the relay to bound.)
+/// (With the NATS backend the mailbox is read at the client's pace, and what the relay
+/// takes from it ahead of the client is bounded: the last test.)
 #[tokio::test]
 async fn a_slow_reader_is_bounded_in_bytes_and_loses_nothing() {
     let server = TestServer::start(|c| {
@@ -201,6 +203,50 @@ async fn a_slow_reader_is_bounded_in_bytes_and_loses_nothing() {
     assert!(read < N, "{read}");
     assert_eq!(sending.await.unwrap(), N);
     let mut bob = server.user("bob", 1).await;
+    let got = crate::deliveries(&mut bob, N as usize).await;
+    assert!(got.windows(2).all(|w| w[0].0 < w[1].0));
+    assert!(got.iter().all(|(_, p)| *p == payload));
+}
+
+/// With the NATS backend a session's mailbox reader pulls envelopes ahead of what its
+/// client has read, bounded in bytes: for a client with 40 MB waiting that reads none of
+/// it, the relay takes about 3 MiB from NATS (its hand-over to the session, 1 MiB, and
+/// two pull requests of 1 MiB), besides what the sockets hold; not a pull request's 500
+/// envelopes, nor the hand-over channel's 64. The client then gets every envelope, once
+/// and in order.
+#[tokio::test]
+async fn a_mailbox_reader_pulls_ahead_of_its_client_only_so_many_bytes() {
+    let server = TestServer::on(Nats, |c| {
+        unpaced(c);
+        c.write_timeout_secs = 120.0;
+        c.max_frame_bytes = 512 * 1024;
+        c.writer_queue_bytes = 256 << 20;
+    })
+    .await;
+    drop(server.user("bob", 1).await);
+    let mut alice = server.user("alice", 0).await;
+    const N: u32 = 80;
+    let payload = vec![5u8; 500_000];
+    assert_eq!(send_to_bob(&mut alice, N, &payload).await, N);
+    let mut bob = server.user("bob", 1).await;
+    // Until the relay stops taking envelopes: the count unchanged for a second.
+    let deadline = Instant::now() + PATIENCE;
+    let (mut taken, mut since) = (server.mailbox_sent().await, Instant::now());
+    while since.elapsed() < Duration::from_secs(1) {
+        assert!(Instant::now() < deadline, "the relay kept taking envelopes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = server.mailbox_sent().await;
+        if now != taken {
+            (taken, since) = (now, Instant::now());
+        }
+    }
+    // 500 KB each: 10 when this test was written (the reader's and the sockets' together).
+    // Without the bound in bytes: all 80; with pulls bounded but not the hand-over, 74.
+    assert!(taken > 0, "the relay took nothing");
+    assert!(
+        taken <= 30,
+        "the relay took {taken} envelopes for a client reading none"
+    );
     let got = crate::deliveries(&mut bob, N as usize).await;
     assert!(got.windows(2).all(|w| w[0].0 < w[1].0));
     assert!(got.iter().all(|(_, p)| *p == payload));
