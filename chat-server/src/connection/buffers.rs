@@ -16,8 +16,9 @@ use tokio_util::bytes::BytesMut;
 
 use super::Handler;
 
-/// Initial read buffer (bytes); it grows while a large frame arrives or several arrive in
-/// one read.
+/// Initial read buffer (bytes), for the login's frames; it grows while a large frame
+/// arrives or several arrive in one read. Given back after the login and by the trims (an
+/// idle session holds no buffer).
 pub(super) const READ_BUFFER: usize = 1024;
 /// A buffer over this many bytes is grown: given back once empty and the connection quiet
 /// (a frame half read stays until it is whole).
@@ -83,7 +84,7 @@ impl Handler {
         self.sends.trim(room);
         let read = self.reader.read_buffer_mut();
         if read.is_empty() && allocated(read) > max {
-            *read = BytesMut::with_capacity(READ_BUFFER);
+            *read = BytesMut::new();
         }
         let inbox_grown = (self.membership.as_ref()).is_some_and(|m| m.inbox.holds_room());
         write_grown || read.capacity() > IDLE_BUFFER_MAX || self.sends.grown() || inbox_grown
@@ -102,6 +103,22 @@ impl Handler {
     pub(super) fn note_read(&mut self, now: Instant) {
         if allocated(self.reader.read_buffer_mut()) > IDLE_BUFFER_MAX {
             self.quiet_trim.grew(now);
+        }
+    }
+
+    /// The login is done: gives back the read and write buffers if empty (the login's
+    /// frames, an RSA key and signature, grew them to a few KiB). Most sessions then sit
+    /// idle for long stretches; the next frame each way allocates again. Given back at
+    /// once, while connections are still arriving, the freed memory goes to the next ones
+    /// (given back later, it would stay resident between live allocations).
+    pub(super) fn trim_after_login(&mut self) {
+        let read = self.reader.read_buffer_mut();
+        if read.is_empty() {
+            *read = BytesMut::new();
+        }
+        let write = self.writer.write_buffer_mut();
+        if write.is_empty() {
+            *write = BytesMut::new();
         }
     }
 

@@ -352,25 +352,22 @@ impl Handler {
             let (inbox, reader) = cluster.deliveries(&username, WRITE_BATCH);
             self.cluster_inbox = Some(inbox);
             self._mailbox_reader = Some(reader);
-            return self
-                .write(ServerMessage::Welcome {
-                    id,
-                    username: username.to_string(),
-                    registered,
-                })
-                .await;
+        } else {
+            // Stored envelopes go out first, in order, then live ones. Envelopes an
+            // earlier session of ours was given may still be held for its Ack or on their
+            // way to disk: let them land before the first read.
+            self.backlog_done = false;
+            self.settling = Some(self.shared.writer.barrier());
         }
-        // Stored envelopes go out first, in order, then live ones. Envelopes an earlier
-        // session of ours was given may still be held for its Ack or on their way to
-        // disk: let them land before the first read.
-        self.backlog_done = false;
-        self.settling = Some(self.shared.writer.barrier());
-        self.write(ServerMessage::Welcome {
-            id,
-            username: username.to_string(),
-            registered,
-        })
-        .await
+        let welcome = self
+            .write(ServerMessage::Welcome {
+                id,
+                username: username.to_string(),
+                registered,
+            })
+            .await;
+        self.trim_after_login();
+        welcome
     }
 }
 
