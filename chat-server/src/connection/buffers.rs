@@ -112,14 +112,7 @@ impl Handler {
     /// once, while connections are still arriving, the freed memory goes to the next ones
     /// (given back later, it would stay resident between live allocations).
     pub(super) fn trim_after_login(&mut self) {
-        let read = self.reader.read_buffer_mut();
-        if read.is_empty() {
-            *read = BytesMut::new();
-        }
-        let write = self.writer.write_buffer_mut();
-        if write.is_empty() {
-            *write = BytesMut::new();
-        }
+        self.trim_buffers(0, super::pipeline::Pipeline::IDLE_ROOM);
     }
 
     /// The connection has been quiet: gives back everything over its idle size.

@@ -30,6 +30,17 @@ pub struct OutboxBound {
     pub bytes: usize,
 }
 
+#[cfg(test)]
+impl OutboxBound {
+    /// A bound of `messages` and none in bytes.
+    pub(crate) fn messages(messages: usize) -> Self {
+        Self {
+            messages,
+            bytes: usize::MAX,
+        }
+    }
+}
+
 /// Why [`Outbox::push`] did not queue a message.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum PushError {

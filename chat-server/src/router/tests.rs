@@ -12,23 +12,15 @@ fn name(s: &str) -> Username {
     Username::parse(s).unwrap()
 }
 
-/// A bound of `messages` and no bound in bytes.
-fn bound(messages: usize) -> OutboxBound {
-    OutboxBound {
-        messages,
-        bytes: usize::MAX,
-    }
-}
-
 #[test]
 fn presence_route_and_replace() {
     let router = Router::default();
-    let mut alice = router.join(&name("alice"), 1, bound(8));
+    let mut alice = router.join(&name("alice"), 1, OutboxBound::messages(8));
     assert_eq!(
         router.watch(&name("alice"), 1, vec![name("bob"), name("carol")], 8),
         Ok(vec![])
     );
-    let mut bob = router.join(&name("bob"), 2, bound(8));
+    let mut bob = router.join(&name("bob"), 2, OutboxBound::messages(8));
     assert_eq!(
         owned(alice.inbox.try_next().unwrap()),
         ServerMessage::Presence {
@@ -39,7 +31,7 @@ fn presence_route_and_replace() {
     assert_eq!(router.online(), vec!["alice", "bob"]);
 
     // Bob logs in again: the old session is kicked, nobody sees him go offline.
-    let _bob2 = router.join(&name("bob"), 3, bound(8));
+    let _bob2 = router.join(&name("bob"), 3, OutboxBound::messages(8));
     assert_eq!(bob.inbox.kicked(), Some(ErrorCode::SessionReplaced));
     router.leave(&name("bob"), 2);
     assert_eq!(router.online(), vec!["alice", "bob"]);
@@ -61,8 +53,8 @@ fn presence_route_and_replace() {
 #[test]
 fn watching_is_bounded_and_forgotten_with_the_session() {
     let router = Router::default();
-    let _alice = router.join(&name("alice"), 1, bound(8));
-    let mut bob = router.join(&name("bob"), 2, bound(8));
+    let _alice = router.join(&name("alice"), 1, OutboxBound::messages(8));
+    let mut bob = router.join(&name("bob"), 2, OutboxBound::messages(8));
     let many: Vec<Username> = (0..5).map(|i| name(&format!("u{i}"))).collect();
     assert_eq!(
         router.watch(&name("alice"), 1, many.clone(), 4),
@@ -100,7 +92,7 @@ fn watching_is_bounded_and_forgotten_with_the_session() {
         }
     );
     // A replaced session's watches are dropped with it.
-    let _bob2 = router.join(&name("bob"), 3, bound(8));
+    let _bob2 = router.join(&name("bob"), 3, OutboxBound::messages(8));
     assert_eq!(router.watch_count(), 0);
 }
 
@@ -129,7 +121,7 @@ fn accept(router: &Router, to: &str) -> (u64, (u64, bool), bool) {
 #[test]
 fn envelopes_go_direct_only_when_nothing_earlier_is_still_on_its_way() {
     let router = Router::new(10);
-    let mut bob = router.join(&name("bob"), 1, bound(8));
+    let mut bob = router.join(&name("bob"), 1, OutboxBound::messages(8));
     // Not live yet (reading its backlog): through the store, in id order.
     let (_, stored, delivered) = accept(&router, "bob");
     assert_eq!((stored, delivered), ((10, false), false));
@@ -150,7 +142,7 @@ fn envelopes_go_direct_only_when_nothing_earlier_is_still_on_its_way() {
     assert!(!delivered);
     router.settle(&name("carol"), Some(deliver(13)));
     // A stale connection id does not make the new session live.
-    let _bob2 = router.join(&name("bob"), 2, bound(8));
+    let _bob2 = router.join(&name("bob"), 2, OutboxBound::messages(8));
     router.set_live(&name("bob"), 1);
     assert!(!accept(&router, "bob").2);
 }
@@ -158,7 +150,7 @@ fn envelopes_go_direct_only_when_nothing_earlier_is_still_on_its_way() {
 #[test]
 fn a_session_reading_its_backlog_is_not_kicked_for_envelopes_the_store_has() {
     let router = Router::default();
-    let mut bob = router.join(&name("bob"), 1, bound(1));
+    let mut bob = router.join(&name("bob"), 1, OutboxBound::messages(1));
     for id in [1, 2] {
         accept(&router, "bob");
         router.settle(&name("bob"), Some(deliver(id)));
@@ -173,8 +165,8 @@ fn a_session_reading_its_backlog_is_not_kicked_for_envelopes_the_store_has() {
 #[test]
 fn on_a_cluster_a_session_here_is_online_before_the_bucket_says_so() {
     let router = Router::clustered();
-    let _alice = router.join(&name("alice"), 1, bound(8));
-    let _bob = router.join(&name("bob"), 2, bound(8));
+    let _alice = router.join(&name("alice"), 1, OutboxBound::messages(8));
+    let _bob = router.join(&name("bob"), 2, OutboxBound::messages(8));
     assert_eq!(router.online(), vec!["alice", "bob"]);
     assert_eq!(
         router.watch(&name("alice"), 1, vec![name("bob"), name("carol")], 8),
@@ -192,7 +184,7 @@ fn on_a_cluster_a_session_here_is_online_before_the_bucket_says_so() {
 #[test]
 fn full_queue_kicks_the_slow_reader() {
     let router = Router::default();
-    let slow = router.join(&name("slow"), 1, bound(2));
+    let slow = router.join(&name("slow"), 1, OutboxBound::messages(2));
     router.set_live(&name("slow"), 1);
     assert!(accept(&router, "slow").2);
     assert!(accept(&router, "slow").2);

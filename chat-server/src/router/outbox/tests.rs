@@ -8,14 +8,6 @@ fn pong(nonce: u64) -> Routed {
     Routed::Message(ServerMessage::Pong { nonce })
 }
 
-/// A bound of `messages` and no bound in bytes.
-fn bound(messages: usize) -> OutboxBound {
-    OutboxBound {
-        messages,
-        bytes: usize::MAX,
-    }
-}
-
 /// An envelope `id` with a payload of `len` bytes.
 fn deliver(id: u64, len: usize) -> Routed {
     Routed::Deliver(chat_protocol::deliver::SharedDeliver {
@@ -71,7 +63,7 @@ async fn soon<T>(fut: impl Future<Output = T>) -> T {
 
 #[tokio::test]
 async fn messages_come_out_in_order_and_a_full_queue_refuses() {
-    let (outbox, mut inbox) = outbox(bound(3));
+    let (outbox, mut inbox) = outbox(OutboxBound::messages(3));
     assert_eq!(inbox.try_next(), None);
     for n in 0..3 {
         outbox.push(pong(n)).unwrap();
@@ -96,7 +88,7 @@ async fn messages_come_out_in_order_and_a_full_queue_refuses() {
 
 #[tokio::test]
 async fn a_kick_comes_before_what_is_queued() {
-    let (outbox, mut inbox) = outbox(bound(8));
+    let (outbox, mut inbox) = outbox(OutboxBound::messages(8));
     outbox.push(pong(1)).unwrap();
     assert_eq!(inbox.kicked(), None);
     outbox.kick(ErrorCode::SlowConsumer);
@@ -115,7 +107,7 @@ async fn a_kick_comes_before_what_is_queued() {
 
 #[tokio::test]
 async fn a_waiting_connection_is_woken_by_a_push_a_kick_or_the_router_leaving() {
-    let (outbox, mut inbox) = outbox(bound(8));
+    let (outbox, mut inbox) = outbox(OutboxBound::messages(8));
     let waiting = tokio::spawn(async move {
         let first = inbox.next().await;
         (first, inbox)
@@ -131,7 +123,7 @@ async fn a_waiting_connection_is_woken_by_a_push_a_kick_or_the_router_leaving() 
     let (kicked, inbox) = soon(waiting).await.unwrap();
     assert_eq!(kicked, Inbound::Kicked(ErrorCode::IdleTimeout));
 
-    let (outbox, mut inbox2) = super::outbox(bound(8));
+    let (outbox, mut inbox2) = super::outbox(OutboxBound::messages(8));
     drop(inbox);
     let waiting = tokio::spawn(async move { inbox2.next().await });
     tokio::task::yield_now().await;
@@ -144,7 +136,7 @@ async fn a_waiting_connection_is_woken_by_a_push_a_kick_or_the_router_leaving() 
 
 #[test]
 fn room_is_kept_while_busy_and_given_back_when_quiet() {
-    let (outbox, mut inbox) = outbox(bound(8));
+    let (outbox, mut inbox) = outbox(OutboxBound::messages(8));
     assert!(!inbox.holds_room(), "nothing allocated before use");
     for n in 0..5 {
         outbox.push(pong(n)).unwrap();
@@ -171,7 +163,7 @@ fn room_is_kept_while_busy_and_given_back_when_quiet() {
 
 #[tokio::test]
 async fn pushing_to_an_ended_connection_is_refused() {
-    let (outbox, inbox) = outbox(bound(8));
+    let (outbox, inbox) = outbox(OutboxBound::messages(8));
     outbox.push(pong(1)).unwrap();
     drop(inbox);
     assert_eq!(outbox.push(pong(2)), Err(PushError::Closed));
@@ -179,7 +171,7 @@ async fn pushing_to_an_ended_connection_is_refused() {
 
 #[tokio::test]
 async fn the_kick_watch_sees_kicks_and_not_messages() {
-    let (outbox, inbox) = outbox(bound(8));
+    let (outbox, inbox) = outbox(OutboxBound::messages(8));
     let watch = inbox.kick_watch();
     let waiting = tokio::spawn(watch.clone().kicked());
     tokio::task::yield_now().await;
@@ -195,7 +187,7 @@ async fn the_kick_watch_sees_kicks_and_not_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_lost_or_reordered_between_threads() {
     const N: u64 = 100_000;
-    let (outbox, mut inbox) = outbox(bound(64));
+    let (outbox, mut inbox) = outbox(OutboxBound::messages(64));
     let producer = std::thread::spawn(move || {
         let mut n = 0;
         while n < N {
