@@ -125,6 +125,64 @@ fn messages_held_for_a_full_queue_go_when_the_recipient_is_back_online() {
     );
 }
 
+/// Hundreds of messages waiting for one contact (their queue at the relay is full) do not
+/// hold up a message to another written after them: the flush walks the outbox page by
+/// page past the held ones (here three pages). Once the first contact is back, all of
+/// theirs arrive once, in order, across the pages.
+#[test]
+fn a_long_held_outbox_neither_blocks_others_nor_reorders_across_pages() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay_with_bob_offline(&rt, dir.path());
+    let mut carol = Peer::start(&rt, relay.addr, "carol", &dir.path().join("carol"));
+    let mut alice = Peer::start_with(&rt, relay.addr, "alice", &dir.path().join("alice"), |c| {
+        c.retry_later = Duration::from_secs(3600);
+        c.queue_full_retry = Duration::from_secs(3600);
+    });
+    let held = 300;
+    let text = |n: usize| format!("held {n}");
+    for n in 0..held {
+        alice.send(Command::Send {
+            to: "bob".into(),
+            text: text(n),
+        });
+    }
+    // Two are taken; the rest wait in alice's client.
+    let mut sent = 0;
+    while let Event::Sent { .. } = alice.expect(|e| {
+        matches!(e, Event::Sent { .. })
+            || matches!(e, Event::Error { code, .. } if code == "recipient_queue_full")
+    }) {
+        sent += 1;
+    }
+    for n in 0..3 {
+        alice.send(Command::Send {
+            to: "carol".into(),
+            text: format!("to carol {n}"),
+        });
+    }
+    let mut to_carol = Vec::new();
+    while to_carol.len() < 3 {
+        if let Event::Message { text, .. } = carol.expect(|e| matches!(e, Event::Message { .. })) {
+            to_carol.push(text);
+        }
+    }
+    assert_eq!(to_carol, ["to carol 0", "to carol 1", "to carol 2"]);
+
+    let mut bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));
+    let mut texts = Vec::new();
+    while texts.len() < held {
+        if let Event::Message { text, .. } = bob.expect(|e| matches!(e, Event::Message { .. })) {
+            texts.push(text);
+        }
+    }
+    assert_eq!(texts, (0..held).map(text).collect::<Vec<_>>());
+    while sent < held + 3 {
+        alice.expect(|e| matches!(e, Event::Sent { .. }));
+        sent += 1;
+    }
+}
+
 /// A relay that sheds sends at 5 ms of scheduling delay, on a runtime of its own with one
 /// worker thread (which a [`Hog`] can hold); the peers run apart.
 fn shedding_relay(data: &std::path::Path) -> (tokio::runtime::Runtime, common::inproc::Relay) {

@@ -8,7 +8,7 @@ use chat_protocol::message::{MAX_FANOUT, send_many_frame_len};
 use chat_protocol::{ClientMessage, ErrorCode};
 use tracing::warn;
 
-use super::{Engine, Pending, now_ms};
+use super::{Engine, FLUSH_PAGE, Pending, now_ms};
 use crate::api::{Event, id_hex};
 use crate::store::Withdrawn;
 
@@ -38,50 +38,80 @@ impl Engine {
     /// copy is due (split where it would pass [`MAX_FANOUT`] names or the relay's frame
     /// limit). A copy for someone no longer in the group is withdrawn instead, unless it
     /// was handed to the relay already (then the relay's answer settles it).
+    ///
+    /// Messages are walked oldest first, [`FLUSH_PAGE`] at a time, and a message's members
+    /// and envelope are read only when it comes up: a flush stops at the first message the
+    /// window has no room for, so a long group outbox costs it what it sends.
     pub(super) fn flush_group_sends(&mut self) {
         if !self.group_sends_ready() {
             return;
         }
-        let sends = match self.store.group_sends_queued() {
-            Ok(sends) => sends,
-            Err(e) => return self.store_error(e),
+        let mut after = 0;
+        loop {
+            let page = match self.store.group_sends_queued_after(after, FLUSH_PAGE) {
+                Ok(page) => page,
+                Err(e) => return self.store_error(e),
+            };
+            let last_page = page.len() < FLUSH_PAGE;
+            for message in page {
+                after = message.seq;
+                if !self.flush_group_message(message.group, message.id) {
+                    return;
+                }
+            }
+            if last_page {
+                return;
+            }
+        }
+    }
+
+    /// Hands the relay the copies of our group message `id` that are due. Returns false
+    /// if the window had no room for it (the flush stops there: messages go in order).
+    fn flush_group_message(&mut self, group: GroupId, id: MessageId) -> bool {
+        let queued = match self.store.group_send_members_queued(&id) {
+            Ok(queued) => queued,
+            Err(e) => {
+                self.store_error(e);
+                return false;
+            }
         };
-        // Rows come message by message (oldest first): one batch of members per message.
-        let mut batch: Option<(GroupId, MessageId, Vec<u8>, Vec<String>)> = None;
-        for send in sends {
-            let key = (send.id, send.member.clone());
+        let mut members = Vec::new();
+        for member in queued {
             // A copy handed to the relay on this connection is past withdrawing: its
             // answer settles it (and a removed member opens it, as sent before we knew).
             // Which copies were handed over is not remembered across connections.
-            if self.group_in_flight.contains(&key) {
+            if self.group_in_flight.contains(&(id, member.clone())) {
                 continue;
             }
-            if !self.sends_to(&send.group, &send.member) {
-                self.withdraw_group_send(send.group, send.id, &send.member);
+            if !self.sends_to(&group, &member) {
+                self.withdraw_group_send(group, id, &member);
                 continue;
             }
-            if self.held(&send.member) {
-                continue;
-            }
-            // A new message waits for room in the window, counted with the message before
-            // it (sent first); one under way is sent whole.
-            if batch.as_ref().is_none_or(|(_, id, _, _)| *id != send.id) {
-                if let Some((group, id, payload, members)) = batch.take() {
-                    self.send_group_copies(group, id, payload, members);
-                }
-                if self.send_window_full() {
-                    break;
-                }
-            }
-            self.group_in_flight.insert(key);
-            match &mut batch {
-                Some((_, id, _, members)) if *id == send.id => members.push(send.member),
-                _ => batch = Some((send.group, send.id, send.payload, vec![send.member])),
+            if !self.held(&member) {
+                members.push(member);
             }
         }
-        if let Some((group, id, payload, members)) = batch {
-            self.send_group_copies(group, id, payload, members);
+        if members.is_empty() {
+            return true;
         }
+        // A new message waits for room in the window, counted with the messages before
+        // it (sent first); one under way is sent whole.
+        if self.send_window_full() {
+            return false;
+        }
+        let payload = match self.store.group_payload(&id) {
+            Ok(Some(payload)) => payload,
+            Ok(None) => return true,
+            Err(e) => {
+                self.store_error(e);
+                return false;
+            }
+        };
+        for member in &members {
+            self.group_in_flight.insert((id, member.clone()));
+        }
+        self.send_group_copies(group, id, payload, members);
+        true
     }
 
     /// One `SendMany` of `payload` (our message `id` to `group`) per run of `members` that

@@ -61,6 +61,9 @@ const SEND_WINDOW: usize = chat_protocol::message::MAX_PIPELINED / 2;
 /// 200-member group passed 512 and every one written before the refusal was read was
 /// refused in turn, each paced as a full fan-out: 12-33 s with nothing accepted.
 const COPY_WINDOW: usize = 2 * chat_protocol::message::MAX_PIPELINED;
+/// Queued messages a flush reads from the store at a time (ids and contacts, no bodies):
+/// a flush stops once the window is full, usually within the first page.
+const FLUSH_PAGE: usize = 128;
 /// Deliveries kept in memory to retry after a local store failure (e.g. a full disk).
 const MAX_STALLED: usize = 1000;
 /// Forged envelopes from one sender are reported at most this often (with a count).

@@ -8,7 +8,9 @@ use chat_protocol::e2e::{self, Body, Content, MessageId, Parties, Sealed};
 use chat_protocol::message::send_frame_len;
 use tracing::warn;
 
-use super::{COPY_WINDOW, Engine, META_QUEUE_MAX_AGE, Pending, SEND_WINDOW, now_ms, random_id};
+use super::{
+    COPY_WINDOW, Engine, FLUSH_PAGE, META_QUEUE_MAX_AGE, Pending, SEND_WINDOW, now_ms, random_id,
+};
 use crate::api::{ConnectionState, Event, id_hex};
 use crate::store::OutboxItem;
 
@@ -172,11 +174,12 @@ impl Engine {
         full
     }
 
+    /// Seals and sends queued messages in the order written, until the window is full.
+    /// The outbox is walked [`FLUSH_PAGE`] rows at a time and a body is opened only to be
+    /// sent, so a flush costs what it sends and what it skips (in flight, or to a held
+    /// contact), never a decryption of every message waiting: with thousands queued, one
+    /// flush per answer from the relay would otherwise make draining them quadratic.
     fn flush_texts(&mut self) {
-        let items = match self.store.outbox_queued() {
-            Ok(items) => items,
-            Err(e) => return self.store_error(e),
-        };
         // Keep per-contact order: once one message to a contact must wait, so do the rest.
         let mut held: HashSet<String> = HashSet::new();
         // Contacts with a send in flight: one whose queue at the relay is full gets no
@@ -190,79 +193,110 @@ impl Engine {
             })
             .collect();
         let mut changed = false;
-        for item in items {
-            if self.in_flight.contains_key(&item.id) || held.contains(&item.peer) {
-                continue;
+        let mut after = 0;
+        'pages: loop {
+            let page = match self.store.outbox_queued_after(after, FLUSH_PAGE) {
+                Ok(page) => page,
+                Err(e) => return self.store_error(e),
+            };
+            let last_page = page.len() < FLUSH_PAGE;
+            for queued in page {
+                after = queued.seq;
+                if self.in_flight.contains_key(&queued.id) || held.contains(&queued.peer) {
+                    continue;
+                }
+                if self.send_window_full() {
+                    break 'pages;
+                }
+                if self.held(&queued.peer)
+                    || (self.probing(&queued.peer) && sending.contains(&queued.peer))
+                {
+                    held.insert(queued.peer);
+                    continue;
+                }
+                let item = match self.store.outbox_queued_item(&queued.id) {
+                    Ok(Some(item)) => item,
+                    Ok(None) => continue,
+                    Err(e) => return self.store_error(e),
+                };
+                changed |= self.flush_text(item, &mut held, &mut sending);
             }
-            if self.send_window_full() {
+            if last_page {
                 break;
             }
-            if self.held(&item.peer) || (self.probing(&item.peer) && sending.contains(&item.peer)) {
-                held.insert(item.peer);
-                continue;
-            }
-            // A group sending key goes only to who is still in the group, judged once
-            // the backlog (which may hold a removal) is read.
-            if let Body::SenderKey(distribution) = &item.body {
-                if !self.group_sends_ready() {
-                    held.insert(item.peer);
-                    continue;
-                }
-                if !self.sends_to(&distribution.group, &item.peer) {
-                    self.fail_message(&item.id, "not_a_member", "no longer in the group");
-                    continue;
-                }
-            }
-            let ready = self.checked_keys.contains_key(&item.peer)
-                && self.pin(&item.peer).is_some_and(|p| p.usable());
-            if !ready {
-                if !self.checked_keys.contains_key(&item.peer) {
-                    self.fetch_key(&item.peer, None);
-                }
-                held.insert(item.peer);
-                continue;
-            }
-            let content = Content {
-                id: item.id,
-                sent_at_ms: item.sent_at,
-                body: item.body,
-            };
-            let Some(sealed) = self.seal(&item.peer, &content) else {
-                held.insert(item.peer);
-                continue;
-            };
-            let len = send_frame_len(&item.peer, sealed.bytes.len());
-            if self.max_frame > 0 && len > self.max_frame {
-                // A permanent refusal: this message ends; the ones after it go on.
-                let message = format!(
-                    "the message is too long for the relay at {} (its envelope would be {len} \
-                     bytes, the relay's limit is {}); texts must stay under about {} bytes",
-                    self.config.server,
-                    self.max_frame,
-                    self.largest_text()
-                );
-                self.sink
-                    .emit(Event::error("message_too_long", message.clone()));
-                self.fail_message(&item.id, "message_too_long", &message);
-                changed = true;
-                continue;
-            }
-            self.in_flight.insert(item.id, sealed.epoch);
-            sending.insert(item.peer.clone());
-            let to = item.peer;
-            let payload = sealed.bytes;
-            self.request(
-                Pending::Send {
-                    id: item.id,
-                    to: to.clone(),
-                    epoch: sealed.epoch,
-                },
-                |id| ClientMessage::Send { id, to, payload },
-            );
         }
         if changed {
             self.connection_event(ConnectionState::Connected, None);
         }
+    }
+
+    /// Seals and sends one queued message whose contact is not held, unless its contact
+    /// must wait (then it is added to `held`). Returns whether it failed for good (the
+    /// queued count changed).
+    fn flush_text(
+        &mut self,
+        item: OutboxItem,
+        held: &mut HashSet<String>,
+        sending: &mut HashSet<String>,
+    ) -> bool {
+        // A group sending key goes only to who is still in the group, judged once
+        // the backlog (which may hold a removal) is read.
+        if let Body::SenderKey(distribution) = &item.body {
+            if !self.group_sends_ready() {
+                held.insert(item.peer);
+                return false;
+            }
+            if !self.sends_to(&distribution.group, &item.peer) {
+                self.fail_message(&item.id, "not_a_member", "no longer in the group");
+                return false;
+            }
+        }
+        let ready = self.checked_keys.contains_key(&item.peer)
+            && self.pin(&item.peer).is_some_and(|p| p.usable());
+        if !ready {
+            if !self.checked_keys.contains_key(&item.peer) {
+                self.fetch_key(&item.peer, None);
+            }
+            held.insert(item.peer);
+            return false;
+        }
+        let content = Content {
+            id: item.id,
+            sent_at_ms: item.sent_at,
+            body: item.body,
+        };
+        let Some(sealed) = self.seal(&item.peer, &content) else {
+            held.insert(item.peer);
+            return false;
+        };
+        let len = send_frame_len(&item.peer, sealed.bytes.len());
+        if self.max_frame > 0 && len > self.max_frame {
+            // A permanent refusal: this message ends; the ones after it go on.
+            let message = format!(
+                "the message is too long for the relay at {} (its envelope would be {len} \
+                 bytes, the relay's limit is {}); texts must stay under about {} bytes",
+                self.config.server,
+                self.max_frame,
+                self.largest_text()
+            );
+            self.sink
+                .emit(Event::error("message_too_long", message.clone()));
+            self.fail_message(&item.id, "message_too_long", &message);
+            return true;
+        }
+        self.in_flight.insert(item.id, sealed.epoch);
+        sending.insert(item.peer.clone());
+        let to = item.peer;
+        let payload = sealed.bytes;
+        self.request(
+            Pending::Send {
+                id: item.id,
+                to: to.clone(),
+                epoch: sealed.epoch,
+            },
+            |id| ClientMessage::Send { id, to, payload },
+        );
+        false
     }
 
     fn flush_receipts(&mut self) {

@@ -9,13 +9,16 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{Store, StoreError};
 
-/// One member's copy of a group message, waiting to be handed to the relay.
+/// A group message some of whose members' copies wait for the relay, its envelope left
+/// unread: what a flush walks ([`Store::group_sends_queued_after`]), reading the members
+/// ([`Store::group_send_members_queued`]) and the envelope ([`Store::group_payload`]) of
+/// only the messages it sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupSend {
+pub struct GroupQueued {
+    /// Its position among the group messages written: rises in the order written.
+    pub seq: i64,
     pub group: GroupId,
     pub id: MessageId,
-    pub member: String,
-    pub payload: Vec<u8>,
 }
 
 /// What withdrawing one member's copy made of a group message.
@@ -83,32 +86,44 @@ pub(super) fn settle_message(
 }
 
 impl Store {
-    /// Members' copies of group messages waiting for the relay, oldest message first.
-    pub fn group_sends_queued(&self) -> Result<Vec<GroupSend>, StoreError> {
+    /// Up to `limit` group messages with copies waiting for the relay, written after
+    /// position `after` (0: from the first), oldest first. A message keeps its envelope
+    /// only while a copy waits (`settle_message`), so this walks no message already sent.
+    pub fn group_sends_queued_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<GroupQueued>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT o.group_id, o.id, o.member, p.payload FROM group_outbox o
-             JOIN group_payloads p ON p.id = o.id
-             WHERE o.state = 'queued' ORDER BY p.seq, o.member",
+            "SELECT seq, group_id, id FROM group_payloads WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, Vec<u8>>(3)?,
-            ))
+        let rows = stmt.query_map(params![after, limit as i64], |r| {
+            Ok(GroupQueued {
+                seq: r.get(0)?,
+                group: r.get::<_, Vec<u8>>(1)?.try_into().unwrap_or_default(),
+                id: r.get::<_, Vec<u8>>(2)?.try_into().unwrap_or_default(),
+            })
         })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (group, id, member, payload) = row?;
-            out.push(GroupSend {
-                group: group.try_into().unwrap_or_default(),
-                id: id.try_into().unwrap_or_default(),
-                member,
-                payload,
-            });
-        }
-        Ok(out)
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The members whose copy of group message `id` waits for the relay, by name.
+    pub fn group_send_members_queued(&self, id: &MessageId) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT member FROM group_outbox WHERE id = ?1 AND state = 'queued' ORDER BY member",
+        )?;
+        let rows = stmt.query_map(params![&id[..]], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The sealed envelope of group message `id`, as sent to every member; `None` once no
+    /// copy waits for the relay.
+    pub fn group_payload(&self, id: &MessageId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT payload FROM group_payloads WHERE id = ?1")?
+            .query_row(params![&id[..]], |r| r.get(0))
+            .optional()?)
     }
 
     /// Copies waiting for the relay (for the `queued` count).
@@ -204,5 +219,63 @@ impl Store {
             delivered.unsigned_abs() as usize,
             all.unsigned_abs() as usize,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::open;
+    use super::super::{GroupWrite, OutgoingGroupMessage};
+
+    #[test]
+    fn a_flush_walks_only_messages_with_copies_waiting_in_the_order_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), true);
+        let group = [9; 16];
+        for n in 1..=4u8 {
+            let outgoing = OutgoingGroupMessage {
+                group,
+                id: [n; 16],
+                payload: vec![n; 10],
+                members: vec!["carol".into(), "bob".into()],
+            };
+            let write = GroupWrite {
+                outgoing: Some(outgoing),
+                ..Default::default()
+            };
+            store.commit_group(&group, write, 1000).unwrap();
+        }
+        // Message 1 is handed over whole, message 2 half, message 3 withdrawn whole.
+        for member in ["bob", "carol"] {
+            store.group_send_done(&[1; 16], member, Some(5)).unwrap();
+            store.withdraw_group_send(&[3; 16], member).unwrap();
+        }
+        store.group_send_done(&[2; 16], "bob", Some(5)).unwrap();
+
+        let all = store.group_sends_queued_after(0, 10).unwrap();
+        let ids: Vec<u8> = all.iter().map(|m| m.id[0]).collect();
+        assert_eq!(
+            ids,
+            [2, 4],
+            "only messages with a copy waiting, oldest first"
+        );
+        assert!(all.iter().all(|m| m.group == group));
+        // Paged: the rest comes after the last position seen.
+        let first = store.group_sends_queued_after(0, 1).unwrap();
+        assert_eq!(first.len(), 1);
+        let rest = store.group_sends_queued_after(first[0].seq, 10).unwrap();
+        assert_eq!(rest.iter().map(|m| m.id[0]).collect::<Vec<_>>(), [4]);
+
+        assert_eq!(
+            store.group_send_members_queued(&[2; 16]).unwrap(),
+            ["carol"]
+        );
+        assert_eq!(
+            store.group_send_members_queued(&[4; 16]).unwrap(),
+            ["bob", "carol"],
+            "by name"
+        );
+        assert_eq!(store.group_payload(&[4; 16]).unwrap(), Some(vec![4; 10]));
+        assert_eq!(store.group_payload(&[1; 16]).unwrap(), None, "sent: gone");
     }
 }

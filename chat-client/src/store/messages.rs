@@ -24,6 +24,18 @@ pub struct OutboxItem {
     pub sent_at: u64,
 }
 
+/// A queued message's place in the outbox, its body left unread: what a flush walks
+/// ([`Store::outbox_queued_after`]), opening only the bodies it sends
+/// ([`Store::outbox_queued_item`]), so that a long outbox costs each flush the messages it
+/// sends, not every message waiting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedRef {
+    /// Its position in the outbox: rises in the order messages were written.
+    pub seq: i64,
+    pub id: MessageId,
+    pub peer: String,
+}
+
 /// One of our messages a receipt confirmed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivered {
@@ -222,41 +234,76 @@ impl Store {
         })
     }
 
-    /// Queued messages (to be sent now), in the order they were written.
-    pub fn outbox_queued(&self) -> Result<Vec<OutboxItem>, StoreError> {
+    /// Up to `limit` queued messages (to be sent now) written after outbox position
+    /// `after` (0: from the first), in the order they were written; bodies are not read
+    /// (one index range: the rows the relay accepted are not walked).
+    pub fn outbox_queued_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<QueuedRef>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, peer, body, sent_at, kind FROM outbox WHERE state = 'queued' ORDER BY seq",
+            "SELECT seq, id, peer FROM outbox WHERE state = 'queued' AND seq > ?1
+             ORDER BY seq LIMIT ?2",
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, rusqlite::types::Value>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, String>(4)?,
-            ))
+        let rows = stmt.query_map(params![after, limit as i64], |r| {
+            Ok(QueuedRef {
+                seq: r.get(0)?,
+                id: r.get::<_, Vec<u8>>(1)?.try_into().unwrap_or_default(),
+                peer: r.get(2)?,
+            })
         })?;
-        let mut items = Vec::new();
-        for row in rows {
-            let (id, peer, body, sent_at, kind) = row?;
-            let place = outbox_place(&id);
-            let body = if kind == "text" {
-                Body::Text(read_text(&self.cipher, &place, body)?)
-            } else {
-                let rusqlite::types::Value::Blob(stored) = body else {
-                    return Err(super::cipher::Undecryptable.into());
-                };
-                let plain = read_blob(&self.cipher, &place, stored)?;
-                postcard::from_bytes(&plain).map_err(|_| super::cipher::Undecryptable)?
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Queued message `id` with its body opened, or `None` if it is not queued (sent,
+    /// failed or gone since it was listed).
+    ///
+    /// # Errors
+    /// [`StoreError`] if the database fails or the body cannot be opened.
+    pub fn outbox_queued_item(&self, id: &MessageId) -> Result<Option<OutboxItem>, StoreError> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT peer, body, sent_at, kind FROM outbox WHERE id = ?1 AND state = 'queued'",
+            )?
+            .query_row(params![&id[..]], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, rusqlite::types::Value>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .optional()?;
+        let Some((peer, body, sent_at, kind)) = row else {
+            return Ok(None);
+        };
+        let place = outbox_place(id);
+        let body = if kind == "text" {
+            Body::Text(read_text(&self.cipher, &place, body)?)
+        } else {
+            let rusqlite::types::Value::Blob(stored) = body else {
+                return Err(super::cipher::Undecryptable.into());
             };
-            items.push(OutboxItem {
-                body,
-                id: id.try_into().unwrap_or_default(),
-                peer,
-                sent_at: sent_at.unsigned_abs(),
-            });
-        }
-        Ok(items)
+            let plain = read_blob(&self.cipher, &place, stored)?;
+            postcard::from_bytes(&plain).map_err(|_| super::cipher::Undecryptable)?
+        };
+        Ok(Some(OutboxItem {
+            body,
+            id: *id,
+            peer,
+            sent_at: sent_at.unsigned_abs(),
+        }))
+    }
+
+    /// Every queued message with its body, in the order written.
+    #[cfg(test)]
+    pub fn outbox_queued(&self) -> Result<Vec<OutboxItem>, StoreError> {
+        self.outbox_queued_after(0, usize::MAX >> 1)?
+            .iter()
+            .filter_map(|r| self.outbox_queued_item(&r.id).transpose())
+            .collect()
     }
 
     /// Messages not yet accepted by the server (what "waiting in the outbox" counts).

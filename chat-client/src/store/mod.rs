@@ -29,9 +29,9 @@ mod sealing;
 
 pub use cipher::RowCipher;
 pub use e2e::{Held, ReceivedText};
-pub use group_outbox::{GroupSend, Withdrawn};
+pub use group_outbox::{GroupQueued, Withdrawn};
 pub use groups::{GroupLine, GroupRecord, GroupWrite, HeldChange, OutgoingGroupMessage};
-pub use messages::{Delivered, OutboxItem, Undelivered};
+pub use messages::{Delivered, OutboxItem, QueuedRef, Undelivered};
 
 /// Schema version (`PRAGMA user_version`). 0: the first release (floors, outbox until the
 /// server's answer); 1: outbox until receipted, persisted epochs, held envelopes; 2:
@@ -241,7 +241,10 @@ impl Store {
                  peer TEXT NOT NULL,
                  id   BLOB NOT NULL,
                  PRIMARY KEY (peer, id)
-             ) WITHOUT ROWID;",
+             ) WITHOUT ROWID;
+             -- What a flush walks: the queued messages in the order written, without
+             -- the rows the relay already accepted (kept until their receipt).
+             CREATE INDEX IF NOT EXISTS outbox_queued ON outbox (seq) WHERE state = 'queued';",
         )?;
         // A new message in either direction brings an archived or removed contact back
         // to the list (as Signal does), whichever code path stored it.

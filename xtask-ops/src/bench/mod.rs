@@ -8,6 +8,7 @@ mod echo;
 mod group;
 mod idle;
 mod load;
+mod outbox;
 mod report;
 mod servers;
 mod throughput;
@@ -38,6 +39,10 @@ pub struct Args {
     /// (e.g. `--connections-only --connections 100000`); writes bench-connections.json
     #[arg(long)]
     connections_only: bool,
+    /// Only the client's outbox drain: texts queued at once (200 and 20,000; 100 and 2,000
+    /// with --quick) handed to a relay of its own, µs per text at each size
+    #[arg(long)]
+    outbox_only: bool,
     /// Messages/s offered in the latency test (default 50,000, the load issue #20's latency
     /// goal is stated at); the overload rows offer half the relay's best 10-pair throughput
     #[arg(long)]
@@ -110,7 +115,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The redis client's rustls takes the process-wide provider: the relay's (ring).
     let _ =
         rustls::crypto::CryptoProvider::install_default((*chat_protocol::tls::provider()).clone());
-    let bin = xtask::build_binaries(&["chat-server"], true)?;
+    // The relay, and the headless client for the outbox drain.
+    let bin = xtask::build_binaries(&["chat-server", "chat-client"], true)?;
     let plain_exe = build_plaintext_relay()?;
     let out = args
         .out
@@ -125,6 +131,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.connections_only {
         let n = args.connections.unwrap_or(10_000);
         return connections_only(&rt, &mut procs, (&bin, &plain_exe), &key, n, &out);
+    }
+    let outbox_sizes: &[usize] = if args.quick {
+        &[100, 2000]
+    } else {
+        &[200, 20_000]
+    };
+    if args.outbox_only {
+        let drains = outbox::measure(&bin, outbox_sizes)?;
+        report::outbox_lines(&drains);
+        return Ok(());
     }
     if let Some(extra) = &args.relay_set {
         let _ = RELAY_SET.set(extra.clone());
@@ -334,6 +350,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let crypto = crypto::crypto_cost(payloads)?;
+    let outbox = outbox::measure(&bin, outbox_sizes)?;
 
     // A text to a group of 100 with sender keys, beside the same text sent 1:1 to each.
     let group_rounds = if args.quick { 3 } else { 10 };
@@ -368,6 +385,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         plain_conn,
         redis_conn,
         crypto: &crypto,
+        outbox: &outbox,
         group: &group,
         machine: &machine,
     });
@@ -400,6 +418,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "tls": "relay and Redis over TLS 1.3; relay_plaintext: the same relay code without TLS",
         "connections": {"count": n, "relay_bytes_each": relay_conn, "relay_plaintext_bytes_each": plain_conn, "redis_bytes_each": redis_conn},
         "group": group,
+        "outbox_drain": outbox,
         "crypto_us": crypto.iter().map(|(len, seal, open)| json!({"payload": len, "seal": seal, "open": open})).collect::<Vec<_>>(),
     });
     std::fs::write(out.join("bench.json"), serde_json::to_string_pretty(&json)?)?;

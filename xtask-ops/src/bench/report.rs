@@ -26,9 +26,36 @@ pub struct Report<'a> {
     pub redis_conn: f64,
     /// (payload bytes, seal µs, open µs)
     pub crypto: &'a [(usize, f64, f64)],
+    /// The client's outbox drained at each size (a small one first: the baseline).
+    pub outbox: &'a [super::outbox::OutboxDrain],
     /// A text to a group, sender keys against pairwise 1:1.
     pub group: &'a super::group::GroupFigures,
     pub machine: &'a str,
+}
+
+/// The outbox drain rows, each against the first (smallest) as the baseline.
+pub fn outbox_lines(drains: &[super::outbox::OutboxDrain]) {
+    let Some(base) = drains.first() else {
+        return;
+    };
+    println!();
+    println!(
+        "client outbox drain (texts queued at once to an offline contact, store passphrase on;          until the relay accepted the last):"
+    );
+    println!(
+        "| queued | seconds | µs per text | against {} queued |",
+        base.queued
+    );
+    println!("|-------:|--------:|------------:|------:|");
+    for d in drains {
+        println!(
+            "| {} | {:.2} | {:.0} | {:.2}× |",
+            d.queued,
+            d.seconds,
+            d.us_per_message,
+            d.us_per_message / base.us_per_message
+        );
+    }
 }
 
 /// Prints the run as Markdown tables (the form PERFORMANCE.md records).
@@ -116,6 +143,7 @@ pub fn print(r: &Report<'_>) {
     for (len, seal, open) in r.crypto {
         println!("  {len:>5} B: seal {seal:.1} µs, open {open:.1} µs");
     }
+    outbox_lines(r.outbox);
     let g = r.group;
     println!();
     println!(

@@ -11,6 +11,43 @@ fn item(n: u8, peer: &str) -> OutboxItem {
 }
 
 #[test]
+fn a_flush_pages_through_queued_messages_and_opens_only_the_one_asked_for() {
+    for encrypt in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), encrypt);
+        for n in 1..=5 {
+            store
+                .enqueue(&item(n, if n % 2 == 0 { "carol" } else { "bob" }))
+                .unwrap();
+        }
+        // Accepted by the relay: still in the outbox (until the receipt), not queued.
+        store.mark_sent(&[2; 16], 9, 5000).unwrap();
+
+        let page = store.outbox_queued_after(0, 2).unwrap();
+        let ids: Vec<u8> = page.iter().map(|r| r.id[0]).collect();
+        assert_eq!(ids, [1, 3], "in the order written, sent ones left out");
+        assert_eq!(page[1].peer, "bob");
+        let rest = store.outbox_queued_after(page[1].seq, 10).unwrap();
+        let ids: Vec<u8> = rest.iter().map(|r| r.id[0]).collect();
+        assert_eq!(ids, [4, 5]);
+        assert_eq!(rest[0].peer, "carol");
+        assert!(
+            store
+                .outbox_queued_after(rest[1].seq, 10)
+                .unwrap()
+                .is_empty()
+        );
+
+        assert_eq!(
+            store.outbox_queued_item(&[4; 16]).unwrap(),
+            Some(item(4, "carol"))
+        );
+        assert_eq!(store.outbox_queued_item(&[2; 16]).unwrap(), None, "sent");
+        assert_eq!(store.outbox_queued_item(&[7; 16]).unwrap(), None, "unknown");
+    }
+}
+
+#[test]
 fn outbox_keeps_a_message_until_its_receipt() {
     for encrypt in [false, true] {
         let dir = tempfile::tempdir().unwrap();
