@@ -183,6 +183,61 @@ fn a_long_held_outbox_neither_blocks_others_nor_reorders_across_pages() {
     }
 }
 
+/// Texts sent at once are queued together (one commit), and the events keep the order of
+/// the commands even when one of them in the middle is refused or is a note to oneself.
+#[test]
+fn a_burst_of_sends_keeps_the_order_of_its_commands_in_events_and_delivery() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = common::inproc::start_relay(&rt, "127.0.0.1:0", &dir.path().join("relay"));
+    let mut bob = Peer::start(&rt, relay.addr, "bob", &dir.path().join("bob"));
+    let mut alice = Peer::start(&rt, relay.addr, "alice", &dir.path().join("alice"));
+    let send = |to: &str, text: &str| Command::Send {
+        to: to.into(),
+        text: text.into(),
+    };
+    let commands = [
+        send("bob", "one"),
+        send("bob", "two"),
+        send("no such name!", "refused"),
+        send("bob", "three"),
+        send("bob", &"x".repeat(4 << 20)),
+        send("alice", "a note"),
+        send("bob", "four"),
+    ];
+    // All written before the core reads any of them.
+    for command in commands {
+        alice.send(command);
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 7 {
+        match alice.expect(|e| matches!(e, Event::Queued { .. } | Event::Error { .. })) {
+            Event::Queued { to, text, .. } => seen.push(format!("{to}: {text}")),
+            Event::Error { code, .. } => seen.push(code),
+            _ => unreachable!(),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "bob: one",
+            "bob: two",
+            "invalid_username",
+            "bob: three",
+            "message_too_long",
+            "alice: a note",
+            "bob: four"
+        ]
+    );
+    let mut texts = Vec::new();
+    while texts.len() < 4 {
+        if let Event::Message { text, .. } = bob.expect(|e| matches!(e, Event::Message { .. })) {
+            texts.push(text);
+        }
+    }
+    assert_eq!(texts, ["one", "two", "three", "four"]);
+}
+
 /// A relay that sheds sends at 5 ms of scheduling delay, on a runtime of its own with one
 /// worker thread (which a [`Hog`] can hold); the peers run apart.
 fn shedding_relay(data: &std::path::Path) -> (tokio::runtime::Runtime, common::inproc::Relay) {

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tracing::{info, warn};
 
-use super::{ClientConfig, Engine, EventSink, SessionEnd, offers};
+use super::{ClientConfig, Commands, Engine, EventSink, SEND_BURST, SessionEnd, offers};
 use crate::api::{Command, ConnectionState, Event};
 use crate::home::HomeError;
 use crate::net::{self, ConnectError};
@@ -154,7 +154,8 @@ impl Engine {
         })
     }
 
-    pub(super) async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+    pub(super) async fn run(mut self, commands: mpsc::UnboundedReceiver<Command>) {
+        let mut commands = Commands::new(commands);
         let mut attempt: u32 = 0;
         // Connections in a row that opened but got no answer at all, before any login.
         let mut silent: u32 = 0;
@@ -383,11 +384,7 @@ impl Engine {
 
     /// Offline until the user pins a relay key (`TrustServerKey`: returns true, to connect
     /// again) or quits (false). Other commands are served offline meanwhile.
-    pub(super) async fn await_trust(
-        &mut self,
-        host_port: &str,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
-    ) -> bool {
+    pub(super) async fn await_trust(&mut self, host_port: &str, commands: &mut Commands) -> bool {
         let why = format!("the key {host_port} presented waits for confirmation");
         self.emit_connection(ConnectionState::Offline, None, Some(why));
         while let Some(cmd) = commands.recv().await {
@@ -409,19 +406,14 @@ impl Engine {
     }
 
     /// A fatal error: says so (`error` `code`), then stays offline.
-    async fn fail(
-        &mut self,
-        code: &str,
-        message: String,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
-    ) {
+    async fn fail(&mut self, code: &str, message: String, commands: &mut Commands) {
         self.sink.emit(Event::error(code, message.clone()));
         self.stay_offline(message, commands).await;
     }
 
     /// After a fatal error (`why`, the `connection` event's `reason`, which tells this
     /// stop from one that was asked for): serve local commands until shutdown.
-    async fn stay_offline(&mut self, why: String, commands: &mut mpsc::UnboundedReceiver<Command>) {
+    async fn stay_offline(&mut self, why: String, commands: &mut Commands) {
         self.emit_connection(ConnectionState::Offline, None, Some(why));
         while let Some(cmd) = commands.recv().await {
             match cmd {
@@ -439,11 +431,7 @@ impl Engine {
 
     /// Handles commands while disconnected for `delay`, or until `Reconnect` asks for the
     /// next attempt now. Returns true on shutdown.
-    pub(super) async fn wait_offline(
-        &mut self,
-        delay: Duration,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
-    ) -> bool {
+    pub(super) async fn wait_offline(&mut self, delay: Duration, commands: &mut Commands) -> bool {
         let until = Instant::now() + delay;
         let until = self.draining_until.map_or(until, |d| until.min(d));
         loop {
@@ -461,6 +449,11 @@ impl Engine {
                     // The next attempt now; `attempt` is kept, so a failure waits as long
                     // as it would have.
                     Some(Command::Reconnect) => return false,
+                    Some(Command::Send { to, text }) => {
+                        let mut burst = vec![(to, text)];
+                        burst.extend(commands.sends_behind(SEND_BURST));
+                        self.enqueue_burst(burst);
+                    }
                     Some(cmd) => self.command_offline(cmd),
                 }
             }

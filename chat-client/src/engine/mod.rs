@@ -140,6 +140,46 @@ pub struct ClientHandle {
     pub task: tokio::task::JoinHandle<()>,
 }
 
+/// Texts queued with one commit at most, when that many `Send`s wait at once.
+const SEND_BURST: usize = 256;
+
+/// The front end's commands, read ahead by at most one: a run of `Send`s waiting at once
+/// is taken together ([`Commands::sends_behind`]), and the command that ended the run is
+/// the next one [`Commands::recv`] gives, so every command is handled in the order sent.
+pub(super) struct Commands {
+    rx: mpsc::UnboundedReceiver<Command>,
+    next: Option<Command>,
+}
+
+impl Commands {
+    pub(super) fn new(rx: mpsc::UnboundedReceiver<Command>) -> Self {
+        Self { rx, next: None }
+    }
+
+    /// The next command; `None` once the front end is gone. Cancel-safe (as
+    /// `mpsc::UnboundedReceiver::recv`): a command read ahead is given at the first poll.
+    pub(super) async fn recv(&mut self) -> Option<Command> {
+        match self.next.take() {
+            Some(cmd) => Some(cmd),
+            None => self.rx.recv().await,
+        }
+    }
+
+    /// The `Send`s (to, text) already waiting, up to `max`, without waiting for more; a
+    /// command of another kind ends the run and is kept for [`Commands::recv`].
+    pub(super) fn sends_behind(&mut self, max: usize) -> Vec<(String, String)> {
+        let mut sends = Vec::new();
+        while sends.len() < max && self.next.is_none() {
+            match self.rx.try_recv() {
+                Ok(Command::Send { to, text }) => sends.push((to, text)),
+                Ok(other) => self.next = Some(other),
+                Err(_) => break,
+            }
+        }
+        sends
+    }
+}
+
 /// Starts the core on the current tokio runtime. `notify` is called after every event
 /// (the GUI passes `ctx.request_repaint`).
 pub fn spawn(config: ClientConfig, notify: impl Fn() + Send + Sync + 'static) -> ClientHandle {

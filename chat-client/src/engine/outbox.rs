@@ -67,24 +67,73 @@ impl Engine {
             self.sink.emit(Event::Delivered { to, id });
             return false;
         }
-        if let Err(e) = self.store.enqueue(&item) {
-            // Not queued: say so plainly (nothing will retry it).
-            warn!("store error: {e}");
-            self.sink.emit(Event::error(
-                "store_error",
-                format!(
-                    "your message to {to} was NOT queued: {e}; free some disk space (or check the \
-                     home directory) and send it again"
-                ),
-            ));
+        self.commit_burst(vec![item])
+    }
+
+    /// Writes texts sent together (commands that were waiting at once: a script, a
+    /// paste) to the outbox, in order, committing each run of plain ones in one
+    /// transaction (one `fsync` rather than one per text); anything else — a bad name, a
+    /// text too long, a changed key, a note to oneself — goes through [`Engine::enqueue`]
+    /// after the run before it is committed, so events keep the order of the commands.
+    /// Returns whether any was queued.
+    pub(super) fn enqueue_burst(&mut self, sends: Vec<(String, String)>) -> bool {
+        let mut run = Vec::new();
+        let mut queued = false;
+        for (to, text) in sends {
+            let plain = chat_protocol::Username::parse(to.trim())
+                .ok()
+                .map(|name| name.to_string())
+                .filter(|name| {
+                    *name != self.me.as_str() && self.pin(name).is_none_or(|p| p.usable())
+                })
+                .filter(|_| self.text_limit(&text, ENVELOPE_OVERHEAD, "texts").is_none());
+            if let Some(peer) = plain {
+                run.push(OutboxItem {
+                    id: random_id(),
+                    peer,
+                    body: Body::Text(text),
+                    sent_at: now_ms(),
+                });
+            } else {
+                queued |= self.commit_burst(std::mem::take(&mut run));
+                queued |= self.enqueue(&to, text);
+            }
+        }
+        queued | self.commit_burst(run)
+    }
+
+    /// Writes `items` (texts, checked) to the outbox in one transaction and says so with
+    /// a `queued` event each; if that fails, none is queued and each is reported.
+    fn commit_burst(&mut self, items: Vec<OutboxItem>) -> bool {
+        if items.is_empty() {
             return false;
         }
-        self.sink.emit(Event::Queued {
-            to,
-            id,
-            text,
-            sent_at: item.sent_at,
-        });
+        if let Err(e) = self.store.enqueue_many(&items) {
+            // Not queued: say so plainly (nothing will retry them).
+            warn!("store error: {e}");
+            for item in &items {
+                self.sink.emit(Event::error(
+                    "store_error",
+                    format!(
+                        "your message to {} was NOT queued: {e}; free some disk space (or check \
+                         the home directory) and send it again",
+                        item.peer
+                    ),
+                ));
+            }
+            return false;
+        }
+        for item in items {
+            let Body::Text(text) = item.body else {
+                continue;
+            };
+            self.sink.emit(Event::Queued {
+                to: item.peer,
+                id: id_hex(&item.id),
+                text,
+                sent_at: item.sent_at,
+            });
+        }
         true
     }
 

@@ -6,10 +6,11 @@ use std::collections::{BTreeSet, HashSet};
 use chat_protocol::ClientMessage;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use rand::Rng;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
-use super::{Engine, HOUSEKEEPING, META_QUEUE_MAX_AGE, Pending, READ_BATCH, SessionEnd};
+use super::{
+    Commands, Engine, HOUSEKEEPING, META_QUEUE_MAX_AGE, Pending, READ_BATCH, SEND_BURST, SessionEnd,
+};
 use crate::api::{Command, ConnectionState, Event};
 use crate::net::{self, Session};
 
@@ -18,7 +19,7 @@ impl Engine {
     pub(super) async fn session(
         &mut self,
         session: Session,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
+        commands: &mut Commands,
     ) -> SessionEnd {
         let Session {
             mut conn,
@@ -46,7 +47,7 @@ impl Engine {
     pub(super) async fn session_loop(
         &mut self,
         conn: &mut net::Conn,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
+        commands: &mut Commands,
     ) -> SessionEnd {
         self.pending.clear();
         self.shed_fence = false;
@@ -206,6 +207,14 @@ impl Engine {
                     None => return SessionEnd::Shutdown,
                     Some(Command::Shutdown { flush_for }) => {
                         self.draining_until = Some(Instant::now() + flush_for);
+                    }
+                    Some(Command::Send { to, text }) => {
+                        // Texts written together are queued with one commit.
+                        let mut burst = vec![(to, text)];
+                        burst.extend(commands.sends_behind(SEND_BURST));
+                        if self.enqueue_burst(burst) {
+                            self.flush_due = true;
+                        }
                     }
                     Some(cmd) => self.command_online(cmd),
                 },

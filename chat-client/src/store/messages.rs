@@ -208,8 +208,20 @@ pub(super) fn requeue_in(
 impl Store {
     /// Puts a new outgoing message in the outbox and history, atomically.
     pub fn enqueue(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
-        let stored_at = self.stamp(item.sent_at);
-        self.transaction(|tx, cipher| enqueue_in(tx, cipher, item, stored_at))
+        self.enqueue_many(std::slice::from_ref(item))
+    }
+
+    /// Writes new messages to the outbox (and the history) in one transaction, in the
+    /// order given: all of them or, on an error, none. One commit (one `fsync`) for a
+    /// burst of texts instead of one each.
+    pub fn enqueue_many(&mut self, items: &[OutboxItem]) -> Result<(), StoreError> {
+        let stamps: Vec<u64> = items.iter().map(|i| self.stamp(i.sent_at)).collect();
+        self.transaction(|tx, cipher| {
+            for (item, stored_at) in items.iter().zip(stamps) {
+                enqueue_in(tx, cipher, item, stored_at)?;
+            }
+            Ok(())
+        })
     }
 
     /// A note to oneself: stored as delivered at once, never sent.
@@ -329,13 +341,16 @@ impl Store {
     /// The server accepted `id`, sealed under `epoch`, at our time `now`. Returns the peer
     /// if this is news to the user: a text that was queued and not yet receipted (control
     /// messages — group changes, sending keys — are not the user's messages).
+    ///
+    /// Committed without waiting for the disk: a power cut can undo it, and the text,
+    /// queued again, is sent again and dropped by its recipient as a copy (by id).
     pub fn mark_sent(
         &mut self,
         id: &MessageId,
         epoch: u32,
         now: u64,
     ) -> Result<Option<String>, StoreError> {
-        self.transaction(|tx, _| {
+        self.transaction_unsynced(|tx, _| {
             let peer: Option<String> = tx
                 .query_row(
                     "UPDATE outbox SET state = 'sent', epoch = ?2, accepted_at = ?3

@@ -327,6 +327,23 @@ impl Store {
         tx.commit()?;
         Ok(result)
     }
+
+    /// As [`Store::transaction`], committed without waiting for the disk: `synchronous =
+    /// NORMAL` for this one commit (in WAL mode it survives a crash of the process, and
+    /// the next ordinary commit, which syncs the log, makes it durable too; a power cut
+    /// before that can roll it back). Only for records whose loss makes us repeat
+    /// something the other side takes once: a text marked sent goes out again and its
+    /// recipient drops the copy by id.
+    fn transaction_unsynced<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>, &RowCipher) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let result = self.transaction(f);
+        // Back to waiting for the disk before anything else is committed.
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        result
+    }
 }
 
 /// Reads a text column that may be encrypted.

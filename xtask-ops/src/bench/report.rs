@@ -40,7 +40,7 @@ pub fn outbox_lines(drains: &[super::outbox::OutboxDrain]) {
     };
     println!();
     println!(
-        "client outbox drain (texts queued at once to an offline contact, store passphrase on;          until the relay accepted the last):"
+        "client outbox drain (texts queued at once to an offline contact, store passphrase on; timed until the relay accepted the last):"
     );
     println!(
         "| queued | seconds | µs per text | against {} queued |",

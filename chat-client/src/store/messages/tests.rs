@@ -184,3 +184,55 @@ fn history_is_in_arrival_order_not_sender_clock_order() {
     assert_eq!(texts, ["question?", "answer"]);
     assert_eq!(store.contacts().unwrap(), ["bob"]);
 }
+
+#[test]
+fn a_burst_is_written_in_one_transaction_in_order_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), true);
+    // The third repeats the first's id: the whole burst is refused, none left half-written.
+    let err = store
+        .enqueue_many(&[item(1, "bob"), item(2, "carol"), item(1, "bob")])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Sqlite(_)), "{err}");
+    assert!(store.outbox_queued_after(0, 10).unwrap().is_empty());
+
+    store
+        .enqueue_many(&[item(3, "bob"), item(1, "carol"), item(2, "bob")])
+        .unwrap();
+    let ids: Vec<u8> = store
+        .outbox_queued_after(0, 10)
+        .unwrap()
+        .iter()
+        .map(|r| r.id[0])
+        .collect();
+    assert_eq!(ids, [3, 1, 2], "in the order given, not by id");
+}
+
+#[test]
+fn an_unsynced_commit_leaves_every_later_commit_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), false);
+    let synchronous = |store: &Store| -> i64 {
+        store
+            .conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap()
+    };
+    const FULL: i64 = 2;
+    assert_eq!(synchronous(&store), FULL);
+    store.enqueue(&item(1, "bob")).unwrap();
+    assert_eq!(
+        store.mark_sent(&[1; 16], 1, 5000).unwrap().as_deref(),
+        Some("bob")
+    );
+    assert_eq!(synchronous(&store), FULL, "after an unsynced commit");
+    // A failed one too.
+    let failed: Result<(), StoreError> =
+        store.transaction_unsynced(|_, _| Err(rusqlite::Error::InvalidQuery.into()));
+    assert!(failed.is_err());
+    assert_eq!(
+        synchronous(&store),
+        FULL,
+        "after a failed unsynced transaction"
+    );
+}
