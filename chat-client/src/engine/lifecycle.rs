@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tracing::{info, warn};
 
-use super::{ClientConfig, Commands, Engine, EventSink, SEND_BURST, SessionEnd, offers};
+use super::{ClientConfig, Commands, Engine, EventSink, SessionEnd, offers};
 use crate::api::{Command, ConnectionState, Event};
 use crate::home::HomeError;
 use crate::net::{self, ConnectError};
@@ -450,9 +450,7 @@ impl Engine {
                     // as it would have.
                     Some(Command::Reconnect) => return false,
                     Some(Command::Send { to, text }) => {
-                        let mut burst = vec![(to, text)];
-                        burst.extend(commands.sends_behind(SEND_BURST));
-                        self.enqueue_burst(burst);
+                        self.enqueue_burst(commands.burst(to, text));
                     }
                     Some(cmd) => self.command_offline(cmd),
                 }

@@ -165,11 +165,12 @@ impl Commands {
         }
     }
 
-    /// The `Send`s (to, text) already waiting, up to `max`, without waiting for more; a
-    /// command of another kind ends the run and is kept for [`Commands::recv`].
-    pub(super) fn sends_behind(&mut self, max: usize) -> Vec<(String, String)> {
-        let mut sends = Vec::new();
-        while sends.len() < max && self.next.is_none() {
+    /// The `Send` (to, text) just received, with the `Send`s already waiting behind it:
+    /// [`SEND_BURST`] at most, without waiting for more; a command of another kind ends
+    /// the run and is kept for [`Commands::recv`].
+    pub(super) fn burst(&mut self, to: String, text: String) -> Vec<(String, String)> {
+        let mut sends = vec![(to, text)];
+        while sends.len() < SEND_BURST && self.next.is_none() {
             match self.rx.try_recv() {
                 Ok(Command::Send { to, text }) => sends.push((to, text)),
                 Ok(other) => self.next = Some(other),

@@ -8,6 +8,7 @@ use chat_protocol::e2e::{self, Body, Content, MessageId, Parties, Sealed};
 use chat_protocol::message::send_frame_len;
 use tracing::warn;
 
+use super::peers::parse_contact;
 use super::{
     COPY_WINDOW, Engine, FLUSH_PAGE, META_QUEUE_MAX_AGE, Pending, SEND_WINDOW, now_ms, random_id,
 };
@@ -23,83 +24,82 @@ pub(super) const ENVELOPE_OVERHEAD: usize = 16 + 2 * 33 + 32;
 impl Engine {
     /// Writes a new message to the outbox. Returns whether it was queued.
     pub(super) fn enqueue(&mut self, to: &str, text: String) -> bool {
-        let Some(to) = self.contact_name(to) else {
-            return false;
-        };
-        if let Some(limit) = self.text_limit(&text, ENVELOPE_OVERHEAD, "texts") {
-            self.sink.emit(Event::error("message_too_long", limit));
-            return false;
-        }
-        if self.pin(&to).is_some_and(|p| !p.usable()) {
-            self.sink.emit(Event::error(
-                "key_changed",
-                format!("{to}'s key changed; check the safety number and accept or reject the new key before sending"),
-            ));
-            return false;
-        }
-        let item = OutboxItem {
-            id: random_id(),
-            peer: to.clone(),
-            body: Body::Text(text.clone()),
-            sent_at: now_ms(),
-        };
-        let id = id_hex(&item.id);
-        if to == self.me.as_str() {
-            // A note to oneself: stored, and so delivered, at once.
-            if let Err(e) = self.store.store_note(&item) {
-                warn!("store error: {e}");
-                self.sink.emit(Event::error(
-                    "store_error",
-                    format!("your note was NOT saved: {e}; free some disk space and try again"),
-                ));
-                return false;
-            }
-            self.sink.emit(Event::Queued {
-                to: to.clone(),
-                id: id.clone(),
-                text,
-                sent_at: item.sent_at,
-            });
-            self.sink.emit(Event::Sent {
-                to: to.clone(),
-                id: id.clone(),
-            });
-            self.sink.emit(Event::Delivered { to, id });
-            return false;
-        }
-        self.commit_burst(vec![item])
+        self.enqueue_burst(vec![(to.to_owned(), text)])
     }
 
     /// Writes texts sent together (commands that were waiting at once: a script, a
     /// paste) to the outbox, in order, committing each run of plain ones in one
-    /// transaction (one `fsync` rather than one per text); anything else — a bad name, a
-    /// text too long, a changed key, a note to oneself — goes through [`Engine::enqueue`]
-    /// after the run before it is committed, so events keep the order of the commands.
-    /// Returns whether any was queued.
+    /// transaction (one `fsync` rather than one per text); a refused one (a bad name, a
+    /// text too long, a changed key) or a note to oneself is handled after the run before
+    /// it is committed, so events keep the order of the commands. Returns whether any
+    /// was queued.
     pub(super) fn enqueue_burst(&mut self, sends: Vec<(String, String)>) -> bool {
         let mut run = Vec::new();
         let mut queued = false;
         for (to, text) in sends {
-            let plain = chat_protocol::Username::parse(to.trim())
-                .ok()
-                .map(|name| name.to_string())
-                .filter(|name| {
-                    *name != self.me.as_str() && self.pin(name).is_none_or(|p| p.usable())
-                })
-                .filter(|_| self.text_limit(&text, ENVELOPE_OVERHEAD, "texts").is_none());
-            if let Some(peer) = plain {
-                run.push(OutboxItem {
-                    id: random_id(),
-                    peer,
-                    body: Body::Text(text),
-                    sent_at: now_ms(),
-                });
-            } else {
-                queued |= self.commit_burst(std::mem::take(&mut run));
-                queued |= self.enqueue(&to, text);
+            match self.check_send(&to, text) {
+                Ok(item) if item.peer != self.me.as_str() => run.push(item),
+                checked => {
+                    queued |= self.commit_burst(std::mem::take(&mut run));
+                    match checked {
+                        Ok(note) => self.save_note(note),
+                        Err(refusal) => self.sink.emit(refusal),
+                    }
+                }
             }
         }
         queued | self.commit_burst(run)
+    }
+
+    /// A `send` command as the outbox item it becomes, or the error event that refuses
+    /// it (`invalid_username`, `message_too_long`, `key_changed`); nothing written yet.
+    fn check_send(&mut self, to: &str, text: String) -> Result<OutboxItem, Event> {
+        let to = parse_contact(to)?;
+        if let Some(limit) = self.text_limit(&text, ENVELOPE_OVERHEAD, "texts") {
+            return Err(Event::error("message_too_long", limit));
+        }
+        if self.pin(&to).is_some_and(|p| !p.usable()) {
+            return Err(Event::error(
+                "key_changed",
+                format!(
+                    "{to}'s key changed; check the safety number and accept or reject the new key before sending"
+                ),
+            ));
+        }
+        Ok(OutboxItem {
+            id: random_id(),
+            peer: to,
+            body: Body::Text(text),
+            sent_at: now_ms(),
+        })
+    }
+
+    /// A note to oneself: stored, and so delivered, at once (`queued`, `sent` and
+    /// `delivered` together), never sent.
+    fn save_note(&mut self, item: OutboxItem) {
+        if let Err(e) = self.store.store_note(&item) {
+            warn!("store error: {e}");
+            self.sink.emit(Event::error(
+                "store_error",
+                format!("your note was NOT saved: {e}; free some disk space and try again"),
+            ));
+            return;
+        }
+        let Body::Text(text) = item.body else {
+            return;
+        };
+        let (to, id) = (item.peer, id_hex(&item.id));
+        self.sink.emit(Event::Queued {
+            to: to.clone(),
+            id: id.clone(),
+            text,
+            sent_at: item.sent_at,
+        });
+        self.sink.emit(Event::Sent {
+            to: to.clone(),
+            id: id.clone(),
+        });
+        self.sink.emit(Event::Delivered { to, id });
     }
 
     /// Writes `items` (texts, checked) to the outbox in one transaction and says so with

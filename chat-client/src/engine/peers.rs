@@ -111,17 +111,16 @@ impl Engine {
 
     /// Canonical form of a user-typed contact name, or an error event.
     pub(super) fn contact_name(&self, raw: &str) -> Option<String> {
-        match Username::parse(raw.trim()) {
-            Ok(name) => Some(name.to_string()),
-            Err(e) => {
-                self.sink.emit(Event::error(
-                    "invalid_username",
-                    format!("{}: {e}", quoted(raw)),
-                ));
-                None
-            }
-        }
+        parse_contact(raw).map_err(|e| self.sink.emit(e)).ok()
     }
+}
+
+/// Canonical form of a user-typed contact name, or the `invalid_username` error event to
+/// give (not given yet).
+pub(super) fn parse_contact(raw: &str) -> Result<String, Event> {
+    Username::parse(raw.trim())
+        .map(|name| name.to_string())
+        .map_err(|e| Event::error("invalid_username", format!("{}: {e}", quoted(raw))))
 }
 
 /// Characters of a rejected name an error message quotes; a pasted paragraph is cut.

@@ -8,9 +8,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use rand::Rng;
 use tokio::time::{Instant, sleep_until};
 
-use super::{
-    Commands, Engine, HOUSEKEEPING, META_QUEUE_MAX_AGE, Pending, READ_BATCH, SEND_BURST, SessionEnd,
-};
+use super::{Commands, Engine, HOUSEKEEPING, META_QUEUE_MAX_AGE, Pending, READ_BATCH, SessionEnd};
 use crate::api::{Command, ConnectionState, Event};
 use crate::net::{self, Session};
 
@@ -210,9 +208,7 @@ impl Engine {
                     }
                     Some(Command::Send { to, text }) => {
                         // Texts written together are queued with one commit.
-                        let mut burst = vec![(to, text)];
-                        burst.extend(commands.sends_behind(SEND_BURST));
-                        if self.enqueue_burst(burst) {
+                        if self.enqueue_burst(commands.burst(to, text)) {
                             self.flush_due = true;
                         }
                     }
