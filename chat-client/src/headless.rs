@@ -6,8 +6,9 @@
 //! `/group-rename GROUP NAME`, `/group-promote GROUP USER…`, `/gmsg GROUP TEXT…`, `/groups`,
 //! `/group-history GROUP`, `/archive USER`, `/unarchive USER`, `/remove USER`, `/reconnect`,
 //! `/quit` (a NAME or GROUP with spaces goes in double quotes). Anything
-//! else — including a line that is not UTF-8 — is answered with an `error` event and the
-//! client keeps running. On `/quit` or end of input the outbox is flushed (bounded wait)
+//! else — including a line that is not UTF-8 — is answered with an `error` event, in its
+//! place among the answers to the other lines (through the engine, as
+//! [`Command::Report`]), and the client keeps running. On `/quit` or end of input the outbox is flushed (bounded wait)
 //! and the process exits.
 
 use std::time::Duration;
@@ -286,18 +287,16 @@ pub async fn run(
                             Ok(()) => parse_command(&line).map_err(|m| ("invalid_command", m)),
                             Err(message) => Err(("ambiguous_group", message)),
                         };
+                        // A refused line is answered by the engine, in order: the
+                        // lines before it may still wait for their answers there.
                         match parsed {
                             Ok(Some(cmd)) => cmd,
                             Ok(None) => continue,
-                            Err((code, message)) => {
-                                write_event(&mut output, &Event::error(code, message)).await;
-                                continue;
-                            }
+                            Err((code, message)) => Command::Report(Event::error(code, message)),
                         }
                     }
                     Line::Invalid(message) => {
-                        write_event(&mut output, &Event::error("invalid_command", message)).await;
-                        continue;
+                        Command::Report(Event::error("invalid_command", message))
                     }
                     Line::End => {
                         input_open = false;
@@ -308,7 +307,10 @@ pub async fn run(
                     input_open = false;
                     quitting = true;
                 }
-                if handle.commands.send(cmd).is_err() {
+                if let Err(refused) = handle.commands.send(cmd) {
+                    if let Command::Report(event) = refused.0 {
+                        write_event(&mut output, &event).await;
+                    }
                     break;
                 }
             }

@@ -338,6 +338,46 @@ fn bad_input_is_an_error_event_and_the_client_keeps_going() {
     );
     alice.send("/users");
     alice.expect("users", |e| e["event"] == "users");
+
+    // A script that writes everything at once gets each answer in the place of its line:
+    // a refused line's `error` neither overtakes the `queued` of the lines before it nor
+    // falls behind those after it, whatever refused it (the parser, the UTF-8 check, the
+    // line length limit).
+    let refusals: [&[u8]; 4] = [
+        b"/msg bob \n",
+        b"/frobnicate\n",
+        b"/msg bob not \xff UTF-8\n",
+        &[b'x'; 256 * 1024 + 1],
+    ];
+    let mut script = Vec::new();
+    let mut expected = Vec::new();
+    for n in 0..200 {
+        script.extend_from_slice(format!("/msg bob text {n:03}\n").as_bytes());
+        expected.push(format!("text {n:03}"));
+        if n % 50 == 49 {
+            let refused = refusals[n / 50];
+            script.extend_from_slice(refused);
+            if !refused.ends_with(b"\n") {
+                script.push(b'\n');
+            }
+            expected.push("refused".to_owned());
+        }
+    }
+    let before = alice.seen.len();
+    alice.send_bytes(&script);
+    // The line too long is the last one.
+    alice.expect("the last refusal", |e| {
+        e["code"] == "invalid_command" && e["message"].as_str().unwrap().contains("longer")
+    });
+    let answers: Vec<String> = alice.seen[before..]
+        .iter()
+        .filter_map(|e| match e["event"].as_str() {
+            Some("queued") => Some(e["text"].as_str().unwrap().to_owned()),
+            Some("error") if e["code"] == "invalid_command" => Some("refused".to_owned()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers, expected, "answers out of the order of their lines");
     assert_eq!(alice.quit(), 0);
 }
 

@@ -711,6 +711,68 @@ fn a_brief_full_disk_neither_loses_nor_reorders_what_comes_after() {
     assert_eq!(bob.quit(), 0);
 }
 
+/// A sender whose disk fills while the relay accepts its queued texts cannot record them
+/// as sent: it says so once, not once per text; they stay queued, and once the disk has
+/// room they go again and arrive once each, in order (the relay's second copies are
+/// dropped by the recipient).
+#[test]
+fn a_full_disk_at_the_sender_is_told_once_and_loses_nothing() {
+    let (dir, relay_dir, _, b) = dirs();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("alicefs"), "3m") else {
+        return;
+    };
+    let a = disk.path.join("alice");
+    let relay = Relay::start("127.0.0.1:0", &relay_dir);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    let mut alice = Client::ready(relay.addr, "alice", &a);
+    alice.send("/msg bob warm up");
+    bob.message_from("alice");
+    alice.expect("delivered", |e| e["event"] == "delivered");
+    assert_eq!(bob.quit(), 0);
+    // Queued while the relay is away, so that all of them are accepted at once later.
+    let (addr, data) = relay.kill();
+    let texts: Vec<String> = (0..60)
+        .map(|n| format!("queued while away {n:02}"))
+        .collect();
+    for text in &texts {
+        alice.send(&format!("/msg bob {text}"));
+    }
+    await_count(&mut alice, "queued", 1 + texts.len(), PATIENCE);
+    disk.fill();
+    let relay = Relay::start(&addr.to_string(), &data);
+    let told = alice.expect("store error", |e| {
+        e["event"] == "error" && e["code"] == "store_error"
+    });
+    assert!(
+        told["message"].as_str().unwrap().contains("disk is full"),
+        "{told}"
+    );
+    // Every one of the 60 is answered by now, each a record that fails.
+    alice.drain(Duration::from_millis(1500));
+    let store_errors = alice
+        .seen
+        .iter()
+        .filter(|e| e["event"] == "error" && e["code"] == "store_error")
+        .count();
+    assert_eq!(store_errors, 1, "told once, not per text");
+    assert_eq!(alice.seen_of("sent").len(), 1, "none recorded as sent");
+
+    disk.free();
+    alice.send("/msg bob after the disk had room");
+    await_count(&mut alice, "sent", 2 + texts.len(), PATIENCE);
+    let mut bob = Client::ready(relay.addr, "bob", &b);
+    let expected: Vec<String> = texts
+        .iter()
+        .cloned()
+        .chain(["after the disk had room".to_owned()])
+        .collect();
+    assert_eq!(bob.texts_from("alice", expected.len()), expected);
+    bob.assert_no_more_messages(Duration::from_millis(1000));
+    await_count(&mut alice, "delivered", 2 + texts.len(), PATIENCE);
+    assert_eq!(alice.quit(), 0);
+    assert_eq!(bob.quit(), 0);
+}
+
 #[test]
 fn a_sender_that_lost_its_state_still_gets_its_receipts() {
     let (_dir, relay_dir, a, b) = dirs();

@@ -78,6 +78,11 @@ pub enum Command {
     Groups,
     /// Load `group`'s history (answered by `GroupHistory`); it counts as read.
     GroupHistory { group: String },
+    /// Emit `event` as it is, in its place among the answers to the commands before and
+    /// after it: a front end's own answer to input it could not make a command of (the
+    /// headless mode's `invalid_command` for a line it cannot parse), which written
+    /// straight out would overtake the answers still owed to the lines before it.
+    Report(Event),
 }
 
 /// A group as shown to the user.

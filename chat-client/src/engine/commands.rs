@@ -117,6 +117,7 @@ impl Engine {
             Command::Unarchive { user } => self.set_listing(&user, Listing::Shown),
             Command::Remove { user } => self.set_listing(&user, Listing::Removed),
             Command::Watch { users } => self.watch(users),
+            Command::Report(event) => self.sink.emit(event),
             // Already connected: the answer is the state as it is.
             Command::Reconnect if self.online => {
                 self.connection_event(ConnectionState::Connected, None)

@@ -131,6 +131,7 @@ impl Engine {
             retired_out: HashSet::new(),
             receipts_in_flight: HashSet::new(),
             retries_in_flight: HashSet::new(),
+            settling_fails: false,
             flush_due: false,
             window_blocked: false,
             relay: None,

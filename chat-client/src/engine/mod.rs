@@ -332,6 +332,10 @@ struct Engine {
     /// Receipts and retry requests sent on this connection and not yet answered.
     receipts_in_flight: HashSet<(String, MessageId)>,
     retries_in_flight: HashSet<(String, u32)>,
+    /// Recording what the relay accepted (a text sent, receipts or retry requests owed no
+    /// more) failed and no record has succeeded since: the failure was told once, and is
+    /// not told again for every answer of the same full disk.
+    settling_fails: bool,
     /// Something was queued, receipted or released: seal and send before the next write.
     flush_due: bool,
     /// A flush stopped at [`SEND_WINDOW`]: flush again once an answer makes room.

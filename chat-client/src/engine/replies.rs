@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::{Engine, Pending, RATE_LIMIT_RETRY, Waiting, now_ms};
 use crate::api::{ConnectionState, Event, id_hex};
+use crate::store::StoreError;
 
 impl Engine {
     /// The server accepted request `id`.
@@ -34,13 +35,12 @@ impl Engine {
                     return;
                 }
                 let accepted_at = self.relay_now_ms().unwrap_or_else(now_ms);
-                match self.store.mark_sent(&msg_id, epoch, accepted_at) {
-                    Ok(Some(_)) => self.sink.emit(Event::Sent {
+                let recorded = self.store.mark_sent(&msg_id, epoch, accepted_at);
+                if let Some(Some(_)) = self.settled(recorded) {
+                    self.sink.emit(Event::Sent {
                         to,
                         id: id_hex(&msg_id),
-                    }),
-                    Ok(None) => {}
-                    Err(e) => self.store_error(e),
+                    });
                 }
                 self.connection_event(ConnectionState::Connected, None);
             }
@@ -57,8 +57,9 @@ impl Engine {
                 if self.retired_out.contains(&(peer.clone(), epoch)) {
                     // The peer cannot open that epoch: still owed, sent again.
                     self.flush_due = true;
-                } else if let Err(e) = self.store.receipts_sent(&peer, &ids, Some(epoch)) {
-                    self.store_error(e);
+                } else {
+                    let recorded = self.store.receipts_sent(&peer, &ids, Some(epoch));
+                    self.settled(recorded);
                 }
             }
             Some(Pending::Retry {
@@ -71,8 +72,9 @@ impl Engine {
                 }
                 if self.retired_out.contains(&(peer.clone(), epoch)) {
                     self.flush_due = true;
-                } else if let Err(e) = self.store.retries_sent(&peer, &epochs, Some(epoch)) {
-                    self.store_error(e);
+                } else {
+                    let recorded = self.store.retries_sent(&peer, &epochs, Some(epoch));
+                    self.settled(recorded);
                 }
             }
             Some(Pending::Sync) => {
@@ -80,6 +82,27 @@ impl Engine {
                 self.flush_due = true;
             }
             _ => {}
+        }
+    }
+
+    /// The result of recording what the relay accepted. A failure (a full disk) leaves
+    /// the item as it was — a text stays in the outbox and is sent again, and dropped by
+    /// its recipient as a copy — and is told with a `store_error` once, not for each of
+    /// the answers that follow until a record succeeds again.
+    fn settled<T>(&mut self, result: Result<T, StoreError>) -> Option<T> {
+        match result {
+            Ok(value) => {
+                self.settling_fails = false;
+                Some(value)
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.settling_fails, true) {
+                    self.store_error(e);
+                } else {
+                    tracing::debug!("store error again (told already): {e}");
+                }
+                None
+            }
         }
     }
 

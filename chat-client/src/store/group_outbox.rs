@@ -126,14 +126,10 @@ impl Store {
             .optional()?)
     }
 
-    /// Copies waiting for the relay (for the `queued` count).
+    /// Group messages with a copy waiting for the relay (for the `queued` count); O(1)
+    /// however long the queue or the history ([`super::queued_counts`]).
     pub fn group_sends_len(&self) -> Result<usize, StoreError> {
-        let n: i64 = self.conn.query_row(
-            "SELECT COUNT(DISTINCT id) FROM group_outbox WHERE state = 'queued'",
-            [],
-            |r| r.get(0),
-        )?;
-        Ok(n.unsigned_abs() as usize)
+        super::queued_counts::read(&self.conn, super::queued_counts::GROUP_OUTBOX)
     }
 
     /// The relay accepted (or, `failed`, refused for good) `member`'s copy of `id`.

@@ -318,14 +318,10 @@ impl Store {
             .collect()
     }
 
-    /// Messages not yet accepted by the server (what "waiting in the outbox" counts).
+    /// Messages not yet accepted by the server (what "waiting in the outbox" counts);
+    /// O(1) however long the queue ([`super::queued_counts`]).
     pub fn outbox_len(&self) -> Result<usize, StoreError> {
-        let n: i64 = self.conn.query_row(
-            "SELECT COUNT(*) FROM outbox WHERE state = 'queued'",
-            [],
-            |r| r.get(0),
-        )?;
-        Ok(n.unsigned_abs() as usize)
+        super::queued_counts::read(&self.conn, super::queued_counts::OUTBOX)
     }
 
     /// Messages sent and not yet receipted.
@@ -545,4 +541,4 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

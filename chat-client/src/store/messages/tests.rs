@@ -1,7 +1,8 @@
 use super::super::tests::open;
 use super::*;
 
-fn item(n: u8, peer: &str) -> OutboxItem {
+/// Text `m{n}` to `peer`, with id `[n; 16]`.
+pub(in crate::store) fn item(n: u8, peer: &str) -> OutboxItem {
     OutboxItem {
         id: [n; 16],
         peer: peer.into(),
