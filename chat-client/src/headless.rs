@@ -277,6 +277,8 @@ pub async fn run(
     let mut code = 0;
     // Our groups' names by id, as the events said: for telling an unquoted name apart.
     let mut group_names = std::collections::HashMap::<String, String>::new();
+    // Answers to refused lines the engine was gone for: written after its last events.
+    let mut late_reports = Vec::new();
     loop {
         tokio::select! {
             line = read_line(&mut input, &mut buf), if input_open => {
@@ -308,10 +310,12 @@ pub async fn run(
                     quitting = true;
                 }
                 if let Err(refused) = handle.commands.send(cmd) {
+                    // The engine stopped: what it said last is still to be read (and
+                    // decides the exit code); this line's answer comes after it.
+                    input_open = false;
                     if let Command::Report(event) = refused.0 {
-                        write_event(&mut output, &event).await;
+                        late_reports.push(event);
                     }
-                    break;
                 }
             }
             event = handle.events.recv() => {
@@ -349,6 +353,9 @@ pub async fn run(
                 }
             }
         }
+    }
+    for event in &late_reports {
+        write_event(&mut output, event).await;
     }
     if let Err(e) = handle.task.await {
         // The engine died (a bug): say so, and exit non-zero.

@@ -427,8 +427,32 @@ fn a_passphrase_protects_the_key_file_and_a_wrong_one_is_a_clear_error() {
         &h[0],
         &["--passphrase-file", bad.to_str().unwrap()],
     );
+    // Refused lines read while the key file is still being opened (scrypt takes a while)
+    // are answered too, in order, after the stop that makes the exit code 1.
+    wrong.send("/frobnicate");
+    wrong.send("/msg");
     let err = wrong.expect("error", |e| e["event"] == "error");
     assert_eq!(err["code"], "wrong_passphrase");
+    wrong.expect("offline", |e| {
+        e["event"] == "connection" && e["state"] == "offline"
+    });
+    let answers: Vec<String> = (0..2)
+        .map(|_| {
+            let answer = wrong.expect("refusal", |e| e["event"] == "error");
+            assert_eq!(answer["code"], "invalid_command", "{answer}");
+            answer["message"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        ["unknown command /frobnicate", "usage: /msg USER TEXT"]
+    );
+    let stop_at = wrong.seen.iter().position(|e| e["event"] == "connection");
+    let answer_at = wrong
+        .seen
+        .iter()
+        .position(|e| e["code"] == "invalid_command");
+    assert!(stop_at < answer_at, "{:#?}", wrong.seen);
     assert_eq!(wrong.wait_exit(), 1);
     let mut none = Client::start(relay.addr, "alice", &h[0]);
     assert_eq!(

@@ -8,6 +8,7 @@ use chat_protocol::message::{MAX_FANOUT, send_many_frame_len};
 use chat_protocol::{ClientMessage, ErrorCode};
 use tracing::warn;
 
+use super::unsettled::Unsettled;
 use super::{Engine, FLUSH_PAGE, Pending, now_ms};
 use crate::api::{Event, id_hex};
 use crate::store::Withdrawn;
@@ -262,13 +263,18 @@ impl Engine {
     ) {
         self.group_in_flight.remove(&(id, member.to_owned()));
         let at = accepted.then(|| self.relay_now_ms().unwrap_or_else(now_ms));
-        match self.store.group_send_done(&id, member, at) {
-            Ok(true) => self.sink.emit(Event::GroupSent {
+        let recorded = self.store.group_send_done(&id, member, at);
+        let unsettled = || Unsettled::GroupCopy {
+            group,
+            id,
+            member: member.to_owned(),
+            accepted_at: at,
+        };
+        if let Some(true) = self.settled(recorded, unsettled) {
+            self.sink.emit(Event::GroupSent {
                 group: id_hex(&group),
                 id: id_hex(&id),
-            }),
-            Ok(false) => {}
-            Err(e) => self.store_error(e),
+            });
         }
     }
 

@@ -43,6 +43,7 @@ mod peers;
 mod replies;
 mod session;
 mod stalls;
+mod unsettled;
 
 /// Pause before resending after the server answered `rate_limited`.
 const RATE_LIMIT_RETRY: Duration = Duration::from_secs(1);
@@ -207,6 +208,13 @@ pub fn spawn(config: ClientConfig, notify: impl Fn() + Send + Sync + 'static) ->
                     max_text_bytes: None,
                     server: None,
                 });
+                // A front end's reports sent meanwhile are still said, after the stop.
+                let mut cmd_rx = cmd_rx;
+                while let Ok(cmd) = cmd_rx.try_recv() {
+                    if let Command::Report(event) = cmd {
+                        sink.emit(event);
+                    }
+                }
             }
         }
     });
@@ -332,10 +340,12 @@ struct Engine {
     /// Receipts and retry requests sent on this connection and not yet answered.
     receipts_in_flight: HashSet<(String, MessageId)>,
     retries_in_flight: HashSet<(String, u32)>,
-    /// Recording what the relay accepted (a text sent, receipts or retry requests owed no
-    /// more) failed and no record has succeeded since: the failure was told once, and is
-    /// not told again for every answer of the same full disk.
-    settling_fails: bool,
+    /// Failures to record what the relay accepted (a text or group copy sent, receipts or
+    /// retry requests owed no more) since the last record that succeeded: what was told.
+    settling_fails: unsettled::SettlingFailures,
+    /// What the relay accepted and the store failed to record: kept in flight (not sent
+    /// again) and recorded again on the retry timer.
+    unsettled: Vec<unsettled::Unsettled>,
     /// Something was queued, receipted or released: seal and send before the next write.
     flush_due: bool,
     /// A flush stopped at [`SEND_WINDOW`]: flush again once an answer makes room.
@@ -354,7 +364,8 @@ struct Engine {
     ready_sent: bool,
     /// Delivered envelopes processed since the last write; acknowledged in one frame.
     acks: Vec<u64>,
-    /// When to try the outbox again after the server asked us to slow down.
+    /// When to try the outbox again after the server asked us to slow down, and to record
+    /// again what could not be recorded (`unsettled`).
     retry_at: Option<Instant>,
     /// Contacts nothing is sent to until then (their queue at the relay is full, …).
     hold: HashMap<String, Instant>,

@@ -9,9 +9,9 @@ use chat_protocol::ErrorCode;
 use chat_protocol::message::RequestId;
 use tokio::time::Instant;
 
+use super::unsettled::Unsettled;
 use super::{Engine, Pending, RATE_LIMIT_RETRY, Waiting, now_ms};
 use crate::api::{ConnectionState, Event, id_hex};
-use crate::store::StoreError;
 
 impl Engine {
     /// The server accepted request `id`.
@@ -36,7 +36,13 @@ impl Engine {
                 }
                 let accepted_at = self.relay_now_ms().unwrap_or_else(now_ms);
                 let recorded = self.store.mark_sent(&msg_id, epoch, accepted_at);
-                if let Some(Some(_)) = self.settled(recorded) {
+                let unsettled = || Unsettled::Sent {
+                    id: msg_id,
+                    to: to.clone(),
+                    epoch,
+                    accepted_at,
+                };
+                if let Some(Some(_)) = self.settled(recorded, unsettled) {
                     self.sink.emit(Event::Sent {
                         to,
                         id: id_hex(&msg_id),
@@ -59,7 +65,7 @@ impl Engine {
                     self.flush_due = true;
                 } else {
                     let recorded = self.store.receipts_sent(&peer, &ids, Some(epoch));
-                    self.settled(recorded);
+                    self.settled(recorded, || Unsettled::Receipts { peer, ids, epoch });
                 }
             }
             Some(Pending::Retry {
@@ -74,7 +80,11 @@ impl Engine {
                     self.flush_due = true;
                 } else {
                     let recorded = self.store.retries_sent(&peer, &epochs, Some(epoch));
-                    self.settled(recorded);
+                    self.settled(recorded, || Unsettled::Retries {
+                        peer,
+                        epochs,
+                        epoch,
+                    });
                 }
             }
             Some(Pending::Sync) => {
@@ -82,27 +92,6 @@ impl Engine {
                 self.flush_due = true;
             }
             _ => {}
-        }
-    }
-
-    /// The result of recording what the relay accepted. A failure (a full disk) leaves
-    /// the item as it was — a text stays in the outbox and is sent again, and dropped by
-    /// its recipient as a copy — and is told with a `store_error` once, not for each of
-    /// the answers that follow until a record succeeds again.
-    fn settled<T>(&mut self, result: Result<T, StoreError>) -> Option<T> {
-        match result {
-            Ok(value) => {
-                self.settling_fails = false;
-                Some(value)
-            }
-            Err(e) => {
-                if !std::mem::replace(&mut self.settling_fails, true) {
-                    self.store_error(e);
-                } else {
-                    tracing::debug!("store error again (told already): {e}");
-                }
-                None
-            }
         }
     }
 

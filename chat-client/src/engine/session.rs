@@ -58,6 +58,7 @@ impl Engine {
         self.receipts_in_flight.clear();
         self.retries_in_flight.clear();
         self.group_in_flight.clear();
+        self.unsettled_in_flight();
         self.synced = false;
         self.forget_member_checks();
         self.acks.clear();
@@ -220,6 +221,7 @@ impl Engine {
                     if self.retry_at.is_some_and(|r| now >= r) {
                         self.retry_at = None;
                         self.flush_due = true;
+                        self.resettle();
                         // A relay that sent no fence ping (older than protocol 8's).
                         self.lift_shed_fence_if_drained();
                     }
