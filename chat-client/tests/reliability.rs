@@ -741,6 +741,11 @@ fn a_full_disk_at_the_sender_is_told_once_and_loses_nothing() {
         .map(|n| format!("queued while away {n:02}"))
         .collect();
     let group_texts: Vec<String> = (0..20).map(|n| format!("to the group {n:02}")).collect();
+    // And three to a name the relay does not know: their failure cannot be recorded
+    // either (that used to look the name up again and again).
+    for n in 0..3 {
+        alice.send(&format!("/msg nobody-here typo {n}"));
+    }
     for (n, text) in texts.iter().enumerate() {
         alice.send(&format!("/msg bob {text}"));
         if let Some(group_text) = group_texts.get(n) {
@@ -750,7 +755,7 @@ fn a_full_disk_at_the_sender_is_told_once_and_loses_nothing() {
     await_count(
         &mut alice,
         "queued",
-        2 + texts.len() + group_texts.len(),
+        5 + texts.len() + group_texts.len(),
         PATIENCE,
     );
     disk.fill();
@@ -762,7 +767,7 @@ fn a_full_disk_at_the_sender_is_told_once_and_loses_nothing() {
         told["message"].as_str().unwrap().contains("disk is full"),
         "{told}"
     );
-    // Every one of the 80 is answered by now, each a record that fails.
+    // Every one of the 80, and the unknown name's lookup, is answered by now.
     alice.drain(Duration::from_millis(1500));
     // Told at the start of a run of failures only, not per text or group copy: between
     // two store errors, at least one acceptance was recorded (the log given back after a
@@ -777,7 +782,10 @@ fn a_full_disk_at_the_sender_is_told_once_and_loses_nothing() {
                 alice.seen
             );
             recorded_since_told = Some(0);
-        } else if let (true, Some(n)) = (e["event"] == "sent", recorded_since_told.as_mut()) {
+        } else if let (true, Some(n)) = (
+            e["event"] == "sent" || e["event"] == "failed",
+            recorded_since_told.as_mut(),
+        ) {
             *n += 1;
         }
     }
@@ -826,6 +834,23 @@ fn a_full_disk_at_the_sender_is_told_once_and_loses_nothing() {
         all,
         "each told delivered once"
     );
+    // The unknown name was looked up once, and each of its texts failed once.
+    let unknown: Vec<&Value> = alice
+        .seen
+        .iter()
+        .filter(|e| e["event"] == "error" && e["code"] == "unknown_user")
+        .collect();
+    assert_eq!(unknown.len(), 1, "{unknown:#?}");
+    let failed: HashSet<String> = alice
+        .seen_of("failed")
+        .iter()
+        .map(|e| {
+            assert_eq!(e["to"], "nobody-here", "{e}");
+            e["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(failed.len(), 3);
+    assert_eq!(alice.seen_of("failed").len(), 3, "each failed once");
     assert_eq!(alice.quit(), 0);
     assert_eq!(bob.quit(), 0);
 }

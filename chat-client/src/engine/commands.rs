@@ -208,6 +208,7 @@ impl Engine {
         self.checked_keys
             .insert(user.to_owned(), tokio::time::Instant::now());
         // What the old key never receipted goes out again, to the new key.
+        self.unsettled_resealed(user, None);
         match self.store.requeue_unreceipted(user) {
             Ok(ids) => {
                 for id in ids {

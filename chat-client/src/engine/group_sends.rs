@@ -207,11 +207,17 @@ impl Engine {
 
     /// Drops `member`'s copy of our message `id` to `group`: they are no longer in it
     /// (or we are not). Tells what that made of the message.
-    fn withdraw_group_send(&mut self, group: GroupId, id: MessageId, member: &str) {
-        let withdrawn = match self.store.withdraw_group_send(&id, member) {
-            Ok(Some(withdrawn)) => withdrawn,
-            Ok(None) => return,
-            Err(e) => return self.store_error(e),
+    /// If that cannot be recorded, the copy stays in flight (neither sent nor withdrawn
+    /// again by a flush) and the withdrawal is retried (`unsettled`).
+    pub(super) fn withdraw_group_send(&mut self, group: GroupId, id: MessageId, member: &str) {
+        let recorded = self.store.withdraw_group_send(&id, member);
+        let unsettled = || Unsettled::Withdrawal {
+            group,
+            id,
+            member: member.to_owned(),
+        };
+        let Some(Some(withdrawn)) = self.settled(recorded, unsettled) else {
+            return;
         };
         let (delivered_to, recipients) = match self.store.group_delivery(&id) {
             Ok(counts) => counts,

@@ -363,6 +363,8 @@ impl Engine {
                         // answer is sent again once answered.
                         self.retired_out
                             .extend(epochs.iter().map(|e| (from.to_owned(), *e)));
+                        // Also what was accepted under them and not yet recorded.
+                        self.unsettled_resealed(from, Some(&epochs));
                         // Their client may hold a new key: check before sending again.
                         self.checked_keys.remove(from);
                         for id in ids {

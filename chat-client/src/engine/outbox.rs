@@ -9,6 +9,7 @@ use chat_protocol::message::send_frame_len;
 use tracing::warn;
 
 use super::peers::parse_contact;
+use super::unsettled::Unsettled;
 use super::{
     COPY_WINDOW, Engine, FLUSH_PAGE, META_QUEUE_MAX_AGE, Pending, SEND_WINDOW, now_ms, random_id,
 };
@@ -505,16 +506,22 @@ impl Engine {
     }
 
     /// Takes a message out of the outbox for good and says why.
+    /// If that cannot be recorded it stays in flight, not sent again, and is recorded
+    /// later (`unsettled`).
     pub(super) fn fail_message(&mut self, id: &MessageId, reason: &str, message: &str) {
-        match self.store.mark_failed(id, reason) {
-            Ok(Some(to)) => self.sink.emit(Event::Failed {
+        let recorded = self.store.mark_failed(id, reason);
+        let unsettled = || Unsettled::Failed {
+            id: *id,
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+        };
+        if let Some(Some(to)) = self.settled(recorded, unsettled) {
+            self.sink.emit(Event::Failed {
                 to,
                 id: id_hex(id),
                 reason: reason.to_owned(),
                 message: message.to_owned(),
-            }),
-            Ok(None) => {}
-            Err(e) => self.store_error(e),
+            });
         }
     }
 
@@ -537,7 +544,8 @@ impl Engine {
                     });
                 }
             }
-            Err(e) => self.store_error(e),
+            // Tried again every round: told once while it keeps failing.
+            Err(e) => self.store_failed(e),
         }
         let Ok(Some(max_age_secs)) = self.store.meta(META_QUEUE_MAX_AGE) else {
             return;
@@ -546,7 +554,7 @@ impl Engine {
         match self.store.requeue_stale_control(expired_before) {
             Ok(0) => {}
             Ok(_) => self.flush_due = true,
-            Err(e) => self.store_error(e),
+            Err(e) => self.store_failed(e),
         }
         match self.store.expired(expired_before) {
             Ok(expired) => {

@@ -65,7 +65,11 @@ impl Engine {
                     self.flush_due = true;
                 } else {
                     let recorded = self.store.receipts_sent(&peer, &ids, Some(epoch));
-                    self.settled(recorded, || Unsettled::Receipts { peer, ids, epoch });
+                    self.settled(recorded, || Unsettled::Receipts {
+                        peer,
+                        ids,
+                        epoch: Some(epoch),
+                    });
                 }
             }
             Some(Pending::Retry {
@@ -83,7 +87,7 @@ impl Engine {
                     self.settled(recorded, || Unsettled::Retries {
                         peer,
                         epochs,
-                        epoch,
+                        epoch: Some(epoch),
                     });
                 }
             }
@@ -189,9 +193,14 @@ impl Engine {
                 if transient {
                     let (delay, _) = self.retry_after(code, &peer);
                     self.hold_peer(&peer, delay);
-                } else if let Err(e) = self.store.receipts_sent(&peer, &ids, None) {
+                } else {
                     // Refused for good (e.g. the sender's account is gone): owed no more.
-                    self.store_error(e);
+                    let recorded = self.store.receipts_sent(&peer, &ids, None);
+                    self.settled(recorded, || Unsettled::Receipts {
+                        peer,
+                        ids,
+                        epoch: None,
+                    });
                 }
             }
             Some(Pending::Retry { peer, epochs, .. }) => {
@@ -201,8 +210,13 @@ impl Engine {
                 if transient {
                     let (delay, _) = self.retry_after(code, &peer);
                     self.hold_peer(&peer, delay);
-                } else if let Err(e) = self.store.retries_sent(&peer, &epochs, None) {
-                    self.store_error(e);
+                } else {
+                    let recorded = self.store.retries_sent(&peer, &epochs, None);
+                    self.settled(recorded, || Unsettled::Retries {
+                        peer,
+                        epochs,
+                        epoch: None,
+                    });
                 }
             }
             Some(Pending::Key { user }) => {

@@ -40,18 +40,53 @@ pub(super) enum Unsettled {
         member: String,
         accepted_at: Option<u64>,
     },
-    /// Receipts for `ids` from `peer`, sent in our `epoch`, are owed no more.
+    /// `member`'s copy of our group message `id` is to be withdrawn (they left `group`).
+    Withdrawal {
+        group: GroupId,
+        id: MessageId,
+        member: String,
+    },
+    /// Our text `id` failed for good (`reason`, `message`: the `failed` event's fields).
+    Failed {
+        id: MessageId,
+        reason: String,
+        message: String,
+    },
+    /// Receipts for `ids` from `peer` are owed no more: sent in our `epoch`, or refused
+    /// for good (`None`).
     Receipts {
         peer: String,
         ids: Vec<MessageId>,
-        epoch: u32,
+        epoch: Option<u32>,
     },
-    /// Retry requests to `peer` for its `epochs`, sent in our `epoch`, are owed no more.
+    /// Retry requests to `peer` for its `epochs` are owed no more: sent in our `epoch`,
+    /// or refused for good (`None`).
     Retries {
         peer: String,
         epochs: Vec<u32>,
-        epoch: u32,
+        epoch: Option<u32>,
     },
+}
+
+impl Unsettled {
+    /// Whether this went to `peer` sealed in one of our `epochs` (`None`: in any).
+    fn sealed_for(&self, peer: &str, epochs: Option<&[u32]>) -> bool {
+        let (to, epoch) = match self {
+            Self::Sent { to, epoch, .. } => (to, Some(*epoch)),
+            Self::Receipts { peer, epoch, .. } | Self::Retries { peer, epoch, .. } => {
+                (peer, *epoch)
+            }
+            Self::GroupCopy { .. } | Self::Withdrawal { .. } | Self::Failed { .. } => {
+                return false;
+            }
+        };
+        to == peer
+            && match (epochs, epoch) {
+                (None, _) => true,
+                (Some(list), Some(e)) => list.contains(&e),
+                (Some(_), None) => false,
+            }
+    }
 }
 
 /// Which failures to record the relay's acceptances are told (with a `store_error`): the
@@ -92,15 +127,7 @@ impl Engine {
                 Some(value)
             }
             Err(e) => {
-                let full = e.is_full();
-                if self.settling_fails.failed(full) {
-                    self.store_error(e);
-                } else {
-                    if full {
-                        self.store.reclaim_log();
-                    }
-                    warn!("store error again (told already): {e}");
-                }
+                self.store_failed(e);
                 let answer = answer();
                 self.keep_in_flight(&answer);
                 self.unsettled.push(answer);
@@ -108,6 +135,20 @@ impl Engine {
                 self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
                 None
             }
+        }
+    }
+
+    /// A store failure told as [`SettlingFailures`] says: once per run of one kind.
+    /// For failures that recur on their own (each answer, each housekeeping round).
+    pub(super) fn store_failed(&mut self, e: StoreError) {
+        let full = e.is_full();
+        if self.settling_fails.failed(full) {
+            self.store_error(e);
+        } else {
+            if full {
+                self.store.reclaim_log();
+            }
+            warn!("store error again (told already): {e}");
         }
     }
 
@@ -120,85 +161,159 @@ impl Engine {
         }
     }
 
-    /// Records again what could not be recorded (on the retry timer). What fails again
-    /// waits for the next round.
-    pub(super) fn resettle(&mut self) {
-        for answer in std::mem::take(&mut self.unsettled) {
+    /// What went to `peer` sealed in one of our `epochs` (`None`: in any, e.g. its key
+    /// changed) and waits to be recorded is to be sent again after all, sealed anew: the
+    /// peer cannot open it (it asked for those epochs again). The store still has it
+    /// queued or owed, so the next flush takes it.
+    pub(super) fn unsettled_resealed(&mut self, peer: &str, epochs: Option<&[u32]>) {
+        let (again, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unsettled)
+            .into_iter()
+            .partition(|answer| answer.sealed_for(peer, epochs));
+        self.unsettled = kept;
+        for answer in again {
             match answer {
-                Unsettled::Sent {
-                    id,
-                    to,
-                    epoch,
-                    accepted_at,
-                } => {
-                    let recorded = self.store.mark_sent(&id, epoch, accepted_at);
-                    let retry = || Unsettled::Sent {
-                        id,
-                        to: to.clone(),
-                        epoch,
-                        accepted_at,
-                    };
-                    if let Some(done) = self.settled(recorded, retry) {
-                        self.in_flight.remove(&id);
-                        if done.is_some() {
-                            self.sink.emit(Event::Sent {
-                                to,
-                                id: id_hex(&id),
-                            });
-                        }
+                Unsettled::Sent { id, .. } => {
+                    self.in_flight.remove(&id);
+                }
+                Unsettled::Receipts { peer, ids, .. } => {
+                    for id in ids {
+                        self.receipts_in_flight.remove(&(peer.clone(), id));
                     }
                 }
-                Unsettled::GroupCopy {
+                Unsettled::Retries { peer, epochs, .. } => {
+                    for e in epochs {
+                        self.retries_in_flight.remove(&(peer.clone(), e));
+                    }
+                }
+                Unsettled::GroupCopy { .. }
+                | Unsettled::Withdrawal { .. }
+                | Unsettled::Failed { .. } => {}
+            }
+        }
+        self.flush_due = true;
+    }
+
+    /// Records again what could not be recorded (on the retry timer), oldest first; at
+    /// the first that fails again the rest wait, untried, for the next round (a full
+    /// disk costs one failed write a round, not one per item).
+    pub(super) fn resettle(&mut self) {
+        let mut waiting = std::mem::take(&mut self.unsettled).into_iter();
+        while let Some(answer) = waiting.next() {
+            let before = self.unsettled.len();
+            self.resettle_one(answer);
+            if self.unsettled.len() > before {
+                self.unsettled.extend(waiting);
+                return;
+            }
+        }
+    }
+
+    /// Records one answer again; on failure it goes back to `unsettled`.
+    fn resettle_one(&mut self, answer: Unsettled) {
+        match answer {
+            Unsettled::Sent {
+                id,
+                to,
+                epoch,
+                accepted_at,
+            } => {
+                let recorded = self.store.mark_sent(&id, epoch, accepted_at);
+                let retry = || Unsettled::Sent {
+                    id,
+                    to: to.clone(),
+                    epoch,
+                    accepted_at,
+                };
+                if let Some(done) = self.settled(recorded, retry) {
+                    self.in_flight.remove(&id);
+                    if done.is_some() {
+                        self.sink.emit(Event::Sent {
+                            to,
+                            id: id_hex(&id),
+                        });
+                    }
+                }
+            }
+            Unsettled::GroupCopy {
+                group,
+                id,
+                member,
+                accepted_at,
+            } => {
+                let recorded = self.store.group_send_done(&id, &member, accepted_at);
+                let retry = || Unsettled::GroupCopy {
                     group,
                     id,
-                    member,
+                    member: member.clone(),
                     accepted_at,
-                } => {
-                    let recorded = self.store.group_send_done(&id, &member, accepted_at);
-                    let retry = || Unsettled::GroupCopy {
-                        group,
-                        id,
-                        member: member.clone(),
-                        accepted_at,
-                    };
-                    if let Some(now_sent) = self.settled(recorded, retry) {
-                        self.group_in_flight.remove(&(id, member));
-                        if now_sent {
-                            self.sink.emit(Event::GroupSent {
-                                group: id_hex(&group),
-                                id: id_hex(&id),
-                            });
-                        }
+                };
+                if let Some(now_sent) = self.settled(recorded, retry) {
+                    self.group_in_flight.remove(&(id, member));
+                    if now_sent {
+                        self.sink.emit(Event::GroupSent {
+                            group: id_hex(&group),
+                            id: id_hex(&id),
+                        });
                     }
                 }
-                Unsettled::Receipts { peer, ids, epoch } => {
-                    let recorded = self.store.receipts_sent(&peer, &ids, Some(epoch));
-                    let retry = || Unsettled::Receipts {
-                        peer: peer.clone(),
-                        ids: ids.clone(),
-                        epoch,
-                    };
-                    if self.settled(recorded, retry).is_some() {
-                        for id in ids {
-                            self.receipts_in_flight.remove(&(peer.clone(), id));
-                        }
+            }
+            Unsettled::Withdrawal { group, id, member } => {
+                self.group_in_flight.remove(&(id, member.clone()));
+                // Back in the group meanwhile: the next flush sends the copy after all.
+                if !self.sends_to(&group, &member) {
+                    self.withdraw_group_send(group, id, &member);
+                }
+            }
+            Unsettled::Failed {
+                id,
+                reason,
+                message,
+            } => {
+                let recorded = self.store.mark_failed(&id, &reason);
+                let retry = || Unsettled::Failed {
+                    id,
+                    reason: reason.clone(),
+                    message: message.clone(),
+                };
+                if let Some(done) = self.settled(recorded, retry) {
+                    self.in_flight.remove(&id);
+                    if let Some(to) = done {
+                        self.sink.emit(Event::Failed {
+                            to,
+                            id: id_hex(&id),
+                            reason,
+                            message,
+                        });
                     }
                 }
-                Unsettled::Retries {
-                    peer,
-                    epochs,
+            }
+            Unsettled::Receipts { peer, ids, epoch } => {
+                let recorded = self.store.receipts_sent(&peer, &ids, epoch);
+                let retry = || Unsettled::Receipts {
+                    peer: peer.clone(),
+                    ids: ids.clone(),
                     epoch,
-                } => {
-                    let recorded = self.store.retries_sent(&peer, &epochs, Some(epoch));
-                    let retry = || Unsettled::Retries {
-                        peer: peer.clone(),
-                        epochs: epochs.clone(),
-                        epoch,
-                    };
-                    if self.settled(recorded, retry).is_some() {
-                        for e in epochs {
-                            self.retries_in_flight.remove(&(peer.clone(), e));
-                        }
+                };
+                if self.settled(recorded, retry).is_some() {
+                    for id in ids {
+                        self.receipts_in_flight.remove(&(peer.clone(), id));
+                    }
+                }
+            }
+            Unsettled::Retries {
+                peer,
+                epochs,
+                epoch,
+            } => {
+                let recorded = self.store.retries_sent(&peer, &epochs, epoch);
+                let retry = || Unsettled::Retries {
+                    peer: peer.clone(),
+                    epochs: epochs.clone(),
+                    epoch,
+                };
+                if self.settled(recorded, retry).is_some() {
+                    for e in epochs {
+                        self.retries_in_flight.remove(&(peer.clone(), e));
                     }
                 }
             }
@@ -211,7 +326,11 @@ impl Engine {
             Unsettled::Sent { id, epoch, .. } => {
                 self.in_flight.insert(*id, *epoch);
             }
-            Unsettled::GroupCopy { id, member, .. } => {
+            Unsettled::Failed { id, .. } => {
+                // The epoch it went under no longer matters: it is not sent again.
+                self.in_flight.entry(*id).or_insert(0);
+            }
+            Unsettled::GroupCopy { id, member, .. } | Unsettled::Withdrawal { id, member, .. } => {
                 self.group_in_flight.insert((*id, member.clone()));
             }
             Unsettled::Receipts { peer, ids, .. } => {
@@ -230,7 +349,53 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use super::SettlingFailures;
+    use super::{SettlingFailures, Unsettled};
+
+    #[test]
+    fn what_was_sealed_for_a_peer_in_an_epoch_is_found() {
+        let sent = Unsettled::Sent {
+            id: [1; 16],
+            to: "bob".into(),
+            epoch: 3,
+            accepted_at: 0,
+        };
+        assert!(sent.sealed_for("bob", Some(&[2, 3])));
+        assert!(!sent.sealed_for("bob", Some(&[4])));
+        assert!(!sent.sealed_for("carol", Some(&[3])));
+        assert!(sent.sealed_for("bob", None), "a changed key: any epoch");
+        let refused = Unsettled::Receipts {
+            peer: "bob".into(),
+            ids: vec![[2; 16]],
+            epoch: None,
+        };
+        assert!(
+            !refused.sealed_for("bob", Some(&[3])),
+            "refused: sealed in none"
+        );
+        assert!(refused.sealed_for("bob", None));
+        let retries = Unsettled::Retries {
+            peer: "bob".into(),
+            epochs: vec![7],
+            epoch: Some(5),
+        };
+        assert!(
+            retries.sealed_for("bob", Some(&[5])),
+            "by the epoch it went in"
+        );
+        assert!(
+            !retries.sealed_for("bob", Some(&[7])),
+            "not by the epochs it asks for"
+        );
+        let failed = Unsettled::Failed {
+            id: [1; 16],
+            reason: "expired".into(),
+            message: String::new(),
+        };
+        assert!(
+            !failed.sealed_for("bob", None),
+            "not sent again: nothing to reseal"
+        );
+    }
 
     #[test]
     fn a_run_of_one_kind_is_told_once() {
