@@ -89,25 +89,44 @@ impl Unsettled {
     }
 }
 
-/// Which failures to record the relay's acceptances are told (with a `store_error`): the
-/// first of a run, and one of another kind (a full disk, or not) than the one told last;
-/// the same kind again, until a record succeeds, is only logged. Answers come by the
-/// hundred while a disk is full, and each would fail the same way.
+/// Which failures to record the relay's answers are told (with a `store_error`): the
+/// first, one of another kind (a full disk, or not) than the one told last, and one of
+/// the same kind only after a record succeeded and [`TELL_AGAIN_AFTER`] has passed since
+/// it was told; the rest are only logged. Answers come by the hundred while a disk is
+/// full, and each would fail the same way; a nearly full disk lets some records through
+/// between failures (two copies of one group message: one recorded, one not), which is
+/// still the same episode.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct SettlingFailures {
-    /// `Some(full)`: a failure was told, of that kind, and no record succeeded since.
-    told: Option<bool>,
+    /// The kind of the failure told last (`true`: a full disk), and when.
+    told: Option<(bool, Instant)>,
+    /// A record succeeded since.
+    recovered: bool,
 }
 
+/// How long a failure of the kind told last goes untold, records succeeding or not.
+pub(super) const TELL_AGAIN_AFTER: Duration = Duration::from_secs(30);
+
 impl SettlingFailures {
-    /// A record succeeded: the next failure is told.
+    /// A record succeeded.
     pub(super) fn succeeded(&mut self) {
-        self.told = None;
+        self.recovered = true;
     }
 
-    /// A record failed (`full`: for lack of disk space). Returns whether to tell it.
-    pub(super) fn failed(&mut self, full: bool) -> bool {
-        self.told.replace(full) != Some(full)
+    /// A record failed at `now` (`full`: for lack of disk space). Returns whether to
+    /// tell it.
+    pub(super) fn failed(&mut self, full: bool, now: Instant) -> bool {
+        let tell = match self.told {
+            None => true,
+            Some((kind, at)) => {
+                kind != full || (self.recovered && now.duration_since(at) >= TELL_AGAIN_AFTER)
+            }
+        };
+        if tell {
+            self.told = Some((full, now));
+            self.recovered = false;
+        }
+        tell
     }
 }
 
@@ -142,7 +161,7 @@ impl Engine {
     /// For failures that recur on their own (each answer, each housekeeping round).
     pub(super) fn store_failed(&mut self, e: StoreError) {
         let full = e.is_full();
-        if self.settling_fails.failed(full) {
+        if self.settling_fails.failed(full, Instant::now()) {
             self.store_error(e);
         } else {
             if full {
@@ -349,7 +368,11 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use super::{SettlingFailures, Unsettled};
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::{SettlingFailures, TELL_AGAIN_AFTER, Unsettled};
 
     #[test]
     fn what_was_sealed_for_a_peer_in_an_epoch_is_found() {
@@ -399,23 +422,51 @@ mod tests {
 
     #[test]
     fn a_run_of_one_kind_is_told_once() {
+        let t0 = Instant::now();
         let mut f = SettlingFailures::default();
-        assert!(f.failed(true));
-        assert!(!f.failed(true));
-        assert!(!f.failed(true));
+        assert!(f.failed(true, t0));
+        assert!(!f.failed(true, t0));
+        assert!(
+            !f.failed(true, t0 + TELL_AGAIN_AFTER * 3),
+            "no record between"
+        );
         f.succeeded();
-        assert!(f.failed(true), "a new run after a success is told");
-        assert!(!f.failed(true));
+        let later = t0 + TELL_AGAIN_AFTER * 4;
+        assert!(f.failed(true, later), "a new run, after a success, later");
+        assert!(!f.failed(true, later));
+    }
+
+    #[test]
+    fn records_getting_through_between_failures_are_one_episode() {
+        // A nearly full disk: one copy's record succeeds, the next one's fails, over
+        // and over (a group message to two members each).
+        let t0 = Instant::now();
+        let mut f = SettlingFailures::default();
+        assert!(f.failed(true, t0));
+        for n in 1..=10 {
+            f.succeeded();
+            let now = t0 + Duration::from_millis(n);
+            assert!(!f.failed(true, now), "told again at round {n}");
+        }
+        f.succeeded();
+        assert!(
+            f.failed(true, t0 + TELL_AGAIN_AFTER),
+            "still failing, much later"
+        );
     }
 
     #[test]
     fn another_kind_is_told_too() {
+        let t0 = Instant::now();
         let mut f = SettlingFailures::default();
-        assert!(f.failed(true));
-        assert!(f.failed(false), "not a full disk: something else to tell");
-        assert!(!f.failed(false));
-        assert!(f.failed(true), "full again, after the other kind");
+        assert!(f.failed(true, t0));
+        assert!(
+            f.failed(false, t0),
+            "not a full disk: something else to tell"
+        );
+        assert!(!f.failed(false, t0));
+        assert!(f.failed(true, t0), "full again, after the other kind");
         f.succeeded();
-        assert!(f.failed(false));
+        assert!(f.failed(false, t0));
     }
 }
