@@ -269,19 +269,7 @@ impl Engine {
     ) {
         self.group_in_flight.remove(&(id, member.to_owned()));
         let at = accepted.then(|| self.relay_now_ms().unwrap_or_else(now_ms));
-        let recorded = self.store.group_send_done(&id, member, at);
-        let unsettled = || Unsettled::GroupCopy {
-            group,
-            id,
-            member: member.to_owned(),
-            accepted_at: at,
-        };
-        if let Some(true) = self.settled(recorded, unsettled) {
-            self.sink.emit(Event::GroupSent {
-                group: id_hex(&group),
-                id: id_hex(&id),
-            });
-        }
+        self.record_group_copy(group, id, member, at);
     }
 
     /// `member` receipted our group messages: `done` is (group, id, whether the message

@@ -9,7 +9,6 @@ use chat_protocol::ErrorCode;
 use chat_protocol::message::RequestId;
 use tokio::time::Instant;
 
-use super::unsettled::Unsettled;
 use super::{Engine, Pending, RATE_LIMIT_RETRY, Waiting, now_ms};
 use crate::api::{ConnectionState, Event, id_hex};
 
@@ -35,19 +34,7 @@ impl Engine {
                     return;
                 }
                 let accepted_at = self.relay_now_ms().unwrap_or_else(now_ms);
-                let recorded = self.store.mark_sent(&msg_id, epoch, accepted_at);
-                let unsettled = || Unsettled::Sent {
-                    id: msg_id,
-                    to: to.clone(),
-                    epoch,
-                    accepted_at,
-                };
-                if let Some(Some(_)) = self.settled(recorded, unsettled) {
-                    self.sink.emit(Event::Sent {
-                        to,
-                        id: id_hex(&msg_id),
-                    });
-                }
+                self.record_sent(msg_id, to, epoch, accepted_at);
                 self.connection_event(ConnectionState::Connected, None);
             }
             Some(Pending::GroupSend { group, id, members }) => {
@@ -64,12 +51,7 @@ impl Engine {
                     // The peer cannot open that epoch: still owed, sent again.
                     self.flush_due = true;
                 } else {
-                    let recorded = self.store.receipts_sent(&peer, &ids, Some(epoch));
-                    self.settled(recorded, || Unsettled::Receipts {
-                        peer,
-                        ids,
-                        epoch: Some(epoch),
-                    });
+                    self.record_receipts(peer, ids, Some(epoch));
                 }
             }
             Some(Pending::Retry {
@@ -83,12 +65,7 @@ impl Engine {
                 if self.retired_out.contains(&(peer.clone(), epoch)) {
                     self.flush_due = true;
                 } else {
-                    let recorded = self.store.retries_sent(&peer, &epochs, Some(epoch));
-                    self.settled(recorded, || Unsettled::Retries {
-                        peer,
-                        epochs,
-                        epoch: Some(epoch),
-                    });
+                    self.record_retries(peer, epochs, Some(epoch));
                 }
             }
             Some(Pending::Sync) => {
@@ -195,12 +172,7 @@ impl Engine {
                     self.hold_peer(&peer, delay);
                 } else {
                     // Refused for good (e.g. the sender's account is gone): owed no more.
-                    let recorded = self.store.receipts_sent(&peer, &ids, None);
-                    self.settled(recorded, || Unsettled::Receipts {
-                        peer,
-                        ids,
-                        epoch: None,
-                    });
+                    self.record_receipts(peer, ids, None);
                 }
             }
             Some(Pending::Retry { peer, epochs, .. }) => {
@@ -211,12 +183,7 @@ impl Engine {
                     let (delay, _) = self.retry_after(code, &peer);
                     self.hold_peer(&peer, delay);
                 } else {
-                    let recorded = self.store.retries_sent(&peer, &epochs, None);
-                    self.settled(recorded, || Unsettled::Retries {
-                        peer,
-                        epochs,
-                        epoch: None,
-                    });
+                    self.record_retries(peer, epochs, None);
                 }
             }
             Some(Pending::Key { user }) => {

@@ -189,25 +189,8 @@ impl Engine {
             .into_iter()
             .partition(|answer| answer.sealed_for(peer, epochs));
         self.unsettled = kept;
-        for answer in again {
-            match answer {
-                Unsettled::Sent { id, .. } => {
-                    self.in_flight.remove(&id);
-                }
-                Unsettled::Receipts { peer, ids, .. } => {
-                    for id in ids {
-                        self.receipts_in_flight.remove(&(peer.clone(), id));
-                    }
-                }
-                Unsettled::Retries { peer, epochs, .. } => {
-                    for e in epochs {
-                        self.retries_in_flight.remove(&(peer.clone(), e));
-                    }
-                }
-                Unsettled::GroupCopy { .. }
-                | Unsettled::Withdrawal { .. }
-                | Unsettled::Failed { .. } => {}
-            }
+        for answer in &again {
+            self.release_in_flight(answer);
         }
         self.flush_due = true;
     }
@@ -227,57 +210,24 @@ impl Engine {
         }
     }
 
-    /// Records one answer again; on failure it goes back to `unsettled`.
+    /// Records one answer again, as when it came; on failure it goes back to
+    /// `unsettled`.
     fn resettle_one(&mut self, answer: Unsettled) {
+        self.release_in_flight(&answer);
         match answer {
             Unsettled::Sent {
                 id,
                 to,
                 epoch,
                 accepted_at,
-            } => {
-                let recorded = self.store.mark_sent(&id, epoch, accepted_at);
-                let retry = || Unsettled::Sent {
-                    id,
-                    to: to.clone(),
-                    epoch,
-                    accepted_at,
-                };
-                if let Some(done) = self.settled(recorded, retry) {
-                    self.in_flight.remove(&id);
-                    if done.is_some() {
-                        self.sink.emit(Event::Sent {
-                            to,
-                            id: id_hex(&id),
-                        });
-                    }
-                }
-            }
+            } => self.record_sent(id, to, epoch, accepted_at),
             Unsettled::GroupCopy {
                 group,
                 id,
                 member,
                 accepted_at,
-            } => {
-                let recorded = self.store.group_send_done(&id, &member, accepted_at);
-                let retry = || Unsettled::GroupCopy {
-                    group,
-                    id,
-                    member: member.clone(),
-                    accepted_at,
-                };
-                if let Some(now_sent) = self.settled(recorded, retry) {
-                    self.group_in_flight.remove(&(id, member));
-                    if now_sent {
-                        self.sink.emit(Event::GroupSent {
-                            group: id_hex(&group),
-                            id: id_hex(&id),
-                        });
-                    }
-                }
-            }
+            } => self.record_group_copy(group, id, &member, accepted_at),
             Unsettled::Withdrawal { group, id, member } => {
-                self.group_in_flight.remove(&(id, member.clone()));
                 // Back in the group meanwhile: the next flush sends the copy after all.
                 if !self.sends_to(&group, &member) {
                     self.withdraw_group_send(group, id, &member);
@@ -287,53 +237,97 @@ impl Engine {
                 id,
                 reason,
                 message,
-            } => {
-                let recorded = self.store.mark_failed(&id, &reason);
-                let retry = || Unsettled::Failed {
-                    id,
-                    reason: reason.clone(),
-                    message: message.clone(),
-                };
-                if let Some(done) = self.settled(recorded, retry) {
-                    self.in_flight.remove(&id);
-                    if let Some(to) = done {
-                        self.sink.emit(Event::Failed {
-                            to,
-                            id: id_hex(&id),
-                            reason,
-                            message,
-                        });
-                    }
-                }
-            }
-            Unsettled::Receipts { peer, ids, epoch } => {
-                let recorded = self.store.receipts_sent(&peer, &ids, epoch);
-                let retry = || Unsettled::Receipts {
-                    peer: peer.clone(),
-                    ids: ids.clone(),
-                    epoch,
-                };
-                if self.settled(recorded, retry).is_some() {
-                    for id in ids {
-                        self.receipts_in_flight.remove(&(peer.clone(), id));
-                    }
-                }
-            }
+            } => self.fail_message(&id, &reason, &message),
+            Unsettled::Receipts { peer, ids, epoch } => self.record_receipts(peer, ids, epoch),
             Unsettled::Retries {
                 peer,
                 epochs,
                 epoch,
-            } => {
-                let recorded = self.store.retries_sent(&peer, &epochs, epoch);
-                let retry = || Unsettled::Retries {
-                    peer: peer.clone(),
-                    epochs: epochs.clone(),
-                    epoch,
-                };
-                if self.settled(recorded, retry).is_some() {
-                    for e in epochs {
-                        self.retries_in_flight.remove(&(peer.clone(), e));
-                    }
+            } => self.record_retries(peer, epochs, epoch),
+        }
+    }
+
+    /// Our text `id` to `to`, sealed in `epoch`, was accepted at `accepted_at` (ms).
+    pub(super) fn record_sent(&mut self, id: MessageId, to: String, epoch: u32, accepted_at: u64) {
+        let recorded = self.store.mark_sent(&id, epoch, accepted_at);
+        let unsettled = || Unsettled::Sent {
+            id,
+            to: to.clone(),
+            epoch,
+            accepted_at,
+        };
+        if let Some(Some(_)) = self.settled(recorded, unsettled) {
+            self.sink.emit(Event::Sent {
+                to,
+                id: id_hex(&id),
+            });
+        }
+    }
+
+    /// `member`'s copy of our group message `id` was accepted at `accepted_at` (ms), or
+    /// refused for good (`None`).
+    pub(super) fn record_group_copy(
+        &mut self,
+        group: GroupId,
+        id: MessageId,
+        member: &str,
+        accepted_at: Option<u64>,
+    ) {
+        let recorded = self.store.group_send_done(&id, member, accepted_at);
+        let unsettled = || Unsettled::GroupCopy {
+            group,
+            id,
+            member: member.to_owned(),
+            accepted_at,
+        };
+        if let Some(true) = self.settled(recorded, unsettled) {
+            self.sink.emit(Event::GroupSent {
+                group: id_hex(&group),
+                id: id_hex(&id),
+            });
+        }
+    }
+
+    /// Receipts for `ids` to `peer` are owed no more: sent in our `epoch`, or refused
+    /// for good (`None`).
+    pub(super) fn record_receipts(
+        &mut self,
+        peer: String,
+        ids: Vec<MessageId>,
+        epoch: Option<u32>,
+    ) {
+        let recorded = self.store.receipts_sent(&peer, &ids, epoch);
+        self.settled(recorded, || Unsettled::Receipts { peer, ids, epoch });
+    }
+
+    /// Retry requests to `peer` for its `epochs` are owed no more: sent in our `epoch`,
+    /// or refused for good (`None`).
+    pub(super) fn record_retries(&mut self, peer: String, epochs: Vec<u32>, epoch: Option<u32>) {
+        let recorded = self.store.retries_sent(&peer, &epochs, epoch);
+        self.settled(recorded, || Unsettled::Retries {
+            peer,
+            epochs,
+            epoch,
+        });
+    }
+
+    /// Lifts [`Engine::keep_in_flight`]'s marks: a flush may send `answer`'s item again.
+    fn release_in_flight(&mut self, answer: &Unsettled) {
+        match answer {
+            Unsettled::Sent { id, .. } | Unsettled::Failed { id, .. } => {
+                self.in_flight.remove(id);
+            }
+            Unsettled::GroupCopy { id, member, .. } | Unsettled::Withdrawal { id, member, .. } => {
+                self.group_in_flight.remove(&(*id, member.clone()));
+            }
+            Unsettled::Receipts { peer, ids, .. } => {
+                for id in ids {
+                    self.receipts_in_flight.remove(&(peer.clone(), *id));
+                }
+            }
+            Unsettled::Retries { peer, epochs, .. } => {
+                for e in epochs {
+                    self.retries_in_flight.remove(&(peer.clone(), *e));
                 }
             }
         }
