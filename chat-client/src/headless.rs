@@ -277,7 +277,7 @@ pub async fn run(
     let mut code = 0;
     // Our groups' names by id, as the events said: for telling an unquoted name apart.
     let mut group_names = std::collections::HashMap::<String, String>::new();
-    // Answers to refused lines the engine was gone for: written after its last events.
+    // Answers to lines the engine was gone for: written after its last events.
     let mut late_reports = Vec::new();
     loop {
         tokio::select! {
@@ -313,9 +313,7 @@ pub async fn run(
                     // The engine stopped: what it said last is still to be read (and
                     // decides the exit code); this line's answer comes after it.
                     input_open = false;
-                    if let Command::Report(event) = refused.0 {
-                        late_reports.push(event);
-                    }
+                    late_reports.extend(refused.0.not_done());
                 }
             }
             event = handle.events.recv() => {

@@ -427,25 +427,46 @@ fn a_passphrase_protects_the_key_file_and_a_wrong_one_is_a_clear_error() {
         &h[0],
         &["--passphrase-file", bad.to_str().unwrap()],
     );
-    // Refused lines read while the key file is still being opened (scrypt takes a while)
-    // are answered too, in order, after the stop that makes the exit code 1.
+    // Lines read while the key file is still being opened (scrypt takes a while) are
+    // answered too, in order, after the stop that makes the exit code 1: refused ones as
+    // refused, commands as not done (a text is not queued, so it is never sent).
     wrong.send("/frobnicate");
+    wrong.send("/msg bob hello");
     wrong.send("/msg");
+    wrong.send("/users");
     let err = wrong.expect("error", |e| e["event"] == "error");
     assert_eq!(err["code"], "wrong_passphrase");
     wrong.expect("offline", |e| {
         e["event"] == "connection" && e["state"] == "offline"
     });
-    let answers: Vec<String> = (0..2)
+    let answers: Vec<(String, String)> = (0..4)
         .map(|_| {
-            let answer = wrong.expect("refusal", |e| e["event"] == "error");
-            assert_eq!(answer["code"], "invalid_command", "{answer}");
-            answer["message"].as_str().unwrap().to_owned()
+            let answer = wrong.expect("answer", |e| e["event"] == "error");
+            let message = answer["message"].as_str().unwrap();
+            let first = message.split(':').next().unwrap();
+            (
+                answer["code"].as_str().unwrap().to_owned(),
+                first.to_owned(),
+            )
         })
+        .collect();
+    let answers: Vec<(&str, &str)> = answers
+        .iter()
+        .map(|(c, m)| (c.as_str(), m.as_str()))
         .collect();
     assert_eq!(
         answers,
-        ["unknown command /frobnicate", "usage: /msg USER TEXT"]
+        [
+            ("invalid_command", "unknown command /frobnicate"),
+            ("not_running", "the message to bob was not queued"),
+            ("invalid_command", "usage"),
+            ("not_running", "the online users were not listed"),
+        ]
+    );
+    assert!(
+        !wrong.seen.iter().any(|e| e["event"] == "queued"),
+        "{:#?}",
+        wrong.seen
     );
     let stop_at = wrong.seen.iter().position(|e| e["event"] == "connection");
     let answer_at = wrong

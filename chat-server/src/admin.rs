@@ -14,6 +14,7 @@ use chat_server::health::Health;
 use chat_server::store::Store;
 
 use crate::runtime;
+use crate::say::say;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Admin {
@@ -103,8 +104,8 @@ fn sqlite_admin(admin: Admin, config: &Config) -> anyhow::Result<()> {
             let user = Username::parse(&name)
                 .with_context(|| format!("{name:?} is not a valid username"))?;
             if store.remove_user(&user)? {
-                println!("removed {user}: the name is free and its queued messages are deleted");
-                println!(
+                say!("removed {user}: the name is free and its queued messages are deleted");
+                say!(
                     "(if the server is running and {user} is online, they stay connected until they disconnect)"
                 );
             } else {
@@ -174,9 +175,7 @@ fn cluster_admin(admin: Admin, config: &Config, nats: &NatsBackend) -> anyhow::R
                 let user = Username::parse(&name)
                     .with_context(|| format!("{name:?} is not a valid username"))?;
                 if cluster.remove_user(&user).await? {
-                    println!(
-                        "removed {user}: the name is free and its queued messages are deleted"
-                    );
+                    say!("removed {user}: the name is free and its queued messages are deleted");
                 } else {
                     anyhow::bail!("there is no user named {user}");
                 }
@@ -200,7 +199,7 @@ fn node_admin(admin: Admin, nats: &NatsBackend) -> anyhow::Result<()> {
                     |stream| eprintln!("moving {stream}'s replica off {node}"),
                 )
                 .await?;
-                println!(
+                say!(
                     "{node} holds no replica now ({} stream(s) moved); stop it, then run \
                      admin forget-node {node}",
                     moved.len()
@@ -216,9 +215,9 @@ fn node_admin(admin: Admin, nats: &NatsBackend) -> anyhow::Result<()> {
                     })?
                 };
                 match nodes::forget(&nats.urls, &seed, &node).await? {
-                    nodes::Forgot::Removed => println!("{node} removed from the cluster"),
+                    nodes::Forgot::Removed => say!("{node} removed from the cluster"),
                     nodes::Forgot::NotMember => {
-                        println!("{node} is not a member of the cluster (already removed)")
+                        say!("{node} is not a member of the cluster (already removed)")
                     }
                 }
             }
@@ -256,12 +255,12 @@ fn health(config: &Config, address: Option<String>, timeout: f64) -> anyhow::Res
             software,
             fingerprint,
         } => {
-            println!("serving: {addr} answered as {software}, key {fingerprint}");
+            say!("serving: {addr} answered as {software}, key {fingerprint}");
             Ok(())
         }
         Health::NotServing(reason) => {
             // The answer, not a failure of the command: said plainly, exit status 1.
-            println!("not serving: {reason}");
+            say!("not serving: {reason}");
             std::process::exit(1)
         }
     }
@@ -293,11 +292,11 @@ fn migrate(config: &Config, urls: Vec<String>, replicas: Option<usize>) -> anyho
         let done = cluster
             .migrate_from(&store, &nats, |user, copied| {
                 if copied > 0 {
-                    println!("{user}: {copied} envelope(s) copied");
+                    say!("{user}: {copied} envelope(s) copied");
                 }
             })
             .await?;
-        println!(
+        say!(
             "accounts: {} created, {} already there; envelopes: {} copied, {} copied before",
             done.accounts_created,
             done.accounts_present,
@@ -305,12 +304,12 @@ fn migrate(config: &Config, urls: Vec<String>, replicas: Option<usize>) -> anyho
             done.envelopes_skipped
         );
         for user in &done.conflicts {
-            println!(
+            say!(
                 "conflict: {user} is bound to another key in the cluster; not copied (nor its mail)"
             );
         }
         for (user, left) in &done.refused {
-            println!(
+            say!(
                 "refused: {left} envelope(s) for {user}: their mailbox in the cluster (or one \
                  sender's share of it) is full; they stay in SQLite, run again once {user} has \
                  read their mail"
@@ -326,5 +325,5 @@ fn migrate(config: &Config, urls: Vec<String>, replicas: Option<usize>) -> anyho
 
 /// One line of `admin stats`: `label:` and the value, values aligned in one column.
 fn field(label: &str, value: impl std::fmt::Display) {
-    println!("{:<35}{value}", format!("{label}:"));
+    say!("{:<35}{value}", format!("{label}:"));
 }

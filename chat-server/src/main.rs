@@ -9,8 +9,10 @@ use clap::Parser;
 use tokio::net::TcpListener;
 
 mod admin;
+mod say;
 
 use admin::{Admin, run_admin};
+use say::say;
 
 /// Secure Chat relay: forwards end-to-end encrypted messages between users.
 ///
@@ -128,7 +130,7 @@ fn main() -> anyhow::Result<()> {
     adopt_systemd_credentials(&mut config, std::env::var_os("CREDENTIALS_DIRECTORY"));
     config.validate()?;
     if cli.print_config {
-        println!("{}", config.to_ron());
+        say!("{}", config.to_ron());
         return Ok(());
     }
     match cli.command {
@@ -136,7 +138,7 @@ fn main() -> anyhow::Result<()> {
         Some(Top::Fingerprint) => {
             let identity = chat_server::tls::load_or_create(&config)
                 .context("cannot load or create the relay's TLS identity")?;
-            println!("{}", identity.fingerprint);
+            say!("{}", identity.fingerprint);
             return Ok(());
         }
         None => {}

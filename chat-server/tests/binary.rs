@@ -349,6 +349,42 @@ fn admin_stats_and_remove_user() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no user named bob"));
 }
 
+#[test]
+fn an_admin_command_whose_reader_has_gone_still_does_its_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    {
+        let store = chat_server::store::Store::open(&data).unwrap();
+        let bob = chat_protocol::Username::parse("bob").unwrap();
+        store.bind(&bob, b"key").unwrap();
+    }
+    // Standard output is a pipe whose reader is already closed (as `| head -2` leaves
+    // it once it has read its lines): every write to it fails with a broken pipe.
+    let admin = |args: &[&str]| {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        Command::new(BIN)
+            .args(["--data-dir", data.to_str().unwrap(), "admin"])
+            .args(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    for args in [&["stats"][..], &["remove-user", "bob"]] {
+        let out = admin(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    // The removal was done, though nobody read that it was.
+    let out = Command::new(BIN)
+        .args(["--data-dir", data.to_str().unwrap(), "admin", "stats"])
+        .output()
+        .unwrap();
+    assert_eq!(stat(&String::from_utf8(out.stdout).unwrap(), "users"), 0);
+}
+
 /// The number after `label:` in `admin stats` output.
 fn stat(text: &str, label: &str) -> u64 {
     text.lines()

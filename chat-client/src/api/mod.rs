@@ -85,6 +85,53 @@ pub enum Command {
     Report(Event),
 }
 
+impl Command {
+    /// The answer owed for this command when the client stopped before doing it (its
+    /// start failed, e.g. a wrong passphrase, or it had already ended): a `Report` is its
+    /// own event, `Shutdown` needs none, anything else is an `error` `not_running` that
+    /// says what was not done — a text in particular was not queued, so it is not sent.
+    pub fn not_done(self) -> Option<Event> {
+        let what = match self {
+            Command::Report(event) => return Some(event),
+            Command::Shutdown { .. } => return None,
+            Command::Send { to, .. } => format!("the message to {to} was not queued"),
+            Command::GroupSend { group, .. } => {
+                format!("the message to the group {group} was not queued")
+            }
+            Command::ListUsers => "the online users were not listed".into(),
+            Command::Watch { .. } => "presence was not followed".into(),
+            Command::Safety { user } => format!("the safety number with {user} was not shown"),
+            Command::Verify { user } => format!("{user} was not marked verified"),
+            Command::Unverify { user } => format!("{user}'s verification was not taken back"),
+            Command::AcceptKey { user, .. } => format!("{user}'s new key was not accepted"),
+            Command::RejectKey { user } => format!("{user}'s new key was not rejected"),
+            Command::Archive { user } => format!("{user} was not archived"),
+            Command::Unarchive { user } => format!("{user} was not unarchived"),
+            Command::Remove { user } => format!("{user} was not removed"),
+            Command::History { user } => format!("the history with {user} was not loaded"),
+            Command::TrustServerKey { .. } => "the relay's key was not pinned".into(),
+            Command::Reconnect => "no connection was tried".into(),
+            Command::GroupCreate { name, .. } => format!("the group {name} was not created"),
+            Command::GroupAdd { group, .. } => format!("nobody was added to {group}"),
+            Command::GroupRemove { group, .. } => format!("nobody was removed from {group}"),
+            Command::GroupPromote { group, .. } => format!("nobody was promoted in {group}"),
+            Command::GroupLeave { group } => format!("the group {group} was not left"),
+            Command::GroupRename { group, .. } => format!("the group {group} was not renamed"),
+            Command::Groups => "the groups were not listed".into(),
+            Command::GroupHistory { group } => {
+                format!("the history of the group {group} was not loaded")
+            }
+        };
+        Some(Event::error(
+            "not_running",
+            format!(
+                "{what}: the client stopped before it could do it (see the error above); \
+                 start it again and repeat it"
+            ),
+        ))
+    }
+}
+
 /// A group as shown to the user.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct GroupInfo {

@@ -127,7 +127,7 @@ impl Engine {
             pending: HashMap::new(),
             awaiting_key: HashMap::new(),
             checked_keys: HashMap::new(),
-            in_flight: HashMap::new(),
+            in_flight: HashSet::new(),
             retired_out: HashSet::new(),
             receipts_in_flight: HashSet::new(),
             retries_in_flight: HashSet::new(),

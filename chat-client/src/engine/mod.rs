@@ -208,10 +208,13 @@ pub fn spawn(config: ClientConfig, notify: impl Fn() + Send + Sync + 'static) ->
                     max_text_bytes: None,
                     server: None,
                 });
-                // A front end's reports sent meanwhile are still said, after the stop.
+                // What a front end sent meanwhile is answered after the stop: its reports
+                // said, the rest told as not done. Closed first, so nothing sent from now
+                // on is taken and dropped unanswered (the sender gets it back).
                 let mut cmd_rx = cmd_rx;
+                cmd_rx.close();
                 while let Ok(cmd) = cmd_rx.try_recv() {
-                    if let Command::Report(event) = cmd {
+                    if let Some(event) = cmd.not_done() {
                         sink.emit(event);
                     }
                 }
@@ -332,8 +335,9 @@ struct Engine {
     awaiting_key: HashMap<String, Vec<Waiting>>,
     /// Contacts whose key was checked with the server on this connection, and when.
     checked_keys: HashMap<String, Instant>,
-    /// Outbox messages sent on this connection and not yet answered, with their epoch.
-    in_flight: HashMap<MessageId, u32>,
+    /// Outbox messages sent and not yet answered on this connection, or answered and
+    /// not yet recorded (held by [`Unsettled`](unsettled::Unsettled) entries).
+    in_flight: HashSet<MessageId>,
     /// (peer, our epoch) the peer asked for again on this connection: whatever went under
     /// it and is answered `Ok` after that is sent again rather than taken as done.
     retired_out: HashSet<(String, u32)>,

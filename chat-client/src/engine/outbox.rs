@@ -252,7 +252,7 @@ impl Engine {
             let last_page = page.len() < FLUSH_PAGE;
             for queued in page {
                 after = queued.seq;
-                if self.in_flight.contains_key(&queued.id) || held.contains(&queued.peer) {
+                if self.in_flight.contains(&queued.id) || held.contains(&queued.peer) {
                     continue;
                 }
                 if self.send_window_full() {
@@ -334,7 +334,7 @@ impl Engine {
             self.fail_message(&item.id, "message_too_long", &message);
             return true;
         }
-        self.in_flight.insert(item.id, sealed.epoch);
+        self.in_flight.insert(item.id);
         sending.insert(item.peer.clone());
         let to = item.peer;
         let payload = sealed.bytes;

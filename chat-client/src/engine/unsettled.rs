@@ -336,12 +336,8 @@ impl Engine {
     /// Marks `answer`'s item in flight, so that no flush sends it again.
     fn keep_in_flight(&mut self, answer: &Unsettled) {
         match answer {
-            Unsettled::Sent { id, epoch, .. } => {
-                self.in_flight.insert(*id, *epoch);
-            }
-            Unsettled::Failed { id, .. } => {
-                // The epoch it went under no longer matters: it is not sent again.
-                self.in_flight.entry(*id).or_insert(0);
+            Unsettled::Sent { id, .. } | Unsettled::Failed { id, .. } => {
+                self.in_flight.insert(*id);
             }
             Unsettled::GroupCopy { id, member, .. } | Unsettled::Withdrawal { id, member, .. } => {
                 self.group_in_flight.insert((*id, member.clone()));
