@@ -24,6 +24,12 @@ use crate::engine::ClientHandle;
 /// How long `/quit` or end of input waits for the outbox to reach the server.
 pub const FLUSH_ON_EXIT: Duration = Duration::from_secs(10);
 
+/// After the client stopped on its own, lines still waiting on input are answered until
+/// none comes for this long (input not written yet is not waited for)…
+const UNREAD_QUIET: Duration = Duration::from_millis(250);
+/// …or for this long in all.
+const UNREAD_FOR: Duration = Duration::from_secs(10);
+
 /// Parses one input line.
 pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
     let line = line.trim_end_matches(['\r', '\n']);
@@ -279,24 +285,20 @@ pub async fn run(
     let mut group_names = std::collections::HashMap::<String, String>::new();
     // Answers to lines the engine was gone for: written after its last events.
     let mut late_reports = Vec::new();
+    // Reading stopped because the client stopped on its own: lines still waiting on
+    // input are answered at the end, after the stop.
+    let mut unread_left = false;
     loop {
         tokio::select! {
             line = read_line(&mut input, &mut buf), if input_open => {
                 let cmd = match line {
-                    Line::Text(line) => {
-                        let names = group_names.values().map(String::as_str);
-                        let parsed = match check_unquoted_group(&line, names) {
-                            Ok(()) => parse_command(&line).map_err(|m| ("invalid_command", m)),
-                            Err(message) => Err(("ambiguous_group", message)),
-                        };
-                        // A refused line is answered by the engine, in order: the
-                        // lines before it may still wait for their answers there.
-                        match parsed {
-                            Ok(Some(cmd)) => cmd,
-                            Ok(None) => continue,
-                            Err((code, message)) => Command::Report(Event::error(code, message)),
-                        }
-                    }
+                    // A refused line is answered by the engine, in order: the lines
+                    // before it may still wait for their answers there.
+                    Line::Text(line) => match parse_line(&line, &group_names) {
+                        Ok(Some(cmd)) => cmd,
+                        Ok(None) => continue,
+                        Err(refusal) => Command::Report(refusal),
+                    },
                     Line::Invalid(message) => {
                         Command::Report(Event::error("invalid_command", message))
                     }
@@ -312,6 +314,7 @@ pub async fn run(
                 if let Err(refused) = handle.commands.send(cmd) {
                     // The engine stopped: what it said last is still to be read (and
                     // decides the exit code); this line's answer comes after it.
+                    unread_left = input_open;
                     input_open = false;
                     late_reports.extend(refused.0.not_done());
                 }
@@ -346,6 +349,7 @@ pub async fn run(
                 if gave_up {
                     code = 1;
                     quitting = true;
+                    unread_left |= input_open;
                     input_open = false;
                     let _ = handle.commands.send(Command::Shutdown { flush_for: Duration::ZERO });
                 }
@@ -355,6 +359,9 @@ pub async fn run(
     for event in &late_reports {
         write_event(&mut output, event).await;
     }
+    if unread_left {
+        answer_unread(&mut input, &mut buf, &mut output, &group_names).await;
+    }
     if let Err(e) = handle.task.await {
         // The engine died (a bug): say so, and exit non-zero.
         let message = format!("the client stopped unexpectedly ({e}); please report this");
@@ -362,6 +369,53 @@ pub async fn run(
         return 1;
     }
     code
+}
+
+/// Makes a command of a line: `Ok(None)` for a blank line, `Err` with the `error` event
+/// that refuses it (`invalid_command`, or `ambiguous_group` for an unquoted group name
+/// that is the start of another group's, `groups` being our groups' names by id).
+fn parse_line(
+    line: &str,
+    groups: &std::collections::HashMap<String, String>,
+) -> Result<Option<Command>, Event> {
+    check_unquoted_group(line, groups.values().map(String::as_str))
+        .map_err(|message| Event::error("ambiguous_group", message))?;
+    parse_command(line).map_err(|message| Event::error("invalid_command", message))
+}
+
+/// After the client stopped on its own: answers the lines already waiting on `input` as
+/// those read before the stop were (refused lines refused, commands `not_running`), in
+/// order, up to `/quit` or the end of input, until none comes for [`UNREAD_QUIET`] or
+/// for [`UNREAD_FOR`] in all. Without this, how many of a script's lines were answered
+/// would depend on how fast the stop came.
+async fn answer_unread(
+    input: &mut (impl AsyncBufRead + Unpin),
+    buf: &mut Vec<u8>,
+    output: &mut (impl AsyncWrite + Unpin),
+    groups: &std::collections::HashMap<String, String>,
+) {
+    let until = tokio::time::Instant::now() + UNREAD_FOR;
+    loop {
+        let wait = until
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(UNREAD_QUIET);
+        let Ok(line) = tokio::time::timeout(wait, read_line(input, buf)).await else {
+            return;
+        };
+        let answer = match line {
+            Line::End => return,
+            Line::Invalid(message) => Some(Event::error("invalid_command", message)),
+            Line::Text(line) => match parse_line(&line, groups) {
+                Ok(Some(Command::Shutdown { .. })) => return,
+                Ok(Some(cmd)) => cmd.not_done(),
+                Ok(None) => None,
+                Err(refusal) => Some(refusal),
+            },
+        };
+        if let Some(event) = answer {
+            write_event(output, &event).await;
+        }
+    }
 }
 
 /// One line of input.

@@ -14,7 +14,7 @@ use chat_server::health::Health;
 use chat_server::store::Store;
 
 use crate::runtime;
-use crate::say::say;
+use crate::say::{say, say_err};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Admin {
@@ -196,7 +196,7 @@ fn node_admin(admin: Admin, nats: &NatsBackend) -> anyhow::Result<()> {
                     &nats.urls,
                     &node,
                     std::time::Duration::from_secs(timeout),
-                    |stream| eprintln!("moving {stream}'s replica off {node}"),
+                    |stream| say_err!("moving {stream}'s replica off {node}"),
                 )
                 .await?;
                 say!(

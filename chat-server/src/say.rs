@@ -12,7 +12,7 @@ static GONE: AtomicBool = AtomicBool::new(false);
 /// (a broken pipe) this line and every later one are dropped quietly, and the command
 /// carries on: what it does (a removal, a migration) is not cut short by where its
 /// report goes. Any other write failure (e.g. a full disk behind a redirect) is said once
-/// on standard error.
+/// on standard error, if that can be written ([`warn`]).
 pub(crate) fn line(args: std::fmt::Arguments) {
     if GONE.load(Ordering::Relaxed) {
         return;
@@ -22,12 +22,20 @@ pub(crate) fn line(args: std::fmt::Arguments) {
     if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
         GONE.store(true, Ordering::Relaxed);
         if e.kind() != ErrorKind::BrokenPipe {
-            eprintln!(
+            warn(format_args!(
                 "warning: standard output cannot be written ({e}); the command goes on \
                  without printing"
-            );
+            ));
         }
     }
+}
+
+/// Writes one line to standard error, as `eprintln!` does but without its panic when
+/// standard error cannot be written either (`… > log 2>&1` on a full disk): the line is
+/// then lost, and the command carries on.
+pub(crate) fn warn(args: std::fmt::Arguments) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|()| err.write_all(b"\n"));
 }
 
 /// `println!` for the operator commands: see [`line`].
@@ -37,3 +45,11 @@ macro_rules! say {
     };
 }
 pub(crate) use say;
+
+/// `eprintln!` for the operator commands' progress lines: see [`warn`].
+macro_rules! say_err {
+    ($($arg:tt)*) => {
+        $crate::say::warn(format_args!($($arg)*))
+    };
+}
+pub(crate) use say_err;

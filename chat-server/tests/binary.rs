@@ -378,11 +378,38 @@ fn an_admin_command_whose_reader_has_gone_still_does_its_work() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
     // The removal was done, though nobody read that it was.
-    let out = Command::new(BIN)
-        .args(["--data-dir", data.to_str().unwrap(), "admin", "stats"])
-        .output()
-        .unwrap();
-    assert_eq!(stat(&String::from_utf8(out.stdout).unwrap(), "users"), 0);
+    let users = || {
+        let out = Command::new(BIN)
+            .args(["--data-dir", data.to_str().unwrap(), "admin", "stats"])
+            .output()
+            .unwrap();
+        stat(&String::from_utf8(out.stdout).unwrap(), "users")
+    };
+    assert_eq!(users(), 0);
+    // Output and its warning both unwritable (`> log 2>&1` on a full disk): the work is
+    // still done, and the command ends as it would have.
+    {
+        let store = chat_server::store::Store::open(&data).unwrap();
+        let carol = chat_protocol::Username::parse("carol").unwrap();
+        store.bind(&carol, b"key").unwrap();
+    }
+    let full = || {
+        std::fs::File::options()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    for args in [&["stats"][..], &["remove-user", "carol"]] {
+        let status = Command::new(BIN)
+            .args(["--data-dir", data.to_str().unwrap(), "admin"])
+            .args(args)
+            .stdout(full())
+            .stderr(full())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{args:?}: {status:?}");
+    }
+    assert_eq!(users(), 0);
 }
 
 /// The number after `label:` in `admin stats` output.

@@ -122,3 +122,98 @@ fn bad_lines_are_errors() {
         assert!(parse_command(bad).is_err(), "{bad:?}");
     }
 }
+
+/// A client whose start fails at once (as `passphrase_required` does): every line already
+/// waiting on input is answered after the stop, in order, up to `/quit`, however the
+/// reading and the stop interleave.
+#[tokio::test]
+async fn lines_waiting_when_the_client_stops_on_its_own_are_all_answered() {
+    let mut input = Vec::new();
+    for n in 0..40 {
+        input.extend_from_slice(format!("/msg bob hi {n}\n").as_bytes());
+        input.extend_from_slice(b"/users\n\n/frobnicate\n/gmsg g x\n\xff\n");
+    }
+    input.extend_from_slice(b"/quit\n/msg bob after the quit\n");
+    for round in 0..40 {
+        let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::unbounded_channel::<Command>();
+        let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        // What the engine does when its start fails (`engine::spawn`): in even rounds
+        // before the first line is read (its stop and the lines then race in `run`), in
+        // odd ones once every line was read (it answers what it was handed).
+        let engine = async move {
+            let _ = ev_tx.send(Event::error(
+                "passphrase_required",
+                "a passphrase is needed",
+            ));
+            let _ = ev_tx.send(Event::Connection {
+                state: ConnectionState::Offline,
+                retry_in_ms: None,
+                reason: Some("a passphrase is needed".into()),
+                queued: 0,
+                max_text_bytes: None,
+                server: None,
+            });
+            cmd_rx.close();
+            while let Ok(cmd) = cmd_rx.try_recv() {
+                if let Some(event) = cmd.not_done() {
+                    let _ = ev_tx.send(event);
+                }
+            }
+        };
+        let task = if round % 2 == 0 {
+            engine.await;
+            tokio::spawn(async {})
+        } else {
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                engine.await
+            })
+        };
+        let handle = ClientHandle {
+            commands: cmd_tx,
+            events: ev_rx,
+            task,
+        };
+        let mut output = Vec::new();
+        let reader = tokio::io::BufReader::with_capacity(64, &input[..]);
+        let code = run(handle, reader, &mut output, Startup::default()).await;
+        assert_eq!(code, 1);
+        let events: Vec<serde_json::Value> = String::from_utf8(output)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(events[0]["code"], "passphrase_required");
+        assert_eq!(events[1]["state"], "offline");
+        let answers: Vec<(&str, String)> = events[2..]
+            .iter()
+            .map(|e| {
+                let message = e["message"].as_str().unwrap();
+                (
+                    e["code"].as_str().unwrap(),
+                    message.split(':').next().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let mut expected = Vec::new();
+        for _ in 0..40 {
+            expected.extend([
+                (
+                    "not_running",
+                    "the message to bob was not queued".to_owned(),
+                ),
+                ("not_running", "the online users were not listed".to_owned()),
+                ("invalid_command", "unknown command /frobnicate".to_owned()),
+                (
+                    "not_running",
+                    "the message to the group g was not queued".to_owned(),
+                ),
+                (
+                    "invalid_command",
+                    "the line is not valid UTF-8 (byte 0 is not) and was ignored".to_owned(),
+                ),
+            ]);
+        }
+        assert_eq!(answers, expected);
+    }
+}
