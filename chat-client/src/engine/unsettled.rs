@@ -8,6 +8,8 @@
 //! starts: nothing recorded, nothing lost. Telling the failure follows
 //! [`SettlingFailures`]: once per run, not once per answer.
 
+use std::collections::HashSet;
+use std::hash::Hash;
 use std::time::Duration;
 
 use chat_protocol::e2e::MessageId;
@@ -148,7 +150,7 @@ impl Engine {
             Err(e) => {
                 self.store_failed(e);
                 let answer = answer();
-                self.keep_in_flight(&answer);
+                self.set_in_flight(&answer, true);
                 self.unsettled.push(answer);
                 let at = Instant::now() + RESETTLE_EVERY;
                 self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
@@ -174,10 +176,11 @@ impl Engine {
     /// On a new connection (its in-flight sets start empty): what the relay accepted
     /// before, not yet recorded, is still not to be sent again.
     pub(super) fn unsettled_in_flight(&mut self) {
-        for answer in std::mem::take(&mut self.unsettled) {
-            self.keep_in_flight(&answer);
-            self.unsettled.push(answer);
+        let unsettled = std::mem::take(&mut self.unsettled);
+        for answer in &unsettled {
+            self.set_in_flight(answer, true);
         }
+        self.unsettled = unsettled;
     }
 
     /// What went to `peer` sealed in one of our `epochs` (`None`: in any, e.g. its key
@@ -190,7 +193,7 @@ impl Engine {
             .partition(|answer| answer.sealed_for(peer, epochs));
         self.unsettled = kept;
         for answer in &again {
-            self.release_in_flight(answer);
+            self.set_in_flight(answer, false);
         }
         self.flush_due = true;
     }
@@ -213,7 +216,7 @@ impl Engine {
     /// Records one answer again, as when it came; on failure it goes back to
     /// `unsettled`.
     fn resettle_one(&mut self, answer: Unsettled) {
-        self.release_in_flight(&answer);
+        self.set_in_flight(&answer, false);
         match answer {
             Unsettled::Sent {
                 id,
@@ -311,45 +314,31 @@ impl Engine {
         });
     }
 
-    /// Lifts [`Engine::keep_in_flight`]'s marks: a flush may send `answer`'s item again.
-    fn release_in_flight(&mut self, answer: &Unsettled) {
-        match answer {
-            Unsettled::Sent { id, .. } | Unsettled::Failed { id, .. } => {
-                self.in_flight.remove(id);
-            }
-            Unsettled::GroupCopy { id, member, .. } | Unsettled::Withdrawal { id, member, .. } => {
-                self.group_in_flight.remove(&(*id, member.clone()));
-            }
-            Unsettled::Receipts { peer, ids, .. } => {
-                for id in ids {
-                    self.receipts_in_flight.remove(&(peer.clone(), *id));
-                }
-            }
-            Unsettled::Retries { peer, epochs, .. } => {
-                for e in epochs {
-                    self.retries_in_flight.remove(&(peer.clone(), *e));
-                }
+    /// Marks `answer`'s item in flight (`flying`), so that no flush sends it again, or
+    /// lifts the mark, so that a flush may.
+    fn set_in_flight(&mut self, answer: &Unsettled, flying: bool) {
+        fn mark<T: Eq + Hash>(set: &mut HashSet<T>, item: T, flying: bool) {
+            if flying {
+                set.insert(item);
+            } else {
+                set.remove(&item);
             }
         }
-    }
-
-    /// Marks `answer`'s item in flight, so that no flush sends it again.
-    fn keep_in_flight(&mut self, answer: &Unsettled) {
         match answer {
             Unsettled::Sent { id, .. } | Unsettled::Failed { id, .. } => {
-                self.in_flight.insert(*id);
+                mark(&mut self.in_flight, *id, flying);
             }
             Unsettled::GroupCopy { id, member, .. } | Unsettled::Withdrawal { id, member, .. } => {
-                self.group_in_flight.insert((*id, member.clone()));
+                mark(&mut self.group_in_flight, (*id, member.clone()), flying);
             }
             Unsettled::Receipts { peer, ids, .. } => {
                 for id in ids {
-                    self.receipts_in_flight.insert((peer.clone(), *id));
+                    mark(&mut self.receipts_in_flight, (peer.clone(), *id), flying);
                 }
             }
             Unsettled::Retries { peer, epochs, .. } => {
                 for e in epochs {
-                    self.retries_in_flight.insert((peer.clone(), *e));
+                    mark(&mut self.retries_in_flight, (peer.clone(), *e), flying);
                 }
             }
         }
