@@ -3,7 +3,8 @@
 //! history lost, a live session swept by a relay that took its owner for dead, a login's
 //! write held up past its client's patience, and a session key no connection holds; a
 //! crowd registering at once from one address, the cluster-wide limit's bucket; and the
-//! accounts bucket's leader dying under registrations and logins.
+//! accounts bucket's leader dying under registrations and logins; and more live sessions
+//! than nats-server lets a stream have consumers by default.
 
 mod common;
 
@@ -395,4 +396,67 @@ async fn registrations_and_logins_ride_through_the_accounts_buckets_election() {
             other => panic!("{name} was refused in the election: {other:?}"),
         }
     }
+}
+
+/// Every logged-in session reads its mailbox through a JetStream consumer of its own, and
+/// nats-server 2.15 caps a stream at 1,000 consumers unless the stream sets a limit of its
+/// own (it reads -1 and 0 as "the default"): with the mailbox stream left at that default,
+/// the cluster's 1,001st concurrent session never got its mail (found by the bench's
+/// 100,000-connection run; docs/PERFORMANCE.md). A mailbox left at the default by an older
+/// relay is raised when a relay starts. Here consumers made by the test stand for sessions
+/// elsewhere in the cluster, up to 1,000 in all; then alice and bob log in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_past_nats_default_consumer_limit_still_get_their_mail() {
+    use async_nats::jetstream::consumer;
+    let nats = Nats::single();
+    let a = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    drop(a.user("bob", 1).await);
+    let js = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    // As an older relay made it: no limit of its own.
+    let mut config = js
+        .get_stream("chat_mailbox")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    config.max_consumers = -1;
+    js.update_stream(&config).await.unwrap();
+    a.stop().await;
+
+    let b = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    let mut stream = js.get_stream("chat_mailbox").await.unwrap();
+    // The relay's own consumers count too.
+    let own = stream.info().await.unwrap().state.consumer_count;
+    for i in own..1000 {
+        stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: format!("chat.inbox.elsewhere{i}.>"),
+                ack_policy: consumer::AckPolicy::None,
+                num_replicas: 1,
+                memory_storage: true,
+                inactive_threshold: Duration::from_secs(600),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("consumer {i} of the sessions elsewhere: {e}"));
+    }
+    let mut alice = b.user("alice", 0).await;
+    assert!(matches!(
+        alice.send_to("bob", b"queued").await,
+        ServerMessage::Ok { .. }
+    ));
+    let mut bob = b.user("bob", 1).await;
+    let (_, from, payload) = bob.delivery().await;
+    assert_eq!(
+        (from.as_str(), payload.as_slice()),
+        ("alice", &b"queued"[..])
+    );
+    alice.until_online("bob", true).await;
+    assert!(matches!(
+        alice.send_to("bob", b"live").await,
+        ServerMessage::Ok { .. }
+    ));
+    let (_, _, payload) = bob.delivery().await;
+    assert_eq!(payload, b"live");
 }

@@ -35,6 +35,9 @@ enum Task {
     Ssh(deploy::SshArgs),
     /// Terminate the instance and delete its security group, key pair and local key
     Destroy(deploy::DestroyArgs),
+    /// One load process of `bench --connections-only --backend nats` (started by it)
+    #[command(hide = true)]
+    IdleWorker(bench::IdleWorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Task::Status(args) => deploy::status(args),
         Task::Ssh(args) => deploy::ssh(args),
         Task::Destroy(args) => deploy::destroy(args),
+        Task::IdleWorker(args) => bench::idle_worker(args),
     }
 }

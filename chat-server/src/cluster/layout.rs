@@ -44,6 +44,14 @@ fn never_lower(mut wanted: stream::Config, existing: &stream::Info) -> stream::C
 /// How long JetStream remembers a publish's message id to drop a retried duplicate.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
+/// The consumers the mailbox stream admits: every live session in the cluster reads its
+/// mailbox through one of its own ([`super::delivery`]), and relays make a few more. Set
+/// on the stream explicitly: nats-server 2.15 caps a stream that sets no limit of its own
+/// (-1 or 0 there mean "the server's default") at 1,000 consumers, which left the
+/// cluster's 1,001st concurrent session without its mail. `i32::MAX`, the widest
+/// async-nats's stream configuration holds: in effect no limit.
+pub const MAILBOX_MAX_CONSUMERS: i32 = i32::MAX;
+
 /// How long a relay keeps trying to set up the stream and buckets at start.
 const SETUP_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -119,6 +127,7 @@ pub(super) async fn layout(
         duplicate_window: DUPLICATE_WINDOW.min(Duration::from_secs_f64(queue.max_age_secs)),
         allow_direct: true,
         allow_atomic_publish: true,
+        max_consumers: MAILBOX_MAX_CONSUMERS,
         ..Default::default()
     };
     js.get_or_create_stream(mailbox_config.clone())
@@ -134,10 +143,28 @@ pub(super) async fn layout(
             .await
             .map_err(|e| setup("stream", &name)(e.to_string()))?;
     }
-    let mailbox = js
+    let mut mailbox = js
         .get_stream(&name)
         .await
         .map_err(|e| setup("stream", &name)(e.to_string()))?;
+    // A stream made by an older relay (or lowered by hand) caps the sessions the cluster
+    // can serve: raised whatever `adopt_limits` says, since raising it trims nothing.
+    let had = mailbox.cached_info().config.max_consumers;
+    if had != MAILBOX_MAX_CONSUMERS {
+        let mut raised = mailbox.cached_info().config.clone();
+        raised.max_consumers = MAILBOX_MAX_CONSUMERS;
+        js.update_stream(&raised)
+            .await
+            .map_err(|e| setup("stream", &name)(e.to_string()))?;
+        tracing::info!(
+            "the mailbox stream's consumer limit raised from {had} to \
+             {MAILBOX_MAX_CONSUMERS} (each live session reads through a consumer of its own)"
+        );
+        mailbox = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| setup("stream", &name)(e.to_string()))?;
+    }
     let kv_config = |suffix: &str, storage, max_value_size| kv::Config {
         bucket: format!("{}_{suffix}", nats.prefix),
         history: 1,

@@ -297,7 +297,7 @@ pub(super) fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
 }
 
 /// A relay with the bench settings and `extra` flags: (address, pid).
-fn relay(
+pub(super) fn relay(
     procs: &mut Processes,
     exe: &Path,
     data: &Path,
@@ -312,14 +312,14 @@ fn relay(
 }
 
 /// Running nats-server nodes.
-struct NatsNodes {
-    urls: Vec<String>,
-    pids: Vec<u32>,
+pub(super) struct NatsNodes {
+    pub(super) urls: Vec<String>,
+    pub(super) pids: Vec<u32>,
 }
 
 /// `n` nats-server nodes (a cluster if more than one) with JetStream and
 /// `sync_interval: always`, each storing under `dir`.
-fn nats_nodes(
+pub(super) fn nats_nodes(
     procs: &mut Processes,
     exe: &Path,
     dir: &Path,
@@ -382,7 +382,7 @@ fn nats_nodes(
 }
 
 /// nats-server: `$NATS_SERVER`, on PATH, or in the venv `.ci/run` installs it in.
-fn nats_server() -> anyhow::Result<PathBuf> {
+pub(super) fn nats_server() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("NATS_SERVER") {
         return Ok(path.into());
     }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -57,6 +57,74 @@ pub(super) fn connections_only(
     Ok(())
 }
 
+/// Authenticated connections held open, each answering the relay's pings.
+pub(super) struct Held {
+    /// One task per connection; it ends when the relay closes the connection.
+    pub(super) tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// How many are still open.
+    pub(super) open: Arc<AtomicUsize>,
+    /// Seconds it took to open them all.
+    pub(super) secs: f64,
+}
+
+impl Held {
+    /// How many are still open; then closes them all.
+    pub(super) fn close(self) -> usize {
+        let still = self.open.load(Ordering::Relaxed);
+        for task in self.tasks {
+            task.abort();
+        }
+        still
+    }
+}
+
+/// Logs in accounts `idle{i}` for every `i` in `range` (from the loopback source of `i`
+/// in `block`, 64 logins at a time) on the relay at `addr`, and holds them open, each
+/// answering the relay's pings as a client does, so none times out while the rest log in
+/// (100,000 logins take minutes).
+///
+/// # Errors
+/// The first login that failed (connection refused, TLS, the relay's refusal).
+pub(super) async fn hold(
+    addr: &str,
+    key: &rsa::PrivateKey,
+    range: std::ops::Range<usize>,
+    block: u8,
+) -> anyhow::Result<Held> {
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(range.len());
+    let mut logins = tokio::task::JoinSet::new();
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    for i in range {
+        let (addr, key, sem) = (addr.to_owned(), key.clone(), sem.clone());
+        logins.spawn(async move {
+            let _p = sem.acquire().await;
+            let source = source_in(block, i);
+            load::relay_login(&addr, &format!("idle{i}"), &key, Some(source)).await
+        });
+    }
+    let open = Arc::new(AtomicUsize::new(0));
+    while let Some(conn) = logins.join_next().await {
+        let mut conn = conn??;
+        let open = open.clone();
+        open.fetch_add(1, Ordering::Relaxed);
+        tasks.push(tokio::spawn(async move {
+            use chat_protocol::{ClientMessage, ServerMessage};
+            use futures_util::{SinkExt, StreamExt};
+            while let Some(Ok(msg)) = conn.next().await {
+                if let ServerMessage::Ping { nonce } = msg
+                    && conn.send(ClientMessage::Pong { nonce }).await.is_err()
+                {
+                    break;
+                }
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+        }));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Held { tasks, open, secs })
+}
+
 /// Source addresses for connection `i`: 20,000 per loopback address (ports run out at ~28k).
 pub(super) fn source(i: usize) -> [u8; 4] {
     source_in(0, i)
@@ -79,46 +147,12 @@ pub(super) async fn relay_connections(
     block: u8,
 ) -> anyhow::Result<(f64, f64)> {
     let before = rss_bytes(relay.pid)?;
-    let started = Instant::now();
-    let mut conns = Vec::with_capacity(n);
-    let mut logins = tokio::task::JoinSet::new();
-    let sem = Arc::new(tokio::sync::Semaphore::new(64));
-    for i in 0..n {
-        let (addr, key, sem) = (relay.addr.clone(), key.clone(), sem.clone());
-        logins.spawn(async move {
-            let _p = sem.acquire().await;
-            let source = source_in(block, i);
-            load::relay_login(&addr, &format!("idle{i}"), &key, Some(source)).await
-        });
-    }
-    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    while let Some(conn) = logins.join_next().await {
-        // Each answers the relay's pings as a client does, so none times out while the
-        // rest log in (100,000 logins take minutes).
-        let mut conn = conn??;
-        let open = open.clone();
-        open.fetch_add(1, Ordering::Relaxed);
-        conns.push(tokio::spawn(async move {
-            use chat_protocol::{ClientMessage, ServerMessage};
-            use futures_util::{SinkExt, StreamExt};
-            while let Some(Ok(msg)) = conn.next().await {
-                if let ServerMessage::Ping { nonce } = msg
-                    && conn.send(ClientMessage::Pong { nonce }).await.is_err()
-                {
-                    break;
-                }
-            }
-            open.fetch_sub(1, Ordering::Relaxed);
-        }));
-    }
-    let secs = started.elapsed().as_secs_f64();
+    let held = hold(&relay.addr, key, 0..n, block).await?;
+    let secs = held.secs;
     // Let the server settle (blocking-pool threads, allocator) before reading RSS.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = rss_bytes(relay.pid)?;
-    let still = open.load(Ordering::Relaxed);
-    for conn in conns {
-        conn.abort();
-    }
+    let still = held.close();
     anyhow::ensure!(
         still == n,
         "only {still} of {n} connections were still open when the relay's memory was read"

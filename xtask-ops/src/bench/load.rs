@@ -55,17 +55,27 @@ pub async fn relay_login(
         ),
     };
     let mut conn = Framed::new(stream, WireCodec::new(1 << 20));
-    conn.send(ClientMessage::Hello {
+    let hello = ClientMessage::Hello {
         version: PROTOCOL_VERSION,
         software: "bench".into(),
-    })
-    .await?;
-    conn.send(ClientMessage::Register {
+    };
+    let register = ClientMessage::Register {
         id: 1,
         username: name.into(),
         public_key: auth::public_key_der(&key.to_public_key()),
-    })
-    .await?;
+    };
+    let mut sent = conn.feed(hello).await;
+    if sent.is_ok() {
+        sent = conn.send(register).await;
+    }
+    if let Err(e) = sent {
+        // A relay that refuses a connection says why before it closes it.
+        let said = tokio::time::timeout(Duration::from_secs(1), conn.next()).await;
+        if let Ok(Some(Ok(ServerMessage::Error { code, message, .. }))) = said {
+            anyhow::bail!("login of {name} refused: {code}: {message}");
+        }
+        return Err(e.into());
+    }
     let user = Username::parse(name)?;
     loop {
         match conn.next().await.context("relay closed during login")?? {

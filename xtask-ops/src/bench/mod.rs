@@ -3,6 +3,7 @@
 
 mod attack;
 mod cluster;
+mod crowd;
 mod crypto;
 mod echo;
 mod group;
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+pub use crowd::{IdleWorkerArgs, idle_worker};
 use idle::{connections_only, redis_connections, relay_connections, source};
 use load::window;
 use servers::{
@@ -37,8 +39,17 @@ pub struct Args {
     /// Only the memory test: N idle authenticated connections to the relay over TLS, to
     /// the relay without TLS and to Redis over TLS, all held open at once per system
     /// (e.g. `--connections-only --connections 100000`); writes bench-connections.json
+    /// With `--backend nats`: the connections are spread over as many relays of one
+    /// cluster (three NATS nodes) as `--per-process` needs, each relay's share held by a
+    /// load process of its own, so N may pass one process's fd limit (e.g.
+    /// `--connections-only --backend nats --connections 100000`); writes
+    /// bench-cluster-connections.json
     #[arg(long)]
     connections_only: bool,
+    /// With `--connections-only --backend nats`: the most connections one relay, and one
+    /// load process, holds (default: the fd limit less 1,000)
+    #[arg(long)]
+    per_process: Option<usize>,
     /// Only the client's outbox drain: texts queued at once (200 and 20,000; 100 and 2,000
     /// with --quick) handed to a relay of its own, µs per text at each size
     #[arg(long)]
@@ -109,6 +120,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| xtask::target_dir().join("bench"));
         std::fs::create_dir_all(&out)?;
+        if args.connections_only {
+            let n = args.connections.unwrap_or(10_000);
+            return crowd::run(n, args.per_process, &out);
+        }
         return cluster::run(args.quick, &out);
     }
 
