@@ -3,9 +3,12 @@
 //! spread over as many relays of one cluster as that takes: a three-node NATS JetStream
 //! cluster (`sync_interval: always`, every stream R3) and relays that each hold at most
 //! `--per-process` connections, each relay's share opened and held by a load process of
-//! its own (`cargo xtask idle-worker`, not listed in help). Records the relays' and the
+//! its own (`cargo xtask idle-worker`, not listed in help). Once all are open, each load
+//! process sends one message to [`PROBES`] of its accounts, spread over its share, and
+//! checks that each was delivered (a connection can stay open while its session cannot
+//! read its mail: "Concurrent sessions" in docs/CLUSTER.md). Records the relays' and the
 //! NATS nodes' RSS growth per connection and how long it took to open them all, and fails
-//! if any connection was closed before the memory was read.
+//! if a probe was not delivered or any connection was closed before the memory was read.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -27,6 +30,21 @@ const OWN_FDS: usize = 1000;
 /// How long the logins of one run may take in all.
 const OPEN_PATIENCE: Duration = Duration::from_secs(3600);
 
+/// How each load process logs in: 16 at once (six processes on two cores starve one
+/// another's TLS handshakes at 64), and a failed login tried again up to 4 times, as a
+/// client does (at 90,000 sessions here NATS sometimes answered a login's session write too
+/// late, 2026-12-06).
+const LOGINS: idle::Logins = idle::Logins {
+    at_once: 16,
+    retries: 4,
+};
+
+/// Accounts of each load process sent one message once all are open.
+const PROBES: usize = 100;
+
+/// How long a probe's answer, and then its delivery, may take.
+const PROBE_PATIENCE: Duration = Duration::from_secs(30);
+
 /// The hidden `idle-worker` task: one load process of [`run`].
 #[derive(Debug, clap::Args)]
 pub struct IdleWorkerArgs {
@@ -41,9 +59,10 @@ pub struct IdleWorkerArgs {
     count: usize,
 }
 
-/// One load process: logs in and holds its accounts, prints `open SECONDS` once all are
-/// open, then waits for its stdin to close and prints `still K` (how many were still open)
-/// before it exits. Its key is its own (2048-bit RSA): accounts are per name.
+/// One load process: logs in and holds its accounts, prints `open SECONDS RETRIES` once all are
+/// open, sends the probes and prints `delivered D` (how many of them arrived), then waits
+/// for its stdin to close and prints `still K` (how many were still open) before it exits.
+/// Its key is its own (2048-bit RSA): accounts are per name.
 ///
 /// # Errors
 /// The first login that failed; stdin or stdout unusable.
@@ -54,15 +73,72 @@ pub fn idle_worker(args: IdleWorkerArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let range = args.first..args.first + args.count;
-        let held = idle::hold(&args.relay, &key, range, 0).await?;
+        let held = idle::hold(&args.relay, &key, range.clone(), 0, LOGINS).await?;
         let mut out = std::io::stdout();
-        writeln!(out, "open {:.1}", held.secs)?;
+        writeln!(out, "open {:.1} {}", held.secs, held.retried)?;
+        out.flush()?;
+        let delivered = probe(&args.relay, &key, range, &held).await?;
+        writeln!(out, "delivered {delivered}")?;
         out.flush()?;
         tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
             .await??;
         writeln!(out, "still {}", held.close())?;
         Ok(())
     })
+}
+
+/// Sends one 64-byte message to each of [`PROBES`] accounts spread over `range` (held in
+/// `held`) from an account of its own, each waiting for the relay's `Ok`, then waits up to
+/// [`PROBE_PATIENCE`] until as many were delivered: how many were.
+///
+/// # Errors
+/// The prober's login or a send refused, or no answer to a send within [`PROBE_PATIENCE`].
+async fn probe(
+    addr: &str,
+    key: &rsa::PrivateKey,
+    range: std::ops::Range<usize>,
+    held: &idle::Held,
+) -> anyhow::Result<usize> {
+    use chat_protocol::{ClientMessage, ServerMessage};
+    use futures_util::{SinkExt, StreamExt};
+    use std::sync::atomic::Ordering;
+    let picks = PROBES.min(range.len());
+    let name = format!("prober{}", range.start);
+    let source = super::source(range.start);
+    let mut prober = super::load::relay_login(addr, &name, key, Some(source)).await?;
+    let before = held.delivered.load(Ordering::Relaxed);
+    for j in 0..picks {
+        let to = format!("idle{}", range.start + j * range.len() / picks);
+        let id = 100 + j as u32;
+        let payload = vec![0x5a; 64];
+        prober
+            .send(ClientMessage::Send {
+                id,
+                to: to.clone(),
+                payload,
+            })
+            .await?;
+        loop {
+            let answer = tokio::time::timeout(PROBE_PATIENCE, prober.next())
+                .await
+                .with_context(|| format!("no answer to the probe sent to {to}"))?
+                .context("the relay closed the prober's connection")??;
+            match answer {
+                ServerMessage::Ok { id: answered } if answered == id => break,
+                ServerMessage::Ping { nonce } => prober.send(ClientMessage::Pong { nonce }).await?,
+                ServerMessage::Error { code, message, .. } => {
+                    anyhow::bail!("the probe to {to} was refused: {code}: {message}")
+                }
+                _ => {}
+            }
+        }
+    }
+    let arrived = || held.delivered.load(Ordering::Relaxed) - before;
+    let deadline = Instant::now() + PROBE_PATIENCE;
+    while arrived() < picks && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(arrived())
 }
 
 /// `n` idle connections over `ceil(n / per_process)` relays on a three-node cluster; prints
@@ -131,7 +207,8 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
         });
     }
     drop(tx);
-    let answers = |word: &str, what: &str| -> anyhow::Result<Vec<f64>> {
+    // Each load process's line starting with `word`, its numbers.
+    let answers = |word: &str, what: &str| -> anyhow::Result<Vec<Vec<f64>>> {
         let mut got = vec![None; relays];
         while got.iter().any(Option::is_none) {
             let left = OPEN_PATIENCE.saturating_sub(started.elapsed());
@@ -141,20 +218,31 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
             let line = line.with_context(|| {
                 format!("load process {w} ended before {what} (its error is above)")
             })?;
-            if let Some(value) = line.strip_prefix(word) {
-                got[w] = Some(value.trim().parse::<f64>()?);
+            if let Some(values) = line.strip_prefix(word) {
+                let numbers = values.split_whitespace().map(str::parse::<f64>);
+                got[w] = Some(numbers.collect::<Result<Vec<_>, _>>()?);
             }
         }
         Ok(got.into_iter().flatten().collect())
     };
     let opened = answers("open ", "had opened their connections")?;
     let secs = started.elapsed().as_secs_f64();
+    let retried = opened.iter().map(|o| o[1]).sum::<f64>() as usize;
+    let delivered = answers("delivered ", "had sent their probes")?;
+    let delivered = delivered.iter().map(|d| d[0]).sum::<f64>() as usize;
+    let probes: usize = counts.iter().map(|&c| PROBES.min(c)).sum();
+    anyhow::ensure!(
+        delivered == probes,
+        "only {delivered} of {probes} probe messages sent to the idle accounts were \
+         delivered: some sessions cannot read their mail (a relay's ERROR lines above say why)"
+    );
     // Let the servers settle (blocking-pool threads, allocator) before reading RSS.
     std::thread::sleep(Duration::from_secs(2));
     let (relay1, nats1) = (rss(&relay_pids)?, rss(&nodes.pids)?);
     drop(stdins);
     let still: f64 = answers("still ", "had counted their open connections")?
         .iter()
+        .map(|s| s[0])
         .sum();
     anyhow::ensure!(
         still as usize == n,
@@ -162,7 +250,7 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
     );
     let (relay_each, nats_each) = ((relay1 - relay0) / n as f64, (nats1 - nats0) / n as f64);
     let machine = super::report::machine();
-    let slowest = opened.iter().copied().fold(0.0, f64::max);
+    let slowest = opened.iter().map(|o| o[0]).fold(0.0, f64::max);
     println!("machine: {machine}");
     println!(
         "idle authenticated connections held open at once: {n}, over {relays} relays \
@@ -179,6 +267,7 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
         (nats1 - nats0) / 1e6
     );
     println!("seconds to open all: {secs:.0} (slowest load process {slowest:.0})");
+    println!("probe messages delivered: {delivered} of {probes}; logins tried again: {retried}");
     let json = json!({
         "machine": machine,
         "connections": n,
@@ -187,6 +276,8 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
         "fd_limit": fds,
         "nats_nodes": 3,
         "seconds_to_open": secs,
+        "probes_delivered": delivered,
+        "logins_retried": retried,
         "relay_bytes_each": relay_each,
         "nats_bytes_each": nats_each,
         "relay_rss_bytes": {"before": relay0, "after": relay1},

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use serde_json::json;
 use xtask::procs::Processes;
 
@@ -63,6 +64,10 @@ pub(super) struct Held {
     pub(super) tasks: Vec<tokio::task::JoinHandle<()>>,
     /// How many are still open.
     pub(super) open: Arc<AtomicUsize>,
+    /// How many envelopes were delivered to them (each acknowledged).
+    pub(super) delivered: Arc<AtomicUsize>,
+    /// Logins tried again after one failed.
+    pub(super) retried: usize,
     /// Seconds it took to open them all.
     pub(super) secs: f64,
 }
@@ -78,43 +83,76 @@ impl Held {
     }
 }
 
+/// How [`hold`] logs in: how many at once, and how many times a failed login is tried
+/// again (after 1 s, 2 s, ...; as a client does, whose relay was too busy to answer).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Logins {
+    pub(super) at_once: usize,
+    pub(super) retries: usize,
+}
+
 /// Logs in accounts `idle{i}` for every `i` in `range` (from the loopback source of `i`
-/// in `block`, 64 logins at a time) on the relay at `addr`, and holds them open, each
+/// in `block`, as `logins` says) on the relay at `addr`, and holds them open, each
 /// answering the relay's pings as a client does, so none times out while the rest log in
-/// (100,000 logins take minutes).
+/// (100,000 logins take minutes), and acknowledging what is delivered to it (counted).
 ///
 /// # Errors
-/// The first login that failed (connection refused, TLS, the relay's refusal).
+/// The first login that failed `logins.retries + 1` times (connection refused, TLS, the
+/// relay's refusal), with its last error.
 pub(super) async fn hold(
     addr: &str,
     key: &rsa::PrivateKey,
     range: std::ops::Range<usize>,
     block: u8,
+    how: Logins,
 ) -> anyhow::Result<Held> {
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(range.len());
     let mut logins = tokio::task::JoinSet::new();
-    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let sem = Arc::new(tokio::sync::Semaphore::new(how.at_once));
+    let retried = Arc::new(AtomicUsize::new(0));
     for i in range {
-        let (addr, key, sem) = (addr.to_owned(), key.clone(), sem.clone());
+        let (addr, key, sem, retried) =
+            (addr.to_owned(), key.clone(), sem.clone(), retried.clone());
         logins.spawn(async move {
-            let _p = sem.acquire().await;
             let source = source_in(block, i);
-            load::relay_login(&addr, &format!("idle{i}"), &key, Some(source)).await
+            let mut attempt = 0;
+            loop {
+                let permit = sem.acquire().await;
+                let login = load::relay_login(&addr, &format!("idle{i}"), &key, Some(source)).await;
+                drop(permit);
+                match login {
+                    Err(_) if attempt < how.retries => {
+                        attempt += 1;
+                        retried.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
+                    }
+                    done => return done.with_context(|| format!("after {attempt} retries")),
+                }
+            }
         });
     }
     let open = Arc::new(AtomicUsize::new(0));
+    let delivered = Arc::new(AtomicUsize::new(0));
     while let Some(conn) = logins.join_next().await {
         let mut conn = conn??;
-        let open = open.clone();
+        let (open, delivered) = (open.clone(), delivered.clone());
         open.fetch_add(1, Ordering::Relaxed);
         tasks.push(tokio::spawn(async move {
             use chat_protocol::{ClientMessage, ServerMessage};
             use futures_util::{SinkExt, StreamExt};
             while let Some(Ok(msg)) = conn.next().await {
-                if let ServerMessage::Ping { nonce } = msg
-                    && conn.send(ClientMessage::Pong { nonce }).await.is_err()
-                {
+                let answer = match msg {
+                    ServerMessage::Ping { nonce } => ClientMessage::Pong { nonce },
+                    ServerMessage::Deliver { envelope_id, .. } => {
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                        ClientMessage::Ack {
+                            envelope_ids: vec![envelope_id],
+                        }
+                    }
+                    _ => continue,
+                };
+                if conn.send(answer).await.is_err() {
                     break;
                 }
             }
@@ -122,7 +160,13 @@ pub(super) async fn hold(
         }));
     }
     let secs = started.elapsed().as_secs_f64();
-    Ok(Held { tasks, open, secs })
+    Ok(Held {
+        tasks,
+        open,
+        delivered,
+        retried: retried.load(Ordering::Relaxed),
+        secs,
+    })
 }
 
 /// Source addresses for connection `i`: 20,000 per loopback address (ports run out at ~28k).
@@ -147,7 +191,11 @@ pub(super) async fn relay_connections(
     block: u8,
 ) -> anyhow::Result<(f64, f64)> {
     let before = rss_bytes(relay.pid)?;
-    let held = hold(&relay.addr, key, 0..n, block).await?;
+    let how = Logins {
+        at_once: 64,
+        retries: 0,
+    };
+    let held = hold(&relay.addr, key, 0..n, block, how).await?;
     let secs = held.secs;
     // Let the server settle (blocking-pool threads, allocator) before reading RSS.
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -38,7 +38,8 @@ pub struct Args {
     connections: Option<usize>,
     /// Only the memory test: N idle authenticated connections to the relay over TLS, to
     /// the relay without TLS and to Redis over TLS, all held open at once per system
-    /// (e.g. `--connections-only --connections 100000`); writes bench-connections.json
+    /// (e.g. `--connections-only --connections 100000`); writes bench-connections.json.
+    ///
     /// With `--backend nats`: the connections are spread over as many relays of one
     /// cluster (three NATS nodes) as `--per-process` needs, each relay's share held by a
     /// load process of its own, so N may pass one process's fd limit (e.g.
