@@ -208,8 +208,22 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
     }
     drop(tx);
     // Each load process's line starting with `word`, its numbers.
-    let answers = |word: &str, what: &str| -> anyhow::Result<Vec<Vec<f64>>> {
-        let mut got = vec![None; relays];
+    // Lines received but not asked for yet: a quick load process's later line can arrive
+    // before a slow one's earlier line.
+    let mut unread: Vec<Vec<String>> = vec![Vec::new(); relays];
+    let mut answers = |word: &str, what: &str| -> anyhow::Result<Vec<Vec<f64>>> {
+        let numbers = |line: &str| -> anyhow::Result<Vec<f64>> {
+            let values = line[word.len()..].split_whitespace().map(str::parse::<f64>);
+            values
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("a load process said {line:?}"))
+        };
+        let mut got: Vec<Option<Vec<f64>>> = vec![None; relays];
+        for (w, lines) in unread.iter_mut().enumerate() {
+            if let Some(at) = lines.iter().position(|l| l.starts_with(word)) {
+                got[w] = Some(numbers(&lines.remove(at))?);
+            }
+        }
         while got.iter().any(Option::is_none) {
             let left = OPEN_PATIENCE.saturating_sub(started.elapsed());
             let (w, line) = rx
@@ -218,18 +232,19 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
             let line = line.with_context(|| {
                 format!("load process {w} ended before {what} (its error is above)")
             })?;
-            if let Some(values) = line.strip_prefix(word) {
-                let numbers = values.split_whitespace().map(str::parse::<f64>);
-                got[w] = Some(numbers.collect::<Result<Vec<_>, _>>()?);
+            if line.starts_with(word) && got[w].is_none() {
+                got[w] = Some(numbers(&line)?);
+            } else {
+                unread[w].push(line);
             }
         }
         Ok(got.into_iter().flatten().collect())
     };
     let opened = answers("open ", "had opened their connections")?;
     let secs = started.elapsed().as_secs_f64();
-    let retried = opened.iter().map(|o| o[1]).sum::<f64>() as usize;
+    let retried = opened.iter().filter_map(|o| o.get(1)).sum::<f64>() as usize;
     let delivered = answers("delivered ", "had sent their probes")?;
-    let delivered = delivered.iter().map(|d| d[0]).sum::<f64>() as usize;
+    let delivered = delivered.iter().filter_map(|d| d.first()).sum::<f64>() as usize;
     let probes: usize = counts.iter().map(|&c| PROBES.min(c)).sum();
     anyhow::ensure!(
         delivered == probes,
@@ -242,7 +257,7 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
     drop(stdins);
     let still: f64 = answers("still ", "had counted their open connections")?
         .iter()
-        .map(|s| s[0])
+        .filter_map(|s| s.first())
         .sum();
     anyhow::ensure!(
         still as usize == n,
@@ -250,7 +265,10 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
     );
     let (relay_each, nats_each) = ((relay1 - relay0) / n as f64, (nats1 - nats0) / n as f64);
     let machine = super::report::machine();
-    let slowest = opened.iter().map(|o| o[0]).fold(0.0, f64::max);
+    let slowest = opened
+        .iter()
+        .filter_map(|o| o.first().copied())
+        .fold(0.0, f64::max);
     println!("machine: {machine}");
     println!(
         "idle authenticated connections held open at once: {n}, over {relays} relays \
