@@ -14,7 +14,8 @@ use crate::config::{Config, NatsBackend};
 /// lowered one, oldest first) is never lowered, and the byte limit not below the bytes
 /// stored. The relays enforce a lower per-subject share by their tally
 /// ([`super::tally`]); a lower byte limit takes effect at a later start, once the stream
-/// holds less.
+/// holds less. The consumer limit is left as it is: [`raise_consumer_limit`] raises it
+/// apart.
 fn never_lower(mut wanted: stream::Config, existing: &stream::Info) -> stream::Config {
     let had = &existing.config;
     // 0 or -1: no limit, which lowering to any would trim too.
@@ -38,6 +39,8 @@ fn never_lower(mut wanted: stream::Config, existing: &stream::Info) -> stream::C
         );
         wanted.max_bytes = stored;
     }
+    // Raised on its own ([`raise_consumer_limit`]), which some servers refuse.
+    wanted.max_consumers = had.max_consumers;
     wanted
 }
 
@@ -46,10 +49,11 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// The consumers the mailbox stream admits: every live session in the cluster reads its
 /// mailbox through one of its own ([`super::delivery`]), and relays make a few more. Set
-/// on the stream explicitly: nats-server 2.15 caps a stream that sets no limit of its own
-/// (-1 or 0 there mean "the server's default") at 1,000 consumers, which left the
-/// cluster's 1,001st concurrent session without its mail. `i32::MAX`, the widest
-/// async-nats's stream configuration holds: in effect no limit.
+/// on the stream explicitly ([`raise_consumer_limit`]): nats-server 2.15.1 caps a stream
+/// that sets no limit of its own (-1 or 0 there mean "the server's default") at 1,000
+/// consumers (measured: the 1,001st is refused), which left the cluster's 1,001st
+/// concurrent session without its mail. `i32::MAX`, the widest async-nats's stream
+/// configuration holds: in effect no limit.
 pub const MAILBOX_MAX_CONSUMERS: i32 = i32::MAX;
 
 /// How long a relay keeps trying to set up the stream and buckets at start.
@@ -127,7 +131,6 @@ pub(super) async fn layout(
         duplicate_window: DUPLICATE_WINDOW.min(Duration::from_secs_f64(queue.max_age_secs)),
         allow_direct: true,
         allow_atomic_publish: true,
-        max_consumers: MAILBOX_MAX_CONSUMERS,
         ..Default::default()
     };
     js.get_or_create_stream(mailbox_config.clone())
@@ -143,28 +146,13 @@ pub(super) async fn layout(
             .await
             .map_err(|e| setup("stream", &name)(e.to_string()))?;
     }
-    let mut mailbox = js
+    if adopt_limits {
+        raise_consumer_limit(js, &name).await;
+    }
+    let mailbox = js
         .get_stream(&name)
         .await
         .map_err(|e| setup("stream", &name)(e.to_string()))?;
-    // A stream made by an older relay (or lowered by hand) caps the sessions the cluster
-    // can serve: raised whatever `adopt_limits` says, since raising it trims nothing.
-    let had = mailbox.cached_info().config.max_consumers;
-    if had != MAILBOX_MAX_CONSUMERS {
-        let mut raised = mailbox.cached_info().config.clone();
-        raised.max_consumers = MAILBOX_MAX_CONSUMERS;
-        js.update_stream(&raised)
-            .await
-            .map_err(|e| setup("stream", &name)(e.to_string()))?;
-        tracing::info!(
-            "the mailbox stream's consumer limit raised from {had} to \
-             {MAILBOX_MAX_CONSUMERS} (each live session reads through a consumer of its own)"
-        );
-        mailbox = js
-            .get_stream(&name)
-            .await
-            .map_err(|e| setup("stream", &name)(e.to_string()))?;
-    }
     let kv_config = |suffix: &str, storage, max_value_size| kv::Config {
         bucket: format!("{}_{suffix}", nats.prefix),
         history: 1,
@@ -207,6 +195,45 @@ pub(super) async fn layout(
         relays,
         registrations,
     })
+}
+
+/// Raises the mailbox stream `name`'s consumer limit to [`MAILBOX_MAX_CONSUMERS`] in an
+/// update of its own, changing nothing else: a stream made without it (by this relay a
+/// moment ago, by an older relay, or lowered by hand) caps the sessions the whole cluster
+/// can serve. Apart from the other limits' update so that a server that refuses it does
+/// not stop the relay: nats-server before 2.12.5 refuses any change of a stream's consumer
+/// limit, and any version refuses one above an account limit its operator set. Refused,
+/// it is logged as a warning saying what that costs, and the relay starts.
+async fn raise_consumer_limit(js: &jetstream::Context, name: &str) {
+    let refused = match js.get_stream(name).await {
+        Err(e) => e.to_string(),
+        Ok(stream) => {
+            let mut config = stream.cached_info().config.clone();
+            let had = config.max_consumers;
+            if had == MAILBOX_MAX_CONSUMERS {
+                return;
+            }
+            config.max_consumers = MAILBOX_MAX_CONSUMERS;
+            match js.update_stream(&config).await {
+                Ok(_) => {
+                    tracing::info!(
+                        "the mailbox stream's consumer limit raised from {had} to \
+                         {MAILBOX_MAX_CONSUMERS} (each live session reads through a \
+                         consumer of its own)"
+                    );
+                    return;
+                }
+                Err(e) => e.to_string(),
+            }
+        }
+    };
+    tracing::warn!(
+        "the mailbox stream's consumer limit could not be raised ({refused}): each live \
+         session reads its mail through a consumer of its own, so the cluster serves mail \
+         to at most as many concurrent sessions as the stream admits consumers (1,000 on \
+         nats-server 2.15 unless set). Use nats-server 2.12.5 or newer and no account \
+         consumer limit below {MAILBOX_MAX_CONSUMERS}, then restart a relay"
+    );
 }
 
 /// How long an address's registration bucket takes to fill up from empty: after that

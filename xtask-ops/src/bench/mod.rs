@@ -48,8 +48,8 @@ pub struct Args {
     #[arg(long)]
     connections_only: bool,
     /// With `--connections-only --backend nats`: the most connections one relay, and one
-    /// load process, holds (default: the fd limit less 1,000)
-    #[arg(long)]
+    /// load process, holds (default: the fd limit less 1,000, at most 120,000)
+    #[arg(long, requires = "connections_only")]
     per_process: Option<usize>,
     /// Only the client's outbox drain: texts queued at once (200 and 20,000; 100 and 2,000
     /// with --quick) handed to a relay of its own, µs per text at each size
