@@ -16,12 +16,19 @@
 //! relay's publishes to that recipient in flight to be answered, so it neither misses nor
 //! double-counts them, and for a place in the relay's gate for tally fetches
 //! ([`super::api_gate`]: the first sends to many recipients at once, a group's fan-out
-//! among them, must not flood a node's JetStream API queue). A limit can therefore be passed only by what *other* relays store
-//! meanwhile: one round trip's worth once half a limit is used, and below half, since each
-//! relay fills up to half a limit on its own before it fetches again, at worst K/2 times
-//! the limit with K relays sending to one recipient at once (none with K ≤ 2). Envelopes
-//! of the earlier one-subject-per-recipient layout are not counted (they drain as the
-//! recipient reads). A relay that cannot fetch lets the publish decide.
+//! among them, must not flood a node's JetStream API queue). A limit can therefore be
+//! passed only by what *other* relays store meanwhile: one round trip's worth once half a
+//! limit is used, and below half, since each relay fills up to half a limit on its own
+//! before it fetches again, at worst K/2 times the limit with K relays sending to one
+//! recipient at once (none with K ≤ 2). Envelopes of the earlier one-subject-per-recipient
+//! layout are not counted (they drain as the recipient reads).
+//!
+//! A relay whose fetch fails or is not answered within [`TALLY_PATIENCE`] judges on what
+//! it knows until it fetches again after [`FAR_FOR`] (or near a limit): the counts it
+//! last fetched plus what it stored since, or, with none, what it stored since alone. So
+//! while fetches fail each relay adds at most a limit's worth to a recipient it had no
+//! counts for (JetStream's per-subject cap holds regardless), and a share the recipient
+//! freed by reading may be refused until a fetch succeeds.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +40,14 @@ use crate::store::{Enqueued, QueueLimits};
 
 /// A tally far from every limit is fetched again after this long.
 pub const FAR_FOR: Duration = Duration::from_secs(5);
+/// How long a tally fetch may take before the relay judges on what it knows (see the
+/// module's documentation). A healthy cluster answers in about a millisecond, but
+/// nats-server answers a stream info request only when its queue of other JetStream API
+/// requests is empty (`processJSAPIRoutedRequests` in its `server/jetstream_api.go`
+/// serves the info queue only then): while sessions log in by the thousand, each making
+/// its mailbox consumer, it waits, and at async-nats's 10 s request timeout every first
+/// send to a recipient took 10 s (measured with 30,000 sessions on three relays).
+pub const TALLY_PATIENCE: Duration = Duration::from_secs(1);
 /// Recipients tallied at most; past it stale tallies are dropped.
 const MAX_TALLIES: usize = 100_000;
 
@@ -200,9 +215,9 @@ impl Tallies {
 
     /// Decides whether one more envelope from `sender` at `address` fits in the mailbox
     /// whose subjects start with `prefix` (ending in `.`), fetching the counts from
-    /// `mailbox` first when they are stale or near a limit. `Ok(held)`: it fits (also when
-    /// the counts cannot be fetched: JetStream's per-subject cap still holds), and is
-    /// counted in flight while `held` lives. `Err(refusal)`: the limit it is over.
+    /// `mailbox` first when they are stale or near a limit (judged on the counts known if
+    /// the fetch fails). `Ok(held)`: it fits, and is counted in flight while `held` lives.
+    /// `Err(refusal)`: the limit it is over.
     ///
     /// A fetch waits until this relay's publishes to the recipient in flight are answered,
     /// so that it neither misses nor double-counts them: counted twice, an envelope could
@@ -220,7 +235,6 @@ impl Tallies {
         let fresh = self.lock().get(prefix).is_some_and(|tally| {
             tally.fetched_at.elapsed() < FAR_FOR && !near(tally.affected(address, sender), limits)
         });
-        let mut fetched = fresh;
         if !fresh {
             // A place in the gate, then nothing in flight: publishes that went out while
             // this waited for its place are waited for again without holding it.
@@ -236,21 +250,22 @@ impl Tallies {
                 .lock()
                 .get(prefix)
                 .map(|tally| (tally.id, tally.stored.clone()));
-            let fetched_counts = fetch(mailbox, prefix).await;
+            let fetched_counts = tokio::time::timeout(TALLY_PATIENCE, fetch(mailbox, prefix))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {TALLY_PATIENCE:?}")));
             drop(through);
-            match fetched_counts {
-                Ok(counts) => {
-                    self.record(prefix, before, counts, began);
-                    fetched = true;
-                }
-                Err(e) => tracing::debug!("cannot tally {prefix}>: {e}"),
-            }
+            let counts = fetched_counts
+                .inspect_err(|e| {
+                    tracing::debug!("cannot tally {prefix}> ({e}): judged on what is known")
+                })
+                .ok();
+            self.record(prefix, before, counts, began);
         }
         let mut tallies = self.lock();
         let Some(tally) = tallies.get_mut(prefix) else {
             return Ok(self.held(prefix, address, sender, None));
         };
-        if fetched && let Some(refused) = judge(tally.affected(address, sender), limits) {
+        if let Some(refused) = judge(tally.affected(address, sender), limits) {
             return Err(refused);
         }
         tally.in_flight.add(address, sender, 1);
@@ -272,13 +287,26 @@ impl Tallies {
 
     /// Keeps `counts`, fetched from `began` on, unless a later fetch's are kept already.
     /// `before`: the tally's id and stored publishes when the fetch began (none: no tally).
-    fn record(&self, prefix: &str, before: Option<(u64, Counts)>, counts: Counts, began: Instant) {
+    /// `counts` is `None` if the fetch failed: the tally keeps its counts as they are, or
+    /// with none is made empty (counting from then on only what this relay stores), and
+    /// either is fresh from `began` on, so that a relay that cannot fetch asks again after
+    /// [`FAR_FOR`] (or near a limit) rather than before every publish, and bounds what it
+    /// adds meanwhile by what it knows.
+    fn record(
+        &self,
+        prefix: &str,
+        before: Option<(u64, Counts)>,
+        counts: Option<Counts>,
+        began: Instant,
+    ) {
         let mut tallies = self.lock();
         match (tallies.get_mut(prefix), before) {
             // An older fetch's counts are dropped.
             (Some(tally), Some((id, base))) if tally.id == id && began >= tally.fetched_at => {
-                tally.fetched = counts;
-                tally.base = base;
+                if let Some(counts) = counts {
+                    tally.fetched = counts;
+                    tally.base = base;
+                }
                 tally.fetched_at = began;
             }
             (None, _) => {
@@ -295,7 +323,7 @@ impl Tallies {
                     prefix.to_owned(),
                     Tally {
                         id,
-                        fetched: counts,
+                        fetched: counts.unwrap_or_default(),
                         base: Counts::default(),
                         stored: Counts::default(),
                         in_flight: Counts::default(),
@@ -397,6 +425,17 @@ mod tests {
         assert!(near([0, 0, 2], &limits()));
     }
 
+    /// One envelope from bob at a1 admitted to `p`'s tally `id`, as `admit` counts it.
+    fn admitted(tallies: &Arc<Tallies>, p: &str, id: u64) -> Held {
+        tallies
+            .lock()
+            .get_mut(p)
+            .unwrap()
+            .in_flight
+            .add("a1", "bob", 1);
+        tallies.held(p, "a1", "bob", Some(id))
+    }
+
     /// Stored and in-flight publishes count until a fetch that began after them has them;
     /// overlapping fetches neither lose nor double-count them, an older fetch's counts are
     /// dropped, and a publish held for a tally since replaced leaves the new one alone.
@@ -405,18 +444,10 @@ mod tests {
         let tallies = Arc::new(Tallies::default());
         let p = "chat.inbox.vic.";
         let t0 = Instant::now();
-        tallies.record(p, None, Counts::from_subjects([("a1.bob", 1)]), t0);
+        tallies.record(p, None, Some(Counts::from_subjects([("a1.bob", 1)])), t0);
         let bob = |tallies: &Arc<Tallies>| tallies.lock().get(p).unwrap().affected("a1", "bob");
         let id = tallies.lock()[p].id;
-        let held = |tallies: &Arc<Tallies>| {
-            tallies
-                .lock()
-                .get_mut(p)
-                .unwrap()
-                .in_flight
-                .add("a1", "bob", 1);
-            tallies.held(p, "a1", "bob", Some(id))
-        };
+        let held = |tallies: &Arc<Tallies>| admitted(tallies, p, id);
         // One in flight, then stored: 2 either way.
         let first = held(&tallies);
         assert_eq!(bob(&tallies), [2, 2, 2]);
@@ -431,23 +462,84 @@ mod tests {
         let (s2, t2) = (snapshot(), Instant::now());
         held(&tallies).stored();
         // The later fetch ends first (it saw the third), then the earlier one: dropped.
-        tallies.record(p, Some(s2), Counts::from_subjects([("a1.bob", 3)]), t2);
+        tallies.record(
+            p,
+            Some(s2),
+            Some(Counts::from_subjects([("a1.bob", 3)])),
+            t2,
+        );
         assert_eq!(
             bob(&tallies),
             [4, 4, 4],
             "conservative: the third may count twice"
         );
-        tallies.record(p, Some(s1), Counts::from_subjects([("a1.bob", 2)]), t1);
+        tallies.record(
+            p,
+            Some(s1),
+            Some(Counts::from_subjects([("a1.bob", 2)])),
+            t1,
+        );
         assert_eq!(bob(&tallies), [4, 4, 4]);
         let (s3, t3) = (snapshot(), Instant::now());
-        tallies.record(p, Some(s3), Counts::from_subjects([("a1.bob", 3)]), t3);
+        tallies.record(
+            p,
+            Some(s3),
+            Some(Counts::from_subjects([("a1.bob", 3)])),
+            t3,
+        );
         assert_eq!(bob(&tallies), [3, 3, 3]);
         // A publish held for a tally that was since dropped and made again.
         let stale = held(&tallies);
         tallies.lock().clear();
-        tallies.record(p, None, Counts::default(), Instant::now());
+        tallies.record(p, None, Some(Counts::default()), Instant::now());
         drop(stale);
         assert_eq!(bob(&tallies), [0, 0, 0]);
         assert_eq!(tallies.lock()[p].in_flight, Counts::default());
+    }
+
+    /// A fetch that fails (no answer within `TALLY_PATIENCE`) leaves the counts known:
+    /// with no tally, what this relay stores from then on, so that it cannot add more
+    /// than a limit however long the counts stay out of reach; with one, its last counts.
+    /// Either is fresh again, so the next publish does not wait on another fetch.
+    #[test]
+    fn a_failed_fetch_judges_on_what_is_known() {
+        let tallies = Arc::new(Tallies::default());
+        let p = "chat.inbox.vic.";
+        let began = Instant::now() - FAR_FOR;
+        tallies.record(p, None, None, began);
+        let store = |tallies: &Arc<Tallies>, n: usize| {
+            for _ in 0..n {
+                let id = tallies.lock()[p].id;
+                admitted(tallies, p, id).stored();
+            }
+        };
+        let verdict = |tallies: &Arc<Tallies>, sender: &str| {
+            judge(tallies.lock()[p].affected("a1", sender), &limits())
+        };
+        assert_eq!(verdict(&tallies, "bob"), None, "nothing known yet");
+        store(&tallies, 4);
+        assert_eq!(
+            verdict(&tallies, "bob"),
+            Some(Enqueued::SenderShareFull),
+            "bob's share (4) is full of what this relay stored since"
+        );
+        // A fetch that worked, then one that failed: the fetched counts stay, and the
+        // tally is fresh from the failed one's start.
+        let before = {
+            let t = &tallies.lock()[p];
+            (t.id, t.stored.clone())
+        };
+        tallies.record(
+            p,
+            Some(before.clone()),
+            Some(Counts::from_subjects([("a1.carol", 1)])),
+            Instant::now(),
+        );
+        assert_eq!(verdict(&tallies, "bob"), None, "bob's were read meanwhile");
+        let failed_at = Instant::now();
+        tallies.record(p, Some(before), None, failed_at);
+        let t = &tallies.lock()[p];
+        assert_eq!(t.fetched, Counts::from_subjects([("a1.carol", 1)]));
+        assert_eq!(t.fetched_at, failed_at);
     }
 }

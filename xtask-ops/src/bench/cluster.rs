@@ -248,8 +248,11 @@ where
     })
 }
 
-/// Logs in `n` sessions on the relay at `addr` and holds them: (relay RSS, NATS RSS)
-/// growth per session, in bytes.
+/// Logs in `n` sessions on the relay at `addr` and holds them ([`super::idle::hold`], 32
+/// logins at once, none tried again): (relay RSS, NATS RSS) growth per session, in bytes.
+///
+/// # Errors
+/// A login that failed, or a session closed before the memory was read.
 async fn idle_sessions(
     addr: &str,
     relay_pid: u32,
@@ -260,22 +263,18 @@ async fn idle_sessions(
     let nats_rss =
         || -> anyhow::Result<f64> { nats_pids.iter().map(|&pid| super::rss_bytes(pid)).sum() };
     let (relay0, nats0) = (super::rss_bytes(relay_pid)?, nats_rss()?);
-    let mut logins = tokio::task::JoinSet::new();
-    let sem = Arc::new(tokio::sync::Semaphore::new(32));
-    for i in 0..n {
-        let (addr, key, sem) = (addr.to_owned(), key.clone(), sem.clone());
-        logins.spawn(async move {
-            let _permit = sem.acquire().await;
-            load::relay_login(&addr, &format!("idle{i}"), &key, Some(super::source(i))).await
-        });
-    }
-    let mut sessions = Vec::with_capacity(n);
-    while let Some(conn) = logins.join_next().await {
-        sessions.push(conn??);
-    }
+    let logins = super::idle::Logins {
+        at_once: 32,
+        retries: 0,
+    };
+    let held = super::idle::hold(addr, key, 0..n, 0, logins).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (relay1, nats1) = (super::rss_bytes(relay_pid)?, nats_rss()?);
-    drop(sessions);
+    let still = held.close();
+    anyhow::ensure!(
+        still == n,
+        "only {still} of {n} sessions were still open when the memory was read"
+    );
     Ok(((relay1 - relay0) / n as f64, (nats1 - nats0) / n as f64))
 }
 

@@ -63,7 +63,8 @@ pub struct IdleWorkerArgs {
 }
 
 /// One load process: logs in and holds its accounts, prints `open SECONDS RETRIES` once all are
-/// open, sends the probes and prints `delivered D` (how many of them arrived), then waits
+/// open, sends the probes and prints `delivered D P50 MAX` (how many of them arrived, and
+/// the median and longest wait in milliseconds for the relay's `Ok` to a send), then waits
 /// for its stdin to close and prints `still K` (how many were still open) before it exits.
 /// Its key is its own (2048-bit RSA): accounts are per name.
 ///
@@ -80,8 +81,11 @@ pub fn idle_worker(args: IdleWorkerArgs) -> anyhow::Result<()> {
         let mut out = std::io::stdout();
         writeln!(out, "open {:.1} {}", held.secs, held.retried)?;
         out.flush()?;
-        let delivered = probe(&args.relay, &key, range, &held).await?;
-        writeln!(out, "delivered {delivered}")?;
+        let (delivered, mut waits) = probe(&args.relay, &key, range, &held).await?;
+        waits.sort_unstable();
+        let ms = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        let (p50, max) = (ms(waits.get(waits.len() / 2)), ms(waits.last()));
+        writeln!(out, "delivered {delivered} {p50:.1} {max:.1}")?;
         out.flush()?;
         tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
             .await??;
@@ -92,7 +96,9 @@ pub fn idle_worker(args: IdleWorkerArgs) -> anyhow::Result<()> {
 
 /// Sends one 64-byte message to each of [`PROBES`] accounts spread over `range` (held in
 /// `held`) from an account of its own, each waiting for the relay's `Ok`, then waits up to
-/// [`PROBE_PATIENCE`] until as many were delivered: how many were.
+/// [`PROBE_PATIENCE`] until as many were delivered: how many were, and how long each send
+/// waited for its `Ok` (each is the first send to its recipient since the relay started,
+/// so it includes the relay's fetch of the recipient's tally).
 ///
 /// # Errors
 /// The prober's login or a send refused, or no answer to a send within [`PROBE_PATIENCE`].
@@ -101,7 +107,7 @@ async fn probe(
     key: &rsa::PrivateKey,
     range: std::ops::Range<usize>,
     held: &idle::Held,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<(usize, Vec<Duration>)> {
     use chat_protocol::{ClientMessage, ServerMessage};
     use futures_util::{SinkExt, StreamExt};
     use std::sync::atomic::Ordering;
@@ -110,10 +116,12 @@ async fn probe(
     let source = super::source(range.start);
     let mut prober = super::load::relay_login(addr, &name, key, Some(source)).await?;
     let before = held.delivered.load(Ordering::Relaxed);
+    let mut waits = Vec::with_capacity(picks);
     for j in 0..picks {
         let to = format!("idle{}", range.start + j * range.len() / picks);
         let id = 100 + j as u32;
         let payload = vec![0x5a; 64];
+        let sent = Instant::now();
         prober
             .send(ClientMessage::Send {
                 id,
@@ -127,7 +135,10 @@ async fn probe(
                 .with_context(|| format!("no answer to the probe sent to {to}"))?
                 .context("the relay closed the prober's connection")??;
             match answer {
-                ServerMessage::Ok { id: answered } if answered == id => break,
+                ServerMessage::Ok { id: answered } if answered == id => {
+                    waits.push(sent.elapsed());
+                    break;
+                }
                 ServerMessage::Ping { nonce } => prober.send(ClientMessage::Pong { nonce }).await?,
                 ServerMessage::Error { code, message, .. } => {
                     anyhow::bail!("the probe to {to} was refused: {code}: {message}")
@@ -141,7 +152,7 @@ async fn probe(
     while arrived() < picks && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(arrived())
+    Ok((arrived(), waits))
 }
 
 /// `n` idle connections over `ceil(n / per_process)` relays on a three-node cluster; prints
@@ -258,9 +269,21 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
     };
     let opened = answers("open ", "had opened their connections")?;
     let secs = started.elapsed().as_secs_f64();
+    println!("all {n} open after {secs:.0} s");
     let retried = opened.iter().filter_map(|o| o.get(1)).sum::<f64>() as usize;
     let delivered = answers("delivered ", "had sent their probes")?;
+    let highest = |i: usize| {
+        delivered
+            .iter()
+            .filter_map(|d| d.get(i).copied())
+            .fold(0.0, f64::max)
+    };
+    let (answer_p50, answer_max) = (highest(1), highest(2));
     let delivered = delivered.iter().filter_map(|d| d.first()).sum::<f64>() as usize;
+    println!(
+        "probe sends (each its recipient's first) answered in: median {answer_p50:.1} ms \
+         (the highest of the load processes'), longest {answer_max:.1} ms"
+    );
     let probes: usize = counts.iter().map(|&c| PROBES.min(c)).sum();
     anyhow::ensure!(
         delivered == probes,
@@ -313,6 +336,7 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
         "seconds_to_open": secs,
         "probes_delivered": delivered,
         "logins_retried": retried,
+        "probe_answer_ms": {"median_highest": answer_p50, "max": answer_max},
         "relay_bytes_each": relay_each,
         "nats_bytes_each": nats_each,
         "relay_rss_bytes": {"before": relay0, "after": relay1},
