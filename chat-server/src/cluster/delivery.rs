@@ -141,8 +141,6 @@ impl Cluster {
         let mut failures = Failures::default();
         // Envelopes still to give before the backlog is read; `None` once caught up.
         let mut backlog: Option<u64> = Some(0);
-        // The name of the consumer being made, and the sequence it starts from.
-        let mut naming: Option<(u64, String)> = None;
         loop {
             // Through the API gate first (every reader makes its consumer again at a
             // disturbance). A disturbance while waiting changes nothing: nothing was asked.
@@ -152,12 +150,10 @@ impl Cluster {
                 0 => consumer::DeliverPolicy::All,
                 start_sequence => consumer::DeliverPolicy::ByStartSequence { start_sequence },
             };
-            let name = consumer_name(&mut naming, next);
             let make = async {
                 let consumer = self
                     .mailbox
                     .create_consumer(consumer::pull::Config {
-                        name: Some(name.clone()),
                         filter_subjects: vec![subject.clone(), legacy.clone()],
                         deliver_policy,
                         ack_policy: consumer::AckPolicy::None,
@@ -168,7 +164,7 @@ impl Cluster {
                         ..Default::default()
                     })
                     .await
-                    .map_err(|e| (e.to_string(), false))?;
+                    .map_err(|e| e.to_string())?;
                 let info = consumer.cached_info();
                 let (pending, name) = (info.num_pending, info.name.clone());
                 // No message in the stream is larger than what the server took (unless
@@ -189,12 +185,12 @@ impl Cluster {
                     .messages()
                     .await;
                 match messages {
-                    Ok(messages) => Ok::<_, (String, bool)>((pending, name, messages)),
+                    Ok(messages) => Ok::<_, String>((pending, name, messages)),
                     Err(e) => {
                         // Made but never read: deleted now rather than left to
                         // `CONSUMER_INACTIVE`.
                         self.forget_consumer(name);
-                        Err((e.to_string(), false))
+                        Err(e.to_string())
                     }
                 }
             };
@@ -202,7 +198,7 @@ impl Cluster {
             // times out, even once one is elected: an election starts the making again.
             let made = tokio::select! {
                 made = tokio::time::timeout(CONSUMER_PATIENCE, make) => {
-                    made.unwrap_or_else(|_| Err(("timed out making a consumer".into(), true)))
+                    made.unwrap_or_else(|_| Err("timed out making a consumer".into()))
                 }
                 changed = disturbances.changed() => {
                     if changed.is_err() {
@@ -215,8 +211,6 @@ impl Cluster {
             drop(through);
             let (mut messages, name) = match made {
                 Ok((pending, name, messages)) => {
-                    // The next making is of a new consumer (this one may be deleted).
-                    naming = None;
                     debug!("reading {subject} from {next} ({pending} pending)");
                     if backlog.is_some() {
                         // Counted from `next`: a remade consumer starts where we stopped.
@@ -224,13 +218,7 @@ impl Cluster {
                     }
                     (messages, name)
                 }
-                Err((e, unanswered)) => {
-                    // Only a making left unanswered is tried again under its name: one
-                    // the server refused (its consumer's node is gone, say) would be
-                    // refused again, and one made but not read is being deleted.
-                    if !unanswered {
-                        naming = None;
-                    }
+                Err(e) => {
                     if failures.give_up() {
                         return Err(e);
                     }
@@ -405,28 +393,6 @@ fn pull_limits(config: &consumer::Config, max_payload: usize) -> PullLimits {
     }
 }
 
-/// The name of the mailbox consumer to make from stream sequence `next`: the one in
-/// `naming` if it was chosen for the same start, else a new random one (kept there).
-/// A making given up after its patience may still be done by the server: tried again
-/// under the same name with the same configuration it finds that consumer (a create
-/// whose configuration matches an existing one returns it) instead of making a second one
-/// that would live until `CONSUMER_INACTIVE`: otherwise, while nats-server is slow to
-/// make consumers (a burst of logins), every retry would add one more to what it is slow
-/// at. The caller clears `naming` once a consumer was made (it may be deleted after use)
-/// and when the server refused the making: a consumer placed on a node that died since
-/// is refused as offline for as long as it keeps that name, while a new name is placed on
-/// a node that is up.
-fn consumer_name(naming: &mut Option<(u64, String)>, next: u64) -> String {
-    match naming {
-        Some((start, name)) if *start == next => name.clone(),
-        _ => {
-            let name = format!("mailbox_{:032x}", rand::random::<u128>());
-            *naming = Some((next, name.clone()));
-            name
-        }
-    }
-}
-
 /// Aborts a task when dropped.
 #[derive(Debug)]
 pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -472,20 +438,6 @@ mod tests {
             pull_limits(&config(-1, Duration::from_secs(4)), small),
             limits(PULL_BATCH, Duration::from_secs(4), Duration::from_secs(2))
         );
-    }
-
-    #[test]
-    fn a_making_tried_again_keeps_its_name_and_a_new_start_gets_a_new_one() {
-        let mut naming = None;
-        let first = consumer_name(&mut naming, 0);
-        assert_eq!(consumer_name(&mut naming, 0), first, "tried again");
-        let moved = consumer_name(&mut naming, 7);
-        assert_ne!(moved, first, "a new start");
-        // Made: the caller clears it, and the next making is a new consumer.
-        naming = None;
-        assert_ne!(consumer_name(&mut naming, 7), moved);
-        // A valid JetStream name: no `.`, `*`, `>` or whitespace.
-        assert!(first.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
     }
 
     #[test]
