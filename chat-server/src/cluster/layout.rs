@@ -133,26 +133,23 @@ pub(super) async fn layout(
         allow_atomic_publish: true,
         ..Default::default()
     };
-    js.get_or_create_stream(mailbox_config.clone())
+    // The stream as it is (made now, or found), asked once; read again only if changed.
+    let mut mailbox = js
+        .get_or_create_stream(mailbox_config.clone())
         .await
         .map_err(|e| setup("stream", &name)(e.to_string()))?;
     if adopt_limits {
-        let existing = js
+        let adopted = never_lower(mailbox_config, mailbox.cached_info());
+        let updated = js
+            .update_stream(&adopted)
+            .await
+            .map_err(|e| setup("stream", &name)(e.to_string()))?;
+        raise_consumer_limit(js, updated.config).await;
+        mailbox = js
             .get_stream(&name)
             .await
             .map_err(|e| setup("stream", &name)(e.to_string()))?;
-        let adopted = never_lower(mailbox_config, existing.cached_info());
-        js.update_stream(&adopted)
-            .await
-            .map_err(|e| setup("stream", &name)(e.to_string()))?;
     }
-    if adopt_limits {
-        raise_consumer_limit(js, &name).await;
-    }
-    let mailbox = js
-        .get_stream(&name)
-        .await
-        .map_err(|e| setup("stream", &name)(e.to_string()))?;
     let kv_config = |suffix: &str, storage, max_value_size| kv::Config {
         bucket: format!("{}_{suffix}", nats.prefix),
         history: 1,
@@ -197,35 +194,29 @@ pub(super) async fn layout(
     })
 }
 
-/// Raises the mailbox stream `name`'s consumer limit to [`MAILBOX_MAX_CONSUMERS`] in an
-/// update of its own, changing nothing else: a stream made without it (by this relay a
+/// Raises the consumer limit of the mailbox stream whose configuration is now `config` to
+/// [`MAILBOX_MAX_CONSUMERS`] in an update of its own, changing nothing else: a stream made without it (by this relay a
 /// moment ago, by an older relay, or lowered by hand) caps the sessions the whole cluster
 /// can serve. Apart from the other limits' update so that a server that refuses it does
 /// not stop the relay: nats-server before 2.12.5 refuses any change of a stream's consumer
 /// limit, and any version refuses one above an account limit its operator set. Refused,
 /// it is logged as a warning saying what that costs, and the relay starts.
-async fn raise_consumer_limit(js: &jetstream::Context, name: &str) {
-    let refused = match js.get_stream(name).await {
-        Err(e) => e.to_string(),
-        Ok(stream) => {
-            let mut config = stream.cached_info().config.clone();
-            let had = config.max_consumers;
-            if had == MAILBOX_MAX_CONSUMERS {
-                return;
-            }
-            config.max_consumers = MAILBOX_MAX_CONSUMERS;
-            match js.update_stream(&config).await {
-                Ok(_) => {
-                    tracing::info!(
-                        "the mailbox stream's consumer limit raised from {had} to \
-                         {MAILBOX_MAX_CONSUMERS} (each live session reads through a \
-                         consumer of its own)"
-                    );
-                    return;
-                }
-                Err(e) => e.to_string(),
-            }
+async fn raise_consumer_limit(js: &jetstream::Context, mut config: stream::Config) {
+    let had = config.max_consumers;
+    if had == MAILBOX_MAX_CONSUMERS {
+        return;
+    }
+    config.max_consumers = MAILBOX_MAX_CONSUMERS;
+    let refused = match js.update_stream(&config).await {
+        Ok(_) => {
+            tracing::info!(
+                "the mailbox stream's consumer limit raised from {had} to \
+                 {MAILBOX_MAX_CONSUMERS} (each live session reads through a consumer of \
+                 its own)"
+            );
+            return;
         }
+        Err(e) => e.to_string(),
     };
     tracing::warn!(
         "the mailbox stream's consumer limit could not be raised ({refused}): each live \

@@ -30,6 +30,7 @@
 mod accounts;
 mod admin;
 mod api_gate;
+mod breaker;
 mod delivery;
 mod layout;
 mod link;

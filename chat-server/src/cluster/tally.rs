@@ -23,9 +23,10 @@
 //! recipient at once (none with K ≤ 2). Envelopes of the earlier one-subject-per-recipient
 //! layout are not counted (they drain as the recipient reads).
 //!
-//! A relay whose fetch fails or is not answered within [`TALLY_PATIENCE`] judges on what
-//! it knows until it fetches again after [`FAR_FOR`] (or near a limit): the counts it
-//! last fetched plus what it stored since, or, with none, what it stored since alone. So
+//! A relay whose fetch fails or is not answered within [`TALLY_PATIENCE`], or whose
+//! fetches are paused after failing in a row ([`super::breaker`]), judges on what it
+//! knows until it fetches again after [`FAR_FOR`] (or near a limit): the counts it last
+//! fetched plus what it stored since, or, with none, what it stored since alone. So
 //! while fetches fail each relay adds at most a limit's worth to a recipient it had no
 //! counts for (JetStream's per-subject cap holds regardless), and a share the recipient
 //! freed by reading may be refused until a fetch succeeds.
@@ -36,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
 
+use super::breaker::Breaker;
 use crate::store::{Enqueued, QueueLimits};
 
 /// A tally far from every limit is fetched again after this long.
@@ -172,6 +174,8 @@ pub struct Tallies {
     /// [`super::api_gate`]): the first sends to many recipients at once, a group's
     /// fan-out among them, must not flood a node's API queue.
     api: super::api_gate::ApiGate,
+    /// Pauses fetches while they go unanswered (see [`super::breaker`]).
+    breaker: Mutex<Breaker>,
 }
 
 /// An admitted publish, counted in flight until it is answered: [`Held::stored`] if
@@ -236,30 +240,7 @@ impl Tallies {
             tally.fetched_at.elapsed() < FAR_FOR && !near(tally.affected(address, sender), limits)
         });
         if !fresh {
-            // A place in the gate, then nothing in flight: publishes that went out while
-            // this waited for its place are waited for again without holding it.
-            let through = loop {
-                self.settle(prefix).await;
-                let through = self.api.pass().await;
-                if self.settled(prefix) {
-                    break through;
-                }
-            };
-            let began = Instant::now();
-            let before = self
-                .lock()
-                .get(prefix)
-                .map(|tally| (tally.id, tally.stored.clone()));
-            let fetched_counts = tokio::time::timeout(TALLY_PATIENCE, fetch(mailbox, prefix))
-                .await
-                .unwrap_or_else(|_| Err(format!("no answer within {TALLY_PATIENCE:?}")));
-            drop(through);
-            let counts = fetched_counts
-                .inspect_err(|e| {
-                    tracing::debug!("cannot tally {prefix}> ({e}): judged on what is known")
-                })
-                .ok();
-            self.record(prefix, before, counts, began);
+            self.refresh(mailbox, prefix).await;
         }
         let mut tallies = self.lock();
         let Some(tally) = tallies.get_mut(prefix) else {
@@ -272,6 +253,59 @@ impl Tallies {
         let id = tally.id;
         drop(tallies);
         Ok(self.held(prefix, address, sender, Some(id)))
+    }
+
+    /// Fetches the counts of the mailbox whose subjects start with `prefix` and records
+    /// them; records that nothing was learnt (see [`Tallies::record`]) if the fetch fails,
+    /// is not answered within [`TALLY_PATIENCE`], or the relay's [`Breaker`] refuses it.
+    async fn refresh(&self, mailbox: &async_nats::jetstream::stream::Stream, prefix: &str) {
+        // A place in the gate, then nothing in flight: publishes that went out while this
+        // waited for its place are waited for again without holding it. Neither is waited
+        // for while the breaker is open.
+        let mut through = None;
+        if !self.breaker().refuses(Instant::now()) {
+            through = Some(loop {
+                self.settle(prefix).await;
+                let through = self.api.pass().await;
+                if self.settled(prefix) {
+                    break through;
+                }
+            });
+        }
+        let began = Instant::now();
+        let before = self
+            .lock()
+            .get(prefix)
+            .map(|tally| (tally.id, tally.stored.clone()));
+        let may_fetch = through.is_some() && self.breaker().try_fetch(began);
+        let counts = match through {
+            Some(through) if may_fetch => {
+                let fetched = tokio::time::timeout(TALLY_PATIENCE, fetch(mailbox, prefix))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {TALLY_PATIENCE:?}")));
+                drop(through);
+                match fetched {
+                    Ok(counts) => {
+                        self.breaker().answered();
+                        Some(counts)
+                    }
+                    Err(e) => {
+                        self.breaker().failed(Instant::now());
+                        tracing::debug!("cannot tally {prefix}> ({e}): judged on what is known");
+                        None
+                    }
+                }
+            }
+            _ => {
+                tracing::debug!("tally fetches paused ({prefix}>): judged on what is known");
+                None
+            }
+        };
+        self.record(prefix, before, counts, began);
+    }
+
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn held(self: &Arc<Self>, prefix: &str, address: &str, sender: &str, id: Option<u64>) -> Held {
