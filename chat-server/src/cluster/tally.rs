@@ -277,20 +277,23 @@ impl Tallies {
             .lock()
             .get(prefix)
             .map(|tally| (tally.id, tally.stored.clone()));
-        let may_fetch = through.is_some() && self.breaker().try_fetch(began);
-        let counts = match through {
-            Some(through) if may_fetch => {
+        let ticket = match through {
+            Some(_) => self.breaker().try_fetch(began),
+            None => None,
+        };
+        let counts = match (through, ticket) {
+            (Some(through), Some(ticket)) => {
                 let fetched = tokio::time::timeout(TALLY_PATIENCE, fetch(mailbox, prefix))
                     .await
                     .unwrap_or_else(|_| Err(format!("no answer within {TALLY_PATIENCE:?}")));
                 drop(through);
                 match fetched {
                     Ok(counts) => {
-                        self.breaker().answered();
+                        self.breaker().answered(ticket);
                         Some(counts)
                     }
                     Err(e) => {
-                        self.breaker().failed(Instant::now());
+                        self.breaker().failed(ticket, Instant::now());
                         tracing::debug!("cannot tally {prefix}> ({e}): judged on what is known");
                         None
                     }
