@@ -262,49 +262,41 @@ impl Tallies {
         // A place in the gate, then nothing in flight: publishes that went out while this
         // waited for its place are waited for again without holding it. Neither is waited
         // for while the breaker is open.
-        let mut through = None;
-        if !self.breaker().refuses(Instant::now()) {
-            through = Some(loop {
+        let through = if self.breaker().refuses(Instant::now()) {
+            None
+        } else {
+            Some(loop {
                 self.settle(prefix).await;
                 let through = self.api.pass().await;
                 if self.settled(prefix) {
                     break through;
                 }
-            });
-        }
+            })
+        };
         let began = Instant::now();
         let before = self
             .lock()
             .get(prefix)
             .map(|tally| (tally.id, tally.stored.clone()));
-        let ticket = match through {
-            Some(_) => self.breaker().try_fetch(began),
-            None => None,
+        let ticket = through
+            .as_ref()
+            .and_then(|_| self.breaker().try_fetch(began));
+        let fetched = match ticket {
+            Some(_) => tokio::time::timeout(TALLY_PATIENCE, fetch(mailbox, prefix))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {TALLY_PATIENCE:?}"))),
+            None => Err("fetches paused by the breaker".to_owned()),
         };
-        let counts = match (through, ticket) {
-            (Some(through), Some(ticket)) => {
-                let fetched = tokio::time::timeout(TALLY_PATIENCE, fetch(mailbox, prefix))
-                    .await
-                    .unwrap_or_else(|_| Err(format!("no answer within {TALLY_PATIENCE:?}")));
-                drop(through);
-                match fetched {
-                    Ok(counts) => {
-                        self.breaker().answered(ticket);
-                        Some(counts)
-                    }
-                    Err(e) => {
-                        self.breaker().failed(ticket, Instant::now());
-                        tracing::debug!("cannot tally {prefix}> ({e}): judged on what is known");
-                        None
-                    }
-                }
-            }
-            _ => {
-                tracing::debug!("tally fetches paused ({prefix}>): judged on what is known");
-                None
-            }
-        };
-        self.record(prefix, before, counts, began);
+        drop(through);
+        match (ticket, &fetched) {
+            (Some(ticket), Ok(_)) => self.breaker().answered(ticket),
+            (Some(ticket), Err(_)) => self.breaker().failed(ticket, Instant::now()),
+            (None, _) => {}
+        }
+        if let Err(e) = &fetched {
+            tracing::debug!("cannot tally {prefix}> ({e}): judged on what is known");
+        }
+        self.record(prefix, before, fetched.ok(), began);
     }
 
     fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
