@@ -10,7 +10,6 @@ use std::process::{Command, Output, Stdio};
 use async_nats::jetstream;
 use chat_protocol::{ClientMessage, ServerMessage};
 use chat_server::cluster::nodes;
-use chat_server::config::{RateLimit, Registrations};
 use common::nats::Nats;
 use common::{Client, PATIENCE, TestServer, user_when_serving};
 use futures_util::TryStreamExt;
@@ -82,20 +81,7 @@ async fn relay_on(node: &common::nats::NatsNode) -> TestServer {
 /// The next delivery (within `patience`: after a node dies it waits for the mailbox
 /// reader's new consumer), acknowledged; its payload.
 async fn take(c: &mut Client, patience: std::time::Duration) -> Vec<u8> {
-    match c.recv_reply_within(patience).await {
-        Some(ServerMessage::Deliver {
-            envelope_id,
-            payload,
-            ..
-        }) => {
-            c.send(ClientMessage::Ack {
-                envelope_ids: vec![envelope_id],
-            })
-            .await;
-            payload
-        }
-        other => panic!("expected a delivery, got {other:?}"),
-    }
+    c.take_within(patience).await.1
 }
 
 /// A relay whose NATS node dies keeps its sessions: the NATS client reconnects to another
@@ -240,14 +226,7 @@ async fn readers_made_again_at_once_never_overflow_jetstreams_api_queue() {
     let backend = nats.backend(3);
     let server = TestServer::start(|c| {
         c.backend = backend;
-        c.registrations = Registrations {
-            per_hour: 1e6,
-            burst: 1e6,
-        };
-        c.connect_rate = RateLimit {
-            per_second: 1e6,
-            burst: 1e6,
-        };
+        common::welcome_crowds(c);
     })
     .await;
     let mut alice = server.user("alice", 0).await;

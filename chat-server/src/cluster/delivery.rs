@@ -1,6 +1,7 @@
-//! Delivery from the mailbox: each session reads its recipient's subjects through an
-//! ephemeral consumer made again whenever it fails or falls silent (the backlog, then live
-//! envelopes, with no gap and no duplicate), and acknowledged envelopes are removed in
+//! Delivery from the mailbox: each session with mail reads its recipient's subjects
+//! through an ephemeral consumer made again whenever it fails or falls silent (the
+//! backlog, then live envelopes, with no gap and no duplicate), given up after a quiet
+//! spell for a wait without one ([`super::bell`]); acknowledged envelopes are removed in
 //! gathered purges.
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use futures_util::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
+use super::bell::Waited;
 use super::{Cluster, FROM_HEADER};
 
 /// Failures in a row after which a mailbox reader gives up (the session is closed, and
@@ -58,6 +60,24 @@ const READ_AHEAD_BYTES: usize = 1 << 20;
 /// session's, or one made again, is removed then).
 const CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
 
+/// A session's mailbox reader: what it reads, and how far it has read, across its turns
+/// of reading through a consumer and waiting for mail ([`super::bell`]).
+pub(super) struct Reader {
+    /// `<prefix>.inbox.<user>.>`: the user's subjects.
+    pub(super) subject: String,
+    /// The user's subject in the earlier layout (one per recipient).
+    pub(super) legacy: String,
+    /// The stream sequence to give from (0: from the first).
+    pub(super) next: u64,
+    /// Envelopes still to give before the backlog is read; `None` once caught up.
+    pub(super) backlog: Option<u64>,
+    /// Disturbances seen (reconnections, leader elections).
+    pub(super) disturbances: tokio::sync::watch::Receiver<u64>,
+    failures: Failures,
+    /// The session's room for envelopes handed over and not yet written.
+    read_ahead: Arc<Semaphore>,
+}
+
 /// What a session's mailbox read hands it.
 #[derive(Debug)]
 pub enum MailboxRead {
@@ -75,6 +95,9 @@ enum Left {
     Disturbed,
     /// The server ended the pull stream.
     Ended,
+    /// Nothing came for the backend's `reader_idle_secs`: the reader waits for mail
+    /// without a consumer.
+    Idle,
     /// Reading failed (an error, missed heartbeats, a consumer sequence skipped).
     Failed(String),
 }
@@ -115,7 +138,42 @@ impl Cluster {
         (rx, AbortOnDrop(task))
     }
 
-    /// Reads `user`'s mailbox into `tx` from its first envelope on. The consumer (ephemeral,
+    /// Reads `user`'s mailbox into `tx` from its first envelope on, in turns: while there
+    /// is nothing to read it holds no consumer and waits for mail ([`Cluster::wait_for_mail`]:
+    /// a core NATS subscription and direct gets); once there may be, it reads through a
+    /// consumer ([`Cluster::read_until_idle`]) until nothing has come for the backend's
+    /// `reader_idle_secs`, then waits again. Every envelope is given once, in stream order,
+    /// across the turns. Ends when `tx` closes or the relay shuts down; an error ends the
+    /// session with a description.
+    async fn read_mailbox(
+        &self,
+        user: &Username,
+        tx: &mpsc::Sender<Result<MailboxRead, String>>,
+    ) -> Result<(), String> {
+        let mut reader = Reader {
+            subject: format!("{}>", self.mailbox_prefix(user)),
+            legacy: self.legacy_subject(user),
+            next: 0,
+            backlog: Some(0),
+            disturbances: self.disturbances.subscribe(),
+            failures: Failures::default(),
+            read_ahead: Arc::new(Semaphore::new(READ_AHEAD_BYTES)),
+        };
+        loop {
+            if let Waited::Ended = self.wait_for_mail(&mut reader, tx).await? {
+                return Ok(());
+            }
+            debug!("mail for {}: reading through a consumer", reader.subject);
+            if !self.read_until_idle(user, &mut reader, tx).await? {
+                return Ok(());
+            }
+            debug!("nothing for {} lately: waiting for mail", reader.subject);
+        }
+    }
+
+    /// Reads `reader`'s mailbox into `tx` through a consumer until it has given nothing for
+    /// the backend's `reader_idle_secs` (then `Ok(true)`: the consumer is deleted) or `tx`
+    /// closes (`Ok(false)`). The consumer (ephemeral,
     /// one replica in memory, no acknowledgements: what JetStream calls an ordered consumer)
     /// is made again from the next sequence not yet given whenever it fails, falls silent
     /// (two [`IDLE_HEARTBEAT`]s missed), skips a delivery (its consumer sequence jumps), and
@@ -128,25 +186,28 @@ impl Cluster {
     /// are given, [`MailboxRead::CaughtUp`] follows them, once. Gives up (an error, and
     /// the session is closed) after [`READER_RETRIES`] failures in a row lasting
     /// [`super::RETRY_FOR`].
-    async fn read_mailbox(
+    async fn read_until_idle(
         &self,
         user: &Username,
+        reader: &mut Reader,
         tx: &mpsc::Sender<Result<MailboxRead, String>>,
-    ) -> Result<(), String> {
-        let subject = format!("{}>", self.mailbox_prefix(user));
-        let legacy = self.legacy_subject(user);
-        let read_ahead = Arc::new(Semaphore::new(READ_AHEAD_BYTES));
-        let mut next = 0u64;
-        let mut disturbances = self.disturbances.subscribe();
-        let mut failures = Failures::default();
-        // Envelopes still to give before the backlog is read; `None` once caught up.
-        let mut backlog: Option<u64> = Some(0);
+    ) -> Result<bool, String> {
+        let Reader {
+            subject,
+            legacy,
+            next,
+            backlog,
+            disturbances,
+            failures,
+            read_ahead,
+        } = reader;
+        let idle = Duration::from_secs_f64(self.spec.1.reader_idle_secs);
         loop {
             // Through the API gate first (every reader makes its consumer again at a
             // disturbance). A disturbance while waiting changes nothing: nothing was asked.
             let through = self.api.pass().await;
             disturbances.borrow_and_update();
-            let deliver_policy = match next {
+            let deliver_policy = match *next {
                 0 => consumer::DeliverPolicy::All,
                 start_sequence => consumer::DeliverPolicy::ByStartSequence { start_sequence },
             };
@@ -202,7 +263,7 @@ impl Cluster {
                 }
                 changed = disturbances.changed() => {
                     if changed.is_err() {
-                        return Ok(());
+                        return Ok(false);
                     }
                     debug!("the cluster was disturbed while making a consumer for {subject}");
                     continue;
@@ -214,7 +275,7 @@ impl Cluster {
                     debug!("reading {subject} from {next} ({pending} pending)");
                     if backlog.is_some() {
                         // Counted from `next`: a remade consumer starts where we stopped.
-                        backlog = Some(pending);
+                        *backlog = Some(pending);
                     }
                     (messages, name)
                 }
@@ -228,24 +289,28 @@ impl Cluster {
                 }
             };
             let made_at = tokio::time::Instant::now();
+            // Given up once nothing has come for `idle` (counted while waiting for NATS,
+            // not while the session is slow to take what was given).
+            let mut idle_at = made_at + idle;
             // The consumer sequence of the last envelope this consumer gave.
             let mut given = 0u64;
             let left = loop {
-                if backlog == Some(0) {
-                    backlog = None;
+                if *backlog == Some(0) {
+                    *backlog = None;
                     if tx.send(Ok(MailboxRead::CaughtUp)).await.is_err() {
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
                 let message = tokio::select! {
                     message = messages.next() => message,
                     changed = disturbances.changed() => {
                         if changed.is_err() {
-                            return Ok(());
+                            return Ok(false);
                         }
                         debug!("the cluster was disturbed: reading {subject} again from {next}");
                         break Left::Disturbed;
                     }
+                    () = tokio::time::sleep_until(idle_at) => break Left::Idle,
                 };
                 let message = match message {
                     Some(Ok(message)) => message,
@@ -258,11 +323,11 @@ impl Cluster {
                 }
                 given = info.consumer_sequence;
                 let sequence = info.stream_sequence;
-                if sequence < next {
+                if sequence < *next {
                     continue;
                 }
-                next = sequence + 1;
-                if message.subject.as_str() == legacy {
+                *next = sequence + 1;
+                if message.subject.as_str() == legacy.as_str() {
                     self.legacy
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -278,7 +343,7 @@ impl Cluster {
                 // envelope waits for all of it).
                 let share = message.payload.len().clamp(1, READ_AHEAD_BYTES) as u32;
                 let Ok(room) = read_ahead.clone().acquire_many_owned(share).await else {
-                    return Ok(());
+                    return Ok(false);
                 };
                 let deliver = ServerMessage::Deliver {
                     envelope_id: sequence,
@@ -290,11 +355,12 @@ impl Cluster {
                     .await
                     .is_err()
                 {
-                    return Ok(());
+                    return Ok(false);
                 }
-                if let Some(left) = &mut backlog {
+                if let Some(left) = backlog.as_mut() {
                     *left = left.saturating_sub(1);
                 }
+                idle_at = tokio::time::Instant::now() + idle;
             };
             // A consumer that gave envelopes, lived through heartbeats, or was read until
             // the cluster was disturbed worked: failures count afresh (an idle session
@@ -302,10 +368,14 @@ impl Cluster {
             // limit the server refuses every pull for, say) ends the session after
             // `READER_RETRIES`.
             if given > 0
-                || matches!(left, Left::Disturbed)
+                || matches!(left, Left::Disturbed | Left::Idle)
                 || made_at.elapsed() >= 3 * IDLE_HEARTBEAT
             {
-                failures = Failures::default();
+                *failures = Failures::default();
+            }
+            if let Left::Idle = left {
+                self.forget_consumer(name);
+                return Ok(true);
             }
             if let Left::Failed(e) = left {
                 if failures.give_up() {

@@ -47,8 +47,9 @@ fn never_lower(mut wanted: stream::Config, existing: &stream::Info) -> stream::C
 /// How long JetStream remembers a publish's message id to drop a retried duplicate.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
-/// The consumers the mailbox stream admits: every live session in the cluster reads its
-/// mailbox through one of its own ([`super::delivery`]), and relays make a few more. Set
+/// The consumers the mailbox stream admits: every session in the cluster that had mail
+/// lately (within its relay's `reader_idle_secs`) reads its mailbox through one of its own
+/// ([`super::delivery`]), and relays make a few more. Set
 /// on the stream explicitly ([`raise_consumer_limit`]): nats-server 2.15.1 caps a stream
 /// that sets no limit of its own (-1 or 0 there mean "the server's default") at 1,000
 /// consumers (measured: the 1,001st is refused), which left the cluster's 1,001st
@@ -211,17 +212,17 @@ async fn raise_consumer_limit(js: &jetstream::Context, mut config: stream::Confi
         Ok(_) => {
             tracing::info!(
                 "the mailbox stream's consumer limit raised from {had} to \
-                 {MAILBOX_MAX_CONSUMERS} (each live session reads through a consumer of \
-                 its own)"
+                 {MAILBOX_MAX_CONSUMERS} (each session with mail reads through a consumer \
+                 of its own)"
             );
             return;
         }
         Err(e) => e.to_string(),
     };
     tracing::warn!(
-        "the mailbox stream's consumer limit could not be raised ({refused}): each live \
-         session reads its mail through a consumer of its own, so the cluster serves mail \
-         to at most as many concurrent sessions as the stream admits consumers (1,000 on \
+        "the mailbox stream's consumer limit could not be raised ({refused}): each session \
+         with mail reads it through a consumer of its own, so the cluster serves mail to \
+         at most as many sessions at once as the stream admits consumers (1,000 on \
          nats-server 2.15 unless set). Use nats-server 2.12.5 or newer and no account \
          consumer limit below {MAILBOX_MAX_CONSUMERS}, then restart a relay"
     );

@@ -11,10 +11,12 @@
 //!   share from one address (`recipient_queue_full`); the recipient's total and the
 //!   shares over several addresses or senders are checked by [`tally`]; the stream's byte
 //!   limit is the queue's total (`server_full`); max age expires envelopes.
-//! - Delivery (`delivery.rs`): each logged-in session reads `<prefix>.inbox.<recipient>.>`
+//! - Delivery (`delivery.rs`): each session with mail reads `<prefix>.inbox.<recipient>.>`
 //!   through an ordered consumer (made again when it fails or falls silent) from the first
 //!   envelope still stored: the backlog, then live envelopes, in stream order, with no gap
-//!   and no duplicate. An `Ack` deletes the
+//!   and no duplicate; after `reader_idle_secs` with nothing to read it gives the consumer
+//!   up and waits on a core NATS subscription to those subjects (`bell.rs`). An `Ack`
+//!   deletes the
 //!   envelopes (by sequence). Envelopes an earlier layout stored under the bare
 //!   `<prefix>.inbox.<recipient>` are read (and removed) alike.
 //! - Accounts: the bucket `<prefix>_accounts`, user → public key, written create-only, so
@@ -30,6 +32,7 @@
 mod accounts;
 mod admin;
 mod api_gate;
+mod bell;
 mod breaker;
 mod delivery;
 mod layout;
@@ -153,7 +156,7 @@ pub struct Cluster {
     /// What the layout is made from, to make it again ([`Cluster::keep_serving`]).
     spec: Box<(Config, NatsBackend)>,
     /// Counts disturbances (reconnections, stream leader elections): mailbox readers
-    /// make their consumers again at each.
+    /// make their consumers again at each, and waiting ones check their mailboxes.
     disturbances: watch::Sender<u64>,
     /// Bounds the JetStream API requests made per session or per recipient (mailbox
     /// consumers, removals); session reads and tally fetches each have their own.

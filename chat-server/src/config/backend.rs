@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 /// The relay's backend for shared state. In RON: `Sqlite`, or
-/// `Nats(urls: [...], stream_replicas: 3, prefix: "chat")` (any field may be left out).
+/// `Nats(urls: [...], stream_replicas: 3, prefix: "chat", reader_idle_secs: 60.0)` (any
+/// field may be left out).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(from = "BackendRon", into = "BackendRon")]
 pub enum Backend {
@@ -27,6 +28,8 @@ enum BackendRon {
         stream_replicas: usize,
         #[serde(default = "default_prefix")]
         prefix: String,
+        #[serde(default = "default_reader_idle")]
+        reader_idle_secs: f64,
     },
 }
 
@@ -54,6 +57,10 @@ fn default_prefix() -> String {
     NatsBackend::default().prefix
 }
 
+fn default_reader_idle() -> f64 {
+    NatsBackend::default().reader_idle_secs
+}
+
 impl From<BackendRon> for Backend {
     fn from(ron: BackendRon) -> Self {
         match ron {
@@ -62,10 +69,12 @@ impl From<BackendRon> for Backend {
                 urls,
                 stream_replicas,
                 prefix,
+                reader_idle_secs,
             } => Self::Nats(NatsBackend {
                 urls,
                 stream_replicas,
                 prefix,
+                reader_idle_secs,
             }),
         }
     }
@@ -79,10 +88,12 @@ impl From<Backend> for BackendRon {
                 urls,
                 stream_replicas,
                 prefix,
+                reader_idle_secs,
             }) => Self::Nats {
                 urls,
                 stream_replicas,
                 prefix,
+                reader_idle_secs,
             },
         }
     }
@@ -100,6 +111,12 @@ pub struct NatsBackend {
     pub stream_replicas: usize,
     /// Names of the streams and buckets start with this, so clusters can share NATS.
     pub prefix: String,
+    /// Seconds a session's mailbox reader keeps its JetStream consumer with nothing to
+    /// read (0.1 to 86,400; 60 by default). Then it gives the consumer up and waits for
+    /// mail on a core NATS subscription instead (CLUSTER.md, "Mailbox readers"): a consumer
+    /// is made through the cluster's meta layer, at a few dozen a second, and costs an idle
+    /// heartbeat every 5 s, so sessions that receive nothing hold none.
+    pub reader_idle_secs: f64,
 }
 
 impl Default for NatsBackend {
@@ -108,6 +125,7 @@ impl Default for NatsBackend {
             urls: vec!["nats://127.0.0.1:4222".into()],
             stream_replicas: 3,
             prefix: "chat".into(),
+            reader_idle_secs: 60.0,
         }
     }
 }

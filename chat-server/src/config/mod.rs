@@ -360,6 +360,12 @@ impl Config {
                     "must be letters, digits, '_' or '-' (it begins stream and bucket names)",
                 );
             }
+            if !(0.1..=86_400.0).contains(&nats.reader_idle_secs) {
+                return invalid(
+                    "backend.reader_idle_secs",
+                    "must be between 0.1 and 86400 seconds",
+                );
+            }
         }
         // The largest request's writes must fit: a `SendMany` of the largest payload to
         // `MAX_FANOUT` recipients (one envelope each), and two of the largest frames.

@@ -32,6 +32,7 @@ fn printed_config_loads_back() {
             urls: vec!["nats://a:4222".into(), "nats://b:4222".into()],
             stream_replicas: 3,
             prefix: "chat".into(),
+            reader_idle_secs: 2.5,
         }),
         ..Config::default()
     };
@@ -94,6 +95,16 @@ fn unknown_field_and_bad_values_are_clear_errors() {
     }
     for shed in ["0.0", "1.0", "5.0"] {
         std::fs::write(&path, format!("(shed_delay_ms: {shed})")).unwrap();
+        Config::load(&path).unwrap();
+    }
+
+    for idle in ["0.0", "0.05", "-1.0", "NaN", "inf", "1e6"] {
+        std::fs::write(&path, format!("(backend: Nats(reader_idle_secs: {idle}))")).unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("reader_idle_secs"), "{idle}: {err}");
+    }
+    for idle in ["0.1", "60.0", "86400.0"] {
+        std::fs::write(&path, format!("(backend: Nats(reader_idle_secs: {idle}))")).unwrap();
         Config::load(&path).unwrap();
     }
 

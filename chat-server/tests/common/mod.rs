@@ -47,6 +47,19 @@ pub fn key(n: usize) -> &'static PrivateKey {
     })[n]
 }
 
+/// Lifts the relay's per-address limits on new accounts and connections, for a test that
+/// logs a crowd in from 127.0.0.1.
+pub fn welcome_crowds(c: &mut Config) {
+    c.registrations = chat_server::config::Registrations {
+        per_hour: 1e6,
+        burst: 1e6,
+    };
+    c.connect_rate = chat_server::config::RateLimit {
+        per_second: 1e6,
+        burst: 1e6,
+    };
+}
+
 pub fn der(key: &PrivateKey) -> Vec<u8> {
     auth::public_key_der(&key.to_public_key())
 }
@@ -243,6 +256,25 @@ pub struct Client {
 }
 
 impl Client {
+    /// The next delivery within `patience` (skipping presence notices and pings),
+    /// acknowledged: (envelope id, payload). Panics if something else comes, or nothing.
+    pub async fn take_within(&mut self, patience: Duration) -> (u64, Vec<u8>) {
+        match self.recv_reply_within(patience).await {
+            Some(ServerMessage::Deliver {
+                envelope_id,
+                payload,
+                ..
+            }) => {
+                self.send(ClientMessage::Ack {
+                    envelope_ids: vec![envelope_id],
+                })
+                .await;
+                (envelope_id, payload)
+            }
+            other => panic!("expected a delivery within {patience:?}, got {other:?}"),
+        }
+    }
+
     pub async fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.unwrap();
         Self::over(stream).await

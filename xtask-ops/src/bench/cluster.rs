@@ -161,7 +161,8 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
         }
     }
 
-    // Idle logged-in sessions on the R1 relay: each holds an ordered consumer in NATS.
+    // Idle logged-in sessions on the R1 relay: each holds a core NATS subscription to its
+    // mailbox subjects (its bell), and no consumer until it has mail.
     let n = if quick { 1000 } else { 5000 };
     let (relay_each, nats_each) = rt.block_on(idle_sessions(&r1.0, r1.1, &one.pids, &key, n))?;
     eprintln!(
@@ -203,7 +204,7 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<()> {
     }
     println!(
         "\nIdle logged-in sessions ({n}) on the R1 relay: relay {relay_each:.0} B each, \
-         nats-server {nats_each:.0} B each (its ordered consumer)"
+         nats-server {nats_each:.0} B each (its bell subscriptions)"
     );
     let json = json!({
         "machine": machine,
