@@ -1,9 +1,10 @@
-//! Mailbox readers without a consumer while there is nothing to read (real nats-server
+//! Mailbox readers without a consumer while there is little to read (real nats-server
 //! processes on 127.0.0.1, real relays, raw protocol clients over TLS): logins make no
-//! consumer, mail to a waiting session rings its bell (a core NATS subscription) at once,
-//! a reader gives its consumer up after `reader_idle_secs` and is rung again, mail sent
-//! while a waiting session's relay has lost its NATS node still arrives, and every envelope
-//! is given once, in order, however often its reader turns between the two.
+//! consumer, mail to a waiting session rings its bell (a core NATS subscription) and is
+//! given at once by gets, a sender in full flow moves the reader to a consumer that it
+//! gives up after `reader_idle_secs`, mail sent while a waiting session's relay has lost
+//! its NATS node still arrives, and every envelope is given once, in order, however often
+//! its reader turns between the two.
 
 mod common;
 
@@ -53,11 +54,13 @@ async fn nothing_more(c: &mut Client) {
     assert_eq!(pong, Some(ServerMessage::Pong { nonce: 7 }), "nothing more");
 }
 
-/// Sessions that receive nothing make no consumer (each used to make one at login, through
-/// the meta layer, at a few dozen a second: a burst of logins held mail up for minutes).
-/// Mail rings a waiting session's bell and comes at once; the reader gives its consumer up
-/// once idle, and the next mail rings again. The last sends come when the reader's
-/// periodic check is at least 22.5 s away, so only the bell can bring them within 10 s.
+/// Sessions that receive nothing, or little, make no consumer (each used to make one at
+/// login, through the meta layer, at a few dozen a second: a burst of logins held mail up
+/// for minutes). Mail rings a waiting session's bell and is given at once by gets. These
+/// sends come when the reader's periodic check is at least 22.5 s away, so only the bell
+/// can bring them within 10 s. A sender in full flow (`BUSY_AFTER` envelopes within a
+/// second) moves the reader to a consumer, which it gives up once idle (3 s here); the
+/// next mail rings again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sessions_hold_no_consumer_and_their_bell_brings_mail_at_once() {
     let nats = Nats::single();
@@ -77,21 +80,29 @@ async fn idle_sessions_hold_no_consumer_and_their_bell_brings_mail_at_once() {
     alice.until_online("bob", true).await;
     assert_eq!(consumers(&js).await, Some(0), "consumers made for logins");
 
-    for round in 0..3u8 {
-        // Past the check that follows the bell's subscription (1 s): the next is 22.5 s
-        // or more away.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let reply = alice.send_to("bob", &[round]).await;
-        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
-        let sent = Instant::now();
-        assert_eq!(bob.take_within(PATIENCE).await.1, [round]);
-        eprintln!("round {round}: delivered {:?} after the Ok", sent.elapsed());
-        // Reading through a consumer now; given up 3 s after the last delivery.
-        assert_eq!(
-            consumers(&js).await,
-            Some(1),
-            "bob's reader reads through a consumer"
-        );
+    let burst = chat_server::cluster::BUSY_AFTER + 4;
+    for round in 0..2u8 {
+        for i in 0..3u8 {
+            // Past the check that follows the first (1 s): the next is 22.5 s or more
+            // away.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let reply = alice.send_to("bob", &[round, i]).await;
+            assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+            let sent = Instant::now();
+            assert_eq!(bob.take_within(PATIENCE).await.1, [round, i]);
+            eprintln!(
+                "round {round}.{i}: delivered {:?} after the Ok",
+                sent.elapsed()
+            );
+            assert_eq!(consumers(&js).await, Some(0), "a few envelopes, by gets");
+        }
+        // In full flow: a consumer reads them, in order, and is given up once idle.
+        let payloads: Vec<Vec<u8>> = (0..burst).map(|n| vec![round, 100, n as u8]).collect();
+        alice.send_burst("bob", &payloads, PATIENCE).await;
+        for payload in &payloads {
+            assert_eq!(&bob.take_within(PATIENCE).await.1, payload);
+        }
+        until_consumers(&js, 1).await;
         until_consumers(&js, 0).await;
     }
     nothing_more(&mut bob).await;
@@ -114,17 +125,31 @@ async fn envelopes_across_many_turns_of_the_reader_come_once_and_in_order() {
     let mut bob = server.user("bob", 1).await;
     let mut alice = server.user("alice", 0).await;
     alice.until_online("bob", true).await;
-    const SENDS: u8 = 40;
+    // Single sends (given by gets) and bursts (through a consumer, given up 0.2 s after
+    // its last envelope), with gaps inside and just past the idle spell.
     let gaps = [0, 50, 150, 190, 210, 250, 400];
-    for i in 0..SENDS {
-        tokio::time::sleep(Duration::from_millis(gaps[i as usize % gaps.len()])).await;
-        let reply = alice.send_to("bob", &[i]).await;
-        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    let mut sent: u16 = 0;
+    for step in 0..40 {
+        tokio::time::sleep(Duration::from_millis(gaps[step % gaps.len()])).await;
+        let count = if step % 8 == 3 {
+            chat_server::cluster::BUSY_AFTER as u16 + 1
+        } else {
+            1
+        };
+        let payloads: Vec<Vec<u8>> = (sent..sent + count)
+            .map(|n| n.to_be_bytes().to_vec())
+            .collect();
+        alice.send_burst("bob", &payloads, PATIENCE).await;
+        sent += count;
     }
     let mut last = 0;
-    for i in 0..SENDS {
+    for n in 0..sent {
         let (id, payload) = bob.take_within(PATIENCE).await;
-        assert_eq!(payload, [i], "in the order sent, none twice or missing");
+        assert_eq!(
+            payload,
+            n.to_be_bytes(),
+            "in the order sent, none twice or missing"
+        );
         assert!(id > last, "envelope ids rise: {id} after {last}");
         last = id;
     }
@@ -158,7 +183,7 @@ async fn mail_sent_while_a_waiting_readers_node_is_dead_still_comes_once() {
     let reply = alice.send_to("bob", &[0]).await;
     assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
     assert_eq!(bob.take_within(PATIENCE).await.1, [0]);
-    // Bob's reader gives its consumer up (0.5 s) and waits on its bell.
+    // Bob's reader holds no consumer: it waits on its bell.
     let js = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
     until_consumers(&js, 0).await;
 
@@ -179,4 +204,51 @@ async fn mail_sent_while_a_waiting_readers_node_is_dead_still_comes_once() {
     assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
     assert_eq!(bob.take_within(PATIENCE).await.1, [6]);
     nothing_more(&mut bob).await;
+}
+
+/// On three nodes, where a get may be answered by a replica a moment behind its leader,
+/// `Sync` is still answered only after the whole backlog the session began with: a small
+/// one given by gets from the leader, a large one through a consumer; then live mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_on_three_nodes_is_answered_after_the_whole_backlog() {
+    let nats = Nats::cluster();
+    let server = TestServer::start(|c| c.backend = nats.backend(3)).await;
+    drop(server.user("bob", 1).await);
+    let mut alice = server.user("alice", 0).await;
+    for count in [3, chat_server::cluster::BUSY_AFTER + 5] {
+        let sent: Vec<Vec<u8>> = (0..count).map(|i| vec![count as u8, i as u8]).collect();
+        alice.send_burst("bob", &sent, PATIENCE).await;
+        let mut bob = server.client().await;
+        bob.hello().await;
+        let welcome = bob.login("bob", common::key(1)).await;
+        assert!(
+            matches!(welcome, ServerMessage::Welcome { .. }),
+            "{welcome:?}"
+        );
+        let sync = bob.id();
+        bob.send(ClientMessage::Sync { id: sync }).await;
+        let (mut got, mut ids) = (Vec::new(), Vec::new());
+        loop {
+            match bob.recv_reply().await {
+                ServerMessage::Deliver {
+                    envelope_id,
+                    payload,
+                    ..
+                } => {
+                    got.push(payload);
+                    ids.push(envelope_id);
+                }
+                ServerMessage::Ok { id } if id == sync => break,
+                other => panic!("expected the backlog, then Ok: {other:?}"),
+            }
+        }
+        assert_eq!(got, sent, "the whole backlog, in order, before the answer");
+        let reply = alice.send_to("bob", b"live").await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+        let (id, payload) = bob.take_within(PATIENCE).await;
+        assert_eq!(payload, b"live");
+        ids.push(id);
+        bob.send(ClientMessage::Ack { envelope_ids: ids }).await;
+        nothing_more(&mut bob).await;
+    }
 }

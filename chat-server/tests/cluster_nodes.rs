@@ -158,13 +158,18 @@ async fn a_reader_whose_consumer_node_dies_unseen_reads_again_within_two_heartbe
     let server = relay_on(&nats.nodes[0]).await;
     let mut alice = server.user("alice", 0).await;
     // Bob logs in until his consumer is on a node whose death the relay cannot see
-    // otherwise (placement is random among the stream's three).
+    // otherwise (placement is random among the stream's three). A burst makes his reader
+    // read through a consumer (a few envelopes it reads by gets, without one).
+    let burst: Vec<Vec<u8>> = (0..chat_server::cluster::BUSY_AFTER + 2)
+        .map(|_| b"placed".to_vec())
+        .collect();
     let mut placed = None;
     for _ in 0..40 {
         let mut bob = server.user("bob", 1).await;
-        let reply = alice.send_to("bob", b"placed").await;
-        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
-        assert_eq!(take(&mut bob, PATIENCE).await, b"placed");
+        alice.send_burst("bob", &burst, PATIENCE).await;
+        for payload in &burst {
+            assert_eq!(&take(&mut bob, PATIENCE).await, payload);
+        }
         let (node, leader) = reader_and_leader(&js, "bob").await;
         let node = node.expect("bob's consumer has a node");
         if node != nats.nodes[0].name && node != leader {
@@ -223,7 +228,11 @@ const MANY: usize = 255;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_made_again_at_once_never_overflow_jetstreams_api_queue() {
     let nats = Nats::cluster_with("request_queue_limit: 128");
-    let backend = nats.backend(3);
+    let mut backend = nats.backend(3);
+    // Readers keep their consumers through the whole setup (minutes on a busy machine).
+    if let chat_server::config::Backend::Nats(n) = &mut backend {
+        n.reader_idle_secs = 3600.0;
+    }
     let server = TestServer::start(|c| {
         c.backend = backend;
         common::welcome_crowds(c);
@@ -234,9 +243,10 @@ async fn readers_made_again_at_once_never_overflow_jetstreams_api_queue() {
     for i in 0..MANY {
         users.push(server.user(&format!("u{i}"), 1 + i % 3).await);
     }
-    // Every reader is live: a group message to all 255 (a tally fetch for each recipient,
-    // all at once), which each is given and acknowledges (a removal round then purges 255
-    // subjects).
+    // A group message to all 255 (a tally fetch for each recipient, all at once), then a
+    // burst to each, more within a second than a reader gives by gets: every reader reads
+    // through a consumer. Each is given all and acknowledges (removal rounds then purge
+    // 255 subjects).
     let id = alice.id();
     let to: Vec<String> = (0..MANY).map(|i| format!("u{i}")).collect();
     let payload = b"before".to_vec();
@@ -250,8 +260,14 @@ async fn readers_made_again_at_once_never_overflow_jetstreams_api_queue() {
         }
         other => panic!("expected the outcomes, got {other:?}"),
     }
+    let burst = vec![b"before".to_vec(); chat_server::cluster::BUSY_AFTER + 2];
+    for i in 0..MANY {
+        alice.send_burst(&format!("u{i}"), &burst, PATIENCE).await;
+    }
     for user in &mut users {
-        assert_eq!(take(user, PATIENCE).await, b"before");
+        for _ in 0..=burst.len() {
+            assert_eq!(take(user, PATIENCE).await, b"before");
+        }
     }
 
     let js = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());

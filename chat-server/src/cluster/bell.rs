@@ -1,147 +1,362 @@
-//! A mailbox reader with nothing to read holds no consumer. It waits on a core NATS
+//! A mailbox reader with little to read holds no consumer. It waits on a core NATS
 //! subscription to its recipient's mailbox subjects, the *bell*: NATS hands every message
 //! published on a subject to its subscribers as well as to the stream that stores it, so
-//! each envelope sent to the recipient rings it. It also checks the mailbox with a direct
-//! get when it begins to wait, [`BELL_SETTLE`] later, after every disturbance, and about
-//! every [`IDLE_CHECK`]. Mail found either way sends it back to reading through a consumer
-//! from where it stopped ([`super::delivery`]), which gives whatever is stored from there,
-//! so a bell rung before its envelope is stored (or for one the stream refuses) loses
-//! nothing and gives nothing twice.
+//! each envelope sent to the recipient rings it. When it rings, or a check is due (at once,
+//! [`BELL_SETTLE`] after the first check, after every disturbance, and about every
+//! [`IDLE_CHECK`]), the reader gives what the mailbox holds from where it stands by
+//! *gets*: the first stored envelope from its next sequence on, one at a time, until none
+//! is left. Only a session given [`BUSY_AFTER`] envelopes within [`BUSY_WINDOW`] or in one
+//! go (a sender in full flow, a backlog) reads through a consumer ([`super::delivery`]), until it
+//! has been quiet for `reader_idle_secs`.
 //!
 //! Why: JetStream makes every consumer through the cluster's meta layer (a Raft
 //! proposal), a few dozen a second on a small machine, and an idle one costs a heartbeat
 //! every 5 s. A burst of logins (a relay restarted, its sessions coming back) queued one
-//! consumer per session, and mail to the sessions at the back waited minutes; now a login
-//! costs a subscription and a direct get, and a consumer is made only for mail.
+//! consumer per session, and mail to the sessions at the back waited minutes. A get is
+//! answered by one server without any proposal.
+//!
+//! Gets and order: every get starts from the reader's next sequence, and a replica holds a
+//! prefix of the stream, so a replica behind its leader can only answer "none" early,
+//! never skip an envelope. Until the session has caught up (its backlog given, after
+//! which `Sync` is answered) gets go to the stream's leader (`STREAM.MSG.GET`, through
+//! the API gate), whose "none" is the truth; after that, direct gets (answered by any
+//! replica, their own gate), whose "none" may be a moment late. A bell rings when the
+//! envelope is published, which can be before the stream has stored it (or for one it
+//! refuses): a ring names its publish's message id, and the reader looks again, for up
+//! to [`RING_PATIENCE`], until an envelope with that id is given.
 //!
 //! Where a bell can stay silent for a stored envelope, and what finds it:
 //! - published before the subscription reached the node it was published on (interest
-//!   travels between nodes in moments), or a check answered by a replica a moment behind
-//!   its leader (direct gets are served by every replica): the check [`BELL_SETTLE`] after
-//!   subscribing;
+//!   travels between nodes in moments), or a get answered by a replica a moment behind:
+//!   the check [`BELL_SETTLE`] after the first;
 //! - published while this relay's NATS connection was down (subscriptions are made again
 //!   when it returns): the reconnection is a disturbance, and a check follows it;
-//! - the route between two live nodes cut while the stream still stores: the check every
-//!   [`IDLE_CHECK`] or so, the bound on the delay in that case.
+//! - the route between two live nodes cut while the stream still stores, or a replica
+//!   cut off from its leader answering the checks: the periodic check once the cut heals.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::stream::DirectGetErrorKind;
-use futures_util::StreamExt;
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{DirectGetErrorKind, RawMessageErrorKind};
+use futures_util::stream::SelectAll;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::Cluster;
-use super::delivery::{MailboxRead, Reader};
+use super::delivery::{Envelope, MailboxRead, Reader};
 
-/// How long after subscribing (or after a disturbance) a waiting reader checks its
-/// mailbox a second time.
+/// How long after a waiting reader's first check (or the first after a disturbance) it
+/// checks a second time.
 const BELL_SETTLE: Duration = Duration::from_secs(1);
 
 /// About how often a waiting reader checks its mailbox: each time within a quarter of this
-/// either way, so that readers who began together (a burst of logins) spread out. Each
-/// check is one or two direct gets (the user's subjects, then the earlier layout's).
+/// either way, so that readers who began together (a burst of logins) spread out. A check
+/// that finds nothing is one direct get.
 const IDLE_CHECK: Duration = Duration::from_secs(30);
 
 /// How long after a failed check a reader tries again; doubled after each failure in a
 /// row, up to [`IDLE_CHECK`].
 const CHECK_RETRY: Duration = Duration::from_secs(1);
 
-/// How long one direct get of a check may take.
-const CHECK_PATIENCE: Duration = Duration::from_secs(5);
+/// How long one get may take.
+const GET_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Envelopes a reader gives by gets within [`BUSY_WINDOW`] before it reads through a
+/// consumer instead (a backlog, or a sender in full flow): a get is a round trip per
+/// envelope, a consumer streams them.
+pub const BUSY_AFTER: usize = 16;
+
+/// The span over which [`BUSY_AFTER`] counts.
+const BUSY_WINDOW: Duration = Duration::from_secs(1);
+
+/// How long a ring's envelope is looked for: its publish may still be on its way into the
+/// stream (an atomic batch is stored when its last envelope is), or the stream refused it.
+const RING_PATIENCE: Duration = Duration::from_secs(2);
+
+/// The first wait before looking again for a rung envelope not found yet; doubled each
+/// time, up to [`RING_RETRY_MAX`].
+const RING_RETRY: Duration = Duration::from_millis(5);
+
+/// The longest wait between looks for a rung envelope.
+const RING_RETRY_MAX: Duration = Duration::from_millis(250);
+
+/// Rings (message ids) a reader remembers at most; past this it looks for
+/// [`RING_PATIENCE`] after the last ring for anything at all.
+const RINGS_KEPT: usize = 256;
 
 /// How a wait for mail ended.
 pub(super) enum Waited {
-    /// The mailbox may hold an envelope from the reader's next sequence on.
-    Mail,
+    /// More mail than gets should carry: read through a consumer.
+    Busy,
     /// The session ended, or the relay is shutting down.
     Ended,
 }
 
 /// What woke a waiting reader.
 enum Woke {
-    /// The bell rang (`false`: the subscription ended, the NATS client is closed).
-    Rung(bool),
-    /// The cluster was disturbed (`false`: the relay is shutting down).
-    Disturbed(bool),
+    /// The bell rang.
+    Rung,
+    /// The bell's subscription ended: the NATS client is closed.
+    Unsubscribed,
+    /// The cluster was disturbed (a reconnection, a leader election).
+    Disturbed,
+    /// The relay is shutting down.
+    ShuttingDown,
     /// A check is due.
     Due,
 }
 
+/// Envelopes given by gets lately: [`BUSY_AFTER`] within a [`BUSY_WINDOW`] is busy.
+#[derive(Debug)]
+struct Pace {
+    since: Instant,
+    given: usize,
+}
+
+impl Pace {
+    fn new(now: Instant) -> Self {
+        Self {
+            since: now,
+            given: 0,
+        }
+    }
+
+    /// One more given at `now`; whether that makes the reader busy.
+    fn given(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.since) >= BUSY_WINDOW {
+            *self = Self::new(now);
+        }
+        self.given += 1;
+        self.given >= BUSY_AFTER
+    }
+}
+
+/// How giving a mailbox's envelopes by gets ended.
+enum Drained {
+    /// None is left (and no ring is awaited).
+    Empty,
+    /// [`BUSY_AFTER`] given within [`BUSY_WINDOW`] or in one drain, or an envelope of the
+    /// earlier layout found.
+    Busy,
+    /// The session ended.
+    Ended,
+    /// A get failed.
+    Failed(String),
+}
+
 impl Cluster {
-    /// Waits, holding no consumer, until `reader`'s mailbox may hold an envelope from
-    /// `reader.next` on: its bell rang, or a check found one. A check that finds nothing
-    /// while the reader has not caught up sends [`MailboxRead::CaughtUp`] to `tx` (the
-    /// backlog is read). Checks that fail are tried again (they never end the session;
-    /// the bell still rings meanwhile). Errors if the subscription cannot be made or ends
-    /// (the NATS client was closed).
+    /// Waits for mail without a consumer, giving what comes by gets, until more comes at
+    /// once than gets should carry ([`Waited::Busy`]) or the session ends. The first time
+    /// the mailbox is found empty from `reader.next` on while the reader has not caught
+    /// up, [`MailboxRead::CaughtUp`] goes to `tx`. Checks that fail are tried again (they
+    /// never end the session; the bell still rings meanwhile). Errors if the subscription
+    /// cannot be made or ends (the NATS client was closed).
     pub(super) async fn wait_for_mail(
         &self,
         reader: &mut Reader,
         tx: &mpsc::Sender<Result<MailboxRead, String>>,
     ) -> Result<Waited, String> {
-        let client = self.js.client();
-        let mut bells = Vec::with_capacity(2);
-        for subject in [&reader.subject, &reader.legacy] {
-            let bell = client
-                .subscribe(subject.clone())
-                .await
-                .map_err(|e| format!("cannot subscribe to {subject}: {e}"))?;
-            bells.push(bell);
-        }
-        let mut bells = futures_util::stream::select_all(bells);
+        let bell = self
+            .js
+            .client()
+            .subscribe(reader.subject.clone())
+            .await
+            .map_err(|e| format!("cannot subscribe to {}: {e}", reader.subject))?;
+        let mut bells = futures_util::stream::select_all([bell]);
+        let mut rings = Rings::default();
+        let mut pace = Pace::new(Instant::now());
         let mut checks = Checks::new(Instant::now());
         loop {
             let woke = tokio::select! {
-                rung = bells.next() => Woke::Rung(rung.is_some()),
-                changed = reader.disturbances.changed() => Woke::Disturbed(changed.is_ok()),
+                ring = bells.next() => match ring {
+                    Some(ring) => {
+                        rings.rung(ring.headers.as_ref(), Instant::now());
+                        Woke::Rung
+                    }
+                    None => Woke::Unsubscribed,
+                },
+                changed = reader.disturbances.changed() => match changed {
+                    Ok(()) => Woke::Disturbed,
+                    Err(_) => Woke::ShuttingDown,
+                },
                 () = tokio::time::sleep_until(checks.due()) => Woke::Due,
             };
             match woke {
-                Woke::Rung(true) => return Ok(Waited::Mail),
-                Woke::Rung(false) => {
+                Woke::Unsubscribed => {
                     return Err(format!("the subscription to {} ended", reader.subject));
                 }
-                Woke::Disturbed(false) => return Ok(Waited::Ended),
-                Woke::Disturbed(true) => checks.disturbed(Instant::now()),
-                Woke::Due => match self.mail_after(reader).await {
-                    Ok(true) => return Ok(Waited::Mail),
-                    Ok(false) => {
-                        checks.checked(Instant::now(), rand::random());
-                        if reader.backlog.take().is_some()
-                            && tx.send(Ok(MailboxRead::CaughtUp)).await.is_err()
-                        {
-                            return Ok(Waited::Ended);
+                Woke::ShuttingDown => return Ok(Waited::Ended),
+                Woke::Disturbed => checks.disturbed(Instant::now()),
+                Woke::Rung | Woke::Due => {
+                    let drained = self.drain(reader, tx, &mut bells, &mut rings, &mut pace);
+                    match drained.await {
+                        Drained::Empty if matches!(woke, Woke::Due) => {
+                            checks.checked(Instant::now(), rand::random());
+                        }
+                        Drained::Empty => {}
+                        Drained::Busy => return Ok(Waited::Busy),
+                        Drained::Ended => return Ok(Waited::Ended),
+                        Drained::Failed(e) => {
+                            debug!("cannot read {} ({e}); trying again", reader.subject);
+                            checks.failed(Instant::now());
                         }
                     }
-                    Err(e) => {
-                        debug!("cannot check {} ({e}); trying again", reader.subject);
-                        checks.failed(Instant::now());
-                    }
-                },
+                }
             }
         }
     }
 
-    /// Whether `reader`'s mailbox holds an envelope from `reader.next` on: a direct get of
-    /// the first one on its subjects, then (if none) on its subject of the earlier layout,
-    /// through the API gate. Errors if a get fails or takes over [`CHECK_PATIENCE`].
-    async fn mail_after(&self, reader: &Reader) -> Result<bool, String> {
-        let _through = self.api.pass().await;
-        let from = reader.next.max(1);
-        for subject in [&reader.subject, &reader.legacy] {
-            let get = self
-                .mailbox
-                .direct_get_next_for_subject(subject.as_str(), Some(from));
-            match tokio::time::timeout(CHECK_PATIENCE, get).await {
-                Ok(Ok(_)) => return Ok(true),
-                Ok(Err(e)) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {}
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err("timed out".into()),
+    /// Gives `reader` the envelopes its mailbox holds from `reader.next` on, one get each,
+    /// folding in rings that come meanwhile, until none is left and no ring is awaited;
+    /// sends [`MailboxRead::CaughtUp`] the first time none is left (gets go to the
+    /// stream's leader until then). Stops once `pace` says busy or [`BUSY_AFTER`] were
+    /// given in this drain (a backlog), and (before catching up)
+    /// if the subject of the earlier layout holds any: a consumer reads both in stream
+    /// order.
+    async fn drain(
+        &self,
+        reader: &mut Reader,
+        tx: &mpsc::Sender<Result<MailboxRead, String>>,
+        bells: &mut SelectAll<async_nats::Subscriber>,
+        rings: &mut Rings,
+        pace: &mut Pace,
+    ) -> Drained {
+        let leader = reader.backlog.is_some();
+        if leader && !reader.legacy_checked {
+            match self.first_stored(&reader.legacy, reader.next, true).await {
+                Ok(Some(_)) => return Drained::Busy,
+                Ok(None) => reader.legacy_checked = true,
+                Err(e) => return Drained::Failed(e),
             }
         }
-        Ok(false)
+        let mut retry = RING_RETRY;
+        // Given in this drain, one after another: a backlog.
+        let mut in_a_row = 0;
+        loop {
+            while let Some(Some(ring)) = bells.next().now_or_never() {
+                rings.rung(ring.headers.as_ref(), Instant::now());
+            }
+            let leader = reader.backlog.is_some();
+            match self
+                .first_stored(&reader.subject, reader.next, leader)
+                .await
+            {
+                Ok(Some(envelope)) => {
+                    rings.stored(&envelope.headers);
+                    let envelope = Envelope {
+                        subject: envelope.subject.as_str(),
+                        sequence: envelope.sequence,
+                        headers: Some(&envelope.headers),
+                        payload: envelope.payload.clone(),
+                    };
+                    if !self.give(reader, tx, envelope).await {
+                        return Drained::Ended;
+                    }
+                    retry = RING_RETRY;
+                    in_a_row += 1;
+                    if pace.given(Instant::now()) || in_a_row >= BUSY_AFTER {
+                        return Drained::Busy;
+                    }
+                }
+                Ok(None) => {
+                    if reader.backlog.take().is_some()
+                        && tx.send(Ok(MailboxRead::CaughtUp)).await.is_err()
+                    {
+                        return Drained::Ended;
+                    }
+                    if !rings.awaiting(Instant::now()) {
+                        return Drained::Empty;
+                    }
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(RING_RETRY_MAX);
+                }
+                Err(e) => return Drained::Failed(e),
+            }
+        }
+    }
+
+    /// The first envelope stored on `subject` from sequence `from` on (`None` if there is
+    /// none): from the stream's leader through the API gate if `leader`, else a direct get
+    /// answered by any replica, through the gets' gate. Errors if the get fails or takes
+    /// over [`GET_PATIENCE`].
+    async fn first_stored(
+        &self,
+        subject: &str,
+        from: u64,
+        leader: bool,
+    ) -> Result<Option<StreamMessage>, String> {
+        let from = from.max(1);
+        if leader {
+            let _through = self.api.pass().await;
+            let get = self.mailbox.get_first_raw_message_by_subject(subject, from);
+            match tokio::time::timeout(GET_PATIENCE, get).await {
+                Ok(Ok(envelope)) => Ok(Some(envelope)),
+                Ok(Err(e)) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => Ok(None),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".into()),
+            }
+        } else {
+            let _through = self.gets.pass().await;
+            let get = self
+                .mailbox
+                .direct_get_next_for_subject(subject, Some(from));
+            match tokio::time::timeout(GET_PATIENCE, get).await {
+                Ok(Ok(envelope)) => Ok(Some(envelope)),
+                Ok(Err(e)) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".into()),
+            }
+        }
+    }
+}
+
+/// The message id a publish carried (`Nats-Msg-Id`), if any.
+fn message_id(headers: Option<&HeaderMap>) -> Option<&str> {
+    headers?
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|v| v.as_str())
+}
+
+/// The rings a waiting reader has not yet found the envelope of: by message id, and when
+/// each rang.
+#[derive(Debug, Default)]
+struct Rings {
+    awaited: HashMap<String, Instant>,
+    /// The last ring that named no id (or came with [`RINGS_KEPT`] awaited): any envelope
+    /// given after it answers it.
+    unnamed: Option<Instant>,
+}
+
+impl Rings {
+    /// A ring at `now`, of a publish with `headers`.
+    fn rung(&mut self, headers: Option<&HeaderMap>, now: Instant) {
+        match message_id(headers) {
+            Some(id) if self.awaited.len() < RINGS_KEPT => {
+                self.awaited.insert(id.to_owned(), now);
+            }
+            _ => self.unnamed = Some(now),
+        }
+    }
+
+    /// An envelope with `headers` was given.
+    fn stored(&mut self, headers: &HeaderMap) {
+        if let Some(id) = message_id(Some(headers)) {
+            self.awaited.remove(id);
+        }
+        self.unnamed = None;
+    }
+
+    /// Whether a ring within [`RING_PATIENCE`] of `now` is still awaited (older ones are
+    /// dropped: their envelopes were refused, or are older than the reader's place).
+    fn awaiting(&mut self, now: Instant) -> bool {
+        let fresh = |at: &Instant| now.saturating_duration_since(*at) < RING_PATIENCE;
+        self.awaited.retain(|_, at| fresh(at));
+        self.unnamed = self.unnamed.filter(fresh);
+        !self.awaited.is_empty() || self.unnamed.is_some()
     }
 }
 
@@ -199,53 +414,4 @@ impl Checks {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_waiting_reader_checks_at_once_after_settling_then_spread_around_the_period() {
-        let start = Instant::now();
-        let mut checks = Checks::new(start);
-        assert_eq!(checks.due(), start);
-        checks.checked(start, 0.0);
-        assert_eq!(checks.due(), start + BELL_SETTLE);
-        let settled = start + BELL_SETTLE;
-        checks.checked(settled, 0.0);
-        assert_eq!(checks.due(), settled + IDLE_CHECK.mul_f64(0.75));
-        checks.checked(settled, 0.999);
-        assert!(checks.due() > settled + IDLE_CHECK.mul_f64(1.24));
-        assert!(checks.due() < settled + IDLE_CHECK.mul_f64(1.25));
-        // Out-of-range jitter stays within the quarter.
-        checks.checked(settled, 7.0);
-        assert_eq!(checks.due(), settled + IDLE_CHECK.mul_f64(1.25));
-    }
-
-    #[test]
-    fn failed_checks_back_off_to_the_period_and_a_success_resets_the_backoff() {
-        let start = Instant::now();
-        let mut checks = Checks::new(start);
-        let mut waits = Vec::new();
-        for _ in 0..7 {
-            checks.failed(start);
-            waits.push(checks.due() - start);
-        }
-        let secs: Vec<u64> = waits.iter().map(Duration::as_secs).collect();
-        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30]);
-        checks.checked(start, 0.5);
-        checks.failed(start);
-        assert_eq!(checks.due(), start + CHECK_RETRY);
-    }
-
-    #[test]
-    fn a_disturbance_makes_a_check_due_at_once_and_settles_again() {
-        let start = Instant::now();
-        let mut checks = Checks::new(start);
-        checks.checked(start, 0.0);
-        checks.checked(start, 0.0);
-        let later = start + Duration::from_secs(3);
-        checks.disturbed(later);
-        assert_eq!(checks.due(), later);
-        checks.checked(later, 0.0);
-        assert_eq!(checks.due(), later + BELL_SETTLE);
-    }
-}
+mod tests;

@@ -63,19 +63,45 @@ const CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
 /// A session's mailbox reader: what it reads, and how far it has read, across its turns
 /// of reading through a consumer and waiting for mail ([`super::bell`]).
 pub(super) struct Reader {
+    /// Whose mailbox it reads.
+    user: Username,
     /// `<prefix>.inbox.<user>.>`: the user's subjects.
     pub(super) subject: String,
     /// The user's subject in the earlier layout (one per recipient).
     pub(super) legacy: String,
     /// The stream sequence to give from (0: from the first).
     pub(super) next: u64,
-    /// Envelopes still to give before the backlog is read; `None` once caught up.
+    /// Envelopes still to give before the backlog is read, as a consumer counted them
+    /// when made (`Some(0)` before any was); `None` once caught up.
     pub(super) backlog: Option<u64>,
+    /// Whether the subject of the earlier layout was found empty from the reader's place
+    /// (checked once, before the first gets).
+    pub(super) legacy_checked: bool,
     /// Disturbances seen (reconnections, leader elections).
     pub(super) disturbances: tokio::sync::watch::Receiver<u64>,
     failures: Failures,
     /// The session's room for envelopes handed over and not yet written.
     read_ahead: Arc<Semaphore>,
+}
+
+/// One stored envelope, as a consumer or a get found it.
+pub(super) struct Envelope<'a> {
+    /// Its subject (the recipient's, or the earlier layout's).
+    pub(super) subject: &'a str,
+    /// Its stream sequence: the envelope id.
+    pub(super) sequence: u64,
+    /// Its headers (the sender in [`FROM_HEADER`]).
+    pub(super) headers: Option<&'a async_nats::HeaderMap>,
+    /// The ciphertext.
+    pub(super) payload: tokio_util::bytes::Bytes,
+}
+
+/// How reading through a consumer ended.
+enum Read {
+    /// Nothing came for `reader_idle_secs`: the consumer is deleted.
+    Idle,
+    /// The session ended, or the relay is shutting down.
+    Ended,
 }
 
 /// What a session's mailbox read hands it.
@@ -138,11 +164,11 @@ impl Cluster {
         (rx, AbortOnDrop(task))
     }
 
-    /// Reads `user`'s mailbox into `tx` from its first envelope on, in turns: while there
-    /// is nothing to read it holds no consumer and waits for mail ([`Cluster::wait_for_mail`]:
-    /// a core NATS subscription and direct gets); once there may be, it reads through a
-    /// consumer ([`Cluster::read_until_idle`]) until nothing has come for the backend's
-    /// `reader_idle_secs`, then waits again. Every envelope is given once, in stream order,
+    /// Reads `user`'s mailbox into `tx` from its first envelope on, in turns: it waits for
+    /// mail without a consumer, giving what comes by gets ([`Cluster::wait_for_mail`]: a
+    /// core NATS subscription, gets one envelope at a time); when more comes at once than
+    /// gets should carry, it reads through a consumer ([`Cluster::read_until_idle`]) until
+    /// nothing has come for the backend's `reader_idle_secs`, then waits again. Every envelope is given once, in stream order,
     /// across the turns. Ends when `tx` closes or the relay shuts down; an error ends the
     /// session with a description.
     async fn read_mailbox(
@@ -151,10 +177,12 @@ impl Cluster {
         tx: &mpsc::Sender<Result<MailboxRead, String>>,
     ) -> Result<(), String> {
         let mut reader = Reader {
+            user: user.clone(),
             subject: format!("{}>", self.mailbox_prefix(user)),
             legacy: self.legacy_subject(user),
             next: 0,
             backlog: Some(0),
+            legacy_checked: false,
             disturbances: self.disturbances.subscribe(),
             failures: Failures::default(),
             read_ahead: Arc::new(Semaphore::new(READ_AHEAD_BYTES)),
@@ -163,8 +191,11 @@ impl Cluster {
             if let Waited::Ended = self.wait_for_mail(&mut reader, tx).await? {
                 return Ok(());
             }
-            debug!("mail for {}: reading through a consumer", reader.subject);
-            if !self.read_until_idle(user, &mut reader, tx).await? {
+            debug!(
+                "much mail for {}: reading through a consumer",
+                reader.subject
+            );
+            if let Read::Ended = self.read_until_idle(&mut reader, tx).await? {
                 return Ok(());
             }
             debug!("nothing for {} lately: waiting for mail", reader.subject);
@@ -172,8 +203,8 @@ impl Cluster {
     }
 
     /// Reads `reader`'s mailbox into `tx` through a consumer until it has given nothing for
-    /// the backend's `reader_idle_secs` (then `Ok(true)`: the consumer is deleted) or `tx`
-    /// closes (`Ok(false)`). The consumer (ephemeral,
+    /// the backend's `reader_idle_secs` ([`Read::Idle`]: the consumer is deleted), or `tx`
+    /// closes or the relay shuts down ([`Read::Ended`]). The consumer (ephemeral,
     /// one replica in memory, no acknowledgements: what JetStream calls an ordered consumer)
     /// is made again from the next sequence not yet given whenever it fails, falls silent
     /// (two [`IDLE_HEARTBEAT`]s missed), skips a delivery (its consumer sequence jumps), and
@@ -188,26 +219,17 @@ impl Cluster {
     /// [`super::RETRY_FOR`].
     async fn read_until_idle(
         &self,
-        user: &Username,
         reader: &mut Reader,
         tx: &mpsc::Sender<Result<MailboxRead, String>>,
-    ) -> Result<bool, String> {
-        let Reader {
-            subject,
-            legacy,
-            next,
-            backlog,
-            disturbances,
-            failures,
-            read_ahead,
-        } = reader;
+    ) -> Result<Read, String> {
         let idle = Duration::from_secs_f64(self.spec.1.reader_idle_secs);
+        let (subject, legacy) = (reader.subject.clone(), reader.legacy.clone());
         loop {
             // Through the API gate first (every reader makes its consumer again at a
             // disturbance). A disturbance while waiting changes nothing: nothing was asked.
             let through = self.api.pass().await;
-            disturbances.borrow_and_update();
-            let deliver_policy = match *next {
+            reader.disturbances.borrow_and_update();
+            let deliver_policy = match reader.next {
                 0 => consumer::DeliverPolicy::All,
                 start_sequence => consumer::DeliverPolicy::ByStartSequence { start_sequence },
             };
@@ -261,9 +283,9 @@ impl Cluster {
                 made = tokio::time::timeout(CONSUMER_PATIENCE, make) => {
                     made.unwrap_or_else(|_| Err("timed out making a consumer".into()))
                 }
-                changed = disturbances.changed() => {
+                changed = reader.disturbances.changed() => {
                     if changed.is_err() {
-                        return Ok(false);
+                        return Ok(Read::Ended);
                     }
                     debug!("the cluster was disturbed while making a consumer for {subject}");
                     continue;
@@ -272,15 +294,15 @@ impl Cluster {
             drop(through);
             let (mut messages, name) = match made {
                 Ok((pending, name, messages)) => {
-                    debug!("reading {subject} from {next} ({pending} pending)");
-                    if backlog.is_some() {
+                    debug!("reading {subject} from {} ({pending} pending)", reader.next);
+                    if reader.backlog.is_some() {
                         // Counted from `next`: a remade consumer starts where we stopped.
-                        *backlog = Some(pending);
+                        reader.backlog = Some(pending);
                     }
                     (messages, name)
                 }
                 Err(e) => {
-                    if failures.give_up() {
+                    if reader.failures.give_up() {
                         return Err(e);
                     }
                     debug!("cannot read {subject} ({e}); trying again");
@@ -295,19 +317,22 @@ impl Cluster {
             // The consumer sequence of the last envelope this consumer gave.
             let mut given = 0u64;
             let left = loop {
-                if *backlog == Some(0) {
-                    *backlog = None;
+                if reader.backlog == Some(0) {
+                    reader.backlog = None;
                     if tx.send(Ok(MailboxRead::CaughtUp)).await.is_err() {
-                        return Ok(false);
+                        return Ok(Read::Ended);
                     }
                 }
                 let message = tokio::select! {
                     message = messages.next() => message,
-                    changed = disturbances.changed() => {
+                    changed = reader.disturbances.changed() => {
                         if changed.is_err() {
-                            return Ok(false);
+                            return Ok(Read::Ended);
                         }
-                        debug!("the cluster was disturbed: reading {subject} again from {next}");
+                        debug!(
+                            "the cluster was disturbed: reading {subject} again from {}",
+                            reader.next
+                        );
                         break Left::Disturbed;
                     }
                     () = tokio::time::sleep_until(idle_at) => break Left::Idle,
@@ -323,41 +348,19 @@ impl Cluster {
                 }
                 given = info.consumer_sequence;
                 let sequence = info.stream_sequence;
-                if sequence < *next {
+                if sequence < reader.next {
                     continue;
                 }
-                *next = sequence + 1;
-                if message.subject.as_str() == legacy.as_str() {
-                    self.legacy
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(user.clone());
-                }
-                let from = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(FROM_HEADER))
-                    .map(|v| v.as_str().to_owned())
-                    .unwrap_or_default();
-                // At most READ_AHEAD_BYTES handed over and not yet written (a larger
-                // envelope waits for all of it).
-                let share = message.payload.len().clamp(1, READ_AHEAD_BYTES) as u32;
-                let Ok(room) = read_ahead.clone().acquire_many_owned(share).await else {
-                    return Ok(false);
+                let envelope = Envelope {
+                    subject: message.subject.as_str(),
+                    sequence,
+                    headers: message.headers.as_ref(),
+                    payload: message.payload.clone(),
                 };
-                let deliver = ServerMessage::Deliver {
-                    envelope_id: sequence,
-                    from,
-                    payload: message.payload.to_vec(),
-                };
-                if tx
-                    .send(Ok(MailboxRead::Deliver(deliver, room)))
-                    .await
-                    .is_err()
-                {
-                    return Ok(false);
+                if !self.give(reader, tx, envelope).await {
+                    return Ok(Read::Ended);
                 }
-                if let Some(left) = backlog.as_mut() {
+                if let Some(left) = reader.backlog.as_mut() {
                     *left = left.saturating_sub(1);
                 }
                 idle_at = tokio::time::Instant::now() + idle;
@@ -371,21 +374,61 @@ impl Cluster {
                 || matches!(left, Left::Disturbed | Left::Idle)
                 || made_at.elapsed() >= 3 * IDLE_HEARTBEAT
             {
-                *failures = Failures::default();
+                reader.failures = Failures::default();
             }
             if let Left::Idle = left {
                 self.forget_consumer(name);
-                return Ok(true);
+                return Ok(Read::Idle);
             }
             if let Left::Failed(e) = left {
-                if failures.give_up() {
+                if reader.failures.give_up() {
                     return Err(e);
                 }
-                debug!("reading {subject} failed ({e}); reading again from {next}");
+                debug!(
+                    "reading {subject} failed ({e}); reading again from {}",
+                    reader.next
+                );
                 self.forget_consumer(name);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Hands `envelope` to `reader`'s session as a `Deliver` (once room for its payload is
+    /// free among what the session has not written yet: [`READ_AHEAD_BYTES`]), and moves
+    /// the reader past it. False if the session ended.
+    pub(super) async fn give(
+        &self,
+        reader: &mut Reader,
+        tx: &mpsc::Sender<Result<MailboxRead, String>>,
+        envelope: Envelope<'_>,
+    ) -> bool {
+        reader.next = envelope.sequence + 1;
+        if envelope.subject == reader.legacy {
+            self.legacy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(reader.user.clone());
+        }
+        let from = envelope
+            .headers
+            .and_then(|h| h.get(FROM_HEADER))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        // At most READ_AHEAD_BYTES handed over and not yet written (a larger envelope
+        // waits for all of it).
+        let share = envelope.payload.len().clamp(1, READ_AHEAD_BYTES) as u32;
+        let Ok(room) = reader.read_ahead.clone().acquire_many_owned(share).await else {
+            return false;
+        };
+        let deliver = ServerMessage::Deliver {
+            envelope_id: envelope.sequence,
+            from,
+            payload: envelope.payload.to_vec(),
+        };
+        tx.send(Ok(MailboxRead::Deliver(deliver, room)))
+            .await
+            .is_ok()
     }
 
     /// Deletes the mailbox consumer `name` in the background. Its server would keep it

@@ -33,6 +33,7 @@ mod accounts;
 mod admin;
 mod api_gate;
 mod bell;
+pub use bell::BUSY_AFTER;
 mod breaker;
 mod delivery;
 mod layout;
@@ -159,8 +160,13 @@ pub struct Cluster {
     /// make their consumers again at each, and waiting ones check their mailboxes.
     disturbances: watch::Sender<u64>,
     /// Bounds the JetStream API requests made per session or per recipient (mailbox
-    /// consumers, removals); session reads and tally fetches each have their own.
+    /// consumers, leader gets of readers not caught up, removals); session reads and
+    /// tally fetches each have their own.
     api: api_gate::ApiGate,
+    /// Bounds the direct gets of waiting mailbox readers ([`bell`]): they are not
+    /// JetStream API requests (nats-server does not queue them with those), so they do
+    /// not take the places of consumer makings and removals at a disturbance.
+    gets: api_gate::ApiGate,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -303,6 +309,7 @@ impl Cluster {
             spec: Box::new((config.clone(), nats.clone())),
             disturbances,
             api,
+            gets: api_gate::ApiGate::default(),
         })
     }
 

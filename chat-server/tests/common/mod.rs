@@ -469,6 +469,28 @@ impl Client {
         }
     }
 
+    /// Sends `payloads` to `to` without waiting between them (a sender in full flow), then
+    /// expects an `Ok` for each, in order, within `patience`.
+    pub async fn send_burst(&mut self, to: &str, payloads: &[Vec<u8>], patience: Duration) {
+        let mut ids = Vec::new();
+        for payload in payloads {
+            let id = self.id();
+            ids.push(id);
+            self.send(ClientMessage::Send {
+                id,
+                to: to.into(),
+                payload: payload.clone(),
+            })
+            .await;
+        }
+        for id in ids {
+            match self.recv_reply_within(patience).await {
+                Some(ServerMessage::Ok { id: got }) => assert_eq!(got, id, "answers in order"),
+                other => panic!("expected Ok for send {id}, got {other:?}"),
+            }
+        }
+    }
+
     /// Sends `payload` to `to` and returns the server's answer.
     pub async fn send_to(&mut self, to: &str, payload: &[u8]) -> ServerMessage {
         self.send_to_within(to, payload, PATIENCE).await
