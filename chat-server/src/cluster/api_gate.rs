@@ -6,18 +6,21 @@
 //! `jetstream.request_queue_limit` (10,000 by default, counted on each node over every
 //! client). When one more arrives it drops **every** request queued and answers none of
 //! them (it logs `JetStream API queue limit reached, dropping N requests`); their clients
-//! see only their own timeouts. A relay's mailbox readers all make their consumers again
-//! at each disturbance (a reconnection to NATS, a leader election), and a removal round
+//! see only their own timeouts. A relay's mailbox readers that read through consumers
+//! all make them again at each disturbance (a reconnection to NATS, a leader election),
+//! readers not yet caught up read from the stream's leader, and a removal round
 //! purges one subject per recipient: unbounded, that is one request per session at once,
 //! and with more sessions than the queue holds (over all relays) every one was dropped,
 //! each reader waited out its patience and asked again, all at once, and so on.
 //!
 //! Every such request passes a gate first: at most [`API_IN_FLIGHT`] await their answer
-//! per gate. A relay has three: mailbox readers and removals share one, session reads
+//! per gate. A relay has three for them: mailbox readers and removals share one, session reads
 //! from the bucket's leader (logins, sweeps, rewrites) have another, so a login, which has
 //! a deadline, never queues behind every reader remaking its consumer, and the tally
 //! fetches before a send to a recipient ([`super::tally`], a stream info each) the third,
-//! so a send does not either. Waiting here costs
+//! so a send does not either. A fourth bounds the direct gets of waiting readers
+//! ([`super::bell`]): nats-server does not queue those with API requests, so they never
+//! take the API gates' places. Waiting here costs
 //! nothing on the server; a request's own patience starts once it is through (a login's
 //! deadline counts from the login, so its wait does count there). A request given up
 //! after its patience frees its place although a stalled node may still hold it queued:

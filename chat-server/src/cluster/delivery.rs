@@ -30,8 +30,9 @@ const CONSUMER_PATIENCE: Duration = Duration::from_secs(5);
 /// consumer again: a consumer lost with a node, or cut off from its reader without a
 /// reconnection or a leader election the relay sees, holds delivery up at most twice this.
 /// (async-nats's ordered consumer, used before, waits for four missed 15 s heartbeats:
-/// deliveries stalled for a minute after a node died.) Each idle session costs its relay
-/// one heartbeat message per interval.
+/// deliveries stalled for a minute after a node died.) Each session reading through a
+/// consumer costs its relay one heartbeat message per interval while nothing comes (at
+/// most `reader_idle_secs`; a waiting reader has no consumer: [`super::bell`]).
 const IDLE_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// How long each pull request waits for envelopes before the reader asks again.
@@ -212,7 +213,8 @@ impl Cluster {
     /// elected a leader): an ephemeral consumer may have been lost with a node and would
     /// otherwise wait forever. Sequences already given are skipped, so a restart makes no gap
     /// and no duplicate. Each making waits for a place in the relay's API gate
-    /// ([`super::api_gate`]): at a disturbance every reader makes its consumer at once.
+    /// ([`super::api_gate`]): at a disturbance every reader with a consumer makes it again
+    /// at once.
     /// Once as many envelopes as the first consumer (re)made before that point had pending
     /// are given, [`MailboxRead::CaughtUp`] follows them, once. Gives up (an error, and
     /// the session is closed) after [`READER_RETRIES`] failures in a row lasting

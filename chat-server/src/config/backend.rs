@@ -112,10 +112,11 @@ pub struct NatsBackend {
     /// Names of the streams and buckets start with this, so clusters can share NATS.
     pub prefix: String,
     /// Seconds a session's mailbox reader keeps its JetStream consumer with nothing to
-    /// read (0.1 to 86,400; 60 by default). Then it gives the consumer up and waits for
-    /// mail on a core NATS subscription instead (CLUSTER.md, "Mailbox readers"): a consumer
-    /// is made through the cluster's meta layer, at a few dozen a second, and costs an idle
-    /// heartbeat every 5 s, so sessions that receive nothing hold none.
+    /// read (0.1 to 86,400; 60 by default). A reader makes one only for much mail at once
+    /// (a backlog, a sender in full flow); then it gives it up and waits for mail on a core
+    /// NATS subscription again, reading little mail by gets (CLUSTER.md, "Delivering"): a
+    /// consumer is made through the cluster's meta layer, at a few dozen a second, and
+    /// costs an idle heartbeat every 5 s.
     pub reader_idle_secs: f64,
 }
 
