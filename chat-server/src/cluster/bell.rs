@@ -40,11 +40,10 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{DirectGetErrorKind, RawMessageErrorKind};
-use futures_util::stream::SelectAll;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::Cluster;
 use super::delivery::{Envelope, MailboxRead, Reader};
@@ -84,6 +83,13 @@ const RING_RETRY: Duration = Duration::from_millis(5);
 /// The longest wait between looks for a rung envelope.
 const RING_RETRY_MAX: Duration = Duration::from_millis(250);
 
+/// Looks for a rung envelope that found none, after which the stream's leader is asked (a
+/// direct get may reach a replica behind it).
+const LEADER_AFTER_MISSES: u32 = 3;
+
+/// Checks failed in a row after which a waiting reader warns (and again every this many).
+const WARN_AFTER_FAILURES: u32 = 10;
+
 /// Rings (message ids) a reader remembers at most; past this it looks for
 /// [`RING_PATIENCE`] after the last ring for anything at all.
 const RINGS_KEPT: usize = 256;
@@ -104,7 +110,8 @@ enum Woke {
     Unsubscribed,
     /// The cluster was disturbed (a reconnection, a leader election).
     Disturbed,
-    /// The relay is shutting down.
+    /// The cluster handle that counts disturbances is gone (the relay is shutting down;
+    /// a reader is normally stopped before, by its session's guard).
     ShuttingDown,
     /// A check is due.
     Due,
@@ -144,8 +151,22 @@ enum Drained {
     Busy,
     /// The session ended.
     Ended,
+    /// None is left, and a ring's envelope was not found within [`RING_PATIENCE`] (refused,
+    /// or stored late).
+    Lapsed,
     /// A get failed.
     Failed(String),
+}
+
+/// Whether a waiting reader still awaits a ring's envelope.
+#[derive(Debug, PartialEq, Eq)]
+enum Awaiting {
+    /// One rang within [`RING_PATIENCE`] and is not given yet.
+    Some,
+    /// None.
+    None,
+    /// None now, but one lapsed unanswered since the last look.
+    Lapsed,
 }
 
 impl Cluster {
@@ -160,19 +181,19 @@ impl Cluster {
         reader: &mut Reader,
         tx: &mpsc::Sender<Result<MailboxRead, String>>,
     ) -> Result<Waited, String> {
-        let bell = self
+        let mut bell = self
             .js
             .client()
             .subscribe(reader.subject.clone())
             .await
             .map_err(|e| format!("cannot subscribe to {}: {e}", reader.subject))?;
-        let mut bells = futures_util::stream::select_all([bell]);
         let mut rings = Rings::default();
         let mut pace = Pace::new(Instant::now());
         let mut checks = Checks::new(Instant::now());
+        let mut failures = 0u32;
         loop {
             let woke = tokio::select! {
-                ring = bells.next() => match ring {
+                ring = bell.next() => match ring {
                     Some(ring) => {
                         rings.rung(ring.headers.as_ref(), Instant::now());
                         Woke::Rung
@@ -192,16 +213,32 @@ impl Cluster {
                 Woke::ShuttingDown => return Ok(Waited::Ended),
                 Woke::Disturbed => checks.disturbed(Instant::now()),
                 Woke::Rung | Woke::Due => {
-                    let drained = self.drain(reader, tx, &mut bells, &mut rings, &mut pace);
-                    match drained.await {
+                    let drained = self.drain(reader, tx, &mut bell, &mut rings, &mut pace);
+                    let drained = drained.await;
+                    if !matches!(drained, Drained::Failed(_)) {
+                        failures = 0;
+                    }
+                    match drained {
                         Drained::Empty if matches!(woke, Woke::Due) => {
                             checks.checked(Instant::now(), rand::random());
                         }
                         Drained::Empty => {}
+                        // Stored late, or looked for on a replica behind: a check soon.
+                        Drained::Lapsed => checks.disturbed(Instant::now() + BELL_SETTLE),
                         Drained::Busy => return Ok(Waited::Busy),
                         Drained::Ended => return Ok(Waited::Ended),
                         Drained::Failed(e) => {
-                            debug!("cannot read {} ({e}); trying again", reader.subject);
+                            failures += 1;
+                            if failures.is_multiple_of(WARN_AFTER_FAILURES) {
+                                warn!(
+                                    "cannot read {} ({e}; {failures} tries in a row): its \
+                                     session gets no mail until NATS answers gets \
+                                     (JetStream's direct and message gets)",
+                                    reader.subject
+                                );
+                            } else {
+                                debug!("cannot read {} ({e}); trying again", reader.subject);
+                            }
                             checks.failed(Instant::now());
                         }
                     }
@@ -221,7 +258,7 @@ impl Cluster {
         &self,
         reader: &mut Reader,
         tx: &mpsc::Sender<Result<MailboxRead, String>>,
-        bells: &mut SelectAll<async_nats::Subscriber>,
+        bell: &mut async_nats::Subscriber,
         rings: &mut Rings,
         pace: &mut Pace,
     ) -> Drained {
@@ -236,15 +273,29 @@ impl Cluster {
         let mut retry = RING_RETRY;
         // Given in this drain, one after another: a backlog.
         let mut in_a_row = 0;
+        // Looks that found nothing while a ring was awaited: after a few, the leader is
+        // asked (a replica may be behind).
+        let mut misses = 0;
         loop {
-            while let Some(Some(ring)) = bells.next().now_or_never() {
+            while let Some(Some(ring)) = bell.next().now_or_never() {
                 rings.rung(ring.headers.as_ref(), Instant::now());
             }
-            let leader = reader.backlog.is_some();
+            let leader = reader.backlog.is_some() || misses >= LEADER_AFTER_MISSES;
             match self
                 .first_stored(&reader.subject, reader.next, leader)
                 .await
             {
+                Ok(Some(envelope)) if envelope.sequence < reader.next => {
+                    return Drained::Failed(format!(
+                        "a get from {} answered {}",
+                        reader.next, envelope.sequence
+                    ));
+                }
+                // No room for it now (the client reads slowly): a consumer reads on, its
+                // pulls bounded in bytes, rather than rings piling up here meanwhile.
+                Ok(Some(envelope)) if !reader.has_room(envelope.payload.len(), tx) => {
+                    return Drained::Busy;
+                }
                 Ok(Some(envelope)) => {
                     rings.stored(&envelope.headers);
                     let envelope = Envelope {
@@ -268,9 +319,12 @@ impl Cluster {
                     {
                         return Drained::Ended;
                     }
-                    if !rings.awaiting(Instant::now()) {
-                        return Drained::Empty;
+                    match rings.awaiting(Instant::now()) {
+                        Awaiting::Some => {}
+                        Awaiting::None => return Drained::Empty,
+                        Awaiting::Lapsed => return Drained::Lapsed,
                     }
+                    misses += 1;
                     tokio::time::sleep(retry).await;
                     retry = (retry * 2).min(RING_RETRY_MAX);
                 }
@@ -283,7 +337,7 @@ impl Cluster {
     /// none): from the stream's leader through the API gate if `leader`, else a direct get
     /// answered by any replica, through the gets' gate. Errors if the get fails or takes
     /// over [`GET_PATIENCE`].
-    async fn first_stored(
+    pub(super) async fn first_stored(
         &self,
         subject: &str,
         from: u64,
@@ -350,13 +404,20 @@ impl Rings {
         self.unnamed = None;
     }
 
-    /// Whether a ring within [`RING_PATIENCE`] of `now` is still awaited (older ones are
-    /// dropped: their envelopes were refused, or are older than the reader's place).
-    fn awaiting(&mut self, now: Instant) -> bool {
+    /// Whether a ring within [`RING_PATIENCE`] of `now` is still awaited. Older ones are
+    /// dropped (their envelopes were refused, are older than the reader's place, or are
+    /// stored late: [`Awaiting::Lapsed`] says so, for a check soon).
+    fn awaiting(&mut self, now: Instant) -> Awaiting {
         let fresh = |at: &Instant| now.saturating_duration_since(*at) < RING_PATIENCE;
+        let before = self.awaited.len() + usize::from(self.unnamed.is_some());
         self.awaited.retain(|_, at| fresh(at));
         self.unnamed = self.unnamed.filter(fresh);
-        !self.awaited.is_empty() || self.unnamed.is_some()
+        let after = self.awaited.len() + usize::from(self.unnamed.is_some());
+        match (after, before) {
+            (0, 0) => Awaiting::None,
+            (0, _) => Awaiting::Lapsed,
+            _ => Awaiting::Some,
+        }
     }
 }
 

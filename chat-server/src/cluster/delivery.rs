@@ -136,6 +136,19 @@ struct Failures {
     since: Option<tokio::time::Instant>,
 }
 
+impl Reader {
+    /// Whether an envelope of `len` payload bytes can be handed to the session now, without
+    /// waiting: room in the read-ahead ([`READ_AHEAD_BYTES`]) and in `tx`.
+    pub(super) fn has_room(
+        &self,
+        len: usize,
+        tx: &mpsc::Sender<Result<MailboxRead, String>>,
+    ) -> bool {
+        let share = len.clamp(1, READ_AHEAD_BYTES);
+        self.read_ahead.available_permits() >= share && tx.capacity() > 0
+    }
+}
+
 impl Failures {
     /// Counts one more; whether the reader should give up.
     fn give_up(&mut self) -> bool {
@@ -320,9 +333,16 @@ impl Cluster {
             let mut given = 0u64;
             let left = loop {
                 if reader.backlog == Some(0) {
-                    reader.backlog = None;
-                    if tx.send(Ok(MailboxRead::CaughtUp)).await.is_err() {
-                        return Ok(Read::Ended);
+                    // Counted by the consumer's server, which may be behind the leader:
+                    // caught up once the leader has nothing more either (else, or if it
+                    // does not answer, after the next envelope, or at the next wait).
+                    if let Ok(true) = self.nothing_more_stored(reader).await {
+                        reader.backlog = None;
+                        if tx.send(Ok(MailboxRead::CaughtUp)).await.is_err() {
+                            return Ok(Read::Ended);
+                        }
+                    } else {
+                        reader.backlog = Some(1);
                     }
                 }
                 let message = tokio::select! {
@@ -394,6 +414,22 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Whether the leader says `reader`'s mailbox holds nothing from `reader.next` on (on
+    /// its subjects and the earlier layout's): what a consumer counted as pending when made
+    /// may come from a replica behind its leader, so `CaughtUp` waits for this too.
+    async fn nothing_more_stored(&self, reader: &Reader) -> Result<bool, String> {
+        for subject in [&reader.subject, &reader.legacy] {
+            if self
+                .first_stored(subject, reader.next, true)
+                .await?
+                .is_some()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Hands `envelope` to `reader`'s session as a `Deliver` (once room for its payload is

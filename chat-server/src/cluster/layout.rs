@@ -47,9 +47,10 @@ fn never_lower(mut wanted: stream::Config, existing: &stream::Info) -> stream::C
 /// How long JetStream remembers a publish's message id to drop a retried duplicate.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
-/// The consumers the mailbox stream admits: every session in the cluster that had mail
-/// lately (within its relay's `reader_idle_secs`) reads its mailbox through one of its own
-/// ([`super::delivery`]), and relays make a few more. Set
+/// The consumers the mailbox stream admits: every session in the cluster that had much
+/// mail at once lately (within its relay's `reader_idle_secs`) reads its mailbox through
+/// one of its own ([`super::delivery`]; little mail is read by gets), and relays make a
+/// few more. Set
 /// on the stream explicitly ([`raise_consumer_limit`]): nats-server 2.15.1 caps a stream
 /// that sets no limit of its own (-1 or 0 there mean "the server's default") at 1,000
 /// consumers (measured: the 1,001st is refused), which left the cluster's 1,001st

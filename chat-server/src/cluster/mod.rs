@@ -11,12 +11,12 @@
 //!   share from one address (`recipient_queue_full`); the recipient's total and the
 //!   shares over several addresses or senders are checked by [`tally`]; the stream's byte
 //!   limit is the queue's total (`server_full`); max age expires envelopes.
-//! - Delivery (`delivery.rs`): each session with mail reads `<prefix>.inbox.<recipient>.>`
-//!   through an ordered consumer (made again when it fails or falls silent) from the first
-//!   envelope still stored: the backlog, then live envelopes, in stream order, with no gap
-//!   and no duplicate; after `reader_idle_secs` with nothing to read it gives the consumer
-//!   up and waits on a core NATS subscription to those subjects (`bell.rs`). An `Ack`
-//!   deletes the
+//! - Delivery (`delivery.rs`, `bell.rs`): each session reads `<prefix>.inbox.<recipient>.>`
+//!   from the first envelope still stored: the backlog, then live envelopes, in stream
+//!   order, with no gap and no duplicate. Little mail is given by gets when a core NATS
+//!   subscription to those subjects rings; much mail at once through an ordered consumer
+//!   (made again when it fails or falls silent), given up after `reader_idle_secs` with
+//!   nothing to read. An `Ack` deletes the
 //!   envelopes (by sequence). Envelopes an earlier layout stored under the bare
 //!   `<prefix>.inbox.<recipient>` are read (and removed) alike.
 //! - Accounts: the bucket `<prefix>_accounts`, user → public key, written create-only, so

@@ -10,21 +10,23 @@ fn with_id(id: &str) -> HeaderMap {
 fn a_ring_is_awaited_until_its_envelope_is_given_or_its_patience_runs_out() {
     let start = Instant::now();
     let mut rings = Rings::default();
-    assert!(!rings.awaiting(start));
+    assert_eq!(rings.awaiting(start), Awaiting::None);
     rings.rung(Some(&with_id("a")), start);
     rings.rung(Some(&with_id("b")), start);
-    assert!(rings.awaiting(start));
+    assert_eq!(rings.awaiting(start), Awaiting::Some);
     // Another publish's envelope (a duplicate's, an earlier one's) answers neither.
     rings.stored(&with_id("z"));
-    assert!(rings.awaiting(start));
+    assert_eq!(rings.awaiting(start), Awaiting::Some);
     rings.stored(&with_id("a"));
-    assert!(rings.awaiting(start), "b is still awaited");
+    assert_eq!(rings.awaiting(start), Awaiting::Some, "b is still awaited");
     rings.stored(&with_id("b"));
-    assert!(!rings.awaiting(start));
-    // One the stream refused is given up after RING_PATIENCE.
+    assert_eq!(rings.awaiting(start), Awaiting::None);
+    // One the stream refused (or stores late) lapses after RING_PATIENCE, said once.
     rings.rung(Some(&with_id("refused")), start);
-    assert!(rings.awaiting(start + RING_PATIENCE - Duration::from_millis(1)));
-    assert!(!rings.awaiting(start + RING_PATIENCE));
+    let almost = start + RING_PATIENCE - Duration::from_millis(1);
+    assert_eq!(rings.awaiting(almost), Awaiting::Some);
+    assert_eq!(rings.awaiting(start + RING_PATIENCE), Awaiting::Lapsed);
+    assert_eq!(rings.awaiting(start + RING_PATIENCE), Awaiting::None);
 }
 
 #[test]
@@ -32,9 +34,9 @@ fn a_ring_without_an_id_or_past_the_kept_count_is_answered_by_any_envelope() {
     let start = Instant::now();
     let mut rings = Rings::default();
     rings.rung(None, start);
-    assert!(rings.awaiting(start));
+    assert_eq!(rings.awaiting(start), Awaiting::Some);
     rings.stored(&HeaderMap::new());
-    assert!(!rings.awaiting(start));
+    assert_eq!(rings.awaiting(start), Awaiting::None);
     for i in 0..RINGS_KEPT {
         rings.rung(Some(&with_id(&i.to_string())), start);
     }
@@ -47,7 +49,7 @@ fn a_ring_without_an_id_or_past_the_kept_count_is_answered_by_any_envelope() {
         rings.rung(Some(&with_id(&format!("x{i}"))), start);
     }
     assert_eq!(rings.awaited.len(), RINGS_KEPT);
-    assert!(!rings.awaiting(start + RING_PATIENCE));
+    assert_eq!(rings.awaiting(start + RING_PATIENCE), Awaiting::Lapsed);
     assert!(rings.awaited.is_empty());
 }
 
