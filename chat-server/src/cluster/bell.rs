@@ -347,24 +347,28 @@ impl Cluster {
         if leader {
             let _through = self.api.pass().await;
             let get = self.mailbox.get_first_raw_message_by_subject(subject, from);
-            match tokio::time::timeout(GET_PATIENCE, get).await {
-                Ok(Ok(envelope)) => Ok(Some(envelope)),
-                Ok(Err(e)) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => Ok(None),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("timed out".into()),
-            }
+            found(get, |e| e.kind() == RawMessageErrorKind::NoMessageFound).await
         } else {
             let _through = self.gets.pass().await;
             let get = self
                 .mailbox
                 .direct_get_next_for_subject(subject, Some(from));
-            match tokio::time::timeout(GET_PATIENCE, get).await {
-                Ok(Ok(envelope)) => Ok(Some(envelope)),
-                Ok(Err(e)) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("timed out".into()),
-            }
+            found(get, |e| e.kind() == DirectGetErrorKind::NotFound).await
         }
+    }
+}
+
+/// What a get answered, given at most [`GET_PATIENCE`]: the envelope, `None` if
+/// `not_found` says its error means none is stored, else the error.
+async fn found<E: std::fmt::Display>(
+    get: impl std::future::Future<Output = Result<StreamMessage, E>>,
+    not_found: impl Fn(&E) -> bool,
+) -> Result<Option<StreamMessage>, String> {
+    match tokio::time::timeout(GET_PATIENCE, get).await {
+        Ok(Ok(envelope)) => Ok(Some(envelope)),
+        Ok(Err(e)) if not_found(&e) => Ok(None),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
     }
 }
 
