@@ -1,18 +1,20 @@
 //! Mailbox readers without a consumer while there is little to read (real nats-server
 //! processes on 127.0.0.1, real relays, raw protocol clients over TLS): logins make no
 //! consumer, mail to a waiting session rings its bell (a core NATS subscription) and is
-//! given at once by gets, a sender in full flow moves the reader to a consumer that it
-//! gives up after `reader_idle_secs`, mail sent while a waiting session's relay has lost
-//! its NATS node still arrives, and every envelope is given once, in order, however often
-//! its reader turns between the two.
+//! given at once by gets, a sender in full flow or a client reading slowly moves the
+//! reader to a consumer that it gives up after `reader_idle_secs`, mail sent while a
+//! waiting session's relay has lost its NATS link (cut, or its node dead) arrives at the
+//! reconnection, and every envelope is given once, in order, however often its reader
+//! turns between the two.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use chat_protocol::{ClientMessage, ServerMessage};
-use chat_server::config::{Backend, Config};
+use chat_protocol::{ClientMessage, ErrorCode, ServerMessage};
+use chat_server::config::{Backend, Config, NatsBackend};
+use common::gate::Gate;
 use common::nats::Nats;
 use common::{Client, PATIENCE, TestServer};
 
@@ -105,6 +107,15 @@ async fn idle_sessions_hold_no_consumer_and_their_bell_brings_mail_at_once() {
         until_consumers(&js, 1).await;
         until_consumers(&js, 0).await;
     }
+    // Many waiting sessions woken at once, one envelope each: all by gets.
+    for i in 0..crowd.len() {
+        let reply = alice.send_to(&format!("u{i}"), &[200, i as u8]).await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    }
+    for (i, c) in crowd.iter_mut().enumerate() {
+        assert_eq!(c.take_within(PATIENCE).await.1, [200, i as u8]);
+    }
+    assert_eq!(consumers(&js).await, Some(0), "one envelope each, by gets");
     nothing_more(&mut bob).await;
     for c in &mut crowd {
         nothing_more(c).await;
@@ -153,6 +164,167 @@ async fn envelopes_across_many_turns_of_the_reader_come_once_and_in_order() {
         assert!(id > last, "envelope ids rise: {id} after {last}");
         last = id;
     }
+    nothing_more(&mut bob).await;
+}
+
+/// A session whose client reads slowly while mail trickles in (about 8 a second, under
+/// `BUSY_AFTER` a second, so its reader stays on gets): once what was handed to the session
+/// and not yet written fills its read-ahead (1 MiB), the reader moves to a consumer, whose
+/// pulls are bounded in bytes, instead of holding envelopes (and rings) itself. Bob then
+/// reads a third, drops his connection with the rest unread, and logs in again: every
+/// envelope comes, in order, none missing; the last he read may come again (their `Ack`s
+/// may not have been applied) under the ids they first had; later mail comes after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_on_gets_moves_to_a_consumer_and_loses_nothing() {
+    let nats = Nats::single();
+    let js = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    let server = TestServer::start(|c| {
+        c.backend = nats.backend(1);
+        reader_idle(c, 1.0);
+        // Bob reads nothing for a while: not a reason to close him here.
+        c.write_timeout_secs = 300.0;
+        c.idle_timeout_secs = 300.0;
+        c.queue.max_bytes_per_user = 1 << 30;
+    })
+    .await;
+    let mut bob = server.user("bob", 1).await;
+    let mut alice = server.user("alice", 0).await;
+    alice.until_online("bob", true).await;
+    assert_eq!(consumers(&js).await, Some(0));
+
+    // Bob reads nothing from here. Each envelope is near the largest frame, so the
+    // socket's buffers and the read-ahead fill after a few dozen.
+    let payload = |n: u16| {
+        let mut p = vec![n as u8; 60_000];
+        p[..2].copy_from_slice(&n.to_be_bytes());
+        p
+    };
+    let mut sent: u16 = 0;
+    while consumers(&js).await != Some(1) {
+        assert!(sent < 400, "no consumer after {sent} envelopes unread");
+        let reply = alice.send_to("bob", &payload(sent)).await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    eprintln!("the reader took a consumer after {sent} envelopes unread");
+    assert!(
+        sent as usize > chat_server::cluster::BUSY_AFTER,
+        "moved after {sent}: by pace, not for room"
+    );
+    // More while he still reads nothing: the consumer holds them back.
+    for _ in 0..10 {
+        let reply = alice.send_to("bob", &payload(sent)).await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+        sent += 1;
+    }
+
+    // He reads a third, then his connection drops with the rest unread.
+    let mut ids = Vec::new();
+    for n in 0..sent / 3 {
+        let (id, got) = bob.take_within(PATIENCE).await;
+        assert!(got == payload(n), "envelope {n} first, in order");
+        ids.push(id);
+    }
+    drop(bob);
+    let mut bob = server.user("bob", 1).await;
+    let (mut id, mut got) = bob.take_within(PATIENCE).await;
+    let first = u16::from_be_bytes([got[0], got[1]]);
+    let read = sent / 3;
+    assert!(
+        first <= read,
+        "envelope {first} came first; {read} were read"
+    );
+    eprintln!("after the drop: from envelope {first}; {read} were read");
+    for n in first..sent {
+        if n > first {
+            (id, got) = bob.take_within(PATIENCE).await;
+        }
+        assert!(got == payload(n), "envelope {n} next, once, in order");
+        if let Some(earlier) = ids.get(n as usize) {
+            assert_eq!(id, *earlier, "an envelope delivered again keeps its id");
+        }
+    }
+    // (The dropped session's consumer outlives it by up to 30 s, the server's inactivity
+    // threshold: the count cannot say when this reader gives up its own.)
+    let reply = alice.send_to("bob", b"later").await;
+    assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    assert_eq!(bob.take_within(PATIENCE).await.1, b"later");
+    nothing_more(&mut bob).await;
+}
+
+/// Waits (up to `PATIENCE`) until `relay` refuses new connections: it has seen its NATS
+/// link go down.
+async fn until_refusing(relay: &TestServer) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut c = relay.client().await;
+        c.send(ClientMessage::Hello {
+            version: chat_protocol::PROTOCOL_VERSION,
+            software: "test".into(),
+        })
+        .await;
+        match c.recv().await {
+            ServerMessage::Error {
+                code: ErrorCode::ServerBusy,
+                ..
+            } => return,
+            ServerMessage::Hello { .. } => {}
+            other => panic!("expected Hello or server_busy, got {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still serving after {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Bob's session waits for mail (no consumer) on a relay whose only NATS link is cut while
+/// the node lives on (no election, nothing else moves). What alice sends meanwhile through
+/// another relay is stored where no bell of bob's can hear it; once the link is mended the
+/// relay reconnects, and its readers check their mailboxes at that disturbance. The mail
+/// comes before the periodic check could have brought it (22.5 s at the earliest after the
+/// check 1 s past login), once and in order; later mail rings the bell made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_stored_while_a_relays_link_is_cut_comes_at_the_reconnection() {
+    let nats = Nats::single();
+    let gate = Gate::to(([127, 0, 0, 1], nats.nodes[0].port).into()).await;
+    let a = TestServer::start(|c| {
+        c.backend = Backend::Nats(NatsBackend {
+            urls: vec![format!("nats://{}", gate.addr)],
+            stream_replicas: 1,
+            ..Default::default()
+        });
+    })
+    .await;
+    let b = TestServer::start(|c| c.backend = nats.backend(1)).await;
+    let logged_in = Instant::now();
+    let mut bob = a.user("bob", 1).await;
+    let mut alice = b.user("alice", 0).await;
+    alice.until_online("bob", true).await;
+    // Past the check that follows the first (1 s after it): the next is 22.5 s or more
+    // after that.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    gate.cut();
+    until_refusing(&a).await;
+    for i in 0..5u8 {
+        let reply = alice.send_to("bob", &[i]).await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    }
+    gate.mend();
+    // Before the periodic check: only the check at the reconnection can bring them.
+    let before = (logged_in + Duration::from_secs(22)).saturating_duration_since(Instant::now());
+    for i in 0..5u8 {
+        let (_, got) = bob.take_within(before).await;
+        assert_eq!(got, [i], "once, in order, at the reconnection");
+    }
+    eprintln!("delivered {:?} after login", logged_in.elapsed());
+    // The bell, made again on reconnecting, rings: past the check 1 s after it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reply = alice.send_to("bob", b"rung").await;
+    assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    assert_eq!(bob.take_within(PATIENCE).await.1, b"rung");
     nothing_more(&mut bob).await;
 }
 

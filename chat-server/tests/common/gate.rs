@@ -1,6 +1,7 @@
 //! A TCP forwarder on 127.0.0.1 that can hold what one side sends: a relay's NATS link
 //! stalled on purpose (its requests reach NATS only when released), the way a node that
-//! stops answering, or a link being re-established, holds them.
+//! stops answering, or a link being re-established, holds them; or cut it (both ends
+//! closed, new connections closed at once) while the node lives on, until mended.
 
 use std::net::SocketAddr;
 
@@ -10,10 +11,12 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 
 /// Forwards connections made to [`Gate::addr`] to the target; [`Gate::hold`] stops what
-/// the connecting side sends (it stays queued, in order) until [`Gate::release`].
+/// the connecting side sends (it stays queued, in order) until [`Gate::release`];
+/// [`Gate::cut`] closes every connection through it, and those made until [`Gate::mend`].
 pub struct Gate {
     pub addr: SocketAddr,
     held: watch::Sender<bool>,
+    cut: watch::Sender<bool>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -23,20 +26,27 @@ impl Gate {
         let addr = listener.local_addr().unwrap();
         let held = watch::Sender::new(false);
         let gate = held.subscribe();
+        let cut = watch::Sender::new(false);
+        let cuts = cut.subscribe();
         let task = tokio::spawn(async move {
             while let Ok((near, _)) = listener.accept().await {
+                if *cuts.borrow() {
+                    continue;
+                }
                 let Ok(far) = tokio::net::TcpStream::connect(target).await else {
                     continue;
                 };
                 let (near_read, near_write) = near.into_split();
                 let (far_read, far_write) = far.into_split();
-                tokio::spawn(pump(near_read, far_write, Some(gate.clone())));
-                tokio::spawn(pump(far_read, near_write, None));
+                let cut = cuts.clone();
+                tokio::spawn(pump(near_read, far_write, Some(gate.clone()), cut.clone()));
+                tokio::spawn(pump(far_read, near_write, None, cut));
             }
         });
         Self {
             addr,
             held,
+            cut,
             _task: task,
         }
     }
@@ -50,18 +60,34 @@ impl Gate {
     pub fn release(&self) {
         self.held.send_replace(false);
     }
+
+    /// Closes every connection through the gate (both ends, nothing more forwarded), and
+    /// every one made from now on as soon as it is accepted.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// New connections go through again.
+    pub fn mend(&self) {
+        self.cut.send_replace(false);
+    }
 }
 
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     gate: Option<watch::Receiver<bool>>,
+    mut cut: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = tokio::select! {
+            biased;
+            _ = cut.wait_for(|cut| *cut) => return,
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
         };
         // Bytes read once the gate is held wait for its release.
         if let Some(mut gate) = gate.clone() {
