@@ -7,8 +7,9 @@
 //! load process sends one message to [`PROBES`] of its accounts, spread over it, and
 //! checks that each was delivered (a connection can stay open while its session cannot
 //! read its mail: "Concurrent sessions" in docs/CLUSTER.md). Records the relays' and the
-//! NATS nodes' RSS growth per connection and how long it took to open them all, and fails
-//! if a probe was not delivered or any connection was closed before the memory was read.
+//! NATS nodes' RSS growth per connection, the CPU the servers spend keeping them idle (over
+//! [`IDLE_CPU_WINDOW`]) and how long it took to open them all, and fails if a probe was not
+//! delivered or any connection was closed before the memory and CPU were read.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -47,6 +48,11 @@ const PROBES: usize = 100;
 
 /// How long a probe's answer, and then its delivery, may take.
 const PROBE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How long the servers' CPU is counted while every session is held idle: longer than a
+/// waiting mailbox reader's periodic check (every 30 s ± 7.5 s), so each session's check
+/// falls in it about once, and several of the relays' pings.
+const IDLE_CPU_WINDOW: Duration = Duration::from_secs(40);
 
 /// The hidden `idle-worker` task: one load process of [`run`].
 #[derive(Debug, clap::Args)]
@@ -294,6 +300,20 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
     // Let the servers settle (blocking-pool threads, allocator) before reading RSS.
     std::thread::sleep(Duration::from_secs(2));
     let (relay1, nats1) = (rss(&relay_pids)?, rss(&nodes.pids)?);
+    // The servers' CPU while nothing happens but what idle sessions cost (the relays'
+    // pings, each waiting reader's periodic check): cores over the window.
+    let servers: Vec<u32> = relay_pids.iter().chain(&nodes.pids).copied().collect();
+    let cpu = || -> anyhow::Result<(f64, f64)> {
+        Ok((
+            cluster::cpu_seconds(&servers)?,
+            cluster::cpu_seconds(&relay_pids)?,
+        ))
+    };
+    let (all0, relays0) = cpu()?;
+    std::thread::sleep(IDLE_CPU_WINDOW);
+    let (all1, relays1) = cpu()?;
+    let window = IDLE_CPU_WINDOW.as_secs_f64();
+    let (idle_all, idle_relays) = ((all1 - all0) / window, (relays1 - relays0) / window);
     drop(stdins);
     let still: f64 = answers("still ", "had counted their open connections")?
         .iter()
@@ -301,7 +321,7 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
         .sum();
     anyhow::ensure!(
         still as usize == n,
-        "only {still} of {n} connections were still open when the servers' memory was read"
+        "only {still} of {n} connections were still open when the servers' memory and CPU were read"
     );
     let (relay_each, nats_each) = ((relay1 - relay0) / n as f64, (nats1 - nats0) / n as f64);
     let machine = super::report::machine();
@@ -324,6 +344,10 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
         "| NATS nodes' RSS | {nats_each:.0} | {:.0} |",
         (nats1 - nats0) / 1e6
     );
+    println!(
+        "server CPU to keep them idle ({window:.0} s): {idle_all:.2} cores, of which the \
+         relays {idle_relays:.2}"
+    );
     println!("seconds to open all: {secs:.0} (slowest load process {slowest:.0})");
     println!("probe messages delivered: {delivered} of {probes}; logins tried again: {retried}");
     let json = json!({
@@ -341,6 +365,7 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
         "nats_bytes_each": nats_each,
         "relay_rss_bytes": {"before": relay0, "after": relay1},
         "nats_rss_bytes": {"before": nats0, "after": nats1},
+        "idle_cpu_cores": {"servers": idle_all, "relays": idle_relays, "window_s": window},
     });
     let path = out.join("bench-cluster-connections.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
