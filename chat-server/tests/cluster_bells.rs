@@ -107,15 +107,29 @@ async fn idle_sessions_hold_no_consumer_and_their_bell_brings_mail_at_once() {
         until_consumers(&js, 1).await;
         until_consumers(&js, 0).await;
     }
-    // Many waiting sessions woken at once, one envelope each: all by gets.
-    for i in 0..crowd.len() {
-        let reply = alice.send_to(&format!("u{i}"), &[200, i as u8]).await;
-        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    // Many waiting sessions woken at once (one fan-out), one envelope each: all by gets,
+    // no consumer made while they are read.
+    let many = alice.id();
+    let to: Vec<String> = (0..crowd.len()).map(|i| format!("u{i}")).collect();
+    alice
+        .send(ClientMessage::SendMany {
+            id: many,
+            to,
+            payload: b"all at once".to_vec(),
+        })
+        .await;
+    let outcomes = alice.recv_reply_within(PATIENCE).await;
+    assert_eq!(
+        outcomes,
+        Some(ServerMessage::Outcomes {
+            id: many,
+            outcomes: vec![None; crowd.len()],
+        })
+    );
+    for c in &mut crowd {
+        assert_eq!(c.take_within(PATIENCE).await.1, b"all at once");
+        assert_eq!(consumers(&js).await, Some(0), "one envelope each, by gets");
     }
-    for (i, c) in crowd.iter_mut().enumerate() {
-        assert_eq!(c.take_within(PATIENCE).await.1, [200, i as u8]);
-    }
-    assert_eq!(consumers(&js).await, Some(0), "one envelope each, by gets");
     nothing_more(&mut bob).await;
     for c in &mut crowd {
         nothing_more(c).await;
@@ -168,12 +182,14 @@ async fn envelopes_across_many_turns_of_the_reader_come_once_and_in_order() {
 }
 
 /// A session whose client reads slowly while mail trickles in (about 8 a second, under
-/// `BUSY_AFTER` a second, so its reader stays on gets): once what was handed to the session
-/// and not yet written fills its read-ahead (1 MiB), the reader moves to a consumer, whose
-/// pulls are bounded in bytes, instead of holding envelopes (and rings) itself. Bob then
-/// reads a third, drops his connection with the rest unread, and logs in again: every
-/// envelope comes, in order, none missing; the last he read may come again (their `Ack`s
-/// may not have been applied) under the ids they first had; later mail comes after them.
+/// `BUSY_AFTER` a second, so its reader stays on gets: carol, reading promptly at that
+/// pace, never gets a consumer): once what was handed to bob's session and not yet written
+/// fills its read-ahead (1 MiB), his reader moves to a consumer, whose pulls are bounded
+/// in bytes, instead of holding envelopes (and rings) itself. Bob then reads a third,
+/// drops his connection with the rest unread, and logs in again: every envelope he had not
+/// read comes, once, in order; of those he read (and acknowledged), some may come again
+/// (their removal may not have been applied yet), in order and under the ids they first
+/// had; later mail comes after them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_on_gets_moves_to_a_consumer_and_loses_nothing() {
     let nats = Nats::single();
@@ -185,33 +201,55 @@ async fn a_slow_reader_on_gets_moves_to_a_consumer_and_loses_nothing() {
         c.write_timeout_secs = 300.0;
         c.idle_timeout_secs = 300.0;
         c.queue.max_bytes_per_user = 1 << 30;
+        // A 60 KB send costs about 60 tokens: alice's pace is the test's, not the limit's.
+        c.rate_limit.per_second = 1e6;
+        c.rate_limit.burst = 1e6;
     })
     .await;
     let mut bob = server.user("bob", 1).await;
+    let mut carol = server.user("carol", 2).await;
     let mut alice = server.user("alice", 0).await;
     alice.until_online("bob", true).await;
+    alice.until_online("carol", true).await;
     assert_eq!(consumers(&js).await, Some(0));
 
-    // Bob reads nothing from here. Each envelope is near the largest frame, so the
-    // socket's buffers and the read-ahead fill after a few dozen.
+    // Each envelope is near the largest frame, so the socket's buffers and the read-ahead
+    // fill after a few dozen unread.
     let payload = |n: u16| {
         let mut p = vec![n as u8; 60_000];
         p[..2].copy_from_slice(&n.to_be_bytes());
         p
     };
+    let pace = Duration::from_millis(120);
+    // Carol reads at once: at this pace her reader stays on gets.
+    for n in 0..40 {
+        let reply = alice.send_to("carol", &payload(n)).await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+        assert!(
+            carol.take_within(PATIENCE).await.1 == payload(n),
+            "carol's {n}"
+        );
+        assert_eq!(
+            consumers(&js).await,
+            Some(0),
+            "a prompt reader at this pace"
+        );
+        tokio::time::sleep(pace).await;
+    }
+    // Bob reads nothing from here.
     let mut sent: u16 = 0;
+    let began = Instant::now();
     while consumers(&js).await != Some(1) {
-        assert!(sent < 400, "no consumer after {sent} envelopes unread");
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "no consumer after {sent} envelopes unread"
+        );
         let reply = alice.send_to("bob", &payload(sent)).await;
         assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
         sent += 1;
-        tokio::time::sleep(Duration::from_millis(120)).await;
+        tokio::time::sleep(pace).await;
     }
     eprintln!("the reader took a consumer after {sent} envelopes unread");
-    assert!(
-        sent as usize > chat_server::cluster::BUSY_AFTER,
-        "moved after {sent}: by pace, not for room"
-    );
     // More while he still reads nothing: the consumer holds them back.
     for _ in 0..10 {
         let reply = alice.send_to("bob", &payload(sent)).await;
@@ -228,23 +266,29 @@ async fn a_slow_reader_on_gets_moves_to_a_consumer_and_loses_nothing() {
     }
     drop(bob);
     let mut bob = server.user("bob", 1).await;
-    let (mut id, mut got) = bob.take_within(PATIENCE).await;
-    let first = u16::from_be_bytes([got[0], got[1]]);
     let read = sent / 3;
-    assert!(
-        first <= read,
-        "envelope {first} came first; {read} were read"
-    );
-    eprintln!("after the drop: from envelope {first}; {read} were read");
-    for n in first..sent {
-        if n > first {
-            (id, got) = bob.take_within(PATIENCE).await;
-        }
-        assert!(got == payload(n), "envelope {n} next, once, in order");
-        if let Some(earlier) = ids.get(n as usize) {
-            assert_eq!(id, *earlier, "an envelope delivered again keeps its id");
+    let (mut again, mut next, mut last) = (0, read, None);
+    while next < sent {
+        let (id, got) = bob.take_within(PATIENCE).await;
+        let n = u16::from_be_bytes([got[0], got[1]]);
+        assert!(got == payload(n), "envelope {n} whole");
+        assert!(
+            last < Some(n),
+            "envelope {n} after {last:?}: in order, once"
+        );
+        last = Some(n);
+        if n < read {
+            assert_eq!(
+                id, ids[n as usize],
+                "an envelope delivered again keeps its id"
+            );
+            again += 1;
+        } else {
+            assert_eq!(n, next, "every envelope not read, in order");
+            next += 1;
         }
     }
+    eprintln!("after the drop: {again} of the {read} read came again");
     // (The dropped session's consumer outlives it by up to 30 s, the server's inactivity
     // threshold: the count cannot say when this reader gives up its own.)
     let reply = alice.send_to("bob", b"later").await;
@@ -253,8 +297,8 @@ async fn a_slow_reader_on_gets_moves_to_a_consumer_and_loses_nothing() {
     nothing_more(&mut bob).await;
 }
 
-/// Waits (up to `PATIENCE`) until `relay` refuses new connections: it has seen its NATS
-/// link go down.
+/// Waits (up to `PATIENCE`) until `relay` refuses new connections for having lost its NATS
+/// link.
 async fn until_refusing(relay: &TestServer) {
     let deadline = Instant::now() + PATIENCE;
     loop {
@@ -267,8 +311,9 @@ async fn until_refusing(relay: &TestServer) {
         match c.recv().await {
             ServerMessage::Error {
                 code: ErrorCode::ServerBusy,
+                message,
                 ..
-            } => return,
+            } if message.contains("lost its cluster backend") => return,
             ServerMessage::Hello { .. } => {}
             other => panic!("expected Hello or server_busy, got {other:?}"),
         }
@@ -306,6 +351,7 @@ async fn mail_stored_while_a_relays_link_is_cut_comes_at_the_reconnection() {
     // Past the check that follows the first (1 s after it): the next is 22.5 s or more
     // after that.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let cut = Instant::now();
     gate.cut();
     until_refusing(&a).await;
     for i in 0..5u8 {
@@ -313,10 +359,23 @@ async fn mail_stored_while_a_relays_link_is_cut_comes_at_the_reconnection() {
         assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
     }
     gate.mend();
+    // The relay keeps its sessions through an outage of up to 8 s (LINK_GRACE), and its
+    // NATS client waits up to as long again as it has been cut before trying again.
+    assert!(
+        cut.elapsed() < Duration::from_secs(3),
+        "the link was cut for {:?}: too long for this test",
+        cut.elapsed()
+    );
     // Before the periodic check: only the check at the reconnection can bring them.
-    let before = (logged_in + Duration::from_secs(22)).saturating_duration_since(Instant::now());
+    let deadline = logged_in + Duration::from_secs(22);
     for i in 0..5u8 {
-        let (_, got) = bob.take_within(before).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "envelope {i} not delivered 22 s after login: only the periodic check would \
+             bring it now"
+        );
+        let (_, got) = bob.take_within(left).await;
         assert_eq!(got, [i], "once, in order, at the reconnection");
     }
     eprintln!("delivered {:?} after login", logged_in.elapsed());

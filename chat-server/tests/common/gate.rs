@@ -13,6 +13,7 @@ use tokio::sync::watch;
 /// Forwards connections made to [`Gate::addr`] to the target; [`Gate::hold`] stops what
 /// the connecting side sends (it stays queued, in order) until [`Gate::release`];
 /// [`Gate::cut`] closes every connection through it, and those made until [`Gate::mend`].
+/// Dropping the gate closes its connections too.
 pub struct Gate {
     pub addr: SocketAddr,
     held: watch::Sender<bool>,
@@ -80,22 +81,28 @@ async fn pump(
     mut cut: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = tokio::select! {
-            biased;
-            _ = cut.wait_for(|cut| *cut) => return,
-            read = from.read(&mut buf) => match read {
+    // A cut ends every wait below, reading, held or writing (and so does the gate's drop:
+    // the watch then ends), and drops this pump's halves of both connections; the pump of
+    // the other direction drops the other halves, and both sockets close.
+    let pumped = async {
+        loop {
+            let n = match from.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
-            },
-        };
-        // Bytes read once the gate is held wait for its release.
-        if let Some(mut gate) = gate.clone() {
-            let _ = gate.wait_for(|held| !held).await;
+            };
+            // Bytes read once the gate is held wait for its release.
+            if let Some(mut gate) = gate.clone() {
+                let _ = gate.wait_for(|held| !held).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
         }
-        if to.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
+        let _ = to.shutdown().await;
+    };
+    tokio::select! {
+        biased;
+        _ = cut.wait_for(|cut| *cut) => {}
+        () = pumped => {}
     }
-    let _ = to.shutdown().await;
 }
