@@ -59,7 +59,7 @@ async fn nothing_more(c: &mut Client) {
 /// Sessions that receive nothing, or little, make no consumer (each used to make one at
 /// login, through the meta layer, at a few dozen a second: a burst of logins held mail up
 /// for minutes). Mail rings a waiting session's bell and is given at once by gets. These
-/// sends come when the reader's periodic check is at least 22.5 s away, so only the bell
+/// sends come when the reader's periodic check is at least 90 s away, so only the bell
 /// can bring them within 10 s. A sender in full flow (`BUSY_AFTER` envelopes within a
 /// second) moves the reader to a consumer, which it gives up once idle (3 s here); the
 /// next mail rings again.
@@ -85,7 +85,7 @@ async fn idle_sessions_hold_no_consumer_and_their_bell_brings_mail_at_once() {
     let burst = chat_server::cluster::BUSY_AFTER + 4;
     for round in 0..2u8 {
         for i in 0..3u8 {
-            // Past the check that follows the first (1 s): the next is 22.5 s or more
+            // Past the check that follows the first (1 s): the next is 90 s or more
             // away.
             tokio::time::sleep(Duration::from_secs(2)).await;
             let reply = alice.send_to("bob", &[round, i]).await;
@@ -329,7 +329,7 @@ async fn until_refusing(relay: &TestServer) {
 /// the node lives on (no election, nothing else moves). What alice sends meanwhile through
 /// another relay is stored where no bell of bob's can hear it; once the link is mended the
 /// relay reconnects, and its readers check their mailboxes at that disturbance. The mail
-/// comes before the periodic check could have brought it (22.5 s at the earliest after the
+/// comes before the periodic check could have brought it (90 s at the earliest after the
 /// check 1 s past login), once and in order; later mail rings the bell made again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_stored_while_a_relays_link_is_cut_comes_at_the_reconnection() {
@@ -348,7 +348,7 @@ async fn mail_stored_while_a_relays_link_is_cut_comes_at_the_reconnection() {
     let mut bob = a.user("bob", 1).await;
     let mut alice = b.user("alice", 0).await;
     alice.until_online("bob", true).await;
-    // Past the check that follows the first (1 s after it): the next is 22.5 s or more
+    // Past the check that follows the first (1 s after it): the next is 90 s or more
     // after that.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cut = Instant::now();
@@ -428,7 +428,7 @@ async fn mail_sent_while_a_waiting_readers_node_is_dead_still_comes_once() {
     }
     // Once bob's reader waits again (0.5 s idle), on its bell on another node, past the
     // check 1 s after subscribing: only the bell brings mail within 10 s, the next check
-    // is at least 22.5 s away. (The consumer count cannot say when: a making cut short by
+    // is at least 90 s away. (The consumer count cannot say when: a making cut short by
     // the election may have left a consumer the server expires after 30 s.)
     tokio::time::sleep(Duration::from_secs(3)).await;
     let reply = alice.send_to("bob", &[6]).await;

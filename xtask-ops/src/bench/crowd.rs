@@ -49,9 +49,10 @@ const PROBES: usize = 100;
 /// How long a probe's answer, and then its delivery, may take.
 const PROBE_PATIENCE: Duration = Duration::from_secs(30);
 
-/// How long the servers' CPU is counted while every session is held idle: longer than a
-/// waiting mailbox reader's periodic check (every 30 s ± 7.5 s), so each session's check
-/// falls in it about once, and several of the relays' pings.
+/// How long the servers' CPU is counted while every session is held idle: several of the
+/// relays' pings, and a third of a waiting mailbox reader's period between checks (every
+/// 120 s ± 30 s); logins spread over minutes spread the sessions' checks, so the window
+/// sees about their steady rate.
 const IDLE_CPU_WINDOW: Duration = Duration::from_secs(40);
 
 /// The hidden `idle-worker` task: one load process of [`run`].

@@ -72,7 +72,7 @@ fn a_waiting_reader_checks_at_once_after_settling_then_spread_around_the_period(
 }
 
 #[test]
-fn failed_checks_back_off_to_the_period_and_a_success_resets_the_backoff() {
+fn failed_checks_back_off_to_half_a_minute_and_a_success_resets_the_backoff() {
     let start = Instant::now();
     let mut checks = Checks::new(start);
     let mut waits = Vec::new();
