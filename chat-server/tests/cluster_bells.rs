@@ -88,8 +88,7 @@ async fn idle_sessions_hold_no_consumer_and_their_bell_brings_mail_at_once() {
             // Past the check that follows the first (1 s): the next is 90 s or more
             // away.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let reply = alice.send_to("bob", &[round, i]).await;
-            assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+            alice.send_ok("bob", &[round, i]).await;
             let sent = Instant::now();
             assert_eq!(bob.take_within(PATIENCE).await.1, [round, i]);
             eprintln!(
@@ -223,8 +222,7 @@ async fn a_slow_reader_on_gets_moves_to_a_consumer_and_loses_nothing() {
     let pace = Duration::from_millis(120);
     // Carol reads at once: at this pace her reader stays on gets.
     for n in 0..40 {
-        let reply = alice.send_to("carol", &payload(n)).await;
-        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+        alice.send_ok("carol", &payload(n)).await;
         assert!(
             carol.take_within(PATIENCE).await.1 == payload(n),
             "carol's {n}"
@@ -244,16 +242,14 @@ async fn a_slow_reader_on_gets_moves_to_a_consumer_and_loses_nothing() {
             began.elapsed() < Duration::from_secs(60),
             "no consumer after {sent} envelopes unread"
         );
-        let reply = alice.send_to("bob", &payload(sent)).await;
-        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+        alice.send_ok("bob", &payload(sent)).await;
         sent += 1;
         tokio::time::sleep(pace).await;
     }
     eprintln!("the reader took a consumer after {sent} envelopes unread");
     // More while he still reads nothing: the consumer holds them back.
     for _ in 0..10 {
-        let reply = alice.send_to("bob", &payload(sent)).await;
-        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+        alice.send_ok("bob", &payload(sent)).await;
         sent += 1;
     }
 
@@ -291,8 +287,7 @@ async fn a_slow_reader_on_gets_moves_to_a_consumer_and_loses_nothing() {
     eprintln!("after the drop: {again} of the {read} read came again");
     // (The dropped session's consumer outlives it by up to 30 s, the server's inactivity
     // threshold: the count cannot say when this reader gives up its own.)
-    let reply = alice.send_to("bob", b"later").await;
-    assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    alice.send_ok("bob", b"later").await;
     assert_eq!(bob.take_within(PATIENCE).await.1, b"later");
     nothing_more(&mut bob).await;
 }
@@ -355,8 +350,7 @@ async fn mail_stored_while_a_relays_link_is_cut_comes_at_the_reconnection() {
     gate.cut();
     until_refusing(&a).await;
     for i in 0..5u8 {
-        let reply = alice.send_to("bob", &[i]).await;
-        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+        alice.send_ok("bob", &[i]).await;
     }
     gate.mend();
     // The relay keeps its sessions through an outage of up to 8 s (LINK_GRACE), and its
@@ -381,8 +375,7 @@ async fn mail_stored_while_a_relays_link_is_cut_comes_at_the_reconnection() {
     eprintln!("delivered {:?} after login", logged_in.elapsed());
     // The bell, made again on reconnecting, rings: past the check 1 s after it.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let reply = alice.send_to("bob", b"rung").await;
-    assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    alice.send_ok("bob", b"rung").await;
     assert_eq!(bob.take_within(PATIENCE).await.1, b"rung");
     nothing_more(&mut bob).await;
 }
@@ -411,8 +404,7 @@ async fn mail_sent_while_a_waiting_readers_node_is_dead_still_comes_once() {
     let mut bob = a.user("bob", 1).await;
     let mut alice = b.user("alice", 0).await;
     alice.until_online("bob", true).await;
-    let reply = alice.send_to("bob", &[0]).await;
-    assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    alice.send_ok("bob", &[0]).await;
     assert_eq!(bob.take_within(PATIENCE).await.1, [0]);
     // Bob's reader holds no consumer: it waits on its bell.
     let js = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
@@ -431,8 +423,7 @@ async fn mail_sent_while_a_waiting_readers_node_is_dead_still_comes_once() {
     // is at least 90 s away. (The consumer count cannot say when: a making cut short by
     // the election may have left a consumer the server expires after 30 s.)
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let reply = alice.send_to("bob", &[6]).await;
-    assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    alice.send_ok("bob", &[6]).await;
     assert_eq!(bob.take_within(PATIENCE).await.1, [6]);
     nothing_more(&mut bob).await;
 }
@@ -474,8 +465,7 @@ async fn sync_on_three_nodes_is_answered_after_the_whole_backlog() {
             }
         }
         assert_eq!(got, sent, "the whole backlog, in order, before the answer");
-        let reply = alice.send_to("bob", b"live").await;
-        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+        alice.send_ok("bob", b"live").await;
         let (id, payload) = bob.take_within(PATIENCE).await;
         assert_eq!(payload, b"live");
         ids.push(id);

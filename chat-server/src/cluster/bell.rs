@@ -230,8 +230,7 @@ impl Cluster {
                             checks.checked(Instant::now(), rand::random());
                         }
                         Drained::Empty => {}
-                        // Stored late, or looked for on a replica behind: a check soon.
-                        Drained::Lapsed => checks.disturbed(Instant::now() + BELL_SETTLE),
+                        Drained::Lapsed => checks.lapsed(Instant::now()),
                         Drained::Busy => return Ok(Waited::Busy),
                         Drained::Ended => return Ok(Waited::Ended),
                         Drained::Failed(e) => {
@@ -481,6 +480,13 @@ impl Checks {
     /// The cluster was disturbed at `now`.
     fn disturbed(&mut self, now: Instant) {
         self.due = now;
+        self.settled = false;
+    }
+
+    /// A ring's envelope was not found by `now` within [`RING_PATIENCE`] (stored late, or
+    /// looked for on a replica behind): a check [`BELL_SETTLE`] later, then settling again.
+    fn lapsed(&mut self, now: Instant) {
+        self.due = now + BELL_SETTLE;
         self.settled = false;
     }
 }

@@ -491,6 +491,12 @@ impl Client {
         }
     }
 
+    /// Sends `payload` to `to`; panics unless the server answers `Ok`.
+    pub async fn send_ok(&mut self, to: &str, payload: &[u8]) {
+        let reply = self.send_to(to, payload).await;
+        assert!(matches!(reply, ServerMessage::Ok { .. }), "{reply:?}");
+    }
+
     /// Sends `payload` to `to` and returns the server's answer.
     pub async fn send_to(&mut self, to: &str, payload: &[u8]) -> ServerMessage {
         self.send_to_within(to, payload, PATIENCE).await

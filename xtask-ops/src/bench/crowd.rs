@@ -303,12 +303,9 @@ pub(super) fn run(n: usize, per_process: Option<usize>, out: &Path) -> anyhow::R
     let (relay1, nats1) = (rss(&relay_pids)?, rss(&nodes.pids)?);
     // The servers' CPU while nothing happens but what idle sessions cost (the relays'
     // pings, each waiting reader's periodic check): cores over the window.
-    let servers: Vec<u32> = relay_pids.iter().chain(&nodes.pids).copied().collect();
     let cpu = || -> anyhow::Result<(f64, f64)> {
-        Ok((
-            cluster::cpu_seconds(&servers)?,
-            cluster::cpu_seconds(&relay_pids)?,
-        ))
+        let relays = cluster::cpu_seconds(&relay_pids)?;
+        Ok((relays + cluster::cpu_seconds(&nodes.pids)?, relays))
     };
     let (all0, relays0) = cpu()?;
     std::thread::sleep(IDLE_CPU_WINDOW);
